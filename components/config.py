@@ -1,0 +1,286 @@
+"""Typed settings: one pydantic model per `params.yaml` section.
+
+`params.yaml` is the single source of truth for every knob. Unknown or mistyped keys and
+out-of-range values are rejected with a message that names the key, the value and what is
+allowed, before any stage does work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A settings problem a user can fix by editing params.yaml (or an override)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(Section):
+    seed: int = Field(42, description="Seed for splits, augmentation, weights init and shuffling.")
+
+
+class ModelConfig(Section):
+    backbone: str = Field("mobilenet_v2", description="Key in components.backbones.BACKBONES.")
+    alpha: float | None = Field(0.5, gt=0, le=1.4, description="Width multiplier (MobileNet family only).")
+    image_size: int = Field(224, ge=32, le=1024, description="Square input side in pixels.")
+    weights: str = Field("imagenet", description="'imagenet', 'none', or a path to a weights file.")
+
+
+class TrackingConfig(Section):
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set "
+        "(servers and credentials belong in the environment, not here).",
+    )
+    experiment: str = Field("transfer-pipeline", min_length=1)
+    registered_model: str = Field("image-classifier", min_length=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(uri).password:
+            raise ValueError("must not hold a password: set MLFLOW_TRACKING_URI/MLFLOW_TRACKING_PASSWORD instead")
+        return uri
+
+
+class SplitFractions(Section):
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitFractions":
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class IngestConfig(Section):
+    source: str = Field(
+        "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz",
+        min_length=1,
+        description="Folder of class sub-folders (optionally under train/val/test), CSV/Parquet "
+        "manifest, .zip/.tar.gz archive, or URL (http(s)://, s3://, gs://).",
+    )
+    classes: list[str] | None = Field(None, description="Expected label set; null accepts the labels found.")
+    split: SplitFractions = SplitFractions()
+    workers: int = Field(0, ge=0, description="Processes for hashing and decoding; 0 = one per core.")
+    max_archive_bytes: int = Field(20 * 1024**3, gt=0, description="Cap on an archive's unpacked size.")
+    max_archive_members: int = Field(1_000_000, gt=0, description="Cap on an archive's member count.")
+
+
+class ValidateConfig(Section):
+    policy: Literal["quarantine", "fail"] = "quarantine"
+    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "BMP", "WEBP"])
+    min_width: int = Field(32, ge=1)
+    min_height: int = Field(32, ge=1)
+    max_width: int = Field(12_000, ge=1)
+    max_height: int = Field(12_000, ge=1)
+    max_pixels: int = Field(80_000_000, ge=1, description="Decompression-bomb guard.")
+    min_images_per_class: int = Field(10, ge=1)
+    max_class_imbalance: float = Field(10.0, ge=1, description="Largest class size / smallest class size.")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Quarantine more than this and the run fails.")
+
+
+class AugmentConfig(Section):
+    policy: list[dict[str, dict[str, Any]]] = Field(
+        default_factory=lambda: [
+            {"HorizontalFlip": {"p": 0.5}},
+            {"Affine": {"scale": [0.9, 1.15], "rotate": [-15, 15], "p": 0.7}},
+            {"RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5}},
+        ],
+        description="albumentations 2.x transforms in order, each {Name: {argument: value}}.",
+    )
+    preview_images: int = Field(16, ge=1, le=64)
+
+    @field_validator("policy")
+    @classmethod
+    def _one_transform_per_item(cls, policy: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
+        for i, item in enumerate(policy):
+            if len(item) != 1:
+                raise ValueError(f"item {i} must map exactly one transform name to its arguments, got {list(item)}")
+        return policy
+
+
+class TrainHeadConfig(Section):
+    batch_size: int = Field(64, ge=1, le=4096)
+    epochs: int = Field(40, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    hidden_units: int = Field(0, ge=0, description="Optional dense layer before the classifier; 0 = none.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighting: Literal["balanced", "none"] = "balanced"
+    early_stopping_patience: int = Field(5, ge=1)
+    cached_features: bool = Field(True, description="Train the head on backbone features computed once.")
+    augmented_copies: int = Field(2, ge=0, le=32, description="Augmented variants per training image in the feature cache.")
+
+
+class FinetuneConfig(Section):
+    unfreeze_layers: int | None = Field(40, ge=1, description="Train the top N backbone layers.")
+    unfreeze_from: str | None = Field(None, description="Or: train from this backbone layer name upwards.")
+    batch_size: int = Field(32, ge=1, le=4096)
+    epochs: int = Field(6, ge=0)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    warmup_epochs: int = Field(1, ge=0)
+    early_stopping_patience: int = Field(2, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class PromotionConfig(Section):
+    min_accuracy: float = Field(0.5, ge=0, le=1)
+    min_class_recall: float = Field(0.0, ge=0, le=1)
+    min_improvement: float = Field(0.0, ge=0, le=1, description="Margin over the re-scored champion.")
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(3, ge=1)
+    worst_examples: int = Field(16, ge=0, le=64)
+    promotion: PromotionConfig = PromotionConfig()
+
+
+# The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;
+# instance attribute access still returns the section, so the warning is noise.
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+
+class Params(Section):
+    project: ProjectConfig = ProjectConfig()
+    model: ModelConfig = ModelConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]
+    augment: AugmentConfig = AugmentConfig()
+    train_head: TrainHeadConfig = TrainHeadConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _unfreeze_choice(self) -> "Params":
+        if self.finetune.unfreeze_layers is None and self.finetune.unfreeze_from is None:
+            raise ValueError("finetune: set unfreeze_layers or unfreeze_from")
+        return self
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at `loc` (minus its last element), for 'did you mean' hints."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(Params, loc)
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f"; did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?" if hint else ""
+        allowed = f" (allowed here: {', '.join(known)})" if known else ""
+        return f"{source}: unknown key '{key}'{suggestion}{allowed}"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{source}: '{key}' = {shown}: {err['msg']}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise ParamsError listing every problem by key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ParamsError("invalid settings:\n  - " + "\n  - ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'finetune.epochs=3' -> (['finetune', 'epochs'], 3), the value read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r} must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return merged
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: settings file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read, merge overrides into, and validate a params file."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if overrides:
+        if raw is not None and not isinstance(raw, dict):
+            raise ParamsError(f"{path}: the top level must be a mapping of sections")
+        raw = apply_overrides(raw or {}, overrides)
+    return parse_params(raw, source=str(path))
+
+
+def write_overrides(path: str | Path, overrides: list[str]) -> Params:
+    """Validate overrides, then set them in the params file keeping its comments (like `dvc exp run -S`)."""
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    params = load_params(path, overrides)  # validates everything first: nothing is written on error
+    rt = YAML()
+    rt.preserve_quotes = True
+    with open(path, encoding="utf-8") as fh:
+        doc = rt.load(fh)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = doc
+        for part in keys[:-1]:
+            if part not in node:
+                node[part] = {}
+            node = node[part]
+        node[keys[-1]] = value
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        rt.dump(doc, fh)
+    tmp.replace(path)
+    return params
