@@ -1,0 +1,77 @@
+"""Shared fixtures: an offline, writable KERAS_HOME, tiny generated image folders, real subsets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import runtime  # noqa: F401  (switches telemetry off before anything else loads)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TP_SHARED_DIR", REPO.parent / "shared"))
+FLOWERS = SHARED / "datasets" / "flower_photos"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera_data"
+KERAS_SEED = SHARED / "keras" / "models"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keras_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable KERAS_HOME whose models/ holds the seeded ImageNet weights (Keras writes keras.json there)."""
+    home = tmp_path_factory.mktemp("keras_home")
+    (home / "models").mkdir()
+    if KERAS_SEED.is_dir():
+        for weights in KERAS_SEED.iterdir():
+            (home / "models" / weights.name).symlink_to(weights.resolve())
+    os.environ["KERAS_HOME"] = str(home)
+    return home
+
+
+def write_image(path: Path, size: tuple[int, int] = (48, 40), color: tuple[int, int, int] = (200, 30, 30),
+                seed: int = 0, fmt: str = "JPEG", mode: str = "RGB") -> Path:
+    """A small image: a class colour plus noise, so every file has distinct bytes."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    pixels = np.clip(np.array(color)[None, None, :] + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt)
+    return path
+
+
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """A source folder of 2 classes x 24 tiny JPEGs, learnable by colour."""
+    root = tmp_path / "source"
+    for c, name in enumerate(["alpha", "beta"]):
+        for i in range(24):
+            write_image(root / name / f"{name}_{i:03d}.jpg", color=COLORS[c], seed=c * 1000 + i)
+    return root
+
+
+def copy_subset(class_dir: Path, dest: Path, count: int) -> Path:
+    """The first `count` files (sorted) of one class folder of a real data set."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(p for p in class_dir.iterdir() if p.is_file())[:count]:
+        shutil.copy2(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture
+def flowers_subset(tmp_path: Path) -> Path:
+    """2 real flower classes x 20 images (skipped where the shared data set is absent)."""
+    if not FLOWERS.is_dir():
+        pytest.skip(f"{FLOWERS} not found (set TP_SHARED_DIR)")
+    root = tmp_path / "flowers"
+    for name in ["daisy", "sunflowers"]:
+        copy_subset(FLOWERS / name, root / name, 20)
+    return root
