@@ -1,0 +1,46 @@
+"""MLflow connection helpers shared by the stages that track or register.
+
+The tracking URI comes from params (`tracking.uri`), unless MLFLOW_TRACKING_URI is set in the
+environment: servers and their credentials are deployment settings, not project settings.
+Credentials never reach logs, params or tags: use `redact` before showing a URI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from components.config import TrackingConfig
+
+
+def resolve_tracking_uri(config: TrackingConfig, workspace: str | Path | None = None) -> str:
+    """The URI to use; a relative SQLite path is anchored at the workspace (cwd by default)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        base = Path(workspace) if workspace else Path.cwd()
+        uri = prefix + str((base / uri[len(prefix):]).resolve())
+    return uri
+
+
+def redact(uri: str) -> str:
+    """Drop user and password from a URI before it is logged or shown."""
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def setup_mlflow(config: TrackingConfig, workspace: str | Path | None = None) -> str:
+    """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(config, workspace))
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(config.experiment)
