@@ -1,0 +1,50 @@
+# One entry point for people and CI. `make run` and `make test` each install what they need first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# TensorFlow build: cpu | gpu (never both in one environment)
+TF_EXTRA ?= cpu
+SHARED ?= ../shared
+# Pre-downloaded ImageNet weights, copied into KERAS_HOME when present (offline machines, CI)
+KERAS_SEED ?= $(SHARED)/keras/models
+# Data source for `make run`; empty keeps ingest.source from params.yaml
+SOURCE ?=
+
+export KERAS_HOME ?= $(CURDIR)/.keras
+export PATH := $(BIN):$(PATH)
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: install keras-home run test test-fast benchmark mlflow-ui clean-runs
+
+$(VENV)/.installed-$(TF_EXTRA): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e ".[$(TF_EXTRA),dev]"
+	touch $@
+
+install: $(VENV)/.installed-$(TF_EXTRA)
+
+keras-home:
+	mkdir -p $(KERAS_HOME)/models
+	if [ -d "$(KERAS_SEED)" ]; then cp -n $(KERAS_SEED)/* $(KERAS_HOME)/models/ 2>/dev/null || true; chmod u+w $(KERAS_HOME)/models/*; fi
+
+run: install keras-home
+	$(BIN)/python -m flows.training $(if $(SOURCE),--set ingest.source=$(SOURCE))
+
+test: install keras-home
+	$(BIN)/python -m pytest
+
+test-fast: install keras-home
+	$(BIN)/python -m pytest -m "not slow"
+
+benchmark: install keras-home
+	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE))
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

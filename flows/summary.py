@@ -1,0 +1,68 @@
+"""The run summary: what each stage did and produced, gathered from the files the stages declare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.config import Params
+
+REPORTS = {
+    "ingest": Path("reports/ingest.json"),
+    "validation": Path("reports/validation/summary.json"),
+    "metrics": Path("metrics.json"),
+    "promotion": Path("reports/evaluate/promotion.json"),
+}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def collect(root: Path, params: Params, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    reports = {name: _read(root / rel) for name, rel in REPORTS.items()}
+    return {
+        "stages": outcomes,
+        "all_skipped": all(not o["ran"] for o in outcomes),
+        "registered_model": params.tracking.registered_model,
+        **reports,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = ["# Training run summary", ""]
+    if result["all_skipped"]:
+        lines += ["**Nothing changed** (data, params and code as in the last run): every stage was skipped.", ""]
+    lines += ["| stage | ran | seconds |", "|---|---|---|"]
+    lines += [f"| {o['stage']} | {'yes' if o['ran'] else 'skipped (up to date)'} | {o['seconds']} |" for o in result["stages"]]
+    ingest = result.get("ingest") or {}
+    if ingest:
+        lines += ["", "## Data", f"- data version: `{ingest.get('data_version', '?')}`",
+                  f"- images: {ingest.get('num_files', ingest.get('files', '?'))}"]
+        per_split = ingest.get("counts") or ingest.get("per_class_per_split")
+        if isinstance(per_split, dict):
+            lines += [f"- {k}: {json.dumps(v, sort_keys=True)}" for k, v in per_split.items()]
+    validation = result.get("validation") or {}
+    if validation:
+        lines += ["", "## Validation", f"- passed: {validation.get('success', validation.get('passed', '?'))}",
+                  f"- quarantined: {validation.get('quarantined', validation.get('num_quarantined', 0))}"]
+    metrics = result.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+    promotion = result.get("promotion") or {}
+    if promotion:
+        lines += ["", "## Registry", f"- model: `{result['registered_model']}` version {promotion.get('version', '?')}",
+                  f"- champion: {'yes' if promotion.get('promoted') else 'no'}",
+                  f"- reason: {promotion.get('reason', '')}"]
+    return "\n".join(lines) + "\n"

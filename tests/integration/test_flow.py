@@ -1,0 +1,101 @@
+"""The Prefect flow end to end on a small real subset, then the DVC no-op and partial-rerun guarantees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from components.config import write_overrides
+from tests.integration.conftest import dvc, make_workspace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, flowers_source, prefect_harness):
+    from flows.training import training_flow
+
+    workspace = make_workspace(tmp_path_factory.mktemp("ws"), flowers_source)
+    result = training_flow(workdir=str(workspace))
+    return workspace, result
+
+
+def mlflow_client(workspace: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+
+
+def test_flow_runs_every_stage_and_reports_sane_metrics(trained):
+    workspace, result = trained
+    assert [s["stage"] for s in result["stages"]] == ["ingest", "validate", "augment", "train_head", "finetune", "evaluate"]
+    assert all(s["ran"] for s in result["stages"])
+    metrics = json.loads((workspace / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["n_test"] > 0
+    # Two visually distinct flower classes: a real model beats chance comfortably.
+    assert metrics["accuracy"] > 0.6
+    for report in ["reports/ingest.json", "reports/validation/summary.json", "reports/augment/preview.png",
+                   "reports/train_head/history.csv", "reports/finetune/history.csv",
+                   "reports/evaluate/confusion_matrix.png"]:
+        assert (workspace / report).is_file(), report
+
+
+def test_flow_registers_first_model_as_champion_with_tracked_runs(trained):
+    workspace, result = trained
+    client = mlflow_client(workspace)
+    versions = client.search_model_versions("name='image-classifier'")
+    assert len(versions) == 1
+    champion = client.get_model_version_by_alias("image-classifier", "champion")
+    assert champion.version == versions[0].version
+    stages = {run.data.tags.get("stage") for exp in client.search_experiments()
+              for run in client.search_runs([exp.experiment_id])}
+    assert {"train_head", "finetune", "evaluate"} <= stages
+    assert result["promotion"]["promoted"] is True
+
+
+def test_second_run_with_nothing_changed_skips_every_stage(trained):
+    from flows.training import training_flow
+
+    workspace, _ = trained
+    again = training_flow(workdir=str(workspace))
+    assert again["all_skipped"]
+    assert len(mlflow_client(workspace).search_model_versions("name='image-classifier'")) == 1
+
+
+def test_dvc_repro_after_the_flow_is_a_no_op(trained):
+    workspace, _ = trained
+    out = dvc(workspace, "repro").stdout
+    assert "Data and pipelines are up to date" in out, out
+    assert "Running stage" not in out
+
+
+def test_run_refuses_while_another_holds_the_workspace(trained):
+    from flows.training import LOCK_FILE, training_flow
+
+    workspace, _ = trained
+    with FileLock(str(workspace / LOCK_FILE)):
+        with pytest.raises(RuntimeError, match="another training run"):
+            training_flow(workdir=str(workspace))
+
+
+def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
+    workspace, _ = trained
+    write_overrides(workspace / "params.yaml", ["finetune.learning_rate=0.0002"])
+    changed = json.loads(dvc(workspace, "status", "--json").stdout)
+    assert set(changed) == {"finetune", "evaluate"}, changed
+    dry = dvc(workspace, "repro", "--dry").stdout
+    assert "Running stage 'finetune'" in dry and "Running stage 'evaluate'" in dry
+    for stage in ["ingest", "validate", "augment", "train_head"]:
+        assert f"Running stage '{stage}'" not in dry
