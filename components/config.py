@@ -122,6 +122,7 @@ class TrainHeadConfig(Section):
     epochs: int = Field(40, ge=1)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     dropout: float = Field(0.2, ge=0, lt=1)
+    pooling: Literal["avg", "max"] = Field("avg", description="Global pooling of the backbone's feature map.")
     hidden_units: int = Field(0, ge=0, description="Optional dense layer before the classifier; 0 = none.")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighting: Literal["balanced", "none"] = "balanced"
@@ -133,6 +134,9 @@ class TrainHeadConfig(Section):
 class FinetuneConfig(Section):
     unfreeze_layers: int | None = Field(40, ge=1, description="Train the top N backbone layers.")
     unfreeze_from: str | None = Field(None, description="Or: train from this backbone layer name upwards.")
+    unfreeze_fraction: float | None = Field(
+        None, gt=0, le=1, description="Or: train this top fraction of backbone layers (wins over unfreeze_layers)."
+    )
     batch_size: int = Field(32, ge=1, le=4096)
     epochs: int = Field(6, ge=0)
     learning_rate: float = Field(1e-4, gt=0, lt=1)

@@ -1,0 +1,119 @@
+"""Settings: every problem is reported by key, before any stage runs; random input never crashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from components.config import Params, ParamsError, load_params, parse_params, write_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_params_file_is_valid_and_complete():
+    params = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # Every section and every key of each section is spelled out in params.yaml (knobs documented next to defaults).
+    assert set(raw) == set(Params.model_fields)
+    for section, model in Params.model_fields.items():
+        assert set(raw[section]) == set(model.annotation.model_fields), section
+    assert params.model.backbone == "mobilenet_v2"
+
+
+def test_mistyped_key_is_named_with_a_suggestion():
+    with pytest.raises(ParamsError, match=r"unknown key 'finetune.epoch'; did you mean 'finetune.epochs'"):
+        parse_params({"finetune": {"epoch": 3}})
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ParamsError, match=r"unknown key 'trainhead'; did you mean 'train_head'"):
+        parse_params({"trainhead": {}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"train_head": {"learning_rate": 0}}, "train_head.learning_rate"),
+        ({"finetune": {"learning_rate": -1e-5}}, "finetune.learning_rate"),
+        ({"ingest": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}}, "ingest.split"),
+        ({"model": {"image_size": "big"}}, "model.image_size"),
+        ({"validate": {"policy": "ignore"}}, "validate.policy"),
+    ],
+)
+def test_bad_value_message_names_key_and_value(raw, key):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert f"'{key}'" in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"finetune": {"epoch": 3}, "train_head": {"dropout": 2}})
+    assert "finetune.epoch" in str(err.value) and "train_head.dropout" in str(err.value)
+
+
+def test_credentials_in_tracking_uri_are_refused():
+    with pytest.raises(ParamsError, match="tracking.uri"):
+        parse_params({"tracking": {"uri": "http://user:secret@mlflow.example:5000"}})
+
+
+def test_override_is_validated_before_the_file_is_written(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_bytes()
+    with pytest.raises(ParamsError, match="finetune.epochz"):
+        write_overrides(path, ["finetune.epochz=3"])
+    assert path.read_bytes() == before
+
+
+def test_override_keeps_comments_and_sets_value(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    write_overrides(path, ["finetune.epochs=3", "ingest.source=/data/my images"])
+    text = path.read_text()
+    assert "# Every knob of the pipeline" in text
+    params = load_params(path)
+    assert params.finetune.epochs == 3 and params.ingest.source == "/data/my images"
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(yaml_values)
+def test_random_settings_are_accepted_or_rejected_with_a_message(raw):
+    try:
+        parse_params(raw)
+    except ParamsError as err:
+        assert str(err)
+
+
+section_names = st.sampled_from(sorted(Params.model_fields))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(section_names, st.dictionaries(st.text(max_size=15), yaml_values, max_size=3), max_size=4))
+def test_random_section_contents_never_crash(raw):
+    try:
+        parse_params(raw)
+    except ParamsError as err:
+        assert str(err)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_random_yaml_text_never_crashes_the_loader(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("p") / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_params(path)
+    except ParamsError as err:
+        assert str(err)
