@@ -146,15 +146,21 @@ class FinetuneConfig(Section):
 
 
 class PromotionConfig(Section):
-    min_accuracy: float = Field(0.5, ge=0, le=1)
-    min_class_recall: float = Field(0.0, ge=0, le=1)
-    min_improvement: float = Field(0.0, ge=0, le=1, description="Margin over the re-scored champion.")
+    min_accuracy: float = Field(0.5, ge=0, le=1, description="Test accuracy a version needs to become champion.")
+    min_class_recall: float = Field(0.0, ge=0, le=1, description="Every class's test recall must reach this.")
+    min_improvement: float = Field(
+        0.0, ge=0, le=1,
+        description="Accuracy margin over the champion re-scored on the same test split; 0 lets a tie promote.",
+    )
 
 
 class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)
-    top_k: int = Field(3, ge=1)
-    worst_examples: int = Field(16, ge=0, le=64)
+    top_k: int = Field(3, ge=1, description="Top-k accuracy is reported when there are more than 5 classes.")
+    worst_examples: int = Field(16, ge=0, le=64, description="Misclassified test images shown in the gallery.")
+    calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins for ECE and the reliability diagram.")
+    mlflow_attempts: int = Field(4, ge=1, le=20, description="Tries per MLflow call before the stage fails.")
+    mlflow_backoff_s: float = Field(2.0, ge=0, le=60, description="First wait between tries; doubles each time.")
     promotion: PromotionConfig = PromotionConfig()
 
 

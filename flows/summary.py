@@ -33,6 +33,21 @@ def collect(root: Path, params: Params, outcomes: list[dict[str, Any]]) -> dict[
     }
 
 
+SUMMARY_JSON = Path("reports/run_summary.json")
+SUMMARY_MD = Path("reports/run_summary.md")
+
+
+def write(root: Path, result: dict[str, Any]) -> str:
+    """Keep the last run's summary in the workspace (JSON for tools, markdown for people)."""
+    from components.runtime import atomic_file, write_json
+
+    markdown = to_markdown(result)
+    write_json(root / SUMMARY_JSON, result)
+    with atomic_file(root / SUMMARY_MD) as fh:
+        fh.write(markdown)
+    return markdown
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"

@@ -109,7 +109,8 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     finally:
         lock.release()
     result = summary.collect(root, params, outcomes)
-    create_markdown_artifact(key="training-summary", markdown=summary.to_markdown(result),
+    markdown = summary.write(root, result)
+    create_markdown_artifact(key="training-summary", markdown=markdown,
                              description="Data, validation, metrics and registry decision of this run")
     return result
 

@@ -1,19 +1,14 @@
-"""A throwaway DVC workspace (its own git repository) holding a copy of the project and tiny settings."""
+"""Integration fixtures: tiny settings for a real pipeline run in a throwaway workspace."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
+import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import FLOWERS, REPO, copy_subset
-
-PROJECT_FILES = ["components", "flows", "dvc.yaml", "params.yaml", "pyproject.toml"]
+from benchmarks.workspace import deep_update, dvc, make_workspace  # noqa: F401  (dvc re-exported for tests)
+from tests.conftest import FLOWERS, copy_subset
 
 # Small enough to train in about a minute on 2 cores, real enough to learn something.
 TINY_SETTINGS = {
@@ -27,50 +22,9 @@ TINY_SETTINGS = {
 }
 
 
-def deep_update(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def git(workdir: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=workdir, check=True, capture_output=True, text=True).stdout
-
-
-def dvc(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=workdir, env=env,
-                          capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def make_workspace(root: Path, source: Path, **settings: dict) -> Path:
-    """Copy the project into `root`, make it a git + DVC repository, write tiny params pointing at `source`."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, root / name)
-    shutil.copy2(REPO / ".gitignore", root / ".gitignore")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    deep_update(params, TINY_SETTINGS)
-    deep_update(params, settings)
-    params["ingest"]["source"] = str(source)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "test@example.com")
-    git(root, "config", "user.name", "test")
-    dvc(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "workspace")
-    return root
+def make_tiny_workspace(root: Path, source: Path, **settings: dict) -> Path:
+    """The project in its own git + DVC repository, with tiny settings pointing at `source`."""
+    return make_workspace(root, source, deep_update(copy.deepcopy(TINY_SETTINGS), settings))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from filelock import FileLock
 
 from components.config import write_overrides
-from tests.integration.conftest import dvc, make_workspace
+from tests.integration.conftest import dvc, make_tiny_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def prefect_harness():
 def trained(tmp_path_factory, flowers_source, prefect_harness):
     from flows.training import training_flow
 
-    workspace = make_workspace(tmp_path_factory.mktemp("ws"), flowers_source)
+    workspace = make_tiny_workspace(tmp_path_factory.mktemp("ws"), flowers_source)
     result = training_flow(workdir=str(workspace))
     return workspace, result
 

@@ -1,0 +1,141 @@
+"""Stage `augment`: turn `augment.policy` into a seeded albumentations pipeline, save it, preview it.
+
+The saved `policy.json` (albumentations' own serialization) is what train_head and finetune load,
+so the transforms trained with are exactly the ones previewed. Mistakes in the policy (a
+transform albumentations does not have, an argument it does not take or a bad value) fail here,
+naming `augment.policy[i]`, instead of being skipped with a warning as albumentations 2 does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components import runtime  # noqa: F401  (telemetry off first)
+from components.config import AugmentConfig, ParamsError, load_params
+from components.data import load_rgb, load_split, read_manifest
+
+import albumentations as A  # noqa: E402  (after runtime: it checks for updates at import otherwise)
+import numpy as np  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AugmentResult:
+    transforms: int
+    preview_images: int
+    policy_path: Path
+    preview_path: Path
+
+
+def _transform_class(name: str, key: str) -> type:
+    cls = getattr(A, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
+        hint = difflib.get_close_matches(name, known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise ParamsError(f"{key}: unknown albumentations transform '{name}'{suggestion}")
+    return cls
+
+
+def build_pipeline(policy: list[dict[str, dict[str, Any]]], seed: int) -> A.Compose:
+    """A seeded Compose from `augment.policy`; any unknown name or argument is a ParamsError."""
+    transforms = []
+    for i, item in enumerate(policy):
+        key = f"augment.policy[{i}]"
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ParamsError(f"{key}: expected one {{TransformName: {{argument: value}}}} mapping")
+        (name, args), = item.items()
+        cls = _transform_class(name, key)
+        try:
+            # strict=True: albumentations 2 otherwise drops unknown arguments with only a warning.
+            transforms.append(cls(**(args or {}), strict=True))
+        except (TypeError, ValueError) as exc:
+            raise ParamsError(f"{key} ({name}): {exc}") from None
+    return A.Compose(transforms, seed=seed)
+
+
+def save_pipeline(pipeline: A.Compose, path: str | Path) -> None:
+    with runtime.atomic_file(path) as fh:
+        A.save(pipeline, fh, data_format="json")
+
+
+def load_pipeline(path: str | Path, seed: int) -> A.Compose:
+    """The saved pipeline, re-seeded (the seed is not part of albumentations' serialization)."""
+    with open(path, encoding="utf-8") as fh:
+        pipeline = A.load(fh, data_format="json")
+    pipeline.set_random_seed(seed)
+    return pipeline
+
+
+def policy_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_preview(originals: list[np.ndarray], augmented: list[np.ndarray], path: str | Path) -> None:
+    """Pairs of rows: originals above their augmented versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(8, len(originals))
+    row_pairs = -(-len(originals) // cols)
+    fig, axes = plt.subplots(2 * row_pairs, cols, figsize=(1.6 * cols, 3.4 * row_pairs), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (orig, aug) in enumerate(zip(originals, augmented, strict=True)):
+        r, c = divmod(i, cols)
+        axes[2 * r, c].imshow(orig)
+        axes[2 * r + 1, c].imshow(aug)
+        if c == 0:
+            axes[2 * r, c].set_title("original", fontsize=8, loc="left")
+            axes[2 * r + 1, c].set_title("augmented", fontsize=8, loc="left")
+    fig.suptitle("augment.policy on training images")
+    fig.tight_layout()
+    with runtime.atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=90)
+    plt.close(fig)
+
+
+def run_augment(config: AugmentConfig, seed: int, image_size: int, manifest: str | Path,
+                policy_out: str | Path, preview: str | Path) -> AugmentResult:
+    """Validate and save the policy; preview it on a seeded sample of training images."""
+    pipeline = build_pipeline(config.policy, seed)
+    train = load_split(read_manifest(manifest), "train")
+    if not len(train):
+        raise ValueError(f"{manifest}: no training images to preview the augmentation on")
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(train), size=min(config.preview_images, len(train)), replace=False)
+    originals = [load_rgb(train.paths[i], image_size) for i in sorted(picks)]
+    augmented = [pipeline(image=img)["image"] for img in originals]
+    save_pipeline(pipeline, policy_out)
+    save_preview(originals, augmented, preview)
+    return AugmentResult(len(config.policy), len(originals), Path(policy_out), Path(preview))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.augment", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv)")
+    parser.add_argument("--policy-out", required=True, help="where to write the serialized pipeline (JSON)")
+    parser.add_argument("--preview", required=True, help="PNG grid of originals vs augmented training images")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        result = run_augment(params.augment, params.project.seed, params.model.image_size,
+                             args.manifest, args.policy_out, args.preview)
+    except (ParamsError, ValueError, FileNotFoundError) as exc:
+        print(f"augment: {exc}", file=sys.stderr)
+        return 2
+    print(f"augment: {result.transforms} transforms -> {result.policy_path}; "
+          f"preview of {result.preview_images} images -> {result.preview_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

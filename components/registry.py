@@ -1,0 +1,248 @@
+"""MLflow model registry: retries, lineage tags, the challenger -> champion gate, aliases.
+
+Aliases only (`challenger`, `champion`), never the deprecated stages. Every registered version
+is kept, promoted or not; the decision and its reasons are tags on the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from components.config import Params, PromotionConfig
+from components.tracking import redact
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+T = TypeVar("T")
+
+# --- retries ------------------------------------------------------------------------------------
+
+# MlflowException codes worth another try: the server or the database was busy or unreachable.
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow stayed unreachable (or kept failing) after every retry."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    first_wait_s: float = 2.0
+    max_wait_s: float = 30.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_CODES
+    missing = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return isinstance(exc, OSError) and not isinstance(exc, missing)  # requests' errors are OSErrors
+
+
+def scrub_credentials(text: str) -> str:
+    """Hide any `user:password@` inside URLs in free text (error messages, tag values)."""
+    return re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@", r"\1***@", str(text))
+
+
+def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolicy = RetryPolicy(), **kwargs: Any) -> T:
+    """Call an MLflow function, retrying transient failures with exponential backoff.
+
+    Raises TrackingUnavailable naming the (redacted) server once the attempts are used up.
+    """
+    import mlflow
+
+    retrying = Retrying(
+        stop=stop_after_attempt(policy.attempts),
+        wait=wait_exponential(multiplier=policy.first_wait_s, max=policy.max_wait_s),
+        retry=retry_if_exception(is_transient),
+        reraise=True,
+    )
+    try:
+        return retrying(fn, *args, **kwargs)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        server = redact(mlflow.get_tracking_uri())
+        detail = scrub_credentials(getattr(exc, "message", None) or exc)
+        raise TrackingUnavailable(
+            f"MLflow at {server} failed to {what} after {policy.attempts} attempts: {detail}"
+        ) from None
+
+
+# --- lineage ------------------------------------------------------------------------------------
+
+def git_commit(workspace: str | Path = ".") -> str:
+    """HEAD's commit, '+dirty' when tracked files changed; 'unknown' outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def data_versions(workspace: str | Path = ".") -> dict[str, str]:
+    """The data version ingest reported and the `data/raw` md5 DVC locked, where present."""
+    workspace = Path(workspace)
+    found: dict[str, str] = {}
+    ingest_report = workspace / "reports" / "ingest.json"
+    if ingest_report.is_file():
+        version = json.loads(ingest_report.read_text(encoding="utf-8")).get("data_version")
+        if version:
+            found["data_version"] = str(version)
+    lock = workspace / "dvc.lock"
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []) or []:
+                if out.get("path") == "data/raw" and out.get("md5"):
+                    found["data_raw_md5"] = str(out["md5"])
+    return found
+
+
+def params_hash(params: Params) -> str:
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def lineage_tags(params: Params, run_info: dict[str, Any], head_info: dict[str, Any] | None,
+                 workspace: str | Path = ".") -> dict[str, str]:
+    """Where a model came from: code, data, settings, backbone, the runs that trained it."""
+    tags = {
+        "git_commit": git_commit(workspace),
+        "params_sha256": params_hash(params),
+        "backbone": str(run_info.get("backbone") or params.model.backbone),
+        "finetune_run_id": str(run_info.get("run_id") or ""),
+        "head_run_id": str(run_info.get("head_run_id") or (head_info or {}).get("run_id") or ""),
+        "data_version": "unknown",
+        **data_versions(workspace),
+    }
+    if os.environ.get("TP_PREFECT_FLOW_RUN_ID"):
+        tags["prefect_flow_run_id"] = os.environ["TP_PREFECT_FLOW_RUN_ID"]
+    return {key: scrub_credentials(value) for key, value in tags.items() if value != ""}
+
+
+# --- promotion ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scores:
+    accuracy: float
+    min_class_recall: float
+    n_test: int
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reasons: list[str]
+    challenger: Scores
+    champion_version: str | None = None
+    champion: Scores | None = None
+    champion_problem: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def tags(self) -> dict[str, str]:
+        tags = {
+            "promotion.decision": "champion" if self.promoted else "rejected",
+            "promotion.reasons": "; ".join(self.reasons),
+            "promotion.challenger_accuracy": f"{self.challenger.accuracy:.6f}",
+            "promotion.challenger_min_class_recall": f"{self.challenger.min_class_recall:.6f}",
+            "promotion.n_test": str(self.challenger.n_test),
+            **{f"promotion.threshold.{k}": f"{v:g}" for k, v in self.thresholds.items()},
+        }
+        if self.champion_version:
+            tags["promotion.champion_version"] = self.champion_version
+        if self.champion:
+            tags["promotion.champion_accuracy"] = f"{self.champion.accuracy:.6f}"
+        if self.champion_problem:
+            tags["promotion.champion_problem"] = self.champion_problem
+        return {k: scrub_credentials(v)[:5000] for k, v in tags.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_promotion(config: PromotionConfig, challenger: Scores, champion: Scores | None = None,
+                     champion_version: str | None = None, champion_problem: str | None = None) -> PromotionDecision:
+    """Absolute thresholds first, then the margin over the champion re-scored on the same test split.
+
+    With no champion (or one that could not be re-scored) the thresholds alone decide.
+    """
+    reasons: list[str] = []
+    passed = True
+
+    def check(ok: bool, text: str) -> None:
+        nonlocal passed
+        passed = passed and ok
+        reasons.append(("pass: " if ok else "fail: ") + text)
+
+    check(challenger.accuracy >= config.min_accuracy,
+          f"accuracy {challenger.accuracy:.4f} >= min_accuracy {config.min_accuracy:g}")
+    check(challenger.min_class_recall >= config.min_class_recall,
+          f"lowest class recall {challenger.min_class_recall:.4f} >= min_class_recall {config.min_class_recall:g}")
+    if champion is not None:
+        needed = champion.accuracy + config.min_improvement
+        check(challenger.accuracy >= needed - 1e-9,
+              f"accuracy {challenger.accuracy:.4f} >= champion v{champion_version} re-scored {champion.accuracy:.4f} "
+              f"+ min_improvement {config.min_improvement:g} on the same {challenger.n_test} test images")
+    elif champion_version is not None:
+        reasons.append(f"note: champion v{champion_version} could not be re-scored ({champion_problem}); "
+                       "decided on the thresholds alone")
+    else:
+        reasons.append("note: no champion yet; decided on the thresholds alone")
+    return PromotionDecision(passed, reasons, challenger, champion_version, champion, champion_problem,
+                             thresholds={"min_accuracy": config.min_accuracy, "min_class_recall": config.min_class_recall,
+                                         "min_improvement": config.min_improvement})
+
+
+# --- registry calls -------------------------------------------------------------------------------
+
+def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) -> str | None:
+    """The version number an alias points at, or None (no such model or alias)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        return with_retries(f"read alias {alias} of {name}", client.get_model_version_by_alias, name, alias, policy=policy).version
+    except MlflowException as exc:
+        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
+            return None
+        raise
+
+
+def register_version(name: str, model_uri: str, tags: dict[str, str], policy: RetryPolicy = RetryPolicy()) -> str:
+    """Register `model_uri` as a new version of `name` (created if needed) and point `challenger` at it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    version = with_retries(f"register {name}", mlflow.register_model, model_uri, name, tags=tags, policy=policy).version
+    with_retries("set the challenger alias", MlflowClient().set_registered_model_alias, name, CHALLENGER, version, policy=policy)
+    return str(version)
+
+
+def apply_decision(name: str, version: str, decision: PromotionDecision, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Record the decision on the version; move `champion` to it only if it passed. Nothing is deleted."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in decision.tags().items():
+        with_retries("tag the model version", client.set_model_version_tag, name, version, key, value, policy=policy)
+    if decision.promoted:
+        with_retries("set the champion alias", client.set_registered_model_alias, name, CHAMPION, version, policy=policy)
