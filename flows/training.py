@@ -83,6 +83,54 @@ def _stage_task(stage: str):
 
 
 STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
+# Stages that may be sent to a GPU work pool (TP_GPU_DEPLOYMENT names the deployment of stage_flow).
+GPU_STAGES = ("finetune",)
+
+
+def git_revision(root: Path) -> str:
+    """HEAD of the workspace; a remote worker runs exactly this code, so it must be committed."""
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "components", "flows", "dvc.yaml"],
+                           cwd=root, capture_output=True, text=True).stdout.strip()
+    if dirty:
+        raise RuntimeError("stage code has uncommitted changes; a GPU worker runs the committed revision, so commit first "
+                           f"(changed: {dirty.splitlines()[:5]})")
+    return rev
+
+
+@task(name="remote-stage", retries=1, retry_delay_seconds=30)
+def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, Any]:
+    """Send one stage to another work pool; its outputs come back through the DVC remote.
+
+    The worker runs the same `dvc repro` on the committed revision with this workspace's params.yaml and
+    dvc.lock, then pushes its outputs and DVC's run-cache entry. Here, `dvc repro` then finds the run in
+    the run-cache and checks the outputs out instead of training again.
+    """
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    root = Path(workdir)
+    started = time.monotonic()
+    status = run_dvc(["status", "--json", stage], root, logger)
+    if status[0] == 0 and "".join(status[1]).strip() in ("{}", ""):
+        return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1), "where": "up to date"}
+    for args in (["push", "--with-deps", "--run-cache", stage], ):
+        code, lines = run_dvc(args, root, logger)
+        if code != 0:
+            raise StageFailed(f"dvc {' '.join(args)} failed: sending inputs to the DVC remote:\n" + "\n".join(lines[-15:]))
+    parameters = {"stage": stage, "git_rev": git_revision(root),
+                  "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
+                  "dvc_lock": (root / "dvc.lock").read_text(encoding="utf-8") if (root / "dvc.lock").exists() else ""}
+    logger.info("sending stage %s to deployment %s (revision %s)", stage, deployment, parameters["git_rev"][:12])
+    remote = run_deployment(deployment, parameters=parameters, timeout=None)
+    if not remote.state or not remote.state.is_completed():
+        raise StageFailed(f"stage '{stage}' on deployment {deployment} ended {remote.state.name if remote.state else 'unknown'} "
+                          f"(flow run {remote.id})")
+    for args in (["pull", "--run-cache", stage], ["repro", "--single-item", stage]):
+        code, lines = run_dvc(args, root, logger)
+        if code != 0:
+            raise StageFailed(f"dvc {' '.join(args)} failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:]))
+    return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
 @flow(name="training", log_prints=True)
@@ -105,7 +153,12 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
             "this run exits without touching DVC or MLflow state. Retry when it has finished."
         ) from None
     try:
-        outcomes = [STAGE_TASKS[stage](str(root)) for stage in STAGES]
+        gpu_deployment = os.environ.get("TP_GPU_DEPLOYMENT")
+        outcomes = [
+            run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES
+            else STAGE_TASKS[stage](str(root))
+            for stage in STAGES
+        ]
     finally:
         lock.release()
     result = summary.collect(root, params, outcomes)
@@ -113,6 +166,35 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     create_markdown_artifact(key="training-summary", markdown=markdown,
                              description="Data, validation, metrics and registry decision of this run")
     return result
+
+
+@flow(name="stage", log_prints=True)
+def stage_flow(stage: str, git_rev: str | None = None, params_yaml: str | None = None, dvc_lock: str | None = None,
+               workdir: str = ".") -> dict[str, Any]:
+    """Run one stage in this worker's clone of the project (the GPU work pool's entry point).
+
+    Checks out `git_rev`, takes the orchestrator's params.yaml and dvc.lock, pulls the stage's inputs
+    from the DVC remote, runs the stage, and pushes its outputs with DVC's run-cache entry.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    logger = get_run_logger()
+    root = Path(workdir).resolve()
+    if git_rev:
+        for args in (["fetch", "--quiet", "origin"], ["checkout", "--quiet", "--force", git_rev]):
+            subprocess.run(["git", *args], cwd=root, check=args[0] == "checkout", capture_output=True, text=True)
+    if params_yaml is not None:
+        (root / "params.yaml").write_text(params_yaml, encoding="utf-8")
+    if dvc_lock:
+        (root / "dvc.lock").write_text(dvc_lock, encoding="utf-8")
+    load_params(root / "params.yaml")  # fail fast here too
+    upstream = STAGES[: STAGES.index(stage)]
+    for args in ([["pull", "--with-deps", upstream[-1]]] if upstream else []) + [["repro", "--single-item", stage],
+                                                                                ["push", "--run-cache", stage]]:
+        code, lines = run_dvc(args, root, logger)
+        if code != 0:
+            raise StageFailed(f"dvc {' '.join(args)} failed on the worker:\n" + "\n".join(lines[-25:]))
+    return {"stage": stage, "git_rev": git_rev}
 
 
 def main(argv: list[str] | None = None) -> int:

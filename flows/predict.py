@@ -1,0 +1,64 @@
+"""Batch prediction flow: score a folder or manifest of images with a registered model.
+
+    python -m flows.predict --inputs DIR_OR_CSV --out predictions.csv [--model models:/NAME@champion]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from components import runtime  # noqa: F401  (telemetry off before Prefect/MLflow load)
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from components.config import load_params  # noqa: E402
+
+
+@task(name="score-images", retries=2, retry_delay_seconds=[10, 60])
+def score_images(model_uri: str, inputs: str, out_csv: str, batch_size: int) -> dict:
+    from components.predict import run_predict
+
+    result = run_predict(model_uri, inputs, out_csv, batch_size)
+    return {"out_csv": str(result.out_csv), "n_images": result.n_images, "n_failed": result.n_failed}
+
+
+@flow(name="batch-predict", log_prints=True)
+def batch_predict_flow(inputs: str, out_csv: str = "predictions.csv", model_uri: str | None = None,
+                       params_path: str = "params.yaml", batch_size: int = 64) -> dict:
+    """Score every image under `inputs` (default model: the registry's champion) into a CSV."""
+    import mlflow
+
+    from components.tracking import redact, resolve_tracking_uri
+
+    logger = get_run_logger()
+    params = load_params(params_path)
+    mlflow.set_tracking_uri(resolve_tracking_uri(params.tracking, Path(params_path).resolve().parent))
+    model_uri = model_uri or f"models:/{params.tracking.registered_model}@champion"
+    logger.info("scoring %s with %s from %s", inputs, model_uri, redact(mlflow.get_tracking_uri()))
+    result = score_images(model_uri, inputs, out_csv, batch_size)
+    create_markdown_artifact(
+        key="batch-predictions",
+        markdown=f"# Batch prediction\n\n- model: `{model_uri}`\n- inputs: `{inputs}`\n- output: `{result['out_csv']}`\n"
+                 f"- images scored: {result['n_images'] - result['n_failed']} of {result['n_images']}\n",
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", required=True, help="folder of images, or CSV with a 'path' column")
+    parser.add_argument("--out", default="predictions.csv")
+    parser.add_argument("--model", default=None, help="MLflow model URI; default models:/<registered_model>@champion")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    result = batch_predict_flow(args.inputs, args.out, args.model, args.params, args.batch_size)
+    print(f"wrote {result['out_csv']}: {result['n_images']} images, {result['n_failed']} could not be scored")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
