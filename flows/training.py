@@ -114,10 +114,10 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     status = run_dvc(["status", "--json", stage], root, logger)
     if status[0] == 0 and "".join(status[1]).strip() in ("{}", ""):
         return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1), "where": "up to date"}
-    for args in (["push", "--with-deps", "--run-cache", stage], ):
-        code, lines = run_dvc(args, root, logger)
-        if code != 0:
-            raise StageFailed(f"dvc {' '.join(args)} failed: sending inputs to the DVC remote:\n" + "\n".join(lines[-15:]))
+    upstream = STAGES[STAGES.index(stage) - 1]
+    code, lines = run_dvc(["push", "--with-deps", "--run-cache", upstream], root, logger)
+    if code != 0:
+        raise StageFailed("dvc push failed: sending the stage's inputs to the DVC remote:\n" + "\n".join(lines[-15:]))
     parameters = {"stage": stage, "git_rev": git_revision(root),
                   "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
                   "dvc_lock": (root / "dvc.lock").read_text(encoding="utf-8") if (root / "dvc.lock").exists() else ""}

@@ -1,0 +1,224 @@
+"""Stage `train_head`: a new classifier head on a frozen ImageNet backbone.
+
+Fast path (`train_head.cached_features: true`): the frozen backbone runs in inference mode, so its
+pooled features are a pure function of the image. They are computed once per image (plus
+`augmented_copies` augmented variants of each training image), cached on disk under a key of
+everything that determines them, and the head is trained on the vectors alone, which takes
+seconds per epoch instead of minutes. The head trained this way is the same Keras sub-model that
+sits on the backbone in the saved full model, so predictions are identical to running the full
+model on the images. With `cached_features: false` the head trains end to end through the frozen
+backbone on the augmenting tf.data pipeline (every epoch sees fresh augmentations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components import runtime
+from components.config import Params, ParamsError, load_params
+from components.data import Split, image_batches, load_split, make_dataset, read_manifest
+
+DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result
+
+
+@dataclass(frozen=True)
+class TrainHeadResult:
+    run_id: str
+    val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    feature_cache: Path | None
+    out_dir: Path
+
+
+def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | Path | None) -> str:
+    from components import fitting
+    import keras
+
+    m, h = params.model, params.train_head
+    return fitting.content_key({
+        "data": fitting.file_sha256(manifest), "backbone": m.backbone, "alpha": m.alpha,
+        "image_size": m.image_size, "weights": fitting.weights_identity(m.weights), "pooling": h.pooling,
+        "policy": fitting.file_sha256(policy_path) if policy_path and h.augmented_copies else None,
+        "copies": h.augmented_copies, "seed": params.project.seed, "keras": keras.__version__,
+    })
+
+
+def copy_seeds(seed: int, copy: int, count: int) -> np.ndarray:
+    """Per-image augmentation seeds of one augmented copy: fixed, and different per copy."""
+    return np.random.default_rng([seed, copy]).integers(0, 2**31 - 1, size=count, dtype=np.int64)
+
+
+def extract_features(extractor: Any, split: Split, image_size: int, batch_size: int, *,
+                     policy_path: str | Path | None = None, copies: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features of every image as is, then of `copies` augmented variants: (features, labels)."""
+    from components import fitting
+
+    blocks, labels = [], []
+    for copy in range(copies + 1):
+        seeds = copy_seeds(seed, copy, len(split)) if copy else None
+        print(f"features: {len(split)} images, " + (f"augmented copy {copy}/{copies}" if copy else "as is"))
+        batches = image_batches(split.paths, image_size, batch_size, policy_path=policy_path if copy else None,
+                                seeds=seeds)
+        blocks.append(np.asarray(extractor.predict(batches, verbose=fitting.progress_verbosity()), dtype=np.float32))
+        labels.append(split.labels)
+    return np.concatenate(blocks), np.concatenate(labels).astype(np.int32)
+
+
+def cached_features(extractor: Any, train: Split, val: Split, params: Params, manifest: str | Path,
+                    policy_path: str | Path | None, cache_dir: str | Path) -> tuple[dict[str, np.ndarray], Path]:
+    """Load the feature cache for these inputs, or compute and write it."""
+    path = Path(cache_dir) / f"{feature_cache_key(params, manifest, policy_path)}.npz"
+    if path.is_file():
+        print(f"features: reusing cache {path}")
+        with np.load(path) as cache:
+            return {k: cache[k] for k in cache.files}, path
+    h, size, seed = params.train_head, params.model.image_size, params.project.seed
+    train_x, train_y = extract_features(extractor, train, size, h.batch_size, policy_path=policy_path,
+                                        copies=h.augmented_copies if policy_path else 0, seed=seed)
+    val_x, val_y = extract_features(extractor, val, size, h.batch_size)
+    arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+    with runtime.atomic_file(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return arrays, path
+
+
+def _one_hot(ds: Any, num_classes: int) -> Any:
+    import tensorflow as tf
+
+    return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+
+
+def _vectors(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int, training: bool) -> Any:
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return _one_hot(ds.batch(batch_size), num_classes).prefetch(tf.data.AUTOTUNE)
+
+
+def _compile(model: Any, learning_rate: float, label_smoothing: float, jit_compile: bool) -> None:
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
+
+
+def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
+    import keras
+
+    from components import fitting
+
+    patience = params.train_head.early_stopping_patience
+    return [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
+        fitting.mlflow_epoch_logger(client, run_id),
+    ]
+
+
+def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path | None, out_dir: str | Path,
+                   report_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> TrainHeadResult:
+    """Train the head, save the full model dir, report curves, log one MLflow run (stage=train_head)."""
+    import keras
+
+    from components import backbones, fitting
+
+    started = time.perf_counter()
+    device = runtime.configure_tensorflow(params.project.seed)
+    frame = read_manifest(manifest)
+    train = load_split(frame, "train")  # classes: every label in the manifest, sorted
+    classes = train.classes
+    val = load_split(frame, "val", classes)
+    if not len(train) or not len(val):
+        raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
+    h, m = params.train_head, params.model
+    model, _ = backbones.build_classifier(m, len(classes), h)
+    weights = fitting.class_weights(train.labels, len(classes), h.class_weighting)
+    version = fitting.data_version(manifest)
+    client, run_id, experiment_id = fitting.start_run(params.tracking, "train_head", {"data_version": version})
+    try:
+        fitting.log_params(client, run_id, {
+            **{f"model.{k}": v for k, v in m.model_dump().items()},
+            **{f"train_head.{k}": v for k, v in h.model_dump().items()},
+            "seed": params.project.seed, "data_version": version, "num_classes": len(classes),
+            "train_images": len(train), "val_images": len(val),
+            "augment_policy_sha256": fitting.file_sha256(policy_path) if policy_path else None,
+        })
+        cache_path = None
+        if h.cached_features:
+            arrays, cache_path = cached_features(backbones.feature_extractor(model), train, val, params, manifest,
+                                                 policy_path, cache_dir)
+            head = model.get_layer(backbones.HEAD_LAYER)  # shared with `model`: training it trains the model
+            _compile(head, h.learning_rate, h.label_smoothing, jit_compile=False)  # tiny: XLA buys nothing
+            fit = head.fit(
+                _vectors(arrays["train_x"], arrays["train_y"], len(classes), h.batch_size, params.project.seed, True),
+                validation_data=_vectors(arrays["val_x"], arrays["val_y"], len(classes), h.batch_size, 0, False),
+                epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id),
+                verbose=fitting.progress_verbosity())
+        else:
+            _compile(model, h.learning_rate, h.label_smoothing, jit_compile=runtime.jit_compile_default())
+            train_ds = make_dataset(train, m.image_size, h.batch_size, policy_path=policy_path, training=True,
+                                    seed=params.project.seed)
+            val_ds = make_dataset(val, m.image_size, h.batch_size, cache=True)
+            fit = model.fit(_one_hot(train_ds, len(classes)), validation_data=_one_hot(val_ds, len(classes)),
+                            epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id),
+                            verbose=fitting.progress_verbosity())
+        history = fitting.history_frame(fit.history)
+        best = fitting.best_epoch(history)
+        seconds = time.perf_counter() - started
+        csv_path, png_path = fitting.write_reports(history, report_dir, f"train_head: {m.backbone}, frozen backbone")
+        run_info = {
+            "run_id": run_id, "experiment_id": experiment_id, "stage": "train_head", "backbone": m.backbone,
+            "alpha": m.alpha, "image_size": m.image_size, "weights": m.weights, "data_version": version,
+            "best_epoch": int(best["epoch"]), "epochs_run": len(history), "val_accuracy": float(best["val_accuracy"]),
+            "val_loss": float(best["val_loss"]), "seconds": round(seconds, 1), "cached_features": h.cached_features,
+            "feature_cache": str(cache_path) if cache_path else None, "num_classes": len(classes), "device": device,
+        }
+        fitting.save_model_dir(model, classes, run_info, out_dir)
+        for name in ("val_accuracy", "val_loss"):
+            client.log_metric(run_id, f"best_{name}", run_info[name])
+        client.log_metric(run_id, "seconds", seconds)
+        client.log_artifact(run_id, str(csv_path))
+        client.log_artifact(run_id, str(png_path))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    keras.backend.clear_session()
+    return TrainHeadResult(run_id, run_info["val_accuracy"], run_info["best_epoch"], len(history),
+                           seconds, cache_path, Path(out_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.train_head", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv)")
+    parser.add_argument("--policy", required=True, help="augmentation pipeline from the augment stage")
+    parser.add_argument("--out-dir", required=True, help="model dir to write (model.keras, classes.json, run.json)")
+    parser.add_argument("--report-dir", required=True, help="history.csv and curves.png")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature cache (not a DVC output)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        result = run_train_head(params, args.manifest, args.policy, args.out_dir, args.report_dir, args.cache_dir)
+    except (ParamsError, ValueError, FileNotFoundError) as exc:
+        print(f"train_head: {exc}", file=sys.stderr)
+        return 2
+    print(f"train_head: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}, "
+          f"{result.seconds:.0f} s -> {result.out_dir} (MLflow run {result.run_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
