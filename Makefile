@@ -20,7 +20,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install keras-home run test test-fast benchmark mlflow-ui clean-runs
+.PHONY: install keras-home run test test-fast benchmark soak mlflow-ui
 
 $(VENV)/.installed-$(TF_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ test-fast: install keras-home
 
 benchmark: install keras-home
 	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE))
+
+soak: install keras-home
+	$(BIN)/python -m benchmarks.soak $(if $(SOURCE),--source $(SOURCE))
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

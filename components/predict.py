@@ -49,14 +49,14 @@ def _image_source(value: Any) -> Any:
         raise ValueError(f"{text[:60]!r} is neither an existing file nor base64 image data") from None
 
 
-def decode_images(values: list[Any], size: int) -> np.ndarray:
+def decode_images(values: list[Any], size: int, first_row: int = 0) -> np.ndarray:
     """A (n, size, size, 3) float32 batch in 0..255, the model's input contract."""
     batch = np.empty((len(values), size, size, 3), dtype=np.float32)
     for i, value in enumerate(values):
         try:
             batch[i] = load_rgb(_image_source(value), size)
         except Exception as exc:  # name the row: a served request may hold many images
-            raise ValueError(f"image row {i}: {exc}") from None
+            raise ValueError(f"image row {first_row + i}: {exc}") from None
     return batch
 
 
@@ -94,8 +94,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict_proba(self, values: list[Any]) -> np.ndarray:
         if not values:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        batch = decode_images(values, self.image_size)
-        return np.asarray(self.model.predict(batch, batch_size=self.batch_size, verbose=0), dtype=np.float32)
+        parts = []
+        for start in range(0, len(values), self.batch_size):  # decode batch by batch: bounded memory
+            batch = decode_images(values[start:start + self.batch_size], self.image_size, start)
+            parts.append(np.asarray(self.model.predict_on_batch(batch), dtype=np.float32))
+        return np.concatenate(parts)
 
 
 # --- batch prediction -------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Stand-ins for the training stages' outputs, for the evaluate/registry/predict/serving tests.
+
+A model dir with the same contract as models/finetune (model.keras taking float32 RGB 0..255 and
+carrying its own resizing and scaling, classes.json, run.json), whose weights are chosen so that
+it classifies the colour-coded test images perfectly, or deliberately badly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tests.conftest import COLORS, write_image
+
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+def write_manifest(root: Path, classes: list[str] = CLASSES, per_split: dict[str, int] | None = None) -> Path:
+    """Colour-coded images per class and split (absolute paths) and a manifest CSV for them."""
+    per_split = per_split or {"train": 3, "val": 2, "test": 4}
+    rows = []
+    for c, name in enumerate(classes):
+        for split, count in per_split.items():
+            for i in range(count):
+                path = write_image(root / "images" / name / f"{split}_{i}.jpg", size=(40 + 8 * i, 36),
+                                   color=COLORS[c], seed=100 * c + 10 * len(split) + i)
+                rows.append({"path": str(path), "label": name, "split": split, "sha256": "", "bytes": path.stat().st_size,
+                             "width": 40 + 8 * i, "height": 36, "format": "JPEG", "mode": "RGB",
+                             "source": str(path), "error": ""})
+    manifest = root / "validated.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def colour_kernel(n_classes: int, quality: str) -> np.ndarray:
+    """Dense weights on mean (R, G, B) in 0..1: class c <- channel c. 'bad' confuses the last
+    class with the first; 'awful' predicts every image as a different class than it is."""
+    kernel = np.full((3, n_classes), -10.0, dtype=np.float32)
+    for c in range(n_classes):
+        kernel[c % 3, c] = 10.0
+    if quality == "bad":
+        kernel[:, -1], kernel[:, 0] = kernel[:, 0].copy(), kernel[:, -1].copy()
+        kernel[:, -1] -= 1.0
+    elif quality == "awful":
+        kernel = np.roll(kernel, 1, axis=1)
+    return kernel
+
+
+def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "good", run_id: str = "finetune-run",
+                   head_run_id: str = "head-run", image_size: int = 32) -> Path:
+    """A tiny Keras model with the models/finetune contract, good or deliberately bad."""
+    import keras
+
+    inputs = keras.Input(shape=(None, None, 3))
+    x = keras.layers.Resizing(image_size, image_size)(inputs)
+    x = keras.layers.Rescaling(1 / 255)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(len(classes), activation="softmax")
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([colour_kernel(len(classes), quality), np.zeros(len(classes), dtype=np.float32)])
+    path.mkdir(parents=True, exist_ok=True)
+    model.save(path / "model.keras")
+    (path / "classes.json").write_text(json.dumps(classes))
+    (path / "run.json").write_text(json.dumps({"run_id": run_id, "head_run_id": head_run_id, "backbone": "tiny_colour",
+                                               "image_size": image_size, "epochs": 1}))
+    return path
