@@ -102,7 +102,7 @@ def _resolve_weights(weights: str) -> str | None:
 def build_backbone(model_cfg: ModelConfig) -> keras.Model:
     """The headless application at `image_size`, frozen, named "backbone"."""
     spec = get_spec(model_cfg.backbone)
-    kwargs: dict[str, Any] = dict(spec.extra_kwargs, name=BACKBONE_LAYER)  # stable name for finetune
+    kwargs: dict[str, Any] = dict(spec.extra_kwargs)
     if spec.uses_alpha and model_cfg.alpha is not None:
         kwargs["alpha"] = model_cfg.alpha
     size = model_cfg.image_size
@@ -112,6 +112,12 @@ def build_backbone(model_cfg: ModelConfig) -> keras.Model:
     except ValueError as exc:  # e.g. an alpha with no published ImageNet weights
         raise ParamsError(f"model ({model_cfg.backbone}, alpha={model_cfg.alpha}, image_size={size}, "
                           f"weights={model_cfg.weights}): {exc}") from None
+    except Exception as exc:  # Keras raises a bare Exception when the weights download fails
+        if "URL fetch failure" not in str(exc):
+            raise
+        raise ParamsError(f"model.weights = 'imagenet': the weights for {model_cfg.backbone} (alpha={model_cfg.alpha}, "
+                          f"image_size={size}) are not in KERAS_HOME and could not be downloaded ({exc})") from None
+    base.name = BACKBONE_LAYER  # a stable name for finetune (EfficientNetV2 needs its own name while building)
     base.trainable = False
     return base
 

@@ -72,19 +72,23 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
 # seed that tf.data draws in a fixed order, so augmentation is reproducible however the threads
 # are scheduled (a shared pipeline's random state would depend on which thread ran first).
 
-_WORKER = threading.local()
+# Keyed by OS thread id, not threading.local: TF calls Python from its own threads with a fresh
+# Python thread state each time, which would wipe thread-local data after every image.
+_WORKER_PIPELINES: dict[tuple[int, str], Any] = {}
+_WORKER_LOCK = threading.Lock()
 
 
 def worker_pipeline(policy_path: str) -> Any:
-    """This thread's copy of the saved augmentation pipeline, loaded on first use only."""
-    cache = getattr(_WORKER, "pipelines", None)
-    if cache is None:
-        cache = _WORKER.pipelines = {}
-    if policy_path not in cache:
+    """This worker thread's copy of the saved augmentation pipeline, loaded on its first image only."""
+    key = (threading.get_ident(), policy_path)
+    pipeline = _WORKER_PIPELINES.get(key)
+    if pipeline is None:
         from components import augment  # late: augment imports this module
 
-        cache[policy_path] = augment.load_pipeline(policy_path, seed=0)
-    return cache[policy_path]
+        pipeline = augment.load_pipeline(policy_path, seed=0)
+        with _WORKER_LOCK:
+            _WORKER_PIPELINES[key] = pipeline
+    return pipeline
 
 
 def augment_image(image: np.ndarray, policy_path: str, image_seed: int) -> np.ndarray:

@@ -459,7 +459,7 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         y_pred = probs.argmax(axis=1)
         plot_confusion_matrix(split.labels, y_pred, bundle.classes, out / "confusion_matrix.png")
         plot_reliability(pd.DataFrame(metrics["calibration"]), metrics["ece"], out / "reliability.png")
-        metrics["worst_examples_shown"] = plot_worst_errors(split, probs, config.worst_examples, out / "worst_errors.png")
+        plot_worst_errors(split, probs, config.worst_examples, out / "worst_errors.png")
         (out / "classification_report.txt").write_text(classification_report(
             split.labels, y_pred, labels=list(range(len(bundle.classes))), target_names=bundle.classes, zero_division=0))
         runtime.write_json(out / "metrics.json", metrics)

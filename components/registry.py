@@ -187,20 +187,19 @@ def decide_promotion(config: PromotionConfig, challenger: Scores, champion: Scor
     reasons: list[str] = []
     passed = True
 
-    def check(ok: bool, text: str) -> None:
+    def check(what: str, value: float, needed: float, against: str) -> None:
         nonlocal passed
+        ok = value >= needed - 1e-9  # float noise must not flip a tie
         passed = passed and ok
-        reasons.append(("pass: " if ok else "fail: ") + text)
+        reasons.append(f"{'pass' if ok else 'fail'}: {what} {value:.4f} {'>=' if ok else '<'} {against}")
 
-    check(challenger.accuracy >= config.min_accuracy,
-          f"accuracy {challenger.accuracy:.4f} >= min_accuracy {config.min_accuracy:g}")
-    check(challenger.min_class_recall >= config.min_class_recall,
-          f"lowest class recall {challenger.min_class_recall:.4f} >= min_class_recall {config.min_class_recall:g}")
+    check("accuracy", challenger.accuracy, config.min_accuracy, f"min_accuracy {config.min_accuracy:g}")
+    check("lowest class recall", challenger.min_class_recall, config.min_class_recall,
+          f"min_class_recall {config.min_class_recall:g}")
     if champion is not None:
-        needed = champion.accuracy + config.min_improvement
-        check(challenger.accuracy >= needed - 1e-9,
-              f"accuracy {challenger.accuracy:.4f} >= champion v{champion_version} re-scored {champion.accuracy:.4f} "
-              f"+ min_improvement {config.min_improvement:g} on the same {challenger.n_test} test images")
+        check("accuracy", challenger.accuracy, champion.accuracy + config.min_improvement,
+              f"champion v{champion_version} re-scored {champion.accuracy:.4f} + min_improvement "
+              f"{config.min_improvement:g} (same {challenger.n_test} test images)")
     elif champion_version is not None:
         reasons.append(f"note: champion v{champion_version} could not be re-scored ({champion_problem}); "
                        "decided on the thresholds alone")
@@ -220,7 +219,8 @@ def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) ->
 
     client = MlflowClient()
     try:
-        return with_retries(f"read alias {alias} of {name}", client.get_model_version_by_alias, name, alias, policy=policy).version
+        found = with_retries(f"read alias {alias} of {name}", client.get_model_version_by_alias, name, alias, policy=policy)
+        return str(found.version)
     except MlflowException as exc:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
             return None

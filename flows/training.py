@@ -30,6 +30,7 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from components.config import ParamsError, load_params, write_overrides  # noqa: E402
 from flows import summary  # noqa: E402
+from flows.deployments import notify, notify_flow_failure  # noqa: E402
 
 STAGES = ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
 # Downloads and registry calls can fail transiently; validation failures are the data's, not the network's.
@@ -133,7 +134,7 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
-@flow(name="training", log_prints=True)
+@flow(name="training", log_prints=True, on_failure=[notify_flow_failure], on_crashed=[notify_flow_failure])
 def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, workdir: str = ".") -> dict[str, Any]:
     """Ingest -> validate -> augment -> train_head -> finetune -> evaluate, skipping unchanged stages."""
     logger = get_run_logger()
@@ -165,6 +166,10 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     markdown = summary.write(root, result)
     create_markdown_artifact(key="training-summary", markdown=markdown,
                              description="Data, validation, metrics and registry decision of this run")
+    promotion = result.get("promotion") or {}
+    if promotion.get("promoted") and any(o["stage"] == "evaluate" and o["ran"] for o in outcomes):
+        notify("promoted", f"{params.tracking.registered_model} version {promotion.get('version')} is the new champion",
+               reason=promotion.get("reason", ""))
     return result
 
 

@@ -8,10 +8,16 @@ it classifies the colour-coded test images perfectly, or deliberately badly.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import requests
 
 from tests.conftest import COLORS, write_image
 
@@ -67,3 +73,36 @@ def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "goo
     (path / "run.json").write_text(json.dumps({"run_id": run_id, "head_run_id": head_run_id, "backbone": "tiny_colour",
                                                "image_size": image_size, "epochs": 1}))
     return path
+
+
+# --- servers on loopback (mlflow server, mlflow models serve) ------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the server and the workers it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

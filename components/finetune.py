@@ -1,0 +1,256 @@
+"""Stage `finetune`: unfreeze the top of the backbone and train it gently with the head.
+
+BatchNorm layers stay frozen and in inference mode (their statistics were learned on ImageNet
+with far larger batches; updating them on small batches wrecks the features). The learning rate
+warms up, then follows a cosine decay from `finetune.learning_rate`; early stopping on val restores
+the best epoch. Every finished epoch is checkpointed (weights, optimizer, epoch, history, MLflow run
+id) in `.checkpoints/finetune/<key of inputs and params>`, outside the DVC outputs, so a killed
+run resumes from its last finished epoch; the folder is deleted after success.
+
+The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and a
+MirroredStrategy (global batch = batch_size x replicas) with more than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components import runtime
+from components.config import FinetuneConfig, Params, ParamsError, load_params
+from components.data import load_split, make_dataset, read_manifest
+
+DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")
+RUN_ID_FILE = "mlflow_run_id.txt"
+EPOCH_LOG = "epochs.csv"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_id: str
+    head_run_id: str | None
+    val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    resumed_at_epoch: int  # 1-based epoch this invocation started with; 1 = fresh start
+    trainable_layers: int
+    seconds: float
+    out_dir: Path
+
+
+def unfreeze_top(backbone: Any, config: FinetuneConfig) -> int:
+    """Make the top of the backbone trainable (BatchNorm excluded); return the first trainable index."""
+    import keras
+
+    layers = backbone.layers
+    names = [layer.name for layer in layers]
+    if config.unfreeze_from is not None:
+        if config.unfreeze_from not in names:
+            hint = difflib.get_close_matches(config.unfreeze_from, names, n=3)
+            raise ParamsError(f"finetune.unfreeze_from = {config.unfreeze_from!r} is not a layer of the backbone "
+                              f"'{backbone.name}' ({len(layers)} layers)" + (f"; close: {', '.join(hint)}" if hint else ""))
+        start = names.index(config.unfreeze_from)
+    elif config.unfreeze_fraction is not None:
+        start = len(layers) - max(1, round(len(layers) * config.unfreeze_fraction))
+    else:
+        count = int(config.unfreeze_layers or 0)
+        if count > len(layers):
+            raise ParamsError(f"finetune.unfreeze_layers = {count} exceeds the backbone's layer count "
+                              f"({len(layers)} layers in '{backbone.name}')")
+        start = len(layers) - count
+    backbone.trainable = True
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    return start
+
+
+def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
+    """Linear warm-up to `learning_rate` over `warmup_epochs`, then cosine decay towards 0."""
+    import keras
+
+    warmup = min(config.warmup_epochs, max(config.epochs - 1, 0)) * steps_per_epoch
+    decay = max(1, config.epochs * steps_per_epoch - warmup)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=decay)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=decay, warmup_target=config.learning_rate,
+                                                  warmup_steps=warmup)
+
+
+def checkpoint_key(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path) -> str:
+    from components import fitting
+
+    return fitting.content_key({
+        "head": fitting.file_sha256(Path(head_dir) / "model.keras"), "data": fitting.file_sha256(manifest),
+        "policy": fitting.file_sha256(policy_path) if policy_path else None,
+        "finetune": params.finetune.model_dump(), "seed": params.project.seed,
+    })
+
+
+def _distribution(device: dict[str, Any]) -> Any:
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy() if device["gpus"] > 1 else tf.distribute.get_strategy()
+
+
+def _epoch_history(log_path: Path) -> pd.DataFrame:
+    """Epochs logged so far, across resumes (a repeated epoch keeps its last row), 1-based."""
+    from components import fitting
+
+    log = pd.read_csv(log_path).drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return fitting.history_frame({c: log[c].tolist() for c in log.columns if c != "epoch"},
+                                 first_epoch=int(log["epoch"].iloc[0]) + 1)
+
+
+def _epoch_recorder() -> Any:
+    """A callback noting the 0-based epochs fit() runs (BackupAndRestore may skip the first ones)."""
+    import keras
+
+    class EpochRecorder(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list[int] = []
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.epochs.append(epoch)
+
+    return EpochRecorder()
+
+
+def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path,
+                 out_dir: str | Path, report_dir: str | Path, checkpoint_root: str | Path = DEFAULT_CHECKPOINT_ROOT,
+                 extra_callbacks: list[Any] | None = None) -> FinetuneResult:
+    """Fine-tune models/head into `out_dir`, resuming an interrupted run with the same inputs and params."""
+    import keras
+
+    from components import backbones, fitting  # backbones registers the custom layers before loading
+
+    started = time.perf_counter()
+    config, seed = params.finetune, params.project.seed
+    head_dir = Path(head_dir)
+    head_info = runtime.read_json(head_dir / "run.json")
+    classes = runtime.read_json(head_dir / "classes.json")
+    image_size = int(head_info["image_size"])
+    device = runtime.configure_tensorflow(seed)
+    frame = read_manifest(manifest)
+    train, val = load_split(frame, "train", classes), load_split(frame, "val", classes)
+    if not len(train) or not len(val):
+        raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
+
+    checkpoint_dir = Path(checkpoint_root) / checkpoint_key(params, manifest, policy_path, head_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    run_id_path = checkpoint_dir / RUN_ID_FILE
+    previous_run = run_id_path.read_text().strip() if run_id_path.is_file() else None
+    client, run_id, experiment_id = fitting.start_run(
+        params.tracking, "finetune", {"head_run_id": str(head_info.get("run_id")),
+                                      "data_version": fitting.data_version(manifest)}, run_id=previous_run)
+    run_id_path.write_text(run_id)
+    try:
+        strategy = _distribution(device)
+        batch_size = config.batch_size * strategy.num_replicas_in_sync
+        steps_per_epoch = math.ceil(len(train) / batch_size)
+        with strategy.scope():
+            model = keras.models.load_model(head_dir / "model.keras", compile=False)
+            backbone = backbones.find_backbone(model)
+            start = unfreeze_top(backbone, config)
+            model.compile(optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
+                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                          jit_compile=runtime.jit_compile_default())
+        trainable = sum(1 for layer in backbone.layers[start:] if layer.trainable)
+        if previous_run is None:
+            fitting.log_params(client, run_id, {
+                **{f"finetune.{k}": v for k, v in config.model_dump().items()},
+                "seed": seed, "head_run_id": head_info.get("run_id"), "backbone": head_info.get("backbone"),
+                "image_size": image_size, "global_batch_size": batch_size, "replicas": strategy.num_replicas_in_sync,
+                "trainable_backbone_layers": trainable, "first_trainable_layer": backbone.layers[start].name,
+                "train_images": len(train), "val_images": len(val), "mixed_precision": device["mixed_precision"],
+            })
+        one_hot = _one_hot_fn(len(classes))
+        train_ds = make_dataset(train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed).map(one_hot)
+        val_ds = make_dataset(val, image_size, batch_size, cache=True).map(one_hot)
+        epochs_seen = _epoch_recorder()
+        callbacks = [
+            keras.callbacks.BackupAndRestore(str(checkpoint_dir / "state"), double_checkpoint=True),
+            keras.callbacks.CSVLogger(str(checkpoint_dir / EPOCH_LOG), append=True),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+                                          restore_best_weights=True),
+            fitting.mlflow_epoch_logger(client, run_id),
+            epochs_seen,
+            *(extra_callbacks or []),
+        ]
+        if config.epochs > 0:
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                      verbose=fitting.progress_verbosity())
+            history = _epoch_history(checkpoint_dir / EPOCH_LOG)
+            best = fitting.best_epoch(history)
+            val_accuracy, val_loss, best_epoch = float(best["val_accuracy"]), float(best["val_loss"]), int(best["epoch"])
+        else:  # nothing to train: the head model is the result
+            val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
+            history, best_epoch = fitting.history_frame({}), 0
+        seconds = time.perf_counter() - started
+        run_info = {
+            **{k: head_info.get(k) for k in ("backbone", "alpha", "image_size", "weights", "data_version")},
+            "run_id": run_id, "experiment_id": experiment_id, "stage": "finetune", "head_run_id": head_info.get("run_id"),
+            "best_epoch": best_epoch, "epochs_run": len(history), "val_accuracy": val_accuracy, "val_loss": val_loss,
+            "seconds": round(seconds, 1), "trainable_backbone_layers": trainable,
+            "first_trainable_layer": backbone.layers[start].name, "device": device,
+        }
+        fitting.save_model_dir(model, classes, run_info, out_dir)
+        if len(history):
+            csv_path, png_path = fitting.write_reports(history, report_dir, f"finetune: top {trainable} backbone layers")
+            client.log_artifact(run_id, str(csv_path))
+            client.log_artifact(run_id, str(png_path))
+        client.log_metric(run_id, "best_val_accuracy", val_accuracy)
+        client.log_metric(run_id, "seconds", seconds)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")  # the checkpoint stays: the next run resumes this one
+        raise
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    resumed_at = (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
+    keras.backend.clear_session()
+    return FinetuneResult(run_id, head_info.get("run_id"), val_accuracy, best_epoch, len(history), resumed_at,
+                          trainable, seconds, Path(out_dir))
+
+
+def _one_hot_fn(num_classes: int) -> Any:
+    import tensorflow as tf
+
+    return lambda x, y: (x, tf.one_hot(y, num_classes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv)")
+    parser.add_argument("--policy", required=True, help="augmentation pipeline from the augment stage")
+    parser.add_argument("--head-dir", required=True, help="model dir written by train_head")
+    parser.add_argument("--out-dir", required=True, help="model dir to write (model.keras, classes.json, run.json)")
+    parser.add_argument("--report-dir", required=True, help="history.csv and curves.png")
+    parser.add_argument("--checkpoint-dir", default=str(DEFAULT_CHECKPOINT_ROOT),
+                        help="per-epoch checkpoints for resuming (not a DVC output)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        result = run_finetune(params, args.manifest, args.policy, args.head_dir, args.out_dir, args.report_dir,
+                              args.checkpoint_dir)
+    except (ParamsError, ValueError, FileNotFoundError) as exc:
+        print(f"finetune: {exc}", file=sys.stderr)
+        return 2
+    resumed = f", resumed at epoch {result.resumed_at_epoch}" if result.resumed_at_epoch > 1 else ""
+    print(f"finetune: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}"
+          f"{resumed}, {result.trainable_layers} backbone layers trained, {result.seconds:.0f} s -> {result.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Tiny inputs for the augment/data/train_head/finetune tests: a manifest of colour-coded JPEGs,
+a saved augmentation policy, and params for a 64 px MobileNetV2 (alpha 0.35) that trains in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.config import Params, parse_params
+from tests.conftest import COLORS, write_image
+
+CLASSES = ["alpha", "beta"]
+SPLIT_OF = ["train"] * 8 + ["val"] * 2 + ["test"] * 2  # 12 images per class
+
+
+def write_manifest(root: Path, classes: list[str] = CLASSES) -> Path:
+    """12 JPEGs per class (8 train, 2 val, 2 test) of assorted sizes, none of them 64 px square."""
+    rows = []
+    for c, name in enumerate(classes):
+        for i, split in enumerate(SPLIT_OF):
+            size = (70 + 3 * i, 60 + 2 * i)
+            path = write_image(root / "raw" / name / f"{name}_{i:02d}.jpg", size=size, color=COLORS[c], seed=100 * c + i)
+            rows.append({"path": str(path), "label": name, "split": split, "sha256": f"{c}{i:063d}",
+                         "bytes": path.stat().st_size, "width": size[0], "height": size[1], "format": "JPEG",
+                         "mode": "RGB", "source": str(path), "error": ""})
+    manifest = root / "validated.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def tiny_params(**sections: dict[str, Any]) -> Params:
+    """Params for tests: 64 px MobileNetV2 alpha 0.35 (ImageNet weights from the seeded KERAS_HOME)."""
+    raw: dict[str, Any] = {
+        "project": {"seed": 7},
+        "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 64, "weights": "imagenet"},
+        "train_head": {"batch_size": 8, "epochs": 2, "augmented_copies": 1, "early_stopping_patience": 2},
+        "finetune": {"batch_size": 8, "epochs": 1, "unfreeze_layers": 20, "warmup_epochs": 0},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return parse_params(raw, source="test params")
+
+
+def write_policy(path: Path, policy: list[dict[str, dict[str, Any]]] | None = None, seed: int = 7) -> Path:
+    from components.augment import build_pipeline, save_pipeline
+
+    policy = policy if policy is not None else [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.8}}]
+    save_pipeline(build_pipeline(policy, seed), path)
+    return path

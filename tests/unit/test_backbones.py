@@ -1,0 +1,70 @@
+"""The backbone registry and the classifier contract every saved model keeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.config import ModelConfig, ParamsError, TrainHeadConfig
+
+
+def test_unknown_backbone_error_names_the_key_and_the_allowed_values():
+    from components.backbones import BACKBONES, build_classifier
+
+    with pytest.raises(ParamsError) as err:
+        build_classifier(ModelConfig(backbone="mobilenet_v9"), 2, TrainHeadConfig())
+    message = str(err.value)
+    assert "model.backbone" in message and "mobilenet_v9" in message
+    assert all(key in message for key in BACKBONES)
+
+
+def test_missing_weights_file_names_model_weights(tmp_path: Path):
+    from components.backbones import build_backbone
+
+    with pytest.raises(ParamsError, match="model.weights"):
+        build_backbone(ModelConfig(alpha=0.35, image_size=64, weights=str(tmp_path / "absent.h5")))
+
+
+def test_saved_model_loads_in_safe_mode_and_takes_raw_images_of_another_size(tmp_path: Path):
+    import keras
+
+    from components.backbones import build_classifier
+
+    model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")  # safe_mode=True is the default
+
+    raw = np.random.default_rng(0).uniform(0, 255, (2, 90, 120, 3)).astype("float32")
+    probs = loaded.predict(raw, verbose=0)
+    assert probs.shape == (2, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs, model.predict(raw, verbose=0), atol=1e-6)
+
+
+def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(tmp_path: Path):
+    import keras
+
+    from components.backbones import CaffePreprocess
+
+    images = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = keras.applications.resnet50.preprocess_input(images.copy())
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, CaffePreprocess()(inputs))
+    model.save(tmp_path / "caffe.keras")
+    reloaded = keras.models.load_model(tmp_path / "caffe.keras")
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["mobilenet", "efficientnet_v2_b0", "resnet50", "convnext_tiny"])
+def test_every_registered_backbone_builds_a_classifier(backbone: str):
+    from components.backbones import build_classifier
+
+    alpha = 0.25 if backbone == "mobilenet" else None
+    model, base = build_classifier(ModelConfig(backbone=backbone, alpha=alpha, image_size=32, weights="none"), 4,
+                                   TrainHeadConfig(hidden_units=8))
+    probs = model.predict(np.zeros((1, 40, 40, 3), "float32"), verbose=0)
+    assert probs.shape == (1, 4)
+    assert not base.trainable

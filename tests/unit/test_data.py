@@ -1,0 +1,72 @@
+"""The tf.data input pipeline: what training sees, and what validation and test never do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.data import load_rgb, load_split, make_dataset
+from tests.modelkit import write_manifest, write_policy
+
+# Inverting every image: impossible to miss if it ever reaches val/test.
+INVERT = [{"InvertImg": {"p": 1.0}}]
+
+
+def _batches(ds) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    return write_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_validation_and_test_images_are_never_augmented(manifest: Path, tmp_path: Path, split: str):
+    policy = write_policy(tmp_path / "invert.json", INVERT)
+    data = load_split(manifest, split)
+    images, labels = _batches(make_dataset(data, 64, 3, policy_path=policy, training=False, seed=1))
+    expected = np.stack([load_rgb(p, 64) for p in data.paths]).astype(np.float32)
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(labels, data.labels)
+    # the same policy does reach training images
+    train_images, _ = _batches(make_dataset(load_split(manifest, "train"), 64, 4, policy_path=policy, training=True))
+    assert train_images.mean() > 255 - expected.mean() - 20
+
+
+def test_batches_are_float32_pixels_in_0_255_with_integer_labels(manifest: Path):
+    data = load_split(manifest, "train")
+    images, labels = _batches(make_dataset(data, 64, 5, training=True, seed=0))
+    assert images.shape == (len(data), 64, 64, 3) and images.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 255 and images.max() > 1  # not rescaled to 0..1
+    assert labels.dtype == np.int32 and sorted(labels.tolist()) == sorted(data.labels.tolist())
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_training_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(manifest: Path, tmp_path: Path,
+                                                                                cache: bool):
+    policy = write_policy(tmp_path / "policy.json")
+    data = load_split(manifest, "train")
+    ds = make_dataset(data, 64, 4, policy_path=policy, training=True, seed=11, cache=cache)
+    epoch1, epoch2 = _batches(ds)[0], _batches(ds)[0]
+    rerun = _batches(make_dataset(data, 64, 4, policy_path=policy, training=True, seed=11, cache=cache))[0]
+    np.testing.assert_array_equal(epoch1, rerun)
+    assert not np.array_equal(epoch1, epoch2)
+
+
+def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(manifest: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    from components import augment
+
+    loads = []
+    real_load = augment.load_pipeline
+    monkeypatch.setattr(augment, "load_pipeline", lambda path, seed: loads.append(path) or real_load(path, seed))
+    policy = write_policy(tmp_path / "fresh-policy.json")
+    data = load_split(manifest, "train")
+    ds = make_dataset(data, 64, 2, policy_path=policy, training=True, seed=0)
+    for _ in range(3):
+        _batches(ds)
+    assert 1 <= len(loads) < len(data)  # 48 images augmented; loaded by at most a few worker threads

@@ -1,0 +1,117 @@
+"""finetune: BatchNorm stays put, a killed run resumes, unfreeze mistakes name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import runtime
+from components.config import ParamsError
+from components.finetune import run_finetune, unfreeze_top
+from components.train_head import run_train_head
+from tests.modelkit import tiny_params, write_manifest, write_policy
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
+    """A head model trained once (1 epoch) on the tiny manifest."""
+    root = tmp_path_factory.mktemp("finetune")
+    manifest = write_manifest(root)
+    policy = write_policy(root / "policy.json")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    try:
+        result = run_train_head(tiny_params(train_head={"epochs": 1}), manifest, policy, root / "models/head",
+                                root / "reports/train_head", cache_dir=root / "cache")
+    finally:
+        mp.undo()
+    return {"root": root, "manifest": manifest, "policy": policy, "head_run_id": result.run_id}
+
+
+@pytest.fixture
+def tracking(head, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{head['root']}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
+    import keras
+
+    backbone = model.get_layer("backbone")
+    return {layer.name: [np.array(layer.moving_mean), np.array(layer.moving_variance)]
+            for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)}
+
+
+def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, tracking, tmp_path: Path):
+    import keras
+
+    before = keras.models.load_model(head["root"] / "models/head/model.keras")
+    result = run_finetune(tiny_params(), head["manifest"], head["policy"], head["root"] / "models/head",
+                          tmp_path / "models/finetune", tmp_path / "reports", checkpoint_root=tmp_path / "ckpt")
+    after = keras.models.load_model(tmp_path / "models/finetune/model.keras")
+
+    stats_before, stats_after = _batchnorm_stats(before), _batchnorm_stats(after)
+    assert stats_before and stats_before.keys() == stats_after.keys()
+    for name in stats_before:
+        for old, new in zip(stats_before[name], stats_after[name]):
+            np.testing.assert_array_equal(old, new, err_msg=f"BatchNorm {name} statistics moved")
+    top_conv = after.get_layer("backbone").get_layer("Conv_1")  # inside the unfrozen top: must have trained
+    assert not np.allclose(top_conv.get_weights()[0], before.get_layer("backbone").get_layer("Conv_1").get_weights()[0])
+    assert result.trainable_layers > 0
+
+
+def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tracking, tmp_path: Path):
+    import keras
+    from mlflow import MlflowClient
+
+    result = run_finetune(tiny_params(), head["manifest"], head["policy"], head["root"] / "models/head",
+                          tmp_path / "out", tmp_path / "reports", checkpoint_root=tmp_path / "ckpt")
+    info = runtime.read_json(tmp_path / "out/run.json")
+    assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
+    assert runtime.read_json(tmp_path / "out/classes.json") == runtime.read_json(head["root"] / "models/head/classes.json")
+    model = keras.models.load_model(tmp_path / "out/model.keras")
+    probs = model.predict(np.full((1, 50, 70, 3), 128.0, "float32"), verbose=0)
+    assert probs.dtype == np.float32 and probs.shape == (1, 2)
+    tags = MlflowClient(tracking).get_run(result.run_id).data.tags
+    assert tags["stage"] == "finetune" and tags["head_run_id"] == head["head_run_id"]
+    assert list(pd.read_csv(tmp_path / "reports/history.csv").columns) == ["epoch", "accuracy", "val_accuracy",
+                                                                          "loss", "val_loss"]
+
+
+def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path: Path):
+    import keras
+
+    class KilledAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                raise KeyboardInterrupt("simulated kill after epoch 1")
+
+    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5})
+    args = (params, head["manifest"], head["policy"], head["root"] / "models/head", tmp_path / "out", tmp_path / "rep")
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
+    assert not (tmp_path / "out").exists()
+    assert any((tmp_path / "ckpt").iterdir())  # the finished epoch is on disk
+
+    resumed = run_finetune(*args, checkpoint_root=tmp_path / "ckpt")
+    assert resumed.resumed_at_epoch == 2
+    assert pd.read_csv(tmp_path / "rep/history.csv")["epoch"].tolist() == [1, 2]  # both epochs, across the kill
+    assert not any((tmp_path / "ckpt").iterdir())  # removed after success
+
+
+def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
+    import keras
+
+    backbone = keras.models.load_model(head["root"] / "models/head/model.keras").get_layer("backbone")
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_layers = 100000 .*layers"):
+        unfreeze_top(backbone, tiny_params(finetune={"unfreeze_layers": 100000}).finetune)
+    with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from = 'block_99_add'"):
+        unfreeze_top(backbone, tiny_params(finetune={"unfreeze_from": "block_99_add"}).finetune)
+    start = unfreeze_top(backbone, tiny_params(finetune={"unfreeze_from": "block_16_expand"}).finetune)
+    assert backbone.layers[start].name == "block_16_expand" and backbone.layers[start].trainable
+    assert not any(layer.trainable for layer in backbone.layers[:start])
+    assert not any(layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))

@@ -1,0 +1,390 @@
+"""Ingest: every kind of source lands in data/raw with a manifest; the source is never touched."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import pytest
+
+from components import ingest
+from components.config import SplitFractions
+from components.data import MANIFEST_COLUMNS
+from components.ingest import IngestError, assign_split, run_ingest
+from tests.conftest import write_image
+from tests.datakit import (http_server, ingest_config, make_classes, tar_folder, tar_with, tree_digest,
+                           write_huge_png, write_truncated_jpeg, zip_with)
+
+MAX_PIXELS = 10_000_000
+
+
+def _run(tmp_path: Path, source: Path | str, name: str = "ws", **overrides) -> ingest.IngestResult:
+    ws = tmp_path / name
+    return run_ingest(ingest_config(source, **overrides), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
+                      ws / "reports" / "ingest.json", MAX_PIXELS)
+
+
+def _manifest(result: ingest.IngestResult) -> pd.DataFrame:
+    return pd.read_csv(result.manifest_path, keep_default_na=False, dtype={"sha256": str})
+
+
+def _split_of(result: ingest.IngestResult) -> dict[str, str]:
+    frame = _manifest(result)
+    rel = [Path(p).relative_to(result.raw_dir).as_posix() for p in frame["path"]]
+    return dict(zip(rel, frame["split"]))
+
+
+# --- folders -----------------------------------------------------------------------------------
+
+def test_folder_is_copied_with_its_layout_and_source_is_untouched(tiny_folder: Path, tmp_path: Path):
+    before = tree_digest(tiny_folder)
+    result = _run(tmp_path, tiny_folder)
+    assert tree_digest(tiny_folder) == before
+    frame = _manifest(result)
+    assert list(frame.columns) == MANIFEST_COLUMNS
+    assert frame["path"].tolist() == sorted(frame["path"])
+    assert set(frame["label"]) == {"alpha", "beta"} and len(frame) == 48
+    for row in frame.itertuples():
+        copied = Path(row.path)
+        rel = copied.relative_to(result.raw_dir).as_posix()
+        assert rel == f"{row.label}/{copied.name}"
+        assert hashlib.sha256(copied.read_bytes()).hexdigest() == row.sha256 == before[rel]
+        assert (row.format, row.mode, row.width, row.height, row.error) == ("JPEG", "RGB", 48, 40, "")
+        assert row.source == str(tiny_folder / rel)
+    report = ingest.runtime.read_json(result.report_path)
+    assert report["files"] == 48 and report["data_version"] == result.data_version
+    assert sum(sum(c.values()) for c in report["counts"].values()) == 48
+    assert report["class_folders"] == {"alpha": 24, "beta": 24}
+
+
+def test_relative_source_resolves_against_working_directory(tiny_folder: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tiny_folder.parent)
+    result = run_ingest(ingest_config(tiny_folder.name), 42, "data/raw", "data/manifest.csv", "reports/ingest.json", MAX_PIXELS)
+    frame = _manifest(result)
+    assert frame["path"].str.startswith("data/raw/").all()  # relative to the workspace root
+    assert result.files == 48
+
+
+def test_rerun_on_unchanged_source_recomputes_nothing(tiny_folder: Path, tmp_path: Path, monkeypatch):
+    first = _run(tmp_path, tiny_folder)
+    assert (first.computed, first.cached) == (48, 0)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a file was hashed/decoded again")
+
+    monkeypatch.setattr(ingest, "inspect_file", must_not_run)
+    second = _run(tmp_path, tiny_folder)
+    assert (second.computed, second.cached) == (0, 48)
+    assert second.data_version == first.data_version
+    assert _manifest(second).equals(_manifest(first))
+    assert not (first.raw_dir / ingest.CACHE_DIRNAME).exists()  # the cache lives beside raw_dir, not in it
+    monkeypatch.undo()
+
+    changed = tiny_folder / "alpha" / "alpha_000.jpg"
+    write_image(changed, seed=999)
+    third = _run(tmp_path, tiny_folder)
+    assert (third.computed, third.cached) == (1, 47)
+    assert third.data_version != first.data_version
+
+
+def test_many_files_are_inspected_by_a_process_pool(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 40, "b": 40})
+    result = _run(tmp_path, source, workers=2)
+    assert result.workers == 2 and result.computed == 80
+    assert set(_manifest(result)["error"]) == {""}
+
+
+def test_added_images_never_move_existing_split(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 30, "b": 30})
+    before = _split_of(_run(tmp_path, source))
+    make_classes(tmp_path / "more", {"a": 30, "b": 30, "c": 20}, start_seed=50_000)
+    for f in (tmp_path / "more").rglob("*.jpg"):
+        target = source / f.relative_to(tmp_path / "more")
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(f, target.with_name("new_" + target.name))
+    after = _split_of(_run(tmp_path, source))
+    assert len(after) == 140
+    assert {rel: after[rel] for rel in before} == before
+
+
+def test_byte_identical_images_share_a_split(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 20, "b": 20})
+    for i in range(20):  # each a-image copied under a new name, and into b
+        shutil.copy(source / "a" / f"a_{i:03d}.jpg", source / "a" / f"copy_{i:03d}.jpg")
+        shutil.copy(source / "a" / f"a_{i:03d}.jpg", source / "b" / f"from_a_{i:03d}.jpg")
+    frame = _manifest(_run(tmp_path, source))
+    assert (frame.groupby("sha256")["split"].nunique() == 1).all()
+    assert frame.groupby("sha256").size().max() == 3
+
+
+def test_split_fractions_follow_params():
+    fractions = SplitFractions(train=0.7, val=0.2, test=0.1)
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5000)]
+    counts = pd.Series([assign_split(s, 7, fractions) for s in shas]).value_counts(normalize=True)
+    assert counts["train"] == pytest.approx(0.7, abs=0.03)
+    assert counts["val"] == pytest.approx(0.2, abs=0.03)
+    assert counts["test"] == pytest.approx(0.1, abs=0.03)
+    other_seed = [assign_split(s, 8, fractions) for s in shas]
+    assert other_seed != [assign_split(s, 7, fractions) for s in shas]
+
+
+def test_given_train_val_split_is_kept_and_test_is_carved_from_train(tmp_path: Path):
+    source = tmp_path / "src"
+    make_classes(source / "train", {"ants": 40, "bees": 40})
+    make_classes(source / "val", {"ants": 6, "bees": 6}, start_seed=70_000)
+    result = _run(tmp_path, source)
+    frame = _manifest(result)
+    from_val = frame["path"].str.contains("/val/")
+    assert set(frame.loc[from_val, "split"]) == {"val"}
+    assert set(frame.loc[~from_val, "split"]) == {"train", "test"}
+    assert frame["path"].str.contains("/raw/train/ants/").any()  # layout preserved
+    assert any("carved from train" in note for note in result.notes)
+    report = ingest.runtime.read_json(result.report_path)
+    assert report["layout"] == "split_folders" and report["notes"] == result.notes
+    assert report["class_folders"]["val/bees"] == 6
+
+
+def test_hidden_non_image_and_empty_folders_are_reported_not_dropped(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 3, "b": 3})
+    (source / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (source / "b" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (source / "b" / "notes.txt").write_text("not a picture")
+    (source / "empty").mkdir()
+    (source / "README.md").write_text("top-level file: not in any class")
+    result = _run(tmp_path, source)
+    errors = dict(zip(_manifest(result)["path"].map(lambda p: Path(p).name), _manifest(result)["error"]))
+    assert "hidden" in errors[".DS_Store"] and "hidden" in errors["Thumbs.db"]
+    assert "not an image" in errors["notes.txt"]
+    assert "README.md" not in errors
+    report = ingest.runtime.read_json(result.report_path)
+    assert report["class_folders"] == {"a": 3, "b": 4, "empty": 0}
+    assert report["ignored"] == ["README.md"]
+
+
+def test_unreadable_files_get_a_reason(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 2})
+    write_truncated_jpeg(source / "a" / "truncated.jpg")
+    (source / "a" / "zero.jpg").write_bytes(b"")
+    (source / "a" / "text.jpg").write_text("hello, I am not a JPEG")
+    write_huge_png(source / "a" / "bomb.png", side=300)  # 90,000 px: over twice the limit below
+    write_huge_png(source / "a" / "big.png", side=120)  # 14,400 px: between the limit and twice it
+    ws = tmp_path / "ws"
+    result = run_ingest(ingest_config(source), 42, ws / "raw", ws / "m.csv", ws / "r.json", max_pixels=10_000)
+    frame = _manifest(result).set_index(_manifest(result)["path"].map(lambda p: Path(p).name))
+    assert "truncated" in frame.loc["truncated.jpg", "error"]
+    assert frame.loc["truncated.jpg", "format"] == ""
+    assert "empty file" in frame.loc["zero.jpg", "error"]
+    assert "not an image" in frame.loc["text.jpg", "error"]
+    assert "decompression-bomb" in frame.loc["bomb.png", "error"]
+    assert "decompression-bomb" in frame.loc["big.png", "error"]
+    assert frame.loc["a_000.jpg", "error"] == ""
+    assert result.unreadable == 5 and result.images == 2
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+def test_csv_manifest_resolves_relative_paths_and_keeps_given_splits(tmp_path: Path):
+    data = make_classes(tmp_path / "bucket" / "images", {"cat": 4, "dog": 4})
+    outside = write_image(tmp_path / "elsewhere" / "cat_extra.jpg", seed=4242)
+    rows = [(f"images/cat/cat_{i:03d}.jpg", "cat", "train" if i < 3 else "val") for i in range(4)]
+    rows += [(f"images/dog/dog_{i:03d}.jpg", "dog", "") for i in range(4)]
+    rows += [(str(outside), "cat", "test"), ("images/cat/missing.jpg", "cat", "train")]
+    table = tmp_path / "bucket" / "labels.csv"
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(table, index=False)
+    before = tree_digest(tmp_path / "bucket")
+    result = _run(tmp_path, table)
+    assert tree_digest(tmp_path / "bucket") == before
+    frame = _manifest(result).set_index("source")
+    assert frame.loc[str(data / "cat" / "cat_000.jpg"), "path"].endswith("raw/images/cat/cat_000.jpg")
+    assert frame.loc[str(data / "cat" / "cat_003.jpg"), "split"] == "val"
+    assert frame.loc[str(outside), "path"].endswith("raw/cat/cat_extra.jpg")
+    assert frame.loc[str(outside), "split"] == "test"
+    assert set(frame.loc[[str(data / "dog" / f"dog_{i:03d}.jpg") for i in range(4)], "split"]) <= {"train", "val", "test"}
+    assert "not found" in frame.loc[str(data / "cat" / "missing.jpg"), "error"]
+
+
+def test_parquet_manifest_is_read(tmp_path: Path):
+    make_classes(tmp_path / "src", {"a": 3, "b": 3})
+    rows = [(f"{c}/{c}_{i:03d}.jpg", c) for c in "ab" for i in range(3)]
+    table = tmp_path / "src" / "labels.parquet"
+    pd.DataFrame(rows, columns=["path", "label"]).to_parquet(table)
+    result = _run(tmp_path, table)
+    assert result.files == 6 and result.unreadable == 0
+
+
+def test_table_without_label_column_is_a_readable_error(tmp_path: Path):
+    table = tmp_path / "bad.csv"
+    table.write_text("file_name,class_id\nx.jpg,1\n")
+    with pytest.raises(IngestError, match="'label' column"):
+        _run(tmp_path, table)
+
+
+# --- archives ----------------------------------------------------------------------------------
+
+def test_tgz_with_single_top_folder_and_license_like_flower_photos(tiny_folder: Path, tmp_path: Path):
+    archive = tar_folder(tiny_folder, tmp_path / "flower_photos.tgz", "flower_photos", {"LICENSE.txt": b"CC-BY"})
+    before = archive.read_bytes()
+    result = _run(tmp_path, archive)
+    assert archive.read_bytes() == before
+    frame = _manifest(result)
+    assert set(frame["label"]) == {"alpha", "beta"} and len(frame) == 48 and set(frame["error"]) == {""}
+    assert frame["source"].str.startswith(f"{archive}!flower_photos/").all()
+    assert ingest.runtime.read_json(result.report_path)["ignored"] == ["LICENSE.txt"]
+    assert (result.raw_dir / "alpha" / "alpha_000.jpg").is_file()
+
+
+def test_rerun_on_same_archive_recomputes_nothing(tiny_folder: Path, tmp_path: Path):
+    archive = tar_folder(tiny_folder, tmp_path / "data.tar.gz", "data")
+    assert _run(tmp_path, archive).computed == 48
+    again = _run(tmp_path, archive)
+    assert (again.computed, again.cached) == (0, 48)
+
+
+def test_zip_archive_with_split_folders(tmp_path: Path):
+    source = tmp_path / "src"
+    make_classes(source / "train", {"ants": 5, "bees": 5})
+    make_classes(source / "val", {"ants": 2, "bees": 2}, start_seed=9000)
+    members = [(f"hymenoptera_data/{p.relative_to(source).as_posix()}", p.read_bytes()) for p in sorted(source.rglob("*.jpg"))]
+    result = _run(tmp_path, zip_with(tmp_path / "h.zip", members))
+    frame = _manifest(result)
+    assert len(frame) == 14
+    assert set(frame.loc[frame["path"].str.contains("/val/"), "split"]) == {"val"}
+
+
+@pytest.mark.parametrize("member, message", [
+    (("../evil.jpg", b"x"), "outside"),
+    (("/tmp/evil_abs.jpg", b"x"), "absolute|outside"),
+])
+def test_tar_members_escaping_the_target_are_refused(tmp_path: Path, member, message):
+    archive = tar_with(tmp_path / "bad.tgz", [("data/a/ok.jpg", b"fine"), member])
+    with pytest.raises(IngestError, match=message):
+        _run(tmp_path, archive)
+    assert not (tmp_path / "ws" / "data" / "evil.jpg").exists() and not (tmp_path / "evil.jpg").exists()
+    assert not (tmp_path / "ws" / "data" / "raw").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_tar_links_are_refused(tmp_path: Path, kind: bytes):
+    link = tarfile.TarInfo("data/a/link.jpg")
+    link.type, link.linkname = kind, "/etc/passwd"
+    archive = tar_with(tmp_path / "bad.tgz", [("data/a/ok.jpg", b"fine"), link])
+    with pytest.raises(IngestError, match="link"):
+        _run(tmp_path, archive)
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "/abs/evil.jpg", "a\\..\\..\\evil.jpg", "C:/evil.jpg"])
+def test_zip_members_escaping_the_target_are_refused(tmp_path: Path, name: str):
+    archive = zip_with(tmp_path / "bad.zip", [("a/ok.jpg", b"fine"), (name, b"x")])
+    with pytest.raises(IngestError, match="unsafe member"):
+        _run(tmp_path, archive)
+    assert not (tmp_path / "ws" / "evil.jpg").exists() and not (tmp_path / "evil.jpg").exists()
+
+
+@pytest.mark.parametrize("make", [tar_with, zip_with])
+def test_archive_bombs_are_stopped_by_size_and_count_limits(tmp_path: Path, make):
+    big = make(tmp_path / f"big.{'tgz' if make is tar_with else 'zip'}", [("d/a/zeros.jpg", b"\0" * 1_000_000)])
+    with pytest.raises(IngestError, match="max_archive_bytes"):
+        _run(tmp_path, big, max_archive_bytes=100_000)
+    many = make(tmp_path / f"many.{'tgz' if make is tar_with else 'zip'}", [(f"d/a/{i}.jpg", b"x") for i in range(50)])
+    with pytest.raises(IngestError, match="max_archive_members"):
+        _run(tmp_path, many, max_archive_members=20)
+
+
+# --- remote sources (all on this machine) ------------------------------------------------------
+
+def test_http_archive_is_downloaded_once_and_ingested(tiny_folder: Path, tmp_path: Path):
+    served = tmp_path / "served"
+    served.mkdir()
+    tar_folder(tiny_folder, served / "flower_photos.tgz", "flower_photos", {"LICENSE.txt": b"CC-BY"})
+    with http_server(served) as (base, requests):
+        url = f"{base}/flower_photos.tgz"
+        first = _run(tmp_path, url)
+        second = _run(tmp_path, url)
+    assert first.files == second.files == 48
+    assert second.computed == 0 and second.data_version == first.data_version
+    assert requests.count("/flower_photos.tgz") == 1  # the second run reused the download
+    assert _manifest(first)["source"].str.startswith(f"{url}!flower_photos/").all()
+
+
+def test_http_source_that_does_not_exist_is_a_readable_error(tmp_path: Path):
+    with http_server(tmp_path) as (base, _):
+        with pytest.raises(IngestError, match="missing.tgz"):
+            _run(tmp_path, f"{base}/missing.tgz")
+
+
+def test_bucket_folder_through_fsspec(tiny_folder: Path, tmp_path: Path):
+    fs = fsspec.filesystem("memory")
+    for f in tiny_folder.rglob("*.jpg"):
+        fs.pipe(f"/bucket/photos/{f.relative_to(tiny_folder).as_posix()}", f.read_bytes())
+    try:
+        result = _run(tmp_path, "memory://bucket/photos")
+        again = _run(tmp_path, "memory://bucket/photos")
+    finally:
+        fs.rm("/bucket", recursive=True)
+    frame = _manifest(result)
+    assert len(frame) == 48 and set(frame["label"]) == {"alpha", "beta"} and set(frame["error"]) == {""}
+    assert frame["source"].str.startswith("memory://bucket/photos/").all()
+    assert again.computed == 0
+
+
+# --- safety and the command line ---------------------------------------------------------------
+
+def test_failed_run_leaves_previous_outputs_intact(tiny_folder: Path, tmp_path: Path, monkeypatch):
+    good = _run(tmp_path, tiny_folder)
+    raw_before, manifest_before = tree_digest(good.raw_dir), good.manifest_path.read_bytes()
+    write_image(tiny_folder / "alpha" / "alpha_new.jpg", seed=31337)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process were stopped mid-way
+
+    monkeypatch.setattr(ingest, "inspect_entries", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_folder)
+    assert tree_digest(good.raw_dir) == raw_before
+    assert good.manifest_path.read_bytes() == manifest_before
+    leftovers = [p.name for p in good.raw_dir.parent.iterdir() if p.name.startswith(".raw.") or "tmp" in p.name]
+    assert leftovers == []
+
+
+def test_raw_dir_inside_the_source_is_refused(tiny_folder: Path):
+    before = tree_digest(tiny_folder)
+    with pytest.raises(IngestError, match="overlap"):
+        run_ingest(ingest_config(tiny_folder), 42, tiny_folder / "raw", tiny_folder.parent / "m.csv",
+                   tiny_folder.parent / "r.json", MAX_PIXELS)
+    assert tree_digest(tiny_folder) == before
+
+
+def _params(path: Path, source: str) -> Path:
+    path.write_text(f"ingest:\n  source: {source}\n  workers: 1\n")
+    return path
+
+
+def test_cli_writes_manifest_and_report(tiny_folder: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = _params(tmp_path / "params.yaml", str(tiny_folder))
+    code = ingest.main(["--params", str(params), "--raw-dir", "data/raw", "--manifest", "data/manifest.csv",
+                        "--report", "reports/ingest.json"])
+    assert code == 0
+    assert "48 files" in capsys.readouterr().out
+    assert len(pd.read_csv("data/manifest.csv")) == 48 and Path("reports/ingest.json").is_file()
+
+
+def test_cli_reports_a_missing_source_without_traceback(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = _params(tmp_path / "params.yaml", "no/such/folder")
+    code = ingest.main(["--params", str(params), "--raw-dir", "data/raw", "--manifest", "m.csv", "--report", "r.json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not found" in err and "Traceback" not in err
+    assert not os.path.exists("m.csv")
+
+
+def test_cli_rejects_unknown_ingest_key(tmp_path: Path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("ingest:\n  sorce: x\n")
+    assert ingest.main(["--params", str(params)]) == 2
+    assert "did you mean 'ingest.source'" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""train_head: a frozen backbone, a new head, and a feature cache that changes nothing but speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from components import runtime
+from components.data import load_rgb, load_split
+from components.train_head import feature_cache_key, main, run_train_head
+from tests.modelkit import CLASSES, tiny_params, write_manifest, write_policy
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
+    """One cached-features head run on the tiny manifest, shared by the tests below."""
+    root = tmp_path_factory.mktemp("train_head")
+    manifest = write_manifest(root)
+    policy = write_policy(root / "policy.json")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    try:
+        result = run_train_head(tiny_params(), manifest, policy, root / "models/head", root / "reports/train_head",
+                                cache_dir=root / "cache")
+    finally:
+        mp.undo()
+    return {"root": root, "manifest": manifest, "policy": policy, "result": result}
+
+
+def test_cached_features_give_the_same_predictions_as_the_saved_full_model(trained):
+    import keras
+
+    root = trained["root"]
+    model = keras.models.load_model(root / "models/head/model.keras")
+    with np.load(trained["result"].feature_cache) as cache:
+        val_features = cache["val_x"]
+    from_cache = model.get_layer("head").predict(val_features, verbose=0)
+    val = load_split(trained["manifest"], "val")
+    from_images = model.predict(np.stack([load_rgb(p, 64) for p in val.paths]).astype("float32"), verbose=0)
+    np.testing.assert_allclose(from_cache, from_images, atol=1e-5)
+
+
+def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
+    from mlflow import MlflowClient
+
+    root, result = trained["root"], trained["result"]
+    assert runtime.read_json(root / "models/head/classes.json") == CLASSES
+    info = runtime.read_json(root / "models/head/run.json")
+    assert info["run_id"] == result.run_id and info["backbone"] == "mobilenet_v2" and info["image_size"] == 64
+    assert {"experiment_id", "data_version", "best_epoch", "val_accuracy", "seconds"} <= set(info)
+    history = pd.read_csv(root / "reports/train_head/history.csv")
+    assert list(history.columns) == ["epoch", "accuracy", "val_accuracy", "loss", "val_loss"]
+    assert history["epoch"].tolist() == list(range(1, result.epochs_run + 1))
+    assert (root / "reports/train_head/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(result.run_id)
+    assert run.data.tags["stage"] == "train_head" and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "val_accuracy")]
+    assert steps == history["epoch"].tolist()
+    assert {"curves.png", "history.csv"} <= {a.path for a in client.list_artifacts(result.run_id)}
+
+
+def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained, monkeypatch: pytest.MonkeyPatch):
+    root, manifest, policy = trained["root"], trained["manifest"], trained["policy"]
+    params = tiny_params()
+    key = feature_cache_key(params, manifest, policy)
+    assert trained["result"].feature_cache.name == f"{key}.npz"
+    assert feature_cache_key(tiny_params(train_head={"augmented_copies": 2}), manifest, policy) != key
+    assert feature_cache_key(tiny_params(model={"alpha": 0.5}), manifest, policy) != key
+    assert feature_cache_key(tiny_params(train_head={"epochs": 9}), manifest, policy) == key  # head-only knob
+
+    stamp = trained["result"].feature_cache.stat().st_mtime_ns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    again = run_train_head(tiny_params(train_head={"epochs": 1}), manifest, policy, root / "models/head2",
+                           root / "reports/head2", cache_dir=root / "cache")
+    assert again.feature_cache == trained["result"].feature_cache
+    assert again.feature_cache.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_end_to_end_head_training_matches_the_cached_path_within_noise(trained, monkeypatch: pytest.MonkeyPatch):
+    import keras
+
+    root = trained["root"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    e2e = run_train_head(tiny_params(train_head={"cached_features": False}), trained["manifest"], trained["policy"],
+                         root / "models/e2e", root / "reports/e2e", cache_dir=root / "unused-cache")
+    assert e2e.feature_cache is None and not (root / "unused-cache").exists()
+    one_val_image = 1 / 4  # 2 classes x 2 val images
+    assert abs(e2e.val_accuracy - trained["result"].val_accuracy) <= 2 * one_val_image
+    assert keras.models.load_model(root / "models/e2e/model.keras").output.shape[-1] == len(CLASSES)
+
+
+def test_cli_names_an_unknown_backbone_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    manifest = write_manifest(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {"backbone": "resnet5O"}}))
+    code = main(["--params", str(params), "--manifest", str(manifest), "--policy", str(tmp_path / "none.json"),
+                 "--out-dir", str(tmp_path / "head"), "--report-dir", str(tmp_path / "reports")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.backbone" in err and "resnet50" in err
+    assert not (tmp_path / "head").exists()

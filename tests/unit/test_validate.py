@@ -1,0 +1,258 @@
+"""Validate: each kind of bad file is caught and quarantined (or fails the run), with a reason a person can read."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from components import validate
+from components.config import ValidateConfig
+from components.data import MANIFEST_COLUMNS
+from components.ingest import IngestResult, run_ingest
+from components.validate import ValidateInputError, ValidationResult, run_validate
+from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
+from tests.datakit import (ingest_config, make_classes, tree_digest, validate_config, write_16bit_png,
+                           write_alpha_png, write_cmyk_jpeg, write_huge_png, write_truncated_jpeg)
+
+
+@dataclass
+class Run:
+    ingest: IngestResult
+    result: ValidationResult
+    ws: Path
+
+    @property
+    def summary(self) -> dict:
+        return validate.runtime.read_json(self.result.summary_path)
+
+    def quarantine(self) -> pd.DataFrame:
+        return pd.read_csv(self.result.quarantine_path, keep_default_na=False)
+
+    def reason(self, name: str) -> str:
+        """Why the file with this name (anywhere in raw) was quarantined; '' if it was kept."""
+        q = self.quarantine()
+        hits = q[q["path"].map(lambda p: Path(p).name) == name]
+        return "; ".join(hits["checks"] + ": " + hits["reason"])
+
+
+def ingest_and_validate(source: Path, ws: Path, config: ValidateConfig, classes: list[str] | None = None) -> Run:
+    ingested = run_ingest(ingest_config(source), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
+                          ws / "reports" / "ingest.json", config.max_pixels)
+    result = run_validate(config, classes, ingested.manifest_path, ws / "data" / "validated.csv",
+                          ws / "reports" / "validation", ws / "reports" / "ingest.json")
+    return Run(ingested, result, ws)
+
+
+# --- one source with every per-file defect -----------------------------------------------------
+
+DEFECTS = {
+    # file name: (the check that must quarantine it, words in the reason) ; None = must be kept
+    "truncated.jpg": ("decodes", "truncated"),
+    "zero.jpg": ("decodes", "empty file"),
+    "text.jpg": ("decodes", "not an image"),
+    "bomb.png": ("decodes", "decompression-bomb"),
+    "placeholder.gif": ("format_allowed", "GIF"),
+    "tiny.jpg": ("width_in_range", "width 16px"),
+    ".DS_Store": ("not_hidden", "hidden"),
+    "conflict_in_a.jpg": ("no_label_conflict", "b/conflict_in_b.jpg"),
+    "conflict_in_b.jpg": ("no_label_conflict", "a/conflict_in_a.jpg"),
+    "cmyk.jpg": None,
+    "sixteen_bit.png": None,
+    "alpha.png": None,
+    "a_000.jpg": None,
+}
+
+
+@pytest.fixture(scope="module")
+def defects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("defects")
+    source = make_classes(root / "src", {"a": 12, "b": 12})
+    write_truncated_jpeg(source / "a" / "truncated.jpg")
+    (source / "a" / "zero.jpg").write_bytes(b"")
+    (source / "b" / "text.jpg").write_text("this is text, not a JPEG")
+    write_huge_png(source / "a" / "bomb.png", side=200)  # 40,000 px > max_pixels below
+    write_image(source / "b" / "placeholder.gif", fmt="GIF", seed=5)
+    write_image(source / "b" / "tiny.jpg", size=(16, 16), seed=6)
+    (source / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_image(source / "a" / "conflict_in_a.jpg", seed=77)
+    shutil.copy(source / "a" / "conflict_in_a.jpg", source / "b" / "conflict_in_b.jpg")
+    write_cmyk_jpeg(source / "a" / "cmyk.jpg")
+    write_16bit_png(source / "b" / "sixteen_bit.png")
+    write_alpha_png(source / "b" / "alpha.png")
+    before = tree_digest(source)
+    config = validate_config(max_pixels=20_000, max_bad_fraction=0.5)
+    return ingest_and_validate(source, root / "ws", config), source, before
+
+
+@pytest.mark.parametrize("name", sorted(DEFECTS))
+def test_each_defect_is_caught_and_good_files_are_kept(defects, name: str):
+    run, _, _ = defects
+    expected = DEFECTS[name]
+    reason = run.reason(name)
+    if expected is None:
+        assert reason == ""
+    else:
+        check, words = expected
+        assert check in reason and words in reason, reason
+
+
+def test_quarantine_policy_passes_and_writes_only_good_rows(defects):
+    run, _, _ = defects
+    assert run.result.passed, run.result.problems
+    validated = pd.read_csv(run.result.out_manifest, keep_default_na=False)
+    assert list(validated.columns) == MANIFEST_COLUMNS
+    bad = {n for n, e in DEFECTS.items() if e}
+    kept = set(validated["path"].map(lambda p: Path(p).name))
+    assert not kept & bad and {"cmyk.jpg", "sixteen_bit.png", "alpha.png"} <= kept
+    assert len(validated) + run.result.quarantined == run.ingest.files
+    assert set(run.quarantine().columns) >= {"path", "label", "split", "reason"}
+
+
+def test_source_folder_is_unchanged_after_ingest_and_validate(defects):
+    _, source, before = defects
+    assert tree_digest(source) == before
+
+
+def test_summary_names_each_failed_check_with_files_and_versions(defects):
+    run, _, _ = defects
+    summary = run.summary
+    failed = {f["check"]: f for f in summary["failures"]}
+    assert {"decodes", "format_allowed", "width_in_range", "not_hidden", "no_label_conflict"} <= set(failed)
+    assert {Path(i["path"]).name for i in failed["decodes"]["items"]} == {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png"}
+    assert summary["data_version"] == run.ingest.data_version
+    assert summary["validated_version"] != summary["data_version"]
+    assert summary["counts"]["hidden_files"] == 1
+    # Hidden files are clutter, not bad images: they do not count towards max_bad_fraction.
+    assert summary["counts"]["bad_files"] == run.result.quarantined - 1
+    assert any("16-bit" in w for w in summary["warnings"])
+    assert (run.result.data_docs).is_file()
+    assert (run.result.summary_path.parent / "data_docs" / "expectations" / "files.html").is_file()
+
+
+def test_fail_policy_exits_nonzero_listing_every_problem(defects, tmp_path: Path, capsys):
+    run, _, _ = defects
+    params = tmp_path / "params.yaml"
+    params.write_text("validate:\n  policy: fail\n  max_pixels: 20000\n  min_images_per_class: 5\n")
+    out = tmp_path / "validated.csv"
+    code = validate.main(["--params", str(params), "--manifest", str(run.ingest.manifest_path), "--out-manifest", str(out),
+                          "--report-dir", str(tmp_path / "report"), "--ingest-report", str(run.ingest.report_path)])
+    text = capsys.readouterr().out
+    assert code == 1 and "FAILED" in text and "Traceback" not in text
+    for name, expected in DEFECTS.items():
+        if expected:
+            assert any(line.strip().startswith("- ") and name in line and ": " in line for line in text.splitlines()), name
+    assert not out.exists()
+
+
+# --- checks that quarantining cannot fix ---------------------------------------------------------
+
+def test_one_image_class_fails_the_run(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6, "solo": 1})
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config())
+    assert not run.result.passed
+    assert any("'solo'" in p and "min_images_per_class=5" in p for p in run.result.problems)
+    assert run.result.out_manifest is None and not (tmp_path / "ws" / "data" / "validated.csv").exists()
+
+
+def test_empty_class_folder_fails_the_run(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
+    (source / "c").mkdir()
+    (source / "c" / ".DS_Store").write_bytes(b"Bud1")  # a folder with only clutter in it is empty too
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config())
+    assert any("'c'" in p and "empty class folder" in p for p in run.result.problems)
+    assert not run.result.passed
+
+
+def test_class_imbalance_above_limit_fails_the_run(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"big": 30, "small": 5})
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config(max_class_imbalance=4))
+    assert any("'small'" in p and "max_class_imbalance=4" in p for p in run.result.problems)
+    relaxed = ingest_and_validate(source, tmp_path / "ws2", validate_config(max_class_imbalance=7))
+    assert relaxed.result.passed, relaxed.result.problems
+
+
+def test_unexpected_and_missing_labels_fail_the_run(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6, "surprise": 6})
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config(), classes=["a", "b", "wanted"])
+    problems = "\n".join(run.result.problems)
+    assert "'surprise'" in problems and "not in ingest.classes" in problems
+    assert "'wanted'" in problems and "no file has this label" in problems
+
+
+def test_too_many_bad_files_fails_even_under_quarantine(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
+    for i in range(3):
+        (source / "a" / f"broken_{i}.jpg").write_text("nope")
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config(max_bad_fraction=0.1))
+    assert not run.result.passed
+    assert any("3 of 15 files" in p and "max_bad_fraction" in p for p in run.result.problems)
+    assert len(run.quarantine()) == 3  # still says which files were bad
+
+
+def test_cross_split_duplicate_keeps_only_the_train_copy(tmp_path: Path):
+    source = tmp_path / "src"
+    make_classes(source / "train", {"a": 6, "b": 6})
+    make_classes(source / "val", {"a": 3, "b": 3}, start_seed=5000)
+    make_classes(source / "test", {"a": 3, "b": 3}, start_seed=6000)
+    shutil.copy(source / "train" / "a" / "a_000.jpg", source / "val" / "a" / "leaked.jpg")
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config(min_images_per_class=3))
+    assert "no_cross_split_copy" in run.reason("leaked.jpg") and "train/a/a_000.jpg" in run.reason("leaked.jpg")
+    assert run.reason("a_000.jpg") == ""
+    assert run.result.passed
+
+
+# --- real data ---------------------------------------------------------------------------------
+
+def test_real_flower_duplicate_under_two_labels_is_quarantined(tmp_path: Path):
+    if not FLOWERS.is_dir():
+        pytest.skip(f"{FLOWERS} not found")
+    source = tmp_path / "flowers"
+    for name in ["roses", "tulips"]:
+        copy_subset(FLOWERS / name, source / name, 8)
+        shutil.copy2(FLOWERS / name / "15922772266_1167a06620.jpg", source / name)
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config(max_bad_fraction=0.2))
+    q = run.quarantine()
+    assert sorted(q["label"]) == ["roses", "tulips"]
+    assert (q["checks"] == "no_label_conflict").all() and q["path"].str.endswith("15922772266_1167a06620.jpg").all()
+    assert run.result.passed and run.result.valid == 16
+
+
+def test_hymenoptera_keeps_its_split_and_quarantines_the_placeholder_gif(tmp_path: Path):
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"{HYMENOPTERA} not found")
+    before = tree_digest(HYMENOPTERA)
+    run = ingest_and_validate(HYMENOPTERA, tmp_path / "ws", ValidateConfig())
+    assert tree_digest(HYMENOPTERA) == before
+    manifest = pd.read_csv(run.ingest.manifest_path, keep_default_na=False)
+    from_val = manifest["path"].str.contains("/raw/val/")
+    assert from_val.sum() == 153 and set(manifest.loc[from_val, "split"]) == {"val"}
+    assert set(manifest.loc[~from_val, "split"]) == {"train", "test"}
+    assert "format_allowed" in run.reason("imageNotFound.gif") and "GIF" in run.reason("imageNotFound.gif")
+    assert run.result.quarantined == 1 and run.result.passed, run.result.problems
+    assert run.result.valid == 397
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def test_stale_ingest_report_is_rejected(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config())
+    manifest = pd.read_csv(run.ingest.manifest_path, keep_default_na=False, dtype=str)
+    manifest.loc[0, "label"] = "b" if manifest.loc[0, "label"] == "a" else "a"
+    manifest.to_csv(run.ingest.manifest_path, index=False)
+    with pytest.raises(ValidateInputError, match="rerun ingest"):
+        run_validate(validate_config(), None, run.ingest.manifest_path, tmp_path / "v.csv", tmp_path / "r",
+                     run.ingest.report_path)
+
+
+def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("validate:\n  policy: quarantine\n")
+    code = validate.main(["--params", str(params), "--manifest", str(tmp_path / "nope.csv"),
+                          "--out-manifest", str(tmp_path / "v.csv"), "--report-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not found" in err and "Traceback" not in err
