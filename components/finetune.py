@@ -27,7 +27,7 @@ import pandas as pd
 
 from components import runtime
 from components.config import FinetuneConfig, Params, ParamsError, load_params
-from components.data import load_split, make_dataset, read_manifest
+from components.data import Split, load_split, make_dataset, read_manifest
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -56,8 +56,9 @@ def unfreeze_top(backbone: Any, config: FinetuneConfig) -> int:
     if config.unfreeze_from is not None:
         if config.unfreeze_from not in names:
             hint = difflib.get_close_matches(config.unfreeze_from, names, n=3)
+            close = f"; close: {', '.join(hint)}" if hint else ""
             raise ParamsError(f"finetune.unfreeze_from = {config.unfreeze_from!r} is not a layer of the backbone "
-                              f"'{backbone.name}' ({len(layers)} layers)" + (f"; close: {', '.join(hint)}" if hint else ""))
+                              f"'{backbone.name}' ({len(layers)} layers){close}")
         start = names.index(config.unfreeze_from)
     elif config.unfreeze_fraction is not None:
         start = len(layers) - max(1, round(len(layers) * config.unfreeze_fraction))
@@ -125,17 +126,66 @@ def _epoch_recorder() -> Any:
     return EpochRecorder()
 
 
+def _compiled_model(head_dir: Path, config: FinetuneConfig, steps_per_epoch: int) -> tuple[Any, list[str]]:
+    """The head model with the top of its backbone unfrozen, compiled (after changing `trainable`)."""
+    import keras
+
+    from components import backbones  # registers the custom layers before loading
+
+    model = keras.models.load_model(head_dir / "model.keras", compile=False)
+    backbone = backbones.find_backbone(model)
+    start = unfreeze_top(backbone, config)
+    model.compile(optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                  jit_compile=runtime.jit_compile_default())
+    return model, [layer.name for layer in backbone.layers[start:] if layer.trainable]
+
+
+def _datasets(train: Split, val: Split, image_size: int, batch_size: int, policy_path: str | Path | None,
+              seed: int) -> tuple[Any, Any]:
+    import tensorflow as tf
+
+    classes = len(train.classes)
+
+    def one_hot(x: Any, y: Any) -> tuple[Any, Any]:
+        return x, tf.one_hot(y, classes)
+
+    train_ds = make_dataset(train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed)
+    return train_ds.map(one_hot), make_dataset(val, image_size, batch_size, cache=True).map(one_hot)
+
+
+def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfig, checkpoint_dir: Path,
+                   logger: Any, extra_callbacks: list[Any]) -> tuple[pd.DataFrame, int]:
+    """Fit with per-epoch backups; return the history of all epochs (across resumes) and the 1-based
+    epoch this call started at."""
+    import keras
+
+    from components import fitting
+
+    epochs_seen = _epoch_recorder()
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "state"), double_checkpoint=True),
+        keras.callbacks.CSVLogger(str(checkpoint_dir / EPOCH_LOG), append=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
+                                      restore_best_weights=True),
+        logger, epochs_seen, *extra_callbacks,
+    ]
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+              shuffle=False, verbose=fitting.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+    return _epoch_history(checkpoint_dir / EPOCH_LOG), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
+
+
 def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path,
                  out_dir: str | Path, report_dir: str | Path, checkpoint_root: str | Path = DEFAULT_CHECKPOINT_ROOT,
                  extra_callbacks: list[Any] | None = None) -> FinetuneResult:
     """Fine-tune models/head into `out_dir`, resuming an interrupted run with the same inputs and params."""
     import keras
 
-    from components import backbones, fitting  # backbones registers the custom layers before loading
+    from components import fitting
 
     started = time.perf_counter()
-    config, seed = params.finetune, params.project.seed
-    head_dir = Path(head_dir)
+    config, seed, head_dir = params.finetune, params.project.seed, Path(head_dir)
     head_info = runtime.read_json(head_dir / "run.json")
     classes = runtime.read_json(head_dir / "classes.json")
     image_size = int(head_info["image_size"])
@@ -152,63 +202,44 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
     client, run_id, experiment_id = fitting.start_run(
         params.tracking, "finetune", {"head_run_id": str(head_info.get("run_id")),
                                       "data_version": fitting.data_version(manifest)}, run_id=previous_run)
-    run_id_path.write_text(run_id)
+    run_id_path.write_text(run_id)  # a resumed run continues this MLflow run
     try:
         strategy = _distribution(device)
         batch_size = config.batch_size * strategy.num_replicas_in_sync
-        steps_per_epoch = math.ceil(len(train) / batch_size)
         with strategy.scope():
-            model = keras.models.load_model(head_dir / "model.keras", compile=False)
-            backbone = backbones.find_backbone(model)
-            start = unfreeze_top(backbone, config)
-            model.compile(optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
-                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                          jit_compile=runtime.jit_compile_default())
-        trainable = sum(1 for layer in backbone.layers[start:] if layer.trainable)
+            model, trained_layers = _compiled_model(head_dir, config, math.ceil(len(train) / batch_size))
         if previous_run is None:
             fitting.log_params(client, run_id, {
                 **{f"finetune.{k}": v for k, v in config.model_dump().items()},
                 "seed": seed, "head_run_id": head_info.get("run_id"), "backbone": head_info.get("backbone"),
                 "image_size": image_size, "global_batch_size": batch_size, "replicas": strategy.num_replicas_in_sync,
-                "trainable_backbone_layers": trainable, "first_trainable_layer": backbone.layers[start].name,
-                "train_images": len(train), "val_images": len(val), "mixed_precision": device["mixed_precision"],
+                "trainable_backbone_layers": len(trained_layers), "train_images": len(train),
+                "val_images": len(val), "mixed_precision": device["mixed_precision"],
             })
-        one_hot = _one_hot_fn(len(classes))
-        train_ds = make_dataset(train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed).map(one_hot)
-        val_ds = make_dataset(val, image_size, batch_size, cache=True).map(one_hot)
-        epochs_seen = _epoch_recorder()
-        callbacks = [
-            keras.callbacks.BackupAndRestore(str(checkpoint_dir / "state"), double_checkpoint=True),
-            keras.callbacks.CSVLogger(str(checkpoint_dir / EPOCH_LOG), append=True),
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
-                                          restore_best_weights=True),
-            fitting.mlflow_epoch_logger(client, run_id),
-            epochs_seen,
-            *(extra_callbacks or []),
-        ]
+        train_ds, val_ds = _datasets(train, val, image_size, batch_size, policy_path, seed)
         if config.epochs > 0:
-            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                      verbose=fitting.progress_verbosity())
-            history = _epoch_history(checkpoint_dir / EPOCH_LOG)
+            history, resumed_at = _fit_resumable(model, train_ds, val_ds, config, checkpoint_dir,
+                                                 fitting.mlflow_epoch_logger(client, run_id), extra_callbacks or [])
             best = fitting.best_epoch(history)
-            val_accuracy, val_loss, best_epoch = float(best["val_accuracy"]), float(best["val_loss"]), int(best["epoch"])
+            val_accuracy, val_loss, best_epoch = (float(best["val_accuracy"]), float(best["val_loss"]),
+                                                  int(best["epoch"]))
         else:  # nothing to train: the head model is the result
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
-            history, best_epoch = fitting.history_frame({}), 0
+            history, best_epoch, resumed_at = fitting.history_frame({}), 0, 1
         seconds = time.perf_counter() - started
         run_info = {
             **{k: head_info.get(k) for k in ("backbone", "alpha", "image_size", "weights", "data_version")},
-            "run_id": run_id, "experiment_id": experiment_id, "stage": "finetune", "head_run_id": head_info.get("run_id"),
-            "best_epoch": best_epoch, "epochs_run": len(history), "val_accuracy": val_accuracy, "val_loss": val_loss,
-            "seconds": round(seconds, 1), "trainable_backbone_layers": trainable,
-            "first_trainable_layer": backbone.layers[start].name, "device": device,
+            "run_id": run_id, "experiment_id": experiment_id, "stage": "finetune",
+            "head_run_id": head_info.get("run_id"), "best_epoch": best_epoch, "epochs_run": len(history),
+            "val_accuracy": val_accuracy, "val_loss": val_loss, "seconds": round(seconds, 1), "device": device,
+            "trainable_backbone_layers": len(trained_layers),
+            "first_trainable_layer": trained_layers[0] if trained_layers else None,
         }
         fitting.save_model_dir(model, classes, run_info, out_dir)
         if len(history):
-            csv_path, png_path = fitting.write_reports(history, report_dir, f"finetune: top {trainable} backbone layers")
-            client.log_artifact(run_id, str(csv_path))
-            client.log_artifact(run_id, str(png_path))
+            title = f"finetune: top {len(trained_layers)} backbone layers"
+            for artifact in fitting.write_reports(history, report_dir, title):
+                client.log_artifact(run_id, str(artifact))
         client.log_metric(run_id, "best_val_accuracy", val_accuracy)
         client.log_metric(run_id, "seconds", seconds)
         client.set_terminated(run_id, "FINISHED")
@@ -216,16 +247,9 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         client.set_terminated(run_id, "FAILED")  # the checkpoint stays: the next run resumes this one
         raise
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    resumed_at = (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
     keras.backend.clear_session()
     return FinetuneResult(run_id, head_info.get("run_id"), val_accuracy, best_epoch, len(history), resumed_at,
-                          trainable, seconds, Path(out_dir))
-
-
-def _one_hot_fn(num_classes: int) -> Any:
-    import tensorflow as tf
-
-    return lambda x, y: (x, tf.one_hot(y, num_classes))
+                          len(trained_layers), seconds, Path(out_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

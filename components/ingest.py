@@ -504,7 +504,7 @@ def _read_table(location: str) -> Any:
         with fsspec.open(location, "rb") as fh:
             if location.lower().split("?")[0].endswith(".csv"):
                 return pd.read_csv(fh, dtype=str, keep_default_na=False)
-            return pd.read_parquet(fh).astype(str)
+            return pd.read_parquet(fh).fillna("").astype(str)
     except FileNotFoundError:
         raise IngestError(f"table {location} not found") from None
     except (OSError, ValueError) as exc:

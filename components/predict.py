@@ -70,6 +70,23 @@ def probabilities_frame(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     })
 
 
+def image_values(model_input: Any) -> list[Any]:
+    """The images of a request: DataFrame (`dataframe_split`/`records`), dict (`inputs`), list or one value."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        if IMAGE_COLUMN not in model_input:
+            found = list(model_input.columns if isinstance(model_input, pd.DataFrame) else model_input)
+            raise ValueError(f"input needs a column {IMAGE_COLUMN!r}, got {found}")
+        column = model_input[IMAGE_COLUMN]
+        values = column.tolist() if hasattr(column, "tolist") else list(column)
+    elif isinstance(model_input, (list, tuple, np.ndarray)):
+        values = list(model_input)
+    else:
+        values = [model_input]
+    # `{"inputs": {"image": [a, b]}}` arrives as one row holding the list: unpack it.
+    return [item for value in values
+            for item in (list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value])]
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Raw images in, labels out; artifacts: `keras_model` (a .keras file) and `classes` (JSON list)."""
 
@@ -82,13 +99,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = int((context.model_config or {}).get("batch_size", 32))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            if IMAGE_COLUMN not in model_input.columns:
-                raise ValueError(f"input needs a column {IMAGE_COLUMN!r}, got {list(model_input.columns)}")
-            values = model_input[IMAGE_COLUMN].tolist()
-        else:  # a list or a single value
-            values = list(model_input) if isinstance(model_input, (list, tuple)) else [model_input]
-        probs = self.predict_proba(values)
+        probs = self.predict_proba(image_values(model_input))
         return probabilities_frame(probs, self.classes)
 
     def predict_proba(self, values: list[Any]) -> np.ndarray:

@@ -58,7 +58,8 @@ def copy_seeds(seed: int, copy: int, count: int) -> np.ndarray:
 
 
 def extract_features(extractor: Any, split: Split, image_size: int, batch_size: int, *,
-                     policy_path: str | Path | None = None, copies: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     policy_path: str | Path | None = None, copies: int = 0,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Features of every image as is, then of `copies` augmented variants: (features, labels)."""
     from components import fitting
 
@@ -164,8 +165,8 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             fit = head.fit(
                 _vectors(arrays["train_x"], arrays["train_y"], len(classes), h.batch_size, params.project.seed, True),
                 validation_data=_vectors(arrays["val_x"], arrays["val_y"], len(classes), h.batch_size, 0, False),
-                epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id),
-                verbose=fitting.progress_verbosity())
+                epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id), shuffle=False,
+                verbose=fitting.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
         else:
             _compile(model, h.learning_rate, h.label_smoothing, jit_compile=runtime.jit_compile_default())
             train_ds = make_dataset(train, m.image_size, h.batch_size, policy_path=policy_path, training=True,
@@ -173,7 +174,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             val_ds = make_dataset(val, m.image_size, h.batch_size, cache=True)
             fit = model.fit(_one_hot(train_ds, len(classes)), validation_data=_one_hot(val_ds, len(classes)),
                             epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id),
-                            verbose=fitting.progress_verbosity())
+                            shuffle=False, verbose=fitting.progress_verbosity())
         history = fitting.history_frame(fit.history)
         best = fitting.best_epoch(history)
         seconds = time.perf_counter() - started

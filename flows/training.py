@@ -127,10 +127,14 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     if not remote.state or not remote.state.is_completed():
         raise StageFailed(f"stage '{stage}' on deployment {deployment} ended {remote.state.name if remote.state else 'unknown'} "
                           f"(flow run {remote.id})")
-    for args in (["pull", "--run-cache", stage], ["repro", "--single-item", stage]):
-        code, lines = run_dvc(args, root, logger)
-        if code != 0:
-            raise StageFailed(f"dvc {' '.join(args)} failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:]))
+    # `repro --pull` fetches the run-cache entry and its outputs, then checks them out. (`dvc pull <stage>`
+    # cannot: this dvc.lock has no hashes for the stage yet.) A miss makes DVC run the stage here instead.
+    code, lines = run_dvc(["repro", "--pull", "--single-item", stage], root, logger)
+    if code != 0:
+        raise StageFailed("dvc repro --pull failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:]))
+    if not any(f"Stage '{stage}' is cached - skipping run" in line for line in lines):
+        logger.warning("stage %s: the remote result was not in DVC's run-cache, so it ran here as well", stage)
+        return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": "here (run-cache miss)"}
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
@@ -187,7 +191,9 @@ def stage_flow(stage: str, git_rev: str | None = None, params_yaml: str | None =
     root = Path(workdir).resolve()
     if git_rev:
         for args in (["fetch", "--quiet", "origin"], ["checkout", "--quiet", "--force", git_rev]):
-            subprocess.run(["git", *args], cwd=root, check=args[0] == "checkout", capture_output=True, text=True)
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+            if done.returncode != 0 and args[0] == "checkout":
+                raise StageFailed(f"git checkout {git_rev} failed in {root} (is it pushed to origin?): {done.stderr.strip()}")
     if params_yaml is not None:
         (root / "params.yaml").write_text(params_yaml, encoding="utf-8")
     if dvc_lock:
@@ -199,7 +205,26 @@ def stage_flow(stage: str, git_rev: str | None = None, params_yaml: str | None =
         code, lines = run_dvc(args, root, logger)
         if code != 0:
             raise StageFailed(f"dvc {' '.join(args)} failed on the worker:\n" + "\n".join(lines[-25:]))
+    push_uncached_outputs(root, stage)
     return {"stage": stage, "git_rev": git_rev}
+
+
+def push_uncached_outputs(root: Path, stage: str) -> int:
+    """Push the stage's `cache: false` outputs (plots, metrics) to the DVC remote; return how many.
+
+    DVC's run-cache restores a stage only when all its outputs are in the cache, and it saves the
+    uncached ones there too, but `dvc push --run-cache` never sends those: without this the
+    orchestrator's `repro --pull` misses and trains the stage a second time.
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        objects = {out.hash_info for found in repo.stage.collect(stage) for out in found.outs
+                   if not out.use_cache and out.hash_info}
+        result = repo.cloud.push(objects)
+    if result.failed:
+        raise StageFailed(f"could not push the uncached outputs of stage '{stage}': {sorted(h.value for h in result.failed)}")
+    return len(objects)
 
 
 def main(argv: list[str] | None = None) -> int:

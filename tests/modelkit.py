@@ -22,7 +22,8 @@ def write_manifest(root: Path, classes: list[str] = CLASSES) -> Path:
     for c, name in enumerate(classes):
         for i, split in enumerate(SPLIT_OF):
             size = (70 + 3 * i, 60 + 2 * i)
-            path = write_image(root / "raw" / name / f"{name}_{i:02d}.jpg", size=size, color=COLORS[c], seed=100 * c + i)
+            path = write_image(root / "raw" / name / f"{name}_{i:02d}.jpg", size=size, color=COLORS[c],
+                               seed=100 * c + i)
             rows.append({"path": str(path), "label": name, "split": split, "sha256": f"{c}{i:063d}",
                          "bytes": path.stat().st_size, "width": size[0], "height": size[1], "format": "JPEG",
                          "mode": "RGB", "source": str(path), "error": ""})
@@ -47,6 +48,7 @@ def tiny_params(**sections: dict[str, Any]) -> Params:
 def write_policy(path: Path, policy: list[dict[str, dict[str, Any]]] | None = None, seed: int = 7) -> Path:
     from components.augment import build_pipeline, save_pipeline
 
-    policy = policy if policy is not None else [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.8}}]
+    if policy is None:
+        policy = [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.8}}]
     save_pipeline(build_pipeline(policy, seed), path)
     return path

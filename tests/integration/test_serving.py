@@ -58,7 +58,7 @@ def test_served_champion_labels_base64_images(served: dict[str, Any]) -> None:
     }
     for form, body in bodies.items():
         reply = requests.post(served["url"], json=body, timeout=60)
-        assert reply.status_code == 200, (form, reply.text[:500])
+        assert reply.status_code == 200, (form, reply.text[:500] + reply.text[-1500:])
         predictions = reply.json()["predictions"]
         assert [p["label"] for p in predictions] == [p.parent.name for p in images], form
         assert all(set(p["probabilities"]) == set(CLASSES) for p in predictions), form

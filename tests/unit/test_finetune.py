@@ -60,7 +60,8 @@ def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, track
         for old, new in zip(stats_before[name], stats_after[name]):
             np.testing.assert_array_equal(old, new, err_msg=f"BatchNorm {name} statistics moved")
     top_conv = after.get_layer("backbone").get_layer("Conv_1")  # inside the unfrozen top: must have trained
-    assert not np.allclose(top_conv.get_weights()[0], before.get_layer("backbone").get_layer("Conv_1").get_weights()[0])
+    old_kernel = before.get_layer("backbone").get_layer("Conv_1").get_weights()[0]
+    assert not np.allclose(top_conv.get_weights()[0], old_kernel)
     assert result.trainable_layers > 0
 
 
@@ -72,7 +73,8 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
                           tmp_path / "out", tmp_path / "reports", checkpoint_root=tmp_path / "ckpt")
     info = runtime.read_json(tmp_path / "out/run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
-    assert runtime.read_json(tmp_path / "out/classes.json") == runtime.read_json(head["root"] / "models/head/classes.json")
+    head_classes = runtime.read_json(head["root"] / "models/head/classes.json")
+    assert runtime.read_json(tmp_path / "out/classes.json") == head_classes
     model = keras.models.load_model(tmp_path / "out/model.keras")
     probs = model.predict(np.full((1, 50, 70, 3), 128.0, "float32"), verbose=0)
     assert probs.dtype == np.float32 and probs.shape == (1, 2)

@@ -311,6 +311,19 @@ def test_http_archive_is_downloaded_once_and_ingested(tiny_folder: Path, tmp_pat
     assert _manifest(first)["source"].str.startswith(f"{url}!flower_photos/").all()
 
 
+def test_csv_over_http_resolves_paths_against_its_url(tmp_path: Path):
+    served = make_classes(tmp_path / "served", {"a": 3, "b": 3})
+    rows = [(f"{c}/{c}_{i:03d}.jpg", c, ["train", "val", "test"][i]) for c in "ab" for i in range(3)]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(served / "labels.csv", index=False)
+    with http_server(served) as (base, _):
+        result = _run(tmp_path, f"{base}/labels.csv")
+    frame = _manifest(result)
+    assert frame["source"].tolist() == sorted(f"{base}/{p}" for p, _, _ in rows)
+    assert set(frame["error"]) == {""}
+    assert dict(zip(frame["source"], frame["split"])) == {f"{base}/{p}": split for p, _, split in rows}
+    assert (result.raw_dir / "a" / "a_000.jpg").read_bytes() == (served / "a" / "a_000.jpg").read_bytes()
+
+
 def test_http_source_that_does_not_exist_is_a_readable_error(tmp_path: Path):
     with http_server(tmp_path) as (base, _):
         with pytest.raises(IngestError, match="missing.tgz"):
