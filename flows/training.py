@@ -68,6 +68,16 @@ def run_dvc(args: list[str], workdir: Path, logger: Any) -> tuple[int, list[str]
     return proc.wait(), lines
 
 
+@task(name="preflight")
+def preflight(workdir: str, params_path: str) -> None:
+    """Check the settings against the backbone and augmentation library before any stage does work."""
+    proc = subprocess.run([sys.executable, "-m", "components.preflight", "--params", params_path], cwd=workdir,
+                          env=_stage_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ParamsError((proc.stderr or proc.stdout).strip().removeprefix("preflight: "))
+    get_run_logger().info(proc.stdout.strip())
+
+
 def _stage_task(stage: str):
     @task(name=f"stage:{stage}", retries=STAGE_RETRIES[stage], retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0)
     def run(workdir: str) -> dict[str, Any]:
@@ -158,6 +168,7 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
             "this run exits without touching DVC or MLflow state. Retry when it has finished."
         ) from None
     try:
+        preflight(str(root), str(params_file))
         gpu_deployment = os.environ.get("TP_GPU_DEPLOYMENT")
         outcomes = [
             run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,14 @@ def test_served_model_rejects_a_non_image_with_a_readable_error(served: dict[str
                           timeout=60)
     assert reply.status_code >= 400
     assert "row 0" in reply.text
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_documented_curl_request_answers(served: dict[str, Any], tmp_path: Path) -> None:
+    """The two commands of docs/serving.md, as written there (port and file swapped in)."""
+    image = served["ws"] / "images" / "beta" / "test_1.jpg"
+    script = (f"""printf '{{"dataframe_split": {{"columns": ["image"], "data": [["%s"]]}}}}' "$(base64 -w0 {image})" """
+              f"""> request.json\ncurl -s -X POST {served['url']} -H 'Content-Type: application/json' --data @request.json""")
+    assert "--data @request.json" in (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    reply = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(reply.stdout)["predictions"][0]["label"] == "beta"
