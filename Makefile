@@ -20,7 +20,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install keras-home run test test-fast benchmark soak mlflow-ui
+.PHONY: install keras-home run test test-fast benchmark soak e2e-loopback mlflow-ui
 
 $(VENV)/.installed-$(TF_EXTRA): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ benchmark: install keras-home
 
 soak: install keras-home
 	$(BIN)/python -m benchmarks.soak $(if $(SOURCE),--source $(SOURCE))
+
+# Real Prefect + MLflow servers and two workers on 127.0.0.1; finetune goes to the gpu pool (infra/README.md)
+e2e-loopback: install keras-home
+	$(BIN)/python infra/scripts/loopback_e2e.py
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -118,7 +118,9 @@ class AugmentConfig(Section):
 
 
 class TrainHeadConfig(Section):
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="Also the feature-extraction batch (32 is ~2x faster than 64 on CPU)."
+    )
     epochs: int = Field(40, ge=1)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -138,10 +140,10 @@ class FinetuneConfig(Section):
         None, gt=0, le=1, description="Or: train this top fraction of backbone layers (wins over unfreeze_layers)."
     )
     batch_size: int = Field(32, ge=1, le=4096)
-    epochs: int = Field(6, ge=0)
-    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    epochs: int = Field(10, ge=0, description="Upper bound; 0 = keep the head model as is.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak after warm-up; cosine decay to 0.")
     warmup_epochs: int = Field(1, ge=0)
-    early_stopping_patience: int = Field(2, ge=1)
+    early_stopping_patience: int = Field(3, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 

@@ -44,11 +44,11 @@ from components.registry import (
     scrub_credentials,
     with_retries,
 )
-from components.tracking import redact, resolve_tracking_uri, setup_mlflow
+from components.tracking import redact, setup_mlflow
 
 PYFUNC_NAME = "model"
 # The modules the pyfunc imports when loaded somewhere without this project installed.
-PYFUNC_CODE = ["__init__.py", "predict.py", "data.py", "runtime.py"]
+PYFUNC_CODE = ["__init__.py", "predict.py", "data.py", "runtime.py", "backbones.py", "config.py"]
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,14 @@ class EvaluationResult:
 
 def load_model_dir(model_dir: str | Path, default_size: int) -> ModelBundle:
     """The model-dir contract: model.keras, classes.json, run.json (written by train_head/finetune)."""
-    import keras
+    from components.predict import load_keras_model
 
     model_dir = Path(model_dir)
     for name in ("model.keras", "classes.json"):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name} not found: run the training stages first")
     run_info = runtime.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
-    model = keras.models.load_model(model_dir / "model.keras", compile=False)
+    model = load_keras_model(model_dir / "model.keras")
     size = run_info.get("image_size") or _static_side(model) or default_size
     return ModelBundle(model, model_dir / "model.keras", list(runtime.read_json(model_dir / "classes.json")),
                        model_dir / "classes.json", run_info, int(size))
@@ -319,7 +319,7 @@ def markdown_table(counts: pd.DataFrame) -> str:
 
 def pyfunc_requirements() -> list[str]:
     """Pinned from this environment: inferring them is slow and lists both tensorflow wheels."""
-    wanted = ["mlflow", "keras", "pillow", "numpy", "pandas"]
+    wanted = ["mlflow", "keras", "pillow", "numpy", "pandas", "pydantic", "pyyaml"]
     for tf_dist in ("tensorflow-cpu", "tensorflow"):
         try:
             metadata.version(tf_dist)

@@ -15,13 +15,12 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from components import runtime
 from components.data import load_rgb, load_split
-from components.predict import list_inputs
+from components.predict import list_inputs, load_keras_model
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,11 @@ def tflite_predict(tflite_model: bytes, images: np.ndarray) -> np.ndarray:
     try:  # LiteRT replaces tf.lite.Interpreter (deprecated) where it is installed
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
+        import warnings
+
         import tensorflow as tf
 
+        warnings.filterwarnings("ignore", message=r"(?s).*tf.lite.Interpreter is deprecated")
         Interpreter = tf.lite.Interpreter
     interpreter = Interpreter(model_content=tflite_model)
     entry = interpreter.get_input_details()[0]
@@ -74,10 +76,8 @@ def sample_images(paths: list[str], size: int, count: int) -> np.ndarray:
 
 def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[str], samples: int = 32) -> ExportResult:
     """SavedModel + float16 TFLite for `model_dir`, checked on up to `samples` images."""
-    import keras
-
     model_dir = Path(model_dir)
-    model = keras.models.load_model(model_dir / "model.keras", compile=False)
+    model = load_keras_model(model_dir / "model.keras")
     run_info = runtime.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
     size = int(run_info.get("image_size") or model.input_shape[1] or 224)
     images = sample_images(sample_paths, size, samples)

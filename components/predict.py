@@ -87,13 +87,20 @@ def image_values(model_input: Any) -> list[Any]:
             for item in (list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value])]
 
 
+def load_keras_model(path: str | Path) -> Any:
+    """Load a project .keras file in safe mode, with the project's custom layers registered."""
+    import keras
+
+    import components.backbones  # noqa: F401  (registers CaffePreprocess and any other custom layer)
+
+    return keras.models.load_model(path, compile=False)
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Raw images in, labels out; artifacts: `keras_model` (a .keras file) and `classes` (JSON list)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        import keras
-
-        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+        self.model = load_keras_model(context.artifacts["keras_model"])
         self.classes = runtime.read_json(context.artifacts["classes"])
         self.image_size = int((context.model_config or {}).get("image_size", 224))
         self.batch_size = int((context.model_config or {}).get("batch_size", 32))

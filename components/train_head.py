@@ -128,6 +128,38 @@ def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     ]
 
 
+def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params, manifest: str | Path,
+                            policy_path: str | Path | None, cache_dir: str | Path, weights: dict[int, float] | None,
+                            callbacks: list[Any]) -> tuple[dict[str, list[float]], Path]:
+    """Train the model's head sub-model alone on cached features (it stays attached to `model`)."""
+    from components import backbones, fitting
+
+    h, n = params.train_head, len(train.classes)
+    arrays, cache_path = cached_features(backbones.feature_extractor(model), train, val, params, manifest,
+                                         policy_path, cache_dir)
+    head = model.get_layer(backbones.HEAD_LAYER)
+    _compile(head, h.learning_rate, h.label_smoothing, jit_compile=False)  # a few dense weights: XLA buys nothing
+    fit = head.fit(_vectors(arrays["train_x"], arrays["train_y"], n, h.batch_size, params.project.seed, True),
+                   validation_data=_vectors(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
+                   epochs=h.epochs, class_weight=weights, callbacks=callbacks, shuffle=False,
+                   verbose=fitting.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+    return fit.history, cache_path
+
+
+def _fit_end_to_end(model: Any, train: Split, val: Split, params: Params, policy_path: str | Path | None,
+                    weights: dict[int, float] | None, callbacks: list[Any]) -> dict[str, list[float]]:
+    """Train through the frozen backbone on freshly augmented images every epoch."""
+    from components import fitting
+
+    h, size, n = params.train_head, params.model.image_size, len(train.classes)
+    _compile(model, h.learning_rate, h.label_smoothing, jit_compile=runtime.jit_compile_default())
+    train_ds = make_dataset(train, size, h.batch_size, policy_path=policy_path, training=True, seed=params.project.seed)
+    val_ds = make_dataset(val, size, h.batch_size, cache=True)
+    fit = model.fit(_one_hot(train_ds, n), validation_data=_one_hot(val_ds, n), epochs=h.epochs,
+                    class_weight=weights, callbacks=callbacks, shuffle=False, verbose=fitting.progress_verbosity())
+    return fit.history
+
+
 def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path | None, out_dir: str | Path,
                    report_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> TrainHeadResult:
     """Train the head, save the full model dir, report curves, log one MLflow run (stage=train_head)."""
@@ -156,26 +188,13 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "train_images": len(train), "val_images": len(val),
             "augment_policy_sha256": fitting.file_sha256(policy_path) if policy_path else None,
         })
-        cache_path = None
+        callbacks = _callbacks(params, client, run_id)
         if h.cached_features:
-            arrays, cache_path = cached_features(backbones.feature_extractor(model), train, val, params, manifest,
-                                                 policy_path, cache_dir)
-            head = model.get_layer(backbones.HEAD_LAYER)  # shared with `model`: training it trains the model
-            _compile(head, h.learning_rate, h.label_smoothing, jit_compile=False)  # tiny: XLA buys nothing
-            fit = head.fit(
-                _vectors(arrays["train_x"], arrays["train_y"], len(classes), h.batch_size, params.project.seed, True),
-                validation_data=_vectors(arrays["val_x"], arrays["val_y"], len(classes), h.batch_size, 0, False),
-                epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id), shuffle=False,
-                verbose=fitting.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+            history, cache_path = _fit_on_cached_features(model, train, val, params, manifest, policy_path,
+                                                          cache_dir, weights, callbacks)
         else:
-            _compile(model, h.learning_rate, h.label_smoothing, jit_compile=runtime.jit_compile_default())
-            train_ds = make_dataset(train, m.image_size, h.batch_size, policy_path=policy_path, training=True,
-                                    seed=params.project.seed)
-            val_ds = make_dataset(val, m.image_size, h.batch_size, cache=True)
-            fit = model.fit(_one_hot(train_ds, len(classes)), validation_data=_one_hot(val_ds, len(classes)),
-                            epochs=h.epochs, class_weight=weights, callbacks=_callbacks(params, client, run_id),
-                            shuffle=False, verbose=fitting.progress_verbosity())
-        history = fitting.history_frame(fit.history)
+            history, cache_path = _fit_end_to_end(model, train, val, params, policy_path, weights, callbacks), None
+        history = fitting.history_frame(history)
         best = fitting.best_epoch(history)
         seconds = time.perf_counter() - started
         csv_path, png_path = fitting.write_reports(history, report_dir, f"train_head: {m.backbone}, frozen backbone")
