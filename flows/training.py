@@ -78,6 +78,30 @@ def preflight(workdir: str, params_path: str) -> None:
     get_run_logger().info(proc.stdout.strip())
 
 
+def default_remote(root: Path) -> str | None:
+    """The workspace's default DVC remote, if one is configured (.dvc/config or config.local)."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "remote", "default"], cwd=root,
+                          env=_stage_env(), capture_output=True, text=True)
+    name = proc.stdout.strip()
+    return name if proc.returncode == 0 and name else None
+
+
+@task(name="push-data", retries=3, retry_delay_seconds=[10, 30, 90])
+def push_to_remote(workdir: str) -> dict[str, Any]:
+    """Send data and models to the default DVC remote, so other machines (and the registry's lineage) can fetch them."""
+    logger = get_run_logger()
+    root = Path(workdir)
+    remote = default_remote(root)
+    if remote is None:
+        logger.info("no default DVC remote configured: data and models stay in the local DVC cache")
+        return {"remote": None, "pushed": False}
+    code, lines = run_dvc(["push", "--run-cache"], root, logger)
+    if code != 0:
+        raise StageFailed(f"dvc push to remote '{remote}' failed (its URL is in `dvc remote list`); "
+                          "the run's outputs are complete locally and the next run pushes them:\n" + "\n".join(lines[-10:]))
+    return {"remote": remote, "pushed": True}
+
+
 def _stage_task(stage: str):
     @task(name=f"stage:{stage}", retries=STAGE_RETRIES[stage], retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0)
     def run(workdir: str) -> dict[str, Any]:
@@ -175,9 +199,11 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
             else STAGE_TASKS[stage](str(root))
             for stage in STAGES
         ]
+        pushed = push_to_remote(str(root))
     finally:
         lock.release()
     result = summary.collect(root, params, outcomes)
+    result["dvc_remote"] = pushed
     markdown = summary.write(root, result)
     create_markdown_artifact(key="training-summary", markdown=markdown,
                              description="Data, validation, metrics and registry decision of this run")
