@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import runtime  # noqa: F401  (telemetry off first)
+from components import runtime  # telemetry off first; cli_errors
 from components.config import AugmentConfig, ParamsError, load_params
 from components.data import load_rgb, load_split, read_manifest
 
@@ -118,6 +118,7 @@ def run_augment(config: AugmentConfig, seed: int, image_size: int, manifest: str
     return AugmentResult(len(config.policy), len(originals), Path(policy_out), Path(preview))
 
 
+@runtime.cli_errors("augment")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.augment", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")

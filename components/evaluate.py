@@ -441,6 +441,7 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
     workspace = Path(workspace)
     config = params.evaluate
     policy = RetryPolicy(attempts=config.mlflow_attempts, first_wait_s=config.mlflow_backoff_s)
+    runtime.ensure_writable(report_dir, metrics_path)  # before registering: a rerun would register twice
     bundle = load_model_dir(model_dir, params.model.image_size)
     head_json = Path(head_dir) / "run.json" if head_dir else None
     head_info = runtime.read_json(head_json) if head_json and head_json.is_file() else None
@@ -487,6 +488,7 @@ def log_reports(run_id: str, report: Path, policy: RetryPolicy) -> None:
             with_retries(f"upload {path.name}", client.log_artifact, run_id, str(path), "evaluate", policy=policy)
 
 
+@runtime.cli_errors("evaluate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate, register and gate the fine-tuned model.")
     parser.add_argument("--params", default="params.yaml")

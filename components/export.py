@@ -98,6 +98,7 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
     return result
 
 
+@runtime.cli_errors("export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a model dir to SavedModel and float16 TFLite, checked.")
     parser.add_argument("--model-dir", default="models/finetune")
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             paths = load_split(args.manifest, args.split).paths
         result = run_export(args.model_dir, args.out_dir, paths, args.samples)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"export: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"export: {runtime.describe_os_error(exc) or exc}", file=sys.stderr)
         return 2
     print(f"wrote {result.saved_model} and {result.tflite} ({result.tflite_bytes / 1e6:.1f} MB); TFLite agrees with "
           f"Keras on {result.top1_agreement:.1%} of {result.n_samples} images, max prob diff {result.max_prob_diff:.4f}")

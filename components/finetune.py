@@ -252,6 +252,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
                           len(trained_layers), seconds, Path(out_dir))
 
 
+@runtime.cli_errors("finetune")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")

@@ -15,8 +15,11 @@ import pandas as pd
 
 from components import runtime
 from components.config import TrackingConfig
+from components.registry import RetryPolicy, with_retries
 
 HISTORY_COLUMNS = ["epoch", "accuracy", "val_accuracy", "loss", "val_loss"]
+# Tries to reach MLflow before training starts: about 6 s of backoff, then the stage stops.
+START_POLICY = RetryPolicy(attempts=3, first_wait_s=2.0)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,7 +71,8 @@ def start_run(tracking: TrackingConfig, stage: str, tags: dict[str, str] | None 
 
     from components.tracking import setup_mlflow
 
-    experiment_id = setup_mlflow(tracking)
+    # Fail before any training when the server is down (TrackingUnavailable names it, redacted).
+    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, policy=START_POLICY)
     client = MlflowClient()
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")

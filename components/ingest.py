@@ -619,6 +619,8 @@ def _copy_one(location: str, target: Path) -> None:
         try:
             fs.get_file(path, str(target))
         except OSError as exc:
+            if exc.errno in runtime.WRITE_FAILURES:  # our disk, not the source: cli_errors names the path
+                raise
             raise IngestError(f"cannot fetch {location}: {exc}") from None
     else:
         shutil.copy2(location, target)
@@ -787,6 +789,7 @@ def _report(result: IngestResult, config: IngestConfig, listing: Listing, seed: 
     }
 
 
+@runtime.cli_errors("ingest")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections project, ingest, validate)")
@@ -796,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        runtime.ensure_writable(args.raw_dir, args.manifest, args.report)  # before copying, not after
         result = run_ingest(params.ingest, params.project.seed, args.raw_dir, args.manifest, args.report,
                             max_pixels=params.validate.max_pixels)
     except (ParamsError, IngestError) as exc:

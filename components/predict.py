@@ -93,7 +93,14 @@ def load_keras_model(path: str | Path) -> Any:
 
     import components.backbones  # noqa: F401  (registers CaffePreprocess and any other custom layer)
 
-    return keras.models.load_model(path, compile=False)
+    try:
+        return keras.models.load_model(path, compile=False)  # safe_mode stays on: never run code from a file
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise ValueError(f"refused to load {path}: it holds Python code (e.g. a Lambda layer) that would run "
+                         "on loading. Only models built from registered layers are loaded; rebuild it without "
+                         "Lambda layers (register custom layers in components/backbones.py).") from None
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -183,6 +190,7 @@ def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_s
     return PredictResult(Path(out_csv), len(table), int((table["error"] != "").sum()))
 
 
+@runtime.cli_errors("predict")
 def main(argv: list[str] | None = None) -> int:
     from components.config import ParamsError, load_params
     from components.tracking import redact, resolve_tracking_uri

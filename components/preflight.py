@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from components import runtime  # noqa: F401  (telemetry off)
+from components import runtime  # telemetry off first; cli_errors
 from components.config import Params, ParamsError, load_params
 
 
@@ -56,6 +56,7 @@ def check_params(params: Params) -> list[str]:
     return problems
 
 
+@runtime.cli_errors("preflight")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

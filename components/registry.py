@@ -20,6 +20,7 @@ import yaml
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from components.config import Params, PromotionConfig
+from components.runtime import Unavailable
 from components.tracking import redact
 
 CHAMPION = "champion"
@@ -32,7 +33,7 @@ T = TypeVar("T")
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(Unavailable):
     """MLflow stayed unreachable (or kept failing) after every retry."""
 
 

@@ -35,11 +35,38 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
+def probe_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Raise ConnectionError (naming host:port, never credentials) when an http(s) tracking server is down.
+
+    One quick request of our own: MLflow's client would otherwise retry a refused connection for
+    minutes (its backoff is sized for rate limits) before the stage's own retries even start.
+    Any HTTP answer counts as reachable; only network failures count as down.
+    """
+    import requests
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    health = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        requests.get(health, timeout=timeout_s, allow_redirects=False)
+    except requests.Timeout:
+        raise ConnectionError(f"no answer from {netloc} within {timeout_s:g} s") from None
+    except requests.RequestException as exc:
+        known = ("Connection refused", "Name or service not known", "No route to host", "Network is unreachable")
+        reason = next((r for r in known if r in str(exc)), "cannot connect")
+        raise ConnectionError(f"{reason.lower()}: {netloc}") from None
+
+
 def setup_mlflow(config: TrackingConfig, workspace: str | Path | None = None) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(config, workspace))
+    uri = resolve_tracking_uri(config, workspace)
+    mlflow.set_tracking_uri(uri)
+    probe_server(uri)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -220,6 +220,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
                            seconds, cache_path, Path(out_dir))
 
 
+@runtime.cli_errors("train_head")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.train_head", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")

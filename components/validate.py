@@ -477,6 +477,7 @@ def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, proble
     }
 
 
+@runtime.cli_errors("validate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections validate, ingest)")

@@ -256,8 +256,8 @@ def push_uncached_outputs(root: Path, stage: str) -> int:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        objects = {out.hash_info for found in repo.stage.collect(stage) for out in found.outs
-                   if not out.use_cache and out.hash_info}
+        found = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")  # an address: targets resolve against the cwd
+        objects = {out.hash_info for one in found for out in one.outs if not out.use_cache and out.hash_info}
         result = repo.cloud.push(objects)
     if result.failed:
         raise StageFailed(f"could not push the uncached outputs of stage '{stage}': {sorted(h.value for h in result.failed)}")

@@ -272,7 +272,8 @@ def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run: Any, o
     checks.check("the stage flow run completed on the gpu pool, for finetune",
                  lambda: remote.state.is_completed() and remote.work_pool_name == "gpu" and remote.parameters["stage"] == "finetune",
                  lambda: {"state": remote.state.name, "work_pool": remote.work_pool_name, "stage": remote.parameters["stage"]})
-    stages = {s["stage"]: s for s in (optional(lambda: read_json(orchestrator / "reports" / "run_summary.json")) or {}).get("stages", [])}
+    summary = optional(lambda: read_json(orchestrator / "reports" / "run_summary.json")) or {}
+    stages = {s["stage"]: s for s in summary.get("stages", [])}
     checks.check("the orchestrator restored finetune from DVC's run-cache",
                  lambda: stages["finetune"].get("where") == GPU_DEPLOYMENT, lambda: stages["finetune"])
     checks.check("finetune trained in the gpu worker's clone only (checkpoints there, none here)",
@@ -280,7 +281,7 @@ def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run: Any, o
     checks.check("every stage ran (first run)",
                  lambda: len(stages) == 6 and all(s["ran"] for s in stages.values()), lambda: {k: s["ran"] for k, s in stages.items()})
 
-    model_name = read_json(orchestrator / "reports" / "run_summary.json")["registered_model"]
+    model_name = summary.get("registered_model")
     champion = optional(lambda: mlflow_client.get_model_version_by_alias(model_name, "champion"))
     ids["champion_version"] = champion.version if champion else None
     checks.check("the MLflow server holds a `champion` version", lambda: champion is not None,

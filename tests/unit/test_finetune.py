@@ -23,6 +23,7 @@ def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     policy = write_policy(root / "policy.json")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns
     try:
         result = run_train_head(tiny_params(train_head={"epochs": 1}), manifest, policy, root / "models/head",
                                 root / "reports/train_head", cache_dir=root / "cache")
@@ -35,6 +36,7 @@ def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
 def tracking(head, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{head['root']}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(head["root"])
     return uri
 
 

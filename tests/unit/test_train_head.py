@@ -23,6 +23,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     policy = write_policy(root / "policy.json")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns
     try:
         result = run_train_head(tiny_params(), manifest, policy, root / "models/head", root / "reports/train_head",
                                 cache_dir=root / "cache")
@@ -76,6 +77,7 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
 
     stamp = trained["result"].feature_cache.stat().st_mtime_ns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.chdir(root)
     again = run_train_head(tiny_params(train_head={"epochs": 1}), manifest, policy, root / "models/head2",
                            root / "reports/head2", cache_dir=root / "cache")
     assert again.feature_cache == trained["result"].feature_cache
@@ -88,6 +90,7 @@ def test_end_to_end_head_training_matches_the_cached_path_within_noise(trained, 
 
     root = trained["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.chdir(root)
     e2e = run_train_head(tiny_params(train_head={"cached_features": False}), trained["manifest"], trained["policy"],
                          root / "models/e2e", root / "reports/e2e", cache_dir=root / "unused-cache")
     assert e2e.feature_cache is None and not (root / "unused-cache").exists()

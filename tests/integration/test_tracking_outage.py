@@ -1,0 +1,155 @@
+"""The MLflow tracking server goes away and comes back, with credentials in the tracking URI.
+
+One real `mlflow server` on loopback, one tiny workspace: train up to finetune against it, stop the
+server, watch evaluate (and a fresh train_head/finetune) fail with the server named but redacted,
+start the server again on the same store and port, and `dvc repro` only evaluates. The secret must
+show up nowhere: not in any stage's output, the workspace files, or anything the server stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.datakit import make_classes
+from tests.evalkit import free_port, stop, wait_until_healthy
+from tests.integration.conftest import make_tiny_workspace
+from tests.integration.test_faults import stage_env
+
+pytestmark = pytest.mark.slow
+SECRET = "s3cr3t-token"
+STARTUP_S = 180  # ~35 s on an idle 2-core machine, more when it is shared
+MODEL_NAME = "image-classifier"
+
+
+def start_server(store: Path, port: int) -> subprocess.Popen:
+    log = store / f"server-{time.monotonic_ns()}.log"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts"),
+           "--workers", "1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=store, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, log, STARTUP_S)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def run(cmd: list[str], ws: Path, env: dict[str, str]) -> dict[str, Any]:
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=1200)
+    return {"code": proc.returncode, "out": proc.stdout + proc.stderr, "seconds": time.monotonic() - started}
+
+
+def stage_cmd(ws: Path, stage: str, **replace: str) -> list[str]:
+    """The stage's command from dvc.yaml, with some flags pointed elsewhere."""
+    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+    cmd[0] = sys.executable
+    for flag, value in replace.items():
+        cmd[cmd.index(flag) + 1] = value
+    return cmd
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("outage")
+    store = root / "server"
+    store.mkdir()
+    port = free_port()
+    ws = make_tiny_workspace(root / "ws", make_classes(root / "source", {"alpha": 12, "beta": 12}),
+                             evaluate={"mlflow_attempts": 2, "mlflow_backoff_s": 0.5})
+    env = stage_env(MLFLOW_TRACKING_URI=f"http://ci-user:{SECRET}@127.0.0.1:{port}")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    facts: dict[str, Any] = {"ws": ws, "store": store, "port": port}
+
+    server = start_server(store, port)
+    try:
+        facts["trained"] = run([dvc, "repro", "finetune"], ws, env)
+        assert facts["trained"]["code"] == 0, facts["trained"]["out"][-4000:]
+    finally:
+        stop(server)
+
+    facts["model_sha"] = sha256(ws / "models" / "finetune" / "model.keras")
+    facts["evaluate_down"] = run([dvc, "repro"], ws, env)
+    facts["model_sha_after_outage"] = sha256(ws / "models" / "finetune" / "model.keras")
+    down = root / "down"
+    facts["train_head_down"] = run(stage_cmd(ws, "train_head", **{"--out-dir": str(down / "head"),
+                                                                  "--report-dir": str(down / "reports_head")}), ws, env)
+    facts["finetune_down"] = run(stage_cmd(ws, "finetune", **{"--out-dir": str(down / "finetune"),
+                                                              "--report-dir": str(down / "reports_finetune")}), ws, env)
+    facts["down_dir"] = down
+
+    server = start_server(store, port)
+    try:
+        facts["recovered"] = run([dvc, "repro"], ws, env)
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        facts["runs"] = {r.info.run_name: r for r in runs}
+        facts["versions"] = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    finally:
+        stop(server)
+    return facts
+
+
+def test_evaluate_retries_then_names_the_redacted_server_and_keeps_the_model(outage: dict[str, Any]) -> None:
+    result, port = outage["evaluate_down"], outage["port"]
+    assert result["code"] != 0
+    assert (f"evaluate: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server after 2 attempts: "
+            f"connection refused: 127.0.0.1:{port}") in result["out"], result["out"][-3000:]
+    assert "rerun this stage (dvc repro evaluate) once MLflow answers, no retraining needed" in result["out"]
+    assert "Running stage 'finetune'" not in result["out"]
+    assert outage["model_sha_after_outage"] == outage["model_sha"]
+
+
+def test_training_stages_refuse_to_start_while_the_server_is_down(outage: dict[str, Any]) -> None:
+    port = outage["port"]
+    for stage in ("train_head", "finetune"):
+        result = outage[f"{stage}_down"]
+        assert result["code"] == 1, result["out"][-3000:]
+        last = result["out"].strip().splitlines()[-1]
+        assert last == (f"{stage}: error: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server "
+                        f"after 3 attempts: connection refused: 127.0.0.1:{port}"), result["out"][-3000:]
+        assert "Traceback" not in result["out"] and "Epoch 1/" not in result["out"]  # failed before training
+        assert not (outage["down_dir"] / stage).exists()
+
+
+def test_after_the_server_returns_repro_only_evaluates_and_registers(outage: dict[str, Any]) -> None:
+    result = outage["recovered"]
+    assert result["code"] == 0, result["out"][-4000:]
+    assert "Running stage 'evaluate'" in result["out"]
+    for stage in ("ingest", "validate", "augment", "train_head", "finetune"):
+        assert f"Running stage '{stage}'" not in result["out"]
+    assert [v.version for v in outage["versions"]] == ["1"]
+    assert outage["versions"][0].tags["finetune_run_id"] == outage["runs"]["finetune"].info.run_id
+
+
+def test_the_secret_in_the_tracking_uri_is_stored_and_shown_nowhere(outage: dict[str, Any]) -> None:
+    assert {"train_head", "finetune", "evaluate"} <= set(outage["runs"])  # the checks below saw real runs
+    for name, run_ in outage["runs"].items():
+        assert SECRET not in repr(run_.data.params) and SECRET not in repr(run_.data.tags), name
+        assert run_.data.params.get("tracking_server", "http://***@").startswith("http://***@")
+    for version in outage["versions"]:
+        assert SECRET not in repr(version.tags) and SECRET not in (version.source or "")
+    for key in ("trained", "evaluate_down", "train_head_down", "finetune_down", "recovered"):
+        assert SECRET not in outage[key]["out"], key
+    ws = outage["ws"]
+    files = [ws / "dvc.lock", ws / "metrics.json", ws / "params.yaml", *(ws / "reports").rglob("*"),
+             *(ws / "models").rglob("*.json")]
+    # everything the server stored: its database (params, tags, metrics) and every artifact
+    files += [p for p in outage["store"].rglob("*") if p.suffix != ".log"]
+    leaks = [str(p) for p in files if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaks == []

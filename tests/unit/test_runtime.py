@@ -1,0 +1,132 @@
+"""Process-level safety nets: readable disk errors, atomic outputs that survive a killed writer."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components import runtime
+from components.registry import TrackingUnavailable
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_disk_full_while_writing_an_output_is_one_line_naming_it_and_exit_2(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "reports" / "metrics.json"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() on a full disk: no file name
+
+    monkeypatch.setattr(json, "dump", full_disk)
+
+    @runtime.cli_errors("evaluate")
+    def main() -> int:
+        runtime.write_json(target, {"accuracy": 1.0})
+        return 0
+
+    assert main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"evaluate: error: cannot write {target}: no space left on device (free some space, then rerun)"
+    assert list(target.parent.iterdir()) == []  # no temp file left behind, no partial metrics.json
+
+
+def test_error_inside_an_output_folder_names_the_output_not_the_temp_folder(tmp_path):
+    target = tmp_path / "models" / "head"
+    with pytest.raises(OSError) as caught, runtime.atomic_dir(target) as tmp:
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp / "model.keras"))
+    assert caught.value.errno == errno.EROFS
+    assert caught.value.filename == str(target / "model.keras")
+    assert runtime.describe_os_error(caught.value) == (
+        f"cannot write {target / 'model.keras'}: read-only file system (choose a writable location)")
+
+
+def test_output_path_under_a_regular_file_is_explained(tmp_path, capsys):
+    blocker = tmp_path / "reports"
+    blocker.write_text("not a folder")
+
+    @runtime.cli_errors("ingest")
+    def main() -> int:
+        runtime.write_json(blocker / "sub" / "ingest.json", {})
+        return 0
+
+    assert main() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ingest: error: cannot access {blocker / 'sub'}: a parent of this path is a file, not a folder")
+
+
+def test_unrelated_errors_still_raise(tmp_path):
+    @runtime.cli_errors("validate")
+    def main() -> int:
+        raise KeyError("a bug, not a disk problem")
+
+    with pytest.raises(KeyError):
+        main()
+
+
+def test_unreachable_service_exits_1_with_its_message(capsys):
+    @runtime.cli_errors("finetune")
+    def main() -> int:
+        raise TrackingUnavailable("MLflow at http://***@127.0.0.1:5 failed to reach the tracking server")
+
+    assert main() == 1
+    assert capsys.readouterr().err.strip().startswith("finetune: error: MLflow at http://***@127.0.0.1:5 failed")
+
+
+def test_leftovers_of_a_killed_writer_are_swept_and_its_previous_output_restored(tmp_path):
+    target = tmp_path / "raw"
+    host = runtime._owner().rpartition(".")[0]
+    dead = f"{host}.{_dead_pid()}"
+    half_written = tmp_path / f".raw.tmp-{dead}-abc123"
+    (half_written / "cls").mkdir(parents=True)
+    (half_written / "cls" / "partial.jpg").write_bytes(b"\xff\xd8")
+    previous = tmp_path / f".raw.old-{dead}"  # killed between its two renames: the complete old output
+    previous.mkdir()
+    (previous / "complete.txt").write_text("v1")
+    alive = tmp_path / f".raw.tmp-{runtime._owner()}-zzz999"  # a writer still running (this process)
+    alive.mkdir()
+
+    runtime.sweep_leftovers(target)
+
+    assert (target / "complete.txt").read_text() == "v1"
+    assert not half_written.exists() and not previous.exists()
+    assert alive.exists()
+
+
+def test_a_new_write_replaces_the_output_and_leaves_no_temp_siblings(tmp_path):
+    target = tmp_path / "out"
+    for version in ("v1", "v2"):
+        with runtime.atomic_dir(target) as tmp:
+            (tmp / "data.txt").write_text(version)
+    assert (target / "data.txt").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_credentials(monkeypatch):
+    import socket
+    import time
+
+    from components.config import TrackingConfig
+    from components.registry import RetryPolicy, with_retries
+    from components.tracking import setup_mlflow
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:hunter2-token@127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable) as caught:
+        with_retries("reach the tracking server", setup_mlflow, TrackingConfig(),
+                     policy=RetryPolicy(attempts=2, first_wait_s=0.1))
+    assert time.monotonic() - started < 20
+    message = str(caught.value)
+    assert f"http://***@127.0.0.1:{port}" in message and "after 2 attempts" in message
+    assert "hunter2" not in message
