@@ -134,7 +134,9 @@ class TrainHeadConfig(Section):
 
 
 class FinetuneConfig(Section):
-    unfreeze_layers: int | None = Field(40, ge=1, description="Train the top N backbone layers.")
+    unfreeze_layers: int | None = Field(
+        40, ge=1, description="Train the top N backbone layers; all three unfreeze keys null = the backbone's default."
+    )
     unfreeze_from: str | None = Field(None, description="Or: train from this backbone layer name upwards.")
     unfreeze_fraction: float | None = Field(
         None, gt=0, le=1, description="Or: train this top fraction of backbone layers (wins over unfreeze_layers)."
@@ -182,11 +184,6 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    @model_validator(mode="after")
-    def _unfreeze_choice(self) -> "Params":
-        if self.finetune.unfreeze_layers is None and self.finetune.unfreeze_from is None:
-            raise ValueError("finetune: set unfreeze_layers or unfreeze_from")
-        return self
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

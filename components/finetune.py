@@ -47,7 +47,7 @@ class FinetuneResult:
     out_dir: Path
 
 
-def unfreeze_top(backbone: Any, config: FinetuneConfig) -> int:
+def unfreeze_top(backbone: Any, config: FinetuneConfig, default_layers: int = 30) -> int:
     """Make the top of the backbone trainable (BatchNorm excluded); return the first trainable index."""
     import keras
 
@@ -63,7 +63,7 @@ def unfreeze_top(backbone: Any, config: FinetuneConfig) -> int:
     elif config.unfreeze_fraction is not None:
         start = len(layers) - max(1, round(len(layers) * config.unfreeze_fraction))
     else:
-        count = int(config.unfreeze_layers or 0)
+        count = config.unfreeze_layers or default_layers  # the backbone registry's sensible default
         if count > len(layers):
             raise ParamsError(f"finetune.unfreeze_layers = {count} exceeds the backbone's layer count "
                               f"({len(layers)} layers in '{backbone.name}')")
@@ -126,7 +126,8 @@ def _epoch_recorder() -> Any:
     return EpochRecorder()
 
 
-def _compiled_model(head_dir: Path, config: FinetuneConfig, steps_per_epoch: int) -> tuple[Any, list[str]]:
+def _compiled_model(head_dir: Path, config: FinetuneConfig, steps_per_epoch: int,
+                    default_layers: int) -> tuple[Any, list[str]]:
     """The head model with the top of its backbone unfrozen, compiled (after changing `trainable`)."""
     import keras
 
@@ -134,7 +135,7 @@ def _compiled_model(head_dir: Path, config: FinetuneConfig, steps_per_epoch: int
 
     model = keras.models.load_model(head_dir / "model.keras", compile=False)
     backbone = backbones.find_backbone(model)
-    start = unfreeze_top(backbone, config)
+    start = unfreeze_top(backbone, config, default_layers)
     model.compile(optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
@@ -207,7 +208,10 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         strategy = _distribution(device)
         batch_size = config.batch_size * strategy.num_replicas_in_sync
         with strategy.scope():
-            model, trained_layers = _compiled_model(head_dir, config, math.ceil(len(train) / batch_size))
+            from components.backbones import get_spec
+
+            model, trained_layers = _compiled_model(head_dir, config, math.ceil(len(train) / batch_size),
+                                                    get_spec(params.model.backbone).default_unfreeze_layers)
         if previous_run is None:
             fitting.log_params(client, run_id, {
                 **{f"finetune.{k}": v for k, v in config.model_dump().items()},
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        runtime.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
         result = run_finetune(params, args.manifest, args.policy, args.head_dir, args.out_dir, args.report_dir,
                               args.checkpoint_dir)
     except (ParamsError, ValueError, FileNotFoundError) as exc:

@@ -28,10 +28,11 @@ def check_model(params: Params) -> tuple[list[str], object | None]:
 
 
 def check_unfreeze(params: Params, backbone: object) -> list[str]:
+    from components.backbones import get_spec
     from components.finetune import unfreeze_top
 
     try:
-        unfreeze_top(backbone, params.finetune)  # a throwaway backbone: its trainable flags do not matter
+        unfreeze_top(backbone, params.finetune, get_spec(params.model.backbone).default_unfreeze_layers)  # a throwaway backbone: its trainable flags do not matter
     except ParamsError as exc:
         return [str(exc)]
     return []

@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        runtime.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
         result = run_train_head(params, args.manifest, args.policy, args.out_dir, args.report_dir, args.cache_dir)
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"train_head: {exc}", file=sys.stderr)

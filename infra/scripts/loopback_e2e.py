@@ -294,6 +294,8 @@ def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run: Any, o
                  and read_json(gpu_clone / "models" / "finetune" / "run.json")["run_id"] == finetune_run_id
                  and finetune_run.data.tags.get("stage") == "finetune" and finetune_run.info.status == "FINISHED",
                  lambda: {"run": finetune_run_id, "status": finetune_run.info.status})
+    in_sync = optional(lambda: dvc(orchestrator, "status", "--cloud").stdout.strip())
+    checks.check("the DVC remote holds every output of the run", lambda: "in sync" in in_sync, lambda: in_sync)
     artifact = summary_artifact(client, run.id)
     checks.check("the `training-summary` artifact exists", lambda: artifact is not None and "| finetune |" in artifact.data,
                  lambda: str(artifact.id) if artifact else "missing")

@@ -32,6 +32,8 @@ from tests.integration.conftest import dvc, make_tiny_workspace
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
+# Smaller than the flow tests' settings: these tests need stages that run, not models that learn.
+FAULT_SETTINGS = {"model": {"alpha": 0.35, "image_size": 64}, "train_head": {"epochs": 3, "early_stopping_patience": 2}}
 
 
 def stage_env(**extra: str) -> dict[str, str]:
@@ -202,7 +204,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project trained up to finetune (1 epoch) with `dvc repro`, MLflow in the workspace's sqlite."""
     root = tmp_path_factory.mktemp("faults")
     source = make_classes(root / "source", {"alpha": 12, "beta": 12})
-    ws = make_tiny_workspace(root / "ws", source)
+    ws = make_tiny_workspace(root / "ws", source, **FAULT_SETTINGS)
     proc = dvc(ws, "repro", "finetune", check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return ws

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from tests.datakit import make_classes
 from tests.evalkit import free_port, stop, wait_until_healthy
 from tests.integration.conftest import make_tiny_workspace
-from tests.integration.test_faults import stage_env
+from tests.integration.test_faults import FAULT_SETTINGS, stage_env
 
 pytestmark = pytest.mark.slow
 SECRET = "s3cr3t-token"
@@ -71,7 +71,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store.mkdir()
     port = free_port()
     ws = make_tiny_workspace(root / "ws", make_classes(root / "source", {"alpha": 12, "beta": 12}),
-                             evaluate={"mlflow_attempts": 2, "mlflow_backoff_s": 0.5})
+                             **FAULT_SETTINGS, evaluate={"mlflow_attempts": 2, "mlflow_backoff_s": 0.5})
     env = stage_env(MLFLOW_TRACKING_URI=f"http://ci-user:{SECRET}@127.0.0.1:{port}")
     dvc = str(Path(sys.executable).parent / "dvc")
     facts: dict[str, Any] = {"ws": ws, "store": store, "port": port}
