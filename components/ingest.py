@@ -753,6 +753,8 @@ def run_ingest(config: IngestConfig, seed: int, raw_dir: str | Path, manifest_pa
     cache_dir.mkdir(parents=True, exist_ok=True)
     workers = resolve_workers(config.workers)
     with FileLock(cache_dir / "lock"):
+        for leftover in cache_dir.glob("staging-*"):  # a killed run's: we hold the lock, so none is in use
+            shutil.rmtree(leftover, ignore_errors=True)
         cache = FactsCache(cache_dir / "files.json", max_pixels)
         with runtime.atomic_dir(raw_dir) as new_raw, \
                 tempfile.TemporaryDirectory(dir=cache_dir, prefix="staging-") as staging:

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from benchmarks.workspace import REPO, tool_env
+from components.ingest import CACHE_DIRNAME
 from tests.datakit import make_classes, tree_digest
 from tests.evalkit import make_model_dir, write_manifest
 from tests.integration.conftest import dvc, make_tiny_workspace
@@ -197,6 +198,7 @@ def test_ingest_killed_mid_copy_keeps_the_previous_complete_version(tmp_path: Pa
     assert rerun.returncode == 0, rerun.stderr
     assert pd.read_csv(manifest)["label"].value_counts().to_dict() == {"alpha": 150, "beta": 150, "gamma": 200}
     assert [p.name for p in (tmp_path / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
+    assert list((tmp_path / "data").glob(f"{CACHE_DIRNAME}/staging-*")) == []  # the killed run's scratch, swept
 
 
 @pytest.fixture(scope="module")

@@ -92,10 +92,13 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     facts["finetune_down"] = run(stage_cmd(ws, "finetune", **{"--out-dir": str(down / "finetune"),
                                                               "--report-dir": str(down / "reports_finetune")}), ws, env)
     facts["down_dir"] = down
+    for key in ("trained", "evaluate_down", "train_head_down", "finetune_down"):
+        (root / f"{key}.log").write_text(facts[key]["out"])  # kept with the test's tmp dir, for reading
 
     server = start_server(store, port)
     try:
         facts["recovered"] = run([dvc, "repro"], ws, env)
+        (root / "recovered.log").write_text(facts["recovered"]["out"])
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
         facts["runs"] = {r.info.run_name: r for r in runs}
