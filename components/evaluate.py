@@ -44,7 +44,7 @@ from components.registry import (
     scrub_credentials,
     with_retries,
 )
-from components.tracking import redact, setup_mlflow
+from components.tracking import setup_mlflow, shown_uri
 
 PYFUNC_NAME = "model"
 # The modules the pyfunc imports when loaded somewhere without this project installed.
@@ -417,7 +417,7 @@ def track_and_register(params: Params, bundle: ModelBundle, split: Split, metric
             **{f"evaluate.{k}": v for k, v in params.evaluate.model_dump().items() if k != "promotion"},
             **{f"promotion.{k}": v for k, v in params.evaluate.promotion.model_dump().items()},
             "image_size": bundle.image_size, "n_classes": len(bundle.classes),
-            "tracking_server": redact(mlflow.get_tracking_uri()),
+            "tracking_server": shown_uri(),
         }, policy=policy)
         info = with_retries("log the model", log_pyfunc, bundle, example_input(split.paths[0]),
                             params.evaluate.batch_size, policy=policy)

@@ -193,7 +193,7 @@ def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_s
 @runtime.cli_errors("predict")
 def main(argv: list[str] | None = None) -> int:
     from components.config import ParamsError, load_params
-    from components.tracking import redact, resolve_tracking_uri
+    from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     parser = argparse.ArgumentParser(description="Score a folder or manifest of images with a registered model.")
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/image-classifier@champion")
@@ -207,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params) if Path(args.params).exists() else None
         uri = resolve_tracking_uri(params.tracking) if params else None
         if uri:
-            mlflow.set_tracking_uri(uri)
+            use_tracking_uri(uri)
         result = run_predict(args.model, args.input, args.out, args.batch_size, args.split)
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
     except mlflow.exceptions.MlflowException as exc:
-        where = redact(mlflow.get_tracking_uri())
+        where = shown_uri()
         print(f"predict: could not load {args.model} from {where}: {exc.message}", file=sys.stderr)
         return 2
     print(f"wrote {result.out_csv}: {result.n_images} images, {result.n_failed} could not be scored")

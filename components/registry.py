@@ -21,7 +21,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from components.config import Params, PromotionConfig
 from components.runtime import Unavailable
-from components.tracking import redact
+from components.tracking import shown_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -63,8 +63,6 @@ def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolic
 
     Raises TrackingUnavailable naming the (redacted) server once the attempts are used up.
     """
-    import mlflow
-
     retrying = Retrying(
         stop=stop_after_attempt(policy.attempts),
         wait=wait_exponential(multiplier=policy.first_wait_s, max=policy.max_wait_s),
@@ -76,7 +74,7 @@ def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolic
     except Exception as exc:
         if not is_transient(exc):
             raise
-        server = redact(mlflow.get_tracking_uri())
+        server = shown_uri()
         detail = scrub_credentials(getattr(exc, "message", None) or exc)
         raise TrackingUnavailable(
             f"MLflow at {server} failed to {what} after {policy.attempts} attempts: {detail}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from components.config import TrackingConfig
 
@@ -33,6 +33,47 @@ def redact(uri: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+# Clean tracking URI -> how messages show it (the user's URI, credentials as ***), and whether the
+# credential variables were set from a URI (so another server never receives them).
+_SHOWN: dict[str, str] = {}
+_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+_credentials_from_uri = False
+
+
+def use_tracking_uri(uri: str) -> str:
+    """Point MLflow at `uri`; a `user:password@` in it moves to MLflow's credential variables.
+
+    MLflow prints and stores the tracking URI in places we do not control (the "View run at"
+    links on stdout, for one), so it must never hold the secret. Returns the URI MLflow now uses.
+    """
+    import mlflow
+
+    global _credentials_from_uri
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and (parts.username or parts.password):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+        _credentials_from_uri = True
+        host = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "")
+        clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+        _SHOWN[clean] = redact(uri)
+        uri = clean
+    elif _credentials_from_uri:
+        for name in _CREDENTIAL_VARS:
+            os.environ.pop(name, None)
+        _credentials_from_uri = False
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI (default: MLflow's current one) as messages may show it: no credentials."""
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    return _SHOWN.get(uri) or redact(uri)
 
 
 def probe_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -64,8 +105,7 @@ def setup_mlflow(config: TrackingConfig, workspace: str | Path | None = None) ->
     """Point MLflow at the tracking store and make sure the experiment exists; return its id."""
     import mlflow
 
-    uri = resolve_tracking_uri(config, workspace)
-    mlflow.set_tracking_uri(uri)
+    uri = use_tracking_uri(resolve_tracking_uri(config, workspace))
     probe_server(uri)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:

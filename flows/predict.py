@@ -31,13 +31,13 @@ def batch_predict_flow(inputs: str, out_csv: str = "predictions.csv", model_uri:
     """Score every image under `inputs` (default model: the registry's champion) into a CSV."""
     import mlflow
 
-    from components.tracking import redact, resolve_tracking_uri
+    from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     logger = get_run_logger()
     params = load_params(params_path)
-    mlflow.set_tracking_uri(resolve_tracking_uri(params.tracking, Path(params_path).resolve().parent))
+    use_tracking_uri(resolve_tracking_uri(params.tracking, Path(params_path).resolve().parent))
     model_uri = model_uri or f"models:/{params.tracking.registered_model}@champion"
-    logger.info("scoring %s with %s from %s", inputs, model_uri, redact(mlflow.get_tracking_uri()))
+    logger.info("scoring %s with %s from %s", inputs, model_uri, shown_uri())
     result = score_images(model_uri, inputs, out_csv, batch_size)
     create_markdown_artifact(
         key="batch-predictions",

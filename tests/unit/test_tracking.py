@@ -1,0 +1,34 @@
+"""Credentials in the tracking URI reach MLflow's auth, never the URI MLflow prints or stores."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from components.tracking import shown_uri, use_tracking_uri
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow(monkeypatch: pytest.MonkeyPatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    use_tracking_uri("sqlite:///:memory:")  # also drops credential variables set from a URI
+    mlflow.set_tracking_uri(None)
+
+
+def test_password_in_the_uri_moves_to_mlflow_credentials_and_out_of_every_shown_uri():
+    clean = use_tracking_uri("https://ci%40corp:p%2Fss-word@mlflow.example.com:8443/base")
+    assert clean == mlflow.get_tracking_uri() == "https://mlflow.example.com:8443/base"
+    import os
+
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("ci@corp", "p/ss-word")
+    assert shown_uri() == "https://***@mlflow.example.com:8443/base"  # says credentials are in use, not which
+
+
+def test_credentials_from_one_server_are_not_sent_to_the_next():
+    import os
+
+    use_tracking_uri("http://alice:secret@10.0.0.1:5000")
+    use_tracking_uri("http://10.0.0.2:5000")
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ and shown_uri() == "http://10.0.0.2:5000"
