@@ -98,6 +98,18 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
     return result
 
 
+def log_to_run(out_dir: str | Path, run_id: str, params_path: str | Path) -> None:
+    """Attach the exports to an existing MLflow run, so the registry version carries them."""
+    from mlflow import MlflowClient
+
+    from components.config import load_params
+    from components.registry import with_retries
+    from components.tracking import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(load_params(params_path).tracking))
+    with_retries("log the exports", client.log_artifacts, run_id, str(out_dir), "export")
+
+
 @runtime.cli_errors("export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a model dir to SavedModel and float16 TFLite, checked.")
@@ -107,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="...and split")
     parser.add_argument("--images", default=None, help="or from this folder")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--mlflow-run", default=None,
+                        help="also log the exports to this MLflow run (e.g. the evaluate run of the registered version)")
+    parser.add_argument("--params", default="params.yaml", help="for the tracking URI with --mlflow-run")
     args = parser.parse_args(argv)
     try:
         if args.images:
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             paths = load_split(args.manifest, args.split).paths
         result = run_export(args.model_dir, args.out_dir, paths, args.samples)
+        if args.mlflow_run:
+            log_to_run(args.out_dir, args.mlflow_run, args.params)
     except (ValueError, OSError) as exc:
         print(f"export: {runtime.describe_os_error(exc) or exc}", file=sys.stderr)
         return 2

@@ -23,8 +23,12 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def read_report(root: Path, name: str) -> dict[str, Any] | None:
+    return _read(root / REPORTS[name])
+
+
 def collect(root: Path, params: Params, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    reports = {name: _read(root / rel) for name, rel in REPORTS.items()}
+    reports = {name: read_report(root, name) for name in REPORTS}
     return {
         "stages": outcomes,
         "all_skipped": all(not o["ran"] for o in outcomes),
@@ -79,5 +83,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     if promotion:
         lines += ["", "## Registry", f"- model: `{result['registered_model']}` version {promotion.get('version', '?')}",
                   f"- champion: {'yes' if promotion.get('promoted') else 'no'}",
-                  f"- reason: {promotion.get('reason', '')}"]
+                  *[f"- {reason}" for reason in promotion.get("reasons", [])]]
+    export = result.get("export") or {}
+    if export:
+        lines += [f"- exported: SavedModel and float16 TFLite ({export.get('tflite_bytes', 0) / 1e6:.1f} MB), TFLite agrees "
+                  f"with Keras on {export.get('top1_agreement', 0):.1%} of {export.get('n_samples', '?')} test images"]
     return "\n".join(lines) + "\n"

@@ -78,6 +78,19 @@ def preflight(workdir: str, params_path: str) -> None:
     get_run_logger().info(proc.stdout.strip())
 
 
+@task(name="export-champion", retries=1, retry_delay_seconds=30)
+def export_champion(workdir: str, run_id: str) -> dict[str, Any]:
+    """SavedModel + float16 TFLite of the new champion, checked against Keras, logged to its MLflow run."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "components.export", "--model-dir", "models/finetune", "--out-dir", "models/export",
+           "--manifest", "data/validated.csv", "--split", "test", "--mlflow-run", run_id]
+    proc = subprocess.run(cmd, cwd=workdir, env=_stage_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"export of the champion failed:\n{proc.stderr.strip()[-2000:]}")
+    logger.info(proc.stdout.strip().splitlines()[-1])
+    return runtime.read_json(Path(workdir) / "models/export/export.json")
+
+
 def default_remote(root: Path) -> str | None:
     """The workspace's default DVC remote, if one is configured (.dvc/config or config.local)."""
     proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "remote", "default"], cwd=root,
@@ -199,18 +212,19 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
             else STAGE_TASKS[stage](str(root))
             for stage in STAGES
         ]
+        promotion = summary.read_report(root, "promotion") or {}
+        promoted_now = promotion.get("promoted") and any(o["stage"] == "evaluate" and o["ran"] for o in outcomes)
+        exported = export_champion(str(root), promotion["run_id"]) if promoted_now and promotion.get("run_id") else None
         pushed = push_to_remote(str(root))
     finally:
         lock.release()
-    result = summary.collect(root, params, outcomes)
-    result["dvc_remote"] = pushed
+    result = {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed}
     markdown = summary.write(root, result)
     create_markdown_artifact(key="training-summary", markdown=markdown,
                              description="Data, validation, metrics and registry decision of this run")
-    promotion = result.get("promotion") or {}
-    if promotion.get("promoted") and any(o["stage"] == "evaluate" and o["ran"] for o in outcomes):
+    if promoted_now:
         notify("promoted", f"{params.tracking.registered_model} version {promotion.get('version')} is the new champion",
-               reason=promotion.get("reason", ""))
+               reason="; ".join(promotion.get("reasons", [])))
     return result
 
 
