@@ -74,7 +74,9 @@ def preflight(workdir: str, params_path: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "components.preflight", "--params", params_path], cwd=workdir,
                           env=_stage_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ParamsError((proc.stderr or proc.stdout).strip().removeprefix("preflight: "))
+        output = proc.stderr or proc.stdout
+        # Keep preflight's own message, not the libraries' start-up chatter before it.
+        raise ParamsError(output[output.find("preflight: "):].strip().removeprefix("preflight: "))
     get_run_logger().info(proc.stdout.strip())
 
 

@@ -63,6 +63,11 @@ def test_flow_registers_first_model_as_champion_with_tracked_runs(trained):
               for run in client.search_runs([exp.experiment_id])}
     assert {"train_head", "finetune", "evaluate"} <= stages
     assert result["promotion"]["promoted"] is True
+    # The new champion is exported, and the TFLite conversion answers like the Keras model.
+    assert result["export"]["top1_agreement"] >= 0.9
+    assert (workspace / "models/export/export.json").is_file()
+    artifacts = {a.path for a in client.list_artifacts(result["promotion"]["run_id"], "export")}
+    assert any(path.endswith(".tflite") for path in artifacts), artifacts
 
 
 def test_second_run_with_nothing_changed_skips_every_stage(trained):
