@@ -101,11 +101,8 @@ def default_remote(root: Path) -> str | None:
     return name if proc.returncode == 0 and name else None
 
 
-@task(name="push-data", retries=3, retry_delay_seconds=[10, 30, 90])
-def push_to_remote(workdir: str) -> dict[str, Any]:
+def push_data(root: Path, logger: Any) -> dict[str, Any]:
     """Send data and models to the default DVC remote, so other machines (and the registry's lineage) can fetch them."""
-    logger = get_run_logger()
-    root = Path(workdir)
     remote = default_remote(root)
     if remote is None:
         logger.info("no default DVC remote configured: data and models stay in the local DVC cache")
@@ -115,6 +112,11 @@ def push_to_remote(workdir: str) -> dict[str, Any]:
         raise StageFailed(f"dvc push to remote '{remote}' failed (its URL is in `dvc remote list`); "
                           "the run's outputs are complete locally and the next run pushes them:\n" + "\n".join(lines[-10:]))
     return {"remote": remote, "pushed": True}
+
+
+@task(name="push-data", retries=3, retry_delay_seconds=[10, 30, 90])
+def push_to_remote(workdir: str) -> dict[str, Any]:
+    return push_data(Path(workdir), get_run_logger())
 
 
 def _stage_task(stage: str):
