@@ -55,11 +55,19 @@ def load_split(manifest: str | Path | pd.DataFrame, split: str, classes: list[st
     return Split(rows["path"].tolist(), labels, list(classes))
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale ('I;16', 'I') scaled to 8 bits: Pillow's convert('RGB') would clip it to 255 instead."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L")
+
+
 def load_rgb(path: str | Path, size: int) -> np.ndarray:
     """Decode any Pillow-readable image to a (size, size, 3) uint8 RGB array."""
     with Image.open(path) as img:
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
-        img = img.convert("RGB")
+        img = _to_8bit(img).convert("RGB")
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.uint8)

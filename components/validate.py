@@ -357,8 +357,8 @@ def _warnings(df: pd.DataFrame, passed: pd.Series) -> list[str]:
             notes.append(f"split {split!r} has no usable images of class(es) {absent}")
     deep = kept[kept["mode"].isin(SIXTEEN_BIT_MODES)]
     if len(deep):
-        notes.append(f"{len(deep)} image(s) with 32/16-bit modes {sorted(set(deep['mode']))}: Pillow's convert('RGB') "
-                     "clips values above 255, so they need rescaling before use")
+        notes.append(f"{len(deep)} image(s) with 32/16-bit modes {sorted(set(deep['mode']))}: kept, and scaled to 8 bits "
+                     "when loaded (components.data.load_rgb)")
     return notes
 
 

@@ -70,3 +70,16 @@ def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(manifest:
     for _ in range(3):
         _batches(ds)
     assert 1 <= len(loads) < len(data)  # 48 images augmented; loaded by at most a few worker threads
+
+
+def test_16_bit_grayscale_keeps_its_brightness(tmp_path):
+    from PIL import Image
+
+    from components.data import load_rgb
+
+    mid_grey = np.full((40, 48), 32896, dtype=np.uint16)  # 32896 / 257 = 128
+    path = tmp_path / "grey16.png"
+    Image.fromarray(mid_grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pixels = load_rgb(path, 32)
+    assert pixels.shape == (32, 32, 3) and abs(int(pixels.mean()) - 128) <= 1
