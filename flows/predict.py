@@ -29,8 +29,6 @@ def score_images(model_uri: str, inputs: str, out_csv: str, batch_size: int) -> 
 def batch_predict_flow(inputs: str, out_csv: str = "predictions.csv", model_uri: str | None = None,
                        params_path: str = "params.yaml", batch_size: int = 64) -> dict:
     """Score every image under `inputs` (default model: the registry's champion) into a CSV."""
-    import mlflow
-
     from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     logger = get_run_logger()

@@ -52,3 +52,22 @@ def write_policy(path: Path, policy: list[dict[str, dict[str, Any]]] | None = No
         policy = [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.8}}]
     save_pipeline(build_pipeline(policy, seed), path)
     return path
+
+
+def train_tiny_head(root: Path, params: Params | None = None) -> dict[str, Any]:
+    """Train a head once on the tiny manifest in `root`, tracking into `root/mlflow.db`."""
+    import pytest
+
+    from components.train_head import run_train_head
+
+    manifest = write_manifest(root)
+    policy = write_policy(root / "policy.json")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.chdir(root)
+    try:
+        result = run_train_head(params or tiny_params(), manifest, policy, root / "models/head", root / "reports/train_head",
+                                cache_dir=root / "cache")
+    finally:
+        mp.undo()
+    return {"root": root, "manifest": manifest, "policy": policy, "result": result}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.workspace import deep_update, dvc, make_workspace  # noqa: F401  (dvc re-exported for tests)
+from benchmarks.workspace import deep_update, make_workspace
 from tests.conftest import FLOWERS, copy_subset
 
 # Small enough to train in about a minute on 2 cores, real enough to learn something.

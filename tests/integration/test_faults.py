@@ -29,7 +29,8 @@ from benchmarks.workspace import REPO, tool_env
 from components.ingest import CACHE_DIRNAME
 from tests.datakit import make_classes, tree_digest
 from tests.evalkit import make_model_dir, write_manifest
-from tests.integration.conftest import dvc, make_tiny_workspace
+from benchmarks.workspace import dvc
+from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable

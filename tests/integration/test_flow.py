@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from benchmarks.workspace import dvc
 from components.config import write_overrides
-from tests.integration.conftest import dvc, make_tiny_workspace
+from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow
 

@@ -11,25 +11,14 @@ import pytest
 from components import runtime
 from components.config import ParamsError
 from components.finetune import run_finetune, unfreeze_top
-from components.train_head import run_train_head
-from tests.modelkit import tiny_params, write_manifest, write_policy
+from tests.modelkit import tiny_params, train_tiny_head
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     """A head model trained once (1 epoch) on the tiny manifest."""
-    root = tmp_path_factory.mktemp("finetune")
-    manifest = write_manifest(root)
-    policy = write_policy(root / "policy.json")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    mp.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns
-    try:
-        result = run_train_head(tiny_params(train_head={"epochs": 1}), manifest, policy, root / "models/head",
-                                root / "reports/train_head", cache_dir=root / "cache")
-    finally:
-        mp.undo()
-    return {"root": root, "manifest": manifest, "policy": policy, "head_run_id": result.run_id}
+    trained = train_tiny_head(tmp_path_factory.mktemp("finetune"), tiny_params(train_head={"epochs": 1}))
+    return {**trained, "head_run_id": trained["result"].run_id}
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from components.config import load_params
 from components.preflight import check_params, main
 

@@ -12,24 +12,13 @@ import yaml
 from components import runtime
 from components.data import load_rgb, load_split
 from components.train_head import feature_cache_key, main, run_train_head
-from tests.modelkit import CLASSES, tiny_params, write_manifest, write_policy
+from tests.modelkit import CLASSES, tiny_params, train_tiny_head, write_manifest
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     """One cached-features head run on the tiny manifest, shared by the tests below."""
-    root = tmp_path_factory.mktemp("train_head")
-    manifest = write_manifest(root)
-    policy = write_policy(root / "policy.json")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    mp.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns
-    try:
-        result = run_train_head(tiny_params(), manifest, policy, root / "models/head", root / "reports/train_head",
-                                cache_dir=root / "cache")
-    finally:
-        mp.undo()
-    return {"root": root, "manifest": manifest, "policy": policy, "result": result}
+    return train_tiny_head(tmp_path_factory.mktemp("train_head"))
 
 
 def test_cached_features_give_the_same_predictions_as_the_saved_full_model(trained):
