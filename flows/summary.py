@@ -73,8 +73,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines += [f"- {k}: {json.dumps(v, sort_keys=True)}" for k, v in per_split.items()]
     validation = result.get("validation") or {}
     if validation:
-        lines += ["", "## Validation", f"- passed: {validation.get('success', validation.get('passed', '?'))}",
-                  f"- quarantined: {validation.get('quarantined', validation.get('num_quarantined', 0))}"]
+        counts = validation.get("counts", {})
+        lines += ["", "## Validation", f"- passed: {validation.get('passed', '?')} (policy: {validation.get('policy', '?')})",
+                  f"- kept {counts.get('valid', '?')} of {counts.get('files', '?')} files, "
+                  f"quarantined {counts.get('quarantined', 0)} (reports/validation/quarantine.csv)"]
+        lines += [f"- warning: {w}" for w in validation.get("warnings", [])[:5]]
     metrics = result.get("metrics") or {}
     if metrics:
         lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]
