@@ -9,7 +9,7 @@ import pytest
 from filelock import FileLock
 
 from benchmarks.workspace import dvc
-from components.config import write_overrides
+from components.config import load_params, write_overrides
 from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,8 @@ def test_run_refuses_while_another_holds_the_workspace(trained):
 
 def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
     workspace, _ = trained
-    write_overrides(workspace / "params.yaml", ["finetune.learning_rate=0.0002"])
+    current = load_params(workspace / "params.yaml").finetune.learning_rate
+    write_overrides(workspace / "params.yaml", [f"finetune.learning_rate={current * 1.5}"])
     changed = json.loads(dvc(workspace, "status", "--json").stdout)
     assert set(changed) == {"finetune"}, changed  # evaluate changes only once finetune's output does
     rerun = dvc(workspace, "repro").stdout
