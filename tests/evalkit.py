@@ -97,6 +97,27 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
     raise RuntimeError(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
+SERVER_STARTUP_S = 180  # ~35 s on an idle 2-core machine; much more when other work shares the cores
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on loopback with a SQLite store and proxied artifacts in `store`, once healthy."""
+    import sys
+
+    log = store / f"server-{time.monotonic_ns()}.log"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts"),
+           "--workers", "1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=store, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, log, SERVER_STARTUP_S)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Stop the server and the workers it started (its own process group)."""
     if proc.poll() is None:

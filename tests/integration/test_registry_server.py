@@ -6,8 +6,6 @@ in run params, run tags, version tags or the reports.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +16,18 @@ from mlflow import MlflowClient
 
 from components.config import parse_params
 from components.evaluate import run_evaluate
-from tests.evalkit import CLASSES, free_port, make_model_dir, stop, wait_until_healthy, write_manifest
+from tests.evalkit import CLASSES, free_port, make_model_dir, start_mlflow_server, stop, write_manifest
 
 NAME = "image-classifier"
 SECRET = "s3cret-pw"
-STARTUP_S = 180  # ~35 s on an idle 2-core machine; much more when other work shares the cores
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    log = root / "server.log"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-           "--workers", "1"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    proc = start_mlflow_server(root, port)
     try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, log, STARTUP_S)
         yield f"127.0.0.1:{port}"
     finally:
         stop(proc)

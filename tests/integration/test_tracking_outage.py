@@ -20,29 +20,15 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.datakit import make_classes
-from tests.evalkit import free_port, stop, wait_until_healthy
+from tests.evalkit import free_port, start_mlflow_server, stop
 from tests.integration.conftest import make_tiny_workspace
 from tests.integration.test_faults import FAULT_SETTINGS, stage_env
 
 pytestmark = pytest.mark.slow
 SECRET = "s3cr3t-token"
-STARTUP_S = 180  # ~35 s on an idle 2-core machine, more when it is shared
 MODEL_NAME = "image-classifier"
 
 
-def start_server(store: Path, port: int) -> subprocess.Popen:
-    log = store / f"server-{time.monotonic_ns()}.log"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts"),
-           "--workers", "1"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=store, start_new_session=True)
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, log, STARTUP_S)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
 
 
 def run(cmd: list[str], ws: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -76,7 +62,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     dvc = str(Path(sys.executable).parent / "dvc")
     facts: dict[str, Any] = {"ws": ws, "store": store, "port": port}
 
-    server = start_server(store, port)
+    server = start_mlflow_server(store, port)
     try:
         facts["trained"] = run([dvc, "repro", "finetune"], ws, env)
         assert facts["trained"]["code"] == 0, facts["trained"]["out"][-4000:]
@@ -95,7 +81,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for key in ("trained", "evaluate_down", "train_head_down", "finetune_down"):
         (root / f"{key}.log").write_text(facts[key]["out"])  # kept with the test's tmp dir, for reading
 
-    server = start_server(store, port)
+    server = start_mlflow_server(store, port)
     try:
         facts["recovered"] = run([dvc, "repro"], ws, env)
         (root / "recovered.log").write_text(facts["recovered"]["out"])
