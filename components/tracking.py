@@ -110,4 +110,13 @@ def setup_mlflow(config: TrackingConfig, workspace: str | Path | None = None) ->
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(config.experiment)
+    return mlflow.create_experiment(config.experiment, artifact_location=local_artifact_location(uri))
+
+
+def local_artifact_location(uri: str) -> str | None:
+    """With a SQLite store, artifacts go to `mlruns/` beside the database, not into whatever folder is current.
+
+    A tracking server decides its own artifact location (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()

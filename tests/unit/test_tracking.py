@@ -32,3 +32,21 @@ def test_credentials_from_one_server_are_not_sent_to_the_next():
     use_tracking_uri("http://alice:secret@10.0.0.1:5000")
     use_tracking_uri("http://10.0.0.2:5000")
     assert "MLFLOW_TRACKING_PASSWORD" not in os.environ and shown_uri() == "http://10.0.0.2:5000"
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    import mlflow
+
+    from components.config import TrackingConfig
+    from components.tracking import setup_mlflow
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    store.mkdir()
+    experiment_id = setup_mlflow(TrackingConfig(uri=f"sqlite:///{store}/mlflow.db", experiment="placement"))
+    location = mlflow.get_experiment(experiment_id).artifact_location
+    assert location == (store / "mlruns").as_uri()
+    assert not (elsewhere / "mlruns").exists()
