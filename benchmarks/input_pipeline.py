@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import runtime
+from components import runtime, files
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,10 +50,9 @@ def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_s
     import keras
 
     from components import backbones
-    from components.augment import build_pipeline, save_pipeline
+    from components.transforms import build_pipeline, save_pipeline
     from components.config import AugmentConfig, FinetuneConfig, ModelConfig, TrainHeadConfig
     from components.data import make_dataset
-    from components.finetune import unfreeze_top
 
     runtime.configure_tensorflow(0)
     split = subset_split(source, per_class)
@@ -80,7 +79,7 @@ def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_s
             lambda ds=cached: extractor.predict(ds, verbose=0), n)
 
     unfreeze = FinetuneConfig()
-    unfreeze_top(backbones.find_backbone(model), unfreeze)
+    backbones.unfreeze_top(backbones.find_backbone(model), unfreeze, backbones.get_spec("mobilenet_v2").default_unfreeze_layers)
     model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy", jit_compile=False)
     train = make_dataset(split, image_size, 32, policy_path=policy, training=True).map(
         lambda x, y: (x, keras.ops.one_hot(y, len(split.classes))))
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**figures, "source": str(args.source), "per_class": args.per_class, "image_size": args.image_size,
               "alpha": args.alpha, "batch_size": args.batch_size, "cpus": os.cpu_count(),
               "load_average_at_end": os.getloadavg(), "machine": platform.platform()}
-    runtime.write_json(args.out, report)
+    files.write_json(args.out, report)
     print(report)
     return 0
 

@@ -9,18 +9,16 @@ naming `augment.policy[i]`, instead of being skipped with a warning as albumenta
 from __future__ import annotations
 
 import argparse
-import difflib
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from components import runtime  # telemetry off first; cli_errors
+from components import runtime, files, errors  # telemetry off first; cli_errors
 from components.config import AugmentConfig, ParamsError, load_params
-from components.data import load_rgb, load_split, read_manifest
+from components.data import load_rgb, load_split
+from components.contracts import read_manifest
+from components.transforms import build_pipeline, save_pipeline
 
-import albumentations as A  # noqa: E402  (after runtime: it checks for updates at import otherwise)
 import numpy as np  # noqa: E402
 
 
@@ -30,50 +28,6 @@ class AugmentResult:
     preview_images: int
     policy_path: Path
     preview_path: Path
-
-
-def _transform_class(name: str, key: str) -> type:
-    cls = getattr(A, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
-        hint = difflib.get_close_matches(name, known, n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-        raise ParamsError(f"{key}: unknown albumentations transform '{name}'{suggestion}")
-    return cls
-
-
-def build_pipeline(policy: list[dict[str, dict[str, Any]]], seed: int) -> A.Compose:
-    """A seeded Compose from `augment.policy`; any unknown name or argument is a ParamsError."""
-    transforms = []
-    for i, item in enumerate(policy):
-        key = f"augment.policy[{i}]"
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ParamsError(f"{key}: expected one {{TransformName: {{argument: value}}}} mapping")
-        (name, args), = item.items()
-        cls = _transform_class(name, key)
-        try:
-            # strict=True: albumentations 2 otherwise drops unknown arguments with only a warning.
-            transforms.append(cls(**(args or {}), strict=True))
-        except (TypeError, ValueError) as exc:
-            raise ParamsError(f"{key} ({name}): {exc}") from None
-    return A.Compose(transforms, seed=seed)
-
-
-def save_pipeline(pipeline: A.Compose, path: str | Path) -> None:
-    with runtime.atomic_file(path) as fh:
-        A.save(pipeline, fh, data_format="json")
-
-
-def load_pipeline(path: str | Path, seed: int) -> A.Compose:
-    """The saved pipeline, re-seeded (the seed is not part of albumentations' serialization)."""
-    with open(path, encoding="utf-8") as fh:
-        pipeline = A.load(fh, data_format="json")
-    pipeline.set_random_seed(seed)
-    return pipeline
-
-
-def policy_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_preview(originals: list[np.ndarray], augmented: list[np.ndarray], path: str | Path) -> None:
@@ -97,7 +51,7 @@ def save_preview(originals: list[np.ndarray], augmented: list[np.ndarray], path:
             axes[2 * r + 1, c].set_title("augmented", fontsize=8, loc="left")
     fig.suptitle("augment.policy on training images")
     fig.tight_layout()
-    with runtime.atomic_file(path, "wb") as fh:
+    with files.atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=90)
     plt.close(fig)
 
@@ -118,7 +72,7 @@ def run_augment(config: AugmentConfig, seed: int, image_size: int, manifest: str
     return AugmentResult(len(config.policy), len(originals), Path(policy_out), Path(preview))
 
 
-@runtime.cli_errors("augment")
+@errors.cli_errors("augment")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.augment", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")

@@ -21,7 +21,7 @@ from typing import Any
 
 import keras
 
-from components.config import ModelConfig, ParamsError, TrainHeadConfig
+from components.config import FinetuneConfig, ModelConfig, ParamsError, TrainHeadConfig
 
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "pool"
@@ -166,3 +166,34 @@ def find_backbone(model: keras.Model) -> keras.Model:
         if len(nested) != 1:
             raise ValueError(f"{model.name}: cannot tell which nested model is the backbone") from None
         return nested[0]
+
+
+# --- fine-tuning: which layers train ---------------------------------------------------------
+
+def unfreeze_top(backbone: Any, config: FinetuneConfig, default_layers: int) -> int:
+    """Make the top of the backbone trainable (BatchNorm excluded); return the first trainable index.
+
+    `default_layers` is the backbone's own (`BackboneSpec.default_unfreeze_layers`), used when all
+    three finetune.unfreeze_* keys are null.
+    """
+    layers = backbone.layers
+    names = [layer.name for layer in layers]
+    if config.unfreeze_from is not None:
+        if config.unfreeze_from not in names:
+            hint = difflib.get_close_matches(config.unfreeze_from, names, n=3)
+            close = f"; close: {', '.join(hint)}" if hint else ""
+            raise ParamsError(f"finetune.unfreeze_from = {config.unfreeze_from!r} is not a layer of the backbone "
+                              f"'{backbone.name}' ({len(layers)} layers){close}")
+        start = names.index(config.unfreeze_from)
+    elif config.unfreeze_fraction is not None:
+        start = len(layers) - max(1, round(len(layers) * config.unfreeze_fraction))
+    else:
+        count = config.unfreeze_layers or default_layers
+        if count > len(layers):
+            raise ParamsError(f"finetune.unfreeze_layers = {count} exceeds the backbone's layer count "
+                              f"({len(layers)} layers in '{backbone.name}')")
+        start = len(layers) - count
+    backbone.trainable = True
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    return start

@@ -11,10 +11,10 @@ import difflib
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -23,8 +23,22 @@ class ParamsError(ValueError):
     """A settings problem a user can fix by editing params.yaml (or an override)."""
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    return get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType")) and bool in get_args(annotation)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `true` as 1 for an int field: `epochs: true` must be an error, not one epoch.
+        if isinstance(value, bool) and info.field_name and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number or text, got a boolean (true/false)")
+        return value
 
 
 class ProjectConfig(Section):
@@ -46,6 +60,8 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("transfer-pipeline", min_length=1)
     registered_model: str = Field("image-classifier", min_length=1)
+    retry_attempts: int = Field(4, ge=1, le=20, description="Tries per MLflow call before a stage fails.")
+    retry_backoff_s: float = Field(2.0, ge=0, le=60, description="First wait between tries; doubles each time.")
 
     @field_validator("uri")
     @classmethod
@@ -80,8 +96,18 @@ class IngestConfig(Section):
     classes: list[str] | None = Field(None, description="Expected label set; null accepts the labels found.")
     split: SplitFractions = SplitFractions()
     workers: int = Field(0, ge=0, description="Processes for hashing and decoding; 0 = one per core.")
-    max_archive_bytes: int = Field(20 * 1024**3, gt=0, description="Cap on an archive's unpacked size.")
-    max_archive_members: int = Field(1_000_000, gt=0, description="Cap on an archive's member count.")
+    max_bytes: int = Field(20 * 1024**3, gt=0, description="Cap on the bytes any source delivers (archives: unpacked).")
+    max_files: int = Field(1_000_000, gt=0, description="Cap on the files any source delivers (archives: members).")
+    allow_http: bool = Field(False, description="Accept plain http:// URLs (https, s3 and gs always).")
+    allow_private_hosts: bool = Field(
+        False, description="Accept URLs whose host is loopback, private or link-local (e.g. a lab server).")
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders or bucket prefixes that manifest rows may name besides the manifest's own folder.")
+    follow_links_within_root: bool = Field(
+        True, description="Follow symlinks that stay inside the source root; links out of it are always refused.")
+    download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
+    max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
 
 
 class ValidateConfig(Section):
@@ -91,10 +117,21 @@ class ValidateConfig(Section):
     min_height: int = Field(32, ge=1)
     max_width: int = Field(12_000, ge=1)
     max_height: int = Field(12_000, ge=1)
-    max_pixels: int = Field(80_000_000, ge=1, description="Decompression-bomb guard.")
+    max_pixels: int = Field(80_000_000, ge=1, le=1_000_000_000, description="Decompression-bomb guard.")
+    max_image_bytes: int = Field(50 * 1024**2, ge=1024, le=2 * 1024**3, description="Largest image file accepted.")
     min_images_per_class: int = Field(10, ge=1)
     max_class_imbalance: float = Field(10.0, ge=1, description="Largest class size / smallest class size.")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Quarantine more than this and the run fails.")
+
+    @model_validator(mode="after")
+    def _consistent_bounds(self) -> "ValidateConfig":
+        for low, high in (("min_width", "max_width"), ("min_height", "max_height")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)})")
+        if self.min_width * self.min_height > self.max_pixels:
+            raise ValueError(f"min_width x min_height ({self.min_width * self.min_height}) exceeds max_pixels "
+                             f"({self.max_pixels}): no image could pass")
+        return self
 
 
 class AugmentConfig(Section):
@@ -135,27 +172,36 @@ class TrainHeadConfig(Section):
 
 class FinetuneConfig(Section):
     unfreeze_layers: int | None = Field(
-        40, ge=1, description="Train the top N backbone layers; all three unfreeze keys null = the backbone's default."
+        100, ge=1, description="Train the top N backbone layers; all three unfreeze keys null = the backbone's default."
     )
     unfreeze_from: str | None = Field(None, description="Or: train from this backbone layer name upwards.")
     unfreeze_fraction: float | None = Field(
         None, gt=0, le=1, description="Or: train this top fraction of backbone layers (wins over unfreeze_layers)."
     )
     batch_size: int = Field(32, ge=1, le=4096)
-    epochs: int = Field(10, ge=0, description="Upper bound; 0 = keep the head model as is.")
-    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak after warm-up; cosine decay to 0.")
+    epochs: int = Field(12, ge=0, description="Upper bound; 0 = keep the head model as is.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak after warm-up; cosine decay to 0.")
     warmup_epochs: int = Field(1, ge=0)
-    early_stopping_patience: int = Field(3, ge=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    early_stopping_patience: int = Field(4, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
 class PromotionConfig(Section):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="Test accuracy a version needs to become champion.")
     min_class_recall: float = Field(0.0, ge=0, le=1, description="Every class's test recall must reach this.")
     min_improvement: float = Field(
-        0.0, ge=0, le=1,
-        description="Accuracy margin over the champion re-scored on the same test split; 0 lets a tie promote.",
-    )
+        0.0, ge=0, le=1, description="Accuracy margin over the champion re-scored on the same test split.")
+    promote_on_tie: bool = Field(False, description="Whether equal accuracy (within float noise) promotes.")
+    max_class_recall_drop: float = Field(
+        0.03, ge=0, le=1, description="No class's recall may fall more than this below the champion's.")
+    allow_class_set_change: bool = Field(
+        False, description="Promote when the class set differs from the champion's (it cannot be re-scored).")
+
+
+class ServingConfig(Section):
+    max_images_per_request: int = Field(64, ge=1, le=10_000, description="Images one served request may hold.")
+    max_request_bytes: int = Field(
+        64 * 1024**2, ge=1024, le=2 * 1024**3, description="Total image bytes one served request may hold.")
 
 
 class EvaluateConfig(Section):
@@ -163,9 +209,8 @@ class EvaluateConfig(Section):
     top_k: int = Field(3, ge=1, description="Top-k accuracy is reported when there are more than 5 classes.")
     worst_examples: int = Field(16, ge=0, le=64, description="Misclassified test images shown in the gallery.")
     calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins for ECE and the reliability diagram.")
-    mlflow_attempts: int = Field(4, ge=1, le=20, description="Tries per MLflow call before the stage fails.")
-    mlflow_backoff_s: float = Field(2.0, ge=0, le=60, description="First wait between tries; doubles each time.")
     promotion: PromotionConfig = PromotionConfig()
+    serving: ServingConfig = ServingConfig()
 
 
 # The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;

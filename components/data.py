@@ -1,6 +1,6 @@
-"""Reading the validated manifest and turning a split into a tf.data pipeline.
+"""Manifests into splits and tf.data pipelines; model folders written and read back safely.
 
-Shared by train_head, finetune and evaluate. Images are decoded with Pillow (it handles
+Shared by train_head, finetune, evaluate, export and batch prediction. Images are decoded with Pillow (it handles
 grayscale, palette, alpha, 16-bit and CMYK files that validate let through) and resized to the
 model's square input; the model itself carries the backbone's normalisation.
 """
@@ -16,8 +16,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "bytes", "width", "height", "format", "mode", "source", "error"]
+from components import files
+from components.contracts import (
+    CLASSES_FILE,
+    MODEL_FILE,
+    RUN_INFO_FILE,
+    SPLITS,
+    ContractError,
+    ModelRunInfo,
+    read_manifest,
+)
+from components.config import ValidateConfig
+from components.hashing import file_sha256
+from components.images import ImageLimits, decode_rgb
 
 
 @dataclass(frozen=True)
@@ -28,14 +39,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype={"label": str, "split": str, "sha256": str}, keep_default_na=False)
-    missing = {"path", "label", "split"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
-    return frame
 
 
 def class_names(frame: pd.DataFrame) -> list[str]:
@@ -55,22 +58,14 @@ def load_split(manifest: str | Path | pd.DataFrame, split: str, classes: list[st
     return Split(rows["path"].tolist(), labels, list(classes))
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit grayscale ('I;16', 'I') scaled to 8 bits: Pillow's convert('RGB') would clip it to 255 instead."""
-    if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
-        return img
-    values = np.asarray(img, dtype=np.float64)
-    return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L")
+def default_limits() -> ImageLimits:
+    """The image limits of the default `validate` settings (stages pass their own params' limits)."""
+    return ImageLimits.from_config(ValidateConfig())
 
 
-def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """Decode any Pillow-readable image to a (size, size, 3) uint8 RGB array."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
-        img = _to_8bit(img).convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+def load_rgb(source: str | Path | bytes, size: int, limits: ImageLimits | None = None) -> np.ndarray:
+    """A (size, size, 3) uint8 RGB array through the guarded loader (components.images)."""
+    return decode_rgb(source, size, limits or default_limits())
 
 
 # --- tf.data input pipelines --------------------------------------------------------------------
@@ -91,9 +86,9 @@ def worker_pipeline(policy_path: str) -> Any:
     key = (threading.get_ident(), policy_path)
     pipeline = _WORKER_PIPELINES.get(key)
     if pipeline is None:
-        from components import augment  # late: augment imports this module
+        from components.transforms import load_pipeline  # late: albumentations loads only when augmenting
 
-        pipeline = augment.load_pipeline(policy_path, seed=0)
+        pipeline = load_pipeline(policy_path, seed=0)
         with _WORKER_LOCK:
             _WORKER_PIPELINES[key] = pipeline
     return pipeline
@@ -118,11 +113,11 @@ def _numpy_op(fn: Any, args: list[Any], image_size: int) -> Any:
     return image
 
 
-def _image_ops(image_size: int, policy_path: str | None) -> tuple[Any, Any, Any]:
+def _image_ops(image_size: int, policy_path: str | None, limits: ImageLimits | None) -> tuple[Any, Any, Any]:
     """tf.data functions: path -> image, (image, seed) -> augmented, (path, seed) -> augmented."""
 
     def decode(path: bytes) -> np.ndarray:
-        return load_rgb(path.decode(), image_size)
+        return load_rgb(path.decode(), image_size, limits)
 
     def augment(image: np.ndarray, image_seed: np.int64) -> np.ndarray:
         return augment_image(image, policy_path, image_seed)
@@ -136,7 +131,7 @@ def _image_ops(image_size: int, policy_path: str | None) -> tuple[Any, Any, Any]
 
 
 def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
-                 training: bool = False, seed: int = 0, cache: bool = False) -> Any:
+                 training: bool = False, seed: int = 0, cache: bool = False, limits: ImageLimits | None = None) -> Any:
     """Batches of (float32 images in 0..255, int32 labels) for one split.
 
     training=True shuffles each epoch and, with a `policy_path`, augments; training=False never
@@ -146,7 +141,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path:
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
-    decode, augment, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None)
+    decode, augment, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None, limits)
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(split.paths, tf.string),
                                              tf.constant(split.labels, tf.int32)))
     if cache:
@@ -166,11 +161,11 @@ def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path:
 
 
 def image_batches(paths: list[str], image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
-                  seeds: np.ndarray | None = None) -> Any:
+                  seeds: np.ndarray | None = None, limits: ImageLimits | None = None) -> Any:
     """float32 image batches in the given order (for feature extraction), augmented with `seeds` if given."""
     import tensorflow as tf
 
-    decode, _, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None)
+    decode, _, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None, limits)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
     if seeds is None:
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
@@ -178,3 +173,80 @@ def image_batches(paths: list[str], image_size: int, batch_size: int, *, policy_
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(tf.constant(seeds, tf.int64))))
         ds = ds.map(decode_augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.map(lambda x: tf.cast(x, tf.float32)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """'balanced': n / (k * count_c), so each class weighs the same in the loss; None otherwise."""
+    if mode != "balanced":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+# --- model folders: model.keras, classes.json, run.json ---------------------------------------
+
+@dataclass(frozen=True)
+class ModelFolder:
+    model: Any
+    model_path: Path
+    classes: list[str]
+    info: ModelRunInfo
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+
+def save_model_dir(model: Any, classes: list[str], info: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write a model folder atomically; run.json records the model file's sha256 for the loader to check."""
+    with files.atomic_dir(out_dir) as tmp:
+        model.save(tmp / MODEL_FILE)
+        files.write_json(tmp / CLASSES_FILE, list(classes))
+        ModelRunInfo(**info, model_sha256=file_sha256(tmp / MODEL_FILE)).write(tmp / RUN_INFO_FILE)
+    return Path(out_dir)
+
+
+def read_model_info(model_dir: str | Path) -> tuple[list[str], ModelRunInfo]:
+    """classes.json and run.json of a model folder, checked (no model loaded)."""
+    model_dir = Path(model_dir)
+    try:
+        classes = files.read_json(model_dir / CLASSES_FILE)
+    except FileNotFoundError:
+        raise ContractError(f"{model_dir / CLASSES_FILE} not found: run the training stages first") from None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ContractError(f"{model_dir / CLASSES_FILE}: expected a non-empty list of class names")
+    return classes, ModelRunInfo.read(model_dir / RUN_INFO_FILE)
+
+
+def load_model_dir(model_dir: str | Path) -> ModelFolder:
+    """A model folder, its model file checked against the sha256 in run.json, then loaded in safe mode."""
+    model_dir = Path(model_dir)
+    classes, info = read_model_info(model_dir)
+    model = load_keras_model(model_dir / MODEL_FILE, expected_sha256=info.model_sha256)
+    return ModelFolder(model, model_dir / MODEL_FILE, classes, info)
+
+
+def load_keras_model(path: str | Path, expected_sha256: str | None = None) -> Any:
+    """Load a project .keras file in safe mode, with the project's custom layers registered.
+
+    With `expected_sha256`, a file that changed since it was recorded is refused before Keras reads it.
+    """
+    import keras
+
+    import components.backbones  # noqa: F401  (registers CaffePreprocess and any other custom layer)
+
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise ContractError(f"refused to load {path}: its sha256 differs from the one recorded when it was written")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)  # never run code from a file
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise ValueError(f"refused to load {path}: it holds Python code (e.g. a Lambda layer) that would run "
+                         "on loading. Only models built from registered layers are loaded; rebuild it without "
+                         "Lambda layers (register custom layers in components/backbones.py).") from None

@@ -27,24 +27,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import runtime
+from components import runtime, files, errors
 from components.config import EvaluateConfig, Params, ParamsError, load_params
-from components.data import Split, image_batches, load_rgb, load_split, read_manifest
+from components.data import Split, image_batches, load_rgb, load_split
+from components.contracts import read_manifest
 from components.registry import (
     CHAMPION,
     PromotionDecision,
-    RetryPolicy,
     Scores,
-    TrackingUnavailable,
     alias_version,
     apply_decision,
     decide_promotion,
     lineage_tags,
     register_version,
-    scrub_credentials,
-    with_retries,
 )
-from components.tracking import setup_mlflow, shown_uri
+from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, setup_mlflow, shown_uri, with_retries
 
 PYFUNC_NAME = "model"
 # The modules the pyfunc imports when loaded somewhere without this project installed.
@@ -80,16 +77,16 @@ class EvaluationResult:
 
 def load_model_dir(model_dir: str | Path, default_size: int) -> ModelBundle:
     """The model-dir contract: model.keras, classes.json, run.json (written by train_head/finetune)."""
-    from components.predict import load_keras_model
+    from components.data import load_keras_model
 
     model_dir = Path(model_dir)
     for name in ("model.keras", "classes.json"):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name} not found: run the training stages first")
-    run_info = runtime.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
+    run_info = files.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
     model = load_keras_model(model_dir / "model.keras")
     size = run_info.get("image_size") or _static_side(model) or default_size
-    return ModelBundle(model, model_dir / "model.keras", list(runtime.read_json(model_dir / "classes.json")),
+    return ModelBundle(model, model_dir / "model.keras", list(files.read_json(model_dir / "classes.json")),
                        model_dir / "classes.json", run_info, int(size))
 
 
@@ -241,7 +238,7 @@ def quarantined_count(workspace: Path) -> int | None:
     summary = workspace / "reports" / "validation" / "summary.json"
     if not summary.is_file():
         return None
-    data = runtime.read_json(summary)
+    data = files.read_json(summary)
     for key in ("quarantined", "n_quarantined", "quarantined_count", "bad"):
         value = data.get(key)
         if isinstance(value, (int, float)):
@@ -440,11 +437,11 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
     """Score, report, log, register and gate one trained model (see the module docstring)."""
     workspace = Path(workspace)
     config = params.evaluate
-    policy = RetryPolicy(attempts=config.mlflow_attempts, first_wait_s=config.mlflow_backoff_s)
-    runtime.ensure_writable(report_dir, metrics_path)  # before registering: a rerun would register twice
+    policy = RetryPolicy.from_config(params.tracking)
+    files.ensure_writable(report_dir, metrics_path)  # before registering: a rerun would register twice
     bundle = load_model_dir(model_dir, params.model.image_size)
     head_json = Path(head_dir) / "run.json" if head_dir else None
-    head_info = runtime.read_json(head_json) if head_json and head_json.is_file() else None
+    head_info = files.read_json(head_json) if head_json and head_json.is_file() else None
     split = load_split(manifest, "test", bundle.classes)
     if not len(split):
         raise ValueError(f"{manifest}: the test split is empty")
@@ -454,7 +451,7 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
           f"ECE {metrics['ece']:.4f} on {metrics['n_test']} images")
     lineage = lineage_tags(params, bundle.run_info, head_info, workspace)
 
-    with runtime.atomic_dir(report_dir) as out:
+    with files.atomic_dir(report_dir) as out:
         from sklearn.metrics import classification_report
 
         y_pred = probs.argmax(axis=1)
@@ -463,17 +460,17 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         plot_worst_errors(split, probs, config.worst_examples, out / "worst_errors.png")
         (out / "classification_report.txt").write_text(classification_report(
             split.labels, y_pred, labels=list(range(len(bundle.classes))), target_names=bundle.classes, zero_division=0))
-        runtime.write_json(out / "metrics.json", metrics)
+        files.write_json(out / "metrics.json", metrics)
         run_id, version, decision = track_and_register(params, bundle, split, metrics, lineage, policy)
         card = model_card(params, bundle, metrics, split_counts(manifest), lineage, quarantined_count(workspace),
                           decision, version)
         (out / "model_card.md").write_text(card, encoding="utf-8")
         promotion = {"registered_model": params.tracking.registered_model, "version": version, "run_id": run_id,
                      "lineage": lineage, **decision.to_json()}
-        runtime.write_json(out / "promotion.json", promotion)
+        files.write_json(out / "promotion.json", promotion)
         log_reports(run_id, out, policy)
 
-    runtime.write_json(metrics_path, flat_metrics(metrics))
+    files.write_json(metrics_path, flat_metrics(metrics))
     return EvaluationResult(metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["n_test"], run_id,
                             version, decision.promoted, decision.reasons, Path(report_dir), Path(metrics_path))
 
@@ -488,7 +485,7 @@ def log_reports(run_id: str, report: Path, policy: RetryPolicy) -> None:
             with_retries(f"upload {path.name}", client.log_artifact, run_id, str(path), "evaluate", policy=policy)
 
 
-@runtime.cli_errors("evaluate")
+@errors.cli_errors("evaluate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate, register and gate the fine-tuned model.")
     parser.add_argument("--params", default="params.yaml")

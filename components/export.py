@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from components import runtime
+from components import runtime, files, errors
 from components.data import load_rgb, load_split
-from components.predict import list_inputs, load_keras_model
+from components.data import load_keras_model
+from components.predict import list_inputs
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,10 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
     """SavedModel + float16 TFLite for `model_dir`, checked on up to `samples` images."""
     model_dir = Path(model_dir)
     model = load_keras_model(model_dir / "model.keras")
-    run_info = runtime.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
+    run_info = files.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
     size = int(run_info.get("image_size") or model.input_shape[1] or 224)
     images = sample_images(sample_paths, size, samples)
-    with runtime.atomic_dir(out_dir) as out:
+    with files.atomic_dir(out_dir) as out:
         model.export(str(out / "saved_model"), verbose=False)
         tflite = convert_tflite_float16(out / "saved_model")
         (out / "model_float16.tflite").write_bytes(tflite)
@@ -94,7 +95,7 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
             top1_agreement=float((keras_probs.argmax(1) == lite_probs.argmax(1)).mean()),
             max_prob_diff=float(np.abs(keras_probs - lite_probs).max()),
         )
-        runtime.write_json(out / "export.json", {**asdict(result), "image_size": size, "source": str(model_dir)})
+        files.write_json(out / "export.json", {**asdict(result), "image_size": size, "source": str(model_dir)})
     return result
 
 
@@ -103,14 +104,14 @@ def log_to_run(out_dir: str | Path, run_id: str, params_path: str | Path) -> Non
     from mlflow import MlflowClient
 
     from components.config import load_params
-    from components.registry import with_retries
+    from components.tracking import with_retries
     from components.tracking import resolve_tracking_uri
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(load_params(params_path).tracking))
     with_retries("log the exports", client.log_artifacts, run_id, str(out_dir), "export")
 
 
-@runtime.cli_errors("export")
+@errors.cli_errors("export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a model dir to SavedModel and float16 TFLite, checked.")
     parser.add_argument("--model-dir", default="models/finetune")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mlflow_run:
             log_to_run(args.out_dir, args.mlflow_run, args.params)
     except (ValueError, OSError) as exc:
-        print(f"export: {runtime.describe_os_error(exc) or exc}", file=sys.stderr)
+        print(f"export: {errors.describe_os_error(exc) or exc}", file=sys.stderr)
         return 2
     print(f"wrote {result.saved_model} and {result.tflite} ({result.tflite_bytes / 1e6:.1f} MB); TFLite agrees with "
           f"Keras on {result.top1_agreement:.1%} of {result.n_samples} images, max prob diff {result.max_prob_diff:.4f}")

@@ -14,7 +14,6 @@ MirroredStrategy (global batch = batch_size x replicas) with more than one.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import shutil
 import sys
@@ -25,9 +24,11 @@ from typing import Any
 
 import pandas as pd
 
-from components import runtime
+from components import data, errors, files, hashing, learning_curves, runtime, tracking
 from components.config import FinetuneConfig, Params, ParamsError, load_params
-from components.data import Split, load_split, make_dataset, read_manifest
+from components.data import Split, load_split, make_dataset
+from components.images import ImageLimits
+from components.contracts import MODEL_FILE, read_manifest
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -47,33 +48,6 @@ class FinetuneResult:
     out_dir: Path
 
 
-def unfreeze_top(backbone: Any, config: FinetuneConfig, default_layers: int = 30) -> int:
-    """Make the top of the backbone trainable (BatchNorm excluded); return the first trainable index."""
-    import keras
-
-    layers = backbone.layers
-    names = [layer.name for layer in layers]
-    if config.unfreeze_from is not None:
-        if config.unfreeze_from not in names:
-            hint = difflib.get_close_matches(config.unfreeze_from, names, n=3)
-            close = f"; close: {', '.join(hint)}" if hint else ""
-            raise ParamsError(f"finetune.unfreeze_from = {config.unfreeze_from!r} is not a layer of the backbone "
-                              f"'{backbone.name}' ({len(layers)} layers){close}")
-        start = names.index(config.unfreeze_from)
-    elif config.unfreeze_fraction is not None:
-        start = len(layers) - max(1, round(len(layers) * config.unfreeze_fraction))
-    else:
-        count = config.unfreeze_layers or default_layers  # the backbone registry's sensible default
-        if count > len(layers):
-            raise ParamsError(f"finetune.unfreeze_layers = {count} exceeds the backbone's layer count "
-                              f"({len(layers)} layers in '{backbone.name}')")
-        start = len(layers) - count
-    backbone.trainable = True
-    for i, layer in enumerate(layers):
-        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-    return start
-
-
 def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
     """Linear warm-up to `learning_rate` over `warmup_epochs`, then cosine decay towards 0."""
     import keras
@@ -87,11 +61,9 @@ def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
 
 
 def checkpoint_key(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path) -> str:
-    from components import fitting
-
-    return fitting.content_key({
-        "head": fitting.file_sha256(Path(head_dir) / "model.keras"), "data": fitting.file_sha256(manifest),
-        "policy": fitting.file_sha256(policy_path) if policy_path else None,
+    return hashing.content_key({
+        "head": hashing.file_sha256(Path(head_dir) / MODEL_FILE), "data": hashing.file_sha256(manifest),
+        "policy": hashing.file_sha256(policy_path) if policy_path else None,
         "finetune": params.finetune.model_dump(), "seed": params.project.seed,
     })
 
@@ -104,10 +76,8 @@ def _distribution(device: dict[str, Any]) -> Any:
 
 def _epoch_history(log_path: Path) -> pd.DataFrame:
     """Epochs logged so far, across resumes (a repeated epoch keeps its last row), 1-based."""
-    from components import fitting
-
     log = pd.read_csv(log_path).drop_duplicates("epoch", keep="last").sort_values("epoch")
-    return fitting.history_frame({c: log[c].tolist() for c in log.columns if c != "epoch"},
+    return learning_curves.history_frame({c: log[c].tolist() for c in log.columns if c != "epoch"},
                                  first_epoch=int(log["epoch"].iloc[0]) + 1)
 
 
@@ -126,16 +96,16 @@ def _epoch_recorder() -> Any:
     return EpochRecorder()
 
 
-def _compiled_model(head_dir: Path, config: FinetuneConfig, steps_per_epoch: int,
+def _compiled_model(head_dir: Path, head_sha256: str, config: FinetuneConfig, steps_per_epoch: int,
                     default_layers: int) -> tuple[Any, list[str]]:
     """The head model with the top of its backbone unfrozen, compiled (after changing `trainable`)."""
     import keras
 
-    from components import backbones  # registers the custom layers before loading
+    from components import backbones
 
-    model = keras.models.load_model(head_dir / "model.keras", compile=False)
+    model = data.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_sha256)
     backbone = backbones.find_backbone(model)
-    start = unfreeze_top(backbone, config, default_layers)
+    start = backbones.unfreeze_top(backbone, config, default_layers)
     model.compile(optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
@@ -144,7 +114,7 @@ def _compiled_model(head_dir: Path, config: FinetuneConfig, steps_per_epoch: int
 
 
 def _datasets(train: Split, val: Split, image_size: int, batch_size: int, policy_path: str | Path | None,
-              seed: int) -> tuple[Any, Any]:
+              seed: int, limits: ImageLimits) -> tuple[Any, Any]:
     import tensorflow as tf
 
     classes = len(train.classes)
@@ -152,8 +122,9 @@ def _datasets(train: Split, val: Split, image_size: int, batch_size: int, policy
     def one_hot(x: Any, y: Any) -> tuple[Any, Any]:
         return x, tf.one_hot(y, classes)
 
-    train_ds = make_dataset(train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed)
-    return train_ds.map(one_hot), make_dataset(val, image_size, batch_size, cache=True).map(one_hot)
+    train_ds = make_dataset(train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed,
+                            limits=limits)
+    return train_ds.map(one_hot), make_dataset(val, image_size, batch_size, cache=True, limits=limits).map(one_hot)
 
 
 def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfig, checkpoint_dir: Path,
@@ -161,9 +132,6 @@ def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfi
     """Fit with per-epoch backups; return the history of all epochs (across resumes) and the 1-based
     epoch this call started at."""
     import keras
-
-    from components import fitting
-
     epochs_seen = _epoch_recorder()
     callbacks = [
         keras.callbacks.BackupAndRestore(str(checkpoint_dir / "state"), double_checkpoint=True),
@@ -173,7 +141,7 @@ def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfi
         logger, epochs_seen, *extra_callbacks,
     ]
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-              shuffle=False, verbose=fitting.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+              shuffle=False, verbose=runtime.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
     return _epoch_history(checkpoint_dir / EPOCH_LOG), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
 
 
@@ -182,14 +150,10 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
                  extra_callbacks: list[Any] | None = None) -> FinetuneResult:
     """Fine-tune models/head into `out_dir`, resuming an interrupted run with the same inputs and params."""
     import keras
-
-    from components import fitting
-
     started = time.perf_counter()
     config, seed, head_dir = params.finetune, params.project.seed, Path(head_dir)
-    head_info = runtime.read_json(head_dir / "run.json")
-    classes = runtime.read_json(head_dir / "classes.json")
-    image_size = int(head_info["image_size"])
+    classes, head_info = data.read_model_info(head_dir)
+    image_size = head_info.image_size
     device = runtime.configure_tensorflow(seed)
     frame = read_manifest(manifest)
     train, val = load_split(frame, "train", classes), load_split(frame, "val", classes)
@@ -200,9 +164,9 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_id_path = checkpoint_dir / RUN_ID_FILE
     previous_run = run_id_path.read_text().strip() if run_id_path.is_file() else None
-    client, run_id, experiment_id = fitting.start_run(
-        params.tracking, "finetune", {"head_run_id": str(head_info.get("run_id")),
-                                      "data_version": fitting.data_version(manifest)}, run_id=previous_run)
+    client, run_id, experiment_id = tracking.start_run(
+        params.tracking, "finetune", {"head_run_id": head_info.run_id,
+                                      "data_version": hashing.manifest_version(manifest)}, run_id=previous_run)
     run_id_path.write_text(run_id)  # a resumed run continues this MLflow run
     try:
         strategy = _distribution(device)
@@ -210,39 +174,42 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         with strategy.scope():
             from components.backbones import get_spec
 
-            model, trained_layers = _compiled_model(head_dir, config, math.ceil(len(train) / batch_size),
-                                                    get_spec(params.model.backbone).default_unfreeze_layers)
+            model, trained_layers = _compiled_model(head_dir, head_info.model_sha256, config,
+                                                    math.ceil(len(train) / batch_size),
+                                                    get_spec(head_info.backbone).default_unfreeze_layers)
         if previous_run is None:
-            fitting.log_params(client, run_id, {
+            tracking.log_params(client, run_id, {
                 **{f"finetune.{k}": v for k, v in config.model_dump().items()},
-                "seed": seed, "head_run_id": head_info.get("run_id"), "backbone": head_info.get("backbone"),
+                "seed": seed, "head_run_id": head_info.run_id, "backbone": head_info.backbone,
                 "image_size": image_size, "global_batch_size": batch_size, "replicas": strategy.num_replicas_in_sync,
                 "trainable_backbone_layers": len(trained_layers), "train_images": len(train),
                 "val_images": len(val), "mixed_precision": device["mixed_precision"],
             })
-        train_ds, val_ds = _datasets(train, val, image_size, batch_size, policy_path, seed)
+        train_ds, val_ds = _datasets(train, val, image_size, batch_size, policy_path, seed,
+                                     ImageLimits.from_config(params.validate))
         if config.epochs > 0:
             history, resumed_at = _fit_resumable(model, train_ds, val_ds, config, checkpoint_dir,
-                                                 fitting.mlflow_epoch_logger(client, run_id), extra_callbacks or [])
-            best = fitting.best_epoch(history)
+                                                 tracking.mlflow_epoch_logger(client, run_id), extra_callbacks or [])
+            best = learning_curves.best_epoch(history)
             val_accuracy, val_loss, best_epoch = (float(best["val_accuracy"]), float(best["val_loss"]),
                                                   int(best["epoch"]))
         else:  # nothing to train: the head model is the result
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
-            history, best_epoch, resumed_at = fitting.history_frame({}), 0, 1
+            history, best_epoch, resumed_at = learning_curves.history_frame({}), 0, 1
         seconds = time.perf_counter() - started
         run_info = {
-            **{k: head_info.get(k) for k in ("backbone", "alpha", "image_size", "weights", "data_version")},
+            **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
             "run_id": run_id, "experiment_id": experiment_id, "stage": "finetune",
-            "head_run_id": head_info.get("run_id"), "best_epoch": best_epoch, "epochs_run": len(history),
+            "settings": {**head_info.settings, "finetune": config.model_dump(), "seed": seed},
+            "head_run_id": head_info.run_id, "best_epoch": best_epoch, "epochs_run": len(history),
             "val_accuracy": val_accuracy, "val_loss": val_loss, "seconds": round(seconds, 1), "device": device,
             "trainable_backbone_layers": len(trained_layers),
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
         }
-        fitting.save_model_dir(model, classes, run_info, out_dir)
+        data.save_model_dir(model, classes, run_info, out_dir)
         if len(history):
             title = f"finetune: top {len(trained_layers)} backbone layers"
-            for artifact in fitting.write_reports(history, report_dir, title):
+            for artifact in learning_curves.write_reports(history, report_dir, title):
                 client.log_artifact(run_id, str(artifact))
         client.log_metric(run_id, "best_val_accuracy", val_accuracy)
         client.log_metric(run_id, "seconds", seconds)
@@ -256,7 +223,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
                           len(trained_layers), seconds, Path(out_dir))
 
 
-@runtime.cli_errors("finetune")
+@errors.cli_errors("finetune")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -270,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        runtime.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
+        files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
         result = run_finetune(params, args.manifest, args.policy, args.head_dir, args.out_dir, args.report_dir,
                               args.checkpoint_dir)
     except (ParamsError, ValueError, FileNotFoundError) as exc:

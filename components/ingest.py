@@ -39,9 +39,9 @@ from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from components import runtime
+from components import runtime, files, errors
 from components.config import IngestConfig, ParamsError, SplitFractions, load_params
-from components.data import MANIFEST_COLUMNS, SPLITS
+from components.contracts import MANIFEST_COLUMNS, SPLITS
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SYSTEM_NAMES = {"thumbs.db", "desktop.ini", "__macosx", "icon\r"}
@@ -275,9 +275,9 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, max_members: int) ->
                 count += 1
                 total += member.size if member.isfile() else 0
                 if count > max_members:
-                    raise _limit_error(archive, "member count", count, max_members, "max_archive_members")
+                    raise _limit_error(archive, "member count", count, max_members, "max_files")
                 if total > max_bytes:
-                    raise _limit_error(archive, "unpacked size", total, max_bytes, "max_archive_bytes")
+                    raise _limit_error(archive, "unpacked size", total, max_bytes, "max_bytes")
                 refuse_unsafe(member, str(dest))  # check everything before writing anything
             tar.extractall(dest, filter=refuse_unsafe)
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -298,10 +298,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_members: int) ->
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
             if len(infos) > max_members:
-                raise _limit_error(archive, "member count", len(infos), max_members, "max_archive_members")
+                raise _limit_error(archive, "member count", len(infos), max_members, "max_files")
             declared = sum(i.file_size for i in infos)
             if declared > max_bytes:
-                raise _limit_error(archive, "unpacked size", declared, max_bytes, "max_archive_bytes")
+                raise _limit_error(archive, "unpacked size", declared, max_bytes, "max_bytes")
             targets = [_zip_target(dest, archive, i.filename) for i in infos]  # check all before writing
             for info in infos:
                 if stat.S_ISLNK(info.external_attr >> 16):
@@ -327,7 +327,7 @@ def _write_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, 
             written += len(chunk)
             # Declared sizes can lie: count what is actually inflated.
             if member_bytes > info.file_size or written > max_bytes:
-                raise _limit_error(archive, "unpacked size", written, max_bytes, "max_archive_bytes")
+                raise _limit_error(archive, "unpacked size", written, max_bytes, "max_bytes")
             dst.write(chunk)
     mtime = time.mktime(info.date_time + (0, 0, -1))
     os.utime(target, (mtime, mtime))  # stable mtimes keep the ingest cache valid across extractions
@@ -413,7 +413,7 @@ def _collect_folder(root: Path, dest: Path) -> Listing:
 def _collect_archive(archive: Path, origin: str, config: IngestConfig, dest: Path, staging: Path) -> Listing:
     extract_root = staging / "extract"
     print(f"ingest: extracting {archive.name}", file=sys.stderr)
-    extract_archive(archive, extract_root, config.max_archive_bytes, config.max_archive_members)
+    extract_archive(archive, extract_root, config.max_bytes, config.max_files)
     root, strays = unwrap_single_top(extract_root)
     files, dirs = walk_tree(root)
     layout, planned, folders, ignored = plan_layout(files, dirs)
@@ -433,7 +433,7 @@ def _collect_remote(url: str, config: IngestConfig, dest: Path, staging: Path, d
     import fsspec
 
     if archive_kind(url):
-        local = download(url, downloads, config.max_archive_bytes)
+        local = download(url, downloads, config.max_bytes)
         return _collect_archive(local, url, config, dest, staging)
     if url.lower().split("?")[0].endswith(TABLE_SUFFIXES):
         return _collect_table(url, dest, None)
@@ -472,27 +472,27 @@ def download(url: str, downloads: Path, max_bytes: int) -> Path:
     target, meta_path = downloads / name, downloads / f"{name}.json"
     meta = {"url": url, "size": info.get("size"), "version": _remote_version(info)}
     reusable = bool(meta["size"] and meta["version"]) and target.exists() and meta_path.exists()
-    if reusable and runtime.read_json(meta_path) == meta:
+    if reusable and files.read_json(meta_path) == meta:
         print(f"ingest: reusing the download of {url}", file=sys.stderr)
         return target
     size = int(info.get("size") or 0)
     if size > max_bytes:
-        raise IngestError(f"{url}: size {size:,} exceeds ingest.max_archive_bytes={max_bytes:,}")
+        raise IngestError(f"{url}: size {size:,} exceeds ingest.max_bytes={max_bytes:,}")
     try:
-        with fs.open(path, "rb") as src, runtime.atomic_file(target, "wb") as dst, \
+        with fs.open(path, "rb") as src, files.atomic_file(target, "wb") as dst, \
                 tqdm(total=size or None, unit="B", unit_scale=True, desc="download", disable=None) as bar:
             fetched = 0
             while chunk := src.read(CHUNK):
                 fetched += len(chunk)
                 if fetched > max_bytes:
-                    raise IngestError(f"{url}: download exceeds ingest.max_archive_bytes={max_bytes:,}")
+                    raise IngestError(f"{url}: download exceeds ingest.max_bytes={max_bytes:,}")
                 dst.write(chunk)
                 bar.update(len(chunk))
     except IngestError:
         raise
     except (OSError, ValueError) as exc:
         raise IngestError(f"cannot download {url}: {exc}") from None
-    runtime.write_json(meta_path, meta)
+    files.write_json(meta_path, meta)
     return target
 
 
@@ -619,7 +619,7 @@ def _copy_one(location: str, target: Path) -> None:
         try:
             fs.get_file(path, str(target))
         except OSError as exc:
-            if exc.errno in runtime.WRITE_FAILURES:  # our disk, not the source: cli_errors names the path
+            if exc.errno in errors.WRITE_FAILURES:  # our disk, not the source: cli_errors names the path
                 raise
             raise IngestError(f"cannot fetch {location}: {exc}") from None
     else:
@@ -639,7 +639,7 @@ class FactsCache:
         self.files: dict[str, dict[str, Any]] = {}
         if path.exists():
             try:
-                stored = runtime.read_json(path)
+                stored = files.read_json(path)
             except (OSError, json.JSONDecodeError):
                 stored = {}  # a damaged cache only costs a recompute
             if stored.get("signature") == self.signature:
@@ -655,7 +655,7 @@ class FactsCache:
         """Keep only the current files, so the cache never outgrows the source."""
         files = {e.origin: {"size": e.size, "version": e.version, "facts": facts[e.origin]}
                  for e in entries if e.version and e.origin in facts}
-        runtime.write_json(self.path, {"signature": self.signature, "files": files})
+        files.write_json(self.path, {"signature": self.signature, "files": files})
 
 
 def resolve_workers(workers: int) -> int:
@@ -735,7 +735,7 @@ def count_images(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def _write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
     import csv
 
-    with runtime.atomic_file(path) as fh:
+    with files.atomic_file(path) as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -756,7 +756,7 @@ def run_ingest(config: IngestConfig, seed: int, raw_dir: str | Path, manifest_pa
         for leftover in cache_dir.glob("staging-*"):  # a killed run's: we hold the lock, so none is in use
             shutil.rmtree(leftover, ignore_errors=True)
         cache = FactsCache(cache_dir / "files.json", max_pixels)
-        with runtime.atomic_dir(raw_dir) as new_raw, \
+        with files.atomic_dir(raw_dir) as new_raw, \
                 tempfile.TemporaryDirectory(dir=cache_dir, prefix="staging-") as staging:
             listing = collect_source(config, new_raw, Path(staging), cache_dir / "downloads", raw_dir)
             if not listing.entries:
@@ -773,7 +773,7 @@ def run_ingest(config: IngestConfig, seed: int, raw_dir: str | Path, manifest_pa
         bytes=sum(int(r["bytes"]) for r in rows), counts=count_images(rows),
         data_version=data_version((r["_rel"], r["label"], r["split"], r["sha256"]) for r in rows),
         computed=computed, cached=len(facts) - computed, workers=used, seconds=round(seconds, 3), notes=notes)
-    runtime.write_json(report_path, _report(result, config, listing, seed, max_pixels))
+    files.write_json(report_path, _report(result, config, listing, seed, max_pixels))
     return result
 
 
@@ -791,7 +791,7 @@ def _report(result: IngestResult, config: IngestConfig, listing: Listing, seed: 
     }
 
 
-@runtime.cli_errors("ingest")
+@errors.cli_errors("ingest")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections project, ingest, validate)")
@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        runtime.ensure_writable(args.raw_dir, args.manifest, args.report)  # before copying, not after
+        files.ensure_writable(args.raw_dir, args.manifest, args.report)  # before copying, not after
         result = run_ingest(params.ingest, params.project.seed, args.raw_dir, args.manifest, args.report,
                             max_pixels=params.validate.max_pixels)
     except (ParamsError, IngestError) as exc:

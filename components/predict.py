@@ -23,8 +23,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from components import runtime
-from components.data import load_rgb
+from components import runtime, files, errors
+from components.data import load_keras_model, load_rgb
 
 IMAGE_COLUMN = "image"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -87,28 +87,12 @@ def image_values(model_input: Any) -> list[Any]:
             for item in (list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value])]
 
 
-def load_keras_model(path: str | Path) -> Any:
-    """Load a project .keras file in safe mode, with the project's custom layers registered."""
-    import keras
-
-    import components.backbones  # noqa: F401  (registers CaffePreprocess and any other custom layer)
-
-    try:
-        return keras.models.load_model(path, compile=False)  # safe_mode stays on: never run code from a file
-    except ValueError as exc:
-        if "safe_mode" not in str(exc):
-            raise
-        raise ValueError(f"refused to load {path}: it holds Python code (e.g. a Lambda layer) that would run "
-                         "on loading. Only models built from registered layers are loaded; rebuild it without "
-                         "Lambda layers (register custom layers in components/backbones.py).") from None
-
-
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Raw images in, labels out; artifacts: `keras_model` (a .keras file) and `classes` (JSON list)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model = load_keras_model(context.artifacts["keras_model"])
-        self.classes = runtime.read_json(context.artifacts["classes"])
+        self.classes = files.read_json(context.artifacts["classes"])
         self.image_size = int((context.model_config or {}).get("image_size", 224))
         self.batch_size = int((context.model_config or {}).get("batch_size", 32))
 
@@ -185,12 +169,12 @@ def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_s
             parts.append(_score_batch(model, chunk))
             bar.update(len(chunk))
     table = pd.concat(parts, ignore_index=True)[["path", "label", "probability", "error"]]
-    with runtime.atomic_file(out_csv) as fh:
+    with files.atomic_file(out_csv) as fh:
         table.to_csv(fh, index=False)
     return PredictResult(Path(out_csv), len(table), int((table["error"] != "").sum()))
 
 
-@runtime.cli_errors("predict")
+@errors.cli_errors("predict")
 def main(argv: list[str] | None = None) -> int:
     from components.config import ParamsError, load_params
     from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from components import runtime  # telemetry off first; cli_errors
+from components import runtime, errors  # telemetry off first; cli_errors
 from components.config import Params, ParamsError, load_params
 
 
@@ -28,8 +28,7 @@ def check_model(params: Params) -> tuple[list[str], object | None]:
 
 
 def check_unfreeze(params: Params, backbone: object) -> list[str]:
-    from components.backbones import get_spec
-    from components.finetune import unfreeze_top
+    from components.backbones import get_spec, unfreeze_top
 
     try:
         unfreeze_top(backbone, params.finetune, get_spec(params.model.backbone).default_unfreeze_layers)  # a throwaway backbone: its trainable flags do not matter
@@ -39,7 +38,7 @@ def check_unfreeze(params: Params, backbone: object) -> list[str]:
 
 
 def check_augment(params: Params) -> list[str]:
-    from components.augment import build_pipeline
+    from components.transforms import build_pipeline
 
     try:
         build_pipeline(params.augment.policy, params.project.seed)
@@ -57,7 +56,7 @@ def check_params(params: Params) -> list[str]:
     return problems
 
 
-@runtime.cli_errors("preflight")
+@errors.cli_errors("preflight")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -20,66 +19,11 @@ import yaml
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from components.config import Params, PromotionConfig
-from components.runtime import Unavailable
-from components.tracking import shown_uri
+from components.settings import environment
+from components.tracking import RetryPolicy, scrub_credentials, with_retries
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-T = TypeVar("T")
-
-# --- retries ------------------------------------------------------------------------------------
-
-# MlflowException codes worth another try: the server or the database was busy or unreachable.
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
-
-
-class TrackingUnavailable(Unavailable):
-    """MLflow stayed unreachable (or kept failing) after every retry."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 4
-    first_wait_s: float = 2.0
-    max_wait_s: float = 30.0
-
-
-def is_transient(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code in TRANSIENT_CODES
-    missing = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-    return isinstance(exc, OSError) and not isinstance(exc, missing)  # requests' errors are OSErrors
-
-
-def scrub_credentials(text: str) -> str:
-    """Hide any `user:password@` inside URLs in free text (error messages, tag values)."""
-    return re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@", r"\1***@", str(text))
-
-
-def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolicy = RetryPolicy(), **kwargs: Any) -> T:
-    """Call an MLflow function, retrying transient failures with exponential backoff.
-
-    Raises TrackingUnavailable naming the (redacted) server once the attempts are used up.
-    """
-    retrying = Retrying(
-        stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential(multiplier=policy.first_wait_s, max=policy.max_wait_s),
-        retry=retry_if_exception(is_transient),
-        reraise=True,
-    )
-    try:
-        return retrying(fn, *args, **kwargs)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        server = shown_uri()
-        detail = scrub_credentials(getattr(exc, "message", None) or exc)
-        raise TrackingUnavailable(
-            f"MLflow at {server} failed to {what} after {policy.attempts} attempts: {detail}"
-        ) from None
-
 
 # --- lineage ------------------------------------------------------------------------------------
 
@@ -132,8 +76,9 @@ def lineage_tags(params: Params, run_info: dict[str, Any], head_info: dict[str, 
         "data_version": "unknown",
         **data_versions(workspace),
     }
-    if os.environ.get("TP_PREFECT_FLOW_RUN_ID"):
-        tags["prefect_flow_run_id"] = os.environ["TP_PREFECT_FLOW_RUN_ID"]
+    flow_run_id = environment().prefect_flow_run_id
+    if flow_run_id:
+        tags["prefect_flow_run_id"] = flow_run_id
     return {key: scrub_credentials(value) for key, value in tags.items() if value != ""}
 
 

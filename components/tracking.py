@@ -8,15 +8,28 @@ Credentials never reach logs, params or tags: use `redact` before showing a URI.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import numpy as np
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
 from components.config import TrackingConfig
+from components.errors import Unavailable
+from components.settings import environment
+
+T = TypeVar("T")
 
 
 def resolve_tracking_uri(config: TrackingConfig, workspace: str | Path | None = None) -> str:
     """The URI to use; a relative SQLite path is anchored at the workspace (cwd by default)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    uri = environment().tracking_uri or config.uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         base = Path(workspace) if workspace else Path.cwd()
@@ -120,3 +133,102 @@ def local_artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+# MlflowException codes worth another try: the server or the database was busy or unreachable.
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+
+
+class TrackingUnavailable(Unavailable):
+    """MLflow stayed unreachable (or kept failing) after every retry."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    first_wait_s: float = 2.0
+    max_wait_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: TrackingConfig) -> "RetryPolicy":
+        return cls(attempts=config.retry_attempts, first_wait_s=config.retry_backoff_s)
+
+
+def is_transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_CODES
+    missing = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return isinstance(exc, OSError) and not isinstance(exc, missing)  # requests' errors are OSErrors
+
+
+def scrub_credentials(text: str) -> str:
+    """Hide any `user:password@` inside URLs in free text (error messages, tag values)."""
+    return re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@", r"\1***@", str(text))
+
+
+def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolicy = RetryPolicy(), **kwargs: Any) -> T:
+    """Call an MLflow function, retrying transient failures with exponential backoff.
+
+    Raises TrackingUnavailable naming the (redacted) server once the attempts are used up.
+    """
+    retrying = Retrying(
+        stop=stop_after_attempt(policy.attempts),
+        wait=wait_exponential(multiplier=policy.first_wait_s, max=policy.max_wait_s),
+        retry=retry_if_exception(is_transient),
+        reraise=True,
+    )
+    try:
+        return retrying(fn, *args, **kwargs)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        server = shown_uri()
+        detail = scrub_credentials(getattr(exc, "message", None) or exc)
+        raise TrackingUnavailable(
+            f"MLflow at {server} failed to {what} after {policy.attempts} attempts: {detail}"
+        ) from None
+
+
+# --- runs, with the run id passed explicitly (the active run is process-global) -----------------
+
+def start_run(tracking: TrackingConfig, stage: str, tags: dict[str, str] | None = None,
+              run_id: str | None = None) -> tuple[Any, str, str]:
+    """(client, run_id, experiment_id); reopens `run_id` when resuming an interrupted run."""
+    from mlflow import MlflowClient
+
+    # Fail before any training when the server is down (TrackingUnavailable names it, redacted).
+    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking,
+                                 policy=RetryPolicy.from_config(tracking))
+    client = MlflowClient()
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return client, run_id, experiment_id
+    run = client.create_run(experiment_id, run_name=stage, tags={"stage": stage, **(tags or {})})
+    return client, run.info.run_id, experiment_id
+
+
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run_id, params=flat[i:i + 100])
+
+
+def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1) -> Any:
+    """A Keras callback logging every epoch's metrics with step = epoch (1-based)."""
+    import keras
+    from mlflow.entities import Metric
+
+    class _Logger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, epoch + first_epoch) for k, v in (logs or {}).items()
+                       if np.isscalar(v) or getattr(v, "shape", None) == ()]
+            client.log_batch(run_id, metrics=metrics)
+
+    return _Logger()

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from components import runtime
+from components import data, errors, files, hashing, learning_curves, runtime, tracking
 from components.config import Params, ParamsError, load_params
-from components.data import Split, image_batches, load_split, make_dataset, read_manifest
+from components.data import Split, image_batches, load_split, make_dataset
+from components.images import ImageLimits
+from components.contracts import read_manifest
 
 DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result
 
@@ -40,14 +42,13 @@ class TrainHeadResult:
 
 
 def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | Path | None) -> str:
-    from components import fitting
     import keras
 
     m, h = params.model, params.train_head
-    return fitting.content_key({
-        "data": fitting.file_sha256(manifest), "backbone": m.backbone, "alpha": m.alpha,
-        "image_size": m.image_size, "weights": fitting.weights_identity(m.weights), "pooling": h.pooling,
-        "policy": fitting.file_sha256(policy_path) if policy_path and h.augmented_copies else None,
+    return hashing.content_key({
+        "data": hashing.file_sha256(manifest), "backbone": m.backbone, "alpha": m.alpha,
+        "image_size": m.image_size, "weights": hashing.weights_identity(m.weights), "pooling": h.pooling,
+        "policy": hashing.file_sha256(policy_path) if policy_path and h.augmented_copies else None,
         "copies": h.augmented_copies, "seed": params.project.seed, "keras": keras.__version__,
     })
 
@@ -59,17 +60,15 @@ def copy_seeds(seed: int, copy: int, count: int) -> np.ndarray:
 
 def extract_features(extractor: Any, split: Split, image_size: int, batch_size: int, *,
                      policy_path: str | Path | None = None, copies: int = 0,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int = 0, limits: ImageLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features of every image as is, then of `copies` augmented variants: (features, labels)."""
-    from components import fitting
-
     blocks, labels = [], []
     for copy in range(copies + 1):
         seeds = copy_seeds(seed, copy, len(split)) if copy else None
         print(f"features: {len(split)} images, " + (f"augmented copy {copy}/{copies}" if copy else "as is"))
         batches = image_batches(split.paths, image_size, batch_size, policy_path=policy_path if copy else None,
-                                seeds=seeds)
-        blocks.append(np.asarray(extractor.predict(batches, verbose=fitting.progress_verbosity()), dtype=np.float32))
+                                seeds=seeds, limits=limits)
+        blocks.append(np.asarray(extractor.predict(batches, verbose=runtime.progress_verbosity()), dtype=np.float32))
         labels.append(split.labels)
     return np.concatenate(blocks), np.concatenate(labels).astype(np.int32)
 
@@ -83,11 +82,12 @@ def cached_features(extractor: Any, train: Split, val: Split, params: Params, ma
         with np.load(path) as cache:
             return {k: cache[k] for k in cache.files}, path
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
+    limits = ImageLimits.from_config(params.validate)
     train_x, train_y = extract_features(extractor, train, size, h.batch_size, policy_path=policy_path,
-                                        copies=h.augmented_copies if policy_path else 0, seed=seed)
-    val_x, val_y = extract_features(extractor, val, size, h.batch_size)
+                                        copies=h.augmented_copies if policy_path else 0, seed=seed, limits=limits)
+    val_x, val_y = extract_features(extractor, val, size, h.batch_size, limits=limits)
     arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
-    with runtime.atomic_file(path, "wb") as fh:
+    with files.atomic_file(path, "wb") as fh:
         np.savez(fh, **arrays)
     return arrays, path
 
@@ -117,14 +117,11 @@ def _compile(model: Any, learning_rate: float, label_smoothing: float, jit_compi
 
 def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     import keras
-
-    from components import fitting
-
     patience = params.train_head.early_stopping_patience
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
-        fitting.mlflow_epoch_logger(client, run_id),
+        tracking.mlflow_epoch_logger(client, run_id),
     ]
 
 
@@ -132,7 +129,7 @@ def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params
                             policy_path: str | Path | None, cache_dir: str | Path, weights: dict[int, float] | None,
                             callbacks: list[Any]) -> tuple[dict[str, list[float]], Path]:
     """Train the model's head sub-model alone on cached features (it stays attached to `model`)."""
-    from components import backbones, fitting
+    from components import backbones
 
     h, n = params.train_head, len(train.classes)
     arrays, cache_path = cached_features(backbones.feature_extractor(model), train, val, params, manifest,
@@ -142,21 +139,21 @@ def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params
     fit = head.fit(_vectors(arrays["train_x"], arrays["train_y"], n, h.batch_size, params.project.seed, True),
                    validation_data=_vectors(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
                    epochs=h.epochs, class_weight=weights, callbacks=callbacks, shuffle=False,
-                   verbose=fitting.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+                   verbose=runtime.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
     return fit.history, cache_path
 
 
 def _fit_end_to_end(model: Any, train: Split, val: Split, params: Params, policy_path: str | Path | None,
                     weights: dict[int, float] | None, callbacks: list[Any]) -> dict[str, list[float]]:
     """Train through the frozen backbone on freshly augmented images every epoch."""
-    from components import fitting
-
     h, size, n = params.train_head, params.model.image_size, len(train.classes)
     _compile(model, h.learning_rate, h.label_smoothing, jit_compile=runtime.jit_compile_default())
-    train_ds = make_dataset(train, size, h.batch_size, policy_path=policy_path, training=True, seed=params.project.seed)
-    val_ds = make_dataset(val, size, h.batch_size, cache=True)
+    limits = ImageLimits.from_config(params.validate)
+    train_ds = make_dataset(train, size, h.batch_size, policy_path=policy_path, training=True, seed=params.project.seed,
+                            limits=limits)
+    val_ds = make_dataset(val, size, h.batch_size, cache=True, limits=limits)
     fit = model.fit(_one_hot(train_ds, n), validation_data=_one_hot(val_ds, n), epochs=h.epochs,
-                    class_weight=weights, callbacks=callbacks, shuffle=False, verbose=fitting.progress_verbosity())
+                    class_weight=weights, callbacks=callbacks, shuffle=False, verbose=runtime.progress_verbosity())
     return fit.history
 
 
@@ -165,7 +162,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
     """Train the head, save the full model dir, report curves, log one MLflow run (stage=train_head)."""
     import keras
 
-    from components import backbones, fitting
+    from components import backbones
 
     started = time.perf_counter()
     device = runtime.configure_tensorflow(params.project.seed)
@@ -177,16 +174,16 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
         raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
     h, m = params.train_head, params.model
     model, _ = backbones.build_classifier(m, len(classes), h)
-    weights = fitting.class_weights(train.labels, len(classes), h.class_weighting)
-    version = fitting.data_version(manifest)
-    client, run_id, experiment_id = fitting.start_run(params.tracking, "train_head", {"data_version": version})
+    weights = data.class_weights(train.labels, len(classes), h.class_weighting)
+    version = hashing.manifest_version(manifest)
+    client, run_id, experiment_id = tracking.start_run(params.tracking, "train_head", {"data_version": version})
     try:
-        fitting.log_params(client, run_id, {
+        tracking.log_params(client, run_id, {
             **{f"model.{k}": v for k, v in m.model_dump().items()},
             **{f"train_head.{k}": v for k, v in h.model_dump().items()},
             "seed": params.project.seed, "data_version": version, "num_classes": len(classes),
             "train_images": len(train), "val_images": len(val),
-            "augment_policy_sha256": fitting.file_sha256(policy_path) if policy_path else None,
+            "augment_policy_sha256": hashing.file_sha256(policy_path) if policy_path else None,
         })
         callbacks = _callbacks(params, client, run_id)
         if h.cached_features:
@@ -194,18 +191,19 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
                                                           cache_dir, weights, callbacks)
         else:
             history, cache_path = _fit_end_to_end(model, train, val, params, policy_path, weights, callbacks), None
-        history = fitting.history_frame(history)
-        best = fitting.best_epoch(history)
+        history = learning_curves.history_frame(history)
+        best = learning_curves.best_epoch(history)
         seconds = time.perf_counter() - started
-        csv_path, png_path = fitting.write_reports(history, report_dir, f"train_head: {m.backbone}, frozen backbone")
+        csv_path, png_path = learning_curves.write_reports(history, report_dir, f"train_head: {m.backbone}, frozen backbone")
         run_info = {
             "run_id": run_id, "experiment_id": experiment_id, "stage": "train_head", "backbone": m.backbone,
             "alpha": m.alpha, "image_size": m.image_size, "weights": m.weights, "data_version": version,
             "best_epoch": int(best["epoch"]), "epochs_run": len(history), "val_accuracy": float(best["val_accuracy"]),
             "val_loss": float(best["val_loss"]), "seconds": round(seconds, 1), "cached_features": h.cached_features,
             "feature_cache": str(cache_path) if cache_path else None, "num_classes": len(classes), "device": device,
+            "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
-        fitting.save_model_dir(model, classes, run_info, out_dir)
+        data.save_model_dir(model, classes, run_info, out_dir)
         for name in ("val_accuracy", "val_loss"):
             client.log_metric(run_id, f"best_{name}", run_info[name])
         client.log_metric(run_id, "seconds", seconds)
@@ -220,7 +218,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
                            seconds, cache_path, Path(out_dir))
 
 
-@runtime.cli_errors("train_head")
+@errors.cli_errors("train_head")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.train_head", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        runtime.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
+        files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
         result = run_train_head(params, args.manifest, args.policy, args.out_dir, args.report_dir, args.cache_dir)
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"train_head: {exc}", file=sys.stderr)

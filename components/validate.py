@@ -27,9 +27,9 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from components import runtime
+from components import runtime, files, errors
 from components.config import ParamsError, ValidateConfig, load_params
-from components.data import MANIFEST_COLUMNS, SPLITS, read_manifest
+from components.contracts import MANIFEST_COLUMNS, SPLITS, read_manifest
 from components.ingest import data_version, is_hidden
 
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
@@ -385,7 +385,7 @@ def _read_inputs(manifest_path: Path, ingest_report: Path | None) -> tuple[pd.Da
     info: dict[str, Any] = {}
     if ingest_report is not None:
         try:
-            info = runtime.read_json(ingest_report)
+            info = files.read_json(ingest_report)
         except (OSError, ValueError) as exc:
             raise ValidateInputError(f"ingest report {ingest_report}: {exc}") from None
         found = data_version(_relative_records(frame, info.get("raw_dir")))
@@ -406,7 +406,7 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
     manifest_path, out_manifest, report_dir = Path(manifest_path), Path(out_manifest), Path(report_dir)
     frame, info = _read_inputs(manifest_path, Path(ingest_report) if ingest_report else None)
     df = derive_columns(frame)
-    with runtime.atomic_dir(report_dir) as tmp:
+    with files.atomic_dir(report_dir) as tmp:
         suites = Suites(tmp / "data_docs")
         checks = file_checks(config)
         file_failures = collect_failures(suites.run("files", df, checks, "path"), checks, df, "path")
@@ -430,13 +430,13 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
         versions = {"data_version": info.get("data_version") or data_version(_relative_records(frame, raw_dir)),
                     "validated_version": data_version(_relative_records(frame[passed.to_numpy()], raw_dir))}
         warnings = _warnings(df, passed)
-        with runtime.atomic_file(tmp / "quarantine.csv") as fh:
+        with files.atomic_file(tmp / "quarantine.csv") as fh:
             quarantine.to_csv(fh, index=False, lineterminator="\n")
         summary = _summary(config, classes, ok, problems, warnings, file_failures + set_failures, df, passed, table,
                            counts, versions, manifest_path, info)
-        runtime.write_json(tmp / "summary.json", summary)
+        files.write_json(tmp / "summary.json", summary)
     if ok:
-        with runtime.atomic_file(out_manifest) as fh:
+        with files.atomic_file(out_manifest) as fh:
             frame[passed.to_numpy()].to_csv(fh, index=False, lineterminator="\n")
     return ValidationResult(
         passed=ok, policy=config.policy, files=len(df), valid=int(passed.sum()), quarantined=len(quarantine),
@@ -477,7 +477,7 @@ def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, proble
     }
 
 
-@runtime.cli_errors("validate")
+@errors.cli_errors("validate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections validate, ingest)")

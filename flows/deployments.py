@@ -1,4 +1,4 @@
-"""Running the pipeline beyond one process: work pools, served deployments, notifications.
+"""Running the pipeline beyond one process: work pools and served deployments.
 
 `prefect.yaml` is the single description of the deployments. Two ways to run them:
 
@@ -9,8 +9,7 @@
   (schedules included; runs execute here, in the current directory):
       python -m flows.deployments --serve
 
-`notify(event, message)` posts to a webhook or a Prefect notification block named in the
-environment (TP_NOTIFY_WEBHOOK_URL / TP_NOTIFY_BLOCK); flows call it from their hooks.
+`--notify-test` sends a test message through flows/notify.py's channel.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,6 @@ GPU_POOL_TEMPLATES = {
     "kubernetes": WORK_POOL_TEMPLATES / "kubernetes-gpu.json",
 }
 TRAINING_QUEUE = "training"  # shared by training/nightly and training/on-demand: one run at a time
-NOTIFY_TIMEOUT_S = 10.0
 
 logger = logging.getLogger("transfer_pipeline.deployments")
 
@@ -161,41 +158,6 @@ def create_work_pools(gpu_pool_type: str = "process", gpu_slots: int = 1,
     return created
 
 
-# --------------------------------------------------------------------------- notifications
-def notify(event: str, message: str, **details: Any) -> bool:
-    """Tell people about a run (`failed`, `promoted`, ...). Never raises; True when delivered.
-
-    TP_NOTIFY_BLOCK names a Prefect notification block (`slack-webhook/ml-alerts`); otherwise
-    TP_NOTIFY_WEBHOOK_URL receives a JSON POST {"event", "text", **details}. Neither set: no-op.
-    """
-    text = f"[transfer-pipeline] {event}: {message}"
-    block_slug = os.environ.get("TP_NOTIFY_BLOCK", "").strip()
-    webhook_url = os.environ.get("TP_NOTIFY_WEBHOOK_URL", "").strip()
-    try:
-        if block_slug:
-            from prefect.blocks.core import Block
-
-            Block.load(block_slug).notify(body=text, subject=f"transfer-pipeline {event}")
-            return True
-        if webhook_url:
-            import requests
-
-            response = requests.post(webhook_url, json={"event": event, "text": text, **details},
-                                     timeout=NOTIFY_TIMEOUT_S)
-            response.raise_for_status()
-            return True
-    except Exception as error:  # a notification must never fail the run it reports on
-        # The URL may embed a token: log only the error type and the event.
-        logger.warning("notification %r not delivered: %s", event, type(error).__name__)
-    return False
-
-
-def notify_flow_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    """A Prefect `on_failure` / `on_crashed` hook: `@flow(on_failure=[notify_flow_failure])`."""
-    notify("failed", f"{flow.name} run {flow_run.name!r} ended {state.name}: {state.message or ''}".strip(),
-           flow=flow.name, flow_run=flow_run.name, flow_run_id=str(flow_run.id), state=state.name)
-
-
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__.split("\n")[0])
@@ -222,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{deployment_label(spec):32} pool={pool:5} schedule={crons or '-'}  {spec['entrypoint']}")
         return 0
     if args.notify_test:
+        from flows.notify import notify
+
         delivered = notify("test", "notification channel works")
         print("delivered" if delivered else "not delivered (nothing configured, or see the warning above)")
         return 0 if delivered else 1

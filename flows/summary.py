@@ -43,7 +43,7 @@ SUMMARY_MD = Path("reports/run_summary.md")
 
 def write(root: Path, result: dict[str, Any]) -> str:
     """Keep the last run's summary in the workspace (JSON for tools, markdown for people)."""
-    from components.runtime import atomic_file, write_json
+    from components.files import atomic_file, write_json
 
     markdown = to_markdown(result)
     write_json(root / SUMMARY_JSON, result)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import runtime  # noqa: F401  (telemetry off before Prefect/MLflow load)
+from components import runtime, files  # noqa: F401  (telemetry off before Prefect/MLflow load)
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -29,8 +29,9 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from components.config import ParamsError, load_params, write_overrides  # noqa: E402
+from components.settings import environment  # noqa: E402
 from flows import summary  # noqa: E402
-from flows.deployments import notify, notify_flow_failure  # noqa: E402
+from flows.notify import notify, notify_flow_failure  # noqa: E402
 
 STAGES = ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
 # Downloads and registry calls can fail transiently; validation failures are the data's, not the network's.
@@ -90,7 +91,7 @@ def export_champion(workdir: str, run_id: str) -> dict[str, Any]:
     if proc.returncode != 0:
         raise StageFailed(f"export of the champion failed:\n{proc.stderr.strip()[-2000:]}")
     logger.info(proc.stdout.strip().splitlines()[-1])
-    return runtime.read_json(Path(workdir) / "models/export/export.json")
+    return files.read_json(Path(workdir) / "models/export/export.json")
 
 
 def default_remote(root: Path) -> str | None:
@@ -210,7 +211,7 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         ) from None
     try:
         preflight(str(root), str(params_file))
-        gpu_deployment = os.environ.get("TP_GPU_DEPLOYMENT")
+        gpu_deployment = environment().gpu_deployment
         outcomes = [
             run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES
             else STAGE_TASKS[stage](str(root))

@@ -46,7 +46,7 @@ def tiny_params(**sections: dict[str, Any]) -> Params:
 
 
 def write_policy(path: Path, policy: list[dict[str, dict[str, Any]]] | None = None, seed: int = 7) -> Path:
-    from components.augment import build_pipeline, save_pipeline
+    from components.transforms import build_pipeline, save_pipeline
 
     if policy is None:
         policy = [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.8}}]

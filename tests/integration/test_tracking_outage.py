@@ -57,7 +57,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store.mkdir()
     port = free_port()
     ws = make_tiny_workspace(root / "ws", make_classes(root / "source", {"alpha": 12, "beta": 12}),
-                             **FAULT_SETTINGS, evaluate={"mlflow_attempts": 2, "mlflow_backoff_s": 0.5})
+                             **FAULT_SETTINGS, tracking={"retry_attempts": 2, "retry_backoff_s": 0.5})
     env = stage_env(MLFLOW_TRACKING_URI=f"http://ci-user:{SECRET}@127.0.0.1:{port}")
     dvc = str(Path(sys.executable).parent / "dvc")
     facts: dict[str, Any] = {"ws": ws, "store": store, "port": port}

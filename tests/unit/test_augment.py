@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from components.augment import build_pipeline, load_pipeline, main, run_augment, save_pipeline
+from components.augment import main, run_augment
+from components.transforms import build_pipeline, load_pipeline, save_pipeline
 from components.config import AugmentConfig, ParamsError
 from tests.modelkit import write_manifest
 

@@ -59,11 +59,11 @@ def test_training_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(m
 
 def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(manifest: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch):
-    from components import augment
+    from components import transforms
 
     loads = []
-    real_load = augment.load_pipeline
-    monkeypatch.setattr(augment, "load_pipeline", lambda path, seed: loads.append(path) or real_load(path, seed))
+    real_load = transforms.load_pipeline
+    monkeypatch.setattr(transforms, "load_pipeline", lambda path, seed: loads.append(path) or real_load(path, seed))
     policy = write_policy(tmp_path / "fresh-policy.json")
     data = load_split(manifest, "train")
     ds = make_dataset(data, 64, 2, policy_path=policy, training=True, seed=0)

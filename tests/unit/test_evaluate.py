@@ -30,8 +30,8 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def settings(**promotion: float) -> Params:
-    return parse_params({"evaluate": {"batch_size": 8, "worst_examples": 4, "mlflow_attempts": 2,
-                                      "mlflow_backoff_s": 0, "promotion": promotion}})
+    return parse_params({"evaluate": {"batch_size": 8, "worst_examples": 4, "promotion": promotion},
+                         "tracking": {"retry_attempts": 2, "retry_backoff_s": 0}})
 
 
 def evaluate_model(ws: Path, model_dir: Path, params: Params | None = None, manifest: Path | None = None) -> Any:
@@ -138,7 +138,7 @@ def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     manifest = write_manifest(workspace)
     params_file = workspace / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"evaluate": {"mlflow_attempts": 2, "mlflow_backoff_s": 0}}))
+    params_file.write_text(yaml.safe_dump({"tracking": {"retry_attempts": 2, "retry_backoff_s": 0}}))
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:s3cret@127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries: seconds each

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import runtime
+from components import runtime, files
 from components.config import ParamsError
-from components.finetune import run_finetune, unfreeze_top
+from components.backbones import unfreeze_top
+from components.finetune import run_finetune
 from tests.modelkit import tiny_params, train_tiny_head
 
 
@@ -62,10 +63,10 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
 
     result = run_finetune(tiny_params(), head["manifest"], head["policy"], head["root"] / "models/head",
                           tmp_path / "out", tmp_path / "reports", checkpoint_root=tmp_path / "ckpt")
-    info = runtime.read_json(tmp_path / "out/run.json")
+    info = files.read_json(tmp_path / "out/run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
-    head_classes = runtime.read_json(head["root"] / "models/head/classes.json")
-    assert runtime.read_json(tmp_path / "out/classes.json") == head_classes
+    head_classes = files.read_json(head["root"] / "models/head/classes.json")
+    assert files.read_json(tmp_path / "out/classes.json") == head_classes
     model = keras.models.load_model(tmp_path / "out/model.keras")
     probs = model.predict(np.full((1, 50, 70, 3), 128.0, "float32"), verbose=0)
     assert probs.dtype == np.float32 and probs.shape == (1, 2)
@@ -101,10 +102,10 @@ def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
 
     backbone = keras.models.load_model(head["root"] / "models/head/model.keras").get_layer("backbone")
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_layers = 100000 .*layers"):
-        unfreeze_top(backbone, tiny_params(finetune={"unfreeze_layers": 100000}).finetune)
+        unfreeze_top(backbone, tiny_params(finetune={"unfreeze_layers": 100000}).finetune, 30)
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_from = 'block_99_add'"):
-        unfreeze_top(backbone, tiny_params(finetune={"unfreeze_from": "block_99_add"}).finetune)
-    start = unfreeze_top(backbone, tiny_params(finetune={"unfreeze_from": "block_16_expand"}).finetune)
+        unfreeze_top(backbone, tiny_params(finetune={"unfreeze_from": "block_99_add"}).finetune, 30)
+    start = unfreeze_top(backbone, tiny_params(finetune={"unfreeze_from": "block_16_expand"}).finetune, 30)
     assert backbone.layers[start].name == "block_16_expand" and backbone.layers[start].trainable
     assert not any(layer.trainable for layer in backbone.layers[:start])
     assert not any(layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from flows import deployments
+from flows import notify
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -430,7 +431,7 @@ def webhook() -> str:
 def test_failed_run_is_posted_to_the_configured_webhook(webhook: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TP_NOTIFY_BLOCK", raising=False)
     monkeypatch.setenv("TP_NOTIFY_WEBHOOK_URL", webhook)
-    assert deployments.notify("failed", "training run 'nimble-fox' crashed", flow_run_id="42")
+    assert notify.notify("failed", "training run 'nimble-fox' crashed", flow_run_id="42")
     (payload,) = _Recorder.received
     assert payload["event"] == "failed" and payload["flow_run_id"] == "42"
     assert "nimble-fox" in payload["text"]
@@ -439,7 +440,7 @@ def test_failed_run_is_posted_to_the_configured_webhook(webhook: str, monkeypatc
 def test_notify_without_a_channel_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TP_NOTIFY_BLOCK", raising=False)
     monkeypatch.delenv("TP_NOTIFY_WEBHOOK_URL", raising=False)
-    assert deployments.notify("promoted", "v3 is champion") is False
+    assert notify.notify("promoted", "v3 is champion") is False
 
 
 def test_unreachable_webhook_never_fails_the_run(monkeypatch: pytest.MonkeyPatch,
@@ -447,7 +448,7 @@ def test_unreachable_webhook_never_fails_the_run(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("TP_NOTIFY_BLOCK", raising=False)
     secret_url = "http://127.0.0.1:9/hook?token=s3cr3t"  # port 9 (discard): connection refused
     monkeypatch.setenv("TP_NOTIFY_WEBHOOK_URL", secret_url)
-    assert deployments.notify("failed", "boom") is False
+    assert notify.notify("failed", "boom") is False
     assert "s3cr3t" not in caplog.text
 
 

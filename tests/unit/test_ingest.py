@@ -14,7 +14,7 @@ import pytest
 
 from components import ingest
 from components.config import SplitFractions
-from components.data import MANIFEST_COLUMNS
+from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestError, assign_split, run_ingest
 from tests.conftest import write_image
 from tests.datakit import (http_server, ingest_config, make_classes, tar_folder, tar_with, tree_digest,
@@ -56,7 +56,7 @@ def test_folder_is_copied_with_its_layout_and_source_is_untouched(tiny_folder: P
         assert hashlib.sha256(copied.read_bytes()).hexdigest() == row.sha256 == before[rel]
         assert (row.format, row.mode, row.width, row.height, row.error) == ("JPEG", "RGB", 48, 40, "")
         assert row.source == str(tiny_folder / rel)
-    report = ingest.runtime.read_json(result.report_path)
+    report = ingest.files.read_json(result.report_path)
     assert report["files"] == 48 and report["data_version"] == result.data_version
     assert sum(sum(c.values()) for c in report["counts"].values()) == 48
     assert report["class_folders"] == {"alpha": 24, "beta": 24}
@@ -144,7 +144,7 @@ def test_given_train_val_split_is_kept_and_test_is_carved_from_train(tmp_path: P
     assert set(frame.loc[~from_val, "split"]) == {"train", "test"}
     assert frame["path"].str.contains("/raw/train/ants/").any()  # layout preserved
     assert any("carved from train" in note for note in result.notes)
-    report = ingest.runtime.read_json(result.report_path)
+    report = ingest.files.read_json(result.report_path)
     assert report["layout"] == "split_folders" and report["notes"] == result.notes
     assert report["class_folders"]["val/bees"] == 6
 
@@ -161,7 +161,7 @@ def test_hidden_non_image_and_empty_folders_are_reported_not_dropped(tmp_path: P
     assert "hidden" in errors[".DS_Store"] and "hidden" in errors["Thumbs.db"]
     assert "not an image" in errors["notes.txt"]
     assert "README.md" not in errors
-    report = ingest.runtime.read_json(result.report_path)
+    report = ingest.files.read_json(result.report_path)
     assert report["class_folders"] == {"a": 3, "b": 4, "empty": 0}
     assert report["ignored"] == ["README.md"]
 
@@ -234,7 +234,7 @@ def test_tgz_with_single_top_folder_and_license_like_flower_photos(tiny_folder: 
     frame = _manifest(result)
     assert set(frame["label"]) == {"alpha", "beta"} and len(frame) == 48 and set(frame["error"]) == {""}
     assert frame["source"].str.startswith(f"{archive}!flower_photos/").all()
-    assert ingest.runtime.read_json(result.report_path)["ignored"] == ["LICENSE.txt"]
+    assert ingest.files.read_json(result.report_path)["ignored"] == ["LICENSE.txt"]
     assert (result.raw_dir / "alpha" / "alpha_000.jpg").is_file()
 
 
@@ -288,11 +288,11 @@ def test_zip_members_escaping_the_target_are_refused(tmp_path: Path, name: str):
 @pytest.mark.parametrize("make", [tar_with, zip_with])
 def test_archive_bombs_are_stopped_by_size_and_count_limits(tmp_path: Path, make):
     big = make(tmp_path / f"big.{'tgz' if make is tar_with else 'zip'}", [("d/a/zeros.jpg", b"\0" * 1_000_000)])
-    with pytest.raises(IngestError, match="max_archive_bytes"):
-        _run(tmp_path, big, max_archive_bytes=100_000)
+    with pytest.raises(IngestError, match="max_bytes"):
+        _run(tmp_path, big, max_bytes=100_000)
     many = make(tmp_path / f"many.{'tgz' if make is tar_with else 'zip'}", [(f"d/a/{i}.jpg", b"x") for i in range(50)])
-    with pytest.raises(IngestError, match="max_archive_members"):
-        _run(tmp_path, many, max_archive_members=20)
+    with pytest.raises(IngestError, match="max_files"):
+        _run(tmp_path, many, max_files=20)
 
 
 # --- remote sources (all on this machine) ------------------------------------------------------

@@ -12,18 +12,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from components.config import Params, PromotionConfig, parse_params
-from components.registry import (
-    RetryPolicy,
-    Scores,
-    TrackingUnavailable,
-    alias_version,
-    decide_promotion,
-    git_commit,
-    lineage_tags,
-    params_hash,
-    scrub_credentials,
-    with_retries,
-)
+from components.registry import Scores, alias_version, decide_promotion, git_commit, lineage_tags, params_hash
+from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
 
 GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0.02)
 

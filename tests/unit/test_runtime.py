@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from components import runtime
-from components.registry import TrackingUnavailable
+from components import runtime, files, errors
+from components.tracking import TrackingUnavailable
 
 
 def _dead_pid() -> int:
@@ -27,9 +27,9 @@ def test_disk_full_while_writing_an_output_is_one_line_naming_it_and_exit_2(tmp_
 
     monkeypatch.setattr(json, "dump", full_disk)
 
-    @runtime.cli_errors("evaluate")
+    @errors.cli_errors("evaluate")
     def main() -> int:
-        runtime.write_json(target, {"accuracy": 1.0})
+        files.write_json(target, {"accuracy": 1.0})
         return 0
 
     assert main() == 2
@@ -40,11 +40,11 @@ def test_disk_full_while_writing_an_output_is_one_line_naming_it_and_exit_2(tmp_
 
 def test_error_inside_an_output_folder_names_the_output_not_the_temp_folder(tmp_path):
     target = tmp_path / "models" / "head"
-    with pytest.raises(OSError) as caught, runtime.atomic_dir(target) as tmp:
+    with pytest.raises(OSError) as caught, files.atomic_dir(target) as tmp:
         raise OSError(errno.EROFS, "Read-only file system", str(tmp / "model.keras"))
     assert caught.value.errno == errno.EROFS
     assert caught.value.filename == str(target / "model.keras")
-    assert runtime.describe_os_error(caught.value) == (
+    assert errors.describe_os_error(caught.value) == (
         f"cannot write {target / 'model.keras'}: read-only file system (choose a writable location)")
 
 
@@ -52,9 +52,9 @@ def test_output_path_under_a_regular_file_is_explained(tmp_path, capsys):
     blocker = tmp_path / "reports"
     blocker.write_text("not a folder")
 
-    @runtime.cli_errors("ingest")
+    @errors.cli_errors("ingest")
     def main() -> int:
-        runtime.write_json(blocker / "sub" / "ingest.json", {})
+        files.write_json(blocker / "sub" / "ingest.json", {})
         return 0
 
     assert main() == 2
@@ -63,7 +63,7 @@ def test_output_path_under_a_regular_file_is_explained(tmp_path, capsys):
 
 
 def test_unrelated_errors_still_raise(tmp_path):
-    @runtime.cli_errors("validate")
+    @errors.cli_errors("validate")
     def main() -> int:
         raise KeyError("a bug, not a disk problem")
 
@@ -72,7 +72,7 @@ def test_unrelated_errors_still_raise(tmp_path):
 
 
 def test_unreachable_service_exits_1_with_its_message(capsys):
-    @runtime.cli_errors("finetune")
+    @errors.cli_errors("finetune")
     def main() -> int:
         raise TrackingUnavailable("MLflow at http://***@127.0.0.1:5 failed to reach the tracking server")
 
@@ -82,7 +82,7 @@ def test_unreachable_service_exits_1_with_its_message(capsys):
 
 def test_leftovers_of_a_killed_writer_are_swept_and_its_previous_output_restored(tmp_path):
     target = tmp_path / "raw"
-    host = runtime._owner().rpartition(".")[0]
+    host = files._owner().rpartition(".")[0]
     dead = f"{host}.{_dead_pid()}"
     half_written = tmp_path / f".raw.tmp-{dead}-abc123"
     (half_written / "cls").mkdir(parents=True)
@@ -90,10 +90,10 @@ def test_leftovers_of_a_killed_writer_are_swept_and_its_previous_output_restored
     previous = tmp_path / f".raw.old-{dead}"  # killed between its two renames: the complete old output
     previous.mkdir()
     (previous / "complete.txt").write_text("v1")
-    alive = tmp_path / f".raw.tmp-{runtime._owner()}-zzz999"  # a writer still running (this process)
+    alive = tmp_path / f".raw.tmp-{files._owner()}-zzz999"  # a writer still running (this process)
     alive.mkdir()
 
-    runtime.sweep_leftovers(target)
+    files.sweep_leftovers(target)
 
     assert (target / "complete.txt").read_text() == "v1"
     assert not half_written.exists() and not previous.exists()
@@ -103,7 +103,7 @@ def test_leftovers_of_a_killed_writer_are_swept_and_its_previous_output_restored
 def test_a_new_write_replaces_the_output_and_leaves_no_temp_siblings(tmp_path):
     target = tmp_path / "out"
     for version in ("v1", "v2"):
-        with runtime.atomic_dir(target) as tmp:
+        with files.atomic_dir(target) as tmp:
             (tmp / "data.txt").write_text(version)
     assert (target / "data.txt").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -114,7 +114,7 @@ def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_cred
     import time
 
     from components.config import TrackingConfig
-    from components.registry import RetryPolicy, with_retries
+    from components.tracking import RetryPolicy, with_retries
     from components.tracking import setup_mlflow
 
     with socket.socket() as sock:  # a port nobody listens on

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import runtime
+from components import runtime, files
 from components.data import load_rgb, load_split
 from components.train_head import feature_cache_key, main, run_train_head
 from tests.modelkit import CLASSES, tiny_params, train_tiny_head, write_manifest
@@ -38,8 +38,8 @@ def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     from mlflow import MlflowClient
 
     root, result = trained["root"], trained["result"]
-    assert runtime.read_json(root / "models/head/classes.json") == CLASSES
-    info = runtime.read_json(root / "models/head/run.json")
+    assert files.read_json(root / "models/head/classes.json") == CLASSES
+    info = files.read_json(root / "models/head/run.json")
     assert info["run_id"] == result.run_id and info["backbone"] == "mobilenet_v2" and info["image_size"] == 64
     assert {"experiment_id", "data_version", "best_epoch", "val_accuracy", "seconds"} <= set(info)
     history = pd.read_csv(root / "reports/train_head/history.csv")

@@ -11,7 +11,7 @@ import pytest
 
 from components import validate
 from components.config import ValidateConfig
-from components.data import MANIFEST_COLUMNS
+from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.validate import ValidateInputError, ValidationResult, run_validate
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
@@ -27,7 +27,7 @@ class Run:
 
     @property
     def summary(self) -> dict:
-        return validate.runtime.read_json(self.result.summary_path)
+        return validate.files.read_json(self.result.summary_path)
 
     def quarantine(self) -> pd.DataFrame:
         return pd.read_csv(self.result.quarantine_path, keep_default_na=False)

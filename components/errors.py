@@ -1,0 +1,72 @@
+"""Errors a user can act on: unreachable services, disk and permission faults, one line per CLI failure."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class Unavailable(RuntimeError):
+    """An outside service (the MLflow server, remote storage) stayed unreachable after retries.
+
+    Nothing was lost: the stage can simply be rerun once the service answers.
+    """
+
+
+# Why an output could not be written, in words a user can act on (errno -> reason).
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on device (free some space, then rerun)",
+    errno.EDQUOT: "disk quota exceeded (free some space or raise the quota, then rerun)",
+    errno.EROFS: "read-only file system (choose a writable location)",
+    errno.EFBIG: "file too large for this file system",
+}
+ACCESS_FAILURES = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a parent of this path is a file, not a folder",
+    errno.EISDIR: "this path is a folder, a file was expected",
+}
+
+
+def describe_os_error(exc: BaseException) -> str | None:
+    """'cannot write <path>: <reason>' for disk-full/unwritable errors (also when wrapped), else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES | ACCESS_FAILURES:
+            # A copy or rename names its source first; the destination is what could not be written.
+            path = exc.filename2 if exc.errno in WRITE_FAILURES and exc.filename2 is not None else exc.filename
+            where = os.fsdecode(path) if path is not None else "an output (the system did not say which)"
+            verb = "write" if exc.errno in WRITE_FAILURES else "access"
+            return f"cannot {verb} {where}: {(WRITE_FAILURES | ACCESS_FAILURES)[exc.errno]}"
+        if isinstance(exc, FileExistsError) and exc.filename is not None and Path(os.fsdecode(exc.filename)).is_file():
+            return f"cannot write under {os.fsdecode(exc.filename)}: it is a file, and a folder is needed there"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def cli_errors(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a stage's `main`: disk full, unwritable paths and unreachable services end the
+    process with one readable line (exit 2, or 1 for a service that may come back), not a traceback.
+    Outputs are written atomically, so the previous complete outputs are still in place.
+    """
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def guarded(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except Unavailable as exc:
+                print(f"{stage}: error: {exc}", file=sys.stderr)
+                return 1
+            except Exception as exc:
+                message = describe_os_error(exc)
+                if message is None:
+                    raise
+                print(f"{stage}: error: {message}", file=sys.stderr)
+                return 2
+        return guarded
+    return decorate

@@ -1,0 +1,142 @@
+"""Outputs that are whole or absent: atomic folders and files, JSON, and the leftovers of killed writers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _owner() -> str:
+    """host.pid of this process: temp names carry it so a later run can tell a dead writer's leftovers."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    return f"{host}.{os.getpid()}"
+
+
+def _writer_is_dead(owner: str) -> bool:
+    host, _, pid = owner.rpartition(".")
+    if host != _owner().rpartition(".")[0] or not pid.isdigit():
+        return False  # another machine's (shared disk) or not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_leftovers(target: Path) -> None:
+    """Remove temp siblings of `target` left by writers that were killed (SIGKILL, power loss).
+
+    A writer killed between its two renames leaves only `.<name>.old-*`: that is the previous
+    complete output, so it is put back rather than deleted.
+    """
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(.+\.\d+)(-[A-Za-z0-9_]+)?$")
+    if not target.parent.is_dir():
+        return
+    for sibling in target.parent.iterdir():
+        found = pattern.match(sibling.name)
+        if not found or not _writer_is_dead(found.group(2)):
+            continue
+        if found.group(1) == "old" and not target.exists():
+            sibling.rename(target)
+        elif sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def _name_the_target(exc: OSError, tmp: Path, target: Path) -> OSError:
+    """The same error, naming the output the user asked for instead of our temp path."""
+    def shown(name: Any) -> str | None:
+        name = os.fsdecode(name) if name is not None else None
+        return str(target) + name[len(str(tmp)):] if name is not None and name.startswith(str(tmp)) else name
+
+    first, second = shown(exc.filename), shown(exc.filename2)
+    if exc.errno is None or (first, second) == (exc.filename, exc.filename2) and first is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), first or str(target), None, second)
+
+
+def ensure_writable(*targets: str | Path) -> None:
+    """Fail before long work, not after it, when an output's folder cannot be made or written
+    (read-only file system, a file where a folder should be, no permission)."""
+    for target in map(Path, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=target.parent)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        os.close(fd)
+        os.unlink(probe)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `target` only if the block succeeds.
+
+    A killed process leaves the old output (or none), never a half-written one; the next write
+    sweeps what it left behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{_owner()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except OSError as exc:
+        shown = _name_the_target(exc, tmp, target)
+        if shown is exc:
+            raise
+        raise shown from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary sibling of `target` that is renamed over it when the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+        tmp.replace(target)
+    except OSError as exc:
+        shown = _name_the_target(exc, tmp, target)
+        if shown is exc:
+            raise
+        raise shown from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_file(path) as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

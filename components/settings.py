@@ -1,0 +1,31 @@
+"""Settings that belong to the machine, not the project: read from the environment in one place.
+
+`params.yaml` holds what a run does; these say where it runs and whom it tells. Servers and
+credentials live here (or in MLflow's/DVC's own configuration), never in `params.yaml`.
+
+    MLFLOW_TRACKING_URI     tracking server (wins over tracking.uri)
+    TP_GPU_DEPLOYMENT       Prefect deployment that runs GPU stages (e.g. stage/gpu); unset = here
+    TP_PREFECT_FLOW_RUN_ID  set by the flow for its stage processes: lineage tag on registered models
+    TP_NOTIFY_WEBHOOK_URL   webhook told about failures and promotions
+    TP_NOTIFY_BLOCK         or: a Prefect notification block's slug (e.g. slack-webhook/ml-alerts)
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EnvironmentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TP_", extra="ignore", frozen=True)
+
+    tracking_uri: str | None = Field(None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"))
+    gpu_deployment: str | None = None
+    prefect_flow_run_id: str | None = None
+    notify_webhook_url: str | None = None
+    notify_block: str | None = None
+
+
+def environment() -> EnvironmentSettings:
+    """The current environment's settings (read anew each call: tests and the flow change variables)."""
+    return EnvironmentSettings()
