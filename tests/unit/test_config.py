@@ -117,3 +117,32 @@ def test_random_yaml_text_never_crashes_the_loader(tmp_path_factory, text):
         load_params(path)
     except ParamsError as err:
         assert str(err)
+
+
+def test_params_yaml_states_exactly_the_model_defaults():
+    # One default per setting: deleting a key from params.yaml must not change the run.
+    shipped = load_params(REPO / "params.yaml").model_dump()
+    defaults = Params().model_dump()
+    differing = {f"{section}.{key}": (shipped[section][key], defaults[section][key])
+                 for section in defaults for key in defaults[section] if shipped[section][key] != defaults[section][key]}
+    assert not differing, f"params.yaml vs components/config.py defaults (yaml, code): {differing}"
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ({"finetune": {"epochs": True}}, "finetune.epochs"),
+    ({"train_head": {"learning_rate": False}}, "train_head.learning_rate"),
+    ({"validate": {"max_pixels": 1e15}}, "validate.max_pixels"),
+])
+def test_booleans_and_absurd_limits_are_refused_by_key(raw, key):
+    with pytest.raises(ParamsError, match=rf"'{key}'"):
+        parse_params(raw)
+
+
+def test_min_size_above_max_size_is_refused():
+    with pytest.raises(ParamsError, match=r"min_width \(500\) is larger than max_width \(400\)"):
+        parse_params({"validate": {"min_width": 500, "max_width": 400}})
+
+
+def test_booleans_stay_valid_where_a_boolean_is_expected():
+    assert parse_params({"train_head": {"cached_features": False}}).train_head.cached_features is False
+    assert parse_params({"ingest": {"allow_http": True}}).ingest.allow_http is True
