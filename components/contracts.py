@@ -203,6 +203,7 @@ class ModelRunInfo(Contract):
     device: dict[str, Any]
     model_sha256: str = Field(description="sha256 of model.keras, checked before it is loaded")
     settings: dict[str, Any] = Field(description="the params sections this model was trained with")
+    prefect_flow_run_id: str | None = Field(None, description="the flow run that ran the stage, if a flow did")
     # train_head only
     cached_features: bool | None = None
     feature_cache: str | None = None

@@ -28,6 +28,7 @@ from components import data, errors, files, hashing, learning_curves, runtime, t
 from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split, make_dataset
 from components.images import ImageLimits
+from components.settings import environment
 from components.contracts import MODEL_FILE, read_manifest
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")
@@ -201,6 +202,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
             "run_id": run_id, "experiment_id": experiment_id, "stage": "finetune",
             "settings": {**head_info.settings, "finetune": config.model_dump(), "seed": seed},
+            "prefect_flow_run_id": environment().prefect_flow_run_id,
             "head_run_id": head_info.run_id, "best_epoch": best_epoch, "epochs_run": len(history),
             "val_accuracy": val_accuracy, "val_loss": val_loss, "seconds": round(seconds, 1), "device": device,
             "trainable_backbone_layers": len(trained_layers),

@@ -195,19 +195,53 @@ def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolic
 
 # --- runs, with the run id passed explicitly (the active run is process-global) -----------------
 
+WORKSPACE_TAG = "tp.workspace"
+
+
+def workspace_tag(workspace: str | Path | None = None) -> dict[str, str]:
+    """Tag naming the machine and folder a run was started from (to find this workspace's orphans)."""
+    import socket
+
+    return {WORKSPACE_TAG: f"{socket.gethostname()}:{Path(workspace or '.').resolve()}"}
+
+
+def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None,
+                      workspace: str | Path | None = None) -> list[str]:
+    """End as KILLED the runs this workspace left RUNNING (a killed or cancelled stage), with a note.
+
+    Safe because a workspace runs one stage at a time (DVC's repo lock, and the flow's workspace lock):
+    a run of this workspace still RUNNING when a stage starts belongs to a process that is gone.
+    """
+    tag = workspace_tag(workspace)[WORKSPACE_TAG].replace("'", "\\'")
+    found = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{tag}'",
+                               max_results=1000)
+    ended = []
+    for run in found:
+        if run.info.run_id == keep:
+            continue
+        client.set_tag(run.info.run_id, "tp.ended_by", "start-of-stage cleanup: its process ended without closing it")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    if ended:
+        print(f"tracking: ended {len(ended)} orphaned run(s) of this workspace as KILLED: {', '.join(ended)}",
+              file=sys.stderr)
+    return ended
+
+
 def start_run(tracking: TrackingConfig, stage: str, tags: dict[str, str] | None = None,
               run_id: str | None = None) -> tuple[Any, str, str]:
     """(client, run_id, experiment_id); reopens `run_id` when resuming an interrupted run."""
     from mlflow import MlflowClient
 
     # Fail before any training when the server is down (TrackingUnavailable names it, redacted).
-    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking,
-                                 policy=RetryPolicy.from_config(tracking))
+    policy = RetryPolicy.from_config(tracking)
+    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, policy=policy)
     client = MlflowClient()
+    with_retries("end orphaned runs", end_orphaned_runs, client, experiment_id, run_id, policy=policy)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return client, run_id, experiment_id
-    run = client.create_run(experiment_id, run_name=stage, tags={"stage": stage, **(tags or {})})
+    run = client.create_run(experiment_id, run_name=stage, tags={"stage": stage, **workspace_tag(), **(tags or {})})
     return client, run.info.run_id, experiment_id
 
 

@@ -25,6 +25,7 @@ from components import data, errors, files, hashing, learning_curves, runtime, t
 from components.config import Params, ParamsError, load_params
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
+from components.settings import environment
 from components.contracts import read_manifest
 
 DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result
@@ -201,6 +202,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "best_epoch": int(best["epoch"]), "epochs_run": len(history), "val_accuracy": float(best["val_accuracy"]),
             "val_loss": float(best["val_loss"]), "seconds": round(seconds, 1), "cached_features": h.cached_features,
             "feature_cache": str(cache_path) if cache_path else None, "num_classes": len(classes), "device": device,
+            "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
         data.save_model_dir(model, classes, run_info, out_dir)

@@ -1,4 +1,4 @@
-"""The run summary: what each stage did and produced, gathered from the files the stages declare."""
+"""The run summary: what each stage did and produced, read through the stages' typed hand-off files."""
 
 from __future__ import annotations
 
@@ -7,24 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
+from components.contracts import IngestReport, PromotionRecord, TestMetrics, ValidationSummary
 
 REPORTS = {
-    "ingest": Path("reports/ingest.json"),
-    "validation": Path("reports/validation/summary.json"),
-    "metrics": Path("metrics.json"),
-    "promotion": Path("reports/evaluate/promotion.json"),
+    "ingest": (Path("reports/ingest.json"), IngestReport),
+    "validation": (Path("reports/validation/summary.json"), ValidationSummary),
+    "metrics": (Path("metrics.json"), TestMetrics),
+    "promotion": (Path("reports/evaluate/promotion.json"), PromotionRecord),
 }
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def read_report(root: Path, name: str) -> dict[str, Any] | None:
-    return _read(root / REPORTS[name])
+    """A stage's report as a dict, None if that stage has not written it; a malformed one fails loudly."""
+    path, contract = REPORTS[name]
+    report = contract.read_optional(root / path)
+    return report.model_dump(mode="json") if report is not None else None
 
 
 def collect(root: Path, params: Params, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,27 +63,26 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += [f"| {o['stage']} | {'yes' if o['ran'] else 'skipped (up to date)'} | {o['seconds']} |" for o in result["stages"]]
     ingest = result.get("ingest") or {}
     if ingest:
-        lines += ["", "## Data", f"- data version: `{ingest.get('data_version', '?')}`",
-                  f"- images: {ingest.get('num_files', ingest.get('files', '?'))}"]
-        per_split = ingest.get("counts") or ingest.get("per_class_per_split")
-        if isinstance(per_split, dict):
-            lines += [f"- {k}: {json.dumps(v, sort_keys=True)}" for k, v in per_split.items()]
+        lines += ["", "## Data", f"- data version: `{ingest['data_version']}`",
+                  f"- files: {ingest['files']} ({ingest['images']} images, {ingest['unreadable']} unreadable, "
+                  f"{ingest['refused_count']} refused)"]
+        lines += [f"- {split}: {json.dumps(counts, sort_keys=True)}" for split, counts in ingest["counts"].items()]
     validation = result.get("validation") or {}
     if validation:
-        counts = validation.get("counts", {})
-        lines += ["", "## Validation", f"- passed: {validation.get('passed', '?')} (policy: {validation.get('policy', '?')})",
-                  f"- kept {counts.get('valid', '?')} of {counts.get('files', '?')} files, "
-                  f"quarantined {counts.get('quarantined', 0)} (reports/validation/quarantine.csv)"]
-        lines += [f"- warning: {w}" for w in validation.get("warnings", [])[:5]]
+        counts = validation["counts"]
+        lines += ["", "## Validation", f"- passed: {validation['passed']} (policy: {validation['policy']})",
+                  f"- kept {counts['valid']} of {counts['files']} files, "
+                  f"quarantined {counts['quarantined']} (reports/validation/quarantine.csv)"]
+        lines += [f"- warning: {w}" for w in validation["warnings"][:5]]
     metrics = result.get("metrics") or {}
     if metrics:
         lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
     promotion = result.get("promotion") or {}
     if promotion:
-        lines += ["", "## Registry", f"- model: `{result['registered_model']}` version {promotion.get('version', '?')}",
-                  f"- champion: {'yes' if promotion.get('promoted') else 'no'}",
-                  *[f"- {reason}" for reason in promotion.get("reasons", [])]]
+        lines += ["", "## Registry", f"- model: `{result['registered_model']}` version {promotion['version']}",
+                  f"- champion: {'yes' if promotion['promoted'] else 'no'}",
+                  *[f"- {reason}" for reason in promotion["reasons"]]]
     export = result.get("export") or {}
     if export:
         lines += [f"- exported: SavedModel and float16 TFLite ({export.get('tflite_bytes', 0) / 1e6:.1f} MB), TFLite agrees "

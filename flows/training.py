@@ -12,6 +12,7 @@ can fail transiently, Prefect logs, and a markdown summary artifact.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from components.config import ParamsError, load_params, write_overrides  # noqa: E402
+from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord  # noqa: E402
 from components.settings import environment  # noqa: E402
 from flows import summary  # noqa: E402
 from flows.notify import notify, notify_flow_failure  # noqa: E402
@@ -53,8 +55,8 @@ def _stage_env() -> dict[str, str]:
     return env
 
 
-def run_dvc(args: list[str], workdir: Path, logger: Any) -> tuple[int, list[str]]:
-    """Run a DVC command, streaming its output to the logger; return exit code and lines."""
+def run_dvc(args: list[str], workdir: Path, logger: Any | None) -> tuple[int, list[str]]:
+    """Run a DVC command, streaming its output to the logger (if any); return exit code and lines."""
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
     proc = subprocess.Popen(cmd, cwd=workdir, env=_stage_env(), stdout=subprocess.PIPE,
@@ -65,7 +67,8 @@ def run_dvc(args: list[str], workdir: Path, logger: Any) -> tuple[int, list[str]
         line = line.rstrip()
         if line:
             lines.append(line)
-            logger.info(line)
+            if logger is not None:
+                logger.info(line)
     return proc.wait(), lines
 
 
@@ -120,22 +123,38 @@ def push_to_remote(workdir: str) -> dict[str, Any]:
     return push_data(Path(workdir), get_run_logger())
 
 
+def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
+    """DVC's own answer: are the stage's deps, params, code and outs unchanged since its last run?"""
+    code, lines = run_dvc(["status", "--json", stage], root, logger=None)
+    if code != 0:
+        raise StageFailed(f"dvc status {stage} failed:\n" + "\n".join(lines[-15:]))
+    report = json.loads("".join(lines) or "{}")
+    return stage not in report and f"dvc.yaml:{stage}" not in report
+
+
 def _stage_task(stage: str):
     @task(name=f"stage:{stage}", retries=STAGE_RETRIES[stage], retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0)
     def run(workdir: str) -> dict[str, Any]:
         logger = get_run_logger()
         started = time.monotonic()
-        code, lines = run_dvc(["repro", "--single-item", stage], Path(workdir), logger)
+        root = Path(workdir)
+        if stage_is_current(stage, root, logger):
+            logger.info("stage %s is up to date (dvc status): skipped", stage)
+            return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1)}
+        code, lines = run_dvc(["repro", "--single-item", stage], root, logger)
         if code != 0:
             tail = "\n".join(lines[-25:])
             raise StageFailed(f"stage '{stage}' failed (dvc exit {code}):\n{tail}")
-        skipped = any(f"Stage '{stage}' didn't change, skipping" in line for line in lines)
-        return {"stage": stage, "ran": not skipped, "seconds": round(time.monotonic() - started, 1)}
+        if not stage_is_current(stage, root, logger):
+            raise StageFailed(f"stage '{stage}': dvc repro succeeded but dvc status still reports it changed")
+        # "ran" = DVC reproduced it: executed here, or restored from DVC's run-cache (same inputs seen before).
+        return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1)}
 
     return run
 
 
 STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
+STAGE_MODEL_DIRS = {"train_head": Path("models/head"), "finetune": Path("models/finetune")}
 # Stages that may be sent to a GPU work pool (TP_GPU_DEPLOYMENT names the deployment of stage_flow).
 GPU_STAGES = ("finetune",)
 
@@ -164,8 +183,7 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     logger = get_run_logger()
     root = Path(workdir)
     started = time.monotonic()
-    status = run_dvc(["status", "--json", stage], root, logger)
-    if status[0] == 0 and "".join(status[1]).strip() in ("{}", ""):
+    if stage_is_current(stage, root, logger):
         return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1), "where": "up to date"}
     upstream = STAGES[STAGES.index(stage) - 1]
     code, lines = run_dvc(["push", "--with-deps", "--run-cache", upstream], root, logger)
@@ -184,22 +202,33 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     code, lines = run_dvc(["repro", "--pull", "--single-item", stage], root, logger)
     if code != 0:
         raise StageFailed("dvc repro --pull failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:]))
-    if not any(f"Stage '{stage}' is cached - skipping run" in line for line in lines):
+    # The stage process records the Prefect flow run that ran it (TP_PREFECT_FLOW_RUN_ID) in its model folder.
+    if made_by_flow_run(root, stage) != str(remote.id):
         logger.warning("stage %s: the remote result was not in DVC's run-cache, so it ran here as well", stage)
         return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": "here (run-cache miss)"}
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
+def made_by_flow_run(root: Path, stage: str) -> str | None:
+    """The Prefect flow run recorded in a training stage's model folder (its declared output)."""
+    folder = STAGE_MODEL_DIRS.get(stage)
+    if folder is None or not (root / folder / RUN_INFO_FILE).is_file():
+        return None
+    return ModelRunInfo.read(root / folder / RUN_INFO_FILE).prefect_flow_run_id
+
+
 @flow(name="training", log_prints=True, on_failure=[notify_flow_failure], on_crashed=[notify_flow_failure])
-def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, workdir: str = ".") -> dict[str, Any]:
-    """Ingest -> validate -> augment -> train_head -> finetune -> evaluate, skipping unchanged stages."""
+def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, workdir: str = ".",
+                  persist_overrides: bool = False) -> dict[str, Any]:
+    """Ingest -> validate -> augment -> train_head -> finetune -> evaluate, skipping unchanged stages.
+
+    `overrides` (section.key=value) apply to this run; they stay in params.yaml only with
+    `persist_overrides` (the CLI's --set), never for a deployment run unless it asks.
+    """
     logger = get_run_logger()
     root = Path(workdir).resolve()
     params_file = root / params_path
-    # Fail fast: every setting is checked before any stage does work.
-    params = write_overrides(params_file, overrides) if overrides else load_params(params_file)
-    if overrides:
-        logger.info("params.yaml updated: %s", ", ".join(overrides))
+    load_params(params_file, overrides)  # fail fast: every setting is checked before the lock or any stage
     lock = FileLock(str(root / LOCK_FILE), timeout=0)
     (root / LOCK_FILE).parent.mkdir(exist_ok=True)
     try:
@@ -207,9 +236,14 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     except Timeout:
         raise RuntimeError(
             f"another training run is using the workspace {root} (lock {LOCK_FILE}); "
-            "this run exits without touching DVC or MLflow state. Retry when it has finished."
+            "this run exits without touching params.yaml, DVC or MLflow state. Retry when it has finished."
         ) from None
+    original = params_file.read_bytes()
     try:
+        params = write_overrides(params_file, overrides) if overrides else load_params(params_file)
+        if overrides:
+            logger.info("params.yaml %s: %s", "updated" if persist_overrides else "set for this run only",
+                        ", ".join(overrides))
         preflight(str(root), str(params_file))
         gpu_deployment = environment().gpu_deployment
         outcomes = [
@@ -217,19 +251,25 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
             else STAGE_TASKS[stage](str(root))
             for stage in STAGES
         ]
-        promotion = summary.read_report(root, "promotion") or {}
-        promoted_now = promotion.get("promoted") and any(o["stage"] == "evaluate" and o["ran"] for o in outcomes)
-        exported = export_champion(str(root), promotion["run_id"]) if promoted_now and promotion.get("run_id") else None
+        promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
+        # A promotion is this run's only if this flow run registered it: a run-cache restore of evaluate
+        # brings back an old promotion.json, which must not be exported or announced again.
+        this_run = str(flow_run.get_id() or "")
+        promoted_now = bool(promotion and promotion.promoted and this_run
+                            and promotion.lineage.get("prefect_flow_run_id") == this_run)
+        exported = export_champion(str(root), promotion.run_id) if promoted_now else None
         pushed = push_to_remote(str(root))
     finally:
+        if overrides and not persist_overrides:
+            params_file.write_bytes(original)  # a deployment's overrides never become the next run's settings
         lock.release()
     result = {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed}
     markdown = summary.write(root, result)
     create_markdown_artifact(key="training-summary", markdown=markdown,
                              description="Data, validation, metrics and registry decision of this run")
     if promoted_now:
-        notify("promoted", f"{params.tracking.registered_model} version {promotion.get('version')} is the new champion",
-               reason="; ".join(promotion.get("reasons", [])))
+        notify("promoted", f"{params.tracking.registered_model} version {promotion.version} is the new champion",
+               reason="; ".join(promotion.reasons))
     return result
 
 
@@ -291,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
     args = parser.parse_args(argv)
     try:
-        result = training_flow(params_path=args.params, overrides=args.overrides or None, workdir=args.workdir)
+        result = training_flow(params_path=args.params, overrides=args.overrides or None, workdir=args.workdir,
+                               persist_overrides=True)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -106,3 +106,29 @@ def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
     ran = {stage for stage in ["ingest", "validate", "augment", "train_head", "finetune", "evaluate"]
            if f"Running stage '{stage}'" in rerun}
     assert ran == {"finetune", "evaluate"}, rerun
+
+
+def test_set_waits_for_the_workspace_lock_and_changes_nothing_when_refused(trained):
+    from flows.training import LOCK_FILE, training_flow
+
+    workspace, _ = trained
+    before = (workspace / "params.yaml").read_bytes()
+    with FileLock(str(workspace / LOCK_FILE)):
+        with pytest.raises(RuntimeError, match="another training run"):
+            training_flow(workdir=str(workspace), overrides=["evaluate.worst_examples=3"], persist_overrides=True)
+    assert (workspace / "params.yaml").read_bytes() == before
+
+
+def test_deployment_overrides_apply_to_one_run_and_a_run_cache_restore_announces_nothing(trained):
+    from flows.training import training_flow
+
+    workspace, _ = trained
+    before = (workspace / "params.yaml").read_bytes()
+    one_off = training_flow(workdir=str(workspace), overrides=["evaluate.worst_examples=2"])
+    assert {s["stage"] for s in one_off["stages"] if s["ran"]} == {"evaluate"}
+    assert (workspace / "params.yaml").read_bytes() == before  # never the next run's settings
+    # Back on the saved settings, DVC restores evaluate's earlier outputs from its run-cache: that old
+    # promotion record was not made by this flow run, so it is neither exported nor announced again.
+    restored = training_flow(workdir=str(workspace))
+    assert [s["stage"] for s in restored["stages"] if s["ran"]] == ["evaluate"]
+    assert restored["export"] is None

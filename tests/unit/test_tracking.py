@@ -50,3 +50,23 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch)
     location = mlflow.get_experiment(experiment_id).artifact_location
     assert location == (store / "mlruns").as_uri()
     assert not (elsewhere / "mlruns").exists()
+
+
+def test_stage_start_ends_this_workspaces_orphaned_runs_as_killed(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from components.config import TrackingConfig
+    from components.tracking import start_run, workspace_tag
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client, killed_stage, experiment = start_run(config, "train_head")  # then the process "dies": never ended
+    other = client.create_run(experiment, tags={**workspace_tag(tmp_path / "elsewhere")}).info.run_id
+    _, resumed, _ = start_run(config, "finetune", run_id=killed_stage)  # resuming keeps its own run
+    assert client.get_run(killed_stage).info.status == "RUNNING"
+    _, fresh, _ = start_run(config, "evaluate")
+    orphan = MlflowClient().get_run(resumed)
+    assert orphan.info.status == "KILLED" and "cleanup" in orphan.data.tags["tp.ended_by"]
+    assert client.get_run(other).info.status == "RUNNING"  # another workspace's run is not ours to end
+    assert client.get_run(fresh).info.status == "RUNNING"
