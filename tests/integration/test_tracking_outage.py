@@ -111,7 +111,7 @@ def test_training_stages_refuse_to_start_while_the_server_is_down(outage: dict[s
         assert result["code"] == 1, result["out"][-3000:]
         last = result["out"].strip().splitlines()[-1]
         assert last == (f"{stage}: error: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server "
-                        f"after 3 attempts: connection refused: 127.0.0.1:{port}"), result["out"][-3000:]
+                        f"after 2 attempts: connection refused: 127.0.0.1:{port}"), result["out"][-3000:]
         assert "Traceback" not in result["out"] and "Epoch 1/" not in result["out"]  # failed before training
         assert not (outage["down_dir"] / stage).exists()
 
