@@ -28,10 +28,10 @@ from components import data, errors, files, hashing, learning_curves, runtime, t
 from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split, make_dataset
 from components.images import ImageLimits
-from components.settings import environment
+from components.settings import environment, workspace_root
 from components.contracts import MODEL_FILE, read_manifest
 
-DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")
+DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")  # under workspace_root(): experiments resume too
 RUN_ID_FILE = "mlflow_run_id.txt"
 EPOCH_LOG = "epochs.csv"
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
         result = run_finetune(params, args.manifest, args.policy, args.head_dir, args.out_dir, args.report_dir,
-                              args.checkpoint_dir)
+                              workspace_root() / args.checkpoint_dir)
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"finetune: {exc}", file=sys.stderr)
         return 2

@@ -22,17 +22,17 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from components.config import TrackingConfig
 from components.errors import Unavailable
-from components.settings import environment
+from components.settings import environment, workspace_root
 
 T = TypeVar("T")
 
 
 def resolve_tracking_uri(config: TrackingConfig, workspace: str | Path | None = None) -> str:
-    """The URI to use; a relative SQLite path is anchored at the workspace (cwd by default)."""
+    """The URI to use; a relative SQLite path is anchored at the main workspace (settings.workspace_root)."""
     uri = environment().tracking_uri or config.uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        base = Path(workspace) if workspace else Path.cwd()
+        base = Path(workspace) if workspace else workspace_root()
         uri = prefix + str((base / uri[len(prefix):]).resolve())
     return uri
 

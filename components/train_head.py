@@ -25,10 +25,10 @@ from components import data, errors, files, hashing, learning_curves, runtime, t
 from components.config import Params, ParamsError, load_params
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
-from components.settings import environment
+from components.settings import environment, workspace_root
 from components.contracts import read_manifest
 
-DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result
+DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result; under workspace_root()
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
-        result = run_train_head(params, args.manifest, args.policy, args.out_dir, args.report_dir, args.cache_dir)
+        result = run_train_head(params, args.manifest, args.policy, args.out_dir, args.report_dir,
+                                workspace_root() / args.cache_dir)
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"train_head: {exc}", file=sys.stderr)
         return 2
