@@ -8,13 +8,23 @@ allowed, before any stage does work.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -338,3 +348,51 @@ def write_overrides(path: str | Path, overrides: list[str]) -> Params:
         rt.dump(doc, fh)
     tmp.replace(path)
     return params
+
+
+# --- typed overrides (the Prefect run form, the flow's --set) ---------------------------------------
+
+def _optional_fields(model: type[BaseModel]) -> type[BaseModel]:
+    """The same sections and keys as `model`, every one optional (None = keep params.yaml's value)."""
+    fields: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = _optional_fields(annotation)
+        fields[name] = (annotation | None, Field(None, description=field.description))
+    return create_model(f"{model.__name__}Overrides", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+ParamsOverrides = _optional_fields(Params)
+ParamsOverrides.__doc__ = ("Settings to change for one run, by section and key; unset keys keep params.yaml's value. "
+                           "The whole result is validated against params.yaml's rules before any stage runs.")
+
+
+def overrides_to_strings(overrides: BaseModel | dict[str, Any] | None) -> list[str]:
+    """Typed overrides as `section.key=value` strings (the form `--set` and `dvc exp run -S` take)."""
+    if overrides is None:
+        return []
+    data = overrides.model_dump(exclude_none=True) if isinstance(overrides, BaseModel) else overrides
+
+    def flatten(prefix: str, node: Any) -> list[str]:
+        if isinstance(node, dict) and not (prefix.endswith("augment.policy")):
+            return [item for key, value in node.items() for item in flatten(f"{prefix}.{key}" if prefix else key, value)]
+        return [f"{prefix}={json.dumps(node)}"]
+
+    return flatten("", data)
+
+
+def overrides_from_strings(texts: list[str]) -> BaseModel:
+    """`--set section.key=value` strings as typed overrides (each key checked, values read as YAML)."""
+    nested: dict[str, Any] = {}
+    for text in texts:
+        path, value = parse_override(text)
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    try:
+        return ParamsOverrides.model_validate(nested)
+    except ValidationError as exc:
+        lines = [_describe(e, "--set") for e in exc.errors()]
+        raise ParamsError("invalid settings:\n  - " + "\n  - ".join(lines)) from None

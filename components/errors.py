@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -49,24 +50,46 @@ def describe_os_error(exc: BaseException) -> str | None:
     return None
 
 
+# Exit codes of every stage CLI: the flow retries only what may pass on a second try.
+EXIT_USER_ERROR = 2      # settings, data, disk or permissions: the same input fails the same way
+EXIT_UNAVAILABLE = 1     # a service (MLflow, storage) did not answer: worth retrying later
+STATUS_DIR_VARIABLE = "TP_STATUS_DIR"  # where a stage leaves <stage>.json saying how it ended
+
+
+def record_outcome(stage: str, exit_code: int, kind: str) -> None:
+    """Leave `{stage, exit_code, kind}` for the orchestrator (which cannot see through `dvc repro`'s exit code)."""
+    folder = os.environ.get(STATUS_DIR_VARIABLE)
+    if not folder:
+        return
+    path = Path(folder) / f"{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"stage": stage, "exit_code": exit_code, "kind": kind}), encoding="utf-8")
+
+
 def cli_errors(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorate a stage's `main`: disk full, unwritable paths and unreachable services end the
     process with one readable line (exit 2, or 1 for a service that may come back), not a traceback.
-    Outputs are written atomically, so the previous complete outputs are still in place.
+    Outputs are written atomically, so the previous complete outputs are still in place. How the
+    stage ended is recorded for the flow's retry decision (`record_outcome`).
     """
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def guarded(*args: Any, **kwargs: Any) -> int:
             try:
-                return main(*args, **kwargs)
+                code = main(*args, **kwargs)
             except Unavailable as exc:
                 print(f"{stage}: error: {exc}", file=sys.stderr)
-                return 1
+                record_outcome(stage, EXIT_UNAVAILABLE, "unavailable")
+                return EXIT_UNAVAILABLE
             except Exception as exc:
                 message = describe_os_error(exc)
                 if message is None:
+                    record_outcome(stage, 1, "crash")
                     raise
                 print(f"{stage}: error: {message}", file=sys.stderr)
-                return 2
+                record_outcome(stage, EXIT_USER_ERROR, "user")
+                return EXIT_USER_ERROR
+            record_outcome(stage, code, "ok" if code == 0 else "user" if code == EXIT_USER_ERROR else "failed")
+            return code
         return guarded
     return decorate

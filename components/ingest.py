@@ -653,9 +653,9 @@ class FactsCache:
 
     def save(self, entries: list[Entry], facts: dict[str, dict[str, Any]]) -> None:
         """Keep only the current files, so the cache never outgrows the source."""
-        files = {e.origin: {"size": e.size, "version": e.version, "facts": facts[e.origin]}
+        known = {e.origin: {"size": e.size, "version": e.version, "facts": facts[e.origin]}
                  for e in entries if e.version and e.origin in facts}
-        files.write_json(self.path, {"signature": self.signature, "files": files})
+        files.write_json(self.path, {"signature": self.signature, "files": known})
 
 
 def resolve_workers(workers: int) -> int:
