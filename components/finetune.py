@@ -221,7 +221,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         raise
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     keras.backend.clear_session()
-    return FinetuneResult(run_id, head_info.get("run_id"), val_accuracy, best_epoch, len(history), resumed_at,
+    return FinetuneResult(run_id, head_info.run_id, val_accuracy, best_epoch, len(history), resumed_at,
                           len(trained_layers), seconds, Path(out_dir))
 
 

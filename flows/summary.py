@@ -57,6 +57,9 @@ def _fmt(value: Any) -> str:
 
 def to_markdown(result: dict[str, Any]) -> str:
     lines = ["# Training run summary", ""]
+    if result.get("experiment"):
+        lines += [f"Experiment **{result['experiment']}** (`dvc exp show`; `dvc exp apply {result['experiment']}` "
+                  "makes its settings the workspace's).", ""]
     if result["all_skipped"]:
         lines += ["**Nothing changed** (data, params and code as in the last run): every stage was skipped.", ""]
     lines += ["| stage | ran | seconds |", "|---|---|---|"]

@@ -6,7 +6,8 @@ adds what DVC lacks: fail-fast settings checks, one run per workspace, retries f
 can fail transiently, Prefect logs, and a markdown summary artifact.
 
     python -m flows.training                              # the pipeline on params.yaml
-    python -m flows.training --set ingest.source=DIR      # set a param (written to params.yaml), then run
+    python -m flows.training --source DIR                 # train on DIR from now on (ingest.source)
+    python -m flows.training --set finetune.epochs=3      # a DVC experiment: params.yaml stays as it is
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,18 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from components.config import ParamsError, load_params, write_overrides  # noqa: E402
+from components.config import (  # noqa: E402
+    ParamsError,
+    ParamsOverrides,
+    load_params,
+    overrides_from_strings,
+    overrides_to_strings,
+    write_overrides,
+)
+from components.errors import EXIT_USER_ERROR, STATUS_DIR_VARIABLE  # noqa: E402
 from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord  # noqa: E402
 from components.settings import environment  # noqa: E402
+from components.tracking import redact  # noqa: E402
 from flows import summary  # noqa: E402
 from flows.notify import notify, notify_flow_failure  # noqa: E402
 
@@ -42,24 +53,45 @@ LOCK_FILE = Path(".tp") / "training.lock"
 
 
 class StageFailed(RuntimeError):
-    """A stage exited non-zero; the message carries the end of its output."""
+    """A stage exited non-zero; the message carries the end of its output.
+
+    `retryable` is False when the stage said the input itself is at fault (settings, data, disk:
+    exit 2), so retrying the same input would only fail again.
+    """
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
-def _stage_env() -> dict[str, str]:
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a stage only for failures that may pass next time."""
+    error = getattr(state, "data", None)
+    return not isinstance(error, (StageFailed, ParamsError)) or getattr(error, "retryable", False)
+
+
+def stage_outcome(status_dir: Path, stage: str) -> dict[str, Any]:
+    """How the stage's own process ended (components.errors.record_outcome), {} if it left nothing."""
+    path = status_dir / f"{stage}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for stage processes: this interpreter's tools first, flow run id for lineage."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     run_id = flow_run.get_id()
     if run_id:
         env["TP_PREFECT_FLOW_RUN_ID"] = str(run_id)
-    return env
+    return {**env, **(extra or {})}
 
 
-def run_dvc(args: list[str], workdir: Path, logger: Any | None) -> tuple[int, list[str]]:
+def run_dvc(args: list[str], workdir: Path, logger: Any | None,
+            env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run a DVC command, streaming its output to the logger (if any); return exit code and lines."""
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=_stage_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=workdir, env=_stage_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []
     assert proc.stdout is not None
@@ -133,18 +165,24 @@ def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
 
 
 def _stage_task(stage: str):
-    @task(name=f"stage:{stage}", retries=STAGE_RETRIES[stage], retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0)
-    def run(workdir: str) -> dict[str, Any]:
+    @task(name=f"stage:{stage}", retries=STAGE_RETRIES[stage], retry_condition_fn=retry_if_transient,
+          retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0)
+    def run(workdir: str, experiment: str | None = None) -> dict[str, Any]:
         logger = get_run_logger()
         started = time.monotonic()
         root = Path(workdir)
         if stage_is_current(stage, root, logger):
             logger.info("stage %s is up to date (dvc status): skipped", stage)
             return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1)}
-        code, lines = run_dvc(["repro", "--single-item", stage], root, logger)
+        with tempfile.TemporaryDirectory(prefix="tp-status-") as status_dir:
+            extra = {STATUS_DIR_VARIABLE: status_dir, **({"DVC_EXP_NAME": experiment} if experiment else {})}
+            code, lines = run_dvc(["repro", "--single-item", stage], root, logger, env=extra)
+            outcome = stage_outcome(Path(status_dir), stage)
         if code != 0:
             tail = "\n".join(lines[-25:])
-            raise StageFailed(f"stage '{stage}' failed (dvc exit {code}):\n{tail}")
+            user_error = outcome.get("exit_code") == EXIT_USER_ERROR
+            raise StageFailed(f"stage '{stage}' failed ({'input or settings: not retried' if user_error else 'dvc exit ' + str(code)}):\n{tail}",
+                              retryable=not user_error)
         if not stage_is_current(stage, root, logger):
             raise StageFailed(f"stage '{stage}': dvc repro succeeded but dvc status still reports it changed")
         # "ran" = DVC reproduced it: executed here, or restored from DVC's run-cache (same inputs seen before).
@@ -217,18 +255,21 @@ def made_by_flow_run(root: Path, stage: str) -> str | None:
     return ModelRunInfo.read(root / folder / RUN_INFO_FILE).prefect_flow_run_id
 
 
-@flow(name="training", log_prints=True, on_failure=[notify_flow_failure], on_crashed=[notify_flow_failure])
-def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, workdir: str = ".",
-                  persist_overrides: bool = False) -> dict[str, Any]:
+@flow(name="training", log_prints=True, validate_parameters=True,
+      on_failure=[notify_flow_failure], on_crashed=[notify_flow_failure])
+def training_flow(params_path: str = "params.yaml", overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
+                  source: str | None = None, experiment: str | None = None, workdir: str = ".") -> dict[str, Any]:
     """Ingest -> validate -> augment -> train_head -> finetune -> evaluate, skipping unchanged stages.
 
-    `overrides` (section.key=value) apply to this run; they stay in params.yaml only with
-    `persist_overrides` (the CLI's --set), never for a deployment run unless it asks.
+    `source` changes the data the workspace trains on (written to params.yaml, like editing it).
+    `overrides` make this run a DVC experiment: the stages run with them, the result is saved as
+    an experiment (`dvc exp show`, `dvc exp apply NAME`), and params.yaml is left as it was.
     """
     logger = get_run_logger()
     root = Path(workdir).resolve()
     params_file = root / params_path
-    load_params(params_file, overrides)  # fail fast: every setting is checked before the lock or any stage
+    changes = overrides_to_strings(overrides)
+    load_params(params_file, ([f"ingest.source={json.dumps(source)}"] if source else []) + changes)  # fail fast
     lock = FileLock(str(root / LOCK_FILE), timeout=0)
     (root / LOCK_FILE).parent.mkdir(exist_ok=True)
     try:
@@ -238,17 +279,37 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
             f"another training run is using the workspace {root} (lock {LOCK_FILE}); "
             "this run exits without touching params.yaml, DVC or MLflow state. Retry when it has finished."
         ) from None
-    original = params_file.read_bytes()
     try:
-        params = write_overrides(params_file, overrides) if overrides else load_params(params_file)
-        if overrides:
-            logger.info("params.yaml %s: %s", "updated" if persist_overrides else "set for this run only",
-                        ", ".join(overrides))
+        if source:
+            write_overrides(params_file, [f"ingest.source={json.dumps(source)}"])
+            logger.info("params.yaml: ingest.source set to %s", redact(source))
+        result = _run_pipeline(root, params_file, changes, experiment if changes else None, logger)
+    finally:
+        lock.release()
+    markdown = summary.write(root, result)
+    create_markdown_artifact(key="training-summary", markdown=markdown,
+                             description="Data, validation, metrics and registry decision of this run")
+    promotion = result.get("promotion")
+    if result["promoted_now"]:
+        notify("promoted", f"{result['registered_model']} version {promotion['version']} is the new champion",
+               reason="; ".join(promotion["reasons"]))
+    return result
+
+
+def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment: str | None, logger: Any) -> dict[str, Any]:
+    """The stages (with `changes` applied for this run only), export, push; the run's summary."""
+    saved = params_file.read_bytes()
+    name = None
+    try:
+        params = write_overrides(params_file, changes) if changes else load_params(params_file)
+        if changes:
+            name = experiment or experiment_name()
+            logger.info("experiment %s: %s (params.yaml is restored afterwards)", name, ", ".join(changes))
         preflight(str(root), str(params_file))
         gpu_deployment = environment().gpu_deployment
         outcomes = [
             run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES
-            else STAGE_TASKS[stage](str(root))
+            else STAGE_TASKS[stage](str(root), name)
             for stage in STAGES
         ]
         promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
@@ -258,19 +319,27 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         promoted_now = bool(promotion and promotion.promoted and this_run
                             and promotion.lineage.get("prefect_flow_run_id") == this_run)
         exported = export_champion(str(root), promotion.run_id) if promoted_now else None
+        if name:
+            save_experiment(str(root), name)
         pushed = push_to_remote(str(root))
     finally:
-        if overrides and not persist_overrides:
-            params_file.write_bytes(original)  # a deployment's overrides never become the next run's settings
-        lock.release()
-    result = {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed}
-    markdown = summary.write(root, result)
-    create_markdown_artifact(key="training-summary", markdown=markdown,
-                             description="Data, validation, metrics and registry decision of this run")
-    if promoted_now:
-        notify("promoted", f"{params.tracking.registered_model} version {promotion.version} is the new champion",
-               reason="; ".join(promotion.reasons))
-    return result
+        if changes:
+            params_file.write_bytes(saved)  # an experiment's settings never become the next run's
+    return {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed,
+            "experiment": name, "promoted_now": promoted_now}
+
+
+def experiment_name() -> str:
+    """A readable, unique experiment name: the Prefect flow run's own name when there is one."""
+    return f"flow-{flow_run.get_name() or time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@task(name="save-experiment")
+def save_experiment(workdir: str, name: str) -> None:
+    """Record the workspace (params, dvc.lock, metrics) as a DVC experiment: `dvc exp show` lists it."""
+    code, lines = run_dvc(["exp", "save", "--force", "--name", name], Path(workdir), get_run_logger())
+    if code != 0:
+        raise StageFailed(f"dvc exp save failed:\n" + "\n".join(lines[-15:]), retryable=False)
 
 
 @flow(name="stage", log_prints=True)
@@ -326,13 +395,16 @@ def push_uncached_outputs(root: Path, stage: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="settings file, relative to --workdir")
+    parser.add_argument("--source", help="train on this data from now on (sets ingest.source in the params file)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a param before running (validated, written to the params file)")
+                        help="run as a DVC experiment with this setting changed (params file left as it is)")
+    parser.add_argument("--name", help="the experiment's name (with --set)")
     parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
     args = parser.parse_args(argv)
     try:
-        result = training_flow(params_path=args.params, overrides=args.overrides or None, workdir=args.workdir,
-                               persist_overrides=True)
+        overrides = overrides_from_strings(args.overrides) if args.overrides else None
+        result = training_flow(params_path=args.params, overrides=overrides, source=args.source,
+                               experiment=args.name, workdir=args.workdir)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -108,27 +108,35 @@ def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
     assert ran == {"finetune", "evaluate"}, rerun
 
 
-def test_set_waits_for_the_workspace_lock_and_changes_nothing_when_refused(trained):
+def test_a_run_refused_by_the_lock_changes_nothing(trained):
+    from components.config import overrides_from_strings
     from flows.training import LOCK_FILE, training_flow
 
     workspace, _ = trained
     before = (workspace / "params.yaml").read_bytes()
     with FileLock(str(workspace / LOCK_FILE)):
         with pytest.raises(RuntimeError, match="another training run"):
-            training_flow(workdir=str(workspace), overrides=["evaluate.worst_examples=3"], persist_overrides=True)
+            training_flow(workdir=str(workspace), source=str(workspace / "elsewhere"),
+                          overrides=overrides_from_strings(["evaluate.worst_examples=3"]))
     assert (workspace / "params.yaml").read_bytes() == before
 
 
-def test_deployment_overrides_apply_to_one_run_and_a_run_cache_restore_announces_nothing(trained):
+def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(trained):
+    from components.config import overrides_from_strings
     from flows.training import training_flow
 
     workspace, _ = trained
     before = (workspace / "params.yaml").read_bytes()
-    one_off = training_flow(workdir=str(workspace), overrides=["evaluate.worst_examples=2"])
+    one_off = training_flow(workdir=str(workspace), overrides=overrides_from_strings(["evaluate.worst_examples=2"]),
+                            experiment="fewer-examples")
     assert {s["stage"] for s in one_off["stages"] if s["ran"]} == {"evaluate"}
     assert (workspace / "params.yaml").read_bytes() == before  # never the next run's settings
+    shown = json.loads(dvc(workspace, "exp", "show", "--json").stdout)
+    names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])
+             for exp in ([exp] + (exp.get("revs") or []))}
+    assert "fewer-examples" in json.dumps(shown), names
     # Back on the saved settings, DVC restores evaluate's earlier outputs from its run-cache: that old
     # promotion record was not made by this flow run, so it is neither exported nor announced again.
     restored = training_flow(workdir=str(workspace))
     assert [s["stage"] for s in restored["stages"] if s["ran"]] == ["evaluate"]
-    assert restored["export"] is None
+    assert restored["export"] is None and not restored["promoted_now"]

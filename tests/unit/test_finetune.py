@@ -10,7 +10,6 @@ import pytest
 
 from components import runtime, files
 from components.config import ParamsError
-from components.backbones import unfreeze_top
 from components.finetune import run_finetune
 from tests.modelkit import tiny_params, train_tiny_head
 
@@ -99,6 +98,8 @@ def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path
 
 def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
     import keras
+
+    from components.backbones import unfreeze_top
 
     backbone = keras.models.load_model(head["root"] / "models/head/model.keras").get_layer("backbone")
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_layers = 100000 .*layers"):
