@@ -35,7 +35,7 @@ keras-home:
 	if [ -d "$(KERAS_SEED)" ]; then cp -n $(KERAS_SEED)/* $(KERAS_HOME)/models/ 2>/dev/null || true; chmod u+w $(KERAS_HOME)/models/*; fi
 
 run: install keras-home
-	$(BIN)/python -m flows.training $(if $(SOURCE),--set ingest.source=$(SOURCE))
+	$(BIN)/python -m flows.training $(if $(SOURCE),--source $(SOURCE))
 
 test: install keras-home
 	$(BIN)/python -m pytest
