@@ -214,12 +214,18 @@ class ServingConfig(Section):
         64 * 1024**2, ge=1024, le=2 * 1024**3, description="Total image bytes one served request may hold.")
 
 
+class ExperimentsConfig(Section):
+    register: bool = Field(False, description="Whether a DVC experiment registers its model (as a challenger).")
+    promote: bool = Field(False, description="Whether a registered experiment may become champion (gate still applies).")
+
+
 class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)
     top_k: int = Field(3, ge=1, description="Top-k accuracy is reported when there are more than 5 classes.")
     worst_examples: int = Field(16, ge=0, le=64, description="Misclassified test images shown in the gallery.")
     calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins for ECE and the reliability diagram.")
     promotion: PromotionConfig = PromotionConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
     serving: ServingConfig = ServingConfig()
 
 

@@ -205,6 +205,42 @@ def workspace_tag(workspace: str | Path | None = None) -> dict[str, str]:
     return {WORKSPACE_TAG: f"{socket.gethostname()}:{Path(workspace or '.').resolve()}"}
 
 
+PIPELINE_TAG = "tp.pipeline_run"  # on parent runs: the flow run id or the DVC experiment's name
+
+
+def pipeline_parent(client: Any, experiment_id: str) -> str | None:
+    """The MLflow parent run of this pipeline run, so the UI shows one row per pipeline run.
+
+    The flow makes one per flow run (TP_MLFLOW_PARENT_RUN_ID); a `dvc exp run` gets one per experiment
+    name, found or made here; a plain `dvc repro` has none and its stage runs stand alone.
+    """
+    env = environment()
+    if env.mlflow_parent_run_id:
+        return env.mlflow_parent_run_id
+    if not env.dvc_exp_name:
+        return None
+    name = env.dvc_exp_name.replace("'", "")
+    found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{name}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"experiment {name}",
+                            tags={PIPELINE_TAG: name, "dvc_experiment": name, **workspace_tag()})
+    client.set_terminated(run.info.run_id, "FINISHED")  # a container: its stage runs carry the status
+    return run.info.run_id
+
+
+def start_pipeline_run(tracking: TrackingConfig, name: str, tags: dict[str, str],
+                       workspace: str | Path | None = None) -> tuple[Any, str]:
+    """(client, run_id) of a new parent run for one flow run; the caller ends it."""
+    from mlflow import MlflowClient
+
+    policy = RetryPolicy.from_config(tracking)
+    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, workspace, policy=policy)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags={PIPELINE_TAG: name, **workspace_tag(workspace), **tags})
+    return client, run.info.run_id
+
+
 def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None,
                       workspace: str | Path | None = None) -> list[str]:
     """End as KILLED the runs this workspace left RUNNING (a killed or cancelled stage), with a note.
@@ -217,7 +253,7 @@ def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None,
                                max_results=1000)
     ended = []
     for run in found:
-        if run.info.run_id == keep:
+        if run.info.run_id in (keep, environment().mlflow_parent_run_id):
             continue
         client.set_tag(run.info.run_id, "tp.ended_by", "start-of-stage cleanup: its process ended without closing it")
         client.set_terminated(run.info.run_id, "KILLED")
@@ -241,7 +277,10 @@ def start_run(tracking: TrackingConfig, stage: str, tags: dict[str, str] | None 
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return client, run_id, experiment_id
-    run = client.create_run(experiment_id, run_name=stage, tags={"stage": stage, **workspace_tag(), **(tags or {})})
+    parent = pipeline_parent(client, experiment_id)
+    nesting = {"mlflow.parentRunId": parent} if parent else {}
+    run = client.create_run(experiment_id, run_name=stage,
+                            tags={"stage": stage, **workspace_tag(), **nesting, **(tags or {})})
     return client, run.info.run_id, experiment_id
 
 

@@ -306,12 +306,22 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
             name = experiment or experiment_name()
             logger.info("experiment %s: %s (params.yaml is restored afterwards)", name, ", ".join(changes))
         preflight(str(root), str(params_file))
+        parent = open_pipeline_run(params.tracking.model_dump(), str(root), name)
+        os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
         gpu_deployment = environment().gpu_deployment
-        outcomes = [
-            run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES
-            else STAGE_TASKS[stage](str(root), name)
-            for stage in STAGES
-        ]
+        try:
+            outcomes = [
+                run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES
+                else STAGE_TASKS[stage](str(root), name)
+                for stage in STAGES
+            ]
+        except BaseException:
+            close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
+            raise
+        finally:
+            os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
+        close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FINISHED",
+                           {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"})
         promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
         # A promotion is this run's only if this flow run registered it: a run-cache restore of evaluate
         # brings back an old promotion.json, which must not be exported or announced again.
@@ -327,6 +337,31 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
             params_file.write_bytes(saved)  # an experiment's settings never become the next run's
     return {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed,
             "experiment": name, "promoted_now": promoted_now}
+
+
+@task(name="mlflow-pipeline-run", retries=2, retry_delay_seconds=10)
+def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | None) -> str:
+    """One MLflow parent run per flow run: the stage runs nest under it (one row per pipeline run)."""
+    from components.config import TrackingConfig
+    from components.tracking import start_pipeline_run
+
+    tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), **({"dvc_experiment": experiment} if experiment else {})}
+    name = f"pipeline {flow_run.get_name() or ''}".strip()
+    return start_pipeline_run(TrackingConfig(**tracking), name, tags, workspace=workdir)[1]
+
+
+@task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=10)
+def close_pipeline_run(tracking: dict[str, Any], workdir: str, run_id: str, status: str, tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    from components.config import TrackingConfig
+    from components.tracking import setup_mlflow
+
+    setup_mlflow(TrackingConfig(**tracking), workspace=workdir)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
 
 
 def experiment_name() -> str:

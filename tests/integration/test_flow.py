@@ -140,3 +140,43 @@ def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(traine
     restored = training_flow(workdir=str(workspace))
     assert [s["stage"] for s in restored["stages"] if s["ran"]] == ["evaluate"]
     assert restored["export"] is None and not restored["promoted_now"]
+
+
+def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
+    import time
+
+    from benchmarks.workspace import git
+
+    workspace, _ = trained
+    git(workspace, "add", "-A")
+    git(workspace, "commit", "-qm", "baseline for experiments", "--allow-empty")
+    versions_before = len(mlflow_client(workspace).search_model_versions("name='image-classifier'"))
+    for name, bins in (("bins5", 5), ("bins20", 20)):
+        dvc(workspace, "exp", "run", "--queue", "-S", f"evaluate.calibration_bins={bins}", "-n", name)
+    dvc(workspace, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and any(s in dvc(workspace, "queue", "status").stdout for s in ("Running", "Queued")):
+        time.sleep(3)
+    status = dvc(workspace, "queue", "status").stdout
+    assert status.count("Success") >= 2, status
+
+    shown = dvc(workspace, "exp", "show", "--json").stdout
+    experiments = {exp["name"]: exp for rev in json.loads(shown) for exp in (rev.get("experiments") or [])
+                   if exp.get("name")}
+    assert {"bins5", "bins20"} <= set(experiments), shown[:2000]
+    for name in ("bins5", "bins20"):
+        metrics = experiments[name]["revs"][0]["data"]["metrics"]["metrics.json"]["data"]
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and "ece" in metrics, metrics
+    # Both experiments tracked into the workspace's one MLflow store (not a fresh one in DVC's temp
+    # folders), as evaluate runs nested under one parent per experiment; neither registered a model.
+    client = mlflow_client(workspace)
+    parents = {run.data.tags.get("dvc_experiment"): run.info.run_id for exp in client.search_experiments()
+               for run in client.search_runs([exp.experiment_id]) if run.data.tags.get("dvc_experiment")}
+    assert {"bins5", "bins20"} <= set(parents), parents
+    nested = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])
+              if run.data.tags.get("mlflow.parentRunId") in (parents["bins5"], parents["bins20"])]
+    assert {run.data.tags.get("stage") for run in nested} == {"evaluate"}
+    assert len(client.search_model_versions("name='image-classifier'")) == versions_before
+
+    diff = dvc(workspace, "plots", "diff", "bins5", "bins20", "--json").stdout
+    assert "bins5" in diff and "bins20" in diff, diff[:2000]
