@@ -1,0 +1,132 @@
+"""Near-duplicates: a resized, re-encoded copy is grouped, a distinct image is not, and the policy
+applies deterministically (cross-split groups move to the split of the smallest content hash)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components import near_duplicates as nd
+from components.config import ValidateConfig
+from components.hashing import file_sha256
+from components.images import ImageLimits
+
+LIMITS = ImageLimits.from_config(ValidateConfig())
+
+
+def scene(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A smooth random picture (blobs of colour), like a photo at thumbnail scale."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+
+def save(img: Image.Image, path: Path, quality: int = 90) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, "JPEG", quality=quality)
+    return path
+
+
+def manifest(rows: list[tuple[Path, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame([{"path": str(p), "label": label, "split": split, "sha256": file_sha256(p)}
+                         for p, label, split in rows])
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, Path]:
+    original = scene(1)
+    return {
+        "a": save(original, tmp_path / "a.jpg"),
+        "a_copy": save(original.resize((80, 60), Image.Resampling.LANCZOS), tmp_path / "a_copy.jpg", quality=40),
+        "b": save(scene(2), tmp_path / "b.jpg"),
+        "c": save(scene(3), tmp_path / "c.jpg"),
+    }
+
+
+def groups_of(frame: pd.DataFrame, cache: Path | None = None) -> list[list[int]]:
+    hashes, decoded = nd.fingerprints(frame, LIMITS, cache)
+    return nd.find_groups(hashes, max_distance=10, valid=decoded)
+
+
+def test_a_planted_near_duplicate_is_grouped_and_distinct_images_are_not(images):
+    frame = manifest([(images[k], "x", "train") for k in ("a", "b", "a_copy", "c")])
+    assert file_sha256(images["a"]) != file_sha256(images["a_copy"])  # invisible to the exact-byte check
+    assert groups_of(frame) == [[0, 2]]
+
+
+def test_cross_split_group_moves_to_the_split_of_the_smallest_content_hash(images):
+    frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "test"), (images["b"], "x", "val")])
+    target = frame.iloc[:2].sort_values("sha256")["split"].iloc[0]  # the group is rows 0 and 1
+    kept, report = nd.resolve(frame, groups_of(frame), "move")
+    assert kept.loc[[0, 1], "split"].tolist() == [target, target]
+    assert kept.loc[2, "split"] == "val"  # the distinct image stays where it was
+    assert frame["split"].tolist() == ["train", "test", "val"]  # the input frame is not changed
+    assert report.counts["cross_split"] == 1 and report.counts["moved_images"] == 1
+    # Row order does not change the outcome.
+    flipped = frame.iloc[::-1].reset_index(drop=True)
+    kept_flipped, _ = nd.resolve(flipped, groups_of(flipped), "move")
+    assert set(kept_flipped.loc[kept_flipped["path"].isin(frame["path"][:2]), "split"]) == {target}
+
+
+def test_report_and_fail_policies_leave_splits_alone(images):
+    frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "test")])
+    groups = groups_of(frame)
+    kept, report = nd.resolve(frame, groups, "report")
+    assert kept["split"].tolist() == ["train", "test"] and not report.problems
+    assert report.groups[0]["action"] == "reported"
+    kept, report = nd.resolve(frame, groups, "fail")
+    assert kept["split"].tolist() == ["train", "test"]
+    assert len(report.problems) == 1 and "leak" in report.problems[0]
+
+
+def test_a_group_under_two_labels_is_quarantined_as_a_label_conflict(images):
+    frame = manifest([(images["a"], "cats", "train"), (images["a_copy"], "dogs", "train"), (images["b"], "dogs", "train")])
+    kept, report = nd.resolve(frame, groups_of(frame), "move")
+    assert kept["path"].tolist() == [str(images["b"])]
+    assert sorted(report.quarantine["path"]) == sorted([str(images["a"]), str(images["a_copy"])])
+    assert list(report.quarantine.columns) == nd.QUARANTINE_COLUMNS
+    assert "label conflict" in report.quarantine["reason"].iloc[0]
+    assert report.counts["label_conflicts"] == 1
+
+
+def test_within_split_group_is_reported_and_kept(images):
+    frame = manifest([(images["a"], "x", "val"), (images["a_copy"], "x", "val")])
+    kept, report = nd.resolve(frame, groups_of(frame), "move")
+    assert len(kept) == 2 and report.counts == {**report.counts, "within_split": 1, "moved_images": 0}
+
+
+def test_hashes_are_cached_by_content_hash_and_undecodable_files_join_no_group(images, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "train"), (broken, "x", "train")])
+    cache = tmp_path / "cache" / "phash.npz"
+    cache.parent.mkdir()
+    first, decoded = nd.fingerprints(frame, LIMITS, cache)
+    assert decoded.tolist() == [True, True, False]
+
+    def no_decoding(source, limits):
+        raise AssertionError(f"{source}: a cached hash was recomputed")
+
+    monkeypatch.setattr(nd, "perceptual_hash", no_decoding)
+    again, _ = nd.fingerprints(frame.iloc[:2], LIMITS, cache)
+    np.testing.assert_array_equal(again, first[:2])
+
+
+def test_a_damaged_cache_is_recomputed(images, tmp_path: Path):
+    cache = tmp_path / "phash.npz"
+    cache.write_bytes(b"garbage")
+    frame = manifest([(images["a"], "x", "train")])
+    hashes, decoded = nd.fingerprints(frame, LIMITS, cache)
+    assert decoded.all() and hashes.any()
+
+
+def test_the_picture_of_the_top_groups_is_a_png(images, tmp_path: Path):
+    frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "test")])
+    _, report = nd.resolve(frame, groups_of(frame), "move")
+    out = nd.plot_groups(frame, report, tmp_path / "groups.png", LIMITS)
+    assert out.read_bytes()[:4] == b"\x89PNG"
