@@ -11,16 +11,15 @@ CLI: python -m components.export --model-dir models/finetune --out-dir models/ex
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from components import runtime, files, errors
-from components.data import load_rgb, load_split
-from components.data import load_keras_model
+from components import errors, files
+from components.data import load_model_dir, load_rgb, load_split
+from components.images import ImageLimits
 from components.predict import list_inputs
 
 
@@ -68,25 +67,24 @@ def tflite_predict(tflite_model: bytes, images: np.ndarray) -> np.ndarray:
     return np.stack(outputs)
 
 
-def sample_images(paths: list[str], size: int, count: int) -> np.ndarray:
+def sample_images(paths: list[str], size: int, count: int, limits: ImageLimits | None = None) -> np.ndarray:
     chosen = paths[:count]
     if not chosen:
         raise ValueError("no sample images to check the export against")
-    return np.stack([load_rgb(p, size) for p in chosen]).astype(np.float32)
+    return np.stack([load_rgb(p, size, limits) for p in chosen]).astype(np.float32)
 
 
 def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[str], samples: int = 32) -> ExportResult:
     """SavedModel + float16 TFLite for `model_dir`, checked on up to `samples` images."""
     model_dir = Path(model_dir)
-    model = load_keras_model(model_dir / "model.keras")
-    run_info = files.read_json(model_dir / "run.json") if (model_dir / "run.json").is_file() else {}
-    size = int(run_info.get("image_size") or model.input_shape[1] or 224)
+    folder = load_model_dir(model_dir)  # refused if model.keras differs from the sha256 in run.json
+    model, size = folder.model, folder.image_size
     images = sample_images(sample_paths, size, samples)
     with files.atomic_dir(out_dir) as out:
         model.export(str(out / "saved_model"), verbose=False)
         tflite = convert_tflite_float16(out / "saved_model")
         (out / "model_float16.tflite").write_bytes(tflite)
-        shutil.copy2(model_dir / "classes.json", out / "classes.json")
+        files.write_json(out / "classes.json", folder.classes)
         keras_probs = np.asarray(model.predict(images, verbose=0))
         lite_probs = tflite_predict(tflite, images)
         result = ExportResult(
@@ -95,7 +93,8 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
             top1_agreement=float((keras_probs.argmax(1) == lite_probs.argmax(1)).mean()),
             max_prob_diff=float(np.abs(keras_probs - lite_probs).max()),
         )
-        files.write_json(out / "export.json", {**asdict(result), "image_size": size, "source": str(model_dir)})
+        files.write_json(out / "export.json", {**asdict(result), "image_size": size, "source": str(model_dir),
+                                               "model_sha256": folder.info.model_sha256})
     return result
 
 

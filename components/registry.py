@@ -1,31 +1,53 @@
-"""MLflow model registry: retries, lineage tags, the challenger -> champion gate, aliases.
+"""MLflow model registry: lineage, packaging the served model, the challenger -> champion gate, aliases.
 
-Aliases only (`challenger`, `champion`), never the deprecated stages. Every registered version
-is kept, promoted or not; the decision and its reasons are tags on the version.
+Aliases only (`challenger`, `champion`), never the deprecated stages. Every registered version is
+kept, promoted or not; the decision and its reasons are tags on the version.
+
+The gate fails closed: a challenger becomes champion only when it passes the absolute thresholds
+AND beats the champion re-scored on today's test split (accuracy, per-class recall) with finite
+outputs. A champion that cannot be re-scored keeps its place (a changed class set may be let
+through by `evaluate.promotion.allow_class_set_change`). The champion alias moves only if it still
+points at the version that was scored.
+
+The served model is logged as "models from code" (`components/serving_model.py`), never as a
+pickle; the Keras file's sha256 is in its model_config and on the registered version, and
+`load_scoring_model` refuses pickled models and files whose hash differs.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
-import re
 import subprocess
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import numpy as np
 import yaml
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from components.config import Params, PromotionConfig
+from components.contracts import IngestReport, ModelRunInfo, PromotionRecord, ScoresRecord, ValidationSummary
+from components.data import Split
+from components.images import ImageLimits, read_limited
+from components.metrics import align_columns, compute_metrics
+from components.serving_model import CONFIG_KEYS
 from components.settings import environment
-from components.tracking import RetryPolicy, scrub_credentials, with_retries
+from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+SHA256_TAG = "keras_sha256"
+PYFUNC_NAME = "model"
+SERVING_MODEL = Path(__file__).resolve().parent / "serving_model.py"
+EPS = 1e-9  # float noise must not flip a comparison
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of models logged from code
 
 # --- lineage ------------------------------------------------------------------------------------
+
 
 def git_commit(workspace: str | Path = ".") -> str:
     """HEAD's commit, '+dirty' when tracked files changed; 'unknown' outside git."""
@@ -40,23 +62,13 @@ def git_commit(workspace: str | Path = ".") -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def data_versions(workspace: str | Path = ".") -> dict[str, str]:
-    """The data version ingest reported and the `data/raw` md5 DVC locked, where present."""
-    workspace = Path(workspace)
-    found: dict[str, str] = {}
-    ingest_report = workspace / "reports" / "ingest.json"
-    if ingest_report.is_file():
-        version = json.loads(ingest_report.read_text(encoding="utf-8")).get("data_version")
-        if version:
-            found["data_version"] = str(version)
-    lock = workspace / "dvc.lock"
-    if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []) or []:
-                if out.get("path") == "data/raw" and out.get("md5"):
-                    found["data_raw_md5"] = str(out["md5"])
-    return found
+def data_versions(ingest: IngestReport | None, validation: ValidationSummary | None,
+                  info: ModelRunInfo | None) -> dict[str, str]:
+    """The data versions the hand-off files declare: ingested, validated, and the one the model trained on."""
+    found = {"data_version": ingest.data_version if ingest else (validation.data_version if validation else ""),
+             "validated_version": validation.validated_version if validation else "",
+             "model_data_version": info.data_version if info else ""}
+    return {k: v for k, v in found.items() if v}
 
 
 def params_hash(params: Params) -> str:
@@ -64,17 +76,17 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def lineage_tags(params: Params, run_info: dict[str, Any], head_info: dict[str, Any] | None,
+def lineage_tags(params: Params, info: ModelRunInfo, head_info: ModelRunInfo | None, versions: dict[str, str],
                  workspace: str | Path = ".") -> dict[str, str]:
     """Where a model came from: code, data, settings, backbone, the runs that trained it."""
     tags = {
         "git_commit": git_commit(workspace),
         "params_sha256": params_hash(params),
-        "backbone": str(run_info.get("backbone") or params.model.backbone),
-        "finetune_run_id": str(run_info.get("run_id") or ""),
-        "head_run_id": str(run_info.get("head_run_id") or (head_info or {}).get("run_id") or ""),
+        "backbone": info.backbone or params.model.backbone,
+        "finetune_run_id": info.run_id,
+        "head_run_id": info.head_run_id or (head_info.run_id if head_info else ""),
         "data_version": "unknown",
-        **data_versions(workspace),
+        **versions,
     }
     flow_run_id = environment().prefect_flow_run_id
     if flow_run_id:
@@ -82,24 +94,35 @@ def lineage_tags(params: Params, run_info: dict[str, Any], head_info: dict[str, 
     return {key: scrub_credentials(value) for key, value in tags.items() if value != ""}
 
 
-# --- promotion ----------------------------------------------------------------------------------
+# --- the gate -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Scores:
-    accuracy: float
-    min_class_recall: float
-    n_test: int
+Scores = ScoresRecord
+
+
+def scores_from(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> ScoresRecord:
+    """The numbers the gate compares, computed by components.metrics for challenger and champion alike."""
+    return scores_of(compute_metrics(y_true, probs, classes))
+
+
+def scores_of(metrics: dict[str, Any]) -> ScoresRecord:
+    return ScoresRecord(accuracy=metrics["accuracy"], min_class_recall=metrics["min_class_recall"],
+                        n_test=metrics["n_test"], non_finite_rows=metrics.get("non_finite_rows", 0),
+                        per_class_recall={c: m["recall"] for c, m in metrics["per_class"].items()})
 
 
 @dataclass
 class PromotionDecision:
     promoted: bool
     reasons: list[str]
-    challenger: Scores
+    challenger: ScoresRecord
     champion_version: str | None = None
-    champion: Scores | None = None
+    champion: ScoresRecord | None = None
     champion_problem: str | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float | bool] = field(default_factory=dict)
+
+    def refuse(self, reason: str) -> None:
+        self.promoted = False
+        self.reasons.append(f"fail: {reason}")
 
     def tags(self) -> dict[str, str]:
         tags = {
@@ -108,7 +131,8 @@ class PromotionDecision:
             "promotion.challenger_accuracy": f"{self.challenger.accuracy:.6f}",
             "promotion.challenger_min_class_recall": f"{self.challenger.min_class_recall:.6f}",
             "promotion.n_test": str(self.challenger.n_test),
-            **{f"promotion.threshold.{k}": f"{v:g}" for k, v in self.thresholds.items()},
+            **{f"promotion.threshold.{k}": f"{v:g}" if not isinstance(v, bool) else str(v).lower()
+               for k, v in self.thresholds.items()},
         }
         if self.champion_version:
             tags["promotion.champion_version"] = self.champion_version
@@ -118,40 +142,213 @@ class PromotionDecision:
             tags["promotion.champion_problem"] = self.champion_problem
         return {k: scrub_credentials(v)[:5000] for k, v in tags.items()}
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def record(self, registered_model: str, version: str, run_id: str, lineage: dict[str, str]) -> PromotionRecord:
+        return PromotionRecord(registered_model=registered_model, version=version, run_id=run_id, lineage=lineage,
+                               promoted=self.promoted, reasons=self.reasons, challenger=self.challenger,
+                               champion_version=self.champion_version, champion=self.champion,
+                               champion_problem=self.champion_problem, thresholds=self.thresholds)
 
 
-def decide_promotion(config: PromotionConfig, challenger: Scores, champion: Scores | None = None,
-                     champion_version: str | None = None, champion_problem: str | None = None) -> PromotionDecision:
-    """Absolute thresholds first, then the margin over the champion re-scored on the same test split.
-
-    With no champion (or one that could not be re-scored) the thresholds alone decide.
-    """
-    reasons: list[str] = []
-    passed = True
+def decide_promotion(config: PromotionConfig, challenger: ScoresRecord, champion: ScoresRecord | None = None,
+                     champion_version: str | None = None, champion_problem: str | None = None,
+                     class_set_changed: bool = False) -> PromotionDecision:
+    """Finite outputs and absolute thresholds first, then accuracy and per-class recall against the champion."""
+    decision = PromotionDecision(True, [], challenger, champion_version, champion, champion_problem,
+                                 thresholds=config.model_dump())
 
     def check(what: str, value: float, needed: float, against: str) -> None:
-        nonlocal passed
-        ok = value >= needed - 1e-9  # float noise must not flip a tie
-        passed = passed and ok
-        reasons.append(f"{'pass' if ok else 'fail'}: {what} {value:.4f} {'>=' if ok else '<'} {against}")
+        ok = value >= needed - EPS
+        decision.promoted = decision.promoted and ok
+        decision.reasons.append(f"{'pass' if ok else 'fail'}: {what} {value:.4f} {'>=' if ok else '<'} {against}")
 
+    if challenger.non_finite_rows:
+        decision.refuse(f"{challenger.non_finite_rows} of {challenger.n_test} test images got non-finite "
+                        "(NaN/inf) probabilities")
     check("accuracy", challenger.accuracy, config.min_accuracy, f"min_accuracy {config.min_accuracy:g}")
     check("lowest class recall", challenger.min_class_recall, config.min_class_recall,
           f"min_class_recall {config.min_class_recall:g}")
-    if champion is not None:
+    if champion_version is None:
+        decision.reasons.append("note: no champion yet; decided on the thresholds alone")
+    elif champion is None:
+        if class_set_changed and config.allow_class_set_change:
+            decision.reasons.append(f"note: champion v{champion_version} could not be re-scored ({champion_problem}); "
+                                    "allow_class_set_change is on, so the thresholds alone decide")
+        else:
+            hint = " (allow_class_set_change lets a new class set through)" if class_set_changed else ""
+            decision.refuse(f"champion v{champion_version} could not be re-scored ({champion_problem}): "
+                            f"it stays champion{hint}")
+    else:
+        against = f"(same {challenger.n_test} test images)"
         check("accuracy", challenger.accuracy, champion.accuracy + config.min_improvement,
               f"champion v{champion_version} re-scored {champion.accuracy:.4f} + min_improvement "
-              f"{config.min_improvement:g} (same {challenger.n_test} test images)")
-    elif champion_version is not None:
-        reasons.append(f"note: champion v{champion_version} could not be re-scored ({champion_problem}); "
-                       "decided on the thresholds alone")
+              f"{config.min_improvement:g} {against}")
+        if not config.promote_on_tie and abs(challenger.accuracy - champion.accuracy) <= EPS:
+            decision.refuse(f"accuracy ties champion v{champion_version} at {champion.accuracy:.4f} "
+                            "(promote_on_tie is off)")
+        drops = {c: champion.per_class_recall[c] - r for c, r in challenger.per_class_recall.items()
+                 if c in champion.per_class_recall
+                 and champion.per_class_recall[c] - r > config.max_class_recall_drop + EPS}
+        if drops:
+            decision.refuse("recall fell more than max_class_recall_drop "
+                            f"{config.max_class_recall_drop:g} below champion v{champion_version} for "
+                            + ", ".join(f"{c} ({champion.per_class_recall[c]:.4f} -> "
+                                        f"{challenger.per_class_recall[c]:.4f})" for c in sorted(drops)))
+        else:
+            decision.reasons.append(f"pass: no class recall fell more than {config.max_class_recall_drop:g} "
+                                    f"below champion v{champion_version}")
+    return decision
+
+
+# --- packaging: the served model --------------------------------------------------------------------
+
+def pyfunc_requirements() -> list[str]:
+    """Pinned from this environment: inferring them is slow and lists both tensorflow wheels."""
+    wanted = ["mlflow", "keras", "pillow", "numpy", "pandas", "pydantic", "pyyaml"]
+    for tf_dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            metadata.version(tf_dist)
+        except metadata.PackageNotFoundError:
+            continue
+        wanted.insert(0, tf_dist)
+        break
+    return [f"{name}=={metadata.version(name)}" for name in wanted]
+
+
+def code_closure(module_file: Path) -> set[str]:
+    """File names of the `components` modules that `module_file` imports (anywhere in it), transitively."""
+    here = module_file.parent
+    seen: set[str] = set()
+    todo = [module_file.name]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((here / name).read_text(encoding="utf-8"))):  # lazy imports too
+            found = []
+            if isinstance(node, ast.ImportFrom) and node.module == "components":
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
+                found = [node.module.split(".", 1)[1]]
+            elif isinstance(node, ast.Import):
+                found = [a.name.split(".", 1)[1] for a in node.names if a.name.startswith("components.")]
+            todo += [f"{m}.py" for m in found if (here / f"{m}.py").is_file()]
+    return seen
+
+
+def code_package(tmp: Path) -> Path:
+    """A copy of just the modules the served model imports, as a `components` package."""
+    package = tmp / "components"
+    package.mkdir()
+    for name in sorted(code_closure(SERVING_MODEL) | {"__init__.py"}):
+        (package / name).write_bytes((SERVING_MODEL.parent / name).read_bytes())
+    return package
+
+
+def serving_model_config(params: Params, image_size: int, keras_sha256: str) -> dict[str, Any]:
+    """What the served model needs at load time, with every limit it enforces on requests."""
+    config = {"image_size": int(image_size), "batch_size": params.evaluate.batch_size, "keras_sha256": keras_sha256,
+            "max_images_per_request": params.evaluate.serving.max_images_per_request,
+            "max_request_bytes": params.evaluate.serving.max_request_bytes,
+            "max_image_bytes": params.validate.max_image_bytes, "max_pixels": params.validate.max_pixels,
+            "allowed_formats": [f.upper() for f in params.validate.allowed_formats]}
+    assert set(config) == set(CONFIG_KEYS), "serving_model.CONFIG_KEYS and this function disagree"
+    return config
+
+
+def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any], example: Any) -> Any:
+    """Log the served model into the active run: code from serving_model.py, the .keras file as an artifact."""
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "image")]),  # raw bytes or base64 (data: URIs too); never a path
+        outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
+                        ColSpec(Map(DataType.double), "probabilities")]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "classes.json").write_text(json.dumps(classes), encoding="utf-8")
+        return mlflow.pyfunc.log_model(
+            name=PYFUNC_NAME,
+            python_model=str(SERVING_MODEL),
+            artifacts={"keras_model": str(model_path), "classes": str(Path(tmp) / "classes.json")},
+            code_paths=[str(code_package(Path(tmp)))],
+            model_config=model_config,
+            signature=signature,
+            input_example=example,
+            pip_requirements=pyfunc_requirements(),
+            metadata={"classes": classes, "image_size": model_config["image_size"]},
+        )
+
+
+class UnsafeModel(ValueError):
+    """A logged model this project will not load: pickled, or its model file changed since registration."""
+
+
+def check_logged_model(local_dir: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
+    """The pyfunc flavor of a downloaded model, refused if it holds a pickle or a changed Keras hash."""
+    local_dir = Path(local_dir)
+    conf = yaml.safe_load((local_dir / "MLmodel").read_text(encoding="utf-8")) or {}
+    pyfunc = (conf.get("flavors") or {}).get("python_function") or {}
+    pickles = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.suffix in {".pkl", ".pickle"})
+    if "python_model" in pyfunc or pyfunc.get("loader_module") != CODE_LOADER or pickles:
+        raise UnsafeModel(f"{local_dir.name}: a pickled pyfunc (logged before models-from-code); it is not loaded")
+    recorded = (pyfunc.get("config") or {}).get(SHA256_TAG)  # the model_config it was logged with
+    if not recorded or (expected_sha256 and recorded != expected_sha256):
+        raise UnsafeModel("the model's Keras sha256 differs from the one recorded at registration")
+    return pyfunc
+
+
+def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> Any:
+    """A registered/logged served model, loaded only after the pickle and sha256 checks."""
+    import mlflow
+
+    local = with_retries("download the model", mlflow.artifacts.download_artifacts, artifact_uri=model_uri,
+                         policy=policy)
+    check_logged_model(local, registered_sha256(model_uri, policy))
+    return mlflow.pyfunc.load_model(local)  # load_context checks the Keras file against model_config
+
+
+def registered_sha256(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> str | None:
+    """The sha256 tag of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` version (None for other URIs)."""
+    from mlflow import MlflowClient
+
+    if not model_uri.startswith("models:/"):
+        return None
+    name, _, ref = model_uri[len("models:/"):].rstrip("/").partition("/")
+    client = MlflowClient()
+    if "@" in name and not ref:
+        name, alias = name.split("@", 1)
+        found = with_retries("read the model version", client.get_model_version_by_alias, name, alias, policy=policy)
     else:
-        reasons.append("note: no champion yet; decided on the thresholds alone")
-    return PromotionDecision(passed, reasons, challenger, champion_version, champion, champion_problem,
-                             thresholds={"min_accuracy": config.min_accuracy, "min_class_recall": config.min_class_recall,
-                                         "min_improvement": config.min_improvement})
+        found = with_retries("read the model version", client.get_model_version, name, ref, policy=policy)
+    tag = found.tags.get(SHA256_TAG)
+    if not tag:
+        raise UnsafeModel(f"{model_uri} has no {SHA256_TAG} tag: not registered by this pipeline")
+    return tag
+
+
+def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: RetryPolicy
+                     ) -> tuple[str | None, ScoresRecord | None, str | None, bool]:
+    """(champion version, its scores on today's test split, why it could not be scored, class set changed)."""
+    version = alias_version(name, CHAMPION, policy)
+    if version is None:
+        return None, None, None, False
+    try:
+        scorer = load_scoring_model(f"models:/{name}/{version}", policy).unwrap_python_model()
+        their_classes = list(scorer.classes)
+        if sorted(their_classes) != sorted(split.classes):
+            return version, None, f"class set differs: champion {their_classes} vs test split {split.classes}", True
+        parts = [scorer.score([read_limited(p, limits.max_bytes) for p in split.paths[i:i + scorer.batch_size]])
+                 for i in range(0, len(split), scorer.batch_size)]
+        probs = align_columns(np.concatenate(parts), their_classes, split.classes)
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:
+        detail = getattr(exc, "reason", "") or scrub_credentials(str(exc))
+        return version, None, f"could not load or run it: {type(exc).__name__}: {detail}"[:500], False
+    return version, scores_from(split.labels, probs, split.classes), None, False
 
 
 # --- registry calls -------------------------------------------------------------------------------
@@ -172,21 +369,36 @@ def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) ->
 
 
 def register_version(name: str, model_uri: str, tags: dict[str, str], policy: RetryPolicy = RetryPolicy()) -> str:
-    """Register `model_uri` as a new version of `name` (created if needed) and point `challenger` at it."""
+    """Register `model_uri` as a new version of `name` (created if needed); no alias moves here."""
     import mlflow
-    from mlflow import MlflowClient
 
-    version = with_retries(f"register {name}", mlflow.register_model, model_uri, name, tags=tags, policy=policy).version
-    with_retries("set the challenger alias", MlflowClient().set_registered_model_alias, name, CHALLENGER, version, policy=policy)
-    return str(version)
+    return str(with_retries(f"register {name}", mlflow.register_model, model_uri, name, tags=tags, policy=policy).version)
 
 
 def apply_decision(name: str, version: str, decision: PromotionDecision, policy: RetryPolicy = RetryPolicy()) -> None:
-    """Record the decision on the version; move `champion` to it only if it passed. Nothing is deleted."""
+    """Move `champion` to `version` if it passed and the champion is still the one scored; tag the decision."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    if decision.promoted:
+        current = alias_version(name, CHAMPION, policy)  # re-read right before moving it
+        if current != decision.champion_version:
+            decision.refuse(f"the champion alias moved from {_shown(decision.champion_version)} to {_shown(current)} "
+                            "while this version was evaluated: not promoted (rerun evaluate to compare with it)")
     for key, value in decision.tags().items():
         with_retries("tag the model version", client.set_model_version_tag, name, version, key, value, policy=policy)
     if decision.promoted:
         with_retries("set the champion alias", client.set_registered_model_alias, name, CHAMPION, version, policy=policy)
+
+
+def set_challenger(name: str, version: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Point `challenger` at the newest evaluated version (once its reports are logged)."""
+    from mlflow import MlflowClient
+
+    with_retries("set the challenger alias", MlflowClient().set_registered_model_alias, name, CHALLENGER, version,
+                 policy=policy)
+
+
+def _shown(version: str | None) -> str:
+    return f"v{version}" if version else "no champion"
+

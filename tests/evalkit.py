@@ -7,13 +7,13 @@ it classifies the colour-coded test images perfectly, or deliberately badly.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,8 @@ def write_manifest(root: Path, classes: list[str] = CLASSES, per_split: dict[str
 
 def colour_kernel(n_classes: int, quality: str) -> np.ndarray:
     """Dense weights on mean (R, G, B) in 0..1: class c <- channel c. 'bad' confuses the last
-    class with the first; 'awful' predicts every image as a different class than it is."""
+    class with the first; 'awful' predicts every image as a different class than it is; 'nan'
+    answers NaN for every image."""
     kernel = np.full((3, n_classes), -10.0, dtype=np.float32)
     for c in range(n_classes):
         kernel[c % 3, c] = 10.0
@@ -52,13 +53,26 @@ def colour_kernel(n_classes: int, quality: str) -> np.ndarray:
         kernel[:, -1] -= 1.0
     elif quality == "awful":
         kernel = np.roll(kernel, 1, axis=1)
+    elif quality == "nan":
+        kernel[:] = np.nan
     return kernel
+
+
+def run_info(classes: list[str], run_id: str = "finetune-run", head_run_id: str = "head-run",
+             image_size: int = 32, data_version: str = "data-v1") -> dict[str, Any]:
+    """The run.json fields train_head/finetune write (contracts.ModelRunInfo), for a stand-in model."""
+    return {"stage": "finetune", "run_id": run_id, "experiment_id": "0", "backbone": "tiny_colour", "alpha": None,
+            "image_size": image_size, "weights": "none", "data_version": data_version, "best_epoch": 1,
+            "epochs_run": 1, "val_accuracy": 1.0, "val_loss": 0.0, "seconds": 0.1, "device": {"kind": "cpu"},
+            "settings": {"finetune": {"epochs": 1}}, "head_run_id": head_run_id, "num_classes": len(classes)}
 
 
 def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "good", run_id: str = "finetune-run",
                    head_run_id: str = "head-run", image_size: int = 32) -> Path:
-    """A tiny Keras model with the models/finetune contract, good or deliberately bad."""
+    """A tiny Keras model with the models/finetune contract (data.save_model_dir), good or deliberately bad."""
     import keras
+
+    from components.data import save_model_dir
 
     inputs = keras.Input(shape=(None, None, 3))
     x = keras.layers.Resizing(image_size, image_size)(inputs)
@@ -67,12 +81,29 @@ def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "goo
     dense = keras.layers.Dense(len(classes), activation="softmax")
     model = keras.Model(inputs, dense(x))
     dense.set_weights([colour_kernel(len(classes), quality), np.zeros(len(classes), dtype=np.float32)])
-    path.mkdir(parents=True, exist_ok=True)
-    model.save(path / "model.keras")
-    (path / "classes.json").write_text(json.dumps(classes))
-    (path / "run.json").write_text(json.dumps({"run_id": run_id, "head_run_id": head_run_id, "backbone": "tiny_colour",
-                                               "image_size": image_size, "epochs": 1}))
-    return path
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    return save_model_dir(model, classes, run_info(classes, run_id, head_run_id, image_size), path)
+
+
+def write_stage_reports(ws: Path, quarantined: int = 3, data_version: str = "ingest-v1",
+                        validated_version: str = "validated-v1") -> None:
+    """reports/ingest.json and reports/validation/summary.json as ingest and validate write them."""
+    from components.contracts import IngestReport, ValidationCounts, ValidationSummary
+
+    IngestReport(source="/data/src", source_kind="folder", layout="class_folders", raw_dir="data/raw",
+                 manifest="data/manifest.csv", data_version=data_version, files=40, images=40, unreadable=0,
+                 bytes=4000, counts={"train": {c: 3 for c in CLASSES}}, class_folders={c: 13 for c in CLASSES},
+                 ignored=[], ignored_count=0, notes=[], seed=0, split_fractions={"train": 0.8, "val": 0.1, "test": 0.1},
+                 max_pixels=80_000_000, seconds=1.0, workers=1, cache={}).write(ws / "reports" / "ingest.json")
+    counts = ValidationCounts(files=40, valid=40 - quarantined, quarantined=quarantined, hidden_files=0,
+                              bad_files=quarantined, bad_fraction=quarantined / 40, per_class={c: 12 for c in CLASSES},
+                              per_split={"test": {c: 4 for c in CLASSES}})
+    ValidationSummary(passed=True, policy="quarantine", manifest="data/manifest.csv", data_version=data_version,
+                      validated_version=validated_version, counts=counts, problems=[], warnings=[], failures=[],
+                      settings={}, ingest={}, data_docs="").write(ws / "reports" / "validation" / "summary.json")
 
 
 # --- servers on loopback (mlflow server, mlflow models serve) ------------------------------------

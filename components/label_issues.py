@@ -1,0 +1,139 @@
+"""Suspect labels: rank training images whose given label is likely wrong (confident learning).
+
+Each training image's class probabilities come from a head that did not see it: k-fold logistic
+regression on the frozen-backbone features train_head already caches (seconds, no backbone pass).
+`cleanlab.filter.find_label_issues` flags the images whose out-of-fold probabilities contradict
+their label beyond the per-class noise rates it estimates (the confident joint), ranked by
+self-confidence, the out-of-fold probability of the given label (low = suspect).
+
+Outputs: `label_issues.csv` (path, given_label, suggested_label, score, flagged, excluded) over every
+flagged image, most suspect first, and a gallery PNG of the top suspects. With
+`train_head.label_issues.action: exclude` the flagged images (at most `max_excluded_fraction` of the
+training set, most suspect first) are left out of head training and listed in the model folder's
+`label_exclusions.csv`; nothing in the source or the manifest changes, so the choice is versioned with
+the model and undone by setting the action back to `report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components import files
+from components.images import ImageLimits, UnusableImage, decode_rgb
+
+REPORT_FILE = "label_issues.csv"
+GALLERY_FILE = "label_issues.png"
+EXCLUSIONS_FILE = "label_exclusions.csv"
+COLUMNS = ["path", "given_label", "suggested_label", "score", "flagged", "excluded"]
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    table: pd.DataFrame  # COLUMNS, flagged images first (most suspect first)
+    excluded: np.ndarray  # bool per training image, in the order given
+    folds: int
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5,
+                              seed: int = 0) -> np.ndarray:
+    """(n, num_classes) probabilities, each row from a logistic regression fitted on the other folds."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probs = np.zeros((len(labels), num_classes), dtype=np.float64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_rows, held_rows in splitter.split(features, labels):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+        model.fit(features[fit_rows], labels[fit_rows])
+        # A class absent from a fold's training rows gets probability 0 there (columns follow model.classes_).
+        probs[np.ix_(held_rows, model.classes_)] = model.predict_proba(features[held_rows])
+    return probs
+
+
+def usable_folds(labels: np.ndarray, folds: int) -> int:
+    """Folds that every class can fill (stratified k-fold needs k members per class); 0 = too few to rank."""
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=int)
+    smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
+    k = min(folds, smallest)
+    return k if k >= 2 else 0
+
+
+def find_label_issues(features: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str],
+                      folds: int = 5, seed: int = 0, max_excluded_fraction: float = 0.0) -> LabelIssues:
+    """Out-of-fold probabilities -> cleanlab's flagged images, ranked; the top ones marked for exclusion."""
+    from cleanlab.filter import find_label_issues as cleanlab_find
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = np.asarray(labels, dtype=np.int64)
+    k = usable_folds(labels, folds)
+    if k == 0:
+        return LabelIssues(pd.DataFrame(columns=COLUMNS), np.zeros(len(labels), dtype=bool), 0)
+    probs = out_of_fold_probabilities(features, labels, len(classes), k, seed)
+    scores = get_label_quality_scores(labels, probs, method="self_confidence")
+    ranked = cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence",
+                           min_examples_per_class=1)
+    budget = int(np.floor(max_excluded_fraction * len(labels)))
+    excluded = np.zeros(len(labels), dtype=bool)
+    excluded[ranked[:budget]] = True
+    table = pd.DataFrame({
+        "path": [paths[i] for i in ranked],
+        "given_label": [classes[labels[i]] for i in ranked],
+        "suggested_label": [classes[int(probs[i].argmax())] for i in ranked],
+        "score": np.round(scores[ranked], 6),
+        "flagged": True,
+        "excluded": excluded[ranked],
+    }, columns=COLUMNS)
+    return LabelIssues(table, excluded, k)
+
+
+def write_reports(issues: LabelIssues, report_dir: str | Path, limits: ImageLimits, gallery_images: int = 16) -> list[Path]:
+    """label_issues.csv and label_issues.png under report_dir."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with files.atomic_file(report_dir / REPORT_FILE) as fh:
+        issues.table.to_csv(fh, index=False, lineterminator="\n")
+    return [report_dir / REPORT_FILE, plot_gallery(issues.table, report_dir / GALLERY_FILE, limits, gallery_images)]
+
+
+def write_exclusions(issues: LabelIssues, model_dir: str | Path) -> Path:
+    """The model folder's list of training images left out (empty with action `report`)."""
+    path = Path(model_dir) / EXCLUSIONS_FILE
+    excluded = issues.table[issues.table["excluded"].astype(bool)]
+    with files.atomic_file(path) as fh:
+        excluded[["path", "given_label", "suggested_label", "score"]].to_csv(fh, index=False, lineterminator="\n")
+    return path
+
+
+def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, count: int = 16, thumb: int = 128) -> Path:
+    """The top `count` suspects, captioned given -> suggested label and score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = table.head(count)
+    cols = 4
+    rows = max(1, -(-len(top) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, row in zip(axes.ravel(), top.itertuples()):
+        try:
+            ax.imshow(decode_rgb(row.path, thumb, limits))
+        except UnusableImage:
+            pass
+        ax.set_title(f"given {row.given_label}\nlikely {row.suggested_label} ({row.score:.2f})", fontsize=8)
+    if top.empty:
+        axes[0][0].text(0.5, 0.5, "no suspect labels", ha="center", va="center")
+    fig.suptitle("Suspect labels (out-of-fold confidence in the given label)", fontsize=9)
+    fig.tight_layout()
+    with files.atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=90)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,93 @@
+"""The model card (reports/evaluate/model_card.md): use, data, recipe, test metrics, limits, promotion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.config import Params
+from components.contracts import ModelRunInfo, ValidationSummary, read_manifest
+
+
+def split_counts(manifest: str | Path) -> pd.DataFrame:
+    """Images per class (rows) and split (columns)."""
+    frame = read_manifest(manifest)
+    return frame.pivot_table(index="label", columns="split", values="path", aggfunc="count", fill_value=0)
+
+
+def quarantined_count(summary: ValidationSummary | None) -> int | None:
+    """Files validate set aside (None when there is no validation summary, e.g. a hand-made manifest)."""
+    return summary.counts.quarantined if summary is not None else None
+
+
+def markdown_table(counts: pd.DataFrame) -> str:
+    columns = [c for c in ("train", "val", "test") if c in counts.columns] + \
+              [c for c in counts.columns if c not in ("train", "val", "test")]
+    header = "| class | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
+    rows = [f"| {label} | " + " | ".join(str(int(counts.loc[label, c])) for c in columns) + " |" for label in counts.index]
+    total = "| **all** | " + " | ".join(str(int(counts[c].sum())) for c in columns) + " |"
+    return "\n".join([header, *rows, total])
+
+
+def model_card(params: Params, classes: list[str], info: ModelRunInfo, metrics: dict[str, Any], counts: pd.DataFrame,
+               lineage: dict[str, str], quarantined: int | None, promoted: bool | None = None,
+               reasons: list[str] | None = None, version: str | None = None) -> str:
+    recipe = {k: v for k, v in info.model_dump(mode="json").items()
+              if k not in {"run_id", "head_run_id", "settings", "schema_version", "device"} and v is not None}
+    weak = [f"{name} (recall {m['recall']:.2f}, {m['support']} test images)"
+            for name, m in metrics["per_class"].items() if m["recall"] < max(0.8, metrics["accuracy"] - 0.1)]
+    per_class = "\n".join(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+                          for name, m in metrics["per_class"].items())
+    topk = "".join(f"- {k.replace('_', ' ')}: {v:.4f}\n" for k, v in metrics.items() if k.startswith("top_"))
+    versions = ", ".join(f"{k} {lineage[k]}" for k in ("data_version", "validated_version", "model_data_version")
+                         if lineage.get(k)) or "unknown"
+    lines = [
+        f"# Model card: {params.tracking.registered_model}" + (f" v{version}" if version else ""),
+        "",
+        "## Intended use",
+        f"Classifies a photo into one of {len(classes)} classes: {', '.join(classes)}. "
+        "Input: image data (raw bytes, or base64 in a JSON request; JPEG, PNG, BMP or WebP within the served "
+        "limits); output: label, its probability and all class probabilities. "
+        "It always answers with one of these classes: images of anything else get a confident-looking wrong label. "
+        "Not for decisions about people, safety or health.",
+        "",
+        "## Data",
+        f"- data versions: {versions}",
+        f"- files quarantined by validation: {quarantined if quarantined is not None else 'n/a (no validation summary)'}",
+        "",
+        "Images per class and split:",
+        "",
+        markdown_table(counts),
+        "",
+        "## Training recipe",
+        f"- backbone: {lineage.get('backbone')} (ImageNet transfer learning: head training, then fine-tuning)",
+        f"- model settings: {params.model.model_dump()}",
+        f"- head training: {params.train_head.model_dump()}",
+        f"- fine-tuning: {params.finetune.model_dump()}",
+        f"- from the training run: {recipe}",
+        f"- MLflow runs: head {lineage.get('head_run_id', 'n/a')}, fine-tune {lineage.get('finetune_run_id', 'n/a')}",
+        f"- code: git {lineage.get('git_commit')}, params sha256 {lineage.get('params_sha256', '')[:16]}",
+        f"- model file sha256: {info.model_sha256}",
+        "",
+        f"## Test metrics (n = {metrics['n_test']} held-out images)",
+        f"- accuracy: {metrics['accuracy']:.4f}",
+        f"- macro F1: {metrics['macro_f1']:.4f}",
+        f"- expected calibration error: {metrics['ece']:.4f}",
+        *([f"- images with non-finite (NaN/inf) outputs: {metrics['non_finite_rows']}"]
+          if metrics.get("non_finite_rows") else []),
+        topk,
+        "| class | precision | recall | F1 | test images |",
+        "|---|---|---|---|---|",
+        per_class,
+        "",
+        "## Known limits",
+        *([f"- low recall: {w}" for w in weak] or ["- no class has recall well below the overall accuracy"]),
+        f"- metrics come from {metrics['n_test']} test images: with few images per class they are noisy.",
+        "- trained on this data set's photos only; other cameras, lighting or domains may score worse.",
+    ]
+    if promoted is not None:
+        lines += ["", "## Promotion", f"- decision: {'champion' if promoted else 'stays challenger'}",
+                  *[f"- {r}" for r in reasons or []]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""The served model: image data in, labels out. Logged as MLflow "models from code", never pickled.
+
+`components.registry.log_pyfunc` logs this file as the pyfunc's code (MLflow runs it on loading,
+so `set_model` at the bottom names the model object); the Keras file travels as an artifact
+whose sha256 is in the model's `model_config` and is checked before Keras reads the file.
+
+Input: a column `image` of raw bytes, base64 strings or `data:` URIs (base64), nothing else.
+A string is never treated as a file name: "/etc/passwd" is simply not valid image data, and
+gets the same error as every other unusable input. Every image is decoded by
+`components.images.decode_rgb` within the limits stored in `model_config` (so `mlflow models serve`
+enforces them without params.yaml): images per request, bytes per request, bytes and pixels per
+image, and the allowed formats.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from components.data import load_keras_model
+from components.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, decode_rgb
+
+IMAGE_COLUMN = "image"
+# model_config keys (written by registry.serving_model_config, read here)
+CONFIG_KEYS = ("image_size", "batch_size", "keras_sha256", "max_images_per_request", "max_request_bytes",
+               "max_image_bytes", "max_pixels", "allowed_formats")
+
+
+class RequestRejected(ValueError):
+    """A request over a per-request limit (too many images, too many bytes, no image column)."""
+
+
+class UnusableRow(ValueError):
+    """One row is not a usable image; the message names only the row, never the cause."""
+
+    def __init__(self, row: int, reason: str = "") -> None:
+        super().__init__(f"image row {row}: {GENERIC_MESSAGE}")
+        self.row = row
+        self.reason = reason  # for our own logs and reports, never the caller
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    max_images: int
+    max_request_bytes: int
+    image: ImageLimits
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> "ServingLimits":
+        return cls(int(config["max_images_per_request"]), int(config["max_request_bytes"]),
+                   ImageLimits(int(config["max_image_bytes"]), int(config["max_pixels"]),
+                               tuple(str(f).upper() for f in config["allowed_formats"])))
+
+
+def image_bytes(value: Any, max_bytes: int) -> bytes:
+    """The image data in one cell: raw bytes as they are, a base64 string or data: URI decoded."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text:  # data:image/jpeg;base64,....
+            text = text.split(",", 1)[1]
+        if len(text) > 4 * (max_bytes // 3 + 2):  # refuse before decoding what could not fit the cap
+            raise UnusableImage(f"base64 text longer than the {max_bytes}-byte cap allows")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise UnusableImage("not base64") from None
+    else:
+        raise UnusableImage(f"unsupported value type {type(value).__name__}")
+    if len(data) > max_bytes:
+        raise UnusableImage(f"more than {max_bytes} bytes")
+    return data
+
+
+def request_values(model_input: Any) -> list[Any]:
+    """The images of a request: DataFrame (`dataframe_split`/`records`), dict (`inputs`), list or one value."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        if IMAGE_COLUMN not in model_input:
+            raise RequestRejected(f"input needs a column {IMAGE_COLUMN!r}")
+        column = model_input[IMAGE_COLUMN]
+        values = column.tolist() if hasattr(column, "tolist") else list(column)
+    elif isinstance(model_input, (list, tuple, np.ndarray)):
+        values = list(model_input)
+    else:
+        values = [model_input]
+    # `{"inputs": {"image": [a, b]}}` arrives as one row holding the list: unpack it.
+    return [item for value in values
+            for item in (list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value])]
+
+
+def request_images(values: list[Any], limits: ServingLimits) -> list[bytes]:
+    """The raw bytes of every image in a request, within the request's count and byte limits."""
+    if len(values) > limits.max_images:
+        raise RequestRejected(f"a request may hold at most {limits.max_images} images, got {len(values)}")
+    images, total = [], 0
+    for row, value in enumerate(values):
+        try:
+            data = image_bytes(value, limits.image.max_bytes)
+        except UnusableImage as exc:
+            raise UnusableRow(row, exc.reason) from None
+        total += len(data)
+        if total > limits.max_request_bytes:
+            raise RequestRejected(f"a request may hold at most {limits.max_request_bytes} bytes of image data")
+        images.append(data)
+    return images
+
+
+def probabilities_frame(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """label, probability and a {class: probability} mapping per row."""
+    top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    return pd.DataFrame({
+        "label": [classes[i] for i in top],
+        "probability": probs[np.arange(len(top)), top].astype(float),
+        "probabilities": [dict(zip(classes, map(float, row))) for row in probs],
+    })
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """Artifacts: `keras_model` (.keras, sha256 in model_config) and `classes` (JSON list)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = dict(context.model_config or {})
+        missing = [k for k in CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"model_config lacks {missing}: this model was not logged by this project's registry")
+        # Refused before Keras reads a byte if the file is not the one recorded at registration.
+        self.model = load_keras_model(context.artifacts["keras_model"], expected_sha256=str(config["keras_sha256"]))
+        with open(context.artifacts["classes"], encoding="utf-8") as fh:
+            self.classes = [str(c) for c in json.load(fh)]
+        self.image_size = int(config["image_size"])
+        self.batch_size = int(config["batch_size"])
+        self.limits = ServingLimits.from_model_config(config)
+
+    # model_input has no type hint on purpose: MLflow would derive (and enforce) a schema from one.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+        images = request_images(request_values(model_input), self.limits)
+        return probabilities_frame(self.score(images), self.classes)
+
+    def score(self, images: list[bytes]) -> np.ndarray:
+        """Class probabilities (columns in `self.classes` order) for raw image bytes, batch by batch."""
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            batch = np.empty((len(chunk), self.image_size, self.image_size, 3), dtype=np.float32)
+            for i, data in enumerate(chunk):
+                try:
+                    batch[i] = decode_rgb(data, self.image_size, self.limits.image)
+                except UnusableImage as exc:
+                    raise UnusableRow(start + i, exc.reason) from None
+            parts.append(np.asarray(self.model.predict_on_batch(batch), dtype=np.float32))
+        return np.concatenate(parts)
+
+
+mlflow.models.set_model(ImageClassifier())
