@@ -186,6 +186,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
                 "trainable_backbone_layers": len(trained_layers), "train_images": len(train),
                 "val_images": len(val), "mixed_precision": device["mixed_precision"],
             })
+            tracking.log_dataset(client, run_id, manifest, frame, hashing.manifest_version(manifest), "training")
         train_ds, val_ds = _datasets(train, val, image_size, batch_size, policy_path, seed,
                                      ImageLimits.from_config(params.validate))
         if config.epochs > 0:
@@ -211,8 +212,9 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         data.save_model_dir(model, classes, run_info, out_dir)
         if len(history):
             title = f"finetune: top {len(trained_layers)} backbone layers"
-            for artifact in learning_curves.write_reports(history, report_dir, title):
-                client.log_artifact(run_id, str(artifact))
+            csv_path, png_path = learning_curves.write_reports(history, report_dir, title)
+            client.log_artifact(run_id, str(csv_path))
+            tracking.log_picture(client, run_id, png_path, "finetune/curves.png")
         client.log_metric(run_id, "best_val_accuracy", val_accuracy)
         client.log_metric(run_id, "seconds", seconds)
         client.set_terminated(run_id, "FINISHED")

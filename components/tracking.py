@@ -305,3 +305,29 @@ def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1) -> Any:
             client.log_batch(run_id, metrics=metrics)
 
     return _Logger()
+
+
+def log_dataset(client: Any, run_id: str, manifest: str | Path, frame: Any, version: str, context: str) -> None:
+    """Record the manifest a run trained on as an MLflow dataset input ("which data trained this model").
+
+    The digest is the data version (the manifest's content hash), the source the manifest's path, so
+    the MLflow UI shows the same identity DVC and the model card use.
+    """
+    import mlflow.data
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import DatasetInput, InputTag
+
+    columns = [c for c in ("path", "label", "split", "sha256") if c in frame.columns]
+    source = resolve_dataset_source(str(Path(manifest).resolve()))
+    dataset = mlflow.data.from_pandas(frame[columns], source=source, targets="label",
+                                      name=Path(manifest).name, digest=version[:36])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_picture(client: Any, run_id: str, png: str | Path, artifact_file: str | None = None) -> None:
+    """A PNG report as an MLflow image (shown in the run's images, not only as a file)."""
+    from PIL import Image
+
+    with Image.open(png) as picture:
+        client.log_image(run_id, picture.convert("RGB"), artifact_file=artifact_file or Path(png).name)

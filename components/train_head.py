@@ -186,6 +186,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "train_images": len(train), "val_images": len(val),
             "augment_policy_sha256": hashing.file_sha256(policy_path) if policy_path else None,
         })
+        tracking.log_dataset(client, run_id, manifest, frame, version, "training")
         callbacks = _callbacks(params, client, run_id)
         if h.cached_features:
             history, cache_path = _fit_on_cached_features(model, train, val, params, manifest, policy_path,
@@ -210,7 +211,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             client.log_metric(run_id, f"best_{name}", run_info[name])
         client.log_metric(run_id, "seconds", seconds)
         client.log_artifact(run_id, str(csv_path))
-        client.log_artifact(run_id, str(png_path))
+        tracking.log_picture(client, run_id, png_path, "train_head/curves.png")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")

@@ -52,7 +52,10 @@ def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     assert run.data.tags["stage"] == "train_head" and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(result.run_id, "val_accuracy")]
     assert steps == history["epoch"].tolist()
-    assert {"curves.png", "history.csv"} <= {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"train_head", "history.csv"} <= {a.path for a in client.list_artifacts(result.run_id)}
+    assert "train_head/curves.png" in {a.path for a in client.list_artifacts(result.run_id, "train_head")}
+    dataset = run.inputs.dataset_inputs[0]  # which data trained this model: the manifest, by its data version
+    assert dataset.dataset.digest == info["data_version"][:36] and dataset.dataset.source_type == "local"
 
 
 def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained, monkeypatch: pytest.MonkeyPatch):
