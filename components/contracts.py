@@ -221,6 +221,7 @@ class ScoresRecord(Contract):
     min_class_recall: float
     n_test: int
     per_class_recall: dict[str, float] = Field(default_factory=dict)
+    non_finite_rows: int = Field(0, description="test images whose probabilities held NaN or inf")
 
 
 class PromotionRecord(Contract):

@@ -12,10 +12,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import evaluate
-from components.config import EvaluateConfig, Params, parse_params
-from components.evaluate import compute_metrics, run_evaluate
-from tests.evalkit import CLASSES, free_port, make_model_dir, write_manifest
+from components import evaluate, registry
+from components.config import Params, parse_params
+from components.contracts import PromotionRecord, TestMetrics
+from components.evaluate import run_evaluate
+from tests.evalkit import CLASSES, free_port, make_model_dir, write_manifest, write_stage_reports
 
 NAME = "image-classifier"
 
@@ -48,7 +49,10 @@ def version_tags(version: str) -> dict[str, str]:
 
 
 def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) -> None:
-    result = evaluate_model(workspace, make_model_dir(workspace / "good"))
+    write_stage_reports(workspace, quarantined=3)
+    (workspace / "dvc.lock").write_text("stages:\n  ingest:\n    outs:\n    - path: data/raw\n      md5: f00d.dir\n")
+    model_dir = make_model_dir(workspace / "good")
+    result = evaluate_model(workspace, model_dir)
 
     assert result.promoted and result.model_version == "1"
     assert aliases() == {"champion": "1", "challenger": "1"}
@@ -58,6 +62,11 @@ def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) 
     for key in ("git_commit", "params_sha256", "backbone", "finetune_run_id", "head_run_id", "data_version", "run_id"):
         assert tags[key], key
     assert tags["finetune_run_id"] == "finetune-run" and tags["backbone"] == "tiny_colour"
+    # Data versions come from the hand-off files (ingest report, validation summary, run.json), not dvc.lock.
+    assert (tags["data_version"], tags["validated_version"], tags["model_data_version"]) == \
+        ("ingest-v1", "validated-v1", "data-v1")
+    assert "data_raw_md5" not in tags
+    assert tags[registry.SHA256_TAG] == json.loads((model_dir / "run.json").read_text())["model_sha256"]
 
     reports = workspace / "reports" / "evaluate"
     for name in ("confusion_matrix.png", "reliability.png", "worst_errors.png", "model_card.md", "promotion.json"):
@@ -65,8 +74,12 @@ def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) 
     flat = json.loads((workspace / "metrics.json").read_text())
     assert all(isinstance(v, (int, float)) for v in flat.values())  # dvc metrics show wants one level
     assert flat["n_test"] == 12 and {f"recall_{c}" for c in CLASSES} <= set(flat)
+    assert TestMetrics.read_optional(workspace / "metrics.json").accuracy == pytest.approx(result.accuracy)
+    record = PromotionRecord.read(reports / "promotion.json")
+    assert record.promoted and record.version == "1" and record.challenger.per_class_recall == {c: 1.0 for c in CLASSES}
     card = (reports / "model_card.md").read_text()
     assert "n = 12 held-out images" in card and "tiny_colour" in card
+    assert "- files quarantined by validation: 3\n" in card  # validate's counts.quarantined, read via the contract
 
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["stage"] == "evaluate"
@@ -121,15 +134,89 @@ def test_threshold_failure_blocks_even_the_first_model(workspace: Path) -> None:
     assert "fail: accuracy 0.0000 < min_accuracy 0.5" in version_tags("1")["promotion.reasons"]
 
 
-def test_champion_with_another_class_set_is_reported_unscorable(workspace: Path) -> None:
+def test_champion_with_another_class_set_keeps_its_place_unless_allowed(workspace: Path) -> None:
     evaluate_model(workspace, make_model_dir(workspace / "two", classes=["alpha", "beta"]),
                    manifest=write_manifest(workspace / "old", classes=["alpha", "beta"]))
-    result = evaluate_model(workspace, make_model_dir(workspace / "three"), manifest=write_manifest(workspace / "new"))
+    new = write_manifest(workspace / "new")
+    refused = evaluate_model(workspace, make_model_dir(workspace / "three"), manifest=new)
 
-    assert result.promoted
+    assert not refused.promoted
+    assert aliases() == {"champion": "1", "challenger": "2"}
     tags = version_tags("2")
     assert "class set differs" in tags["promotion.champion_problem"]
-    assert "could not be re-scored" in tags["promotion.reasons"]
+    assert "fail: champion v1 could not be re-scored (class set differs" in tags["promotion.reasons"]
+
+    allowed = evaluate_model(workspace, make_model_dir(workspace / "three"), settings(allow_class_set_change=True), new)
+    assert allowed.promoted and aliases() == {"champion": "3", "challenger": "3"}
+
+
+def test_champion_that_fails_to_load_is_not_replaced(workspace: Path) -> None:
+    """Any re-scoring error fails closed: here the champion's stored model file no longer matches its hash."""
+    evaluate_model(workspace, make_model_dir(workspace / "good"))
+    stored = [p for p in (workspace / "mlruns").rglob("artifacts/model.keras")]
+    assert len(stored) == 1
+    stored[0].write_bytes(stored[0].read_bytes() + b"tampered")
+    result = evaluate_model(workspace, make_model_dir(workspace / "good2"), settings(promote_on_tie=True))
+
+    assert not result.promoted
+    assert aliases() == {"champion": "1", "challenger": "2"}
+    tags = version_tags("2")
+    assert "could not load or run it" in tags["promotion.champion_problem"]
+    assert "sha256" in tags["promotion.champion_problem"]
+    assert "fail: champion v1 could not be re-scored" in tags["promotion.reasons"]
+
+
+def test_equal_model_does_not_promote_on_a_tie_by_default(workspace: Path) -> None:
+    evaluate_model(workspace, make_model_dir(workspace / "good"))
+    tie = evaluate_model(workspace, make_model_dir(workspace / "same"))
+    assert not tie.promoted and aliases() == {"champion": "1", "challenger": "2"}
+    assert "ties champion v1" in version_tags("2")["promotion.reasons"]
+    allowed = evaluate_model(workspace, make_model_dir(workspace / "same2"), settings(promote_on_tie=True))
+    assert allowed.promoted and aliases()["champion"] == "3"
+
+
+def test_model_with_nan_outputs_is_never_promoted(workspace: Path) -> None:
+    result = evaluate_model(workspace, make_model_dir(workspace / "nan", quality="nan"), settings(min_accuracy=0.0))
+    assert not result.promoted
+    assert aliases() == {"challenger": "1"}
+    assert "12 of 12 test images got non-finite (NaN/inf) probabilities" in version_tags("1")["promotion.reasons"]
+    assert json.loads((workspace / "metrics.json").read_text())["non_finite_rows"] == 12
+
+
+def test_champion_alias_is_not_moved_if_it_changed_during_evaluation(workspace: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    lenient = settings(min_accuracy=0.0)
+    evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), lenient)   # v1 champion
+    evaluate_model(workspace, make_model_dir(workspace / "awful", quality="awful"), lenient)  # v2, rejected
+    real_rescore = registry.rescore_champion
+
+    def rescore_then_someone_moves_the_alias(*args: Any, **kwargs: Any) -> Any:
+        scored = real_rescore(*args, **kwargs)
+        MlflowClient().set_registered_model_alias(NAME, "champion", "2")  # an admin (or another run) meanwhile
+        return scored
+
+    monkeypatch.setattr(registry, "rescore_champion", rescore_then_someone_moves_the_alias)
+    result = evaluate_model(workspace, make_model_dir(workspace / "good"), lenient)
+
+    assert not result.promoted
+    assert aliases() == {"champion": "2", "challenger": "3"}
+    reasons = version_tags("3")["promotion.reasons"]
+    assert "pass: accuracy 1.0000 >= champion v1 re-scored" in reasons
+    assert "the champion alias moved from v1 to v2 while this version was evaluated" in reasons
+    assert not PromotionRecord.read(workspace / "reports" / "evaluate" / "promotion.json").promoted
+
+
+def test_challenger_alias_moves_only_after_the_reports_are_logged(workspace: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluate_model(workspace, make_model_dir(workspace / "good"))
+
+    def upload_fails(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError("artifact store refused the upload")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", upload_fails)
+    with pytest.raises(PermissionError):
+        evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), settings(min_accuracy=0.0))
+    assert aliases() == {"champion": "1", "challenger": "1"}  # v2 is registered, but not announced as challenger
 
 
 def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model(
@@ -160,25 +247,4 @@ def test_cli_reports_a_missing_model_instead_of_a_traceback(workspace: Path, cap
     code = evaluate.main(["--params", "params.yaml", "--manifest", str(write_manifest(workspace)),
                           "--model-dir", "models/nothing", "--report-dir", "r", "--metrics", "m.json"])
     assert code == 2
-    assert "model.keras not found" in capsys.readouterr().err
-
-
-def test_top_k_is_reported_only_with_more_than_five_classes() -> None:
-    rng = np.random.default_rng(0)
-    config = EvaluateConfig(top_k=3)
-    for n_classes, expected in ((3, False), (6, True)):
-        probs = rng.dirichlet(np.ones(n_classes), size=40)
-        labels = rng.integers(0, n_classes, size=40)
-        metrics = compute_metrics(labels, probs, [f"c{i}" for i in range(n_classes)], config)
-        assert ("top_3_accuracy" in metrics) is expected
-        if expected:
-            assert metrics["top_3_accuracy"] >= metrics["accuracy"]
-
-
-def test_overconfident_model_has_large_calibration_error() -> None:
-    labels = np.array([0, 1] * 20)
-    certain_and_half_wrong = np.tile([[0.99, 0.01]], (40, 1))
-    honest = np.array([[0.5, 0.5]] * 40)
-    config = EvaluateConfig()
-    assert compute_metrics(labels, certain_and_half_wrong, ["a", "b"], config)["ece"] == pytest.approx(0.49, abs=1e-6)
-    assert compute_metrics(labels, honest, ["a", "b"], config)["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert "not found: run the training stages first" in capsys.readouterr().err

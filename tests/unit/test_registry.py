@@ -1,4 +1,4 @@
-"""Registry helpers: the promotion gate's decisions, lineage, retries and credential scrubbing."""
+"""Registry helpers: the promotion gate's decisions, lineage, retries, credential scrubbing, safe loading."""
 
 from __future__ import annotations
 
@@ -12,45 +12,110 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from components.config import Params, PromotionConfig, parse_params
-from components.registry import Scores, alias_version, decide_promotion, git_commit, lineage_tags, params_hash
+from components.contracts import IngestReport, ModelRunInfo, ValidationSummary
+from components.registry import (
+    Scores,
+    UnsafeModel,
+    alias_version,
+    check_logged_model,
+    code_closure,
+    data_versions,
+    decide_promotion,
+    git_commit,
+    lineage_tags,
+    params_hash,
+    SERVING_MODEL,
+)
 from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
+from tests.evalkit import CLASSES, run_info, write_stage_reports
 
 GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0.02)
 
 
+def scores(accuracy: float, min_recall: float, n: int = 50, per_class: dict[str, float] | None = None,
+           non_finite: int = 0) -> Scores:
+    return Scores(accuracy=accuracy, min_class_recall=min_recall, n_test=n, non_finite_rows=non_finite,
+                  per_class_recall=per_class or {"a": min_recall, "b": accuracy})
+
+
 def test_first_model_is_judged_on_thresholds_alone() -> None:
-    decision = decide_promotion(GATE, Scores(0.9, 0.7, 50))
+    decision = decide_promotion(GATE, scores(0.9, 0.7))
     assert decision.promoted
     assert any("no champion yet" in r for r in decision.reasons)
 
 
-@pytest.mark.parametrize("scores, failing", [
-    (Scores(0.79, 0.9, 50), "accuracy 0.7900 < min_accuracy 0.8"),
-    (Scores(0.95, 0.4, 50), "lowest class recall 0.4000 < min_class_recall 0.5"),
+@pytest.mark.parametrize("challenger, failing", [
+    (scores(0.79, 0.9), "accuracy 0.7900 < min_accuracy 0.8"),
+    (scores(0.95, 0.4), "lowest class recall 0.4000 < min_class_recall 0.5"),
 ])
-def test_model_below_an_absolute_threshold_is_rejected_naming_it(scores: Scores, failing: str) -> None:
-    decision = decide_promotion(GATE, scores)
+def test_model_below_an_absolute_threshold_is_rejected_naming_it(challenger: Scores, failing: str) -> None:
+    decision = decide_promotion(GATE, challenger)
     assert not decision.promoted
     assert f"fail: {failing}" in decision.reasons
 
 
 def test_challenger_must_beat_rescored_champion_by_the_margin() -> None:
-    champion = Scores(0.90, 0.8, 50)
-    short = decide_promotion(GATE, Scores(0.91, 0.8, 50), champion, "3")
-    enough = decide_promotion(GATE, Scores(0.92, 0.8, 50), champion, "3")
+    champion = scores(0.90, 0.8, per_class={"a": 0.8, "b": 0.9})
+    short = decide_promotion(GATE, scores(0.91, 0.8, per_class={"a": 0.8, "b": 0.9}), champion, "3")
+    enough = decide_promotion(GATE, scores(0.92, 0.8, per_class={"a": 0.8, "b": 0.9}), champion, "3")
     assert not short.promoted and enough.promoted
     assert any(r.startswith("fail: accuracy 0.9100 < champion v3 re-scored 0.9000") for r in short.reasons)
     tags = short.tags()
     assert tags["promotion.decision"] == "rejected"
     assert tags["promotion.champion_accuracy"] == "0.900000"
     assert tags["promotion.threshold.min_improvement"] == "0.02"
+    assert tags["promotion.threshold.promote_on_tie"] == "false"
 
 
-def test_unscorable_champion_is_named_in_the_reasons() -> None:
-    decision = decide_promotion(GATE, Scores(0.9, 0.9, 50), None, "2", "class set differs")
-    assert decision.promoted
-    assert "class set differs" in decision.tags()["promotion.reasons"]
-    assert decision.tags()["promotion.champion_problem"] == "class set differs"
+def test_champion_that_cannot_be_rescored_keeps_its_place() -> None:
+    decision = decide_promotion(GATE, scores(0.99, 0.99), None, "2", "could not load or run it: OSError: gone")
+    assert not decision.promoted
+    assert any(r.startswith("fail: champion v2 could not be re-scored (could not load or run it") for r in decision.reasons)
+    assert decision.tags()["promotion.champion_problem"] == "could not load or run it: OSError: gone"
+
+
+def test_changed_class_set_promotes_only_when_the_setting_allows_it() -> None:
+    refused = decide_promotion(GATE, scores(0.99, 0.99), None, "2", "class set differs", class_set_changed=True)
+    allowed = decide_promotion(PromotionConfig(**{**GATE.model_dump(), "allow_class_set_change": True}),
+                               scores(0.99, 0.99), None, "2", "class set differs", class_set_changed=True)
+    assert not refused.promoted and any("allow_class_set_change lets" in r for r in refused.reasons)
+    assert allowed.promoted and any("allow_class_set_change is on" in r for r in allowed.reasons)
+
+
+def test_a_tie_promotes_only_with_promote_on_tie() -> None:
+    no_margin = PromotionConfig(min_accuracy=0.5)
+    champion = scores(0.9, 0.8, per_class={"a": 0.8, "b": 1.0})
+    tie = scores(0.9 + 1e-12, 0.8, per_class={"a": 0.8, "b": 1.0})
+    refused = decide_promotion(no_margin, tie, champion, "4")
+    allowed = decide_promotion(PromotionConfig(min_accuracy=0.5, promote_on_tie=True), tie, champion, "4")
+    assert not refused.promoted and any("ties champion v4" in r for r in refused.reasons)
+    assert allowed.promoted
+
+
+def test_a_class_whose_recall_falls_too_far_blocks_promotion() -> None:
+    config = PromotionConfig(min_accuracy=0.5, max_class_recall_drop=0.03)
+    champion = scores(0.80, 0.7, per_class={"a": 0.9, "b": 0.7, "c": 0.8})
+    collapsed = scores(0.85, 0.6, per_class={"a": 1.0, "b": 0.95, "c": 0.6})  # better overall, c collapses
+    slight = scores(0.85, 0.78, per_class={"a": 1.0, "b": 0.78, "c": 0.78})   # c falls 0.02: within the drop
+    refused = decide_promotion(config, collapsed, champion, "5")
+    assert not refused.promoted
+    assert any("max_class_recall_drop 0.03 below champion v5 for c (0.8000 -> 0.6000)" in r for r in refused.reasons)
+    assert decide_promotion(config, slight, champion, "5").promoted
+
+
+def test_non_finite_outputs_are_never_promoted() -> None:
+    decision = decide_promotion(PromotionConfig(min_accuracy=0.0), scores(0.9, 0.9, non_finite=3))
+    assert not decision.promoted
+    assert any("3 of 50 test images got non-finite (NaN/inf) probabilities" in r for r in decision.reasons)
+
+
+def test_decision_is_written_through_the_promotion_contract(tmp_path: Path) -> None:
+    from components.contracts import PromotionRecord
+
+    decision = decide_promotion(GATE, scores(0.9, 0.7))
+    decision.record("m", "1", "run", {"git_commit": "x"}).write(tmp_path / "promotion.json")
+    back = PromotionRecord.read(tmp_path / "promotion.json")
+    assert back.promoted and back.challenger.accuracy == 0.9 and back.thresholds["promote_on_tie"] is False
 
 
 def test_params_hash_changes_with_any_setting() -> None:
@@ -63,17 +128,22 @@ def _git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_lineage_names_commit_data_params_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lineage_names_commit_data_params_and_runs_from_the_contracts_not_dvc_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "ingest.json").write_text(json.dumps({"data_version": "abc123"}))
+    write_stage_reports(tmp_path, data_version="abc123", validated_version="val456")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  ingest:\n    outs:\n"
                                        "    - path: data/raw\n      md5: f00d.dir\n")
     monkeypatch.setenv("TP_PREFECT_FLOW_RUN_ID", "flow-run-7")
-    tags = lineage_tags(Params(), {"run_id": "ft1", "head_run_id": "hd1", "backbone": "mobilenet_v2"}, None, tmp_path)
+    info = ModelRunInfo(**{**run_info(CLASSES, run_id="ft1", head_run_id="hd1", data_version="trained789"),
+                           "backbone": "mobilenet_v2"}, model_sha256="0" * 64)
+    versions = data_versions(IngestReport.read(tmp_path / "reports" / "ingest.json"),
+                             ValidationSummary.read(tmp_path / "reports" / "validation" / "summary.json"), info)
+    tags = lineage_tags(Params(), info, None, versions, tmp_path)
     assert tags["git_commit"] == _git(tmp_path, "rev-parse", "HEAD")
-    assert tags["data_version"] == "abc123" and tags["data_raw_md5"] == "f00d.dir"
+    assert (tags["data_version"], tags["validated_version"], tags["model_data_version"]) == ("abc123", "val456", "trained789")
+    assert "data_raw_md5" not in tags  # dvc.lock is DVC's, not a hand-off file
     assert tags["params_sha256"] == params_hash(Params())
     assert (tags["finetune_run_id"], tags["head_run_id"], tags["backbone"]) == ("ft1", "hd1", "mobilenet_v2")
     assert tags["prefect_flow_run_id"] == "flow-run-7"
@@ -142,3 +212,39 @@ def test_alias_of_an_unknown_model_is_none(tmp_path: Path) -> None:
         assert alias_version("nobody", "champion") is None
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _logged_dir(root: Path, flavor: dict, files: dict[str, bytes] | None = None) -> Path:
+    import yaml
+
+    root.mkdir()
+    (root / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": flavor}}))
+    for name, data in (files or {}).items():
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_a_pickled_pyfunc_is_refused_before_loading(tmp_path: Path) -> None:
+    pickled = _logged_dir(tmp_path / "old", {"loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"},
+                          {"python_model.pkl": b"\x80\x04cos\nsystem\n."})
+    with pytest.raises(UnsafeModel, match="pickled pyfunc"):
+        check_logged_model(pickled)
+    stray = _logged_dir(tmp_path / "stray", {"loader_module": "mlflow.pyfunc.loaders.code_model",
+                                              "config": {"keras_sha256": "a" * 64}}, {"extra.pkl": b"x"})
+    with pytest.raises(UnsafeModel, match="pickled pyfunc"):
+        check_logged_model(stray)
+
+
+def test_a_model_whose_hash_differs_from_the_registered_one_is_refused(tmp_path: Path) -> None:
+    logged = _logged_dir(tmp_path / "m", {"loader_module": "mlflow.pyfunc.loaders.code_model",
+                                          "config": {"keras_sha256": "a" * 64}})
+    assert check_logged_model(logged, "a" * 64)["config"]["keras_sha256"] == "a" * 64
+    with pytest.raises(UnsafeModel, match="sha256 differs"):
+        check_logged_model(logged, "b" * 64)
+
+
+def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
+    package = code_closure(SERVING_MODEL)
+    assert {"serving_model.py", "data.py", "images.py", "backbones.py", "contracts.py", "config.py", "files.py",
+            "hashing.py"} <= package
+    assert not {"evaluate.py", "registry.py", "predict.py", "ingest.py"} & package  # no stage code travels

@@ -1,0 +1,38 @@
+"""The model card: the quarantined count from validate's summary, the request format, the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from components.config import Params
+from components.contracts import ModelRunInfo, ValidationSummary
+from components.metrics import compute_metrics
+from components.model_card import model_card, quarantined_count, split_counts
+from tests.evalkit import CLASSES, run_info, write_manifest, write_stage_reports
+
+
+def _card(tmp_path: Path, summary: ValidationSummary | None) -> str:
+    metrics = compute_metrics(np.array([0, 1, 2]), np.eye(3), CLASSES)
+    info = ModelRunInfo(**run_info(CLASSES), model_sha256="ab" * 32)
+    return model_card(Params(), CLASSES, info, metrics, split_counts(write_manifest(tmp_path)), {"backbone": "tiny"},
+                      quarantined_count(summary), True, ["pass: accuracy"], "3")
+
+
+def test_quarantined_count_from_the_validation_summary_is_on_the_card(tmp_path: Path) -> None:
+    write_stage_reports(tmp_path, quarantined=7)
+    summary = ValidationSummary.read(tmp_path / "reports" / "validation" / "summary.json")
+    assert quarantined_count(summary) == 7
+    card = _card(tmp_path, summary)
+    assert "- files quarantined by validation: 7\n" in card
+    assert "v3" in card and "decision: champion" in card
+
+
+def test_card_says_n_a_only_without_a_validation_summary(tmp_path: Path) -> None:
+    assert "files quarantined by validation: n/a (no validation summary)" in _card(tmp_path, None)
+
+
+def test_card_describes_the_served_input_as_image_data_not_paths(tmp_path: Path) -> None:
+    card = _card(tmp_path, None)
+    assert "raw bytes, or base64" in card and "path" not in card.split("## Intended use")[1].split("##")[0]
