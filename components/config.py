@@ -120,6 +120,14 @@ class IngestConfig(Section):
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
 
 
+class NearDuplicatesConfig(Section):
+    policy: Literal["move", "report", "fail", "off"] = Field(
+        "move", description="Near-duplicate groups across splits: move to the split of the smallest content hash, "
+        "report only, fail validation, or off (no perceptual hashing). Groups under 2+ labels are quarantined.")
+    max_distance: int = Field(
+        10, ge=0, le=32, description="Largest Hamming distance between 64-bit perceptual hashes of one group.")
+
+
 class ValidateConfig(Section):
     policy: Literal["quarantine", "fail"] = "quarantine"
     allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "BMP", "WEBP"])
@@ -132,6 +140,7 @@ class ValidateConfig(Section):
     min_images_per_class: int = Field(10, ge=1)
     max_class_imbalance: float = Field(10.0, ge=1, description="Largest class size / smallest class size.")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Quarantine more than this and the run fails.")
+    near_duplicates: NearDuplicatesConfig = NearDuplicatesConfig()
 
     @model_validator(mode="after")
     def _consistent_bounds(self) -> "ValidateConfig":
@@ -164,6 +173,16 @@ class AugmentConfig(Section):
         return policy
 
 
+class LabelIssuesConfig(Section):
+    action: Literal["report", "exclude", "off"] = Field(
+        "report", description="Suspect labels (cleanlab on out-of-fold head probabilities): report them, also "
+        "exclude the top ones from head training (listed in the model folder), or skip the check.")
+    folds: int = Field(5, ge=2, le=20, description="Folds of the out-of-fold heads.")
+    max_excluded_fraction: float = Field(
+        0.02, ge=0, le=0.5, description="With action exclude: at most this fraction of training images, most suspect first.")
+    gallery_images: int = Field(16, ge=1, le=64, description="Top suspects shown in label_issues.png.")
+
+
 class TrainHeadConfig(Section):
     batch_size: int = Field(
         32, ge=1, le=4096, description="Also the feature-extraction batch (32 is ~2x faster than 64 on CPU)."
@@ -178,6 +197,7 @@ class TrainHeadConfig(Section):
     early_stopping_patience: int = Field(5, ge=1)
     cached_features: bool = Field(True, description="Train the head on backbone features computed once.")
     augmented_copies: int = Field(2, ge=0, le=32, description="Augmented variants per training image in the feature cache.")
+    label_issues: LabelIssuesConfig = LabelIssuesConfig()
 
 
 class FinetuneConfig(Section):
@@ -229,6 +249,18 @@ class EvaluateConfig(Section):
     serving: ServingConfig = ServingConfig()
 
 
+class DriftConfig(Section):
+    policy: Literal["always", "on_drift", "alert"] = Field(
+        "always", description="Retrain on any new data (always), only on drift or new classes (on_drift), or "
+        "never because of drift (alert: report only).")
+    significance: float = Field(0.01, gt=0, lt=1, description="Family-wise false-alarm rate of the MMD tests (Bonferroni).")
+    permutations: int = Field(200, ge=20, le=10_000, description="Relabellings for each permutation p-value.")
+    reference_per_class: int = Field(100, ge=5, le=5_000, description="Training embeddings per class kept with a model.")
+    sample_per_class: int = Field(100, ge=5, le=5_000, description="New images per class embedded and tested.")
+    max_confidence_drop: float = Field(
+        0.1, ge=0, le=1, description="A larger drop of the champion's mean top-class probability counts as drift.")
+
+
 # The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;
 # instance attribute access still returns the section, so the warning is noise.
 warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -244,6 +276,7 @@ class Params(Section):
     train_head: TrainHeadConfig = TrainHeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    drift: DriftConfig = DriftConfig()
 
 
 
