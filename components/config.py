@@ -27,6 +27,29 @@ from pydantic import (
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
+# Query parameters that carry a secret (signed S3/GCS/Azure URLs, API tokens): never in settings.
+SECRET_QUERY_KEYS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
+    "signature", "sig", "token", "access_token", "id_token", "auth", "authorization", "password", "passwd",
+    "secret", "client_secret", "access_key", "accesskey", "awsaccesskeyid", "secret_key", "api_key", "apikey", "key",
+})
+CREDENTIAL_HELP = ("put credentials in the environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                   "AWS_PROFILE for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, fsspec storage options "
+                   "through FSSPEC_<PROTOCOL>_<OPTION> variables), or in a DVC remote's config "
+                   "(`dvc remote modify --local`)")
+
+
+def credential_problem(location: str) -> str | None:
+    """Why a URL must not be stored (a user:password@ or a token in its query), or None."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "://" not in location:
+        return None
+    parts = urlsplit(location)
+    if "@" in parts.netloc:
+        return "holds a user name or password (user:password@)"
+    secrets = sorted({k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in SECRET_QUERY_KEYS})
+    return f"holds a credential in its query ({', '.join(secrets)})" if secrets else None
 
 
 class ParamsError(ValueError):
@@ -118,6 +141,14 @@ class IngestConfig(Section):
         True, description="Follow symlinks that stay inside the source root; links out of it are always refused.")
     download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
+
+    @field_validator("source")
+    @classmethod
+    def _no_credentials(cls, source: str) -> str:
+        problem = credential_problem(source)
+        if problem:
+            raise ValueError(f"the source {problem}; {CREDENTIAL_HELP}")
+        return source
 
 
 class NearDuplicatesConfig(Section):
@@ -302,6 +333,8 @@ def _describe(err: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key '{key}'{suggestion}{allowed}"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    if isinstance(value, str) and credential_problem(value):
+        shown = "(a value holding a credential, not shown)"
     return f"{source}: '{key}' = {shown}: {err['msg']}"
 
 

@@ -29,8 +29,10 @@ from PIL import Image
 
 from components import runtime, files, errors
 from components.config import ParamsError, ValidateConfig, load_params
-from components.contracts import MANIFEST_COLUMNS, SPLITS, read_manifest
-from components.ingest import data_version, is_hidden
+from components.contracts import (MANIFEST_COLUMNS, SPLITS, ContractError, IngestReport, ValidationSummary,
+                                  read_manifest, write_manifest)
+from components.hashing import records_version
+from components.layout import is_hidden
 
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -369,7 +371,7 @@ def _relative_records(frame: pd.DataFrame, raw_dir: str | None) -> list[tuple[st
     return [(rel(p), lab, s, h) for p, lab, s, h in zip(frame["path"], frame["label"], frame["split"], frame["sha256"])]
 
 
-def _read_inputs(manifest_path: Path, ingest_report: Path | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _read_inputs(manifest_path: Path, ingest_report: Path | None) -> tuple[pd.DataFrame, IngestReport | None]:
     try:
         frame = read_manifest(manifest_path)
     except FileNotFoundError:
@@ -382,16 +384,16 @@ def _read_inputs(manifest_path: Path, ingest_report: Path | None) -> tuple[pd.Da
     repeated = frame.loc[frame["path"].duplicated(), "path"].tolist()
     if repeated:
         raise ValidateInputError(f"{manifest_path}: path(s) listed more than once: {repeated[:5]}")
-    info: dict[str, Any] = {}
+    info = None
     if ingest_report is not None:
         try:
-            info = files.read_json(ingest_report)
-        except (OSError, ValueError) as exc:
-            raise ValidateInputError(f"ingest report {ingest_report}: {exc}") from None
-        found = data_version(_relative_records(frame, info.get("raw_dir")))
-        if info.get("data_version") and info["data_version"] != found:
+            info = IngestReport.read(ingest_report)
+        except ContractError as exc:
+            raise ValidateInputError(f"ingest report: {exc}") from None
+        found = records_version(_relative_records(frame, info.raw_dir))
+        if info.data_version and info.data_version != found:
             raise ValidateInputError(f"{ingest_report} describes another manifest than {manifest_path} "
-                                     f"(data version {info['data_version'][:12]} != {found[:12]}): rerun ingest")
+                                     f"(data version {info.data_version[:12]} != {found[:12]}): rerun ingest")
     return frame, info
 
 
@@ -418,7 +420,7 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
         df["bad_file"] = [float(not ok) if vis else None for ok, vis in zip(passed, visible)]
         checks = dataset_checks(config, counts)
         set_failures = collect_failures(suites.run("dataset", df, checks, "path"), checks, df, "path")
-        table = class_table(df, passed, classes, info.get("class_folders", {}))
+        table = class_table(df, passed, classes, info.class_folders if info else {})
         checks = class_checks(config, classes, table)
         set_failures += collect_failures(suites.run("classes", table, checks, "label"), checks, table, "label")
         suites.build_docs()
@@ -426,18 +428,21 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
         if config.policy == "fail":
             problems += [f"{r.path}: {r.reason}" for r in quarantine.itertuples()]
         ok = not problems
-        raw_dir = info.get("raw_dir")
-        versions = {"data_version": info.get("data_version") or data_version(_relative_records(frame, raw_dir)),
-                    "validated_version": data_version(_relative_records(frame[passed.to_numpy()], raw_dir))}
+        raw_dir = info.raw_dir if info else None
+        versions = {"data_version": (info.data_version if info else "") or records_version(_relative_records(frame, raw_dir)),
+                    "validated_version": records_version(_relative_records(frame[passed.to_numpy()], raw_dir))}
         warnings = _warnings(df, passed)
+        if info and info.refused_count:
+            warnings.append(f"ingest refused {info.refused_count} entr{'y' if info.refused_count == 1 else 'ies'} "
+                            "the source offered (links out of the source, special files, rows outside the "
+                            "table's root, bad labels): listed with reasons in the ingest report's `refused`")
         with files.atomic_file(tmp / "quarantine.csv") as fh:
             quarantine.to_csv(fh, index=False, lineterminator="\n")
         summary = _summary(config, classes, ok, problems, warnings, file_failures + set_failures, df, passed, table,
                            counts, versions, manifest_path, info)
-        files.write_json(tmp / "summary.json", summary)
+        summary.write(tmp / "summary.json")
     if ok:
-        with files.atomic_file(out_manifest) as fh:
-            frame[passed.to_numpy()].to_csv(fh, index=False, lineterminator="\n")
+        write_manifest(frame[passed.to_numpy()], out_manifest)
     return ValidationResult(
         passed=ok, policy=config.policy, files=len(df), valid=int(passed.sum()), quarantined=len(quarantine),
         problems=problems, quarantined_files=[f"{r.path}: {r.reason}" for r in quarantine.itertuples()],
@@ -456,9 +461,11 @@ def _line(failure: Failure, item: dict[str, str]) -> str:
 def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, problems: list[str], warnings: list[str],
              failures: list[Failure], df: pd.DataFrame, passed: pd.Series, table: pd.DataFrame,
              counts: dict[str, int], versions: dict[str, str], manifest_path: Path,
-             info: dict[str, Any]) -> dict[str, Any]:
+             info: IngestReport | None) -> ValidationSummary:
     kept = df[passed]
-    return {
+    ingest = {"source": info.source, "layout": info.layout, "notes": info.notes, "class_folders": info.class_folders,
+              "refused_count": info.refused_count} if info else {}
+    return ValidationSummary.model_validate({
         "passed": ok, "policy": config.policy, "manifest": manifest_path.as_posix(), **versions,
         "counts": {
             "files": len(df), "valid": int(passed.sum()), "quarantined": int((~passed).sum()),
@@ -472,9 +479,9 @@ def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, proble
         "failures": [{"check": f.check, "scope": f.scope, "expectation": f.expectation,
                       "quarantinable": f.scope == "file", "count": len(f.items), "items": f.items} for f in failures],
         "settings": {**config.model_dump(), "classes": classes},
-        "ingest": {k: info[k] for k in ("source", "layout", "notes", "class_folders") if k in info},
+        "ingest": ingest,
         "data_docs": "data_docs/index.html",
-    }
+    })
 
 
 @errors.cli_errors("validate")

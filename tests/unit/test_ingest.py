@@ -21,6 +21,7 @@ from tests.datakit import (http_server, ingest_config, make_classes, tar_folder,
                            write_huge_png, write_truncated_jpeg, zip_with)
 
 MAX_PIXELS = 10_000_000
+LOCAL_HTTP = {"allow_http": True, "allow_private_hosts": True}  # the test server is plain http on 127.0.0.1
 
 
 def _run(tmp_path: Path, source: Path | str, name: str = "ws", **overrides) -> ingest.IngestResult:
@@ -197,7 +198,7 @@ def test_csv_manifest_resolves_relative_paths_and_keeps_given_splits(tmp_path: P
     table = tmp_path / "bucket" / "labels.csv"
     pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(table, index=False)
     before = tree_digest(tmp_path / "bucket")
-    result = _run(tmp_path, table)
+    result = _run(tmp_path, table, allowed_roots=[str(outside.parent)])
     assert tree_digest(tmp_path / "bucket") == before
     frame = _manifest(result).set_index("source")
     assert frame.loc[str(data / "cat" / "cat_000.jpg"), "path"].endswith("raw/images/cat/cat_000.jpg")
@@ -303,8 +304,8 @@ def test_http_archive_is_downloaded_once_and_ingested(tiny_folder: Path, tmp_pat
     tar_folder(tiny_folder, served / "flower_photos.tgz", "flower_photos", {"LICENSE.txt": b"CC-BY"})
     with http_server(served) as (base, requests):
         url = f"{base}/flower_photos.tgz"
-        first = _run(tmp_path, url)
-        second = _run(tmp_path, url)
+        first = _run(tmp_path, url, **LOCAL_HTTP)
+        second = _run(tmp_path, url, **LOCAL_HTTP)
     assert first.files == second.files == 48
     assert second.computed == 0 and second.data_version == first.data_version
     assert requests.count("/flower_photos.tgz") == 1  # the second run reused the download
@@ -316,7 +317,7 @@ def test_csv_over_http_resolves_paths_against_its_url(tmp_path: Path):
     rows = [(f"{c}/{c}_{i:03d}.jpg", c, ["train", "val", "test"][i]) for c in "ab" for i in range(3)]
     pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(served / "labels.csv", index=False)
     with http_server(served) as (base, _):
-        result = _run(tmp_path, f"{base}/labels.csv")
+        result = _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)
     frame = _manifest(result)
     assert frame["source"].tolist() == sorted(f"{base}/{p}" for p, _, _ in rows)
     assert set(frame["error"]) == {""}
@@ -327,7 +328,7 @@ def test_csv_over_http_resolves_paths_against_its_url(tmp_path: Path):
 def test_http_source_that_does_not_exist_is_a_readable_error(tmp_path: Path):
     with http_server(tmp_path) as (base, _):
         with pytest.raises(IngestError, match="missing.tgz"):
-            _run(tmp_path, f"{base}/missing.tgz")
+            _run(tmp_path, f"{base}/missing.tgz", **LOCAL_HTTP)
 
 
 def test_bucket_folder_through_fsspec(tiny_folder: Path, tmp_path: Path):

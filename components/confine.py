@@ -1,0 +1,304 @@
+"""Reading a source only inside its root, and writing only inside raw_dir, within the caps.
+
+The pieces every source kind (components/sources.py) shares:
+  - `regular_file`: only regular files are read; a symlink is followed only when it stays inside
+    the source root; devices, FIFOs and sockets are recognised by lstat and never opened;
+  - `materialise`: copies entries into the new raw_dir, opening each source file with
+    O_NOFOLLOW|O_NONBLOCK and checking it is the file that was listed (same device and inode), and
+    each target only after `inside` resolved it within raw_dir; `ingest.max_files` and
+    `ingest.max_bytes` hold for every kind (bytes are counted as they are copied, so sizes that lie
+    do not help);
+  - `file_version`: what the facts cache keys on (size, mtime, ctime, inode, device): a file swapped
+    in with the same size and restored mtime still changes its ctime and usually its inode;
+  - `download`: an archive URL fetched once under components.urls' policy, within ingest.max_bytes.
+An entry that cannot be read safely is refused (reported by name with the reason), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from components import errors, files
+from components.config import IngestConfig
+from components.layout import safe_relative
+from components.urls import URLRefused, UrlPolicy, is_remote, open_remote, redact, remote_info
+
+CHUNK = 1 << 20
+
+
+class IngestError(ValueError):
+    """A problem with the source a user can fix (missing, unsafe, over a limit or unsupported)."""
+
+
+class Refused(Exception):
+    """One entry refused; str() is the reason shown in the report."""
+
+
+@dataclass
+class Entry:
+    """One file to bring into raw_dir."""
+
+    rel: str  # posix path inside raw_dir
+    label: str
+    given_split: str | None  # from the source's layout; None = assign from content
+    origin: str  # where it came from (redacted): the manifest's `source` column and the cache key
+    fetch: str | None = None  # local path or URL to copy from; None = already in place (or missing)
+    hidden: bool = False
+    missing: bool = False
+    size: int = 0
+    version: str = ""  # with size, identifies unchanged content; '' = unknown (never cached)
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) when listed: the file opened must be the same
+
+
+@dataclass
+class Listing:
+    kind: str  # a SOURCE_KINDS name
+    layout: str  # class_folders | split_folders | table
+    entries: list[Entry]
+    class_folders: dict[str, int] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)  # {name, reason}
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    config: IngestConfig
+    dest: Path  # the new raw_dir being filled
+    staging: Path  # scratch space for extraction
+    downloads: Path  # kept between runs: downloaded archives
+    raw_dir: Path  # the final raw_dir (for overlap checks)
+    refused: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def policy(self) -> UrlPolicy:
+        return UrlPolicy.from_config(self.config)
+
+    def refuse(self, name: str, reason: str) -> None:
+        self.refused.append({"name": redact(name), "reason": reason})
+
+
+# --------------------------------------------------------------------------------------------
+# Local files: regular files only, never a link out of the root, never a device or FIFO
+
+
+def file_version(st: os.stat_result) -> str:
+    """What a swap of the file changes: size, mtime and ctime (ns), inode and device."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file(path: Path, root: Path | None, follow_links: bool) -> tuple[Path, os.stat_result]:
+    """(real path, lstat) of a regular file, following a link only inside root; Refused otherwise.
+
+    Nothing is opened here: lstat tells devices and FIFOs apart without touching them.
+    """
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        if not follow_links:
+            raise Refused("symbolic link: not followed (ingest.follow_links_within_root is false)")
+        try:
+            target = Path(os.path.realpath(path, strict=True))
+        except (OSError, RuntimeError):
+            raise Refused("broken or looping symbolic link") from None
+        if root is None or not target.is_relative_to(root):
+            raise Refused("symbolic link pointing outside the source root")
+        path, st = target, os.lstat(target)
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"{_kind_of(st.st_mode)}, not a regular file: not read")
+    return path, st
+
+
+class ByteBudget:
+    """ingest.max_bytes over every byte a source delivers, across copying threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self._lock = limit, 0, threading.Lock()
+
+    def spend(self, n: int) -> None:
+        with self._lock:
+            self.used += n
+            if self.used > self.limit:
+                raise IngestError(f"the source delivers more than ingest.max_bytes={self.limit:,} bytes; raise the "
+                                  "limit in params.yaml if the source is trusted")
+
+
+def inside(dest: Path, rel: str) -> Path:
+    """dest/rel, after checking that it is a plain relative path that resolves inside dest."""
+    if not safe_relative(rel):
+        raise Refused("its name would be an absolute path or contain '..' or empty parts")
+    target = dest / rel
+    if not target.resolve().is_relative_to(dest.resolve()):
+        raise Refused("its target path would lie outside data/raw")
+    return target
+
+
+def _open_target(dest: Path, rel: str) -> int:
+    target = inside(dest, rel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.resolve().is_relative_to(dest.resolve()):
+        raise Refused("its target folder would lie outside data/raw")
+    # O_EXCL: two entries can never write one file; O_NOFOLLOW: never through a link.
+    return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
+def _copy_stream(read: Callable[[int], bytes], fd: int, budget: ByteBudget) -> int:
+    copied = 0
+    with os.fdopen(fd, "wb") as dst:
+        while chunk := read(CHUNK):
+            budget.spend(len(chunk))
+            dst.write(chunk)
+            copied += len(chunk)
+    return copied
+
+
+def _copy_local(entry: Entry, dest: Path, budget: ByteBudget) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        src = os.open(entry.fetch, flags)
+    except OSError as exc:
+        raise Refused(f"cannot open: {exc.strerror or type(exc).__name__}") from None
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or (entry.identity and (st.st_dev, st.st_ino) != entry.identity):
+            raise Refused("the file changed while it was being ingested")
+        out = _open_target(dest, entry.rel)
+        with os.fdopen(src, "rb", closefd=False) as fh:
+            entry.size = _copy_stream(fh.read, out, budget)
+        after = os.fstat(src)
+        # The facts cache keys on this: a file swapped or rewritten since the last run is inspected again.
+        entry.version = file_version(st) if file_version(after) == file_version(st) else ""
+        os.utime(dest / entry.rel, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(src)
+
+
+def _copy_remote(entry: Entry, dest: Path, policy: UrlPolicy, budget: ByteBudget) -> None:
+    out = _open_target(dest, entry.rel)
+    try:
+        with open_remote(entry.fetch or "", policy) as src:
+            entry.size = _copy_stream(src.read, out, budget)
+    except URLRefused as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        if exc.errno in errors.WRITE_FAILURES:  # our disk, not the source: cli_errors names the path
+            raise
+        raise IngestError(f"cannot fetch {redact(entry.fetch or '')}: {exc}") from None
+
+
+def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
+    """Copy every fetchable entry to dest/rel within the caps; returns the entries kept (others refused)."""
+    config = ctx.config
+    if len(entries) > config.max_files:
+        raise IngestError(f"the source lists {len(entries):,} files, over ingest.max_files={config.max_files:,}; "
+                          "raise the limit in params.yaml if the source is trusted")
+    todo = [e for e in entries if e.fetch and not e.missing]
+    declared = sum(e.size for e in todo)
+    if declared > config.max_bytes:
+        raise IngestError(f"the source's files add up to {declared:,} bytes, over ingest.max_bytes="
+                          f"{config.max_bytes:,}; raise the limit in params.yaml if the source is trusted")
+    budget, policy = ByteBudget(config.max_bytes), ctx.policy
+
+    def copy(entry: Entry) -> str | None:
+        try:
+            if is_remote(entry.fetch or ""):
+                _copy_remote(entry, ctx.dest, policy, budget)
+            else:
+                _copy_local(entry, ctx.dest, budget)
+        except Refused as exc:
+            return str(exc)
+        return None
+
+    refused: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads suffice, remote reads overlap
+        for entry, reason in tqdm(zip(todo, pool.map(copy, todo)), total=len(todo), desc="copy", unit="file",
+                                  disable=None):
+            if reason:
+                refused[id(entry)] = reason
+                ctx.refuse(entry.origin, reason)
+    return [e for e in entries if id(e) not in refused]
+
+
+def walk_tree(root: Path, ctx: Context, follow_links: bool) -> tuple[dict[str, tuple[Path, os.stat_result]], list[str], int]:
+    """Regular files (rel -> (real path, lstat)), real folders, and how many links were followed.
+
+    Links to folders are never descended into; anything else that is not a regular file is refused.
+    """
+    found: dict[str, tuple[Path, os.stat_result]] = {}
+    dirs: list[str] = []
+    followed = 0
+    for here, subdirs, names in os.walk(root):  # followlinks=False: a linked folder is listed, not entered
+        rel_here = Path(here).relative_to(root)
+        for d in list(subdirs):
+            if os.path.islink(os.path.join(here, d)):
+                subdirs.remove(d)
+                ctx.refuse(str(root / rel_here / d), "symbolic link to a folder: not followed")
+            else:
+                dirs.append((rel_here / d).as_posix())
+        for n in names:
+            rel = (rel_here / n).as_posix()
+            try:
+                real, st = regular_file(root / rel, root, follow_links)
+            except Refused as exc:
+                ctx.refuse(str(root / rel), str(exc))
+                continue
+            except OSError as exc:
+                ctx.refuse(str(root / rel), f"cannot read: {exc.strerror or type(exc).__name__}")
+                continue
+            followed += real != root / rel
+            found[rel] = (real, st)
+    return found, sorted(dirs), followed
+
+
+def download(url: str, ctx: Context) -> Path:
+    """Fetch a remote archive once; reuse it while the server reports the same size and version."""
+    policy, max_bytes = ctx.policy, ctx.config.max_bytes
+    try:
+        info = remote_info(url, policy)
+    except (OSError, ValueError) as exc:
+        raise IngestError(f"cannot reach {redact(url)}: {exc}") from None
+    if info is None:
+        raise IngestError(f"cannot reach {redact(url)}: not found")
+    base = posixpath.basename(url.split("?")[0].split("#")[0])
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + (base if safe_relative(base) else "archive")
+    target, meta_path = ctx.downloads / name, ctx.downloads / f"{name}.json"
+    meta = {"url": redact(url), "size": info["size"], "version": info["version"]}
+    if meta["size"] and meta["version"] and target.exists() and meta_path.exists() and files.read_json(meta_path) == meta:
+        print(f"ingest: reusing the download of {redact(url)}", file=sys.stderr)
+        return target
+    if info["size"] > max_bytes:
+        raise IngestError(f"{redact(url)}: size {info['size']:,} exceeds ingest.max_bytes={max_bytes:,}")
+    budget = ByteBudget(max_bytes)
+    try:
+        with open_remote(url, policy) as src, files.atomic_file(target, "wb") as dst, \
+                tqdm(total=info["size"] or None, unit="B", unit_scale=True, desc="download", disable=None) as bar:
+            while chunk := src.read(CHUNK):
+                budget.spend(len(chunk))
+                dst.write(chunk)
+                bar.update(len(chunk))
+    except IngestError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise IngestError(f"cannot download {redact(url)}: {exc}") from None
+    files.write_json(meta_path, meta)
+    return target
+
+

@@ -1,0 +1,235 @@
+"""Which URLs ingest may reach, and how: schemes, hosts, redirects, timeouts, and no credentials.
+
+The URL in `ingest.source` comes from the trusted params author, but the URLs inside a manifest
+and the redirects a server answers with do not, so every request is checked the same way:
+  - schemes: https, s3 and gs (and fsspec's in-process `memory://`); plain http only with
+    `ingest.allow_http`;
+  - hosts: every address a name resolves to must be public (no loopback, private, link-local,
+    multicast or reserved address) unless `ingest.allow_private_hosts`; the check runs when the
+    connection is made, on the address actually used, so a redirect or a DNS change cannot slip
+    past it;
+  - at most `ingest.max_redirects` redirects, each checked again; `ingest.download_timeout_s` per request;
+  - credentials (`user:password@`, signed-URL or token query parameters) are refused: they belong
+    in the environment, never in settings, manifests or reports.
+The credential check itself lives in components/config.py, so a params file with a secret in
+`ingest.source` is refused when it is loaded, before any stage writes anything.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from components.config import SECRET_QUERY_KEYS, credential_problem
+
+SAFE_SCHEMES = ("https", "s3", "gs", "gcs")
+# fsspec's in-process store: it reaches nothing outside this process (tests and notebooks use it).
+IN_PROCESS_SCHEMES = ("memory",)
+HTTP_SCHEMES = ("http", "https")
+
+
+class URLRefused(ValueError):
+    """A URL the policy does not allow (scheme, host, credentials, too many redirects)."""
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    allow_http: bool = False
+    allow_private_hosts: bool = False
+    timeout_s: float = 60.0
+    max_redirects: int = 5
+
+    @classmethod
+    def from_config(cls, config: Any) -> "UrlPolicy":
+        """From an IngestConfig."""
+        return cls(config.allow_http, config.allow_private_hosts, config.download_timeout_s, config.max_redirects)
+
+
+def is_remote(location: str) -> bool:
+    scheme = location.split("://", 1)[0] if "://" in location else ""
+    return bool(scheme) and scheme.lower() != "file"
+
+
+def redact(location: str) -> str:
+    """The location as files and logs may show it: no user/password, no token parameter values."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    netloc = parts.netloc.rpartition("@")[2]
+    if netloc != parts.netloc:
+        netloc = f"***@{netloc}"
+    query = "&".join(f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v else k)
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_scheme(url: str, policy: UrlPolicy) -> str:
+    """The URL's scheme if the policy allows it; URLRefused otherwise."""
+    scheme = urlsplit(url).scheme.lower()
+    allowed = SAFE_SCHEMES + IN_PROCESS_SCHEMES + (("http",) if policy.allow_http else ())
+    if scheme not in allowed:
+        hint = " (set ingest.allow_http: true to allow plain http)" if scheme == "http" else ""
+        raise URLRefused(f"scheme {scheme or '(none)'}:// is not allowed{hint}; allowed: "
+                         f"{', '.join(s for s in allowed if s not in IN_PROCESS_SCHEMES)}")
+    problem = credential_problem(url)
+    if problem:
+        raise URLRefused(f"the URL {problem}")
+    return scheme
+
+
+def address_problem(address: str) -> str | None:
+    """Why a resolved address is not a public one, or None."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    for what in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{what}"):
+            return f"{what.replace('_', '-')} address"
+    return None if ip.is_global else "non-public address"
+
+
+def vetted_addresses(host: str, port: int, allow_private_hosts: bool) -> list[tuple[Any, ...]]:
+    """getaddrinfo results for host, refusing the host if ANY address is not public (unless allowed)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise URLRefused(f"host {host} does not resolve ({exc.strerror})") from None
+    if not allow_private_hosts:
+        for *_, sockaddr in found:
+            problem = address_problem(sockaddr[0])
+            if problem:
+                raise URLRefused(f"host {host} resolves to a {problem} ({sockaddr[0]}); "
+                                 "set ingest.allow_private_hosts: true for a trusted lab server")
+    return found
+
+
+class _CheckedConnection:
+    """Mixin: connect only to vetted addresses of the host (checked at connect, so redirects are too)."""
+
+    policy: UrlPolicy
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._create_connection = self._connect_vetted
+
+    def _connect_vetted(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+        host, port = address
+        last: OSError | None = None
+        for family, socktype, proto, _, sockaddr in vetted_addresses(host, port, self.policy.allow_private_hosts):
+            sock = socket.socket(family, socktype, proto)
+            try:
+                sock.settimeout(self.policy.timeout_s)
+                sock.connect(sockaddr)  # the checked address, not a fresh lookup
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+        raise last or OSError(f"cannot connect to {host}:{port}")
+
+
+class _CheckedHTTP(_CheckedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _CheckedHTTPS(_CheckedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        hops = getattr(req, "hops", 0) + 1
+        if hops > self.policy.max_redirects:
+            raise URLRefused(f"more than ingest.max_redirects={self.policy.max_redirects} redirects")
+        check_scheme(newurl, self.policy)  # e.g. https -> http, or -> file://; the host is checked at connect
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.hops = hops
+        return new
+
+
+def _opener(policy: UrlPolicy) -> urllib.request.OpenerDirector:
+    http_class = type("CheckedHTTP", (_CheckedHTTP,), {"policy": policy})
+    https_class = type("CheckedHTTPS", (_CheckedHTTPS,), {"policy": policy})
+
+    class Plain(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(http_class, req)
+
+    class Secure(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(https_class, req, context=self._context)
+
+    # No ProxyHandler: a proxy would make us check the proxy's address instead of the target's.
+    opener = urllib.request.OpenerDirector()
+    for handler in (Plain(), Secure(), _Redirects(policy), urllib.request.HTTPErrorProcessor(),
+                    urllib.request.HTTPDefaultErrorHandler()):
+        opener.add_handler(handler)
+    return opener
+
+
+def http_open(url: str, policy: UrlPolicy, method: str = "GET") -> Any:
+    """An HTTP(S) response for url under the policy; URLRefused, or OSError for network/HTTP failures."""
+    check_scheme(url, policy)
+    request = urllib.request.Request(url, method=method, headers={"User-Agent": "transfer-pipeline-ingest"})
+    try:
+        return _opener(policy).open(request, timeout=policy.timeout_s)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise OSError(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, URLRefused):
+            raise exc.reason from None
+        raise OSError(str(exc.reason)) from None
+
+
+def remote_version(info: dict[str, Any]) -> str:
+    """What the server says identifies this content (ETag, generation, modification time); '' = unknown."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "LastModified", "Last-Modified", "last_modified", "mtime",
+                "updated", "created"):
+        if info.get(key):
+            return f"{key}={info[key]}"
+    return ""
+
+
+def remote_info(url: str, policy: UrlPolicy) -> dict[str, Any] | None:
+    """{'size', 'version'} of a remote file, or None when it does not exist (OSError when unreachable)."""
+    check_scheme(url, policy)
+    if urlsplit(url).scheme.lower() in HTTP_SCHEMES:
+        try:
+            with http_open(url, policy, method="HEAD") as response:
+                headers = {k: v for k, v in response.headers.items()}
+        except OSError as exc:
+            if str(exc).startswith("HTTP 404"):
+                return None
+            raise
+        return {"size": int(headers.get("Content-Length") or 0), "version": remote_version(headers)}
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    if info.get("type") == "directory":
+        return None
+    return {"size": int(info.get("size") or 0), "version": remote_version(info)}
+
+
+def open_remote(url: str, policy: UrlPolicy) -> BinaryIO:
+    """A readable binary stream of a remote file (close it, or use it in `with`)."""
+    check_scheme(url, policy)
+    if urlsplit(url).scheme.lower() in HTTP_SCHEMES:
+        return http_open(url, policy)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, "rb")
