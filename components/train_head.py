@@ -13,6 +13,7 @@ backbone on the augmenting tf.data pipeline (every epoch sees fresh augmentation
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from components import data, errors, files, hashing, learning_curves, runtime, tracking
+from components import data, drift, errors, files, hashing, label_issues, learning_curves, runtime, tracking
 from components.config import Params, ParamsError, load_params
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
@@ -29,6 +30,14 @@ from components.settings import environment, workspace_root
 from components.contracts import read_manifest
 
 DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result; under workspace_root()
+
+
+@dataclass
+class DataChecks:
+    """What the cached-features path learns about the data on the way (issue 13)."""
+
+    issues: label_issues.LabelIssues | None = None  # suspect labels (None: action off or no cached features)
+    reference: drift.Reference | None = None  # the drift reference saved with the model
 
 
 @dataclass(frozen=True)
@@ -128,19 +137,40 @@ def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
 
 def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params, manifest: str | Path,
                             policy_path: str | Path | None, cache_dir: str | Path, weights: dict[int, float] | None,
-                            callbacks: list[Any]) -> tuple[dict[str, list[float]], Path]:
-    """Train the model's head sub-model alone on cached features (it stays attached to `model`)."""
+                            callbacks: list[Any], checks: DataChecks,
+                            train_sha256: list[str]) -> tuple[dict[str, list[float]], Path]:
+    """Train the model's head sub-model alone on cached features (it stays attached to `model`).
+
+    On the way, the same features rank suspect labels (excluded from training with action `exclude`)
+    and give the drift reference; both land in `checks`.
+    """
     from components import backbones
 
     h, n = params.train_head, len(train.classes)
     arrays, cache_path = cached_features(backbones.feature_extractor(model), train, val, params, manifest,
                                          policy_path, cache_dir)
+    plain = arrays["train_x"][:len(train)]  # the un-augmented copy of each training image comes first
+    train_x, train_y = arrays["train_x"], arrays["train_y"]
+    if h.label_issues.action != "off":
+        started = time.perf_counter()
+        exclude = h.label_issues.max_excluded_fraction if h.label_issues.action == "exclude" else 0.0
+        checks.issues = label_issues.find_label_issues(plain, train.labels, train.classes, train.paths,
+                                                       h.label_issues.folds, params.project.seed, exclude)
+        print(f"label issues: {len(checks.issues.table)} suspect(s), {int(checks.issues.excluded.sum())} excluded, "
+              f"{time.perf_counter() - started:.1f} s")
+        if checks.issues.excluded.any():
+            keep = np.tile(~checks.issues.excluded, len(train_x) // len(train))  # drop augmented copies too
+            train_x, train_y = train_x[keep], train_y[keep]
+            weights = data.class_weights(train.labels[~checks.issues.excluded], n, h.class_weighting)
     head = model.get_layer(backbones.HEAD_LAYER)
     _compile(head, h.learning_rate, h.label_smoothing, jit_compile=False)  # a few dense weights: XLA buys nothing
-    fit = head.fit(_vectors(arrays["train_x"], arrays["train_y"], n, h.batch_size, params.project.seed, True),
+    fit = head.fit(_vectors(train_x, train_y, n, h.batch_size, params.project.seed, True),
                    validation_data=_vectors(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
                    epochs=h.epochs, class_weight=weights, callbacks=callbacks, shuffle=False,
                    verbose=runtime.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+    val_confidence = float(head.predict(arrays["val_x"], verbose=0).max(axis=1).mean())
+    checks.reference = drift.build_reference(plain, train.labels, train.classes, train_sha256, val_confidence,
+                                             params.drift.reference_per_class, params.project.seed)
     return fit.history, cache_path
 
 
@@ -188,11 +218,15 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
         })
         tracking.log_dataset(client, run_id, manifest, frame, version, "training")
         callbacks = _callbacks(params, client, run_id)
+        checks = DataChecks()
         if h.cached_features:
             history, cache_path = _fit_on_cached_features(model, train, val, params, manifest, policy_path,
-                                                          cache_dir, weights, callbacks)
+                                                          cache_dir, weights, callbacks, checks,
+                                                          frame.loc[frame["split"] == "train", "sha256"].tolist())
         else:
             history, cache_path = _fit_end_to_end(model, train, val, params, policy_path, weights, callbacks), None
+            print("label issues: skipped (they need train_head.cached_features: true)")
+            checks.reference = drift.reference_from_model(model, frame, classes, params)
         history = learning_curves.history_frame(history)
         best = learning_curves.best_epoch(history)
         seconds = time.perf_counter() - started
@@ -207,6 +241,7 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
         data.save_model_dir(model, classes, run_info, out_dir)
+        _write_data_checks(checks, params, run_info, out_dir, report_dir, client, run_id)
         for name in ("val_accuracy", "val_loss"):
             client.log_metric(run_id, f"best_{name}", run_info[name])
         client.log_metric(run_id, "seconds", seconds)
@@ -219,6 +254,22 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
     keras.backend.clear_session()
     return TrainHeadResult(run_id, run_info["val_accuracy"], run_info["best_epoch"], len(history),
                            seconds, cache_path, Path(out_dir))
+
+
+def _write_data_checks(checks: DataChecks, params: Params, run_info: dict[str, Any], out_dir: str | Path,
+                       report_dir: str | Path, client: Any, run_id: str) -> None:
+    """Drift reference and exclusion list into the model folder; suspect-label reports into report_dir and MLflow."""
+    if checks.reference is not None:
+        meta = {k: run_info[k] for k in ("run_id", "stage", "backbone", "alpha", "image_size", "data_version")}
+        dataclasses.replace(checks.reference, meta=meta).save(Path(out_dir) / drift.REFERENCE_FILE)
+    if checks.issues is not None:
+        label_issues.write_exclusions(checks.issues, out_dir)
+        csv_path, png_path = label_issues.write_reports(checks.issues, report_dir, ImageLimits.from_config(params.validate),
+                                                        params.train_head.label_issues.gallery_images)
+        client.log_metric(run_id, "label_issues", len(checks.issues.table))
+        client.log_metric(run_id, "label_issues_excluded", int(checks.issues.excluded.sum()))
+        client.log_artifact(run_id, str(csv_path))
+        tracking.log_picture(client, run_id, png_path, f"train_head/{label_issues.GALLERY_FILE}")
 
 
 @errors.cli_errors("train_head")

@@ -192,7 +192,7 @@ def flow_functions(path: Path) -> dict[str, tuple[ast.FunctionDef, str]]:
 
 def test_expected_deployments_are_declared() -> None:
     labels = {deployments.deployment_label(s) for s in deployment_specs()}
-    assert labels == {"training/nightly", "training/on-demand", "stage/gpu", "batch-predict/on-demand"}
+    assert labels == {"training/nightly", "training/on-demand", "stage/gpu", "batch-predict/on-demand", "sweep/on-demand"}
 
 
 @pytest.mark.parametrize("spec", deployment_specs(), ids=deployments.deployment_label)
