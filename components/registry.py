@@ -321,8 +321,10 @@ def registered_sha256(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> st
     if "@" in name and not ref:
         name, alias = name.split("@", 1)
         found = with_retries("read the model version", client.get_model_version_by_alias, name, alias, policy=policy)
-    else:
+    elif ref:
         found = with_retries("read the model version", client.get_model_version, name, ref, policy=policy)
+    else:
+        return None  # models:/<logged model id>: not a registry version (its model_config hash is still checked)
     tag = found.tags.get(SHA256_TAG)
     if not tag:
         raise UnsafeModel(f"{model_uri} has no {SHA256_TAG} tag: not registered by this pipeline")

@@ -1,52 +1,71 @@
-"""The logged pyfunc scores raw images in every accepted form; batch prediction writes a CSV."""
+"""The served model takes image data only, within its stored limits; batch scoring reads files within a root."""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import pytest
+from PIL import Image
 
-from components import predict
-from components.evaluate import example_input, load_model_dir, log_pyfunc
+from components import predict, registry
+from components.config import parse_params
+from components.data import load_model_dir
+from components.evaluate import example_input
+from components.images import ImageLimits
 from components.predict import run_predict
 from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, make_model_dir, write_manifest
 
+# Small limits, so each one can be crossed with tiny images.
+LIMITS = {"evaluate": {"batch_size": 4, "serving": {"max_images_per_request": 5, "max_request_bytes": 50_000}},
+          "validate": {"max_pixels": 200 * 200, "max_image_bytes": 30_000, "min_width": 8, "min_height": 8}}
+GENERIC = "image row 0: not a usable image"
+
 
 @pytest.fixture(scope="module")
-def logged_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The pyfunc evaluate logs, for a perfect colour model, in a throwaway sqlite store."""
+def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The served model as evaluate logs and registers it, for a perfect colour model, in a throwaway store."""
     root = tmp_path_factory.mktemp("predict")
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     experiment = mlflow.create_experiment("predict-tests", artifact_location=(root / "mlruns").as_uri())
-    bundle = load_model_dir(make_model_dir(root / "model"), 224)
-    image = write_image(root / "example.jpg")
+    folder = load_model_dir(make_model_dir(root / "model"))
+    params = parse_params(LIMITS)
+    config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
+    example = example_input(str(write_image(root / "example.jpg")), ImageLimits.from_config(params.validate))
     with mlflow.start_run(experiment_id=experiment):
-        info = log_pyfunc(bundle, example_input(str(image)), batch_size=4)
-    yield info.model_uri
+        info = registry.log_pyfunc(folder.model_path, folder.classes, config, example)
+    version = registry.register_version("served", info.model_uri, {registry.SHA256_TAG: folder.info.model_sha256})
+    yield {"uri": info.model_uri, "registered": f"models:/served/{version}", "root": root, "experiment": experiment}
     mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
-def pyfunc(logged_model: str) -> Any:
-    return mlflow.pyfunc.load_model(logged_model)
+def pyfunc(logged: dict[str, Any]) -> Any:
+    return mlflow.pyfunc.load_model(logged["uri"])
 
 
 def coloured_images(root: Path) -> dict[str, Path]:
-    """One image per class, each a different size (the pyfunc must accept any size)."""
+    """One image per class, each a different size (the model must accept any size)."""
     return {name: write_image(root / f"{name}.png", size=(30 + 40 * c, 50 + 10 * c), color=COLORS[c], seed=c, fmt="PNG")
             for c, name in enumerate(CLASSES)}
 
 
-def test_pyfunc_labels_raw_bytes_paths_and_base64(pyfunc: Any, tmp_path: Path) -> None:
-    images = coloured_images(tmp_path)
-    raw = [p.read_bytes() for p in images.values()]
+def rejection(pyfunc: Any, values: list[Any]) -> str:
+    with pytest.raises(Exception) as caught:
+        pyfunc.predict(pd.DataFrame({"image": values}))
+    return str(caught.value)
+
+
+def test_pyfunc_labels_raw_bytes_base64_and_data_uris(pyfunc: Any, tmp_path: Path) -> None:
+    raw = [p.read_bytes() for p in coloured_images(tmp_path).values()]
     forms = {
-        "paths": [str(p) for p in images.values()],
         "bytes": raw,
         "base64": [base64.b64encode(b).decode() for b in raw],
         "data uri": ["data:image/png;base64," + base64.b64encode(b).decode() for b in raw],
@@ -58,33 +77,131 @@ def test_pyfunc_labels_raw_bytes_paths_and_base64(pyfunc: Any, tmp_path: Path) -
         assert set(out["probabilities"].iloc[0]) == set(CLASSES), form
 
 
-def test_pyfunc_names_the_row_it_cannot_read(pyfunc: Any, tmp_path: Path) -> None:
-    good = coloured_images(tmp_path)["alpha"]
-    with pytest.raises(Exception, match="row 1"):
-        pyfunc.predict(pd.DataFrame({"image": [str(good), "not an image"]}))
+def test_a_server_path_is_not_image_data_and_gets_the_generic_error(pyfunc: Any, tmp_path: Path) -> None:
+    """No existence probe: an existing image file, a missing one and plain junk answer the same."""
+    existing = coloured_images(tmp_path)["alpha"]
+    answers = {rejection(pyfunc, [value]) for value in
+               (str(existing), str(tmp_path / "missing.png"), "/etc/passwd", "/etc/does-not-exist", "hello", b"junk")}
+    assert len(answers) == 1
+    assert GENERIC in answers.pop()
 
 
-def test_batch_prediction_scores_a_folder_and_records_unreadable_files(logged_model: str, tmp_path: Path) -> None:
+def test_every_unusable_image_gets_the_same_error(pyfunc: Any, tmp_path: Path) -> None:
+    def encoded(img: Image.Image, fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        img.save(buffer, fmt)
+        return buffer.getvalue()
+
+    small = Image.new("RGB", (40, 40), COLORS[0])
+    cases = {
+        "too many pixels": encoded(Image.new("RGB", (250, 250), COLORS[0]), "PNG"),   # 62,500 > max_pixels 40,000
+        "format not allowed": encoded(small, "GIF"),
+        "truncated": encoded(small, "PNG")[:60],
+        "empty": b"",
+        "over the byte cap": b"\xff" * 30_001,
+        "not base64": "%%%%",
+    }
+    answers = {name: rejection(pyfunc, [value]) for name, value in cases.items()}
+    assert all(GENERIC in a for a in answers.values()), answers
+    assert len({a.split("\n")[0] for a in answers.values()}) == 1
+
+
+def test_requests_over_the_stored_limits_are_refused(pyfunc: Any, tmp_path: Path) -> None:
+    image = coloured_images(tmp_path)["alpha"].read_bytes()  # about 5 KB
+    assert "at most 5 images" in rejection(pyfunc, [image] * 6)
+    big = write_image(tmp_path / "big.png", size=(80, 60), seed=3, fmt="PNG").read_bytes()
+    assert 12_500 < len(big) < 30_000
+    assert "at most 50000 bytes of image data" in rejection(pyfunc, [big] * 4)
+    assert len(pyfunc.predict(pd.DataFrame({"image": [image] * 5}))) == 5
+
+
+def test_logged_model_holds_no_pickle_and_stores_its_limits_and_hash(logged: dict[str, Any]) -> None:
+    local = Path(mlflow.artifacts.download_artifacts(logged["uri"]))
+    names = {p.name for p in local.rglob("*")}
+    assert not {n for n in names if n.endswith((".pkl", ".pickle"))} and "python_model.pkl" not in names
+    assert "cloudpickle" not in (local / "requirements.txt").read_text()
+    flavor = registry.check_logged_model(local)
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    config = flavor["config"]
+    assert (config["max_images_per_request"], config["max_request_bytes"]) == (5, 50_000)
+    assert (config["max_pixels"], config["max_image_bytes"], config["allowed_formats"]) == \
+        (40_000, 30_000, ["JPEG", "PNG", "BMP", "WEBP"])
+    model_sha = json.loads((logged["root"] / "model" / "run.json").read_text())["model_sha256"]
+    assert config["keras_sha256"] == model_sha
+    assert registry.load_scoring_model(logged["registered"]).unwrap_python_model().classes == CLASSES
+
+
+def test_a_changed_keras_file_is_refused_before_keras_reads_it(logged: dict[str, Any], tmp_path: Path) -> None:
+    local = Path(mlflow.artifacts.download_artifacts(logged["uri"], dst_path=str(tmp_path)))
+    keras_file = next(local.rglob("model.keras"))
+    keras_file.write_bytes(keras_file.read_bytes() + b"\0")
+    with pytest.raises(Exception, match="sha256 differs"):
+        mlflow.pyfunc.load_model(str(local))
+
+
+def test_a_registered_pickled_pyfunc_is_refused(logged: dict[str, Any]) -> None:
+    class Pickled(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            return model_input
+
+    with mlflow.start_run(experiment_id=logged["experiment"]):
+        info = mlflow.pyfunc.log_model(name="old", python_model=Pickled(), pip_requirements=["mlflow"])
+    version = registry.register_version("served", info.model_uri, {registry.SHA256_TAG: "0" * 64})
+    with pytest.raises(registry.UnsafeModel, match="pickled pyfunc"):
+        registry.load_scoring_model(f"models:/served/{version}")
+
+
+# --- batch scoring ------------------------------------------------------------------------------
+
+def test_batch_prediction_scores_a_folder_and_records_unreadable_files(logged: dict[str, Any], tmp_path: Path) -> None:
     folder = tmp_path / "incoming"
     coloured_images(folder)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    out = run_predict(logged_model, folder, tmp_path / "preds.csv", batch_size=2)
+    out = run_predict(logged["uri"], folder, tmp_path / "preds.csv", batch_size=2)
 
     table = pd.read_csv(out.out_csv, keep_default_na=False)
     assert list(table.columns[:3]) == ["path", "label", "probability"]
     assert out.n_images == 4 and out.n_failed == 1
     scored = table[table["error"] == ""]
     assert {Path(p).stem: label for p, label in zip(scored["path"], scored["label"])} == {c: c for c in CLASSES}
-    assert table.loc[table["path"].str.endswith("broken.jpg"), "error"].item() != ""
+    assert table.loc[table["path"].str.endswith("broken.jpg"), "error"].item() == "not a usable image"
 
 
-def test_batch_prediction_reads_a_manifest_split(logged_model: str, tmp_path: Path) -> None:
+def test_batch_prediction_reads_a_manifest_split(logged: dict[str, Any], tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path)
-    out = run_predict(logged_model, manifest, tmp_path / "preds.csv", batch_size=8, split="test")
+    out = run_predict(logged["uri"], manifest, tmp_path / "preds.csv", batch_size=8, split="test")
     table = pd.read_csv(out.out_csv)
     truth = pd.read_csv(manifest).query("split == 'test'")
     assert len(table) == len(truth)
     assert (table["label"].to_numpy() == truth["label"].to_numpy()).all()
+
+
+def test_batch_prediction_refuses_files_outside_the_input_root(logged: dict[str, Any], tmp_path: Path) -> None:
+    root = tmp_path / "batch"
+    inside = coloured_images(root / "images")
+    outside = write_image(tmp_path / "elsewhere" / "secret.png", color=COLORS[1], fmt="PNG")
+    (root / "images" / "link.png").symlink_to(outside)  # a link that leads out of the root
+    rows = ["images/alpha.png", str(inside["beta"]), str(outside), "../elsewhere/secret.png", "images/link.png",
+            "/etc/passwd"]
+    (root / "batch.csv").write_text("path\n" + "\n".join(rows) + "\n")
+    out = run_predict(logged["uri"], root / "batch.csv", tmp_path / "preds.csv")
+
+    table = pd.read_csv(out.out_csv, keep_default_na=False)
+    assert table["path"].tolist() == rows
+    assert table["label"].tolist()[:2] == ["alpha", "beta"]
+    assert table["error"].tolist() == ["", ""] + [predict.OUTSIDE_ROOT] * 4
+    assert out.n_failed == 4
+
+
+def test_a_root_given_on_the_command_line_widens_nothing_else(logged: dict[str, Any], tmp_path: Path) -> None:
+    images = coloured_images(tmp_path / "data" / "raw")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "a.csv").write_text(f"path\ndata/raw/{images['gamma'].name}\n/etc/hostname\n")
+    code = predict.main(["--model", logged["uri"], "--input", str(tmp_path / "lists" / "a.csv"), "--root", str(tmp_path),
+                         "--out", str(tmp_path / "p.csv"), "--params", str(tmp_path / "none.yaml")])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert table["label"].tolist() == ["gamma", ""] and table["error"].tolist() == ["", predict.OUTSIDE_ROOT]
 
 
 def test_cli_rejects_an_input_that_is_not_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,3 +210,11 @@ def test_cli_rejects_an_input_that_is_not_images(tmp_path: Path, capsys: pytest.
                          "--out", str(tmp_path / "p.csv"), "--params", str(tmp_path / "none.yaml")])
     assert code == 2
     assert "expected a folder of images" in capsys.readouterr().err
+
+
+def test_batch_reads_are_confined_even_through_a_symlinked_root_entry(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink("/etc", root / "etc")
+    assert predict.confine("etc/hostname", root) is None
+    assert predict.confine(str(root / "x.png"), root) == (root / "x.png").resolve()

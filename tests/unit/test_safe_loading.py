@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
 
 from components import evaluate
-from components.predict import load_keras_model
+from components.data import load_keras_model, save_model_dir
+from tests.evalkit import make_model_dir, run_info
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,10 +20,8 @@ def _lambda_model_dir(path: Path) -> Path:
     inputs = keras.Input(shape=(None, None, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
     outputs = keras.layers.Lambda(lambda t: keras.ops.softmax(t[:, :2]))(x)  # code that would run on load
-    path.mkdir(parents=True)
-    keras.Model(inputs, outputs).save(path / "model.keras")
-    (path / "classes.json").write_text(json.dumps(["a", "b"]))
-    return path
+    # A complete model folder (run.json with the file's sha256): only safe mode stands in the way.
+    return save_model_dir(keras.Model(inputs, outputs), ["a", "b"], run_info(["a", "b"]), path)
 
 
 def test_model_with_a_lambda_layer_is_refused_with_a_clear_message(tmp_path):
@@ -45,6 +43,37 @@ def test_evaluate_cli_refuses_a_lambda_model_before_touching_mlflow(tmp_path, mo
     assert code == 2
     assert "refused to load" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
+
+
+def test_evaluate_refuses_a_model_file_changed_since_training(tmp_path, monkeypatch, capsys):
+    """run.json records model.keras's sha256; a swapped file is refused before Keras reads it (or MLflow is touched)."""
+    model_dir = make_model_dir(tmp_path / "model")
+    other = make_model_dir(tmp_path / "other", quality="awful")
+    (model_dir / "model.keras").write_bytes((other / "model.keras").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "validated.csv").write_text("path,label,split\n")
+    code = evaluate.main(["--params", str(REPO / "params.yaml"), "--manifest", "validated.csv",
+                          "--model-dir", str(model_dir), "--report-dir", "reports", "--metrics", "metrics.json"])
+    assert code == 2
+    assert "its sha256 differs from the one recorded" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
+
+
+def test_keras_floor_includes_the_published_safe_mode_fixes():
+    """pyproject's floor admits no Keras release with a published safe_mode bypass (3.15.1 carries the latest fixes)."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = SpecifierSet(next(d for d in deps if d.startswith("keras"))[len("keras"):].split(";")[0])
+    for vulnerable in ("3.8.0", "3.10.0", "3.11.2", "3.12.0", "3.13.1", "3.13.2", "3.14.0", "3.15.0"):
+        assert Version(vulnerable) not in spec, vulnerable
+    from importlib.metadata import version
+
+    assert Version(version("keras")) in spec  # and the installed one (with TensorFlow) satisfies it
 
 
 def test_no_loader_in_the_project_switches_safe_mode_off():
