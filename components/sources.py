@@ -255,7 +255,7 @@ def collect_table(location: str, ctx: Context) -> Listing:
             if entry.origin in seen:
                 raise Refused("listed more than once")
         except (BadLabel, Refused) as exc:
-            ctx.refuse(f"row {i + 2}: {raw_loc}", str(exc))
+            ctx.refuse(f"row {i + 2}: {redact(raw_loc)}", str(exc))
             continue
         seen.add(entry.origin)
         entries.append(entry)

@@ -88,7 +88,7 @@ def address_problem(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    for what in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for what in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):  # most specific first
         if getattr(ip, f"is_{what}"):
             return f"{what.replace('_', '-')} address"
     return None if ip.is_global else "non-public address"

@@ -6,7 +6,9 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import shutil
+import stat
 import tarfile
 import threading
 import zipfile
@@ -144,3 +146,66 @@ def http_server(directory: Path) -> Iterator[tuple[str, list[str]]]:
 def copy_tree(source: Path, dest: Path) -> Path:
     shutil.copytree(source, dest)
     return dest
+
+
+# --- hostile inputs (issue 10): files outside the source, links, special files ------------------
+
+MARKER = b"OUTSIDE-THE-SOURCE-7f3a9c"  # planted in files outside a source: it must never reach data/
+
+
+def outside_files(root: Path) -> dict[str, Path]:
+    """Files outside any source: a passwd-like text file and a valid JPEG, both carrying MARKER."""
+    root.mkdir(parents=True, exist_ok=True)
+    passwd = root / "passwd"
+    passwd.write_bytes(b"root:x:0:0:" + MARKER + b":/root:/bin/sh\n")
+    image = write_image(root / "secret.jpg", seed=4711)
+    image.write_bytes(image.read_bytes() + MARKER)  # bytes after the JPEG end: still decodes
+    return {"passwd": passwd, "image": image}
+
+
+def files_containing(root: Path, needle: bytes = MARKER) -> list[str]:
+    """Files under root (links not followed) whose bytes contain needle."""
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+            hits.append(path.relative_to(root).as_posix())
+    return hits
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every entry under root (links not followed): kind and size, to compare before/after."""
+    snap = {}
+    for here, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(here) / name
+            st = path.lstat()
+            snap[path.relative_to(root).as_posix()] = (stat.filemode(st.st_mode)[0], st.st_size if name in names else 0)
+    return snap
+
+
+@contextmanager
+def redirecting_server(routes: dict[str, str]) -> Iterator[str]:
+    """An http server on 127.0.0.1 answering each path in routes with a 302 to the mapped URL."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            target = routes.get(self.path)
+            self.send_response(302 if target else 404)
+            if target:
+                self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -402,3 +402,28 @@ def test_cli_rejects_unknown_ingest_key(tmp_path: Path, capsys):
     params.write_text("ingest:\n  sorce: x\n")
     assert ingest.main(["--params", str(params)]) == 2
     assert "did you mean 'ingest.source'" in capsys.readouterr().err
+
+
+# --- the facts cache (issue 10 item 7) ---------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten_in_place"])
+def test_a_swapped_file_with_the_same_size_and_mtime_is_inspected_again(tmp_path: Path, how: str):
+    source = make_classes(tmp_path / "src", {"a": 3, "b": 3})
+    target = source / "a" / "a_000.jpg"
+    first = _run(tmp_path, source)
+    before = target.stat()
+    swapped = b"\0" * before.st_size  # same size, not an image
+    if how == "replaced":
+        (tmp_path / "swap").write_bytes(swapped)
+        os.replace(tmp_path / "swap", target)
+    else:
+        with open(target, "r+b") as fh:
+            fh.write(swapped)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = _run(tmp_path, source)
+    row = _manifest(second).set_index(_manifest(second)["path"].map(lambda p: Path(p).name)).loc["a_000.jpg"]
+    assert row["sha256"] == hashlib.sha256(swapped).hexdigest()
+    assert row["error"] != ""
+    assert second.computed == 1 and second.data_version != first.data_version

@@ -1,0 +1,326 @@
+"""Sources are confined (issue 10, items 1, 2, 5): labels are names, links and special files stay out,
+table rows stay in their root, URLs reach only allowed hosts, every kind is capped, credentials refused.
+
+Each test drives the real ingest (run_ingest) and checks what landed in the workspace and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import pytest
+
+from components.config import IngestConfig, ParamsError, load_params
+from components.ingest import IngestError, main, run_ingest
+from tests.conftest import write_image
+from tests.datakit import (files_containing, http_server, ingest_config, make_classes, outside_files,
+                           redirecting_server, tree_snapshot)
+
+MAX_PIXELS = 10_000_000
+
+
+def _run(tmp_path: Path, source: Path | str, **overrides):
+    ws = tmp_path / "ws"
+    result = run_ingest(ingest_config(source, **overrides), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
+                        ws / "reports" / "ingest.json", MAX_PIXELS)
+    return result, json.loads(result.report_path.read_text())
+
+
+def _refused(report: dict) -> dict[str, str]:
+    return {Path(r["name"]).name if "row " not in r["name"] else r["name"]: r["reason"] for r in report["refused"]}
+
+
+def _table(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(path, index=False)
+    return path
+
+
+# --- 1. labels are class names, never paths -------------------------------------------------------
+
+BAD_LABELS = ["../../escaped", "/tmp/escaped_abs", "a/b", "..\\..\\escaped", "C:escaped", "..", ".hidden",
+              "bell\x07", "x" * 200, "rtl\u202eevil"]
+
+
+@pytest.mark.parametrize("label", BAD_LABELS)
+def test_a_table_label_that_is_a_path_is_refused_and_writes_nothing_outside_raw(tmp_path: Path, label: str):
+    images = make_classes(tmp_path / "src" / "images", {"cat": 3})
+    extra = write_image(tmp_path / "extra" / "img.jpg", seed=99)  # named <label>/<basename> by the old code
+    rows = [(f"images/cat/cat_{i:03d}.jpg", "cat") for i in range(3)] + [(str(extra), label)]
+    table = _table(tmp_path / "src" / "labels.csv", rows)
+    outside_before = tree_snapshot(tmp_path)
+    result, report = _run(tmp_path, table, allowed_roots=[str(extra.parent)])
+    after = tree_snapshot(tmp_path)
+    new = {p for p in set(after) - set(outside_before)
+           if p not in ("ws", "ws/data", "ws/reports") and not p.startswith(("ws/data/", "ws/reports/"))}
+    assert not new, f"written outside data/: {sorted(new)}"
+    assert not (Path("/tmp") / "escaped_abs").exists()
+    assert result.files == 3 and report["refused_count"] == 1
+    assert "label" in report["refused"][0]["reason"]
+    assert sorted(images.rglob("*.jpg"))  # the source is untouched
+
+
+def test_labels_are_unicode_normalised_so_one_class_is_one_folder(tmp_path: Path):
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    make_classes(tmp_path / "src" / "images", {"a": 4})
+    rows = [(f"images/a/a_{i:03d}.jpg", decomposed if i % 2 else composed) for i in range(4)]
+    result, _ = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    frame = pd.read_csv(result.manifest_path, keep_default_na=False)
+    assert set(frame["label"]) == {composed}
+
+
+def test_a_class_folder_with_an_unusable_name_is_refused_by_name(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"good": 3})
+    write_image(source / "bad\x01name" / "x.jpg", seed=5)
+    result, report = _run(tmp_path, source)
+    assert result.files == 3
+    assert report["refused"] == [{"name": str(source / "bad\x01name" / "x.jpg"),
+                                  "reason": "class folder 'bad\\x01name' is not a usable label: label contains "
+                                            "control or unassigned characters"}]
+
+
+# --- 2. only regular files inside the root are read -------------------------------------------------
+
+def test_a_symlink_out_of_a_folder_source_is_refused_and_its_bytes_never_copied(tmp_path: Path):
+    outside = outside_files(tmp_path / "outside")
+    source = make_classes(tmp_path / "src", {"a": 3, "b": 3})
+    (source / "a" / "escape.jpg").symlink_to(outside["passwd"])
+    (source / "b" / "looks_fine.jpg").symlink_to(outside["image"])  # a real image: it would decode
+    (source / "b" / "zero.jpg").symlink_to("/dev/zero")
+    (source / "b" / "environ.jpg").symlink_to("/proc/self/environ")
+    result, report = _run(tmp_path, source)
+    assert files_containing(tmp_path / "ws") == []
+    refused = _refused(report)
+    for name in ("escape.jpg", "looks_fine.jpg", "zero.jpg", "environ.jpg"):
+        assert refused[name] == "symbolic link pointing outside the source root"
+    assert result.files == 6 and report["refused_count"] == 4
+
+
+def test_links_inside_the_root_are_followed_only_when_allowed_and_the_report_says_so(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 3, "b": 3})
+    (source / "b" / "also_a0.jpg").symlink_to(source / "a" / "a_000.jpg")
+    (source / "b" / "dangling.jpg").symlink_to(source / "nowhere.jpg")
+    (source / "b" / "loop.jpg").symlink_to(source / "b" / "loop.jpg")
+    (source / "linked_class").symlink_to(source / "a", target_is_directory=True)
+    result, report = _run(tmp_path, source)
+    assert result.files == 7 and (result.raw_dir / "b" / "also_a0.jpg").read_bytes() == (source / "a" / "a_000.jpg").read_bytes()
+    assert any("followed 1 symbolic link" in n for n in report["notes"])
+    refused = _refused(report)
+    assert refused["dangling.jpg"] == refused["loop.jpg"] == "broken or looping symbolic link"
+    assert refused["linked_class"] == "symbolic link to a folder: not followed"
+
+    result, report = _run(tmp_path, source, follow_links_within_root=False)
+    assert result.files == 6 and "not followed" in _refused(report)["also_a0.jpg"]
+
+
+def test_fifos_and_devices_are_never_opened(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 3})
+    os.mkfifo(source / "a" / "pipe.jpg")  # opening it for reading would block without O_NONBLOCK
+    try:
+        os.mknod(source / "a" / "zero.jpg", 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero itself
+        devices = 1
+    except PermissionError:
+        devices = 0
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(out=_run(tmp_path, source)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "ingest blocked on a FIFO or read a device"
+    result, report = done["out"]
+    assert result.files == 3
+    refused = _refused(report)
+    assert refused["pipe.jpg"] == "a FIFO, not a regular file: not read"
+    if devices:
+        assert refused["zero.jpg"] == "a character device, not a regular file: not read"
+
+
+def test_table_rows_outside_the_tables_folder_are_refused_without_revealing_what_exists(tmp_path: Path):
+    outside = outside_files(tmp_path / "outside")
+    make_classes(tmp_path / "src" / "images", {"a": 3})
+    rows = [(f"images/a/a_{i:03d}.jpg", "a") for i in range(3)]
+    rows += [(str(outside["passwd"]), "a"), ("/etc/passwd", "a"), ("/no/such/file.jpg", "a"),
+             ("../outside/secret.jpg", "a"), ("images/../../outside/passwd", "a"), ("file:///etc/hostname", "a")]
+    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    assert files_containing(tmp_path / "ws") == []
+    assert result.files == 3
+    reasons = {r["reason"] for r in report["refused"]}
+    assert reasons == {"outside the table's folder or bucket prefix (and ingest.allowed_roots)"}  # the same for all
+    assert report["refused_count"] == 6
+
+
+def test_allowed_roots_admit_rows_from_named_folders_only(tmp_path: Path):
+    outside = outside_files(tmp_path / "outside")
+    other = write_image(tmp_path / "other" / "x.jpg", seed=3)
+    make_classes(tmp_path / "src" / "images", {"a": 2})
+    rows = [("images/a/a_000.jpg", "a"), ("images/a/a_001.jpg", "a"), (str(outside["image"]), "a"), (str(other), "a")]
+    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows), allowed_roots=[str(outside["image"].parent)])
+    assert result.files == 3 and report["refused_count"] == 1 and report["refused"][0]["name"].endswith("x.jpg")
+
+
+def test_a_table_from_a_bucket_may_not_name_local_files(tmp_path: Path):
+    outside = outside_files(tmp_path / "outside")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/tablebucket/set/a/ok.jpg", write_image(tmp_path / "ok.jpg", seed=8).read_bytes())
+    table = f"a/ok.jpg,a\n{outside['passwd']},a\nfile://{outside['image']},a\n../elsewhere/x.jpg,a\n"
+    fs.pipe("/tablebucket/set/labels.csv", ("path,label\n" + table).encode())
+    try:
+        result, report = _run(tmp_path, "memory://tablebucket/set/labels.csv", allowed_roots=[str(outside["passwd"].parent)])
+    finally:
+        fs.rm("/tablebucket", recursive=True)
+    assert files_containing(tmp_path / "ws") == []
+    assert result.files == 1
+    reasons = [r["reason"] for r in report["refused"]]
+    assert reasons.count("a local path in a table that came from a bucket or URL") == 2
+    assert reasons[-1].startswith("outside the table's folder")
+
+
+def test_url_rows_to_other_hosts_are_refused(tmp_path: Path):
+    make_classes(tmp_path / "src" / "images", {"a": 2})
+    rows = [("images/a/a_000.jpg", "a"), ("images/a/a_001.jpg", "a"),
+            ("http://169.254.169.254/latest/meta-data/iam", "a"), ("https://localhost/x.jpg", "a")]
+    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    assert result.files == 2 and report["refused_count"] == 2
+
+
+# --- URLs: schemes, hosts, redirects ----------------------------------------------------------------
+
+def test_plain_http_and_private_hosts_are_refused_unless_allowed(tiny_folder: Path, tmp_path: Path):
+    served = make_classes(tmp_path / "served", {"a": 3, "b": 3})
+    pd.DataFrame([(f"{c}/{c}_{i:03d}.jpg", c) for c in "ab" for i in range(3)],
+                 columns=["path", "label"]).to_csv(served / "labels.csv", index=False)
+    with http_server(served) as (base, requests):
+        with pytest.raises(IngestError, match="allow_http"):
+            _run(tmp_path, f"{base}/labels.csv")
+        with pytest.raises(IngestError, match="loopback address"):
+            _run(tmp_path, f"{base}/labels.csv", allow_http=True)
+        assert requests == []  # refused before any request was sent
+        result, _ = _run(tmp_path, f"{base}/labels.csv", allow_http=True, allow_private_hosts=True)
+    assert result.files == 6
+
+
+def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
+    from components import urls
+
+    policy = urls.UrlPolicy(allow_http=True, allow_private_hosts=False, timeout_s=5, max_redirects=2)
+    # Let this test's server on 127.0.0.1 count as public, so that only the redirect target is judged.
+    real = urls.address_problem
+    monkeypatch.setattr(urls, "address_problem", lambda a: None if a == "127.0.0.1" else real(a))
+    with redirecting_server({"/meta": "http://169.254.169.254/latest/meta-data/", "/file": "file:///etc/passwd",
+                             "/a": "/b", "/b": "/c", "/c": "/d"}) as base:
+        with pytest.raises(urls.URLRefused, match="link-local address"):
+            urls.http_open(f"{base}/meta", policy)
+        with pytest.raises(OSError, match="file:///etc/passwd' is not allowed"):  # urllib's own refusal
+            urls.http_open(f"{base}/file", policy)
+        with pytest.raises(urls.URLRefused, match="max_redirects=2"):
+            urls.http_open(f"{base}/a", policy)
+
+
+@pytest.mark.parametrize("address, problem", [("127.0.0.1", "loopback"), ("10.1.2.3", "private"),
+                                              ("169.254.169.254", "link-local"), ("::1", "loopback"),
+                                              ("::ffff:192.168.0.1", "private"), ("224.0.0.1", "multicast"),
+                                              ("0.0.0.0", "unspecified"), ("240.0.0.1", "reserved"),
+                                              ("8.8.8.8", None), ("2606:4700::1111", None)])
+def test_address_policy(address: str, problem: str | None):
+    from components.urls import address_problem
+
+    found = address_problem(address)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_a_host_is_refused_if_any_of_its_addresses_is_private(monkeypatch):
+    import socket
+
+    from components import urls
+
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
+               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
+    with pytest.raises(urls.URLRefused, match="10.0.0.5"):
+        urls.vetted_addresses("rebind.example", 443, allow_private_hosts=False)
+    assert urls.vetted_addresses("rebind.example", 443, allow_private_hosts=True) == answers
+
+
+# --- caps for every kind ----------------------------------------------------------------------------
+
+def test_file_and_byte_caps_hold_for_folders_tables_and_buckets(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
+    table = _table(tmp_path / "src" / "labels.csv", [(f"a/a_{i:03d}.jpg", "a") for i in range(6)])
+    with pytest.raises(IngestError, match="max_files"):
+        _run(tmp_path, source, max_files=10)
+    with pytest.raises(IngestError, match="max_bytes"):
+        _run(tmp_path, source, max_bytes=5_000)
+    with pytest.raises(IngestError, match="max_files"):
+        _run(tmp_path, table, max_files=5)
+    with pytest.raises(IngestError, match="max_bytes"):
+        _run(tmp_path, table, max_bytes=3_000)
+    fs = fsspec.filesystem("memory")
+    for f in source.rglob("*.jpg"):
+        fs.pipe(f"/capbucket/{f.relative_to(source).as_posix()}", f.read_bytes())
+    try:
+        with pytest.raises(IngestError, match="max_files"):
+            _run(tmp_path, "memory://capbucket", max_files=10)
+        with pytest.raises(IngestError, match="max_bytes"):
+            _run(tmp_path, "memory://capbucket", max_bytes=5_000)
+    finally:
+        fs.rm("/capbucket", recursive=True)
+    assert not (tmp_path / "ws" / "data" / "raw").exists()  # a capped run leaves nothing behind
+
+
+def test_a_file_that_grows_after_listing_is_stopped_by_the_byte_count(tmp_path: Path, monkeypatch):
+    from components import confine
+
+    source = make_classes(tmp_path / "src", {"a": 3})
+    real_materialise = confine.materialise
+
+    def grow_then_copy(entries, ctx):
+        (source / "a" / "a_000.jpg").write_bytes(b"\xff" * 200_000)  # after the sizes were read
+        return real_materialise(entries, ctx)
+
+    monkeypatch.setattr("components.sources.materialise", grow_then_copy)
+    with pytest.raises(IngestError, match="max_bytes"):
+        _run(tmp_path, source, max_bytes=100_000)
+
+
+# --- 5. credentials never live in settings ----------------------------------------------------------
+
+@pytest.mark.parametrize("source, what", [
+    ("https://alice:hunter2@example.com/data.tgz", "user name or password"),
+    ("https://example.com/data.tgz?X-Amz-Signature=hunter2&X-Amz-Credential=AKIA", "X-Amz-Credential, X-Amz-Signature"),
+    ("https://storage.example.com/d.zip?sv=2024&sig=hunter2", "sig"),
+    ("s3://bucket/set/labels.csv?token=hunter2", "token"),
+])
+def test_a_credential_in_the_source_is_refused_with_what_to_use_instead(source: str, what: str):
+    with pytest.raises(ValueError) as caught:
+        IngestConfig(source=source)
+    message = str(caught.value)
+    assert what in message and "AWS_ACCESS_KEY_ID" in message and "GOOGLE_APPLICATION_CREDENTIALS" in message
+
+
+def test_the_cli_refuses_a_credential_before_writing_and_never_echoes_it(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("ingest:\n  source: https://alice:hunter2@example.com/d.tgz\n")
+    assert main(["--params", "params.yaml"]) == 2
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err and "user name or password" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+    with pytest.raises(ParamsError):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
+    from components.urls import redact
+
+    assert redact("https://u:p@host/x?sig=abc&v=1") == "https://***@host/x?sig=***&v=1"
+    make_classes(tmp_path / "src" / "images", {"a": 2})
+    rows = [("images/a/a_000.jpg", "a"), ("images/a/a_001.jpg", "a"), ("https://bob:hunter2@example.com/x.jpg", "a"),
+            ("https://example.com/y.jpg?token=hunter2", "a")]
+    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    assert report["refused_count"] == 2
+    for path in (result.report_path, result.manifest_path):
+        assert "hunter2" not in path.read_text()
