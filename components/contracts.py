@@ -214,6 +214,29 @@ class ModelRunInfo(Contract):
     first_trainable_layer: str | None = None
 
 
+class TrainingMetrics(BaseModel):
+    """reports/<stage>/metrics.json of train_head and finetune: validation results and training time.
+
+    `dvc exp show` lists them next to the test metrics (so sweeps choose on val, never on test);
+    DVC reads them too, so they hold numbers only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    val_accuracy: float
+    val_loss: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    train_seconds: float = Field(description="this stage plus the stages it builds on (finetune: head + finetune)")
+
+    def write(self, path: str | Path) -> Path:
+        from components.files import write_json
+
+        write_json(path, self.model_dump(mode="json"))
+        return Path(path)
+
+
 # --- evaluate -------------------------------------------------------------------------------------
 
 class ScoresRecord(Contract):

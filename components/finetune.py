@@ -29,7 +29,7 @@ from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split, make_dataset
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
-from components.contracts import MODEL_FILE, read_manifest
+from components.contracts import MODEL_FILE, TrainingMetrics, read_manifest
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")  # under workspace_root(): experiments resume too
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -210,6 +210,9 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
         }
         data.save_model_dir(model, classes, run_info, out_dir)
+        TrainingMetrics(val_accuracy=val_accuracy, val_loss=val_loss, best_epoch=best_epoch, epochs_run=len(history),
+                        seconds=round(seconds, 1), train_seconds=round(seconds + head_info.seconds, 1)).write(
+            Path(report_dir) / "metrics.json")
         if len(history):
             title = f"finetune: top {len(trained_layers)} backbone layers"
             csv_path, png_path = learning_curves.write_reports(history, report_dir, title)

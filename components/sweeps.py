@@ -56,9 +56,11 @@ def results_table(shown: list[dict[str, Any]], names: dict[str, dict[str, Any]])
     rows = []
     for name, point in names.items():
         rev = found.get(name)
-        data = (rev or {}).get("data") or {}
-        metrics = ((data.get("metrics") or {}).get("metrics.json") or {}).get("data") or {}
-        rows.append({"experiment": name, **point, "state": "done" if metrics else "not run",
+        files = ((rev or {}).get("data") or {}).get("metrics") or {}
+        test = (files.get("metrics.json") or {}).get("data") or {}
+        training = (files.get("reports/finetune/metrics.json") or {}).get("data") or {}
+        metrics = {**test, "val_accuracy": training.get("val_accuracy"), "train_seconds": training.get("train_seconds")}
+        rows.append({"experiment": name, **point, "state": "done" if test else "not run",
                      **{m: metrics.get(m) for m in TABLE_METRICS}})
     return pd.DataFrame(rows)
 

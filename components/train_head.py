@@ -27,7 +27,7 @@ from components.config import Params, ParamsError, load_params
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
-from components.contracts import read_manifest
+from components.contracts import TrainingMetrics, read_manifest
 
 DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result; under workspace_root()
 
@@ -241,6 +241,10 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
         data.save_model_dir(model, classes, run_info, out_dir)
+        TrainingMetrics(val_accuracy=run_info["val_accuracy"], val_loss=run_info["val_loss"],
+                        best_epoch=run_info["best_epoch"], epochs_run=run_info["epochs_run"],
+                        seconds=run_info["seconds"], train_seconds=run_info["seconds"]).write(
+            Path(report_dir) / "metrics.json")
         _write_data_checks(checks, params, run_info, out_dir, report_dir, client, run_id)
         for name in ("val_accuracy", "val_loss"):
             client.log_metric(run_id, f"best_{name}", run_info[name])

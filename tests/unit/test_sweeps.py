@@ -29,8 +29,10 @@ def test_a_bad_point_is_refused_before_anything_is_queued():
 
 
 def _exp(name: str, val: float, test: float, seconds: float) -> dict:
-    metrics = {"val_accuracy": val, "accuracy": test, "macro_f1": test, "ece": 0.05, "train_seconds": seconds}
-    return {"name": name, "revs": [{"data": {"metrics": {"metrics.json": {"data": metrics}}}}]}
+    test_metrics = {"accuracy": test, "macro_f1": test, "ece": 0.05}
+    training = {"val_accuracy": val, "train_seconds": seconds}
+    return {"name": name, "revs": [{"data": {"metrics": {"metrics.json": {"data": test_metrics},
+                                                         "reports/finetune/metrics.json": {"data": training}}}}]}
 
 
 def test_best_point_is_chosen_on_validation_accuracy_not_test(tmp_path):
