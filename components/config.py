@@ -266,8 +266,8 @@ class ServingConfig(Section):
 
 
 class ExperimentsConfig(Section):
-    register: bool = Field(False, description="Whether a DVC experiment registers its model (as a challenger).")
-    promote: bool = Field(False, description="Whether a registered experiment may become champion (gate still applies).")
+    register_model: bool = Field(False, description="Whether a DVC experiment registers its model (as a challenger).")
+    promote: bool = Field(False, description="With register_model: the gate may make it champion (main-line runs always may).")
 
 
 class EvaluateConfig(Section):
