@@ -1,4 +1,8 @@
-"""`mlflow models serve` of the champion answers HTTP requests carrying base64 images (docs/serving.md)."""
+"""`mlflow models serve` of the champion answers HTTP requests carrying base64 images (docs/serving.md).
+
+The server gets its limits from the model's stored model_config (no params.yaml in its folder), and a
+string that names a file on the server is just invalid image data: the same reply as for a missing file.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mp.chdir(ws)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         manifest = write_manifest(ws)
-        params = parse_params({"evaluate": {"batch_size": 8, "worst_examples": 2}})
+        params = parse_params({"evaluate": {"batch_size": 8, "worst_examples": 2,
+                                            "serving": {"max_images_per_request": 3, "max_request_bytes": 60_000}}})
         run_evaluate(params, manifest, make_model_dir(ws / "model"), None, ws / "reports", ws / "metrics.json", ws)
     mlflow.set_tracking_uri(None)
     port = free_port()
@@ -69,8 +74,27 @@ def test_served_champion_labels_base64_images(served: dict[str, Any]) -> None:
 def test_served_model_rejects_a_non_image_with_a_readable_error(served: dict[str, Any]) -> None:
     reply = requests.post(served["url"], json={"dataframe_split": {"columns": ["image"], "data": [["hello"]]}},
                           timeout=60)
-    assert reply.status_code >= 400
-    assert "row 0" in reply.text
+    assert reply.status_code == 400
+    assert "image row 0: not a usable image" in reply.text
+
+
+def test_a_server_file_path_gets_the_generic_error_whether_or_not_it_exists(served: dict[str, Any]) -> None:
+    existing_image = sorted((served["ws"] / "images").glob("*/test_0.jpg"))[0]
+    replies = []
+    for value in (str(existing_image), str(served["ws"] / "images" / "missing.jpg"), "/etc/passwd", "/etc/nothing-here"):
+        reply = requests.post(served["url"], json={"inputs": {"image": [value]}}, timeout=60)
+        replies.append((reply.status_code, reply.text))
+    assert len(set(replies)) == 1, replies  # byte-identical: nothing tells what exists on the server
+    status, text = replies[0]
+    assert status == 400 and "image row 0: not a usable image" in text
+    assert str(existing_image) not in text and "passwd" not in text
+
+
+def test_served_model_enforces_the_stored_request_limits(served: dict[str, Any]) -> None:
+    image = base64.b64encode(sorted((served["ws"] / "images").glob("*/test_0.jpg"))[0].read_bytes()).decode()
+    reply = requests.post(served["url"], json={"inputs": {"image": [image] * 4}}, timeout=60)
+    assert reply.status_code == 400 and "at most 3 images" in reply.text
+    assert requests.post(served["url"], json={"inputs": {"image": [image] * 3}}, timeout=60).status_code == 200
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
