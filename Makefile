@@ -55,3 +55,26 @@ e2e-loopback: install keras-home
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# ---- infra/ (INFRA): offline validation, the container end-to-end run, image lock files
+.PHONY: validate-infra e2e-docker lock-images
+UV_VERSION ?= 0.13.9
+LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes --no-header --annotation-style line
+
+# Kubernetes schema + `kubectl kustomize infra/` + `docker compose config` + least-privilege rules; offline, seconds
+validate-infra: install
+	$(BIN)/python infra/scripts/validate_infra.py
+
+# Private Docker daemon, local base image, every CPU image, the compose stack, two training runs, a killed
+# worker; tears everything down (infra/README.md, "make e2e-docker"). Needs root; installs docker.io and debootstrap.
+e2e-docker: install keras-home
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io debootstrap)
+	$(BIN)/python infra/scripts/docker_e2e.py
+
+# Regenerate the images' lock files (infra/requirements/*.lock, hashed) after changing pyproject.toml or an .in file
+lock-images: install
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	cd infra/requirements && for name in mlflow prefect s3; do $(BIN)/uv pip compile -q $(LOCK_FLAGS) $$name.in -o $$name.lock; done
+	cd infra/requirements && for extra in cpu gpu; do \
+	  $(BIN)/uv pip compile -q $(LOCK_FLAGS) ../../pyproject.toml worker-$$extra.in --extra $$extra --extra s3 -o worker-$$extra.lock; done

@@ -3,6 +3,10 @@
 # object store, then run the given command (a Prefect worker). Credentials come from the environment.
 set -eu
 
+# No placeholder or missing credentials (infra/check-secrets.sh; installed as tp-check-secrets in the images).
+checker=$(command -v tp-check-secrets || echo "$(dirname "$0")/check-secrets.sh")
+sh "$checker" ${TP_REQUIRED_SECRETS:-PREFECT_API_AUTH_STRING MLFLOW_TRACKING_PASSWORD}
+
 workspace="${TP_WORKSPACE:-/workspace}"
 
 if [ ! -d "$workspace/.git" ]; then

@@ -107,7 +107,8 @@ def test_compose_builds_only_from_dockerfiles_that_exist() -> None:
         assert dockerfile.is_file(), dockerfile
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.mlflow"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.mlflow", "Dockerfile.prefect",
+                                        "Dockerfile.s3", "Dockerfile.postgres"])
 def test_dockerfile_copies_only_files_that_exist_and_reach_the_build(dockerfile: str) -> None:
     text = (INFRA / dockerfile).read_text()
     allowed = [line[1:].rstrip("/") for line in (INFRA / f"{dockerfile}.dockerignore").read_text().splitlines()
@@ -124,9 +125,12 @@ def test_dockerfile_copies_only_files_that_exist_and_reach_the_build(dockerfile:
 
 
 def test_images_install_the_matching_tensorflow_extra() -> None:
-    assert '".[cpu]"' in (INFRA / "Dockerfile.cpu").read_text()
-    gpu = (INFRA / "Dockerfile.gpu").read_text()
-    assert '".[gpu]"' in gpu and re.search(r"nvidia/cuda|tensorflow/tensorflow:.*gpu", gpu)
+    assert "infra/requirements/worker-cpu.lock" in (INFRA / "Dockerfile.cpu").read_text()
+    assert "infra/requirements/worker-gpu.lock" in (INFRA / "Dockerfile.gpu").read_text()
+    cpu = (INFRA / "requirements" / "worker-cpu.lock").read_text()
+    gpu = (INFRA / "requirements" / "worker-gpu.lock").read_text()
+    assert re.search(r"^tensorflow-cpu==", cpu, re.M) and not re.search(r"^tensorflow==", cpu, re.M)
+    assert re.search(r"^tensorflow==", gpu, re.M) and re.search(r"^nvidia-cudnn-cu\d+==", gpu, re.M)
 
 
 def test_compose_gpu_worker_reserves_an_nvidia_gpu() -> None:
@@ -154,16 +158,17 @@ def test_published_ports_listen_on_localhost_by_default() -> None:
 
 
 def test_mlflow_serves_artifacts_from_the_object_store() -> None:
-    command = compose()["services"]["mlflow"]["command"]
-    assert "--serve-artifacts" in command
-    assert any(arg.startswith("--artifacts-destination=s3://") for arg in command)
-    assert any(arg.startswith("--backend-store-uri=postgresql://") for arg in command)
+    mlflow = compose()["services"]["mlflow"]
+    assert "--serve-artifacts" in mlflow["command"]
+    # Destination and backend store come from the environment (the URI holds the database password).
+    assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
 
 
 def test_worker_env_points_dvc_and_mlflow_at_the_stack() -> None:
     env = compose()["services"]["worker-cpu"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["DVC_REMOTE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["DVC_REMOTE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "${S3_ENDPOINT_URL:-http://minio:9000}"
 
 
 # --------------------------------------------------------------------------- prefect.yaml
@@ -369,6 +374,9 @@ def test_no_literal_secrets_in_committed_infra_files(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- worker start-up
+STRONG_WORKER_SECRETS = {"PREFECT_API_AUTH_STRING": "admin:" + "q7" * 12, "MLFLOW_TRACKING_PASSWORD": "z9" * 12}
+
+
 def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -383,6 +391,7 @@ def test_worker_entrypoint_clones_the_project_and_points_dvc_at_the_bucket(tmp_p
 
     workspace = tmp_path / "workspace"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           **STRONG_WORKER_SECRETS,
            "TP_WORKSPACE": str(workspace), "TP_GIT_REPOSITORY": str(source), "TP_GIT_BRANCH": "main",
            "DVC_REMOTE_URL": "s3://dvc/transfer-pipeline", "AWS_ENDPOINT_URL": "http://minio:9000"}
     result = subprocess.run(["sh", str(INFRA / "worker-entrypoint.sh"), "pwd"], env=env,
@@ -397,7 +406,7 @@ def test_worker_entrypoint_clones_the_project_and_points_dvc_at_the_bucket(tmp_p
 
 def test_worker_entrypoint_refuses_to_start_without_a_project(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TP_GIT_REPOSITORY"}
-    env["TP_WORKSPACE"] = str(tmp_path / "empty")
+    env.update(STRONG_WORKER_SECRETS, TP_WORKSPACE=str(tmp_path / "empty"))
     result = subprocess.run(["sh", str(INFRA / "worker-entrypoint.sh"), "true"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "TP_GIT_REPOSITORY" in result.stderr

