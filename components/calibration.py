@@ -1,0 +1,125 @@
+"""Temperature scaling: one scalar, fitted on validation logits, that makes probabilities honest.
+
+The classifier ends in a softmax, so its saved outputs are probabilities; log-probabilities are
+logits up to a per-row constant, which softmax ignores, so `logits_from_probabilities` is all a
+caller needs. Dividing logits by T > 0 never changes the argmax (accuracy is untouched); T > 1
+softens an over-confident model, T < 1 sharpens an under-confident one (label smoothing makes
+models under-confident). T is chosen to minimise the validation negative log-likelihood (Guo et
+al. 2017) and never on test. ECE and the reliability table use components.metrics, the same
+definitions evaluate reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from components.metrics import calibration_bins, expected_calibration_error
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # beyond these a "fit" is a symptom (degenerate val set), not a calibration
+_EPS = 1e-12
+
+
+def logits_from_probabilities(probs: np.ndarray) -> np.ndarray:
+    """log p: logits up to a per-row constant (softmax(log p / T) is temperature scaling of the logits)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities softmax(logits / T)."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean -log p(true label) after dividing the logits by `temperature`."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float(np.mean(log_norm - z[np.arange(len(z)), labels]))
+
+
+def _checked(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Finite rows only (a NaN row has no probability to calibrate), labels validated."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise ValueError(f"logits must be (n, classes) with one label per row; got {logits.shape} and {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1}")
+    finite = np.isfinite(logits).all(axis=1)
+    return logits[finite], labels[finite].astype(np.int64)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """The T in `bounds` minimising validation NLL (a 1-D bounded search over log T); 1.0 if no rows."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = _checked(logits, labels)
+    if not len(labels):
+        return 1.0
+    result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+                             bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                             options={"xatol": 1e-4})
+    temperature = float(np.exp(result.x))
+    # The search is approximate: never hand back a T that is worse than leaving the model alone.
+    if negative_log_likelihood(logits, labels, temperature) > negative_log_likelihood(logits, labels, 1.0):
+        return 1.0
+    return temperature
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[float, list[dict[str, Any]]]:
+    """(ECE, reliability-diagram rows: low, high, count, confidence, accuracy) of top-label predictions."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    table = calibration_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins)
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in table.to_dict(orient="records")]
+    return expected_calibration_error(table), rows
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Before/after numbers on one split, ready for JSON (metrics.json, MLflow) and a plot."""
+
+    temperature: float
+    n: int
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    reliability_before: list[dict[str, Any]]
+    reliability_after: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: float,
+                       n_bins: int = 10) -> CalibrationReport:
+    """How `temperature` changes NLL, ECE and the reliability diagram on these rows (val or test)."""
+    logits, labels = _checked(logits, labels)
+    ece_before, bins_before = reliability(softmax(logits), labels, n_bins)
+    ece_after, bins_after = reliability(apply_temperature(logits, temperature), labels, n_bins)
+    return CalibrationReport(
+        temperature=float(temperature), n=int(len(labels)),
+        nll_before=negative_log_likelihood(logits, labels) if len(labels) else 0.0,
+        nll_after=negative_log_likelihood(logits, labels, temperature) if len(labels) else 0.0,
+        ece_before=ece_before, ece_after=ece_after, reliability_before=bins_before, reliability_after=bins_after)
+
+
+def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, n_bins: int = 10) -> CalibrationReport:
+    """Fit T on validation probabilities (the model's softmax outputs) and report before/after on val."""
+    logits = logits_from_probabilities(val_probs)
+    return calibration_report(logits, val_labels, fit_temperature(logits, val_labels), n_bins)
