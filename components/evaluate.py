@@ -6,7 +6,9 @@ promotion.json (`contracts.PromotionRecord`); and a flat `metrics.json` (`contra
 `dvc metrics show`. In MLflow: a new run (tag stage=evaluate) holding all of it plus the served model
 (`components/serving_model.py`, logged from code), registered as a new version; alias `champion`
 moves to it only through the gate in `components.registry` (against the champion re-scored on
-today's test split), and alias `challenger` once its reports are logged.
+today's test split), and alias `challenger` once its reports are logged. Inside a DVC experiment
+(DVC_EXP_NAME set) the model is registered only with `evaluate.experiments.register_model`, and may
+become champion only with `evaluate.experiments.promote`.
 
 Reads (all declared in dvc.yaml): the validated manifest, the model folders (`data.load_model_dir`,
 sha256-checked), `reports/ingest.json` and `reports/validation/summary.json` (data versions and the
@@ -44,6 +46,7 @@ from components.evaluation_plots import plot_confusion_matrix, plot_reliability,
 from components.images import ImageLimits
 from components.metrics import compute_metrics, flat_metrics, mlflow_key, predictions
 from components.model_card import model_card, quarantined_count, split_counts
+from components.settings import environment
 from components.tracking import RetryPolicy, TrackingUnavailable, shown_uri, with_retries
 
 INGEST_REPORT = Path("reports/ingest.json")
@@ -81,8 +84,8 @@ def example_input(path: str, limits: ImageLimits, size: int = 64) -> pd.DataFram
 
 
 def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any], lineage: dict[str, str],
-                   example: pd.DataFrame, policy: RetryPolicy) -> tuple[str, str]:
-    """The evaluation run (metrics, settings) and the served model logged into it: (run id, model URI)."""
+                   example: pd.DataFrame | None, policy: RetryPolicy) -> tuple[str, str | None]:
+    """The evaluation run (metrics, settings) and, given an example, the served model: (run id, model URI)."""
     import mlflow
 
     client, run_id, _ = tracking.start_run(params.tracking, "evaluate", lineage)
@@ -98,6 +101,10 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
             **{f"serving.{k}": v for k, v in params.evaluate.serving.model_dump().items()},
             "image_size": folder.image_size, "n_classes": len(folder.classes), "tracking_server": shown_uri(),
         }, policy=policy)
+        if example is None:  # an experiment that does not register: metrics and reports only
+            client.set_terminated(run_id, "FINISHED")
+            finished = True
+            return run_id, None
         config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
         with_retries("resume the run", mlflow.start_run, run_id=run_id, policy=policy)
         try:
@@ -162,21 +169,35 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
             split.labels, y_pred, labels=list(range(len(folder.classes))), target_names=folder.classes, zero_division=0))
         files.write_json(out / "metrics.json", metrics)
 
-        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example_input(split.paths[0], limits),
-                                           policy)
-        champion_version, champion, problem, class_set_changed = registry.rescore_champion(name, split, limits, policy)
-        decision = registry.decide_promotion(config.promotion, registry.scores_of(metrics), champion,
-                                             champion_version, problem, class_set_changed)
-        version = registry.register_version(name, model_uri, {**lineage, "run_id": run_id,
-                                                              registry.SHA256_TAG: folder.info.model_sha256}, policy)
-        registry.apply_decision(name, version, decision, policy)
+        # A DVC experiment (dvc exp run, the flow's --set) registers and promotes only when its settings say so.
+        experiment = environment().dvc_exp_name
+        register = not experiment or config.experiments.register_model
+        example = example_input(split.paths[0], limits) if register else None
+        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, policy)
+        if model_uri is None:
+            version = ""
+            decision = registry.PromotionDecision(False, [f"note: DVC experiment {experiment}: not registered "
+                                                          "(evaluate.experiments.register_model is off)"],
+                                                  registry.scores_of(metrics))
+        else:
+            champion_version, champion, problem, class_set_changed = registry.rescore_champion(name, split, limits,
+                                                                                               policy)
+            decision = registry.decide_promotion(config.promotion, registry.scores_of(metrics), champion,
+                                                 champion_version, problem, class_set_changed)
+            if experiment and not config.experiments.promote and decision.promoted:
+                decision.refuse(f"DVC experiment {experiment}: evaluate.experiments.promote is off, so it stays challenger")
+            version = registry.register_version(name, model_uri, {**lineage, "run_id": run_id,
+                                                                  registry.SHA256_TAG: folder.info.model_sha256}, policy)
+            registry.apply_decision(name, version, decision, policy)
 
         card = model_card(params, folder.classes, folder.info, metrics, split_counts(manifest), lineage,
-                          quarantined_count(validation), decision.promoted, decision.reasons, version)
+                          quarantined_count(validation), decision.promoted if version else None, decision.reasons,
+                          version or None)
         (out / "model_card.md").write_text(card, encoding="utf-8")
         decision.record(name, version, run_id, lineage).write(out / "promotion.json")
         log_reports(run_id, out, policy)
-        registry.set_challenger(name, version, policy)
+        if version:
+            registry.set_challenger(name, version, policy)
 
     TestMetrics.model_validate(flat_metrics(metrics)).write(metrics_path)
     return EvaluationResult(metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["n_test"], run_id,

@@ -248,3 +248,21 @@ def test_cli_reports_a_missing_model_instead_of_a_traceback(workspace: Path, cap
                           "--model-dir", "models/nothing", "--report-dir", "r", "--metrics", "m.json"])
     assert code == 2
     assert "not found: run the training stages first" in capsys.readouterr().err
+
+
+def test_a_dvc_experiment_registers_nothing_unless_its_settings_say_so(workspace: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), settings(min_accuracy=0.0))  # v1
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-lr")
+    quiet = evaluate_model(workspace, make_model_dir(workspace / "good"))
+    assert not quiet.promoted and quiet.model_version == ""
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{NAME}'")] == ["1"]
+    record = PromotionRecord.read(workspace / "reports" / "evaluate" / "promotion.json")
+    assert record.version == "" and "register_model is off" in record.reasons[0]
+    assert MlflowClient().get_run(quiet.run_id).data.metrics["accuracy"] == 1.0  # the run and its metrics are kept
+
+    params = parse_params({"evaluate": {"batch_size": 8, "worst_examples": 4, "experiments": {"register_model": True}},
+                           "tracking": {"retry_attempts": 2, "retry_backoff_s": 0}})
+    registered = evaluate_model(workspace, make_model_dir(workspace / "good"), params)
+    assert not registered.promoted and aliases() == {"champion": "1", "challenger": "2"}
+    assert "evaluate.experiments.promote is off" in version_tags("2")["promotion.reasons"]
