@@ -304,18 +304,19 @@ def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> A
     """A registered/logged served model, loaded only after the pickle and sha256 checks."""
     import mlflow
 
-    local = with_retries("download the model", mlflow.artifacts.download_artifacts, artifact_uri=model_uri,
+    fixed_uri, expected = registered_version(model_uri, policy)
+    local = with_retries("download the model", mlflow.artifacts.download_artifacts, artifact_uri=fixed_uri,
                          policy=policy)
-    check_logged_model(local, registered_sha256(model_uri, policy))
+    check_logged_model(local, expected)
     return mlflow.pyfunc.load_model(local)  # load_context checks the Keras file against model_config
 
 
-def registered_sha256(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> str | None:
-    """The sha256 tag of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` version (None for other URIs)."""
+def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> tuple[str, str | None]:
+    """(`models:/NAME/VERSION` with any alias resolved once, that version's sha256 tag); other URIs as given, None."""
     from mlflow import MlflowClient
 
     if not model_uri.startswith("models:/"):
-        return None
+        return model_uri, None
     name, _, ref = model_uri[len("models:/"):].rstrip("/").partition("/")
     client = MlflowClient()
     if "@" in name and not ref:
@@ -324,11 +325,11 @@ def registered_sha256(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> st
     elif ref:
         found = with_retries("read the model version", client.get_model_version, name, ref, policy=policy)
     else:
-        return None  # models:/<logged model id>: not a registry version (its model_config hash is still checked)
+        return model_uri, None  # models:/<logged model id>: no registry tag (its model_config hash is still checked)
     tag = found.tags.get(SHA256_TAG)
     if not tag:
         raise UnsafeModel(f"{model_uri} has no {SHA256_TAG} tag: not registered by this pipeline")
-    return tag
+    return f"models:/{name}/{found.version}", tag
 
 
 def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: RetryPolicy
