@@ -49,7 +49,9 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
     probs = np.zeros((len(labels), num_classes), dtype=np.float64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit_rows, held_rows in splitter.split(features, labels):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+        # Strong L2 and a loose tolerance: ~15 lbfgs steps on 1280-d features, out-of-fold accuracy
+        # within 0.2 points of a tight fit (benchmarks/data_quality.py), 5x faster.
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.03, tol=1e-3, max_iter=200))
         model.fit(features[fit_rows], labels[fit_rows])
         # A class absent from a fold's training rows gets probability 0 there (columns follow model.classes_).
         probs[np.ix_(held_rows, model.classes_)] = model.predict_proba(features[held_rows])
