@@ -130,3 +130,20 @@ def test_the_picture_of_the_top_groups_is_a_png(images, tmp_path: Path):
     _, report = nd.resolve(frame, groups_of(frame), "move")
     out = nd.plot_groups(frame, report, tmp_path / "groups.png", LIMITS)
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _hashes(*pairs: tuple[int, int]) -> np.ndarray:
+    """128-bit fingerprints whose phash and dhash halves differ from an all-zero base by the given bit counts."""
+    rows = np.zeros((len(pairs), 128), dtype=bool)
+    for row, (phash_bits, dhash_bits) in zip(rows, pairs):
+        row[:phash_bits] = True
+        row[64:64 + dhash_bits] = True
+    return rows
+
+
+def test_both_hashes_must_agree_and_groups_chain():
+    # Row 1 is close to row 0 on phash only (the false pairs phash alone made in flower_photos): not grouped.
+    assert nd.find_groups(_hashes((0, 0), (3, 20)), max_distance=10) == []
+    # Rows 0-1 and 1-2 are within 10 on both hashes, rows 0-2 are not: one group by transitivity.
+    assert nd.find_groups(_hashes((0, 0), (6, 6), (12, 12), (40, 40)), max_distance=10) == [[0, 1, 2]]
+    assert nd.find_groups(_hashes((0, 0), (6, 6)), max_distance=5) == []
