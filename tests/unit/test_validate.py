@@ -256,3 +256,37 @@ def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
                           "--out-manifest", str(tmp_path / "v.csv"), "--report-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and "Traceback" not in err
+
+
+# --- hand-offs through the contracts (issue 11) ----------------------------------------------------
+
+def test_summary_is_the_validation_summary_contract_with_the_quarantined_count(defects):
+    from components.contracts import ValidationSummary
+
+    run, _, _ = defects
+    summary = ValidationSummary.read(run.result.summary_path)  # what evaluate's model card reads
+    assert summary.counts.quarantined == run.result.quarantined > 0
+    assert summary.ingest["refused_count"] == 0
+
+
+def test_an_ingest_report_missing_a_field_is_refused_naming_it(tmp_path: Path):
+    import json
+
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config())
+    report = json.loads(run.ingest.report_path.read_text())
+    del report["class_folders"]
+    run.ingest.report_path.write_text(json.dumps(report))
+    with pytest.raises(ValidateInputError, match="class_folders"):
+        run_validate(validate_config(), None, run.ingest.manifest_path, tmp_path / "v.csv", tmp_path / "r",
+                     run.ingest.report_path)
+
+
+def test_entries_ingest_refused_are_a_warning_in_the_summary(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
+    (tmp_path / "secret.txt").write_text("outside the source")
+    (source / "a" / "escape.jpg").symlink_to(tmp_path / "secret.txt")
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config())
+    assert run.result.passed
+    assert run.summary["ingest"]["refused_count"] == 1
+    assert any("ingest refused 1 entry" in w for w in run.summary["warnings"])

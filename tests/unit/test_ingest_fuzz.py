@@ -1,0 +1,151 @@
+"""Fuzzing the trust boundary (issue 10): random manifests and random trees of links through the real ingest.
+
+Whatever the table or the tree holds, two things must hold:
+  - nothing is written outside the workspace's data/ (and the ingest report beside it);
+  - no byte of a file outside the source reaches data/ (the outside files carry MARKER).
+Ingest may refuse a whole source (IngestError, e.g. when nothing usable is left); anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from components.ingest import IngestError, run_ingest
+from tests.conftest import write_image
+from tests.datakit import MARKER, files_containing, ingest_config, outside_files, tree_snapshot
+
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                database=None)
+CLASSES = ["cat", "dog"]
+# Text that a CSV, a file system or a label may carry: anything but NUL and lone surrogates.
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60)
+NAME_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/")
+FILE_NAME = st.text(NAME_CHARS, min_size=1, max_size=40).filter(lambda n: n not in (".", "..") and len(n.encode()) < 200)
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def _world(fuzz_root: Path) -> tuple[Path, dict[str, Path], Path]:
+    """A fresh base folder: outside files (with MARKER), a source with real images, a workspace."""
+    base = Path(tempfile.mkdtemp(dir=fuzz_root))
+    outside = outside_files(base / "outside")
+    (base / "outside" / "dir").mkdir()
+    (base / "outside" / "dir" / "inner.jpg").write_bytes(outside["image"].read_bytes())
+    source = base / "src"
+    for c, label in enumerate(CLASSES):
+        for i in range(3):
+            write_image(source / label / f"{label}_{i}.jpg", seed=c * 10 + i)
+    return base, outside, source
+
+
+def _ingest_and_check(base: Path, source: Path | str, **overrides) -> None:
+    ws = base / "ws"
+    before = {k: v for k, v in tree_snapshot(base).items() if not k.startswith("ws")}
+    try:
+        run_ingest(ingest_config(source, **overrides), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
+                   ws / "reports" / "ingest.json", 10_000_000)
+    except IngestError:
+        pass  # refusing the whole source is allowed; writing or reading outside it is not
+    after = tree_snapshot(base)
+    outside_ws = {k: v for k, v in after.items() if not k.startswith("ws")}
+    assert outside_ws == before, f"changed outside the workspace: {sorted(set(outside_ws) ^ set(before))}"
+    in_ws = {k for k in after if k.startswith("ws/") and not k.startswith(("ws/data", "ws/reports"))}
+    assert not in_ws, f"written in the workspace outside data/ and reports/: {sorted(in_ws)}"
+    if (ws / "data").exists():
+        assert files_containing(ws / "data", MARKER) == []
+        assert files_containing(ws / "reports", MARKER) == [] if (ws / "reports").exists() else True
+
+
+# --- (a) manifests with random labels and paths --------------------------------------------------
+
+PATH_SHAPES = st.one_of(
+    st.sampled_from([f"{c}/{c}_{i}.jpg" for c in CLASSES for i in range(3)]),  # good rows
+    st.sampled_from(["OUTSIDE_PASSWD", "OUTSIDE_IMAGE", "OUTSIDE_DIR", "../outside/passwd", "../outside/secret.jpg",
+                     "cat/../../outside/passwd", "./cat/../../outside/dir/inner.jpg", "/etc/passwd", "/dev/zero",
+                     "/proc/self/environ", "file:///etc/passwd", "FILE_URL_OUTSIDE", "http://169.254.169.254/latest",
+                     "https://localhost/x.jpg", "https://10.0.0.1/x.jpg", "cat", ".", "..", "/", "", "~/.ssh/id_rsa",
+                     "C:\\Windows\\win.ini", "cat\\..\\..\\outside\\passwd"]),
+    ANY_TEXT,
+    st.lists(st.sampled_from(["..", ".", "cat", "dog", "outside", "passwd", "", "secret.jpg"]), min_size=1,
+             max_size=6).map("/".join),
+)
+LABEL_SHAPES = st.one_of(
+    st.sampled_from(CLASSES),
+    st.sampled_from(["../../escaped", "../escaped", "ABS_ESCAPE", "a/b", "..", ".", "/", "C:", "C:\\x", "\\\\server\\x",
+                     "ws/data/../../escaped", "x" * 300, "e\u0301", "\u202eevil", "tab\there", "new\nline"]),
+    ANY_TEXT,
+)
+
+
+def _resolve(value: str, base: Path, outside: dict[str, Path]) -> str:
+    return {"OUTSIDE_PASSWD": str(outside["passwd"]), "OUTSIDE_IMAGE": str(outside["image"]),
+            "OUTSIDE_DIR": str(base / "outside" / "dir"), "FILE_URL_OUTSIDE": f"file://{outside['image']}",
+            "ABS_ESCAPE": str(base / "escaped")}.get(value, value)
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(PATH_SHAPES, LABEL_SHAPES), min_size=1, max_size=12), follow=st.booleans())
+def test_random_manifests_never_write_or_read_outside(fuzz_root: Path, rows: list[tuple[str, str]], follow: bool):
+    base, outside, source = _world(fuzz_root)
+    table = source / "labels.csv"
+    pd.DataFrame([(_resolve(p, base, outside), _resolve(lab, base, outside)) for p, lab in rows],
+                 columns=["path", "label"]).to_csv(table, index=False)
+    _ingest_and_check(base, table, follow_links_within_root=follow)
+
+
+# --- (b) folder trees with random links ------------------------------------------------------------
+
+TARGETS = st.sampled_from(["inside_file", "inside_dir", "outside_passwd", "outside_image", "outside_dir", "dangling",
+                           "loop", "etc_passwd", "dev_zero", "proc_environ", "relative_escape", "chain_out",
+                           "chain_in", "root_itself", "fifo"])
+LINKS = st.lists(st.tuples(st.sampled_from(CLASSES + ["newclass"]), FILE_NAME, TARGETS), min_size=1, max_size=10)
+
+
+def _target(kind: str, base: Path, outside: dict[str, Path], source: Path, here: Path) -> str | None:
+    return {
+        "inside_file": str(source / "cat" / "cat_0.jpg"),
+        "inside_dir": str(source / "dog"),
+        "outside_passwd": str(outside["passwd"]),
+        "outside_image": str(outside["image"]),
+        "outside_dir": str(base / "outside" / "dir"),
+        "dangling": str(source / "does-not-exist.jpg"),
+        "loop": str(here),
+        "etc_passwd": "/etc/passwd",
+        "dev_zero": "/dev/zero",
+        "proc_environ": "/proc/self/environ",
+        "relative_escape": os.path.relpath(outside["passwd"], here.parent),
+        "chain_out": str(source / "cat" / "hop_out"),
+        "chain_in": str(source / "cat" / "hop_in"),
+        "root_itself": str(source),
+    }.get(kind)
+
+
+@FUZZ
+@given(links=LINKS, follow=st.booleans(), odd_class=st.one_of(st.none(), FILE_NAME))
+def test_random_link_trees_never_write_or_read_outside(fuzz_root: Path, links: list[tuple[str, str, str]],
+                                                        follow: bool, odd_class: str | None):
+    base, outside, source = _world(fuzz_root)
+    (source / "cat" / "hop_out").symlink_to(outside["image"])  # a link to a link that leaves the root
+    (source / "cat" / "hop_in").symlink_to(source / "dog" / "dog_0.jpg")
+    if odd_class is not None and not (source / odd_class).exists():
+        write_image(source / odd_class / "odd.jpg", seed=77)  # a class folder with a random (maybe bad) name
+    for folder, name, kind in links:
+        here = source / folder / name
+        if os.path.lexists(here):
+            continue
+        here.parent.mkdir(exist_ok=True)
+        if kind == "fifo":
+            os.mkfifo(here)
+        else:
+            here.symlink_to(_target(kind, base, outside, source, here))
+    _ingest_and_check(base, source, follow_links_within_root=follow)
