@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from components import files
+from components.config import NearDuplicatesConfig
 from components.images import ImageLimits, UnusableImage, decode_rgb
 
 HASH_BITS = 128  # phash (64) then dhash (64)
@@ -192,6 +193,22 @@ def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tup
     report.quarantine = pd.DataFrame(dropped, columns=QUARANTINE_COLUMNS)
     keep = ~out["path"].isin(report.quarantine["path"])
     return out[keep.to_numpy()], report
+
+
+def check(frame: pd.DataFrame, config: NearDuplicatesConfig, limits: ImageLimits, cache_path: str | Path | None,
+          picture_path: str | Path | None = None) -> tuple[pd.DataFrame, NearDuplicateReport]:
+    """validate's one call: hash (cached), group, apply `validate.near_duplicates`, draw the top groups.
+
+    `frame` holds the rows that passed the file checks (path, label, split, sha256 columns); policy `off`
+    returns it unchanged with an empty report.
+    """
+    if config.policy == "off":
+        return frame.copy(), NearDuplicateReport("off")
+    hashes, decoded = fingerprints(frame, limits, cache_path)
+    kept, report = resolve(frame, find_groups(hashes, config.max_distance, decoded), config.policy)
+    if picture_path is not None:
+        plot_groups(frame, report, picture_path, limits)
+    return kept, report
 
 
 def plot_groups(frame: pd.DataFrame, report: NearDuplicateReport, path: str | Path, limits: ImageLimits,

@@ -134,3 +134,18 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
     report = drift.run_drift(params, manifest, root / "models/head", tmp_path / "drift.json")
     assert report.new_images == 28 and drift.DriftReport.read(tmp_path / "drift.json") == report
     assert report.per_class["alpha"]["n_new"] == 20 and report.per_class["alpha"]["drift"]
+
+
+def test_a_reference_from_images_equals_the_one_from_cached_features(trained):
+    """What finetune (no feature cache) would save matches what train_head saved from its cache."""
+    from components.contracts import read_manifest
+    from components.data import load_model_dir
+
+    root, params = trained["root"], trained["params"]
+    saved = drift.Reference.load(root / "models/head" / drift.REFERENCE_FILE)
+    folder = load_model_dir(root / "models/head")
+    rebuilt = drift.reference_from_model(folder.model, read_manifest(trained["manifest"]), folder.classes, params)
+    np.testing.assert_array_equal(rebuilt.labels, saved.labels)
+    np.testing.assert_allclose(rebuilt.features, saved.features, atol=1e-4)
+    np.testing.assert_array_equal(rebuilt.known, saved.known)
+    assert rebuilt.confidence == pytest.approx(saved.confidence, abs=1e-4)

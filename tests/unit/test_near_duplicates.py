@@ -147,3 +147,16 @@ def test_both_hashes_must_agree_and_groups_chain():
     # Rows 0-1 and 1-2 are within 10 on both hashes, rows 0-2 are not: one group by transitivity.
     assert nd.find_groups(_hashes((0, 0), (6, 6), (12, 12), (40, 40)), max_distance=10) == [[0, 1, 2]]
     assert nd.find_groups(_hashes((0, 0), (6, 6)), max_distance=5) == []
+
+
+def test_validate_entry_point_applies_the_settings(images, tmp_path: Path):
+    from components.config import NearDuplicatesConfig
+
+    frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "test"), (images["b"], "x", "val")])
+    kept, report = nd.check(frame, NearDuplicatesConfig(), LIMITS, tmp_path / "cache.npz", tmp_path / "groups.png")
+    assert report.counts["moved_images"] == 1 and kept["split"].iloc[0] == kept["split"].iloc[1]
+    assert (tmp_path / "cache.npz").is_file() and (tmp_path / "groups.png").is_file()
+    kept, report = nd.check(frame, NearDuplicatesConfig(policy="off"), LIMITS, None)
+    assert kept.equals(frame) and report.counts["groups"] == 0
+    kept, report = nd.check(frame, NearDuplicatesConfig(max_distance=0), LIMITS, None)
+    assert report.counts["groups"] == 0  # the copy differs in a few bits: distance 0 only joins identical hashes
