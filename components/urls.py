@@ -210,6 +210,8 @@ def remote_info(url: str, policy: UrlPolicy) -> dict[str, Any] | None:
         except OSError as exc:
             if str(exc).startswith("HTTP 404"):
                 return None
+            if str(exc).startswith(("HTTP 405", "HTTP 501")):  # no HEAD here: size and version unknown, GET decides
+                return {"size": 0, "version": ""}
             raise
         return {"size": int(headers.get("Content-Length") or 0), "version": remote_version(headers)}
     import fsspec
