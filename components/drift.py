@@ -43,6 +43,7 @@ from components.images import ImageLimits
 
 REFERENCE_FILE = "drift_reference.npz"
 MIN_SAMPLE = 5  # fewer images than this on either side: the test is skipped (no power)
+MAX_SIDE = 1000  # the overall test draws at most this many per side: the kernel matrix stays under 32 MB
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,10 @@ def compare(reference: Reference, features: np.ndarray, labels: list[str], proba
     labels = list(labels)
     known = set(reference.classes)
     new_classes = sorted(set(labels) - known)
-    tests: dict[str, tuple[np.ndarray, np.ndarray]] = {"overall": (reference.features, features)}
+    rng = np.random.default_rng(seed)
+    overall_x = reference.features[np.sort(rng.permutation(len(reference.features))[:MAX_SIDE])]
+    overall_y = features[np.sort(rng.permutation(len(features))[:MAX_SIDE])]
+    tests: dict[str, tuple[np.ndarray, np.ndarray]] = {"overall": (overall_x, overall_y)}
     for c, name in enumerate(reference.classes):
         tests[name] = (reference.features[reference.labels == c], features[[lab == name for lab in labels]])
     runnable = [k for k, (x, y) in tests.items() if len(x) >= MIN_SAMPLE and len(y) >= MIN_SAMPLE]

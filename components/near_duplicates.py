@@ -51,7 +51,7 @@ def perceptual_hash(source: str | Path | bytes, limits: ImageLimits) -> np.ndarr
 
 def fingerprints(frame: pd.DataFrame, limits: ImageLimits,
                  cache_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """((rows, 64) bool hashes, (rows,) bool decoded) of the manifest's images, by its path and sha256
+    """((rows, 128) bool hashes, (rows,) bool decoded) of the manifest's images, by its path and sha256
     columns. Images that cannot be decoded get no hash (validate's decode check reports them).
     Reuses and extends the cache at `cache_path` (a workspace cache, keyed by content hash)."""
     cache = _read_cache(cache_path)
@@ -59,7 +59,7 @@ def fingerprints(frame: pd.DataFrame, limits: ImageLimits,
     decoded = np.zeros(len(frame), dtype=bool)
     fresh: dict[str, np.ndarray] = {}
     for i, (path, sha) in enumerate(zip(frame["path"], frame["sha256"])):
-        bits = cache.get(sha)
+        bits = cache.get(sha, fresh.get(sha))  # byte-identical rows are hashed once
         if bits is None:
             try:
                 bits = perceptual_hash(path, limits)

@@ -149,3 +149,11 @@ def test_a_reference_from_images_equals_the_one_from_cached_features(trained):
     np.testing.assert_allclose(rebuilt.features, saved.features, atol=1e-4)
     np.testing.assert_array_equal(rebuilt.known, saved.known)
     assert rebuilt.confidence == pytest.approx(saved.confidence, abs=1e-4)
+
+
+def test_the_overall_test_is_capped_in_size(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(drift, "MAX_SIDE", 50)
+    x, y = embeddings(30, seed=2)
+    report = compare(x, y)
+    assert report.overall["n_reference"] == 50 and report.overall["n_new"] == 50
+    assert report.per_class["alpha"]["n_new"] == 30  # per-class tests are bounded by the per-class samples
