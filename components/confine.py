@@ -160,13 +160,21 @@ def _open_target(dest: Path, rel: str) -> int:
     return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
 
 
-def _copy_stream(read: Callable[[int], bytes], fd: int, budget: ByteBudget) -> int:
+def _copy_stream(read: Callable[[int], bytes], fd: int, target: Path, budget: ByteBudget) -> int:
+    """Copy until read() is exhausted; a failed write names the target (disk full: which file)."""
     copied = 0
-    with os.fdopen(fd, "wb") as dst:
+    try:
         while chunk := read(CHUNK):
             budget.spend(len(chunk))
-            dst.write(chunk)
+            view = memoryview(chunk)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror, str(target)) from None
             copied += len(chunk)
+    finally:
+        os.close(fd)
     return copied
 
 
@@ -182,7 +190,7 @@ def _copy_local(entry: Entry, dest: Path, budget: ByteBudget) -> None:
             raise Refused("the file changed while it was being ingested")
         out = _open_target(dest, entry.rel)
         with os.fdopen(src, "rb", closefd=False) as fh:
-            entry.size = _copy_stream(fh.read, out, budget)
+            entry.size = _copy_stream(fh.read, out, dest / entry.rel, budget)
         after = os.fstat(src)
         # The facts cache keys on this: a file swapped or rewritten since the last run is inspected again.
         entry.version = file_version(st) if file_version(after) == file_version(st) else ""
@@ -195,7 +203,7 @@ def _copy_remote(entry: Entry, dest: Path, policy: UrlPolicy, budget: ByteBudget
     out = _open_target(dest, entry.rel)
     try:
         with open_remote(entry.fetch or "", policy) as src:
-            entry.size = _copy_stream(src.read, out, budget)
+            entry.size = _copy_stream(src.read, out, dest / entry.rel, budget)
     except URLRefused as exc:
         raise Refused(str(exc)) from None
     except OSError as exc:
