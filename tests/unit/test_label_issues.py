@@ -74,3 +74,34 @@ def test_reports_and_exclusion_list_are_written(tmp_path: Path):
     assert written[1].read_bytes()[:4] == b"\x89PNG"
     exclusions = pd.read_csv(li.write_exclusions(issues, tmp_path))
     assert exclusions["path"].tolist() == [paths[0]]
+
+
+def test_train_head_excludes_the_top_suspects_with_action_exclude(tmp_path: Path, keras_home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """A red image labelled beta in the tiny manifest is listed in the model folder and left out of training."""
+    from mlflow import MlflowClient
+
+    from components.train_head import run_train_head
+    from tests.modelkit import tiny_params, write_manifest, write_policy
+
+    manifest = write_manifest(tmp_path)
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    planted = frame.index[(frame["label"] == "alpha") & (frame["split"] == "train")][0]
+    frame.loc[planted, "label"] = "beta"
+    frame.to_csv(manifest, index=False)
+    params = tiny_params(train_head={"label_issues": {"action": "exclude", "folds": 3, "max_excluded_fraction": 0.07}})
+    from components import train_head
+
+    sizes: list[int] = []
+    vectors = train_head._vectors
+    monkeypatch.setattr(train_head, "_vectors", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    result = run_train_head(params, manifest, write_policy(tmp_path / "policy.json"), tmp_path / "models/head",
+                            tmp_path / "reports/train_head", cache_dir=tmp_path / "cache")
+    excluded = pd.read_csv(tmp_path / "models/head" / li.EXCLUSIONS_FILE)
+    assert excluded["path"].tolist() == [frame.loc[planted, "path"]]  # 7% of 16 training images: one
+    assert excluded["given_label"].tolist() == ["beta"] and excluded["suggested_label"].tolist() == ["alpha"]
+    assert sizes[0] == (16 - 1) * 2  # training vectors: 15 images, each as is and in 1 augmented copy
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
+    assert run.data.metrics["label_issues_excluded"] == 1
