@@ -181,13 +181,10 @@ class Roots:
     @classmethod
     def of(cls, base: str, remote_table: bool, allowed: list[str]) -> "Roots":
         local = [] if remote_table else [Path(os.path.realpath(base))]
-        urls = [_url_key(base.rstrip("/") + "/x")[:-1]] if remote_table else []
-        for root in allowed:
-            if is_remote(root):
-                urls.append(_url_key(root.rstrip("/") + "/x")[:-1])
-            else:
-                local.append(Path(os.path.realpath(os.path.expanduser(strip_file_scheme(root)))))
-        return cls(local, urls)
+        prefixes = ([base] if remote_table else []) + [r for r in allowed if is_remote(r)]
+        local += [Path(os.path.realpath(os.path.expanduser(strip_file_scheme(r)))) for r in allowed if not is_remote(r)]
+        keys = [_url_key(p) for p in prefixes]
+        return cls(local, [k.rstrip("/") + "/" for k in keys if k])  # '' (a '..' in it) admits nothing
 
     def local_root(self, real: Path) -> Path | None:
         return next((r for r in self.local if real.is_relative_to(r)), None)

@@ -324,3 +324,16 @@ def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
     assert report["refused_count"] == 2
     for path in (result.report_path, result.manifest_path):
         assert "hunter2" not in path.read_text()
+
+
+def test_url_prefixes_compare_normalised_paths():
+    from components.sources import Roots
+
+    roots = Roots.of("https://data.example.com/sets/flowers", True, ["s3://bucket/extra", "https://x.example.com/a/../b"])
+    assert roots.holds_url("https://data.example.com/sets/flowers/roses/1.jpg")
+    assert roots.holds_url("s3://bucket/extra/1.jpg")
+    assert not roots.holds_url("https://data.example.com/sets/flowers/../secret.jpg")
+    assert not roots.holds_url("https://data.example.com/sets/flowers/%2e%2e/secret.jpg")
+    assert not roots.holds_url("https://data.example.com/sets/flowers-private/1.jpg")
+    assert not roots.holds_url("https://DATA.example.com.evil.net/sets/flowers/1.jpg")
+    assert not roots.holds_url("https://x.example.com/b/1.jpg")  # a root with '..' in it admits nothing
