@@ -200,10 +200,10 @@ def _copy_local(entry: Entry, dest: Path, budget: ByteBudget) -> None:
 
 
 def _copy_remote(entry: Entry, dest: Path, policy: UrlPolicy, budget: ByteBudget) -> None:
-    out = _open_target(dest, entry.rel)
+    inside(dest, entry.rel)  # refused before any request
     try:
-        with open_remote(entry.fetch or "", policy) as src:
-            entry.size = _copy_stream(src.read, out, dest / entry.rel, budget)
+        with open_remote(entry.fetch or "", policy) as src:  # opened first: a refused URL leaves no empty file
+            entry.size = _copy_stream(src.read, _open_target(dest, entry.rel), dest / entry.rel, budget)
     except URLRefused as exc:
         raise Refused(str(exc)) from None
     except OSError as exc:

@@ -337,3 +337,16 @@ def test_url_prefixes_compare_normalised_paths():
     assert not roots.holds_url("https://data.example.com/sets/flowers-private/1.jpg")
     assert not roots.holds_url("https://DATA.example.com.evil.net/sets/flowers/1.jpg")
     assert not roots.holds_url("https://x.example.com/b/1.jpg")  # a root with '..' in it admits nothing
+
+
+def test_https_connections_are_checked_too_and_a_downgrade_redirect_is_refused():
+    import urllib.request
+
+    from components import urls
+
+    with pytest.raises(urls.URLRefused, match="loopback"):
+        urls.http_open("https://127.0.0.1:9/x.tgz", urls.UrlPolicy())  # refused before connecting
+    handler = urls._Redirects(urls.UrlPolicy())
+    with pytest.raises(urls.URLRefused, match="allow_http"):
+        handler.redirect_request(urllib.request.Request("https://a.example/x"), None, 302, "Found", {},
+                                 "http://a.example/y")
