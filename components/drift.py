@@ -249,20 +249,20 @@ def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_p
     """Compare today's new images (those not in the model's training data) with the model's reference."""
     from components.data import load_model_dir
 
-    started = time.perf_counter()
+    started, config = time.perf_counter(), params.drift
     reference = Reference.load(Path(model_dir) / REFERENCE_FILE)
     frame = read_manifest(manifest)
     new = frame[~np.isin(sha_prefixes(frame["sha256"]), reference.known)].reset_index(drop=True)
     if len(new):
-        rows = sample_per_class(new["label"].to_numpy(), params.drift.sample_per_class, params.project.seed)
+        rows = sample_per_class(new["label"].to_numpy(), config.sample_per_class, params.project.seed)
         sample = new.iloc[rows]
         folder = load_model_dir(model_dir)
         features, probs = embed(folder.model, sample["path"].tolist(), folder.image_size,
                                 params.train_head.batch_size, ImageLimits.from_config(params.validate))
-        report = compare(reference, features, sample["label"].tolist(), probs, params.drift, params.project.seed,
+        report = compare(reference, features, sample["label"].tolist(), probs, config, params.project.seed,
                          new_images=len(new))
     else:
-        report = compare(reference, np.zeros((0, reference.features.shape[1])), [], None, params.drift)
+        report = compare(reference, np.zeros((0, reference.features.shape[1])), [], None, config)
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
     report.write(out_path)
     return report
