@@ -280,8 +280,17 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
               "| path | given | likely | score |", "|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['given_label']} | {r['suggested_label']} | {r['score']:.3f} |" for r in li["top"]]
     lines += ["", "## 4. Drift (MMD^2, permutation p-value, Bonferroni; champion confidence)",
+              "Statistic: MMD^2 (unbiased, Gaussian kernel, bandwidth = median squared distance of the pooled "
+              "sample) between the reference and the new embeddings, overall and per class; permutation p-value; a "
+              f"test fires when p < drift.significance ({dr['settings']['significance']}) / number of tests "
+              "(Bonferroni), so a same-distribution sample fires with probability at most 1%. A drop of the "
+              f"champion's mean top-class probability by more than {dr['settings']['max_confidence_drop']} also "
+              "counts; labels the champion does not know are new classes.",
               f"Reference: {dr['reference_images']} training embeddings (100 per class); new: at most 100 per class. "
-              "Confidence from a softmax head on the same features.", "",
+              "Confidence from a softmax head on the same features. Comparisons: (a) the 770 val+test images "
+              "blurred, colour-cast and at a third of the resolution; (b) hymenoptera_data (ants, bees) under its "
+              "own labels and under flower labels, and a reference without tulips against val+test of all five "
+              "classes; (c) the test split of a fresh random split (seed 7) and the val+test images as they are.", "",
               "| comparison | drifted | overall MMD^2 | overall p | classes fired | new classes | confidence (drop) |",
               "|---|---|---|---|---|---|---|"]
     for name, r in dr["comparisons"].items():
