@@ -9,7 +9,7 @@ pooled features (what its head sees), so one pass over new images gives both the
 the champion's confidence on them.
 
 Statistic: the squared maximum mean discrepancy (MMD^2, unbiased, Gaussian kernel with the median
-pairwise distance as bandwidth) between the reference sample and a sample of at most
+pairwise squared distance as bandwidth) between the reference sample and a sample of at most
 `drift.sample_per_class` new images per class, with a permutation p-value (`drift.permutations`
 relabellings, at least 2 x tests / significance). It is computed over all classes and per class; a test fires when p < significance /
 number of tests (Bonferroni), so a same-distribution sample fires with probability <= significance.
