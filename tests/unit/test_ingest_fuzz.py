@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -151,3 +152,64 @@ def test_random_link_trees_never_write_or_read_outside(fuzz_root: Path, links: l
         else:
             here.symlink_to(_target(kind, base, outside, source, here))
     _ingest_and_check(base, source, follow_links_within_root=follow)
+
+
+# --- (c) archives and bucket folders with random member names --------------------------------------
+
+SEGMENT = st.one_of(st.sampled_from(["..", ".", "", "cat", "dog", "C:", "~", "\\..", "..\\.."]), FILE_NAME)
+MEMBER_NAME = st.lists(SEGMENT, min_size=1, max_size=5).map("/".join)
+MEMBER_KIND = st.sampled_from(["file", "dir", "symlink", "hardlink", "fifo", "chardev"])
+
+
+@FUZZ
+@given(members=st.lists(st.tuples(st.one_of(MEMBER_NAME, st.just("/ABS")), MEMBER_KIND), min_size=1, max_size=8),
+       fmt=st.sampled_from(["tgz", "zip"]))
+def test_random_archive_members_never_write_outside(fuzz_root: Path, members: list[tuple[str, str]], fmt: str):
+    import io
+    import tarfile
+    import zipfile
+
+    base, outside, source = _world(fuzz_root)
+    image = (source / "cat" / "cat_0.jpg").read_bytes()
+    members = [("data/dog/dog_0.jpg", "file"), *members]
+    archive = base / f"set.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(archive, "w") as zf, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # duplicate names are part of the fuzz
+            for name, _ in members:
+                try:
+                    zf.writestr(str(base / "escaped") if name == "/ABS" else name, image)
+                except (IndexError, ValueError):
+                    pass  # a name zipfile itself will not write (empty)
+    else:
+        kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                 "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE}
+        with tarfile.open(archive, "w:gz") as tar:
+            for name, kind in members:
+                info = tarfile.TarInfo(str(base / "escaped") if name == "/ABS" else name)
+                info.type = kinds[kind]
+                info.linkname = str(outside["passwd"]) if kind in ("symlink", "hardlink") else ""
+                info.size = len(image) if kind == "file" else 0
+                tar.addfile(info, io.BytesIO(image) if kind == "file" else None)
+    _ingest_and_check(base, archive)
+
+
+@FUZZ
+@given(keys=st.lists(MEMBER_NAME, min_size=1, max_size=8))
+def test_random_bucket_keys_never_write_outside(fuzz_root: Path, keys: list[str]):
+    import uuid
+
+    import fsspec
+
+    base, _, source = _world(fuzz_root)
+    fs, bucket = fsspec.filesystem("memory"), f"/fuzz-{uuid.uuid4().hex}"
+    image = (source / "cat" / "cat_0.jpg").read_bytes()
+    try:
+        for key in ["dog/dog_0.jpg", *keys]:
+            try:
+                fs.pipe(f"{bucket}/set/{key}", image)
+            except (OSError, ValueError):
+                pass  # a key the store itself will not hold
+        _ingest_and_check(base, f"memory:/{bucket}/set")
+    finally:
+        fs.rm(bucket, recursive=True)
