@@ -212,4 +212,6 @@ def test_random_bucket_keys_never_write_outside(fuzz_root: Path, keys: list[str]
                 pass  # a key the store itself will not hold
         _ingest_and_check(base, f"memory:/{bucket}/set")
     finally:
-        fs.rm(bucket, recursive=True)
+        for key in [k for k in fs.store if k.startswith(bucket)]:  # fs.rm trips over some odd keys
+            del fs.store[key]
+        fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if not d.startswith(bucket)]
