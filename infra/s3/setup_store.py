@@ -211,14 +211,14 @@ def read_credentials(path: Path) -> Key:
     return section["aws_access_key_id"], section["aws_secret_access_key"]
 
 
-def wait_for_store(endpoint: str, timeout_s: float = 120) -> None:
+def wait_for_store(endpoint: str, path: str = "/", timeout_s: float = 120) -> None:
     import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            urllib.request.urlopen(endpoint, timeout=5)
+            urllib.request.urlopen(endpoint.rstrip("/") + path, timeout=5)
             return
         except urllib.error.HTTPError:
             return  # it answers (403 for an unsigned request is an answer)
@@ -239,9 +239,12 @@ def main() -> int:
     keys_mode = env.get("S3_ROLE_KEYS", "generate")
     buckets = {"DVC_BUCKET": env.get("DVC_BUCKET", "dvc"), "MLFLOW_BUCKET": env.get("MLFLOW_BUCKET", "mlflow")}
     try:
-        wait_for_store(endpoint)
+        bootstrap = api == "iam" and env.get("S3_BOOTSTRAP_ADMIN") == "1"
+        # moto counts every S3 request, even an unsigned probe, against its unauthenticated window:
+        # wait on its own API instead (which it does not count).
+        wait_for_store(endpoint, "/moto-api/" if bootstrap else "/")
         if api == "iam":
-            if env.get("S3_BOOTSTRAP_ADMIN") == "1":
+            if bootstrap:
                 admin_key = bootstrap_admin(endpoint, region)
             else:
                 admin_key = (env["S3_ADMIN_ACCESS_KEY"], env["S3_ADMIN_SECRET_KEY"])

@@ -74,7 +74,8 @@ IMAGES = {  # Dockerfile suffix -> image name (what the compose files expect)
 LOCKS = ["s3", "prefect", "mlflow", "worker-cpu"]
 BUILD_EXTRAS = ["setuptools==80.9.0"]  # the project's build backend, for `pip install --no-deps .` offline
 WHEELHOUSE = Path(os.environ.get("TP_WHEELHOUSE", Path.home() / ".cache" / "transfer-pipeline" / "wheelhouse"))
-SECRET_VARS = ["POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD"]
+SECRET_VARS = ["POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD",
+               "MLFLOW_FLASK_SECRET_KEY"]
 
 
 def log(message: str) -> None:
@@ -151,9 +152,14 @@ class Daemon:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(leftovers, timeout=10)
+        # dockerd leaves its default network namespace mounted under the exec root.
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if marker in line.split()[1]]
+        for mount in sorted(mounts, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
         shutil.rmtree(self.tmp / "d", ignore_errors=True)
         return {"daemon_stopped": True, "daemon_exit_code": self.proc.returncode,
-                "processes_left_after_daemon_stop": len(leftovers)}
+                "processes_left_after_daemon_stop": len(leftovers), "mounts_released": len(mounts),
+                "daemon_folder_removed": not (self.tmp / "d").exists()}
 
 
 # --------------------------------------------------------------------------- images
@@ -288,7 +294,8 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     env = daemon.env
     lap("daemon_s")
 
-    base = run(["bash", str(INFRA / "scripts" / "build_base_image.sh"), str(tmp / "base")], env, timeout=1200).stdout.strip()
+    base = run(["bash", str(INFRA / "scripts" / "build_base_image.sh"), str(tmp / "base"), sys.base_prefix], env,
+               timeout=1200).stdout.strip()
     facts["base_image"] = base
     lap("base_image_s")
 
@@ -404,7 +411,7 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
             if killed:
                 if "restarted" not in killed:  # the stage run the worker died in: mark it Crashed, restart the worker
                     client.set_flow_run_state(killed["stage_run"], Crashed(message="worker container killed (e2e)"), force=True)
-                    stack.compose("up", "-d", "--no-build", "worker-gpu", timeout=300)
+                    stack.compose("up", "-d", "--no-build", "--no-deps", "worker-gpu", timeout=300)
                     killed["restarted"] = time.monotonic()
                 return
             epochs = stack.exec("worker-gpu", "cat /workspace/.checkpoints/finetune/*/epochs.csv 2>/dev/null").stdout

@@ -5,7 +5,10 @@
 Everything listens on 127.0.0.1 and lives in a temporary folder:
 1. a small real data set (2 flower classes x 20 images), an orchestrator workspace (git + DVC, tiny
    settings) with a local-folder DVC remote, and a `git clone` of it for the GPU worker;
-2. `prefect server start` and `mlflow server` (proxied artifacts, so both workers share them over HTTP);
+2. `prefect server start` and `mlflow server` (proxied artifacts, so both workers share them over HTTP), both
+   on PostgreSQL when a PostgreSQL server is installed here (initdb/pg_ctl/postgres on PATH or under
+   /usr/lib/postgresql: a private cluster on 127.0.0.1, a free port, scram-sha-256, two databases), on
+   SQLite otherwise; the report's `database` says which, and why;
 3. the work pools of `python -m flows.deployments --create-pools`, `prefect --no-prompt deploy --all`,
    a `cpu` worker (TP_GPU_DEPLOYMENT=stage/gpu) and a `gpu` worker, each on its own checkout;
 4. `training/on-demand`, checked: completed; finetune ran in a `stage` flow run on the gpu pool and came
@@ -149,6 +152,70 @@ def run_command(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout_
     if done.returncode != 0:
         raise E2EFailure(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+def postgres_bin() -> Path | None:
+    """The folder of initdb + postgres: on PATH, else the newest /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb")
+    if found and shutil.which("postgres"):
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
+    """A private PostgreSQL cluster on 127.0.0.1 with databases `prefect` and `mlflow`.
+
+    Returns the connection settings (password in them, for the servers' environment only) and a label.
+    Runs as the `postgres` user when this process is root (PostgreSQL refuses root). The password goes
+    through a file and the environment, never a command line.
+    """
+    import pwd
+    import secrets as secrets_
+
+    bindir = postgres_bin()
+    if bindir is None:
+        raise E2EFailure("no PostgreSQL server installed (initdb/postgres not found)")
+    version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+    data, sock = tmp / "pg" / "data", tmp / "pg" / "sock"
+    sock.mkdir(parents=True)
+    password = secrets_.token_urlsafe(24)
+    pwfile = tmp / "pg" / "pwfile"
+    pwfile.write_text(password + "\n")
+    pwfile.chmod(0o600)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (tmp / "pg", sock, pwfile):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        tmp.chmod(tmp.stat().st_mode | 0o711)  # postgres must reach its folder
+        prefix = ["runuser", "-u", "postgres", "--"]
+    done = subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "tp", f"--pwfile={pwfile}",
+                           "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8"],
+                          capture_output=True, text=True, timeout=120)
+    pwfile.unlink()
+    if done.returncode != 0:
+        raise E2EFailure(f"initdb failed: {done.stderr.strip()[-500:]}")
+    port = free_port()
+    services.start("postgres", [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
+                                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}"],
+                   {**os.environ, "LC_ALL": "C"})
+    env = {**os.environ, "PGPASSWORD": password}
+    started = time.monotonic()
+    while True:
+        services.check_alive()
+        ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
+        if ready.returncode == 0:
+            break
+        if time.monotonic() - started > 60:
+            raise E2EFailure("PostgreSQL did not accept connections within 60 s")
+        time.sleep(1)
+    for database in ("prefect", "mlflow"):
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tp", database],
+                       env=env, check=True, capture_output=True, timeout=60)
+    settings = {"host": "127.0.0.1", "port": str(port), "user": "tp", "password": password}
+    return settings, f"{version} (private cluster on 127.0.0.1:{port})"
 
 
 # --------------------------------------------------------------------------- set-up
@@ -330,14 +397,30 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     lap("workspaces_s")
 
     env = base_environment(tmp)
+    prefect_env, mlflow_env = {}, {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    pg: dict[str, str] = {}
+    try:
+        pg, label = start_postgres(tmp, services)
+        report["database"] = f"postgresql: {label}"
+        prefect_env = {"PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg", "PREFECT_SERVER_DATABASE_HOST": pg["host"],
+                       "PREFECT_SERVER_DATABASE_PORT": pg["port"], "PREFECT_SERVER_DATABASE_USER": pg["user"],
+                       "PREFECT_SERVER_DATABASE_PASSWORD": pg["password"], "PREFECT_SERVER_DATABASE_NAME": "prefect"}
+        mlflow_env = {"MLFLOW_BACKEND_STORE_URI":
+                      f"postgresql+psycopg2://{pg['user']}:{pg['password']}@{pg['host']}:{pg['port']}/mlflow"}
+    except (E2EFailure, OSError, KeyError, subprocess.SubprocessError) as error:
+        report["database"] = f"sqlite: PostgreSQL not used ({error})"
+    print(f"database: {report['database']}", flush=True)
+    lap("database_s")
     prefect_port, mlflow_port = free_port(), free_port()
     api_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
-    # No scheduler: the nightly deployment must not start a run of its own during the test.
+    # No scheduler: the nightly deployment must not start a run of its own during the test. Database
+    # settings (with the password) go through the environment, not the command line.
     services.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                      str(prefect_port)], {**env, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"})
+                                      str(prefect_port)],
+                   {**env, **prefect_env, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"})
     services.start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                     "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                                     "--artifacts-destination", str(tmp / "mlartifacts")], env)
+                                     "--workers", "1", "--artifacts-destination", str(tmp / "mlartifacts")],
+                   {**env, **mlflow_env})
     timings["prefect_healthy_s"] = wait_healthy(f"{api_url}/health", services, "Prefect server")
     timings["mlflow_healthy_s"] = wait_healthy(f"{mlflow_url}/health", services, "MLflow server")
     lap("servers_s")
@@ -364,6 +447,14 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
         ids["first_run"] = str(first.id)
         lap("first_run_s")
         check_first_run(checks, client, mlflow_client, first, orchestrator, gpu_clone, ids)
+        if pg:
+            rows = {db: optional(lambda db=db, table=table: int(subprocess.run(
+                        [str(postgres_bin() / "psql"), "-h", pg["host"], "-p", pg["port"], "-U", pg["user"], "-d", db,
+                         "-tAc", f"SELECT count(*) FROM {table}"], env={**os.environ, "PGPASSWORD": pg["password"]},
+                        capture_output=True, text=True, check=True, timeout=30).stdout.strip()))
+                    for db, table in (("mlflow", "runs"), ("prefect", "flow_run"))}
+            checks.check("both servers keep their state in PostgreSQL (rows in mlflow.runs, prefect.flow_run)",
+                         lambda: all((n or 0) > 0 for n in rows.values()), lambda: rows)
         if not first.state.is_completed():
             return checks
         model_name = read_json(orchestrator / "reports" / "run_summary.json")["registered_model"]
@@ -403,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     (tmp / "logs").mkdir()
     services = Services(tmp / "logs")
     report: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "passed": False, "error": None,
-                              "timings": {}, "ids": {}, "checks": [], "tmp": str(tmp)}
+                              "database": None, "timings": {}, "ids": {}, "checks": [], "tmp": str(tmp)}
     checks = Checks()
     try:
         # Leave a few minutes of the hard limit for the checks and the clean-up.
@@ -427,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and report["passed"]:
             shutil.rmtree(tmp, ignore_errors=True)
     if report["passed"]:
-        print(f"loopback e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s ({args.report})")
+        print(f"loopback e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s, "
+              f"database {report['database']} ({args.report})")
         return 0
     failed = [c["name"] for c in checks.results if not c["passed"]]
     print(f"loopback e2e FAILED: {report['error'] or ''} {('failed checks: ' + '; '.join(failed)) if failed else ''}\n"

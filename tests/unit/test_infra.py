@@ -162,7 +162,7 @@ def test_mlflow_serves_artifacts_from_the_object_store() -> None:
     assert "--serve-artifacts" in mlflow["command"]
     # Destination and backend store come from the environment (the URI holds the database password).
     assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
 
 
 def test_worker_env_points_dvc_and_mlflow_at_the_stack() -> None:
