@@ -62,10 +62,13 @@ def redact(location: str) -> str:
         return location
     parts = urlsplit(location)
     netloc = parts.netloc.rpartition("@")[2]
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if netloc == parts.netloc and not any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
+        return location  # nothing to hide: shown exactly as given
     if netloc != parts.netloc:
         netloc = f"***@{netloc}"
     query = "&".join(f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v else k)
-                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+                     for k, v in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
