@@ -402,9 +402,8 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     try:
         pg, label = start_postgres(tmp, services)
         report["database"] = f"postgresql: {label}"
-        prefect_env = {"PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg", "PREFECT_SERVER_DATABASE_HOST": pg["host"],
-                       "PREFECT_SERVER_DATABASE_PORT": pg["port"], "PREFECT_SERVER_DATABASE_USER": pg["user"],
-                       "PREFECT_SERVER_DATABASE_PASSWORD": pg["password"], "PREFECT_SERVER_DATABASE_NAME": "prefect"}
+        prefect_env = {f"PREFECT_SERVER_DATABASE_{key.upper()}": value
+                       for key, value in {**pg, "driver": "postgresql+asyncpg", "name": "prefect"}.items()}
         mlflow_env = {"MLFLOW_BACKEND_STORE_URI":
                       f"postgresql+psycopg2://{pg['user']}:{pg['password']}@{pg['host']}:{pg['port']}/mlflow"}
     except (E2EFailure, OSError, KeyError, subprocess.SubprocessError) as error:
