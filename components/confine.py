@@ -115,11 +115,14 @@ def regular_file(path: Path, root: Path | None, follow_links: bool) -> tuple[Pat
     if stat.S_ISLNK(st.st_mode):
         if not follow_links:
             raise Refused("symbolic link: not followed (ingest.follow_links_within_root is false)")
+        # Outside the root first, whether or not the target exists: the reason must not tell which.
+        if root is None or not Path(os.path.realpath(path)).is_relative_to(root):
+            raise Refused("symbolic link pointing outside the source root")
         try:
             target = Path(os.path.realpath(path, strict=True))
         except (OSError, RuntimeError):
             raise Refused("broken or looping symbolic link") from None
-        if root is None or not target.is_relative_to(root):
+        if not target.is_relative_to(root):  # changed between the two looks
             raise Refused("symbolic link pointing outside the source root")
         path, st = target, os.lstat(target)
     if not stat.S_ISREG(st.st_mode):

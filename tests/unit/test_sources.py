@@ -94,12 +94,13 @@ def test_a_symlink_out_of_a_folder_source_is_refused_and_its_bytes_never_copied(
     (source / "b" / "looks_fine.jpg").symlink_to(outside["image"])  # a real image: it would decode
     (source / "b" / "zero.jpg").symlink_to("/dev/zero")
     (source / "b" / "environ.jpg").symlink_to("/proc/self/environ")
+    (source / "b" / "probe.jpg").symlink_to(tmp_path / "outside" / "no-such-file")  # the same answer as a real one
     result, report = _run(tmp_path, source)
     assert files_containing(tmp_path / "ws") == []
     refused = _refused(report)
-    for name in ("escape.jpg", "looks_fine.jpg", "zero.jpg", "environ.jpg"):
+    for name in ("escape.jpg", "looks_fine.jpg", "zero.jpg", "environ.jpg", "probe.jpg"):
         assert refused[name] == "symbolic link pointing outside the source root"
-    assert result.files == 6 and report["refused_count"] == 4
+    assert result.files == 6 and report["refused_count"] == 5
 
 
 def test_links_inside_the_root_are_followed_only_when_allowed_and_the_report_says_so(tmp_path: Path):
