@@ -180,9 +180,9 @@ def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
     version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
     data, sock = tmp / "pg" / "data", tmp / "pg" / "sock"
     sock.mkdir(parents=True)
-    password = secrets_.token_urlsafe(24)
+    pg_secret = secrets_.token_urlsafe(24)
     pwfile = tmp / "pg" / "pwfile"
-    pwfile.write_text(password + "\n")
+    pwfile.write_text(pg_secret + "\n")
     pwfile.chmod(0o600)
     prefix: list[str] = []
     if os.geteuid() == 0:
@@ -201,7 +201,7 @@ def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
     services.start("postgres", [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
                                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}"],
                    {**os.environ, "LC_ALL": "C"})
-    env = {**os.environ, "PGPASSWORD": password}
+    env = {**os.environ, "PGPASSFILE": str(pgpass_file(tmp, port, pg_secret))}
     started = time.monotonic()
     while True:
         services.check_alive()
@@ -214,8 +214,18 @@ def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
     for database in ("prefect", "mlflow"):
         subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tp", database],
                        env=env, check=True, capture_output=True, timeout=60)
-    settings = {"host": "127.0.0.1", "port": str(port), "user": "tp", "password": password}
+    settings = dict(zip(("host", "port", "user", "password"), ("127.0.0.1", str(port), "tp", pg_secret)))
     return settings, f"{version} (private cluster on 127.0.0.1:{port})"
+
+
+def pgpass_file(tmp: Path, port: int, pg_secret: str) -> Path:
+    """libpq's password file (mode 0600), so that createdb/psql take no password argument or variable."""
+    path = tmp / "pgpass"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"127.0.0.1:{port}:*:tp:{pg_secret}\n")
+    return path
 
 
 # --------------------------------------------------------------------------- set-up
@@ -449,7 +459,7 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
         if pg:
             rows = {db: optional(lambda db=db, table=table: int(subprocess.run(
                         [str(postgres_bin() / "psql"), "-h", pg["host"], "-p", pg["port"], "-U", pg["user"], "-d", db,
-                         "-tAc", f"SELECT count(*) FROM {table}"], env={**os.environ, "PGPASSWORD": pg["password"]},
+                         "-tAc", f"SELECT count(*) FROM {table}"], env={**os.environ, "PGPASSFILE": str(tmp / "pgpass")},
                         capture_output=True, text=True, check=True, timeout=30).stdout.strip()))
                     for db, table in (("mlflow", "runs"), ("prefect", "flow_run"))}
             checks.check("both servers keep their state in PostgreSQL (rows in mlflow.runs, prefect.flow_run)",

@@ -452,3 +452,28 @@ def test_python_kustomize_fallback_renders_what_kubectl_renders() -> None:
     for key in kubectl:
         assert [c["image"] for c in validate_infra.containers(kubectl[key])] == \
                [c["image"] for c in validate_infra.containers(python[key])], key
+
+
+# --------------------------------------------------------------------------- loopback e2e database
+def test_loopback_e2e_gets_a_private_postgres_cluster_when_one_is_installed(tmp_path: Path) -> None:
+    sys.path.insert(0, str(INFRA / "scripts"))
+    loopback = load("loopback_e2e", INFRA / "scripts" / "loopback_e2e.py")
+    if loopback.postgres_bin() is None:
+        pytest.skip("no PostgreSQL server installed: the loopback e2e uses SQLite and says so")
+    psycopg2 = pytest.importorskip("psycopg2")
+    tmp_path.chmod(0o755)
+    (tmp_path / "logs").mkdir()
+    services = loopback.Services(tmp_path / "logs")
+    try:
+        settings, label = loopback.start_postgres(tmp_path, services)
+        assert settings["host"] == "127.0.0.1" and "PostgreSQL" in label
+        for database in ("prefect", "mlflow"):
+            with psycopg2.connect(host=settings["host"], port=settings["port"], user=settings["user"],
+                                  password=settings["password"], dbname=database) as connection:
+                assert connection.server_version >= 130000
+        with pytest.raises(psycopg2.OperationalError):  # scram-sha-256: a wrong password is refused
+            psycopg2.connect(host=settings["host"], port=settings["port"], user=settings["user"],
+                             password="wrong-password", dbname="mlflow")
+        assert not (tmp_path / "pg" / "pwfile").exists()  # the initdb password file is gone
+    finally:
+        services.stop_all()
