@@ -36,7 +36,8 @@ from components.archives import ARCHIVE_SUFFIXES, ArchiveError, archive_kind, ex
 from components.config import IngestConfig
 from components.confine import (Context, Entry, IngestError, Listing, Refused, download, file_version, inside,
                                 materialise, regular_file, walk_tree)
-from components.layout import SPLIT_ALIASES, BadLabel, clean_label, is_hidden, plan_layout, safe_relative
+from components.layout import (SPLIT_ALIASES, BadLabel, Planned, clean_label, is_hidden, plan_layout,
+                               safe_relative)
 from components.urls import URLRefused, check_scheme, is_remote, open_remote, redact, remote_info, remote_version
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -47,7 +48,10 @@ MAX_REFUSALS_LISTED = 1000  # in the report; refused_count has them all
 # Trees: folders, extracted archives, bucket folders
 
 
-def plan_entries(names: list[str], dirs: list[str], shown_root: str, ctx: Context) -> tuple[str, list[tuple[Any, str, str]], dict[str, int], list[str]]:
+Plan = tuple[str, list[tuple[Planned, str, str]], dict[str, int], list[str]]
+
+
+def plan_entries(names: list[str], dirs: list[str], shown_root: str, ctx: Context) -> Plan:
     """Labels off a tree, checked: (layout, [(planned, label, rel in raw_dir)], class folders, ignored)."""
     layout, planned, folders, ignored = plan_layout(names, dirs)
     depth = 2 if layout == "split_folders" else 1

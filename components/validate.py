@@ -429,7 +429,8 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
             problems += [f"{r.path}: {r.reason}" for r in quarantine.itertuples()]
         ok = not problems
         raw_dir = info.raw_dir if info else None
-        versions = {"data_version": (info.data_version if info else "") or records_version(_relative_records(frame, raw_dir)),
+        given = info.data_version if info else ""
+        versions = {"data_version": given or records_version(_relative_records(frame, raw_dir)),
                     "validated_version": records_version(_relative_records(frame[passed.to_numpy()], raw_dir))}
         warnings = _warnings(df, passed)
         if info and info.refused_count:
