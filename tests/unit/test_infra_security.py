@@ -455,13 +455,15 @@ def test_python_kustomize_fallback_renders_what_kubectl_renders() -> None:
 
 
 # --------------------------------------------------------------------------- loopback e2e database
-def test_loopback_e2e_gets_a_private_postgres_cluster_when_one_is_installed(tmp_path: Path) -> None:
+def test_loopback_e2e_gets_a_private_postgres_cluster_when_one_is_installed() -> None:
+    import tempfile
+
     sys.path.insert(0, str(INFRA / "scripts"))
     loopback = load("loopback_e2e", INFRA / "scripts" / "loopback_e2e.py")
     if loopback.postgres_bin() is None:
         pytest.skip("no PostgreSQL server installed: the loopback e2e uses SQLite and says so")
     psycopg2 = pytest.importorskip("psycopg2")
-    tmp_path.chmod(0o755)
+    tmp_path = Path(tempfile.mkdtemp(prefix="tp-pg-test-"))  # as the e2e does: the postgres user must reach it
     (tmp_path / "logs").mkdir()
     services = loopback.Services(tmp_path / "logs")
     try:
@@ -477,3 +479,4 @@ def test_loopback_e2e_gets_a_private_postgres_cluster_when_one_is_installed(tmp_
         assert not (tmp_path / "pg" / "pwfile").exists()  # the initdb password file is gone
     finally:
         services.stop_all()
+        shutil.rmtree(tmp_path, ignore_errors=True)
