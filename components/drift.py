@@ -23,10 +23,8 @@ only reports).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +34,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from components import errors, files
-from components.config import DriftConfig, Params, ParamsError, load_params
-from components.contracts import Contract, ContractError, read_manifest
+from components import files
+from components.config import DriftConfig, Params
+from components.contracts import Contract, ContractError
 from components.images import ImageLimits
 
 REFERENCE_FILE = "drift_reference.npz"
@@ -232,59 +230,14 @@ def reference_from_model(model: Any, frame: pd.DataFrame, classes: list[str], pa
                          meta: dict[str, Any] | None = None) -> Reference:
     """A reference for a model whose features are not cached (e.g. after finetune): a sample of its
     training images (and its validation images, for the confidence baseline) through the model."""
-    d, limits = params.drift, ImageLimits.from_config(params.validate)
+    per_class, limits = params.drift.reference_per_class, ImageLimits.from_config(params.validate)
     size, batch = params.model.image_size, params.train_head.batch_size
     train = frame[frame["split"] == "train"].reset_index(drop=True)
     labels = train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
-    rows = sample_per_class(labels, d.reference_per_class, params.project.seed)
+    rows = sample_per_class(labels, per_class, params.project.seed)
     features, _ = embed(model, train["path"].iloc[rows].tolist(), size, batch, limits)
     val = frame[frame["split"] == "val"]
-    val = val.iloc[sample_per_class(val["label"].to_numpy(), d.reference_per_class, params.project.seed)]
+    val = val.iloc[sample_per_class(val["label"].to_numpy(), per_class, params.project.seed)]
     _, val_probs = embed(model, val["path"].tolist(), size, batch, limits) if len(val) else (None, np.ones((1, 1)))
     return build_reference(features, labels[rows], classes, train["sha256"], float(val_probs.max(1).mean()),
-                           d.reference_per_class, params.project.seed, meta)
-
-
-def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_path: str | Path) -> DriftReport:
-    """Compare today's new images (those not in the model's training data) with the model's reference."""
-    from components.data import load_model_dir
-
-    started, config = time.perf_counter(), params.drift
-    reference = Reference.load(Path(model_dir) / REFERENCE_FILE)
-    frame = read_manifest(manifest)
-    new = frame[~np.isin(sha_prefixes(frame["sha256"]), reference.known)].reset_index(drop=True)
-    if len(new):
-        rows = sample_per_class(new["label"].to_numpy(), config.sample_per_class, params.project.seed)
-        sample = new.iloc[rows]
-        folder = load_model_dir(model_dir)
-        features, probs = embed(folder.model, sample["path"].tolist(), folder.image_size,
-                                params.train_head.batch_size, ImageLimits.from_config(params.validate))
-        report = compare(reference, features, sample["label"].tolist(), probs, config, params.project.seed,
-                         new_images=len(new))
-    else:
-        report = compare(reference, np.zeros((0, reference.features.shape[1])), [], None, config)
-    report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
-    report.write(out_path)
-    return report
-
-
-@errors.cli_errors("drift")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.drift", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--manifest", default="data/validated.csv", help="today's validated manifest")
-    parser.add_argument("--model-dir", required=True, help="the champion's model folder (with drift_reference.npz)")
-    parser.add_argument("--out", default="reports/drift.json")
-    args = parser.parse_args(argv)
-    try:
-        report = run_drift(load_params(args.params), args.manifest, args.model_dir, args.out)
-    except (ParamsError, ContractError, ValueError) as exc:
-        print(f"drift: {exc}", file=sys.stderr)
-        return 2
-    print(f"drift: {'DRIFT' if report.drifted else 'no drift'} on {report.sampled_images} of {report.new_images} new "
-          f"images; retrain={report.retrain} ({report.reason}) -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                           per_class, params.project.seed, meta)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from components import data, errors, files, hashing, learning_curves, runtime, tracking
+from components import data, drift, errors, files, hashing, label_issues, learning_curves, runtime, tracking
 from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split, make_dataset
 from components.images import ImageLimits
@@ -157,7 +157,11 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
     image_size = head_info.image_size
     device = runtime.configure_tensorflow(seed)
     frame = read_manifest(manifest)
-    train, val = load_split(frame, "train", classes), load_split(frame, "val", classes)
+    excluded = label_issues.read_exclusions(head_dir)  # suspect labels the head left out (action: exclude)
+    kept = frame[~((frame["split"] == "train") & frame["path"].isin(excluded))]
+    train, val = load_split(kept, "train", classes), load_split(frame, "val", classes)
+    if excluded:
+        print(f"finetune: {len(excluded)} suspect-label training images left out, as in train_head")
     if not len(train) or not len(val):
         raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
 
@@ -210,6 +214,9 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
         }
         data.save_model_dir(model, classes, run_info, out_dir)
+        # Fine-tuning moves the features: the drift check compares new data with this model's own.
+        drift.reference_from_model(model, frame, classes, params, meta={k: run_info[k] for k in (
+            "run_id", "stage", "backbone", "alpha", "image_size", "data_version")}).save(Path(out_dir) / drift.REFERENCE_FILE)
         TrainingMetrics(val_accuracy=val_accuracy, val_loss=val_loss, best_epoch=best_epoch, epochs_run=len(history),
                         seconds=round(seconds, 1), train_seconds=round(seconds + head_info.seconds, 1)).write(
             Path(report_dir) / "metrics.json")

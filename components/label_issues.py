@@ -139,3 +139,11 @@ def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, cou
         fig.savefig(fh, format="png", dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def read_exclusions(model_dir: str | Path) -> set[str]:
+    """Paths the head left out of training (empty when none were excluded or the file is absent)."""
+    path = Path(model_dir) / EXCLUSIONS_FILE
+    if not path.is_file():
+        return set()
+    return set(pd.read_csv(path, dtype={"path": str}, keep_default_na=False)["path"])

@@ -6,7 +6,7 @@ Every kind returns a Listing: the entries it copied into the new raw_dir, and th
 refused, by name and with a reason (they end up in reports/ingest.json; they never fail the run
 on their own, and nothing is dropped silently).
 
-What a source may not do, whatever its kind (docs/security-data.md):
+What a source may not do, whatever its kind (docs/security.md, "Sources"):
   - read outside its root: only regular files are read; a symlink is followed only when it stays
     inside the root (and `ingest.follow_links_within_root`); devices, FIFOs and sockets are never
     opened; table rows must lie in the table's folder (or bucket prefix) or under `ingest.allowed_roots`,

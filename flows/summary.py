@@ -77,6 +77,11 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"- kept {counts['valid']} of {counts['files']} files, "
                   f"quarantined {counts['quarantined']} (reports/validation/quarantine.csv)"]
         lines += [f"- warning: {w}" for w in validation["warnings"][:5]]
+    drift = result.get("drift") or {}
+    if drift:
+        lines += ["", "## Drift", f"- {'DRIFT' if drift['drifted'] else 'no drift'} on {drift['sampled_images']} of "
+                  f"{drift['new_images']} new images; retrain: {drift['retrain']} ({drift['reason']})",
+                  "- details: reports/drift.json"]
     metrics = result.get("metrics") or {}
     if metrics:
         lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]

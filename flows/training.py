@@ -41,6 +41,7 @@ from components.config import (  # noqa: E402
 )
 from components.errors import EXIT_USER_ERROR, STATUS_DIR_VARIABLE  # noqa: E402
 from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord  # noqa: E402
+from components.drift import DriftReport  # noqa: E402
 from components.settings import environment  # noqa: E402
 from components.tracking import redact  # noqa: E402
 from flows import summary  # noqa: E402
@@ -310,18 +311,23 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
         os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
         gpu_deployment = environment().gpu_deployment
         try:
-            outcomes = [
-                run_stage_remotely(stage, str(root), gpu_deployment) if gpu_deployment and stage in GPU_STAGES
-                else STAGE_TASKS[stage](str(root), name)
-                for stage in STAGES
-            ]
+            outcomes, drift = [], None
+            for stage in STAGES:
+                if drift is not None and not drift["retrain"] and drift["new_images"]:
+                    outcomes.append({"stage": stage, "ran": False, "seconds": 0.0, "where": "held by drift policy"})
+                    continue
+                outcomes.append(run_stage_remotely(stage, str(root), gpu_deployment)
+                                if gpu_deployment and stage in GPU_STAGES else STAGE_TASKS[stage](str(root), name))
+                if stage == "validate" and outcomes[-1]["ran"]:
+                    drift = check_drift(str(root), str(params_file))  # new data: does it still look like the model's?
         except BaseException:
             close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
             raise
         finally:
             os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
         close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FINISHED",
-                           {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"})
+                           {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"},
+                           [str(DRIFT_REPORT)] if drift is not None else [])
         promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
         # A promotion is this run's only if this flow run registered it: a run-cache restore of evaluate
         # brings back an old promotion.json, which must not be exported or announced again.
@@ -336,7 +342,32 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
         if changes:
             params_file.write_bytes(saved)  # an experiment's settings never become the next run's
     return {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed,
-            "experiment": name, "promoted_now": promoted_now}
+            "experiment": name, "promoted_now": promoted_now, "drift": drift}
+
+
+DRIFT_REPORT = Path("reports/drift.json")
+LAST_MODEL = Path("models/finetune")  # the workspace's last trained model; its drift reference is the baseline
+
+
+@task(name="drift-check")
+def check_drift(workdir: str, params_path: str) -> dict[str, Any] | None:
+    """Compare the newly validated images with the last trained model's data (components.drift_check);
+    None when there is no earlier model with a reference. The policy (drift.policy) decides retraining."""
+    logger = get_run_logger()
+    root = Path(workdir)
+    if not (root / LAST_MODEL / "drift_reference.npz").is_file():
+        logger.info("drift: no earlier model with a reference: nothing to compare with")
+        return None
+    cmd = [sys.executable, "-m", "components.drift_check", "--params", params_path, "--model-dir", str(LAST_MODEL),
+           "--manifest", "data/validated.csv", "--out", str(DRIFT_REPORT)]
+    proc = subprocess.run(cmd, cwd=root, env=_stage_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"drift check failed:\n{proc.stderr.strip()[-2000:]}", retryable=False)
+    logger.info(proc.stdout.strip().splitlines()[-1])
+    report = DriftReport.read(root / DRIFT_REPORT)
+    if report.drifted and not report.retrain:
+        notify("drift", f"new data drifted from the model's training data: {report.reason}")
+    return report.model_dump(mode="json")
 
 
 @task(name="mlflow-pipeline-run", retries=2, retry_delay_seconds=10)
@@ -351,7 +382,8 @@ def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | 
 
 
 @task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=10)
-def close_pipeline_run(tracking: dict[str, Any], workdir: str, run_id: str, status: str, tags: dict[str, str]) -> None:
+def close_pipeline_run(tracking: dict[str, Any], workdir: str, run_id: str, status: str, tags: dict[str, str],
+                       artifacts: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
@@ -361,6 +393,8 @@ def close_pipeline_run(tracking: dict[str, Any], workdir: str, run_id: str, stat
     client = MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+    for artifact in artifacts or []:
+        client.log_artifact(run_id, str(Path(workdir) / artifact))
     client.set_terminated(run_id, status)
 
 

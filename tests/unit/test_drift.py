@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import drift
+from components import drift, drift_check
 from components.config import DriftConfig
 from components.contracts import ContractError
 
@@ -122,7 +122,7 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
 
     root, params = trained["root"], trained["params"]
     frame = pd.read_csv(trained["manifest"], dtype=str, keep_default_na=False)
-    out = drift.run_drift(params, trained["manifest"], root / "models/head", tmp_path / "same.json")
+    out = drift_check.run_drift(params, trained["manifest"], root / "models/head", tmp_path / "same.json")
     assert out.new_images == 8 and out.sampled_images == 8  # the val and test rows; training rows are known
     rows = []
     for i in range(20):  # new grey pictures, unlike the red/green training colours
@@ -131,7 +131,7 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
                      "sha256": f"f{i:063d}"})
     manifest = tmp_path / "new.csv"
     pd.concat([frame, pd.DataFrame(rows)]).to_csv(manifest, index=False)
-    report = drift.run_drift(params, manifest, root / "models/head", tmp_path / "drift.json")
+    report = drift_check.run_drift(params, manifest, root / "models/head", tmp_path / "drift.json")
     assert report.new_images == 28 and drift.DriftReport.read(tmp_path / "drift.json") == report
     assert report.per_class["alpha"]["n_new"] == 20 and report.per_class["alpha"]["drift"]
 

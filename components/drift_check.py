@@ -1,0 +1,67 @@
+"""The drift check of a scheduled run: today's new images against the last model's reference.
+
+    python -m components.drift_check --model-dir models/finetune --manifest data/validated.csv --out reports/drift.json
+
+Run by the training flow after validate (not a DVC stage: its answer decides whether training runs).
+The statistics live in components/drift.py; this is the command around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from components import errors, runtime  # noqa: F401  (telemetry off first)
+from components.config import Params, ParamsError, load_params
+from components.contracts import ContractError, read_manifest
+from components.drift import REFERENCE_FILE, DriftReport, Reference, compare, embed, sample_per_class, sha_prefixes
+from components.images import ImageLimits
+
+
+def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_path: str | Path) -> DriftReport:
+    """Compare today's new images (those not in the model's training data) with the model's reference."""
+    from components.data import load_model_dir
+
+    started, config = time.perf_counter(), params.drift
+    reference = Reference.load(Path(model_dir) / REFERENCE_FILE)
+    frame = read_manifest(manifest)
+    new = frame[~np.isin(sha_prefixes(frame["sha256"]), reference.known)].reset_index(drop=True)
+    if len(new):
+        rows = sample_per_class(new["label"].to_numpy(), config.sample_per_class, params.project.seed)
+        sample = new.iloc[rows]
+        folder = load_model_dir(model_dir)
+        features, probs = embed(folder.model, sample["path"].tolist(), folder.image_size,
+                                params.train_head.batch_size, ImageLimits.from_config(params.validate))
+        report = compare(reference, features, sample["label"].tolist(), probs, config, params.project.seed,
+                         new_images=len(new))
+    else:
+        report = compare(reference, np.zeros((0, reference.features.shape[1])), [], None, config)
+    report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
+    report.write(out_path)
+    return report
+
+
+@errors.cli_errors("drift")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.drift_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", default="data/validated.csv", help="today's validated manifest")
+    parser.add_argument("--model-dir", required=True, help="the champion's model folder (with drift_reference.npz)")
+    parser.add_argument("--out", default="reports/drift.json")
+    args = parser.parse_args(argv)
+    try:
+        report = run_drift(load_params(args.params), args.manifest, args.model_dir, args.out)
+    except (ParamsError, ContractError, ValueError) as exc:
+        print(f"drift: {exc}", file=sys.stderr)
+        return 2
+    print(f"drift: {'DRIFT' if report.drifted else 'no drift'} on {report.sampled_images} of {report.new_images} new "
+          f"images; retrain={report.retrain} ({report.reason}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
