@@ -180,3 +180,22 @@ def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
 
     diff = dvc(workspace, "plots", "diff", "bins5", "bins20", "--json").stdout
     assert "bins5" in diff and "bins20" in diff, diff[:2000]
+
+
+def test_new_data_is_checked_for_drift_and_the_alert_policy_holds_training(trained, flowers_source):
+    import shutil
+
+    from flows.training import training_flow
+    from tests.conftest import FLOWERS
+
+    workspace, _ = trained
+    write_overrides(workspace / "params.yaml", ["drift.policy=alert"])  # read by the flow only: no stage reruns
+    for name in ("daisy", "sunflowers"):
+        for extra in sorted((FLOWERS / name).iterdir())[40:43]:
+            shutil.copy2(extra, flowers_source / name / extra.name)
+    result = training_flow(workdir=str(workspace))
+    drift = result["drift"]
+    assert drift is not None and drift["new_images"] >= 1 and drift["retrain"] is False, drift
+    assert (workspace / "reports/drift.json").is_file()
+    held = {s["stage"] for s in result["stages"] if s.get("where") == "held by drift policy"}
+    assert held == {"augment", "train_head", "finetune", "evaluate"}, result["stages"]
