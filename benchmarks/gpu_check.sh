@@ -13,8 +13,9 @@
 # Carried wheels (installed with --no-index into a venv that sees the machine's own jax/torch):
 #   keras==3.15.1 and its small deps (namex, optree, h5py, absl-py, rich, markdown-it-py, mdurl, pygments),
 #   pydantic + pydantic-core + annotated-types + typing-inspection (components.config), PyYAML, Pillow.
-#   Binary wheels are fetched for CPython 3.10, 3.11 and 3.12 (manylinux x86_64): the GPU machine's
-#   Python is not known in advance. Not carried: albumentations (+ opencv, ~50 MB): the driver
+#   Binary wheels are fetched for CPython 3.11 and 3.12 (manylinux x86_64; keras 3.15 needs Python
+#   >= 3.11; GPU_CHECK_PYTHONS="3.11 3.12 3.13" adds one, ~15 MB more): the GPU machine's Python is
+#   not known in advance. Carry: ~37 MB of wheels + ~6 MB subset + 2 MB weights. Not carried: albumentations (+ opencv, ~50 MB): the driver
 #   augments with numpy flips, so the check measures the model/training path, not the policy.
 #   Not carried: TensorFlow (cannot go there), mlflow/dvc/prefect (the driver does not track).
 #
@@ -30,7 +31,7 @@ OUT_DIR="${OUT:-$REPO/benchmarks/work/gpu_out}"
 PY="${PYTHON:-python3}"
 [ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY="$REPO/.venv/bin/python"
 MODE=gpu
-IMAGE_SIZE=160 ALPHA=0.35 HEAD_EPOCHS=2 FT_EPOCHS=4 BATCH=32 CLASSES=5 TRAIN_PER_CLASS=48 VAL_PER_CLASS=16
+IMAGE_SIZE=224 ALPHA=0.5 HEAD_EPOCHS=2 FT_EPOCHS=4 BATCH=32 CLASSES=5 TRAIN_PER_CLASS=48 VAL_PER_CLASS=16
 PARITY_TOLERANCE=0.05  # |val accuracy GPU - CPU|: 4 of 80 val images (different backends draw different inits)
 FETCH_WHEELS=1
 SOURCE="${TP_SHARED_DIR:-$REPO/../shared}/datasets/flower_photos"
@@ -240,7 +241,7 @@ PY
 case "$MODE" in
   dry)
     # Quick and CPU-only: tiny settings, random weights unless a KERAS_HOME with the seeded weights is set.
-    IMAGE_SIZE=64 HEAD_EPOCHS=1 FT_EPOCHS=2 BATCH=8
+    IMAGE_SIZE=64 ALPHA=0.35 HEAD_EPOCHS=1 FT_EPOCHS=2 BATCH=8
     data="$OUT_DIR/subset"; rm -rf "$data"; make_tiny_subset "$data"
     weights="${GPU_CHECK_WEIGHTS:-none}"
     KERAS_BACKEND=tensorflow driver "$data" "$OUT_DIR/cpu_reference.json" "$weights" ""
@@ -249,12 +250,13 @@ case "$MODE" in
     echo "nvidia-smi: skipped (dry run)"
     ;;
   prepare)
-    rm -rf "$CARRY"; mkdir -p "$CARRY/keras/models" "$CARRY/wheels"
+    rm -rf "$CARRY/subset" "$CARRY/keras" "$CARRY/cpu_reference.json"; mkdir -p "$CARRY/keras/models" "$CARRY/wheels"
     make_subset "$CARRY/subset"
     seeded="${TP_SHARED_DIR:-$REPO/../shared}/keras/models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${ALPHA}_224_no_top.h5"
     cp "$seeded" "$CARRY/keras/models/"
     if [ "$FETCH_WHEELS" = 1 ]; then
-      for pyver in 3.10 3.11 3.12; do
+      rm -f "$CARRY"/wheels/*.whl
+      for pyver in ${GPU_CHECK_PYTHONS:-3.11 3.12}; do  # keras 3.15 needs Python >= 3.11
         "$PY" -m pip download --quiet --only-binary=:all: --python-version "$pyver" --platform manylinux2014_x86_64 \
           --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --dest "$CARRY/wheels" --no-deps \
           keras==3.15.1 namex optree h5py absl-py rich markdown-it-py mdurl pygments pydantic pydantic-core \
@@ -278,6 +280,7 @@ case "$MODE" in
       driver "$CARRY/subset" "$OUT_DIR/gpu.json" imagenet "$CARRY/cpu_reference.json" || { kill "$smi"; exit 1; }
     kill "$smi"
     gpu_utilisation_summary "$OUT_DIR/nvidia_smi.csv" "$OUT_DIR/gpu.json"
+    cp "$CARRY/cpu_reference.json" "$OUT_DIR/"
     ;;
 esac
 echo "results: $OUT_DIR"

@@ -149,10 +149,13 @@ def _probe_batch(shape: tuple[int, int, int]) -> np.ndarray:
     return np.random.default_rng(0).uniform(0.0, 255.0, (PROBE_IMAGES, *shape)).astype(np.float32)
 
 
-def _session(path: Path, threads: int) -> Any:
+def _session(path: Path, threads: int, allow_spinning: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # Spinning workers answer fastest on an idle machine; on cores shared with other work they burn
+    # the time the straggler thread needs (see benchmarks/results/frozen_pass.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -253,11 +256,13 @@ class FrozenRunner:
 
     engine="auto" picks ONNX Runtime on a CPU with onnxruntime installed and the TensorFlow
     backend, Keras otherwise; "onnxruntime" insists (raises if it cannot); "keras" never exports.
+    Spinning is off by default: on 2 shared cores (and beside tf.data decoding in the same process)
+    it made ONNX Runtime 1.5x slower in the median round (benchmarks/results/frozen_pass.md).
     """
 
     def __init__(self, model: Any, *, cache_dir: str | Path | None = None, engine: Engine = "auto",
                  threads: int = 0, key: str | None = None, input_size: int | None = None,
-                 tolerance: float = DEFAULT_TOLERANCE) -> None:
+                 tolerance: float = DEFAULT_TOLERANCE, allow_spinning: bool = False) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine = {engine!r}: expected one of {', '.join(ENGINES)}")
         self.model = model
@@ -279,7 +284,7 @@ class FrozenRunner:
                 raise RuntimeError(f"engine: onnxruntime was requested but {blocker}")
             self.reason = blocker
             return
-        self.session = _session(self.export.path, self.threads)  # type: ignore[union-attr]
+        self.session = _session(self.export.path, self.threads, allow_spinning)  # type: ignore[union-attr]
         self.engine, self.reason = "onnxruntime", f"ONNX Runtime, {self.threads} threads, {self.export.path.name}"  # type: ignore[union-attr]
 
     @staticmethod
