@@ -178,6 +178,9 @@ class ValidationSummary(Contract):
     settings: dict[str, Any]
     ingest: dict[str, Any]
     data_docs: str
+    near_duplicates: dict[str, Any] = Field(
+        default_factory=dict, description="components.near_duplicates report: policy, counts, groups, moved, "
+        "problems, picture (relative to the summary); empty in summaries written before it existed")
 
 
 # --- model folders (train_head, finetune) ---------------------------------------------------------

@@ -7,10 +7,15 @@ Three suites, built in code from `params.yaml` (section `validate`, plus `ingest
   dataset  - the manifest is not empty and (policy quarantine) at most `max_bad_fraction` is bad;
   classes  - one row per class: enough images, bounded imbalance, no empty class folder, and the
              expected label set when `ingest.classes` is given.
+Then, on the files that passed, near-duplicates (components/near_duplicates.py, setting
+`validate.near_duplicates`): perceptual-hash groups under 2+ labels are quarantined, groups across
+splits are moved to one split (or reported, or fail the run), before the class checks count images.
 Policy `quarantine` drops failing files (listed in quarantine.csv) and fails only when a check that
 cannot be fixed by dropping files fails; policy `fail` fails on any problem. Outputs: the rows that
-passed (`data/validated.csv`, manifest columns), `reports/validation/summary.json`, `quarantine.csv`
-and Great Expectations Data Docs under `reports/validation/data_docs/`.
+passed with their (possibly moved) splits (`data/validated.csv`, manifest columns),
+`reports/validation/summary.json`, `quarantine.csv`, `near_duplicates.png` and Great Expectations
+Data Docs under `reports/validation/data_docs/`. The CLI exits 2 when validation fails (the data's
+fault: the flow does not retry it).
 """
 
 from __future__ import annotations
@@ -27,14 +32,18 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from components import runtime, files, errors
+from components import runtime, files, errors, near_duplicates
 from components.config import ParamsError, ValidateConfig, load_params
 from components.contracts import (MANIFEST_COLUMNS, SPLITS, ContractError, IngestReport, ValidationSummary,
                                   read_manifest, write_manifest)
 from components.hashing import records_version
+from components.images import ImageLimits
 from components.layout import is_hidden
+from components.settings import workspace_root
 
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
+NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs
+NEAR_DUPLICATE_PICTURE = "near_duplicates.png"  # in the report folder
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
@@ -58,6 +67,7 @@ class ValidationResult:
     quarantine_path: Path
     data_docs: Path
     out_manifest: Path | None  # None when the run failed and nothing was written
+    near_duplicates: dict[str, Any] = field(default_factory=dict)  # NearDuplicateReport.counts plus policy
 
 
 @dataclass(frozen=True)
@@ -414,6 +424,10 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
         file_failures = collect_failures(suites.run("files", df, checks, "path"), checks, df, "path")
         quarantine = _file_reasons(file_failures, df)
         passed = ~df["path"].isin(quarantine["path"])
+        moved, nd, unhashed = _near_duplicates(config, frame, passed, _image_root(info, manifest_path), tmp)
+        df["split"] = moved["split"].to_numpy()  # moved splits, for the per-split counts and warnings
+        quarantine = pd.concat([quarantine, nd.quarantine], ignore_index=True) if len(nd.quarantine) else quarantine
+        passed = ~df["path"].isin(quarantine["path"])
         visible = ~df["hidden_file"].astype(bool)
         counts = {"bad": int((~passed & visible).sum()), "images": int(visible.sum())}
         # Hidden files (.DS_Store, Thumbs.db) are clutter, not bad images: they do not count towards max_bad_fraction.
@@ -424,33 +438,68 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
         checks = class_checks(config, classes, table)
         set_failures += collect_failures(suites.run("classes", table, checks, "label"), checks, table, "label")
         suites.build_docs()
-        problems = [_line(f, item) for f in set_failures for item in f.items]
+        problems = [_line(f, item) for f in set_failures for item in f.items] + nd.problems
         if config.policy == "fail":
             problems += [f"{r.path}: {r.reason}" for r in quarantine.itertuples()]
         ok = not problems
         raw_dir = info.raw_dir if info else None
         given = info.data_version if info else ""
         versions = {"data_version": given or records_version(_relative_records(frame, raw_dir)),
-                    "validated_version": records_version(_relative_records(frame[passed.to_numpy()], raw_dir))}
+                    "validated_version": records_version(_relative_records(moved[passed.to_numpy()], raw_dir))}
         warnings = _warnings(df, passed)
+        if unhashed:
+            warnings.append(f"{unhashed} row(s) outside the ingested image folder were not checked for "
+                            "near-duplicates (validate reads images only under the ingest report's raw_dir)")
         if info and info.refused_count:
             warnings.append(f"ingest refused {info.refused_count} entr{'y' if info.refused_count == 1 else 'ies'} "
                             "the source offered (links out of the source, special files, rows outside the "
                             "table's root, bad labels): listed with reasons in the ingest report's `refused`")
         with files.atomic_file(tmp / "quarantine.csv") as fh:
             quarantine.to_csv(fh, index=False, lineterminator="\n")
+        nd_summary = {**nd.to_dict(), "picture": NEAR_DUPLICATE_PICTURE if nd.policy != "off" else None}
         summary = _summary(config, classes, ok, problems, warnings, file_failures + set_failures, df, passed, table,
-                           counts, versions, manifest_path, info)
+                           counts, versions, manifest_path, info, nd_summary)
         summary.write(tmp / "summary.json")
     if ok:
-        write_manifest(frame[passed.to_numpy()], out_manifest)
+        write_manifest(moved[passed.to_numpy()], out_manifest)
     return ValidationResult(
         passed=ok, policy=config.policy, files=len(df), valid=int(passed.sum()), quarantined=len(quarantine),
         problems=problems, quarantined_files=[f"{r.path}: {r.reason}" for r in quarantine.itertuples()],
         warnings=warnings, data_version=versions["data_version"],
         validated_version=versions["validated_version"], summary_path=report_dir / "summary.json",
         quarantine_path=report_dir / "quarantine.csv", data_docs=report_dir / "data_docs" / "index.html",
-        out_manifest=out_manifest if ok else None)
+        out_manifest=out_manifest if ok else None, near_duplicates={"policy": nd.policy, **nd.counts})
+
+
+def _image_root(info: IngestReport | None, manifest_path: Path) -> Path:
+    """The only folder validate reads images from: ingest's copy (raw_dir), else the manifest's folder."""
+    return Path(info.raw_dir) if info and info.raw_dir else manifest_path.parent
+
+
+def _within(path: str, root: Path) -> bool:
+    """Whether `path` (links resolved) lies under `root`: a manifest row never makes us read elsewhere."""
+    try:
+        return Path(path).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _near_duplicates(config: ValidateConfig, frame: pd.DataFrame, passed: pd.Series, root: Path,
+                     report_tmp: Path) -> tuple[pd.DataFrame, near_duplicates.NearDuplicateReport, int]:
+    """(frame with moved splits, the report, rows not hashed because they lie outside `root`).
+
+    Only files that passed the file checks are hashed, so a conflict or leak is judged among usable images.
+    """
+    if config.near_duplicates.policy == "off":
+        return frame, near_duplicates.NearDuplicateReport("off"), 0
+    candidates = frame[passed.to_numpy()]
+    inside = candidates["path"].map(lambda p: _within(p, root)).to_numpy(dtype=bool)
+    kept, report = near_duplicates.check(candidates[inside], config.near_duplicates, ImageLimits.from_config(config),
+                                         workspace_root() / NEAR_DUPLICATE_CACHE, report_tmp / NEAR_DUPLICATE_PICTURE)
+    moved = dict(zip(kept["path"], kept["split"]))
+    out = frame.copy()
+    out["split"] = [moved.get(p, s) for p, s in zip(out["path"], out["split"])]
+    return out, report, int((~inside).sum())
 
 
 def _line(failure: Failure, item: dict[str, str]) -> str:
@@ -462,7 +511,7 @@ def _line(failure: Failure, item: dict[str, str]) -> str:
 def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, problems: list[str], warnings: list[str],
              failures: list[Failure], df: pd.DataFrame, passed: pd.Series, table: pd.DataFrame,
              counts: dict[str, int], versions: dict[str, str], manifest_path: Path,
-             info: IngestReport | None) -> ValidationSummary:
+             info: IngestReport | None, nd_summary: dict[str, Any]) -> ValidationSummary:
     kept = df[passed]
     ingest = {"source": info.source, "layout": info.layout, "notes": info.notes, "class_folders": info.class_folders,
               "refused_count": info.refused_count} if info else {}
@@ -482,6 +531,7 @@ def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, proble
         "settings": {**config.model_dump(), "classes": classes},
         "ingest": ingest,
         "data_docs": "data_docs/index.html",
+        "near_duplicates": nd_summary,
     })
 
 
@@ -502,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"validate: {exc}", file=sys.stderr)
         return 2
     print(_report_text(result))
-    return 0 if result.passed else 1
+    return 0 if result.passed else errors.EXIT_USER_ERROR  # the data's fault: a retry fails the same way
 
 
 def _report_text(result: ValidationResult) -> str:
@@ -518,9 +568,19 @@ def _report_text(result: ValidationResult) -> str:
         lines += [f"  - {q}" for q in result.quarantined_files[:MAX_LISTED]]
         if result.quarantined > MAX_LISTED:
             lines.append(f"  ... and {result.quarantined - MAX_LISTED} more in {result.quarantine_path}")
+    lines.append(_near_duplicate_line(result.near_duplicates, result.summary_path.parent / NEAR_DUPLICATE_PICTURE))
     lines += [f"warning: {w}" for w in result.warnings]
     lines.append(f"details: {result.summary_path}; Data Docs: {result.data_docs}")
     return "\n".join(lines)
+
+
+def _near_duplicate_line(counts: dict[str, Any], picture: Path) -> str:
+    if counts.get("policy", "off") == "off":
+        return "near-duplicates: not checked (validate.near_duplicates.policy=off)"
+    return (f"near-duplicates ({counts['policy']}): {counts['groups']} group(s) of {counts['images_in_groups']} "
+            f"images: {counts['cross_split']} across splits ({counts['moved_images']} image(s) moved), "
+            f"{counts['label_conflicts']} under 2+ labels ({counts['quarantined_images']} quarantined), "
+            f"{counts['within_split']} within one split (kept); picture: {picture}")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,26 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from components import validate
-from components.config import ValidateConfig
+from components.config import NearDuplicatesConfig, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.validate import ValidateInputError, ValidationResult, run_validate
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
 from tests.datakit import (ingest_config, make_classes, tree_digest, validate_config, write_16bit_png,
                            write_alpha_png, write_cmyk_jpeg, write_huge_png, write_truncated_jpeg)
+
+
+@pytest.fixture(autouse=True)
+def workspace_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The near-duplicate hash cache lives under the workspace root (DVC_ROOT): a temp folder, not the repo."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path / validate.NEAR_DUPLICATE_CACHE
 
 
 @dataclass
@@ -141,7 +150,8 @@ def test_fail_policy_exits_nonzero_listing_every_problem(defects, tmp_path: Path
     code = validate.main(["--params", str(params), "--manifest", str(run.ingest.manifest_path), "--out-manifest", str(out),
                           "--report-dir", str(tmp_path / "report"), "--ingest-report", str(run.ingest.report_path)])
     text = capsys.readouterr().out
-    assert code == 1 and "FAILED" in text and "Traceback" not in text
+    # Exit 2: the data's fault, which the flow does not retry (components.errors.EXIT_USER_ERROR).
+    assert code == 2 and "FAILED" in text and "Traceback" not in text
     for name, expected in DEFECTS.items():
         if expected:
             assert any(line.strip().startswith("- ") and name in line and ": " in line for line in text.splitlines()), name
@@ -197,7 +207,7 @@ def test_cross_split_duplicate_keeps_only_the_train_copy(tmp_path: Path):
     source = tmp_path / "src"
     make_classes(source / "train", {"a": 6, "b": 6})
     make_classes(source / "val", {"a": 3, "b": 3}, start_seed=5000)
-    make_classes(source / "test", {"a": 3, "b": 3}, start_seed=6000)
+    make_classes(source / "test", {"a": 3, "b": 3}, start_seed=7000)  # 6000+: val/b's noise
     shutil.copy(source / "train" / "a" / "a_000.jpg", source / "val" / "a" / "leaked.jpg")
     run = ingest_and_validate(source, tmp_path / "ws", validate_config(min_images_per_class=3))
     assert "no_cross_split_copy" in run.reason("leaked.jpg") and "train/a/a_000.jpg" in run.reason("leaked.jpg")
@@ -290,3 +300,126 @@ def test_entries_ingest_refused_are_a_warning_in_the_summary(tmp_path: Path):
     assert run.result.passed
     assert run.summary["ingest"]["refused_count"] == 1
     assert any("ingest refused 1 entry" in w for w in run.summary["warnings"])
+
+
+# --- near-duplicates (issue 13): resized copies the byte check cannot see ----------------------------
+
+def scene(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A smooth random picture (blobs of colour), like a photo at thumbnail scale."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+
+
+def near_duplicate_source(root: Path) -> Path:
+    """train/val/test folders of distinct images, plus two planted near-duplicates (half size, JPEG quality 40):
+    `leak_*` the same photo in train and val under one label, `conflict_*` one photo under labels a and b."""
+    make_classes(root / "train", {"a": 6, "b": 6})
+    make_classes(root / "val", {"a": 3, "b": 3}, start_seed=5000)
+    make_classes(root / "test", {"a": 3, "b": 3}, start_seed=7000)  # 6000+: val/b's noise
+    for seed, first, second in ((1, "train/a/leak_big.jpg", "val/a/leak_small.jpg"),
+                                (2, "train/a/conflict_big.jpg", "train/b/conflict_small.jpg")):
+        picture = scene(seed)
+        picture.save(root / first, "JPEG", quality=90)
+        picture.resize((80, 60), Image.Resampling.LANCZOS).save(root / second, "JPEG", quality=40)
+    return root
+
+
+def near_config(**near) -> ValidateConfig:
+    return validate_config(min_images_per_class=3, max_bad_fraction=0.2, near_duplicates=NearDuplicatesConfig(**near))
+
+
+@pytest.fixture(scope="module")
+def near_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return near_duplicate_source(tmp_path_factory.mktemp("near") / "src")
+
+
+def by_name(csv: Path) -> pd.DataFrame:
+    frame = pd.read_csv(csv, keep_default_na=False)
+    return frame.set_index(frame["path"].map(lambda p: Path(p).name))
+
+
+def test_a_resized_copy_in_another_split_moves_to_the_split_of_the_smaller_hash(near_source: Path, tmp_path: Path,
+                                                                               workspace_cache: Path):
+    run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
+    assert run.result.passed, run.result.problems
+    manifest, validated = by_name(run.ingest.manifest_path), by_name(run.result.out_manifest)
+    assert manifest.loc["leak_big.jpg", "split"] == "train" and manifest.loc["leak_small.jpg", "split"] == "val"
+    leak = manifest.loc[["leak_big.jpg", "leak_small.jpg"]]
+    target = leak.sort_values("sha256")["split"].iloc[0]
+    assert validated.loc["leak_big.jpg", "split"] == validated.loc["leak_small.jpg", "split"] == target
+    others = manifest.index.difference(["leak_big.jpg", "leak_small.jpg", "conflict_big.jpg", "conflict_small.jpg"])
+    assert (validated.loc[others, "split"] == manifest.loc[others, "split"]).all()  # nothing else moves
+    counts = run.summary["near_duplicates"]["counts"]
+    assert counts["cross_split"] == 1 and counts["moved_images"] == 1 and counts["groups"] == 2
+    assert run.summary["near_duplicates"]["moved"][0]["to"] == target
+    assert run.result.near_duplicates["moved_images"] == 1
+    # The summary's per-split counts and the validated version describe the moved rows.
+    assert run.summary["counts"]["per_split"]["train"]["a"] == int((validated["split"].eq("train")
+                                                                   & validated["label"].eq("a")).sum())
+    moved_version = run.result.validated_version
+    reported = ingest_and_validate(near_source, tmp_path / "ws2", near_config(policy="report"))
+    assert by_name(reported.result.out_manifest).loc["leak_small.jpg", "split"] == "val"
+    assert reported.summary["near_duplicates"]["counts"]["cross_split"] == 1
+    assert moved_version != reported.result.validated_version
+    assert (run.result.summary_path.parent / validate.NEAR_DUPLICATE_PICTURE).is_file()
+    assert workspace_cache.is_file()  # hashed once per content, under the workspace root
+
+
+def test_a_resized_copy_under_another_label_is_quarantined_naming_the_other(near_source: Path, tmp_path: Path):
+    run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
+    assert "no_near_duplicate_label_conflict" in run.reason("conflict_big.jpg")
+    assert "b/conflict_small.jpg (b)" in run.reason("conflict_big.jpg")
+    assert "a/conflict_big.jpg (a)" in run.reason("conflict_small.jpg")
+    validated = by_name(run.result.out_manifest)
+    assert "conflict_big.jpg" not in validated.index and "conflict_small.jpg" not in validated.index
+    assert run.result.quarantined == 2 and run.summary["counts"]["quarantined"] == 2
+    assert run.summary["near_duplicates"]["counts"]["label_conflicts"] == 1
+    assert run.summary["counts"]["per_class"] == {"a": 12 + 2, "b": 12}  # the leak pair kept, both conflict copies gone
+
+
+def test_near_duplicate_policy_off_leaves_every_row_where_it_was(near_source: Path, tmp_path: Path,
+                                                                 workspace_cache: Path):
+    run = ingest_and_validate(near_source, tmp_path / "ws", near_config(policy="off"))
+    manifest, validated = by_name(run.ingest.manifest_path), by_name(run.result.out_manifest)
+    assert run.result.passed and run.result.quarantined == 0
+    assert validated["split"].to_dict() == manifest["split"].to_dict()
+    assert run.summary["near_duplicates"]["policy"] == "off" and run.summary["near_duplicates"]["counts"]["groups"] == 0
+    assert not (run.result.summary_path.parent / validate.NEAR_DUPLICATE_PICTURE).exists() and not workspace_cache.exists()
+
+
+def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(near_source: Path, tmp_path: Path,
+                                                                              capsys):
+    run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
+    capsys.readouterr()
+    args = ["--manifest", str(run.ingest.manifest_path), "--ingest-report", str(run.ingest.report_path),
+            "--out-manifest", str(tmp_path / "v.csv"), "--report-dir", str(tmp_path / "r")]
+    params = tmp_path / "params.yaml"
+    params.write_text("validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n  near_duplicates:\n    policy: fail\n")
+    code = validate.main(["--params", str(params), *args])
+    text = capsys.readouterr().out
+    assert code == 2 and "FAILED" in text and not (tmp_path / "v.csv").exists()
+    assert any("leak: near-duplicates in splits train, val" in line and "leak_small.jpg" in line
+               for line in text.splitlines())
+    assert "near-duplicates (fail): 2 group(s) of 4 images: 1 across splits" in text
+    params.write_text("validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n")
+    assert validate.main(["--params", str(params), *args]) == 0
+    assert "1 across splits (1 image(s) moved), 1 under 2+ labels (2 quarantined)" in capsys.readouterr().out
+
+
+def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: Path, tmp_path: Path):
+    """An untrusted manifest cannot make validate open a file elsewhere (here a near-duplicate under label b)."""
+    from components.hashing import file_sha256
+
+    run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
+    outside = tmp_path / "elsewhere" / "copy.jpg"
+    outside.parent.mkdir()
+    scene(1).resize((96, 72), Image.Resampling.LANCZOS).save(outside, "JPEG", quality=50)  # not byte-identical
+    manifest = pd.read_csv(run.ingest.manifest_path, keep_default_na=False, dtype=str)
+    row = manifest[manifest["path"].str.endswith("leak_big.jpg")].iloc[0].copy()
+    row["path"], row["label"], row["sha256"] = outside.as_posix(), "b", file_sha256(outside)
+    pd.concat([manifest, row.to_frame().T]).to_csv(tmp_path / "ws" / "data" / "edited.csv", index=False)
+    result = run_validate(near_config(), None, tmp_path / "ws" / "data" / "edited.csv", tmp_path / "v.csv",
+                          tmp_path / "r")  # no ingest report: the manifest's folder bounds what is read
+    assert result.passed and result.near_duplicates["label_conflicts"] == 1  # the in-folder conflict only
+    assert any("1 row(s) outside the ingested image folder" in w for w in result.warnings), (result.warnings, result.quarantined_files)
+    assert outside.as_posix() not in pd.read_csv(result.quarantine_path)["path"].tolist()
