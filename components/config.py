@@ -62,6 +62,10 @@ def _accepts_bool(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType")) and bool in get_args(annotation)
 
 
+def _accepts_off(annotation: Any) -> bool:
+    return get_origin(annotation) is Literal and "off" in get_args(annotation)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +74,8 @@ class Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic reads `true` as 1 for an int field: `epochs: true` must be an error, not one epoch.
         if isinstance(value, bool) and info.field_name and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            if value is False and _accepts_off(cls.model_fields[info.field_name].annotation):
+                return "off"  # YAML 1.1 reads an unquoted `off` as false
             raise ValueError("expected a number or text, got a boolean (true/false)")
         return value
 

@@ -146,3 +146,10 @@ def test_min_size_above_max_size_is_refused():
 def test_booleans_stay_valid_where_a_boolean_is_expected():
     assert parse_params({"train_head": {"cached_features": False}}).train_head.cached_features is False
     assert parse_params({"ingest": {"allow_http": True}}).ingest.allow_http is True
+
+
+def test_an_unquoted_off_means_off():
+    params = parse_params(yaml.safe_load("validate:\n  near_duplicates:\n    policy: off\ntrain_head:\n  label_issues:\n    action: off\n"))
+    assert params.validate.near_duplicates.policy == "off" and params.train_head.label_issues.action == "off"
+    with pytest.raises(ParamsError, match="near_duplicates.policy"):
+        parse_params(yaml.safe_load("validate:\n  near_duplicates:\n    policy: on\n"))
