@@ -74,6 +74,8 @@ IMAGES = {  # Dockerfile suffix -> image name (what the compose files expect)
 LOCKS = ["s3", "prefect", "mlflow", "worker-cpu"]
 BUILD_EXTRAS = ["setuptools==80.9.0"]  # the project's build backend, for `pip install --no-deps .` offline
 WHEELHOUSE = Path(os.environ.get("TP_WHEELHOUSE", Path.home() / ".cache" / "transfer-pipeline" / "wheelhouse"))
+ONE_SHOT = {"config-check", "store-init", "mlflow-init"}
+SERVICES = ONE_SHOT | {"postgres", "minio", "prefect-server", "mlflow", "worker-cpu", "worker-gpu"}
 SECRET_VARS = ["POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD",
                "MLFLOW_FLASK_SECRET_KEY"]
 
@@ -197,15 +199,13 @@ def serve_wheelhouse(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def inspect_image(image: str, env: dict[str, str]) -> dict[str, Any]:
     info = json.loads(run(["docker", "image", "inspect", image], env).stdout)[0]
-    user = info["Config"].get("User") or "root"
-    probe = run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c",
-                 "id -u; for t in gcc cc g++ make pip pip3 apt-get; do command -v $t >/dev/null && echo found:$t; done; "
-                 "python3 -c 'import platform; print(platform.python_version())' 2>/dev/null || true"],
-                env, timeout=120, check=False)
-    lines = probe.stdout.split()
-    return {"size_mb": round(info["Size"] / 1e6), "user": user, "uid": lines[0] if lines else "?",
-            "tools_found": [w.split(":", 1)[1] for w in lines if w.startswith("found:")],
-            "python": next((w for w in lines[1:] if w[:1].isdigit()), None)}
+    return {"size_mb": round(info["Size"] / 1e6), "user": info["Config"].get("User") or "root"}
+
+
+# Looked at inside the running containers (a `docker run` per image would copy each image once more with vfs).
+PROBE = ("id -u; for t in gcc cc g++ make pip pip3 apt-get; do command -v $t >/dev/null && echo found:$t; done; "
+         "python3 -c 'import platform; print(platform.python_version())' 2>/dev/null || true")
+PROBED_SERVICES = {"postgres": "postgres", "s3": "minio", "prefect": "prefect-server", "mlflow": "mlflow", "cpu": "worker-cpu"}
 
 
 # --------------------------------------------------------------------------- the stack
@@ -235,6 +235,18 @@ class Stack:
         return run([self.compose_bin, "-p", PROJECT, "-f", str(INFRA / "docker-compose.yml"), "-f",
                     str(INFRA / "e2e" / "compose.e2e.yml"), "--env-file", str(env_path or self.env_path), *args],
                    self.env, timeout=timeout, check=check)
+
+    def states(self) -> dict[str, str]:
+        """service -> "running healthy" / "running" / "exited <code>" (one line of JSON per container)."""
+        out = self.compose("ps", "-a", "--format", "json", check=False).stdout
+        states = {}
+        for line in out.splitlines():
+            if line.strip().startswith("{"):
+                c = json.loads(line)
+                state = c.get("State", "")
+                states[c["Service"]] = (f"exited {c.get('ExitCode')}" if state == "exited"
+                                        else " ".join(x for x in (state, c.get("Health", "")) if x))
+        return states
 
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service).stdout.strip()
@@ -313,11 +325,6 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     lap("images_s")
     images = {name: inspect_image(name, env) for name in [base, *IMAGES.values()]}
     report["images"] = images
-    for name in IMAGES.values():
-        info = images[name]
-        checks.check(f"image {name}: not root, no pip or compiler",
-                     lambda: info["uid"] not in ("0", "?") and not (set(info["tools_found"]) - {"apt-get"}),
-                     lambda: {"size_mb": info["size_mb"], "uid": info["uid"], "found": info["tools_found"]})
 
     # A small real data set, a tiny-settings workspace (git + DVC) the workers clone, Keras weights offline.
     source = tmp / "source"
@@ -329,9 +336,10 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     (keras / "models").mkdir(parents=True)
     for weights in KERAS_SEED.glob("*.h5"):
         shutil.copy(weights, keras / "models" / weights.name)
-    for path in [tmp, *tmp.rglob("*")]:  # the containers' user (uid 10001) reads these through bind mounts
+    for path in [tmp, *(p for top in (source, repo, keras) for p in [top, *top.rglob("*")])]:
+        # the containers' user (uid 10001) reads these through bind mounts
         if not path.is_symlink():
-            path.chmod(path.stat().st_mode | 0o055 if path.is_dir() else path.stat().st_mode | 0o044)
+            path.chmod(path.stat().st_mode | (0o055 if path.is_dir() else 0o044))
     lap("workspace_s")
 
     address = args.address
@@ -357,9 +365,22 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
 
     log("compose up")
     up = stack.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "900", timeout=1000, check=False)
-    if up.returncode != 0:
-        raise E2EFailure(f"compose up failed:\n{up.stderr[-3000:]}")
+    states = stack.states()
+    facts["services"] = states
+    bad = {name: state for name, state in states.items()
+           if (name in ONE_SHOT and state != "exited 0") or (name not in ONE_SHOT and state not in ("running healthy", "running"))}
+    if bad or set(states) != SERVICES:
+        raise E2EFailure(f"compose up (exit {up.returncode}): services not ready {bad or sorted(SERVICES - set(states))}:\n"
+                         f"{up.stderr[-2500:]}")
     lap("compose_up_s")
+    for key, service in PROBED_SERVICES.items():
+        info = images[IMAGES[key]]
+        lines = stack.exec(service, PROBE).stdout.split()
+        info.update(uid=lines[0] if lines else "?", tools_found=[w.split(":", 1)[1] for w in lines if w.startswith("found:")],
+                    python=next((w for w in lines[1:] if w[:1].isdigit()), None))
+        checks.check(f"image {IMAGES[key]}: runs as non-root, no pip or compiler (seen in {service})",
+                     lambda: info["uid"] not in ("0", "?") and not (set(info["tools_found"]) - {"apt-get"}),
+                     lambda: {"size_mb": info["size_mb"], "uid": info["uid"], "found": info["tools_found"]})
     init_log = stack.compose("logs", "--no-color", "store-init", check=False).stdout
     checks.check("store-init: every role's policy attached and enforced",
                  lambda: init_log.count("attached and enforced") == 3 and "roles training, mlflow, serving ready" in init_log,
@@ -494,7 +515,7 @@ def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run_: Any, 
     checks.check("the serving key cannot write the model bucket or read the data bucket",
                  lambda: refused(lambda: serving.put_object(Bucket="mlflow", Key="artifacts/evil", Body=b"x"))
                  and refused(lambda: serving.list_objects_v2(Bucket="dvc")))
-    mlflow_key = role_client(stack.read_volume_file("s3-keys-mlflow", "credentials", IMAGES["mlflow"]), s3_url)
+    mlflow_key = role_client(stack.exec("mlflow", "cat /run/s3/credentials", check=True).stdout, s3_url)
     checks.check("the MLflow server's key cannot read the data (DVC) bucket",
                  lambda: refused(lambda: mlflow_key.list_objects_v2(Bucket="dvc")))
     in_sync = stack.exec("worker-cpu", "cd /workspace && dvc status --cloud").stdout.strip()
@@ -524,7 +545,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     if report.get("images"):
         lines += ["", "## Images", "", "| image | size (MB) | uid | python | pip/compiler found |", "|---|---|---|---|---|"]
         for name, info in report["images"].items():
-            lines.append(f"| {name} | {info['size_mb']} | {info['uid']} | {info.get('python')} | {', '.join(info['tools_found']) or 'none'} |")
+            lines.append(f"| {name} | {info['size_mb']} | {info.get('uid', '-')} | {info.get('python', '-')} | "
+                     f"{', '.join(info.get('tools_found', [])) or ('none' if 'uid' in info else '-')} |")
     lines += ["", "## Facts", "", "```json", json.dumps(report["facts"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
 
