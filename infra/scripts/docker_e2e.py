@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -42,6 +43,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -400,7 +403,22 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     unauth = optional(lambda: urllib.request.urlopen(f"{api_url}/flows/filter", data=b"{}", timeout=10).status)
     checks.check("the Prefect API refuses a request without the auth string", lambda: unauth is None)
     run([sys.executable, "-m", "flows.deployments", "--create-pools"], host_env)
-    run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], host_env)
+    deployed = run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], host_env, check=False)
+    detail = next((m for m in re.findall(r"'msg': ('[^']*'|\"[^\"]*\")", deployed.stdout + deployed.stderr)), "")
+    checks.check("prefect.yaml deploys as committed (`prefect deploy --all`)", lambda: deployed.returncode == 0,
+                 lambda: detail[:300] or f"exit {deployed.returncode}")
+    if deployed.returncode != 0:
+        # Known on main at the time of writing: prefect.yaml gives `overrides: []` to a flow whose
+        # `overrides` is now a settings object. Record the failure above, then deploy a copy without
+        # that default so the rest of the stack is still exercised (the run counts as FAILED).
+        spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+        for deployment in spec.get("deployments", []):
+            if (deployment.get("parameters") or {}).get("overrides") == []:
+                del deployment["parameters"]["overrides"]
+        patched = repo / "prefect.e2e.yaml"
+        patched.write_text(yaml.safe_dump(spec, sort_keys=False))
+        facts["deployed_from"] = "a copy of prefect.yaml without `overrides: []` (see the failed check)"
+        run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(patched)], host_env, cwd=repo)
     lap("pools_and_deploy_s")
 
     from mlflow import MlflowClient
@@ -558,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.77.0.1", help="the loopback address every server listens on")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, env files)")
+    parser.add_argument("--keep-images", action="store_true",
+                        help="with a daemon this script did not start: leave the built images (and build cache) there")
     args = parser.parse_args(argv)
     if not args.address.startswith("127."):
         parser.error("--address must be a loopback address (127.0.0.0/8)")
@@ -597,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             left = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"], daemon.env,
                        check=False).stdout.split()
             report["facts"]["containers_left_after_down"] = len(left)
-            if not daemon.started:  # a daemon we did not start keeps its base image; ours are removed with it
+            if not daemon.started and not args.keep_images:  # ours are removed with the daemon we started
                 for image in IMAGES.values():
                     run(["docker", "image", "rm", "-f", image], daemon.env, check=False)
         report["facts"].update(daemon.stop())
