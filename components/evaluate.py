@@ -2,9 +2,12 @@
 
 Writes to `reports/evaluate/`: metrics.json (full), classification_report.txt, confusion_matrix.png,
 reliability.png (calibration), worst_errors.png (the most confident mistakes), model_card.md and
-promotion.json (`contracts.PromotionRecord`); and a flat `metrics.json` (`contracts.TestMetrics`) for
-`dvc metrics show`. In MLflow: a new run (tag stage=evaluate) holding all of it plus the served model
-(`components/serving_model.py`, logged from code), registered as a new version; alias `champion`
+promotion.json (`contracts.PromotionRecord`); given --predictions, one CSV row per test image
+(path,actual,predicted,probability: `dvc plots` draws its confusion matrix per experiment); and a flat
+`metrics.json` (`contracts.TestMetrics`) for `dvc metrics show`. In MLflow: a new run (tag stage=evaluate,
+nested under the pipeline's parent run, the test split as its "evaluation" dataset input, the figures
+also as images) holding all of it plus the served model with the test metrics linked to it (MLflow 3
+LoggedModel; `components/serving_model.py`, logged from code), registered as a new version; alias `champion`
 moves to it only through the gate in `components.registry` (against the champion re-scored on
 today's test split), and alias `challenger` once its reports are logged. Inside a DVC experiment
 (DVC_EXP_NAME set) the model is registered only with `evaluate.experiments.register_model`, and may
@@ -15,7 +18,8 @@ sha256-checked), `reports/ingest.json` and `reports/validation/summary.json` (da
 quarantined count on the model card; either may be absent for a hand-made manifest).
 
 CLI (dvc.yaml): python -m components.evaluate --params params.yaml --manifest data/validated.csv \
-    --model-dir models/finetune --head-dir models/head --report-dir reports/evaluate --metrics metrics.json
+    --model-dir models/finetune --head-dir models/head --report-dir reports/evaluate --metrics metrics.json \
+    --predictions reports/test_predictions.csv
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import errors, files, registry, runtime, tracking
+from components import errors, files, hashing, registry, runtime, tracking
 from components.config import Params, ParamsError, load_params
 from components.contracts import (
     RUN_INFO_FILE,
@@ -40,9 +44,16 @@ from components.contracts import (
     ModelRunInfo,
     TestMetrics,
     ValidationSummary,
+    read_manifest,
 )
 from components.data import ModelFolder, image_batches, load_model_dir, load_rgb, load_split, read_model_info
-from components.evaluation_plots import plot_confusion_matrix, plot_reliability, plot_worst_errors
+from components.evaluation_plots import (
+    FIGURES,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_worst_errors,
+    write_predictions,
+)
 from components.images import ImageLimits
 from components.metrics import compute_metrics, flat_metrics, mlflow_key, predictions
 from components.model_card import model_card, quarantined_count, split_counts
@@ -84,17 +95,19 @@ def example_input(path: str, limits: ImageLimits, size: int = 64) -> pd.DataFram
 
 
 def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any], lineage: dict[str, str],
-                   example: pd.DataFrame | None, policy: RetryPolicy) -> tuple[str, str | None]:
-    """The evaluation run (metrics, settings) and, given an example, the served model: (run id, model URI)."""
+                   example: pd.DataFrame | None, manifest: str | Path, policy: RetryPolicy) -> tuple[str, str | None]:
+    """The evaluation run (test split as dataset input, settings, metrics) and, given an example, the served
+    model with the metrics linked to it (MLflow 3 LoggedModel): (run id, model URI).
+
+    The run nests under the pipeline's parent run and carries the workspace tag (tracking.start_run)."""
     import mlflow
 
     client, run_id, _ = tracking.start_run(params.tracking, "evaluate", lineage)
     finished = False
     try:
-        from mlflow.entities import Metric
-
-        logged = [Metric(mlflow_key(k), float(v), 0, 0) for k, v in flat_metrics(metrics).items()]
-        with_retries("log metrics", client.log_batch, run_id, metrics=logged, policy=policy)
+        frame = read_manifest(manifest)
+        with_retries("log the test split", tracking.log_dataset, client, run_id, manifest,
+                     frame[frame["split"] == "test"], hashing.manifest_version(manifest), "evaluation", policy=policy)
         with_retries("log params", tracking.log_params, client, run_id, {
             **{f"evaluate.{k}": v for k, v in params.evaluate.model_dump().items() if k not in ("promotion", "serving")},
             **{f"promotion.{k}": v for k, v in params.evaluate.promotion.model_dump().items()},
@@ -102,6 +115,7 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
             "image_size": folder.image_size, "n_classes": len(folder.classes), "tracking_server": shown_uri(),
         }, policy=policy)
         if example is None:  # an experiment that does not register: metrics and reports only
+            log_test_metrics(client, run_id, metrics, None, policy)
             client.set_terminated(run_id, "FINISHED")
             finished = True
             return run_id, None
@@ -110,6 +124,7 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
         try:
             info = with_retries("log the model", registry.log_pyfunc, folder.model_path, folder.classes, config,
                                 example, policy=policy)
+            log_test_metrics(client, run_id, metrics, info.model_id, policy)
             finished = True
         finally:
             mlflow.end_run("FINISHED" if finished else "FAILED")
@@ -122,25 +137,45 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
     return run_id, info.model_uri
 
 
+def log_test_metrics(client: Any, run_id: str, metrics: dict[str, Any], model_id: str | None,
+                     policy: RetryPolicy) -> None:
+    """The test metrics on the run and, given a model id, on the logged model too (its row in the Models tab)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    logged = [Metric(mlflow_key(k), float(v), now, 0, model_id=model_id) for k, v in flat_metrics(metrics).items()]
+    for start in range(0, len(logged), 1000):  # MLflow's log_batch limit
+        with_retries("log metrics", client.log_batch, run_id, metrics=logged[start:start + 1000], policy=policy)
+
+
 def log_reports(run_id: str, report: Path, policy: RetryPolicy) -> None:
-    """Every report file, the card and decision included (they exist only after registration)."""
+    """Every report file, the card and decision included (they exist only after registration), and the
+    figures as MLflow images as well (the run's image view, not only its files)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     for path in sorted(report.iterdir()):
         if path.is_file():
             with_retries(f"upload {path.name}", client.log_artifact, run_id, str(path), "evaluate", policy=policy)
+    for name in FIGURES:
+        if (report / name).is_file():
+            with_retries(f"log image {name}", tracking.log_picture, client, run_id, report / name,
+                         f"figures/{name}", policy=policy)
 
 
 def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, head_dir: str | Path | None,
-                 report_dir: str | Path, metrics_path: str | Path, workspace: str | Path = ".") -> EvaluationResult:
+                 report_dir: str | Path, metrics_path: str | Path, workspace: str | Path = ".",
+                 predictions_path: str | Path | None = None) -> EvaluationResult:
     """Score, report, log, register and gate one trained model (see the module docstring)."""
     workspace = Path(workspace)
     config = params.evaluate
     name = params.tracking.registered_model
     policy = RetryPolicy.from_config(params.tracking)
     limits = ImageLimits.from_config(params.validate)
-    files.ensure_writable(report_dir, metrics_path)  # before registering: a rerun would register twice
+    # Before registering: a rerun would register twice.
+    files.ensure_writable(report_dir, metrics_path, *([predictions_path] if predictions_path else []))
     folder = load_model_dir(model_dir)
     head_info: ModelRunInfo | None = None
     if head_dir and (Path(head_dir) / RUN_INFO_FILE).is_file():
@@ -173,7 +208,7 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         experiment = environment().dvc_exp_name
         register = not experiment or config.experiments.register_model
         example = example_input(split.paths[0], limits) if register else None
-        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, policy)
+        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, manifest, policy)
         if model_uri is None:
             version = ""
             decision = registry.PromotionDecision(False, [f"note: DVC experiment {experiment}: not registered "
@@ -190,7 +225,7 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
                                                                   registry.SHA256_TAG: folder.info.model_sha256}, policy)
             registry.apply_decision(name, version, decision, policy)
 
-        card = model_card(params, folder.classes, folder.info, metrics, split_counts(manifest), lineage,
+        card = model_card(name, folder.classes, folder.info, metrics, split_counts(manifest), lineage,
                           quarantined_count(validation), decision.promoted if version else None, decision.reasons,
                           version or None)
         (out / "model_card.md").write_text(card, encoding="utf-8")
@@ -199,6 +234,8 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         if version:
             registry.set_challenger(name, version, policy)
 
+    if predictions_path:
+        write_predictions(split, probs, predictions_path)
     TestMetrics.model_validate(flat_metrics(metrics)).write(metrics_path)
     return EvaluationResult(metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["n_test"], run_id,
                             version, decision.promoted, decision.reasons, Path(report_dir), Path(metrics_path))
@@ -213,12 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dir", default=None)
     parser.add_argument("--report-dir", required=True)
     parser.add_argument("--metrics", required=True)
+    parser.add_argument("--predictions", default=None,
+                        help="CSV of path,actual,predicted,probability per test image (dvc plots: confusion)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
         runtime.configure_tensorflow(params.project.seed)
-        result = run_evaluate(params, args.manifest, args.model_dir, args.head_dir, args.report_dir, args.metrics)
+        result = run_evaluate(params, args.manifest, args.model_dir, args.head_dir, args.report_dir, args.metrics,
+                              predictions_path=args.predictions)
     except (ParamsError, ContractError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""The evaluate stage's pictures: confusion matrix, reliability diagram, most confident mistakes."""
+"""The evaluate stage's pictures: confusion matrix, reliability diagram, most confident mistakes; and the
+per-image predictions table `dvc plots` draws its own confusion matrix from."""
 
 from __future__ import annotations
 
@@ -8,9 +9,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from components import files
 from components.data import Split, load_rgb
 from components.images import ImageLimits
 from components.metrics import predictions
+
+# The figures evaluate writes into its report folder (also logged to MLflow as images).
+FIGURES = ("confusion_matrix.png", "reliability.png", "worst_errors.png")
+NO_PREDICTION = "(no prediction)"  # a row whose outputs were NaN/inf: counted as wrong, shown as such
+
+
+def write_predictions(split: Split, probs: np.ndarray, path: str | Path) -> None:
+    """path,actual,predicted,probability per test image (atomic), for DVC's confusion template."""
+    predicted = predictions(probs)
+    rows = np.arange(len(predicted))
+    top = np.where(predicted >= 0, np.asarray(probs, dtype=np.float64)[rows, np.maximum(predicted, 0)], np.nan)
+    table = pd.DataFrame({
+        "path": split.paths,
+        "actual": [split.classes[i] for i in split.labels],
+        "predicted": [split.classes[i] if i >= 0 else NO_PREDICTION for i in predicted],
+        "probability": np.round(top, 6),
+    })
+    with files.atomic_file(path) as fh:
+        table.to_csv(fh, index=False)
 
 
 def _pyplot() -> Any:

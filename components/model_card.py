@@ -7,7 +7,6 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import Params
 from components.contracts import ModelRunInfo, ValidationSummary, read_manifest
 
 
@@ -31,8 +30,22 @@ def markdown_table(counts: pd.DataFrame) -> str:
     return "\n".join([header, *rows, total])
 
 
-def model_card(params: Params, classes: list[str], info: ModelRunInfo, metrics: dict[str, Any], counts: pd.DataFrame,
-               lineage: dict[str, str], quarantined: int | None, promoted: bool | None = None,
+# The params sections train_head/finetune store in run.json (ModelRunInfo.settings), as the card names them.
+RECIPE_SECTIONS = {"model": "model settings", "train_head": "head training", "finetune": "fine-tuning",
+                   "seed": "seed"}
+
+
+def recipe_lines(settings: dict[str, Any]) -> list[str]:
+    """The settings the model was trained with, from its own run.json (not today's params.yaml)."""
+    if not settings:
+        return ["- settings: not recorded in the model folder"]
+    order = list(RECIPE_SECTIONS)
+    ranked = sorted(settings.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    return [f"- {RECIPE_SECTIONS.get(key, key)}: {value}" for key, value in ranked]
+
+
+def model_card(registered_model: str, classes: list[str], info: ModelRunInfo, metrics: dict[str, Any],
+               counts: pd.DataFrame, lineage: dict[str, str], quarantined: int | None, promoted: bool | None = None,
                reasons: list[str] | None = None, version: str | None = None) -> str:
     recipe = {k: v for k, v in info.model_dump(mode="json").items()
               if k not in {"run_id", "head_run_id", "settings", "schema_version", "device"} and v is not None}
@@ -44,7 +57,7 @@ def model_card(params: Params, classes: list[str], info: ModelRunInfo, metrics: 
     versions = ", ".join(f"{k} {lineage[k]}" for k in ("data_version", "validated_version", "model_data_version")
                          if lineage.get(k)) or "unknown"
     lines = [
-        f"# Model card: {params.tracking.registered_model}" + (f" v{version}" if version else ""),
+        f"# Model card: {registered_model}" + (f" v{version}" if version else ""),
         "",
         "## Intended use",
         f"Classifies a photo into one of {len(classes)} classes: {', '.join(classes)}. "
@@ -63,9 +76,7 @@ def model_card(params: Params, classes: list[str], info: ModelRunInfo, metrics: 
         "",
         "## Training recipe",
         f"- backbone: {lineage.get('backbone')} (ImageNet transfer learning: head training, then fine-tuning)",
-        f"- model settings: {params.model.model_dump()}",
-        f"- head training: {params.train_head.model_dump()}",
-        f"- fine-tuning: {params.finetune.model_dump()}",
+        *recipe_lines(info.settings),
         f"- from the training run: {recipe}",
         f"- MLflow runs: head {lineage.get('head_run_id', 'n/a')}, fine-tune {lineage.get('finetune_run_id', 'n/a')}",
         f"- code: git {lineage.get('git_commit')}, params sha256 {lineage.get('params_sha256', '')[:16]}",

@@ -82,7 +82,7 @@ def lineage_tags(params: Params, info: ModelRunInfo, head_info: ModelRunInfo | N
     tags = {
         "git_commit": git_commit(workspace),
         "params_sha256": params_hash(params),
-        "backbone": info.backbone or params.model.backbone,
+        "backbone": info.backbone,  # from run.json: evaluate does not depend on params.model
         "finetune_run_id": info.run_id,
         "head_run_id": info.head_run_id or (head_info.run_id if head_info else ""),
         "data_version": "unknown",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from mlflow import MlflowClient
 from components import evaluate, registry
 from components.config import Params, parse_params
 from components.contracts import PromotionRecord, TestMetrics
+from components.hashing import manifest_version
 from components.evaluate import run_evaluate
 from tests.evalkit import CLASSES, free_port, make_model_dir, write_manifest, write_stage_reports
 
@@ -266,3 +268,91 @@ def test_a_dvc_experiment_registers_nothing_unless_its_settings_say_so(workspace
     registered = evaluate_model(workspace, make_model_dir(workspace / "good"), params)
     assert not registered.promoted and aliases() == {"champion": "1", "challenger": "2"}
     assert "evaluate.experiments.promote is off" in version_tags("2")["promotion.reasons"]
+
+
+def evaluation_run_model(run_id: str) -> Any:
+    """The LoggedModel the evaluation run logged (MLflow 3's Models tab)."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    models = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+              if m.source_run_id == run_id]
+    assert len(models) == 1
+    return client.get_logged_model(models[0].model_id)
+
+
+def test_test_metrics_are_linked_to_the_logged_model(workspace: Path) -> None:
+    result = evaluate_model(workspace, make_model_dir(workspace / "good"))
+    model = evaluation_run_model(result.run_id)
+    linked = {m.key: m.value for m in model.metrics or []}
+    assert linked["accuracy"] == pytest.approx(result.accuracy)
+    assert linked["macro_f1"] == pytest.approx(result.macro_f1)
+    assert linked["ece"] == pytest.approx(result.ece)
+    assert {m.run_id for m in model.metrics} == {result.run_id}
+    assert len(model.metrics) == len(linked)  # each metric linked once, not once per logging path
+    # The registered version is that model (the SQL registry keeps the link as the version's source).
+    assert MlflowClient().get_model_version(NAME, result.model_version).source == f"models:/{model.model_id}"
+
+
+def test_the_test_split_is_the_runs_evaluation_dataset_input(workspace: Path) -> None:
+    manifest = write_manifest(workspace)
+    result = evaluate_model(workspace, make_model_dir(workspace / "good"), manifest=manifest)
+    inputs = MlflowClient().get_run(result.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset, tags = inputs[0].dataset, {t.key: t.value for t in inputs[0].tags}
+    assert tags["mlflow.data.context"] == "evaluation"
+    assert dataset.digest == manifest_version(manifest)[:36] and dataset.name == manifest.name
+    assert json.loads(dataset.profile)["num_rows"] == 12  # the test rows only, not the whole manifest
+    assert str(manifest.resolve()) in dataset.source
+
+
+def test_figures_are_logged_as_images_besides_the_report_files(workspace: Path) -> None:
+    result = evaluate_model(workspace, make_model_dir(workspace / "good"))
+    figures = {a.path for a in MlflowClient().list_artifacts(result.run_id, "figures")}
+    assert figures == {f"figures/{n}" for n in ("confusion_matrix.png", "reliability.png", "worst_errors.png")}
+    assert "evaluate/confusion_matrix.png" in {a.path for a in MlflowClient().list_artifacts(result.run_id, "evaluate")}
+
+
+def test_evaluate_run_nests_under_the_pipeline_parent_run(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.tracking import WORKSPACE_TAG, workspace_tag
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("image-classification")
+    parent = client.create_run(experiment_id, run_name="pipeline").info.run_id
+    monkeypatch.setenv("TP_MLFLOW_PARENT_RUN_ID", parent)
+    result = evaluate_model(workspace, make_model_dir(workspace / "good"))
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent
+    assert tags[WORKSPACE_TAG] == workspace_tag()[WORKSPACE_TAG]
+
+
+def read_predictions(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(workspace: Path) -> None:
+    manifest = write_manifest(workspace)
+    model_dir = make_model_dir(workspace / "models" / "finetune", quality="bad")
+    (workspace / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"batch_size": 8, "worst_examples": 4,
+                                                                        "promotion": {"min_accuracy": 0.0}}}))
+    code = evaluate.main(["--params", "params.yaml", "--manifest", str(manifest), "--model-dir", str(model_dir),
+                          "--report-dir", "reports/evaluate", "--metrics", "metrics.json",
+                          "--predictions", "reports/test_predictions.csv"])
+    assert code == 0
+    rows = read_predictions(workspace / "reports" / "test_predictions.csv")
+    assert list(rows[0]) == ["path", "actual", "predicted", "probability"]
+    test_rows = [r for r in csv.DictReader(manifest.open()) if r["split"] == "test"]
+    assert [(r["path"], r["actual"]) for r in rows] == [(r["path"], r["label"]) for r in test_rows]
+    assert {r["predicted"] for r in rows} <= set(CLASSES)
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+    accuracy = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(json.loads((workspace / "metrics.json").read_text())["accuracy"])
+    assert not list((workspace / "reports").glob(".test_predictions.csv.tmp-*"))  # written atomically
+
+
+def test_predictions_table_marks_non_finite_outputs(workspace: Path) -> None:
+    run_evaluate(settings(min_accuracy=0.0), write_manifest(workspace), make_model_dir(workspace / "nan", quality="nan"),
+                 None, workspace / "reports", workspace / "metrics.json", workspace, predictions_path=workspace / "p.csv")
+    rows = read_predictions(workspace / "p.csv")
+    assert len(rows) == 12 and {r["predicted"] for r in rows} == {"(no prediction)"}
+    assert {r["probability"] for r in rows} == {""}

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from components.config import Params
 from components.contracts import ModelRunInfo, ValidationSummary
 from components.metrics import compute_metrics
 from components.model_card import model_card, quarantined_count, split_counts
 from tests.evalkit import CLASSES, run_info, write_manifest, write_stage_reports
 
 
-def _card(tmp_path: Path, summary: ValidationSummary | None) -> str:
+def _card(tmp_path: Path, summary: ValidationSummary | None, settings: dict | None = None) -> str:
     metrics = compute_metrics(np.array([0, 1, 2]), np.eye(3), CLASSES)
-    info = ModelRunInfo(**run_info(CLASSES), model_sha256="ab" * 32)
-    return model_card(Params(), CLASSES, info, metrics, split_counts(write_manifest(tmp_path)), {"backbone": "tiny"},
+    info = ModelRunInfo(**{**run_info(CLASSES), **({"settings": settings} if settings is not None else {})},
+                        model_sha256="ab" * 32)
+    return model_card("image-classifier", CLASSES, info, metrics, split_counts(write_manifest(tmp_path)), {"backbone": "tiny"},
                       quarantined_count(summary), True, ["pass: accuracy"], "3")
 
 
@@ -36,3 +36,21 @@ def test_card_says_n_a_only_without_a_validation_summary(tmp_path: Path) -> None
 def test_card_describes_the_served_input_as_image_data_not_paths(tmp_path: Path) -> None:
     card = _card(tmp_path, None)
     assert "raw bytes, or base64" in card and "path" not in card.split("## Intended use")[1].split("##")[0]
+
+
+def test_recipe_comes_from_the_model_folders_settings_not_todays_params(tmp_path: Path) -> None:
+    trained_with = {"seed": 7, "finetune": {"learning_rate": 0.000123, "epochs": 3},
+                    "model": {"backbone": "mobilenet_v2", "image_size": 96}, "train_head": {"epochs": 2}}
+    card = _card(tmp_path, None, trained_with)
+    recipe = card.split("## Training recipe")[1].split("##")[0]
+    assert "- fine-tuning: {'learning_rate': 0.000123, 'epochs': 3}" in recipe
+    assert "- model settings: {'backbone': 'mobilenet_v2', 'image_size': 96}" in recipe
+    assert "- head training: {'epochs': 2}" in recipe and "- seed: 7" in recipe
+    # In training order, whatever order run.json holds them in.
+    assert recipe.index("- model settings:") < recipe.index("- head training:") < recipe.index("- fine-tuning:") < \
+        recipe.index("- seed:")
+    assert "# Model card: image-classifier v3" in card
+
+
+def test_card_says_when_the_model_folder_recorded_no_settings(tmp_path: Path) -> None:
+    assert "- settings: not recorded in the model folder" in _card(tmp_path, None, {})
