@@ -309,8 +309,12 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     env = daemon.env
     lap("daemon_s")
 
-    base = run(["bash", str(INFRA / "scripts" / "build_base_image.sh"), str(tmp / "base"), sys.base_prefix], env,
-               timeout=1200).stdout.strip()
+    if args.base_image:  # reuse (with --keep-images: Docker's build cache then applies to every image)
+        run(["docker", "image", "inspect", args.base_image], env)
+        base = args.base_image
+    else:
+        base = run(["bash", str(INFRA / "scripts" / "build_base_image.sh"), str(tmp / "base"), sys.base_prefix], env,
+                   timeout=1200).stdout.strip()
     facts["base_image"] = base
     lap("base_image_s")
 
@@ -502,10 +506,11 @@ def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run_: Any, 
                  and all(r.work_pool_name == "gpu" and r.parameters["stage"] == "finetune" for r in stage_runs),
                  lambda: ids["stage_flow_runs"])
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
 
-    resumed = optional(lambda: [entry.message for entry in client.read_logs(
-        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[stage_runs[-1].id])))
-        if "resumed at epoch" in entry.message])
+    resumed = optional(lambda: [entry.message for offset in range(0, 2000, 200) for entry in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[stage_runs[-1].id])), limit=200, offset=offset,
+        sort=LogSort.TIMESTAMP_ASC) if "resumed at epoch" in entry.message])
     checks.check("the retried stage resumed from the checkpoint on the worker's volume",
                  lambda: bool(resumed), lambda: (resumed or ["no 'resumed at epoch' line in the stage run's logs"])[0][-160:])
     summary = json.loads(stack.exec("worker-cpu", "cat /workspace/reports/run_summary.json", check=True).stdout)
@@ -576,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.77.0.1", help="the loopback address every server listens on")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, env files)")
+    parser.add_argument("--base-image", help="an existing base image to use instead of building one (debugging)")
     parser.add_argument("--keep-images", action="store_true",
                         help="with a daemon this script did not start: leave the built images (and build cache) there")
     args = parser.parse_args(argv)
