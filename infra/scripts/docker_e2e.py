@@ -343,6 +343,8 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     (keras / "models").mkdir(parents=True)
     for weights in KERAS_SEED.glob("*.h5"):
         shutil.copy(weights, keras / "models" / weights.name)
+    for path in (keras, keras / "models"):  # Keras ignores a KERAS_HOME it cannot write
+        path.chmod(0o777)
     for path in [tmp, *(p for top in (source, repo, keras) for p in [top, *top.rglob("*")])]:
         # the containers' user (uid 10001) reads these through bind mounts
         if not path.is_symlink():
