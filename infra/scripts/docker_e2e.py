@@ -295,8 +295,10 @@ def refused(call: Callable[[], Any]) -> bool:
 
 
 # --------------------------------------------------------------------------- the run
-def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, Any], deadline: float) -> Checks:
-    timings, facts, checks = report["timings"], report["facts"], Checks()
+def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, Any], deadline: float,
+        checks: Checks) -> Checks:
+    """Every step; checks are recorded into `checks` as they pass or fail, so a later error keeps them."""
+    timings, facts = report["timings"], report["facts"]
     clock = time.monotonic()
 
     def lap(name: str) -> None:
@@ -604,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = Checks()
     stack_logs = ""
     try:
-        checks = e2e(tmp, args, daemon, report, started + args.timeout - 240)
+        e2e(tmp, args, daemon, report, started + args.timeout - 240, checks)
     except (E2EFailure, HardTimeout, subprocess.TimeoutExpired) as error:
         report["error"] = str(error)
     except Exception as error:  # report whatever broke, with its type, then clean up
