@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             base = [compose_bin, "-p", PROJECT, "-f", str(INFRA / "docker-compose.yml"), "-f",
                     str(INFRA / "e2e" / "compose.e2e.yml"), "--env-file", str(tmp / "e2e.env")]
             if (tmp / "e2e.env").exists():
-                stack_logs = run([*base, "logs", "--no-color", "--tail", "80"], daemon.env, check=False, timeout=120).stdout
+                stack_logs = run([*base, "logs", "--no-color", "--tail", "400"], daemon.env, check=False, timeout=120).stdout
                 run([*base, "down", "--volumes", "--remove-orphans", "--timeout", "20"], daemon.env, check=False, timeout=300)
             left = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"], daemon.env,
                        check=False).stdout.split()
@@ -636,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         report["passed"] = report["error"] is None and checks.all_passed
         if not report["passed"]:
             print(stack_logs[-20000:], file=sys.stderr)
+            (tmp / "compose.log").write_text(stack_logs)  # all of it, kept with the temporary folder
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "e2e_docker.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_markdown(report, args.results / "e2e_docker.md")
