@@ -106,12 +106,15 @@ def test_prefect_yaml_deploys_the_nightly_schedule_onto_the_created_pools(prefec
     state = json.loads(run([sys.executable, "-c", READ_BACK], prefect_api).strip().splitlines()[-1])
 
     deployed = state["deployments"]
-    assert set(deployed) == {"training/nightly", "training/on-demand", "stage/gpu", "batch-predict/on-demand"}
+    assert set(deployed) == {"training/nightly", "training/on-demand", "stage/gpu", "batch-predict/on-demand",
+                             "sweep/on-demand"}
     nightly = deployed["training/nightly"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     assert (nightly["work_pool"], nightly["work_queue"]) == ("cpu", "training")
     assert deployed["training/on-demand"]["work_queue"] == "training" and not deployed["training/on-demand"]["schedules"]
-    for label in ("training/nightly", "training/on-demand", "stage/gpu"):
+    # A sweep shares the training queue: it runs DVC experiments in the same workspace.
+    assert (deployed["sweep/on-demand"]["work_pool"], deployed["sweep/on-demand"]["work_queue"]) == ("cpu", "training")
+    for label in ("training/nightly", "training/on-demand", "stage/gpu", "sweep/on-demand"):
         assert (deployed[label]["concurrency_limit"], deployed[label]["collision_strategy"]) == (1, "ENQUEUE"), label
     assert deployed["stage/gpu"]["work_pool"] == "gpu" and deployed["stage/gpu"]["parameters"] == {"stage": "finetune"}
     # The workspace is the worker's: the placeholder survives deployment, to be filled in at run time.
