@@ -13,8 +13,9 @@
    PostgreSQL, moto's S3 + IAM server (MinIO's stand-in), store-init (a user + policy per role, enforced),
    Prefect and MLflow (basic auth) on PostgreSQL, a `cpu` worker and the `gpu` pool's worker (CPU image);
 6. pools and deployments (`flows.deployments --create-pools`, `prefect deploy --all`) from this host;
-7. run 1 of `training/on-demand` (2 flower classes x 20 images, tiny settings, 3 fine-tune epochs): the
-   gpu worker's container is killed (SIGKILL) once fine-tuning has finished an epoch; its stage run is
+7. run 1 of `training/on-demand` (2 flower classes x 20 images, tiny settings, 6 fine-tune epochs with no
+   early stop): a watcher reads the fine-tune epoch log on the gpu worker's volume from the host every
+   0.25 s and kills the worker's container (SIGKILL) once an epoch has finished; its stage run is
    marked Crashed, the container started again, and the training run's task retry sends the stage again,
    which resumes from the checkpoint on the worker's volume. Checked: completed, resumed (same MLflow run),
    champion on the MLflow server, its artifacts in the object store, DVC remote in sync, role keys
@@ -23,8 +24,12 @@
    model version;
 9. tear-down: `compose down --volumes`, images removed, the daemon stopped and its folder deleted.
 
-Writes benchmarks/results/e2e_docker.{json,md} and exits 1 on any failure (logs of every container are
-printed first). Bounded: --timeout (default 75 min) ends everything it started.
+Writes benchmarks/results/e2e_docker.{json,md} and exits 1 on any failure (the full logs of every
+container, and the Prefect logs of a failed flow run, are kept in the temporary folder; their ends are
+printed). Bounded: --timeout (default 75 min) ends everything it started.
+
+`make e2e-docker` takes no arguments; these variables set the options' defaults: TP_E2E_BASE_IMAGE
+(--base-image), TP_E2E_KEEP_IMAGES=1 (--keep-images), TP_E2E_KEEP=1 (--keep).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -65,7 +71,11 @@ RESULTS = REPO / "benchmarks" / "results"
 PROJECT = "tp-e2e"
 TRAINING = "training/on-demand"
 SCHEDULED = "training/nightly"
-FINETUNE_EPOCHS = 3
+# Enough epochs that the kill lands after the first and well before the last, whatever one epoch takes;
+# early stopping off (patience = epochs), so the run cannot end before the kill by stopping early.
+FINETUNE_EPOCHS = 6
+FINETUNE_SETTINGS = {"epochs": FINETUNE_EPOCHS, "warmup_epochs": 0, "early_stopping_patience": FINETUNE_EPOCHS}
+KILL_POLL_S = 0.25
 IMAGE_TAG = "0.1.0"
 IMAGES = {  # Dockerfile suffix -> image name (what the compose files expect)
     "postgres": "transfer-pipeline-postgres:15",
@@ -265,6 +275,83 @@ class Stack:
                     "cat", image, f"/v/{path}"], self.env).stdout
 
 
+class FinetuneKiller(threading.Thread):
+    """Kills the gpu worker's container (SIGKILL) as soon as fine-tuning has checkpointed an epoch.
+
+    Reads the epoch log straight from the worker's volume on the host (`docker volume inspect`: the local
+    daemon's folder) every KILL_POLL_S; a `docker compose exec` per poll took seconds on 2 cores, longer
+    than one tiny epoch, which is how attempt 3 killed the worker only after its last epoch. Falls back to
+    `exec` when the volume's folder cannot be read (a remote daemon).
+    """
+
+    CHECKPOINTS = ".checkpoints/finetune"
+
+    def __init__(self, stack: "Stack", env: dict[str, str]) -> None:
+        super().__init__(name="finetune-killer", daemon=True)
+        self.stack, self.env = stack, env
+        self.stop = threading.Event()
+        self.killed: dict[str, Any] = {}
+        self.error: str | None = None
+        mount = run(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}", f"{PROJECT}_gpu-workspace"], env,
+                    check=False).stdout.strip()
+        self.volume = Path(mount) if mount and os.access(mount, os.R_OK | os.X_OK) else None
+        self.how = f"host folder of volume {PROJECT}_gpu-workspace, every {KILL_POLL_S} s" if self.volume \
+            else "docker compose exec in worker-gpu, every 1 s"
+
+    def progress(self) -> tuple[int, str]:
+        """(finished fine-tune epochs in the newest checkpoint folder, its MLflow run id)."""
+        if self.volume is not None:
+            logs = sorted((self.volume / self.CHECKPOINTS).glob("*/epochs.csv"), key=lambda p: p.stat().st_mtime)
+            if not logs:
+                return 0, ""
+            text = logs[-1].read_text(errors="replace")
+            run_file = logs[-1].parent / "mlflow_run_id.txt"
+            run_id = run_file.read_text().strip() if run_file.is_file() else ""
+        else:
+            text = self.stack.exec("worker-gpu", f"cat /workspace/{self.CHECKPOINTS}/*/epochs.csv 2>/dev/null").stdout
+            run_id = self.stack.exec("worker-gpu", f"cat /workspace/{self.CHECKPOINTS}/*/mlflow_run_id.txt 2>/dev/null").stdout.strip()
+        return len([line for line in text.splitlines()[1:] if line.strip()]), run_id
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                rows, run_id = optional(self.progress) or (0, "")
+                if rows >= 1:
+                    seen = time.monotonic()
+                    container = self.stack.container("worker-gpu")
+                    run(["docker", "kill", "--signal", "KILL", container], self.env)
+                    after, _ = optional(self.progress) or (rows, run_id)  # the worker is dead: final count
+                    self.killed.update(epochs_seen=rows, epochs_done=after, mlflow_run=run_id, at=time.monotonic(),
+                                       kill_s=round(time.monotonic() - seen, 2), container=container[:12])
+                    log(f"  killed worker-gpu after {after} of {FINETUNE_EPOCHS} fine-tune epoch(s) "
+                        f"(seen at {rows}; kill took {self.killed['kill_s']} s; MLflow run {run_id})")
+                    return
+                self.stop.wait(KILL_POLL_S if self.volume is not None else 1)
+        except Exception as error:  # reported by the main thread
+            self.error = f"{type(error).__name__}: {error}"
+
+
+def flow_run_logs(client: Any, flow_run_id: Any) -> list[str]:
+    """Every log line of a flow run (its tasks included), oldest first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    lines: list[str] = []
+    for offset in range(0, 20000, 200):
+        page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                offset=offset, sort=LogSort.TIMESTAMP_ASC)
+        lines += [f"{entry.timestamp:%H:%M:%S} {logging_level(entry.level)} {entry.message}" for entry in page]
+        if len(page) < 200:
+            break
+    return lines
+
+
+def logging_level(level: int) -> str:
+    import logging
+
+    return logging.getLevelName(level)
+
+
 def wait_for(what: str, condition: Callable[[], Any], timeout_s: float, every_s: float = 2) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
@@ -310,6 +397,19 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     facts.update(daemon.start())
     env = daemon.env
     lap("daemon_s")
+    # A clean start: nothing of this project's stack (containers, volumes) on the daemon. Images and the
+    # build cache of an earlier run on a reused daemon may be there, and are reported as such.
+    label = f"label=com.docker.compose.project={PROJECT}"
+    before = {"containers": run(["docker", "ps", "-aq", "--filter", label], env).stdout.split(),
+              "volumes": run(["docker", "volume", "ls", "-q", "--filter", label], env).stdout.split()}
+    present = [name for name in IMAGES.values() if run(["docker", "image", "inspect", name], env, check=False).returncode == 0]
+    facts["at_start"] = {"containers": len(before["containers"]), "volumes": len(before["volumes"]),
+                         "images_already_present": present, "base_image_given": args.base_image,
+                         "git_head": git(REPO, "rev-parse", "HEAD").strip(),
+                         "uncommitted_project_files": git(REPO, "status", "--porcelain", "--", "components", "flows",
+                                                          "dvc.yaml", "params.yaml", "infra").splitlines()}
+    checks.check("clean start: no container or volume of the stack left from before",
+                 lambda: not before["containers"] and not before["volumes"], lambda: facts["at_start"])
 
     if args.base_image:  # reuse (with --keep-images: Docker's build cache then applies to every image)
         run(["docker", "image", "inspect", args.base_image], env)
@@ -339,7 +439,7 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
     source = tmp / "source"
     for name in CLASSES:
         copy_subset(args.source / name, source / name, IMAGES_PER_CLASS)
-    repo = make_tiny_workspace(tmp / "repo", source, finetune={"epochs": FINETUNE_EPOCHS, "warmup_epochs": 0})
+    repo = make_tiny_workspace(tmp / "repo", source, finetune=FINETUNE_SETTINGS)
     branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD").strip()
     keras = tmp / "keras"
     (keras / "models").mkdir(parents=True)
@@ -433,6 +533,10 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
                     last = flow_run.state.name
                     log(f"  flow run {flow_run.name}: {last}")
                 if flow_run.state and flow_run.state.is_final():
+                    if not flow_run.state.is_completed():  # keep its whole Prefect log (tasks included)
+                        lines = optional(lambda: flow_run_logs(client, flow_run.id)) or []
+                        (tmp / f"flow-{flow_run.name}.log").write_text("\n".join(lines) + "\n")
+                        log(f"  its {len(lines)} log lines: {tmp / f'flow-{flow_run.name}.log'}")
                     return flow_run
                 if time.monotonic() > deadline:
                     raise E2EFailure(f"flow run {flow_run_id} still {last} at the deadline")
@@ -441,32 +545,35 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
 
         log("run 1: train; kill the gpu worker's container during fine-tuning; the retry resumes")
         deployment = client.read_deployment_by_name(TRAINING)
+        killer = FinetuneKiller(stack, env)
+        facts["kill_watch"] = killer.how
+        killer.start()
         first = client.create_flow_run_from_deployment(deployment.id)
-        killed: dict[str, Any] = {}
-
-        def kill_during_finetune() -> None:
-            if killed:
-                if "restarted" not in killed:  # the stage run the worker died in: mark it Crashed, restart the worker
-                    client.set_flow_run_state(killed["stage_run"], Crashed(message="worker container killed (e2e)"), force=True)
-                    stack.compose("up", "-d", "--no-build", "--no-deps", "worker-gpu", timeout=300)
-                    killed["restarted"] = time.monotonic()
-                return
-            epochs = stack.exec("worker-gpu", "cat /workspace/.checkpoints/finetune/*/epochs.csv 2>/dev/null").stdout
-            rows = [line for line in epochs.splitlines()[1:] if line.strip()]
-            if rows:
-                stage_runs = [r for r in stage_flow_runs(client) if r.state and r.state.is_running()]
-                run_id = stack.exec("worker-gpu", "cat /workspace/.checkpoints/finetune/*/mlflow_run_id.txt 2>/dev/null").stdout.strip()
-                run([ "docker", "kill", "--signal", "KILL", stack.container("worker-gpu")], env)
-                killed.update(epochs_done=len(rows), mlflow_run=run_id, at=time.monotonic(),
-                              stage_run=stage_runs[0].id if stage_runs else None)
-                log(f"  killed worker-gpu after {len(rows)} fine-tune epoch(s) (MLflow run {run_id})")
-                if not stage_runs:
-                    raise E2EFailure("fine-tuning had started but no stage flow run was running")
-
-        first = wait_run(first.id, kill_during_finetune)
         report["ids"]["first_run"] = str(first.id)
+        killed = killer.killed
+
+        def after_kill() -> None:
+            """The stage run the worker died in: mark it Crashed, start the worker's container again."""
+            if killer.error:
+                raise E2EFailure(f"the fine-tune watcher failed: {killer.error}")
+            if not killed or "restarted" in killed:
+                return
+            stage_runs = [r for r in stage_flow_runs(client) if r.state and r.state.is_running()]
+            if not stage_runs:
+                raise E2EFailure("fine-tuning had started but no stage flow run was running")
+            killed["stage_run"] = str(stage_runs[0].id)
+            client.set_flow_run_state(stage_runs[0].id, Crashed(message="worker container killed (e2e)"), force=True)
+            stack.compose("up", "-d", "--no-build", "--no-deps", "worker-gpu", timeout=300)
+            killed["restarted"] = time.monotonic()
+            log(f"  stage run {stage_runs[0].name} marked Crashed; worker-gpu started again")
+
+        try:
+            first = wait_run(first.id, after_kill)
+        finally:
+            killer.stop.set()
         lap("first_run_s")
-        check_first_run(checks, client, mlflow_client, first, stack, killed, report, s3_url)
+        facts["kill"] = {k: v for k, v in killed.items() if k not in ("at", "restarted")}
+        check_first_run(checks, client, mlflow_client, first, stack, killed, report, s3_url, tmp)
 
         versions_before = len(mlflow_client.search_model_versions(f"name='{report['ids'].get('model')}'"))
         stage_runs_before = len(stage_flow_runs(client))
@@ -487,12 +594,13 @@ def e2e(tmp: Path, args: argparse.Namespace, daemon: Daemon, report: dict[str, A
 
 
 def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run_: Any, stack: Stack, killed: dict[str, Any],
-                    report: dict[str, Any], s3_url: str) -> None:
+                    report: dict[str, Any], s3_url: str, tmp: Path) -> None:
     ids = report["ids"]
-    checks.check("first run completed", lambda: run_.state.is_completed(), lambda: run_.state.name)
+    completed = checks.check("first run completed", lambda: run_.state.is_completed(),
+                             lambda: f"{run_.state.name}: {(run_.state.message or '')[:300]}")
     checks.check("the gpu worker's container was killed during fine-tuning (after >= 1 epoch, before the last)",
                  lambda: killed.get("epochs_done", 0) >= 1 and killed["epochs_done"] < FINETUNE_EPOCHS,
-                 lambda: {k: v for k, v in killed.items() if k in ("epochs_done", "mlflow_run")})
+                 lambda: {k: v for k, v in killed.items() if k in ("epochs_seen", "epochs_done", "kill_s", "mlflow_run")})
     stage_runs = sorted((r for r in stage_flow_runs(client)), key=lambda r: r.created)
     ids["stage_flow_runs"] = [f"{r.id} {r.state.name if r.state else '?'} {r.work_pool_name}" for r in stage_runs]
     checks.check("finetune ran on the gpu pool: the killed stage run Crashed, the retried one Completed",
@@ -507,6 +615,13 @@ def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run_: Any, 
         sort=LogSort.TIMESTAMP_ASC) if "resumed at epoch" in entry.message])
     checks.check("the retried stage resumed from the checkpoint on the worker's volume",
                  lambda: bool(resumed), lambda: (resumed or ["no 'resumed at epoch' line in the stage run's logs"])[0][-160:])
+    if not completed:  # its own log says why; the checks below need the run's outputs
+        lines = optional(lambda: flow_run_logs(client, run_.id)) or []
+        (tmp / "first_run.log").write_text("\n".join(lines) + "\n")
+        errors = [line for line in lines if " ERROR " in line or "Traceback" in line or "Error" in line]
+        report["facts"]["first_run_errors"] = [line[-600:] for line in errors[-6:]]
+        raise E2EFailure(f"the first training run ended {run_.state.name}: {(run_.state.message or '')[:400]}\n"
+                         + "\n".join(line[-400:] for line in errors[-4:]) + f"\n(all its log lines: {tmp / 'first_run.log'})")
     summary = json.loads(stack.exec("worker-cpu", "cat /workspace/reports/run_summary.json", check=True).stdout)
     stages = {s["stage"]: s for s in summary.get("stages", [])}
     checks.check("the cpu worker got finetune back from DVC's run-cache (not trained there)",
@@ -574,10 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=FLOWERS, help="a folder with daisy/ and sunflowers/")
     parser.add_argument("--address", default="127.77.0.1", help="the loopback address every server listens on")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, env files)")
-    parser.add_argument("--base-image", help="an existing base image to use instead of building one (debugging)")
-    parser.add_argument("--keep-images", action="store_true",
-                        help="with a daemon this script did not start: leave the built images (and build cache) there")
+    parser.add_argument("--keep", action="store_true", default=os.environ.get("TP_E2E_KEEP") == "1",
+                        help="keep the temporary folder (logs, env files); env TP_E2E_KEEP=1")
+    parser.add_argument("--base-image", default=os.environ.get("TP_E2E_BASE_IMAGE") or None,
+                        help="an existing base image to use instead of building one; env TP_E2E_BASE_IMAGE")
+    parser.add_argument("--keep-images", action="store_true", default=os.environ.get("TP_E2E_KEEP_IMAGES") == "1",
+                        help="with a daemon this script did not start: leave the built images (and build cache) "
+                             "there; env TP_E2E_KEEP_IMAGES=1")
     args = parser.parse_args(argv)
     if not args.address.startswith("127."):
         parser.error("--address must be a loopback address (127.0.0.0/8)")
@@ -612,11 +730,15 @@ def main(argv: list[str] | None = None) -> int:
             base = [compose_bin, "-p", PROJECT, "-f", str(INFRA / "docker-compose.yml"), "-f",
                     str(INFRA / "e2e" / "compose.e2e.yml"), "--env-file", str(tmp / "e2e.env")]
             if (tmp / "e2e.env").exists():
-                stack_logs = run([*base, "logs", "--no-color", "--tail", "400"], daemon.env, check=False, timeout=120).stdout
+                # every line of every container (stdout and stderr), kept in the temporary folder on failure
+                stack_logs = run([*base, "logs", "--no-color", "--timestamps"], daemon.env, check=False, timeout=300).stdout
                 run([*base, "down", "--volumes", "--remove-orphans", "--timeout", "20"], daemon.env, check=False, timeout=300)
             left = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"], daemon.env,
                        check=False).stdout.split()
+            volumes = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+                          daemon.env, check=False).stdout.split()
             report["facts"]["containers_left_after_down"] = len(left)
+            report["facts"]["volumes_left_after_down"] = len(volumes)
             if not daemon.started and not args.keep_images:  # ours are removed with the daemon we started
                 for image in IMAGES.values():
                     run(["docker", "image", "rm", "-f", image], daemon.env, check=False)
@@ -627,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         if not report["passed"]:
             print(stack_logs[-20000:], file=sys.stderr)
             (tmp / "compose.log").write_text(stack_logs)  # all of it, kept with the temporary folder
+            report["facts"]["logs_kept"] = str(tmp / "compose.log")
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "e2e_docker.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_markdown(report, args.results / "e2e_docker.md")
