@@ -10,6 +10,9 @@ SHARED ?= ../shared
 KERAS_SEED ?= $(SHARED)/keras/models
 # Data source for `make run`; empty keeps ingest.source from params.yaml
 SOURCE ?=
+# Tests in two processes, a test module per process (its fixtures train once); TEST_WORKERS=0 runs them in this one
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 export KERAS_HOME ?= $(CURDIR)/.keras
 export PATH := $(BIN):$(PATH)
@@ -38,10 +41,10 @@ run: install keras-home
 	$(BIN)/python -m flows.training $(if $(SOURCE),--source $(SOURCE))
 
 test: install keras-home
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 test-fast: install keras-home
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 benchmark: install keras-home
 	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE))

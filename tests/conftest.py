@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from components import runtime  # noqa: F401  (switches telemetry off before anything else loads)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TP_SHARED_DIR", REPO.parent / "shared"))
@@ -19,16 +19,31 @@ HYMENOPTERA = SHARED / "datasets" / "hymenoptera_data"
 KERAS_SEED = SHARED / "keras" / "models"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def keras_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A writable KERAS_HOME whose models/ holds the seeded ImageNet weights (Keras writes keras.json there)."""
-    home = tmp_path_factory.mktemp("keras_home")
+def _offline_keras_home() -> Path:
+    """A writable KERAS_HOME whose models/ links the seeded ImageNet weights (Keras writes keras.json there).
+
+    Set here, at conftest import, because Keras reads KERAS_HOME once when it is first imported: a
+    session fixture runs after the test modules (and Keras) are imported, too late for this process.
+    """
+    home = Path(tempfile.mkdtemp(prefix="tp_keras_home_"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     (home / "models").mkdir()
     if KERAS_SEED.is_dir():
         for weights in KERAS_SEED.iterdir():
             (home / "models" / weights.name).symlink_to(weights.resolve())
     os.environ["KERAS_HOME"] = str(home)
     return home
+
+
+KERAS_HOME = _offline_keras_home()
+
+from components import runtime  # noqa: E402, F401  (switches telemetry off before anything else loads)
+
+
+@pytest.fixture(scope="session")
+def keras_home() -> Path:
+    """The offline KERAS_HOME this session uses (for tests that start subprocesses)."""
+    return KERAS_HOME
 
 
 def write_image(path: Path, size: tuple[int, int] = (48, 40), color: tuple[int, int, int] = (200, 30, 30),
