@@ -2,7 +2,8 @@
 
 The classifier ends in a softmax, so its saved outputs are probabilities; log-probabilities are
 logits up to a per-row constant, which softmax ignores, so `logits_from_probabilities` is all a
-caller needs. Dividing logits by T > 0 never changes the argmax (accuracy is untouched); T > 1
+caller needs. `fold_temperature` divides the output layer's weights by T, so the saved model itself
+gives calibrated probabilities to every consumer (evaluate, serving, TFLite, ONNX). Dividing logits by T > 0 never changes the argmax (accuracy is untouched); T > 1
 softens an over-confident model, T < 1 sharpens an under-confident one (label smoothing makes
 models under-confident). T is chosen to minimise the validation negative log-likelihood (Guo et
 al. 2017) and never on test. ECE and the reliability table use components.metrics, the same
@@ -123,3 +124,31 @@ def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, n_bins: int = 10) -
     """Fit T on validation probabilities (the model's softmax outputs) and report before/after on val."""
     logits = logits_from_probabilities(val_probs)
     return calibration_report(logits, val_labels, fit_temperature(logits, val_labels), n_bins)
+
+
+OUTPUT_LAYER = "probabilities"  # components.backbones: the head's final Dense(softmax)
+
+
+def _find_layer(model: Any, name: str) -> Any:
+    """The layer called `name` in `model` or any sub-model (the head is a nested model)."""
+    for layer in getattr(model, "layers", []):
+        if layer.name == name:
+            return layer
+        found = _find_layer(layer, name) if hasattr(layer, "layers") else None
+        if found is not None:
+            return found
+    return None
+
+
+def fold_temperature(model: Any, temperature: float) -> None:
+    """Make `model` output softmax(logits / T) by scaling its final Dense(softmax) layer in place.
+
+    softmax((W x + b) / T) == softmax((W / T) x + b / T): exact, argmax unchanged, nothing to apply later.
+    """
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    layer = _find_layer(model, OUTPUT_LAYER)
+    if layer is None or getattr(layer, "activation", None) is None or layer.activation.__name__ != "softmax":
+        raise ValueError(f"no Dense(softmax) layer named {OUTPUT_LAYER!r} to fold a temperature into")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel / temperature, bias / temperature])

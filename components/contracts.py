@@ -215,6 +215,7 @@ class ModelRunInfo(Contract):
     head_run_id: str | None = None
     trainable_backbone_layers: int | None = None
     first_trainable_layer: str | None = None
+    temperature: float = Field(1.0, description="folded into the output layer's weights (1.0: not calibrated)")
 
 
 class TrainingMetrics(BaseModel):
@@ -232,11 +233,15 @@ class TrainingMetrics(BaseModel):
     epochs_run: int
     seconds: float
     train_seconds: float = Field(description="this stage plus the stages it builds on (finetune: head + finetune)")
+    # finetune with `calibrate`: the temperature fitted on val and val ECE before and after it
+    temperature: float | None = None
+    val_ece_before: float | None = None
+    val_ece_after: float | None = None
 
     def write(self, path: str | Path) -> Path:
         from components.files import write_json
 
-        write_json(path, self.model_dump(mode="json"))
+        write_json(path, self.model_dump(mode="json", exclude_none=True))  # numbers only, for DVC
         return Path(path)
 
 

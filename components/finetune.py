@@ -24,7 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from components import data, drift, errors, files, hashing, label_issues, learning_curves, runtime, tracking
+from components import (calibration, data, drift, errors, files, hashing, label_issues, learning_curves, runtime,
+                        tracking)
 from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split, make_dataset
 from components.images import ImageLimits
@@ -146,6 +147,31 @@ def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfi
     return _epoch_history(checkpoint_dir / EPOCH_LOG), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
 
 
+def _calibrate(model: Any, val_ds: Any, val_labels: Any) -> calibration.CalibrationReport:
+    """Fit a temperature on val (never test) and fold it into the model's output layer."""
+    report = calibration.calibrate(model.predict(val_ds, verbose=0), val_labels)
+    calibration.fold_temperature(model, report.temperature)
+    print(f"finetune: temperature {report.temperature:.3f} fitted on val; "
+          f"val ECE {report.ece_before:.4f} -> {report.ece_after:.4f}")
+    return report
+
+
+def _calibration_metrics(report: calibration.CalibrationReport) -> dict[str, float]:
+    return {"temperature": round(report.temperature, 4), "val_ece_before": report.ece_before,
+            "val_ece_after": report.ece_after}
+
+
+def _log_calibration(client: Any, run_id: str, report: calibration.CalibrationReport | None,
+                     report_dir: Path) -> None:
+    """reports/finetune/calibration.json (always written: a DVC out) and the numbers in MLflow."""
+    path = report_dir / "calibration.json"
+    files.write_json(path, {"calibrated": True, **report.to_dict()} if report else {"calibrated": False,
+                                                                                      "temperature": 1.0})
+    client.log_artifact(run_id, str(path))
+    for key, value in (_calibration_metrics(report) if report else {}).items():
+        client.log_metric(run_id, key, value)
+
+
 def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path,
                  out_dir: str | Path, report_dir: str | Path, checkpoint_root: str | Path = DEFAULT_CHECKPOINT_ROOT,
                  extra_callbacks: list[Any] | None = None) -> FinetuneResult:
@@ -202,6 +228,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         else:  # nothing to train: the head model is the result
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
             history, best_epoch, resumed_at = learning_curves.history_frame({}), 0, 1
+        calibrated = _calibrate(model, val_ds, val.labels) if config.calibrate else None
         seconds = time.perf_counter() - started
         run_info = {
             **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
@@ -212,14 +239,16 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             "val_accuracy": val_accuracy, "val_loss": val_loss, "seconds": round(seconds, 1), "device": device,
             "trainable_backbone_layers": len(trained_layers),
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
+            "temperature": calibrated.temperature if calibrated else 1.0,
         }
         data.save_model_dir(model, classes, run_info, out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
         drift.reference_from_model(model, frame, classes, params, meta={k: run_info[k] for k in (
             "run_id", "stage", "backbone", "alpha", "image_size", "data_version")}).save(Path(out_dir) / drift.REFERENCE_FILE)
         TrainingMetrics(val_accuracy=val_accuracy, val_loss=val_loss, best_epoch=best_epoch, epochs_run=len(history),
-                        seconds=round(seconds, 1), train_seconds=round(seconds + head_info.seconds, 1)).write(
-            Path(report_dir) / "metrics.json")
+                        seconds=round(seconds, 1), train_seconds=round(seconds + head_info.seconds, 1),
+                        **(_calibration_metrics(calibrated) if calibrated else {})).write(Path(report_dir) / "metrics.json")
+        _log_calibration(client, run_id, calibrated, Path(report_dir))
         if len(history):
             title = f"finetune: top {len(trained_layers)} backbone layers"
             csv_path, png_path = learning_curves.write_reports(history, report_dir, title)

@@ -85,7 +85,9 @@ def model_card(registered_model: str, classes: list[str], info: ModelRunInfo, me
         f"## Test metrics (n = {metrics['n_test']} held-out images)",
         f"- accuracy: {metrics['accuracy']:.4f}",
         f"- macro F1: {metrics['macro_f1']:.4f}",
-        f"- expected calibration error: {metrics['ece']:.4f}",
+        f"- expected calibration error: {metrics['ece']:.4f}"
+        + (f" (temperature {info.temperature:.3f}, fitted on val, folded into the output layer)"
+           if info.temperature != 1.0 else " (no temperature scaling)"),
         *([f"- images with non-finite (NaN/inf) outputs: {metrics['non_finite_rows']}"]
           if metrics.get("non_finite_rows") else []),
         topk,

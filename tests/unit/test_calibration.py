@@ -73,3 +73,33 @@ def test_bad_inputs_are_refused_and_nan_rows_ignored() -> None:
     assert calibration.fit_temperature(with_nan, labels) == pytest.approx(
         calibration.fit_temperature(logits[1:], labels[1:]), rel=1e-6)
     assert calibration.fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
+
+
+def test_folding_the_temperature_into_the_output_layer_equals_scaling_the_logits() -> None:
+    import keras
+
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    head = keras.Model(hidden, keras.layers.Dense(4, activation="softmax", name="probabilities")(hidden), name="head")
+    model = keras.Model(inputs, head(keras.layers.Dense(8)(inputs)))  # the output layer sits in a sub-model
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    before = model.predict(x, verbose=0)
+
+    calibration.fold_temperature(model, 2.5)
+    after = model.predict(x, verbose=0)
+
+    expected = calibration.apply_temperature(calibration.logits_from_probabilities(before), 2.5)
+    np.testing.assert_allclose(after, expected, atol=1e-5)
+    np.testing.assert_array_equal(after.argmax(axis=1), before.argmax(axis=1))
+    assert after.max(axis=1).mean() < before.max(axis=1).mean()  # T > 1 softens
+
+
+def test_folding_refuses_a_model_without_a_softmax_output_layer() -> None:
+    import keras
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="probabilities")(inputs))  # linear: not probabilities
+    with pytest.raises(ValueError, match="probabilities"):
+        calibration.fold_temperature(model, 2.0)
+    with pytest.raises(ValueError, match="positive"):
+        calibration.fold_temperature(model, 0.0)

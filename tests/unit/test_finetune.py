@@ -73,6 +73,13 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     assert tags["stage"] == "finetune" and tags["head_run_id"] == head["head_run_id"]
     assert list(pd.read_csv(tmp_path / "reports/history.csv").columns) == ["epoch", "accuracy", "val_accuracy",
                                                                           "loss", "val_loss"]
+    # Calibrated on val: the temperature is in the model folder, the metrics and MLflow, and it lowered val NLL.
+    report = files.read_json(tmp_path / "reports/calibration.json")
+    metrics = files.read_json(tmp_path / "reports/metrics.json")
+    assert report["calibrated"] and report["nll_after"] <= report["nll_before"]
+    assert info["temperature"] == pytest.approx(report["temperature"]) == pytest.approx(metrics["temperature"], abs=1e-4)
+    assert {"val_ece_before", "val_ece_after"} <= metrics.keys()
+    assert MlflowClient(tracking).get_run(result.run_id).data.metrics["temperature"] == pytest.approx(metrics["temperature"])
 
 
 def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path: Path):
