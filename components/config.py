@@ -234,6 +234,9 @@ class TrainHeadConfig(Section):
     early_stopping_patience: int = Field(5, ge=1)
     cached_features: bool = Field(True, description="Train the head on backbone features computed once.")
     augmented_copies: int = Field(2, ge=0, le=32, description="Augmented variants per training image in the feature cache.")
+    feature_engine: Literal["auto", "onnxruntime", "keras"] = Field(
+        "auto", description="Frozen feature pass: auto = ONNX Runtime on a CPU where it is installed "
+        "(checked against Keras on a probe batch), Keras otherwise.")
     label_issues: LabelIssuesConfig = LabelIssuesConfig()
 
 

@@ -210,6 +210,7 @@ class ModelRunInfo(Contract):
     # train_head only
     cached_features: bool | None = None
     feature_cache: str | None = None
+    feature_engine: str | None = Field(None, description="onnxruntime or keras; None: features from the cache")
     num_classes: int | None = None
     # finetune only
     head_run_id: str | None = None

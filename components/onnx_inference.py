@@ -251,6 +251,15 @@ def _as_batches(batches: Any, batch_size: int) -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(np.asarray(x), dtype=np.float32)
 
 
+def _batch_count(batches: Any, batch_size: int) -> int | None:
+    """How many batches a progress bar should expect, where that is known without iterating."""
+    if isinstance(batches, np.ndarray):
+        return -(-len(batches) // batch_size)
+    cardinality = getattr(batches, "cardinality", None)
+    count = int(cardinality()) if callable(cardinality) else -1
+    return count if count >= 0 else None
+
+
 class FrozenRunner:
     """Runs one frozen model's forward pass on the faster engine available; `engine`/`reason` say which.
 
@@ -305,7 +314,11 @@ class FrozenRunner:
         """Outputs for every input in order, float32, shape (n, ...) like `model.predict`."""
         if self.session is None:
             return self._keras_predict(batches, batch_size, verbose)
-        blocks = [_run_session(self.session, batch) for batch in _as_batches(batches, batch_size) if len(batch)]
+        from tqdm import tqdm
+
+        batch_iter = tqdm(_as_batches(batches, batch_size), desc="onnxruntime", unit="batch", disable=not verbose,
+                          total=_batch_count(batches, batch_size), mininterval=2.0)
+        blocks = [_run_session(self.session, batch) for batch in batch_iter if len(batch)]
         return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
 
     def _keras_predict(self, batches: Any, batch_size: int, verbose: int) -> np.ndarray:

@@ -16,14 +16,16 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from components import data, drift, errors, files, hashing, label_issues, learning_curves, runtime, tracking
-from components.config import Params, ParamsError, load_params
+from components import (data, drift, errors, files, hashing, label_issues, learning_curves, onnx_inference, runtime,
+                        tracking)
+from components.config import Params, ParamsError, TrainHeadConfig, load_params
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
@@ -38,6 +40,7 @@ class DataChecks:
 
     issues: label_issues.LabelIssues | None = None  # suspect labels (None: action off or no cached features)
     reference: drift.Reference | None = None  # the drift reference saved with the model
+    feature_engine: str | None = None  # what computed the features this run (None: cache hit or not cached)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | P
         "image_size": m.image_size, "weights": hashing.weights_identity(m.weights), "pooling": h.pooling,
         "policy": hashing.file_sha256(policy_path) if policy_path and h.augmented_copies else None,
         "copies": h.augmented_copies, "seed": params.project.seed, "keras": keras.__version__,
+        "engine": h.feature_engine,
     })
 
 
@@ -83,14 +87,16 @@ def extract_features(extractor: Any, split: Split, image_size: int, batch_size: 
     return np.concatenate(blocks), np.concatenate(labels).astype(np.int32)
 
 
-def cached_features(extractor: Any, train: Split, val: Split, params: Params, manifest: str | Path,
-                    policy_path: str | Path | None, cache_dir: str | Path) -> tuple[dict[str, np.ndarray], Path]:
-    """Load the feature cache for these inputs, or compute and write it."""
+def cached_features(make_extractor: Callable[[], Any], train: Split, val: Split, params: Params,
+                    manifest: str | Path, policy_path: str | Path | None,
+                    cache_dir: str | Path) -> tuple[dict[str, np.ndarray], Path]:
+    """Load the feature cache for these inputs, or compute (with `make_extractor()`) and write it."""
     path = Path(cache_dir) / f"{feature_cache_key(params, manifest, policy_path)}.npz"
     if path.is_file():
         print(f"features: reusing cache {path}")
         with np.load(path) as cache:
             return {k: cache[k] for k in cache.files}, path
+    extractor = make_extractor()  # only on a miss: an ONNX export costs seconds
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
     limits = ImageLimits.from_config(params.validate)
     train_x, train_y = extract_features(extractor, train, size, h.batch_size, policy_path=policy_path,
@@ -100,6 +106,17 @@ def cached_features(extractor: Any, train: Split, val: Split, params: Params, ma
     with files.atomic_file(path, "wb") as fh:
         np.savez(fh, **arrays)
     return arrays, path
+
+
+def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path) -> onnx_inference.FrozenRunner:
+    """The feature extractor on ONNX Runtime where it is faster (a CPU with it installed), Keras otherwise.
+
+    The ONNX file is cached by content next to the feature cache (the ImageNet backbone exports once).
+    """
+    runner = onnx_inference.FrozenRunner(extractor, cache_dir=Path(cache_dir).parent / "onnx",
+                                         engine=config.feature_engine)
+    print(f"features: {runner.engine} ({runner.reason})")
+    return runner
 
 
 def _one_hot(ds: Any, num_classes: int) -> Any:
@@ -147,8 +164,12 @@ def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params
     from components import backbones
 
     h, n = params.train_head, len(train.classes)
-    arrays, cache_path = cached_features(backbones.feature_extractor(model), train, val, params, manifest,
-                                         policy_path, cache_dir)
+    def make_extractor() -> onnx_inference.FrozenRunner:
+        runner = frozen_runner(backbones.feature_extractor(model), h, cache_dir)
+        checks.feature_engine = runner.engine
+        return runner
+
+    arrays, cache_path = cached_features(make_extractor, train, val, params, manifest, policy_path, cache_dir)
     plain = arrays["train_x"][:len(train)]  # the un-augmented copy of each training image comes first
     train_x, train_y = arrays["train_x"], arrays["train_y"]
     if h.label_issues.action != "off":
@@ -236,7 +257,8 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "alpha": m.alpha, "image_size": m.image_size, "weights": m.weights, "data_version": version,
             "best_epoch": int(best["epoch"]), "epochs_run": len(history), "val_accuracy": float(best["val_accuracy"]),
             "val_loss": float(best["val_loss"]), "seconds": round(seconds, 1), "cached_features": h.cached_features,
-            "feature_cache": str(cache_path) if cache_path else None, "num_classes": len(classes), "device": device,
+            "feature_cache": str(cache_path) if cache_path else None, "feature_engine": checks.feature_engine,
+            "num_classes": len(classes), "device": device,
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
