@@ -368,6 +368,13 @@ def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) ->
     except MlflowException as exc:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
             return None
+        # MLflow's basic auth answers 403, not 404, for a model that does not exist yet (it does not tell
+        # a non-admin which names exist). No such model among those we may see: no champion. If it does
+        # exist but is hidden from us, registering a version fails next with the same 403: fail closed.
+        if exc.error_code == "PERMISSION_DENIED" and not with_retries(
+                f"search {name}", client.search_registered_models, filter_string=f"name = '{name}'",
+                max_results=1, policy=policy):
+            return None
         raise
 
 

@@ -214,6 +214,26 @@ def test_alias_of_an_unknown_model_is_none(tmp_path: Path) -> None:
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.parametrize("visible, expected", [([], None), (["image-classifier"], "raises")])
+def test_a_403_for_a_model_nobody_may_see_means_no_champion_and_otherwise_fails(
+        visible: list[str], expected: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow basic auth answers 403 to a non-admin's alias read of a model that does not exist yet."""
+    from mlflow import MlflowClient
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    def denied(self, name: str, alias: str):
+        raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", denied)
+    monkeypatch.setattr(MlflowClient, "search_registered_models", lambda self, **kwargs: list(visible))
+    policy = RetryPolicy(attempts=1, first_wait_s=0)
+    if expected is None:
+        assert alias_version("image-classifier", "champion", policy) is None
+    else:
+        with pytest.raises(MlflowException, match="Permission denied"):
+            alias_version("image-classifier", "champion", policy)
+
+
 def _logged_dir(root: Path, flavor: dict, files: dict[str, bytes] | None = None) -> Path:
     import yaml
 
