@@ -287,6 +287,9 @@ class EvaluateConfig(Section):
     top_k: int = Field(3, ge=1, description="Top-k accuracy is reported when there are more than 5 classes.")
     worst_examples: int = Field(16, ge=0, le=64, description="Misclassified test images shown in the gallery.")
     calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins for ECE and the reliability diagram.")
+    inference_engine: Literal["auto", "onnxruntime", "keras"] = Field(
+        "auto", description="Scoring the test split: auto = ONNX Runtime on a CPU where it is installed (checked "
+        "against Keras on a probe batch; the accepted file is also served), Keras otherwise; keras never exports.")
     promotion: PromotionConfig = PromotionConfig()
     experiments: ExperimentsConfig = ExperimentsConfig()
     serving: ServingConfig = ServingConfig()

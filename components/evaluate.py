@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import errors, files, hashing, registry, runtime, tracking
+from components import errors, files, hashing, onnx_inference, registry, runtime, tracking
 from components.config import Params, ParamsError, load_params
 from components.contracts import (
     RUN_INFO_FILE,
@@ -57,7 +57,7 @@ from components.evaluation_plots import (
 from components.images import ImageLimits
 from components.metrics import compute_metrics, flat_metrics, mlflow_key, predictions
 from components.model_card import model_card, quarantined_count, split_counts
-from components.settings import environment
+from components.settings import environment, workspace_root
 from components.tracking import RetryPolicy, TrackingUnavailable, shown_uri, with_retries
 
 INGEST_REPORT = Path("reports/ingest.json")
@@ -78,11 +78,29 @@ class EvaluationResult:
     metrics_path: Path
 
 
-def predict_probabilities(model: Any, paths: list[str], image_size: int, batch_size: int,
+def scoring_runner(model: Any, engine: onnx_inference.Engine, image_size: int,
+                   cache_dir: str | Path | None = None) -> onnx_inference.FrozenRunner:
+    """The fine-tuned model's forward pass on ONNX Runtime where it is faster (checked against Keras), else Keras.
+
+    The ONNX file goes to the workspace's one ONNX cache (train_head's backbone export lives there too),
+    fixed to the served input size: the file evaluate accepts here is the one the served model runs.
+    """
+    runner = onnx_inference.FrozenRunner(model, cache_dir=cache_dir or workspace_root() / onnx_inference.CACHE_DIR,
+                                         engine=engine, input_size=image_size)
+    print(f"scoring: {runner.engine} ({runner.reason})")
+    return runner
+
+
+def predict_probabilities(runner: onnx_inference.FrozenRunner, paths: list[str], image_size: int, batch_size: int,
                           limits: ImageLimits) -> np.ndarray:
-    """Softmax outputs for the images in order (Keras shows a progress bar)."""
+    """Softmax outputs for the images in order, on the runner's engine (a progress bar where one is shown)."""
     batches = image_batches(paths, image_size, batch_size, limits=limits)
-    return np.asarray(model.predict(batches, verbose=runtime.progress_verbosity()), dtype=np.float64)
+    return np.asarray(runner.predict(batches, verbose=runtime.progress_verbosity()), dtype=np.float64)
+
+
+def served_onnx(runner: onnx_inference.FrozenRunner) -> onnx_inference.OnnxExport | None:
+    """The accepted ONNX file the test split was scored with, which the served model may then run; else None."""
+    return runner.export if runner.engine == "onnxruntime" and runner.export is not None else None
 
 
 def example_input(path: str, limits: ImageLimits, size: int = 64) -> pd.DataFrame:
@@ -95,14 +113,19 @@ def example_input(path: str, limits: ImageLimits, size: int = 64) -> pd.DataFram
 
 
 def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any], lineage: dict[str, str],
-                   example: pd.DataFrame | None, manifest: str | Path, policy: RetryPolicy) -> tuple[str, str | None]:
+                   example: pd.DataFrame | None, manifest: str | Path, policy: RetryPolicy,
+                   runner: onnx_inference.FrozenRunner | None = None) -> tuple[str, str | None]:
     """The evaluation run (test split as dataset input, settings, metrics) and, given an example, the served
     model with the metrics linked to it (MLflow 3 LoggedModel): (run id, model URI).
 
-    The run nests under the pipeline's parent run and carries the workspace tag (tracking.start_run)."""
+    The run nests under the pipeline's parent run and carries the workspace tag (tracking.start_run), and
+    the tag `inference_engine` (what scored the test split). When that was ONNX Runtime, the served model
+    carries the same checked ONNX file."""
     import mlflow
 
-    client, run_id, _ = tracking.start_run(params.tracking, "evaluate", lineage)
+    engine = runner.engine if runner is not None else "keras"
+    client, run_id, _ = tracking.start_run(params.tracking, "evaluate", {**lineage, "inference_engine": engine})
+    onnx = served_onnx(runner) if runner is not None else None
     finished = False
     try:
         frame = read_manifest(manifest)
@@ -119,11 +142,12 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
             client.set_terminated(run_id, "FINISHED")
             finished = True
             return run_id, None
-        config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
+        config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256,
+                                               onnx.sha256 if onnx else None)
         with_retries("resume the run", mlflow.start_run, run_id=run_id, policy=policy)
         try:
             info = with_retries("log the model", registry.log_pyfunc, folder.model_path, folder.classes, config,
-                                example, policy=policy)
+                                example, onnx.path if onnx else None, policy=policy)
             log_test_metrics(client, run_id, metrics, info.model_id, policy)
             finished = True
         finally:
@@ -185,11 +209,12 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
     split = load_split(manifest, "test", folder.classes)
     if not len(split):
         raise ValueError(f"{manifest}: the test split is empty")
-    probs = predict_probabilities(folder.model, split.paths, folder.image_size, config.batch_size, limits)
+    runner = scoring_runner(folder.model, config.inference_engine, folder.image_size)
+    probs = predict_probabilities(runner, split.paths, folder.image_size, config.batch_size, limits)
     metrics = compute_metrics(split.labels, probs, folder.classes, calibration_bins_count=config.calibration_bins,
                               top_k=config.top_k)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
-          f"ECE {metrics['ece']:.4f} on {metrics['n_test']} images")
+          f"ECE {metrics['ece']:.4f} on {metrics['n_test']} images (scored with {runner.engine})")
     lineage = registry.lineage_tags(params, folder.info, head_info,
                                     registry.data_versions(ingest, validation, folder.info), workspace)
 
@@ -208,7 +233,7 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         experiment = environment().dvc_exp_name
         register = not experiment or config.experiments.register_model
         example = example_input(split.paths[0], limits) if register else None
-        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, manifest, policy)
+        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, manifest, policy, runner)
         if model_uri is None:
             version = ""
             decision = registry.PromotionDecision(False, [f"note: DVC experiment {experiment}: not registered "
@@ -221,8 +246,10 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
                                                  champion_version, problem, class_set_changed)
             if experiment and not config.experiments.promote and decision.promoted:
                 decision.refuse(f"DVC experiment {experiment}: evaluate.experiments.promote is off, so it stays challenger")
-            version = registry.register_version(name, model_uri, {**lineage, "run_id": run_id,
-                                                                  registry.SHA256_TAG: folder.info.model_sha256}, policy)
+            onnx = served_onnx(runner)
+            version = registry.register_version(name, model_uri, {
+                **lineage, "run_id": run_id, registry.SHA256_TAG: folder.info.model_sha256,
+                **({registry.ONNX_SHA256_TAG: onnx.sha256} if onnx else {})}, policy)
             registry.apply_decision(name, version, decision, policy)
 
         card = model_card(name, folder.classes, folder.info, metrics, split_counts(manifest), lineage,

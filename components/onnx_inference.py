@@ -38,6 +38,9 @@ DEFAULT_TOLERANCE = 1e-4  # max |onnx - keras| on the probe batch, relative to m
 DEFAULT_BATCH_SIZE = 32
 PROBE_IMAGES = 2
 PROBE_SIZE = 128  # probe side for a model that takes any image size (the classifier)
+# The workspace's one ONNX cache, relative to components.settings.workspace_root(): train_head's
+# `<feature cache>/../onnx` (data/cache/features -> data/cache/onnx) and evaluate's scoring file share it.
+CACHE_DIR = Path("data/cache/onnx")
 
 
 # --- what is available here ------------------------------------------------------------------
@@ -48,6 +51,15 @@ def onnxruntime_available() -> bool:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
         import tf2onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def runtime_available() -> bool:
+    """onnxruntime imports: enough to run an accepted file (the served model never exports, so no tf2onnx)."""
+    try:
+        import onnxruntime  # noqa: F401
     except ImportError:
         return False
     return True
@@ -135,6 +147,7 @@ class OnnxExport:
     key: str
     max_abs_diff: float
     accepted: bool
+    sha256: str = ""  # of the file as checked against Keras (what a logged copy must still hash to)
 
 
 def _input_shape(model: Any, input_size: int | None) -> tuple[int, int, int]:
@@ -149,7 +162,8 @@ def _probe_batch(shape: tuple[int, int, int]) -> np.ndarray:
     return np.random.default_rng(0).uniform(0.0, 255.0, (PROBE_IMAGES, *shape)).astype(np.float32)
 
 
-def _session(path: Path, threads: int, allow_spinning: bool = True) -> Any:
+def _session(path: Path | bytes, threads: int, allow_spinning: bool = True) -> Any:
+    """A CPU session over a file, or over a model's bytes already in memory (the ones that were hashed)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -161,12 +175,39 @@ def _session(path: Path, threads: int, allow_spinning: bool = True) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _run_session(session: Any, batch: np.ndarray) -> np.ndarray:
     name = session.get_inputs()[0].name
     return np.asarray(session.run(None, {name: batch})[0])
+
+
+class OnnxFileChanged(ValueError):
+    """An ONNX file whose sha256 is not the one recorded for it: never handed to ONNX Runtime."""
+
+
+def verified_bytes(path: str | Path, expected_sha256: str) -> bytes:
+    """The bytes of an ONNX file from elsewhere (a downloaded model), refused if their sha256 differs.
+
+    Hand these bytes, not the path, to `cpu_session`: what was hashed is what runs.
+    """
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise OnnxFileChanged(f"refused to load {Path(path).name}: its sha256 differs from the one recorded "
+                              "when the model was logged")
+    return data
+
+
+def cpu_session(model: Path | bytes, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session; spinning off, since a served model shares its cores with its HTTP server."""
+    return _session(model, threads or available_cores(), allow_spinning=False)
+
+
+def run_session(session: Any, batch: np.ndarray) -> np.ndarray:
+    """The first output of a session for one float32 batch (the classifier's probabilities)."""
+    return _run_session(session, np.ascontiguousarray(batch, dtype=np.float32))
 
 
 def _export_to(model: Any, path: Path, input_size: int | None) -> None:
@@ -213,10 +254,11 @@ def export_onnx(model: Any, cache_dir: str | Path, *, key: str | None = None, in
             tmp_path.replace(onnx_path)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        files.write_json(record_path, {"key": key, "sha256": file_sha256(onnx_path), "max_abs_diff": diff,
+        sha256 = file_sha256(onnx_path)
+        files.write_json(record_path, {"key": key, "sha256": sha256, "max_abs_diff": diff,
                                        "tolerance": tolerance, "accepted": accepted, "input_size": input_size,
                                        "probe_shape": list(probe.shape), **_toolchain()})
-        return OnnxExport(onnx_path, key, diff, accepted)
+        return OnnxExport(onnx_path, key, diff, accepted, sha256)
 
 
 def content_key(model: Any, input_size: int | None = None) -> str:
@@ -231,9 +273,11 @@ def _read_record(onnx_path: Path, record_path: Path) -> OnnxExport | None:
         return None
     try:
         record = files.read_json(record_path)
-        if record.get("sha256") != file_sha256(onnx_path):
+        sha256 = file_sha256(onnx_path)
+        if record.get("sha256") != sha256:
             return None  # a torn or replaced file: export again
-        return OnnxExport(onnx_path, str(record["key"]), float(record["max_abs_diff"]), bool(record["accepted"]))
+        return OnnxExport(onnx_path, str(record["key"]), float(record["max_abs_diff"]), bool(record["accepted"]),
+                          sha256)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -36,6 +36,7 @@ class PredictResult:
     out_csv: Path
     n_images: int
     n_failed: int
+    engine: str = "keras"  # what ran the model: onnxruntime (its checked ONNX file) or keras
 
 
 def list_inputs(inputs: str | Path, split: str | None = None) -> list[str]:
@@ -118,6 +119,8 @@ def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_s
     if not paths:
         raise ValueError(f"{inputs}: no images found")
     scorer = load_scoring_model(model_uri).unwrap_python_model()
+    engine = str(getattr(scorer, "engine", "keras"))
+    print(f"predict: {model_uri} runs on {engine}")
     rows = []
     with tqdm(total=len(paths), unit="img", desc="predict") as bar:
         for start in range(0, len(paths), batch_size):
@@ -137,7 +140,7 @@ def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_s
     table = pd.DataFrame(rows, columns=["path", "label", "probability", "error"])
     with files.atomic_file(out_csv) as fh:
         table.to_csv(fh, index=False)
-    return PredictResult(Path(out_csv), len(table), int((table["error"] != "").sum()))
+    return PredictResult(Path(out_csv), len(table), int((table["error"] != "").sum()), engine)
 
 
 @errors.cli_errors("predict")
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except mlflow.exceptions.MlflowException as exc:
         print(f"predict: could not load {args.model} from {shown_uri()}: {exc.message}", file=sys.stderr)
         return 2
-    print(f"wrote {result.out_csv}: {result.n_images} images, {result.n_failed} could not be scored")
+    print(f"wrote {result.out_csv}: {result.n_images} images, {result.n_failed} could not be scored "
+          f"(engine: {result.engine})")
     return 0
 
 

@@ -10,8 +10,9 @@ through by `evaluate.promotion.allow_class_set_change`). The champion alias move
 points at the version that was scored.
 
 The served model is logged as "models from code" (`components/serving_model.py`), never as a
-pickle; the Keras file's sha256 is in its model_config and on the registered version, and
-`load_scoring_model` refuses pickled models and files whose hash differs.
+pickle; the Keras file's sha256 (and the ONNX file's, when evaluate scored with ONNX Runtime) is in
+its model_config and on the registered version, and `load_scoring_model` refuses pickled models and
+files whose hash differs.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from components.contracts import IngestReport, ModelRunInfo, PromotionRecord, Sc
 from components.data import Split
 from components.images import ImageLimits, read_limited
 from components.metrics import align_columns, compute_metrics
-from components.serving_model import CONFIG_KEYS
+from components.serving_model import CONFIG_KEYS, ONNX_ARTIFACT, OPTIONAL_CONFIG_KEYS
 from components.settings import environment
 from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SHA256_TAG = "keras_sha256"
+ONNX_SHA256_TAG = "onnx_sha256"  # on versions whose served model carries an ONNX file (also its model_config key)
 PYFUNC_NAME = "model"
 SERVING_MODEL = Path(__file__).resolve().parent / "serving_model.py"
 EPS = 1e-9  # float noise must not flip a comparison
@@ -205,13 +207,20 @@ def pyfunc_requirements() -> list[str]:
     """Pinned from this environment: inferring them is slow and lists both tensorflow wheels."""
     wanted = ["mlflow", "keras", "pillow", "numpy", "pandas", "pydantic", "pyyaml"]
     for tf_dist in ("tensorflow-cpu", "tensorflow"):
-        try:
-            metadata.version(tf_dist)
-        except metadata.PackageNotFoundError:
-            continue
-        wanted.insert(0, tf_dist)
-        break
+        if _installed(tf_dist):
+            wanted.insert(0, tf_dist)
+            break
+    if _installed("onnxruntime"):  # runs the ONNX file; the model still serves with Keras without it
+        wanted.append("onnxruntime")
     return [f"{name}=={metadata.version(name)}" for name in wanted]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def code_closure(module_file: Path) -> set[str]:
@@ -245,19 +254,26 @@ def code_package(tmp: Path) -> Path:
     return package
 
 
-def serving_model_config(params: Params, image_size: int, keras_sha256: str) -> dict[str, Any]:
-    """What the served model needs at load time, with every limit it enforces on requests."""
+def serving_model_config(params: Params, image_size: int, keras_sha256: str,
+                         onnx_sha256: str | None = None) -> dict[str, Any]:
+    """What the served model needs at load time, with every limit it enforces on requests (and, given the
+    sha256 of the ONNX file evaluate scored with, that file's hash: the served model may run it then)."""
     config = {"image_size": int(image_size), "batch_size": params.evaluate.batch_size, "keras_sha256": keras_sha256,
             "max_images_per_request": params.evaluate.serving.max_images_per_request,
             "max_request_bytes": params.evaluate.serving.max_request_bytes,
             "max_image_bytes": params.validate.max_image_bytes, "max_pixels": params.validate.max_pixels,
             "allowed_formats": [f.upper() for f in params.validate.allowed_formats]}
     assert set(config) == set(CONFIG_KEYS), "serving_model.CONFIG_KEYS and this function disagree"
+    if onnx_sha256:
+        config.update({"onnx_sha256": onnx_sha256, "serving_engine": "auto"})
+        assert set(config) - set(CONFIG_KEYS) <= set(OPTIONAL_CONFIG_KEYS), "serving_model.OPTIONAL_CONFIG_KEYS"
     return config
 
 
-def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any], example: Any) -> Any:
-    """Log the served model into the active run: code from serving_model.py, the .keras file as an artifact."""
+def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any], example: Any,
+               onnx_path: Path | None = None) -> Any:
+    """Log the served model into the active run: code from serving_model.py, the .keras file as an artifact,
+    and the ONNX file too when given (its sha256 must be model_config's `onnx_sha256`)."""
     import mlflow
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Schema
@@ -269,10 +285,13 @@ def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any
     )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "classes.json").write_text(json.dumps(classes), encoding="utf-8")
+        artifacts = {"keras_model": str(model_path), "classes": str(Path(tmp) / "classes.json")}
+        if onnx_path is not None:
+            artifacts[ONNX_ARTIFACT] = str(_checked_copy(onnx_path, str(model_config.get(ONNX_SHA256_TAG)), Path(tmp)))
         return mlflow.pyfunc.log_model(
             name=PYFUNC_NAME,
             python_model=str(SERVING_MODEL),
-            artifacts={"keras_model": str(model_path), "classes": str(Path(tmp) / "classes.json")},
+            artifacts=artifacts,
             code_paths=[str(code_package(Path(tmp)))],
             model_config=model_config,
             signature=signature,
@@ -282,21 +301,41 @@ def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any
         )
 
 
+def _checked_copy(onnx_path: Path, expected_sha256: str, tmp: Path) -> Path:
+    """A private copy of the ONNX file, hashed after copying: what is logged is the file that was checked
+    against Keras, even if the shared cache folder changes while the model uploads."""
+    from components.hashing import file_sha256
+
+    copy = tmp / "model.onnx"
+    copy.write_bytes(Path(onnx_path).read_bytes())
+    if file_sha256(copy) != expected_sha256:
+        raise UnsafeModel(f"{onnx_path}: its sha256 is not the one model_config records (onnx_sha256): not logged")
+    return copy
+
+
 class UnsafeModel(ValueError):
     """A logged model this project will not load: pickled, or its model file changed since registration."""
 
 
-def check_logged_model(local_dir: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
-    """The pyfunc flavor of a downloaded model, refused if it holds a pickle or a changed Keras hash."""
+def check_logged_model(local_dir: str | Path, expected_sha256: str | None = None,
+                       expected_onnx_sha256: str | None = None) -> dict[str, Any]:
+    """The pyfunc flavor of a downloaded model, refused if it holds a pickle or a changed Keras hash.
+
+    For a registered version (`expected_sha256` given) the ONNX hash in model_config must also be the
+    version's tag (neither present on models logged without an ONNX file). The files themselves are
+    checked against model_config in ImageClassifier.load_context, before anything reads them."""
     local_dir = Path(local_dir)
     conf = yaml.safe_load((local_dir / "MLmodel").read_text(encoding="utf-8")) or {}
     pyfunc = (conf.get("flavors") or {}).get("python_function") or {}
     pickles = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.suffix in {".pkl", ".pickle"})
     if "python_model" in pyfunc or pyfunc.get("loader_module") != CODE_LOADER or pickles:
         raise UnsafeModel(f"{local_dir.name}: a pickled pyfunc (logged before models-from-code); it is not loaded")
-    recorded = (pyfunc.get("config") or {}).get(SHA256_TAG)  # the model_config it was logged with
+    config = pyfunc.get("config") or {}  # the model_config it was logged with
+    recorded = config.get(SHA256_TAG)
     if not recorded or (expected_sha256 and recorded != expected_sha256):
         raise UnsafeModel("the model's Keras sha256 differs from the one recorded at registration")
+    if expected_sha256 and config.get(ONNX_SHA256_TAG) != expected_onnx_sha256:
+        raise UnsafeModel("the model's ONNX sha256 differs from the one recorded at registration")
     return pyfunc
 
 
@@ -307,16 +346,18 @@ def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> A
     fixed_uri, expected = registered_version(model_uri, policy)
     local = with_retries("download the model", mlflow.artifacts.download_artifacts, artifact_uri=fixed_uri,
                          policy=policy)
-    check_logged_model(local, expected)
-    return mlflow.pyfunc.load_model(local)  # load_context checks the Keras file against model_config
+    check_logged_model(local, expected.get(SHA256_TAG), expected.get(ONNX_SHA256_TAG))
+    # load_context checks the Keras (and any ONNX) file against model_config; `engine` says which one runs.
+    return mlflow.pyfunc.load_model(local)
 
 
-def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> tuple[str, str | None]:
-    """(`models:/NAME/VERSION` with any alias resolved once, that version's sha256 tag); other URIs as given, None."""
+def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> tuple[str, dict[str, str]]:
+    """(`models:/NAME/VERSION` with any alias resolved once, that version's sha256 tags: Keras, ONNX if any);
+    other URIs as given, {}."""
     from mlflow import MlflowClient
 
     if not model_uri.startswith("models:/"):
-        return model_uri, None
+        return model_uri, {}
     name, _, ref = model_uri[len("models:/"):].rstrip("/").partition("/")
     client = MlflowClient()
     if "@" in name and not ref:
@@ -325,11 +366,11 @@ def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> t
     elif ref:
         found = with_retries("read the model version", client.get_model_version, name, ref, policy=policy)
     else:
-        return model_uri, None  # models:/<logged model id>: no registry tag (its model_config hash is still checked)
+        return model_uri, {}  # models:/<logged model id>: no registry tag (its model_config hash is still checked)
     tag = found.tags.get(SHA256_TAG)
     if not tag:
         raise UnsafeModel(f"{model_uri} has no {SHA256_TAG} tag: not registered by this pipeline")
-    return f"models:/{name}/{found.version}", tag
+    return f"models:/{name}/{found.version}", {k: found.tags[k] for k in (SHA256_TAG, ONNX_SHA256_TAG) if k in found.tags}
 
 
 def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: RetryPolicy
@@ -340,6 +381,7 @@ def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: Retry
         return None, None, None, False
     try:
         scorer = load_scoring_model(f"models:/{name}/{version}", policy).unwrap_python_model()
+        print(f"champion v{version}: re-scored with {getattr(scorer, 'engine', 'keras')}")
         their_classes = list(scorer.classes)
         if sorted(their_classes) != sorted(split.classes):
             return version, None, f"class set differs: champion {their_classes} vs test split {split.classes}", True

@@ -4,6 +4,12 @@
 so `set_model` at the bottom names the model object); the Keras file travels as an artifact
 whose sha256 is in the model's `model_config` and is checked before Keras reads the file.
 
+When evaluate scored with ONNX Runtime, the ONNX file it checked against Keras travels too
+(`onnx_model`, sha256 `onnx_sha256` in model_config) and is checked the same way before ONNX
+Runtime reads it. It serves where onnxruntime imports and no accelerator is visible; otherwise
+(or for a model logged without it) Keras serves. `self.engine` says which. The Keras file stays the
+source of truth: it is always loaded and verified, and the ONNX file is only ever a faster copy of it.
+
 Input: a column `image` of raw bytes, base64 strings or `data:` URIs (base64), nothing else.
 A string is never treated as a file name: "/etc/passwd" is simply not valid image data, and
 gets the same error as every other unusable input. Every image is decoded by
@@ -24,6 +30,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from components import onnx_inference
+from components.contracts import ContractError
 from components.data import load_keras_model
 from components.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, decode_rgb
 
@@ -31,6 +39,13 @@ IMAGE_COLUMN = "image"
 # model_config keys (written by registry.serving_model_config, read here)
 CONFIG_KEYS = ("image_size", "batch_size", "keras_sha256", "max_images_per_request", "max_request_bytes",
                "max_image_bytes", "max_pixels", "allowed_formats")
+# Keys a model may carry; models logged before they existed load without them.
+OPTIONAL_CONFIG_KEYS = ("onnx_sha256", "serving_engine")
+ONNX_ARTIFACT = "onnx_model"
+# serving_engine: auto (ONNX Runtime where it can run, Keras otherwise) | keras | onnxruntime (insist). Logged as
+# auto; MLflow lets a loader override a logged key (MLFLOW_PYFUNC_INFERENCE_CONFIG='{"serving_engine": "keras"}'
+# or load_model(..., model_config=...)), which is how Keras is forced without re-logging the model.
+SERVING_ENGINES = ("auto", "keras", "onnxruntime")
 
 
 class RequestRejected(ValueError):
@@ -123,8 +138,37 @@ def probabilities_frame(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     })
 
 
+def onnx_session(artifacts: dict[str, str], config: dict[str, Any]) -> Any | None:
+    """An ONNX Runtime session over the model's verified ONNX file, or None where Keras should serve.
+
+    The hash is checked whenever the model carries the file, on any machine: a changed file is
+    refused even where Keras would have served, so a tampered model fails everywhere alike.
+    """
+    path, expected = artifacts.get(ONNX_ARTIFACT), config.get("onnx_sha256")
+    wanted = str(config.get("serving_engine") or "auto")
+    if wanted not in SERVING_ENGINES:
+        raise ValueError(f"serving_engine = {wanted!r}: expected one of {', '.join(SERVING_ENGINES)}")
+    if not path or not expected:
+        if wanted == "onnxruntime":
+            raise ValueError("serving_engine: onnxruntime, but this model was logged without an ONNX file")
+        return None  # logged before ONNX, or scored by Keras: there is no file we could trust
+    try:
+        data = onnx_inference.verified_bytes(path, str(expected))
+    except onnx_inference.OnnxFileChanged as exc:
+        raise ContractError(str(exc)) from None
+    blocker = ("serving_engine: keras" if wanted == "keras" else
+               "onnxruntime is not installed" if not onnx_inference.runtime_available() else
+               "an accelerator is present" if onnx_inference.accelerator_present() else None)
+    if blocker is None:
+        return onnx_inference.cpu_session(data)
+    if wanted == "onnxruntime":
+        raise ValueError(f"serving_engine: onnxruntime, but {blocker}")
+    return None
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Artifacts: `keras_model` (.keras, sha256 in model_config) and `classes` (JSON list)."""
+    """Artifacts: `keras_model` (.keras, sha256 in model_config), `classes` (JSON list) and, optionally,
+    `onnx_model` (sha256 `onnx_sha256` in model_config)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = dict(context.model_config or {})
@@ -133,6 +177,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"model_config lacks {missing}: this model was not logged by this project's registry")
         # Refused before Keras reads a byte if the file is not the one recorded at registration.
         self.model = load_keras_model(context.artifacts["keras_model"], expected_sha256=str(config["keras_sha256"]))
+        self.session = onnx_session(dict(context.artifacts), config)
+        self.engine = "keras" if self.session is None else "onnxruntime"
         with open(context.artifacts["classes"], encoding="utf-8") as fh:
             self.classes = [str(c) for c in json.load(fh)]
         self.image_size = int(config["image_size"])
@@ -157,8 +203,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                     batch[i] = decode_rgb(data, self.image_size, self.limits.image)
                 except UnusableImage as exc:
                     raise UnusableRow(start + i, exc.reason) from None
-            parts.append(np.asarray(self.model.predict_on_batch(batch), dtype=np.float32))
+            parts.append(self._forward(batch))
         return np.concatenate(parts)
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            return onnx_inference.run_session(self.session, batch)
+        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
 
 
 mlflow.models.set_model(ImageClassifier())

@@ -22,7 +22,8 @@ def score_images(model_uri: str, inputs: str, out_csv: str, batch_size: int) -> 
     from components.predict import run_predict
 
     result = run_predict(model_uri, inputs, out_csv, batch_size)
-    return {"out_csv": str(result.out_csv), "n_images": result.n_images, "n_failed": result.n_failed}
+    return {"out_csv": str(result.out_csv), "n_images": result.n_images, "n_failed": result.n_failed,
+            "engine": result.engine}
 
 
 @flow(name="batch-predict", log_prints=True)
@@ -40,7 +41,8 @@ def batch_predict_flow(inputs: str, out_csv: str = "predictions.csv", model_uri:
     create_markdown_artifact(
         key="batch-predictions",
         markdown=f"# Batch prediction\n\n- model: `{model_uri}`\n- inputs: `{inputs}`\n- output: `{result['out_csv']}`\n"
-                 f"- images scored: {result['n_images'] - result['n_failed']} of {result['n_images']}\n",
+                 f"- images scored: {result['n_images'] - result['n_failed']} of {result['n_images']}\n"
+                 f"- engine: {result['engine']}\n",
     )
     return result
 
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     result = batch_predict_flow(args.inputs, args.out, args.model, args.params, args.batch_size)
-    print(f"wrote {result['out_csv']}: {result['n_images']} images, {result['n_failed']} could not be scored")
+    print(f"wrote {result['out_csv']}: {result['n_images']} images, {result['n_failed']} could not be scored "
+          f"(engine: {result['engine']})")
     return 0
 
 
