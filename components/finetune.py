@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from components import (calibration, data, drift, errors, files, hashing, label_issues, learning_curves, runtime,
-                        tracking)
+                        snapshots, tracking)
 from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split, make_dataset
 from components.images import ImageLimits
@@ -140,7 +140,7 @@ def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfi
         keras.callbacks.CSVLogger(str(checkpoint_dir / EPOCH_LOG), append=True),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
                                       restore_best_weights=True),
-        logger, epochs_seen, *extra_callbacks,
+        logger, epochs_seen, *extra_callbacks, *snapshots.snapshot_callbacks("finetune"),
     ]
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
               shuffle=False, verbose=runtime.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded

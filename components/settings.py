@@ -9,6 +9,8 @@ credentials live here (or in MLflow's/DVC's own configuration), never in `params
     TP_MLFLOW_PARENT_RUN_ID set by the flow: the pipeline run's MLflow parent run, stage runs nest under it
     TP_NOTIFY_WEBHOOK_URL   webhook told about failures and promotions
     TP_NOTIFY_BLOCK         or: a Prefect notification block's slug (e.g. slack-webhook/ml-alerts)
+    TP_EPOCH_SNAPSHOTS      a folder: train_head and finetune save weights after every epoch there (benchmarks
+                            score them on test afterwards; components/snapshots.py); unset = none
     DVC_ROOT, DVC_EXP_NAME  set by DVC for stage commands: the main workspace (also inside `dvc exp run
                             --temp/--queue` folders) and the experiment's name when one runs
 """
@@ -30,6 +32,7 @@ class EnvironmentSettings(BaseSettings):
     mlflow_parent_run_id: str | None = None
     notify_webhook_url: str | None = None
     notify_block: str | None = None
+    epoch_snapshots: Path | None = None
     dvc_root: Path | None = Field(None, validation_alias=AliasChoices("DVC_ROOT"))
     dvc_exp_name: str | None = Field(None, validation_alias=AliasChoices("DVC_EXP_NAME"))
 

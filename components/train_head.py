@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from components import (data, drift, errors, files, hashing, label_issues, learning_curves, onnx_inference, runtime,
+from components import (data, drift, errors, files, hashing, label_issues, learning_curves, onnx_inference, runtime, snapshots,
                         tracking)
 from components.config import Params, ParamsError, TrainHeadConfig, load_params
 from components.data import Split, image_batches, load_split, make_dataset
@@ -238,7 +238,8 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
             "augment_policy_sha256": hashing.file_sha256(policy_path) if policy_path else None,
         })
         tracking.log_dataset(client, run_id, manifest, frame, version, "training")
-        callbacks = _callbacks(params, client, run_id)
+        callbacks = _callbacks(params, client, run_id) + snapshots.snapshot_callbacks(
+            "train_head", weights_of="head" if h.cached_features else "model")
         checks = DataChecks()
         if h.cached_features:
             history, cache_path = _fit_on_cached_features(model, train, val, params, manifest, policy_path,
