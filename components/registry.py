@@ -370,7 +370,8 @@ def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> t
     tag = found.tags.get(SHA256_TAG)
     if not tag:
         raise UnsafeModel(f"{model_uri} has no {SHA256_TAG} tag: not registered by this pipeline")
-    return f"models:/{name}/{found.version}", {k: found.tags[k] for k in (SHA256_TAG, ONNX_SHA256_TAG) if k in found.tags}
+    hashes = {k: found.tags[k] for k in (SHA256_TAG, ONNX_SHA256_TAG) if k in found.tags}
+    return f"models:/{name}/{found.version}", hashes
 
 
 def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: RetryPolicy

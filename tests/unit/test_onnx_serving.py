@@ -113,7 +113,8 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert registry.ONNX_SHA256_TAG not in tags
         local = download(f"models:/{NAME}/{result.model_version}", tmp_path / "dl")
         assert not list(local.rglob("*.onnx"))
-        assert registry.load_scoring_model(f"models:/{NAME}/{result.model_version}").unwrap_python_model().engine == "keras"
+        served = registry.load_scoring_model(f"models:/{NAME}/{result.model_version}").unwrap_python_model()
+        assert served.engine == "keras"
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -170,7 +171,8 @@ def test_a_model_logged_without_onnx_still_serves_with_keras(tmp_path: Path) -> 
         params = settings()
         config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
         assert not set(serving_model.OPTIONAL_CONFIG_KEYS) & set(config)  # what models before this change carry
-        example = evaluate.example_input(str(write_image(tmp_path / "ex.jpg")), ImageLimits.from_config(params.validate))
+        limits = ImageLimits.from_config(params.validate)
+        example = evaluate.example_input(str(write_image(tmp_path / "ex.jpg")), limits)
         with mlflow.start_run():
             info = registry.log_pyfunc(folder.model_path, folder.classes, config, example)
         version = registry.register_version("old", info.model_uri, {registry.SHA256_TAG: folder.info.model_sha256})
