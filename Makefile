@@ -46,8 +46,9 @@ test: install keras-home
 test-fast: install keras-home
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
+# Results land in benchmarks/results/$(NAME).{json,md} and $(NAME)_curves.png
 benchmark: install keras-home
-	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE))
+	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE)) $(if $(NAME),--name $(NAME))
 
 soak: install keras-home
 	$(BIN)/python -m benchmarks.soak $(if $(SOURCE),--source $(SOURCE))
