@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -358,6 +359,7 @@ def to_markdown(result: dict[str, Any]) -> str:
              "| best test accuracy (any epoch) | " + " | ".join(_fmt(r["best_test_accuracy"]) for r in [p, *bs.values()]) + " |",
              "| seconds (pipeline: ingest to registered model; baselines: training) | "
              + " | ".join(str(r["total_seconds"]) for r in [p, *bs.values()]) + " |", "",
+             _interval_line(p["test_accuracy_final"], result["split_counts"]), "",
              "Pipeline stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in p["stage_seconds"].items()), "",
              "| time to | target accuracy | pipeline s | baseline s | ratio |", "|---|---|---|---|---|"]
     for key, t in c.items():
@@ -375,13 +377,31 @@ def to_markdown(result: dict[str, Any]) -> str:
                   "| | val | test |", "|---|---|---|",
                   f"| plain | {tta['val_plain']:.4f} | {tta['test_plain']:.4f} |",
                   f"| mean of image and mirror | {tta['val_flip_tta']:.4f} | {tta['test_flip_tta']:.4f} |", "",
-                  f"Kept: {'yes (better on val)' if tta['keep'] else 'no (not better on val)'}."]
+                  f"Better on val: {'yes' if tta['keep'] else 'no'}. Measured on the registered model only: the "
+                  "pipeline does not apply it (its model scores one image at a time)."]
     lines += ["", "## Per-epoch test accuracy", "", "| run | phase | epoch | seconds | test accuracy |",
               "|---|---|---|---|---|"]
     for name, run in [("pipeline", p), *bs.items()]:
         lines += [f"| {name} | {pt['phase']} | {pt['epoch'] or ''} | {pt['seconds']} | {pt['test_accuracy']:.4f} |"
                   for pt in run["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on n images (how far one run's number can move)."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval_line(accuracy: float, split_counts: str) -> str:
+    counts = {part.split()[1]: int(part.split()[0]) for part in split_counts.split(", ")}
+    n = counts.get("test", 0)
+    if not n:
+        return "No test images: no interval."
+    low, high = wilson_interval(accuracy, n)
+    return (f"The pipeline's final test accuracy {accuracy:.4f} on {n} test images: 95% interval "
+            f"{low:.3f}-{high:.3f} (one image is {1 / n:.3f}).")
 
 
 def _split_counts(workspace: Path) -> str:
@@ -402,7 +422,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs of both baselines' two phases")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
     parser.add_argument("--results", default=str(RESULTS), help="folder for <name>.json/.md/_curves.png")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite <name>.md and _curves.png from an existing <name>.json; run nothing")
     args = parser.parse_args(argv)
+    results = Path(args.results)
+    if args.report_only:
+        result = json.loads((results / f"{args.name}.json").read_text())
+        plot_curves(result, results / f"{args.name}_curves.png")
+        (results / f"{args.name}.md").write_text(to_markdown(result))
+        return 0
 
     from components.config import apply_overrides, load_params
 
@@ -426,7 +454,6 @@ def main(argv: list[str] | None = None) -> int:
               "split_counts": _split_counts(workspace), "baseline_epochs": args.baseline_epochs,
               "pipeline": pipeline, "baselines": baselines, "comparison": comparison,
               "targets": targets(pipeline, comparison)}
-    results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, results / f"{args.name}_curves.png")

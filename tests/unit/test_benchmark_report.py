@@ -47,9 +47,17 @@ def test_markdown_lists_every_run_and_epoch() -> None:
                     flip_tta={"val_plain": 0.9, "val_flip_tta": 0.92, "test_plain": 0.9, "test_flip_tta": 0.91, "keep": True})
     careful = _run([(20.0, 0.8), (60.0, 0.88)], total=70.0, test_accuracy_after_frozen=0.8)
     comparison = run.compare(pipeline, {"careful": careful})
-    text = run.to_markdown({"name": "x", "machine": "m", "source": "s", "split_counts": "1 train", "pipeline": pipeline,
+    text = run.to_markdown({"name": "x", "machine": "m", "source": "s", "split_counts": "8 train, 2 val, 100 test", "pipeline": pipeline,
                             "baselines": {"careful": careful}, "comparison": comparison,
                             "targets": run.targets(pipeline, comparison)})
     assert "| careful_best | 0.8800 | 100.0 | 60.0 | 1.667 |" in text
     assert text.count("| pipeline | p |") == 2 and text.count("| careful | p |") == 2
-    assert "Kept: yes" in text and "| final test accuracy | >= 0.94 | 0.9100 | **no** |" in text
+    assert "Better on val: yes" in text and "the pipeline does not apply it" in text
+    assert "0.9100 on 100 test images: 95% interval 0.838-0.952" in text
+    assert "| final test accuracy | >= 0.94 | 0.9100 | **no** |" in text
+
+
+def test_wilson_interval_matches_the_textbook_value() -> None:
+    low, high = run.wilson_interval(0.9, 100)
+    assert round(low, 3) == 0.826 and round(high, 3) == 0.945
+    assert run.wilson_interval(1.0, 23)[1] == 1.0 and run.wilson_interval(1.0, 23)[0] < 0.86
