@@ -48,7 +48,7 @@ test-fast: install keras-home
 
 # Results land in benchmarks/results/$(NAME).{json,md} and $(NAME)_curves.png
 benchmark: install keras-home
-	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE)) $(if $(NAME),--name $(NAME))
+	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE)) $(if $(NAME),--name $(NAME)) $(ARGS)
 
 soak: install keras-home
 	$(BIN)/python -m benchmarks.soak $(if $(SOURCE),--source $(SOURCE))

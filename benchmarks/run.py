@@ -387,6 +387,23 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def remapped_manifest(source: Path, test_folder: str, table: Path) -> Path:
+    """A (path, label, split) table over `source/<split>/<class>/<file>` where `test_folder` becomes the
+    test split and train stays train (ingest then carves val from train)."""
+    import pandas as pd
+
+    rows = []
+    for folder, split in (("train", "train"), (test_folder, "test")):
+        for path in sorted((source / folder).glob("*/*")):
+            if path.is_file() and not path.name.startswith("."):
+                rows.append({"path": str(path), "label": path.parent.name, "split": split})
+    if not rows:
+        raise SystemExit(f"{source}: no files under train/ or {test_folder}/")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table
+
+
 def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of an accuracy measured on n images (how far one run's number can move)."""
     centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
@@ -422,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs of both baselines' two phases")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
     parser.add_argument("--results", default=str(RESULTS), help="folder for <name>.json/.md/_curves.png")
+    parser.add_argument("--test-from", metavar="FOLDER",
+                        help="use the source's own held-out folder (e.g. val) as the test split; val is then "
+                             "carved from train (hymenoptera_data: 153 test images instead of 23)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite <name>.md and _curves.png from an existing <name>.json; run nothing")
     args = parser.parse_args(argv)
@@ -438,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     if work.exists():
         raise SystemExit(f"{work} exists: remove it or pass another --name/--workdir")
     settings = apply_overrides({}, args.settings)
-    workspace = make_workspace(work / "workspace", Path(args.source).resolve(), settings)
+    source = Path(args.source).resolve()
+    if args.test_from:
+        source = remapped_manifest(source, args.test_from, work / "source.csv")
+        settings.setdefault("ingest", {})["allowed_roots"] = [str(Path(args.source).resolve())]
+    workspace = make_workspace(work / "workspace", source, settings)
     params = load_params(workspace / "params.yaml")
     pipeline = run_pipeline(workspace, work / "snapshots")
     folders = split_folders(workspace, work / "baseline_data")
