@@ -1,12 +1,20 @@
-"""Manifests into splits and tf.data pipelines; model folders written and read back safely.
+"""Manifests into splits and input pipelines; model folders written and read back safely.
 
 Shared by train_head, finetune, evaluate, export and batch prediction. Images are decoded with Pillow (it handles
 grayscale, palette, alpha, 16-bit and CMYK files that validate let through) and resized to the
 model's square input; the model itself carries the backbone's normalisation.
+
+Two input pipelines share one decoder (`load_rgb`) and one augmentation function (`augment_image`):
+tf.data (`make_dataset`, `image_batches`) where TensorFlow is the Keras backend (faster there), and a
+`keras.utils.PyDataset` (`ImageBatches`) that needs no TensorFlow, for other backends (JAX on GPU
+workers). `labelled_batches` and `image_batches` pick one by `keras.config.backend()`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +170,14 @@ def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path:
 
 def image_batches(paths: list[str], image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
                   seeds: np.ndarray | None = None, limits: ImageLimits | None = None) -> Any:
-    """float32 image batches in the given order (for feature extraction), augmented with `seeds` if given."""
+    """float32 image batches in the given order (for feature extraction), augmented with `seeds` if given.
+
+    tf.data on the TensorFlow backend; elsewhere an `ImageBatches` of images only (without `seeds`).
+    """
+    if not uses_tf_data():
+        if seeds is not None:
+            raise NotImplementedError("augmented feature batches (explicit seeds) need the TensorFlow backend")
+        return _image_batches_class()(list(paths), image_size, batch_size, limits=limits)
     import tensorflow as tf
 
     decode, _, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None, limits)
@@ -173,6 +188,137 @@ def image_batches(paths: list[str], image_size: int, batch_size: int, *, policy_
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(tf.constant(seeds, tf.int64))))
         ds = ds.map(decode_augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.map(lambda x: tf.cast(x, tf.float32)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def uses_tf_data() -> bool:
+    """Whether the input pipelines are tf.data (TensorFlow backend) or `ImageBatches` (any other)."""
+    import keras
+
+    return keras.config.backend() == "tensorflow"
+
+
+def labelled_batches(split: Split, image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
+                     training: bool = False, seed: int = 0, cache: bool = False,
+                     limits: ImageLimits | None = None) -> Any:
+    """Batches of (float32 images in 0..255, one-hot float32 labels) for fit/evaluate/predict.
+
+    On TensorFlow: `make_dataset` with the labels one-hot encoded in the graph. On other backends:
+    an `ImageBatches` with the same decoding, augmentation policy and meaning of each argument.
+    """
+    if not uses_tf_data():
+        return _image_batches_class()(split, image_size, batch_size, policy_path=policy_path, training=training,
+                                      seed=seed, cache=cache, limits=limits)
+    import tensorflow as tf
+
+    classes = len(split.classes)
+    ds = make_dataset(split, image_size, batch_size, policy_path=policy_path, training=training, seed=seed,
+                      cache=cache, limits=limits)
+    return ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
+
+
+def epoch_callbacks(batches: Any) -> list[Any]:
+    """[a callback telling an `ImageBatches` which epoch fit() starts] (so a resumed run sees the
+    same order and augmentations); [] for tf.data, which counts its own iterations."""
+    if not hasattr(batches, "epoch_callback"):
+        return []
+    return [batches.epoch_callback()]
+
+
+# --- keras.utils.PyDataset input (any Keras backend, no TensorFlow) -----------------------------
+# Batch `index` of epoch `epoch` is a pure function of (seed, epoch, index): the shuffle order and
+# the per-image augmentation seeds both come from numpy generators seeded with those numbers, so
+# batches are the same however Keras's worker threads are scheduled, and a run is reproducible.
+
+
+def default_workers() -> int:
+    """Loader threads: Pillow and albumentations (OpenCV) release the GIL; 2 on a 2-core machine, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@functools.cache
+def _image_batches_class() -> type:
+    import keras
+
+    class ImageBatches(keras.utils.PyDataset):
+        """Batches of float32 images (0..255) and one-hot float32 labels of a `Split` (numpy).
+
+        The same images as `make_dataset`: `load_rgb` within `limits`; training=True shuffles every
+        epoch and, with a `policy_path`, applies the saved albumentations policy (`augment_image`)
+        with a seed per (seed, epoch, image); training=False never augments or shuffles.
+        cache=True keeps decoded images in memory (before augmentation). Given a list of paths
+        instead of a Split, batches are images only, in order (for predict). `epoch` is the epoch
+        the next batches belong to: it advances at each epoch's end, and `epoch_callback()` sets it
+        from fit()'s own epoch number.
+        """
+
+        def __init__(self, split: Split | list[str], image_size: int, batch_size: int, *,
+                     policy_path: str | Path | None = None, training: bool = False, seed: int = 0,
+                     cache: bool = False, limits: ImageLimits | None = None, workers: int | None = None,
+                     use_multiprocessing: bool = False, max_queue_size: int = 10) -> None:
+            super().__init__(workers=default_workers() if workers is None else workers,
+                             use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
+            self.labelled = isinstance(split, Split)
+            self.paths = list(split.paths if isinstance(split, Split) else split)
+            self.labels = split.labels if isinstance(split, Split) else None
+            self.num_classes = len(split.classes) if isinstance(split, Split) else 0
+            self.image_size, self.batch_size = image_size, batch_size
+            self.policy_path = str(policy_path) if policy_path is not None and training else None
+            self.training, self.seed, self.limits = training, seed, limits
+            self.cache: dict[int, np.ndarray] | None = {} if cache else None
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return math.ceil(len(self.paths) / self.batch_size)
+
+        def order(self, epoch: int) -> np.ndarray:
+            """The image indices of an epoch: a seeded permutation when training, else as given."""
+            if not self.training:
+                return np.arange(len(self.paths))
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
+
+        def _image(self, i: int) -> np.ndarray:
+            if self.cache is None:
+                return load_rgb(self.paths[i], self.image_size, self.limits)
+            image = self.cache.get(i)
+            if image is None:
+                image = self.cache[i] = load_rgb(self.paths[i], self.image_size, self.limits)
+            return image
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
+            if not 0 <= index < len(self):
+                raise IndexError(f"batch {index} of {len(self)}")
+            epoch = self.epoch
+            rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+            images = [self._image(int(i)) for i in rows]
+            if self.policy_path is not None:
+                seeds = np.random.default_rng([self.seed, epoch, index]).integers(0, 2**32, len(rows))
+                images = [augment_image(image, self.policy_path, s) for image, s in zip(images, seeds)]
+            x = np.stack(images).astype(np.float32)
+            if not self.labelled:
+                return (x,)
+            return x, np.eye(self.num_classes, dtype=np.float32)[self.labels[rows]]
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+        def epoch_callback(self) -> Any:
+            batches = self
+
+            class SetEpoch(keras.callbacks.Callback):
+                def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                    batches.epoch = epoch
+
+            return SetEpoch()
+
+    return ImageBatches
+
+
+def __getattr__(name: str) -> Any:
+    # ImageBatches subclasses keras.utils.PyDataset: built on first use so importing this module
+    # does not import Keras (and, on the TensorFlow backend, TensorFlow).
+    if name == "ImageBatches":
+        return _image_batches_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- labels ----------------------------------------------------------------------------------

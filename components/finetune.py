@@ -8,12 +8,16 @@ id) in `.checkpoints/finetune/<key of inputs and params>`, outside the DVC outpu
 run resumes from its last finished epoch; the folder is deleted after success.
 
 The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and a
-MirroredStrategy (global batch = batch_size x replicas) with more than one.
+MirroredStrategy (global batch = batch_size x replicas) with more than one. It is backend-agnostic
+Keras 3: TensorFlow is the default (input through tf.data); with `KERAS_BACKEND=jax` (GPU workers,
+which have no TensorFlow) nothing imports TensorFlow, the input is a `keras.utils.PyDataset`
+(`components.data.ImageBatches`, same decoding and augmentation policy) and training uses one device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import sys
@@ -27,7 +31,7 @@ import pandas as pd
 from components import (calibration, data, drift, errors, files, hashing, label_issues, learning_curves, runtime,
                         snapshots, tracking)
 from components.config import FinetuneConfig, Params, ParamsError, load_params
-from components.data import Split, load_split, make_dataset
+from components.data import Split, load_split
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
 from components.contracts import MODEL_FILE, TrainingMetrics, read_manifest
@@ -70,7 +74,23 @@ def checkpoint_key(params: Params, manifest: str | Path, policy_path: str | Path
     })
 
 
+@dataclass(frozen=True)
+class _OneDevice:
+    """Stands in for tf.distribute's default strategy on other backends: one device, no scope."""
+
+    num_replicas_in_sync: int = 1
+
+    def scope(self) -> Any:
+        return contextlib.nullcontext()
+
+
 def _distribution(device: dict[str, Any]) -> Any:
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        if device["gpus"] > 1:
+            print(f"finetune: {device['gpus']} GPUs seen; on the {keras.config.backend()} backend one is used")
+        return _OneDevice()
     import tensorflow as tf
 
     return tf.distribute.MirroredStrategy() if device["gpus"] > 1 else tf.distribute.get_strategy()
@@ -117,16 +137,10 @@ def _compiled_model(head_dir: Path, head_sha256: str, config: FinetuneConfig, st
 
 def _datasets(train: Split, val: Split, image_size: int, batch_size: int, policy_path: str | Path | None,
               seed: int, limits: ImageLimits) -> tuple[Any, Any]:
-    import tensorflow as tf
-
-    classes = len(train.classes)
-
-    def one_hot(x: Any, y: Any) -> tuple[Any, Any]:
-        return x, tf.one_hot(y, classes)
-
-    train_ds = make_dataset(train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed,
-                            limits=limits)
-    return train_ds.map(one_hot), make_dataset(val, image_size, batch_size, cache=True, limits=limits).map(one_hot)
+    """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere."""
+    train_ds = data.labelled_batches(train, image_size, batch_size, policy_path=policy_path, training=True,
+                                     seed=seed, limits=limits)
+    return train_ds, data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
 
 
 def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfig, checkpoint_dir: Path,
@@ -140,10 +154,11 @@ def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfi
         keras.callbacks.CSVLogger(str(checkpoint_dir / EPOCH_LOG), append=True),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
                                       restore_best_weights=True),
-        logger, epochs_seen, *extra_callbacks, *snapshots.snapshot_callbacks("finetune"),
+        logger, epochs_seen, *data.epoch_callbacks(train_ds), *extra_callbacks,
+        *snapshots.snapshot_callbacks("finetune"),
     ]
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-              shuffle=False, verbose=runtime.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+              shuffle=False, verbose=runtime.progress_verbosity())  # shuffle=False: the input shuffles, seeded
     return _epoch_history(checkpoint_dir / EPOCH_LOG), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
 
 
@@ -181,7 +196,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
     config, seed, head_dir = params.finetune, params.project.seed, Path(head_dir)
     classes, head_info = data.read_model_info(head_dir)
     image_size = head_info.image_size
-    device = runtime.configure_tensorflow(seed)
+    device = runtime.configure_devices(seed)
     frame = read_manifest(manifest)
     excluded = label_issues.read_exclusions(head_dir)  # suspect labels the head left out (action: exclude)
     kept = frame[~((frame["split"] == "train") & frame["path"].isin(excluded))]
@@ -219,6 +234,8 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             tracking.log_dataset(client, run_id, manifest, frame, hashing.manifest_version(manifest), "training")
         train_ds, val_ds = _datasets(train, val, image_size, batch_size, policy_path, seed,
                                      ImageLimits.from_config(params.validate))
+        device = {**device, "backend": keras.config.backend(),
+                  "input_pipeline": "tf.data" if data.uses_tf_data() else "PyDataset"}
         if config.epochs > 0:
             history, resumed_at = _fit_resumable(model, train_ds, val_ds, config, checkpoint_dir,
                                                  tracking.mlflow_epoch_logger(client, run_id), extra_callbacks or [])

@@ -1,4 +1,4 @@
-"""Process-level set-up shared by every stage: telemetry off, quiet logs, seeds, devices.
+"""Process-level set-up shared by every stage: telemetry off, quiet logs, seeds, devices (any Keras backend).
 
 Imported first by each stage's CLI so that nothing phones home on an offline machine.
 """
@@ -30,12 +30,22 @@ def quiet_environment() -> None:
 quiet_environment()
 
 
-def configure_tensorflow(seed: int) -> dict[str, Any]:
-    """Seed everything and describe the devices; mixed precision only where a GPU is present."""
+def configure_devices(seed: int) -> dict[str, Any]:
+    """Seed everything and describe the devices; mixed precision only where a GPU is present.
+
+    On the TensorFlow backend GPUs also get memory growth. On another backend (JAX on GPU workers,
+    which have no TensorFlow) TensorFlow is never imported: GPUs are counted through the backend.
+    """
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
+    if keras.config.backend() != "tensorflow":
+        gpus = gpu_count()
+        if gpus:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        return {"gpus": gpus, "mixed_precision": bool(gpus), "jit_compile": jit_compile_default()}
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         with contextlib.suppress(RuntimeError):  # already initialised
@@ -45,11 +55,43 @@ def configure_tensorflow(seed: int) -> dict[str, Any]:
     return {"gpus": len(gpus), "mixed_precision": bool(gpus), "jit_compile": bool(gpus)}
 
 
-def jit_compile_default() -> bool:
-    """XLA helps on GPUs and is ~7x slower on small CPUs, so only use it with a GPU."""
-    import tensorflow as tf
+configure_tensorflow = configure_devices  # the name the stages have always called
 
-    return bool(tf.config.list_physical_devices("GPU"))
+
+def gpu_count() -> int:
+    """GPUs the Keras backend sees (0 where it has none, or its GPU support is not installed)."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        try:
+            return len(jax.devices("gpu"))
+        except (RuntimeError, ValueError):  # no GPU platform (CPU-only jaxlib, JAX_PLATFORMS=cpu)
+            return 0
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.device_count()
+    return 0
+
+
+def jit_compile_default() -> bool:
+    """`jit_compile` for model.compile: on TensorFlow, XLA only with a GPU (it is ~7x slower on small
+    CPUs); JAX always compiles with XLA (False would run it op by op); other backends: off."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return backend == "jax"
 
 
 def progress_verbosity() -> int:

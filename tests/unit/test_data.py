@@ -83,3 +83,72 @@ def test_16_bit_grayscale_keeps_its_brightness(tmp_path):
     assert Image.open(path).mode.startswith("I")
     pixels = load_rgb(path, 32)
     assert pixels.shape == (32, 32, 3) and abs(int(pixels.mean()) - 128) <= 1
+
+
+# --- the keras.utils.PyDataset input (backends other than TensorFlow) -----------------------------
+
+def _all(batches) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*[batches[i] for i in range(len(batches))])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_pydataset_batches_are_the_tf_data_images_with_one_hot_labels(manifest: Path):
+    from components.data import ImageBatches
+
+    data = load_split(manifest, "val")  # 4 images: batches of 3 and 1
+    batches = ImageBatches(data, 64, 3, cache=True)
+    assert len(batches) == 2
+    x, y = batches[0]
+    assert x.shape == (3, 64, 64, 3) and x.dtype == np.float32 and y.shape == (3, 2) and y.dtype == np.float32
+    images, labels = _all(batches)
+    np.testing.assert_array_equal(labels, np.eye(2, dtype=np.float32)[data.labels])  # in order: eval never shuffles
+    np.testing.assert_array_equal(images, _batches(make_dataset(data, 64, 3))[0])  # the same decoder as tf.data
+    np.testing.assert_array_equal(_all(batches)[0], images)  # from the cache: unchanged
+    (only_images,) = ImageBatches(data.paths, 64, 8)[0]  # paths alone: images for predict, no labels
+    np.testing.assert_array_equal(only_images, images)
+
+
+def test_pydataset_augments_training_batches_only(manifest: Path, tmp_path: Path):
+    from components.data import ImageBatches
+
+    policy = write_policy(tmp_path / "invert.json", INVERT)
+    data = load_split(manifest, "train")
+    plain = np.stack([load_rgb(p, 64) for p in data.paths]).astype(np.float32)
+    evaluated, _ = _all(ImageBatches(data, 64, 5, policy_path=policy, training=False))
+    np.testing.assert_array_equal(evaluated, plain)
+    batches = ImageBatches(data, 64, 5, policy_path=policy, training=True, seed=3)
+    trained, labels = _all(batches)
+    order = batches.order(0)
+    assert sorted(order.tolist()) == list(range(len(data))) and order.tolist() != list(range(len(data)))
+    np.testing.assert_array_equal(trained, 255 - plain[order])  # shuffled, and every image inverted
+    np.testing.assert_array_equal(labels.argmax(1), data.labels[order])
+
+
+def test_pydataset_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(manifest: Path, tmp_path: Path):
+    from components.data import ImageBatches
+
+    policy = write_policy(tmp_path / "policy.json")
+    data = load_split(manifest, "train")
+    batches = ImageBatches(data, 64, 4, policy_path=policy, training=True, seed=11)
+    epoch1 = _all(batches)[0]
+    batches.on_epoch_end()  # what Keras calls after each epoch
+    epoch2 = _all(batches)[0]
+    rerun = ImageBatches(data, 64, 4, policy_path=policy, training=True, seed=11, workers=1)
+    np.testing.assert_array_equal(_all(rerun)[0], epoch1)
+    assert not np.array_equal(epoch1, epoch2)
+    rerun.epoch = 1  # what finetune's epoch callback sets when a run resumes at its second epoch
+    np.testing.assert_array_equal(_all(rerun)[0], epoch2)
+
+
+def test_tf_data_on_tensorflow_and_the_pydataset_on_other_backends(manifest: Path, monkeypatch: pytest.MonkeyPatch):
+    from components import data as data_module
+    from components.data import ImageBatches, image_batches, labelled_batches
+
+    data = load_split(manifest, "val")
+    on_tf = labelled_batches(data, 64, 3)
+    assert data_module.uses_tf_data() and not isinstance(on_tf, ImageBatches)
+    _, labels = _batches(on_tf)
+    np.testing.assert_array_equal(labels, np.eye(2, dtype=np.float32)[data.labels])
+    monkeypatch.setattr(data_module, "uses_tf_data", lambda: False)
+    assert isinstance(labelled_batches(data, 64, 3), ImageBatches)
+    assert isinstance(image_batches(data.paths, 64, 3), ImageBatches)
