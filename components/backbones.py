@@ -9,6 +9,11 @@ has been imported (it registers `CaffePreprocess`).
 The full model is:  image -> Resizing -> preprocessing -> backbone (named "backbone", called with
 training=False) -> pooling layer "pool" -> sub-model "head" (dropout, optional dense, softmax).
 Splitting at "pool" is what lets train_head cache feature vectors and train "head" alone.
+
+When finetune keeps flip test-time augmentation (decided on val), the saved model wraps that
+classifier: image -> [classifier(image), classifier(mirror image)] -> mean. Every consumer (evaluate,
+serving, batch prediction, ONNX, TFLite) then averages both views with no flag to honour, and
+`plain_classifier` gives back the single-view model inside (features, drift embeddings).
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ class CaffePreprocess(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "means": list(self.means)}
+
+
+@keras.saving.register_keras_serializable(package="transfer_pipeline")
+class HorizontalFlip(keras.layers.Layer):
+    """Mirror NHWC images left to right, always (RandomFlip only flips while training)."""
+
+    def call(self, inputs: Any) -> Any:
+        return keras.ops.flip(inputs, axis=-2)
 
 
 def _mobilenet_scaling() -> list[keras.layers.Layer]:
@@ -155,7 +168,46 @@ def build_classifier(model_cfg: ModelConfig, num_classes: int,
 
 def feature_extractor(model: keras.Model) -> keras.Model:
     """The classifier cut at the pooled features (what the head sees)."""
+    model = plain_classifier(model)
     return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="feature_extractor")
+
+
+# --- flip test-time augmentation -------------------------------------------------------------
+
+FLIP_TTA_MODEL = "flip_tta"
+
+
+def _image_input() -> keras.KerasTensor:
+    return keras.Input((None, None, 3), dtype="float32", name="image")
+
+
+def flip_views(classifier: keras.Model) -> keras.Model:
+    """image -> [classifier(image), classifier(mirror image)]: both views in one pass, to judge TTA on val."""
+    images = _image_input()
+    mirrored = HorizontalFlip(dtype="float32", name="mirror")(images)
+    return keras.Model(images, [classifier(images), classifier(mirrored)], name="flip_views")
+
+
+def with_flip_tta(classifier: keras.Model) -> keras.Model:
+    """The saved form of flip TTA: the mean of the classifier's probabilities on the image and its mirror."""
+    images = _image_input()
+    mirrored = HorizontalFlip(dtype="float32", name="mirror")(images)
+    probs = keras.layers.Average(dtype="float32", name="mean_of_views")([classifier(images), classifier(mirrored)])
+    return keras.Model(images, probs, name=FLIP_TTA_MODEL)
+
+
+def uses_flip_tta(model: keras.Model) -> bool:
+    return any(isinstance(layer, HorizontalFlip) for layer in model.layers)
+
+
+def plain_classifier(model: keras.Model) -> keras.Model:
+    """The single-view classifier: `model` itself, or the one inside a flip-TTA model."""
+    if not uses_flip_tta(model):
+        return model
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise ValueError(f"{model.name}: a flip-TTA model must wrap exactly one classifier")
+    return nested[0]
 
 
 def find_backbone(model: keras.Model) -> keras.Model:

@@ -8,6 +8,12 @@ softens an over-confident model, T < 1 sharpens an under-confident one (label sm
 models under-confident). T is chosen to minimise the validation negative log-likelihood (Guo et
 al. 2017) and never on test. ECE and the reliability table use components.metrics, the same
 definitions evaluate reports.
+
+With flip test-time augmentation the model outputs the mean of softmax(logits_v / T) over its views
+(the image and its mirror share one output layer), so logits may also be given as (views, n, classes):
+T is then fitted to the averaged probabilities the saved model will really produce. With several
+views T can move the argmax of the mean between near-tied classes, so finetune judges TTA on the
+calibrated mean.
 """
 
 from __future__ import annotations
@@ -35,31 +41,45 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _views(logits: np.ndarray) -> np.ndarray:
+    """(views, n, classes): a plain (n, classes) array is one view."""
+    z = np.asarray(logits, dtype=np.float64)
+    return z[None] if z.ndim == 2 else z
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities softmax(logits / T)."""
+    """Calibrated probabilities softmax(logits / T), averaged over views when there are several."""
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    return softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    return np.exp(_log_softmax(_views(logits) / temperature)).mean(axis=0)
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean -log p(true label) after dividing the logits by `temperature`."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return float(np.mean(log_norm - z[np.arange(len(z)), labels]))
+    """Mean -log p(true label) after dividing the logits by `temperature` (p averaged over views)."""
+    from scipy.special import logsumexp
+
+    views = _views(logits)
+    rows = np.arange(views.shape[1])
+    log_p_true = _log_softmax(views / temperature)[:, rows, labels]  # (views, n)
+    return float(np.mean(np.log(len(views)) - logsumexp(log_p_true, axis=0)))
 
 
 def _checked(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Finite rows only (a NaN row has no probability to calibrate), labels validated."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
-    if logits.ndim != 2 or len(logits) != len(labels):
-        raise ValueError(f"logits must be (n, classes) with one label per row; got {logits.shape} and {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1}")
-    finite = np.isfinite(logits).all(axis=1)
-    return logits[finite], labels[finite].astype(np.int64)
+    if logits.ndim not in (2, 3) or logits.shape[-2] != len(labels):
+        raise ValueError("logits must be (n, classes) or (views, n, classes) with one label per row; "
+                         f"got {logits.shape} and {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
+        raise ValueError(f"labels must lie in 0..{logits.shape[-1] - 1}")
+    finite = np.isfinite(_views(logits)).all(axis=(0, 2))
+    return logits[..., finite, :], labels[finite].astype(np.int64)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray,
@@ -111,7 +131,7 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
                        n_bins: int = 10) -> CalibrationReport:
     """How `temperature` changes NLL, ECE and the reliability diagram on these rows (val or test)."""
     logits, labels = _checked(logits, labels)
-    ece_before, bins_before = reliability(softmax(logits), labels, n_bins)
+    ece_before, bins_before = reliability(apply_temperature(logits, 1.0), labels, n_bins)
     ece_after, bins_after = reliability(apply_temperature(logits, temperature), labels, n_bins)
     return CalibrationReport(
         temperature=float(temperature), n=int(len(labels)),
@@ -121,7 +141,8 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
 
 
 def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, n_bins: int = 10) -> CalibrationReport:
-    """Fit T on validation probabilities (the model's softmax outputs) and report before/after on val."""
+    """Fit T on validation probabilities (the model's softmax outputs, (n, classes) or per view
+    (views, n, classes)) and report before/after on val."""
     logits = logits_from_probabilities(val_probs)
     return calibration_report(logits, val_labels, fit_temperature(logits, val_labels), n_bins)
 

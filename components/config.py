@@ -62,8 +62,10 @@ def _accepts_bool(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType")) and bool in get_args(annotation)
 
 
-def _accepts_off(annotation: Any) -> bool:
-    return get_origin(annotation) is Literal and "off" in get_args(annotation)
+def _yaml_word(annotation: Any, value: bool) -> str | None:
+    """YAML 1.1 reads unquoted on/off as true/false: the word back, where the field is a Literal of it."""
+    word = "on" if value else "off"
+    return word if get_origin(annotation) is Literal and word in get_args(annotation) else None
 
 
 class Section(BaseModel):
@@ -74,8 +76,9 @@ class Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic reads `true` as 1 for an int field: `epochs: true` must be an error, not one epoch.
         if isinstance(value, bool) and info.field_name and not _accepts_bool(cls.model_fields[info.field_name].annotation):
-            if value is False and _accepts_off(cls.model_fields[info.field_name].annotation):
-                return "off"  # YAML 1.1 reads an unquoted `off` as false
+            word = _yaml_word(cls.model_fields[info.field_name].annotation, value)
+            if word is not None:
+                return word
             raise ValueError("expected a number or text, got a boolean (true/false)")
         return value
 
@@ -257,6 +260,9 @@ class FinetuneConfig(Section):
     calibrate: bool = Field(
         True, description="Fit a temperature on val after fine-tuning and fold it into the output layer "
         "(probabilities people can threshold; predictions unchanged).")
+    flip_tta: Literal["auto", "on", "off"] = Field(
+        "auto", description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
+        "only when it raises val accuracy (never judged on test); on/off: always/never.")
 
 
 class PromotionConfig(Section):

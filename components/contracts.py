@@ -217,6 +217,9 @@ class ModelRunInfo(Contract):
     trainable_backbone_layers: int | None = None
     first_trainable_layer: str | None = None
     temperature: float = Field(1.0, description="folded into the output layer's weights (1.0: not calibrated)")
+    flip_tta: bool = Field(False, description="the model averages each image's probabilities with its mirror's")
+    val_accuracy_single_view: float | None = Field(None, description="val accuracy of the classifier alone")
+    val_accuracy_flip_tta: float | None = Field(None, description="val accuracy of the mean with the mirror image")
 
 
 class TrainingMetrics(BaseModel):
@@ -238,6 +241,10 @@ class TrainingMetrics(BaseModel):
     temperature: float | None = None
     val_ece_before: float | None = None
     val_ece_after: float | None = None
+    # finetune: flip test-time augmentation judged on val (1 = kept in the saved model, 0 = not)
+    flip_tta: int | None = None
+    val_accuracy_single_view: float | None = None
+    val_accuracy_flip_tta: float | None = None
 
     def write(self, path: str | Path) -> Path:
         from components.files import write_json

@@ -218,9 +218,11 @@ def embed(model: Any, paths: list[str], image_size: int, batch_size: int,
     """(pooled features, class probabilities) of images through a project classifier, in one pass."""
     import keras
 
-    from components.backbones import POOL_LAYER
+    from components.backbones import POOL_LAYER, plain_classifier
     from components.data import image_batches
 
+    # One view, even for a flip-TTA model: the reference and every later check embed the same way.
+    model = plain_classifier(model)
     both = keras.Model(model.inputs, [model.get_layer(POOL_LAYER).output, model.output])
     features, probs = both.predict(image_batches(paths, image_size, batch_size, limits=limits), verbose=0)
     return np.asarray(features, np.float32), np.asarray(probs, np.float32)

@@ -7,6 +7,11 @@ the best epoch. Every finished epoch is checkpointed (weights, optimizer, epoch,
 id) in `.checkpoints/finetune/<key of inputs and params>`, outside the DVC outputs, so a killed
 run resumes from its last finished epoch; the folder is deleted after success.
 
+After training, flip test-time augmentation is judged on val (`finetune.flip_tta`: auto keeps it
+only when the mean of the image's and its mirror's probabilities is more accurate than the image's
+alone); the temperature is then fitted to what the saved model will output, and a kept TTA is saved
+inside the model (components.backbones.with_flip_tta), so every consumer applies it.
+
 The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and a
 MirroredStrategy (global batch = batch_size x replicas) with more than one. It is backend-agnostic
 Keras 3: TensorFlow is the default (input through tf.data); with `KERAS_BACKEND=jax` (GPU workers,
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from components import (calibration, data, drift, errors, files, hashing, label_issues, learning_curves, runtime,
@@ -162,13 +168,59 @@ def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfi
     return _epoch_history(checkpoint_dir / EPOCH_LOG), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
 
 
-def _calibrate(model: Any, val_ds: Any, val_labels: Any) -> calibration.CalibrationReport:
-    """Fit a temperature on val (never test) and fold it into the model's output layer."""
-    report = calibration.calibrate(model.predict(val_ds, verbose=0), val_labels)
+@dataclass(frozen=True)
+class FlipDecision:
+    """Flip test-time augmentation, judged on val: kept when it raises accuracy (auto), or as configured."""
+
+    applied: bool
+    val_accuracy_single_view: float
+    val_accuracy_flip_tta: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"flip_tta": int(self.applied), "val_accuracy_single_view": round(self.val_accuracy_single_view, 4),
+                "val_accuracy_flip_tta": round(self.val_accuracy_flip_tta, 4)}
+
+
+def decide_flip_tta(single: np.ndarray, averaged: np.ndarray, labels: np.ndarray, mode: str) -> FlipDecision:
+    """`single`: val probabilities of the image alone; `averaged`: of the mean over image and mirror."""
+    single_accuracy = float(np.mean(single.argmax(axis=1) == labels))
+    averaged_accuracy = float(np.mean(averaged.argmax(axis=1) == labels))
+    # auto: strictly better only; a tie is not worth twice the inference cost.
+    return FlipDecision(mode == "on" or (mode == "auto" and averaged_accuracy > single_accuracy),
+                        single_accuracy, averaged_accuracy)
+
+
+def _val_views(model: Any, val_ds: Any) -> np.ndarray:
+    """(2, n, classes): the classifier's probabilities on val and on val mirrored, in one pass."""
+    from components.backbones import flip_views
+
+    return np.stack([np.asarray(v, np.float64) for v in flip_views(model).predict(val_ds, verbose=0)])
+
+
+def _calibrate(model: Any, val_views: np.ndarray, val_labels: Any) -> calibration.CalibrationReport:
+    """Fit a temperature on val (never test), on the views the saved model will average, and fold it
+    into the shared output layer."""
+    report = calibration.calibrate(val_views, val_labels)
     calibration.fold_temperature(model, report.temperature)
     print(f"finetune: temperature {report.temperature:.3f} fitted on val; "
           f"val ECE {report.ece_before:.4f} -> {report.ece_after:.4f}")
     return report
+
+
+def _finish_model(model: Any, val_ds: Any, val_labels: np.ndarray,
+                  config: FinetuneConfig) -> tuple[Any, FlipDecision, calibration.CalibrationReport | None]:
+    """Decide flip TTA on val, calibrate what will be saved, and wrap the classifier if TTA is kept."""
+    from components.backbones import with_flip_tta
+
+    views = _val_views(model, val_ds)
+    # Judge the mean as it would be saved: calibrated (T folded into both views can move a near-tie).
+    logits = calibration.logits_from_probabilities(views)
+    temperature = calibration.fit_temperature(logits, val_labels) if config.calibrate else 1.0
+    flip = decide_flip_tta(views[0], calibration.apply_temperature(logits, temperature), val_labels, config.flip_tta)
+    print(f"finetune: val accuracy {flip.val_accuracy_single_view:.4f} alone, {flip.val_accuracy_flip_tta:.4f} "
+          f"averaged with the mirror image: flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})")
+    calibrated = _calibrate(model, views if flip.applied else views[:1], val_labels) if config.calibrate else None
+    return (with_flip_tta(model) if flip.applied else model), flip, calibrated
 
 
 def _calibration_metrics(report: calibration.CalibrationReport) -> dict[str, float]:
@@ -245,7 +297,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         else:  # nothing to train: the head model is the result
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
             history, best_epoch, resumed_at = learning_curves.history_frame({}), 0, 1
-        calibrated = _calibrate(model, val_ds, val.labels) if config.calibrate else None
+        model, flip, calibrated = _finish_model(model, val_ds, np.asarray(val.labels), config)
         seconds = time.perf_counter() - started
         run_info = {
             **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
@@ -257,6 +309,8 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             "trainable_backbone_layers": len(trained_layers),
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
             "temperature": calibrated.temperature if calibrated else 1.0,
+            "flip_tta": flip.applied, "val_accuracy_single_view": flip.val_accuracy_single_view,
+            "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
         }
         data.save_model_dir(model, classes, run_info, out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
@@ -264,6 +318,7 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             "run_id", "stage", "backbone", "alpha", "image_size", "data_version")}).save(Path(out_dir) / drift.REFERENCE_FILE)
         TrainingMetrics(val_accuracy=val_accuracy, val_loss=val_loss, best_epoch=best_epoch, epochs_run=len(history),
                         seconds=round(seconds, 1), train_seconds=round(seconds + head_info.seconds, 1),
+                        **flip.metrics(),
                         **(_calibration_metrics(calibrated) if calibrated else {})).write(Path(report_dir) / "metrics.json")
         _log_calibration(client, run_id, calibrated, Path(report_dir))
         if len(history):
@@ -272,6 +327,8 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
             client.log_artifact(run_id, str(csv_path))
             tracking.log_picture(client, run_id, png_path, "finetune/curves.png")
         client.log_metric(run_id, "best_val_accuracy", val_accuracy)
+        for key, value in flip.metrics().items():
+            client.log_metric(run_id, key, value)
         client.log_metric(run_id, "seconds", seconds)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:

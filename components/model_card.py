@@ -84,6 +84,10 @@ def model_card(registered_model: str, classes: list[str], info: ModelRunInfo, me
         "",
         f"## Test metrics (n = {metrics['n_test']} held-out images)",
         f"- accuracy: {metrics['accuracy']:.4f}",
+        *([f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, twice "
+           f"the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
+           f"{info.val_accuracy_flip_tta:.4f} with)"] if info.flip_tta and info.val_accuracy_single_view is not None
+          else []),
         f"- macro F1: {metrics['macro_f1']:.4f}",
         f"- expected calibration error: {metrics['ece']:.4f}"
         + (f" (temperature {info.temperature:.3f}, fitted on val, folded into the output layer)"

@@ -68,8 +68,9 @@ def run_info(classes: list[str], run_id: str = "finetune-run", head_run_id: str 
 
 
 def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "good", run_id: str = "finetune-run",
-                   head_run_id: str = "head-run", image_size: int = 32) -> Path:
-    """A tiny Keras model with the models/finetune contract (data.save_model_dir), good or deliberately bad."""
+                   head_run_id: str = "head-run", image_size: int = 32, flip_tta: bool = False) -> Path:
+    """A tiny Keras model with the models/finetune contract (data.save_model_dir), good or deliberately bad;
+    with `flip_tta`, wrapped as finetune saves a model that keeps flip test-time augmentation."""
     import keras
 
     from components.data import save_model_dir
@@ -81,6 +82,10 @@ def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "goo
     dense = keras.layers.Dense(len(classes), activation="softmax")
     model = keras.Model(inputs, dense(x))
     dense.set_weights([colour_kernel(len(classes), quality), np.zeros(len(classes), dtype=np.float32)])
+    if flip_tta:
+        from components.backbones import with_flip_tta
+
+        model = with_flip_tta(model)
     if path.exists():
         import shutil
 

@@ -43,6 +43,32 @@ def test_saved_model_loads_in_safe_mode_and_takes_raw_images_of_another_size(tmp
     np.testing.assert_allclose(probs, model.predict(raw, verbose=0), atol=1e-6)
 
 
+def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_model_inside(tmp_path: Path):
+    from components.backbones import (build_classifier, feature_extractor, flip_views, plain_classifier,
+                                      uses_flip_tta, with_flip_tta)
+    from components.data import load_keras_model
+
+    model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
+    tta = with_flip_tta(model)
+    tta.save(tmp_path / "tta.keras")
+    loaded = load_keras_model(tmp_path / "tta.keras")  # safe mode: HorizontalFlip is a registered layer
+
+    raw = np.random.default_rng(2).uniform(0, 255, (3, 48, 80, 3)).astype("float32")  # not mirror-symmetric
+    plain, mirrored = model.predict(raw, verbose=0), model.predict(raw[:, :, ::-1], verbose=0)
+    assert np.max(np.abs(plain - mirrored)) > 1e-4  # the mirror really is another view
+    np.testing.assert_allclose(loaded.predict(raw, verbose=0), (plain + mirrored) / 2, atol=1e-6)
+    views = flip_views(model).predict(raw, verbose=0)
+    np.testing.assert_allclose(views[0], plain, atol=1e-6)
+    np.testing.assert_allclose(views[1], mirrored, atol=1e-6)
+
+    assert uses_flip_tta(loaded) and not uses_flip_tta(model)
+    single = plain_classifier(loaded)
+    assert plain_classifier(model) is model and single.get_layer("backbone") is not None
+    np.testing.assert_allclose(single.predict(raw, verbose=0), plain, atol=1e-6)
+    np.testing.assert_allclose(feature_extractor(loaded).predict(raw, verbose=0),
+                               feature_extractor(model).predict(raw, verbose=0), atol=1e-5)
+
+
 def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(tmp_path: Path):
     import keras
 

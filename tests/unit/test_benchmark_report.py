@@ -44,7 +44,8 @@ def test_targets_say_met_and_missed() -> None:
 
 def test_markdown_lists_every_run_and_epoch() -> None:
     pipeline = _run([(50.0, 0.86), (100.0, 0.91)], total=120.0, test_accuracy_after_head=0.86, stage_seconds={"ingest": 1.0},
-                    flip_tta={"val_plain": 0.9, "val_flip_tta": 0.92, "test_plain": 0.9, "test_flip_tta": 0.91, "keep": True})
+                    flip_tta={"val_plain": 0.9, "val_flip_tta": 0.92, "test_plain": 0.9, "test_flip_tta": 0.91, "keep": True,
+                              "kept_by_finetune": True})
     careful = _run([(20.0, 0.8), (60.0, 0.88)], total=70.0, test_accuracy_after_frozen=0.8)
     comparison = run.compare(pipeline, {"careful": careful})
     text = run.to_markdown({"name": "x", "machine": "m", "source": "s", "split_counts": "8 train, 2 val, 100 test", "pipeline": pipeline,
@@ -52,7 +53,7 @@ def test_markdown_lists_every_run_and_epoch() -> None:
                             "targets": run.targets(pipeline, comparison)})
     assert "| careful_best | 0.8800 | 100.0 | 60.0 | 1.667 |" in text
     assert text.count("| pipeline | p |") == 2 and text.count("| careful | p |") == 2
-    assert "Better on val: yes" in text and "the pipeline does not apply it" in text
+    assert "Better on val: yes" in text and "Kept by finetune" in text and "one view" in text
     assert "0.9100 on 100 test images: 95% interval 0.838-0.952" in text
     assert "| final test accuracy | >= 0.94 | 0.9100 | **no** |" in text
 

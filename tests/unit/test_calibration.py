@@ -103,3 +103,41 @@ def test_folding_refuses_a_model_without_a_softmax_output_layer() -> None:
         calibration.fold_temperature(model, 2.0)
     with pytest.raises(ValueError, match="positive"):
         calibration.fold_temperature(model, 0.0)
+
+
+def test_with_two_views_the_temperature_fits_the_mean_of_their_softmaxes() -> None:
+    """Flip TTA: the saved model averages softmax(z_v / T) over the image and its mirror."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = synthetic(1 / 3, n=3000, seed=7)
+    noise = np.random.default_rng(8).normal(0.0, 0.3, logits.shape)
+    views = np.stack([logits + noise, logits - noise])
+    one_view = calibration.fit_temperature(views[:1], labels)
+    assert one_view == pytest.approx(calibration.fit_temperature(views[0], labels))  # (1, n, c) is (n, c)
+
+    temperature = calibration.fit_temperature(views, labels)
+    def nll(t: float) -> float:  # the definition, written out: mean -log of the averaged probabilities
+        p = (calibration.softmax(views[0] / t) + calibration.softmax(views[1] / t)) / 2
+        return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+    best = minimize_scalar(nll, bounds=(0.05, 20), method="bounded").x
+    assert temperature == pytest.approx(best, rel=1e-2)
+    assert calibration.negative_log_likelihood(views, labels, temperature) == pytest.approx(nll(temperature), rel=1e-9)
+    report = calibration.calibration_report(views, labels, temperature)
+    assert report.ece_after < report.ece_before and report.n == len(labels)
+
+
+def test_folding_into_a_flip_tta_model_scales_both_views() -> None:
+    import keras
+
+    from components.backbones import HorizontalFlip, with_flip_tta
+
+    images = keras.Input((None, None, 3))
+    flat = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(images))
+    classifier = keras.Model(images, keras.layers.Dense(3, activation="softmax", name="probabilities")(flat))
+    tta = with_flip_tta(classifier)
+    x = np.random.default_rng(9).uniform(0, 255, (16, 5, 5, 3)).astype("float32")
+    views = np.stack([classifier.predict(x, verbose=0), classifier.predict(HorizontalFlip()(x), verbose=0)])
+
+    calibration.fold_temperature(tta, 0.5)
+    expected = calibration.apply_temperature(calibration.logits_from_probabilities(views), 0.5)
+    np.testing.assert_allclose(tta.predict(x, verbose=0), expected, atol=1e-5)

@@ -148,8 +148,12 @@ def test_booleans_stay_valid_where_a_boolean_is_expected():
     assert parse_params({"ingest": {"allow_http": True}}).ingest.allow_http is True
 
 
-def test_an_unquoted_off_means_off():
+def test_unquoted_on_and_off_mean_the_words_where_a_field_takes_them():
     params = parse_params(yaml.safe_load("validate:\n  near_duplicates:\n    policy: off\ntrain_head:\n  label_issues:\n    action: off\n"))
     assert params.validate.near_duplicates.policy == "off" and params.train_head.label_issues.action == "off"
+    both = parse_params(yaml.safe_load("finetune:\n  flip_tta: on\n")), parse_params(yaml.safe_load("finetune:\n  flip_tta: off\n"))
+    assert [p.finetune.flip_tta for p in both] == ["on", "off"]  # YAML 1.1 reads on/off as booleans
+    with pytest.raises(ParamsError, match="boolean"):
+        parse_params(yaml.safe_load("finetune:\n  epochs: on\n"))
     with pytest.raises(ParamsError, match="near_duplicates.policy"):
         parse_params(yaml.safe_load("validate:\n  near_duplicates:\n    policy: on\n"))

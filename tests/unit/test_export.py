@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from components import export
 from tests.evalkit import make_model_dir, write_manifest
 
 
-def test_tflite_export_agrees_with_keras_and_reports_it(tmp_path: Path) -> None:
-    model_dir = make_model_dir(tmp_path / "model")
+@pytest.mark.parametrize("flip_tta", [False, True], ids=["single-view", "flip-tta"])
+def test_tflite_export_agrees_with_keras_and_reports_it(tmp_path: Path, flip_tta: bool) -> None:
+    model_dir = make_model_dir(tmp_path / "model", flip_tta=flip_tta)
     manifest = write_manifest(tmp_path)
     code = export.main(["--model-dir", str(model_dir), "--out-dir", str(tmp_path / "export"),
                         "--manifest", str(manifest), "--split", "test", "--samples", "6"])

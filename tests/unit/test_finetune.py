@@ -10,7 +10,8 @@ import pytest
 
 from components import runtime, files
 from components.config import ParamsError
-from components.finetune import run_finetune
+from components.backbones import plain_classifier, uses_flip_tta
+from components.finetune import decide_flip_tta, run_finetune
 from tests.modelkit import tiny_params, train_tiny_head
 
 
@@ -32,7 +33,7 @@ def tracking(head, monkeypatch: pytest.MonkeyPatch) -> str:
 def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
     import keras
 
-    backbone = model.get_layer("backbone")
+    backbone = plain_classifier(model).get_layer("backbone")
     return {layer.name: [np.array(layer.moving_mean), np.array(layer.moving_variance)]
             for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)}
 
@@ -50,7 +51,7 @@ def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, track
     for name in stats_before:
         for old, new in zip(stats_before[name], stats_after[name]):
             np.testing.assert_array_equal(old, new, err_msg=f"BatchNorm {name} statistics moved")
-    top_conv = after.get_layer("backbone").get_layer("Conv_1")  # inside the unfrozen top: must have trained
+    top_conv = plain_classifier(after).get_layer("backbone").get_layer("Conv_1")  # inside the unfrozen top: must have trained
     old_kernel = before.get_layer("backbone").get_layer("Conv_1").get_weights()[0]
     assert not np.allclose(top_conv.get_weights()[0], old_kernel)
     assert result.trainable_layers > 0
@@ -60,8 +61,9 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     import keras
     from mlflow import MlflowClient
 
-    result = run_finetune(tiny_params(), head["manifest"], head["policy"], head["root"] / "models/head",
-                          tmp_path / "out", tmp_path / "reports", checkpoint_root=tmp_path / "ckpt")
+    result = run_finetune(tiny_params(finetune={"flip_tta": "on"}), head["manifest"], head["policy"],
+                          head["root"] / "models/head", tmp_path / "out", tmp_path / "reports",
+                          checkpoint_root=tmp_path / "ckpt")
     info = files.read_json(tmp_path / "out/run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
     head_classes = files.read_json(head["root"] / "models/head/classes.json")
@@ -69,6 +71,12 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     model = keras.models.load_model(tmp_path / "out/model.keras")
     probs = model.predict(np.full((1, 50, 70, 3), 128.0, "float32"), verbose=0)
     assert probs.dtype == np.float32 and probs.shape == (1, 2)
+    # flip_tta: on: the saved model is the mean of the classifier on the image and on its mirror.
+    assert info["flip_tta"] and uses_flip_tta(model)
+    image = np.random.default_rng(3).uniform(0, 255, (2, 50, 70, 3)).astype("float32")
+    single = plain_classifier(model)
+    np.testing.assert_allclose(model.predict(image, verbose=0), (single.predict(image, verbose=0) +
+                               single.predict(image[:, :, ::-1], verbose=0)) / 2, atol=1e-6)
     tags = MlflowClient(tracking).get_run(result.run_id).data.tags
     assert tags["stage"] == "finetune" and tags["head_run_id"] == head["head_run_id"]
     assert list(pd.read_csv(tmp_path / "reports/history.csv").columns) == ["epoch", "accuracy", "val_accuracy",
@@ -79,6 +87,7 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     assert report["calibrated"] and report["nll_after"] <= report["nll_before"]
     assert info["temperature"] == pytest.approx(report["temperature"]) == pytest.approx(metrics["temperature"], abs=1e-4)
     assert {"val_ece_before", "val_ece_after"} <= metrics.keys()
+    assert metrics["flip_tta"] == 1 and {"val_accuracy_single_view", "val_accuracy_flip_tta"} <= metrics.keys()
     assert MlflowClient(tracking).get_run(result.run_id).data.metrics["temperature"] == pytest.approx(metrics["temperature"])
 
 
@@ -117,3 +126,14 @@ def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
     assert backbone.layers[start].name == "block_16_expand" and backbone.layers[start].trainable
     assert not any(layer.trainable for layer in backbone.layers[:start])
     assert not any(layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_flip_tta_is_kept_only_when_it_raises_val_accuracy_unless_forced():
+    labels = np.array([0, 1, 1, 0])
+    single = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.9, 0.1]])    # 3 of 4 right
+    better = np.array([[0.6, 0.4], [0.45, 0.55], [0.2, 0.8], [0.9, 0.1]])  # the mirror fixes row 2: 4 of 4
+    decided = decide_flip_tta(single, better, labels, "auto")
+    assert decided.applied and decided.val_accuracy_single_view == 0.75 and decided.val_accuracy_flip_tta == 1.0
+    assert not decide_flip_tta(single, single, labels, "auto").applied  # a tie is not worth 2x inference
+    assert decide_flip_tta(single, single, labels, "on").applied
+    assert not decide_flip_tta(single, better, labels, "off").applied

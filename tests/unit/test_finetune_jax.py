@@ -56,7 +56,8 @@ FINETUNE_SCRIPT = textwrap.dedent("""
         return batches
 
     data.labelled_batches = recorded
-    result = run_finetune(tiny_params(), root / "validated.csv", root / "policy.json", root / "models/head",
+    # flip_tta on: the mirror layer and the two-view calibration run under JAX too.
+    result = run_finetune(tiny_params(finetune={"flip_tta": "on"}), root / "validated.csv", root / "policy.json", root / "models/head",
                           out / "models/finetune", out / "reports", checkpoint_root=out / "ckpt")
     folder = data.load_model_dir(out / "models/finetune")
     val = data.load_split(root / "validated.csv", "val")
@@ -88,6 +89,7 @@ def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_mod
     assert run_info["device"]["backend"] == "jax" and run_info["device"]["input_pipeline"] == "PyDataset"
     assert (tmp_path / "models/finetune/drift_reference.npz").is_file()
     assert json.loads((tmp_path / "reports/calibration.json").read_text())["calibrated"]
+    assert run_info["flip_tta"]
 
     # The model a JAX worker wrote is an ordinary model folder: TensorFlow (this process) loads it and agrees.
     from components.data import load_model_dir

@@ -12,9 +12,9 @@ from components.model_card import model_card, quarantined_count, split_counts
 from tests.evalkit import CLASSES, run_info, write_manifest, write_stage_reports
 
 
-def _card(tmp_path: Path, summary: ValidationSummary | None, settings: dict | None = None) -> str:
+def _card(tmp_path: Path, summary: ValidationSummary | None, settings: dict | None = None, **info_fields) -> str:
     metrics = compute_metrics(np.array([0, 1, 2]), np.eye(3), CLASSES)
-    info = ModelRunInfo(**{**run_info(CLASSES), **({"settings": settings} if settings is not None else {})},
+    info = ModelRunInfo(**{**run_info(CLASSES), **({"settings": settings} if settings is not None else {}), **info_fields},
                         model_sha256="ab" * 32)
     return model_card("image-classifier", CLASSES, info, metrics, split_counts(write_manifest(tmp_path)), {"backbone": "tiny"},
                       quarantined_count(summary), True, ["pass: accuracy"], "3")
@@ -54,3 +54,9 @@ def test_recipe_comes_from_the_model_folders_settings_not_todays_params(tmp_path
 
 def test_card_says_when_the_model_folder_recorded_no_settings(tmp_path: Path) -> None:
     assert "- settings: not recorded in the model folder" in _card(tmp_path, None, {})
+
+
+def test_card_says_when_predictions_average_the_mirror_image(tmp_path: Path) -> None:
+    assert "mirror" not in _card(tmp_path, None)
+    card = _card(tmp_path, None, flip_tta=True, val_accuracy_single_view=0.95, val_accuracy_flip_tta=0.9567)
+    assert "mean over the image and its mirror image" in card and "0.9500 without, 0.9567 with" in card

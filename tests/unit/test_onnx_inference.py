@@ -60,6 +60,19 @@ def test_features_and_probabilities_match_keras(classifier: Any, cache_dir: Path
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_a_flip_tta_model_matches_keras_and_gets_its_own_export(classifier: Any, cache_dir: Path) -> None:
+    from components.backbones import with_flip_tta
+
+    tta = with_flip_tta(classifier)
+    assert onnx_inference.content_key(tta) != onnx_inference.content_key(classifier)
+    runner = onnx_inference.FrozenRunner(tta, cache_dir=cache_dir, engine="auto")
+    assert runner.engine == "onnxruntime", runner.reason
+    odd = images(5, height=70, width=50, seed=2)
+    probs = runner.predict(odd)
+    assert np.max(np.abs(probs - tta.predict(odd, verbose=0))) <= PROBABILITY_TOLERANCE
+    assert np.max(np.abs(probs - classifier.predict(odd, verbose=0))) > PROBABILITY_TOLERANCE  # both views count
+
+
 def test_runs_the_projects_tf_data_batches_in_order(classifier: Any, cache_dir: Path, tmp_path: Path) -> None:
     """What train_head/evaluate pass: image_batches() over files, in the given order."""
     from components.data import image_batches
