@@ -177,23 +177,18 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 FLIP_TTA_MODEL = "flip_tta"
 
 
-def _image_input() -> keras.KerasTensor:
-    return keras.Input((None, None, 3), dtype="float32", name="image")
-
-
 def flip_views(classifier: keras.Model) -> keras.Model:
     """image -> [classifier(image), classifier(mirror image)]: both views in one pass, to judge TTA on val."""
-    images = _image_input()
+    images = keras.Input((None, None, 3), dtype="float32", name="image")
     mirrored = HorizontalFlip(dtype="float32", name="mirror")(images)
     return keras.Model(images, [classifier(images), classifier(mirrored)], name="flip_views")
 
 
 def with_flip_tta(classifier: keras.Model) -> keras.Model:
     """The saved form of flip TTA: the mean of the classifier's probabilities on the image and its mirror."""
-    images = _image_input()
-    mirrored = HorizontalFlip(dtype="float32", name="mirror")(images)
-    probs = keras.layers.Average(dtype="float32", name="mean_of_views")([classifier(images), classifier(mirrored)])
-    return keras.Model(images, probs, name=FLIP_TTA_MODEL)
+    views = flip_views(classifier)
+    probs = keras.layers.Average(dtype="float32", name="mean_of_views")(views.outputs)
+    return keras.Model(views.inputs, probs, name=FLIP_TTA_MODEL)
 
 
 def uses_flip_tta(model: keras.Model) -> bool:

@@ -34,13 +34,6 @@ def logits_from_probabilities(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _views(logits: np.ndarray) -> np.ndarray:
     """(views, n, classes): a plain (n, classes) array is one view."""
     z = np.asarray(logits, dtype=np.float64)
@@ -50,6 +43,10 @@ def _views(logits: np.ndarray) -> np.ndarray:
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64)))
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
