@@ -23,13 +23,29 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install keras-home run test test-fast benchmark soak e2e-loopback mlflow-ui
+.PHONY: install install-unlocked lock keras-home run test test-fast benchmark soak e2e-loopback mlflow-ui
 
-$(VENV)/.installed-$(TF_EXTRA): pyproject.toml
+# The environment is the lock, not whatever the index serves today: requirements/dev-$(TF_EXTRA).lock
+# (hashed, x86_64 Linux, Python 3.11) is synced exactly (packages not in it are removed), then the
+# project itself goes in as an editable install with no dependency resolution. `make lock` rewrites it.
+UV_VERSION ?= 0.13.9
+LOCK_FILE := requirements/dev-$(TF_EXTRA).lock
+UV := $(BIN)/uv
+
+$(VENV)/.installed-$(TF_EXTRA): pyproject.toml $(LOCK_FILE)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) && [ "$$($(UV) --version | cut -d' ' -f2)" = "$(UV_VERSION)" ] || $(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) pip sync -q --python $(BIN)/python --require-hashes $(LOCK_FILE)
+	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Another platform (macOS, Linux on Arm, another Python) has no lock: resolve pyproject's ranges there
+# instead. That environment is not the one CI tested; `make test` says whether it works.
+install-unlocked:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -e ".[$(TF_EXTRA),dev]"
-	touch $@
 
 install: $(VENV)/.installed-$(TF_EXTRA)
 
@@ -60,9 +76,8 @@ e2e-loopback: install keras-home
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-# ---- infra/ (INFRA): offline validation, the container end-to-end run, image lock files
+# ---- infra/ (INFRA): offline validation, the container end-to-end run, lock files
 .PHONY: validate-infra e2e-docker lock-images
-UV_VERSION ?= 0.13.9
 LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes --no-header --annotation-style line
 
 # Kubernetes schema + `kubectl kustomize infra/` + `docker compose config` + least-privilege rules; offline, seconds
@@ -76,9 +91,20 @@ e2e-docker: install keras-home
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io debootstrap)
 	$(BIN)/python infra/scripts/docker_e2e.py
 
-# Regenerate the images' lock files (infra/requirements/*.lock, hashed) after changing pyproject.toml or an .in file
-lock-images: install
-	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
-	cd infra/requirements && for name in mlflow prefect s3; do $(BIN)/uv pip compile -q $(LOCK_FLAGS) $$name.in -o $$name.lock; done
+# Every lock in one command: the development environment (cpu and gpu) and the images'. Upgrading on
+# purpose: bump the range in pyproject.toml (or an .in file), `make lock`, `make test`, commit the locks
+# with the change. `make lock UPGRADE=moto` moves one package to its newest allowed release; `UPGRADE=all` all.
+UPGRADE ?=
+UPGRADE_FLAGS = $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach pkg,$(UPGRADE),--upgrade-package $(pkg)))
+
+lock:
+	test -x $(UV) || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q "uv==$(UV_VERSION)"; }
+	for extra in cpu gpu; do \
+	  $(UV) pip compile -q $(LOCK_FLAGS) $(UPGRADE_FLAGS) pyproject.toml --extra $$extra --extra dev -o requirements/dev-$$extra.lock || exit 1; done
+	cd infra/requirements && for name in mlflow prefect s3; do \
+	  $(UV) pip compile -q $(LOCK_FLAGS) $(UPGRADE_FLAGS) $$name.in -o $$name.lock || exit 1; done
 	cd infra/requirements && for extra in cpu gpu; do \
-	  $(BIN)/uv pip compile -q $(LOCK_FLAGS) ../../pyproject.toml worker-$$extra.in --extra $$extra --extra s3 -o worker-$$extra.lock; done
+	  $(UV) pip compile -q $(LOCK_FLAGS) $(UPGRADE_FLAGS) ../../pyproject.toml worker-$$extra.in --extra $$extra --extra s3 -o worker-$$extra.lock || exit 1; done
+
+# Older name of `make lock`
+lock-images: lock

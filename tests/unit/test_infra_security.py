@@ -228,6 +228,46 @@ def role_client(url: str, out: Path, role: str) -> Any:
     return setup_store.s3_client(url, "us-east-1", setup_store.read_credentials(out / role / "credentials"))
 
 
+def test_the_store_double_authorizes_listing_as_aws_does() -> None:
+    """AWS authorizes ListObjects and ListObjectsV2 with the IAM action s3:ListBucket.
+
+    moto 5.2.6 asks for s3:ListObjectsV2 (an API name, no IAM action) and so refuses our correct
+    policies; the lock excludes it. This names the cause if a relock brings such a release back.
+    """
+    import boto3
+    from botocore.exceptions import ClientError
+    from moto import mock_aws
+    from moto.core import set_initial_no_auth_action_count
+
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"],
+                                                      "Resource": ["arn:aws:s3:::tp-canary"]}]}
+
+    @set_initial_no_auth_action_count(5)  # the five set-up calls below run unauthenticated
+    @mock_aws
+    def list_with_list_bucket_only() -> dict[str, str]:
+        iam, admin = boto3.client("iam", region_name="us-east-1"), boto3.client("s3", region_name="us-east-1")
+        admin.create_bucket(Bucket="tp-canary")
+        iam.create_user(UserName="lister")
+        arn = iam.create_policy(PolicyName="list", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="lister", PolicyArn=arn)
+        key = iam.create_access_key(UserName="lister")["AccessKey"]
+        lister = boto3.client("s3", region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                              aws_secret_access_key=key["SecretAccessKey"])
+        answers = {}
+        for name, call in {"ListObjectsV2": lister.list_objects_v2, "ListObjects": lister.list_objects}.items():
+            try:
+                call(Bucket="tp-canary")
+                answers[name] = "allowed"
+            except ClientError as error:
+                answers[name] = error.response["Error"]["Code"]
+        return answers
+
+    import moto
+
+    assert list_with_list_bucket_only() == {"ListObjectsV2": "allowed", "ListObjects": "allowed"}, (
+        f"moto {moto.__version__} does not map S3 listing to s3:ListBucket as AWS does: keep it out of the lock")
+
+
 def test_store_setup_gives_each_role_its_own_enforced_policy(moto_store: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
