@@ -38,14 +38,22 @@ def flower_rows() -> list[dict[str, str]]:
     for class_dir in sorted(p for p in FLOWERS.iterdir() if p.is_dir()):
         for path in sorted(class_dir.glob("*.jpg")):
             sha = file_sha256(path)
-            rows.append({"path": str(path), "label": class_dir.name, "sha256": sha,
-                         "split": assign_split(sha, SEED, SplitFractions())})
+            rows.append(
+                {
+                    "path": str(path),
+                    "label": class_dir.name,
+                    "sha256": sha,
+                    "split": assign_split(sha, SEED, SplitFractions()),
+                }
+            )
     return rows
 
 
 def hymenoptera_rows() -> list[dict[str, str]]:
-    return [{"path": str(p), "label": p.parent.name, "sha256": file_sha256(p), "split": "new"}
-            for p in sorted(HYMENOPTERA.glob("*/*/*.jpg"))]
+    return [
+        {"path": str(p), "label": p.parent.name, "sha256": file_sha256(p), "split": "new"}
+        for p in sorted(HYMENOPTERA.glob("*/*/*.jpg"))
+    ]
 
 
 def _save(img: Image.Image, path: Path, quality: int = 90) -> None:
@@ -102,8 +110,16 @@ def near_duplicate_test_rows(rows: list[dict[str, str]], per_class: int = 60) ->
                     if not path.is_file():
                         copy, quality = make_variant(img, kind)
                         _save(copy, path, quality)
-                    out.append({"path": str(path), "label": label, "sha256": file_sha256(path), "split": "variant",
-                                "source": source, "variant": kind})
+                    out.append(
+                        {
+                            "path": str(path),
+                            "label": label,
+                            "sha256": file_sha256(path),
+                            "split": "variant",
+                            "source": source,
+                            "variant": kind,
+                        }
+                    )
     return out
 
 

@@ -41,16 +41,18 @@ def cpu_model() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                "unknown")
+    return next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown"
+    )
 
 
 def build_extractor(alpha: float, size: int, weights: str) -> Any:
     from components.backbones import build_classifier, feature_extractor
     from components.config import ModelConfig, TrainHeadConfig
 
-    model, _ = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=alpha, image_size=size, weights=weights),
-                                5, TrainHeadConfig())
+    model, _ = build_classifier(
+        ModelConfig(backbone="mobilenet_v2", alpha=alpha, image_size=size, weights=weights), 5, TrainHeadConfig()
+    )
     return feature_extractor(model)
 
 
@@ -65,9 +67,11 @@ def openvino_runner(onnx_path: Path, threads: int, precision: str) -> Callable[[
     except ImportError:
         return None
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
-                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                   "INFERENCE_PRECISION_HINT": precision})
+    compiled = core.compile_model(
+        core.read_model(str(onnx_path)),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision},
+    )
     request = compiled.create_infer_request()
     output = compiled.outputs[0]
     return lambda batch: np.asarray(request.infer({0: batch})[output])
@@ -79,8 +83,9 @@ def time_engine(run: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarra
     return time.perf_counter() - start, np.concatenate(outputs)
 
 
-def benchmark(alpha: float, size: int, batch: int, n_batches: int, rounds: int, threads: int,
-              weights: str) -> dict[str, Any]:
+def benchmark(
+    alpha: float, size: int, batch: int, n_batches: int, rounds: int, threads: int, weights: str
+) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
@@ -99,16 +104,23 @@ def benchmark(alpha: float, size: int, batch: int, n_batches: int, rounds: int, 
     info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        runner = onnx_inference.FrozenRunner(extractor, cache_dir=cache, engine="onnxruntime", threads=threads,
-                                             allow_spinning=True)
+        runner = onnx_inference.FrozenRunner(
+            extractor, cache_dir=cache, engine="onnxruntime", threads=threads, allow_spinning=True
+        )
         info["onnx_export_seconds"] = round(time.perf_counter() - t0, 1)
         engines[f"onnxruntime ({threads} threads, spinning)"] = lambda b: runner.predict(b, batch_size=batch)
-        fixed = onnx_inference.FrozenRunner(extractor, cache_dir=cache, engine="onnxruntime", threads=threads,
-                                            input_size=size, allow_spinning=True)
-        engines[f"onnxruntime ({threads} threads, spinning, static {size}x{size})"] = lambda b: fixed.predict(b, batch_size=batch)
-        calm = onnx_inference.FrozenRunner(extractor, cache_dir=cache, engine="onnxruntime", threads=threads,
-                                           allow_spinning=False)
-        engines[f"onnxruntime ({threads} threads, no spinning: the default)"] = lambda b: calm.predict(b, batch_size=batch)
+        fixed = onnx_inference.FrozenRunner(
+            extractor, cache_dir=cache, engine="onnxruntime", threads=threads, input_size=size, allow_spinning=True
+        )
+        engines[f"onnxruntime ({threads} threads, spinning, static {size}x{size})"] = lambda b: fixed.predict(
+            b, batch_size=batch
+        )
+        calm = onnx_inference.FrozenRunner(
+            extractor, cache_dir=cache, engine="onnxruntime", threads=threads, allow_spinning=False
+        )
+        engines[f"onnxruntime ({threads} threads, no spinning: the default)"] = lambda b: calm.predict(
+            b, batch_size=batch
+        )
         if threads > 1:
             single = onnx_inference.FrozenRunner(extractor, cache_dir=cache, engine="onnxruntime", threads=1)
             engines["onnxruntime (1 thread)"] = lambda b: single.predict(b, batch_size=batch)
@@ -130,10 +142,15 @@ def benchmark(alpha: float, size: int, batch: int, n_batches: int, rounds: int, 
     rows = []
     for name in engines:
         per_round = [images / s for s in seconds[name]]
-        rows.append({"engine": name, "images_per_s_best": round(max(per_round), 1),
-                     "images_per_s_median": round(statistics.median(per_round), 1),
-                     "images_per_s_rounds": [round(x, 1) for x in per_round],
-                     "max_abs_diff_vs_tensorflow": float(np.max(np.abs(outputs[name] - reference)))})
+        rows.append(
+            {
+                "engine": name,
+                "images_per_s_best": round(max(per_round), 1),
+                "images_per_s_median": round(statistics.median(per_round), 1),
+                "images_per_s_rounds": [round(x, 1) for x in per_round],
+                "max_abs_diff_vs_tensorflow": float(np.max(np.abs(outputs[name] - reference))),
+            }
+        )
     tf_best, tf_median = rows[0]["images_per_s_best"], rows[0]["images_per_s_median"]
     for row in rows:
         # Other people's load only ever slows a round down, so the best round is the least disturbed
@@ -142,9 +159,13 @@ def benchmark(alpha: float, size: int, batch: int, n_batches: int, rounds: int, 
         row["speedup_vs_tensorflow_median"] = round(row["images_per_s_median"] / tf_median, 2)
     ort = max((r for r in rows if r["engine"].startswith("onnxruntime")), key=lambda r: r["images_per_s_best"])
     scale = max(1.0, float(np.max(np.abs(reference))))
-    vino_ok = [r for r in rows if r["engine"].startswith("openvino")
-               and r["max_abs_diff_vs_tensorflow"] <= TOLERANCE * scale
-               and r["images_per_s_best"] >= CLEARLY_FASTER * ort["images_per_s_best"]]
+    vino_ok = [
+        r
+        for r in rows
+        if r["engine"].startswith("openvino")
+        and r["max_abs_diff_vs_tensorflow"] <= TOLERANCE * scale
+        and r["images_per_s_best"] >= CLEARLY_FASTER * ort["images_per_s_best"]
+    ]
     keep = "openvino" if vino_ok else "onnxruntime"
     versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
     for module in ("onnxruntime", "tf2onnx", "onnx", "openvino"):
@@ -153,16 +174,34 @@ def benchmark(alpha: float, size: int, batch: int, n_batches: int, rounds: int, 
         except ImportError:
             versions[module] = None
     return {
-        "setup": {"backbone": "mobilenet_v2", "alpha": alpha, "image_size": size, "weights": weights,
-                  "pooling": "avg", "batch_size": batch, "batches_per_round": n_batches, "rounds": rounds,
-                  "threads": threads, "images_per_round": images},
-        "machine": {"cpu_cores_available": onnx_inference.available_cores(), "platform": platform.platform(),
-                    "cpu_model": cpu_model(),
-                    "load_average_before": load_before, "load_average_after": load_average(),
-                    "niceness": os.nice(0)},
-        "versions": versions, **info, "engines": rows, "keep": keep,
-        "keep_rule": (f"OpenVINO only if >= {CLEARLY_FASTER}x the faster ONNX Runtime row's best-round images/s and its "
-                      f"max abs diff <= {TOLERANCE} x max(1, max |output|) (= {TOLERANCE * scale:.1e} here)"),
+        "setup": {
+            "backbone": "mobilenet_v2",
+            "alpha": alpha,
+            "image_size": size,
+            "weights": weights,
+            "pooling": "avg",
+            "batch_size": batch,
+            "batches_per_round": n_batches,
+            "rounds": rounds,
+            "threads": threads,
+            "images_per_round": images,
+        },
+        "machine": {
+            "cpu_cores_available": onnx_inference.available_cores(),
+            "platform": platform.platform(),
+            "cpu_model": cpu_model(),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+            "niceness": os.nice(0),
+        },
+        "versions": versions,
+        **info,
+        "engines": rows,
+        "keep": keep,
+        "keep_rule": (
+            f"OpenVINO only if >= {CLEARLY_FASTER}x the faster ONNX Runtime row's best-round images/s and its "
+            f"max abs diff <= {TOLERANCE} x max(1, max |output|) (= {TOLERANCE * scale:.1e} here)"
+        ),
     }
 
 
@@ -187,13 +226,21 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     for row in result["engines"]:
-        lines.append(f"| {row['engine']} | {row['images_per_s_best']} | {row['speedup_vs_tensorflow']} | "
-                     f"{row['images_per_s_median']} | {row['speedup_vs_tensorflow_median']} | "
-                     f"{', '.join(str(x) for x in row['images_per_s_rounds'])} | "
-                     f"{row['max_abs_diff_vs_tensorflow']:.1e} |")
-    lines += ["", f"CPU: {m['cpu_model']}.", f"ONNX export (tf2onnx, once per model, cached): {result['onnx_export_seconds']} s.",
-              f"Kept: **{result['keep']}** ({result['keep_rule']}).",
-              "", "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), ""]
+        lines.append(
+            f"| {row['engine']} | {row['images_per_s_best']} | {row['speedup_vs_tensorflow']} | "
+            f"{row['images_per_s_median']} | {row['speedup_vs_tensorflow_median']} | "
+            f"{', '.join(str(x) for x in row['images_per_s_rounds'])} | "
+            f"{row['max_abs_diff_vs_tensorflow']:.1e} |"
+        )
+    lines += [
+        "",
+        f"CPU: {m['cpu_model']}.",
+        f"ONNX export (tf2onnx, once per model, cached): {result['onnx_export_seconds']} s.",
+        f"Kept: **{result['keep']}** ({result['keep_rule']}).",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -212,14 +259,17 @@ def main() -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)  # before TensorFlow starts its pools
     runtime.configure_tensorflow(0)
-    result = benchmark(args.alpha, args.image_size, args.batch_size, args.batches, args.rounds, args.threads,
-                       args.weights)
+    result = benchmark(
+        args.alpha, args.image_size, args.batch_size, args.batches, args.rounds, args.threads, args.weights
+    )
     files.write_json(args.out.with_suffix(".json"), result)
     write_markdown(result, args.out.with_suffix(".md"))
     for row in result["engines"]:
-        print(f"{row['engine']:45s} best {row['images_per_s_best']:7.1f} img/s x{row['speedup_vs_tensorflow']}  "
-              f"median {row['images_per_s_median']:7.1f} x{row['speedup_vs_tensorflow_median']}  "
-              f"diff {row['max_abs_diff_vs_tensorflow']:.1e}")
+        print(
+            f"{row['engine']:45s} best {row['images_per_s_best']:7.1f} img/s x{row['speedup_vs_tensorflow']}  "
+            f"median {row['images_per_s_median']:7.1f} x{row['speedup_vs_tensorflow_median']}  "
+            f"diff {row['max_abs_diff_vs_tensorflow']:.1e}"
+        )
     print(f"keep: {result['keep']}")
 
 

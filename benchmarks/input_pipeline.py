@@ -70,21 +70,27 @@ def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_s
         "decode_images_per_s": images_per_second(lambda: drain(decode), n),
         "decode_augment_images_per_s": images_per_second(lambda: drain(augmented), n),
     }
-    model, _ = backbones.build_classifier(ModelConfig(alpha=alpha, image_size=image_size), len(split.classes),
-                                          TrainHeadConfig())
+    model, _ = backbones.build_classifier(
+        ModelConfig(alpha=alpha, image_size=image_size), len(split.classes), TrainHeadConfig()
+    )
     extractor = backbones.feature_extractor(model)
     for batch in sorted({32, batch_size}):  # oneDNN on a small CPU: batch size matters a lot
         cached = make_dataset(split, image_size, batch, cache=True).map(lambda x, y: x)
         result[f"feature_extraction_images_per_s_batch{batch}"] = images_per_second(
-            lambda ds=cached: extractor.predict(ds, verbose=0), n)
+            lambda ds=cached: extractor.predict(ds, verbose=0), n
+        )
 
     unfreeze = FinetuneConfig()
-    backbones.unfreeze_top(backbones.find_backbone(model), unfreeze, backbones.get_spec("mobilenet_v2").default_unfreeze_layers)
+    backbones.unfreeze_top(
+        backbones.find_backbone(model), unfreeze, backbones.get_spec("mobilenet_v2").default_unfreeze_layers
+    )
     model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy", jit_compile=False)
     train = make_dataset(split, image_size, 32, policy_path=policy, training=True).map(
-        lambda x, y: (x, keras.ops.one_hot(y, len(split.classes))))
+        lambda x, y: (x, keras.ops.one_hot(y, len(split.classes)))
+    )
     result["finetune_epoch_images_per_s"] = images_per_second(
-        lambda: model.fit(train, epochs=1, verbose=0, shuffle=False), n)
+        lambda: model.fit(train, epochs=1, verbose=0, shuffle=False), n
+    )
     result["finetune_unfreeze_layers"] = unfreeze.unfreeze_layers
     result["images"] = n
     return result
@@ -100,9 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "input_pipeline.json")
     args = parser.parse_args(argv)
     figures = measure(args.source, args.per_class, args.image_size, args.alpha, args.batch_size)
-    report = {**figures, "source": str(args.source), "per_class": args.per_class, "image_size": args.image_size,
-              "alpha": args.alpha, "batch_size": args.batch_size, "cpus": os.cpu_count(),
-              "load_average_at_end": os.getloadavg(), "machine": platform.platform()}
+    report = {
+        **figures,
+        "source": str(args.source),
+        "per_class": args.per_class,
+        "image_size": args.image_size,
+        "alpha": args.alpha,
+        "batch_size": args.batch_size,
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "machine": platform.platform(),
+    }
     files.write_json(args.out, report)
     print(report)
     return 0

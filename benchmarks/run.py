@@ -48,6 +48,7 @@ TARGETS = {"final_test_accuracy": 0.94, "time_to_careful_best_ratio": 0.25, "who
 
 # --- the pipeline --------------------------------------------------------------------------------
 
+
 def run_pipeline(workspace: Path, snapshots: Path) -> dict[str, Any]:
     started = time.time()
     env = {**tool_env(), "TP_EPOCH_SNAPSHOTS": str(snapshots)}
@@ -58,12 +59,19 @@ def run_pipeline(workspace: Path, snapshots: Path) -> dict[str, Any]:
     metrics = json.loads((workspace / "metrics.json").read_text())
     head_accuracy = evaluate_model(workspace / "models/head/model.keras", workspace)
     curve = score_snapshots(workspace, snapshots, started)
-    curve.append({"phase": "registered", "epoch": None, "seconds": round(total, 1),
-                  "test_accuracy": metrics["accuracy"]})
-    return {"total_seconds": round(total, 1), "stage_seconds": _stage_seconds(workspace),
-            "test_accuracy_after_head": head_accuracy, "test_accuracy_final": metrics["accuracy"],
-            "best_test_accuracy": max(p["test_accuracy"] for p in curve), "curve": curve, "metrics": metrics,
-            "flip_tta": flip_tta(workspace)}
+    curve.append(
+        {"phase": "registered", "epoch": None, "seconds": round(total, 1), "test_accuracy": metrics["accuracy"]}
+    )
+    return {
+        "total_seconds": round(total, 1),
+        "stage_seconds": _stage_seconds(workspace),
+        "test_accuracy_after_head": head_accuracy,
+        "test_accuracy_final": metrics["accuracy"],
+        "best_test_accuracy": max(p["test_accuracy"] for p in curve),
+        "curve": curve,
+        "metrics": metrics,
+        "flip_tta": flip_tta(workspace),
+    }
 
 
 def _stage_seconds(workspace: Path) -> dict[str, float]:
@@ -128,12 +136,19 @@ def score_snapshots(workspace: Path, snapshots: Path, started_unix: float) -> li
             model = head_model if record["stage"] == "train_head" else final_model
             model.load_weights(record["path"])
             probs = model.predict(images, batch_size=64, verbose=0)
-        curve.append({"phase": record["stage"], "epoch": record["epoch"],
-                      "seconds": round(record["ended_unix"] - started_unix - saving, 1),
-                      "test_accuracy": round(_accuracy(probs, labels), 4)})
+        curve.append(
+            {
+                "phase": record["stage"],
+                "epoch": record["epoch"],
+                "seconds": round(record["ended_unix"] - started_unix - saving, 1),
+                "test_accuracy": round(_accuracy(probs, labels), 4),
+            }
+        )
         saving += record["save_seconds"]
-        print(f"pipeline {record['stage']} epoch {record['epoch']}: test accuracy {curve[-1]['test_accuracy']:.4f}",
-              flush=True)
+        print(
+            f"pipeline {record['stage']} epoch {record['epoch']}: test accuracy {curve[-1]['test_accuracy']:.4f}",
+            flush=True,
+        )
     return curve
 
 
@@ -157,6 +172,7 @@ def flip_tta(workspace: Path) -> dict[str, Any]:
 
 
 # --- the baselines -------------------------------------------------------------------------------
+
 
 def split_folders(workspace: Path, out: Path) -> dict[str, Path]:
     """Per-split class folders of symlinks to the pipeline's validated images (same split)."""
@@ -195,16 +211,26 @@ class _Clock:
                 t0 = time.monotonic()
                 acc = float(model.evaluate(test, verbose=0)[1])
                 clock.excluded += time.monotonic() - t0
-                clock.curve.append({"phase": clock.phase, "epoch": len(clock.curve) + 1, "test_accuracy": round(acc, 4),
-                                    "seconds": clock.seconds()})
+                clock.curve.append(
+                    {
+                        "phase": clock.phase,
+                        "epoch": len(clock.curve) + 1,
+                        "test_accuracy": round(acc, 4),
+                        "seconds": clock.seconds(),
+                    }
+                )
                 print(f"{name} {clock.phase} epoch {len(clock.curve)}: test accuracy {acc:.4f}", flush=True)
 
         return TestEachEpoch()
 
     def result(self, frozen_accuracy: float) -> dict[str, Any]:
-        return {"total_seconds": self.seconds(), "test_accuracy_after_frozen": frozen_accuracy,
-                "test_accuracy_final": self.curve[-1]["test_accuracy"],
-                "best_test_accuracy": max(c["test_accuracy"] for c in self.curve), "curve": self.curve}
+        return {
+            "total_seconds": self.seconds(),
+            "test_accuracy_after_frozen": frozen_accuracy,
+            "test_accuracy_final": self.curve[-1]["test_accuracy"],
+            "best_test_accuracy": max(c["test_accuracy"] for c in self.curve),
+            "curve": self.curve,
+        }
 
 
 def _datasets(folders: dict[str, Path], size: int, seed: int, cache: bool) -> tuple[Any, Any, Any]:
@@ -212,8 +238,9 @@ def _datasets(folders: dict[str, Path], size: int, seed: int, cache: bool) -> tu
     import tensorflow as tf
 
     def load(split: str, shuffle: bool) -> Any:
-        ds = keras.utils.image_dataset_from_directory(folders[split], image_size=(size, size), batch_size=32,
-                                                      shuffle=shuffle, seed=seed)
+        ds = keras.utils.image_dataset_from_directory(
+            folders[split], image_size=(size, size), batch_size=32, shuffle=shuffle, seed=seed
+        )
         return ds.cache().prefetch(tf.data.AUTOTUNE) if cache else ds
 
     return load("train", True), load("val", False), load("test", False)
@@ -222,12 +249,14 @@ def _datasets(folders: dict[str, Path], size: int, seed: int, cache: bool) -> tu
 def _backbone(alpha: float, size: int) -> Any:
     import keras
 
-    return keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights="imagenet",
-                                          alpha=alpha)
+    return keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), include_top=False, weights="imagenet", alpha=alpha
+    )
 
 
-def run_recipe_baseline(folders: dict[str, Path], alpha: float, size: int, seed: int,
-                        frozen_epochs: int = 10, finetune_epochs: int = 5) -> dict[str, Any]:
+def run_recipe_baseline(
+    folders: dict[str, Path], alpha: float, size: int, seed: int, frozen_epochs: int = 10, finetune_epochs: int = 5
+) -> dict[str, Any]:
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -236,30 +265,36 @@ def run_recipe_baseline(folders: dict[str, Path], alpha: float, size: int, seed:
     num_classes = len(os.listdir(folders["train"]))
     base = _backbone(alpha, size)
     base.trainable = False
-    model = keras.Sequential([
-        keras.Input((size, size, 3)),
-        keras.layers.Rescaling(1.0 / 127.5, offset=-1.0),  # MobileNetV2's preprocess_input
-        base,
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(1024, activation="relu"),
-        keras.layers.Dense(num_classes, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            keras.layers.Rescaling(1.0 / 127.5, offset=-1.0),  # MobileNetV2's preprocess_input
+            base,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1024, activation="relu"),
+            keras.layers.Dense(num_classes, activation="softmax"),
+        ]
+    )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     clock.phase = "frozen"
-    model.fit(train, validation_data=val, epochs=frozen_epochs, callbacks=[clock.tester("recipe", model, test)], verbose=2)
+    model.fit(
+        train, validation_data=val, epochs=frozen_epochs, callbacks=[clock.tester("recipe", model, test)], verbose=2
+    )
     frozen_accuracy = clock.curve[-1]["test_accuracy"]
     base.trainable = True
     for layer in base.layers[:100]:
         layer.trainable = False
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     clock.phase = "finetune"
-    model.fit(train, validation_data=val, epochs=finetune_epochs, callbacks=[clock.tester("recipe", model, test)],
-              verbose=2)
+    model.fit(
+        train, validation_data=val, epochs=finetune_epochs, callbacks=[clock.tester("recipe", model, test)], verbose=2
+    )
     return clock.result(frozen_accuracy)
 
 
-def run_careful_baseline(folders: dict[str, Path], alpha: float, size: int, seed: int,
-                         frozen_epochs: int = 10, finetune_epochs: int = 5) -> dict[str, Any]:
+def run_careful_baseline(
+    folders: dict[str, Path], alpha: float, size: int, seed: int, frozen_epochs: int = 10, finetune_epochs: int = 5
+) -> dict[str, Any]:
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -276,18 +311,21 @@ def run_careful_baseline(folders: dict[str, Path], alpha: float, size: int, seed
     model = keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     clock.phase = "frozen"
-    model.fit(train, validation_data=val, epochs=frozen_epochs, callbacks=[clock.tester("careful", model, test)],
-              verbose=2)
+    model.fit(
+        train, validation_data=val, epochs=frozen_epochs, callbacks=[clock.tester("careful", model, test)], verbose=2
+    )
     frozen_accuracy = clock.curve[-1]["test_accuracy"]
     base.trainable = True
     model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     clock.phase = "finetune"
-    model.fit(train, validation_data=val, epochs=finetune_epochs, callbacks=[clock.tester("careful", model, test)],
-              verbose=2)
+    model.fit(
+        train, validation_data=val, epochs=finetune_epochs, callbacks=[clock.tester("careful", model, test)], verbose=2
+    )
     return clock.result(frozen_accuracy)
 
 
 # --- comparison and report -----------------------------------------------------------------------
+
 
 def time_to(target: float, points: list[tuple[float, float]]) -> float | None:
     """First time (seconds) at which accuracy >= target, from (seconds, accuracy) points."""
@@ -308,8 +346,12 @@ def compare(pipeline: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> d
     for name, baseline in baselines.items():
         for label, target in ((f"{name}_best", baseline["best_test_accuracy"]), (f"{name}_0.90", 0.90)):
             pipe_t, base_t = time_to(target, _points(pipeline)), time_to(target, _points(baseline))
-            out[f"time_to_{label}"] = {"target": target, "pipeline_seconds": pipe_t, "baseline_seconds": base_t,
-                                       "ratio": _ratio(pipe_t, base_t)}
+            out[f"time_to_{label}"] = {
+                "target": target,
+                "pipeline_seconds": pipe_t,
+                "baseline_seconds": base_t,
+                "ratio": _ratio(pipe_t, base_t),
+            }
         out[f"whole_run_ratio_{name}"] = _ratio(pipeline["total_seconds"], baseline["total_seconds"])
     return out
 
@@ -318,13 +360,29 @@ def targets(pipeline: dict[str, Any], comparison: dict[str, Any]) -> list[dict[s
     """The issue's three targets on this machine, each with the measured value and whether it is met."""
     rows = [("final test accuracy", pipeline["test_accuracy_final"], ">=", TARGETS["final_test_accuracy"])]
     if "time_to_careful_best" in comparison:
-        rows += [("time to the careful recipe's best / its own time to it",
-                  comparison["time_to_careful_best"]["ratio"], "<=", TARGETS["time_to_careful_best_ratio"]),
-                 ("whole pipeline / careful recipe's training", comparison["whole_run_ratio_careful"], "<=",
-                  TARGETS["whole_run_vs_careful_training"])]
-    return [{"target": what, "measured": value, "goal": f"{op} {goal}",
-             "met": value is not None and (value >= goal if op == ">=" else value <= goal)}
-            for what, value, op, goal in rows]
+        rows += [
+            (
+                "time to the careful recipe's best / its own time to it",
+                comparison["time_to_careful_best"]["ratio"],
+                "<=",
+                TARGETS["time_to_careful_best_ratio"],
+            ),
+            (
+                "whole pipeline / careful recipe's training",
+                comparison["whole_run_ratio_careful"],
+                "<=",
+                TARGETS["whole_run_vs_careful_training"],
+            ),
+        ]
+    return [
+        {
+            "target": what,
+            "measured": value,
+            "goal": f"{op} {goal}",
+            "met": value is not None and (value >= goal if op == ">=" else value <= goal),
+        }
+        for what, value, op, goal in rows
+    ]
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
@@ -338,8 +396,11 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
         pts = _points(run)
         ax.plot([t for t, _ in pts], [a for _, a in pts], marker="o", markersize=3, label=name)
     ax.axhline(TARGETS["final_test_accuracy"], color="grey", linestyle=":", linewidth=1, label="target")
-    ax.set(xlabel="seconds of training (pipeline: from the start of ingest)", ylabel="test accuracy",
-           title=f"{result['name']}: test accuracy after every epoch")
+    ax.set(
+        xlabel="seconds of training (pipeline: from the start of ingest)",
+        ylabel="test accuracy",
+        title=f"{result['name']}: test accuracy after every epoch",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -354,44 +415,85 @@ def _fmt(value: Any) -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     p, bs, c = result["pipeline"], result["baselines"], result["comparison"]
     names = list(bs)
-    lines = [f"# Benchmark: {result['name']}", "", f"{result['machine']}. Source: `{result['source']}`; "
-             f"split: the pipeline's validated manifest ({result['split_counts']}).", "",
-             f"![test accuracy after every epoch]({result['name']}_curves.png)", "",
-             "| | pipeline | " + " | ".join(f"baseline: {n}" for n in names) + " |",
-             "|---|---|" + "---|" * len(names),
-             f"| test accuracy after the frozen stage | {_fmt(p['test_accuracy_after_head'])} | "
-             + " | ".join(_fmt(bs[n]["test_accuracy_after_frozen"]) for n in names) + " |",
-             "| final test accuracy | " + " | ".join(_fmt(r["test_accuracy_final"]) for r in [p, *bs.values()]) + " |",
-             "| best test accuracy (any epoch) | " + " | ".join(_fmt(r["best_test_accuracy"]) for r in [p, *bs.values()]) + " |",
-             "| seconds (pipeline: ingest to registered model; baselines: training) | "
-             + " | ".join(str(r["total_seconds"]) for r in [p, *bs.values()]) + " |", "",
-             _interval_line(p["test_accuracy_final"], result["split_counts"]), "",
-             "Pipeline stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in p["stage_seconds"].items()), "",
-             "| time to | target accuracy | pipeline s | baseline s | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark: {result['name']}",
+        "",
+        f"{result['machine']}. Source: `{result['source']}`; "
+        f"split: the pipeline's validated manifest ({result['split_counts']}).",
+        "",
+        f"![test accuracy after every epoch]({result['name']}_curves.png)",
+        "",
+        "| | pipeline | " + " | ".join(f"baseline: {n}" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+        f"| test accuracy after the frozen stage | {_fmt(p['test_accuracy_after_head'])} | "
+        + " | ".join(_fmt(bs[n]["test_accuracy_after_frozen"]) for n in names)
+        + " |",
+        "| final test accuracy | " + " | ".join(_fmt(r["test_accuracy_final"]) for r in [p, *bs.values()]) + " |",
+        "| best test accuracy (any epoch) | "
+        + " | ".join(_fmt(r["best_test_accuracy"]) for r in [p, *bs.values()])
+        + " |",
+        "| seconds (pipeline: ingest to registered model; baselines: training) | "
+        + " | ".join(str(r["total_seconds"]) for r in [p, *bs.values()])
+        + " |",
+        "",
+        _interval_line(p["test_accuracy_final"], result["split_counts"]),
+        "",
+        "Pipeline stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in p["stage_seconds"].items()),
+        "",
+        "| time to | target accuracy | pipeline s | baseline s | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for key, t in c.items():
         if key.startswith("time_to_"):
-            lines.append(f"| {key[len('time_to_'):]} | {t['target']:.4f} | {t['pipeline_seconds']} | "
-                         f"{t['baseline_seconds']} | {t['ratio']} |")
-    lines += ["", "Whole-run ratio (pipeline / baseline): "
-              + ", ".join(f"{n} {c[f'whole_run_ratio_{n}']}" for n in names), "", "## Targets", "",
-              "| target | goal | measured | met |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])} | {'yes' if t['met'] else '**no**'} |"
-              for t in result["targets"]]
+            lines.append(
+                f"| {key[len('time_to_') :]} | {t['target']:.4f} | {t['pipeline_seconds']} | "
+                f"{t['baseline_seconds']} | {t['ratio']} |"
+            )
+    lines += [
+        "",
+        "Whole-run ratio (pipeline / baseline): " + ", ".join(f"{n} {c[f'whole_run_ratio_{n}']}" for n in names),
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])} | {'yes' if t['met'] else '**no**'} |"
+        for t in result["targets"]
+    ]
     tta = p.get("flip_tta")
     if tta:
-        lines += ["", "## Experiment: horizontal-flip test-time augmentation (judged on val)", "",
-                  "| | val | test |", "|---|---|---|",
-                  f"| plain | {tta['val_plain']:.4f} | {tta['test_plain']:.4f} |",
-                  f"| mean of image and mirror | {tta['val_flip_tta']:.4f} | {tta['test_flip_tta']:.4f} |", "",
-                  f"Better on val: {'yes' if tta['keep'] else 'no'}. Kept by finetune (`finetune.flip_tta`, "
-                  f"judged on calibrated val probabilities): {'yes' if tta.get('kept_by_finetune') else 'no'}"
-                  + (", so the registered model's test accuracy above is the mean over both views; the per-epoch "
-                     "rows below are one view." if tta.get("kept_by_finetune") else ".")]
-    lines += ["", "## Per-epoch test accuracy", "", "| run | phase | epoch | seconds | test accuracy |",
-              "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Experiment: horizontal-flip test-time augmentation (judged on val)",
+            "",
+            "| | val | test |",
+            "|---|---|---|",
+            f"| plain | {tta['val_plain']:.4f} | {tta['test_plain']:.4f} |",
+            f"| mean of image and mirror | {tta['val_flip_tta']:.4f} | {tta['test_flip_tta']:.4f} |",
+            "",
+            f"Better on val: {'yes' if tta['keep'] else 'no'}. Kept by finetune (`finetune.flip_tta`, "
+            f"judged on calibrated val probabilities): {'yes' if tta.get('kept_by_finetune') else 'no'}"
+            + (
+                ", so the registered model's test accuracy above is the mean over both views; the per-epoch "
+                "rows below are one view."
+                if tta.get("kept_by_finetune")
+                else "."
+            ),
+        ]
+    lines += [
+        "",
+        "## Per-epoch test accuracy",
+        "",
+        "| run | phase | epoch | seconds | test accuracy |",
+        "|---|---|---|---|---|",
+    ]
     for name, run in [("pipeline", p), *bs.items()]:
-        lines += [f"| {name} | {pt['phase']} | {pt['epoch'] or ''} | {pt['seconds']} | {pt['test_accuracy']:.4f} |"
-                  for pt in run["curve"]]
+        lines += [
+            f"| {name} | {pt['phase']} | {pt['epoch'] or ''} | {pt['seconds']} | {pt['test_accuracy']:.4f} |"
+            for pt in run["curve"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -425,8 +527,10 @@ def _interval_line(accuracy: float, split_counts: str) -> str:
     if not n:
         return "No test images: no interval."
     low, high = wilson_interval(accuracy, n)
-    return (f"The pipeline's final test accuracy {accuracy:.4f} on {n} test images: 95% interval "
-            f"{low:.3f}-{high:.3f} (one image is {1 / n:.3f}).")
+    return (
+        f"The pipeline's final test accuracy {accuracy:.4f} on {n} test images: 95% interval "
+        f"{low:.3f}-{high:.3f} (one image is {1 / n:.3f})."
+    )
 
 
 def _split_counts(workspace: Path) -> str:
@@ -441,17 +545,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=str(REPO.parent / "shared/datasets/flower_photos"))
     parser.add_argument("--name", default="flowers")
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "work"))
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="params override for the pipeline run (e.g. for a small smoke run)")
-    parser.add_argument("--baseline-epochs", type=int, nargs=2, default=[10, 5], metavar=("FROZEN", "FINETUNE"),
-                        help="epochs of both baselines' two phases")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params override for the pipeline run (e.g. for a small smoke run)",
+    )
+    parser.add_argument(
+        "--baseline-epochs",
+        type=int,
+        nargs=2,
+        default=[10, 5],
+        metavar=("FROZEN", "FINETUNE"),
+        help="epochs of both baselines' two phases",
+    )
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
     parser.add_argument("--results", default=str(RESULTS), help="folder for <name>.json/.md/_curves.png")
-    parser.add_argument("--test-from", metavar="FOLDER",
-                        help="use the source's own held-out folder (e.g. val) as the test split; val is then "
-                             "carved from train (hymenoptera_data: 153 test images instead of 23)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite <name>.md and _curves.png from an existing <name>.json; run nothing")
+    parser.add_argument(
+        "--test-from",
+        metavar="FOLDER",
+        help="use the source's own held-out folder (e.g. val) as the test split; val is then "
+        "carved from train (hymenoptera_data: 153 test images instead of 23)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite <name>.md and _curves.png from an existing <name>.json; run nothing",
+    )
     args = parser.parse_args(argv)
     results = Path(args.results)
     if args.report_only:
@@ -475,17 +597,28 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = run_pipeline(workspace, work / "snapshots")
     folders = split_folders(workspace, work / "baseline_data")
     runners: dict[str, Callable[..., dict[str, Any]]] = {"recipe": run_recipe_baseline, "careful": run_careful_baseline}
-    baselines = {name: runners[name](folders, params.model.alpha or 1.0, params.model.image_size, params.project.seed,
-                                     *args.baseline_epochs) for name in args.baselines}
+    baselines = {
+        name: runners[name](
+            folders, params.model.alpha or 1.0, params.model.image_size, params.project.seed, *args.baseline_epochs
+        )
+        for name in args.baselines
+    }
     import tensorflow as tf
 
     comparison = compare(pipeline, baselines)
-    result = {"name": args.name, "source": args.source, "settings": args.settings,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                         f"GPU: {bool(tf.config.list_physical_devices('GPU'))}",
-              "split_counts": _split_counts(workspace), "baseline_epochs": args.baseline_epochs,
-              "pipeline": pipeline, "baselines": baselines, "comparison": comparison,
-              "targets": targets(pipeline, comparison)}
+    result = {
+        "name": args.name,
+        "source": args.source,
+        "settings": args.settings,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"GPU: {bool(tf.config.list_physical_devices('GPU'))}",
+        "split_counts": _split_counts(workspace),
+        "baseline_epochs": args.baseline_epochs,
+        "pipeline": pipeline,
+        "baselines": baselines,
+        "comparison": comparison,
+        "targets": targets(pipeline, comparison),
+    }
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, results / f"{args.name}_curves.png")

@@ -37,8 +37,11 @@ def process_figures() -> dict[str, float]:
     import psutil
 
     proc = psutil.Process()
-    return {"rss_mb": round(proc.memory_info().rss / 2**20, 1), "open_files": len(proc.open_files()),
-            "fds": proc.num_fds()}
+    return {
+        "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+        "open_files": len(proc.open_files()),
+        "fds": proc.num_fds(),
+    }
 
 
 def registry_versions(workspace: Path, name: str) -> int:
@@ -68,14 +71,23 @@ def soak(workspace: Path, runs: int) -> dict[str, Any]:
         ran = [s["stage"] for s in result["stages"] if s["ran"]]
         trained += "evaluate" in ran
         status = dvc(workspace, "status", "--json").stdout.strip()
-        record = {"run": i + 1, "seconds": round(time.monotonic() - started, 1), "stages_ran": ran,
-                  "dvc_clean": status in ("{}", ""), "registry_versions": registry_versions(workspace, name),
-                  "expected_versions": trained, **process_figures()}
+        record = {
+            "run": i + 1,
+            "seconds": round(time.monotonic() - started, 1),
+            "stages_ran": ran,
+            "dvc_clean": status in ("{}", ""),
+            "registry_versions": registry_versions(workspace, name),
+            "expected_versions": trained,
+            **process_figures(),
+        }
         print(json.dumps(record), flush=True)
         records.append(record)
     problems = [f"run {r['run']}: dvc status not clean" for r in records if not r["dvc_clean"]]
-    problems += [f"run {r['run']}: {r['registry_versions']} registry versions, expected {r['expected_versions']}"
-                 for r in records if r["registry_versions"] != r["expected_versions"]]
+    problems += [
+        f"run {r['run']}: {r['registry_versions']} registry versions, expected {r['expected_versions']}"
+        for r in records
+        if r["registry_versions"] != r["expected_versions"]
+    ]
     if records[-1]["stages_ran"]:
         problems.append(f"last run changed nothing but ran {records[-1]['stages_ran']}")
     if grows_steadily([r["rss_mb"] for r in records], 0.05):
@@ -104,11 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     result = soak(workspace, args.runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [f"| {r['run']} | {r['seconds']} | {', '.join(r['stages_ran']) or 'none (skipped)'} | {r['dvc_clean']} | "
-            f"{r['registry_versions']} | {r['rss_mb']} | {r['fds']} |" for r in result["runs"]]
-    (RESULTS / "soak.md").write_text("\n".join(
-        ["# Soak", "", "| run | s | stages ran | dvc clean | versions | RSS MB | fds |", "|---|---|---|---|---|---|---|", *rows,
-         "", "Problems: " + ("; ".join(result["problems"]) or "none")]) + "\n")
+    rows = [
+        f"| {r['run']} | {r['seconds']} | {', '.join(r['stages_ran']) or 'none (skipped)'} | {r['dvc_clean']} | "
+        f"{r['registry_versions']} | {r['rss_mb']} | {r['fds']} |"
+        for r in result["runs"]
+    ]
+    (RESULTS / "soak.md").write_text(
+        "\n".join(
+            [
+                "# Soak",
+                "",
+                "| run | s | stages ran | dvc clean | versions | RSS MB | fds |",
+                "|---|---|---|---|---|---|---|",
+                *rows,
+                "",
+                "Problems: " + ("; ".join(result["problems"]) or "none"),
+            ]
+        )
+        + "\n"
+    )
     print("soak:", "ok" if result["ok"] else "; ".join(result["problems"]))
     return 0 if result["ok"] else 1
 

@@ -38,8 +38,9 @@ def tool_env() -> dict[str, str]:
 
 
 def dvc(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=workdir, env=tool_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args], cwd=workdir, env=tool_env(), capture_output=True, text=True
+    )
     if check and proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -23,8 +23,13 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".ta
 CHUNK = 1 << 20
 # Real long names and pax records are a few hundred bytes; 64 KiB leaves ample room.
 MAX_HEADER_BYTES = 64 * 1024
-_METADATA_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                   tarfile.SOLARIS_XHDTYPE)
+_METADATA_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 class ArchiveError(ValueError):
@@ -48,8 +53,10 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int)
 
 
 def _limit_error(archive: Path, what: str, value: int, limit: int, key: str) -> ArchiveError:
-    return ArchiveError(f"{archive.name}: {what} {value:,} exceeds ingest.{key}={limit:,} "
-                        "(possible decompression bomb); raise the limit in params.yaml if the archive is trusted")
+    return ArchiveError(
+        f"{archive.name}: {what} {value:,} exceeds ingest.{key}={limit:,} "
+        "(possible decompression bomb); raise the limit in params.yaml if the archive is trusted"
+    )
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -62,8 +69,9 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _METADATA_TYPES and self.size > MAX_HEADER_BYTES:
-            raise tarfile.HeaderError(f"a {self.size:,}-byte metadata header (long name or pax), over the "
-                                      f"{MAX_HEADER_BYTES:,}-byte limit")
+            raise tarfile.HeaderError(
+                f"a {self.size:,}-byte metadata header (long name or pax), over the {MAX_HEADER_BYTES:,}-byte limit"
+            )
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise tarfile.HeaderError("a sparse member")
         return super()._proc_member(tarfile_)
@@ -109,8 +117,9 @@ def _zip_target(dest: Path, archive: Path, name: str) -> Path:
     clean = name.replace("\\", "/")
     parts = [p for p in clean.split("/") if p not in ("", ".")]
     if clean.startswith("/") or (parts and ":" in parts[0]) or ".." in parts or "\0" in clean:
-        raise ArchiveError(f"{archive.name}: unsafe member {name!r}: an absolute path or '..' would write "
-                           "outside the target")
+        raise ArchiveError(
+            f"{archive.name}: unsafe member {name!r}: an absolute path or '..' would write outside the target"
+        )
     target = dest.joinpath(*parts) if parts else dest
     if not target.resolve().is_relative_to(dest.resolve()):
         raise ArchiveError(f"{archive.name}: unsafe member {name!r}: outside the target")
@@ -131,8 +140,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_members: int) ->
                 kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0  # 3: Unix
                 if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                     what = "a link" if kind == stat.S_IFLNK else "not a regular file"
-                    raise ArchiveError(f"{archive.name}: member {info.filename!r} is {what}; "
-                                       "only files and folders are accepted in image archives")
+                    raise ArchiveError(
+                        f"{archive.name}: member {info.filename!r} is {what}; "
+                        "only files and folders are accepted in image archives"
+                    )
             written = 0
             for info, target in zip(infos, targets):
                 written = _write_zip_member(zf, info, target, archive, written, max_bytes)
@@ -140,8 +151,9 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_members: int) ->
         raise ArchiveError(f"{archive.name}: not a readable archive: {exc}") from None
 
 
-def _write_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, archive: Path,
-                      written: int, max_bytes: int) -> int:
+def _write_zip_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, archive: Path, written: int, max_bytes: int
+) -> int:
     if info.is_dir():
         target.mkdir(parents=True, exist_ok=True)
         return written

@@ -56,8 +56,9 @@ def save_preview(originals: list[np.ndarray], augmented: list[np.ndarray], path:
     plt.close(fig)
 
 
-def run_augment(config: AugmentConfig, seed: int, image_size: int, manifest: str | Path,
-                policy_out: str | Path, preview: str | Path) -> AugmentResult:
+def run_augment(
+    config: AugmentConfig, seed: int, image_size: int, manifest: str | Path, policy_out: str | Path, preview: str | Path
+) -> AugmentResult:
     """Validate and save the policy; preview it on a seeded sample of training images."""
     pipeline = build_pipeline(config.policy, seed)
     train = load_split(read_manifest(manifest), "train")
@@ -82,13 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        result = run_augment(params.augment, params.project.seed, params.model.image_size,
-                             args.manifest, args.policy_out, args.preview)
+        result = run_augment(
+            params.augment, params.project.seed, params.model.image_size, args.manifest, args.policy_out, args.preview
+        )
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"augment: {exc}", file=sys.stderr)
         return 2
-    print(f"augment: {result.transforms} transforms -> {result.policy_path}; "
-          f"preview of {result.preview_images} images -> {result.preview_path}")
+    print(
+        f"augment: {result.transforms} transforms -> {result.policy_path}; "
+        f"preview of {result.preview_images} images -> {result.preview_path}"
+    )
     return 0
 
 

@@ -82,15 +82,27 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenet_v2": BackboneSpec(keras.applications.MobileNetV2, 224, _mobilenet_scaling, uses_alpha=True,
-                                 default_unfreeze_layers=40),
-    "mobilenet": BackboneSpec(keras.applications.MobileNet, 224, _mobilenet_scaling, uses_alpha=True,
-                              default_unfreeze_layers=24),
-    "efficientnet_v2_b0": BackboneSpec(keras.applications.EfficientNetV2B0, 224, _no_preprocessing,
-                                       extra_kwargs=(("include_preprocessing", True),), default_unfreeze_layers=40),
+    "mobilenet_v2": BackboneSpec(
+        keras.applications.MobileNetV2, 224, _mobilenet_scaling, uses_alpha=True, default_unfreeze_layers=40
+    ),
+    "mobilenet": BackboneSpec(
+        keras.applications.MobileNet, 224, _mobilenet_scaling, uses_alpha=True, default_unfreeze_layers=24
+    ),
+    "efficientnet_v2_b0": BackboneSpec(
+        keras.applications.EfficientNetV2B0,
+        224,
+        _no_preprocessing,
+        extra_kwargs=(("include_preprocessing", True),),
+        default_unfreeze_layers=40,
+    ),
     "resnet50": BackboneSpec(keras.applications.ResNet50, 224, _caffe, default_unfreeze_layers=33),
-    "convnext_tiny": BackboneSpec(keras.applications.ConvNeXtTiny, 224, _no_preprocessing,
-                                  extra_kwargs=(("include_preprocessing", True),), default_unfreeze_layers=30),
+    "convnext_tiny": BackboneSpec(
+        keras.applications.ConvNeXtTiny,
+        224,
+        _no_preprocessing,
+        extra_kwargs=(("include_preprocessing", True),),
+        default_unfreeze_layers=30,
+    ),
 }
 
 
@@ -120,16 +132,21 @@ def build_backbone(model_cfg: ModelConfig) -> keras.Model:
         kwargs["alpha"] = model_cfg.alpha
     size = model_cfg.image_size
     try:
-        base = spec.constructor(input_shape=(size, size, 3), include_top=False,
-                                weights=_resolve_weights(model_cfg.weights), **kwargs)
+        base = spec.constructor(
+            input_shape=(size, size, 3), include_top=False, weights=_resolve_weights(model_cfg.weights), **kwargs
+        )
     except ValueError as exc:  # e.g. an alpha with no published ImageNet weights
-        raise ParamsError(f"model ({model_cfg.backbone}, alpha={model_cfg.alpha}, image_size={size}, "
-                          f"weights={model_cfg.weights}): {exc}") from None
+        raise ParamsError(
+            f"model ({model_cfg.backbone}, alpha={model_cfg.alpha}, image_size={size}, "
+            f"weights={model_cfg.weights}): {exc}"
+        ) from None
     except Exception as exc:  # Keras raises a bare Exception when the weights download fails
         if "URL fetch failure" not in str(exc):
             raise
-        raise ParamsError(f"model.weights = 'imagenet': the weights for {model_cfg.backbone} (alpha={model_cfg.alpha}, "
-                          f"image_size={size}) are not in KERAS_HOME and could not be downloaded ({exc})") from None
+        raise ParamsError(
+            f"model.weights = 'imagenet': the weights for {model_cfg.backbone} (alpha={model_cfg.alpha}, "
+            f"image_size={size}) are not in KERAS_HOME and could not be downloaded ({exc})"
+        ) from None
     base.name = BACKBONE_LAYER  # a stable name for finetune (EfficientNetV2 needs its own name while building)
     base.trainable = False
     return base
@@ -147,8 +164,9 @@ def build_head(feature_dim: int, num_classes: int, head_cfg: TrainHeadConfig) ->
     return keras.Model(features, probs, name=HEAD_LAYER)
 
 
-def build_classifier(model_cfg: ModelConfig, num_classes: int,
-                     head_cfg: TrainHeadConfig) -> tuple[keras.Model, keras.Model]:
+def build_classifier(
+    model_cfg: ModelConfig, num_classes: int, head_cfg: TrainHeadConfig
+) -> tuple[keras.Model, keras.Model]:
     """Raw 0..255 images of any size -> class probabilities; returns (model, frozen backbone)."""
     spec = get_spec(model_cfg.backbone)
     base = build_backbone(model_cfg)
@@ -217,6 +235,7 @@ def find_backbone(model: keras.Model) -> keras.Model:
 
 # --- fine-tuning: which layers train ---------------------------------------------------------
 
+
 def unfreeze_top(backbone: Any, config: FinetuneConfig, default_layers: int) -> int:
     """Make the top of the backbone trainable (BatchNorm excluded); return the first trainable index.
 
@@ -229,16 +248,20 @@ def unfreeze_top(backbone: Any, config: FinetuneConfig, default_layers: int) -> 
         if config.unfreeze_from not in names:
             hint = difflib.get_close_matches(config.unfreeze_from, names, n=3)
             close = f"; close: {', '.join(hint)}" if hint else ""
-            raise ParamsError(f"finetune.unfreeze_from = {config.unfreeze_from!r} is not a layer of the backbone "
-                              f"'{backbone.name}' ({len(layers)} layers){close}")
+            raise ParamsError(
+                f"finetune.unfreeze_from = {config.unfreeze_from!r} is not a layer of the backbone "
+                f"'{backbone.name}' ({len(layers)} layers){close}"
+            )
         start = names.index(config.unfreeze_from)
     elif config.unfreeze_fraction is not None:
         start = len(layers) - max(1, round(len(layers) * config.unfreeze_fraction))
     else:
         count = config.unfreeze_layers or default_layers
         if count > len(layers):
-            raise ParamsError(f"finetune.unfreeze_layers = {count} exceeds the backbone's layer count "
-                              f"({len(layers)} layers in '{backbone.name}')")
+            raise ParamsError(
+                f"finetune.unfreeze_layers = {count} exceeds the backbone's layer count "
+                f"({len(layers)} layers in '{backbone.name}')"
+            )
         start = len(layers) - count
     backbone.trainable = True
     for i, layer in enumerate(layers):

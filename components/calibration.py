@@ -71,25 +71,29 @@ def _checked(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if logits.ndim not in (2, 3) or logits.shape[-2] != len(labels):
-        raise ValueError("logits must be (n, classes) or (views, n, classes) with one label per row; "
-                         f"got {logits.shape} and {labels.shape}")
+        raise ValueError(
+            "logits must be (n, classes) or (views, n, classes) with one label per row; "
+            f"got {logits.shape} and {labels.shape}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
         raise ValueError(f"labels must lie in 0..{logits.shape[-1] - 1}")
     finite = np.isfinite(_views(logits)).all(axis=(0, 2))
     return logits[..., finite, :], labels[finite].astype(np.int64)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray,
-                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The T in `bounds` minimising validation NLL (a 1-D bounded search over log T); 1.0 if no rows."""
     from scipy.optimize import minimize_scalar
 
     logits, labels = _checked(logits, labels)
     if not len(labels):
         return 1.0
-    result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
-                             bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
-                             options={"xatol": 1e-4})
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(bounds[0]), np.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     temperature = float(np.exp(result.x))
     # The search is approximate: never hand back a T that is worse than leaving the model alone.
     if negative_log_likelihood(logits, labels, temperature) > negative_log_likelihood(logits, labels, 1.0):
@@ -102,8 +106,10 @@ def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tupl
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     table = calibration_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins)
-    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-            for row in table.to_dict(orient="records")]
+    rows = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        for row in table.to_dict(orient="records")
+    ]
     return expected_calibration_error(table), rows
 
 
@@ -124,17 +130,23 @@ class CalibrationReport:
         return asdict(self)
 
 
-def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: float,
-                       n_bins: int = 10) -> CalibrationReport:
+def calibration_report(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, n_bins: int = 10
+) -> CalibrationReport:
     """How `temperature` changes NLL, ECE and the reliability diagram on these rows (val or test)."""
     logits, labels = _checked(logits, labels)
     ece_before, bins_before = reliability(apply_temperature(logits, 1.0), labels, n_bins)
     ece_after, bins_after = reliability(apply_temperature(logits, temperature), labels, n_bins)
     return CalibrationReport(
-        temperature=float(temperature), n=int(len(labels)),
+        temperature=float(temperature),
+        n=int(len(labels)),
         nll_before=negative_log_likelihood(logits, labels) if len(labels) else 0.0,
         nll_after=negative_log_likelihood(logits, labels, temperature) if len(labels) else 0.0,
-        ece_before=ece_before, ece_after=ece_after, reliability_before=bins_before, reliability_after=bins_after)
+        ece_before=ece_before,
+        ece_after=ece_after,
+        reliability_before=bins_before,
+        reliability_after=bins_after,
+    )
 
 
 def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, n_bins: int = 10) -> CalibrationReport:

@@ -28,15 +28,39 @@ from pydantic import (
 
 DEFAULT_PARAMS = Path("params.yaml")
 # Query parameters that carry a secret (signed S3/GCS/Azure URLs, API tokens): never in settings.
-SECRET_QUERY_KEYS = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
-    "signature", "sig", "token", "access_token", "id_token", "auth", "authorization", "password", "passwd",
-    "secret", "client_secret", "access_key", "accesskey", "awsaccesskeyid", "secret_key", "api_key", "apikey", "key",
-})
-CREDENTIAL_HELP = ("put credentials in the environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-                   "AWS_PROFILE for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, fsspec storage options "
-                   "through FSSPEC_<PROTOCOL>_<OPTION> variables), or in a DVC remote's config "
-                   "(`dvc remote modify --local`)")
+SECRET_QUERY_KEYS = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "signature",
+        "sig",
+        "token",
+        "access_token",
+        "id_token",
+        "auth",
+        "authorization",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "access_key",
+        "accesskey",
+        "awsaccesskeyid",
+        "secret_key",
+        "api_key",
+        "apikey",
+        "key",
+    }
+)
+CREDENTIAL_HELP = (
+    "put credentials in the environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+    "AWS_PROFILE for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, fsspec storage options "
+    "through FSSPEC_<PROTOCOL>_<OPTION> variables), or in a DVC remote's config "
+    "(`dvc remote modify --local`)"
+)
 
 
 def credential_problem(location: str) -> str | None:
@@ -75,7 +99,11 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic reads `true` as 1 for an int field: `epochs: true` must be an error, not one epoch.
-        if isinstance(value, bool) and info.field_name and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+        if (
+            isinstance(value, bool)
+            and info.field_name
+            and not _accepts_bool(cls.model_fields[info.field_name].annotation)
+        ):
             word = _yaml_word(cls.model_fields[info.field_name].annotation, value)
             if word is not None:
                 return word
@@ -142,12 +170,15 @@ class IngestConfig(Section):
     max_files: int = Field(1_000_000, gt=0, description="Cap on the files any source delivers (archives: members).")
     allow_http: bool = Field(False, description="Accept plain http:// URLs (https, s3 and gs always).")
     allow_private_hosts: bool = Field(
-        False, description="Accept URLs whose host is loopback, private or link-local (e.g. a lab server).")
+        False, description="Accept URLs whose host is loopback, private or link-local (e.g. a lab server)."
+    )
     allowed_roots: list[str] = Field(
         default_factory=list,
-        description="Folders or bucket prefixes that manifest rows may name besides the manifest's own folder.")
+        description="Folders or bucket prefixes that manifest rows may name besides the manifest's own folder.",
+    )
     follow_links_within_root: bool = Field(
-        True, description="Follow symlinks that stay inside the source root; links out of it are always refused.")
+        True, description="Follow symlinks that stay inside the source root; links out of it are always refused."
+    )
     download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
 
@@ -162,10 +193,13 @@ class IngestConfig(Section):
 
 class NearDuplicatesConfig(Section):
     policy: Literal["move", "report", "fail", "off"] = Field(
-        "move", description="Near-duplicate groups across splits: move to the split of the smallest content hash, "
-        "report only, fail validation, or off (no perceptual hashing). Groups under 2+ labels are quarantined.")
+        "move",
+        description="Near-duplicate groups across splits: move to the split of the smallest content hash, "
+        "report only, fail validation, or off (no perceptual hashing). Groups under 2+ labels are quarantined.",
+    )
     max_distance: int = Field(
-        10, ge=0, le=32, description="Largest Hamming distance between 64-bit perceptual hashes of one group.")
+        10, ge=0, le=32, description="Largest Hamming distance between 64-bit perceptual hashes of one group."
+    )
 
 
 class ValidateConfig(Section):
@@ -188,8 +222,10 @@ class ValidateConfig(Section):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)})")
         if self.min_width * self.min_height > self.max_pixels:
-            raise ValueError(f"min_width x min_height ({self.min_width * self.min_height}) exceeds max_pixels "
-                             f"({self.max_pixels}): no image could pass")
+            raise ValueError(
+                f"min_width x min_height ({self.min_width * self.min_height}) exceeds max_pixels "
+                f"({self.max_pixels}): no image could pass"
+            )
         return self
 
 
@@ -215,11 +251,17 @@ class AugmentConfig(Section):
 
 class LabelIssuesConfig(Section):
     action: Literal["report", "exclude", "off"] = Field(
-        "report", description="Suspect labels (cleanlab on out-of-fold head probabilities): report them, also "
-        "exclude the top ones from head training (listed in the model folder), or skip the check.")
+        "report",
+        description="Suspect labels (cleanlab on out-of-fold head probabilities): report them, also "
+        "exclude the top ones from head training (listed in the model folder), or skip the check.",
+    )
     folds: int = Field(5, ge=2, le=20, description="Folds of the out-of-fold heads.")
     max_excluded_fraction: float = Field(
-        0.02, ge=0, le=0.5, description="With action exclude: at most this fraction of training images, most suspect first.")
+        0.02,
+        ge=0,
+        le=0.5,
+        description="With action exclude: at most this fraction of training images, most suspect first.",
+    )
     gallery_images: int = Field(16, ge=1, le=64, description="Top suspects shown in label_issues.png.")
 
 
@@ -236,10 +278,14 @@ class TrainHeadConfig(Section):
     class_weighting: Literal["balanced", "none"] = "balanced"
     early_stopping_patience: int = Field(5, ge=1)
     cached_features: bool = Field(True, description="Train the head on backbone features computed once.")
-    augmented_copies: int = Field(2, ge=0, le=32, description="Augmented variants per training image in the feature cache.")
+    augmented_copies: int = Field(
+        2, ge=0, le=32, description="Augmented variants per training image in the feature cache."
+    )
     feature_engine: Literal["auto", "onnxruntime", "keras"] = Field(
-        "auto", description="Frozen feature pass: auto = ONNX Runtime on a CPU where it is installed "
-        "(checked against Keras on a probe batch), Keras otherwise.")
+        "auto",
+        description="Frozen feature pass: auto = ONNX Runtime on a CPU where it is installed "
+        "(checked against Keras on a probe batch), Keras otherwise.",
+    )
     label_issues: LabelIssuesConfig = LabelIssuesConfig()
 
 
@@ -258,34 +304,44 @@ class FinetuneConfig(Section):
     early_stopping_patience: int = Field(4, ge=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     calibrate: bool = Field(
-        True, description="Fit a temperature on val after fine-tuning and fold it into the output layer "
-        "(probabilities people can threshold; predictions unchanged).")
+        True,
+        description="Fit a temperature on val after fine-tuning and fold it into the output layer "
+        "(probabilities people can threshold; predictions unchanged).",
+    )
     flip_tta: Literal["auto", "on", "off"] = Field(
-        "auto", description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
-        "only when it raises val accuracy (never judged on test); on/off: always/never.")
+        "auto",
+        description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
+        "only when it raises val accuracy (never judged on test); on/off: always/never.",
+    )
 
 
 class PromotionConfig(Section):
     min_accuracy: float = Field(0.5, ge=0, le=1, description="Test accuracy a version needs to become champion.")
     min_class_recall: float = Field(0.0, ge=0, le=1, description="Every class's test recall must reach this.")
     min_improvement: float = Field(
-        0.0, ge=0, le=1, description="Accuracy margin over the champion re-scored on the same test split.")
+        0.0, ge=0, le=1, description="Accuracy margin over the champion re-scored on the same test split."
+    )
     promote_on_tie: bool = Field(False, description="Whether equal accuracy (within float noise) promotes.")
     max_class_recall_drop: float = Field(
-        0.03, ge=0, le=1, description="No class's recall may fall more than this below the champion's.")
+        0.03, ge=0, le=1, description="No class's recall may fall more than this below the champion's."
+    )
     allow_class_set_change: bool = Field(
-        False, description="Promote when the class set differs from the champion's (it cannot be re-scored).")
+        False, description="Promote when the class set differs from the champion's (it cannot be re-scored)."
+    )
 
 
 class ServingConfig(Section):
     max_images_per_request: int = Field(64, ge=1, le=10_000, description="Images one served request may hold.")
     max_request_bytes: int = Field(
-        64 * 1024**2, ge=1024, le=2 * 1024**3, description="Total image bytes one served request may hold.")
+        64 * 1024**2, ge=1024, le=2 * 1024**3, description="Total image bytes one served request may hold."
+    )
 
 
 class ExperimentsConfig(Section):
     register_model: bool = Field(False, description="Whether a DVC experiment registers its model (as a challenger).")
-    promote: bool = Field(False, description="With register_model: the gate may make it champion (main-line runs always may).")
+    promote: bool = Field(
+        False, description="With register_model: the gate may make it champion (main-line runs always may)."
+    )
 
 
 class EvaluateConfig(Section):
@@ -294,8 +350,10 @@ class EvaluateConfig(Section):
     worst_examples: int = Field(16, ge=0, le=64, description="Misclassified test images shown in the gallery.")
     calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins for ECE and the reliability diagram.")
     inference_engine: Literal["auto", "onnxruntime", "keras"] = Field(
-        "auto", description="Scoring the test split: auto = ONNX Runtime on a CPU where it is installed (checked "
-        "against Keras on a probe batch; the accepted file is also served), Keras otherwise; keras never exports.")
+        "auto",
+        description="Scoring the test split: auto = ONNX Runtime on a CPU where it is installed (checked "
+        "against Keras on a probe batch; the accepted file is also served), Keras otherwise; keras never exports.",
+    )
     promotion: PromotionConfig = PromotionConfig()
     experiments: ExperimentsConfig = ExperimentsConfig()
     serving: ServingConfig = ServingConfig()
@@ -303,14 +361,21 @@ class EvaluateConfig(Section):
 
 class DriftConfig(Section):
     policy: Literal["always", "on_drift", "alert"] = Field(
-        "always", description="Retrain on any new data (always), only on drift or new classes (on_drift), or "
-        "never because of drift (alert: report only).")
-    significance: float = Field(0.01, gt=0, lt=1, description="Family-wise false-alarm rate of the MMD tests (Bonferroni).")
+        "always",
+        description="Retrain on any new data (always), only on drift or new classes (on_drift), or "
+        "never because of drift (alert: report only).",
+    )
+    significance: float = Field(
+        0.01, gt=0, lt=1, description="Family-wise false-alarm rate of the MMD tests (Bonferroni)."
+    )
     permutations: int = Field(200, ge=20, le=10_000, description="Relabellings for each permutation p-value.")
-    reference_per_class: int = Field(100, ge=5, le=5_000, description="Training embeddings per class kept with a model.")
+    reference_per_class: int = Field(
+        100, ge=5, le=5_000, description="Training embeddings per class kept with a model."
+    )
     sample_per_class: int = Field(100, ge=5, le=5_000, description="New images per class embedded and tested.")
     max_confidence_drop: float = Field(
-        0.1, ge=0, le=1, description="A larger drop of the champion's mean top-class probability counts as drift.")
+        0.1, ge=0, le=1, description="A larger drop of the champion's mean top-class probability counts as drift."
+    )
 
 
 # The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;
@@ -329,7 +394,6 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     drift: DriftConfig = DriftConfig()
-
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -445,6 +509,7 @@ def write_overrides(path: str | Path, overrides: list[str]) -> Params:
 
 # --- typed overrides (the Prefect run form, the flow's --set) ---------------------------------------
 
+
 def _optional_fields(model: type[BaseModel]) -> type[BaseModel]:
     """The same sections and keys as `model`, every one optional (None = keep params.yaml's value)."""
     fields: dict[str, Any] = {}
@@ -457,8 +522,10 @@ def _optional_fields(model: type[BaseModel]) -> type[BaseModel]:
 
 
 ParamsOverrides = _optional_fields(Params)
-ParamsOverrides.__doc__ = ("Settings to change for one run, by section and key; unset keys keep params.yaml's value. "
-                           "The whole result is validated against params.yaml's rules before any stage runs.")
+ParamsOverrides.__doc__ = (
+    "Settings to change for one run, by section and key; unset keys keep params.yaml's value. "
+    "The whole result is validated against params.yaml's rules before any stage runs."
+)
 
 
 def overrides_to_strings(overrides: BaseModel | dict[str, Any] | None) -> list[str]:
@@ -469,7 +536,9 @@ def overrides_to_strings(overrides: BaseModel | dict[str, Any] | None) -> list[s
 
     def flatten(prefix: str, node: Any) -> list[str]:
         if isinstance(node, dict) and not (prefix.endswith("augment.policy")):
-            return [item for key, value in node.items() for item in flatten(f"{prefix}.{key}" if prefix else key, value)]
+            return [
+                item for key, value in node.items() for item in flatten(f"{prefix}.{key}" if prefix else key, value)
+            ]
         return [f"{prefix}={json.dumps(node)}"]
 
     return flatten("", data)

@@ -99,8 +99,13 @@ def file_version(st: os.stat_result) -> str:
 
 
 def _kind_of(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -140,8 +145,10 @@ class ByteBudget:
         with self._lock:
             self.used += n
             if self.used > self.limit:
-                raise IngestError(f"the source delivers more than ingest.max_bytes={self.limit:,} bytes; raise the "
-                                  "limit in params.yaml if the source is trusted")
+                raise IngestError(
+                    f"the source delivers more than ingest.max_bytes={self.limit:,} bytes; raise the "
+                    "limit in params.yaml if the source is trusted"
+                )
 
 
 def inside(dest: Path, rel: str) -> Path:
@@ -172,7 +179,7 @@ def _copy_stream(read: Callable[[int], bytes], fd: int, target: Path, budget: By
             view = memoryview(chunk)
             while view:
                 try:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 except OSError as exc:
                     raise OSError(exc.errno, exc.strerror, str(target)) from None
             copied += len(chunk)
@@ -219,13 +226,17 @@ def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
     """Copy every fetchable entry to dest/rel within the caps; returns the entries kept (others refused)."""
     config = ctx.config
     if len(entries) > config.max_files:
-        raise IngestError(f"the source lists {len(entries):,} files, over ingest.max_files={config.max_files:,}; "
-                          "raise the limit in params.yaml if the source is trusted")
+        raise IngestError(
+            f"the source lists {len(entries):,} files, over ingest.max_files={config.max_files:,}; "
+            "raise the limit in params.yaml if the source is trusted"
+        )
     todo = [e for e in entries if e.fetch and not e.missing]
     declared = sum(e.size for e in todo)
     if declared > config.max_bytes:
-        raise IngestError(f"the source's files add up to {declared:,} bytes, over ingest.max_bytes="
-                          f"{config.max_bytes:,}; raise the limit in params.yaml if the source is trusted")
+        raise IngestError(
+            f"the source's files add up to {declared:,} bytes, over ingest.max_bytes="
+            f"{config.max_bytes:,}; raise the limit in params.yaml if the source is trusted"
+        )
     budget, policy = ByteBudget(config.max_bytes), ctx.policy
 
     def copy(entry: Entry) -> str | None:
@@ -240,15 +251,18 @@ def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
 
     refused: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads suffice, remote reads overlap
-        for entry, reason in tqdm(zip(todo, pool.map(copy, todo)), total=len(todo), desc="copy", unit="file",
-                                  disable=None):
+        for entry, reason in tqdm(
+            zip(todo, pool.map(copy, todo)), total=len(todo), desc="copy", unit="file", disable=None
+        ):
             if reason:
                 refused[id(entry)] = reason
                 ctx.refuse(entry.origin, reason)
     return [e for e in entries if id(e) not in refused]
 
 
-def walk_tree(root: Path, ctx: Context, follow_links: bool) -> tuple[dict[str, tuple[Path, os.stat_result]], list[str], int]:
+def walk_tree(
+    root: Path, ctx: Context, follow_links: bool
+) -> tuple[dict[str, tuple[Path, os.stat_result]], list[str], int]:
     """Regular files (rel -> (real path, lstat)), real folders, and how many links were followed.
 
     Links to folders are never descended into; anything else that is not a regular file is refused.
@@ -292,15 +306,24 @@ def download(url: str, ctx: Context) -> Path:
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + (base if safe_relative(base) else "archive")
     target, meta_path = ctx.downloads / name, ctx.downloads / f"{name}.json"
     meta = {"url": redact(url), "size": info["size"], "version": info["version"]}
-    if meta["size"] and meta["version"] and target.exists() and meta_path.exists() and files.read_json(meta_path) == meta:
+    if (
+        meta["size"]
+        and meta["version"]
+        and target.exists()
+        and meta_path.exists()
+        and files.read_json(meta_path) == meta
+    ):
         print(f"ingest: reusing the download of {redact(url)}", file=sys.stderr)
         return target
     if info["size"] > max_bytes:
         raise IngestError(f"{redact(url)}: size {info['size']:,} exceeds ingest.max_bytes={max_bytes:,}")
     budget = ByteBudget(max_bytes)
     try:
-        with open_remote(url, policy) as src, files.atomic_file(target, "wb") as dst, \
-                tqdm(total=info["size"] or None, unit="B", unit_scale=True, desc="download", disable=None) as bar:
+        with (
+            open_remote(url, policy) as src,
+            files.atomic_file(target, "wb") as dst,
+            tqdm(total=info["size"] or None, unit="B", unit_scale=True, desc="download", disable=None) as bar,
+        ):
             while chunk := src.read(CHUNK):
                 budget.spend(len(chunk))
                 dst.write(chunk)
@@ -311,5 +334,3 @@ def download(url: str, ctx: Context) -> Path:
         raise IngestError(f"cannot download {redact(url)}: {exc}") from None
     files.write_json(meta_path, meta)
     return target
-
-

@@ -86,6 +86,7 @@ class Contract(BaseModel):
 
 # --- ingest -----------------------------------------------------------------------------------
 
+
 class IngestReport(Contract):
     """reports/ingest.json: what was collected, where from (redacted), counts and the data version."""
 
@@ -105,8 +106,9 @@ class IngestReport(Contract):
     class_folders: dict[str, int]
     ignored: list[str]
     ignored_count: int
-    refused: list[dict[str, str]] = Field(default_factory=list,
-                                          description="entries the source offered and ingest refused: {name, reason}")
+    refused: list[dict[str, str]] = Field(
+        default_factory=list, description="entries the source offered and ingest refused: {name, reason}"
+    )
     refused_count: int = 0
     notes: list[str]
     seed: int
@@ -119,12 +121,12 @@ class IngestReport(Contract):
 
 # --- manifests ----------------------------------------------------------------------------------
 
+
 def read_manifest(path: str | Path, required: list[str] | None = None) -> pd.DataFrame:
     """A manifest CSV with labels, splits and hashes kept as text; missing columns fail loudly."""
     path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype={"label": str, "split": str, "sha256": str, "path": str},
-                            keep_default_na=False)
+        frame = pd.read_csv(path, dtype={"label": str, "split": str, "sha256": str, "path": str}, keep_default_na=False)
     except FileNotFoundError:
         raise ContractError(f"manifest {path} not found: run ingest (and validate) first") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -149,6 +151,7 @@ def write_manifest(rows: pd.DataFrame | list[dict[str, Any]], path: str | Path) 
 
 
 # --- validate -----------------------------------------------------------------------------------
+
 
 class ValidationCounts(Contract):
     files: int
@@ -179,11 +182,14 @@ class ValidationSummary(Contract):
     ingest: dict[str, Any]
     data_docs: str
     near_duplicates: dict[str, Any] = Field(
-        default_factory=dict, description="components.near_duplicates report: policy, counts, groups, moved, "
-        "problems, picture (relative to the summary); empty in summaries written before it existed")
+        default_factory=dict,
+        description="components.near_duplicates report: policy, counts, groups, moved, "
+        "problems, picture (relative to the summary); empty in summaries written before it existed",
+    )
 
 
 # --- model folders (train_head, finetune) ---------------------------------------------------------
+
 
 class ModelRunInfo(Contract):
     """run.json in a model folder: how the model was trained, and the settings it was trained with."""
@@ -254,6 +260,7 @@ class TrainingMetrics(BaseModel):
 
 
 # --- evaluate -------------------------------------------------------------------------------------
+
 
 class ScoresRecord(Contract):
     accuracy: float

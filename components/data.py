@@ -133,13 +133,24 @@ def _image_ops(image_size: int, policy_path: str | None, limits: ImageLimits | N
     def decode_augment(path: bytes, image_seed: np.int64) -> np.ndarray:
         return augment(decode(path), image_seed)  # one Python hop per image instead of two
 
-    return (lambda p: _numpy_op(decode, [p], image_size),
-            lambda img, s: _numpy_op(augment, [img, s], image_size),
-            lambda p, s: _numpy_op(decode_augment, [p, s], image_size))
+    return (
+        lambda p: _numpy_op(decode, [p], image_size),
+        lambda img, s: _numpy_op(augment, [img, s], image_size),
+        lambda p, s: _numpy_op(decode_augment, [p, s], image_size),
+    )
 
 
-def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
-                 training: bool = False, seed: int = 0, cache: bool = False, limits: ImageLimits | None = None) -> Any:
+def make_dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    *,
+    policy_path: str | Path | None = None,
+    training: bool = False,
+    seed: int = 0,
+    cache: bool = False,
+    limits: ImageLimits | None = None,
+) -> Any:
     """Batches of (float32 images in 0..255, int32 labels) for one split.
 
     training=True shuffles each epoch and, with a `policy_path`, augments; training=False never
@@ -150,8 +161,7 @@ def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path:
 
     autotune = tf.data.AUTOTUNE
     decode, augment, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None, limits)
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(split.paths, tf.string),
-                                             tf.constant(split.labels, tf.int32)))
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)))
     if cache:
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=autotune).cache()
     if training:
@@ -160,16 +170,24 @@ def make_dataset(split: Split, image_size: int, batch_size: int, *, policy_path:
         # Per-image seeds drawn in element order: reproducible, and new ones every epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         prepare = augment if cache else decode_augment
-        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda item, s: (prepare(item[0], s), item[1]),
-                                                  num_parallel_calls=autotune)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda item, s: (prepare(item[0], s), item[1]), num_parallel_calls=autotune
+        )
     elif not cache:
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=autotune)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     return ds.batch(batch_size).prefetch(autotune)
 
 
-def image_batches(paths: list[str], image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
-                  seeds: np.ndarray | None = None, limits: ImageLimits | None = None) -> Any:
+def image_batches(
+    paths: list[str],
+    image_size: int,
+    batch_size: int,
+    *,
+    policy_path: str | Path | None = None,
+    seeds: np.ndarray | None = None,
+    limits: ImageLimits | None = None,
+) -> Any:
     """float32 image batches in the given order (for feature extraction), augmented with `seeds` if given.
 
     tf.data on the TensorFlow backend; elsewhere an `ImageBatches` of images only (without `seeds`).
@@ -197,22 +215,39 @@ def uses_tf_data() -> bool:
     return keras.config.backend() == "tensorflow"
 
 
-def labelled_batches(split: Split, image_size: int, batch_size: int, *, policy_path: str | Path | None = None,
-                     training: bool = False, seed: int = 0, cache: bool = False,
-                     limits: ImageLimits | None = None) -> Any:
+def labelled_batches(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    *,
+    policy_path: str | Path | None = None,
+    training: bool = False,
+    seed: int = 0,
+    cache: bool = False,
+    limits: ImageLimits | None = None,
+) -> Any:
     """Batches of (float32 images in 0..255, one-hot float32 labels) for fit/evaluate/predict.
 
     On TensorFlow: `make_dataset` with the labels one-hot encoded in the graph. On other backends:
     an `ImageBatches` with the same decoding, augmentation policy and meaning of each argument.
     """
     if not uses_tf_data():
-        return _image_batches_class()(split, image_size, batch_size, policy_path=policy_path, training=training,
-                                      seed=seed, cache=cache, limits=limits)
+        return _image_batches_class()(
+            split,
+            image_size,
+            batch_size,
+            policy_path=policy_path,
+            training=training,
+            seed=seed,
+            cache=cache,
+            limits=limits,
+        )
     import tensorflow as tf
 
     classes = len(split.classes)
-    ds = make_dataset(split, image_size, batch_size, policy_path=policy_path, training=training, seed=seed,
-                      cache=cache, limits=limits)
+    ds = make_dataset(
+        split, image_size, batch_size, policy_path=policy_path, training=training, seed=seed, cache=cache, limits=limits
+    )
     return ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
 
 
@@ -251,12 +286,26 @@ def _image_batches_class() -> type:
         from fit()'s own epoch number.
         """
 
-        def __init__(self, split: Split | list[str], image_size: int, batch_size: int, *,
-                     policy_path: str | Path | None = None, training: bool = False, seed: int = 0,
-                     cache: bool = False, limits: ImageLimits | None = None, workers: int | None = None,
-                     use_multiprocessing: bool = False, max_queue_size: int = 10) -> None:
-            super().__init__(workers=default_workers() if workers is None else workers,
-                             use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
+        def __init__(
+            self,
+            split: Split | list[str],
+            image_size: int,
+            batch_size: int,
+            *,
+            policy_path: str | Path | None = None,
+            training: bool = False,
+            seed: int = 0,
+            cache: bool = False,
+            limits: ImageLimits | None = None,
+            workers: int | None = None,
+            use_multiprocessing: bool = False,
+            max_queue_size: int = 10,
+        ) -> None:
+            super().__init__(
+                workers=default_workers() if workers is None else workers,
+                use_multiprocessing=use_multiprocessing,
+                max_queue_size=max_queue_size,
+            )
             self.labelled = isinstance(split, Split)
             self.paths = list(split.paths if isinstance(split, Split) else split)
             self.labels = split.labels if isinstance(split, Split) else None
@@ -288,7 +337,7 @@ def _image_batches_class() -> type:
             if not 0 <= index < len(self):
                 raise IndexError(f"batch {index} of {len(self)}")
             epoch = self.epoch
-            rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+            rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
             images = [self._image(int(i)) for i in rows]
             if self.policy_path is not None:
                 seeds = np.random.default_rng([self.seed, epoch, index]).integers(0, 2**32, len(rows))
@@ -323,6 +372,7 @@ def __getattr__(name: str) -> Any:
 
 # --- labels ----------------------------------------------------------------------------------
 
+
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
     """'balanced': n / (k * count_c), so each class weighs the same in the loss; None otherwise."""
     if mode != "balanced":
@@ -335,6 +385,7 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
 
 
 # --- model folders: model.keras, classes.json, run.json ---------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelFolder:
@@ -393,6 +444,8 @@ def load_keras_model(path: str | Path, expected_sha256: str | None = None) -> An
     except ValueError as exc:
         if "safe_mode" not in str(exc):
             raise
-        raise ValueError(f"refused to load {path}: it holds Python code (e.g. a Lambda layer) that would run "
-                         "on loading. Only models built from registered layers are loaded; rebuild it without "
-                         "Lambda layers (register custom layers in components/backbones.py).") from None
+        raise ValueError(
+            f"refused to load {path}: it holds Python code (e.g. a Lambda layer) that would run "
+            "on loading. Only models built from registered layers are loaded; rebuild it without "
+            "Lambda layers (register custom layers in components/backbones.py)."
+        ) from None

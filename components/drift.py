@@ -56,18 +56,31 @@ class Reference:
 
     def save(self, path: str | Path) -> Path:
         with files.atomic_file(path, "wb") as fh:
-            np.savez_compressed(fh, features=self.features.astype(np.float32), labels=self.labels.astype(np.int32),
-                                means=self.means.astype(np.float32), known=self.known,
-                                classes=np.array(self.classes, dtype=str), confidence=np.float64(self.confidence),
-                                meta=np.array(json.dumps(self.meta, sort_keys=True)))
+            np.savez_compressed(
+                fh,
+                features=self.features.astype(np.float32),
+                labels=self.labels.astype(np.int32),
+                means=self.means.astype(np.float32),
+                known=self.known,
+                classes=np.array(self.classes, dtype=str),
+                confidence=np.float64(self.confidence),
+                meta=np.array(json.dumps(self.meta, sort_keys=True)),
+            )
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Reference":
         try:
             with np.load(path, allow_pickle=False) as data:  # never unpickle
-                return cls(data["classes"].tolist(), data["features"], data["labels"], data["means"], data["known"],
-                           float(data["confidence"]), json.loads(str(data["meta"])))
+                return cls(
+                    data["classes"].tolist(),
+                    data["features"],
+                    data["labels"],
+                    data["means"],
+                    data["known"],
+                    float(data["confidence"]),
+                    json.loads(str(data["meta"])),
+                )
         except FileNotFoundError:
             raise ContractError(f"{path} not found: the model folder has no drift reference (retrain it)") from None
         except (OSError, ValueError, KeyError) as exc:
@@ -76,8 +89,10 @@ class Reference:
 
 def sha_prefixes(sha256: list[str] | pd.Series) -> np.ndarray:
     """8-byte digests of the manifest's content hashes (any text: the column is not trusted to be hex)."""
-    return np.array([int.from_bytes(hashlib.blake2b(str(h).encode(), digest_size=8).digest(), "big") for h in sha256],
-                    dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(h).encode(), digest_size=8).digest(), "big") for h in sha256],
+        dtype=np.uint64,
+    )
 
 
 def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -87,18 +102,38 @@ def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=int)
 
 
-def build_reference(features: np.ndarray, labels: np.ndarray, classes: list[str], sha256: list[str] | pd.Series,
-                    confidence: float, per_class: int, seed: int, meta: dict[str, Any] | None = None) -> Reference:
+def build_reference(
+    features: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    sha256: list[str] | pd.Series,
+    confidence: float,
+    per_class: int,
+    seed: int,
+    meta: dict[str, Any] | None = None,
+) -> Reference:
     """The compact reference of one model's training data (all `features` rows are training images)."""
     labels = np.asarray(labels, dtype=np.int32)
-    means = np.stack([features[labels == c].mean(0) if (labels == c).any() else np.zeros(features.shape[1])
-                      for c in range(len(classes))])
+    means = np.stack(
+        [
+            features[labels == c].mean(0) if (labels == c).any() else np.zeros(features.shape[1])
+            for c in range(len(classes))
+        ]
+    )
     rows = sample_per_class(labels, per_class, seed)
-    return Reference(list(classes), features[rows].astype(np.float32), labels[rows], means.astype(np.float32),
-                     np.unique(sha_prefixes(sha256)), float(confidence), dict(meta or {}))
+    return Reference(
+        list(classes),
+        features[rows].astype(np.float32),
+        labels[rows],
+        means.astype(np.float32),
+        np.unique(sha_prefixes(sha256)),
+        float(confidence),
+        dict(meta or {}),
+    )
 
 
 # --- the two-sample test ----------------------------------------------------------------------------
+
 
 def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tuple[float, float]:
     """(MMD^2, permutation p-value) of samples x and y (rows are embeddings)."""
@@ -117,7 +152,7 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> tupl
     a = np.stack([first] + [rng.permutation(first) for _ in range(permutations)], axis=1).astype(np.float64)
     b = 1.0 - a
     ka, kb = kernel @ a, kernel @ b
-    stats = ((a * ka).sum(0) / (n * (n - 1)) + (b * kb).sum(0) / (m * (m - 1)) - 2 * (a * kb).sum(0) / (n * m))
+    stats = (a * ka).sum(0) / (n * (n - 1)) + (b * kb).sum(0) / (m * (m - 1)) - 2 * (a * kb).sum(0) / (n * m)
     observed = float(stats[0])
     return observed, float((1 + np.sum(stats[1:] >= observed)) / (1 + permutations))
 
@@ -136,8 +171,10 @@ class DriftReport(Contract):
     retrain: bool
     reason: str
     drifted: bool
-    statistic: str = ("MMD^2 (unbiased, Gaussian kernel, median-distance bandwidth) between the reference sample and "
-                      "the new images' embeddings; permutation p-value; Bonferroni over the tests run")
+    statistic: str = (
+        "MMD^2 (unbiased, Gaussian kernel, median-distance bandwidth) between the reference sample and "
+        "the new images' embeddings; permutation p-value; Bonferroni over the tests run"
+    )
     significance: float
     corrected_significance: float | None = None
     new_images: int
@@ -150,8 +187,15 @@ class DriftReport(Contract):
     seconds: float = 0.0
 
 
-def compare(reference: Reference, features: np.ndarray, labels: list[str], probabilities: np.ndarray | None,
-            config: DriftConfig, seed: int = 0, new_images: int | None = None) -> DriftReport:
+def compare(
+    reference: Reference,
+    features: np.ndarray,
+    labels: list[str],
+    probabilities: np.ndarray | None,
+    config: DriftConfig,
+    seed: int = 0,
+    new_images: int | None = None,
+) -> DriftReport:
     """Test the new images' embeddings (and the champion's probabilities on them) against the reference."""
     started = time.perf_counter()
     labels = list(labels)
@@ -176,23 +220,39 @@ def compare(reference: Reference, features: np.ndarray, labels: list[str], proba
         if name != "overall" and len(y):
             c = reference.classes.index(name)
             mean, ref = y.mean(0), reference.means[c]
-            entry["mean_cosine_to_reference"] = round(float(mean @ ref / (np.linalg.norm(mean) * np.linalg.norm(ref) + 1e-12)), 4)
+            entry["mean_cosine_to_reference"] = round(
+                float(mean @ ref / (np.linalg.norm(mean) * np.linalg.norm(ref) + 1e-12)), 4
+            )
         results[name] = entry
     confidence = None
     if probabilities is not None and len(probabilities):
         mean_conf = float(np.mean(np.max(probabilities, axis=1)))
         drop = reference.confidence - mean_conf
-        confidence = {"champion_mean_top_probability": round(mean_conf, 4),
-                      "reference_mean_top_probability": round(reference.confidence, 4),
-                      "drop": round(drop, 4), "drift": bool(drop > config.max_confidence_drop)}
+        confidence = {
+            "champion_mean_top_probability": round(mean_conf, 4),
+            "reference_mean_top_probability": round(reference.confidence, 4),
+            "drop": round(drop, 4),
+            "drift": bool(drop > config.max_confidence_drop),
+        }
     drifted = any(r["drift"] for r in results.values()) or bool(confidence and confidence["drift"])
     count = len(labels) if new_images is None else new_images
     retrain, reason = decide(config.policy, count, drifted, new_classes)
-    return DriftReport(policy=config.policy, retrain=retrain, reason=reason, drifted=drifted,
-                       significance=config.significance, corrected_significance=corrected, new_images=count,
-                       sampled_images=len(labels), new_classes=new_classes, overall=results.pop("overall"),
-                       per_class=results, confidence=confidence, reference=reference.meta,
-                       seconds=round(time.perf_counter() - started, 2))
+    return DriftReport(
+        policy=config.policy,
+        retrain=retrain,
+        reason=reason,
+        drifted=drifted,
+        significance=config.significance,
+        corrected_significance=corrected,
+        new_images=count,
+        sampled_images=len(labels),
+        new_classes=new_classes,
+        overall=results.pop("overall"),
+        per_class=results,
+        confidence=confidence,
+        reference=reference.meta,
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
 
 def decide(policy: str, new_images: int, drifted: bool, new_classes: list[str]) -> tuple[bool, str]:
@@ -213,8 +273,10 @@ def decide(policy: str, new_images: int, drifted: bool, new_classes: list[str]) 
 
 # --- embeddings through a model ---------------------------------------------------------------------
 
-def embed(model: Any, paths: list[str], image_size: int, batch_size: int,
-          limits: ImageLimits) -> tuple[np.ndarray, np.ndarray]:
+
+def embed(
+    model: Any, paths: list[str], image_size: int, batch_size: int, limits: ImageLimits
+) -> tuple[np.ndarray, np.ndarray]:
     """(pooled features, class probabilities) of images through a project classifier, in one pass."""
     import keras
 
@@ -228,8 +290,9 @@ def embed(model: Any, paths: list[str], image_size: int, batch_size: int,
     return np.asarray(features, np.float32), np.asarray(probs, np.float32)
 
 
-def reference_from_model(model: Any, frame: pd.DataFrame, classes: list[str], params: Params,
-                         meta: dict[str, Any] | None = None) -> Reference:
+def reference_from_model(
+    model: Any, frame: pd.DataFrame, classes: list[str], params: Params, meta: dict[str, Any] | None = None
+) -> Reference:
     """A reference for a model whose features are not cached (e.g. after finetune): a sample of its
     training images (and its validation images, for the confidence baseline) through the model."""
     per_class, limits = params.drift.reference_per_class, ImageLimits.from_config(params.validate)
@@ -241,5 +304,13 @@ def reference_from_model(model: Any, frame: pd.DataFrame, classes: list[str], pa
     val = frame[frame["split"] == "val"]
     val = val.iloc[sample_per_class(val["label"].to_numpy(), per_class, params.project.seed)]
     _, val_probs = embed(model, val["path"].tolist(), size, batch, limits) if len(val) else (None, np.ones((1, 1)))
-    return build_reference(features, labels[rows], classes, train["sha256"], float(val_probs.max(1).mean()),
-                           per_class, params.project.seed, meta)
+    return build_reference(
+        features,
+        labels[rows],
+        classes,
+        train["sha256"],
+        float(val_probs.max(1).mean()),
+        per_class,
+        params.project.seed,
+        meta,
+    )

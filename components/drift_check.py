@@ -34,10 +34,16 @@ def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_p
         rows = sample_per_class(new["label"].to_numpy(), config.sample_per_class, params.project.seed)
         sample = new.iloc[rows]
         folder = load_model_dir(model_dir)
-        features, probs = embed(folder.model, sample["path"].tolist(), folder.image_size,
-                                params.train_head.batch_size, ImageLimits.from_config(params.validate))
-        report = compare(reference, features, sample["label"].tolist(), probs, config, params.project.seed,
-                         new_images=len(new))
+        features, probs = embed(
+            folder.model,
+            sample["path"].tolist(),
+            folder.image_size,
+            params.train_head.batch_size,
+            ImageLimits.from_config(params.validate),
+        )
+        report = compare(
+            reference, features, sample["label"].tolist(), probs, config, params.project.seed, new_images=len(new)
+        )
     else:
         report = compare(reference, np.zeros((0, reference.features.shape[1])), [], None, config)
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
@@ -58,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ContractError, ValueError) as exc:
         print(f"drift: {exc}", file=sys.stderr)
         return 2
-    print(f"drift: {'DRIFT' if report.drifted else 'no drift'} on {report.sampled_images} of {report.new_images} new "
-          f"images; retrain={report.retrain} ({report.reason}) -> {args.out}")
+    print(
+        f"drift: {'DRIFT' if report.drifted else 'no drift'} on {report.sampled_images} of {report.new_images} new "
+        f"images; retrain={report.retrain} ({report.reason}) -> {args.out}"
+    )
     return 0
 
 

@@ -51,8 +51,8 @@ def describe_os_error(exc: BaseException) -> str | None:
 
 
 # Exit codes of every stage CLI: the flow retries only what may pass on a second try.
-EXIT_USER_ERROR = 2      # settings, data, disk or permissions: the same input fails the same way
-EXIT_UNAVAILABLE = 1     # a service (MLflow, storage) did not answer: worth retrying later
+EXIT_USER_ERROR = 2  # settings, data, disk or permissions: the same input fails the same way
+EXIT_UNAVAILABLE = 1  # a service (MLflow, storage) did not answer: worth retrying later
 STATUS_DIR_VARIABLE = "TP_STATUS_DIR"  # where a stage leaves <stage>.json saying how it ended
 
 
@@ -72,6 +72,7 @@ def cli_errors(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]
     Outputs are written atomically, so the previous complete outputs are still in place. How the
     stage ended is recorded for the flow's retry decision (`record_outcome`).
     """
+
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def guarded(*args: Any, **kwargs: Any) -> int:
@@ -91,5 +92,7 @@ def cli_errors(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]
                 return EXIT_USER_ERROR
             record_outcome(stage, code, "ok" if code == 0 else "user" if code == EXIT_USER_ERROR else "failed")
             return code
+
         return guarded
+
     return decorate

@@ -78,21 +78,24 @@ class EvaluationResult:
     metrics_path: Path
 
 
-def scoring_runner(model: Any, engine: onnx_inference.Engine, image_size: int,
-                   cache_dir: str | Path | None = None) -> onnx_inference.FrozenRunner:
+def scoring_runner(
+    model: Any, engine: onnx_inference.Engine, image_size: int, cache_dir: str | Path | None = None
+) -> onnx_inference.FrozenRunner:
     """The fine-tuned model's forward pass on ONNX Runtime where it is faster (checked against Keras), else Keras.
 
     The ONNX file goes to the workspace's one ONNX cache (train_head's backbone export lives there too),
     fixed to the served input size: the file evaluate accepts here is the one the served model runs.
     """
-    runner = onnx_inference.FrozenRunner(model, cache_dir=cache_dir or workspace_root() / onnx_inference.CACHE_DIR,
-                                         engine=engine, input_size=image_size)
+    runner = onnx_inference.FrozenRunner(
+        model, cache_dir=cache_dir or workspace_root() / onnx_inference.CACHE_DIR, engine=engine, input_size=image_size
+    )
     print(f"scoring: {runner.engine} ({runner.reason})")
     return runner
 
 
-def predict_probabilities(runner: onnx_inference.FrozenRunner, paths: list[str], image_size: int, batch_size: int,
-                          limits: ImageLimits) -> np.ndarray:
+def predict_probabilities(
+    runner: onnx_inference.FrozenRunner, paths: list[str], image_size: int, batch_size: int, limits: ImageLimits
+) -> np.ndarray:
     """Softmax outputs for the images in order, on the runner's engine (a progress bar where one is shown)."""
     batches = image_batches(paths, image_size, batch_size, limits=limits)
     return np.asarray(runner.predict(batches, verbose=runtime.progress_verbosity()), dtype=np.float64)
@@ -112,9 +115,16 @@ def example_input(path: str, limits: ImageLimits, size: int = 64) -> pd.DataFram
     return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})
 
 
-def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any], lineage: dict[str, str],
-                   example: pd.DataFrame | None, manifest: str | Path, policy: RetryPolicy,
-                   runner: onnx_inference.FrozenRunner | None = None) -> tuple[str, str | None]:
+def log_evaluation(
+    params: Params,
+    folder: ModelFolder,
+    metrics: dict[str, Any],
+    lineage: dict[str, str],
+    example: pd.DataFrame | None,
+    manifest: str | Path,
+    policy: RetryPolicy,
+    runner: onnx_inference.FrozenRunner | None = None,
+) -> tuple[str, str | None]:
     """The evaluation run (test split as dataset input, settings, metrics) and, given an example, the served
     model with the metrics linked to it (MLflow 3 LoggedModel): (run id, model URI).
 
@@ -129,25 +139,56 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
     finished = False
     try:
         frame = read_manifest(manifest)
-        with_retries("log the test split", tracking.log_dataset, client, run_id, manifest,
-                     frame[frame["split"] == "test"], hashing.manifest_version(manifest), "evaluation", policy=policy)
-        with_retries("log params", tracking.log_params, client, run_id, {
-            **{f"evaluate.{k}": v for k, v in params.evaluate.model_dump().items() if k not in ("promotion", "serving")},
-            **{f"promotion.{k}": v for k, v in params.evaluate.promotion.model_dump().items()},
-            **{f"serving.{k}": v for k, v in params.evaluate.serving.model_dump().items()},
-            "image_size": folder.image_size, "n_classes": len(folder.classes), "tracking_server": shown_uri(),
-        }, policy=policy)
+        with_retries(
+            "log the test split",
+            tracking.log_dataset,
+            client,
+            run_id,
+            manifest,
+            frame[frame["split"] == "test"],
+            hashing.manifest_version(manifest),
+            "evaluation",
+            policy=policy,
+        )
+        with_retries(
+            "log params",
+            tracking.log_params,
+            client,
+            run_id,
+            {
+                **{
+                    f"evaluate.{k}": v
+                    for k, v in params.evaluate.model_dump().items()
+                    if k not in ("promotion", "serving")
+                },
+                **{f"promotion.{k}": v for k, v in params.evaluate.promotion.model_dump().items()},
+                **{f"serving.{k}": v for k, v in params.evaluate.serving.model_dump().items()},
+                "image_size": folder.image_size,
+                "n_classes": len(folder.classes),
+                "tracking_server": shown_uri(),
+            },
+            policy=policy,
+        )
         if example is None:  # an experiment that does not register: metrics and reports only
             log_test_metrics(client, run_id, metrics, None, policy)
             client.set_terminated(run_id, "FINISHED")
             finished = True
             return run_id, None
-        config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256,
-                                               onnx.sha256 if onnx else None)
+        config = registry.serving_model_config(
+            params, folder.image_size, folder.info.model_sha256, onnx.sha256 if onnx else None
+        )
         with_retries("resume the run", mlflow.start_run, run_id=run_id, policy=policy)
         try:
-            info = with_retries("log the model", registry.log_pyfunc, folder.model_path, folder.classes, config,
-                                example, onnx.path if onnx else None, policy=policy)
+            info = with_retries(
+                "log the model",
+                registry.log_pyfunc,
+                folder.model_path,
+                folder.classes,
+                config,
+                example,
+                onnx.path if onnx else None,
+                policy=policy,
+            )
             log_test_metrics(client, run_id, metrics, info.model_id, policy)
             finished = True
         finally:
@@ -161,8 +202,9 @@ def log_evaluation(params: Params, folder: ModelFolder, metrics: dict[str, Any],
     return run_id, info.model_uri
 
 
-def log_test_metrics(client: Any, run_id: str, metrics: dict[str, Any], model_id: str | None,
-                     policy: RetryPolicy) -> None:
+def log_test_metrics(
+    client: Any, run_id: str, metrics: dict[str, Any], model_id: str | None, policy: RetryPolicy
+) -> None:
     """The test metrics on the run and, given a model id, on the logged model too (its row in the Models tab)."""
     import time
 
@@ -171,7 +213,7 @@ def log_test_metrics(client: Any, run_id: str, metrics: dict[str, Any], model_id
     now = int(time.time() * 1000)
     logged = [Metric(mlflow_key(k), float(v), now, 0, model_id=model_id) for k, v in flat_metrics(metrics).items()]
     for start in range(0, len(logged), 1000):  # MLflow's log_batch limit
-        with_retries("log metrics", client.log_batch, run_id, metrics=logged[start:start + 1000], policy=policy)
+        with_retries("log metrics", client.log_batch, run_id, metrics=logged[start : start + 1000], policy=policy)
 
 
 def log_reports(run_id: str, report: Path, policy: RetryPolicy) -> None:
@@ -185,13 +227,27 @@ def log_reports(run_id: str, report: Path, policy: RetryPolicy) -> None:
             with_retries(f"upload {path.name}", client.log_artifact, run_id, str(path), "evaluate", policy=policy)
     for name in FIGURES:
         if (report / name).is_file():
-            with_retries(f"log image {name}", tracking.log_picture, client, run_id, report / name,
-                         f"figures/{name}", policy=policy)
+            with_retries(
+                f"log image {name}",
+                tracking.log_picture,
+                client,
+                run_id,
+                report / name,
+                f"figures/{name}",
+                policy=policy,
+            )
 
 
-def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, head_dir: str | Path | None,
-                 report_dir: str | Path, metrics_path: str | Path, workspace: str | Path = ".",
-                 predictions_path: str | Path | None = None) -> EvaluationResult:
+def run_evaluate(
+    params: Params,
+    manifest: str | Path,
+    model_dir: str | Path,
+    head_dir: str | Path | None,
+    report_dir: str | Path,
+    metrics_path: str | Path,
+    workspace: str | Path = ".",
+    predictions_path: str | Path | None = None,
+) -> EvaluationResult:
     """Score, report, log, register and gate one trained model (see the module docstring)."""
     workspace = Path(workspace)
     config = params.evaluate
@@ -211,22 +267,35 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         raise ValueError(f"{manifest}: the test split is empty")
     runner = scoring_runner(folder.model, config.inference_engine, folder.image_size)
     probs = predict_probabilities(runner, split.paths, folder.image_size, config.batch_size, limits)
-    metrics = compute_metrics(split.labels, probs, folder.classes, calibration_bins_count=config.calibration_bins,
-                              top_k=config.top_k)
-    print(f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
-          f"ECE {metrics['ece']:.4f} on {metrics['n_test']} images (scored with {runner.engine})")
-    lineage = registry.lineage_tags(params, folder.info, head_info,
-                                    registry.data_versions(ingest, validation, folder.info), workspace)
+    metrics = compute_metrics(
+        split.labels, probs, folder.classes, calibration_bins_count=config.calibration_bins, top_k=config.top_k
+    )
+    print(
+        f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+        f"ECE {metrics['ece']:.4f} on {metrics['n_test']} images (scored with {runner.engine})"
+    )
+    lineage = registry.lineage_tags(
+        params, folder.info, head_info, registry.data_versions(ingest, validation, folder.info), workspace
+    )
 
     with files.atomic_dir(report_dir) as out:
         from sklearn.metrics import classification_report
 
         y_pred = predictions(probs)
-        plot_confusion_matrix(split.labels, np.where(y_pred >= 0, y_pred, 0), folder.classes, out / "confusion_matrix.png")
+        plot_confusion_matrix(
+            split.labels, np.where(y_pred >= 0, y_pred, 0), folder.classes, out / "confusion_matrix.png"
+        )
         plot_reliability(pd.DataFrame(metrics["calibration"]), metrics["ece"], out / "reliability.png")
         plot_worst_errors(split, probs, config.worst_examples, out / "worst_errors.png", limits)
-        (out / "classification_report.txt").write_text(classification_report(
-            split.labels, y_pred, labels=list(range(len(folder.classes))), target_names=folder.classes, zero_division=0))
+        (out / "classification_report.txt").write_text(
+            classification_report(
+                split.labels,
+                y_pred,
+                labels=list(range(len(folder.classes))),
+                target_names=folder.classes,
+                zero_division=0,
+            )
+        )
         files.write_json(out / "metrics.json", metrics)
 
         # A DVC experiment (dvc exp run, the flow's --set) registers and promotes only when its settings say so.
@@ -236,25 +305,48 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
         run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, manifest, policy, runner)
         if model_uri is None:
             version = ""
-            decision = registry.PromotionDecision(False, [f"note: DVC experiment {experiment}: not registered "
-                                                          "(evaluate.experiments.register_model is off)"],
-                                                  registry.scores_of(metrics))
+            decision = registry.PromotionDecision(
+                False,
+                [f"note: DVC experiment {experiment}: not registered (evaluate.experiments.register_model is off)"],
+                registry.scores_of(metrics),
+            )
         else:
-            champion_version, champion, problem, class_set_changed = registry.rescore_champion(name, split, limits,
-                                                                                               policy)
-            decision = registry.decide_promotion(config.promotion, registry.scores_of(metrics), champion,
-                                                 champion_version, problem, class_set_changed)
+            champion_version, champion, problem, class_set_changed = registry.rescore_champion(
+                name, split, limits, policy
+            )
+            decision = registry.decide_promotion(
+                config.promotion, registry.scores_of(metrics), champion, champion_version, problem, class_set_changed
+            )
             if experiment and not config.experiments.promote and decision.promoted:
-                decision.refuse(f"DVC experiment {experiment}: evaluate.experiments.promote is off, so it stays challenger")
+                decision.refuse(
+                    f"DVC experiment {experiment}: evaluate.experiments.promote is off, so it stays challenger"
+                )
             onnx = served_onnx(runner)
-            version = registry.register_version(name, model_uri, {
-                **lineage, "run_id": run_id, registry.SHA256_TAG: folder.info.model_sha256,
-                **({registry.ONNX_SHA256_TAG: onnx.sha256} if onnx else {})}, policy)
+            version = registry.register_version(
+                name,
+                model_uri,
+                {
+                    **lineage,
+                    "run_id": run_id,
+                    registry.SHA256_TAG: folder.info.model_sha256,
+                    **({registry.ONNX_SHA256_TAG: onnx.sha256} if onnx else {}),
+                },
+                policy,
+            )
             registry.apply_decision(name, version, decision, policy)
 
-        card = model_card(name, folder.classes, folder.info, metrics, split_counts(manifest), lineage,
-                          quarantined_count(validation), decision.promoted if version else None, decision.reasons,
-                          version or None)
+        card = model_card(
+            name,
+            folder.classes,
+            folder.info,
+            metrics,
+            split_counts(manifest),
+            lineage,
+            quarantined_count(validation),
+            decision.promoted if version else None,
+            decision.reasons,
+            version or None,
+        )
         (out / "model_card.md").write_text(card, encoding="utf-8")
         decision.record(name, version, run_id, lineage).write(out / "promotion.json")
         log_reports(run_id, out, policy)
@@ -264,8 +356,18 @@ def run_evaluate(params: Params, manifest: str | Path, model_dir: str | Path, he
     if predictions_path:
         write_predictions(split, probs, predictions_path)
     TestMetrics.model_validate(flat_metrics(metrics)).write(metrics_path)
-    return EvaluationResult(metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["n_test"], run_id,
-                            version, decision.promoted, decision.reasons, Path(report_dir), Path(metrics_path))
+    return EvaluationResult(
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["ece"],
+        metrics["n_test"],
+        run_id,
+        version,
+        decision.promoted,
+        decision.reasons,
+        Path(report_dir),
+        Path(metrics_path),
+    )
 
 
 @errors.cli_errors("evaluate")
@@ -277,25 +379,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dir", default=None)
     parser.add_argument("--report-dir", required=True)
     parser.add_argument("--metrics", required=True)
-    parser.add_argument("--predictions", default=None,
-                        help="CSV of path,actual,predicted,probability per test image (dvc plots: confusion)")
+    parser.add_argument(
+        "--predictions",
+        default=None,
+        help="CSV of path,actual,predicted,probability per test image (dvc plots: confusion)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
         runtime.configure_tensorflow(params.project.seed)
-        result = run_evaluate(params, args.manifest, args.model_dir, args.head_dir, args.report_dir, args.metrics,
-                              predictions_path=args.predictions)
+        result = run_evaluate(
+            params,
+            args.manifest,
+            args.model_dir,
+            args.head_dir,
+            args.report_dir,
+            args.metrics,
+            predictions_path=args.predictions,
+        )
     except (ParamsError, ContractError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     except TrackingUnavailable as exc:
-        print(f"evaluate: {exc}\nThe trained model is untouched in {args.model_dir}: rerun this stage "
-              "(dvc repro evaluate) once MLflow answers, no retraining needed.", file=sys.stderr)
+        print(
+            f"evaluate: {exc}\nThe trained model is untouched in {args.model_dir}: rerun this stage "
+            "(dvc repro evaluate) once MLflow answers, no retraining needed.",
+            file=sys.stderr,
+        )
         return 1
     verdict = "now champion" if result.promoted else "stays challenger"
-    print(f"registered {params.tracking.registered_model} v{result.model_version} ({verdict}); "
-          f"reports in {result.report_dir}")
+    print(
+        f"registered {params.tracking.registered_model} v{result.model_version} ({verdict}); "
+        f"reports in {result.report_dir}"
+    )
     for reason in result.reasons:
         print(f"  {reason}")
     return 0

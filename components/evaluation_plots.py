@@ -24,12 +24,14 @@ def write_predictions(split: Split, probs: np.ndarray, path: str | Path) -> None
     predicted = predictions(probs)
     rows = np.arange(len(predicted))
     top = np.where(predicted >= 0, np.asarray(probs, dtype=np.float64)[rows, np.maximum(predicted, 0)], np.nan)
-    table = pd.DataFrame({
-        "path": split.paths,
-        "actual": [split.classes[i] for i in split.labels],
-        "predicted": [split.classes[i] if i >= 0 else NO_PREDICTION for i in predicted],
-        "probability": np.round(top, 6),
-    })
+    table = pd.DataFrame(
+        {
+            "path": split.paths,
+            "actual": [split.classes[i] for i in split.labels],
+            "predicted": [split.classes[i] if i >= 0 else NO_PREDICTION for i in predicted],
+            "probability": np.round(top, 6),
+        }
+    )
     with files.atomic_file(path) as fh:
         table.to_csv(fh, index=False)
 
@@ -49,8 +51,16 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[
     plt = _pyplot()
     side = max(4.0, 0.6 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(side, side))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(range(len(classes))), display_labels=classes,
-                                            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+    ConfusionMatrixDisplay.from_predictions(
+        y_true,
+        y_pred,
+        labels=list(range(len(classes))),
+        display_labels=classes,
+        ax=ax,
+        cmap="Blues",
+        colorbar=False,
+        xticks_rotation=45,
+    )
     ax.set_title(f"Test confusion matrix (n={len(y_true)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -88,8 +98,10 @@ def plot_worst_errors(split: Split, probs: np.ndarray, count: int, path: Path, l
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
         ax.imshow(load_rgb(split.paths[i], 160, limits))
-        ax.set_title(f"true: {split.classes[split.labels[i]]}\npred: {split.classes[y_pred[i]]} "
-                     f"({probs[i, y_pred[i]]:.2f})", fontsize=9)
+        ax.set_title(
+            f"true: {split.classes[split.labels[i]]}\npred: {split.classes[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})",
+            fontsize=9,
+        )
     if not len(worst):
         axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     fig.suptitle("Most confident test mistakes")

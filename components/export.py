@@ -88,13 +88,17 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
         keras_probs = np.asarray(model.predict(images, verbose=0))
         lite_probs = tflite_predict(tflite, images)
         result = ExportResult(
-            saved_model=Path(out_dir) / "saved_model", tflite=Path(out_dir) / "model_float16.tflite",
-            tflite_bytes=len(tflite), n_samples=len(images),
+            saved_model=Path(out_dir) / "saved_model",
+            tflite=Path(out_dir) / "model_float16.tflite",
+            tflite_bytes=len(tflite),
+            n_samples=len(images),
             top1_agreement=float((keras_probs.argmax(1) == lite_probs.argmax(1)).mean()),
             max_prob_diff=float(np.abs(keras_probs - lite_probs).max()),
         )
-        files.write_json(out / "export.json", {**asdict(result), "image_size": size, "source": str(model_dir),
-                                               "model_sha256": folder.info.model_sha256})
+        files.write_json(
+            out / "export.json",
+            {**asdict(result), "image_size": size, "source": str(model_dir), "model_sha256": folder.info.model_sha256},
+        )
     return result
 
 
@@ -119,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="...and split")
     parser.add_argument("--images", default=None, help="or from this folder")
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--mlflow-run", default=None,
-                        help="also log the exports to this MLflow run (e.g. the evaluate run of the registered version)")
+    parser.add_argument(
+        "--mlflow-run",
+        default=None,
+        help="also log the exports to this MLflow run (e.g. the evaluate run of the registered version)",
+    )
     parser.add_argument("--params", default="params.yaml", help="for the tracking URI with --mlflow-run")
     args = parser.parse_args(argv)
     try:
@@ -134,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"export: {errors.describe_os_error(exc) or exc}", file=sys.stderr)
         return 2
-    print(f"wrote {result.saved_model} and {result.tflite} ({result.tflite_bytes / 1e6:.1f} MB); TFLite agrees with "
-          f"Keras on {result.top1_agreement:.1%} of {result.n_samples} images, max prob diff {result.max_prob_diff:.4f}")
+    print(
+        f"wrote {result.saved_model} and {result.tflite} ({result.tflite_bytes / 1e6:.1f} MB); TFLite agrees with "
+        f"Keras on {result.top1_agreement:.1%} of {result.n_samples} images, max prob diff {result.max_prob_diff:.4f}"
+    )
     return 0
 
 

@@ -56,9 +56,10 @@ def sweep_leftovers(target: Path) -> None:
 
 def _name_the_target(exc: OSError, tmp: Path, target: Path) -> OSError:
     """The same error, naming the output the user asked for instead of our temp path."""
+
     def shown(name: Any) -> str | None:
         name = os.fsdecode(name) if name is not None else None
-        return str(target) + name[len(str(tmp)):] if name is not None and name.startswith(str(tmp)) else name
+        return str(target) + name[len(str(tmp)) :] if name is not None and name.startswith(str(tmp)) else name
 
     first, second = shown(exc.filename), shown(exc.filename2)
     if exc.errno is None or (first, second) == (exc.filename, exc.filename2) and first is not None:

@@ -34,8 +34,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import (calibration, data, drift, errors, files, hashing, label_issues, learning_curves, runtime,
-                        snapshots, tracking)
+from components import (
+    calibration,
+    data,
+    drift,
+    errors,
+    files,
+    hashing,
+    label_issues,
+    learning_curves,
+    runtime,
+    snapshots,
+    tracking,
+)
 from components.config import FinetuneConfig, Params, ParamsError, load_params
 from components.data import Split, load_split
 from components.images import ImageLimits
@@ -68,16 +79,21 @@ def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
     decay = max(1, config.epochs * steps_per_epoch - warmup)
     if warmup == 0:
         return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=decay)
-    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=decay, warmup_target=config.learning_rate,
-                                                  warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=decay, warmup_target=config.learning_rate, warmup_steps=warmup
+    )
 
 
 def checkpoint_key(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path) -> str:
-    return hashing.content_key({
-        "head": hashing.file_sha256(Path(head_dir) / MODEL_FILE), "data": hashing.file_sha256(manifest),
-        "policy": hashing.file_sha256(policy_path) if policy_path else None,
-        "finetune": params.finetune.model_dump(), "seed": params.project.seed,
-    })
+    return hashing.content_key(
+        {
+            "head": hashing.file_sha256(Path(head_dir) / MODEL_FILE),
+            "data": hashing.file_sha256(manifest),
+            "policy": hashing.file_sha256(policy_path) if policy_path else None,
+            "finetune": params.finetune.model_dump(),
+            "seed": params.project.seed,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -105,8 +121,9 @@ def _distribution(device: dict[str, Any]) -> Any:
 def _epoch_history(log_path: Path) -> pd.DataFrame:
     """Epochs logged so far, across resumes (a repeated epoch keeps its last row), 1-based."""
     log = pd.read_csv(log_path).drop_duplicates("epoch", keep="last").sort_values("epoch")
-    return learning_curves.history_frame({c: log[c].tolist() for c in log.columns if c != "epoch"},
-                                 first_epoch=int(log["epoch"].iloc[0]) + 1)
+    return learning_curves.history_frame(
+        {c: log[c].tolist() for c in log.columns if c != "epoch"}, first_epoch=int(log["epoch"].iloc[0]) + 1
+    )
 
 
 def _epoch_recorder() -> Any:
@@ -124,8 +141,9 @@ def _epoch_recorder() -> Any:
     return EpochRecorder()
 
 
-def _compiled_model(head_dir: Path, head_sha256: str, config: FinetuneConfig, steps_per_epoch: int,
-                    default_layers: int) -> tuple[Any, list[str]]:
+def _compiled_model(
+    head_dir: Path, head_sha256: str, config: FinetuneConfig, steps_per_epoch: int, default_layers: int
+) -> tuple[Any, list[str]]:
     """The head model with the top of its backbone unfrozen, compiled (after changing `trainable`)."""
     import keras
 
@@ -134,37 +152,65 @@ def _compiled_model(head_dir: Path, head_sha256: str, config: FinetuneConfig, st
     model = data.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_sha256)
     backbone = backbones.find_backbone(model)
     start = backbones.unfreeze_top(backbone, config, default_layers)
-    model.compile(optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                  jit_compile=runtime.jit_compile_default())
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr_schedule(config, steps_per_epoch)),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=runtime.jit_compile_default(),
+    )
     return model, [layer.name for layer in backbone.layers[start:] if layer.trainable]
 
 
-def _datasets(train: Split, val: Split, image_size: int, batch_size: int, policy_path: str | Path | None,
-              seed: int, limits: ImageLimits) -> tuple[Any, Any]:
+def _datasets(
+    train: Split,
+    val: Split,
+    image_size: int,
+    batch_size: int,
+    policy_path: str | Path | None,
+    seed: int,
+    limits: ImageLimits,
+) -> tuple[Any, Any]:
     """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere."""
-    train_ds = data.labelled_batches(train, image_size, batch_size, policy_path=policy_path, training=True,
-                                     seed=seed, limits=limits)
+    train_ds = data.labelled_batches(
+        train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed, limits=limits
+    )
     return train_ds, data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
 
 
-def _fit_resumable(model: Any, train_ds: Any, val_ds: Any, config: FinetuneConfig, checkpoint_dir: Path,
-                   logger: Any, extra_callbacks: list[Any]) -> tuple[pd.DataFrame, int]:
+def _fit_resumable(
+    model: Any,
+    train_ds: Any,
+    val_ds: Any,
+    config: FinetuneConfig,
+    checkpoint_dir: Path,
+    logger: Any,
+    extra_callbacks: list[Any],
+) -> tuple[pd.DataFrame, int]:
     """Fit with per-epoch backups; return the history of all epochs (across resumes) and the 1-based
     epoch this call started at."""
     import keras
+
     epochs_seen = _epoch_recorder()
     callbacks = [
         keras.callbacks.BackupAndRestore(str(checkpoint_dir / "state"), double_checkpoint=True),
         keras.callbacks.CSVLogger(str(checkpoint_dir / EPOCH_LOG), append=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience,
-                                      restore_best_weights=True),
-        logger, epochs_seen, *data.epoch_callbacks(train_ds), *extra_callbacks,
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
+        ),
+        logger,
+        epochs_seen,
+        *data.epoch_callbacks(train_ds),
+        *extra_callbacks,
         *snapshots.snapshot_callbacks("finetune"),
     ]
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-              shuffle=False, verbose=runtime.progress_verbosity())  # shuffle=False: the input shuffles, seeded
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=runtime.progress_verbosity(),
+    )  # shuffle=False: the input shuffles, seeded
     return _epoch_history(checkpoint_dir / EPOCH_LOG), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
 
 
@@ -177,8 +223,11 @@ class FlipDecision:
     val_accuracy_flip_tta: float
 
     def metrics(self) -> dict[str, float]:
-        return {"flip_tta": int(self.applied), "val_accuracy_single_view": round(self.val_accuracy_single_view, 4),
-                "val_accuracy_flip_tta": round(self.val_accuracy_flip_tta, 4)}
+        return {
+            "flip_tta": int(self.applied),
+            "val_accuracy_single_view": round(self.val_accuracy_single_view, 4),
+            "val_accuracy_flip_tta": round(self.val_accuracy_flip_tta, 4),
+        }
 
 
 def decide_flip_tta(single: np.ndarray, averaged: np.ndarray, labels: np.ndarray, mode: str) -> FlipDecision:
@@ -186,8 +235,9 @@ def decide_flip_tta(single: np.ndarray, averaged: np.ndarray, labels: np.ndarray
     single_accuracy = float(np.mean(single.argmax(axis=1) == labels))
     averaged_accuracy = float(np.mean(averaged.argmax(axis=1) == labels))
     # auto: strictly better only; a tie is not worth twice the inference cost.
-    return FlipDecision(mode == "on" or (mode == "auto" and averaged_accuracy > single_accuracy),
-                        single_accuracy, averaged_accuracy)
+    return FlipDecision(
+        mode == "on" or (mode == "auto" and averaged_accuracy > single_accuracy), single_accuracy, averaged_accuracy
+    )
 
 
 def _val_views(model: Any, val_ds: Any) -> np.ndarray:
@@ -202,13 +252,16 @@ def _calibrate(model: Any, val_views: np.ndarray, val_labels: Any) -> calibratio
     into the shared output layer."""
     report = calibration.calibrate(val_views, val_labels)
     calibration.fold_temperature(model, report.temperature)
-    print(f"finetune: temperature {report.temperature:.3f} fitted on val; "
-          f"val ECE {report.ece_before:.4f} -> {report.ece_after:.4f}")
+    print(
+        f"finetune: temperature {report.temperature:.3f} fitted on val; "
+        f"val ECE {report.ece_before:.4f} -> {report.ece_after:.4f}"
+    )
     return report
 
 
-def _finish_model(model: Any, val_ds: Any, val_labels: np.ndarray,
-                  config: FinetuneConfig) -> tuple[Any, FlipDecision, calibration.CalibrationReport | None]:
+def _finish_model(
+    model: Any, val_ds: Any, val_labels: np.ndarray, config: FinetuneConfig
+) -> tuple[Any, FlipDecision, calibration.CalibrationReport | None]:
     """Decide flip TTA on val, calibrate what will be saved, and wrap the classifier if TTA is kept."""
     from components.backbones import with_flip_tta
 
@@ -217,33 +270,46 @@ def _finish_model(model: Any, val_ds: Any, val_labels: np.ndarray,
     logits = calibration.logits_from_probabilities(views)
     temperature = calibration.fit_temperature(logits, val_labels) if config.calibrate else 1.0
     flip = decide_flip_tta(views[0], calibration.apply_temperature(logits, temperature), val_labels, config.flip_tta)
-    print(f"finetune: val accuracy {flip.val_accuracy_single_view:.4f} alone, {flip.val_accuracy_flip_tta:.4f} "
-          f"averaged with the mirror image: flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})")
+    print(
+        f"finetune: val accuracy {flip.val_accuracy_single_view:.4f} alone, {flip.val_accuracy_flip_tta:.4f} "
+        f"averaged with the mirror image: flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})"
+    )
     calibrated = _calibrate(model, views if flip.applied else views[:1], val_labels) if config.calibrate else None
     return (with_flip_tta(model) if flip.applied else model), flip, calibrated
 
 
 def _calibration_metrics(report: calibration.CalibrationReport) -> dict[str, float]:
-    return {"temperature": round(report.temperature, 4), "val_ece_before": report.ece_before,
-            "val_ece_after": report.ece_after}
+    return {
+        "temperature": round(report.temperature, 4),
+        "val_ece_before": report.ece_before,
+        "val_ece_after": report.ece_after,
+    }
 
 
-def _log_calibration(client: Any, run_id: str, report: calibration.CalibrationReport | None,
-                     report_dir: Path) -> None:
+def _log_calibration(client: Any, run_id: str, report: calibration.CalibrationReport | None, report_dir: Path) -> None:
     """reports/finetune/calibration.json (always written: a DVC out) and the numbers in MLflow."""
     path = report_dir / "calibration.json"
-    files.write_json(path, {"calibrated": True, **report.to_dict()} if report else {"calibrated": False,
-                                                                                      "temperature": 1.0})
+    files.write_json(
+        path, {"calibrated": True, **report.to_dict()} if report else {"calibrated": False, "temperature": 1.0}
+    )
     client.log_artifact(run_id, str(path))
     for key, value in (_calibration_metrics(report) if report else {}).items():
         client.log_metric(run_id, key, value)
 
 
-def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path,
-                 out_dir: str | Path, report_dir: str | Path, checkpoint_root: str | Path = DEFAULT_CHECKPOINT_ROOT,
-                 extra_callbacks: list[Any] | None = None) -> FinetuneResult:
+def run_finetune(
+    params: Params,
+    manifest: str | Path,
+    policy_path: str | Path | None,
+    head_dir: str | Path,
+    out_dir: str | Path,
+    report_dir: str | Path,
+    checkpoint_root: str | Path = DEFAULT_CHECKPOINT_ROOT,
+    extra_callbacks: list[Any] | None = None,
+) -> FinetuneResult:
     """Fine-tune models/head into `out_dir`, resuming an interrupted run with the same inputs and params."""
     import keras
+
     started = time.perf_counter()
     config, seed, head_dir = params.finetune, params.project.seed, Path(head_dir)
     classes, head_info = data.read_model_info(head_dir)
@@ -263,8 +329,11 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
     run_id_path = checkpoint_dir / RUN_ID_FILE
     previous_run = run_id_path.read_text().strip() if run_id_path.is_file() else None
     client, run_id, experiment_id = tracking.start_run(
-        params.tracking, "finetune", {"head_run_id": head_info.run_id,
-                                      "data_version": hashing.manifest_version(manifest)}, run_id=previous_run)
+        params.tracking,
+        "finetune",
+        {"head_run_id": head_info.run_id, "data_version": hashing.manifest_version(manifest)},
+        run_id=previous_run,
+    )
     run_id_path.write_text(run_id)  # a resumed run continues this MLflow run
     try:
         strategy = _distribution(device)
@@ -272,28 +341,56 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         with strategy.scope():
             from components.backbones import get_spec
 
-            model, trained_layers = _compiled_model(head_dir, head_info.model_sha256, config,
-                                                    math.ceil(len(train) / batch_size),
-                                                    get_spec(head_info.backbone).default_unfreeze_layers)
+            model, trained_layers = _compiled_model(
+                head_dir,
+                head_info.model_sha256,
+                config,
+                math.ceil(len(train) / batch_size),
+                get_spec(head_info.backbone).default_unfreeze_layers,
+            )
         if previous_run is None:
-            tracking.log_params(client, run_id, {
-                **{f"finetune.{k}": v for k, v in config.model_dump().items()},
-                "seed": seed, "head_run_id": head_info.run_id, "backbone": head_info.backbone,
-                "image_size": image_size, "global_batch_size": batch_size, "replicas": strategy.num_replicas_in_sync,
-                "trainable_backbone_layers": len(trained_layers), "train_images": len(train),
-                "val_images": len(val), "mixed_precision": device["mixed_precision"],
-            })
+            tracking.log_params(
+                client,
+                run_id,
+                {
+                    **{f"finetune.{k}": v for k, v in config.model_dump().items()},
+                    "seed": seed,
+                    "head_run_id": head_info.run_id,
+                    "backbone": head_info.backbone,
+                    "image_size": image_size,
+                    "global_batch_size": batch_size,
+                    "replicas": strategy.num_replicas_in_sync,
+                    "trainable_backbone_layers": len(trained_layers),
+                    "train_images": len(train),
+                    "val_images": len(val),
+                    "mixed_precision": device["mixed_precision"],
+                },
+            )
             tracking.log_dataset(client, run_id, manifest, frame, hashing.manifest_version(manifest), "training")
-        train_ds, val_ds = _datasets(train, val, image_size, batch_size, policy_path, seed,
-                                     ImageLimits.from_config(params.validate))
-        device = {**device, "backend": keras.config.backend(),
-                  "input_pipeline": "tf.data" if data.uses_tf_data() else "PyDataset"}
+        train_ds, val_ds = _datasets(
+            train, val, image_size, batch_size, policy_path, seed, ImageLimits.from_config(params.validate)
+        )
+        device = {
+            **device,
+            "backend": keras.config.backend(),
+            "input_pipeline": "tf.data" if data.uses_tf_data() else "PyDataset",
+        }
         if config.epochs > 0:
-            history, resumed_at = _fit_resumable(model, train_ds, val_ds, config, checkpoint_dir,
-                                                 tracking.mlflow_epoch_logger(client, run_id), extra_callbacks or [])
+            history, resumed_at = _fit_resumable(
+                model,
+                train_ds,
+                val_ds,
+                config,
+                checkpoint_dir,
+                tracking.mlflow_epoch_logger(client, run_id),
+                extra_callbacks or [],
+            )
             best = learning_curves.best_epoch(history)
-            val_accuracy, val_loss, best_epoch = (float(best["val_accuracy"]), float(best["val_loss"]),
-                                                  int(best["epoch"]))
+            val_accuracy, val_loss, best_epoch = (
+                float(best["val_accuracy"]),
+                float(best["val_loss"]),
+                int(best["epoch"]),
+            )
         else:  # nothing to train: the head model is the result
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
             history, best_epoch, resumed_at = learning_curves.history_frame({}), 0, 1
@@ -301,25 +398,44 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         seconds = time.perf_counter() - started
         run_info = {
             **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
-            "run_id": run_id, "experiment_id": experiment_id, "stage": "finetune",
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "stage": "finetune",
             "settings": {**head_info.settings, "finetune": config.model_dump(), "seed": seed},
             "prefect_flow_run_id": environment().prefect_flow_run_id,
-            "head_run_id": head_info.run_id, "best_epoch": best_epoch, "epochs_run": len(history),
-            "val_accuracy": val_accuracy, "val_loss": val_loss, "seconds": round(seconds, 1), "device": device,
+            "head_run_id": head_info.run_id,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "val_accuracy": val_accuracy,
+            "val_loss": val_loss,
+            "seconds": round(seconds, 1),
+            "device": device,
             "trainable_backbone_layers": len(trained_layers),
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
             "temperature": calibrated.temperature if calibrated else 1.0,
-            "flip_tta": flip.applied, "val_accuracy_single_view": flip.val_accuracy_single_view,
+            "flip_tta": flip.applied,
+            "val_accuracy_single_view": flip.val_accuracy_single_view,
             "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
         }
         data.save_model_dir(model, classes, run_info, out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
-        drift.reference_from_model(model, frame, classes, params, meta={k: run_info[k] for k in (
-            "run_id", "stage", "backbone", "alpha", "image_size", "data_version")}).save(Path(out_dir) / drift.REFERENCE_FILE)
-        TrainingMetrics(val_accuracy=val_accuracy, val_loss=val_loss, best_epoch=best_epoch, epochs_run=len(history),
-                        seconds=round(seconds, 1), train_seconds=round(seconds + head_info.seconds, 1),
-                        **flip.metrics(),
-                        **(_calibration_metrics(calibrated) if calibrated else {})).write(Path(report_dir) / "metrics.json")
+        drift.reference_from_model(
+            model,
+            frame,
+            classes,
+            params,
+            meta={k: run_info[k] for k in ("run_id", "stage", "backbone", "alpha", "image_size", "data_version")},
+        ).save(Path(out_dir) / drift.REFERENCE_FILE)
+        TrainingMetrics(
+            val_accuracy=val_accuracy,
+            val_loss=val_loss,
+            best_epoch=best_epoch,
+            epochs_run=len(history),
+            seconds=round(seconds, 1),
+            train_seconds=round(seconds + head_info.seconds, 1),
+            **flip.metrics(),
+            **(_calibration_metrics(calibrated) if calibrated else {}),
+        ).write(Path(report_dir) / "metrics.json")
         _log_calibration(client, run_id, calibrated, Path(report_dir))
         if len(history):
             title = f"finetune: top {len(trained_layers)} backbone layers"
@@ -336,8 +452,17 @@ def run_finetune(params: Params, manifest: str | Path, policy_path: str | Path |
         raise
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     keras.backend.clear_session()
-    return FinetuneResult(run_id, head_info.run_id, val_accuracy, best_epoch, len(history), resumed_at,
-                          len(trained_layers), seconds, Path(out_dir))
+    return FinetuneResult(
+        run_id,
+        head_info.run_id,
+        val_accuracy,
+        best_epoch,
+        len(history),
+        resumed_at,
+        len(trained_layers),
+        seconds,
+        Path(out_dir),
+    )
 
 
 @errors.cli_errors("finetune")
@@ -349,20 +474,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dir", required=True, help="model dir written by train_head")
     parser.add_argument("--out-dir", required=True, help="model dir to write (model.keras, classes.json, run.json)")
     parser.add_argument("--report-dir", required=True, help="history.csv and curves.png")
-    parser.add_argument("--checkpoint-dir", default=str(DEFAULT_CHECKPOINT_ROOT),
-                        help="per-epoch checkpoints for resuming (not a DVC output)")
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=str(DEFAULT_CHECKPOINT_ROOT),
+        help="per-epoch checkpoints for resuming (not a DVC output)",
+    )
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
         files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
-        result = run_finetune(params, args.manifest, args.policy, args.head_dir, args.out_dir, args.report_dir,
-                              workspace_root() / args.checkpoint_dir)
+        result = run_finetune(
+            params,
+            args.manifest,
+            args.policy,
+            args.head_dir,
+            args.out_dir,
+            args.report_dir,
+            workspace_root() / args.checkpoint_dir,
+        )
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"finetune: {exc}", file=sys.stderr)
         return 2
     resumed = f", resumed at epoch {result.resumed_at_epoch}" if result.resumed_at_epoch > 1 else ""
-    print(f"finetune: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}"
-          f"{resumed}, {result.trainable_layers} backbone layers trained, {result.seconds:.0f} s -> {result.out_dir}")
+    print(
+        f"finetune: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}"
+        f"{resumed}, {result.trainable_layers} backbone layers trained, {result.seconds:.0f} s -> {result.out_dir}"
+    )
     return 0
 
 

@@ -101,7 +101,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise UnusableImage(f"cannot read the header: {exc or type(exc).__name__}") from None
     if img.width * img.height > limits.max_pixels:
         img.close()
-        raise UnusableImage(f"decompression-bomb guard: {img.width}x{img.height} exceeds max_pixels={limits.max_pixels}")
+        raise UnusableImage(
+            f"decompression-bomb guard: {img.width}x{img.height} exceeds max_pixels={limits.max_pixels}"
+        )
     return img
 
 

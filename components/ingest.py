@@ -41,8 +41,15 @@ from components.config import IngestConfig, ParamsError, SplitFractions, Validat
 from components.contracts import SPLITS, IngestReport, write_manifest
 from components.hashing import records_version
 from components.images import ImageLimits, UnusableImage, inspect_image
-from components.sources import (MAX_REFUSALS_LISTED, Entry, IngestError, Listing, check_no_overlap, collect_source,
-                                local_path)
+from components.sources import (
+    MAX_REFUSALS_LISTED,
+    Entry,
+    IngestError,
+    Listing,
+    check_no_overlap,
+    collect_source,
+    local_path,
+)
 from components.urls import is_remote, redact
 
 CACHE_DIRNAME = ".ingest_cache"
@@ -88,8 +95,15 @@ def inspect_file(path: str, limits: ImageLimits) -> dict[str, Any]:
             size += len(chunk)
             if size <= limits.max_bytes:
                 kept += chunk
-    facts: dict[str, Any] = {"sha256": digest.hexdigest(), "bytes": size, "format": "", "mode": "",
-                             "width": 0, "height": 0, "error": ""}
+    facts: dict[str, Any] = {
+        "sha256": digest.hexdigest(),
+        "bytes": size,
+        "format": "",
+        "mode": "",
+        "width": 0,
+        "height": 0,
+        "error": "",
+    }
     if size == 0:
         facts["error"] = "empty file (0 bytes)"
     elif size > limits.max_bytes:
@@ -143,8 +157,12 @@ class FactsCache:
 
     def __init__(self, path: Path, limits: ImageLimits) -> None:
         self.path = path
-        self.signature = {"pillow": PIL.__version__, "max_pixels": limits.max_pixels,
-                          "max_image_bytes": limits.max_bytes, "schema": 2}
+        self.signature = {
+            "pillow": PIL.__version__,
+            "max_pixels": limits.max_pixels,
+            "max_image_bytes": limits.max_bytes,
+            "schema": 2,
+        }
         self.files: dict[str, dict[str, Any]] = {}
         if path.exists():
             try:
@@ -162,8 +180,11 @@ class FactsCache:
 
     def save(self, entries: list[Entry], facts: dict[str, dict[str, Any]]) -> None:
         """Keep only the current files, so the cache never outgrows the source."""
-        known = {e.origin: {"size": e.size, "version": e.version, "facts": facts[e.origin]}
-                 for e in entries if e.version and e.origin in facts}
+        known = {
+            e.origin: {"size": e.size, "version": e.version, "facts": facts[e.origin]}
+            for e in entries
+            if e.version and e.origin in facts
+        }
         files.write_json(self.path, {"signature": self.signature, "files": known})
 
 
@@ -171,8 +192,9 @@ def resolve_workers(workers: int) -> int:
     return workers or os.cpu_count() or 1
 
 
-def inspect_entries(entries: list[Entry], root: Path, cache: FactsCache, workers: int,
-                    limits: ImageLimits) -> tuple[dict[str, dict[str, Any]], int, int]:
+def inspect_entries(
+    entries: list[Entry], root: Path, cache: FactsCache, workers: int, limits: ImageLimits
+) -> tuple[dict[str, dict[str, Any]], int, int]:
     """Facts for every present entry: from the cache when unchanged, else computed in a pool.
 
     Returns (facts by origin, files computed, processes used).
@@ -203,22 +225,32 @@ def inspect_entries(entries: list[Entry], root: Path, cache: FactsCache, workers
 # Rows, report, entry point
 
 
-def build_rows(entries: list[Entry], facts: dict[str, dict[str, Any]], raw_dir: Path, seed: int,
-               fractions: SplitFractions) -> tuple[list[dict[str, Any]], list[str]]:
+def build_rows(
+    entries: list[Entry], facts: dict[str, dict[str, Any]], raw_dir: Path, seed: int, fractions: SplitFractions
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Manifest rows (sorted by path) with splits; notes say which splits were carved from train."""
     given = {e.given_split for e in entries if e.given_split}
     missing = [s for s in SPLITS if s not in given]
     notes = []
     carve = bool(given) and "train" in given and bool(missing)
     if carve:
-        notes.append(f"the source has no {'/'.join(missing)} split: carved from train by content hash "
-                     f"({', '.join(f'{s}={getattr(fractions, s):g}' for s in ['train', *missing])}, renormalised)")
+        notes.append(
+            f"the source has no {'/'.join(missing)} split: carved from train by content hash "
+            f"({', '.join(f'{s}={getattr(fractions, s):g}' for s in ['train', *missing])}, renormalised)"
+        )
     elif given and missing:
         notes.append(f"the source has no train split; {'/'.join(missing)} left empty")
     rows = []
     for e in entries:
-        f = facts.get(e.origin) or {"sha256": "", "bytes": 0, "format": "", "mode": "", "width": 0, "height": 0,
-                                    "error": f"source file not found: {e.origin}"}
+        f = facts.get(e.origin) or {
+            "sha256": "",
+            "bytes": 0,
+            "format": "",
+            "mode": "",
+            "width": 0,
+            "height": 0,
+            "error": f"source file not found: {e.origin}",
+        }
         error = "hidden or system file (e.g. .DS_Store), not an image" if e.hidden else f["error"]
         key = f["sha256"] or hashlib.sha256(e.origin.encode()).hexdigest()
         split = e.given_split
@@ -226,9 +258,22 @@ def build_rows(entries: list[Entry], facts: dict[str, dict[str, Any]], raw_dir: 
             split = assign_split(key, seed, fractions)
         elif split == "train" and carve:
             split = assign_split(key, seed, fractions, among=["train", *missing])
-        rows.append({"path": (raw_dir / e.rel).as_posix(), "label": e.label, "split": split, "sha256": f["sha256"],
-                     "bytes": f["bytes"], "width": f["width"], "height": f["height"], "format": f["format"],
-                     "mode": f["mode"], "source": e.origin, "error": error, "_rel": e.rel})
+        rows.append(
+            {
+                "path": (raw_dir / e.rel).as_posix(),
+                "label": e.label,
+                "split": split,
+                "sha256": f["sha256"],
+                "bytes": f["bytes"],
+                "width": f["width"],
+                "height": f["height"],
+                "format": f["format"],
+                "mode": f["mode"],
+                "source": e.origin,
+                "error": error,
+                "_rel": e.rel,
+            }
+        )
     rows.sort(key=lambda r: r["path"])
     return rows, notes
 
@@ -241,8 +286,15 @@ def count_images(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return {s: dict(sorted(c.items())) for s, c in counts.items()}
 
 
-def run_ingest(config: IngestConfig, seed: int, raw_dir: str | Path, manifest_path: str | Path,
-               report_path: str | Path, max_pixels: int, max_image_bytes: int | None = None) -> IngestResult:
+def run_ingest(
+    config: IngestConfig,
+    seed: int,
+    raw_dir: str | Path,
+    manifest_path: str | Path,
+    report_path: str | Path,
+    max_pixels: int,
+    max_image_bytes: int | None = None,
+) -> IngestResult:
     """Copy the source into raw_dir, inspect every file, write the manifest and the report.
 
     `max_pixels` and `max_image_bytes` are validate's (one guard for every decode); None = its default.
@@ -261,41 +313,69 @@ def run_ingest(config: IngestConfig, seed: int, raw_dir: str | Path, manifest_pa
         for leftover in cache_dir.glob("staging-*"):  # a killed run's: we hold the lock, so none is in use
             shutil.rmtree(leftover, ignore_errors=True)
         cache = FactsCache(cache_dir / "files.json", limits)
-        with files.atomic_dir(raw_dir) as new_raw, \
-                tempfile.TemporaryDirectory(dir=cache_dir, prefix="staging-") as staging:
+        with (
+            files.atomic_dir(raw_dir) as new_raw,
+            tempfile.TemporaryDirectory(dir=cache_dir, prefix="staging-") as staging,
+        ):
             listing = collect_source(config, new_raw, Path(staging), cache_dir / "downloads", raw_dir)
             if not listing.entries:
-                raise IngestError(f"source {redact(config.source)!r}: no usable files in class folders (expected "
-                                  f"<class>/<image> or <split>/<class>/<image>); {len(listing.refused)} refused"
-                                  + "".join(f"\n  - {r['name']}: {r['reason']}" for r in listing.refused[:10]))
+                raise IngestError(
+                    f"source {redact(config.source)!r}: no usable files in class folders (expected "
+                    f"<class>/<image> or <split>/<class>/<image>); {len(listing.refused)} refused"
+                    + "".join(f"\n  - {r['name']}: {r['reason']}" for r in listing.refused[:10])
+                )
             facts, computed, used = inspect_entries(listing.entries, new_raw, cache, workers, limits)
             rows, notes = build_rows(listing.entries, facts, raw_dir, seed, config.split)
         write_manifest(rows, manifest_path)
         cache.save(listing.entries, facts)
     seconds = time.perf_counter() - started
     result = IngestResult(
-        raw_dir=raw_dir, manifest_path=manifest_path, report_path=report_path, files=len(rows),
-        images=sum(1 for r in rows if not r["error"]), unreadable=sum(1 for r in rows if r["error"]),
-        refused=len(listing.refused), bytes=sum(int(r["bytes"]) for r in rows), counts=count_images(rows),
+        raw_dir=raw_dir,
+        manifest_path=manifest_path,
+        report_path=report_path,
+        files=len(rows),
+        images=sum(1 for r in rows if not r["error"]),
+        unreadable=sum(1 for r in rows if r["error"]),
+        refused=len(listing.refused),
+        bytes=sum(int(r["bytes"]) for r in rows),
+        counts=count_images(rows),
         data_version=records_version((r["_rel"], r["label"], r["split"], r["sha256"]) for r in rows),
-        computed=computed, cached=len(facts) - computed, workers=used, seconds=round(seconds, 3),
-        notes=listing.notes + notes)
+        computed=computed,
+        cached=len(facts) - computed,
+        workers=used,
+        seconds=round(seconds, 3),
+        notes=listing.notes + notes,
+    )
     _report(result, config, listing, seed, limits).write(report_path)
     return result
 
 
-def _report(result: IngestResult, config: IngestConfig, listing: Listing, seed: int,
-            limits: ImageLimits) -> IngestReport:
+def _report(
+    result: IngestResult, config: IngestConfig, listing: Listing, seed: int, limits: ImageLimits
+) -> IngestReport:
     return IngestReport(
-        source=redact(config.source), source_kind=listing.kind, layout=listing.layout,
-        raw_dir=result.raw_dir.as_posix(), manifest=result.manifest_path.as_posix(),
-        data_version=result.data_version, files=result.files, images=result.images,
-        unreadable=result.unreadable, bytes=result.bytes, counts=result.counts,
+        source=redact(config.source),
+        source_kind=listing.kind,
+        layout=listing.layout,
+        raw_dir=result.raw_dir.as_posix(),
+        manifest=result.manifest_path.as_posix(),
+        data_version=result.data_version,
+        files=result.files,
+        images=result.images,
+        unreadable=result.unreadable,
+        bytes=result.bytes,
+        counts=result.counts,
         class_folders=dict(sorted(listing.class_folders.items())),
-        ignored=listing.ignored[:200], ignored_count=len(listing.ignored),
-        refused=listing.refused[:MAX_REFUSALS_LISTED], refused_count=len(listing.refused),
-        notes=result.notes, seed=seed, split_fractions=config.split.model_dump(),
-        max_pixels=limits.max_pixels, seconds=result.seconds, workers=result.workers,
+        ignored=listing.ignored[:200],
+        ignored_count=len(listing.ignored),
+        refused=listing.refused[:MAX_REFUSALS_LISTED],
+        refused_count=len(listing.refused),
+        notes=result.notes,
+        seed=seed,
+        split_fractions=config.split.model_dump(),
+        max_pixels=limits.max_pixels,
+        seconds=result.seconds,
+        workers=result.workers,
         cache={"computed": result.computed, "reused": result.cached},
     )
 
@@ -311,18 +391,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         files.ensure_writable(args.raw_dir, args.manifest, args.report)  # before copying, not after
-        result = run_ingest(params.ingest, params.project.seed, args.raw_dir, args.manifest, args.report,
-                            max_pixels=params.validate.max_pixels, max_image_bytes=params.validate.max_image_bytes)
+        result = run_ingest(
+            params.ingest,
+            params.project.seed,
+            args.raw_dir,
+            args.manifest,
+            args.report,
+            max_pixels=params.validate.max_pixels,
+            max_image_bytes=params.validate.max_image_bytes,
+        )
     except (ParamsError, IngestError) as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
     per_split = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts.items())
-    print(f"ingest: {result.files} files ({result.images} images, {result.unreadable} unreadable; {per_split}) "
-          f"-> {result.manifest_path}; data version {result.data_version[:12]}; "
-          f"{result.computed} inspected, {result.cached} from cache, {result.seconds:.1f}s")
+    print(
+        f"ingest: {result.files} files ({result.images} images, {result.unreadable} unreadable; {per_split}) "
+        f"-> {result.manifest_path}; data version {result.data_version[:12]}; "
+        f"{result.computed} inspected, {result.cached} from cache, {result.seconds:.1f}s"
+    )
     if result.refused:
-        print(f"ingest: refused {result.refused} entr{'y' if result.refused == 1 else 'ies'} the source offered "
-              f"(not read; listed in {result.report_path})", file=sys.stderr)
+        print(
+            f"ingest: refused {result.refused} entr{'y' if result.refused == 1 else 'ies'} the source offered "
+            f"(not read; listed in {result.report_path})",
+            file=sys.stderr,
+        )
     for note in result.notes:
         print(f"ingest: note: {note}")
     return 0

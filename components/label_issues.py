@@ -38,8 +38,9 @@ class LabelIssues:
     folds: int
 
 
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5,
-                              seed: int = 0) -> np.ndarray:
+def out_of_fold_probabilities(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5, seed: int = 0
+) -> np.ndarray:
     """(n, num_classes) probabilities, each row from a logistic regression fitted on the other folds."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -66,8 +67,15 @@ def usable_folds(labels: np.ndarray, folds: int) -> int:
     return k if k >= 2 else 0
 
 
-def find_label_issues(features: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str],
-                      folds: int = 5, seed: int = 0, max_excluded_fraction: float = 0.0) -> LabelIssues:
+def find_label_issues(
+    features: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    paths: list[str],
+    folds: int = 5,
+    seed: int = 0,
+    max_excluded_fraction: float = 0.0,
+) -> LabelIssues:
     """Out-of-fold probabilities -> cleanlab's flagged images, ranked; the top ones marked for exclusion."""
     from cleanlab.filter import find_label_issues as cleanlab_find
     from cleanlab.rank import get_label_quality_scores
@@ -78,23 +86,27 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, classes: list[st
         return LabelIssues(pd.DataFrame(columns=COLUMNS), np.zeros(len(labels), dtype=bool), 0)
     probs = out_of_fold_probabilities(features, labels, len(classes), k, seed)
     scores = get_label_quality_scores(labels, probs, method="self_confidence")
-    ranked = cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence",
-                           min_examples_per_class=1)
+    ranked = cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", min_examples_per_class=1)
     budget = int(np.floor(max_excluded_fraction * len(labels)))
     excluded = np.zeros(len(labels), dtype=bool)
     excluded[ranked[:budget]] = True
-    table = pd.DataFrame({
-        "path": [paths[i] for i in ranked],
-        "given_label": [classes[labels[i]] for i in ranked],
-        "suggested_label": [classes[int(probs[i].argmax())] for i in ranked],
-        "score": np.round(scores[ranked], 6),
-        "flagged": True,
-        "excluded": excluded[ranked],
-    }, columns=COLUMNS)
+    table = pd.DataFrame(
+        {
+            "path": [paths[i] for i in ranked],
+            "given_label": [classes[labels[i]] for i in ranked],
+            "suggested_label": [classes[int(probs[i].argmax())] for i in ranked],
+            "score": np.round(scores[ranked], 6),
+            "flagged": True,
+            "excluded": excluded[ranked],
+        },
+        columns=COLUMNS,
+    )
     return LabelIssues(table, excluded, k)
 
 
-def write_reports(issues: LabelIssues, report_dir: str | Path, limits: ImageLimits, gallery_images: int = 16) -> list[Path]:
+def write_reports(
+    issues: LabelIssues, report_dir: str | Path, limits: ImageLimits, gallery_images: int = 16
+) -> list[Path]:
     """label_issues.csv and label_issues.png under report_dir."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,13 @@ def clean_label(raw: str) -> str:
 def safe_relative(rel: str) -> bool:
     """Whether a posix path is plain and relative: no '', '.', '..' parts, no absolute or drive start."""
     parts = rel.split("/")
-    return bool(rel) and not rel.startswith("/") and not _DRIVE.match(rel) and "\0" not in rel \
+    return (
+        bool(rel)
+        and not rel.startswith("/")
+        and not _DRIVE.match(rel)
+        and "\0" not in rel
         and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 @dataclass

@@ -42,9 +42,15 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -
     rows = []
     for b in range(n_bins):
         mask = index == b
-        rows.append({"low": edges[b], "high": edges[b + 1], "count": int(mask.sum()),
-                     "confidence": float(confidence[mask].mean()) if mask.any() else np.nan,
-                     "accuracy": float(correct[mask].mean()) if mask.any() else np.nan})
+        rows.append(
+            {
+                "low": edges[b],
+                "high": edges[b + 1],
+                "count": int(mask.sum()),
+                "confidence": float(confidence[mask].mean()) if mask.any() else np.nan,
+                "accuracy": float(correct[mask].mean()) if mask.any() else np.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -54,8 +60,9 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
     return float((filled["count"] / total * (filled["accuracy"] - filled["confidence"]).abs()).sum()) if total else 0.0
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *, calibration_bins_count: int = 10,
-                    top_k: int = 3) -> dict[str, Any]:
+def compute_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], *, calibration_bins_count: int = 10, top_k: int = 3
+) -> dict[str, Any]:
     """Accuracy, macro and per-class precision/recall/F1, top-k (> 5 classes), ECE, non-finite rows.
 
     Rows with NaN/inf count as wrong and are left out of calibration (they have no confidence).
@@ -68,8 +75,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     y_pred = predictions(probs)
     finite = y_pred >= 0
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    bins = calibration_bins(probs[finite].max(axis=1) if finite.any() else np.zeros(0),
-                            (y_pred == y_true)[finite], calibration_bins_count)
+    bins = calibration_bins(
+        probs[finite].max(axis=1) if finite.any() else np.zeros(0), (y_pred == y_true)[finite], calibration_bins_count
+    )
     metrics: dict[str, Any] = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_precision": float(precision.mean()),
@@ -79,8 +87,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
         "ece": expected_calibration_error(bins),
         "n_test": int(len(y_true)),
         "non_finite_rows": int((~finite).sum()),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(classes, precision, recall, f1, support)},
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
         "calibration": bins.to_dict(orient="records"),
     }
     if len(classes) > 5 and top_k < len(classes):

@@ -22,17 +22,19 @@ def quarantined_count(summary: ValidationSummary | None) -> int | None:
 
 
 def markdown_table(counts: pd.DataFrame) -> str:
-    columns = [c for c in ("train", "val", "test") if c in counts.columns] + \
-              [c for c in counts.columns if c not in ("train", "val", "test")]
+    columns = [c for c in ("train", "val", "test") if c in counts.columns] + [
+        c for c in counts.columns if c not in ("train", "val", "test")
+    ]
     header = "| class | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
-    rows = [f"| {label} | " + " | ".join(str(int(counts.loc[label, c])) for c in columns) + " |" for label in counts.index]
+    rows = [
+        f"| {label} | " + " | ".join(str(int(counts.loc[label, c])) for c in columns) + " |" for label in counts.index
+    ]
     total = "| **all** | " + " | ".join(str(int(counts[c].sum())) for c in columns) + " |"
     return "\n".join([header, *rows, total])
 
 
 # The params sections train_head/finetune store in run.json (ModelRunInfo.settings), as the card names them.
-RECIPE_SECTIONS = {"model": "model settings", "train_head": "head training", "finetune": "fine-tuning",
-                   "seed": "seed"}
+RECIPE_SECTIONS = {"model": "model settings", "train_head": "head training", "finetune": "fine-tuning", "seed": "seed"}
 
 
 def recipe_lines(settings: dict[str, Any]) -> list[str]:
@@ -44,18 +46,39 @@ def recipe_lines(settings: dict[str, Any]) -> list[str]:
     return [f"- {RECIPE_SECTIONS.get(key, key)}: {value}" for key, value in ranked]
 
 
-def model_card(registered_model: str, classes: list[str], info: ModelRunInfo, metrics: dict[str, Any],
-               counts: pd.DataFrame, lineage: dict[str, str], quarantined: int | None, promoted: bool | None = None,
-               reasons: list[str] | None = None, version: str | None = None) -> str:
-    recipe = {k: v for k, v in info.model_dump(mode="json").items()
-              if k not in {"run_id", "head_run_id", "settings", "schema_version", "device"} and v is not None}
-    weak = [f"{name} (recall {m['recall']:.2f}, {m['support']} test images)"
-            for name, m in metrics["per_class"].items() if m["recall"] < max(0.8, metrics["accuracy"] - 0.1)]
-    per_class = "\n".join(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
-                          for name, m in metrics["per_class"].items())
+def model_card(
+    registered_model: str,
+    classes: list[str],
+    info: ModelRunInfo,
+    metrics: dict[str, Any],
+    counts: pd.DataFrame,
+    lineage: dict[str, str],
+    quarantined: int | None,
+    promoted: bool | None = None,
+    reasons: list[str] | None = None,
+    version: str | None = None,
+) -> str:
+    recipe = {
+        k: v
+        for k, v in info.model_dump(mode="json").items()
+        if k not in {"run_id", "head_run_id", "settings", "schema_version", "device"} and v is not None
+    }
+    weak = [
+        f"{name} (recall {m['recall']:.2f}, {m['support']} test images)"
+        for name, m in metrics["per_class"].items()
+        if m["recall"] < max(0.8, metrics["accuracy"] - 0.1)
+    ]
+    per_class = "\n".join(
+        f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        for name, m in metrics["per_class"].items()
+    )
     topk = "".join(f"- {k.replace('_', ' ')}: {v:.4f}\n" for k, v in metrics.items() if k.startswith("top_"))
-    versions = ", ".join(f"{k} {lineage[k]}" for k in ("data_version", "validated_version", "model_data_version")
-                         if lineage.get(k)) or "unknown"
+    versions = (
+        ", ".join(
+            f"{k} {lineage[k]}" for k in ("data_version", "validated_version", "model_data_version") if lineage.get(k)
+        )
+        or "unknown"
+    )
     lines = [
         f"# Model card: {registered_model}" + (f" v{version}" if version else ""),
         "",
@@ -84,16 +107,27 @@ def model_card(registered_model: str, classes: list[str], info: ModelRunInfo, me
         "",
         f"## Test metrics (n = {metrics['n_test']} held-out images)",
         f"- accuracy: {metrics['accuracy']:.4f}",
-        *([f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, twice "
-           f"the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
-           f"{info.val_accuracy_flip_tta:.4f} with)"] if info.flip_tta and info.val_accuracy_single_view is not None
-          else []),
+        *(
+            [
+                f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, twice "
+                f"the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
+                f"{info.val_accuracy_flip_tta:.4f} with)"
+            ]
+            if info.flip_tta and info.val_accuracy_single_view is not None
+            else []
+        ),
         f"- macro F1: {metrics['macro_f1']:.4f}",
         f"- expected calibration error: {metrics['ece']:.4f}"
-        + (f" (temperature {info.temperature:.3f}, fitted on val, folded into the output layer)"
-           if info.temperature != 1.0 else " (no temperature scaling)"),
-        *([f"- images with non-finite (NaN/inf) outputs: {metrics['non_finite_rows']}"]
-          if metrics.get("non_finite_rows") else []),
+        + (
+            f" (temperature {info.temperature:.3f}, fitted on val, folded into the output layer)"
+            if info.temperature != 1.0
+            else " (no temperature scaling)"
+        ),
+        *(
+            [f"- images with non-finite (NaN/inf) outputs: {metrics['non_finite_rows']}"]
+            if metrics.get("non_finite_rows")
+            else []
+        ),
         topk,
         "| class | precision | recall | F1 | test images |",
         "|---|---|---|---|---|",
@@ -105,6 +139,10 @@ def model_card(registered_model: str, classes: list[str], info: ModelRunInfo, me
         "- trained on this data set's photos only; other cameras, lighting or domains may score worse.",
     ]
     if promoted is not None:
-        lines += ["", "## Promotion", f"- decision: {'champion' if promoted else 'stays challenger'}",
-                  *[f"- {r}" for r in reasons or []]]
+        lines += [
+            "",
+            "## Promotion",
+            f"- decision: {'champion' if promoted else 'stays challenger'}",
+            *[f"- {r}" for r in reasons or []],
+        ]
     return "\n".join(lines) + "\n"

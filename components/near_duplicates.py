@@ -45,12 +45,17 @@ def perceptual_hash(source: str | Path | bytes, limits: ImageLimits) -> np.ndarr
 
     # Both hashes squash the image to a small grayscale thumbnail; decoding at 64 px lets JPEG draft mode skip work.
     thumb = Image.fromarray(decode_rgb(source, 64, limits))
-    return np.concatenate([np.asarray(imagehash.phash(thumb).hash, dtype=bool).ravel(),
-                           np.asarray(imagehash.dhash(thumb).hash, dtype=bool).ravel()])
+    return np.concatenate(
+        [
+            np.asarray(imagehash.phash(thumb).hash, dtype=bool).ravel(),
+            np.asarray(imagehash.dhash(thumb).hash, dtype=bool).ravel(),
+        ]
+    )
 
 
-def fingerprints(frame: pd.DataFrame, limits: ImageLimits,
-                 cache_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fingerprints(
+    frame: pd.DataFrame, limits: ImageLimits, cache_path: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """((rows, 128) bool hashes, (rows,) bool decoded) of the manifest's images, by its path and sha256
     columns. Images that cannot be decoded get no hash (validate's decode check reports them).
     Reuses and extends the cache at `cache_path` (a workspace cache, keyed by content hash)."""
@@ -87,8 +92,12 @@ def _read_cache(cache_path: str | Path | None) -> dict[str, np.ndarray]:
 def _write_cache(cache_path: str | Path, entries: dict[str, np.ndarray]) -> None:
     keys = sorted(entries)
     with files.atomic_file(cache_path, "wb") as fh:
-        np.savez(fh, version=np.array(CACHE_VERSION), sha256=np.array(keys, dtype="U64"),
-                 bits=np.packbits(np.stack([entries[k] for k in keys]), axis=1))
+        np.savez(
+            fh,
+            version=np.array(CACHE_VERSION),
+            sha256=np.array(keys, dtype="U64"),
+            bits=np.packbits(np.stack([entries[k] for k in keys]), axis=1),
+        )
 
 
 def find_groups(hashes: np.ndarray, max_distance: int, valid: np.ndarray | None = None) -> list[list[int]]:
@@ -112,7 +121,7 @@ def find_groups(hashes: np.ndarray, max_distance: int, valid: np.ndarray | None 
 
     block = max(1, (1 << 21) // max(1, len(packed)))
     for start in range(0, len(packed), block):
-        rows = packed[start:start + block]
+        rows = packed[start : start + block]
         close = np.all(np.bitwise_count(rows[:, None, :] ^ packed[None, start:, :]) <= max_distance, axis=-1)
         for a, b in zip(*np.nonzero(close)):
             i, j = start + int(a), start + int(b)
@@ -138,14 +147,24 @@ class NearDuplicateReport:
     @property
     def counts(self) -> dict[str, int]:
         kinds = [g["kind"] for g in self.groups]
-        return {"groups": len(self.groups), "images_in_groups": sum(len(g["members"]) for g in self.groups),
-                "within_split": kinds.count("within_split"), "cross_split": kinds.count("cross_split"),
-                "label_conflicts": kinds.count("label_conflict"), "moved_images": len(self.moved),
-                "quarantined_images": len(self.quarantine)}
+        return {
+            "groups": len(self.groups),
+            "images_in_groups": sum(len(g["members"]) for g in self.groups),
+            "within_split": kinds.count("within_split"),
+            "cross_split": kinds.count("cross_split"),
+            "label_conflicts": kinds.count("label_conflict"),
+            "moved_images": len(self.moved),
+            "quarantined_images": len(self.quarantine),
+        }
 
     def to_dict(self, max_groups: int = 50) -> dict[str, Any]:
-        return {"policy": self.policy, "counts": self.counts, "groups": self.groups[:max_groups],
-                "moved": self.moved, "problems": self.problems}
+        return {
+            "policy": self.policy,
+            "counts": self.counts,
+            "groups": self.groups[:max_groups],
+            "moved": self.moved,
+            "problems": self.problems,
+        }
 
 
 def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tuple[pd.DataFrame, NearDuplicateReport]:
@@ -168,10 +187,16 @@ def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tup
             entry.update(kind="label_conflict", action="quarantined")
             for row in members.itertuples():
                 others = members[members["label"] != row.label]
-                dropped.append({"path": row.path, "label": row.label, "split": row.split,
-                                "checks": "no_near_duplicate_label_conflict",
-                                "reason": "label conflict: a near-duplicate is labelled differently in "
-                                          + ", ".join(f"{p} ({lab})" for p, lab in zip(others["path"], others["label"]))})
+                dropped.append(
+                    {
+                        "path": row.path,
+                        "label": row.label,
+                        "split": row.split,
+                        "checks": "no_near_duplicate_label_conflict",
+                        "reason": "label conflict: a near-duplicate is labelled differently in "
+                        + ", ".join(f"{p} ({lab})" for p, lab in zip(others["path"], others["label"])),
+                    }
+                )
         elif members["split"].nunique() > 1:
             target = members.sort_values("sha256", kind="stable")["split"].iloc[0]
             entry.update(kind="cross_split", target_split=target)
@@ -183,8 +208,12 @@ def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tup
                         report.moved.append({"path": row.path, "from": row.split, "to": target})
             elif policy == "fail":
                 entry["action"] = "failed"
-                report.problems.append("leak: near-duplicates in splits " + ", ".join(sorted(set(members["split"])))
-                                       + ": " + ", ".join(members["path"]))
+                report.problems.append(
+                    "leak: near-duplicates in splits "
+                    + ", ".join(sorted(set(members["split"])))
+                    + ": "
+                    + ", ".join(members["path"])
+                )
             else:
                 entry["action"] = "reported"
         else:
@@ -195,8 +224,13 @@ def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tup
     return out[keep.to_numpy()], report
 
 
-def check(frame: pd.DataFrame, config: NearDuplicatesConfig, limits: ImageLimits, cache_path: str | Path | None,
-          picture_path: str | Path | None = None) -> tuple[pd.DataFrame, NearDuplicateReport]:
+def check(
+    frame: pd.DataFrame,
+    config: NearDuplicatesConfig,
+    limits: ImageLimits,
+    cache_path: str | Path | None,
+    picture_path: str | Path | None = None,
+) -> tuple[pd.DataFrame, NearDuplicateReport]:
     """validate's one call: hash (cached), group, apply `validate.near_duplicates`, draw the top groups.
 
     `frame` holds the rows that passed the file checks (path, label, split, sha256 columns); policy `off`
@@ -211,8 +245,15 @@ def check(frame: pd.DataFrame, config: NearDuplicatesConfig, limits: ImageLimits
     return kept, report
 
 
-def plot_groups(frame: pd.DataFrame, report: NearDuplicateReport, path: str | Path, limits: ImageLimits,
-                max_groups: int = 8, max_members: int = 6, thumb: int = 128) -> Path:
+def plot_groups(
+    frame: pd.DataFrame,
+    report: NearDuplicateReport,
+    path: str | Path,
+    limits: ImageLimits,
+    max_groups: int = 8,
+    max_members: int = 6,
+    thumb: int = 128,
+) -> Path:
     """A PNG: one row per group (cross-split and conflicting groups first), thumbnails captioned label/split."""
     import matplotlib
 
@@ -233,8 +274,16 @@ def plot_groups(frame: pd.DataFrame, report: NearDuplicateReport, path: str | Pa
                 pass
             caption = f"{member['label']}/{member['split']}\n{Path(member['path']).name[:22]}"
             axes[r][c].set_title(caption, fontsize=7)
-        axes[r][0].text(-0.1, 0.5, f"{group['kind']}\n{group.get('action', '')}", transform=axes[r][0].transAxes,
-                        ha="right", va="center", fontsize=7, rotation=90)
+        axes[r][0].text(
+            -0.1,
+            0.5,
+            f"{group['kind']}\n{group.get('action', '')}",
+            transform=axes[r][0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=7,
+            rotation=90,
+        )
     if not shown:
         axes[0][0].text(0.5, 0.5, "no near-duplicate groups", ha="center", va="center")
     fig.tight_layout()

@@ -45,6 +45,7 @@ CACHE_DIR = Path("data/cache/onnx")
 
 # --- what is available here ------------------------------------------------------------------
 
+
 def onnxruntime_available() -> bool:
     """onnxruntime can run the file; tf2onnx and onnx (needed to export it) import."""
     try:
@@ -95,6 +96,7 @@ def accelerator_present() -> bool:
 
 # --- the cache key ---------------------------------------------------------------------------
 
+
 def _all_layers(model: Any) -> Iterator[Any]:
     import keras
 
@@ -133,11 +135,16 @@ def _toolchain() -> dict[str, str]:
     import onnxruntime
     import tf2onnx
 
-    return {"keras": keras.__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    return {
+        "keras": keras.__version__,
+        "tf2onnx": tf2onnx.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 # --- export once, check, cache ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OnnxExport:
@@ -195,8 +202,9 @@ def verified_bytes(path: str | Path, expected_sha256: str) -> bytes:
     """
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise OnnxFileChanged(f"refused to load {Path(path).name}: its sha256 differs from the one recorded "
-                              "when the model was logged")
+        raise OnnxFileChanged(
+            f"refused to load {Path(path).name}: its sha256 differs from the one recorded when the model was logged"
+        )
     return data
 
 
@@ -224,8 +232,15 @@ def _export_to(model: Any, path: Path, input_size: int | None) -> None:
     model.export(str(path), format="onnx", verbose=False, input_signature=input_signature)
 
 
-def export_onnx(model: Any, cache_dir: str | Path, *, key: str | None = None, input_size: int | None = None,
-                tolerance: float = DEFAULT_TOLERANCE, threads: int | None = None) -> OnnxExport:
+def export_onnx(
+    model: Any,
+    cache_dir: str | Path,
+    *,
+    key: str | None = None,
+    input_size: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int | None = None,
+) -> OnnxExport:
     """The model as an ONNX file in `cache_dir`: reused when present and intact, else exported and checked.
 
     `input_size` fixes the spatial input size (ONNX Runtime plans a static shape better); leave it
@@ -255,9 +270,19 @@ def export_onnx(model: Any, cache_dir: str | Path, *, key: str | None = None, in
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         sha256 = file_sha256(onnx_path)
-        files.write_json(record_path, {"key": key, "sha256": sha256, "max_abs_diff": diff,
-                                       "tolerance": tolerance, "accepted": accepted, "input_size": input_size,
-                                       "probe_shape": list(probe.shape), **_toolchain()})
+        files.write_json(
+            record_path,
+            {
+                "key": key,
+                "sha256": sha256,
+                "max_abs_diff": diff,
+                "tolerance": tolerance,
+                "accepted": accepted,
+                "input_size": input_size,
+                "probe_shape": list(probe.shape),
+                **_toolchain(),
+            },
+        )
         return OnnxExport(onnx_path, key, diff, accepted, sha256)
 
 
@@ -276,19 +301,21 @@ def _read_record(onnx_path: Path, record_path: Path) -> OnnxExport | None:
         sha256 = file_sha256(onnx_path)
         if record.get("sha256") != sha256:
             return None  # a torn or replaced file: export again
-        return OnnxExport(onnx_path, str(record["key"]), float(record["max_abs_diff"]), bool(record["accepted"]),
-                          sha256)
+        return OnnxExport(
+            onnx_path, str(record["key"]), float(record["max_abs_diff"]), bool(record["accepted"]), sha256
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 # --- running it ------------------------------------------------------------------------------
 
+
 def _as_batches(batches: Any, batch_size: int) -> Iterator[np.ndarray]:
     """float32 numpy batches from an array, a tf.data dataset or any iterable; labels dropped."""
     if isinstance(batches, np.ndarray):
         for start in range(0, len(batches), batch_size):
-            yield np.ascontiguousarray(batches[start:start + batch_size], dtype=np.float32)
+            yield np.ascontiguousarray(batches[start : start + batch_size], dtype=np.float32)
         return
     for element in batches:
         x = element[0] if isinstance(element, (tuple, list)) else element
@@ -313,9 +340,18 @@ class FrozenRunner:
     it made ONNX Runtime 1.5x slower in the median round (benchmarks/results/frozen_pass.md).
     """
 
-    def __init__(self, model: Any, *, cache_dir: str | Path | None = None, engine: Engine = "auto",
-                 threads: int = 0, key: str | None = None, input_size: int | None = None,
-                 tolerance: float = DEFAULT_TOLERANCE, allow_spinning: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        cache_dir: str | Path | None = None,
+        engine: Engine = "auto",
+        threads: int = 0,
+        key: str | None = None,
+        input_size: int | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        allow_spinning: bool = False,
+    ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine = {engine!r}: expected one of {', '.join(ENGINES)}")
         self.model = model
@@ -327,11 +363,19 @@ class FrozenRunner:
             return
         blocker = self._onnx_blocker(cache_dir)
         if blocker is None:
-            self.export = export_onnx(model, cache_dir, key=key, input_size=input_size,  # type: ignore[arg-type]
-                                      tolerance=tolerance, threads=self.threads)
+            self.export = export_onnx(
+                model,
+                cache_dir,
+                key=key,
+                input_size=input_size,  # type: ignore[arg-type]
+                tolerance=tolerance,
+                threads=self.threads,
+            )
             if not self.export.accepted:
-                blocker = (f"the ONNX export differs from Keras by {self.export.max_abs_diff:.2e} "
-                           f"(> tolerance {tolerance:.0e}) on the probe batch")
+                blocker = (
+                    f"the ONNX export differs from Keras by {self.export.max_abs_diff:.2e} "
+                    f"(> tolerance {tolerance:.0e}) on the probe batch"
+                )
         if blocker is not None:
             if engine == "onnxruntime":
                 raise RuntimeError(f"engine: onnxruntime was requested but {blocker}")
@@ -360,26 +404,46 @@ class FrozenRunner:
             return self._keras_predict(batches, batch_size, verbose)
         from tqdm import tqdm
 
-        batch_iter = tqdm(_as_batches(batches, batch_size), desc="onnxruntime", unit="batch", disable=not verbose,
-                          total=_batch_count(batches, batch_size), mininterval=2.0)
+        batch_iter = tqdm(
+            _as_batches(batches, batch_size),
+            desc="onnxruntime",
+            unit="batch",
+            disable=not verbose,
+            total=_batch_count(batches, batch_size),
+            mininterval=2.0,
+        )
         blocks = [_run_session(self.session, batch) for batch in batch_iter if len(batch)]
         return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
 
     def _keras_predict(self, batches: Any, batch_size: int, verbose: int) -> np.ndarray:
         if isinstance(batches, np.ndarray) or hasattr(batches, "element_spec"):  # arrays and tf.data: Keras batches
-            return np.asarray(self.model.predict(batches, batch_size=None if hasattr(batches, "element_spec")
-                                                 else batch_size, verbose=verbose), dtype=np.float32)
-        blocks = [np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
-                  for batch in _as_batches(batches, batch_size) if len(batch)]
+            return np.asarray(
+                self.model.predict(
+                    batches, batch_size=None if hasattr(batches, "element_spec") else batch_size, verbose=verbose
+                ),
+                dtype=np.float32,
+            )
+        blocks = [
+            np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+            for batch in _as_batches(batches, batch_size)
+            if len(batch)
+        ]
         return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
 
     def _output_tail(self) -> tuple[int, ...]:
         return tuple(int(d or 0) for d in self.model.outputs[0].shape[1:])
 
 
-def frozen_predict(model: Any, batches: Iterable[Any] | np.ndarray, *, cache_dir: str | Path | None = None,
-                   engine: Engine = "auto", threads: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                   verbose: int = 0) -> np.ndarray:
+def frozen_predict(
+    model: Any,
+    batches: Iterable[Any] | np.ndarray,
+    *,
+    cache_dir: str | Path | None = None,
+    engine: Engine = "auto",
+    threads: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    verbose: int = 0,
+) -> np.ndarray:
     """One frozen forward pass over `batches` (see FrozenRunner); keep a runner to reuse its session."""
     runner = FrozenRunner(model, cache_dir=cache_dir, engine=engine, threads=threads)
     return runner.predict(batches, batch_size=batch_size, verbose=verbose)

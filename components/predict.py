@@ -102,9 +102,15 @@ def _score_chunk(scorer: Any, images: list[bytes]) -> tuple[np.ndarray, list[str
         return np.stack(rows), problems
 
 
-def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_size: int = 64,
-                split: str | None = None, root: str | Path | None = None,
-                limits: ImageLimits | None = None) -> PredictResult:
+def run_predict(
+    model_uri: str,
+    inputs: str | Path,
+    out_csv: str | Path,
+    batch_size: int = 64,
+    split: str | None = None,
+    root: str | Path | None = None,
+    limits: ImageLimits | None = None,
+) -> PredictResult:
     """Score every image under `inputs` with `model_uri` (e.g. models:/NAME@champion) into a CSV.
 
     Columns: path, label, probability, error ('' or why that image could not be scored).
@@ -124,7 +130,7 @@ def run_predict(model_uri: str, inputs: str | Path, out_csv: str | Path, batch_s
     rows = []
     with tqdm(total=len(paths), unit="img", desc="predict") as bar:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
+            chunk = paths[start : start + batch_size]
             data, problems = read_images(chunk, root, limits)
             readable = [i for i, d in enumerate(data) if d is not None]
             probs, decode_problems = _score_chunk(scorer, [data[i] for i in readable])
@@ -154,11 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/image-classifier@champion")
     parser.add_argument("--input", required=True, help="folder of images or CSV with a 'path' column")
     parser.add_argument("--out", required=True, help="output CSV: path, label, probability, error")
-    parser.add_argument("--root", default=None,
-                        help="folder every image must lie in; CSV rows resolve against it (default: the folder or the CSV's folder)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="folder every image must lie in; CSV rows resolve against it (default: the folder or the CSV's folder)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--split", default=None, help="with a manifest CSV: only this split")
-    parser.add_argument("--params", default="params.yaml", help="tracking URI and image limits (MLFLOW_TRACKING_URI wins)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="tracking URI and image limits (MLFLOW_TRACKING_URI wins)"
+    )
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params) if Path(args.params).exists() else None
@@ -173,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     except mlflow.exceptions.MlflowException as exc:
         print(f"predict: could not load {args.model} from {shown_uri()}: {exc.message}", file=sys.stderr)
         return 2
-    print(f"wrote {result.out_csv}: {result.n_images} images, {result.n_failed} could not be scored "
-          f"(engine: {result.engine})")
+    print(
+        f"wrote {result.out_csv}: {result.n_images} images, {result.n_failed} could not be scored "
+        f"(engine: {result.engine})"
+    )
     return 0
 
 

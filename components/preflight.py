@@ -31,7 +31,9 @@ def check_unfreeze(params: Params, backbone: object) -> list[str]:
     from components.backbones import get_spec, unfreeze_top
 
     try:
-        unfreeze_top(backbone, params.finetune, get_spec(params.model.backbone).default_unfreeze_layers)  # a throwaway backbone: its trainable flags do not matter
+        unfreeze_top(
+            backbone, params.finetune, get_spec(params.model.backbone).default_unfreeze_layers
+        )  # a throwaway backbone: its trainable flags do not matter
     except ParamsError as exc:
         return [str(exc)]
     return []

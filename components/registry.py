@@ -53,8 +53,11 @@ CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of models 
 
 def git_commit(workspace: str | Path = ".") -> str:
     """HEAD's commit, '+dirty' when tracked files changed; 'unknown' outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=workspace, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -64,12 +67,15 @@ def git_commit(workspace: str | Path = ".") -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def data_versions(ingest: IngestReport | None, validation: ValidationSummary | None,
-                  info: ModelRunInfo | None) -> dict[str, str]:
+def data_versions(
+    ingest: IngestReport | None, validation: ValidationSummary | None, info: ModelRunInfo | None
+) -> dict[str, str]:
     """The data versions the hand-off files declare: ingested, validated, and the one the model trained on."""
-    found = {"data_version": ingest.data_version if ingest else (validation.data_version if validation else ""),
-             "validated_version": validation.validated_version if validation else "",
-             "model_data_version": info.data_version if info else ""}
+    found = {
+        "data_version": ingest.data_version if ingest else (validation.data_version if validation else ""),
+        "validated_version": validation.validated_version if validation else "",
+        "model_data_version": info.data_version if info else "",
+    }
     return {k: v for k, v in found.items() if v}
 
 
@@ -78,8 +84,13 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def lineage_tags(params: Params, info: ModelRunInfo, head_info: ModelRunInfo | None, versions: dict[str, str],
-                 workspace: str | Path = ".") -> dict[str, str]:
+def lineage_tags(
+    params: Params,
+    info: ModelRunInfo,
+    head_info: ModelRunInfo | None,
+    versions: dict[str, str],
+    workspace: str | Path = ".",
+) -> dict[str, str]:
     """Where a model came from: code, data, settings, backbone, the runs that trained it."""
     tags = {
         "git_commit": git_commit(workspace),
@@ -107,9 +118,13 @@ def scores_from(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> Sc
 
 
 def scores_of(metrics: dict[str, Any]) -> ScoresRecord:
-    return ScoresRecord(accuracy=metrics["accuracy"], min_class_recall=metrics["min_class_recall"],
-                        n_test=metrics["n_test"], non_finite_rows=metrics.get("non_finite_rows", 0),
-                        per_class_recall={c: m["recall"] for c, m in metrics["per_class"].items()})
+    return ScoresRecord(
+        accuracy=metrics["accuracy"],
+        min_class_recall=metrics["min_class_recall"],
+        n_test=metrics["n_test"],
+        non_finite_rows=metrics.get("non_finite_rows", 0),
+        per_class_recall={c: m["recall"] for c, m in metrics["per_class"].items()},
+    )
 
 
 @dataclass
@@ -133,8 +148,10 @@ class PromotionDecision:
             "promotion.challenger_accuracy": f"{self.challenger.accuracy:.6f}",
             "promotion.challenger_min_class_recall": f"{self.challenger.min_class_recall:.6f}",
             "promotion.n_test": str(self.challenger.n_test),
-            **{f"promotion.threshold.{k}": f"{v:g}" if not isinstance(v, bool) else str(v).lower()
-               for k, v in self.thresholds.items()},
+            **{
+                f"promotion.threshold.{k}": f"{v:g}" if not isinstance(v, bool) else str(v).lower()
+                for k, v in self.thresholds.items()
+            },
         }
         if self.champion_version:
             tags["promotion.champion_version"] = self.champion_version
@@ -145,18 +162,33 @@ class PromotionDecision:
         return {k: scrub_credentials(v)[:5000] for k, v in tags.items()}
 
     def record(self, registered_model: str, version: str, run_id: str, lineage: dict[str, str]) -> PromotionRecord:
-        return PromotionRecord(registered_model=registered_model, version=version, run_id=run_id, lineage=lineage,
-                               promoted=self.promoted, reasons=self.reasons, challenger=self.challenger,
-                               champion_version=self.champion_version, champion=self.champion,
-                               champion_problem=self.champion_problem, thresholds=self.thresholds)
+        return PromotionRecord(
+            registered_model=registered_model,
+            version=version,
+            run_id=run_id,
+            lineage=lineage,
+            promoted=self.promoted,
+            reasons=self.reasons,
+            challenger=self.challenger,
+            champion_version=self.champion_version,
+            champion=self.champion,
+            champion_problem=self.champion_problem,
+            thresholds=self.thresholds,
+        )
 
 
-def decide_promotion(config: PromotionConfig, challenger: ScoresRecord, champion: ScoresRecord | None = None,
-                     champion_version: str | None = None, champion_problem: str | None = None,
-                     class_set_changed: bool = False) -> PromotionDecision:
+def decide_promotion(
+    config: PromotionConfig,
+    challenger: ScoresRecord,
+    champion: ScoresRecord | None = None,
+    champion_version: str | None = None,
+    champion_problem: str | None = None,
+    class_set_changed: bool = False,
+) -> PromotionDecision:
     """Finite outputs and absolute thresholds first, then accuracy and per-class recall against the champion."""
-    decision = PromotionDecision(True, [], challenger, champion_version, champion, champion_problem,
-                                 thresholds=config.model_dump())
+    decision = PromotionDecision(
+        True, [], challenger, champion_version, champion, champion_problem, thresholds=config.model_dump()
+    )
 
     def check(what: str, value: float, needed: float, against: str) -> None:
         ok = value >= needed - EPS
@@ -164,44 +196,66 @@ def decide_promotion(config: PromotionConfig, challenger: ScoresRecord, champion
         decision.reasons.append(f"{'pass' if ok else 'fail'}: {what} {value:.4f} {'>=' if ok else '<'} {against}")
 
     if challenger.non_finite_rows:
-        decision.refuse(f"{challenger.non_finite_rows} of {challenger.n_test} test images got non-finite "
-                        "(NaN/inf) probabilities")
+        decision.refuse(
+            f"{challenger.non_finite_rows} of {challenger.n_test} test images got non-finite (NaN/inf) probabilities"
+        )
     check("accuracy", challenger.accuracy, config.min_accuracy, f"min_accuracy {config.min_accuracy:g}")
-    check("lowest class recall", challenger.min_class_recall, config.min_class_recall,
-          f"min_class_recall {config.min_class_recall:g}")
+    check(
+        "lowest class recall",
+        challenger.min_class_recall,
+        config.min_class_recall,
+        f"min_class_recall {config.min_class_recall:g}",
+    )
     if champion_version is None:
         decision.reasons.append("note: no champion yet; decided on the thresholds alone")
     elif champion is None:
         if class_set_changed and config.allow_class_set_change:
-            decision.reasons.append(f"note: champion v{champion_version} could not be re-scored ({champion_problem}); "
-                                    "allow_class_set_change is on, so the thresholds alone decide")
+            decision.reasons.append(
+                f"note: champion v{champion_version} could not be re-scored ({champion_problem}); "
+                "allow_class_set_change is on, so the thresholds alone decide"
+            )
         else:
             hint = " (allow_class_set_change lets a new class set through)" if class_set_changed else ""
-            decision.refuse(f"champion v{champion_version} could not be re-scored ({champion_problem}): "
-                            f"it stays champion{hint}")
+            decision.refuse(
+                f"champion v{champion_version} could not be re-scored ({champion_problem}): it stays champion{hint}"
+            )
     else:
         against = f"(same {challenger.n_test} test images)"
-        check("accuracy", challenger.accuracy, champion.accuracy + config.min_improvement,
-              f"champion v{champion_version} re-scored {champion.accuracy:.4f} + min_improvement "
-              f"{config.min_improvement:g} {against}")
+        check(
+            "accuracy",
+            challenger.accuracy,
+            champion.accuracy + config.min_improvement,
+            f"champion v{champion_version} re-scored {champion.accuracy:.4f} + min_improvement "
+            f"{config.min_improvement:g} {against}",
+        )
         if not config.promote_on_tie and abs(challenger.accuracy - champion.accuracy) <= EPS:
-            decision.refuse(f"accuracy ties champion v{champion_version} at {champion.accuracy:.4f} "
-                            "(promote_on_tie is off)")
-        drops = {c: champion.per_class_recall[c] - r for c, r in challenger.per_class_recall.items()
-                 if c in champion.per_class_recall
-                 and champion.per_class_recall[c] - r > config.max_class_recall_drop + EPS}
+            decision.refuse(
+                f"accuracy ties champion v{champion_version} at {champion.accuracy:.4f} (promote_on_tie is off)"
+            )
+        drops = {
+            c: champion.per_class_recall[c] - r
+            for c, r in challenger.per_class_recall.items()
+            if c in champion.per_class_recall and champion.per_class_recall[c] - r > config.max_class_recall_drop + EPS
+        }
         if drops:
-            decision.refuse("recall fell more than max_class_recall_drop "
-                            f"{config.max_class_recall_drop:g} below champion v{champion_version} for "
-                            + ", ".join(f"{c} ({champion.per_class_recall[c]:.4f} -> "
-                                        f"{challenger.per_class_recall[c]:.4f})" for c in sorted(drops)))
+            decision.refuse(
+                "recall fell more than max_class_recall_drop "
+                f"{config.max_class_recall_drop:g} below champion v{champion_version} for "
+                + ", ".join(
+                    f"{c} ({champion.per_class_recall[c]:.4f} -> {challenger.per_class_recall[c]:.4f})"
+                    for c in sorted(drops)
+                )
+            )
         else:
-            decision.reasons.append(f"pass: no class recall fell more than {config.max_class_recall_drop:g} "
-                                    f"below champion v{champion_version}")
+            decision.reasons.append(
+                f"pass: no class recall fell more than {config.max_class_recall_drop:g} "
+                f"below champion v{champion_version}"
+            )
     return decision
 
 
 # --- packaging: the served model --------------------------------------------------------------------
+
 
 def pyfunc_requirements() -> list[str]:
     """Pinned from this environment: inferring them is slow and lists both tensorflow wheels."""
@@ -254,15 +308,21 @@ def code_package(tmp: Path) -> Path:
     return package
 
 
-def serving_model_config(params: Params, image_size: int, keras_sha256: str,
-                         onnx_sha256: str | None = None) -> dict[str, Any]:
+def serving_model_config(
+    params: Params, image_size: int, keras_sha256: str, onnx_sha256: str | None = None
+) -> dict[str, Any]:
     """What the served model needs at load time, with every limit it enforces on requests (and, given the
     sha256 of the ONNX file evaluate scored with, that file's hash: the served model may run it then)."""
-    config = {"image_size": int(image_size), "batch_size": params.evaluate.batch_size, "keras_sha256": keras_sha256,
-            "max_images_per_request": params.evaluate.serving.max_images_per_request,
-            "max_request_bytes": params.evaluate.serving.max_request_bytes,
-            "max_image_bytes": params.validate.max_image_bytes, "max_pixels": params.validate.max_pixels,
-            "allowed_formats": [f.upper() for f in params.validate.allowed_formats]}
+    config = {
+        "image_size": int(image_size),
+        "batch_size": params.evaluate.batch_size,
+        "keras_sha256": keras_sha256,
+        "max_images_per_request": params.evaluate.serving.max_images_per_request,
+        "max_request_bytes": params.evaluate.serving.max_request_bytes,
+        "max_image_bytes": params.validate.max_image_bytes,
+        "max_pixels": params.validate.max_pixels,
+        "allowed_formats": [f.upper() for f in params.validate.allowed_formats],
+    }
     assert set(config) == set(CONFIG_KEYS), "serving_model.CONFIG_KEYS and this function disagree"
     if onnx_sha256:
         config.update({"onnx_sha256": onnx_sha256, "serving_engine": "auto"})
@@ -270,8 +330,9 @@ def serving_model_config(params: Params, image_size: int, keras_sha256: str,
     return config
 
 
-def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any], example: Any,
-               onnx_path: Path | None = None) -> Any:
+def log_pyfunc(
+    model_path: Path, classes: list[str], model_config: dict[str, Any], example: Any, onnx_path: Path | None = None
+) -> Any:
     """Log the served model into the active run: code from serving_model.py, the .keras file as an artifact,
     and the ONNX file too when given (its sha256 must be model_config's `onnx_sha256`)."""
     import mlflow
@@ -280,8 +341,13 @@ def log_pyfunc(model_path: Path, classes: list[str], model_config: dict[str, Any
 
     signature = ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "image")]),  # raw bytes or base64 (data: URIs too); never a path
-        outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
-                        ColSpec(Map(DataType.double), "probabilities")]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+            ]
+        ),
     )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "classes.json").write_text(json.dumps(classes), encoding="utf-8")
@@ -317,8 +383,9 @@ class UnsafeModel(ValueError):
     """A logged model this project will not load: pickled, or its model file changed since registration."""
 
 
-def check_logged_model(local_dir: str | Path, expected_sha256: str | None = None,
-                       expected_onnx_sha256: str | None = None) -> dict[str, Any]:
+def check_logged_model(
+    local_dir: str | Path, expected_sha256: str | None = None, expected_onnx_sha256: str | None = None
+) -> dict[str, Any]:
     """The pyfunc flavor of a downloaded model, refused if it holds a pickle or a changed Keras hash.
 
     For a registered version (`expected_sha256` given) the ONNX hash in model_config must also be the
@@ -344,8 +411,9 @@ def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> A
     import mlflow
 
     fixed_uri, expected = registered_version(model_uri, policy)
-    local = with_retries("download the model", mlflow.artifacts.download_artifacts, artifact_uri=fixed_uri,
-                         policy=policy)
+    local = with_retries(
+        "download the model", mlflow.artifacts.download_artifacts, artifact_uri=fixed_uri, policy=policy
+    )
     check_logged_model(local, expected.get(SHA256_TAG), expected.get(ONNX_SHA256_TAG))
     # load_context checks the Keras (and any ONNX) file against model_config; `engine` says which one runs.
     return mlflow.pyfunc.load_model(local)
@@ -358,7 +426,7 @@ def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> t
 
     if not model_uri.startswith("models:/"):
         return model_uri, {}
-    name, _, ref = model_uri[len("models:/"):].rstrip("/").partition("/")
+    name, _, ref = model_uri[len("models:/") :].rstrip("/").partition("/")
     client = MlflowClient()
     if "@" in name and not ref:
         name, alias = name.split("@", 1)
@@ -374,8 +442,9 @@ def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> t
     return f"models:/{name}/{found.version}", hashes
 
 
-def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: RetryPolicy
-                     ) -> tuple[str | None, ScoresRecord | None, str | None, bool]:
+def rescore_champion(
+    name: str, split: Split, limits: ImageLimits, policy: RetryPolicy
+) -> tuple[str | None, ScoresRecord | None, str | None, bool]:
     """(champion version, its scores on today's test split, why it could not be scored, class set changed)."""
     version = alias_version(name, CHAMPION, policy)
     if version is None:
@@ -386,8 +455,10 @@ def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: Retry
         their_classes = list(scorer.classes)
         if sorted(their_classes) != sorted(split.classes):
             return version, None, f"class set differs: champion {their_classes} vs test split {split.classes}", True
-        parts = [scorer.score([read_limited(p, limits.max_bytes) for p in split.paths[i:i + scorer.batch_size]])
-                 for i in range(0, len(split), scorer.batch_size)]
+        parts = [
+            scorer.score([read_limited(p, limits.max_bytes) for p in split.paths[i : i + scorer.batch_size]])
+            for i in range(0, len(split), scorer.batch_size)
+        ]
         probs = align_columns(np.concatenate(parts), their_classes, split.classes)
     except TrackingUnavailable:
         raise
@@ -399,6 +470,7 @@ def rescore_champion(name: str, split: Split, limits: ImageLimits, policy: Retry
 
 # --- registry calls -------------------------------------------------------------------------------
 
+
 def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) -> str | None:
     """The version number an alias points at, or None (no such model or alias)."""
     from mlflow import MlflowClient
@@ -406,7 +478,9 @@ def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) ->
 
     client = MlflowClient()
     try:
-        found = with_retries(f"read alias {alias} of {name}", client.get_model_version_by_alias, name, alias, policy=policy)
+        found = with_retries(
+            f"read alias {alias} of {name}", client.get_model_version_by_alias, name, alias, policy=policy
+        )
         return str(found.version)
     except MlflowException as exc:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
@@ -415,8 +489,12 @@ def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) ->
         # a non-admin which names exist). No such model among those we may see: no champion. If it does
         # exist but is hidden from us, registering a version fails next with the same 403: fail closed.
         if exc.error_code == "PERMISSION_DENIED" and not with_retries(
-                f"search {name}", client.search_registered_models, filter_string=f"name = '{name}'",
-                max_results=1, policy=policy):
+            f"search {name}",
+            client.search_registered_models,
+            filter_string=f"name = '{name}'",
+            max_results=1,
+            policy=policy,
+        ):
             return None
         raise
 
@@ -425,7 +503,9 @@ def register_version(name: str, model_uri: str, tags: dict[str, str], policy: Re
     """Register `model_uri` as a new version of `name` (created if needed); no alias moves here."""
     import mlflow
 
-    return str(with_retries(f"register {name}", mlflow.register_model, model_uri, name, tags=tags, policy=policy).version)
+    return str(
+        with_retries(f"register {name}", mlflow.register_model, model_uri, name, tags=tags, policy=policy).version
+    )
 
 
 def apply_decision(name: str, version: str, decision: PromotionDecision, policy: RetryPolicy = RetryPolicy()) -> None:
@@ -436,22 +516,26 @@ def apply_decision(name: str, version: str, decision: PromotionDecision, policy:
     if decision.promoted:
         current = alias_version(name, CHAMPION, policy)  # re-read right before moving it
         if current != decision.champion_version:
-            decision.refuse(f"the champion alias moved from {_shown(decision.champion_version)} to {_shown(current)} "
-                            "while this version was evaluated: not promoted (rerun evaluate to compare with it)")
+            decision.refuse(
+                f"the champion alias moved from {_shown(decision.champion_version)} to {_shown(current)} "
+                "while this version was evaluated: not promoted (rerun evaluate to compare with it)"
+            )
     for key, value in decision.tags().items():
         with_retries("tag the model version", client.set_model_version_tag, name, version, key, value, policy=policy)
     if decision.promoted:
-        with_retries("set the champion alias", client.set_registered_model_alias, name, CHAMPION, version, policy=policy)
+        with_retries(
+            "set the champion alias", client.set_registered_model_alias, name, CHAMPION, version, policy=policy
+        )
 
 
 def set_challenger(name: str, version: str, policy: RetryPolicy = RetryPolicy()) -> None:
     """Point `challenger` at the newest evaluated version (once its reports are logged)."""
     from mlflow import MlflowClient
 
-    with_retries("set the challenger alias", MlflowClient().set_registered_model_alias, name, CHALLENGER, version,
-                 policy=policy)
+    with_retries(
+        "set the challenger alias", MlflowClient().set_registered_model_alias, name, CHALLENGER, version, policy=policy
+    )
 
 
 def _shown(version: str | None) -> str:
     return f"v{version}" if version else "no champion"
-

@@ -37,8 +37,16 @@ from components.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, decod
 
 IMAGE_COLUMN = "image"
 # model_config keys (written by registry.serving_model_config, read here)
-CONFIG_KEYS = ("image_size", "batch_size", "keras_sha256", "max_images_per_request", "max_request_bytes",
-               "max_image_bytes", "max_pixels", "allowed_formats")
+CONFIG_KEYS = (
+    "image_size",
+    "batch_size",
+    "keras_sha256",
+    "max_images_per_request",
+    "max_request_bytes",
+    "max_image_bytes",
+    "max_pixels",
+    "allowed_formats",
+)
 # Keys a model may carry; models logged before they existed load without them.
 OPTIONAL_CONFIG_KEYS = ("onnx_sha256", "serving_engine")
 ONNX_ARTIFACT = "onnx_model"
@@ -69,9 +77,15 @@ class ServingLimits:
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any]) -> "ServingLimits":
-        return cls(int(config["max_images_per_request"]), int(config["max_request_bytes"]),
-                   ImageLimits(int(config["max_image_bytes"]), int(config["max_pixels"]),
-                               tuple(str(f).upper() for f in config["allowed_formats"])))
+        return cls(
+            int(config["max_images_per_request"]),
+            int(config["max_request_bytes"]),
+            ImageLimits(
+                int(config["max_image_bytes"]),
+                int(config["max_pixels"]),
+                tuple(str(f).upper() for f in config["allowed_formats"]),
+            ),
+        )
 
 
 def image_bytes(value: Any, max_bytes: int) -> bytes:
@@ -107,8 +121,9 @@ def request_values(model_input: Any) -> list[Any]:
     else:
         values = [model_input]
     # `{"inputs": {"image": [a, b]}}` arrives as one row holding the list: unpack it.
-    return [item for value in values
-            for item in (list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value])]
+    return [
+        item for value in values for item in (list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value])
+    ]
 
 
 def request_images(values: list[Any], limits: ServingLimits) -> list[bytes]:
@@ -131,11 +146,13 @@ def request_images(values: list[Any], limits: ServingLimits) -> list[bytes]:
 def probabilities_frame(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """label, probability and a {class: probability} mapping per row."""
     top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    return pd.DataFrame({
-        "label": [classes[i] for i in top],
-        "probability": probs[np.arange(len(top)), top].astype(float),
-        "probabilities": [dict(zip(classes, map(float, row))) for row in probs],
-    })
+    return pd.DataFrame(
+        {
+            "label": [classes[i] for i in top],
+            "probability": probs[np.arange(len(top)), top].astype(float),
+            "probabilities": [dict(zip(classes, map(float, row))) for row in probs],
+        }
+    )
 
 
 def onnx_session(artifacts: dict[str, str], config: dict[str, Any]) -> Any | None:
@@ -156,9 +173,15 @@ def onnx_session(artifacts: dict[str, str], config: dict[str, Any]) -> Any | Non
         data = onnx_inference.verified_bytes(path, str(expected))
     except onnx_inference.OnnxFileChanged as exc:
         raise ContractError(str(exc)) from None
-    blocker = ("serving_engine: keras" if wanted == "keras" else
-               "onnxruntime is not installed" if not onnx_inference.runtime_available() else
-               "an accelerator is present" if onnx_inference.accelerator_present() else None)
+    blocker = (
+        "serving_engine: keras"
+        if wanted == "keras"
+        else "onnxruntime is not installed"
+        if not onnx_inference.runtime_available()
+        else "an accelerator is present"
+        if onnx_inference.accelerator_present()
+        else None
+    )
     if blocker is None:
         return onnx_inference.cpu_session(data)
     if wanted == "onnxruntime":
@@ -196,7 +219,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         parts = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             batch = np.empty((len(chunk), self.image_size, self.image_size, 3), dtype=np.float32)
             for i, data in enumerate(chunk):
                 try:

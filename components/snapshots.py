@@ -39,9 +39,15 @@ def snapshot_callbacks(stage: str, weights_of: str = "model") -> list[Any]:
             ended = time.time()
             path = target / f"epoch_{epoch + 1:03d}.weights.h5"
             self.model.save_weights(str(path))
-            record = {"stage": stage, "epoch": epoch + 1, "weights_of": weights_of, "path": str(path),
-                      "ended_unix": ended, "save_seconds": round(time.time() - ended, 3),
-                      "val_accuracy": float((logs or {}).get("val_accuracy", float("nan")))}
+            record = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "weights_of": weights_of,
+                "path": str(path),
+                "ended_unix": ended,
+                "save_seconds": round(time.time() - ended, 3),
+                "val_accuracy": float((logs or {}).get("val_accuracy", float("nan"))),
+            }
             with open(Path(folder) / LOG_FILE, "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
 

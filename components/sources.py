@@ -34,10 +34,20 @@ from urllib.parse import unquote, urlsplit
 
 from components.archives import ARCHIVE_SUFFIXES, ArchiveError, archive_kind, extract_archive
 from components.config import IngestConfig
-from components.confine import (Context, Entry, IngestError, Listing, Refused, download, file_version, inside,
-                                materialise, regular_file, walk_tree)
-from components.layout import (SPLIT_ALIASES, BadLabel, Planned, clean_label, is_hidden, plan_layout,
-                               safe_relative)
+from components.confine import (
+    Context,
+    Entry,
+    IngestError,
+    Listing,
+    Refused,
+    download,
+    file_version,
+    inside,
+    materialise,
+    regular_file,
+    walk_tree,
+)
+from components.layout import SPLIT_ALIASES, BadLabel, Planned, clean_label, is_hidden, plan_layout, safe_relative
 from components.urls import URLRefused, check_scheme, is_remote, open_remote, redact, remote_info, remote_version
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -93,11 +103,24 @@ def collect_folder(source: str, ctx: Context) -> Listing:
     entries = []
     for p, label, rel in planned:
         real, st = found[p.rel]
-        entries.append(Entry(rel, label, p.given_split, str(shown / p.rel), str(real), p.hidden, size=st.st_size,
-                             identity=(st.st_dev, st.st_ino)))
+        entries.append(
+            Entry(
+                rel,
+                label,
+                p.given_split,
+                str(shown / p.rel),
+                str(real),
+                p.hidden,
+                size=st.st_size,
+                identity=(st.st_dev, st.st_ino),
+            )
+        )
     entries = materialise(entries, ctx)
-    notes = [f"followed {followed} symbolic link(s) that stay inside the source root "
-             "(ingest.follow_links_within_root)"] if followed else []
+    notes = (
+        [f"followed {followed} symbolic link(s) that stay inside the source root (ingest.follow_links_within_root)"]
+        if followed
+        else []
+    )
     return Listing("folder", layout, entries, folders, ignored, notes=notes)
 
 
@@ -124,8 +147,18 @@ def collect_archive(location: str, ctx: Context) -> Listing:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, target)  # our own extracted copy: moving it costs nothing
-        entries.append(Entry(rel, label, p.given_split, f"{redact(location)}!{member}", None, p.hidden,
-                             size=found[p.rel][1].st_size, version=version))
+        entries.append(
+            Entry(
+                rel,
+                label,
+                p.given_split,
+                f"{redact(location)}!{member}",
+                None,
+                p.hidden,
+                size=found[p.rel][1].st_size,
+                version=version,
+            )
+        )
     return Listing("archive", layout, entries, folders, sorted(strays + ignored))
 
 
@@ -164,8 +197,18 @@ def collect_remote_folder(url: str, ctx: Context) -> Listing:
     for p, label, rel in planned:
         info = names[p.rel]
         location = f"{url.rstrip('/')}/{p.rel}"  # as the user spelled the source
-        entries.append(Entry(rel, label, p.given_split, redact(location), location, p.hidden,
-                             size=int(info.get("size") or 0), version=remote_version(info)))
+        entries.append(
+            Entry(
+                rel,
+                label,
+                p.given_split,
+                redact(location),
+                location,
+                p.hidden,
+                size=int(info.get("size") or 0),
+                version=remote_version(info),
+            )
+        )
     return Listing("remote-folder", layout, materialise(entries, ctx), folders, ignored)
 
 
@@ -238,11 +281,14 @@ def collect_table(location: str, ctx: Context) -> Listing:
     table = read_table(location, ctx)
     path_col = next((c for c in ("path", "uri", "url", "file") if c in table.columns), None)
     if path_col is None or "label" not in table.columns:
-        raise IngestError(f"table {redact(location)}: needs a 'path' (or 'uri') column and a 'label' column, "
-                          f"has {list(table.columns)}")
+        raise IngestError(
+            f"table {redact(location)}: needs a 'path' (or 'uri') column and a 'label' column, "
+            f"has {list(table.columns)}"
+        )
     if len(table) > ctx.config.max_files:
-        raise IngestError(f"table {redact(location)} has {len(table):,} rows, over ingest.max_files="
-                          f"{ctx.config.max_files:,}")
+        raise IngestError(
+            f"table {redact(location)} has {len(table):,} rows, over ingest.max_files={ctx.config.max_files:,}"
+        )
     remote = is_remote(location)
     base = posixpath.dirname(location) if remote else str(local_path(location).parent)
     roots = Roots.of(base, remote, ctx.config.allowed_roots)
@@ -273,14 +319,18 @@ def _table_split(value: Any, location: str, i: int) -> str | None:
     return SPLIT_ALIASES[text]
 
 
-def _table_entry(raw_loc: str, label: str, split: str | None, base: str, remote_table: bool, roots: Roots,
-                 ctx: Context) -> Entry:
+def _table_entry(
+    raw_loc: str, label: str, split: str | None, base: str, remote_table: bool, roots: Roots, ctx: Context
+) -> Entry:
     """The entry for one row, or Refused: outside every root, a local path from a remote table, a bad URL."""
     if not raw_loc:
         raise Refused("empty path")
     loc = strip_file_scheme(raw_loc)
-    if remote_table and not is_remote(loc) and (os.path.isabs(loc) or raw_loc.startswith("file://")
-                                                 or re.match(r"^[A-Za-z]:", loc)):
+    if (
+        remote_table
+        and not is_remote(loc)
+        and (os.path.isabs(loc) or raw_loc.startswith("file://") or re.match(r"^[A-Za-z]:", loc))
+    ):
         raise Refused("a local path in a table that came from a bucket or URL")
     if is_remote(loc):
         full = loc
@@ -336,6 +386,7 @@ def _stamp_local(entry: Entry, full: str, roots: Roots, ctx: Context) -> None:
 
 def _name_external_entries(entries: list[Entry]) -> None:
     """Files from outside the table's folder go to <label>/<name>, made unique by a hash if needed."""
+
     def name_of(e: Entry) -> str:
         base = posixpath.basename(urlsplit(e.origin).path if is_remote(e.origin) else e.origin)
         return f"{e.label}/{base if safe_relative(base) else 'file'}"
@@ -363,7 +414,7 @@ def local_path(source: str) -> Path:
 
 
 def strip_file_scheme(location: str) -> str:
-    return location[len("file://"):] if location.startswith("file://") else location
+    return location[len("file://") :] if location.startswith("file://") else location
 
 
 def _suffix(source: str) -> str:
@@ -395,9 +446,13 @@ class SourceKind:
 
 SOURCE_KINDS: dict[str, SourceKind] = {
     "archive": SourceKind(_is_archive, collect_archive, f"archive ({', '.join(ARCHIVE_SUFFIXES)}), local or by URL"),
-    "table": SourceKind(_is_table, collect_table, "CSV/Parquet table of (path or URI, label[, split]), local or by URL"),
+    "table": SourceKind(
+        _is_table, collect_table, "CSV/Parquet table of (path or URI, label[, split]), local or by URL"
+    ),
     "folder": SourceKind(_is_local_folder, collect_folder, "local folder of <class>/ or <split>/<class>/ folders"),
-    "remote-folder": SourceKind(_is_bucket_folder, collect_remote_folder, "bucket folder (s3://, gs://) through fsspec"),
+    "remote-folder": SourceKind(
+        _is_bucket_folder, collect_remote_folder, "bucket folder (s3://, gs://) through fsspec"
+    ),
 }
 
 
@@ -428,6 +483,9 @@ def collect_source(config: IngestConfig, dest: Path, staging: Path, downloads: P
             listing.refused = ctx.refused
             return listing
     if is_remote(source):
-        raise IngestError(f"source {redact(source)}: a URL must name an archive, a CSV/Parquet table, or a bucket folder")
-    raise IngestError(f"source {local_path(source)}: not a folder, archive ({', '.join(ARCHIVE_SUFFIXES)}) "
-                      "or table (.csv/.parquet)")
+        raise IngestError(
+            f"source {redact(source)}: a URL must name an archive, a CSV/Parquet table, or a bucket folder"
+        )
+    raise IngestError(
+        f"source {local_path(source)}: not a folder, archive ({', '.join(ARCHIVE_SUFFIXES)}) or table (.csv/.parquet)"
+    )

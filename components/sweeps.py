@@ -20,7 +20,9 @@ from components.files import atomic_file
 TABLE_METRICS = ["val_accuracy", "accuracy", "macro_f1", "ece", "train_seconds"]
 
 
-def grid_points(grid: dict[str, list[Any]] | None = None, points: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def grid_points(
+    grid: dict[str, list[Any]] | None = None, points: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Every combination of a grid ({"finetune.learning_rate": [1e-4, 2e-4]}), or the listed points."""
     if bool(grid) == bool(points):
         raise ParamsError("give either a grid (param -> values) or a list of points, not both or neither")
@@ -60,8 +62,14 @@ def results_table(shown: list[dict[str, Any]], names: dict[str, dict[str, Any]])
         test = (files.get("metrics.json") or {}).get("data") or {}
         training = (files.get("reports/finetune/metrics.json") or {}).get("data") or {}
         metrics = {**test, "val_accuracy": training.get("val_accuracy"), "train_seconds": training.get("train_seconds")}
-        rows.append({"experiment": name, **point, "state": "done" if test else "not run",
-                     **{m: metrics.get(m) for m in TABLE_METRICS}})
+        rows.append(
+            {
+                "experiment": name,
+                **point,
+                "state": "done" if test else "not run",
+                **{m: metrics.get(m) for m in TABLE_METRICS},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -81,9 +89,12 @@ def write_reports(table: pd.DataFrame, out_dir: str | Path, name: str) -> dict[s
         table.to_csv(fh, index=False)
     best = best_point(table)
     lines = [f"# Sweep {name}", "", _markdown(table), ""]
-    lines.append(f"Best on validation: **{best['experiment']}** (val accuracy {best['val_accuracy']:.4f}, "
-                 f"test {best['accuracy']:.4f}). Apply it: `python -m flows.sweep --apply {best['experiment']}`"
-                 if best is not None else "No point finished.")
+    lines.append(
+        f"Best on validation: **{best['experiment']}** (val accuracy {best['val_accuracy']:.4f}, "
+        f"test {best['accuracy']:.4f}). Apply it: `python -m flows.sweep --apply {best['experiment']}`"
+        if best is not None
+        else "No point finished."
+    )
     with atomic_file(paths["md"]) as fh:
         fh.write("\n".join(lines) + "\n")
     _plot(table, name, paths["png"])
@@ -114,8 +125,9 @@ def _plot(table: pd.DataFrame, name: str, path: Path) -> None:
     ax.scatter(done["train_seconds"], done["accuracy"], label="test accuracy")
     ax.scatter(done["train_seconds"], done["val_accuracy"], marker="x", label="val accuracy")
     for row in done.itertuples(index=False):
-        ax.annotate(row.experiment, (row.train_seconds, row.accuracy), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
+        ax.annotate(
+            row.experiment, (row.train_seconds, row.accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
     ax.set_xlabel("training seconds (train_head + finetune)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"sweep {name}: accuracy against training time")

@@ -33,7 +33,7 @@ def resolve_tracking_uri(config: TrackingConfig, workspace: str | Path | None = 
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         base = Path(workspace) if workspace else workspace_root()
-        uri = prefix + str((base / uri[len(prefix):]).resolve())
+        uri = prefix + str((base / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -132,13 +132,19 @@ def local_artifact_location(uri: str) -> str | None:
     A tracking server decides its own artifact location (None)."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
 
 
 # --- retries ------------------------------------------------------------------------------------
 
 # MlflowException codes worth another try: the server or the database was busy or unreachable.
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+TRANSIENT_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+}
 
 
 class TrackingUnavailable(Unavailable):
@@ -223,14 +229,18 @@ def pipeline_parent(client: Any, experiment_id: str) -> str | None:
     found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{name}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"experiment {name}",
-                            tags={PIPELINE_TAG: name, "dvc_experiment": name, **workspace_tag()})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"experiment {name}",
+        tags={PIPELINE_TAG: name, "dvc_experiment": name, **workspace_tag()},
+    )
     client.set_terminated(run.info.run_id, "FINISHED")  # a container: its stage runs carry the status
     return run.info.run_id
 
 
-def start_pipeline_run(tracking: TrackingConfig, name: str, tags: dict[str, str],
-                       workspace: str | Path | None = None) -> tuple[Any, str]:
+def start_pipeline_run(
+    tracking: TrackingConfig, name: str, tags: dict[str, str], workspace: str | Path | None = None
+) -> tuple[Any, str]:
     """(client, run_id) of a new parent run for one flow run; the caller ends it."""
     from mlflow import MlflowClient
 
@@ -241,16 +251,18 @@ def start_pipeline_run(tracking: TrackingConfig, name: str, tags: dict[str, str]
     return client, run.info.run_id
 
 
-def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None,
-                      workspace: str | Path | None = None) -> list[str]:
+def end_orphaned_runs(
+    client: Any, experiment_id: str, keep: str | None = None, workspace: str | Path | None = None
+) -> list[str]:
     """End as KILLED the runs this workspace left RUNNING (a killed or cancelled stage), with a note.
 
     Safe because a workspace runs one stage at a time (DVC's repo lock, and the flow's workspace lock):
     a run of this workspace still RUNNING when a stage starts belongs to a process that is gone.
     """
     tag = workspace_tag(workspace)[WORKSPACE_TAG].replace("'", "\\'")
-    found = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{tag}'",
-                               max_results=1000)
+    found = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{tag}'", max_results=1000
+    )
     ended = []
     for run in found:
         if run.info.run_id in (keep, environment().mlflow_parent_run_id):
@@ -259,13 +271,16 @@ def end_orphaned_runs(client: Any, experiment_id: str, keep: str | None = None,
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     if ended:
-        print(f"tracking: ended {len(ended)} orphaned run(s) of this workspace as KILLED: {', '.join(ended)}",
-              file=sys.stderr)
+        print(
+            f"tracking: ended {len(ended)} orphaned run(s) of this workspace as KILLED: {', '.join(ended)}",
+            file=sys.stderr,
+        )
     return ended
 
 
-def start_run(tracking: TrackingConfig, stage: str, tags: dict[str, str] | None = None,
-              run_id: str | None = None) -> tuple[Any, str, str]:
+def start_run(
+    tracking: TrackingConfig, stage: str, tags: dict[str, str] | None = None, run_id: str | None = None
+) -> tuple[Any, str, str]:
     """(client, run_id, experiment_id); reopens `run_id` when resuming an interrupted run."""
     from mlflow import MlflowClient
 
@@ -279,8 +294,9 @@ def start_run(tracking: TrackingConfig, stage: str, tags: dict[str, str] | None 
         return client, run_id, experiment_id
     parent = pipeline_parent(client, experiment_id)
     nesting = {"mlflow.parentRunId": parent} if parent else {}
-    run = client.create_run(experiment_id, run_name=stage,
-                            tags={"stage": stage, **workspace_tag(), **nesting, **(tags or {})})
+    run = client.create_run(
+        experiment_id, run_name=stage, tags={"stage": stage, **workspace_tag(), **nesting, **(tags or {})}
+    )
     return client, run.info.run_id, experiment_id
 
 
@@ -289,7 +305,7 @@ def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 
     flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(flat), 100):
-        client.log_batch(run_id, params=flat[i:i + 100])
+        client.log_batch(run_id, params=flat[i : i + 100])
 
 
 def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1) -> Any:
@@ -300,8 +316,11 @@ def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1) -> Any:
     class _Logger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             now = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), now, epoch + first_epoch) for k, v in (logs or {}).items()
-                       if np.isscalar(v) or getattr(v, "shape", None) == ()]
+            metrics = [
+                Metric(k, float(v), now, epoch + first_epoch)
+                for k, v in (logs or {}).items()
+                if np.isscalar(v) or getattr(v, "shape", None) == ()
+            ]
             client.log_batch(run_id, metrics=metrics)
 
     return _Logger()
@@ -319,10 +338,12 @@ def log_dataset(client: Any, run_id: str, manifest: str | Path, frame: Any, vers
 
     columns = [c for c in ("path", "label", "split", "sha256") if c in frame.columns]
     source = resolve_dataset_source(str(Path(manifest).resolve()))
-    dataset = mlflow.data.from_pandas(frame[columns], source=source, targets="label",
-                                      name=Path(manifest).name, digest=version[:36])
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     tags=[InputTag("mlflow.data.context", context)])])
+    dataset = mlflow.data.from_pandas(
+        frame[columns], source=source, targets="label", name=Path(manifest).name, digest=version[:36]
+    )
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    )
 
 
 def log_picture(client: Any, run_id: str, png: str | Path, artifact_file: str | None = None) -> None:

@@ -23,8 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from components import (data, drift, errors, files, hashing, label_issues, learning_curves, onnx_inference, runtime, snapshots,
-                        tracking)
+from components import (
+    data,
+    drift,
+    errors,
+    files,
+    hashing,
+    label_issues,
+    learning_curves,
+    onnx_inference,
+    runtime,
+    snapshots,
+    tracking,
+)
 from components.config import Params, ParamsError, TrainHeadConfig, load_params
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
@@ -58,13 +69,21 @@ def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | P
     import keras
 
     m, h = params.model, params.train_head
-    return hashing.content_key({
-        "data": hashing.file_sha256(manifest), "backbone": m.backbone, "alpha": m.alpha,
-        "image_size": m.image_size, "weights": hashing.weights_identity(m.weights), "pooling": h.pooling,
-        "policy": hashing.file_sha256(policy_path) if policy_path and h.augmented_copies else None,
-        "copies": h.augmented_copies, "seed": params.project.seed, "keras": keras.__version__,
-        "engine": h.feature_engine,
-    })
+    return hashing.content_key(
+        {
+            "data": hashing.file_sha256(manifest),
+            "backbone": m.backbone,
+            "alpha": m.alpha,
+            "image_size": m.image_size,
+            "weights": hashing.weights_identity(m.weights),
+            "pooling": h.pooling,
+            "policy": hashing.file_sha256(policy_path) if policy_path and h.augmented_copies else None,
+            "copies": h.augmented_copies,
+            "seed": params.project.seed,
+            "keras": keras.__version__,
+            "engine": h.feature_engine,
+        }
+    )
 
 
 def copy_seeds(seed: int, copy: int, count: int) -> np.ndarray:
@@ -72,24 +91,39 @@ def copy_seeds(seed: int, copy: int, count: int) -> np.ndarray:
     return np.random.default_rng([seed, copy]).integers(0, 2**31 - 1, size=count, dtype=np.int64)
 
 
-def extract_features(extractor: Any, split: Split, image_size: int, batch_size: int, *,
-                     policy_path: str | Path | None = None, copies: int = 0,
-                     seed: int = 0, limits: ImageLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    extractor: Any,
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    *,
+    policy_path: str | Path | None = None,
+    copies: int = 0,
+    seed: int = 0,
+    limits: ImageLimits | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Features of every image as is, then of `copies` augmented variants: (features, labels)."""
     blocks, labels = [], []
     for copy in range(copies + 1):
         seeds = copy_seeds(seed, copy, len(split)) if copy else None
         print(f"features: {len(split)} images, " + (f"augmented copy {copy}/{copies}" if copy else "as is"))
-        batches = image_batches(split.paths, image_size, batch_size, policy_path=policy_path if copy else None,
-                                seeds=seeds, limits=limits)
+        batches = image_batches(
+            split.paths, image_size, batch_size, policy_path=policy_path if copy else None, seeds=seeds, limits=limits
+        )
         blocks.append(np.asarray(extractor.predict(batches, verbose=runtime.progress_verbosity()), dtype=np.float32))
         labels.append(split.labels)
     return np.concatenate(blocks), np.concatenate(labels).astype(np.int32)
 
 
-def cached_features(make_extractor: Callable[[], Any], train: Split, val: Split, params: Params,
-                    manifest: str | Path, policy_path: str | Path | None,
-                    cache_dir: str | Path) -> tuple[dict[str, np.ndarray], Path]:
+def cached_features(
+    make_extractor: Callable[[], Any],
+    train: Split,
+    val: Split,
+    params: Params,
+    manifest: str | Path,
+    policy_path: str | Path | None,
+    cache_dir: str | Path,
+) -> tuple[dict[str, np.ndarray], Path]:
     """Load the feature cache for these inputs, or compute (with `make_extractor()`) and write it."""
     path = Path(cache_dir) / f"{feature_cache_key(params, manifest, policy_path)}.npz"
     if path.is_file():
@@ -99,8 +133,16 @@ def cached_features(make_extractor: Callable[[], Any], train: Split, val: Split,
     extractor = make_extractor()  # only on a miss: an ONNX export costs seconds
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
     limits = ImageLimits.from_config(params.validate)
-    train_x, train_y = extract_features(extractor, train, size, h.batch_size, policy_path=policy_path,
-                                        copies=h.augmented_copies if policy_path else 0, seed=seed, limits=limits)
+    train_x, train_y = extract_features(
+        extractor,
+        train,
+        size,
+        h.batch_size,
+        policy_path=policy_path,
+        copies=h.augmented_copies if policy_path else 0,
+        seed=seed,
+        limits=limits,
+    )
     val_x, val_y = extract_features(extractor, val, size, h.batch_size, limits=limits)
     arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
     with files.atomic_file(path, "wb") as fh:
@@ -113,8 +155,9 @@ def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path
 
     The ONNX file is cached by content next to the feature cache (the ImageNet backbone exports once).
     """
-    runner = onnx_inference.FrozenRunner(extractor, cache_dir=Path(cache_dir).parent / "onnx",
-                                         engine=config.feature_engine)
+    runner = onnx_inference.FrozenRunner(
+        extractor, cache_dir=Path(cache_dir).parent / "onnx", engine=config.feature_engine
+    )
     print(f"features: {runner.engine} ({runner.reason})")
     return runner
 
@@ -137,13 +180,17 @@ def _vectors(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, se
 def _compile(model: Any, learning_rate: float, label_smoothing: float, jit_compile: bool) -> None:
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )
 
 
 def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     import keras
+
     patience = params.train_head.early_stopping_patience
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
@@ -152,10 +199,19 @@ def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     ]
 
 
-def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params, manifest: str | Path,
-                            policy_path: str | Path | None, cache_dir: str | Path, weights: dict[int, float] | None,
-                            callbacks: list[Any], checks: DataChecks,
-                            train_sha256: list[str]) -> tuple[dict[str, list[float]], Path]:
+def _fit_on_cached_features(
+    model: Any,
+    train: Split,
+    val: Split,
+    params: Params,
+    manifest: str | Path,
+    policy_path: str | Path | None,
+    cache_dir: str | Path,
+    weights: dict[int, float] | None,
+    callbacks: list[Any],
+    checks: DataChecks,
+    train_sha256: list[str],
+) -> tuple[dict[str, list[float]], Path]:
     """Train the model's head sub-model alone on cached features (it stays attached to `model`).
 
     On the way, the same features rank suspect labels (excluded from training with action `exclude`)
@@ -164,53 +220,90 @@ def _fit_on_cached_features(model: Any, train: Split, val: Split, params: Params
     from components import backbones
 
     h, n = params.train_head, len(train.classes)
+
     def make_extractor() -> onnx_inference.FrozenRunner:
         runner = frozen_runner(backbones.feature_extractor(model), h, cache_dir)
         checks.feature_engine = runner.engine
         return runner
 
     arrays, cache_path = cached_features(make_extractor, train, val, params, manifest, policy_path, cache_dir)
-    plain = arrays["train_x"][:len(train)]  # the un-augmented copy of each training image comes first
+    plain = arrays["train_x"][: len(train)]  # the un-augmented copy of each training image comes first
     train_x, train_y = arrays["train_x"], arrays["train_y"]
     if h.label_issues.action != "off":
         started = time.perf_counter()
         exclude = h.label_issues.max_excluded_fraction if h.label_issues.action == "exclude" else 0.0
-        checks.issues = label_issues.find_label_issues(plain, train.labels, train.classes, train.paths,
-                                                       h.label_issues.folds, params.project.seed, exclude)
-        print(f"label issues: {len(checks.issues.table)} suspect(s), {int(checks.issues.excluded.sum())} excluded, "
-              f"{time.perf_counter() - started:.1f} s")
+        checks.issues = label_issues.find_label_issues(
+            plain, train.labels, train.classes, train.paths, h.label_issues.folds, params.project.seed, exclude
+        )
+        print(
+            f"label issues: {len(checks.issues.table)} suspect(s), {int(checks.issues.excluded.sum())} excluded, "
+            f"{time.perf_counter() - started:.1f} s"
+        )
         if checks.issues.excluded.any():
             keep = np.tile(~checks.issues.excluded, len(train_x) // len(train))  # drop augmented copies too
             train_x, train_y = train_x[keep], train_y[keep]
             weights = data.class_weights(train.labels[~checks.issues.excluded], n, h.class_weighting)
     head = model.get_layer(backbones.HEAD_LAYER)
     _compile(head, h.learning_rate, h.label_smoothing, jit_compile=False)  # a few dense weights: XLA buys nothing
-    fit = head.fit(_vectors(train_x, train_y, n, h.batch_size, params.project.seed, True),
-                   validation_data=_vectors(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
-                   epochs=h.epochs, class_weight=weights, callbacks=callbacks, shuffle=False,
-                   verbose=runtime.progress_verbosity())  # shuffle=False: tf.data shuffles, seeded
+    fit = head.fit(
+        _vectors(train_x, train_y, n, h.batch_size, params.project.seed, True),
+        validation_data=_vectors(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
+        epochs=h.epochs,
+        class_weight=weights,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=runtime.progress_verbosity(),
+    )  # shuffle=False: tf.data shuffles, seeded
     val_confidence = float(head.predict(arrays["val_x"], verbose=0).max(axis=1).mean())
-    checks.reference = drift.build_reference(plain, train.labels, train.classes, train_sha256, val_confidence,
-                                             params.drift.reference_per_class, params.project.seed)
+    checks.reference = drift.build_reference(
+        plain,
+        train.labels,
+        train.classes,
+        train_sha256,
+        val_confidence,
+        params.drift.reference_per_class,
+        params.project.seed,
+    )
     return fit.history, cache_path
 
 
-def _fit_end_to_end(model: Any, train: Split, val: Split, params: Params, policy_path: str | Path | None,
-                    weights: dict[int, float] | None, callbacks: list[Any]) -> dict[str, list[float]]:
+def _fit_end_to_end(
+    model: Any,
+    train: Split,
+    val: Split,
+    params: Params,
+    policy_path: str | Path | None,
+    weights: dict[int, float] | None,
+    callbacks: list[Any],
+) -> dict[str, list[float]]:
     """Train through the frozen backbone on freshly augmented images every epoch."""
     h, size, n = params.train_head, params.model.image_size, len(train.classes)
     _compile(model, h.learning_rate, h.label_smoothing, jit_compile=runtime.jit_compile_default())
     limits = ImageLimits.from_config(params.validate)
-    train_ds = make_dataset(train, size, h.batch_size, policy_path=policy_path, training=True, seed=params.project.seed,
-                            limits=limits)
+    train_ds = make_dataset(
+        train, size, h.batch_size, policy_path=policy_path, training=True, seed=params.project.seed, limits=limits
+    )
     val_ds = make_dataset(val, size, h.batch_size, cache=True, limits=limits)
-    fit = model.fit(_one_hot(train_ds, n), validation_data=_one_hot(val_ds, n), epochs=h.epochs,
-                    class_weight=weights, callbacks=callbacks, shuffle=False, verbose=runtime.progress_verbosity())
+    fit = model.fit(
+        _one_hot(train_ds, n),
+        validation_data=_one_hot(val_ds, n),
+        epochs=h.epochs,
+        class_weight=weights,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=runtime.progress_verbosity(),
+    )
     return fit.history
 
 
-def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path | None, out_dir: str | Path,
-                   report_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> TrainHeadResult:
+def run_train_head(
+    params: Params,
+    manifest: str | Path,
+    policy_path: str | Path | None,
+    out_dir: str | Path,
+    report_dir: str | Path,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+) -> TrainHeadResult:
     """Train the head, save the full model dir, report curves, log one MLflow run (stage=train_head)."""
     import keras
 
@@ -230,21 +323,39 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
     version = hashing.manifest_version(manifest)
     client, run_id, experiment_id = tracking.start_run(params.tracking, "train_head", {"data_version": version})
     try:
-        tracking.log_params(client, run_id, {
-            **{f"model.{k}": v for k, v in m.model_dump().items()},
-            **{f"train_head.{k}": v for k, v in h.model_dump().items()},
-            "seed": params.project.seed, "data_version": version, "num_classes": len(classes),
-            "train_images": len(train), "val_images": len(val),
-            "augment_policy_sha256": hashing.file_sha256(policy_path) if policy_path else None,
-        })
+        tracking.log_params(
+            client,
+            run_id,
+            {
+                **{f"model.{k}": v for k, v in m.model_dump().items()},
+                **{f"train_head.{k}": v for k, v in h.model_dump().items()},
+                "seed": params.project.seed,
+                "data_version": version,
+                "num_classes": len(classes),
+                "train_images": len(train),
+                "val_images": len(val),
+                "augment_policy_sha256": hashing.file_sha256(policy_path) if policy_path else None,
+            },
+        )
         tracking.log_dataset(client, run_id, manifest, frame, version, "training")
         callbacks = _callbacks(params, client, run_id) + snapshots.snapshot_callbacks(
-            "train_head", weights_of="head" if h.cached_features else "model")
+            "train_head", weights_of="head" if h.cached_features else "model"
+        )
         checks = DataChecks()
         if h.cached_features:
-            history, cache_path = _fit_on_cached_features(model, train, val, params, manifest, policy_path,
-                                                          cache_dir, weights, callbacks, checks,
-                                                          frame.loc[frame["split"] == "train", "sha256"].tolist())
+            history, cache_path = _fit_on_cached_features(
+                model,
+                train,
+                val,
+                params,
+                manifest,
+                policy_path,
+                cache_dir,
+                weights,
+                callbacks,
+                checks,
+                frame.loc[frame["split"] == "train", "sha256"].tolist(),
+            )
         else:
             history, cache_path = _fit_end_to_end(model, train, val, params, policy_path, weights, callbacks), None
             print("label issues: skipped (they need train_head.cached_features: true)")
@@ -252,22 +363,40 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
         history = learning_curves.history_frame(history)
         best = learning_curves.best_epoch(history)
         seconds = time.perf_counter() - started
-        csv_path, png_path = learning_curves.write_reports(history, report_dir, f"train_head: {m.backbone}, frozen backbone")
+        csv_path, png_path = learning_curves.write_reports(
+            history, report_dir, f"train_head: {m.backbone}, frozen backbone"
+        )
         run_info = {
-            "run_id": run_id, "experiment_id": experiment_id, "stage": "train_head", "backbone": m.backbone,
-            "alpha": m.alpha, "image_size": m.image_size, "weights": m.weights, "data_version": version,
-            "best_epoch": int(best["epoch"]), "epochs_run": len(history), "val_accuracy": float(best["val_accuracy"]),
-            "val_loss": float(best["val_loss"]), "seconds": round(seconds, 1), "cached_features": h.cached_features,
-            "feature_cache": str(cache_path) if cache_path else None, "feature_engine": checks.feature_engine,
-            "num_classes": len(classes), "device": device,
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "stage": "train_head",
+            "backbone": m.backbone,
+            "alpha": m.alpha,
+            "image_size": m.image_size,
+            "weights": m.weights,
+            "data_version": version,
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": len(history),
+            "val_accuracy": float(best["val_accuracy"]),
+            "val_loss": float(best["val_loss"]),
+            "seconds": round(seconds, 1),
+            "cached_features": h.cached_features,
+            "feature_cache": str(cache_path) if cache_path else None,
+            "feature_engine": checks.feature_engine,
+            "num_classes": len(classes),
+            "device": device,
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
         data.save_model_dir(model, classes, run_info, out_dir)
-        TrainingMetrics(val_accuracy=run_info["val_accuracy"], val_loss=run_info["val_loss"],
-                        best_epoch=run_info["best_epoch"], epochs_run=run_info["epochs_run"],
-                        seconds=run_info["seconds"], train_seconds=run_info["seconds"]).write(
-            Path(report_dir) / "metrics.json")
+        TrainingMetrics(
+            val_accuracy=run_info["val_accuracy"],
+            val_loss=run_info["val_loss"],
+            best_epoch=run_info["best_epoch"],
+            epochs_run=run_info["epochs_run"],
+            seconds=run_info["seconds"],
+            train_seconds=run_info["seconds"],
+        ).write(Path(report_dir) / "metrics.json")
         _write_data_checks(checks, params, run_info, out_dir, report_dir, client, run_id)
         for name in ("val_accuracy", "val_loss"):
             client.log_metric(run_id, f"best_{name}", run_info[name])
@@ -279,20 +408,32 @@ def run_train_head(params: Params, manifest: str | Path, policy_path: str | Path
         client.set_terminated(run_id, "FAILED")
         raise
     keras.backend.clear_session()
-    return TrainHeadResult(run_id, run_info["val_accuracy"], run_info["best_epoch"], len(history),
-                           seconds, cache_path, Path(out_dir))
+    return TrainHeadResult(
+        run_id, run_info["val_accuracy"], run_info["best_epoch"], len(history), seconds, cache_path, Path(out_dir)
+    )
 
 
-def _write_data_checks(checks: DataChecks, params: Params, run_info: dict[str, Any], out_dir: str | Path,
-                       report_dir: str | Path, client: Any, run_id: str) -> None:
+def _write_data_checks(
+    checks: DataChecks,
+    params: Params,
+    run_info: dict[str, Any],
+    out_dir: str | Path,
+    report_dir: str | Path,
+    client: Any,
+    run_id: str,
+) -> None:
     """Drift reference and exclusion list into the model folder; suspect-label reports into report_dir and MLflow."""
     if checks.reference is not None:
         meta = {k: run_info[k] for k in ("run_id", "stage", "backbone", "alpha", "image_size", "data_version")}
         dataclasses.replace(checks.reference, meta=meta).save(Path(out_dir) / drift.REFERENCE_FILE)
     if checks.issues is not None:
         label_issues.write_exclusions(checks.issues, out_dir)
-        csv_path, png_path = label_issues.write_reports(checks.issues, report_dir, ImageLimits.from_config(params.validate),
-                                                        params.train_head.label_issues.gallery_images)
+        csv_path, png_path = label_issues.write_reports(
+            checks.issues,
+            report_dir,
+            ImageLimits.from_config(params.validate),
+            params.train_head.label_issues.gallery_images,
+        )
         client.log_metric(run_id, "label_issues", len(checks.issues.table))
         client.log_metric(run_id, "label_issues_excluded", int(checks.issues.excluded.sum()))
         client.log_artifact(run_id, str(csv_path))
@@ -312,13 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after
-        result = run_train_head(params, args.manifest, args.policy, args.out_dir, args.report_dir,
-                                workspace_root() / args.cache_dir)
+        result = run_train_head(
+            params, args.manifest, args.policy, args.out_dir, args.report_dir, workspace_root() / args.cache_dir
+        )
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"train_head: {exc}", file=sys.stderr)
         return 2
-    print(f"train_head: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}, "
-          f"{result.seconds:.0f} s -> {result.out_dir} (MLflow run {result.run_id})")
+    print(
+        f"train_head: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}, "
+        f"{result.seconds:.0f} s -> {result.out_dir} (MLflow run {result.run_id})"
+    )
     return 0
 
 

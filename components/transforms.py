@@ -34,7 +34,7 @@ def build_pipeline(policy: list[dict[str, dict[str, Any]]], seed: int) -> A.Comp
         key = f"augment.policy[{i}]"
         if not isinstance(item, dict) or len(item) != 1:
             raise ParamsError(f"{key}: expected one {{TransformName: {{argument: value}}}} mapping")
-        (name, args), = item.items()
+        ((name, args),) = item.items()
         cls = _transform_class(name, key)
         try:
             # strict=True: albumentations 2 otherwise drops unknown arguments with only a warning.

@@ -67,8 +67,7 @@ def redact(location: str) -> str:
         return location  # nothing to hide: shown exactly as given
     if netloc != parts.netloc:
         netloc = f"***@{netloc}"
-    query = "&".join(f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v else k)
-                     for k, v in pairs)
+    query = "&".join(f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v else k) for k, v in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -78,8 +77,10 @@ def check_scheme(url: str, policy: UrlPolicy) -> str:
     allowed = SAFE_SCHEMES + IN_PROCESS_SCHEMES + (("http",) if policy.allow_http else ())
     if scheme not in allowed:
         hint = " (set ingest.allow_http: true to allow plain http)" if scheme == "http" else ""
-        raise URLRefused(f"scheme {scheme or '(none)'}:// is not allowed{hint}; allowed: "
-                         f"{', '.join(s for s in allowed if s not in IN_PROCESS_SCHEMES)}")
+        raise URLRefused(
+            f"scheme {scheme or '(none)'}:// is not allowed{hint}; allowed: "
+            f"{', '.join(s for s in allowed if s not in IN_PROCESS_SCHEMES)}"
+        )
     problem = credential_problem(url)
     if problem:
         raise URLRefused(f"the URL {problem}")
@@ -107,8 +108,10 @@ def vetted_addresses(host: str, port: int, allow_private_hosts: bool) -> list[tu
         for *_, sockaddr in found:
             problem = address_problem(sockaddr[0])
             if problem:
-                raise URLRefused(f"host {host} resolves to a {problem} ({sockaddr[0]}); "
-                                 "set ingest.allow_private_hosts: true for a trusted lab server")
+                raise URLRefused(
+                    f"host {host} resolves to a {problem} ({sockaddr[0]}); "
+                    "set ingest.allow_private_hosts: true for a trusted lab server"
+                )
     return found
 
 
@@ -121,7 +124,9 @@ class _CheckedConnection:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self._create_connection = self._connect_vetted
 
-    def _connect_vetted(self, address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+    def _connect_vetted(
+        self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
+    ) -> socket.socket:
         host, port = address
         last: OSError | None = None
         for family, socktype, proto, _, sockaddr in vetted_addresses(host, port, self.policy.allow_private_hosts):
@@ -173,8 +178,13 @@ def _opener(policy: UrlPolicy) -> urllib.request.OpenerDirector:
 
     # No ProxyHandler: a proxy would make us check the proxy's address instead of the target's.
     opener = urllib.request.OpenerDirector()
-    for handler in (Plain(), Secure(), _Redirects(policy), urllib.request.HTTPErrorProcessor(),
-                    urllib.request.HTTPDefaultErrorHandler()):
+    for handler in (
+        Plain(),
+        Secure(),
+        _Redirects(policy),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.HTTPDefaultErrorHandler(),
+    ):
         opener.add_handler(handler)
     return opener
 
@@ -196,8 +206,18 @@ def http_open(url: str, policy: UrlPolicy, method: str = "GET") -> Any:
 
 def remote_version(info: dict[str, Any]) -> str:
     """What the server says identifies this content (ETag, generation, modification time); '' = unknown."""
-    for key in ("ETag", "etag", "md5Hash", "generation", "LastModified", "Last-Modified", "last_modified", "mtime",
-                "updated", "created"):
+    for key in (
+        "ETag",
+        "etag",
+        "md5Hash",
+        "generation",
+        "LastModified",
+        "Last-Modified",
+        "last_modified",
+        "mtime",
+        "updated",
+        "created",
+    ):
         if info.get(key):
             return f"{key}={info[key]}"
     return ""

@@ -34,8 +34,15 @@ from PIL import Image
 
 from components import runtime, files, errors, near_duplicates
 from components.config import ParamsError, ValidateConfig, load_params
-from components.contracts import (MANIFEST_COLUMNS, SPLITS, ContractError, IngestReport, ValidationSummary,
-                                  read_manifest, write_manifest)
+from components.contracts import (
+    MANIFEST_COLUMNS,
+    SPLITS,
+    ContractError,
+    IngestReport,
+    ValidationSummary,
+    read_manifest,
+    write_manifest,
+)
 from components.hashing import records_version
 from components.images import ImageLimits
 from components.layout import is_hidden
@@ -159,33 +166,70 @@ def file_checks(config: ValidateConfig) -> list[Check]:
 
     c, allowed = config, list(config.allowed_formats)
     return [
-        expect(gxe.ExpectColumnValuesToBeInSet, "not_hidden",
-               lambda r: "hidden or system file in a class folder, not an image",
-               column="hidden_file", value_set=[False]),
+        expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "not_hidden",
+            lambda r: "hidden or system file in a class folder, not an image",
+            column="hidden_file",
+            value_set=[False],
+        ),
         expect(gxe.ExpectColumnValuesToBeNull, "decodes", lambda r: str(r["decode_error"]), column="decode_error"),
-        expect(gxe.ExpectColumnValuesToBeInSet, "format_allowed",
-               lambda r: f"format {r['format']} is not in validate.allowed_formats {allowed}",
-               column="format", value_set=allowed),
-        expect(gxe.ExpectColumnValuesToBeBetween, "width_in_range",
-               lambda r: f"width {r['width']:.0f}px is outside validate.min_width..max_width "
-                         f"({c.min_width}..{c.max_width})",
-               column="width", min_value=c.min_width, max_value=c.max_width),
-        expect(gxe.ExpectColumnValuesToBeBetween, "height_in_range",
-               lambda r: f"height {r['height']:.0f}px is outside validate.min_height..max_height "
-                         f"({c.min_height}..{c.max_height})",
-               column="height", min_value=c.min_height, max_value=c.max_height),
-        expect(gxe.ExpectColumnValuesToBeBetween, "pixels_in_range",
-               lambda r: f"{r['pixels']:,.0f} pixels exceed validate.max_pixels={c.max_pixels:,}",
-               column="pixels", max_value=c.max_pixels),
-        expect(gxe.ExpectColumnValuesToBeInSet, "converts_to_rgb",
-               lambda r: f"colour mode {r['mode']} cannot be converted to RGB",
-               column="converts_to_rgb", value_set=[True]),
-        expect(gxe.ExpectColumnValuesToBeInSet, "no_label_conflict",
-               lambda r: f"label conflict: the same bytes are labelled differently in {r['conflict_with']}",
-               column="label_conflict", value_set=[False]),
-        expect(gxe.ExpectColumnValuesToBeInSet, "no_cross_split_copy",
-               lambda r: f"leak: the same bytes are in an earlier split as {r['copy_of']}",
-               column="cross_split_copy", value_set=[False]),
+        expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "format_allowed",
+            lambda r: f"format {r['format']} is not in validate.allowed_formats {allowed}",
+            column="format",
+            value_set=allowed,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "width_in_range",
+            lambda r: (
+                f"width {r['width']:.0f}px is outside validate.min_width..max_width ({c.min_width}..{c.max_width})"
+            ),
+            column="width",
+            min_value=c.min_width,
+            max_value=c.max_width,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "height_in_range",
+            lambda r: (
+                f"height {r['height']:.0f}px is outside validate.min_height..max_height "
+                f"({c.min_height}..{c.max_height})"
+            ),
+            column="height",
+            min_value=c.min_height,
+            max_value=c.max_height,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "pixels_in_range",
+            lambda r: f"{r['pixels']:,.0f} pixels exceed validate.max_pixels={c.max_pixels:,}",
+            column="pixels",
+            max_value=c.max_pixels,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "converts_to_rgb",
+            lambda r: f"colour mode {r['mode']} cannot be converted to RGB",
+            column="converts_to_rgb",
+            value_set=[True],
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "no_label_conflict",
+            lambda r: f"label conflict: the same bytes are labelled differently in {r['conflict_with']}",
+            column="label_conflict",
+            value_set=[False],
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "no_cross_split_copy",
+            lambda r: f"leak: the same bytes are in an earlier split as {r['copy_of']}",
+            column="cross_split_copy",
+            value_set=[False],
+        ),
     ]
 
 
@@ -195,11 +239,19 @@ def dataset_checks(config: ValidateConfig, counts: dict[str, int]) -> list[Check
     not_empty = gxe.ExpectTableRowCountToBeBetween(min_value=1, meta={"check": "manifest_not_empty"})
     checks = [Check("manifest_not_empty", not_empty, lambda observed: "the manifest has no rows", "dataset")]
     if config.policy == "quarantine":
-        checks.append(Check(
-            "bad_fraction", gxe.ExpectColumnMeanToBeBetween(column="bad_file", max_value=config.max_bad_fraction,
-                                                            meta={"check": "bad_fraction"}),
-            lambda observed: (f"{counts['bad']} of {counts['images']} files ({observed:.1%}) failed checks, above "
-                              f"validate.max_bad_fraction={config.max_bad_fraction:.1%}"), "dataset"))
+        checks.append(
+            Check(
+                "bad_fraction",
+                gxe.ExpectColumnMeanToBeBetween(
+                    column="bad_file", max_value=config.max_bad_fraction, meta={"check": "bad_fraction"}
+                ),
+                lambda observed: (
+                    f"{counts['bad']} of {counts['images']} files ({observed:.1%}) failed checks, above "
+                    f"validate.max_bad_fraction={config.max_bad_fraction:.1%}"
+                ),
+                "dataset",
+            )
+        )
     return checks
 
 
@@ -211,34 +263,62 @@ def class_checks(config: ValidateConfig, classes: list[str] | None, table: pd.Da
 
     largest = table.loc[table["images"].idxmax()] if len(table) and table["images"].max() > 0 else None
     checks = [
-        expect(gxe.ExpectTableRowCountToBeBetween, "two_or_more_classes",
-               lambda observed: f"found {observed} class(es) {table['label'].tolist()}: a classifier needs at least 2",
-               min_value=2),
-        expect(gxe.ExpectColumnValuesToBeBetween, "min_images_per_class",
-               lambda r: f"{r['images']} usable image(s), fewer than validate.min_images_per_class="
-                         f"{config.min_images_per_class}",
-               column="images", min_value=config.min_images_per_class),
-        expect(gxe.ExpectColumnValuesToBeBetween, "class_balance",
-               lambda r: (f"{r['images']} usable images, {r['imbalance']:.1f}x fewer than the largest class "
-                          f"{largest['label']!r} ({largest['images']}), above validate.max_class_imbalance="
-                          f"{config.max_class_imbalance:g}"),
-               column="imbalance", max_value=config.max_class_imbalance),
-        expect(gxe.ExpectColumnValuesToBeNull, "no_empty_class_folder",
-               lambda r: f"empty class folder(s): {r['empty_folders']}", column="empty_folders"),
+        expect(
+            gxe.ExpectTableRowCountToBeBetween,
+            "two_or_more_classes",
+            lambda observed: f"found {observed} class(es) {table['label'].tolist()}: a classifier needs at least 2",
+            min_value=2,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "min_images_per_class",
+            lambda r: (
+                f"{r['images']} usable image(s), fewer than validate.min_images_per_class={config.min_images_per_class}"
+            ),
+            column="images",
+            min_value=config.min_images_per_class,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "class_balance",
+            lambda r: (
+                f"{r['images']} usable images, {r['imbalance']:.1f}x fewer than the largest class "
+                f"{largest['label']!r} ({largest['images']}), above validate.max_class_imbalance="
+                f"{config.max_class_imbalance:g}"
+            ),
+            column="imbalance",
+            max_value=config.max_class_imbalance,
+        ),
+        expect(
+            gxe.ExpectColumnValuesToBeNull,
+            "no_empty_class_folder",
+            lambda r: f"empty class folder(s): {r['empty_folders']}",
+            column="empty_folders",
+        ),
     ]
     if classes:
         checks += [
-            expect(gxe.ExpectColumnValuesToBeInSet, "labels_expected",
-                   lambda r: f"{r['files']} file(s) with this label, which is not in ingest.classes {list(classes)}",
-                   column="label", value_set=list(classes)),
-            expect(gxe.ExpectColumnValuesToBeInSet, "expected_labels_present",
-                   lambda r: "listed in ingest.classes but no file has this label", column="found", value_set=[True]),
+            expect(
+                gxe.ExpectColumnValuesToBeInSet,
+                "labels_expected",
+                lambda r: f"{r['files']} file(s) with this label, which is not in ingest.classes {list(classes)}",
+                column="label",
+                value_set=list(classes),
+            ),
+            expect(
+                gxe.ExpectColumnValuesToBeInSet,
+                "expected_labels_present",
+                lambda r: "listed in ingest.classes but no file has this label",
+                column="found",
+                value_set=[True],
+            ),
         ]
     return checks
 
 
-def class_table(df: pd.DataFrame, passed: pd.Series, classes: list[str] | None,
-                class_folders: dict[str, int]) -> pd.DataFrame:
+def class_table(
+    df: pd.DataFrame, passed: pd.Series, classes: list[str] | None, class_folders: dict[str, int]
+) -> pd.DataFrame:
     """One row per label seen anywhere (files, expected classes, class folders)."""
     visible = df[~df["hidden_file"].astype(bool)]
     files = visible.groupby("label").size()
@@ -254,7 +334,9 @@ def class_table(df: pd.DataFrame, passed: pd.Series, classes: list[str] | None,
     table["found"] = (table["files"] > 0).astype(object)
     biggest = table["images"].max() if len(table) else 0
     table["imbalance"] = [biggest / n if n else None for n in table["images"]]
-    table["empty_folders"] = pd.Series([", ".join(empty[lab]) if lab in empty else None for lab in labels], dtype=object)
+    table["empty_folders"] = pd.Series(
+        [", ".join(empty[lab]) if lab in empty else None for lab in labels], dtype=object
+    )
     return table.set_index("label", drop=False)
 
 
@@ -263,8 +345,11 @@ class Suites:
 
     def __init__(self, docs_dir: Path) -> None:
         import great_expectations as gx
-        from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
-                                                                 ProgressBarsConfig)
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
 
         self.gx = gx
         site = {
@@ -290,8 +375,10 @@ class Suites:
             suite.add_expectation(check.expectation)
         definition = gx.ValidationDefinition(name=name, data=batch, suite=suite)
         definition = self.context.validation_definitions.add(definition)
-        return definition.run(batch_parameters={"dataframe": frame.reset_index(drop=True)},
-                              result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]})
+        return definition.run(
+            batch_parameters={"dataframe": frame.reset_index(drop=True)},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
+        )
 
     def build_docs(self) -> None:
         self.context.build_data_docs(site_names=["pipeline"])
@@ -346,9 +433,16 @@ def _file_reasons(failures: list[Failure], df: pd.DataFrame) -> pd.DataFrame:
     for failure in failures:
         for item in failure.items:
             reasons.setdefault(item["path"], []).append((failure.check, item["reason"]))
-    rows = [{"path": p, "label": df.loc[p, "label"], "split": df.loc[p, "split"],
-             "checks": ";".join(c for c, _ in found), "reason": "; ".join(r for _, r in found)}
-            for p, found in sorted(reasons.items())]
+    rows = [
+        {
+            "path": p,
+            "label": df.loc[p, "label"],
+            "split": df.loc[p, "split"],
+            "checks": ";".join(c for c, _ in found),
+            "reason": "; ".join(r for _, r in found),
+        }
+        for p, found in sorted(reasons.items())
+    ]
     return pd.DataFrame(rows, columns=["path", "label", "split", "checks", "reason"])
 
 
@@ -369,8 +463,10 @@ def _warnings(df: pd.DataFrame, passed: pd.Series) -> list[str]:
             notes.append(f"split {split!r} has no usable images of class(es) {absent}")
     deep = kept[kept["mode"].isin(SIXTEEN_BIT_MODES)]
     if len(deep):
-        notes.append(f"{len(deep)} image(s) with 32/16-bit modes {sorted(set(deep['mode']))}: kept, and scaled to 8 bits "
-                     "when loaded (components.data.load_rgb)")
+        notes.append(
+            f"{len(deep)} image(s) with 32/16-bit modes {sorted(set(deep['mode']))}: kept, and scaled to 8 bits "
+            "when loaded (components.data.load_rgb)"
+        )
     return notes
 
 
@@ -402,8 +498,10 @@ def _read_inputs(manifest_path: Path, ingest_report: Path | None) -> tuple[pd.Da
             raise ValidateInputError(f"ingest report: {exc}") from None
         found = records_version(_relative_records(frame, info.raw_dir))
         if info.data_version and info.data_version != found:
-            raise ValidateInputError(f"{ingest_report} describes another manifest than {manifest_path} "
-                                     f"(data version {info.data_version[:12]} != {found[:12]}): rerun ingest")
+            raise ValidateInputError(
+                f"{ingest_report} describes another manifest than {manifest_path} "
+                f"(data version {info.data_version[:12]} != {found[:12]}): rerun ingest"
+            )
     return frame, info
 
 
@@ -411,9 +509,14 @@ def _read_inputs(manifest_path: Path, ingest_report: Path | None) -> tuple[pd.Da
 # Entry points
 
 
-def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_path: str | Path,
-                 out_manifest: str | Path, report_dir: str | Path,
-                 ingest_report: str | Path | None = None) -> ValidationResult:
+def run_validate(
+    config: ValidateConfig,
+    classes: list[str] | None,
+    manifest_path: str | Path,
+    out_manifest: str | Path,
+    report_dir: str | Path,
+    ingest_report: str | Path | None = None,
+) -> ValidationResult:
     """Check every file and class; write the passing rows, the quarantine list, a summary and Data Docs."""
     manifest_path, out_manifest, report_dir = Path(manifest_path), Path(out_manifest), Path(report_dir)
     frame, info = _read_inputs(manifest_path, Path(ingest_report) if ingest_report else None)
@@ -444,31 +547,61 @@ def run_validate(config: ValidateConfig, classes: list[str] | None, manifest_pat
         ok = not problems
         raw_dir = info.raw_dir if info else None
         given = info.data_version if info else ""
-        versions = {"data_version": given or records_version(_relative_records(frame, raw_dir)),
-                    "validated_version": records_version(_relative_records(moved[passed.to_numpy()], raw_dir))}
+        versions = {
+            "data_version": given or records_version(_relative_records(frame, raw_dir)),
+            "validated_version": records_version(_relative_records(moved[passed.to_numpy()], raw_dir)),
+        }
         warnings = _warnings(df, passed)
         if unhashed:
-            warnings.append(f"{unhashed} row(s) outside the ingested image folder were not checked for "
-                            "near-duplicates (validate reads images only under the ingest report's raw_dir)")
+            warnings.append(
+                f"{unhashed} row(s) outside the ingested image folder were not checked for "
+                "near-duplicates (validate reads images only under the ingest report's raw_dir)"
+            )
         if info and info.refused_count:
-            warnings.append(f"ingest refused {info.refused_count} entr{'y' if info.refused_count == 1 else 'ies'} "
-                            "the source offered (links out of the source, special files, rows outside the "
-                            "table's root, bad labels): listed with reasons in the ingest report's `refused`")
+            warnings.append(
+                f"ingest refused {info.refused_count} entr{'y' if info.refused_count == 1 else 'ies'} "
+                "the source offered (links out of the source, special files, rows outside the "
+                "table's root, bad labels): listed with reasons in the ingest report's `refused`"
+            )
         with files.atomic_file(tmp / "quarantine.csv") as fh:
             quarantine.to_csv(fh, index=False, lineterminator="\n")
         nd_summary = {**nd.to_dict(), "picture": NEAR_DUPLICATE_PICTURE if nd.policy != "off" else None}
-        summary = _summary(config, classes, ok, problems, warnings, file_failures + set_failures, df, passed, table,
-                           counts, versions, manifest_path, info, nd_summary)
+        summary = _summary(
+            config,
+            classes,
+            ok,
+            problems,
+            warnings,
+            file_failures + set_failures,
+            df,
+            passed,
+            table,
+            counts,
+            versions,
+            manifest_path,
+            info,
+            nd_summary,
+        )
         summary.write(tmp / "summary.json")
     if ok:
         write_manifest(moved[passed.to_numpy()], out_manifest)
     return ValidationResult(
-        passed=ok, policy=config.policy, files=len(df), valid=int(passed.sum()), quarantined=len(quarantine),
-        problems=problems, quarantined_files=[f"{r.path}: {r.reason}" for r in quarantine.itertuples()],
-        warnings=warnings, data_version=versions["data_version"],
-        validated_version=versions["validated_version"], summary_path=report_dir / "summary.json",
-        quarantine_path=report_dir / "quarantine.csv", data_docs=report_dir / "data_docs" / "index.html",
-        out_manifest=out_manifest if ok else None, near_duplicates={"policy": nd.policy, **nd.counts})
+        passed=ok,
+        policy=config.policy,
+        files=len(df),
+        valid=int(passed.sum()),
+        quarantined=len(quarantine),
+        problems=problems,
+        quarantined_files=[f"{r.path}: {r.reason}" for r in quarantine.itertuples()],
+        warnings=warnings,
+        data_version=versions["data_version"],
+        validated_version=versions["validated_version"],
+        summary_path=report_dir / "summary.json",
+        quarantine_path=report_dir / "quarantine.csv",
+        data_docs=report_dir / "data_docs" / "index.html",
+        out_manifest=out_manifest if ok else None,
+        near_duplicates={"policy": nd.policy, **nd.counts},
+    )
 
 
 def _image_root(info: IngestReport | None, manifest_path: Path) -> Path:
@@ -484,8 +617,9 @@ def _within(path: str, root: Path) -> bool:
         return False
 
 
-def _near_duplicates(config: ValidateConfig, frame: pd.DataFrame, passed: pd.Series, root: Path,
-                     report_tmp: Path) -> tuple[pd.DataFrame, near_duplicates.NearDuplicateReport, int]:
+def _near_duplicates(
+    config: ValidateConfig, frame: pd.DataFrame, passed: pd.Series, root: Path, report_tmp: Path
+) -> tuple[pd.DataFrame, near_duplicates.NearDuplicateReport, int]:
     """(frame with moved splits, the report, rows not hashed because they lie outside `root`).
 
     Only files that passed the file checks are hashed, so a conflict or leak is judged among usable images.
@@ -494,8 +628,13 @@ def _near_duplicates(config: ValidateConfig, frame: pd.DataFrame, passed: pd.Ser
         return frame, near_duplicates.NearDuplicateReport("off"), 0
     candidates = frame[passed.to_numpy()]
     inside = candidates["path"].map(lambda p: _within(p, root)).to_numpy(dtype=bool)
-    kept, report = near_duplicates.check(candidates[inside], config.near_duplicates, ImageLimits.from_config(config),
-                                         workspace_root() / NEAR_DUPLICATE_CACHE, report_tmp / NEAR_DUPLICATE_PICTURE)
+    kept, report = near_duplicates.check(
+        candidates[inside],
+        config.near_duplicates,
+        ImageLimits.from_config(config),
+        workspace_root() / NEAR_DUPLICATE_CACHE,
+        report_tmp / NEAR_DUPLICATE_PICTURE,
+    )
     moved = dict(zip(kept["path"], kept["split"]))
     out = frame.copy()
     out["split"] = [moved.get(p, s) for p, s in zip(out["path"], out["split"])]
@@ -508,31 +647,72 @@ def _line(failure: Failure, item: dict[str, str]) -> str:
     return item["reason"]
 
 
-def _summary(config: ValidateConfig, classes: list[str] | None, ok: bool, problems: list[str], warnings: list[str],
-             failures: list[Failure], df: pd.DataFrame, passed: pd.Series, table: pd.DataFrame,
-             counts: dict[str, int], versions: dict[str, str], manifest_path: Path,
-             info: IngestReport | None, nd_summary: dict[str, Any]) -> ValidationSummary:
+def _summary(
+    config: ValidateConfig,
+    classes: list[str] | None,
+    ok: bool,
+    problems: list[str],
+    warnings: list[str],
+    failures: list[Failure],
+    df: pd.DataFrame,
+    passed: pd.Series,
+    table: pd.DataFrame,
+    counts: dict[str, int],
+    versions: dict[str, str],
+    manifest_path: Path,
+    info: IngestReport | None,
+    nd_summary: dict[str, Any],
+) -> ValidationSummary:
     kept = df[passed]
-    ingest = {"source": info.source, "layout": info.layout, "notes": info.notes, "class_folders": info.class_folders,
-              "refused_count": info.refused_count} if info else {}
-    return ValidationSummary.model_validate({
-        "passed": ok, "policy": config.policy, "manifest": manifest_path.as_posix(), **versions,
-        "counts": {
-            "files": len(df), "valid": int(passed.sum()), "quarantined": int((~passed).sum()),
-            "hidden_files": int(df["hidden_file"].astype(bool).sum()), "bad_files": counts["bad"],
-            "bad_fraction": round(counts["bad"] / counts["images"], 6) if counts["images"] else 0.0,
-            "per_class": {label: int(n) for label, n in table["images"].items()},
-            "per_split": {s: {lab: int(n) for lab, n in kept[kept["split"] == s].groupby("label").size().items()}
-                          for s in SPLITS},
-        },
-        "problems": problems, "warnings": warnings,
-        "failures": [{"check": f.check, "scope": f.scope, "expectation": f.expectation,
-                      "quarantinable": f.scope == "file", "count": len(f.items), "items": f.items} for f in failures],
-        "settings": {**config.model_dump(), "classes": classes},
-        "ingest": ingest,
-        "data_docs": "data_docs/index.html",
-        "near_duplicates": nd_summary,
-    })
+    ingest = (
+        {
+            "source": info.source,
+            "layout": info.layout,
+            "notes": info.notes,
+            "class_folders": info.class_folders,
+            "refused_count": info.refused_count,
+        }
+        if info
+        else {}
+    )
+    return ValidationSummary.model_validate(
+        {
+            "passed": ok,
+            "policy": config.policy,
+            "manifest": manifest_path.as_posix(),
+            **versions,
+            "counts": {
+                "files": len(df),
+                "valid": int(passed.sum()),
+                "quarantined": int((~passed).sum()),
+                "hidden_files": int(df["hidden_file"].astype(bool).sum()),
+                "bad_files": counts["bad"],
+                "bad_fraction": round(counts["bad"] / counts["images"], 6) if counts["images"] else 0.0,
+                "per_class": {label: int(n) for label, n in table["images"].items()},
+                "per_split": {
+                    s: {lab: int(n) for lab, n in kept[kept["split"] == s].groupby("label").size().items()}
+                    for s in SPLITS
+                },
+            },
+            "problems": problems,
+            "warnings": warnings,
+            "failures": [
+                {
+                    "check": f.check,
+                    "scope": f.scope,
+                    "expectation": f.expectation,
+                    "quarantinable": f.scope == "file",
+                    "count": len(f.items),
+                    "items": f.items,
+                }
+                for f in failures
+            ],
+            "settings": {**config.model_dump(), "classes": classes},
+            "ingest": ingest,
+            "data_docs": "data_docs/index.html",
+            "near_duplicates": nd_summary,
+        }
+    )
 
 
 @errors.cli_errors("validate")
@@ -546,8 +726,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        result = run_validate(params.validate, params.ingest.classes, args.manifest, args.out_manifest,
-                              args.report_dir, args.ingest_report)
+        result = run_validate(
+            params.validate,
+            params.ingest.classes,
+            args.manifest,
+            args.out_manifest,
+            args.report_dir,
+            args.ingest_report,
+        )
     except (ParamsError, ValidateInputError) as exc:
         print(f"validate: {exc}", file=sys.stderr)
         return 2
@@ -558,8 +744,10 @@ def main(argv: list[str] | None = None) -> int:
 def _report_text(result: ValidationResult) -> str:
     lines = []
     if result.passed:
-        lines.append(f"validate: passed ({result.policy}): {result.valid} of {result.files} files kept, "
-                     f"{result.quarantined} quarantined -> {result.out_manifest}")
+        lines.append(
+            f"validate: passed ({result.policy}): {result.valid} of {result.files} files kept, "
+            f"{result.quarantined} quarantined -> {result.out_manifest}"
+        )
     else:
         lines.append(f"validate: FAILED (policy {result.policy}), {len(result.problems)} problem(s):")
         lines += [f"  - {p}" for p in result.problems]
@@ -577,10 +765,12 @@ def _report_text(result: ValidationResult) -> str:
 def _near_duplicate_line(counts: dict[str, Any], picture: Path) -> str:
     if counts.get("policy", "off") == "off":
         return "near-duplicates: not checked (validate.near_duplicates.policy=off)"
-    return (f"near-duplicates ({counts['policy']}): {counts['groups']} group(s) of {counts['images_in_groups']} "
-            f"images: {counts['cross_split']} across splits ({counts['moved_images']} image(s) moved), "
-            f"{counts['label_conflicts']} under 2+ labels ({counts['quarantined_images']} quarantined), "
-            f"{counts['within_split']} within one split (kept); picture: {picture}")
+    return (
+        f"near-duplicates ({counts['policy']}): {counts['groups']} group(s) of {counts['images_in_groups']} "
+        f"images: {counts['cross_split']} across splits ({counts['moved_images']} image(s) moved), "
+        f"{counts['label_conflicts']} under 2+ labels ({counts['quarantined_images']} quarantined), "
+        f"{counts['within_split']} within one split (kept); picture: {picture}"
+    )
 
 
 if __name__ == "__main__":

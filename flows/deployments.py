@@ -55,8 +55,11 @@ def to_deployment_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
 
     schedules = []
     for raw in spec.get("schedules") or []:
-        common = {"timezone": raw.get("timezone"), "active": raw.get("active", True),
-                  "parameters": raw.get("parameters") or {}}
+        common = {
+            "timezone": raw.get("timezone"),
+            "active": raw.get("active", True),
+            "parameters": raw.get("parameters") or {},
+        }
         if "cron" in raw:
             schedules.append(Cron(raw["cron"], **common))
         elif "interval" in raw:
@@ -75,7 +78,8 @@ def to_deployment_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(limit, dict):
         kwargs["concurrency_limit"] = ConcurrencyLimitConfig(
             limit=limit["limit"],
-            collision_strategy=ConcurrencyLimitStrategy(limit.get("collision_strategy", "ENQUEUE")))
+            collision_strategy=ConcurrencyLimitStrategy(limit.get("collision_strategy", "ENQUEUE")),
+        )
     elif limit is not None:
         kwargs["concurrency_limit"] = int(limit)
     return kwargs
@@ -89,8 +93,12 @@ def build_runner_deployments(prefect_yaml: Path = PREFECT_YAML, only: list[str] 
     if not specs:
         raise SystemExit(f"no deployment in {prefect_yaml} matches {only}")
     # Entrypoints are relative to the directory of prefect.yaml, as for `prefect deploy`.
-    return [load_flow_from_entrypoint(str(Path(prefect_yaml).parent / spec["entrypoint"]))
-            .to_deployment(**to_deployment_kwargs(spec)) for spec in specs]
+    return [
+        load_flow_from_entrypoint(str(Path(prefect_yaml).parent / spec["entrypoint"])).to_deployment(
+            **to_deployment_kwargs(spec)
+        )
+        for spec in specs
+    ]
 
 
 def serve_deployments(prefect_yaml: Path = PREFECT_YAML, only: list[str] | None = None) -> None:
@@ -117,8 +125,9 @@ def default_process_template() -> dict[str, Any]:
     return ProcessWorker.get_default_base_job_template()
 
 
-def plan_work_pools(gpu_pool_type: str = "process", gpu_slots: int = 1,
-                    gpu_template: Path | None = None) -> list[PoolPlan]:
+def plan_work_pools(
+    gpu_pool_type: str = "process", gpu_slots: int = 1, gpu_template: Path | None = None
+) -> list[PoolPlan]:
     """`cpu` (process) and `gpu` (process here; docker or kubernetes with our GPU templates)."""
     if gpu_pool_type == "process":
         gpu_job_template = default_process_template()
@@ -134,8 +143,9 @@ def plan_work_pools(gpu_pool_type: str = "process", gpu_slots: int = 1,
     ]
 
 
-def create_work_pools(gpu_pool_type: str = "process", gpu_slots: int = 1,
-                      gpu_template: Path | None = None) -> list[str]:
+def create_work_pools(
+    gpu_pool_type: str = "process", gpu_slots: int = 1, gpu_template: Path | None = None
+) -> list[str]:
     """Create or update the pools and the `training` queue (limit 1) on PREFECT_API_URL."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -145,16 +155,25 @@ def create_work_pools(gpu_pool_type: str = "process", gpu_slots: int = 1,
     with get_client(sync_client=True) as client:
         for plan in plan_work_pools(gpu_pool_type, gpu_slots, gpu_template):
             client.create_work_pool(
-                WorkPoolCreate(name=plan.name, type=plan.type, base_job_template=plan.base_job_template,
-                               concurrency_limit=plan.concurrency_limit),
-                overwrite=True)
+                WorkPoolCreate(
+                    name=plan.name,
+                    type=plan.type,
+                    base_job_template=plan.base_job_template,
+                    concurrency_limit=plan.concurrency_limit,
+                ),
+                overwrite=True,
+            )
             created.append(plan.name)
         try:
             queue = client.read_work_queue_by_name(TRAINING_QUEUE, work_pool_name="cpu")
             client.update_work_queue(queue.id, concurrency_limit=1)
         except ObjectNotFound:
-            client.create_work_queue(TRAINING_QUEUE, work_pool_name="cpu", concurrency_limit=1,
-                                     description="Training runs: one at a time per workspace.")
+            client.create_work_queue(
+                TRAINING_QUEUE,
+                work_pool_name="cpu",
+                concurrency_limit=1,
+                description="Training runs: one at a time per workspace.",
+            )
     return created
 
 
@@ -162,16 +181,26 @@ def create_work_pools(gpu_pool_type: str = "process", gpu_slots: int = 1,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__.split("\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--serve", action="store_true",
-                        help="serve the prefect.yaml deployments from this process (no workers, no pools)")
-    action.add_argument("--create-pools", action="store_true",
-                        help="create/update the work pools `cpu` and `gpu` and the `training` queue")
+    action.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the prefect.yaml deployments from this process (no workers, no pools)",
+    )
+    action.add_argument(
+        "--create-pools",
+        action="store_true",
+        help="create/update the work pools `cpu` and `gpu` and the `training` queue",
+    )
     action.add_argument("--list", action="store_true", help="print the deployments of prefect.yaml")
-    action.add_argument("--notify-test", action="store_true",
-                        help="send a test notification through TP_NOTIFY_BLOCK / TP_NOTIFY_WEBHOOK_URL")
+    action.add_argument(
+        "--notify-test",
+        action="store_true",
+        help="send a test notification through TP_NOTIFY_BLOCK / TP_NOTIFY_WEBHOOK_URL",
+    )
     parser.add_argument("--prefect-file", type=Path, default=PREFECT_YAML)
-    parser.add_argument("--only", action="append", metavar="FLOW/DEPLOYMENT",
-                        help="with --serve: serve only these (repeatable)")
+    parser.add_argument(
+        "--only", action="append", metavar="FLOW/DEPLOYMENT", help="with --serve: serve only these (repeatable)"
+    )
     parser.add_argument("--gpu-pool-type", choices=["process", "docker", "kubernetes"], default="process")
     parser.add_argument("--gpu-template", type=Path, help="base job template JSON for the gpu pool")
     parser.add_argument("--gpu-slots", type=int, default=1, help="concurrent runs on the gpu pool (= GPUs)")

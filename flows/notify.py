@@ -34,8 +34,9 @@ def notify(event: str, message: str, **details: Any) -> bool:
         if webhook_url:
             import requests
 
-            response = requests.post(webhook_url, json={"event": event, "text": text, **details},
-                                     timeout=NOTIFY_TIMEOUT_S)
+            response = requests.post(
+                webhook_url, json={"event": event, "text": text, **details}, timeout=NOTIFY_TIMEOUT_S
+            )
             response.raise_for_status()
             return True
     except Exception as error:  # a notification must never fail the run it reports on
@@ -46,5 +47,11 @@ def notify(event: str, message: str, **details: Any) -> bool:
 
 def notify_flow_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """A Prefect `on_failure` / `on_crashed` hook: `@flow(on_failure=[notify_flow_failure])`."""
-    notify("failed", f"{flow.name} run {flow_run.name!r} ended {state.name}: {state.message or ''}".strip(),
-           flow=flow.name, flow_run=flow_run.name, flow_run_id=str(flow_run.id), state=state.name)
+    notify(
+        "failed",
+        f"{flow.name} run {flow_run.name!r} ended {state.name}: {state.message or ''}".strip(),
+        flow=flow.name,
+        flow_run=flow_run.name,
+        flow_run_id=str(flow_run.id),
+        state=state.name,
+    )

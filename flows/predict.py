@@ -1,6 +1,6 @@
 """Batch prediction flow: score a folder or manifest of images with a registered model.
 
-    python -m flows.predict --inputs DIR_OR_CSV --out predictions.csv [--model models:/NAME@champion]
+python -m flows.predict --inputs DIR_OR_CSV --out predictions.csv [--model models:/NAME@champion]
 """
 
 from __future__ import annotations
@@ -22,13 +22,22 @@ def score_images(model_uri: str, inputs: str, out_csv: str, batch_size: int) -> 
     from components.predict import run_predict
 
     result = run_predict(model_uri, inputs, out_csv, batch_size)
-    return {"out_csv": str(result.out_csv), "n_images": result.n_images, "n_failed": result.n_failed,
-            "engine": result.engine}
+    return {
+        "out_csv": str(result.out_csv),
+        "n_images": result.n_images,
+        "n_failed": result.n_failed,
+        "engine": result.engine,
+    }
 
 
 @flow(name="batch-predict", log_prints=True)
-def batch_predict_flow(inputs: str, out_csv: str = "predictions.csv", model_uri: str | None = None,
-                       params_path: str = "params.yaml", batch_size: int = 64) -> dict:
+def batch_predict_flow(
+    inputs: str,
+    out_csv: str = "predictions.csv",
+    model_uri: str | None = None,
+    params_path: str = "params.yaml",
+    batch_size: int = 64,
+) -> dict:
     """Score every image under `inputs` (default model: the registry's champion) into a CSV."""
     from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
 
@@ -41,8 +50,8 @@ def batch_predict_flow(inputs: str, out_csv: str = "predictions.csv", model_uri:
     create_markdown_artifact(
         key="batch-predictions",
         markdown=f"# Batch prediction\n\n- model: `{model_uri}`\n- inputs: `{inputs}`\n- output: `{result['out_csv']}`\n"
-                 f"- images scored: {result['n_images'] - result['n_failed']} of {result['n_images']}\n"
-                 f"- engine: {result['engine']}\n",
+        f"- images scored: {result['n_images'] - result['n_failed']} of {result['n_images']}\n"
+        f"- engine: {result['engine']}\n",
     )
     return result
 
@@ -56,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     result = batch_predict_flow(args.inputs, args.out, args.model, args.params, args.batch_size)
-    print(f"wrote {result['out_csv']}: {result['n_images']} images, {result['n_failed']} could not be scored "
-          f"(engine: {result['engine']})")
+    print(
+        f"wrote {result['out_csv']}: {result['n_images']} images, {result['n_failed']} could not be scored "
+        f"(engine: {result['engine']})"
+    )
     return 0
 
 

@@ -58,41 +58,64 @@ def _fmt(value: Any) -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     lines = ["# Training run summary", ""]
     if result.get("experiment"):
-        lines += [f"Experiment **{result['experiment']}** (`dvc exp show`; `dvc exp apply {result['experiment']}` "
-                  "makes its settings the workspace's).", ""]
+        lines += [
+            f"Experiment **{result['experiment']}** (`dvc exp show`; `dvc exp apply {result['experiment']}` "
+            "makes its settings the workspace's).",
+            "",
+        ]
     if result["all_skipped"]:
         lines += ["**Nothing changed** (data, params and code as in the last run): every stage was skipped.", ""]
     lines += ["| stage | ran | seconds |", "|---|---|---|"]
-    lines += [f"| {o['stage']} | {'yes' if o['ran'] else 'skipped (up to date)'} | {o['seconds']} |" for o in result["stages"]]
+    lines += [
+        f"| {o['stage']} | {'yes' if o['ran'] else 'skipped (up to date)'} | {o['seconds']} |" for o in result["stages"]
+    ]
     ingest = result.get("ingest") or {}
     if ingest:
-        lines += ["", "## Data", f"- data version: `{ingest['data_version']}`",
-                  f"- files: {ingest['files']} ({ingest['images']} images, {ingest['unreadable']} unreadable, "
-                  f"{ingest['refused_count']} refused)"]
+        lines += [
+            "",
+            "## Data",
+            f"- data version: `{ingest['data_version']}`",
+            f"- files: {ingest['files']} ({ingest['images']} images, {ingest['unreadable']} unreadable, "
+            f"{ingest['refused_count']} refused)",
+        ]
         lines += [f"- {split}: {json.dumps(counts, sort_keys=True)}" for split, counts in ingest["counts"].items()]
     validation = result.get("validation") or {}
     if validation:
         counts = validation["counts"]
-        lines += ["", "## Validation", f"- passed: {validation['passed']} (policy: {validation['policy']})",
-                  f"- kept {counts['valid']} of {counts['files']} files, "
-                  f"quarantined {counts['quarantined']} (reports/validation/quarantine.csv)"]
+        lines += [
+            "",
+            "## Validation",
+            f"- passed: {validation['passed']} (policy: {validation['policy']})",
+            f"- kept {counts['valid']} of {counts['files']} files, "
+            f"quarantined {counts['quarantined']} (reports/validation/quarantine.csv)",
+        ]
         lines += [f"- warning: {w}" for w in validation["warnings"][:5]]
     drift = result.get("drift") or {}
     if drift:
-        lines += ["", "## Drift", f"- {'DRIFT' if drift['drifted'] else 'no drift'} on {drift['sampled_images']} of "
-                  f"{drift['new_images']} new images; retrain: {drift['retrain']} ({drift['reason']})",
-                  "- details: reports/drift.json"]
+        lines += [
+            "",
+            "## Drift",
+            f"- {'DRIFT' if drift['drifted'] else 'no drift'} on {drift['sampled_images']} of "
+            f"{drift['new_images']} new images; retrain: {drift['retrain']} ({drift['reason']})",
+            "- details: reports/drift.json",
+        ]
     metrics = result.get("metrics") or {}
     if metrics:
         lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
     promotion = result.get("promotion") or {}
     if promotion:
-        lines += ["", "## Registry", f"- model: `{result['registered_model']}` version {promotion['version']}",
-                  f"- champion: {'yes' if promotion['promoted'] else 'no'}",
-                  *[f"- {reason}" for reason in promotion["reasons"]]]
+        lines += [
+            "",
+            "## Registry",
+            f"- model: `{result['registered_model']}` version {promotion['version']}",
+            f"- champion: {'yes' if promotion['promoted'] else 'no'}",
+            *[f"- {reason}" for reason in promotion["reasons"]],
+        ]
     export = result.get("export") or {}
     if export:
-        lines += [f"- exported: SavedModel and float16 TFLite ({export.get('tflite_bytes', 0) / 1e6:.1f} MB), TFLite agrees "
-                  f"with Keras on {export.get('top1_agreement', 0):.1%} of {export.get('n_samples', '?')} test images"]
+        lines += [
+            f"- exported: SavedModel and float16 TFLite ({export.get('tflite_bytes', 0) / 1e6:.1f} MB), TFLite agrees "
+            f"with Keras on {export.get('top1_agreement', 0):.1%} of {export.get('n_samples', '?')} test images"
+        ]
     return "\n".join(lines) + "\n"

@@ -93,8 +93,11 @@ def report(workdir: str, name: str, names: dict[str, dict[str, Any]], tracking: 
     paths = sweeps.write_reports(table, root / REPORT_DIR, name)
     _log_to_mlflow(root, name, paths, tracking)
     best = sweeps.best_point(table)
-    return {"table": table.to_dict(orient="records"), "reports": {k: str(v) for k, v in paths.items()},
-            "best": None if best is None else best["experiment"]}
+    return {
+        "table": table.to_dict(orient="records"),
+        "reports": {k: str(v) for k, v in paths.items()},
+        "best": None if best is None else best["experiment"],
+    }
 
 
 def _log_to_mlflow(root: Path, name: str, paths: dict[str, Path], tracking: dict[str, Any]) -> None:
@@ -109,9 +112,15 @@ def _log_to_mlflow(root: Path, name: str, paths: dict[str, Path], tracking: dict
 
 
 @flow(name="sweep", log_prints=True, validate_parameters=True)
-def sweep_flow(grid: dict[str, list[Any]] | None = None, points: list[dict[str, Any]] | None = None,
-               name: str = "sweep", jobs: int = 1, budget_minutes: float = 120.0, workdir: str = ".",
-               params_path: str = "params.yaml") -> dict[str, Any]:
+def sweep_flow(
+    grid: dict[str, list[Any]] | None = None,
+    points: list[dict[str, Any]] | None = None,
+    name: str = "sweep",
+    jobs: int = 1,
+    budget_minutes: float = 120.0,
+    workdir: str = ".",
+    params_path: str = "params.yaml",
+) -> dict[str, Any]:
     """Run every point of `grid` (param -> values) or `points` as a queued DVC experiment and compare them."""
     root = Path(workdir).resolve()
     params_file = root / params_path
@@ -132,8 +141,11 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, points: list[dict[str, 
         lock.release()
     result["states"] = states
     markdown = (root / result["reports"]["md"]).read_text(encoding="utf-8")
-    create_markdown_artifact(key=f"sweep-{name}".lower().replace("_", "-"), markdown=markdown,
-                             description="Sweep points: settings, validation and test metrics, training time")
+    create_markdown_artifact(
+        key=f"sweep-{name}".lower().replace("_", "-"),
+        markdown=markdown,
+        description="Sweep points: settings, validation and test metrics, training time",
+    )
     return result
 
 
@@ -146,7 +158,7 @@ def apply_point(workdir: str, experiment: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", type=json.loads, help='JSON object: param -> list of values')
+    parser.add_argument("--grid", type=json.loads, help="JSON object: param -> list of values")
     parser.add_argument("--points", type=json.loads, help="JSON list of {param: value} points")
     parser.add_argument("--name", default="sweep")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (1 on a small CPU)")
@@ -159,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"applied {args.apply}: params.yaml and outputs are now that experiment's (commit them to keep them)")
         return 0
     try:
-        result = sweep_flow(grid=args.grid, points=args.points, name=args.name, jobs=args.jobs,
-                            budget_minutes=args.budget_minutes, workdir=args.workdir)
+        result = sweep_flow(
+            grid=args.grid,
+            points=args.points,
+            name=args.name,
+            jobs=args.jobs,
+            budget_minutes=args.budget_minutes,
+            workdir=args.workdir,
+        )
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -87,13 +87,15 @@ def _stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def run_dvc(args: list[str], workdir: Path, logger: Any | None,
-            env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+def run_dvc(
+    args: list[str], workdir: Path, logger: Any | None, env: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
     """Run a DVC command, streaming its output to the logger (if any); return exit code and lines."""
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=_stage_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=_stage_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -108,12 +110,17 @@ def run_dvc(args: list[str], workdir: Path, logger: Any | None,
 @task(name="preflight")
 def preflight(workdir: str, params_path: str) -> None:
     """Check the settings against the backbone and augmentation library before any stage does work."""
-    proc = subprocess.run([sys.executable, "-m", "components.preflight", "--params", params_path], cwd=workdir,
-                          env=_stage_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "components.preflight", "--params", params_path],
+        cwd=workdir,
+        env=_stage_env(),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         output = proc.stderr or proc.stdout
         # Keep preflight's own message, not the libraries' start-up chatter before it.
-        raise ParamsError(output[output.find("preflight: "):].strip().removeprefix("preflight: "))
+        raise ParamsError(output[output.find("preflight: ") :].strip().removeprefix("preflight: "))
     get_run_logger().info(proc.stdout.strip())
 
 
@@ -121,8 +128,21 @@ def preflight(workdir: str, params_path: str) -> None:
 def export_champion(workdir: str, run_id: str) -> dict[str, Any]:
     """SavedModel + float16 TFLite of the new champion, checked against Keras, logged to its MLflow run."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "components.export", "--model-dir", "models/finetune", "--out-dir", "models/export",
-           "--manifest", "data/validated.csv", "--split", "test", "--mlflow-run", run_id]
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.export",
+        "--model-dir",
+        "models/finetune",
+        "--out-dir",
+        "models/export",
+        "--manifest",
+        "data/validated.csv",
+        "--split",
+        "test",
+        "--mlflow-run",
+        run_id,
+    ]
     proc = subprocess.run(cmd, cwd=workdir, env=_stage_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageFailed(f"export of the champion failed:\n{proc.stderr.strip()[-2000:]}")
@@ -132,8 +152,13 @@ def export_champion(workdir: str, run_id: str) -> dict[str, Any]:
 
 def default_remote(root: Path) -> str | None:
     """The workspace's default DVC remote, if one is configured (.dvc/config or config.local)."""
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "remote", "default"], cwd=root,
-                          env=_stage_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "remote", "default"],
+        cwd=root,
+        env=_stage_env(),
+        capture_output=True,
+        text=True,
+    )
     name = proc.stdout.strip()
     return name if proc.returncode == 0 and name else None
 
@@ -146,8 +171,10 @@ def push_data(root: Path, logger: Any) -> dict[str, Any]:
         return {"remote": None, "pushed": False}
     code, lines = run_dvc(["push", "--run-cache"], root, logger)
     if code != 0:
-        raise StageFailed(f"dvc push to remote '{remote}' failed (its URL is in `dvc remote list`); "
-                          "the run's outputs are complete locally and the next run pushes them:\n" + "\n".join(lines[-10:]))
+        raise StageFailed(
+            f"dvc push to remote '{remote}' failed (its URL is in `dvc remote list`); "
+            "the run's outputs are complete locally and the next run pushes them:\n" + "\n".join(lines[-10:])
+        )
     return {"remote": remote, "pushed": True}
 
 
@@ -166,8 +193,12 @@ def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
 
 
 def _stage_task(stage: str):
-    @task(name=f"stage:{stage}", retries=STAGE_RETRIES[stage], retry_condition_fn=retry_if_transient,
-          retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0)
+    @task(
+        name=f"stage:{stage}",
+        retries=STAGE_RETRIES[stage],
+        retry_condition_fn=retry_if_transient,
+        retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0,
+    )
     def run(workdir: str, experiment: str | None = None) -> dict[str, Any]:
         logger = get_run_logger()
         started = time.monotonic()
@@ -182,8 +213,10 @@ def _stage_task(stage: str):
         if code != 0:
             tail = "\n".join(lines[-25:])
             user_error = outcome.get("exit_code") == EXIT_USER_ERROR
-            raise StageFailed(f"stage '{stage}' failed ({'input or settings: not retried' if user_error else 'dvc exit ' + str(code)}):\n{tail}",
-                              retryable=not user_error)
+            raise StageFailed(
+                f"stage '{stage}' failed ({'input or settings: not retried' if user_error else 'dvc exit ' + str(code)}):\n{tail}",
+                retryable=not user_error,
+            )
         if not stage_is_current(stage, root, logger):
             raise StageFailed(f"stage '{stage}': dvc repro succeeded but dvc status still reports it changed")
         # "ran" = DVC reproduced it: executed here, or restored from DVC's run-cache (same inputs seen before).
@@ -200,12 +233,20 @@ GPU_STAGES = ("finetune",)
 
 def git_revision(root: Path) -> str:
     """HEAD of the workspace; a remote worker runs exactly this code, so it must be committed."""
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "components", "flows", "dvc.yaml"],
-                           cwd=root, capture_output=True, text=True).stdout.strip()
+    rev = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "components", "flows", "dvc.yaml"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     if dirty:
-        raise RuntimeError("stage code has uncommitted changes; a GPU worker runs the committed revision, so commit first "
-                           f"(changed: {dirty.splitlines()[:5]})")
+        raise RuntimeError(
+            "stage code has uncommitted changes; a GPU worker runs the committed revision, so commit first "
+            f"(changed: {dirty.splitlines()[:5]})"
+        )
     return rev
 
 
@@ -228,23 +269,35 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     code, lines = run_dvc(["push", "--with-deps", "--run-cache", upstream], root, logger)
     if code != 0:
         raise StageFailed("dvc push failed: sending the stage's inputs to the DVC remote:\n" + "\n".join(lines[-15:]))
-    parameters = {"stage": stage, "git_rev": git_revision(root),
-                  "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
-                  "dvc_lock": (root / "dvc.lock").read_text(encoding="utf-8") if (root / "dvc.lock").exists() else ""}
+    parameters = {
+        "stage": stage,
+        "git_rev": git_revision(root),
+        "params_yaml": (root / "params.yaml").read_text(encoding="utf-8"),
+        "dvc_lock": (root / "dvc.lock").read_text(encoding="utf-8") if (root / "dvc.lock").exists() else "",
+    }
     logger.info("sending stage %s to deployment %s (revision %s)", stage, deployment, parameters["git_rev"][:12])
     remote = run_deployment(deployment, parameters=parameters, timeout=None)
     if not remote.state or not remote.state.is_completed():
-        raise StageFailed(f"stage '{stage}' on deployment {deployment} ended {remote.state.name if remote.state else 'unknown'} "
-                          f"(flow run {remote.id})")
+        raise StageFailed(
+            f"stage '{stage}' on deployment {deployment} ended {remote.state.name if remote.state else 'unknown'} "
+            f"(flow run {remote.id})"
+        )
     # `repro --pull` fetches the run-cache entry and its outputs, then checks them out. (`dvc pull <stage>`
     # cannot: this dvc.lock has no hashes for the stage yet.) A miss makes DVC run the stage here instead.
     code, lines = run_dvc(["repro", "--pull", "--single-item", stage], root, logger)
     if code != 0:
-        raise StageFailed("dvc repro --pull failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:]))
+        raise StageFailed(
+            "dvc repro --pull failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:])
+        )
     # The stage process records the Prefect flow run that ran it (TP_PREFECT_FLOW_RUN_ID) in its model folder.
     if made_by_flow_run(root, stage) != str(remote.id):
         logger.warning("stage %s: the remote result was not in DVC's run-cache, so it ran here as well", stage)
-        return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": "here (run-cache miss)"}
+        return {
+            "stage": stage,
+            "ran": True,
+            "seconds": round(time.monotonic() - started, 1),
+            "where": "here (run-cache miss)",
+        }
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
@@ -256,10 +309,20 @@ def made_by_flow_run(root: Path, stage: str) -> str | None:
     return ModelRunInfo.read(root / folder / RUN_INFO_FILE).prefect_flow_run_id
 
 
-@flow(name="training", log_prints=True, validate_parameters=True,
-      on_failure=[notify_flow_failure], on_crashed=[notify_flow_failure])
-def training_flow(params_path: str = "params.yaml", overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
-                  source: str | None = None, experiment: str | None = None, workdir: str = ".") -> dict[str, Any]:
+@flow(
+    name="training",
+    log_prints=True,
+    validate_parameters=True,
+    on_failure=[notify_flow_failure],
+    on_crashed=[notify_flow_failure],
+)
+def training_flow(
+    params_path: str = "params.yaml",
+    overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
+    source: str | None = None,
+    experiment: str | None = None,
+    workdir: str = ".",
+) -> dict[str, Any]:
     """Ingest -> validate -> augment -> train_head -> finetune -> evaluate, skipping unchanged stages.
 
     `source` changes the data the workspace trains on (written to params.yaml, like editing it).
@@ -288,16 +351,24 @@ def training_flow(params_path: str = "params.yaml", overrides: ParamsOverrides |
     finally:
         lock.release()
     markdown = summary.write(root, result)
-    create_markdown_artifact(key="training-summary", markdown=markdown,
-                             description="Data, validation, metrics and registry decision of this run")
+    create_markdown_artifact(
+        key="training-summary",
+        markdown=markdown,
+        description="Data, validation, metrics and registry decision of this run",
+    )
     promotion = result.get("promotion")
     if result["promoted_now"]:
-        notify("promoted", f"{result['registered_model']} version {promotion['version']} is the new champion",
-               reason="; ".join(promotion["reasons"]))
+        notify(
+            "promoted",
+            f"{result['registered_model']} version {promotion['version']} is the new champion",
+            reason="; ".join(promotion["reasons"]),
+        )
     return result
 
 
-def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment: str | None, logger: Any) -> dict[str, Any]:
+def _run_pipeline(
+    root: Path, params_file: Path, changes: list[str], experiment: str | None, logger: Any
+) -> dict[str, Any]:
     """The stages (with `changes` applied for this run only), export, push; the run's summary."""
     saved = params_file.read_bytes()
     name = None
@@ -316,8 +387,11 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
                 if drift is not None and not drift["retrain"] and drift["new_images"]:
                     outcomes.append({"stage": stage, "ran": False, "seconds": 0.0, "where": "held by drift policy"})
                     continue
-                outcomes.append(run_stage_remotely(stage, str(root), gpu_deployment)
-                                if gpu_deployment and stage in GPU_STAGES else STAGE_TASKS[stage](str(root), name))
+                outcomes.append(
+                    run_stage_remotely(stage, str(root), gpu_deployment)
+                    if gpu_deployment and stage in GPU_STAGES
+                    else STAGE_TASKS[stage](str(root), name)
+                )
                 if stage == "validate" and outcomes[-1]["ran"]:
                     drift = check_drift(str(root), str(params_file))  # new data: does it still look like the model's?
         except BaseException:
@@ -325,15 +399,21 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
             raise
         finally:
             os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
-        close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FINISHED",
-                           {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"},
-                           [str(DRIFT_REPORT)] if drift is not None else [])
+        close_pipeline_run(
+            params.tracking.model_dump(),
+            str(root),
+            parent,
+            "FINISHED",
+            {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"},
+            [str(DRIFT_REPORT)] if drift is not None else [],
+        )
         promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
         # A promotion is this run's only if this flow run registered it: a run-cache restore of evaluate
         # brings back an old promotion.json, which must not be exported or announced again.
         this_run = str(flow_run.get_id() or "")
-        promoted_now = bool(promotion and promotion.promoted and this_run
-                            and promotion.lineage.get("prefect_flow_run_id") == this_run)
+        promoted_now = bool(
+            promotion and promotion.promoted and this_run and promotion.lineage.get("prefect_flow_run_id") == this_run
+        )
         exported = export_champion(str(root), promotion.run_id) if promoted_now else None
         if name:
             save_experiment(str(root), name)
@@ -341,8 +421,14 @@ def _run_pipeline(root: Path, params_file: Path, changes: list[str], experiment:
     finally:
         if changes:
             params_file.write_bytes(saved)  # an experiment's settings never become the next run's
-    return {**summary.collect(root, params, outcomes), "export": exported, "dvc_remote": pushed,
-            "experiment": name, "promoted_now": promoted_now, "drift": drift}
+    return {
+        **summary.collect(root, params, outcomes),
+        "export": exported,
+        "dvc_remote": pushed,
+        "experiment": name,
+        "promoted_now": promoted_now,
+        "drift": drift,
+    }
 
 
 DRIFT_REPORT = Path("reports/drift.json")
@@ -358,8 +444,19 @@ def check_drift(workdir: str, params_path: str) -> dict[str, Any] | None:
     if not (root / LAST_MODEL / "drift_reference.npz").is_file():
         logger.info("drift: no earlier model with a reference: nothing to compare with")
         return None
-    cmd = [sys.executable, "-m", "components.drift_check", "--params", params_path, "--model-dir", str(LAST_MODEL),
-           "--manifest", "data/validated.csv", "--out", str(DRIFT_REPORT)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.drift_check",
+        "--params",
+        params_path,
+        "--model-dir",
+        str(LAST_MODEL),
+        "--manifest",
+        "data/validated.csv",
+        "--out",
+        str(DRIFT_REPORT),
+    ]
     proc = subprocess.run(cmd, cwd=root, env=_stage_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageFailed(f"drift check failed:\n{proc.stderr.strip()[-2000:]}", retryable=False)
@@ -376,14 +473,23 @@ def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | 
     from components.config import TrackingConfig
     from components.tracking import start_pipeline_run
 
-    tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), **({"dvc_experiment": experiment} if experiment else {})}
+    tags = {
+        "prefect_flow_run_id": str(flow_run.get_id() or ""),
+        **({"dvc_experiment": experiment} if experiment else {}),
+    }
     name = f"pipeline {flow_run.get_name() or ''}".strip()
     return start_pipeline_run(TrackingConfig(**tracking), name, tags, workspace=workdir)[1]
 
 
 @task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=10)
-def close_pipeline_run(tracking: dict[str, Any], workdir: str, run_id: str, status: str, tags: dict[str, str],
-                       artifacts: list[str] | None = None) -> None:
+def close_pipeline_run(
+    tracking: dict[str, Any],
+    workdir: str,
+    run_id: str,
+    status: str,
+    tags: dict[str, str],
+    artifacts: list[str] | None = None,
+) -> None:
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
@@ -412,8 +518,13 @@ def save_experiment(workdir: str, name: str) -> None:
 
 
 @flow(name="stage", log_prints=True)
-def stage_flow(stage: str, git_rev: str | None = None, params_yaml: str | None = None, dvc_lock: str | None = None,
-               workdir: str = ".") -> dict[str, Any]:
+def stage_flow(
+    stage: str,
+    git_rev: str | None = None,
+    params_yaml: str | None = None,
+    dvc_lock: str | None = None,
+    workdir: str = ".",
+) -> dict[str, Any]:
     """Run one stage in this worker's clone of the project (the GPU work pool's entry point).
 
     Checks out `git_rev`, takes the orchestrator's params.yaml and dvc.lock, pulls the stage's inputs
@@ -427,15 +538,19 @@ def stage_flow(stage: str, git_rev: str | None = None, params_yaml: str | None =
         for args in (["fetch", "--quiet", "origin"], ["checkout", "--quiet", "--force", git_rev]):
             done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
             if done.returncode != 0 and args[0] == "checkout":
-                raise StageFailed(f"git checkout {git_rev} failed in {root} (is it pushed to origin?): {done.stderr.strip()}")
+                raise StageFailed(
+                    f"git checkout {git_rev} failed in {root} (is it pushed to origin?): {done.stderr.strip()}"
+                )
     if params_yaml is not None:
         (root / "params.yaml").write_text(params_yaml, encoding="utf-8")
     if dvc_lock:
         (root / "dvc.lock").write_text(dvc_lock, encoding="utf-8")
     load_params(root / "params.yaml")  # fail fast here too
     upstream = STAGES[: STAGES.index(stage)]
-    for args in ([["pull", "--with-deps", upstream[-1]]] if upstream else []) + [["repro", "--single-item", stage],
-                                                                                ["push", "--run-cache", stage]]:
+    for args in ([["pull", "--with-deps", upstream[-1]]] if upstream else []) + [
+        ["repro", "--single-item", stage],
+        ["push", "--run-cache", stage],
+    ]:
         code, lines = run_dvc(args, root, logger)
         if code != 0:
             raise StageFailed(f"dvc {' '.join(args)} failed on the worker:\n" + "\n".join(lines[-25:]))
@@ -457,7 +572,9 @@ def push_uncached_outputs(root: Path, stage: str) -> int:
         objects = {out.hash_info for one in found for out in one.outs if not out.use_cache and out.hash_info}
         result = repo.cloud.push(objects)
     if result.failed:
-        raise StageFailed(f"could not push the uncached outputs of stage '{stage}': {sorted(h.value for h in result.failed)}")
+        raise StageFailed(
+            f"could not push the uncached outputs of stage '{stage}': {sorted(h.value for h in result.failed)}"
+        )
     return len(objects)
 
 
@@ -465,15 +582,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="settings file, relative to --workdir")
     parser.add_argument("--source", help="train on this data from now on (sets ingest.source in the params file)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="run as a DVC experiment with this setting changed (params file left as it is)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run as a DVC experiment with this setting changed (params file left as it is)",
+    )
     parser.add_argument("--name", help="the experiment's name (with --set)")
     parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
     args = parser.parse_args(argv)
     try:
         overrides = overrides_from_strings(args.overrides) if args.overrides else None
-        result = training_flow(params_path=args.params, overrides=overrides, source=args.source,
-                               experiment=args.name, workdir=args.workdir)
+        result = training_flow(
+            params_path=args.params, overrides=overrides, source=args.source, experiment=args.name, workdir=args.workdir
+        )
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

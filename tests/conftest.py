@@ -46,8 +46,14 @@ def keras_home() -> Path:
     return KERAS_HOME
 
 
-def write_image(path: Path, size: tuple[int, int] = (48, 40), color: tuple[int, int, int] = (200, 30, 30),
-                seed: int = 0, fmt: str = "JPEG", mode: str = "RGB") -> Path:
+def write_image(
+    path: Path,
+    size: tuple[int, int] = (48, 40),
+    color: tuple[int, int, int] = (200, 30, 30),
+    seed: int = 0,
+    fmt: str = "JPEG",
+    mode: str = "RGB",
+) -> Path:
     """A small image: a class colour plus noise, so every file has distinct bytes."""
     rng = np.random.default_rng(seed)
     w, h = size

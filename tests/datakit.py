@@ -36,7 +36,9 @@ def make_classes(root: Path, classes: dict[str, int], start_seed: int = 0) -> Pa
     """root/<class>/<class>_<i>.jpg for each class and count: distinct, valid 48x40 JPEGs."""
     for c, (name, count) in enumerate(classes.items()):
         for i in range(count):
-            write_image(root / name / f"{name}_{i:03d}.jpg", color=COLORS[c % len(COLORS)], seed=start_seed + c * 1000 + i)
+            write_image(
+                root / name / f"{name}_{i:03d}.jpg", color=COLORS[c % len(COLORS)], seed=start_seed + c * 1000 + i
+            )
     return root
 
 
@@ -50,6 +52,7 @@ def validate_config(**overrides) -> ValidateConfig:
 
 # --- defective files ----------------------------------------------------------------------------
 
+
 def write_truncated_jpeg(path: Path) -> Path:
     write_image(path, size=(64, 64), seed=7)
     data = path.read_bytes()
@@ -62,7 +65,7 @@ def write_cmyk_jpeg(path: Path) -> Path:
 
 
 def write_16bit_png(path: Path) -> Path:
-    pixels = (np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30)
+    pixels = np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, "PNG")
     assert Image.open(path).mode.startswith("I;16")
@@ -81,6 +84,7 @@ def write_huge_png(path: Path, side: int) -> Path:
 
 
 # --- archives -----------------------------------------------------------------------------------
+
 
 def tar_with(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
     """A .tar.gz of (name, bytes) files and raw TarInfo entries (links, odd names)."""
@@ -115,6 +119,7 @@ def tar_folder(source: Path, path: Path, top: str, extra_top_files: dict[str, by
 
 
 # --- a local HTTP server ------------------------------------------------------------------------
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     requests: list[str]
@@ -186,6 +191,7 @@ def tree_snapshot(root: Path) -> dict[str, tuple[str, int]]:
 @contextmanager
 def redirecting_server(routes: dict[str, str]) -> Iterator[str]:
     """An http server on 127.0.0.1 answering each path in routes with a 302 to the mapped URL."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass

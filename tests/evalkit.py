@@ -31,11 +31,27 @@ def write_manifest(root: Path, classes: list[str] = CLASSES, per_split: dict[str
     for c, name in enumerate(classes):
         for split, count in per_split.items():
             for i in range(count):
-                path = write_image(root / "images" / name / f"{split}_{i}.jpg", size=(40 + 8 * i, 36),
-                                   color=COLORS[c], seed=100 * c + 10 * len(split) + i)
-                rows.append({"path": str(path), "label": name, "split": split, "sha256": "", "bytes": path.stat().st_size,
-                             "width": 40 + 8 * i, "height": 36, "format": "JPEG", "mode": "RGB",
-                             "source": str(path), "error": ""})
+                path = write_image(
+                    root / "images" / name / f"{split}_{i}.jpg",
+                    size=(40 + 8 * i, 36),
+                    color=COLORS[c],
+                    seed=100 * c + 10 * len(split) + i,
+                )
+                rows.append(
+                    {
+                        "path": str(path),
+                        "label": name,
+                        "split": split,
+                        "sha256": "",
+                        "bytes": path.stat().st_size,
+                        "width": 40 + 8 * i,
+                        "height": 36,
+                        "format": "JPEG",
+                        "mode": "RGB",
+                        "source": str(path),
+                        "error": "",
+                    }
+                )
     manifest = root / "validated.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
@@ -58,17 +74,44 @@ def colour_kernel(n_classes: int, quality: str) -> np.ndarray:
     return kernel
 
 
-def run_info(classes: list[str], run_id: str = "finetune-run", head_run_id: str = "head-run",
-             image_size: int = 32, data_version: str = "data-v1") -> dict[str, Any]:
+def run_info(
+    classes: list[str],
+    run_id: str = "finetune-run",
+    head_run_id: str = "head-run",
+    image_size: int = 32,
+    data_version: str = "data-v1",
+) -> dict[str, Any]:
     """The run.json fields train_head/finetune write (contracts.ModelRunInfo), for a stand-in model."""
-    return {"stage": "finetune", "run_id": run_id, "experiment_id": "0", "backbone": "tiny_colour", "alpha": None,
-            "image_size": image_size, "weights": "none", "data_version": data_version, "best_epoch": 1,
-            "epochs_run": 1, "val_accuracy": 1.0, "val_loss": 0.0, "seconds": 0.1, "device": {"kind": "cpu"},
-            "settings": {"finetune": {"epochs": 1}}, "head_run_id": head_run_id, "num_classes": len(classes)}
+    return {
+        "stage": "finetune",
+        "run_id": run_id,
+        "experiment_id": "0",
+        "backbone": "tiny_colour",
+        "alpha": None,
+        "image_size": image_size,
+        "weights": "none",
+        "data_version": data_version,
+        "best_epoch": 1,
+        "epochs_run": 1,
+        "val_accuracy": 1.0,
+        "val_loss": 0.0,
+        "seconds": 0.1,
+        "device": {"kind": "cpu"},
+        "settings": {"finetune": {"epochs": 1}},
+        "head_run_id": head_run_id,
+        "num_classes": len(classes),
+    }
 
 
-def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "good", run_id: str = "finetune-run",
-                   head_run_id: str = "head-run", image_size: int = 32, flip_tta: bool = False) -> Path:
+def make_model_dir(
+    path: Path,
+    classes: list[str] = CLASSES,
+    quality: str = "good",
+    run_id: str = "finetune-run",
+    head_run_id: str = "head-run",
+    image_size: int = 32,
+    flip_tta: bool = False,
+) -> Path:
     """A tiny Keras model with the models/finetune contract (data.save_model_dir), good or deliberately bad;
     with `flip_tta`, wrapped as finetune saves a model that keeps flip test-time augmentation."""
     import keras
@@ -93,25 +136,63 @@ def make_model_dir(path: Path, classes: list[str] = CLASSES, quality: str = "goo
     return save_model_dir(model, classes, run_info(classes, run_id, head_run_id, image_size), path)
 
 
-def write_stage_reports(ws: Path, quarantined: int = 3, data_version: str = "ingest-v1",
-                        validated_version: str = "validated-v1") -> None:
+def write_stage_reports(
+    ws: Path, quarantined: int = 3, data_version: str = "ingest-v1", validated_version: str = "validated-v1"
+) -> None:
     """reports/ingest.json and reports/validation/summary.json as ingest and validate write them."""
     from components.contracts import IngestReport, ValidationCounts, ValidationSummary
 
-    IngestReport(source="/data/src", source_kind="folder", layout="class_folders", raw_dir="data/raw",
-                 manifest="data/manifest.csv", data_version=data_version, files=40, images=40, unreadable=0,
-                 bytes=4000, counts={"train": {c: 3 for c in CLASSES}}, class_folders={c: 13 for c in CLASSES},
-                 ignored=[], ignored_count=0, notes=[], seed=0, split_fractions={"train": 0.8, "val": 0.1, "test": 0.1},
-                 max_pixels=80_000_000, seconds=1.0, workers=1, cache={}).write(ws / "reports" / "ingest.json")
-    counts = ValidationCounts(files=40, valid=40 - quarantined, quarantined=quarantined, hidden_files=0,
-                              bad_files=quarantined, bad_fraction=quarantined / 40, per_class={c: 12 for c in CLASSES},
-                              per_split={"test": {c: 4 for c in CLASSES}})
-    ValidationSummary(passed=True, policy="quarantine", manifest="data/manifest.csv", data_version=data_version,
-                      validated_version=validated_version, counts=counts, problems=[], warnings=[], failures=[],
-                      settings={}, ingest={}, data_docs="").write(ws / "reports" / "validation" / "summary.json")
+    IngestReport(
+        source="/data/src",
+        source_kind="folder",
+        layout="class_folders",
+        raw_dir="data/raw",
+        manifest="data/manifest.csv",
+        data_version=data_version,
+        files=40,
+        images=40,
+        unreadable=0,
+        bytes=4000,
+        counts={"train": {c: 3 for c in CLASSES}},
+        class_folders={c: 13 for c in CLASSES},
+        ignored=[],
+        ignored_count=0,
+        notes=[],
+        seed=0,
+        split_fractions={"train": 0.8, "val": 0.1, "test": 0.1},
+        max_pixels=80_000_000,
+        seconds=1.0,
+        workers=1,
+        cache={},
+    ).write(ws / "reports" / "ingest.json")
+    counts = ValidationCounts(
+        files=40,
+        valid=40 - quarantined,
+        quarantined=quarantined,
+        hidden_files=0,
+        bad_files=quarantined,
+        bad_fraction=quarantined / 40,
+        per_class={c: 12 for c in CLASSES},
+        per_split={"test": {c: 4 for c in CLASSES}},
+    )
+    ValidationSummary(
+        passed=True,
+        policy="quarantine",
+        manifest="data/manifest.csv",
+        data_version=data_version,
+        validated_version=validated_version,
+        counts=counts,
+        problems=[],
+        warnings=[],
+        failures=[],
+        settings={},
+        ingest={},
+        data_docs="",
+    ).write(ws / "reports" / "validation" / "summary.json")
 
 
 # --- servers on loopback (mlflow server, mlflow models serve) ------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -141,9 +222,20 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
     import sys
 
     log = store / f"server-{time.monotonic_ns()}.log"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts"),
-           "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{store}/mlflow.db",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+        "--workers",
+        "1",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=store, start_new_session=True)
     try:

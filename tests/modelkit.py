@@ -22,11 +22,24 @@ def write_manifest(root: Path, classes: list[str] = CLASSES) -> Path:
     for c, name in enumerate(classes):
         for i, split in enumerate(SPLIT_OF):
             size = (70 + 3 * i, 60 + 2 * i)
-            path = write_image(root / "raw" / name / f"{name}_{i:02d}.jpg", size=size, color=COLORS[c],
-                               seed=100 * c + i)
-            rows.append({"path": str(path), "label": name, "split": split, "sha256": f"{c}{i:063d}",
-                         "bytes": path.stat().st_size, "width": size[0], "height": size[1], "format": "JPEG",
-                         "mode": "RGB", "source": str(path), "error": ""})
+            path = write_image(
+                root / "raw" / name / f"{name}_{i:02d}.jpg", size=size, color=COLORS[c], seed=100 * c + i
+            )
+            rows.append(
+                {
+                    "path": str(path),
+                    "label": name,
+                    "split": split,
+                    "sha256": f"{c}{i:063d}",
+                    "bytes": path.stat().st_size,
+                    "width": size[0],
+                    "height": size[1],
+                    "format": "JPEG",
+                    "mode": "RGB",
+                    "source": str(path),
+                    "error": "",
+                }
+            )
     manifest = root / "validated.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
@@ -66,8 +79,14 @@ def train_tiny_head(root: Path, params: Params | None = None) -> dict[str, Any]:
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     mp.chdir(root)
     try:
-        result = run_train_head(params or tiny_params(), manifest, policy, root / "models/head", root / "reports/train_head",
-                                cache_dir=root / "cache")
+        result = run_train_head(
+            params or tiny_params(),
+            manifest,
+            policy,
+            root / "models/head",
+            root / "reports/train_head",
+            cache_dir=root / "cache",
+        )
     finally:
         mp.undo()
     return {"root": root, "manifest": manifest, "policy": policy, "result": result}

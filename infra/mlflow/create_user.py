@@ -32,7 +32,8 @@ def ensure_registered_model(name: str, username: str) -> str:
         created = "exists"
     try:
         AuthServiceClient(os.environ["MLFLOW_TRACKING_URI"]).grant_user_permission(
-            username, "registered_model", name, "MANAGE")
+            username, "registered_model", name, "MANAGE"
+        )
         granted = "MANAGE granted"
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":

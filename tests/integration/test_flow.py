@@ -40,16 +40,28 @@ def mlflow_client(workspace: Path):
 
 def test_flow_runs_every_stage_and_reports_sane_metrics(trained):
     workspace, result = trained
-    assert [s["stage"] for s in result["stages"]] == ["ingest", "validate", "augment", "train_head", "finetune", "evaluate"]
+    assert [s["stage"] for s in result["stages"]] == [
+        "ingest",
+        "validate",
+        "augment",
+        "train_head",
+        "finetune",
+        "evaluate",
+    ]
     assert all(s["ran"] for s in result["stages"])
     metrics = json.loads((workspace / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["n_test"] > 0
     # Two visually distinct flower classes: a real model beats chance comfortably.
     assert metrics["accuracy"] > 0.6
-    for report in ["reports/ingest.json", "reports/validation/summary.json", "reports/augment/preview.png",
-                   "reports/train_head/history.csv", "reports/finetune/history.csv",
-                   "reports/evaluate/confusion_matrix.png"]:
+    for report in [
+        "reports/ingest.json",
+        "reports/validation/summary.json",
+        "reports/augment/preview.png",
+        "reports/train_head/history.csv",
+        "reports/finetune/history.csv",
+        "reports/evaluate/confusion_matrix.png",
+    ]:
         assert (workspace / report).is_file(), report
 
 
@@ -60,8 +72,11 @@ def test_flow_registers_first_model_as_champion_with_tracked_runs(trained):
     assert len(versions) == 1
     champion = client.get_model_version_by_alias("image-classifier", "champion")
     assert champion.version == versions[0].version
-    stages = {run.data.tags.get("stage") for exp in client.search_experiments()
-              for run in client.search_runs([exp.experiment_id])}
+    stages = {
+        run.data.tags.get("stage")
+        for exp in client.search_experiments()
+        for run in client.search_runs([exp.experiment_id])
+    }
     assert {"train_head", "finetune", "evaluate"} <= stages
     assert result["promotion"]["promoted"] is True
     # The new champion is exported, and the TFLite conversion answers like the Keras model.
@@ -103,8 +118,11 @@ def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
     changed = json.loads(dvc(workspace, "status", "--json").stdout)
     assert set(changed) == {"finetune"}, changed  # evaluate changes only once finetune's output does
     rerun = dvc(workspace, "repro").stdout
-    ran = {stage for stage in ["ingest", "validate", "augment", "train_head", "finetune", "evaluate"]
-           if f"Running stage '{stage}'" in rerun}
+    ran = {
+        stage
+        for stage in ["ingest", "validate", "augment", "train_head", "finetune", "evaluate"]
+        if f"Running stage '{stage}'" in rerun
+    }
     assert ran == {"finetune", "evaluate"}, rerun
 
 
@@ -116,8 +134,11 @@ def test_a_run_refused_by_the_lock_changes_nothing(trained):
     before = (workspace / "params.yaml").read_bytes()
     with FileLock(str(workspace / LOCK_FILE)):
         with pytest.raises(RuntimeError, match="another training run"):
-            training_flow(workdir=str(workspace), source=str(workspace / "elsewhere"),
-                          overrides=overrides_from_strings(["evaluate.worst_examples=3"]))
+            training_flow(
+                workdir=str(workspace),
+                source=str(workspace / "elsewhere"),
+                overrides=overrides_from_strings(["evaluate.worst_examples=3"]),
+            )
     assert (workspace / "params.yaml").read_bytes() == before
 
 
@@ -127,13 +148,20 @@ def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(traine
 
     workspace, _ = trained
     before = (workspace / "params.yaml").read_bytes()
-    one_off = training_flow(workdir=str(workspace), overrides=overrides_from_strings(["evaluate.worst_examples=2"]),
-                            experiment="fewer-examples")
+    one_off = training_flow(
+        workdir=str(workspace),
+        overrides=overrides_from_strings(["evaluate.worst_examples=2"]),
+        experiment="fewer-examples",
+    )
     assert {s["stage"] for s in one_off["stages"] if s["ran"]} == {"evaluate"}
     assert (workspace / "params.yaml").read_bytes() == before  # never the next run's settings
     shown = json.loads(dvc(workspace, "exp", "show", "--json").stdout)
-    names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])
-             for exp in ([exp] + (exp.get("revs") or []))}
+    names = {
+        exp.get("name")
+        for rev in shown
+        for exp in (rev.get("experiments") or [])
+        for exp in ([exp] + (exp.get("revs") or []))
+    }
     assert "fewer-examples" in json.dumps(shown), names
     # Back on the saved settings, DVC restores evaluate's earlier outputs from its run-cache: that old
     # promotion record was not made by this flow run, so it is neither exported nor announced again.
@@ -155,14 +183,17 @@ def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
         dvc(workspace, "exp", "run", "--queue", "-S", f"evaluate.calibration_bins={bins}", "-n", name)
     dvc(workspace, "queue", "start", "-j", "1")
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and any(s in dvc(workspace, "queue", "status").stdout for s in ("Running", "Queued")):
+    while time.monotonic() < deadline and any(
+        s in dvc(workspace, "queue", "status").stdout for s in ("Running", "Queued")
+    ):
         time.sleep(3)
     status = dvc(workspace, "queue", "status").stdout
     assert status.count("Success") >= 2, status
 
     shown = dvc(workspace, "exp", "show", "--json").stdout
-    experiments = {exp["name"]: exp for rev in json.loads(shown) for exp in (rev.get("experiments") or [])
-                   if exp.get("name")}
+    experiments = {
+        exp["name"]: exp for rev in json.loads(shown) for exp in (rev.get("experiments") or []) if exp.get("name")
+    }
     assert {"bins5", "bins20"} <= set(experiments), shown[:2000]
     for name in ("bins5", "bins20"):
         metrics = experiments[name]["revs"][0]["data"]["metrics"]["metrics.json"]["data"]
@@ -170,11 +201,19 @@ def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
     # Both experiments tracked into the workspace's one MLflow store (not a fresh one in DVC's temp
     # folders), as evaluate runs nested under one parent per experiment; neither registered a model.
     client = mlflow_client(workspace)
-    parents = {run.data.tags.get("dvc_experiment"): run.info.run_id for exp in client.search_experiments()
-               for run in client.search_runs([exp.experiment_id]) if run.data.tags.get("dvc_experiment")}
+    parents = {
+        run.data.tags.get("dvc_experiment"): run.info.run_id
+        for exp in client.search_experiments()
+        for run in client.search_runs([exp.experiment_id])
+        if run.data.tags.get("dvc_experiment")
+    }
     assert {"bins5", "bins20"} <= set(parents), parents
-    nested = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])
-              if run.data.tags.get("mlflow.parentRunId") in (parents["bins5"], parents["bins20"])]
+    nested = [
+        run
+        for exp in client.search_experiments()
+        for run in client.search_runs([exp.experiment_id])
+        if run.data.tags.get("mlflow.parentRunId") in (parents["bins5"], parents["bins20"])
+    ]
     assert {run.data.tags.get("stage") for run in nested} == {"evaluate"}
     assert len(client.search_model_versions("name='image-classifier'")) == versions_before
 

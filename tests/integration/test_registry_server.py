@@ -44,9 +44,18 @@ def evaluated(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         mp.setenv("TP_PREFECT_FLOW_RUN_ID", "flow-run-42")
         params = parse_params({"evaluate": {"batch_size": 8, "worst_examples": 2, "promotion": {"min_accuracy": 0.0}}})
         manifest = write_manifest(ws)
-        results = [run_evaluate(params, manifest, make_model_dir(ws / quality, quality=quality), None,
-                                ws / "reports" / "evaluate", ws / "metrics.json", ws)
-                   for quality in ("good", "bad")]
+        results = [
+            run_evaluate(
+                params,
+                manifest,
+                make_model_dir(ws / quality, quality=quality),
+                None,
+                ws / "reports" / "evaluate",
+                ws / "metrics.json",
+                ws,
+            )
+            for quality in ("good", "bad")
+        ]
         promotion = (ws / "reports" / "evaluate" / "promotion.json").read_text()
     mlflow.set_tracking_uri(f"http://{server}")  # the same server, without credentials, for reading back
     yield {"results": results, "promotion_json": promotion, "ws": ws}
@@ -57,7 +66,10 @@ def test_champion_stays_when_a_worse_model_arrives(evaluated: dict[str, Any]) ->
     first, second = evaluated["results"]
     assert first.promoted and not second.promoted
     client = MlflowClient()
-    assert {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()} == {"champion": "1", "challenger": "2"}
+    assert {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()} == {
+        "champion": "1",
+        "challenger": "2",
+    }
     tags = client.get_model_version(NAME, "2").tags
     assert tags["promotion.decision"] == "rejected" and "champion v1 re-scored" in tags["promotion.reasons"]
     assert tags["prefect_flow_run_id"] == "flow-run-42" and tags["params_sha256"]

@@ -35,14 +35,32 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mp.chdir(ws)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         manifest = write_manifest(ws)
-        params = parse_params({"evaluate": {"batch_size": 8, "worst_examples": 2,
-                                            "serving": {"max_images_per_request": 3, "max_request_bytes": 60_000}}})
+        params = parse_params(
+            {
+                "evaluate": {
+                    "batch_size": 8,
+                    "worst_examples": 2,
+                    "serving": {"max_images_per_request": 3, "max_request_bytes": 60_000},
+                }
+            }
+        )
         run_evaluate(params, manifest, make_model_dir(ws / "model"), None, ws / "reports", ws / "metrics.json", ws)
     mlflow.set_tracking_uri(None)
     port = free_port()
     log = ws / "serve.log"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/image-classifier@champion",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/image-classifier@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     # The scoring server runs `uvicorn` by name: the virtualenv's bin must be on PATH, as when activated.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -72,8 +90,9 @@ def test_served_champion_labels_base64_images(served: dict[str, Any]) -> None:
 
 
 def test_served_model_rejects_a_non_image_with_a_readable_error(served: dict[str, Any]) -> None:
-    reply = requests.post(served["url"], json={"dataframe_split": {"columns": ["image"], "data": [["hello"]]}},
-                          timeout=60)
+    reply = requests.post(
+        served["url"], json={"dataframe_split": {"columns": ["image"], "data": [["hello"]]}}, timeout=60
+    )
     assert reply.status_code == 400
     assert "image row 0: not a usable image" in reply.text
 
@@ -81,7 +100,12 @@ def test_served_model_rejects_a_non_image_with_a_readable_error(served: dict[str
 def test_a_server_file_path_gets_the_generic_error_whether_or_not_it_exists(served: dict[str, Any]) -> None:
     existing_image = sorted((served["ws"] / "images").glob("*/test_0.jpg"))[0]
     replies = []
-    for value in (str(existing_image), str(served["ws"] / "images" / "missing.jpg"), "/etc/passwd", "/etc/nothing-here"):
+    for value in (
+        str(existing_image),
+        str(served["ws"] / "images" / "missing.jpg"),
+        "/etc/passwd",
+        "/etc/nothing-here",
+    ):
         reply = requests.post(served["url"], json={"inputs": {"image": [value]}}, timeout=60)
         replies.append((reply.status_code, reply.text))
     assert len(set(replies)) == 1, replies  # byte-identical: nothing tells what exists on the server
@@ -101,8 +125,10 @@ def test_served_model_enforces_the_stored_request_limits(served: dict[str, Any])
 def test_documented_curl_request_answers(served: dict[str, Any], tmp_path: Path) -> None:
     """The two commands of docs/serving.md, as written there (port and file swapped in)."""
     image = served["ws"] / "images" / "beta" / "test_1.jpg"
-    script = (f"""printf '{{"dataframe_split": {{"columns": ["image"], "data": [["%s"]]}}}}' "$(base64 -w0 {image})" """
-              f"""> request.json\ncurl -s -X POST {served['url']} -H 'Content-Type: application/json' --data @request.json""")
+    script = (
+        f"""printf '{{"dataframe_split": {{"columns": ["image"], "data": [["%s"]]}}}}' "$(base64 -w0 {image})" """
+        f"""> request.json\ncurl -s -X POST {served["url"]} -H 'Content-Type: application/json' --data @request.json"""
+    )
     assert "--data @request.json" in (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
     reply = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(reply.stdout)["predictions"][0]["label"] == "beta"

@@ -29,8 +29,6 @@ SECRET = "s3cr3t-token"
 MODEL_NAME = "image-classifier"
 
 
-
-
 def run(cmd: list[str], ws: Path, env: dict[str, str]) -> dict[str, Any]:
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=1200)
@@ -56,8 +54,12 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store = root / "server"
     store.mkdir()
     port = free_port()
-    ws = make_tiny_workspace(root / "ws", make_classes(root / "source", {"alpha": 12, "beta": 12}),
-                             **FAULT_SETTINGS, tracking={"retry_attempts": 2, "retry_backoff_s": 0.5})
+    ws = make_tiny_workspace(
+        root / "ws",
+        make_classes(root / "source", {"alpha": 12, "beta": 12}),
+        **FAULT_SETTINGS,
+        tracking={"retry_attempts": 2, "retry_backoff_s": 0.5},
+    )
     env = stage_env(MLFLOW_TRACKING_URI=f"http://ci-user:{SECRET}@127.0.0.1:{port}")
     dvc = str(Path(sys.executable).parent / "dvc")
     facts: dict[str, Any] = {"ws": ws, "store": store, "port": port}
@@ -73,10 +75,18 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     facts["evaluate_down"] = run([dvc, "repro"], ws, env)
     facts["model_sha_after_outage"] = sha256(ws / "models" / "finetune" / "model.keras")
     down = root / "down"
-    facts["train_head_down"] = run(stage_cmd(ws, "train_head", **{"--out-dir": str(down / "head"),
-                                                                  "--report-dir": str(down / "reports_head")}), ws, env)
-    facts["finetune_down"] = run(stage_cmd(ws, "finetune", **{"--out-dir": str(down / "finetune"),
-                                                              "--report-dir": str(down / "reports_finetune")}), ws, env)
+    facts["train_head_down"] = run(
+        stage_cmd(ws, "train_head", **{"--out-dir": str(down / "head"), "--report-dir": str(down / "reports_head")}),
+        ws,
+        env,
+    )
+    facts["finetune_down"] = run(
+        stage_cmd(
+            ws, "finetune", **{"--out-dir": str(down / "finetune"), "--report-dir": str(down / "reports_finetune")}
+        ),
+        ws,
+        env,
+    )
     facts["down_dir"] = down
     for key in ("trained", "evaluate_down", "train_head_down", "finetune_down"):
         (root / f"{key}.log").write_text(facts[key]["out"])  # kept with the test's tmp dir, for reading
@@ -97,8 +107,10 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_evaluate_retries_then_names_the_redacted_server_and_keeps_the_model(outage: dict[str, Any]) -> None:
     result, port = outage["evaluate_down"], outage["port"]
     assert result["code"] != 0
-    assert (f"evaluate: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server after 2 attempts: "
-            f"connection refused: 127.0.0.1:{port}") in result["out"], result["out"][-3000:]
+    assert (
+        f"evaluate: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server after 2 attempts: "
+        f"connection refused: 127.0.0.1:{port}"
+    ) in result["out"], result["out"][-3000:]
     assert "rerun this stage (dvc repro evaluate) once MLflow answers, no retraining needed" in result["out"]
     assert "Running stage 'finetune'" not in result["out"]
     assert outage["model_sha_after_outage"] == outage["model_sha"]
@@ -110,8 +122,10 @@ def test_training_stages_refuse_to_start_while_the_server_is_down(outage: dict[s
         result = outage[f"{stage}_down"]
         assert result["code"] == 1, result["out"][-3000:]
         last = result["out"].strip().splitlines()[-1]
-        assert last == (f"{stage}: error: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server "
-                        f"after 2 attempts: connection refused: 127.0.0.1:{port}"), result["out"][-3000:]
+        assert last == (
+            f"{stage}: error: MLflow at http://***@127.0.0.1:{port} failed to reach the tracking server "
+            f"after 2 attempts: connection refused: 127.0.0.1:{port}"
+        ), result["out"][-3000:]
         assert "Traceback" not in result["out"] and "Epoch 1/" not in result["out"]  # failed before training
         assert not (outage["down_dir"] / stage).exists()
 
@@ -136,8 +150,13 @@ def test_the_secret_in_the_tracking_uri_is_stored_and_shown_nowhere(outage: dict
     for key in ("trained", "evaluate_down", "train_head_down", "finetune_down", "recovered"):
         assert SECRET not in outage[key]["out"], key
     ws = outage["ws"]
-    files = [ws / "dvc.lock", ws / "metrics.json", ws / "params.yaml", *(ws / "reports").rglob("*"),
-             *(ws / "models").rglob("*.json")]
+    files = [
+        ws / "dvc.lock",
+        ws / "metrics.json",
+        ws / "params.yaml",
+        *(ws / "reports").rglob("*"),
+        *(ws / "models").rglob("*.json"),
+    ]
     # everything the server stored: its database (params, tags, metrics) and every artifact
     files += [p for p in outage["store"].rglob("*") if p.suffix != ".log"]
     leaks = [str(p) for p in files if p.is_file() and SECRET.encode() in p.read_bytes()]

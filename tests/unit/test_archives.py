@@ -47,8 +47,14 @@ def metadata_bomb(path: Path, kind: bytes, size: int) -> Path:
 
 def _ingest(tmp_path: Path, archive: Path):
     ws = tmp_path / "ws"
-    return run_ingest(ingest_config(archive), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
-                      ws / "reports" / "ingest.json", 10_000_000)
+    return run_ingest(
+        ingest_config(archive),
+        42,
+        ws / "data" / "raw",
+        ws / "data" / "manifest.csv",
+        ws / "reports" / "ingest.json",
+        10_000_000,
+    )
 
 
 @pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE])

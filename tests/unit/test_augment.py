@@ -45,9 +45,14 @@ def test_saved_pipeline_reloads_and_repeats_the_same_augmentations_for_a_seed(tm
 
 def test_stage_writes_the_policy_and_a_preview_of_training_images(tmp_path: Path):
     manifest = write_manifest(tmp_path)
-    result = run_augment(AugmentConfig(preview_images=6), seed=1, image_size=64, manifest=manifest,
-                         policy_out=tmp_path / "models/augment/policy.json",
-                         preview=tmp_path / "reports/augment/preview.png")
+    result = run_augment(
+        AugmentConfig(preview_images=6),
+        seed=1,
+        image_size=64,
+        manifest=manifest,
+        policy_out=tmp_path / "models/augment/policy.json",
+        preview=tmp_path / "reports/augment/preview.png",
+    )
     assert result.transforms == 3 and result.preview_images == 6
     reloaded = load_pipeline(result.policy_path, seed=0)
     assert [type(t).__name__ for t in reloaded.transforms] == ["HorizontalFlip", "Affine", "RandomBrightnessContrast"]
@@ -58,8 +63,18 @@ def test_cli_reports_a_bad_policy_without_a_traceback(tmp_path: Path, capsys: py
     manifest = write_manifest(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"augment": {"policy": [{"RandomCropp": {"height": 8, "width": 8}}]}}))
-    code = main(["--params", str(params), "--manifest", str(manifest), "--policy-out", str(tmp_path / "p.json"),
-                 "--preview", str(tmp_path / "preview.png")])
+    code = main(
+        [
+            "--params",
+            str(params),
+            "--manifest",
+            str(manifest),
+            "--policy-out",
+            str(tmp_path / "p.json"),
+            "--preview",
+            str(tmp_path / "preview.png"),
+        ]
+    )
     assert code == 2
     assert "augment.policy[0]" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()

@@ -44,8 +44,14 @@ def test_saved_model_loads_in_safe_mode_and_takes_raw_images_of_another_size(tmp
 
 
 def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_model_inside(tmp_path: Path):
-    from components.backbones import (build_classifier, feature_extractor, flip_views, plain_classifier,
-                                      uses_flip_tta, with_flip_tta)
+    from components.backbones import (
+        build_classifier,
+        feature_extractor,
+        flip_views,
+        plain_classifier,
+        uses_flip_tta,
+        with_flip_tta,
+    )
     from components.data import load_keras_model
 
     model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
@@ -65,8 +71,9 @@ def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_mo
     single = plain_classifier(loaded)
     assert plain_classifier(model) is model and single.get_layer("backbone") is not None
     np.testing.assert_allclose(single.predict(raw, verbose=0), plain, atol=1e-6)
-    np.testing.assert_allclose(feature_extractor(loaded).predict(raw, verbose=0),
-                               feature_extractor(model).predict(raw, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        feature_extractor(loaded).predict(raw, verbose=0), feature_extractor(model).predict(raw, verbose=0), atol=1e-5
+    )
 
 
 def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(tmp_path: Path):
@@ -89,8 +96,9 @@ def test_every_registered_backbone_builds_a_classifier(backbone: str):
     from components.backbones import build_classifier
 
     alpha = 0.25 if backbone == "mobilenet" else None
-    model, base = build_classifier(ModelConfig(backbone=backbone, alpha=alpha, image_size=32, weights="none"), 4,
-                                   TrainHeadConfig(hidden_units=8))
+    model, base = build_classifier(
+        ModelConfig(backbone=backbone, alpha=alpha, image_size=32, weights="none"), 4, TrainHeadConfig(hidden_units=8)
+    )
     probs = model.predict(np.zeros((1, 40, 40, 3), "float32"), verbose=0)
     assert probs.shape == (1, 4)
     assert not base.trainable

@@ -71,7 +71,8 @@ def test_bad_inputs_are_refused_and_nan_rows_ignored() -> None:
     with_nan = logits.copy()
     with_nan[0] = np.nan
     assert calibration.fit_temperature(with_nan, labels) == pytest.approx(
-        calibration.fit_temperature(logits[1:], labels[1:]), rel=1e-6)
+        calibration.fit_temperature(logits[1:], labels[1:]), rel=1e-6
+    )
     assert calibration.fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
 
 
@@ -116,9 +117,11 @@ def test_with_two_views_the_temperature_fits_the_mean_of_their_softmaxes() -> No
     assert one_view == pytest.approx(calibration.fit_temperature(views[0], labels))  # (1, n, c) is (n, c)
 
     temperature = calibration.fit_temperature(views, labels)
+
     def nll(t: float) -> float:  # the definition, written out: mean -log of the averaged probabilities
         p = (calibration.softmax(views[0] / t) + calibration.softmax(views[1] / t)) / 2
         return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+
     best = minimize_scalar(nll, bounds=(0.05, 20), method="bounded").x
     assert temperature == pytest.approx(best, rel=1e-2)
     assert calibration.negative_log_likelihood(views, labels, temperature) == pytest.approx(nll(temperature), rel=1e-9)

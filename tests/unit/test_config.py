@@ -123,16 +123,23 @@ def test_params_yaml_states_exactly_the_model_defaults():
     # One default per setting: deleting a key from params.yaml must not change the run.
     shipped = load_params(REPO / "params.yaml").model_dump()
     defaults = Params().model_dump()
-    differing = {f"{section}.{key}": (shipped[section][key], defaults[section][key])
-                 for section in defaults for key in defaults[section] if shipped[section][key] != defaults[section][key]}
+    differing = {
+        f"{section}.{key}": (shipped[section][key], defaults[section][key])
+        for section in defaults
+        for key in defaults[section]
+        if shipped[section][key] != defaults[section][key]
+    }
     assert not differing, f"params.yaml vs components/config.py defaults (yaml, code): {differing}"
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    ({"finetune": {"epochs": True}}, "finetune.epochs"),
-    ({"train_head": {"learning_rate": False}}, "train_head.learning_rate"),
-    ({"validate": {"max_pixels": 1e15}}, "validate.max_pixels"),
-])
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"finetune": {"epochs": True}}, "finetune.epochs"),
+        ({"train_head": {"learning_rate": False}}, "train_head.learning_rate"),
+        ({"validate": {"max_pixels": 1e15}}, "validate.max_pixels"),
+    ],
+)
 def test_booleans_and_absurd_limits_are_refused_by_key(raw, key):
     with pytest.raises(ParamsError, match=rf"'{key}'"):
         parse_params(raw)
@@ -149,9 +156,16 @@ def test_booleans_stay_valid_where_a_boolean_is_expected():
 
 
 def test_unquoted_on_and_off_mean_the_words_where_a_field_takes_them():
-    params = parse_params(yaml.safe_load("validate:\n  near_duplicates:\n    policy: off\ntrain_head:\n  label_issues:\n    action: off\n"))
+    params = parse_params(
+        yaml.safe_load(
+            "validate:\n  near_duplicates:\n    policy: off\ntrain_head:\n  label_issues:\n    action: off\n"
+        )
+    )
     assert params.validate.near_duplicates.policy == "off" and params.train_head.label_issues.action == "off"
-    both = parse_params(yaml.safe_load("finetune:\n  flip_tta: on\n")), parse_params(yaml.safe_load("finetune:\n  flip_tta: off\n"))
+    both = (
+        parse_params(yaml.safe_load("finetune:\n  flip_tta: on\n")),
+        parse_params(yaml.safe_load("finetune:\n  flip_tta: off\n")),
+    )
     assert [p.finetune.flip_tta for p in both] == ["on", "off"]  # YAML 1.1 reads on/off as booleans
     with pytest.raises(ParamsError, match="boolean"):
         parse_params(yaml.safe_load("finetune:\n  epochs: on\n"))

@@ -59,8 +59,12 @@ def params_read(module: str) -> set[str]:
     reads: set[str] = set()
     parents = {child: node for node in ast.walk(tree(module)) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree(module)):
-        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params"
-                and node.attr in SECTIONS) or isinstance(parents.get(node), ast.Attribute):
+        if not (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "params"
+            and node.attr in SECTIONS
+        ) or isinstance(parents.get(node), ast.Attribute):
             continue  # `params.a.b` is counted below, by key
         call = parents.get(node)
         reader = ast.unparse(call.func) if isinstance(call, ast.Call) else ""
@@ -91,7 +95,9 @@ def covered(read: str, listed: set[str]) -> bool:
 def test_code_deps_are_exactly_the_modules_the_stage_imports(stage: str) -> None:
     expected = {f"{m.replace('.', '/')}.py" for m in closure(f"components.{stage}")}
     listed = {d for d in DVC["stages"][stage]["deps"] if d.startswith("components/")}
-    assert listed == expected, f"dvc.yaml stage {stage}: missing {sorted(expected - listed)}, extra {sorted(listed - expected)}"
+    assert listed == expected, (
+        f"dvc.yaml stage {stage}: missing {sorted(expected - listed)}, extra {sorted(listed - expected)}"
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -109,19 +115,31 @@ def test_every_file_on_the_command_line_is_a_dep_or_an_out(stage: str) -> None:
     outs |= {next(iter(p)) if isinstance(p, dict) else p for p in spec.get("plots", [])}
     deps = set(spec["deps"])
     paths = [t for t in spec["cmd"].split() if "/" in t and not t.startswith("-") and not t.startswith("components.")]
-    stray = [p for p in paths if p not in deps and not any(p == o or p.startswith(o.rstrip("/") + "/") or o.startswith(p.rstrip("/") + "/") for o in outs)]
+    stray = [
+        p
+        for p in paths
+        if p not in deps
+        and not any(p == o or p.startswith(o.rstrip("/") + "/") or o.startswith(p.rstrip("/") + "/") for o in outs)
+    ]
     assert not stray, f"stage {stage}: {stray} on its command line are neither deps nor outs"
 
 
 def test_no_stage_reads_dvc_lock() -> None:
-    readers = [m for m in sorted(set().union(*(closure(f"components.{s}") for s in STAGES)))
-               if "dvc.lock" in (REPO / (m.replace(".", "/") + ".py")).read_text()]
+    readers = [
+        m
+        for m in sorted(set().union(*(closure(f"components.{s}") for s in STAGES)))
+        if "dvc.lock" in (REPO / (m.replace(".", "/") + ".py")).read_text()
+    ]
     assert not readers, f"modules that read dvc.lock: {readers}"
 
 
 def test_no_stage_imports_another_stage() -> None:
-    offenders = {s: sorted(m for m in imported_components(f"components.{s}") if m.split(".")[1] in STAGES and m != f"components.{s}")
-                 for s in STAGES}
+    offenders = {
+        s: sorted(
+            m for m in imported_components(f"components.{s}") if m.split(".")[1] in STAGES and m != f"components.{s}"
+        )
+        for s in STAGES
+    }
     assert not any(offenders.values()), offenders
 
 
@@ -134,7 +152,7 @@ def test_components_have_no_import_cycles() -> None:
         state[node] = 1
         for dep in graph.get(node, ()):
             if state.get(dep) == 1:
-                pytest.fail(f"import cycle: {' -> '.join(path[path.index(dep):] + [dep]) if dep in path else dep}")
+                pytest.fail(f"import cycle: {' -> '.join(path[path.index(dep) :] + [dep]) if dep in path else dep}")
             if dep not in state:
                 visit(dep, path + [dep])
         state[node] = 2
@@ -145,5 +163,9 @@ def test_components_have_no_import_cycles() -> None:
 
 
 def test_components_never_import_prefect() -> None:
-    users = [p.name for p in (REPO / "components").glob("*.py") if re.search(r"^\s*(from|import) prefect", p.read_text(), re.M)]
+    users = [
+        p.name
+        for p in (REPO / "components").glob("*.py")
+        if re.search(r"^\s*(from|import) prefect", p.read_text(), re.M)
+    ]
     assert not users, users

@@ -46,8 +46,9 @@ def test_batches_are_float32_pixels_in_0_255_with_integer_labels(manifest: Path)
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_training_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(manifest: Path, tmp_path: Path,
-                                                                                cache: bool):
+def test_training_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(
+    manifest: Path, tmp_path: Path, cache: bool
+):
     policy = write_policy(tmp_path / "policy.json")
     data = load_split(manifest, "train")
     ds = make_dataset(data, 64, 4, policy_path=policy, training=True, seed=11, cache=cache)
@@ -57,8 +58,9 @@ def test_training_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(m
     assert not np.array_equal(epoch1, epoch2)
 
 
-def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(manifest: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch):
+def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(
+    manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     from components import transforms
 
     loads = []
@@ -86,6 +88,7 @@ def test_16_bit_grayscale_keeps_its_brightness(tmp_path):
 
 
 # --- the keras.utils.PyDataset input (backends other than TensorFlow) -----------------------------
+
 
 def _all(batches) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = zip(*[batches[i] for i in range(len(batches))])

@@ -3,6 +3,7 @@
 The server answers `prefect deploy` with a 422 when a default no longer fits the flow's signature;
 this finds that without a server (it once shipped as `overrides: []` against a settings object).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

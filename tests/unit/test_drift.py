@@ -29,11 +29,21 @@ def embeddings(per_class: int, seed: int, shift: float = 0.0) -> tuple[np.ndarra
 
 def reference(per_class: int = 60) -> drift.Reference:
     x, y = embeddings(per_class, seed=1)
-    return drift.build_reference(x, y, CLASSES, [f"{i:064x}" for i in range(len(y))], confidence=0.9,
-                                 per_class=40, seed=0, meta={"data_version": "v1"})
+    return drift.build_reference(
+        x,
+        y,
+        CLASSES,
+        [f"{i:064x}" for i in range(len(y))],
+        confidence=0.9,
+        per_class=40,
+        seed=0,
+        meta={"data_version": "v1"},
+    )
 
 
-def compare(x: np.ndarray, y: np.ndarray, policy: str = "on_drift", probs: np.ndarray | None = None) -> drift.DriftReport:
+def compare(
+    x: np.ndarray, y: np.ndarray, policy: str = "on_drift", probs: np.ndarray | None = None
+) -> drift.DriftReport:
     return drift.compare(reference(), x, [CLASSES[i] for i in y], probs, DriftConfig(policy=policy, permutations=200))
 
 
@@ -73,9 +83,17 @@ def test_a_confidence_drop_counts_as_drift():
     assert report.confidence["drop"] == pytest.approx(0.9 - 1 / 3, abs=1e-3) and report.drifted
 
 
-@pytest.mark.parametrize(("policy", "drifted", "expected"), [
-    ("always", False, True), ("always", True, True), ("on_drift", False, False), ("on_drift", True, True),
-    ("alert", True, False), ("alert", False, False)])
+@pytest.mark.parametrize(
+    ("policy", "drifted", "expected"),
+    [
+        ("always", False, True),
+        ("always", True, True),
+        ("on_drift", False, False),
+        ("on_drift", True, True),
+        ("alert", True, False),
+        ("alert", False, False),
+    ],
+)
 def test_policy_decides_the_retrain(policy, drifted, expected):
     assert drift.decide(policy, 10, drifted, [])[0] is expected
     assert drift.decide(policy, 0, drifted, [])[0] is False  # nothing new: nothing to retrain on
@@ -93,12 +111,14 @@ def test_reference_round_trips_without_pickle(tmp_path: Path):
 
 # --- through train_head and a model ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     from tests.modelkit import tiny_params, train_tiny_head
 
-    params = tiny_params(train_head={"label_issues": {"folds": 3}}, drift={"reference_per_class": 8,
-                                                                            "sample_per_class": 20})
+    params = tiny_params(
+        train_head={"label_issues": {"folds": 3}}, drift={"reference_per_class": 8, "sample_per_class": 20}
+    )
     return {**train_tiny_head(tmp_path_factory.mktemp("drift"), params), "params": params}
 
 
@@ -127,8 +147,9 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
     rows = []
     for i in range(20):  # new grey pictures, unlike the red/green training colours
         path = write_image(tmp_path / "new" / f"g{i}.jpg", size=(70, 60), color=(128, 128, 128), seed=500 + i)
-        rows.append({**frame.iloc[0].to_dict(), "path": str(path), "label": "alpha", "split": "test",
-                     "sha256": f"f{i:063d}"})
+        rows.append(
+            {**frame.iloc[0].to_dict(), "path": str(path), "label": "alpha", "split": "test", "sha256": f"f{i:063d}"}
+        )
     manifest = tmp_path / "new.csv"
     pd.concat([frame, pd.DataFrame(rows)]).to_csv(manifest, index=False)
     report = drift_check.run_drift(params, manifest, root / "models/head", tmp_path / "drift.json")

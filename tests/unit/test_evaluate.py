@@ -33,13 +33,19 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def settings(**promotion: float) -> Params:
-    return parse_params({"evaluate": {"batch_size": 8, "worst_examples": 4, "promotion": promotion},
-                         "tracking": {"retry_attempts": 2, "retry_backoff_s": 0}})
+    return parse_params(
+        {
+            "evaluate": {"batch_size": 8, "worst_examples": 4, "promotion": promotion},
+            "tracking": {"retry_attempts": 2, "retry_backoff_s": 0},
+        }
+    )
 
 
 def evaluate_model(ws: Path, model_dir: Path, params: Params | None = None, manifest: Path | None = None) -> Any:
     manifest = manifest or (ws / "validated.csv" if (ws / "validated.csv").exists() else write_manifest(ws))
-    return run_evaluate(params or settings(), manifest, model_dir, None, ws / "reports" / "evaluate", ws / "metrics.json", ws)
+    return run_evaluate(
+        params or settings(), manifest, model_dir, None, ws / "reports" / "evaluate", ws / "metrics.json", ws
+    )
 
 
 def aliases() -> dict[str, str]:
@@ -65,8 +71,11 @@ def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) 
         assert tags[key], key
     assert tags["finetune_run_id"] == "finetune-run" and tags["backbone"] == "tiny_colour"
     # Data versions come from the hand-off files (ingest report, validation summary, run.json), not dvc.lock.
-    assert (tags["data_version"], tags["validated_version"], tags["model_data_version"]) == \
-        ("ingest-v1", "validated-v1", "data-v1")
+    assert (tags["data_version"], tags["validated_version"], tags["model_data_version"]) == (
+        "ingest-v1",
+        "validated-v1",
+        "data-v1",
+    )
     assert "data_raw_md5" not in tags
     assert tags[registry.SHA256_TAG] == json.loads((model_dir / "run.json").read_text())["model_sha256"]
 
@@ -137,8 +146,11 @@ def test_threshold_failure_blocks_even_the_first_model(workspace: Path) -> None:
 
 
 def test_champion_with_another_class_set_keeps_its_place_unless_allowed(workspace: Path) -> None:
-    evaluate_model(workspace, make_model_dir(workspace / "two", classes=["alpha", "beta"]),
-                   manifest=write_manifest(workspace / "old", classes=["alpha", "beta"]))
+    evaluate_model(
+        workspace,
+        make_model_dir(workspace / "two", classes=["alpha", "beta"]),
+        manifest=write_manifest(workspace / "old", classes=["alpha", "beta"]),
+    )
     new = write_manifest(workspace / "new")
     refused = evaluate_model(workspace, make_model_dir(workspace / "three"), manifest=new)
 
@@ -185,10 +197,11 @@ def test_model_with_nan_outputs_is_never_promoted(workspace: Path) -> None:
     assert json.loads((workspace / "metrics.json").read_text())["non_finite_rows"] == 12
 
 
-def test_champion_alias_is_not_moved_if_it_changed_during_evaluation(workspace: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_champion_alias_is_not_moved_if_it_changed_during_evaluation(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lenient = settings(min_accuracy=0.0)
-    evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), lenient)   # v1 champion
+    evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), lenient)  # v1 champion
     evaluate_model(workspace, make_model_dir(workspace / "awful", quality="awful"), lenient)  # v2, rejected
     real_rescore = registry.rescore_champion
 
@@ -208,8 +221,9 @@ def test_champion_alias_is_not_moved_if_it_changed_during_evaluation(workspace: 
     assert not PromotionRecord.read(workspace / "reports" / "evaluate" / "promotion.json").promoted
 
 
-def test_challenger_alias_moves_only_after_the_reports_are_logged(workspace: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_challenger_alias_moves_only_after_the_reports_are_logged(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     evaluate_model(workspace, make_model_dir(workspace / "good"))
 
     def upload_fails(*args: Any, **kwargs: Any) -> None:
@@ -222,7 +236,8 @@ def test_challenger_alias_moves_only_after_the_reports_are_logged(workspace: Pat
 
 
 def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model(
-        workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     model_dir = make_model_dir(workspace / "models" / "finetune")
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     manifest = write_manifest(workspace)
@@ -233,8 +248,22 @@ def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries: seconds each
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
-    code = evaluate.main(["--params", str(params_file), "--manifest", str(manifest), "--model-dir", str(model_dir),
-                          "--head-dir", "models/head", "--report-dir", "reports/evaluate", "--metrics", "metrics.json"])
+    code = evaluate.main(
+        [
+            "--params",
+            str(params_file),
+            "--manifest",
+            str(manifest),
+            "--model-dir",
+            str(model_dir),
+            "--head-dir",
+            "models/head",
+            "--report-dir",
+            "reports/evaluate",
+            "--metrics",
+            "metrics.json",
+        ]
+    )
 
     err = capsys.readouterr().err
     assert code == 1
@@ -244,16 +273,31 @@ def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model
     assert not (workspace / "reports" / "evaluate").exists() and not (workspace / "metrics.json").exists()
 
 
-def test_cli_reports_a_missing_model_instead_of_a_traceback(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_a_missing_model_instead_of_a_traceback(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (workspace / "params.yaml").write_text("{}\n")
-    code = evaluate.main(["--params", "params.yaml", "--manifest", str(write_manifest(workspace)),
-                          "--model-dir", "models/nothing", "--report-dir", "r", "--metrics", "m.json"])
+    code = evaluate.main(
+        [
+            "--params",
+            "params.yaml",
+            "--manifest",
+            str(write_manifest(workspace)),
+            "--model-dir",
+            "models/nothing",
+            "--report-dir",
+            "r",
+            "--metrics",
+            "m.json",
+        ]
+    )
     assert code == 2
     assert "not found: run the training stages first" in capsys.readouterr().err
 
 
-def test_a_dvc_experiment_registers_nothing_unless_its_settings_say_so(workspace: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dvc_experiment_registers_nothing_unless_its_settings_say_so(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), settings(min_accuracy=0.0))  # v1
     monkeypatch.setenv("DVC_EXP_NAME", "exp-lr")
     quiet = evaluate_model(workspace, make_model_dir(workspace / "good"))
@@ -263,8 +307,12 @@ def test_a_dvc_experiment_registers_nothing_unless_its_settings_say_so(workspace
     assert record.version == "" and "register_model is off" in record.reasons[0]
     assert MlflowClient().get_run(quiet.run_id).data.metrics["accuracy"] == 1.0  # the run and its metrics are kept
 
-    params = parse_params({"evaluate": {"batch_size": 8, "worst_examples": 4, "experiments": {"register_model": True}},
-                           "tracking": {"retry_attempts": 2, "retry_backoff_s": 0}})
+    params = parse_params(
+        {
+            "evaluate": {"batch_size": 8, "worst_examples": 4, "experiments": {"register_model": True}},
+            "tracking": {"retry_attempts": 2, "retry_backoff_s": 0},
+        }
+    )
     registered = evaluate_model(workspace, make_model_dir(workspace / "good"), params)
     assert not registered.promoted and aliases() == {"champion": "1", "challenger": "2"}
     assert "evaluate.experiments.promote is off" in version_tags("2")["promotion.reasons"]
@@ -274,8 +322,9 @@ def evaluation_run_model(run_id: str) -> Any:
     """The LoggedModel the evaluation run logged (MLflow 3's Models tab)."""
     client = MlflowClient()
     run = client.get_run(run_id)
-    models = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
-              if m.source_run_id == run_id]
+    models = [
+        m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id]) if m.source_run_id == run_id
+    ]
     assert len(models) == 1
     return client.get_logged_model(models[0].model_id)
 
@@ -333,11 +382,25 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
 def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(workspace: Path) -> None:
     manifest = write_manifest(workspace)
     model_dir = make_model_dir(workspace / "models" / "finetune", quality="bad")
-    (workspace / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"batch_size": 8, "worst_examples": 4,
-                                                                        "promotion": {"min_accuracy": 0.0}}}))
-    code = evaluate.main(["--params", "params.yaml", "--manifest", str(manifest), "--model-dir", str(model_dir),
-                          "--report-dir", "reports/evaluate", "--metrics", "metrics.json",
-                          "--predictions", "reports/test_predictions.csv"])
+    (workspace / "params.yaml").write_text(
+        yaml.safe_dump({"evaluate": {"batch_size": 8, "worst_examples": 4, "promotion": {"min_accuracy": 0.0}}})
+    )
+    code = evaluate.main(
+        [
+            "--params",
+            "params.yaml",
+            "--manifest",
+            str(manifest),
+            "--model-dir",
+            str(model_dir),
+            "--report-dir",
+            "reports/evaluate",
+            "--metrics",
+            "metrics.json",
+            "--predictions",
+            "reports/test_predictions.csv",
+        ]
+    )
     assert code == 0
     rows = read_predictions(workspace / "reports" / "test_predictions.csv")
     assert list(rows[0]) == ["path", "actual", "predicted", "probability"]
@@ -351,8 +414,16 @@ def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(wo
 
 
 def test_predictions_table_marks_non_finite_outputs(workspace: Path) -> None:
-    run_evaluate(settings(min_accuracy=0.0), write_manifest(workspace), make_model_dir(workspace / "nan", quality="nan"),
-                 None, workspace / "reports", workspace / "metrics.json", workspace, predictions_path=workspace / "p.csv")
+    run_evaluate(
+        settings(min_accuracy=0.0),
+        write_manifest(workspace),
+        make_model_dir(workspace / "nan", quality="nan"),
+        None,
+        workspace / "reports",
+        workspace / "metrics.json",
+        workspace,
+        predictions_path=workspace / "p.csv",
+    )
     rows = read_predictions(workspace / "p.csv")
     assert len(rows) == 12 and {r["predicted"] for r in rows} == {"(no prediction)"}
     assert {r["probability"] for r in rows} == {""}

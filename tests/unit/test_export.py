@@ -15,8 +15,20 @@ from tests.evalkit import make_model_dir, write_manifest
 def test_tflite_export_agrees_with_keras_and_reports_it(tmp_path: Path, flip_tta: bool) -> None:
     model_dir = make_model_dir(tmp_path / "model", flip_tta=flip_tta)
     manifest = write_manifest(tmp_path)
-    code = export.main(["--model-dir", str(model_dir), "--out-dir", str(tmp_path / "export"),
-                        "--manifest", str(manifest), "--split", "test", "--samples", "6"])
+    code = export.main(
+        [
+            "--model-dir",
+            str(model_dir),
+            "--out-dir",
+            str(tmp_path / "export"),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "test",
+            "--samples",
+            "6",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "export" / "export.json").read_text())
     assert report["n_samples"] == 6

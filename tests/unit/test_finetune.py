@@ -34,16 +34,26 @@ def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
     import keras
 
     backbone = plain_classifier(model).get_layer("backbone")
-    return {layer.name: [np.array(layer.moving_mean), np.array(layer.moving_variance)]
-            for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    return {
+        layer.name: [np.array(layer.moving_mean), np.array(layer.moving_variance)]
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
 
 
 def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, tracking, tmp_path: Path):
     import keras
 
     before = keras.models.load_model(head["root"] / "models/head/model.keras")
-    result = run_finetune(tiny_params(), head["manifest"], head["policy"], head["root"] / "models/head",
-                          tmp_path / "models/finetune", tmp_path / "reports", checkpoint_root=tmp_path / "ckpt")
+    result = run_finetune(
+        tiny_params(),
+        head["manifest"],
+        head["policy"],
+        head["root"] / "models/head",
+        tmp_path / "models/finetune",
+        tmp_path / "reports",
+        checkpoint_root=tmp_path / "ckpt",
+    )
     after = keras.models.load_model(tmp_path / "models/finetune/model.keras")
 
     stats_before, stats_after = _batchnorm_stats(before), _batchnorm_stats(after)
@@ -51,7 +61,9 @@ def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, track
     for name in stats_before:
         for old, new in zip(stats_before[name], stats_after[name]):
             np.testing.assert_array_equal(old, new, err_msg=f"BatchNorm {name} statistics moved")
-    top_conv = plain_classifier(after).get_layer("backbone").get_layer("Conv_1")  # inside the unfrozen top: must have trained
+    top_conv = (
+        plain_classifier(after).get_layer("backbone").get_layer("Conv_1")
+    )  # inside the unfrozen top: must have trained
     old_kernel = before.get_layer("backbone").get_layer("Conv_1").get_weights()[0]
     assert not np.allclose(top_conv.get_weights()[0], old_kernel)
     assert result.trainable_layers > 0
@@ -61,9 +73,15 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     import keras
     from mlflow import MlflowClient
 
-    result = run_finetune(tiny_params(finetune={"flip_tta": "on"}), head["manifest"], head["policy"],
-                          head["root"] / "models/head", tmp_path / "out", tmp_path / "reports",
-                          checkpoint_root=tmp_path / "ckpt")
+    result = run_finetune(
+        tiny_params(finetune={"flip_tta": "on"}),
+        head["manifest"],
+        head["policy"],
+        head["root"] / "models/head",
+        tmp_path / "out",
+        tmp_path / "reports",
+        checkpoint_root=tmp_path / "ckpt",
+    )
     info = files.read_json(tmp_path / "out/run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
     head_classes = files.read_json(head["root"] / "models/head/classes.json")
@@ -75,20 +93,32 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     assert info["flip_tta"] and uses_flip_tta(model)
     image = np.random.default_rng(3).uniform(0, 255, (2, 50, 70, 3)).astype("float32")
     single = plain_classifier(model)
-    np.testing.assert_allclose(model.predict(image, verbose=0), (single.predict(image, verbose=0) +
-                               single.predict(image[:, :, ::-1], verbose=0)) / 2, atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(image, verbose=0),
+        (single.predict(image, verbose=0) + single.predict(image[:, :, ::-1], verbose=0)) / 2,
+        atol=1e-6,
+    )
     tags = MlflowClient(tracking).get_run(result.run_id).data.tags
     assert tags["stage"] == "finetune" and tags["head_run_id"] == head["head_run_id"]
-    assert list(pd.read_csv(tmp_path / "reports/history.csv").columns) == ["epoch", "accuracy", "val_accuracy",
-                                                                          "loss", "val_loss"]
+    assert list(pd.read_csv(tmp_path / "reports/history.csv").columns) == [
+        "epoch",
+        "accuracy",
+        "val_accuracy",
+        "loss",
+        "val_loss",
+    ]
     # Calibrated on val: the temperature is in the model folder, the metrics and MLflow, and it lowered val NLL.
     report = files.read_json(tmp_path / "reports/calibration.json")
     metrics = files.read_json(tmp_path / "reports/metrics.json")
     assert report["calibrated"] and report["nll_after"] <= report["nll_before"]
-    assert info["temperature"] == pytest.approx(report["temperature"]) == pytest.approx(metrics["temperature"], abs=1e-4)
+    assert (
+        info["temperature"] == pytest.approx(report["temperature"]) == pytest.approx(metrics["temperature"], abs=1e-4)
+    )
     assert {"val_ece_before", "val_ece_after"} <= metrics.keys()
     assert metrics["flip_tta"] == 1 and {"val_accuracy_single_view", "val_accuracy_flip_tta"} <= metrics.keys()
-    assert MlflowClient(tracking).get_run(result.run_id).data.metrics["temperature"] == pytest.approx(metrics["temperature"])
+    assert MlflowClient(tracking).get_run(result.run_id).data.metrics["temperature"] == pytest.approx(
+        metrics["temperature"]
+    )
 
 
 def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path: Path):
@@ -130,7 +160,7 @@ def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
 
 def test_flip_tta_is_kept_only_when_it_raises_val_accuracy_unless_forced():
     labels = np.array([0, 1, 1, 0])
-    single = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.9, 0.1]])    # 3 of 4 right
+    single = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.9, 0.1]])  # 3 of 4 right
     better = np.array([[0.6, 0.4], [0.45, 0.55], [0.2, 0.8], [0.9, 0.1]])  # the mirror fixes row 2: 4 of 4
     decided = decide_flip_tta(single, better, labels, "auto")
     assert decided.applied and decided.val_accuracy_single_view == 0.75 and decided.val_accuracy_flip_tta == 1.0

@@ -23,8 +23,10 @@ from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("jax") is None,
-                       reason="jax is not installed (pip install 'jax[cpu]'; it coexists with tensorflow-cpu 2.21)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("jax") is None,
+        reason="jax is not installed (pip install 'jax[cpu]'; it coexists with tensorflow-cpu 2.21)",
+    ),
 ]
 
 FINETUNE_SCRIPT = textwrap.dedent("""
@@ -74,13 +76,25 @@ def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path) -> Path:
     return train_tiny_head(tmp_path_factory.mktemp("finetune_jax"), tiny_params(train_head={"epochs": 1}))["root"]
 
 
-def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_model(head: Path, tmp_path: Path,
-                                                                                   keras_home: Path) -> None:
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_model(
+    head: Path, tmp_path: Path, keras_home: Path
+) -> None:
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    }
     env.setdefault("KERAS_HOME", str(keras_home))
-    done = subprocess.run([sys.executable, "-c", FINETUNE_SCRIPT, str(head), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", FINETUNE_SCRIPT, str(head), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["backend"] == "jax" and not result["tensorflow_imported"] and result["epochs_run"] == 1

@@ -20,16 +20,25 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env={**os.environ, "PYTHON": sys.executable,
-                                                                       **(env or {})},
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')")
 def test_dry_run_fine_tunes_under_jax_and_checks_parity(tmp_path: Path, keras_home: Path) -> None:
-    done = run_script("--dry-run", "--out", str(tmp_path),
-                      env={"KERAS_HOME": os.environ.get("KERAS_HOME", str(keras_home)), "GPU_CHECK_WEIGHTS": "imagenet"})
+    done = run_script(
+        "--dry-run",
+        "--out",
+        str(tmp_path),
+        env={"KERAS_HOME": os.environ.get("KERAS_HOME", str(keras_home)), "GPU_CHECK_WEIGHTS": "imagenet"},
+    )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     reference = json.loads((tmp_path / "cpu_reference.json").read_text())
     result = json.loads((tmp_path / "gpu.json").read_text())

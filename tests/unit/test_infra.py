@@ -107,12 +107,24 @@ def test_compose_builds_only_from_dockerfiles_that_exist() -> None:
         assert dockerfile.is_file(), dockerfile
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.mlflow", "Dockerfile.prefect",
-                                        "Dockerfile.s3", "Dockerfile.postgres"])
+@pytest.mark.parametrize(
+    "dockerfile",
+    [
+        "Dockerfile.cpu",
+        "Dockerfile.gpu",
+        "Dockerfile.mlflow",
+        "Dockerfile.prefect",
+        "Dockerfile.s3",
+        "Dockerfile.postgres",
+    ],
+)
 def test_dockerfile_copies_only_files_that_exist_and_reach_the_build(dockerfile: str) -> None:
     text = (INFRA / dockerfile).read_text()
-    allowed = [line[1:].rstrip("/") for line in (INFRA / f"{dockerfile}.dockerignore").read_text().splitlines()
-               if line.startswith("!")]
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (INFRA / f"{dockerfile}.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
     for line in text.splitlines():
         if line.startswith("COPY") and "--from=" not in line:
             sources = line.split()[1:-1]
@@ -120,8 +132,9 @@ def test_dockerfile_copies_only_files_that_exist_and_reach_the_build(dockerfile:
                 if source == "README.md":  # the lead's README, required by pyproject's `readme`
                     continue
                 assert (REPO / source).exists(), f"{dockerfile}: COPY {source} does not exist"
-                assert any(source == a or source.startswith(a + "/") for a in allowed), \
+                assert any(source == a or source.startswith(a + "/") for a in allowed), (
                     f"{dockerfile}: {source} is excluded by {dockerfile}.dockerignore"
+                )
 
 
 def test_images_install_the_matching_tensorflow_extra() -> None:
@@ -168,7 +181,9 @@ def test_mlflow_serves_artifacts_from_the_object_store() -> None:
 def test_worker_env_points_dvc_and_mlflow_at_the_stack() -> None:
     env = compose()["services"]["worker-cpu"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["DVC_REMOTE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "${S3_ENDPOINT_URL:-http://minio:9000}"
+    assert (
+        env["DVC_REMOTE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "${S3_ENDPOINT_URL:-http://minio:9000}"
+    )
 
 
 # --------------------------------------------------------------------------- prefect.yaml
@@ -197,7 +212,13 @@ def flow_functions(path: Path) -> dict[str, tuple[ast.FunctionDef, str]]:
 
 def test_expected_deployments_are_declared() -> None:
     labels = {deployments.deployment_label(s) for s in deployment_specs()}
-    assert labels == {"training/nightly", "training/on-demand", "stage/gpu", "batch-predict/on-demand", "sweep/on-demand"}
+    assert labels == {
+        "training/nightly",
+        "training/on-demand",
+        "stage/gpu",
+        "batch-predict/on-demand",
+        "sweep/on-demand",
+    }
 
 
 @pytest.mark.parametrize("spec", deployment_specs(), ids=deployments.deployment_label)
@@ -317,8 +338,9 @@ def test_kustomization_lists_files_that_exist() -> None:
 
 def test_k8s_services_select_pods_that_exist() -> None:
     docs = k8s_documents()
-    pod_labels = [d["spec"]["template"]["metadata"].get("labels", {}) for d in docs
-                  if d["kind"] in {"Deployment", "StatefulSet"}]
+    pod_labels = [
+        d["spec"]["template"]["metadata"].get("labels", {}) for d in docs if d["kind"] in {"Deployment", "StatefulSet"}
+    ]
     for service in (d for d in docs if d["kind"] == "Service"):
         selector = service["spec"]["selector"]
         assert any(selector.items() <= labels.items() for labels in pod_labels), service["metadata"]["name"]
@@ -347,7 +369,8 @@ LITERAL_SECRET = re.compile(
     [A-Za-z0-9/+_\-:.]{6,}
     | AKIA[0-9A-Z]{16}
     | -----BEGIN\ [A-Z ]*PRIVATE\ KEY-----
-    """)
+    """
+)
 
 
 def literal_secrets(text: str) -> list[str]:
@@ -390,12 +413,20 @@ def test_worker_entrypoint_clones_the_project_and_points_dvc_at_the_bucket(tmp_p
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=source)
 
     workspace = tmp_path / "workspace"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           **STRONG_WORKER_SECRETS,
-           "TP_WORKSPACE": str(workspace), "TP_GIT_REPOSITORY": str(source), "TP_GIT_BRANCH": "main",
-           "DVC_REMOTE_URL": "s3://dvc/transfer-pipeline", "AWS_ENDPOINT_URL": "http://minio:9000"}
-    result = subprocess.run(["sh", str(INFRA / "worker-entrypoint.sh"), "pwd"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        **STRONG_WORKER_SECRETS,
+        "TP_WORKSPACE": str(workspace),
+        "TP_GIT_REPOSITORY": str(source),
+        "TP_GIT_BRANCH": "main",
+        "DVC_REMOTE_URL": "s3://dvc/transfer-pipeline",
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+    }
+    result = subprocess.run(
+        ["sh", str(INFRA / "worker-entrypoint.sh"), "pwd"], env=env, capture_output=True, text=True, timeout=120
+    )
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(workspace)  # the command runs in the workspace
@@ -407,8 +438,9 @@ def test_worker_entrypoint_clones_the_project_and_points_dvc_at_the_bucket(tmp_p
 def test_worker_entrypoint_refuses_to_start_without_a_project(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TP_GIT_REPOSITORY"}
     env.update(STRONG_WORKER_SECRETS, TP_WORKSPACE=str(tmp_path / "empty"))
-    result = subprocess.run(["sh", str(INFRA / "worker-entrypoint.sh"), "true"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["sh", str(INFRA / "worker-entrypoint.sh"), "true"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and "TP_GIT_REPOSITORY" in result.stderr
 
 
@@ -452,8 +484,9 @@ def test_notify_without_a_channel_does_nothing(monkeypatch: pytest.MonkeyPatch) 
     assert notify.notify("promoted", "v3 is champion") is False
 
 
-def test_unreachable_webhook_never_fails_the_run(monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_webhook_never_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.delenv("TP_NOTIFY_BLOCK", raising=False)
     secret_url = "http://127.0.0.1:9/hook?token=s3cr3t"  # port 9 (discard): connection refused
     monkeypatch.setenv("TP_NOTIFY_WEBHOOK_URL", secret_url)
@@ -465,4 +498,3 @@ def test_cli_lists_deployments_with_pools(capsys: pytest.CaptureFixture[str]) ->
     assert deployments.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "training/nightly" in out and "pool=gpu" in out
-

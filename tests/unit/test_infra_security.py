@@ -50,20 +50,31 @@ def built_manifests() -> list[dict[str, Any]]:
 
 
 def pods(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{d['kind']}/{d['metadata']['name']}", validate_infra.pod_spec(d)) for d in docs
-            if validate_infra.pod_spec(d) is not None]
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", validate_infra.pod_spec(d))
+        for d in docs
+        if validate_infra.pod_spec(d) is not None
+    ]
 
 
 # --------------------------------------------------------------------------- placeholder secrets
 def check_secrets(env: dict[str, str], *names: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(INFRA / "check-secrets.sh"), *names, "--", "echo", "started"],
-                          env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["sh", str(INFRA / "check-secrets.sh"), *names, "--", "echo", "started"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.mark.parametrize("value", ["change-me", "CHANGE-ME", "changeme", "admin:change-me", "password", "", "short-1"])
 def test_placeholder_or_short_secret_is_refused_at_start(value: str) -> None:
-    result = check_secrets({"POSTGRES_PASSWORD": value, "PREFECT_AUTH_STRING": f"admin:{STRONG}"},
-                           "POSTGRES_PASSWORD", "PREFECT_AUTH_STRING")
+    result = check_secrets(
+        {"POSTGRES_PASSWORD": value, "PREFECT_AUTH_STRING": f"admin:{STRONG}"},
+        "POSTGRES_PASSWORD",
+        "PREFECT_AUTH_STRING",
+    )
     assert result.returncode == 3 and "started" not in result.stdout
     assert "POSTGRES_PASSWORD" in result.stderr and "PREFECT_AUTH_STRING" not in result.stderr
     if len(value) > 3:
@@ -71,8 +82,11 @@ def test_placeholder_or_short_secret_is_refused_at_start(value: str) -> None:
 
 
 def test_generated_secrets_start_the_command() -> None:
-    result = check_secrets({"POSTGRES_PASSWORD": STRONG, "PREFECT_AUTH_STRING": f"admin:{STRONG}"},
-                           "POSTGRES_PASSWORD", "PREFECT_AUTH_STRING")
+    result = check_secrets(
+        {"POSTGRES_PASSWORD": STRONG, "PREFECT_AUTH_STRING": f"admin:{STRONG}"},
+        "POSTGRES_PASSWORD",
+        "PREFECT_AUTH_STRING",
+    )
     assert result.returncode == 0 and result.stdout.strip() == "started"
 
 
@@ -150,12 +164,16 @@ def test_no_object_store_key_in_env_file_compose_or_k8s_environment() -> None:
 
 
 def test_each_service_mounts_only_its_own_role_key() -> None:
-    mounts = {name: {str(v).split(":")[0] for v in service.get("volumes") or [] if str(v).startswith("s3-keys-")}
-              for name, service in compose()["services"].items()}
+    mounts = {
+        name: {str(v).split(":")[0] for v in service.get("volumes") or [] if str(v).startswith("s3-keys-")}
+        for name, service in compose()["services"].items()
+    }
     assert mounts["store-init"] == {"s3-keys-training", "s3-keys-mlflow", "s3-keys-serving"}
     assert mounts["mlflow"] == {"s3-keys-mlflow"}
     assert mounts["worker-cpu"] == mounts["worker-gpu"] == {"s3-keys-training"}
-    assert all(not keys for name, keys in mounts.items() if name not in {"store-init", "mlflow", "worker-cpu", "worker-gpu"})
+    assert all(
+        not keys for name, keys in mounts.items() if name not in {"store-init", "mlflow", "worker-cpu", "worker-gpu"}
+    )
     secrets_by_pod = {}
     for name, spec in pods(built_manifests()):
         secrets_by_pod[name] = {v["secret"]["secretName"] for v in spec.get("volumes") or [] if "secret" in v}
@@ -193,8 +211,12 @@ def start_moto(auth_after: int | None) -> tuple[subprocess.Popen[bytes], str]:
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
     if auth_after is not None:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(auth_after)
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -218,8 +240,14 @@ def moto_store() -> Iterator[str]:
 
 
 def run_setup(monkeypatch: pytest.MonkeyPatch, url: str, out: Path) -> int:
-    for key, value in {"S3_ENDPOINT_URL": url, "S3_ADMIN_API": "iam", "S3_BOOTSTRAP_ADMIN": "1",
-                       "S3_CREDENTIALS_DIR": str(out), "DVC_BUCKET": "dvc", "MLFLOW_BUCKET": "mlflow"}.items():
+    for key, value in {
+        "S3_ENDPOINT_URL": url,
+        "S3_ADMIN_API": "iam",
+        "S3_BOOTSTRAP_ADMIN": "1",
+        "S3_CREDENTIALS_DIR": str(out),
+        "DVC_BUCKET": "dvc",
+        "MLFLOW_BUCKET": "mlflow",
+    }.items():
         monkeypatch.setenv(key, value)
     return setup_store.main()
 
@@ -239,8 +267,10 @@ def test_the_store_double_authorizes_listing_as_aws_does() -> None:
     from moto import mock_aws
     from moto.core import set_initial_no_auth_action_count
 
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"],
-                                                      "Resource": ["arn:aws:s3:::tp-canary"]}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": ["arn:aws:s3:::tp-canary"]}],
+    }
 
     @set_initial_no_auth_action_count(5)  # the five set-up calls below run unauthenticated
     @mock_aws
@@ -251,8 +281,12 @@ def test_the_store_double_authorizes_listing_as_aws_does() -> None:
         arn = iam.create_policy(PolicyName="list", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
         iam.attach_user_policy(UserName="lister", PolicyArn=arn)
         key = iam.create_access_key(UserName="lister")["AccessKey"]
-        lister = boto3.client("s3", region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
-                              aws_secret_access_key=key["SecretAccessKey"])
+        lister = boto3.client(
+            "s3",
+            region_name="us-east-1",
+            aws_access_key_id=key["AccessKeyId"],
+            aws_secret_access_key=key["SecretAccessKey"],
+        )
         answers = {}
         for name, call in {"ListObjectsV2": lister.list_objects_v2, "ListObjects": lister.list_objects}.items():
             try:
@@ -265,12 +299,13 @@ def test_the_store_double_authorizes_listing_as_aws_does() -> None:
     import moto
 
     assert list_with_list_bucket_only() == {"ListObjectsV2": "allowed", "ListObjects": "allowed"}, (
-        f"moto {moto.__version__} does not map S3 listing to s3:ListBucket as AWS does: keep it out of the lock")
+        f"moto {moto.__version__} does not map S3 listing to s3:ListBucket as AWS does: keep it out of the lock"
+    )
 
 
-def test_store_setup_gives_each_role_its_own_enforced_policy(moto_store: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_store_setup_gives_each_role_its_own_enforced_policy(
+    moto_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_setup(monkeypatch, moto_store, tmp_path) == 0
     for role in setup_store.ROLES:
         assert (tmp_path / role / "credentials").stat().st_mode & 0o777 == 0o600
@@ -278,7 +313,9 @@ def test_store_setup_gives_each_role_its_own_enforced_policy(moto_store: str, tm
     training.put_object(Bucket="dvc", Key="files/md5/ab/cd", Body=b"data")
     mlflow.put_object(Bucket="mlflow", Key="artifacts/1/model.keras", Body=b"model")
     assert serving.get_object(Bucket="mlflow", Key="artifacts/1/model.keras")["Body"].read() == b"model"
-    assert not setup_store.allowed(lambda: serving.put_object(Bucket="mlflow", Key="artifacts/1/model.keras", Body=b"x"))
+    assert not setup_store.allowed(
+        lambda: serving.put_object(Bucket="mlflow", Key="artifacts/1/model.keras", Body=b"x")
+    )
     assert not setup_store.allowed(lambda: serving.get_object(Bucket="dvc", Key="files/md5/ab/cd"))
     assert not setup_store.allowed(lambda: mlflow.get_object(Bucket="dvc", Key="files/md5/ab/cd"))
     unsigned = setup_store.s3_client(moto_store, "us-east-1", ("anyone", "anything"))
@@ -289,17 +326,22 @@ def test_store_setup_gives_each_role_its_own_enforced_policy(moto_store: str, tm
         assert secret not in out.out + out.err
 
 
-def test_store_setup_fails_when_a_policy_is_not_attached(moto_store: str, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_setup_fails_when_a_policy_is_not_attached(
+    moto_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = setup_store.IamAdmin.attached_policies
-    monkeypatch.setattr(setup_store.IamAdmin, "attached_policies",
-                        lambda self, user: set() if user == "tp-serving" else real(self, user))
+    monkeypatch.setattr(
+        setup_store.IamAdmin,
+        "attached_policies",
+        lambda self, user: set() if user == "tp-serving" else real(self, user),
+    )
     assert run_setup(monkeypatch, moto_store, tmp_path) == 1
     assert not (tmp_path / "serving" / "credentials").exists()  # the serving role gets no key
 
 
-def test_store_setup_fails_when_a_policy_grants_too_much(moto_store: str, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_setup_fails_when_a_policy_grants_too_much(
+    moto_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     planted = tmp_path / "policies"
     shutil.copytree(INFRA / "s3" / "policies", planted)
     serving = json.loads((planted / "serving.json").read_text())
@@ -310,14 +352,17 @@ def test_store_setup_fails_when_a_policy_grants_too_much(moto_store: str, tmp_pa
     assert not (tmp_path / "keys" / "serving" / "credentials").exists()
 
 
-def test_store_setup_fails_when_the_store_does_not_check_signatures(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_setup_fails_when_the_store_does_not_check_signatures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not (BIN / "moto_server").exists():
         pytest.skip("moto[server] not installed")
     proc, url = start_moto(auth_after=None)  # moto without IAM enforcement accepts any request
     try:
         real = setup_store.bootstrap_admin
-        monkeypatch.setattr(setup_store, "bootstrap_admin", lambda endpoint, region: real(endpoint, region, max_probes=20))
+        monkeypatch.setattr(
+            setup_store, "bootstrap_admin", lambda endpoint, region: real(endpoint, region, max_probes=20)
+        )
         assert run_setup(monkeypatch, url, tmp_path) == 1
         assert not any(tmp_path.rglob("credentials"))
     finally:
@@ -368,7 +413,10 @@ def test_network_policy_denies_by_default_and_blocks_the_metadata_endpoint() -> 
     policies = {d["metadata"]["name"]: d["spec"] for d in built_manifests() if d["kind"] == "NetworkPolicy"}
     assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     postgres = policies["postgres"]["ingress"][0]["from"]
-    assert {tuple(p["podSelector"]["matchLabels"].items()) for p in postgres} == {(("app", "prefect-server"),), (("app", "mlflow"),)}
+    assert {tuple(p["podSelector"]["matchLabels"].items()) for p in postgres} == {
+        (("app", "prefect-server"),),
+        (("app", "mlflow"),),
+    }
     for name in ("workers", "flow-run-pods"):
         blocks = [rule["to"][0]["ipBlock"] for rule in policies[name]["egress"] if "ipBlock" in rule["to"][0]]
         assert blocks and all("169.254.0.0/16" in b["except"] for b in blocks)
@@ -423,17 +471,29 @@ def test_worker_lock_satisfies_the_project_requirements() -> None:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for extra in ("cpu", "gpu"):
-        pinned = {canonicalize_name(m.group(1)): m.group(2) for m in
-                  re.finditer(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;\\]+)", (INFRA / "requirements" / f"worker-{extra}.lock").read_text(), re.M)}
-        for line in [*project["dependencies"], *project["optional-dependencies"][extra], *project["optional-dependencies"]["s3"]]:
+        pinned = {
+            canonicalize_name(m.group(1)): m.group(2)
+            for m in re.finditer(
+                r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;\\]+)",
+                (INFRA / "requirements" / f"worker-{extra}.lock").read_text(),
+                re.M,
+            )
+        }
+        for line in [
+            *project["dependencies"],
+            *project["optional-dependencies"][extra],
+            *project["optional-dependencies"]["s3"],
+        ]:
             requirement = Requirement(line)
             if requirement.marker and not requirement.marker.evaluate(
-                    {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11", "extra": extra}):
+                {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11", "extra": extra}
+            ):
                 continue  # the images are Linux, Python 3.11
             name = canonicalize_name(requirement.name)
             assert name in pinned, f"worker-{extra}.lock lacks {name}: run `make lock-images`"
-            assert requirement.specifier.contains(pinned[name], prereleases=True), \
+            assert requirement.specifier.contains(pinned[name], prereleases=True), (
                 f"worker-{extra}.lock pins {name}=={pinned[name]}, pyproject wants {requirement.specifier}: run `make lock-images`"
+            )
 
 
 # --------------------------------------------------------------------------- CI's offline validation
@@ -448,17 +508,29 @@ PLANTS = {
     "schema: unknown field": ("k8s/mlflow.yaml", "readinessProbe:", "readinesProbe:"),
     "schema: wrong type": ("k8s/postgres.yaml", "replicas: 1", "replicas: one"),
     "kustomize: missing resource": ("kustomization.yaml", "k8s/network-policy.yaml", "k8s/no-such-file.yaml"),
-    "compose: unknown key": ("docker-compose.yml", "    restart: unless-stopped\n    command: [\"prefect\", \"worker\", \"start\", \"--pool\", \"cpu\"",
-                             "    restartt: unless-stopped\n    command: [\"prefect\", \"worker\", \"start\", \"--pool\", \"cpu\""),
+    "compose: unknown key": (
+        "docker-compose.yml",
+        '    restart: unless-stopped\n    command: ["prefect", "worker", "start", "--pool", "cpu"',
+        '    restartt: unless-stopped\n    command: ["prefect", "worker", "start", "--pool", "cpu"',
+    ),
     "policy: root pod": ("k8s/prefect-server.yaml", "runAsNonRoot: true", "runAsNonRoot: false"),
     "policy: escalation": ("k8s/workers.yaml", "allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true"),
     "policy: floating tag": ("k8s/minio.yaml", "minio/minio:RELEASE.2025-04-22T22-12-26Z", "minio/minio:latest"),
-    "policy: job creator": ("k8s/workers.yaml", "  - kind: ServiceAccount\n    name: tp-pool-worker",
-                            "  - kind: ServiceAccount\n    name: tp-worker"),
-    "policy: password argument": ("k8s/mlflow.yaml", "            - --serve-artifacts",
-                                  "            - --serve-artifacts\n            - --backend-store-uri=postgresql://a:$(POSTGRES_PASSWORD)@postgres/m"),
-    "policy: no default deny": ("k8s/network-policy.yaml", "  name: default-deny\nspec:\n  podSelector: {}",
-                                "  name: default-deny\nspec:\n  podSelector: {matchLabels: {app: nothing}}"),
+    "policy: job creator": (
+        "k8s/workers.yaml",
+        "  - kind: ServiceAccount\n    name: tp-pool-worker",
+        "  - kind: ServiceAccount\n    name: tp-worker",
+    ),
+    "policy: password argument": (
+        "k8s/mlflow.yaml",
+        "            - --serve-artifacts",
+        "            - --serve-artifacts\n            - --backend-store-uri=postgresql://a:$(POSTGRES_PASSWORD)@postgres/m",
+    ),
+    "policy: no default deny": (
+        "k8s/network-policy.yaml",
+        "  name: default-deny\nspec:\n  podSelector: {}",
+        "  name: default-deny\nspec:\n  podSelector: {matchLabels: {app: nothing}}",
+    ),
 }
 
 
@@ -478,8 +550,12 @@ def test_validation_cli_exits_non_zero_on_a_planted_error(tmp_path: Path) -> Non
     infra = tmp_path / "infra"
     shutil.copytree(INFRA, infra, ignore=shutil.ignore_patterns("__pycache__", ".env"))
     (infra / "k8s" / "namespace.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  nam: x\n")
-    result = subprocess.run([sys.executable, str(INFRA / "scripts" / "validate_infra.py"), "--infra", str(infra)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(INFRA / "scripts" / "validate_infra.py"), "--infra", str(infra)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "ERROR" in result.stdout
 
 
@@ -490,8 +566,9 @@ def test_python_kustomize_fallback_renders_what_kubectl_renders() -> None:
     kubectl, python = by_key(built_manifests()), by_key(validate_infra.python_kustomize(INFRA))
     assert kubectl.keys() == python.keys()
     for key in kubectl:
-        assert [c["image"] for c in validate_infra.containers(kubectl[key])] == \
-               [c["image"] for c in validate_infra.containers(python[key])], key
+        assert [c["image"] for c in validate_infra.containers(kubectl[key])] == [
+            c["image"] for c in validate_infra.containers(python[key])
+        ], key
 
 
 # --------------------------------------------------------------------------- loopback e2e database
@@ -510,12 +587,22 @@ def test_loopback_e2e_gets_a_private_postgres_cluster_when_one_is_installed() ->
         settings, label = loopback.start_postgres(tmp_path, services)
         assert settings["host"] == "127.0.0.1" and "PostgreSQL" in label
         for database in ("prefect", "mlflow"):
-            with psycopg2.connect(host=settings["host"], port=settings["port"], user=settings["user"],
-                                  password=settings["password"], dbname=database) as connection:
+            with psycopg2.connect(
+                host=settings["host"],
+                port=settings["port"],
+                user=settings["user"],
+                password=settings["password"],
+                dbname=database,
+            ) as connection:
                 assert connection.server_version >= 130000
         with pytest.raises(psycopg2.OperationalError):  # scram-sha-256: a wrong password is refused
-            psycopg2.connect(host=settings["host"], port=settings["port"], user=settings["user"],
-                             password="wrong-password", dbname="mlflow")
+            psycopg2.connect(
+                host=settings["host"],
+                port=settings["port"],
+                user=settings["user"],
+                password="wrong-password",
+                dbname="mlflow",
+            )
         assert not (tmp_path / "pg" / "pwfile").exists()  # the initdb password file is gone
     finally:
         services.stop_all()

@@ -17,8 +17,17 @@ from components.config import SplitFractions
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestError, assign_split, run_ingest
 from tests.conftest import write_image
-from tests.datakit import (http_server, ingest_config, make_classes, tar_folder, tar_with, tree_digest,
-                           write_huge_png, write_truncated_jpeg, zip_with)
+from tests.datakit import (
+    http_server,
+    ingest_config,
+    make_classes,
+    tar_folder,
+    tar_with,
+    tree_digest,
+    write_huge_png,
+    write_truncated_jpeg,
+    zip_with,
+)
 
 MAX_PIXELS = 10_000_000
 LOCAL_HTTP = {"allow_http": True, "allow_private_hosts": True}  # the test server is plain http on 127.0.0.1
@@ -26,8 +35,14 @@ LOCAL_HTTP = {"allow_http": True, "allow_private_hosts": True}  # the test serve
 
 def _run(tmp_path: Path, source: Path | str, name: str = "ws", **overrides) -> ingest.IngestResult:
     ws = tmp_path / name
-    return run_ingest(ingest_config(source, **overrides), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
-                      ws / "reports" / "ingest.json", MAX_PIXELS)
+    return run_ingest(
+        ingest_config(source, **overrides),
+        42,
+        ws / "data" / "raw",
+        ws / "data" / "manifest.csv",
+        ws / "reports" / "ingest.json",
+        MAX_PIXELS,
+    )
 
 
 def _manifest(result: ingest.IngestResult) -> pd.DataFrame:
@@ -41,6 +56,7 @@ def _split_of(result: ingest.IngestResult) -> dict[str, str]:
 
 
 # --- folders -----------------------------------------------------------------------------------
+
 
 def test_folder_is_copied_with_its_layout_and_source_is_untouched(tiny_folder: Path, tmp_path: Path):
     before = tree_digest(tiny_folder)
@@ -65,7 +81,9 @@ def test_folder_is_copied_with_its_layout_and_source_is_untouched(tiny_folder: P
 
 def test_relative_source_resolves_against_working_directory(tiny_folder: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tiny_folder.parent)
-    result = run_ingest(ingest_config(tiny_folder.name), 42, "data/raw", "data/manifest.csv", "reports/ingest.json", MAX_PIXELS)
+    result = run_ingest(
+        ingest_config(tiny_folder.name), 42, "data/raw", "data/manifest.csv", "reports/ingest.json", MAX_PIXELS
+    )
     frame = _manifest(result)
     assert frame["path"].str.startswith("data/raw/").all()  # relative to the workspace root
     assert result.files == 48
@@ -189,6 +207,7 @@ def test_unreadable_files_get_a_reason(tmp_path: Path):
 
 # --- tables ------------------------------------------------------------------------------------
 
+
 def test_csv_manifest_resolves_relative_paths_and_keeps_given_splits(tmp_path: Path):
     data = make_classes(tmp_path / "bucket" / "images", {"cat": 4, "dog": 4})
     outside = write_image(tmp_path / "elsewhere" / "cat_extra.jpg", seed=4242)
@@ -205,7 +224,11 @@ def test_csv_manifest_resolves_relative_paths_and_keeps_given_splits(tmp_path: P
     assert frame.loc[str(data / "cat" / "cat_003.jpg"), "split"] == "val"
     assert frame.loc[str(outside), "path"].endswith("raw/cat/cat_extra.jpg")
     assert frame.loc[str(outside), "split"] == "test"
-    assert set(frame.loc[[str(data / "dog" / f"dog_{i:03d}.jpg") for i in range(4)], "split"]) <= {"train", "val", "test"}
+    assert set(frame.loc[[str(data / "dog" / f"dog_{i:03d}.jpg") for i in range(4)], "split"]) <= {
+        "train",
+        "val",
+        "test",
+    }
     assert "not found" in frame.loc[str(data / "cat" / "missing.jpg"), "error"]
 
 
@@ -226,6 +249,7 @@ def test_table_without_label_column_is_a_readable_error(tmp_path: Path):
 
 
 # --- archives ----------------------------------------------------------------------------------
+
 
 def test_tgz_with_single_top_folder_and_license_like_flower_photos(tiny_folder: Path, tmp_path: Path):
     archive = tar_folder(tiny_folder, tmp_path / "flower_photos.tgz", "flower_photos", {"LICENSE.txt": b"CC-BY"})
@@ -250,17 +274,22 @@ def test_zip_archive_with_split_folders(tmp_path: Path):
     source = tmp_path / "src"
     make_classes(source / "train", {"ants": 5, "bees": 5})
     make_classes(source / "val", {"ants": 2, "bees": 2}, start_seed=9000)
-    members = [(f"hymenoptera_data/{p.relative_to(source).as_posix()}", p.read_bytes()) for p in sorted(source.rglob("*.jpg"))]
+    members = [
+        (f"hymenoptera_data/{p.relative_to(source).as_posix()}", p.read_bytes()) for p in sorted(source.rglob("*.jpg"))
+    ]
     result = _run(tmp_path, zip_with(tmp_path / "h.zip", members))
     frame = _manifest(result)
     assert len(frame) == 14
     assert set(frame.loc[frame["path"].str.contains("/val/"), "split"]) == {"val"}
 
 
-@pytest.mark.parametrize("member, message", [
-    (("../evil.jpg", b"x"), "outside"),
-    (("/tmp/evil_abs.jpg", b"x"), "absolute|outside"),
-])
+@pytest.mark.parametrize(
+    "member, message",
+    [
+        (("../evil.jpg", b"x"), "outside"),
+        (("/tmp/evil_abs.jpg", b"x"), "absolute|outside"),
+    ],
+)
 def test_tar_members_escaping_the_target_are_refused(tmp_path: Path, member, message):
     archive = tar_with(tmp_path / "bad.tgz", [("data/a/ok.jpg", b"fine"), member])
     with pytest.raises(IngestError, match=message):
@@ -297,6 +326,7 @@ def test_archive_bombs_are_stopped_by_size_and_count_limits(tmp_path: Path, make
 
 
 # --- remote sources (all on this machine) ------------------------------------------------------
+
 
 def test_http_archive_is_downloaded_once_and_ingested(tiny_folder: Path, tmp_path: Path):
     served = tmp_path / "served"
@@ -348,6 +378,7 @@ def test_bucket_folder_through_fsspec(tiny_folder: Path, tmp_path: Path):
 
 # --- safety and the command line ---------------------------------------------------------------
 
+
 def test_failed_run_leaves_previous_outputs_intact(tiny_folder: Path, tmp_path: Path, monkeypatch):
     good = _run(tmp_path, tiny_folder)
     raw_before, manifest_before = tree_digest(good.raw_dir), good.manifest_path.read_bytes()
@@ -368,8 +399,14 @@ def test_failed_run_leaves_previous_outputs_intact(tiny_folder: Path, tmp_path: 
 def test_raw_dir_inside_the_source_is_refused(tiny_folder: Path):
     before = tree_digest(tiny_folder)
     with pytest.raises(IngestError, match="overlap"):
-        run_ingest(ingest_config(tiny_folder), 42, tiny_folder / "raw", tiny_folder.parent / "m.csv",
-                   tiny_folder.parent / "r.json", MAX_PIXELS)
+        run_ingest(
+            ingest_config(tiny_folder),
+            42,
+            tiny_folder / "raw",
+            tiny_folder.parent / "m.csv",
+            tiny_folder.parent / "r.json",
+            MAX_PIXELS,
+        )
     assert tree_digest(tiny_folder) == before
 
 
@@ -381,8 +418,18 @@ def _params(path: Path, source: str) -> Path:
 def test_cli_writes_manifest_and_report(tiny_folder: Path, tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params = _params(tmp_path / "params.yaml", str(tiny_folder))
-    code = ingest.main(["--params", str(params), "--raw-dir", "data/raw", "--manifest", "data/manifest.csv",
-                        "--report", "reports/ingest.json"])
+    code = ingest.main(
+        [
+            "--params",
+            str(params),
+            "--raw-dir",
+            "data/raw",
+            "--manifest",
+            "data/manifest.csv",
+            "--report",
+            "reports/ingest.json",
+        ]
+    )
     assert code == 0
     assert "48 files" in capsys.readouterr().out
     assert len(pd.read_csv("data/manifest.csv")) == 48 and Path("reports/ingest.json").is_file()
@@ -405,6 +452,7 @@ def test_cli_rejects_unknown_ingest_key(tmp_path: Path, capsys):
 
 
 # --- the facts cache (issue 10 item 7) ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["replaced", "rewritten_in_place"])
 def test_a_swapped_file_with_the_same_size_and_mtime_is_inspected_again(tmp_path: Path, how: str):

@@ -22,13 +22,14 @@ from components.ingest import IngestError, run_ingest
 from tests.conftest import write_image
 from tests.datakit import MARKER, files_containing, ingest_config, outside_files, tree_snapshot
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                database=None)
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 CLASSES = ["cat", "dog"]
 # Text that a CSV, a file system or a label may carry: anything but NUL and lone surrogates.
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60)
 NAME_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/")
-FILE_NAME = st.text(NAME_CHARS, min_size=1, max_size=40).filter(lambda n: n not in (".", "..") and len(n.encode()) < 200)
+FILE_NAME = st.text(NAME_CHARS, min_size=1, max_size=40).filter(
+    lambda n: n not in (".", "..") and len(n.encode()) < 200
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,14 @@ def _ingest_and_check(base: Path, source: Path | str, **overrides) -> None:
     ws = base / "ws"
     before = {k: v for k, v in tree_snapshot(base).items() if not k.startswith("ws")}
     try:
-        result = run_ingest(ingest_config(source, **overrides), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
-                            ws / "reports" / "ingest.json", 10_000_000)
+        result = run_ingest(
+            ingest_config(source, **overrides),
+            42,
+            ws / "data" / "raw",
+            ws / "data" / "manifest.csv",
+            ws / "reports" / "ingest.json",
+            10_000_000,
+        )
         event(f"ingested, {'some' if result.refused else 'none'} refused")
     except IngestError:
         event("whole source refused")  # allowed; writing or reading outside it is not
@@ -72,27 +79,72 @@ def _ingest_and_check(base: Path, source: Path | str, **overrides) -> None:
 
 PATH_SHAPES = st.one_of(
     st.sampled_from([f"{c}/{c}_{i}.jpg" for c in CLASSES for i in range(3)]),  # good rows
-    st.sampled_from(["OUTSIDE_PASSWD", "OUTSIDE_IMAGE", "OUTSIDE_DIR", "../outside/passwd", "../outside/secret.jpg",
-                     "cat/../../outside/passwd", "./cat/../../outside/dir/inner.jpg", "/etc/passwd", "/dev/zero",
-                     "/proc/self/environ", "file:///etc/passwd", "FILE_URL_OUTSIDE", "http://169.254.169.254/latest",
-                     "https://localhost/x.jpg", "https://10.0.0.1/x.jpg", "cat", ".", "..", "/", "", "~/.ssh/id_rsa",
-                     "C:\\Windows\\win.ini", "cat\\..\\..\\outside\\passwd"]),
+    st.sampled_from(
+        [
+            "OUTSIDE_PASSWD",
+            "OUTSIDE_IMAGE",
+            "OUTSIDE_DIR",
+            "../outside/passwd",
+            "../outside/secret.jpg",
+            "cat/../../outside/passwd",
+            "./cat/../../outside/dir/inner.jpg",
+            "/etc/passwd",
+            "/dev/zero",
+            "/proc/self/environ",
+            "file:///etc/passwd",
+            "FILE_URL_OUTSIDE",
+            "http://169.254.169.254/latest",
+            "https://localhost/x.jpg",
+            "https://10.0.0.1/x.jpg",
+            "cat",
+            ".",
+            "..",
+            "/",
+            "",
+            "~/.ssh/id_rsa",
+            "C:\\Windows\\win.ini",
+            "cat\\..\\..\\outside\\passwd",
+        ]
+    ),
     ANY_TEXT,
-    st.lists(st.sampled_from(["..", ".", "cat", "dog", "outside", "passwd", "", "secret.jpg"]), min_size=1,
-             max_size=6).map("/".join),
+    st.lists(
+        st.sampled_from(["..", ".", "cat", "dog", "outside", "passwd", "", "secret.jpg"]), min_size=1, max_size=6
+    ).map("/".join),
 )
 LABEL_SHAPES = st.one_of(
     st.sampled_from(CLASSES),
-    st.sampled_from(["../../escaped", "../escaped", "ABS_ESCAPE", "a/b", "..", ".", "/", "C:", "C:\\x", "\\\\server\\x",
-                     "ws/data/../../escaped", "x" * 300, "e\u0301", "\u202eevil", "tab\there", "new\nline"]),
+    st.sampled_from(
+        [
+            "../../escaped",
+            "../escaped",
+            "ABS_ESCAPE",
+            "a/b",
+            "..",
+            ".",
+            "/",
+            "C:",
+            "C:\\x",
+            "\\\\server\\x",
+            "ws/data/../../escaped",
+            "x" * 300,
+            "e\u0301",
+            "\u202eevil",
+            "tab\there",
+            "new\nline",
+        ]
+    ),
     ANY_TEXT,
 )
 
 
 def _resolve(value: str, base: Path, outside: dict[str, Path]) -> str:
-    return {"OUTSIDE_PASSWD": str(outside["passwd"]), "OUTSIDE_IMAGE": str(outside["image"]),
-            "OUTSIDE_DIR": str(base / "outside" / "dir"), "FILE_URL_OUTSIDE": f"file://{outside['image']}",
-            "ABS_ESCAPE": str(base / "escaped")}.get(value, value)
+    return {
+        "OUTSIDE_PASSWD": str(outside["passwd"]),
+        "OUTSIDE_IMAGE": str(outside["image"]),
+        "OUTSIDE_DIR": str(base / "outside" / "dir"),
+        "FILE_URL_OUTSIDE": f"file://{outside['image']}",
+        "ABS_ESCAPE": str(base / "escaped"),
+    }.get(value, value)
 
 
 @FUZZ
@@ -101,16 +153,33 @@ def test_random_manifests_never_write_or_read_outside(fuzz_root: Path, rows: lis
     base, outside, source = _world(fuzz_root)
     table = source / "labels.csv"
     rows = [("dog/dog_0.jpg", "dog"), *rows]  # one good row, so that most examples get as far as copying
-    pd.DataFrame([(_resolve(p, base, outside), _resolve(lab, base, outside)) for p, lab in rows],
-                 columns=["path", "label"]).to_csv(table, index=False)
+    pd.DataFrame(
+        [(_resolve(p, base, outside), _resolve(lab, base, outside)) for p, lab in rows], columns=["path", "label"]
+    ).to_csv(table, index=False)
     _ingest_and_check(base, table, follow_links_within_root=follow)
 
 
 # --- (b) folder trees with random links ------------------------------------------------------------
 
-TARGETS = st.sampled_from(["inside_file", "inside_dir", "outside_passwd", "outside_image", "outside_dir", "dangling",
-                           "loop", "etc_passwd", "dev_zero", "proc_environ", "relative_escape", "chain_out",
-                           "chain_in", "root_itself", "fifo"])
+TARGETS = st.sampled_from(
+    [
+        "inside_file",
+        "inside_dir",
+        "outside_passwd",
+        "outside_image",
+        "outside_dir",
+        "dangling",
+        "loop",
+        "etc_passwd",
+        "dev_zero",
+        "proc_environ",
+        "relative_escape",
+        "chain_out",
+        "chain_in",
+        "root_itself",
+        "fifo",
+    ]
+)
 LINKS = st.lists(st.tuples(st.sampled_from(CLASSES + ["newclass"]), FILE_NAME, TARGETS), min_size=1, max_size=10)
 
 
@@ -135,8 +204,9 @@ def _target(kind: str, base: Path, outside: dict[str, Path], source: Path, here:
 
 @FUZZ
 @given(links=LINKS, follow=st.booleans(), odd_class=st.one_of(st.none(), FILE_NAME))
-def test_random_link_trees_never_write_or_read_outside(fuzz_root: Path, links: list[tuple[str, str, str]],
-                                                        follow: bool, odd_class: str | None):
+def test_random_link_trees_never_write_or_read_outside(
+    fuzz_root: Path, links: list[tuple[str, str, str]], follow: bool, odd_class: str | None
+):
     base, outside, source = _world(fuzz_root)
     (source / "cat" / "hop_out").symlink_to(outside["image"])  # a link to a link that leaves the root
     (source / "cat" / "hop_in").symlink_to(source / "dog" / "dog_0.jpg")
@@ -162,8 +232,10 @@ MEMBER_KIND = st.sampled_from(["file", "dir", "symlink", "hardlink", "fifo", "ch
 
 
 @FUZZ
-@given(members=st.lists(st.tuples(st.one_of(MEMBER_NAME, st.just("/ABS")), MEMBER_KIND), min_size=1, max_size=8),
-       fmt=st.sampled_from(["tgz", "zip"]))
+@given(
+    members=st.lists(st.tuples(st.one_of(MEMBER_NAME, st.just("/ABS")), MEMBER_KIND), min_size=1, max_size=8),
+    fmt=st.sampled_from(["tgz", "zip"]),
+)
 def test_random_archive_members_never_write_outside(fuzz_root: Path, members: list[tuple[str, str]], fmt: str):
     import io
     import tarfile
@@ -182,8 +254,14 @@ def test_random_archive_members_never_write_outside(fuzz_root: Path, members: li
                 except (IndexError, ValueError):
                     pass  # a name zipfile itself will not write (empty)
     else:
-        kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-                 "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE}
+        kinds = {
+            "file": tarfile.REGTYPE,
+            "dir": tarfile.DIRTYPE,
+            "symlink": tarfile.SYMTYPE,
+            "hardlink": tarfile.LNKTYPE,
+            "fifo": tarfile.FIFOTYPE,
+            "chardev": tarfile.CHRTYPE,
+        }
         with tarfile.open(archive, "w:gz") as tar:
             for name, kind in members:
                 info = tarfile.TarInfo(str(base / "escaped") if name == "/ABS" else name)

@@ -24,8 +24,10 @@ from tests.conftest import REPO
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("jax") is None,
-                       reason="jax is not installed (pip install 'jax[cpu]'; it coexists with tensorflow-cpu 2.21)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("jax") is None,
+        reason="jax is not installed (pip install 'jax[cpu]'; it coexists with tensorflow-cpu 2.21)",
+    ),
 ]
 
 JAX_SCRIPT = textwrap.dedent("""
@@ -84,8 +86,14 @@ def test_classifier_builds_predicts_and_trains_under_jax(tmp_path: Path, keras_h
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     # The weights the session fixture seeded (Keras fixes its home at import, so pass it on explicitly).
     env.setdefault("KERAS_HOME", str(keras_home))
-    done = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["backend"] == "jax" and result["probs_shape"] == [4, 3]

@@ -66,9 +66,13 @@ def test_reports_and_exclusion_list_are_written(tmp_path: Path):
     features, labels = clustered_features(per_class=12)
     given = labels.copy()
     given[0] = 1
-    paths = [str(write_image(tmp_path / "img" / f"{i}.jpg", color=COLORS[labels[i]], seed=i)) for i in range(len(labels))]
+    paths = [
+        str(write_image(tmp_path / "img" / f"{i}.jpg", color=COLORS[labels[i]], seed=i)) for i in range(len(labels))
+    ]
     issues = li.find_label_issues(features, given, CLASSES, paths, folds=3, max_excluded_fraction=0.05)
-    written = li.write_reports(issues, tmp_path / "reports", ImageLimits.from_config(ValidateConfig()), gallery_images=4)
+    written = li.write_reports(
+        issues, tmp_path / "reports", ImageLimits.from_config(ValidateConfig()), gallery_images=4
+    )
     table = pd.read_csv(written[0])
     assert list(table.columns) == li.COLUMNS and table["path"].iloc[0] == paths[0]
     assert written[1].read_bytes()[:4] == b"\x89PNG"
@@ -76,8 +80,9 @@ def test_reports_and_exclusion_list_are_written(tmp_path: Path):
     assert exclusions["path"].tolist() == [paths[0]]
 
 
-def test_train_head_excludes_the_top_suspects_with_action_exclude(tmp_path: Path, keras_home: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):
+def test_train_head_excludes_the_top_suspects_with_action_exclude(
+    tmp_path: Path, keras_home: Path, monkeypatch: pytest.MonkeyPatch
+):
     """A red image labelled beta in the tiny manifest is listed in the model folder and left out of training."""
     from mlflow import MlflowClient
 
@@ -97,8 +102,14 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(tmp_path: Path
     monkeypatch.setattr(train_head, "_vectors", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
-    result = run_train_head(params, manifest, write_policy(tmp_path / "policy.json"), tmp_path / "models/head",
-                            tmp_path / "reports/train_head", cache_dir=tmp_path / "cache")
+    result = run_train_head(
+        params,
+        manifest,
+        write_policy(tmp_path / "policy.json"),
+        tmp_path / "models/head",
+        tmp_path / "reports/train_head",
+        cache_dir=tmp_path / "cache",
+    )
     excluded = pd.read_csv(tmp_path / "models/head" / li.EXCLUSIONS_FILE)
     assert excluded["path"].tolist() == [frame.loc[planted, "path"]]  # 7% of 16 training images: one
     assert excluded["given_label"].tolist() == ["beta"] and excluded["suggested_label"].tolist() == ["alpha"]

@@ -38,9 +38,16 @@ def read_lock(path: Path) -> dict[str, str]:
 def lock_target_environment() -> dict[str, str]:
     """Marker values of the platform the locks were compiled for (not of this machine)."""
     env = default_environment()
-    env.update(python_version="3.11", python_full_version="3.11.7", sys_platform="linux",
-               platform_system="Linux", platform_machine="x86_64", os_name="posix",
-               implementation_name="cpython", platform_python_implementation="CPython")
+    env.update(
+        python_version="3.11",
+        python_full_version="3.11.7",
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+        os_name="posix",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+    )
     return env
 
 
@@ -85,9 +92,10 @@ def test_each_lock_satisfies_every_requirement_of_pyproject(flavour: str) -> Non
 def test_a_dependency_added_without_relocking_is_caught(tmp_path: Path) -> None:
     pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     added = tmp_path / "pyproject.toml"
-    added.write_text(pyproject.replace('dependencies = [\n', 'dependencies = [\n  "polars>=1",\n', 1))
+    added.write_text(pyproject.replace("dependencies = [\n", 'dependencies = [\n  "polars>=1",\n', 1))
     assert lock_problems(added, LOCKS / "dev-cpu.lock", ["cpu", "dev"]) == [
-        "polars>=1 is required but not in dev-cpu.lock: run `make lock`"]
+        "polars>=1 is required but not in dev-cpu.lock: run `make lock`"
+    ]
     narrowed = tmp_path / "narrowed.toml"
     narrowed.write_text(re.sub(r'"keras>=[^"]*"', '"keras>=99"', pyproject))
     assert [p for p in lock_problems(narrowed, LOCKS / "dev-cpu.lock", ["cpu", "dev"]) if p.startswith("keras")]
@@ -108,7 +116,8 @@ def installed_flavour() -> str | None:
 @pytest.mark.skipif(
     (f"{sys.version_info.major}.{sys.version_info.minor}", platform.system(), platform.machine())
     != tuple(LOCKED_TARGET.values()),
-    reason="the locks are for Python 3.11 on x86_64 Linux; elsewhere `make install-unlocked` resolves pyproject")
+    reason="the locks are for Python 3.11 on x86_64 Linux; elsewhere `make install-unlocked` resolves pyproject",
+)
 def test_the_running_environment_is_exactly_the_lock() -> None:
     flavour = installed_flavour()
     assert flavour, "no TensorFlow installed: not an environment `make install` made"

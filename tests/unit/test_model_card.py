@@ -14,10 +14,22 @@ from tests.evalkit import CLASSES, run_info, write_manifest, write_stage_reports
 
 def _card(tmp_path: Path, summary: ValidationSummary | None, settings: dict | None = None, **info_fields) -> str:
     metrics = compute_metrics(np.array([0, 1, 2]), np.eye(3), CLASSES)
-    info = ModelRunInfo(**{**run_info(CLASSES), **({"settings": settings} if settings is not None else {}), **info_fields},
-                        model_sha256="ab" * 32)
-    return model_card("image-classifier", CLASSES, info, metrics, split_counts(write_manifest(tmp_path)), {"backbone": "tiny"},
-                      quarantined_count(summary), True, ["pass: accuracy"], "3")
+    info = ModelRunInfo(
+        **{**run_info(CLASSES), **({"settings": settings} if settings is not None else {}), **info_fields},
+        model_sha256="ab" * 32,
+    )
+    return model_card(
+        "image-classifier",
+        CLASSES,
+        info,
+        metrics,
+        split_counts(write_manifest(tmp_path)),
+        {"backbone": "tiny"},
+        quarantined_count(summary),
+        True,
+        ["pass: accuracy"],
+        "3",
+    )
 
 
 def test_quarantined_count_from_the_validation_summary_is_on_the_card(tmp_path: Path) -> None:
@@ -39,16 +51,24 @@ def test_card_describes_the_served_input_as_image_data_not_paths(tmp_path: Path)
 
 
 def test_recipe_comes_from_the_model_folders_settings_not_todays_params(tmp_path: Path) -> None:
-    trained_with = {"seed": 7, "finetune": {"learning_rate": 0.000123, "epochs": 3},
-                    "model": {"backbone": "mobilenet_v2", "image_size": 96}, "train_head": {"epochs": 2}}
+    trained_with = {
+        "seed": 7,
+        "finetune": {"learning_rate": 0.000123, "epochs": 3},
+        "model": {"backbone": "mobilenet_v2", "image_size": 96},
+        "train_head": {"epochs": 2},
+    }
     card = _card(tmp_path, None, trained_with)
     recipe = card.split("## Training recipe")[1].split("##")[0]
     assert "- fine-tuning: {'learning_rate': 0.000123, 'epochs': 3}" in recipe
     assert "- model settings: {'backbone': 'mobilenet_v2', 'image_size': 96}" in recipe
     assert "- head training: {'epochs': 2}" in recipe and "- seed: 7" in recipe
     # In training order, whatever order run.json holds them in.
-    assert recipe.index("- model settings:") < recipe.index("- head training:") < recipe.index("- fine-tuning:") < \
-        recipe.index("- seed:")
+    assert (
+        recipe.index("- model settings:")
+        < recipe.index("- head training:")
+        < recipe.index("- fine-tuning:")
+        < recipe.index("- seed:")
+    )
     assert "# Model card: image-classifier v3" in card
 
 

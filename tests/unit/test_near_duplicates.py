@@ -32,8 +32,9 @@ def save(img: Image.Image, path: Path, quality: int = 90) -> Path:
 
 
 def manifest(rows: list[tuple[Path, str, str]]) -> pd.DataFrame:
-    return pd.DataFrame([{"path": str(p), "label": label, "split": split, "sha256": file_sha256(p)}
-                         for p, label, split in rows])
+    return pd.DataFrame(
+        [{"path": str(p), "label": label, "split": split, "sha256": file_sha256(p)} for p, label, split in rows]
+    )
 
 
 @pytest.fixture
@@ -84,7 +85,9 @@ def test_report_and_fail_policies_leave_splits_alone(images):
 
 
 def test_a_group_under_two_labels_is_quarantined_as_a_label_conflict(images):
-    frame = manifest([(images["a"], "cats", "train"), (images["a_copy"], "dogs", "train"), (images["b"], "dogs", "train")])
+    frame = manifest(
+        [(images["a"], "cats", "train"), (images["a_copy"], "dogs", "train"), (images["b"], "dogs", "train")]
+    )
     kept, report = nd.resolve(frame, groups_of(frame), "move")
     assert kept["path"].tolist() == [str(images["b"])]
     assert sorted(report.quarantine["path"]) == sorted([str(images["a"]), str(images["a_copy"])])
@@ -99,8 +102,9 @@ def test_within_split_group_is_reported_and_kept(images):
     assert len(kept) == 2 and report.counts == {**report.counts, "within_split": 1, "moved_images": 0}
 
 
-def test_hashes_are_cached_by_content_hash_and_undecodable_files_join_no_group(images, tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch):
+def test_hashes_are_cached_by_content_hash_and_undecodable_files_join_no_group(
+    images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "train"), (broken, "x", "train")])
@@ -137,7 +141,7 @@ def _hashes(*pairs: tuple[int, int]) -> np.ndarray:
     rows = np.zeros((len(pairs), 128), dtype=bool)
     for row, (phash_bits, dhash_bits) in zip(rows, pairs):
         row[:phash_bits] = True
-        row[64:64 + dhash_bits] = True
+        row[64 : 64 + dhash_bits] = True
     return rows
 
 

@@ -22,8 +22,9 @@ PROBABILITY_TOLERANCE = 1e-5
 
 
 def tiny_classifier() -> Any:
-    model, _ = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=64, weights="imagenet"),
-                                3, TrainHeadConfig())
+    model, _ = build_classifier(
+        ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig()
+    )
     return model
 
 
@@ -77,8 +78,9 @@ def test_runs_the_projects_tf_data_batches_in_order(classifier: Any, cache_dir: 
     """What train_head/evaluate pass: image_batches() over files, in the given order."""
     from components.data import image_batches
 
-    paths = [str(write_image(tmp_path / f"img_{i}.jpg", size=(60 + i, 50), color=COLORS[i % 4], seed=i))
-             for i in range(7)]
+    paths = [
+        str(write_image(tmp_path / f"img_{i}.jpg", size=(60 + i, 50), color=COLORS[i % 4], seed=i)) for i in range(7)
+    ]
     extractor = feature_extractor(classifier)
     runner = onnx_inference.FrozenRunner(extractor, cache_dir=cache_dir)
     got = runner.predict(image_batches(paths, 64, 3))
@@ -115,8 +117,9 @@ def test_export_is_cached_by_content(classifier: Any, cache_dir: Path, monkeypat
     assert repaired.path == first.path and repaired.accepted and repaired.path.stat().st_size > 1000
 
 
-def test_falls_back_to_keras_without_onnxruntime(classifier: Any, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_falls_back_to_keras_without_onnxruntime(
+    classifier: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     assert not onnx_inference.onnxruntime_available()
     extractor = feature_extractor(classifier)
@@ -125,8 +128,9 @@ def test_falls_back_to_keras_without_onnxruntime(classifier: Any, tmp_path: Path
     x = images(5, seed=2)
     expected = extractor.predict(x, verbose=0)
     np.testing.assert_allclose(runner.predict(x), expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(onnx_inference.frozen_predict(extractor, [x[:2], x[2:]], cache_dir=tmp_path),
-                               expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        onnx_inference.frozen_predict(extractor, [x[:2], x[2:]], cache_dir=tmp_path), expected, rtol=1e-5, atol=1e-5
+    )
     assert not (tmp_path / "onnx").exists() or not list((tmp_path / "onnx").glob("*.onnx"))
     with pytest.raises(RuntimeError, match="onnxruntime was requested"):
         onnx_inference.FrozenRunner(extractor, cache_dir=tmp_path / "onnx", engine="onnxruntime")

@@ -32,8 +32,12 @@ NAME = "image-classifier"
 
 
 def settings(engine: str = "auto") -> Params:
-    return parse_params({"evaluate": {"batch_size": 8, "worst_examples": 4, "inference_engine": engine},
-                         "tracking": {"retry_attempts": 2, "retry_backoff_s": 0}})
+    return parse_params(
+        {
+            "evaluate": {"batch_size": 8, "worst_examples": 4, "inference_engine": engine},
+            "tracking": {"retry_attempts": 2, "retry_backoff_s": 0},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +48,19 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     mp.chdir(ws)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/mlflow.db")
     manifest, model_dir = write_manifest(ws), make_model_dir(ws / "good")
-    result = evaluate.run_evaluate(settings(), manifest, model_dir, None, ws / "reports" / "evaluate",
-                                   ws / "metrics.json", ws)
+    result = evaluate.run_evaluate(
+        settings(), manifest, model_dir, None, ws / "reports" / "evaluate", ws / "metrics.json", ws
+    )
     yield {"ws": ws, "result": result, "model_dir": model_dir, "manifest": manifest}
     mp.undo()
     mlflow.set_tracking_uri(None)
 
 
 def colour_images(root: Path) -> list[bytes]:
-    return [write_image(root / f"c{c}.png", size=(30 + 20 * c, 44), color=COLORS[c], seed=c, fmt="PNG").read_bytes()
-            for c in range(len(CLASSES))] + [write_image(root / "noise.jpg", size=(50, 40), seed=9).read_bytes()]
+    return [
+        write_image(root / f"c{c}.png", size=(30 + 20 * c, 44), color=COLORS[c], seed=c, fmt="PNG").read_bytes()
+        for c in range(len(CLASSES))
+    ] + [write_image(root / "noise.jpg", size=(50, 40), seed=9).read_bytes()]
 
 
 def download(uri: str, dst: Path) -> Path:
@@ -61,6 +68,7 @@ def download(uri: str, dst: Path) -> Path:
 
 
 # --- evaluate ---------------------------------------------------------------------------------
+
 
 def test_evaluate_scores_with_onnxruntime_and_the_probabilities_equal_keras(tmp_path: Path) -> None:
     manifest, folder = write_manifest(tmp_path), load_model_dir(make_model_dir(tmp_path / "m"))
@@ -104,8 +112,15 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(onnx_inference, "export_onnx", no_export)
     try:
-        result = evaluate.run_evaluate(settings("keras"), write_manifest(tmp_path), make_model_dir(tmp_path / "m"),
-                                       None, tmp_path / "reports", tmp_path / "metrics.json", tmp_path)
+        result = evaluate.run_evaluate(
+            settings("keras"),
+            write_manifest(tmp_path),
+            make_model_dir(tmp_path / "m"),
+            None,
+            tmp_path / "reports",
+            tmp_path / "metrics.json",
+            tmp_path,
+        )
         assert result.accuracy == 1.0
         assert MlflowClient().get_run(result.run_id).data.tags["inference_engine"] == "keras"
         assert not (tmp_path / onnx_inference.CACHE_DIR).exists()
@@ -120,6 +135,7 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 # --- the served model -------------------------------------------------------------------------
+
 
 def test_served_model_runs_onnx_and_matches_the_keras_engine(evaluated: dict[str, Any], tmp_path: Path) -> None:
     uri = f"models:/{NAME}/{evaluated['result'].model_version}"
@@ -195,16 +211,20 @@ def test_loading_the_served_model_needs_onnxruntime_only(evaluated: dict[str, An
     """The served code package holds onnx_inference, and loading it never imports the exporter (tf2onnx)."""
     assert {"onnx_inference.py", "files.py", "hashing.py"} <= registry.code_closure(registry.SERVING_MODEL)
     local = download(f"models:/{NAME}/{evaluated['result'].model_version}", tmp_path / "dl")
-    script = ("import sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]).unwrap_python_model(); "
-              "print(m.engine, 'tf2onnx' in sys.modules, 'onnx' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script, str(local)], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)  # a fresh process: nothing exported or imported before
+    script = (
+        "import sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]).unwrap_python_model(); "
+        "print(m.engine, 'tf2onnx' in sys.modules, 'onnx' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(local)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )  # a fresh process: nothing exported or imported before
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "onnxruntime False False"
 
 
-def test_batch_prediction_runs_the_served_onnx_file_and_says_so(evaluated: dict[str, Any], tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_batch_prediction_runs_the_served_onnx_file_and_says_so(
+    evaluated: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from components.predict import run_predict
 
     folder = tmp_path / "incoming"
@@ -213,5 +233,6 @@ def test_batch_prediction_runs_the_served_onnx_file_and_says_so(evaluated: dict[
     result = run_predict(f"models:/{NAME}/{evaluated['result'].model_version}", folder, tmp_path / "p.csv")
     assert result.engine == "onnxruntime" and "runs on onnxruntime" in capsys.readouterr().out
     table = pd.read_csv(result.out_csv)
-    assert [Path(p).stem for p in table["path"]] == sorted(CLASSES) and (table["label"] == table["path"].map(
-        lambda p: Path(p).stem)).all()
+    assert [Path(p).stem for p in table["path"]] == sorted(CLASSES) and (
+        table["label"] == table["path"].map(lambda p: Path(p).stem)
+    ).all()

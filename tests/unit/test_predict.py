@@ -24,8 +24,10 @@ from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, make_model_dir, write_manifest
 
 # Small limits, so each one can be crossed with tiny images.
-LIMITS = {"evaluate": {"batch_size": 4, "serving": {"max_images_per_request": 5, "max_request_bytes": 50_000}},
-          "validate": {"max_pixels": 200 * 200, "max_image_bytes": 30_000, "min_width": 8, "min_height": 8}}
+LIMITS = {
+    "evaluate": {"batch_size": 4, "serving": {"max_images_per_request": 5, "max_request_bytes": 50_000}},
+    "validate": {"max_pixels": 200 * 200, "max_image_bytes": 30_000, "min_width": 8, "min_height": 8},
+}
 GENERIC = "image row 0: not a usable image"
 
 
@@ -53,8 +55,10 @@ def pyfunc(logged: dict[str, Any]) -> Any:
 
 def coloured_images(root: Path) -> dict[str, Path]:
     """One image per class, each a different size (the model must accept any size)."""
-    return {name: write_image(root / f"{name}.png", size=(30 + 40 * c, 50 + 10 * c), color=COLORS[c], seed=c, fmt="PNG")
-            for c, name in enumerate(CLASSES)}
+    return {
+        name: write_image(root / f"{name}.png", size=(30 + 40 * c, 50 + 10 * c), color=COLORS[c], seed=c, fmt="PNG")
+        for c, name in enumerate(CLASSES)
+    }
 
 
 def rejection(pyfunc: Any, values: list[Any]) -> str:
@@ -80,8 +84,17 @@ def test_pyfunc_labels_raw_bytes_base64_and_data_uris(pyfunc: Any, tmp_path: Pat
 def test_a_server_path_is_not_image_data_and_gets_the_generic_error(pyfunc: Any, tmp_path: Path) -> None:
     """No existence probe: an existing image file, a missing one and plain junk answer the same."""
     existing = coloured_images(tmp_path)["alpha"]
-    answers = {rejection(pyfunc, [value]) for value in
-               (str(existing), str(tmp_path / "missing.png"), "/etc/passwd", "/etc/does-not-exist", "hello", b"junk")}
+    answers = {
+        rejection(pyfunc, [value])
+        for value in (
+            str(existing),
+            str(tmp_path / "missing.png"),
+            "/etc/passwd",
+            "/etc/does-not-exist",
+            "hello",
+            b"junk",
+        )
+    }
     assert len(answers) == 1
     assert GENERIC in answers.pop()
 
@@ -94,7 +107,7 @@ def test_every_unusable_image_gets_the_same_error(pyfunc: Any, tmp_path: Path) -
 
     small = Image.new("RGB", (40, 40), COLORS[0])
     cases = {
-        "too many pixels": encoded(Image.new("RGB", (250, 250), COLORS[0]), "PNG"),   # 62,500 > max_pixels 40,000
+        "too many pixels": encoded(Image.new("RGB", (250, 250), COLORS[0]), "PNG"),  # 62,500 > max_pixels 40,000
         "format not allowed": encoded(small, "GIF"),
         "truncated": encoded(small, "PNG")[:60],
         "empty": b"",
@@ -124,8 +137,11 @@ def test_logged_model_holds_no_pickle_and_stores_its_limits_and_hash(logged: dic
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
     config = flavor["config"]
     assert (config["max_images_per_request"], config["max_request_bytes"]) == (5, 50_000)
-    assert (config["max_pixels"], config["max_image_bytes"], config["allowed_formats"]) == \
-        (40_000, 30_000, ["JPEG", "PNG", "BMP", "WEBP"])
+    assert (config["max_pixels"], config["max_image_bytes"], config["allowed_formats"]) == (
+        40_000,
+        30_000,
+        ["JPEG", "PNG", "BMP", "WEBP"],
+    )
     model_sha = json.loads((logged["root"] / "model" / "run.json").read_text())["model_sha256"]
     assert config["keras_sha256"] == model_sha
     assert registry.load_scoring_model(logged["registered"]).unwrap_python_model().classes == CLASSES
@@ -152,6 +168,7 @@ def test_a_registered_pickled_pyfunc_is_refused(logged: dict[str, Any]) -> None:
 
 
 # --- batch scoring ------------------------------------------------------------------------------
+
 
 def test_batch_prediction_scores_a_folder_and_records_unreadable_files(logged: dict[str, Any], tmp_path: Path) -> None:
     folder = tmp_path / "incoming"
@@ -181,8 +198,14 @@ def test_batch_prediction_refuses_files_outside_the_input_root(logged: dict[str,
     inside = coloured_images(root / "images")
     outside = write_image(tmp_path / "elsewhere" / "secret.png", color=COLORS[1], fmt="PNG")
     (root / "images" / "link.png").symlink_to(outside)  # a link that leads out of the root
-    rows = ["images/alpha.png", str(inside["beta"]), str(outside), "../elsewhere/secret.png", "images/link.png",
-            "/etc/passwd"]
+    rows = [
+        "images/alpha.png",
+        str(inside["beta"]),
+        str(outside),
+        "../elsewhere/secret.png",
+        "images/link.png",
+        "/etc/passwd",
+    ]
     (root / "batch.csv").write_text("path\n" + "\n".join(rows) + "\n")
     out = run_predict(logged["uri"], root / "batch.csv", tmp_path / "preds.csv")
 
@@ -197,8 +220,20 @@ def test_a_root_given_on_the_command_line_widens_nothing_else(logged: dict[str, 
     images = coloured_images(tmp_path / "data" / "raw")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "a.csv").write_text(f"path\ndata/raw/{images['gamma'].name}\n/etc/hostname\n")
-    code = predict.main(["--model", logged["uri"], "--input", str(tmp_path / "lists" / "a.csv"), "--root", str(tmp_path),
-                         "--out", str(tmp_path / "p.csv"), "--params", str(tmp_path / "none.yaml")])
+    code = predict.main(
+        [
+            "--model",
+            logged["uri"],
+            "--input",
+            str(tmp_path / "lists" / "a.csv"),
+            "--root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--params",
+            str(tmp_path / "none.yaml"),
+        ]
+    )
     assert code == 0
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert table["label"].tolist() == ["gamma", ""] and table["error"].tolist() == ["", predict.OUTSIDE_ROOT]
@@ -206,8 +241,18 @@ def test_a_root_given_on_the_command_line_widens_nothing_else(logged: dict[str, 
 
 def test_cli_rejects_an_input_that_is_not_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    code = predict.main(["--model", "models:/x@champion", "--input", str(tmp_path / "notes.txt"),
-                         "--out", str(tmp_path / "p.csv"), "--params", str(tmp_path / "none.yaml")])
+    code = predict.main(
+        [
+            "--model",
+            "models:/x@champion",
+            "--input",
+            str(tmp_path / "notes.txt"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--params",
+            str(tmp_path / "none.yaml"),
+        ]
+    )
     assert code == 2
     assert "expected a folder of images" in capsys.readouterr().err
 

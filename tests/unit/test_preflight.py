@@ -41,8 +41,15 @@ def test_unknown_backbone_and_transform_are_reported_together():
 
 
 def test_cli_exits_2_with_readable_message(capsys):
-    code = main(["--params", str(REPO / "params.yaml"), *sum((["--set", o] for o in SMALL), []),
-                 "--set", "augment.policy=[{Affine: {rotat: 10}}]"])
+    code = main(
+        [
+            "--params",
+            str(REPO / "params.yaml"),
+            *sum((["--set", o] for o in SMALL), []),
+            "--set",
+            "augment.policy=[{Affine: {rotat: 10}}]",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "augment.policy[0]" in err and "Traceback" not in err

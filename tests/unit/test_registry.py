@@ -32,10 +32,16 @@ from tests.evalkit import CLASSES, run_info, write_stage_reports
 GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0.02)
 
 
-def scores(accuracy: float, min_recall: float, n: int = 50, per_class: dict[str, float] | None = None,
-           non_finite: int = 0) -> Scores:
-    return Scores(accuracy=accuracy, min_class_recall=min_recall, n_test=n, non_finite_rows=non_finite,
-                  per_class_recall=per_class or {"a": min_recall, "b": accuracy})
+def scores(
+    accuracy: float, min_recall: float, n: int = 50, per_class: dict[str, float] | None = None, non_finite: int = 0
+) -> Scores:
+    return Scores(
+        accuracy=accuracy,
+        min_class_recall=min_recall,
+        n_test=n,
+        non_finite_rows=non_finite,
+        per_class_recall=per_class or {"a": min_recall, "b": accuracy},
+    )
 
 
 def test_first_model_is_judged_on_thresholds_alone() -> None:
@@ -44,10 +50,13 @@ def test_first_model_is_judged_on_thresholds_alone() -> None:
     assert any("no champion yet" in r for r in decision.reasons)
 
 
-@pytest.mark.parametrize("challenger, failing", [
-    (scores(0.79, 0.9), "accuracy 0.7900 < min_accuracy 0.8"),
-    (scores(0.95, 0.4), "lowest class recall 0.4000 < min_class_recall 0.5"),
-])
+@pytest.mark.parametrize(
+    "challenger, failing",
+    [
+        (scores(0.79, 0.9), "accuracy 0.7900 < min_accuracy 0.8"),
+        (scores(0.95, 0.4), "lowest class recall 0.4000 < min_class_recall 0.5"),
+    ],
+)
 def test_model_below_an_absolute_threshold_is_rejected_naming_it(challenger: Scores, failing: str) -> None:
     decision = decide_promotion(GATE, challenger)
     assert not decision.promoted
@@ -70,14 +79,22 @@ def test_challenger_must_beat_rescored_champion_by_the_margin() -> None:
 def test_champion_that_cannot_be_rescored_keeps_its_place() -> None:
     decision = decide_promotion(GATE, scores(0.99, 0.99), None, "2", "could not load or run it: OSError: gone")
     assert not decision.promoted
-    assert any(r.startswith("fail: champion v2 could not be re-scored (could not load or run it") for r in decision.reasons)
+    assert any(
+        r.startswith("fail: champion v2 could not be re-scored (could not load or run it") for r in decision.reasons
+    )
     assert decision.tags()["promotion.champion_problem"] == "could not load or run it: OSError: gone"
 
 
 def test_changed_class_set_promotes_only_when_the_setting_allows_it() -> None:
     refused = decide_promotion(GATE, scores(0.99, 0.99), None, "2", "class set differs", class_set_changed=True)
-    allowed = decide_promotion(PromotionConfig(**{**GATE.model_dump(), "allow_class_set_change": True}),
-                               scores(0.99, 0.99), None, "2", "class set differs", class_set_changed=True)
+    allowed = decide_promotion(
+        PromotionConfig(**{**GATE.model_dump(), "allow_class_set_change": True}),
+        scores(0.99, 0.99),
+        None,
+        "2",
+        "class set differs",
+        class_set_changed=True,
+    )
     assert not refused.promoted and any("allow_class_set_change lets" in r for r in refused.reasons)
     assert allowed.promoted and any("allow_class_set_change is on" in r for r in allowed.reasons)
 
@@ -96,7 +113,7 @@ def test_a_class_whose_recall_falls_too_far_blocks_promotion() -> None:
     config = PromotionConfig(min_accuracy=0.5, max_class_recall_drop=0.03)
     champion = scores(0.80, 0.7, per_class={"a": 0.9, "b": 0.7, "c": 0.8})
     collapsed = scores(0.85, 0.6, per_class={"a": 1.0, "b": 0.95, "c": 0.6})  # better overall, c collapses
-    slight = scores(0.85, 0.78, per_class={"a": 1.0, "b": 0.78, "c": 0.78})   # c falls 0.02: within the drop
+    slight = scores(0.85, 0.78, per_class={"a": 1.0, "b": 0.78, "c": 0.78})  # c falls 0.02: within the drop
     refused = decide_promotion(config, collapsed, champion, "5")
     assert not refused.promoted
     assert any("max_class_recall_drop 0.03 below champion v5 for c (0.8000 -> 0.6000)" in r for r in refused.reasons)
@@ -129,20 +146,31 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def test_lineage_names_commit_data_params_and_runs_from_the_contracts_not_dvc_lock(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
     write_stage_reports(tmp_path, data_version="abc123", validated_version="val456")
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  ingest:\n    outs:\n"
-                                       "    - path: data/raw\n      md5: f00d.dir\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  ingest:\n    outs:\n    - path: data/raw\n      md5: f00d.dir\n"
+    )
     monkeypatch.setenv("TP_PREFECT_FLOW_RUN_ID", "flow-run-7")
-    info = ModelRunInfo(**{**run_info(CLASSES, run_id="ft1", head_run_id="hd1", data_version="trained789"),
-                           "backbone": "mobilenet_v2"}, model_sha256="0" * 64)
-    versions = data_versions(IngestReport.read(tmp_path / "reports" / "ingest.json"),
-                             ValidationSummary.read(tmp_path / "reports" / "validation" / "summary.json"), info)
+    info = ModelRunInfo(
+        **{**run_info(CLASSES, run_id="ft1", head_run_id="hd1", data_version="trained789"), "backbone": "mobilenet_v2"},
+        model_sha256="0" * 64,
+    )
+    versions = data_versions(
+        IngestReport.read(tmp_path / "reports" / "ingest.json"),
+        ValidationSummary.read(tmp_path / "reports" / "validation" / "summary.json"),
+        info,
+    )
     tags = lineage_tags(Params(), info, None, versions, tmp_path)
     assert tags["git_commit"] == _git(tmp_path, "rev-parse", "HEAD")
-    assert (tags["data_version"], tags["validated_version"], tags["model_data_version"]) == ("abc123", "val456", "trained789")
+    assert (tags["data_version"], tags["validated_version"], tags["model_data_version"]) == (
+        "abc123",
+        "val456",
+        "trained789",
+    )
     assert "data_raw_md5" not in tags  # dvc.lock is DVC's, not a hand-off file
     assert tags["params_sha256"] == params_hash(Params())
     assert (tags["finetune_run_id"], tags["head_run_id"], tags["backbone"]) == ("ft1", "hd1", "mobilenet_v2")
@@ -195,6 +223,7 @@ def test_permanent_errors_are_not_retried() -> None:
 def test_exhausted_retries_name_the_server_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
     mlflow.set_tracking_uri("http://bob:s3cret@127.0.0.1:9")
     try:
+
         def down() -> None:
             raise MlflowException("API request to http://bob:s3cret@127.0.0.1:9 failed", error_code=INTERNAL_ERROR)
 
@@ -216,7 +245,8 @@ def test_alias_of_an_unknown_model_is_none(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("visible, expected", [([], None), (["image-classifier"], "raises")])
 def test_a_403_for_a_model_nobody_may_see_means_no_champion_and_otherwise_fails(
-        visible: list[str], expected: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    visible: list[str], expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MLflow basic auth answers 403 to a non-admin's alias read of a model that does not exist yet."""
     from mlflow import MlflowClient
     from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
@@ -245,19 +275,26 @@ def _logged_dir(root: Path, flavor: dict, files: dict[str, bytes] | None = None)
 
 
 def test_a_pickled_pyfunc_is_refused_before_loading(tmp_path: Path) -> None:
-    pickled = _logged_dir(tmp_path / "old", {"loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"},
-                          {"python_model.pkl": b"\x80\x04cos\nsystem\n."})
+    pickled = _logged_dir(
+        tmp_path / "old",
+        {"loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"},
+        {"python_model.pkl": b"\x80\x04cos\nsystem\n."},
+    )
     with pytest.raises(UnsafeModel, match="pickled pyfunc"):
         check_logged_model(pickled)
-    stray = _logged_dir(tmp_path / "stray", {"loader_module": "mlflow.pyfunc.loaders.code_model",
-                                              "config": {"keras_sha256": "a" * 64}}, {"extra.pkl": b"x"})
+    stray = _logged_dir(
+        tmp_path / "stray",
+        {"loader_module": "mlflow.pyfunc.loaders.code_model", "config": {"keras_sha256": "a" * 64}},
+        {"extra.pkl": b"x"},
+    )
     with pytest.raises(UnsafeModel, match="pickled pyfunc"):
         check_logged_model(stray)
 
 
 def test_a_model_whose_hash_differs_from_the_registered_one_is_refused(tmp_path: Path) -> None:
-    logged = _logged_dir(tmp_path / "m", {"loader_module": "mlflow.pyfunc.loaders.code_model",
-                                          "config": {"keras_sha256": "a" * 64}})
+    logged = _logged_dir(
+        tmp_path / "m", {"loader_module": "mlflow.pyfunc.loaders.code_model", "config": {"keras_sha256": "a" * 64}}
+    )
     assert check_logged_model(logged, "a" * 64)["config"]["keras_sha256"] == "a" * 64
     with pytest.raises(UnsafeModel, match="sha256 differs"):
         check_logged_model(logged, "b" * 64)
@@ -265,6 +302,14 @@ def test_a_model_whose_hash_differs_from_the_registered_one_is_refused(tmp_path:
 
 def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
     package = code_closure(SERVING_MODEL)
-    assert {"serving_model.py", "data.py", "images.py", "backbones.py", "contracts.py", "config.py", "files.py",
-            "hashing.py"} <= package
+    assert {
+        "serving_model.py",
+        "data.py",
+        "images.py",
+        "backbones.py",
+        "contracts.py",
+        "config.py",
+        "files.py",
+        "hashing.py",
+    } <= package
     assert not {"evaluate.py", "registry.py", "predict.py", "ingest.py"} & package  # no stage code travels

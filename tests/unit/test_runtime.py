@@ -45,7 +45,8 @@ def test_error_inside_an_output_folder_names_the_output_not_the_temp_folder(tmp_
     assert caught.value.errno == errno.EROFS
     assert caught.value.filename == str(target / "model.keras")
     assert errors.describe_os_error(caught.value) == (
-        f"cannot write {target / 'model.keras'}: read-only file system (choose a writable location)")
+        f"cannot write {target / 'model.keras'}: read-only file system (choose a writable location)"
+    )
 
 
 def test_output_path_under_a_regular_file_is_explained(tmp_path, capsys):
@@ -59,7 +60,8 @@ def test_output_path_under_a_regular_file_is_explained(tmp_path, capsys):
 
     assert main() == 2
     assert capsys.readouterr().err.strip() == (
-        f"ingest: error: cannot access {blocker / 'sub'}: a parent of this path is a file, not a folder")
+        f"ingest: error: cannot access {blocker / 'sub'}: a parent of this path is a file, not a folder"
+    )
 
 
 def test_unrelated_errors_still_raise(tmp_path):
@@ -123,8 +125,12 @@ def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_cred
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:hunter2-token@127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(TrackingUnavailable) as caught:
-        with_retries("reach the tracking server", setup_mlflow, TrackingConfig(),
-                     policy=RetryPolicy(attempts=2, first_wait_s=0.1))
+        with_retries(
+            "reach the tracking server",
+            setup_mlflow,
+            TrackingConfig(),
+            policy=RetryPolicy(attempts=2, first_wait_s=0.1),
+        )
     assert time.monotonic() - started < 20
     message = str(caught.value)
     assert f"http://***@127.0.0.1:{port}" in message and "after 2 attempts" in message

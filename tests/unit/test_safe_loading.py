@@ -38,8 +38,20 @@ def test_evaluate_cli_refuses_a_lambda_model_before_touching_mlflow(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "validated.csv").write_text("path,label,split\n")
-    code = evaluate.main(["--params", str(REPO / "params.yaml"), "--manifest", "validated.csv",
-                          "--model-dir", str(model_dir), "--report-dir", "reports", "--metrics", "metrics.json"])
+    code = evaluate.main(
+        [
+            "--params",
+            str(REPO / "params.yaml"),
+            "--manifest",
+            "validated.csv",
+            "--model-dir",
+            str(model_dir),
+            "--report-dir",
+            "reports",
+            "--metrics",
+            "metrics.json",
+        ]
+    )
     assert code == 2
     assert "refused to load" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
@@ -53,8 +65,20 @@ def test_evaluate_refuses_a_model_file_changed_since_training(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "validated.csv").write_text("path,label,split\n")
-    code = evaluate.main(["--params", str(REPO / "params.yaml"), "--manifest", "validated.csv",
-                          "--model-dir", str(model_dir), "--report-dir", "reports", "--metrics", "metrics.json"])
+    code = evaluate.main(
+        [
+            "--params",
+            str(REPO / "params.yaml"),
+            "--manifest",
+            "validated.csv",
+            "--model-dir",
+            str(model_dir),
+            "--report-dir",
+            "reports",
+            "--metrics",
+            "metrics.json",
+        ]
+    )
     assert code == 2
     assert "its sha256 differs from the one recorded" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
@@ -68,7 +92,7 @@ def test_keras_floor_includes_the_published_safe_mode_fixes():
     from packaging.version import Version
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    spec = SpecifierSet(next(d for d in deps if d.startswith("keras"))[len("keras"):].split(";")[0])
+    spec = SpecifierSet(next(d for d in deps if d.startswith("keras"))[len("keras") :].split(";")[0])
     for vulnerable in ("3.8.0", "3.10.0", "3.11.2", "3.12.0", "3.13.1", "3.13.2", "3.14.0", "3.15.0"):
         assert Version(vulnerable) not in spec, vulnerable
     from importlib.metadata import version
@@ -87,8 +111,9 @@ def test_no_loader_in_the_project_switches_safe_mode_off():
             name = ast.unparse(node.func)
             if name.endswith("enable_unsafe_deserialization"):
                 offenders.append(f"{source.name}: {name}")
-            if name.endswith("load_model") and any(k.arg == "safe_mode" and not (isinstance(k.value, ast.Constant)
-                                                                                and k.value.value is True)
-                                                   for k in node.keywords):
+            if name.endswith("load_model") and any(
+                k.arg == "safe_mode" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                for k in node.keywords
+            ):
                 offenders.append(f"{source.name}: {ast.unparse(node)}")
     assert offenders == []

@@ -31,7 +31,9 @@ def test_each_epoch_is_saved_and_logged_in_order(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("TP_EPOCH_SNAPSHOTS", str(tmp_path))
     model = _fit(3, snapshots.snapshot_callbacks("train_head", weights_of="head"))
     records = snapshots.read_log(tmp_path)
-    assert [(r["stage"], r["epoch"], r["weights_of"]) for r in records] == [("train_head", e, "head") for e in (1, 2, 3)]
+    assert [(r["stage"], r["epoch"], r["weights_of"]) for r in records] == [
+        ("train_head", e, "head") for e in (1, 2, 3)
+    ]
     assert records[0]["ended_unix"] <= records[1]["ended_unix"] <= records[2]["ended_unix"]
     assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["save_seconds"] >= 0 for r in records)
     # The last snapshot is the trained model: loading it into a fresh copy gives the same outputs.

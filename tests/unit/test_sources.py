@@ -19,16 +19,29 @@ import pytest
 from components.config import IngestConfig, ParamsError, load_params
 from components.ingest import IngestError, main, run_ingest
 from tests.conftest import write_image
-from tests.datakit import (files_containing, http_server, ingest_config, make_classes, outside_files,
-                           redirecting_server, tree_snapshot)
+from tests.datakit import (
+    files_containing,
+    http_server,
+    ingest_config,
+    make_classes,
+    outside_files,
+    redirecting_server,
+    tree_snapshot,
+)
 
 MAX_PIXELS = 10_000_000
 
 
 def _run(tmp_path: Path, source: Path | str, **overrides):
     ws = tmp_path / "ws"
-    result = run_ingest(ingest_config(source, **overrides), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
-                        ws / "reports" / "ingest.json", MAX_PIXELS)
+    result = run_ingest(
+        ingest_config(source, **overrides),
+        42,
+        ws / "data" / "raw",
+        ws / "data" / "manifest.csv",
+        ws / "reports" / "ingest.json",
+        MAX_PIXELS,
+    )
     return result, json.loads(result.report_path.read_text())
 
 
@@ -44,8 +57,18 @@ def _table(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 # --- 1. labels are class names, never paths -------------------------------------------------------
 
-BAD_LABELS = ["../../escaped", "ABSOLUTE", "a/b", "..\\..\\escaped", "C:escaped", "..", ".hidden",
-              "bell\x07", "x" * 200, "rtl\u202eevil"]
+BAD_LABELS = [
+    "../../escaped",
+    "ABSOLUTE",
+    "a/b",
+    "..\\..\\escaped",
+    "C:escaped",
+    "..",
+    ".hidden",
+    "bell\x07",
+    "x" * 200,
+    "rtl\u202eevil",
+]
 
 
 @pytest.mark.parametrize("label", BAD_LABELS)
@@ -58,8 +81,11 @@ def test_a_table_label_that_is_a_path_is_refused_and_writes_nothing_outside_raw(
     outside_before = tree_snapshot(tmp_path)
     result, report = _run(tmp_path, table, allowed_roots=[str(extra.parent)])
     after = tree_snapshot(tmp_path)
-    new = {p for p in set(after) - set(outside_before)
-           if p not in ("ws", "ws/data", "ws/reports") and not p.startswith(("ws/data/", "ws/reports/"))}
+    new = {
+        p
+        for p in set(after) - set(outside_before)
+        if p not in ("ws", "ws/data", "ws/reports") and not p.startswith(("ws/data/", "ws/reports/"))
+    }
     assert not new, f"written outside data/: {sorted(new)}"
     assert result.files == 3 and report["refused_count"] == 1
     assert "label" in report["refused"][0]["reason"]
@@ -80,12 +106,17 @@ def test_a_class_folder_with_an_unusable_name_is_refused_by_name(tmp_path: Path)
     write_image(source / "bad\x01name" / "x.jpg", seed=5)
     result, report = _run(tmp_path, source)
     assert result.files == 3
-    assert report["refused"] == [{"name": str(source / "bad\x01name" / "x.jpg"),
-                                  "reason": "class folder 'bad\\x01name' is not a usable label: label contains "
-                                            "control or unassigned characters"}]
+    assert report["refused"] == [
+        {
+            "name": str(source / "bad\x01name" / "x.jpg"),
+            "reason": "class folder 'bad\\x01name' is not a usable label: label contains "
+            "control or unassigned characters",
+        }
+    ]
 
 
 # --- 2. only regular files inside the root are read -------------------------------------------------
+
 
 def test_a_symlink_out_of_a_folder_source_is_refused_and_its_bytes_never_copied(tmp_path: Path):
     outside = outside_files(tmp_path / "outside")
@@ -110,7 +141,10 @@ def test_links_inside_the_root_are_followed_only_when_allowed_and_the_report_say
     (source / "b" / "loop.jpg").symlink_to(source / "b" / "loop.jpg")
     (source / "linked_class").symlink_to(source / "a", target_is_directory=True)
     result, report = _run(tmp_path, source)
-    assert result.files == 7 and (result.raw_dir / "b" / "also_a0.jpg").read_bytes() == (source / "a" / "a_000.jpg").read_bytes()
+    assert (
+        result.files == 7
+        and (result.raw_dir / "b" / "also_a0.jpg").read_bytes() == (source / "a" / "a_000.jpg").read_bytes()
+    )
     assert any("followed 1 symbolic link" in n for n in report["notes"])
     refused = _refused(report)
     assert refused["dangling.jpg"] == refused["loop.jpg"] == "broken or looping symbolic link"
@@ -145,8 +179,14 @@ def test_table_rows_outside_the_tables_folder_are_refused_without_revealing_what
     outside = outside_files(tmp_path / "outside")
     make_classes(tmp_path / "src" / "images", {"a": 3})
     rows = [(f"images/a/a_{i:03d}.jpg", "a") for i in range(3)]
-    rows += [(str(outside["passwd"]), "a"), ("/etc/passwd", "a"), ("/no/such/file.jpg", "a"),
-             ("../outside/secret.jpg", "a"), ("images/../../outside/passwd", "a"), ("file:///etc/hostname", "a")]
+    rows += [
+        (str(outside["passwd"]), "a"),
+        ("/etc/passwd", "a"),
+        ("/no/such/file.jpg", "a"),
+        ("../outside/secret.jpg", "a"),
+        ("images/../../outside/passwd", "a"),
+        ("file:///etc/hostname", "a"),
+    ]
     result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
     assert files_containing(tmp_path / "ws") == []
     assert result.files == 3
@@ -160,7 +200,9 @@ def test_allowed_roots_admit_rows_from_named_folders_only(tmp_path: Path):
     other = write_image(tmp_path / "other" / "x.jpg", seed=3)
     make_classes(tmp_path / "src" / "images", {"a": 2})
     rows = [("images/a/a_000.jpg", "a"), ("images/a/a_001.jpg", "a"), (str(outside["image"]), "a"), (str(other), "a")]
-    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows), allowed_roots=[str(outside["image"].parent)])
+    result, report = _run(
+        tmp_path, _table(tmp_path / "src" / "labels.csv", rows), allowed_roots=[str(outside["image"].parent)]
+    )
     assert result.files == 3 and report["refused_count"] == 1 and report["refused"][0]["name"].endswith("x.jpg")
 
 
@@ -171,7 +213,9 @@ def test_a_table_from_a_bucket_may_not_name_local_files(tmp_path: Path):
     table = f"a/ok.jpg,a\n{outside['passwd']},a\nfile://{outside['image']},a\n../elsewhere/x.jpg,a\n"
     fs.pipe("/tablebucket/set/labels.csv", ("path,label\n" + table).encode())
     try:
-        result, report = _run(tmp_path, "memory://tablebucket/set/labels.csv", allowed_roots=[str(outside["passwd"].parent)])
+        result, report = _run(
+            tmp_path, "memory://tablebucket/set/labels.csv", allowed_roots=[str(outside["passwd"].parent)]
+        )
     finally:
         fs.rm("/tablebucket", recursive=True)
     assert files_containing(tmp_path / "ws") == []
@@ -183,18 +227,24 @@ def test_a_table_from_a_bucket_may_not_name_local_files(tmp_path: Path):
 
 def test_url_rows_to_other_hosts_are_refused(tmp_path: Path):
     make_classes(tmp_path / "src" / "images", {"a": 2})
-    rows = [("images/a/a_000.jpg", "a"), ("images/a/a_001.jpg", "a"),
-            ("http://169.254.169.254/latest/meta-data/iam", "a"), ("https://localhost/x.jpg", "a")]
+    rows = [
+        ("images/a/a_000.jpg", "a"),
+        ("images/a/a_001.jpg", "a"),
+        ("http://169.254.169.254/latest/meta-data/iam", "a"),
+        ("https://localhost/x.jpg", "a"),
+    ]
     result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
     assert result.files == 2 and report["refused_count"] == 2
 
 
 # --- URLs: schemes, hosts, redirects ----------------------------------------------------------------
 
+
 def test_plain_http_and_private_hosts_are_refused_unless_allowed(tiny_folder: Path, tmp_path: Path):
     served = make_classes(tmp_path / "served", {"a": 3, "b": 3})
-    pd.DataFrame([(f"{c}/{c}_{i:03d}.jpg", c) for c in "ab" for i in range(3)],
-                 columns=["path", "label"]).to_csv(served / "labels.csv", index=False)
+    pd.DataFrame([(f"{c}/{c}_{i:03d}.jpg", c) for c in "ab" for i in range(3)], columns=["path", "label"]).to_csv(
+        served / "labels.csv", index=False
+    )
     with http_server(served) as (base, requests):
         with pytest.raises(IngestError, match="allow_http"):
             _run(tmp_path, f"{base}/labels.csv")
@@ -212,8 +262,15 @@ def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
     # Let this test's server on 127.0.0.1 count as public, so that only the redirect target is judged.
     real = urls.address_problem
     monkeypatch.setattr(urls, "address_problem", lambda a: None if a == "127.0.0.1" else real(a))
-    with redirecting_server({"/meta": "http://169.254.169.254/latest/meta-data/", "/file": "file:///etc/passwd",
-                             "/a": "/b", "/b": "/c", "/c": "/d"}) as base:
+    with redirecting_server(
+        {
+            "/meta": "http://169.254.169.254/latest/meta-data/",
+            "/file": "file:///etc/passwd",
+            "/a": "/b",
+            "/b": "/c",
+            "/c": "/d",
+        }
+    ) as base:
         with pytest.raises(urls.URLRefused, match="link-local address"):
             urls.http_open(f"{base}/meta", policy)
         with pytest.raises(OSError, match="file:///etc/passwd' is not allowed"):  # urllib's own refusal
@@ -222,11 +279,21 @@ def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
             urls.http_open(f"{base}/a", policy)
 
 
-@pytest.mark.parametrize("address, problem", [("127.0.0.1", "loopback"), ("10.1.2.3", "private"),
-                                              ("169.254.169.254", "link-local"), ("::1", "loopback"),
-                                              ("::ffff:192.168.0.1", "private"), ("224.0.0.1", "multicast"),
-                                              ("0.0.0.0", "unspecified"), ("240.0.0.1", "reserved"),
-                                              ("8.8.8.8", None), ("2606:4700::1111", None)])
+@pytest.mark.parametrize(
+    "address, problem",
+    [
+        ("127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("169.254.169.254", "link-local"),
+        ("::1", "loopback"),
+        ("::ffff:192.168.0.1", "private"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("8.8.8.8", None),
+        ("2606:4700::1111", None),
+    ],
+)
 def test_address_policy(address: str, problem: str | None):
     from components.urls import address_problem
 
@@ -239,8 +306,10 @@ def test_a_host_is_refused_if_any_of_its_addresses_is_private(monkeypatch):
 
     from components import urls
 
-    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
-               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", 443))]
+    answers = [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", 443)),
+    ]
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
     with pytest.raises(urls.URLRefused, match="10.0.0.5"):
         urls.vetted_addresses("rebind.example", 443, allow_private_hosts=False)
@@ -248,6 +317,7 @@ def test_a_host_is_refused_if_any_of_its_addresses_is_private(monkeypatch):
 
 
 # --- caps for every kind ----------------------------------------------------------------------------
+
 
 def test_file_and_byte_caps_hold_for_folders_tables_and_buckets(tmp_path: Path):
     source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
@@ -290,12 +360,19 @@ def test_a_file_that_grows_after_listing_is_stopped_by_the_byte_count(tmp_path: 
 
 # --- 5. credentials never live in settings ----------------------------------------------------------
 
-@pytest.mark.parametrize("source, what", [
-    ("https://alice:hunter2@example.com/data.tgz", "user name or password"),
-    ("https://example.com/data.tgz?X-Amz-Signature=hunter2&X-Amz-Credential=AKIA", "X-Amz-Credential, X-Amz-Signature"),
-    ("https://storage.example.com/d.zip?sv=2024&sig=hunter2", "sig"),
-    ("s3://bucket/set/labels.csv?token=hunter2", "token"),
-])
+
+@pytest.mark.parametrize(
+    "source, what",
+    [
+        ("https://alice:hunter2@example.com/data.tgz", "user name or password"),
+        (
+            "https://example.com/data.tgz?X-Amz-Signature=hunter2&X-Amz-Credential=AKIA",
+            "X-Amz-Credential, X-Amz-Signature",
+        ),
+        ("https://storage.example.com/d.zip?sv=2024&sig=hunter2", "sig"),
+        ("s3://bucket/set/labels.csv?token=hunter2", "token"),
+    ],
+)
 def test_a_credential_in_the_source_is_refused_with_what_to_use_instead(source: str, what: str):
     with pytest.raises(ValueError) as caught:
         IngestConfig(source=source)
@@ -319,8 +396,12 @@ def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
 
     assert redact("https://u:p@host/x?sig=abc&v=1") == "https://***@host/x?sig=***&v=1"
     make_classes(tmp_path / "src" / "images", {"a": 2})
-    rows = [("images/a/a_000.jpg", "a"), ("images/a/a_001.jpg", "a"), ("https://bob:hunter2@example.com/x.jpg", "a"),
-            ("https://example.com/y.jpg?token=hunter2", "a")]
+    rows = [
+        ("images/a/a_000.jpg", "a"),
+        ("images/a/a_001.jpg", "a"),
+        ("https://bob:hunter2@example.com/x.jpg", "a"),
+        ("https://example.com/y.jpg?token=hunter2", "a"),
+    ]
     result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
     assert report["refused_count"] == 2
     for path in (result.report_path, result.manifest_path):
@@ -330,7 +411,9 @@ def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
 def test_url_prefixes_compare_normalised_paths():
     from components.sources import Roots
 
-    roots = Roots.of("https://data.example.com/sets/flowers", True, ["s3://bucket/extra", "https://x.example.com/a/../b"])
+    roots = Roots.of(
+        "https://data.example.com/sets/flowers", True, ["s3://bucket/extra", "https://x.example.com/a/../b"]
+    )
     assert roots.holds_url("https://data.example.com/sets/flowers/roses/1.jpg")
     assert roots.holds_url("s3://bucket/extra/1.jpg")
     assert not roots.holds_url("https://data.example.com/sets/flowers/../secret.jpg")
@@ -349,5 +432,6 @@ def test_https_connections_are_checked_too_and_a_downgrade_redirect_is_refused()
         urls.http_open("https://127.0.0.1:9/x.tgz", urls.UrlPolicy())  # refused before connecting
     handler = urls._Redirects(urls.UrlPolicy())
     with pytest.raises(urls.URLRefused, match="allow_http"):
-        handler.redirect_request(urllib.request.Request("https://a.example/x"), None, 302, "Found", {},
-                                 "http://a.example/y")
+        handler.redirect_request(
+            urllib.request.Request("https://a.example/x"), None, 302, "Found", {}, "http://a.example/y"
+        )

@@ -14,10 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_grid_expands_to_every_combination_in_order():
     points = grid_points({"finetune.learning_rate": [1e-4, 2e-4], "finetune.unfreeze_layers": [60, 100]})
-    assert points == [{"finetune.learning_rate": 1e-4, "finetune.unfreeze_layers": 60},
-                      {"finetune.learning_rate": 1e-4, "finetune.unfreeze_layers": 100},
-                      {"finetune.learning_rate": 2e-4, "finetune.unfreeze_layers": 60},
-                      {"finetune.learning_rate": 2e-4, "finetune.unfreeze_layers": 100}]
+    assert points == [
+        {"finetune.learning_rate": 1e-4, "finetune.unfreeze_layers": 60},
+        {"finetune.learning_rate": 1e-4, "finetune.unfreeze_layers": 100},
+        {"finetune.learning_rate": 2e-4, "finetune.unfreeze_layers": 60},
+        {"finetune.learning_rate": 2e-4, "finetune.unfreeze_layers": 100},
+    ]
     assert point_overrides(points[0]) == ["finetune.learning_rate=0.0001", "finetune.unfreeze_layers=60"]
 
 
@@ -31,15 +33,31 @@ def test_a_bad_point_is_refused_before_anything_is_queued():
 def _exp(name: str, val: float, test: float, seconds: float) -> dict:
     test_metrics = {"accuracy": test, "macro_f1": test, "ece": 0.05}
     training = {"val_accuracy": val, "train_seconds": seconds}
-    return {"name": name, "revs": [{"data": {"metrics": {"metrics.json": {"data": test_metrics},
-                                                         "reports/finetune/metrics.json": {"data": training}}}}]}
+    return {
+        "name": name,
+        "revs": [
+            {
+                "data": {
+                    "metrics": {
+                        "metrics.json": {"data": test_metrics},
+                        "reports/finetune/metrics.json": {"data": training},
+                    }
+                }
+            }
+        ],
+    }
 
 
 def test_best_point_is_chosen_on_validation_accuracy_not_test(tmp_path):
-    shown = [{"rev": "workspace", "experiments": None},
-             {"rev": "abc", "experiments": [_exp("s-1", 0.95, 0.90, 300), _exp("s-2", 0.93, 0.97, 200)]}]
-    names = {"s-1": {"finetune.learning_rate": 1e-4}, "s-2": {"finetune.learning_rate": 2e-4},
-             "s-3": {"finetune.learning_rate": 3e-4}}
+    shown = [
+        {"rev": "workspace", "experiments": None},
+        {"rev": "abc", "experiments": [_exp("s-1", 0.95, 0.90, 300), _exp("s-2", 0.93, 0.97, 200)]},
+    ]
+    names = {
+        "s-1": {"finetune.learning_rate": 1e-4},
+        "s-2": {"finetune.learning_rate": 2e-4},
+        "s-3": {"finetune.learning_rate": 3e-4},
+    }
     table = results_table(shown, names)
     assert table.set_index("experiment").loc["s-3", "state"] == "not run"  # stopped by the budget
     assert best_point(table)["experiment"] == "s-1"

@@ -92,8 +92,14 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     stamp = trained["result"].feature_cache.stat().st_mtime_ns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     monkeypatch.chdir(root)
-    again = run_train_head(tiny_params(train_head={"epochs": 1}), manifest, policy, root / "models/head2",
-                           root / "reports/head2", cache_dir=root / "cache")
+    again = run_train_head(
+        tiny_params(train_head={"epochs": 1}),
+        manifest,
+        policy,
+        root / "models/head2",
+        root / "reports/head2",
+        cache_dir=root / "cache",
+    )
     assert again.feature_cache == trained["result"].feature_cache
     assert again.feature_cache.stat().st_mtime_ns == stamp
 
@@ -105,8 +111,14 @@ def test_end_to_end_head_training_matches_the_cached_path_within_noise(trained, 
     root = trained["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     monkeypatch.chdir(root)
-    e2e = run_train_head(tiny_params(train_head={"cached_features": False}), trained["manifest"], trained["policy"],
-                         root / "models/e2e", root / "reports/e2e", cache_dir=root / "unused-cache")
+    e2e = run_train_head(
+        tiny_params(train_head={"cached_features": False}),
+        trained["manifest"],
+        trained["policy"],
+        root / "models/e2e",
+        root / "reports/e2e",
+        cache_dir=root / "unused-cache",
+    )
     assert e2e.feature_cache is None and not (root / "unused-cache").exists()
     one_val_image = 1 / 4  # 2 classes x 2 val images
     assert abs(e2e.val_accuracy - trained["result"].val_accuracy) <= 2 * one_val_image
@@ -117,8 +129,20 @@ def test_cli_names_an_unknown_backbone_and_exits_2(tmp_path: Path, capsys: pytes
     manifest = write_manifest(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": {"backbone": "resnet5O"}}))
-    code = main(["--params", str(params), "--manifest", str(manifest), "--policy", str(tmp_path / "none.json"),
-                 "--out-dir", str(tmp_path / "head"), "--report-dir", str(tmp_path / "reports")])
+    code = main(
+        [
+            "--params",
+            str(params),
+            "--manifest",
+            str(manifest),
+            "--policy",
+            str(tmp_path / "none.json"),
+            "--out-dir",
+            str(tmp_path / "head"),
+            "--report-dir",
+            str(tmp_path / "reports"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "model.backbone" in err and "resnet50" in err

@@ -17,8 +17,17 @@ from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.validate import ValidateInputError, ValidationResult, run_validate
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
-from tests.datakit import (ingest_config, make_classes, tree_digest, validate_config, write_16bit_png,
-                           write_alpha_png, write_cmyk_jpeg, write_huge_png, write_truncated_jpeg)
+from tests.datakit import (
+    ingest_config,
+    make_classes,
+    tree_digest,
+    validate_config,
+    write_16bit_png,
+    write_alpha_png,
+    write_cmyk_jpeg,
+    write_huge_png,
+    write_truncated_jpeg,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +58,22 @@ class Run:
 
 
 def ingest_and_validate(source: Path, ws: Path, config: ValidateConfig, classes: list[str] | None = None) -> Run:
-    ingested = run_ingest(ingest_config(source), 42, ws / "data" / "raw", ws / "data" / "manifest.csv",
-                          ws / "reports" / "ingest.json", config.max_pixels)
-    result = run_validate(config, classes, ingested.manifest_path, ws / "data" / "validated.csv",
-                          ws / "reports" / "validation", ws / "reports" / "ingest.json")
+    ingested = run_ingest(
+        ingest_config(source),
+        42,
+        ws / "data" / "raw",
+        ws / "data" / "manifest.csv",
+        ws / "reports" / "ingest.json",
+        config.max_pixels,
+    )
+    result = run_validate(
+        config,
+        classes,
+        ingested.manifest_path,
+        ws / "data" / "validated.csv",
+        ws / "reports" / "validation",
+        ws / "reports" / "ingest.json",
+    )
     return Run(ingested, result, ws)
 
 
@@ -131,7 +152,12 @@ def test_summary_names_each_failed_check_with_files_and_versions(defects):
     summary = run.summary
     failed = {f["check"]: f for f in summary["failures"]}
     assert {"decodes", "format_allowed", "width_in_range", "not_hidden", "no_label_conflict"} <= set(failed)
-    assert {Path(i["path"]).name for i in failed["decodes"]["items"]} == {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png"}
+    assert {Path(i["path"]).name for i in failed["decodes"]["items"]} == {
+        "truncated.jpg",
+        "zero.jpg",
+        "text.jpg",
+        "bomb.png",
+    }
     assert summary["data_version"] == run.ingest.data_version
     assert summary["validated_version"] != summary["data_version"]
     assert summary["counts"]["hidden_files"] == 1
@@ -147,18 +173,33 @@ def test_fail_policy_exits_nonzero_listing_every_problem(defects, tmp_path: Path
     params = tmp_path / "params.yaml"
     params.write_text("validate:\n  policy: fail\n  max_pixels: 20000\n  min_images_per_class: 5\n")
     out = tmp_path / "validated.csv"
-    code = validate.main(["--params", str(params), "--manifest", str(run.ingest.manifest_path), "--out-manifest", str(out),
-                          "--report-dir", str(tmp_path / "report"), "--ingest-report", str(run.ingest.report_path)])
+    code = validate.main(
+        [
+            "--params",
+            str(params),
+            "--manifest",
+            str(run.ingest.manifest_path),
+            "--out-manifest",
+            str(out),
+            "--report-dir",
+            str(tmp_path / "report"),
+            "--ingest-report",
+            str(run.ingest.report_path),
+        ]
+    )
     text = capsys.readouterr().out
     # Exit 2: the data's fault, which the flow does not retry (components.errors.EXIT_USER_ERROR).
     assert code == 2 and "FAILED" in text and "Traceback" not in text
     for name, expected in DEFECTS.items():
         if expected:
-            assert any(line.strip().startswith("- ") and name in line and ": " in line for line in text.splitlines()), name
+            assert any(line.strip().startswith("- ") and name in line and ": " in line for line in text.splitlines()), (
+                name
+            )
     assert not out.exists()
 
 
 # --- checks that quarantining cannot fix ---------------------------------------------------------
+
 
 def test_one_image_class_fails_the_run(tmp_path: Path):
     source = make_classes(tmp_path / "src", {"a": 6, "b": 6, "solo": 1})
@@ -217,6 +258,7 @@ def test_cross_split_duplicate_keeps_only_the_train_copy(tmp_path: Path):
 
 # --- real data ---------------------------------------------------------------------------------
 
+
 def test_real_flower_duplicate_under_two_labels_is_quarantined(tmp_path: Path):
     if not FLOWERS.is_dir():
         pytest.skip(f"{FLOWERS} not found")
@@ -248,6 +290,7 @@ def test_hymenoptera_keeps_its_split_and_quarantines_the_placeholder_gif(tmp_pat
 
 # --- inputs ------------------------------------------------------------------------------------
 
+
 def test_stale_ingest_report_is_rejected(tmp_path: Path):
     source = make_classes(tmp_path / "src", {"a": 6, "b": 6})
     run = ingest_and_validate(source, tmp_path / "ws", validate_config())
@@ -255,20 +298,37 @@ def test_stale_ingest_report_is_rejected(tmp_path: Path):
     manifest.loc[0, "label"] = "b" if manifest.loc[0, "label"] == "a" else "a"
     manifest.to_csv(run.ingest.manifest_path, index=False)
     with pytest.raises(ValidateInputError, match="rerun ingest"):
-        run_validate(validate_config(), None, run.ingest.manifest_path, tmp_path / "v.csv", tmp_path / "r",
-                     run.ingest.report_path)
+        run_validate(
+            validate_config(),
+            None,
+            run.ingest.manifest_path,
+            tmp_path / "v.csv",
+            tmp_path / "r",
+            run.ingest.report_path,
+        )
 
 
 def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("validate:\n  policy: quarantine\n")
-    code = validate.main(["--params", str(params), "--manifest", str(tmp_path / "nope.csv"),
-                          "--out-manifest", str(tmp_path / "v.csv"), "--report-dir", str(tmp_path / "r")])
+    code = validate.main(
+        [
+            "--params",
+            str(params),
+            "--manifest",
+            str(tmp_path / "nope.csv"),
+            "--out-manifest",
+            str(tmp_path / "v.csv"),
+            "--report-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and "Traceback" not in err
 
 
 # --- hand-offs through the contracts (issue 11) ----------------------------------------------------
+
 
 def test_summary_is_the_validation_summary_contract_with_the_quarantined_count(defects):
     from components.contracts import ValidationSummary
@@ -288,8 +348,14 @@ def test_an_ingest_report_missing_a_field_is_refused_naming_it(tmp_path: Path):
     del report["class_folders"]
     run.ingest.report_path.write_text(json.dumps(report))
     with pytest.raises(ValidateInputError, match="class_folders"):
-        run_validate(validate_config(), None, run.ingest.manifest_path, tmp_path / "v.csv", tmp_path / "r",
-                     run.ingest.report_path)
+        run_validate(
+            validate_config(),
+            None,
+            run.ingest.manifest_path,
+            tmp_path / "v.csv",
+            tmp_path / "r",
+            run.ingest.report_path,
+        )
 
 
 def test_entries_ingest_refused_are_a_warning_in_the_summary(tmp_path: Path):
@@ -304,6 +370,7 @@ def test_entries_ingest_refused_are_a_warning_in_the_summary(tmp_path: Path):
 
 # --- near-duplicates (issue 13): resized copies the byte check cannot see ----------------------------
 
+
 def scene(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
     """A smooth random picture (blobs of colour), like a photo at thumbnail scale."""
     rng = np.random.default_rng(seed)
@@ -316,8 +383,10 @@ def near_duplicate_source(root: Path) -> Path:
     make_classes(root / "train", {"a": 6, "b": 6})
     make_classes(root / "val", {"a": 3, "b": 3}, start_seed=5000)
     make_classes(root / "test", {"a": 3, "b": 3}, start_seed=7000)  # 6000+: val/b's noise
-    for seed, first, second in ((1, "train/a/leak_big.jpg", "val/a/leak_small.jpg"),
-                                (2, "train/a/conflict_big.jpg", "train/b/conflict_small.jpg")):
+    for seed, first, second in (
+        (1, "train/a/leak_big.jpg", "val/a/leak_small.jpg"),
+        (2, "train/a/conflict_big.jpg", "train/b/conflict_small.jpg"),
+    ):
         picture = scene(seed)
         picture.save(root / first, "JPEG", quality=90)
         picture.resize((80, 60), Image.Resampling.LANCZOS).save(root / second, "JPEG", quality=40)
@@ -338,8 +407,9 @@ def by_name(csv: Path) -> pd.DataFrame:
     return frame.set_index(frame["path"].map(lambda p: Path(p).name))
 
 
-def test_a_resized_copy_in_another_split_moves_to_the_split_of_the_smaller_hash(near_source: Path, tmp_path: Path,
-                                                                               workspace_cache: Path):
+def test_a_resized_copy_in_another_split_moves_to_the_split_of_the_smaller_hash(
+    near_source: Path, tmp_path: Path, workspace_cache: Path
+):
     run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
     assert run.result.passed, run.result.problems
     manifest, validated = by_name(run.ingest.manifest_path), by_name(run.result.out_manifest)
@@ -354,8 +424,9 @@ def test_a_resized_copy_in_another_split_moves_to_the_split_of_the_smaller_hash(
     assert run.summary["near_duplicates"]["moved"][0]["to"] == target
     assert run.result.near_duplicates["moved_images"] == 1
     # The summary's per-split counts and the validated version describe the moved rows.
-    assert run.summary["counts"]["per_split"]["train"]["a"] == int((validated["split"].eq("train")
-                                                                   & validated["label"].eq("a")).sum())
+    assert run.summary["counts"]["per_split"]["train"]["a"] == int(
+        (validated["split"].eq("train") & validated["label"].eq("a")).sum()
+    )
     moved_version = run.result.validated_version
     reported = ingest_and_validate(near_source, tmp_path / "ws2", near_config(policy="report"))
     assert by_name(reported.result.out_manifest).loc["leak_small.jpg", "split"] == "val"
@@ -377,29 +448,42 @@ def test_a_resized_copy_under_another_label_is_quarantined_naming_the_other(near
     assert run.summary["counts"]["per_class"] == {"a": 12 + 2, "b": 12}  # the leak pair kept, both conflict copies gone
 
 
-def test_near_duplicate_policy_off_leaves_every_row_where_it_was(near_source: Path, tmp_path: Path,
-                                                                 workspace_cache: Path):
+def test_near_duplicate_policy_off_leaves_every_row_where_it_was(
+    near_source: Path, tmp_path: Path, workspace_cache: Path
+):
     run = ingest_and_validate(near_source, tmp_path / "ws", near_config(policy="off"))
     manifest, validated = by_name(run.ingest.manifest_path), by_name(run.result.out_manifest)
     assert run.result.passed and run.result.quarantined == 0
     assert validated["split"].to_dict() == manifest["split"].to_dict()
     assert run.summary["near_duplicates"]["policy"] == "off" and run.summary["near_duplicates"]["counts"]["groups"] == 0
-    assert not (run.result.summary_path.parent / validate.NEAR_DUPLICATE_PICTURE).exists() and not workspace_cache.exists()
+    assert (
+        not (run.result.summary_path.parent / validate.NEAR_DUPLICATE_PICTURE).exists() and not workspace_cache.exists()
+    )
 
 
-def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(near_source: Path, tmp_path: Path,
-                                                                              capsys):
+def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(near_source: Path, tmp_path: Path, capsys):
     run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
     capsys.readouterr()
-    args = ["--manifest", str(run.ingest.manifest_path), "--ingest-report", str(run.ingest.report_path),
-            "--out-manifest", str(tmp_path / "v.csv"), "--report-dir", str(tmp_path / "r")]
+    args = [
+        "--manifest",
+        str(run.ingest.manifest_path),
+        "--ingest-report",
+        str(run.ingest.report_path),
+        "--out-manifest",
+        str(tmp_path / "v.csv"),
+        "--report-dir",
+        str(tmp_path / "r"),
+    ]
     params = tmp_path / "params.yaml"
-    params.write_text("validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n  near_duplicates:\n    policy: fail\n")
+    params.write_text(
+        "validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n  near_duplicates:\n    policy: fail\n"
+    )
     code = validate.main(["--params", str(params), *args])
     text = capsys.readouterr().out
     assert code == 2 and "FAILED" in text and not (tmp_path / "v.csv").exists()
-    assert any("leak: near-duplicates in splits train, val" in line and "leak_small.jpg" in line
-               for line in text.splitlines())
+    assert any(
+        "leak: near-duplicates in splits train, val" in line and "leak_small.jpg" in line for line in text.splitlines()
+    )
     assert "near-duplicates (fail): 2 group(s) of 4 images: 1 across splits" in text
     params.write_text("validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n")
     assert validate.main(["--params", str(params), *args]) == 0
@@ -418,8 +502,12 @@ def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: P
     row = manifest[manifest["path"].str.endswith("leak_big.jpg")].iloc[0].copy()
     row["path"], row["label"], row["sha256"] = outside.as_posix(), "b", file_sha256(outside)
     pd.concat([manifest, row.to_frame().T]).to_csv(tmp_path / "ws" / "data" / "edited.csv", index=False)
-    result = run_validate(near_config(), None, tmp_path / "ws" / "data" / "edited.csv", tmp_path / "v.csv",
-                          tmp_path / "r")  # no ingest report: the manifest's folder bounds what is read
+    result = run_validate(
+        near_config(), None, tmp_path / "ws" / "data" / "edited.csv", tmp_path / "v.csv", tmp_path / "r"
+    )  # no ingest report: the manifest's folder bounds what is read
     assert result.passed and result.near_duplicates["label_conflicts"] == 1  # the in-folder conflict only
-    assert any("1 row(s) outside the ingested image folder" in w for w in result.warnings), (result.warnings, result.quarantined_files)
+    assert any("1 row(s) outside the ingested image folder" in w for w in result.warnings), (
+        result.warnings,
+        result.quarantined_files,
+    )
     assert outside.as_posix() not in pd.read_csv(result.quarantine_path)["path"].tolist()
