@@ -23,7 +23,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install install-unlocked lock keras-home run test test-fast benchmark soak e2e-loopback mlflow-ui
+.PHONY: install install-unlocked lock lint format keras-home run test test-fast benchmark soak e2e-loopback mlflow-ui
 
 # The environment is the lock, not whatever the index serves today: requirements/dev-$(TF_EXTRA).lock
 # (hashed, x86_64 Linux, Python 3.11) is synced exactly (packages not in it are removed), then the
@@ -55,6 +55,15 @@ keras-home:
 
 run: install keras-home
 	$(BIN)/python -m flows.training $(if $(SOURCE),--source $(SOURCE))
+
+# ruff, configured in pyproject.toml: formatting and a small rule set; CI fails on either
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test: install keras-home
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL)

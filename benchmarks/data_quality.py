@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import runtime  # noqa: F401  (telemetry off)
 from benchmarks import dq_sets as sets
 
 RESULTS = sets.REPO / "benchmarks" / "results"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from components import files, runtime  # noqa: F401  (runtime: telemetry off first)
+from components import files, runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLEARLY_FASTER = 1.15  # OpenVINO replaces ONNX Runtime only if at least this much faster ...

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import runtime, files
+from components import files, runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,9 +50,9 @@ def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_s
     import keras
 
     from components import backbones
-    from components.transforms import build_pipeline, save_pipeline
     from components.config import AugmentConfig, FinetuneConfig, ModelConfig, TrainHeadConfig
     from components.data import make_dataset
+    from components.transforms import build_pipeline, save_pipeline
 
     runtime.configure_tensorflow(0)
     split = subset_split(source, per_class)

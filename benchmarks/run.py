@@ -37,8 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components import runtime  # noqa: F401  (telemetry off)
-
 from benchmarks.workspace import REPO, make_workspace, tool_env
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -94,8 +92,9 @@ def split_arrays(workspace: Path, split_name: str, classes: list[str], size: int
 
 
 def _load(model_path: Path) -> tuple[Any, list[str], int]:
-    from components import backbones  # noqa: F401  (registers custom layers)
     import keras
+
+    from components import backbones  # noqa: F401  (registers custom layers)
 
     model = keras.models.load_model(model_path)
     classes = json.loads((model_path.parent / "classes.json").read_text())
@@ -116,7 +115,8 @@ def evaluate_model(model_path: Path, workspace: Path) -> float:
 def score_snapshots(workspace: Path, snapshots: Path, started_unix: float) -> list[dict[str, Any]]:
     """Test accuracy of every per-epoch snapshot, at the seconds since `started_unix` its epoch ended
     (the time spent saving earlier snapshots taken off)."""
-    from components import backbones, snapshots as snaps
+    from components import backbones
+    from components import snapshots as snaps
 
     records = snaps.read_log(snapshots)
     if not records:

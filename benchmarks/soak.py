@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import runtime  # noqa: F401  (telemetry off)
-
 from benchmarks.workspace import REPO, dvc, make_workspace
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -13,13 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from components import runtime, files, errors  # telemetry off first; cli_errors
-from components.config import AugmentConfig, ParamsError, load_params
-from components.data import load_rgb, load_split
-from components.contracts import read_manifest
-from components.transforms import build_pipeline, save_pipeline
+import numpy as np
 
-import numpy as np  # noqa: E402
+from components import errors, files
+from components.config import AugmentConfig, ParamsError, load_params
+from components.contracts import read_manifest
+from components.data import load_rgb, load_split
+from components.transforms import build_pipeline, save_pipeline
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 The classifier ends in a softmax, so its saved outputs are probabilities; log-probabilities are
 logits up to a per-row constant, which softmax ignores, so `logits_from_probabilities` is all a
 caller needs. `fold_temperature` divides the output layer's weights by T, so the saved model itself
-gives calibrated probabilities to every consumer (evaluate, serving, TFLite, ONNX). Dividing logits by T > 0 never changes the argmax (accuracy is untouched); T > 1
-softens an over-confident model, T < 1 sharpens an under-confident one (label smoothing makes
+gives calibrated probabilities to every consumer (evaluate, serving, TFLite, ONNX). Dividing logits
+by T > 0 never changes the argmax (accuracy is untouched); T > 1 softens an over-confident model,
+T < 1 sharpens an under-confident one (label smoothing makes
 models under-confident). T is chosen to minimise the validation negative log-likelihood (Guo et
 al. 2017) and never on test. ECE and the reliability table use components.metrics, the same
 definitions evaluate reports.

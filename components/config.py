@@ -83,7 +83,7 @@ class ParamsError(ValueError):
 def _accepts_bool(annotation: Any) -> bool:
     if annotation is bool:
         return True
-    return get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType")) and bool in get_args(annotation)
+    return get_origin(annotation) in (Union, __import__("types").UnionType) and bool in get_args(annotation)
 
 
 def _yaml_word(annotation: Any, value: bool) -> str | None:
@@ -149,7 +149,7 @@ class SplitFractions(Section):
     test: float = Field(0.1, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitFractions":
+    def _sum_to_one(self) -> SplitFractions:
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"train + val + test must sum to 1, got {total:g}")
@@ -217,7 +217,7 @@ class ValidateConfig(Section):
     near_duplicates: NearDuplicatesConfig = NearDuplicatesConfig()
 
     @model_validator(mode="after")
-    def _consistent_bounds(self) -> "ValidateConfig":
+    def _consistent_bounds(self) -> ValidateConfig:
         for low, high in (("min_width", "max_width"), ("min_height", "max_height")):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)})")

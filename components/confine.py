@@ -32,7 +32,7 @@ from tqdm import tqdm
 from components import errors, files
 from components.config import IngestConfig
 from components.layout import safe_relative
-from components.urls import URLRefused, UrlPolicy, is_remote, open_remote, redact, remote_info
+from components.urls import UrlPolicy, URLRefused, is_remote, open_remote, redact, remote_info
 
 CHUNK = 1 << 20
 

@@ -25,16 +25,15 @@ import pandas as pd
 from PIL import Image
 
 from components import files
+from components.config import ValidateConfig
 from components.contracts import (
     CLASSES_FILE,
     MODEL_FILE,
     RUN_INFO_FILE,
-    SPLITS,
     ContractError,
     ModelRunInfo,
     read_manifest,
 )
-from components.config import ValidateConfig
 from components.hashing import file_sha256
 from components.images import ImageLimits, decode_rgb
 

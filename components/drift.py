@@ -11,8 +11,9 @@ the champion's confidence on them.
 Statistic: the squared maximum mean discrepancy (MMD^2, unbiased, Gaussian kernel with the median
 pairwise squared distance as bandwidth) between the reference sample and a sample of at most
 `drift.sample_per_class` new images per class, with a permutation p-value (`drift.permutations`
-relabellings, at least 2 x tests / significance). It is computed over all classes and per class; a test fires when p < significance /
-number of tests (Bonferroni), so a same-distribution sample fires with probability <= significance.
+relabellings, at least 2 x tests / significance). It is computed over all classes and per class; a
+test fires when p < significance / number of tests (Bonferroni), so a same-distribution sample
+fires with probability <= significance.
 A drop of the champion's mean confidence by more than `drift.max_confidence_drop` also counts.
 Labels in the new data that the champion does not know are reported as new classes.
 
@@ -69,7 +70,7 @@ class Reference:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Reference":
+    def load(cls, path: str | Path) -> Reference:
         try:
             with np.load(path, allow_pickle=False) as data:  # never unpickle
                 return cls(

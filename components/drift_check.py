@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import errors, runtime  # noqa: F401  (telemetry off first)
+from components import errors
 from components.config import Params, ParamsError, load_params
 from components.contracts import ContractError, read_manifest
 from components.drift import REFERENCE_FILE, DriftReport, Reference, compare, embed, sample_per_class, sha_prefixes

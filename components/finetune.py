@@ -48,10 +48,10 @@ from components import (
     tracking,
 )
 from components.config import FinetuneConfig, Params, ParamsError, load_params
+from components.contracts import MODEL_FILE, TrainingMetrics, read_manifest
 from components.data import Split, load_split
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
-from components.contracts import MODEL_FILE, TrainingMetrics, read_manifest
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")  # under workspace_root(): experiments resume too
 RUN_ID_FILE = "mlflow_run_id.txt"

@@ -44,10 +44,10 @@ class ImageLimits:
     formats: tuple[str, ...] | None  # None: any format Pillow knows (ingest inspects; validate judges the format)
 
     @classmethod
-    def from_config(cls, config: object, any_format: bool = False) -> "ImageLimits":
+    def from_config(cls, config: object, any_format: bool = False) -> ImageLimits:
         """From a ValidateConfig (max_image_bytes, max_pixels, allowed_formats)."""
-        formats = None if any_format else tuple(f.upper() for f in getattr(config, "allowed_formats"))
-        return cls(int(getattr(config, "max_image_bytes")), int(getattr(config, "max_pixels")), formats)
+        formats = None if any_format else tuple(f.upper() for f in config.allowed_formats)
+        return cls(int(config.max_image_bytes), int(config.max_pixels), formats)
 
 
 @dataclass(frozen=True)

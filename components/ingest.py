@@ -36,7 +36,7 @@ import PIL
 from filelock import FileLock
 from tqdm import tqdm
 
-from components import errors, files, runtime  # noqa: F401  (runtime: telemetry off before heavy imports)
+from components import errors, files
 from components.config import IngestConfig, ParamsError, SplitFractions, ValidateConfig, load_params
 from components.contracts import SPLITS, IngestReport, write_manifest
 from components.hashing import records_version

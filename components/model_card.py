@@ -91,7 +91,7 @@ def model_card(
         "",
         "## Data",
         f"- data versions: {versions}",
-        f"- files quarantined by validation: {quarantined if quarantined is not None else 'n/a (no validation summary)'}",
+        f"- files quarantined by validation: {'n/a (no validation summary)' if quarantined is None else quarantined}",
         "",
         "Images per class and split:",
         "",
@@ -109,8 +109,8 @@ def model_card(
         f"- accuracy: {metrics['accuracy']:.4f}",
         *(
             [
-                f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, twice "
-                f"the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
+                f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, "
+                f"twice the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
                 f"{info.val_accuracy_flip_tta:.4f} with)"
             ]
             if info.flip_tta and info.val_accuracy_single_view is not None

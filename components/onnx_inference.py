@@ -49,9 +49,9 @@ CACHE_DIR = Path("data/cache/onnx")
 def onnxruntime_available() -> bool:
     """onnxruntime can run the file; tf2onnx and onnx (needed to export it) import."""
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import tf2onnx  # noqa: F401
+        import onnx  # noqa: F401  (imported to see that it loads)
+        import onnxruntime  # noqa: F401  (imported to see that it loads)
+        import tf2onnx  # noqa: F401  (imported to see that it loads)
     except ImportError:
         return False
     return True
@@ -60,7 +60,7 @@ def onnxruntime_available() -> bool:
 def runtime_available() -> bool:
     """onnxruntime imports: enough to run an accepted file (the served model never exports, so no tf2onnx)."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (imported to see that it loads)
     except ImportError:
         return False
     return True

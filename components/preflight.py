@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from components import runtime, errors  # telemetry off first; cli_errors
+from components import errors
 from components.config import Params, ParamsError, load_params
 
 

@@ -281,7 +281,7 @@ def code_closure(module_file: Path) -> set[str]:
     """File names of the `components` modules that `module_file` imports (anywhere in it), transitively."""
     here = module_file.parent
     seen: set[str] = set()
-    todo = [module_file.name]
+    todo = [module_file.name, "__init__.py"]  # the package init runs first, with its own imports
     while todo:
         name = todo.pop()
         if name in seen:

@@ -76,7 +76,7 @@ class ServingLimits:
     image: ImageLimits
 
     @classmethod
-    def from_model_config(cls, config: dict[str, Any]) -> "ServingLimits":
+    def from_model_config(cls, config: dict[str, Any]) -> ServingLimits:
         return cls(
             int(config["max_images_per_request"]),
             int(config["max_request_bytes"]),
@@ -209,7 +209,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.limits = ServingLimits.from_model_config(config)
 
     # model_input has no type hint on purpose: MLflow would derive (and enforce) a schema from one.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         images = request_images(request_values(model_input), self.limits)
         return probabilities_frame(self.score(images), self.classes)
 

@@ -226,7 +226,7 @@ class Roots:
     urls: list[str]
 
     @classmethod
-    def of(cls, base: str, remote_table: bool, allowed: list[str]) -> "Roots":
+    def of(cls, base: str, remote_table: bool, allowed: list[str]) -> Roots:
         local = [] if remote_table else [Path(os.path.realpath(base))]
         prefixes = ([base] if remote_table else []) + [r for r in allowed if is_remote(r)]
         local += [Path(os.path.realpath(os.path.expanduser(strip_file_scheme(r)))) for r in allowed if not is_remote(r)]
@@ -477,7 +477,7 @@ def collect_source(config: IngestConfig, dest: Path, staging: Path, downloads: P
         if not path.exists():
             raise IngestError(f"source {config.source!r} not found (looked at {path})")
         check_no_overlap(path, raw_dir)
-    for name, kind in SOURCE_KINDS.items():
+    for kind in SOURCE_KINDS.values():
         if kind.accepts(source):
             listing = kind.collect(source, ctx)
             listing.refused = ctx.refused

@@ -158,7 +158,7 @@ class RetryPolicy:
     max_wait_s: float = 30.0
 
     @classmethod
-    def from_config(cls, config: TrackingConfig) -> "RetryPolicy":
+    def from_config(cls, config: TrackingConfig) -> RetryPolicy:
         return cls(attempts=config.retry_attempts, first_wait_s=config.retry_backoff_s)
 
 

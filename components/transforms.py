@@ -10,11 +10,10 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from components import runtime  # noqa: F401  (telemetry off before albumentations: it checks for updates at import)
+import albumentations as A
+
 from components.config import ParamsError
 from components.files import atomic_file
-
-import albumentations as A  # noqa: E402
 
 
 def _transform_class(name: str, key: str) -> type:

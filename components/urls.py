@@ -46,7 +46,7 @@ class UrlPolicy:
     max_redirects: int = 5
 
     @classmethod
-    def from_config(cls, config: Any) -> "UrlPolicy":
+    def from_config(cls, config: Any) -> UrlPolicy:
         """From an IngestConfig."""
         return cls(config.allow_http, config.allow_private_hosts, config.download_timeout_s, config.max_redirects)
 

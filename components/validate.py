@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from components import runtime, files, errors, near_duplicates
+from components import errors, files, near_duplicates
 from components.config import ParamsError, ValidateConfig, load_params
 from components.contracts import (
     MANIFEST_COLUMNS,
@@ -91,7 +91,7 @@ class Check:
 # Derived columns (pandas first, so that expectations stay simple column checks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converts_to_rgb(mode: str) -> bool:
     """Whether Pillow can convert an image of this colour mode to RGB (probed once per mode)."""
     try:

@@ -9,12 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from components import runtime  # noqa: F401  (telemetry off before Prefect/MLflow load)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
-from components.config import load_params  # noqa: E402
+from components.config import load_params
 
 
 @task(name="score-images", retries=2, retry_delay_seconds=[10, 60])
@@ -49,7 +47,8 @@ def batch_predict_flow(
     result = score_images(model_uri, inputs, out_csv, batch_size)
     create_markdown_artifact(
         key="batch-predictions",
-        markdown=f"# Batch prediction\n\n- model: `{model_uri}`\n- inputs: `{inputs}`\n- output: `{result['out_csv']}`\n"
+        markdown=f"# Batch prediction\n\n- model: `{model_uri}`\n- inputs: `{inputs}`\n"
+        f"- output: `{result['out_csv']}`\n"
         f"- images scored: {result['n_images'] - result['n_failed']} of {result['n_images']}\n"
         f"- engine: {result['engine']}\n",
     )

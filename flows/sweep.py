@@ -19,15 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import runtime  # noqa: F401  (telemetry off before Prefect/MLflow load)
+from filelock import FileLock, Timeout
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
-from filelock import FileLock, Timeout  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
-from components import sweeps  # noqa: E402
-from components.config import ParamsError, load_params  # noqa: E402
-from flows.training import LOCK_FILE, StageFailed, run_dvc  # noqa: E402
+from components import sweeps
+from components.config import ParamsError, load_params
+from flows.training import LOCK_FILE, StageFailed, run_dvc
 
 POLL_S = 10.0
 REPORT_DIR = Path("reports/sweep")

@@ -22,16 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import runtime, files  # noqa: F401  (telemetry off before Prefect/MLflow load)
+from filelock import FileLock, Timeout
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-from filelock import FileLock, Timeout  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-
-from components.config import (  # noqa: E402
+from components import files
+from components.config import (
     ParamsError,
     ParamsOverrides,
     load_params,
@@ -39,13 +36,13 @@ from components.config import (  # noqa: E402
     overrides_to_strings,
     write_overrides,
 )
-from components.errors import EXIT_USER_ERROR, STATUS_DIR_VARIABLE  # noqa: E402
-from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord  # noqa: E402
-from components.drift import DriftReport  # noqa: E402
-from components.settings import environment  # noqa: E402
-from components.tracking import redact  # noqa: E402
-from flows import summary  # noqa: E402
-from flows.notify import notify, notify_flow_failure  # noqa: E402
+from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord
+from components.drift import DriftReport
+from components.errors import EXIT_USER_ERROR, STATUS_DIR_VARIABLE
+from components.settings import environment
+from components.tracking import redact
+from flows import summary
+from flows.notify import notify, notify_flow_failure
 
 STAGES = ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
 # Downloads and registry calls can fail transiently; validation failures are the data's, not the network's.
@@ -213,8 +210,9 @@ def _stage_task(stage: str):
         if code != 0:
             tail = "\n".join(lines[-25:])
             user_error = outcome.get("exit_code") == EXIT_USER_ERROR
+            why = "input or settings: not retried" if user_error else f"dvc exit {code}"
             raise StageFailed(
-                f"stage '{stage}' failed ({'input or settings: not retried' if user_error else 'dvc exit ' + str(code)}):\n{tail}",
+                f"stage '{stage}' failed ({why}):\n{tail}",
                 retryable=not user_error,
             )
         if not stage_is_current(stage, root, logger):
@@ -514,7 +512,7 @@ def save_experiment(workdir: str, name: str) -> None:
     """Record the workspace (params, dvc.lock, metrics) as a DVC experiment: `dvc exp show` lists it."""
     code, lines = run_dvc(["exp", "save", "--force", "--name", name], Path(workdir), get_run_logger())
     if code != 0:
-        raise StageFailed(f"dvc exp save failed:\n" + "\n".join(lines[-15:]), retryable=False)
+        raise StageFailed("dvc exp save failed:\n" + "\n".join(lines[-15:]), retryable=False)
 
 
 @flow(name="stage", log_prints=True)

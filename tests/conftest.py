@@ -37,7 +37,7 @@ def _offline_keras_home() -> Path:
 
 KERAS_HOME = _offline_keras_home()
 
-from components import runtime  # noqa: E402, F401  (switches telemetry off before anything else loads)
+import components  # noqa: E402, F401  (its package init switches telemetry off before anything else loads)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,9 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 POLICY_DIR = Path(os.environ.get("S3_POLICY_DIR", Path(__file__).resolve().parent / "policies"))
 ROLES = ("training", "mlflow", "serving")
@@ -186,11 +187,11 @@ def verify_role(role: str, client: Any, buckets: dict[str, str]) -> list[str]:
     problems = []
     for (action, bucket), want in expected.items():
         if action == "put":
-            got = allowed(lambda: client.put_object(Bucket=bucket, Key=probe_key, Body=b"policy check"))
+            got = allowed(lambda bucket=bucket: client.put_object(Bucket=bucket, Key=probe_key, Body=b"policy check"))
             if got:
-                allowed(lambda: client.delete_object(Bucket=bucket, Key=probe_key))
+                allowed(lambda bucket=bucket: client.delete_object(Bucket=bucket, Key=probe_key))
         else:
-            got = allowed(lambda: client.list_objects_v2(Bucket=bucket, MaxKeys=1))
+            got = allowed(lambda bucket=bucket: client.list_objects_v2(Bucket=bucket, MaxKeys=1))
         if got != want:
             problems.append(f"{role} {'may' if got else 'may not'} {action} in bucket {bucket}")
     return problems
@@ -262,7 +263,7 @@ def main() -> int:
             raise SetupError(f"S3_ADMIN_API must be minio or iam, not {api!r}")
         root = s3_client(endpoint, region, admin_key)
         for bucket in buckets.values():
-            if not allowed(lambda: root.head_bucket(Bucket=bucket)):
+            if not allowed(lambda bucket=bucket: root.head_bucket(Bucket=bucket)):
                 raise SetupError(f"the admin key may not use bucket {bucket}")
     except KeyError as missing:
         print(f"store-init: {missing.args[0]} is not set", file=sys.stderr)

@@ -47,33 +47,30 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-import yaml
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loopback_e2e import (
+from loopback_e2e import (  # noqa: E402  (after the sys.path set-up above)
     CLASSES,
     IMAGES_PER_CLASS,
     QUIET,
     Checks,
     E2EFailure,
-    HardTimeout,  # noqa: E402
+    HardTimeout,
     optional,
-    read_json,
     stage_flow_runs,
     summary_artifact,
 )
+from validate_infra import compose_binary  # noqa: E402  (after the sys.path set-up)
 
-from validate_infra import compose_binary  # noqa: E402
-
-from benchmarks.workspace import git  # noqa: E402
-from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402
-from tests.integration.conftest import make_tiny_workspace  # noqa: E402
+from benchmarks.workspace import git  # noqa: E402  (after the sys.path set-up)
+from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402  (after the sys.path set-up)
+from tests.integration.conftest import make_tiny_workspace  # noqa: E402  (after the sys.path set-up)
 
 BIN = Path(sys.executable).parent
 INFRA = REPO / "infra"
@@ -381,7 +378,7 @@ class FinetuneKiller(threading.Thread):
 
     CHECKPOINTS = ".checkpoints/finetune"
 
-    def __init__(self, stack: "Stack", env: dict[str, str]) -> None:
+    def __init__(self, stack: Stack, env: dict[str, str]) -> None:
         super().__init__(name="finetune-killer", daemon=True)
         self.stack, self.env = stack, env
         self.stop = threading.Event()
@@ -625,7 +622,8 @@ def e2e(
             "compose_exit": refusal.returncode,
             "running": len(running),
             "message": next(
-                (l for l in refusal.stdout.splitlines() + refusal.stderr.splitlines() if "config-check" in l), ""
+                (line for line in refusal.stdout.splitlines() + refusal.stderr.splitlines() if "config-check" in line),
+                "",
             )[:200],
         },
     )
@@ -658,14 +656,14 @@ def e2e(
         )
         checks.check(
             f"image {IMAGES[key]}: runs as non-root, no pip or compiler (seen in {service})",
-            lambda: info["uid"] not in ("0", "?") and not (set(info["tools_found"]) - {"apt-get"}),
-            lambda: {"size_mb": info["size_mb"], "uid": info["uid"], "found": info["tools_found"]},
+            lambda info=info: info["uid"] not in ("0", "?") and not (set(info["tools_found"]) - {"apt-get"}),
+            lambda info=info: {"size_mb": info["size_mb"], "uid": info["uid"], "found": info["tools_found"]},
         )
     init_log = stack.compose("logs", "--no-color", "store-init", check=False).stdout
     checks.check(
         "store-init: every role's policy attached and enforced",
         lambda: init_log.count("attached and enforced") == 3 and "roles training, mlflow, serving ready" in init_log,
-        lambda: [l.split("|", 1)[-1].strip() for l in init_log.splitlines() if "store-init:" in l][-4:],
+        lambda: [line.split("|", 1)[-1].strip() for line in init_log.splitlines() if "store-init:" in line][-4:],
     )
 
     api_url, mlflow_url, s3_url = f"http://{address}:4200/api", f"http://{address}:5000", f"http://{address}:9000"
@@ -728,7 +726,7 @@ def e2e(
                     log(f"  flow run {flow_run.name}: {last}")
                 if flow_run.state and flow_run.state.is_final():
                     if not flow_run.state.is_completed():  # keep its whole Prefect log (tasks included)
-                        lines = optional(lambda: flow_run_logs(client, flow_run.id)) or []
+                        lines = optional(lambda flow_run=flow_run: flow_run_logs(client, flow_run.id)) or []
                         (tmp / f"flow-{flow_run.name}.log").write_text("\n".join(lines) + "\n")
                         log(f"  its {len(lines)} log lines: {tmp / f'flow-{flow_run.name}.log'}")
                     return flow_run

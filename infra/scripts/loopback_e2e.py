@@ -34,16 +34,17 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.workspace import dvc, git  # noqa: E402
-from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402
-from tests.integration.conftest import make_tiny_workspace  # noqa: E402
+from benchmarks.workspace import dvc, git  # noqa: E402  (after the sys.path set-up)
+from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402  (after the sys.path set-up)
+from tests.integration.conftest import make_tiny_workspace  # noqa: E402  (after the sys.path set-up)
 
 BIN = Path(sys.executable).parent
 REPORT = REPO / "benchmarks" / "results" / "loopback_e2e.json"

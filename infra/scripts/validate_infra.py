@@ -25,8 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -190,7 +191,10 @@ def command_line_secrets(words: Iterable[Any]) -> list[str]:
 
 def k8s_policy_errors(docs: list[dict[str, Any]]) -> list[str]:
     errors = []
-    names = lambda d: f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"  # noqa: E731
+
+    def names(d: dict[str, Any]) -> str:
+        return f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+
     role_rules = {d["metadata"]["name"]: d.get("rules", []) for d in docs if d.get("kind") in {"Role", "ClusterRole"}}
     bindings = [d for d in docs if d.get("kind") in {"RoleBinding", "ClusterRoleBinding"}]
     for binding in bindings:
@@ -223,7 +227,7 @@ def k8s_policy_errors(docs: list[dict[str, Any]]) -> list[str]:
         for container in containers(doc):
             ctx = container.get("securityContext") or {}
             where = f"{names(doc)} container {container.get('name')}"
-            if not (ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True):
+            if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is not True:
                 errors.append(f"{where}: runAsNonRoot is not true")
             if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
                 errors.append(f"{where}: runs as uid 0")

@@ -25,11 +25,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmarks.workspace import REPO, tool_env
+from benchmarks.workspace import REPO, dvc, tool_env
 from components.ingest import CACHE_DIRNAME
 from tests.datakit import make_classes, tree_digest
 from tests.evalkit import make_model_dir, write_manifest
-from benchmarks.workspace import dvc
 from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow
@@ -232,7 +231,7 @@ def test_evaluate_metrics_under_a_regular_file_fails_before_scoring(evaluate_dir
 
 
 def start(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    out = open(log, "w")  # noqa: SIM115  (closed by the child's exit)
+    out = open(log, "w")
     return subprocess.Popen(cmd, cwd=cwd, env=stage_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -261,7 +260,10 @@ def test_ingest_killed_mid_copy_keeps_the_previous_complete_version(tmp_path: Pa
     make_classes(source, {"alpha": 0, "beta": 0, "gamma": 200}, start_seed=50_000)  # a new class arrives
 
     proc = start(ingest_cmd(), tmp_path, tmp_path / "killed.log")
-    partial = lambda: [f for d in (tmp_path / "data").glob(".raw.tmp-*") for f in d.rglob("*.jpg")]  # noqa: E731
+
+    def partial() -> list[Path]:
+        return [f for d in (tmp_path / "data").glob(".raw.tmp-*") for f in d.rglob("*.jpg")]
+
     kill_when(proc, lambda: len(partial()) >= 20)
 
     assert (sha256(manifest), tree_digest(raw), sha256(tmp_path / "reports" / "ingest.json")) == before

@@ -20,7 +20,9 @@ stages:
     cmd: mkdir -p data && echo pixels > data/images.txt
     outs: [data/images.txt]
   train:
-    cmd: echo ran >> {runs_log} && mkdir -p models reports && cat data/images.txt > models/weights.txt && echo epoch,1 > reports/history.csv
+    cmd: >-
+      echo ran >> {runs_log} && mkdir -p models reports
+      && cat data/images.txt > models/weights.txt && echo epoch,1 > reports/history.csv
     deps: [data/images.txt]
     outs: [models]
     plots:

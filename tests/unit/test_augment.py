@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from components.augment import main, run_augment
-from components.transforms import build_pipeline, load_pipeline, save_pipeline
 from components.config import AugmentConfig, ParamsError
+from components.transforms import build_pipeline, load_pipeline, save_pipeline
 from tests.modelkit import write_manifest
 
 

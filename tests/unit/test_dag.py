@@ -27,6 +27,9 @@ LOGGING_ONLY = {"tracking"}
 SECTION_READERS = {"ImageLimits.from_config": ("max_image_bytes", "max_pixels", "allowed_formats")}
 
 
+PACKAGE_INIT = "components.__init__"
+
+
 @cache
 def tree(module: str) -> ast.Module:
     return ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
@@ -42,6 +45,8 @@ def imported_components(module: str) -> set[str]:
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("components.")}
+    if module.startswith("components.") and module != PACKAGE_INIT:
+        found.add(PACKAGE_INIT)  # importing any components.x runs the package's __init__ first
     return {m for m in found if (REPO / (m.replace(".", "/") + ".py")).is_file()}
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -16,8 +15,8 @@ from mlflow import MlflowClient
 from components import evaluate, registry
 from components.config import Params, parse_params
 from components.contracts import PromotionRecord, TestMetrics
-from components.hashing import manifest_version
 from components.evaluate import run_evaluate
+from components.hashing import manifest_version
 from tests.evalkit import CLASSES, free_port, make_model_dir, write_manifest, write_stage_reports
 
 NAME = "image-classifier"

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import runtime, files
-from components.config import ParamsError
+from components import files
 from components.backbones import plain_classifier, uses_flip_tta
+from components.config import ParamsError
 from components.finetune import decide_flip_tta, run_finetune
 from tests.modelkit import tiny_params, train_tiny_head
 

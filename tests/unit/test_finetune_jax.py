@@ -59,7 +59,8 @@ FINETUNE_SCRIPT = textwrap.dedent("""
 
     data.labelled_batches = recorded
     # flip_tta on: the mirror layer and the two-view calibration run under JAX too.
-    result = run_finetune(tiny_params(finetune={"flip_tta": "on"}), root / "validated.csv", root / "policy.json", root / "models/head",
+    params = tiny_params(finetune={"flip_tta": "on"})
+    result = run_finetune(params, root / "validated.csv", root / "policy.json", root / "models/head",
                           out / "models/finetune", out / "reports", checkpoint_root=out / "ckpt")
     folder = data.load_model_dir(out / "models/finetune")
     val = data.load_split(root / "validated.csv", "val")

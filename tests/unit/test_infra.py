@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flows import deployments
-from flows import notify
+from flows import deployments, notify
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -448,7 +447,7 @@ def test_worker_entrypoint_refuses_to_start_without_a_project(tmp_path: Path) ->
 class _Recorder(BaseHTTPRequestHandler):
     received: list[dict[str, Any]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Recorder.received.append(json.loads(body))
         self.send_response(200)

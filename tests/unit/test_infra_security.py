@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -490,9 +491,10 @@ def test_worker_lock_satisfies_the_project_requirements() -> None:
             ):
                 continue  # the images are Linux, Python 3.11
             name = canonicalize_name(requirement.name)
-            assert name in pinned, f"worker-{extra}.lock lacks {name}: run `make lock-images`"
+            assert name in pinned, f"worker-{extra}.lock lacks {name}: run `make lock`"
             assert requirement.specifier.contains(pinned[name], prereleases=True), (
-                f"worker-{extra}.lock pins {name}=={pinned[name]}, pyproject wants {requirement.specifier}: run `make lock-images`"
+                f"worker-{extra}.lock pins {name}=={pinned[name]}, pyproject wants {requirement.specifier}: "
+                "run `make lock`"
             )
 
 
@@ -562,7 +564,10 @@ def test_validation_cli_exits_non_zero_on_a_planted_error(tmp_path: Path) -> Non
 def test_python_kustomize_fallback_renders_what_kubectl_renders() -> None:
     if not shutil.which("kubectl"):
         pytest.skip("kubectl not installed: nothing to compare the fallback with")
-    by_key = lambda docs: {(d["kind"], d["metadata"]["name"]): d for d in docs}  # noqa: E731
+
+    def by_key(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
     kubectl, python = by_key(built_manifests()), by_key(validate_infra.python_kustomize(INFRA))
     assert kubectl.keys() == python.keys()
     for key in kubectl:

@@ -157,7 +157,7 @@ def test_a_changed_keras_file_is_refused_before_keras_reads_it(logged: dict[str,
 
 def test_a_registered_pickled_pyfunc_is_refused(logged: dict[str, Any]) -> None:
     class Pickled(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        def predict(self, context, model_input, params=None):
             return model_input
 
     with mlflow.start_run(experiment_id=logged["experiment"]):

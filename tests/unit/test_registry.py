@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 from components.config import Params, PromotionConfig, parse_params
 from components.contracts import IngestReport, ModelRunInfo, ValidationSummary
 from components.registry import (
+    SERVING_MODEL,
     Scores,
     UnsafeModel,
     alias_version,
@@ -24,7 +24,6 @@ from components.registry import (
     git_commit,
     lineage_tags,
     params_hash,
-    SERVING_MODEL,
 )
 from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
 from tests.evalkit import CLASSES, run_info, write_stage_reports

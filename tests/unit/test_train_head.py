@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import runtime, files
+from components import files
 from components.data import load_rgb, load_split
 from components.train_head import feature_cache_key, main, run_train_head
 from tests.modelkit import CLASSES, tiny_params, train_tiny_head, write_manifest
