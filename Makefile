@@ -23,7 +23,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install install-unlocked lock lint format keras-home run test test-fast benchmark soak e2e-loopback mlflow-ui
+.PHONY: install install-unlocked lock lint format keras-home test-py312 test-unit-fast run test test-fast benchmark soak e2e-loopback mlflow-ui
 
 # The environment is the lock, not whatever the index serves today: requirements/dev-$(TF_EXTRA).lock
 # (hashed, x86_64 Linux, Python 3.11) is synced exactly (packages not in it are removed), then the
@@ -31,11 +31,13 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set, every process would otherwise
 # compile TensorFlow from source again (importing it took 12 s of CPU instead of 5 here).
 UV_VERSION ?= 0.13.9
-LOCK_FILE := requirements/dev-$(TF_EXTRA).lock
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+# Python 3.11 is the main interpreter (dev-cpu.lock, dev-gpu.lock, the images); 3.12 has a cpu lock of its own
+LOCK_FILE := requirements/dev-$(TF_EXTRA)$(if $(filter 3.12,$(PYTHON_VERSION)),-py3.12).lock
 UV := $(BIN)/uv
 
-# 1 where the locks apply (x86_64 Linux, Python 3.11); elsewhere install falls back to install-unlocked
-LOCKED_PLATFORM := $(shell $(PYTHON) -c 'import platform, sys; print(int(platform.system() == "Linux" and platform.machine() == "x86_64" and sys.version_info[:2] == (3, 11)))')
+# 1 where a lock applies (x86_64 Linux, Python 3.11, or 3.12 for cpu); elsewhere install falls back to install-unlocked
+LOCKED_PLATFORM := $(shell test -f $(LOCK_FILE) && $(PYTHON) -c 'import platform, sys; print(int(platform.system() == "Linux" and platform.machine() == "x86_64" and sys.version_info[:2] in ((3, 11), (3, 12))))')
 
 $(VENV)/.installed-$(TF_EXTRA): pyproject.toml $(LOCK_FILE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,6 +79,17 @@ format: install
 
 test: install keras-home
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+
+# The second interpreter CI runs: Python 3.12 in its own venv, the unit tests that train no model
+# (pyenv's shims answer `command -v` for versions that are not active: ask each one for its real path)
+PYTHON312 ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+  $$p -c 'import sys; print(sys.executable)' 2>/dev/null && break; done)
+test-py312:
+	@test -n "$(PYTHON312)" || { echo "test-py312: no Python 3.12 on this machine: skipped"; exit 0; }; \
+	$(MAKE) --no-print-directory PYTHON="$(PYTHON312)" VENV=.venv-py3.12 test-unit-fast
+
+test-unit-fast: install keras-home
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) tests/unit -m "not slow"
 
 test-fast: install keras-home
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
@@ -120,6 +133,10 @@ lock:
 	test -x $(UV) || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q "uv==$(UV_VERSION)"; }
 	for extra in cpu gpu; do \
 	  $(UV) pip compile -q $(LOCK_FLAGS) $(UPGRADE_FLAGS) pyproject.toml --extra $$extra --extra dev -o requirements/dev-$$extra.lock || exit 1; done
+	# 3.12 starts from 3.11's pins, so both interpreters test the same versions wherever both have wheels
+	test -f requirements/dev-cpu-py3.12.lock || cp requirements/dev-cpu.lock requirements/dev-cpu-py3.12.lock
+	$(UV) pip compile -q $(subst 3.11,3.12,$(LOCK_FLAGS)) $(UPGRADE_FLAGS) pyproject.toml --extra cpu --extra dev \
+	  -o requirements/dev-cpu-py3.12.lock
 	cd infra/requirements && for name in mlflow prefect s3; do \
 	  $(UV) pip compile -q $(LOCK_FLAGS) $(UPGRADE_FLAGS) $$name.in -o $$name.lock || exit 1; done
 	cd infra/requirements && for extra in cpu gpu; do \

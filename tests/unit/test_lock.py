@@ -22,7 +22,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[2]
 LOCKS = REPO / "requirements"
 PROJECT = "transfer-pipeline"
-LOCKED_TARGET = {"python": "3.11", "system": "Linux", "machine": "x86_64"}  # the `make lock` flags
+LOCKED_PYTHONS = {"3.11": "", "3.12": "-py3.12"}  # interpreter -> lock-name suffix (3.12: cpu only)
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
@@ -35,12 +35,12 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def lock_target_environment() -> dict[str, str]:
+def lock_target_environment(python: str = "3.11") -> dict[str, str]:
     """Marker values of the platform the locks were compiled for (not of this machine)."""
     env = default_environment()
     env.update(
-        python_version="3.11",
-        python_full_version="3.11.7",
+        python_version=python,
+        python_full_version=f"{python}.0",
         sys_platform="linux",
         platform_system="Linux",
         platform_machine="x86_64",
@@ -70,9 +70,9 @@ def requirements_of(pyproject: Path, extras: list[str]) -> list[Requirement]:
     return found
 
 
-def lock_problems(pyproject: Path, lock: Path, extras: list[str]) -> list[str]:
+def lock_problems(pyproject: Path, lock: Path, extras: list[str], python: str = "3.11") -> list[str]:
     """What in pyproject's requirements the lock does not satisfy (empty: the lock is current)."""
-    pins, env, problems = read_lock(lock), lock_target_environment(), []
+    pins, env, problems = read_lock(lock), lock_target_environment(python), []
     for requirement in requirements_of(pyproject, extras):
         if requirement.marker is not None and not requirement.marker.evaluate(env):
             continue
@@ -84,9 +84,19 @@ def lock_problems(pyproject: Path, lock: Path, extras: list[str]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("flavour", ["cpu", "gpu"])
-def test_each_lock_satisfies_every_requirement_of_pyproject(flavour: str) -> None:
-    assert lock_problems(REPO / "pyproject.toml", LOCKS / f"dev-{flavour}.lock", [flavour, "dev"]) == []
+@pytest.mark.parametrize(
+    ("lock", "flavour", "python"),
+    [("dev-cpu", "cpu", "3.11"), ("dev-gpu", "gpu", "3.11"), ("dev-cpu-py3.12", "cpu", "3.12")],
+)
+def test_each_lock_satisfies_every_requirement_of_pyproject(lock: str, flavour: str, python: str) -> None:
+    assert lock_problems(REPO / "pyproject.toml", LOCKS / f"{lock}.lock", [flavour, "dev"], python) == []
+
+
+def test_both_interpreters_lock_the_same_versions() -> None:
+    """3.12's lock starts from 3.11's pins: a difference is a package that differs by interpreter on purpose."""
+    py311, py312 = read_lock(LOCKS / "dev-cpu.lock"), read_lock(LOCKS / "dev-cpu-py3.12.lock")
+    differ = {name: (py311[name], py312[name]) for name in py311.keys() & py312.keys() if py311[name] != py312[name]}
+    assert differ == {}
 
 
 def test_a_dependency_added_without_relocking_is_caught(tmp_path: Path) -> None:
@@ -114,14 +124,15 @@ def installed_flavour() -> str | None:
 
 
 @pytest.mark.skipif(
-    (f"{sys.version_info.major}.{sys.version_info.minor}", platform.system(), platform.machine())
-    != tuple(LOCKED_TARGET.values()),
-    reason="the locks are for Python 3.11 on x86_64 Linux; elsewhere `make install-unlocked` resolves pyproject",
+    f"{sys.version_info.major}.{sys.version_info.minor}" not in LOCKED_PYTHONS
+    or (platform.system(), platform.machine()) != ("Linux", "x86_64"),
+    reason="the locks are for Python 3.11 and 3.12 on x86_64 Linux; elsewhere `make install` resolves pyproject",
 )
 def test_the_running_environment_is_exactly_the_lock() -> None:
     flavour = installed_flavour()
     assert flavour, "no TensorFlow installed: not an environment `make install` made"
-    pins = read_lock(LOCKS / f"dev-{flavour}.lock")
+    suffix = LOCKED_PYTHONS[f"{sys.version_info.major}.{sys.version_info.minor}"]
+    pins = read_lock(LOCKS / f"dev-{flavour}{suffix}.lock")
     stray = {}
     for dist in metadata.distributions():
         name = canonicalize_name(dist.metadata["Name"])
