@@ -179,6 +179,11 @@ class IngestConfig(Section):
     follow_links_within_root: bool = Field(
         True, description="Follow symlinks that stay inside the source root; links out of it are always refused."
     )
+    allow_hard_links: bool = Field(
+        False,
+        description="Read source files that have more than one name (hard links); one may be a file "
+        "outside the source, which a hard link cannot show.",
+    )
     download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
 

@@ -322,7 +322,10 @@ def run_ingest(
                 raise IngestError(
                     f"source {redact(config.source)!r}: no usable files in class folders (expected "
                     f"<class>/<image> or <split>/<class>/<image>); {len(listing.refused)} refused"
-                    + "".join(f"\n  - {r['name']}: {r['reason']}" for r in listing.refused[:10])
+                    + "".join(
+                        f"\n  - {errors.printable(r['name'])}: {errors.printable(r['reason'])}"
+                        for r in listing.refused[:10]
+                    )
                 )
             facts, computed, used = inspect_entries(listing.entries, new_raw, cache, workers, limits)
             rows, notes = build_rows(listing.entries, facts, raw_dir, seed, config.split)
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             max_image_bytes=params.validate.max_image_bytes,
         )
     except (ParamsError, IngestError) as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
+        print(f"ingest: {errors.printable(str(exc), keep=chr(10))}", file=sys.stderr)  # names were escaped
         return 2
     per_split = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts.items())
     print(
