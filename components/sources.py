@@ -152,7 +152,9 @@ def collect_archive(location: str, ctx: Context) -> Listing:
     extract_root = ctx.staging / "extract"
     print(f"ingest: extracting {printable(archive.name)}", file=sys.stderr)
     try:
-        extract_archive(archive, extract_root, ctx.config.max_bytes, ctx.config.max_files)
+        extract_archive(
+            archive, extract_root, ctx.config.max_bytes, ctx.config.max_files, ctx.config.max_archive_metadata_bytes
+        )
     except ArchiveError as exc:
         raise IngestError(str(exc)) from None
     root, strays = unwrap_single_top(extract_root)
