@@ -28,7 +28,7 @@ _INVISIBLE_CATEGORIES = ("Cf", "Zl", "Zp")
 _INVISIBLE = set("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
 # Windows cannot create these (NTFS: `a:b` is a stream; `<>` is also markup in reports).
 _WINDOWS_FORBIDDEN = set('<>:"|?*')
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
     f"{port}{n}" for port in ("COM", "LPT") for n in range(10)
 }
 
@@ -66,7 +66,7 @@ def clean_label(raw: str) -> str:
         raise BadLabel(f"label contains one of {''.join(sorted(_WINDOWS_FORBIDDEN))} (not allowed in Windows names)")
     if label.endswith("."):
         raise BadLabel("label ends with a dot (Windows drops it)")
-    if label.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+    if label.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED_NAMES:
         raise BadLabel("label is a reserved Windows device name (CON, NUL, COM1, ...)")
     return label
 
