@@ -485,16 +485,22 @@ def test_a_swapped_file_with_the_same_size_and_mtime_is_inspected_again(tmp_path
 @pytest.mark.parametrize("writer", [write_ico_with_a_larger_png, write_icns_with_a_larger_png])
 @pytest.mark.parametrize("side", [1200, 3000])  # 1-2x the cap (Pillow only warns) and over 2x (it raises)
 def test_an_icon_whose_embedded_png_is_larger_than_its_header_is_refused_before_decoding(
-    tmp_path: Path, writer, side: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer, side: int
 ):
+    from PIL import PngImagePlugin
+
     from components.images import ImageLimits, UnusableImage, decode_rgb, inspect_image
 
+    decoded = []
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda im: decoded.append(im.size) or load(im))
     icon = writer(tmp_path / "icon", side)  # says 16x16 or 128x128; holds side x side
     limits = ImageLimits(max_bytes=10**7, max_pixels=1_000_000, formats=("ICO", "ICNS", "PNG"))
     for decode in (lambda: inspect_image(icon, limits), lambda: decode_rgb(icon, 64, limits)):
         with pytest.raises(UnusableImage) as caught:
             decode()
         assert "decompression-bomb" in caught.value.reason and str(caught.value) == "not a usable image"
+    assert decoded == []  # the embedded PNG was never decoded (the old code decoded it, then refused)
 
 
 def test_ingest_decodes_only_the_allowed_formats_and_keeps_pillows_cap_on(tmp_path: Path):

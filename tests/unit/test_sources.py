@@ -83,8 +83,8 @@ BAD_LABELS = [
     "lpt\u00b9",  # LPT1 once NFKC-normalised
     "nul.txt",
     "cat.",
-    "<script>x</script>",
-    "a:b",
+    "<img src=x onerror=alert(1)>",  # markup (no '/', which was refused already)
+    "cat:dog",  # an NTFS alternate data stream
     "\uff0e\uff0e",  # fullwidth '..': '..' once NFKC-normalised
 ]
 
