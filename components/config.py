@@ -168,6 +168,11 @@ class IngestConfig(Section):
     workers: int = Field(0, ge=0, description="Processes for hashing and decoding; 0 = one per core.")
     max_bytes: int = Field(20 * 1024**3, gt=0, description="Cap on the bytes any source delivers (archives: unpacked).")
     max_files: int = Field(1_000_000, gt=0, description="Cap on the files any source delivers (archives: members).")
+    max_archive_metadata_bytes: int = Field(
+        256 * 1024**2,
+        gt=0,
+        description="Cap on an archive's metadata: tar long-name and pax headers in total, a zip's central directory.",
+    )
     allow_http: bool = Field(False, description="Accept plain http:// URLs (https, s3 and gs always).")
     allow_private_hosts: bool = Field(
         False, description="Accept URLs whose host is loopback, private or link-local (e.g. a lab server)."
@@ -178,6 +183,11 @@ class IngestConfig(Section):
     )
     follow_links_within_root: bool = Field(
         True, description="Follow symlinks that stay inside the source root; links out of it are always refused."
+    )
+    allow_hard_links: bool = Field(
+        False,
+        description="Read source files that have more than one name (hard links); one may be a file "
+        "outside the source, which a hard link cannot show.",
     )
     download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")

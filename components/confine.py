@@ -2,7 +2,9 @@
 
 The pieces every source kind (components/sources.py) shares:
   - `regular_file`: only regular files are read; a symlink is followed only when it stays inside
-    the source root; devices, FIFOs and sockets are recognised by lstat and never opened;
+    the source root; devices, FIFOs and sockets are recognised by lstat and never opened; a file
+    with more than one name (a hard link, possibly to a file outside the root) is refused unless
+    `ingest.allow_hard_links`;
   - `materialise`: copies entries into the new raw_dir, opening each source file with
     O_NOFOLLOW|O_NONBLOCK and checking it is the file that was listed (same device and inode), and
     each target only after `inside` resolved it within raw_dir; `ingest.max_files` and
@@ -111,7 +113,9 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def regular_file(path: Path, root: Path | None, follow_links: bool) -> tuple[Path, os.stat_result]:
+def regular_file(
+    path: Path, root: Path | None, follow_links: bool, allow_hard_links: bool = False
+) -> tuple[Path, os.stat_result]:
     """(real path, lstat) of a regular file, following a link only inside root; Refused otherwise.
 
     Nothing is opened here: lstat tells devices and FIFOs apart without touching them.
@@ -132,7 +136,18 @@ def regular_file(path: Path, root: Path | None, follow_links: bool) -> tuple[Pat
         path, st = target, os.lstat(target)
     if not stat.S_ISREG(st.st_mode):
         raise Refused(f"{_kind_of(st.st_mode)}, not a regular file: not read")
+    check_link_count(st, allow_hard_links)
     return path, st
+
+
+def check_link_count(st: os.stat_result, allow_hard_links: bool) -> None:
+    """Refuse a file with several names: its other name may lie outside the root (a hard link to a
+    secret reads like an ordinary file, and nothing tells which name is the original)."""
+    if st.st_nlink > 1 and not allow_hard_links:
+        raise Refused(
+            f"a hard link (the file has {st.st_nlink} names, possibly outside the source): not read "
+            "(ingest.allow_hard_links is false)"
+        )
 
 
 class ByteBudget:
@@ -188,7 +203,7 @@ def _copy_stream(read: Callable[[int], bytes], fd: int, target: Path, budget: By
     return copied
 
 
-def _copy_local(entry: Entry, dest: Path, budget: ByteBudget) -> None:
+def _copy_local(entry: Entry, dest: Path, budget: ByteBudget, allow_hard_links: bool) -> None:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         src = os.open(entry.fetch, flags)
@@ -198,6 +213,7 @@ def _copy_local(entry: Entry, dest: Path, budget: ByteBudget) -> None:
         st = os.fstat(src)
         if not stat.S_ISREG(st.st_mode) or (entry.identity and (st.st_dev, st.st_ino) != entry.identity):
             raise Refused("the file changed while it was being ingested")
+        check_link_count(st, allow_hard_links)  # again: a link made after listing
         out = _open_target(dest, entry.rel)
         with os.fdopen(src, "rb", closefd=False) as fh:
             entry.size = _copy_stream(fh.read, out, dest / entry.rel, budget)
@@ -244,7 +260,7 @@ def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
             if is_remote(entry.fetch or ""):
                 _copy_remote(entry, ctx.dest, policy, budget)
             else:
-                _copy_local(entry, ctx.dest, budget)
+                _copy_local(entry, ctx.dest, budget, config.allow_hard_links)
         except Refused as exc:
             return str(exc)
         return None
@@ -281,7 +297,7 @@ def walk_tree(
         for n in names:
             rel = (rel_here / n).as_posix()
             try:
-                real, st = regular_file(root / rel, root, follow_links)
+                real, st = regular_file(root / rel, root, follow_links, ctx.config.allow_hard_links)
             except Refused as exc:
                 ctx.refuse(str(root / rel), str(exc))
                 continue

@@ -124,9 +124,11 @@ class IngestReport(Contract):
 
 def read_manifest(path: str | Path, required: list[str] | None = None) -> pd.DataFrame:
     """A manifest CSV with labels, splits and hashes kept as text; missing columns fail loudly."""
+    from components.files import read_csv
+
     path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype={"label": str, "split": str, "sha256": str, "path": str}, keep_default_na=False)
+        frame = read_csv(path, dtype={"label": str, "split": str, "sha256": str, "path": str}, keep_default_na=False)
     except FileNotFoundError:
         raise ContractError(f"manifest {path} not found: run ingest (and validate) first") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -139,15 +141,13 @@ def read_manifest(path: str | Path, required: list[str] | None = None) -> pd.Dat
 
 def write_manifest(rows: pd.DataFrame | list[dict[str, Any]], path: str | Path) -> Path:
     """Write a manifest with exactly MANIFEST_COLUMNS, atomically."""
-    from components.files import atomic_file
+    from components.files import write_csv
 
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ContractError(f"manifest for {path} lacks column(s) {missing}")
-    with atomic_file(path) as fh:
-        frame[MANIFEST_COLUMNS].to_csv(fh, index=False, lineterminator="\n")
-    return Path(path)
+    return write_csv(frame[MANIFEST_COLUMNS], path)  # formula-like labels are neutralised
 
 
 # --- validate -----------------------------------------------------------------------------------

@@ -50,6 +50,13 @@ def describe_os_error(exc: BaseException) -> str | None:
     return None
 
 
+def printable(text: str, keep: str = "") -> str:
+    """`text` safe for a terminal or a log line: every character a terminal acts on or hides (control
+    characters and ANSI escapes, newlines, format and separator characters) is written as its escape
+    (`\\x1b`, `\\n`, `\\u200b`). `keep` names characters left as they are (a message's own newlines)."""
+    return "".join(ch if ch.isprintable() or ch in keep else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 # Exit codes of every stage CLI: the flow retries only what may pass on a second try.
 EXIT_USER_ERROR = 2  # settings, data, disk or permissions: the same input fails the same way
 EXIT_UNAVAILABLE = 1  # a service (MLflow, storage) did not answer: worth retrying later
@@ -79,7 +86,7 @@ def cli_errors(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]
             try:
                 code = main(*args, **kwargs)
             except Unavailable as exc:
-                print(f"{stage}: error: {exc}", file=sys.stderr)
+                print(f"{stage}: error: {printable(str(exc), keep=chr(10))}", file=sys.stderr)
                 record_outcome(stage, EXIT_UNAVAILABLE, "unavailable")
                 return EXIT_UNAVAILABLE
             except Exception as exc:
@@ -87,7 +94,7 @@ def cli_errors(stage: str) -> Callable[[Callable[..., int]], Callable[..., int]]
                 if message is None:
                     record_outcome(stage, 1, "crash")
                     raise
-                print(f"{stage}: error: {message}", file=sys.stderr)
+                print(f"{stage}: error: {printable(message)}", file=sys.stderr)
                 record_outcome(stage, EXIT_USER_ERROR, "user")
                 return EXIT_USER_ERROR
             record_outcome(stage, code, "ok" if code == 0 else "user" if code == EXIT_USER_ERROR else "failed")

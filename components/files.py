@@ -1,4 +1,9 @@
-"""Outputs that are whole or absent: atomic folders and files, JSON, and the leftovers of killed writers."""
+"""Outputs that are whole or absent: atomic folders and files, JSON, CSV, and the leftovers of killed writers.
+
+Every CSV we write goes through `write_csv`: a text cell that a spreadsheet would run as a formula
+(leading `=`, `+`, `-`, `@`, tab or CR: labels and file names are untrusted) gets a leading `'`
+(OWASP's advice), and `read_csv` takes it off again, so what is read back is what was written.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,13 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# A cell that starts with these, after any quotes we added, would be a formula in a spreadsheet.
+_FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
 
 
 def _owner() -> str:
@@ -141,3 +152,47 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def neutralise_formula(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with `'`; anything else as it is.
+
+    Cells that already start with quotes before a formula character get one more, so `restore_formula`
+    is its exact inverse.
+    """
+    return "'" + value if isinstance(value, str) and _FORMULA_START.match(value) else value
+
+
+def restore_formula(value: Any) -> Any:
+    """The cell `neutralise_formula` was given."""
+    if isinstance(value, str) and value.startswith("'") and _FORMULA_START.match(value, 1):
+        return value[1:]
+    return value
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path, **to_csv: Any) -> Path:
+    """`frame` as CSV (no index, `\\n` line ends), atomically, every text cell neutralised."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not _numeric(safe[column]):
+            safe[column] = safe[column].map(neutralise_formula)
+    with atomic_file(path) as fh:
+        safe.to_csv(fh, **{"index": False, "lineterminator": "\n", **to_csv})
+    return Path(path)
+
+
+def read_csv(path: str | Path, **read_csv_kwargs: Any) -> pd.DataFrame:
+    """A CSV written by `write_csv`, with the cells as they were before neutralising."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, **read_csv_kwargs)
+    for column in frame.columns:
+        if not _numeric(frame[column]):
+            frame[column] = frame[column].map(restore_formula)
+    return frame
+
+
+def _numeric(column: pd.Series) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)

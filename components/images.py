@@ -3,17 +3,21 @@
 Ingest and validate (facts about each file), the training and evaluation input pipelines,
 serving and batch scoring all share the same limits: a byte cap, a pixel cap checked from the
 header before any pixel is decoded, a format allowlist handed to Pillow (so no other decoder
-ever sees the bytes), and regular files only. Whatever goes wrong, an untrusted caller sees the
+ever sees the bytes; ingest too), and regular files only. Images inside images (an ICO's or ICNS's
+PNG, larger than the outer header says) meet Pillow's own pixel check, set to ours, before they
+are decoded, and the decoded size is checked again. Whatever goes wrong, an untrusted caller sees the
 same message (`UnusableImage`, str() = "not a usable image"); the reason is kept in `.reason`
 for our own reports (validation's quarantine list, logs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,8 +27,29 @@ from PIL import Image, UnidentifiedImageError
 
 GENERIC_MESSAGE = "not a usable image"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-# Pillow's own bomb check warns or raises at its global MAX_IMAGE_PIXELS; ours runs first, from the header.
-Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 80_000_000  # validate.max_pixels' default
+# Ours runs first, from the header. Pillow's own check also guards images inside images (an ICO's or
+# ICNS's embedded PNG, whose size the outer header does not tell), so it is kept on, at our cap: each
+# decode sets it to its own limit, and its warning is an error while we decode.
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+# Only to name a refused format in reports: these bytes never reach a decoder that is not allowed.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"icns", "ICNS"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+    (b"\xffO\xffQ", "JPEG2000"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+)
 
 
 class UnusableImage(ValueError):
@@ -41,7 +66,7 @@ class ImageLimits:
 
     max_bytes: int
     max_pixels: int
-    formats: tuple[str, ...] | None  # None: any format Pillow knows (ingest inspects; validate judges the format)
+    formats: tuple[str, ...] | None  # None: any format Pillow knows (images we made ourselves only)
 
     @classmethod
     def from_config(cls, config: object, any_format: bool = False) -> ImageLimits:
@@ -90,21 +115,61 @@ def read_limited(source: str | Path | bytes | bytearray | memoryview | BinaryIO,
     return data
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the first bytes (for messages only; no decoder is involved)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp":
+        return {b"avif": "AVIF", b"avis": "AVIF"}.get(data[8:12], "HEIF")
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Open from bytes with only the allowed decoders, and check the pixel count before decoding."""
+    """Open from bytes with only the allowed decoders, and check the pixel count before decoding.
+
+    Some plugins decode while opening (ICO loads its image in `open`): the guard is on here too.
+    """
     try:
-        img = Image.open(io.BytesIO(data), formats=list(limits.formats) if limits.formats else None)
+        with _guarded(limits):
+            img = Image.open(io.BytesIO(data), formats=list(limits.formats) if limits.formats else None)
+    except UnusableImage:
+        raise
     except UnidentifiedImageError:
-        allowed = f" among {', '.join(limits.formats)}" if limits.formats else ""
-        raise UnusableImage(f"not an image format Pillow identifies{allowed}") from None
+        raise UnusableImage(_unidentified(data, limits)) from None
     except Exception as exc:
         raise UnusableImage(f"cannot read the header: {exc or type(exc).__name__}") from None
+    _check_pixels(img, limits)
+    return img
+
+
+def _unidentified(data: bytes, limits: ImageLimits) -> str:
+    found = sniff_format(data)
+    if limits.formats and found and found not in limits.formats:
+        return f"format {found} is not in validate.allowed_formats ({', '.join(limits.formats)}): not decoded"
+    allowed = f" among {', '.join(limits.formats)}" if limits.formats else ""
+    return f"not an image format Pillow identifies{allowed}"
+
+
+def _check_pixels(img: Image.Image, limits: ImageLimits) -> None:
     if img.width * img.height > limits.max_pixels:
         img.close()
         raise UnusableImage(
             f"decompression-bomb guard: {img.width}x{img.height} exceeds max_pixels={limits.max_pixels}"
         )
-    return img
+
+
+@contextlib.contextmanager
+def _guarded(limits: ImageLimits) -> Iterator[None]:
+    """Pillow's own warnings (EXIF, palette) are not our verdict, but its bomb warning is an error, at
+    our cap: it is raised for images inside images (an ICO's PNG) before they are decoded."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # one assignment; a process decodes under one set of limits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise UnusableImage(f"decompression-bomb guard: {exc} (max_pixels={limits.max_pixels})") from None
 
 
 def inspect_image(source: str | Path | bytes | BinaryIO, limits: ImageLimits) -> ImageFacts:
@@ -112,11 +177,11 @@ def inspect_image(source: str | Path | bytes | BinaryIO, limits: ImageLimits) ->
     data = read_limited(source, limits.max_bytes)
     img = _open(data, limits)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's own warnings (EXIF, palette) are not our verdict
+        with _guarded(limits):
             img.load()
+        _check_pixels(img, limits)  # loading can change the size (ICO, ICNS): the decoded one counts
         return ImageFacts(img.format or "", img.mode, img.width, img.height)
-    except MemoryError:
+    except (MemoryError, UnusableImage):
         raise
     except Exception as exc:  # corrupt files raise many types (OSError, SyntaxError, struct.error, ...)
         raise UnusableImage(f"cannot decode: {exc or type(exc).__name__}") from None
@@ -137,9 +202,10 @@ def decode_rgb(source: str | Path | bytes | BinaryIO, size: int, limits: ImageLi
     data = read_limited(source, limits.max_bytes)
     img = _open(data, limits)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _guarded(limits):
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
+            img.load()
+            _check_pixels(img, limits)  # loading can change the size (ICO, ICNS)
             rgb = _to_8bit(img).convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)

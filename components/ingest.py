@@ -7,12 +7,12 @@ bucket folder through fsspec (`s3://`, `gs://`). The source is only read, never 
 inside its own root (components/confine.py); what a source offers but may not deliver is listed
 in the report's `refused`.
 
-Every file is hashed (sha256) and fully decoded through the guarded loader (components/images.py)
-in a process pool; results are cached beside `raw_dir` by (source, size, mtime, ctime, inode) so a
-rerun on an unchanged source recomputes nothing. Splits come from a hash of each image's bytes:
-adding images never moves an existing one, and byte-identical files always share a split.
-Undecodable, hidden and non-image files stay in the manifest with an `error` so that validate can
-report them.
+Every file is hashed (sha256) and, in an allowed format (`validate.allowed_formats`), fully decoded
+through the guarded loader (components/images.py) in a process pool; results are cached beside
+`raw_dir` by (source, size, mtime, ctime, inode) so a rerun on an unchanged source recomputes
+nothing. Splits come from a hash of each image's bytes: adding images never moves an existing one,
+and byte-identical files always share a split. Undecodable, hidden, non-image files and images in
+other formats stay in the manifest with an `error` so that validate can report them.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ class FactsCache:
             "pillow": PIL.__version__,
             "max_pixels": limits.max_pixels,
             "max_image_bytes": limits.max_bytes,
-            "schema": 2,
+            "formats": list(limits.formats or ()),
+            "schema": 3,  # 3: only allowed formats decoded; embedded images checked
         }
         self.files: dict[str, dict[str, Any]] = {}
         if path.exists():
@@ -294,16 +295,21 @@ def run_ingest(
     report_path: str | Path,
     max_pixels: int,
     max_image_bytes: int | None = None,
+    allowed_formats: Sequence[str] | None = None,
 ) -> IngestResult:
     """Copy the source into raw_dir, inspect every file, write the manifest and the report.
 
-    `max_pixels` and `max_image_bytes` are validate's (one guard for every decode); None = its default.
+    `max_pixels`, `max_image_bytes` and `allowed_formats` are validate's (one guard for every decode);
+    None = its default. Files in other formats are not decoded: their `error` names the format.
     """
     started = time.perf_counter()
     raw_dir, manifest_path, report_path = Path(raw_dir), Path(manifest_path), Path(report_path)
     if max_image_bytes is None:
         max_image_bytes = ValidateConfig.model_fields["max_image_bytes"].default
-    limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_pixels, formats=None)  # validate judges formats
+    if allowed_formats is None:
+        allowed_formats = ValidateConfig().allowed_formats
+    formats = tuple(f.upper() for f in allowed_formats)
+    limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_pixels, formats=formats)
     if not is_remote(config.source):
         check_no_overlap(local_path(config.source), raw_dir)  # before anything is written next to raw_dir
     cache_dir = raw_dir.parent / CACHE_DIRNAME  # beside, not inside, the DVC-tracked raw_dir
@@ -322,7 +328,10 @@ def run_ingest(
                 raise IngestError(
                     f"source {redact(config.source)!r}: no usable files in class folders (expected "
                     f"<class>/<image> or <split>/<class>/<image>); {len(listing.refused)} refused"
-                    + "".join(f"\n  - {r['name']}: {r['reason']}" for r in listing.refused[:10])
+                    + "".join(
+                        f"\n  - {errors.printable(r['name'])}: {errors.printable(r['reason'])}"
+                        for r in listing.refused[:10]
+                    )
                 )
             facts, computed, used = inspect_entries(listing.entries, new_raw, cache, workers, limits)
             rows, notes = build_rows(listing.entries, facts, raw_dir, seed, config.split)
@@ -399,9 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             args.report,
             max_pixels=params.validate.max_pixels,
             max_image_bytes=params.validate.max_image_bytes,
+            allowed_formats=params.validate.allowed_formats,
         )
     except (ParamsError, IngestError) as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
+        print(f"ingest: {errors.printable(str(exc), keep=chr(10))}", file=sys.stderr)  # names were escaped
         return 2
     per_split = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts.items())
     print(

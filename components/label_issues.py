@@ -110,8 +110,7 @@ def write_reports(
     """label_issues.csv and label_issues.png under report_dir."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    with files.atomic_file(report_dir / REPORT_FILE) as fh:
-        issues.table.to_csv(fh, index=False, lineterminator="\n")
+    files.write_csv(issues.table, report_dir / REPORT_FILE)
     return [report_dir / REPORT_FILE, plot_gallery(issues.table, report_dir / GALLERY_FILE, limits, gallery_images)]
 
 
@@ -119,9 +118,7 @@ def write_exclusions(issues: LabelIssues, model_dir: str | Path) -> Path:
     """The model folder's list of training images left out (empty with action `report`)."""
     path = Path(model_dir) / EXCLUSIONS_FILE
     excluded = issues.table[issues.table["excluded"].astype(bool)]
-    with files.atomic_file(path) as fh:
-        excluded[["path", "given_label", "suggested_label", "score"]].to_csv(fh, index=False, lineterminator="\n")
-    return path
+    return files.write_csv(excluded[["path", "given_label", "suggested_label", "score"]], path)
 
 
 def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, count: int = 16, thumb: int = 128) -> Path:
@@ -158,4 +155,4 @@ def read_exclusions(model_dir: str | Path) -> set[str]:
     path = Path(model_dir) / EXCLUSIONS_FILE
     if not path.is_file():
         return set()
-    return set(pd.read_csv(path, dtype={"path": str}, keep_default_na=False)["path"])
+    return set(files.read_csv(path, dtype={"path": str}, keep_default_na=False)["path"])

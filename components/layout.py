@@ -1,15 +1,19 @@
 """Labels and layouts: how a tree of files names its classes (and splits), and what a label may be.
 
 A label becomes a folder name under `data/raw` and a class name in the model, so it must be a
-name, never a path: no separators, no `..`, no absolute or drive prefix, no control characters,
-bounded length, Unicode NFC (so `café` typed two ways is one class). Shared by sources (which
-read labels off trees and tables) and validate (which recognises hidden files).
+name, never a path: no separators, no `..`, no absolute or drive prefix, no control, invisible or
+format characters, no Windows reserved names (`CON`, `nul.txt`) or characters, no trailing dot,
+bounded length, Unicode NFKC (so `café` typed two ways, or `ｃａｔ`, is one class). Labels that
+differ only in case are one folder on case-insensitive file systems: `case_variants` finds them.
+A leading `=`/`+`/`-`/`@` is allowed in a label; CSVs neutralise it (components.files.write_csv).
+Shared by sources (which read labels off trees and tables) and validate (which recognises hidden files).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -18,6 +22,15 @@ MAX_LABEL_CHARS = 128
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # Bidirectional overrides can make a label read differently from what it is.
 _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_CONTROL = ("Cc", "Cs", "Co", "Cn")  # control, surrogate, private use, unassigned
+# Format characters (ZWSP, ZWJ, BOM, tags, bidi), line/paragraph separators, and letters drawn as nothing.
+_INVISIBLE_CATEGORIES = ("Cf", "Zl", "Zp")
+_INVISIBLE = set("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+# Windows cannot create these (NTFS: `a:b` is a stream; `<>` is also markup in reports).
+_WINDOWS_FORBIDDEN = set('<>:"|?*')
+WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    f"{port}{n}" for port in ("COM", "LPT") for n in range(10)
+}
 
 
 class BadLabel(ValueError):
@@ -29,8 +42,11 @@ def is_hidden(name: str) -> bool:
 
 
 def clean_label(raw: str) -> str:
-    """The label as a class name (NFC, trimmed), or BadLabel saying why it cannot be one."""
-    label = unicodedata.normalize("NFC", str(raw).strip())
+    """The label as a class name (NFKC, trimmed), or BadLabel saying why it cannot be one.
+
+    A label that is already NFKC and trimmed comes back unchanged (so data versions do not move).
+    """
+    label = unicodedata.normalize("NFKC", str(raw)).strip()
     if not label:
         raise BadLabel("empty label")
     if len(label) > MAX_LABEL_CHARS:
@@ -41,9 +57,44 @@ def clean_label(raw: str) -> str:
         raise BadLabel("label is '.', '..' or a hidden name")
     if _DRIVE.match(label):
         raise BadLabel("label looks like a drive path")
-    if any(unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") or ch in _BIDI_CONTROLS for ch in label):
+    if any(unicodedata.category(ch) in _CONTROL for ch in label):
         raise BadLabel("label contains control or unassigned characters")
+    hidden = next((ch for ch in label if _is_invisible(ch)), None)
+    if hidden is not None:
+        raise BadLabel(f"label contains an invisible or format character (U+{ord(hidden):04X})")
+    if any(ch in _WINDOWS_FORBIDDEN for ch in label):
+        raise BadLabel(f"label contains one of {''.join(sorted(_WINDOWS_FORBIDDEN))} (not allowed in Windows names)")
+    if label.endswith("."):
+        raise BadLabel("label ends with a dot (Windows drops it)")
+    if label.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED_NAMES:
+        raise BadLabel("label is a reserved Windows device name (CON, NUL, COM1, ...)")
     return label
+
+
+def _is_invisible(ch: str) -> bool:
+    category = unicodedata.category(ch)
+    return (
+        category in _INVISIBLE_CATEGORIES
+        or ch in _INVISIBLE
+        or ch in _BIDI_CONTROLS
+        or (category == "Zs" and ch != " ")  # NFKC leaves only a few odd spaces (U+1680)
+    )
+
+
+def case_variants(labels: Iterable[str]) -> dict[str, str]:
+    """{label: the class it collides with} for labels that differ from another only in case.
+
+    A case-insensitive file system (Windows, macOS) would merge their folders; the first spelling in
+    code-point order is the class, and the others are refused.
+    """
+    first: dict[str, str] = {}
+    for label in sorted(set(labels)):
+        first.setdefault(_case_key(label), label)
+    return {label: first[_case_key(label)] for label in set(labels) if first[_case_key(label)] != label}
+
+
+def _case_key(label: str) -> str:
+    return unicodedata.normalize("NFKC", label.casefold())
 
 
 def safe_relative(rel: str) -> bool:

@@ -45,8 +45,7 @@ def write_reports(history: pd.DataFrame, report_dir: str | Path, title: str) -> 
     """history.csv (epoch, accuracy, val_accuracy, loss, val_loss) and curves.png."""
     report_dir = Path(report_dir)
     csv_path, png_path = report_dir / "history.csv", report_dir / "curves.png"
-    with files.atomic_file(csv_path) as fh:
-        history[HISTORY_COLUMNS].to_csv(fh, index=False)
+    files.write_csv(history[HISTORY_COLUMNS], csv_path)
     plot_curves(history, title, png_path)
     return csv_path, png_path
 

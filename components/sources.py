@@ -8,9 +8,10 @@ on their own, and nothing is dropped silently).
 
 What a source may not do, whatever its kind (docs/security.md, "Sources"):
   - read outside its root: only regular files are read; a symlink is followed only when it stays
-    inside the root (and `ingest.follow_links_within_root`); devices, FIFOs and sockets are never
-    opened; table rows must lie in the table's folder (or bucket prefix) or under `ingest.allowed_roots`,
-    and a table from a bucket or URL may not name local files;
+    inside the root (and `ingest.follow_links_within_root`); hard links (files with more than one
+    name) only with `ingest.allow_hard_links`; devices, FIFOs and sockets are never opened; table
+    rows must lie in the table's folder (or bucket prefix) or under `ingest.allowed_roots`, and a table
+    from a bucket or URL may not name local files;
   - write outside raw_dir: labels are class names (components.layout.clean_label), and every
     target path is resolved and checked to lie inside raw_dir before it is written;
   - deliver more than `ingest.max_files` files or `ingest.max_bytes` bytes (counted while copying);
@@ -26,7 +27,7 @@ import posixpath
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,17 @@ from components.confine import (
     regular_file,
     walk_tree,
 )
-from components.layout import SPLIT_ALIASES, BadLabel, Planned, clean_label, is_hidden, plan_layout, safe_relative
+from components.errors import printable
+from components.layout import (
+    SPLIT_ALIASES,
+    BadLabel,
+    Planned,
+    case_variants,
+    clean_label,
+    is_hidden,
+    plan_layout,
+    safe_relative,
+)
 from components.urls import URLRefused, check_scheme, is_remote, open_remote, redact, remote_info, remote_version
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -65,33 +76,44 @@ def plan_entries(names: list[str], dirs: list[str], shown_root: str, ctx: Contex
     """Labels off a tree, checked: (layout, [(planned, label, rel in raw_dir)], class folders, ignored)."""
     layout, planned, folders, ignored = plan_layout(names, dirs)
     depth = 2 if layout == "split_folders" else 1
-    kept, taken, bad_folders = [], set(), set()
+    labelled, bad_folders = [], set()
     for p in planned:
-        parts = p.rel.split("/")
         try:
-            label = clean_label(p.label)
+            labelled.append((p, clean_label(p.label)))
         except BadLabel as exc:
             ctx.refuse(f"{shown_root}/{p.rel}", f"class folder {p.label!r} is not a usable label: {exc}")
-            bad_folders.add("/".join(parts[:depth]))
+            bad_folders.add("/".join(p.rel.split("/")[:depth]))
+    folder_labels = {f: _folder_label(f) for f in folders if f not in bad_folders}
+    variants = case_variants([label for _, label in labelled] + [v for v in folder_labels.values() if v])
+    kept, taken = [], set()
+    for p, label in labelled:
+        if label in variants:
+            ctx.refuse(f"{shown_root}/{p.rel}", case_variant_reason(label, variants))
             continue
+        parts = p.rel.split("/")
         rel = "/".join([*parts[: depth - 1], label, *parts[depth:]])
         if rel in taken:
             ctx.refuse(f"{shown_root}/{p.rel}", "another file has the same name once labels are Unicode-normalised")
             continue
         taken.add(rel)
         kept.append((p, label, rel))
-    classes = {}
-    for folder, count in folders.items():
-        if folder in bad_folders:
-            continue
-        parts = folder.split("/")
-        try:
-            parts[-1] = clean_label(parts[-1])
-        except BadLabel:
-            continue
-        key = "/".join(parts)
-        classes[key] = classes.get(key, 0) + count
+    classes: dict[str, int] = {}
+    for folder, label in folder_labels.items():
+        if label and label not in variants:
+            key = "/".join([*folder.split("/")[:-1], label])
+            classes[key] = classes.get(key, 0) + folders[folder]
     return layout, kept, classes, ignored
+
+
+def _folder_label(folder: str) -> str | None:
+    try:
+        return clean_label(folder.split("/")[-1])
+    except BadLabel:
+        return None
+
+
+def case_variant_reason(label: str, variants: dict[str, str]) -> str:
+    return f"label {label!r} differs only in case from the class {variants[label]!r} (one folder on Windows and macOS)"
 
 
 def collect_folder(source: str, ctx: Context) -> Listing:
@@ -128,9 +150,11 @@ def collect_archive(location: str, ctx: Context) -> Listing:
     archive = download(location, ctx) if is_remote(location) else local_path(location)
     version = file_version(os.stat(archive))  # a replaced archive changes this, so its members are inspected again
     extract_root = ctx.staging / "extract"
-    print(f"ingest: extracting {archive.name}", file=sys.stderr)
+    print(f"ingest: extracting {printable(archive.name)}", file=sys.stderr)
     try:
-        extract_archive(archive, extract_root, ctx.config.max_bytes, ctx.config.max_files)
+        extract_archive(
+            archive, extract_root, ctx.config.max_bytes, ctx.config.max_files, ctx.config.max_archive_metadata_bytes
+        )
     except ArchiveError as exc:
         raise IngestError(str(exc)) from None
     root, strays = unwrap_single_top(extract_root)
@@ -292,12 +316,16 @@ def collect_table(location: str, ctx: Context) -> Listing:
     remote = is_remote(location)
     base = posixpath.dirname(location) if remote else str(local_path(location).parent)
     roots = Roots.of(base, remote, ctx.config.allowed_roots)
+    rows = table.to_dict("records")
+    variants = case_variants(_usable_labels(row["label"] for row in rows))
     entries, seen = [], set()
-    for i, row in enumerate(table.to_dict("records")):
+    for i, row in enumerate(rows):
         raw_loc = str(row[path_col]).strip()
         split = _table_split(row.get("split", ""), location, i)
         try:
             label = clean_label(row["label"])
+            if label in variants:
+                raise BadLabel(case_variant_reason(label, variants))
             entry = _table_entry(raw_loc, label, split, base, remote, roots, ctx)
             if entry.origin in seen:
                 raise Refused("listed more than once")
@@ -308,6 +336,16 @@ def collect_table(location: str, ctx: Context) -> Listing:
         entries.append(entry)
     _name_external_entries(entries)
     return Listing("table", "table", materialise(entries, ctx))
+
+
+def _usable_labels(raw: Iterable[Any]) -> list[str]:
+    labels = []
+    for value in raw:
+        try:
+            labels.append(clean_label(value))
+        except BadLabel:
+            pass
+    return labels
 
 
 def _table_split(value: Any, location: str, i: int) -> str | None:
@@ -325,6 +363,8 @@ def _table_entry(
     """The entry for one row, or Refused: outside every root, a local path from a remote table, a bad URL."""
     if not raw_loc:
         raise Refused("empty path")
+    if "\0" in raw_loc:
+        raise Refused("a NUL character in the path")
     loc = strip_file_scheme(raw_loc)
     if (
         remote_table
@@ -375,7 +415,7 @@ def _stamp_local(entry: Entry, full: str, roots: Roots, ctx: Context) -> None:
     if root is None:
         raise Refused(OUTSIDE)
     try:
-        path, st = regular_file(Path(full), root, ctx.config.follow_links_within_root)
+        path, st = regular_file(Path(full), root, ctx.config.follow_links_within_root, ctx.config.allow_hard_links)
     except FileNotFoundError:
         entry.missing, entry.fetch = True, None
         return

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from components.config import ParamsError, load_params
-from components.files import atomic_file
+from components.files import atomic_file, write_csv
 
 TABLE_METRICS = ["val_accuracy", "accuracy", "macro_f1", "ece", "train_seconds"]
 
@@ -85,8 +85,7 @@ def write_reports(table: pd.DataFrame, out_dir: str | Path, name: str) -> dict[s
     """<name>.csv, <name>.md and <name>.png (test accuracy against training seconds, per point)."""
     out_dir = Path(out_dir)
     paths = {"csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
-    with atomic_file(paths["csv"]) as fh:
-        table.to_csv(fh, index=False)
+    write_csv(table, paths["csv"])
     best = best_point(table)
     lines = [f"# Sweep {name}", "", _markdown(table), ""]
     lines.append(

@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import threading
 import zipfile
@@ -80,6 +81,31 @@ def write_huge_png(path: Path, side: int) -> Path:
     """A flat (so tiny on disk) image of side x side pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("L", (side, side), 128).save(path, "PNG")
+    return path
+
+
+def _flat_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_ico_with_a_larger_png(path: Path, side: int) -> Path:
+    """An ICO whose directory says 16x16 but whose embedded PNG is side x side (a few hundred bytes)."""
+    png = _flat_png(side)
+    header = struct.pack("<3H", 0, 1, 1)  # reserved, type 1 (icon), one image
+    entry = struct.pack("<4B2H2L", 16, 16, 0, 0, 1, 32, len(png), 6 + 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + entry + png)
+    return path
+
+
+def write_icns_with_a_larger_png(path: Path, side: int) -> Path:
+    """An ICNS whose one block is the 128x128 PNG type (ic07) but holds a side x side PNG."""
+    png = _flat_png(side)
+    block = b"ic07" + struct.pack(">L", 8 + len(png)) + png
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"icns" + struct.pack(">L", 8 + len(block)) + block)
     return path
 
 

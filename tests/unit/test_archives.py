@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import tarfile
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,111 @@ def test_sparse_members_are_refused(tmp_path: Path):
         out.write(b"\0" * tarfile.BLOCKSIZE * 2)
     with pytest.raises(IngestError, match="sparse"):
         _ingest(tmp_path, tmp_path / "sparse.tar.gz")
+
+
+# --- round 3, item 5: metadata counted in total, headers streamed, zip directories counted first -----
+
+
+def pax_comment_archive(path: Path, members: int, comment_bytes: int) -> Path:
+    """A .tar.gz of `members` empty files, each with a pax header holding a `comment_bytes` comment.
+
+    Each header is under the per-header limit; tarfile keeps every member's pax_headers while it
+    keeps the member, so holding all of them costs members x comment_bytes.
+    """
+    comment = "c" * comment_bytes
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        for i in range(members):
+            info = tarfile.TarInfo(f"data/a/{i:05d}.jpg")
+            info.pax_headers = {"comment": comment}
+            out.write(info.tobuf(format=tarfile.PAX_FORMAT))
+        out.write(b"\0" * tarfile.BLOCKSIZE * 2)
+    return path
+
+
+def _peak(action) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tar_metadata_headers_are_capped_in_total(tmp_path: Path):
+    archive = pax_comment_archive(tmp_path / "many.tar.gz", 5000, 60_000)  # 300 MB of headers, ~2 MB on disk
+    with pytest.raises(IngestError) as caught:
+        _ingest(tmp_path, archive)
+    assert "metadata header bytes" in str(caught.value) and "ingest.max_archive_metadata_bytes" in str(caught.value)
+    assert not (tmp_path / "ws" / "data" / "raw").exists()
+
+
+def test_tar_headers_are_streamed_not_all_held(tmp_path: Path):
+    from components.archives import extract_archive
+
+    archive = pax_comment_archive(tmp_path / "ok.tar.gz", 800, 60_000)  # 48 MB of headers, under the cap
+    peak = _peak(lambda: extract_archive(archive, tmp_path / "out", 10**9, 10_000))
+    assert len(list((tmp_path / "out" / "data" / "a").iterdir())) == 800
+    assert peak < 16 * 1024 * 1024, f"{peak:,} bytes held while extracting"  # old code: ~48 MB
+
+
+def test_a_large_pax_global_header_total_is_refused(tmp_path: Path):
+    with gzip.open(tmp_path / "global.tar.gz", "wb") as out:
+        for i in range(3):  # each under the per-header limit, together over it
+            info = tarfile.TarInfo("pax_global_header")
+            info.type, info.pax_headers = tarfile.XGLTYPE, {f"k{i}": "v" * 30_000}
+            out.write(info._create_pax_generic_header(info.pax_headers, tarfile.XGLTYPE, "utf-8"))
+        out.write(_header("data/a/x.jpg", tarfile.REGTYPE, 0))
+        out.write(b"\0" * tarfile.BLOCKSIZE * 2)
+    with pytest.raises(IngestError, match="global headers"):
+        _ingest(tmp_path, tmp_path / "global.tar.gz")
+
+
+def _many_member_zip(path: Path, members: int) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(members):
+            zf.writestr(f"data/a/{i:05d}.jpg", b"")
+    return path
+
+
+def _understate_members(path: Path, claimed: int) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<2H", data, at + 8, claimed, claimed)  # entries on this disk, entries in total
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("lying", [False, True])
+def test_a_zip_member_count_is_checked_before_zipfile_parses_the_directory(tmp_path: Path, monkeypatch, lying: bool):
+    from components.archives import ArchiveError, extract_archive
+
+    archive = _many_member_zip(tmp_path / "many.zip", 2000)
+    if lying:
+        _understate_members(archive, 1)  # zipfile parses whatever the directory holds
+    parsed = []
+    real = zipfile.ZipFile._RealGetContents
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: parsed.append(1) or real(self))
+    with pytest.raises(ArchiveError, match="member count 101" if lying else "member count 2,000"):
+        extract_archive(archive, tmp_path / "out", 10**9, 100)
+    assert not parsed and not (tmp_path / "out" / "data").exists()
+
+
+def test_a_zip_central_directory_over_the_metadata_cap_is_refused(tmp_path: Path):
+    from components.archives import ArchiveError, extract_archive
+
+    archive = _many_member_zip(tmp_path / "dir.zip", 50)
+    with pytest.raises(ArchiveError, match="central directory bytes"):
+        extract_archive(archive, tmp_path / "out", 10**9, 100, max_metadata_bytes=1000)
+
+
+def test_zip64_and_commented_zips_still_extract(tmp_path: Path, monkeypatch):
+    from components.archives import extract_archive
+
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)  # zipfile writes zip64 end records above it
+    archive = _many_member_zip(tmp_path / "z64.zip", 5)
+    assert b"PK\x06\x06" in archive.read_bytes()
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.comment = b"x" * 1000
+    extract_archive(archive, tmp_path / "out", 10**9, 5)
+    assert len(list((tmp_path / "out" / "data" / "a").iterdir())) == 5
+    with pytest.raises(ValueError, match="member count"):
+        extract_archive(archive, tmp_path / "out2", 10**9, 4)

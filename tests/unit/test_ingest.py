@@ -25,6 +25,8 @@ from tests.datakit import (
     tar_with,
     tree_digest,
     write_huge_png,
+    write_icns_with_a_larger_png,
+    write_ico_with_a_larger_png,
     write_truncated_jpeg,
     zip_with,
 )
@@ -475,3 +477,45 @@ def test_a_swapped_file_with_the_same_size_and_mtime_is_inspected_again(tmp_path
     assert row["sha256"] == hashlib.sha256(swapped).hexdigest()
     assert row["error"] != ""
     assert second.computed == 1 and second.data_version != first.data_version
+
+
+# --- round 3, item 3: images inside images, formats never decoded, Pillow's cap kept on ------------
+
+
+@pytest.mark.parametrize("writer", [write_ico_with_a_larger_png, write_icns_with_a_larger_png])
+@pytest.mark.parametrize("side", [1200, 3000])  # 1-2x the cap (Pillow only warns) and over 2x (it raises)
+def test_an_icon_whose_embedded_png_is_larger_than_its_header_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer, side: int
+):
+    from PIL import PngImagePlugin
+
+    from components.images import ImageLimits, UnusableImage, decode_rgb, inspect_image
+
+    decoded = []
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda im: decoded.append(im.size) or load(im))
+    icon = writer(tmp_path / "icon", side)  # says 16x16 or 128x128; holds side x side
+    limits = ImageLimits(max_bytes=10**7, max_pixels=1_000_000, formats=("ICO", "ICNS", "PNG"))
+    for decode in (lambda: inspect_image(icon, limits), lambda: decode_rgb(icon, 64, limits)):
+        with pytest.raises(UnusableImage) as caught:
+            decode()
+        assert "decompression-bomb" in caught.value.reason and str(caught.value) == "not a usable image"
+    assert decoded == []  # the embedded PNG was never decoded (the old code decoded it, then refused)
+
+
+def test_ingest_decodes_only_the_allowed_formats_and_keeps_pillows_cap_on(tmp_path: Path):
+    from PIL import Image
+
+    source = make_classes(tmp_path / "src", {"a": 3})
+    write_ico_with_a_larger_png(source / "a" / "icon.ico", 3000)
+    write_image(source / "a" / "anim.gif", fmt="GIF", seed=4)
+    result = _run(tmp_path, source)
+    rows = _manifest(result).set_index(_manifest(result)["path"].map(lambda p: Path(p).name))
+    for name, fmt in (("icon.ico", "ICO"), ("anim.gif", "GIF")):
+        assert (
+            rows.loc[name, "error"]
+            == f"format {fmt} is not in validate.allowed_formats (JPEG, PNG, BMP, WEBP): not decoded"
+        )
+        assert rows.loc[name, "width"] == 0 and rows.loc[name, "sha256"]  # hashed, never decoded
+    assert result.images == 3
+    assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS  # ours, not None

@@ -18,7 +18,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from components.archives import ArchiveError, extract_archive
+from components.contracts import read_manifest
+from components.files import neutralise_formula, read_csv, restore_formula, write_csv
 from components.ingest import IngestError, run_ingest
+from components.layout import WINDOWS_RESERVED_NAMES, BadLabel, clean_label
 from tests.conftest import write_image
 from tests.datakit import MARKER, files_containing, ingest_config, outside_files, tree_snapshot
 
@@ -111,6 +115,14 @@ PATH_SHAPES = st.one_of(
         st.sampled_from(["..", ".", "cat", "dog", "outside", "passwd", "", "secret.jpg"]), min_size=1, max_size=6
     ).map("/".join),
 )
+# Labels made of invisible and format characters, separators, formula and Windows-special characters.
+FORMAT_TEXT = st.text(
+    st.one_of(
+        st.sampled_from("\u200b\u200c\u200d\u2060\ufeff\u00ad\u2028\u2029\U000e0041\U000e007f=+-@.: "),
+        st.characters(whitelist_categories=("Lu", "Ll", "Cf", "Zs")),
+    ),
+    max_size=12,
+)
 LABEL_SHAPES = st.one_of(
     st.sampled_from(CLASSES),
     st.sampled_from(
@@ -131,8 +143,30 @@ LABEL_SHAPES = st.one_of(
             "\u202eevil",
             "tab\there",
             "new\nline",
+            # round 3: invisible and format characters, separators, Windows names, case twins, formulas
+            "ca\u200bt",
+            "ca\u200dt",
+            "\ufeffcat",
+            "cat\U000e0041",
+            "a\u2028b",
+            "\u3164",
+            "CON",
+            "nul",
+            "Com1",
+            "lpt9.txt",
+            "cat.",
+            "Cat",
+            "CAT",
+            "\uff43\uff41\uff54",
+            "=cmd()",
+            "+1",
+            "-1",
+            "@x",
+            "'=x",
+            "<b>x</b>",
         ]
     ),
+    FORMAT_TEXT,
     ANY_TEXT,
 )
 
@@ -157,6 +191,19 @@ def test_random_manifests_never_write_or_read_outside(fuzz_root: Path, rows: lis
         [(_resolve(p, base, outside), _resolve(lab, base, outside)) for p, lab in rows], columns=["path", "label"]
     ).to_csv(table, index=False)
     _ingest_and_check(base, table, follow_links_within_root=follow)
+    _check_labels_and_cells(base / "ws" / "data" / "manifest.csv")
+
+
+def _check_labels_and_cells(manifest: Path) -> None:
+    """Every label is a clean class name, no two differ only in case, and no cell reads as a formula."""
+    if not manifest.exists():
+        return
+    labels = set(read_manifest(manifest)["label"])
+    assert all(clean_label(label) == label for label in labels)
+    assert len({label.casefold() for label in labels}) == len(labels), labels
+    raw = pd.read_csv(manifest, dtype=str, keep_default_na=False)  # as a spreadsheet would see it
+    cells = [c for column in raw.columns for c in raw[column]]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
 
 
 # --- (b) folder trees with random links ------------------------------------------------------------
@@ -293,3 +340,115 @@ def test_random_bucket_keys_never_write_outside(fuzz_root: Path, keys: list[str]
         for key in [k for k in fs.store if k.startswith(bucket)]:  # fs.rm trips over some odd keys
             del fs.store[key]
         fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if not d.startswith(bucket)]
+
+
+# --- (d) labels: whatever text a label holds, what comes out is a plain, visible class name ---------
+
+RESERVED = (
+    st.sampled_from(sorted(WINDOWS_RESERVED_NAMES))
+    .flatmap(
+        lambda name: st.tuples(
+            st.sampled_from([name, name.lower(), name.title()]), st.sampled_from(["", ".txt", " ", ".jpg"])
+        )
+    )
+    .map("".join)
+)
+LABEL_TEXT = st.one_of(
+    FORMAT_TEXT, RESERVED, ANY_TEXT, st.lists(st.one_of(FORMAT_TEXT, RESERVED), max_size=3).map("".join)
+)
+
+
+@FUZZ
+@given(raw=LABEL_TEXT)
+def test_random_labels_are_refused_or_plain_visible_names(raw: str):
+    import unicodedata
+
+    try:
+        label = clean_label(raw)
+    except BadLabel:
+        event("refused")
+        return
+    event("kept")
+    assert clean_label(label) == label  # already clean labels stay byte-identical
+    assert unicodedata.normalize("NFKC", label) == label and label == label.strip() and 0 < len(label) <= 128
+    assert all(ch.isprintable() for ch in label), ascii(label)  # no control, format or separator characters
+    assert label.split(".")[0].rstrip(" ").upper() not in WINDOWS_RESERVED_NAMES and not label.endswith(".")
+    assert not set(label) & set('/\\<>:"|?*')
+
+
+@FUZZ
+@given(
+    cells=st.lists(st.one_of(LABEL_TEXT, st.sampled_from(["=1", "'=1", "''+2", "-3", "@a", "'", "\t=x"])), max_size=8)
+)
+def test_csv_cells_never_start_a_formula_and_read_back_unchanged(fuzz_root: Path, cells: list[str]):
+    assert [restore_formula(neutralise_formula(c)) for c in cells] == cells
+    assert not [c for c in map(neutralise_formula, cells) if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    path = Path(tempfile.mkdtemp(dir=fuzz_root)) / "cells.csv"
+    clean = [c.replace("\r", "") for c in cells]  # the CSV reader folds lone CRs: not ours to fuzz
+    write_csv(pd.DataFrame({"label": clean, "n": range(len(clean))}), path)
+    back = read_csv(path, dtype={"label": str}, keep_default_na=False)
+    assert list(back["label"]) == clean
+
+
+# --- (e) archive member counts and metadata: stopped exactly at the caps --------------------------
+
+
+def _pax_record_bytes(keyword: str, value: str) -> int:
+    """Length of one pax record `"%d %s=%s\n"` (tarfile's own arithmetic: the length counts itself)."""
+    size = len(keyword) + len(value.encode()) + 3
+    total = previous = 0
+    while True:
+        total = size + len(str(previous))
+        if total == previous:
+            return total
+        previous = total
+
+
+@FUZZ
+@given(
+    members=st.integers(0, 30),
+    max_members=st.integers(1, 30),
+    fmt=st.sampled_from(["tgz", "zip", "zip understating its count"]),
+    comment=st.integers(0, 2000),
+    max_metadata=st.integers(1, 40_000),
+)
+def test_random_member_counts_and_header_bytes_stop_at_the_caps(
+    fuzz_root: Path, members: int, max_members: int, fmt: str, comment: int, max_metadata: int
+):
+    import io
+    import struct
+    import tarfile
+    import zipfile
+
+    base = Path(tempfile.mkdtemp(dir=fuzz_root))
+    archive = base / ("set.tgz" if fmt == "tgz" else "set.zip")
+    names = [f"data/a/{i:03d}.jpg" for i in range(members)]
+    if fmt == "tgz":
+        with tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.pax_headers = {"comment": "c" * comment} if comment else {}
+                tar.addfile(info, io.BytesIO(b""))
+        metadata = members * _pax_record_bytes("comment", "c" * comment) if comment else 0
+    else:
+        with zipfile.ZipFile(archive, "w") as zf:
+            for name in names:
+                zf.writestr(name, b"")
+        metadata = sum(46 + len(name) for name in names)  # zipfile writes no extra fields or comments here
+        if fmt.endswith("count"):
+            data = bytearray(archive.read_bytes())
+            struct.pack_into("<2H", data, data.rfind(b"PK\x05\x06") + 8, 1, 1)
+            archive.write_bytes(bytes(data))
+    out = base / "out"
+    try:
+        extract_archive(archive, out, 10**9, max_members, max_metadata)
+    except ArchiveError as exc:
+        event(f"{fmt}: refused")
+        over_count, over_metadata = members > max_members, metadata > max_metadata
+        assert over_count or over_metadata, str(exc)
+        assert ("member count" in str(exc)) == (over_count and not over_metadata) or over_count and over_metadata
+        assert not out.exists() or not any(out.rglob("*.jpg"))  # checked before anything is written
+        return
+    event(f"{fmt}: extracted")
+    assert members <= max_members and metadata <= max_metadata
+    assert len(list(out.rglob("*.jpg"))) == members

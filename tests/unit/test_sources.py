@@ -18,6 +18,7 @@ import pytest
 
 from components.config import IngestConfig, ParamsError, load_params
 from components.ingest import IngestError, main, run_ingest
+from components.layout import clean_label
 from tests.conftest import write_image
 from tests.datakit import (
     files_containing,
@@ -68,6 +69,23 @@ BAD_LABELS = [
     "bell\x07",
     "x" * 200,
     "rtl\u202eevil",
+    # round 3, item 12: invisible and format characters, separators, Windows names, markup
+    "ca\u200bt",  # zero-width space: looks like "cat"
+    "ca\u200dt",  # zero-width joiner
+    "\ufeffcat",  # byte-order mark
+    "cat\U000e0041\U000e007f",  # tag characters
+    "a\u2028b",  # line separator
+    "a\u2029b",  # paragraph separator
+    "\u3164",  # Hangul filler: a letter drawn as nothing
+    "CON",
+    "nul",
+    "COM1",
+    "lpt\u00b9",  # LPT1 once NFKC-normalised
+    "nul.txt",
+    "cat.",
+    "<img src=x onerror=alert(1)>",  # markup (no '/', which was refused already)
+    "cat:dog",  # an NTFS alternate data stream
+    "\uff0e\uff0e",  # fullwidth '..': '..' once NFKC-normalised
 ]
 
 
@@ -99,6 +117,95 @@ def test_labels_are_unicode_normalised_so_one_class_is_one_folder(tmp_path: Path
     result, _ = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
     frame = pd.read_csv(result.manifest_path, keep_default_na=False)
     assert set(frame["label"]) == {composed}
+
+
+def test_labels_are_nfkc_normalised_and_clean_labels_stay_byte_identical(tmp_path: Path):
+    clean = ["daisy", "sunflowers", "ants", "Golden Retriever", "caf\u00e9", "\u65e5\u672c", "bee's", "\u2764\ufe0f"]
+    assert [clean_label(label) for label in clean] == clean  # data versions of existing sets do not move
+    make_classes(tmp_path / "src" / "images", {"a": 4})
+    rows = [(f"images/a/a_{i:03d}.jpg", "\uff43\uff41\uff54" if i % 2 else "cat") for i in range(4)]  # fullwidth
+    result, _ = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    assert set(pd.read_csv(result.manifest_path, keep_default_na=False)["label"]) == {"cat"}
+
+
+def test_class_folders_that_differ_only_in_case_are_refused_but_the_first(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"Cat": 3, "dog": 3})
+    for i in range(2):
+        write_image(source / "cat" / f"lower_{i}.jpg", seed=40 + i)
+        write_image(source / "c\uff21t" / f"upper_{i}.jpg", seed=50 + i)  # fullwidth A: "cAt" once normalised
+    result, report = _run(tmp_path, source)
+    frame = pd.read_csv(result.manifest_path, keep_default_na=False)
+    assert set(frame["label"]) == {"Cat", "dog"} and result.files == 6
+    assert report["class_folders"] == {"Cat": 3, "dog": 3}
+    refused = _refused(report)
+    assert set(refused) == {"lower_0.jpg", "lower_1.jpg", "upper_0.jpg", "upper_1.jpg"}
+    assert all("differs only in case from the class 'Cat'" in r for r in refused.values())
+
+
+def test_table_labels_that_differ_only_in_case_are_refused_but_the_first(tmp_path: Path):
+    make_classes(tmp_path / "src" / "images", {"a": 4})
+    rows = [(f"images/a/a_{i:03d}.jpg", ["Dog", "dog", "dOG", "Dog"][i]) for i in range(4)]
+    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    assert set(pd.read_csv(result.manifest_path, keep_default_na=False)["label"]) == {"Dog"}
+    assert report["refused_count"] == 2 and all("only in case" in r["reason"] for r in report["refused"])
+
+
+def test_formula_labels_are_neutralised_in_the_manifest_and_read_back_as_they_were(tmp_path: Path):
+    from components.contracts import read_manifest
+
+    formulas = ["=SUM(1,2)", "+1", "-2", "@SUM(A1)", "'=quoted"]
+    make_classes(tmp_path / "src" / "images", {"a": len(formulas)})
+    rows = [(f"images/a/a_{i:03d}.jpg", label) for i, label in enumerate(formulas)]
+    result, report = _run(tmp_path, _table(tmp_path / "src" / "labels.csv", rows))
+    assert report["refused_count"] == 0
+    raw = pd.read_csv(result.manifest_path, dtype=str, keep_default_na=False)  # what a spreadsheet sees
+    assert sorted(raw["label"]) == sorted("'" + f for f in formulas)
+    assert sorted(read_manifest(result.manifest_path)["label"]) == sorted(formulas)
+
+
+def test_a_nul_byte_in_a_manifest_row_is_one_refused_row(tmp_path: Path, monkeypatch, capsys):
+    make_classes(tmp_path / "src" / "images", {"a": 3})
+    rows = [(f"images/a/a_{i:03d}.jpg", "a") for i in range(3)] + [
+        ("images/a/x\0y.jpg", "a"),
+        ("images/a/a_000.jpg", "a\0b"),
+    ]
+    table = _table(tmp_path / "src" / "labels.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"ingest:\n  source: {table}\n  workers: 1\n")
+    assert main(["--params", "params.yaml"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "reports" / "ingest.json").read_text())
+    assert report["files"] == 3 and report["refused_count"] == 2
+    assert {r["reason"] for r in report["refused"]} == {
+        "a NUL character in the path",
+        "label contains control or unassigned characters",
+    }
+
+
+def test_names_with_newlines_and_ansi_escapes_are_escaped_on_the_terminal(tmp_path: Path, monkeypatch, capsys):
+    source = tmp_path / "src"
+    write_image(source / "evil\x1b[2J\nFAKE LINE" / "x\x1b]0;title\x07\u2028.jpg", seed=3)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"ingest:\n  source: {source}\n  workers: 1\n")
+    assert main(["--params", "params.yaml"]) == 2  # nothing usable: the refusals are listed
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\u2028" not in err and "\nFAKE LINE" not in err
+    assert "evil\\x1b[2J\\nFAKE LINE" in err  # escaped, still recognisable
+
+
+def test_a_hard_link_to_a_file_outside_the_source_is_refused_unless_allowed(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 3})
+    secret = write_image(tmp_path / "outside" / "secret.jpg", seed=99)
+    os.link(secret, source / "a" / "linked.jpg")
+    table = _table(source / "labels.csv", [(f"a/a_{i:03d}.jpg", "a") for i in range(3)] + [("a/linked.jpg", "a")])
+    for src in (source, table):
+        result, report = _run(tmp_path, src)
+        assert result.files == 3, src
+        assert [r["reason"] for r in report["refused"]] == [
+            "a hard link (the file has 2 names, possibly outside the source): not read "
+            "(ingest.allow_hard_links is false)"
+        ]
+        result, report = _run(tmp_path, src, allow_hard_links=True)
+        assert result.files == 4 and report["refused_count"] == 0
 
 
 def test_a_class_folder_with_an_unusable_name_is_refused_by_name(tmp_path: Path):

@@ -26,6 +26,7 @@ from tests.datakit import (
     write_alpha_png,
     write_cmyk_jpeg,
     write_huge_png,
+    write_ico_with_a_larger_png,
     write_truncated_jpeg,
 )
 
@@ -65,6 +66,8 @@ def ingest_and_validate(source: Path, ws: Path, config: ValidateConfig, classes:
         ws / "data" / "manifest.csv",
         ws / "reports" / "ingest.json",
         config.max_pixels,
+        config.max_image_bytes,
+        config.allowed_formats,
     )
     result = run_validate(
         config,
@@ -85,7 +88,8 @@ DEFECTS = {
     "zero.jpg": ("decodes", "empty file"),
     "text.jpg": ("decodes", "not an image"),
     "bomb.png": ("decodes", "decompression-bomb"),
-    "placeholder.gif": ("format_allowed", "GIF"),
+    "placeholder.gif": ("decodes", "format GIF is not in validate.allowed_formats"),  # never decoded
+    "bomb.ico": ("decodes", "decompression-bomb"),  # an ICO whose PNG is larger than its header says
     "tiny.jpg": ("width_in_range", "width 16px"),
     ".DS_Store": ("not_hidden", "hidden"),
     "conflict_in_a.jpg": ("no_label_conflict", "b/conflict_in_b.jpg"),
@@ -106,6 +110,7 @@ def defects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path, dict[s
     (source / "b" / "text.jpg").write_text("this is text, not a JPEG")
     write_huge_png(source / "a" / "bomb.png", side=200)  # 40,000 px > max_pixels below
     write_image(source / "b" / "placeholder.gif", fmt="GIF", seed=5)
+    write_ico_with_a_larger_png(source / "a" / "bomb.ico", side=400)  # 160,000 px > max_pixels below
     write_image(source / "b" / "tiny.jpg", size=(16, 16), seed=6)
     (source / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     write_image(source / "a" / "conflict_in_a.jpg", seed=77)
@@ -114,7 +119,7 @@ def defects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path, dict[s
     write_16bit_png(source / "b" / "sixteen_bit.png")
     write_alpha_png(source / "b" / "alpha.png")
     before = tree_digest(source)
-    config = validate_config(max_pixels=20_000, max_bad_fraction=0.5)
+    config = validate_config(max_pixels=20_000, max_bad_fraction=0.5, allowed_formats=["JPEG", "PNG", "BMP", "ICO"])
     return ingest_and_validate(source, root / "ws", config), source, before
 
 
@@ -151,12 +156,14 @@ def test_summary_names_each_failed_check_with_files_and_versions(defects):
     run, _, _ = defects
     summary = run.summary
     failed = {f["check"]: f for f in summary["failures"]}
-    assert {"decodes", "format_allowed", "width_in_range", "not_hidden", "no_label_conflict"} <= set(failed)
+    assert {"decodes", "width_in_range", "not_hidden", "no_label_conflict"} <= set(failed)
     assert {Path(i["path"]).name for i in failed["decodes"]["items"]} == {
         "truncated.jpg",
         "zero.jpg",
         "text.jpg",
         "bomb.png",
+        "bomb.ico",
+        "placeholder.gif",
     }
     assert summary["data_version"] == run.ingest.data_version
     assert summary["validated_version"] != summary["data_version"]
@@ -283,7 +290,7 @@ def test_hymenoptera_keeps_its_split_and_quarantines_the_placeholder_gif(tmp_pat
     from_val = manifest["path"].str.contains("/raw/val/")
     assert from_val.sum() == 153 and set(manifest.loc[from_val, "split"]) == {"val"}
     assert set(manifest.loc[~from_val, "split"]) == {"train", "test"}
-    assert "format_allowed" in run.reason("imageNotFound.gif") and "GIF" in run.reason("imageNotFound.gif")
+    assert "format GIF is not in validate.allowed_formats" in run.reason("imageNotFound.gif")
     assert run.result.quarantined == 1 and run.result.passed, run.result.problems
     assert run.result.valid == 397
 
