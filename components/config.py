@@ -345,6 +345,28 @@ class ServingConfig(Section):
     max_request_bytes: int = Field(
         64 * 1024**2, ge=1024, le=2 * 1024**3, description="Total image bytes one served request may hold."
     )
+    max_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Pixels one served image may have (from its header, before decoding); serving's own cap, "
+        "smaller than validate.max_pixels, which training, evaluation and batch scoring use.",
+    )
+    max_request_pixels: int = Field(
+        200_000_000,
+        ge=1,
+        le=10_000_000_000,
+        description="Pixels all the images of one served request may have together (the request's decode budget).",
+    )
+
+    @model_validator(mode="after")
+    def _budget_fits_an_image(self) -> ServingConfig:
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) is below max_pixels ({self.max_pixels}): "
+                "a request could not hold one image of the largest size allowed"
+            )
+        return self
 
 
 class ExperimentsConfig(Section):

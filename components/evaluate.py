@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import errors, files, hashing, onnx_inference, registry, runtime, tracking
+from components import errors, files, hashing, onnx_inference, registry, runtime, scoring, tracking
 from components.config import Params, ParamsError, load_params
 from components.contracts import (
     RUN_INFO_FILE,
@@ -124,9 +124,12 @@ def log_evaluation(
     manifest: str | Path,
     policy: RetryPolicy,
     runner: onnx_inference.FrozenRunner | None = None,
-) -> tuple[str, str | None]:
+) -> tuple[str, str | None, str | None]:
     """The evaluation run (test split as dataset input, settings, metrics) and, given an example, the served
-    model with the metrics linked to it (MLflow 3 LoggedModel): (run id, model URI).
+    model with the metrics linked to it (MLflow 3 LoggedModel): (run id, model URI, the logged folder's digest).
+
+    The digest (`scoring.logged_tree_digest`, every file of the logged model) is read back from the store
+    right after logging, trusting it for that moment; registration records it as `model_tree_sha256`.
 
     The run nests under the pipeline's parent run and carries the workspace tag (tracking.start_run), and
     the tag `inference_engine` (what scored the test split). When that was ONNX Runtime, the served model
@@ -173,7 +176,7 @@ def log_evaluation(
             log_test_metrics(client, run_id, metrics, None, policy)
             client.set_terminated(run_id, "FINISHED")
             finished = True
-            return run_id, None
+            return run_id, None, None
         config = registry.serving_model_config(
             params, folder.image_size, folder.info.model_sha256, onnx.sha256 if onnx else None
         )
@@ -189,6 +192,7 @@ def log_evaluation(
                 onnx.path if onnx else None,
                 policy=policy,
             )
+            tree_sha256 = scoring.logged_tree_digest(info.model_uri, policy)
             log_test_metrics(client, run_id, metrics, info.model_id, policy)
             finished = True
         finally:
@@ -199,7 +203,7 @@ def log_evaluation(
                 client.set_terminated(run_id, "FAILED")
             except Exception:
                 pass
-    return run_id, info.model_uri
+    return run_id, info.model_uri, tree_sha256
 
 
 def log_test_metrics(
@@ -302,7 +306,9 @@ def run_evaluate(
         experiment = environment().dvc_exp_name
         register = not experiment or config.experiments.register_model
         example = example_input(split.paths[0], limits) if register else None
-        run_id, model_uri = log_evaluation(params, folder, metrics, lineage, example, manifest, policy, runner)
+        run_id, model_uri, tree_sha256 = log_evaluation(
+            params, folder, metrics, lineage, example, manifest, policy, runner
+        )
         if model_uri is None:
             version = ""
             decision = registry.PromotionDecision(
@@ -330,6 +336,7 @@ def run_evaluate(
                     "run_id": run_id,
                     registry.SHA256_TAG: folder.info.model_sha256,
                     **({registry.ONNX_SHA256_TAG: onnx.sha256} if onnx else {}),
+                    **({scoring.TREE_SHA256_TAG: tree_sha256} if tree_sha256 else {}),
                 },
                 policy,
             )

@@ -17,7 +17,7 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -197,10 +197,24 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L")
 
 
-def decode_rgb(source: str | Path | bytes | BinaryIO, size: int, limits: ImageLimits) -> np.ndarray:
-    """A (size, size, 3) uint8 RGB array from an image file, buffer or stream, within `limits`."""
+def decode_rgb(
+    source: str | Path | bytes | BinaryIO,
+    size: int,
+    limits: ImageLimits,
+    charge: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """A (size, size, 3) uint8 RGB array from an image file, buffer or stream, within `limits`.
+
+    `charge`, given, is called with the image's pixel count from its header before any pixel is decoded
+    (a served request's decode budget); whatever it raises propagates."""
     data = read_limited(source, limits.max_bytes)
     img = _open(data, limits)
+    if charge is not None:
+        try:
+            charge(img.width * img.height)  # outside the try below: its error is the caller's, not "unusable"
+        except BaseException:
+            img.close()
+            raise
     try:
         with _guarded(limits):
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed

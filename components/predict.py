@@ -4,8 +4,11 @@ Local paths are a batch feature: this CLI and `flows/predict.py` read the files,
 root, and hand the served model their bytes. A folder's root is the folder; a CSV's rows resolve
 against `--root` (default: the CSV's folder), and a row that names a file outside that root (an
 absolute path elsewhere, `..`, or a symlink that leads out) is refused by name in the output. Files
-are read with the guarded reader (regular files only, byte cap), and the model decodes them with
-its own stored limits.
+are read with the guarded reader (regular files only, byte cap) and decoded within the same image
+limits (`validate.*`, as in training; serving's smaller caps are for untrusted requests).
+
+The model is verified against the registry and run by the installed code (`components.scoring`),
+never by the code stored with it: a version whose stored files changed since registration is refused.
 
 CLI: python -m components.predict --model models:/image-classifier@champion --input DIR_OR_CSV --out preds.csv \
         [--root DIR] [--split test]
@@ -86,15 +89,15 @@ def read_images(paths: list[str], root: Path, limits: ImageLimits) -> tuple[list
     return data, problems
 
 
-def _score_chunk(scorer: Any, images: list[bytes]) -> tuple[np.ndarray, list[str]]:
+def _score_chunk(scorer: Any, images: list[bytes], limits: ImageLimits) -> tuple[np.ndarray, list[str]]:
     """Probabilities per image (NaN row where unusable) and '' or the generic error, one image sinking none."""
     try:
-        return scorer.score(images), [""] * len(images)
+        return scorer.score(images, limits), [""] * len(images)
     except ValueError:
         rows, problems = [], []
         for image in images:
             try:
-                rows.append(scorer.score([image])[0])
+                rows.append(scorer.score([image], limits)[0])
                 problems.append("")
             except ValueError:
                 rows.append(np.full(len(scorer.classes), np.nan))
@@ -124,8 +127,8 @@ def run_predict(
     paths = list_inputs(inputs, split)
     if not paths:
         raise ValueError(f"{inputs}: no images found")
-    scorer = load_scoring_model(model_uri).unwrap_python_model()
-    engine = str(getattr(scorer, "engine", "keras"))
+    scorer = load_scoring_model(model_uri)  # verified, and run by the installed code (never the stored code)
+    engine = scorer.engine
     print(f"predict: {model_uri} runs on {engine}")
     rows = []
     with tqdm(total=len(paths), unit="img", desc="predict") as bar:
@@ -133,7 +136,7 @@ def run_predict(
             chunk = paths[start : start + batch_size]
             data, problems = read_images(chunk, root, limits)
             readable = [i for i, d in enumerate(data) if d is not None]
-            probs, decode_problems = _score_chunk(scorer, [data[i] for i in readable])
+            probs, decode_problems = _score_chunk(scorer, [data[i] for i in readable], limits)
             scored = dict(zip(readable, zip(probs, decode_problems)))
             for i, path in enumerate(chunk):
                 p, problem = scored.get(i, (None, problems[i]))

@@ -11,8 +11,9 @@ points at the version that was scored.
 
 The served model is logged as "models from code" (`components/serving_model.py`), never as a
 pickle; the Keras file's sha256 (and the ONNX file's, when evaluate scored with ONNX Runtime) is in
-its model_config and on the registered version, and `load_scoring_model` refuses pickled models and
-files whose hash differs.
+its model_config and on the registered version, with the digest of the whole logged folder
+(`model_tree_sha256`). Champion re-scoring loads it through `components.scoring`: verified, and run
+by the installed code, never the stored code.
 """
 
 from __future__ import annotations
@@ -28,25 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from components.config import Params, PromotionConfig
 from components.contracts import IngestReport, ModelRunInfo, PromotionRecord, ScoresRecord, ValidationSummary
 from components.data import Split
 from components.images import ImageLimits, read_limited
 from components.metrics import align_columns, compute_metrics
-from components.serving_model import CONFIG_KEYS, ONNX_ARTIFACT, OPTIONAL_CONFIG_KEYS
+
+# Re-exported: the tags and checks lived here before components.scoring; callers still name them registry.X
+from components.scoring import CODE_LOADER as CODE_LOADER
+from components.scoring import ONNX_SHA256_TAG, UnsafeModel, load_scoring_model
+from components.scoring import SHA256_TAG as SHA256_TAG
+from components.scoring import TREE_SHA256_TAG as TREE_SHA256_TAG
+from components.scoring import check_logged_model as check_logged_model
+from components.scoring import registered_version as registered_version
+from components.serving_model import CONFIG_KEYS, ONNX_ARTIFACT, OPTIONAL_CONFIG_KEYS, SERVING_PIXEL_KEYS
 from components.settings import environment
 from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-SHA256_TAG = "keras_sha256"
-ONNX_SHA256_TAG = "onnx_sha256"  # on versions whose served model carries an ONNX file (also its model_config key)
 PYFUNC_NAME = "model"
 SERVING_MODEL = Path(__file__).resolve().parent / "serving_model.py"
 EPS = 1e-9  # float noise must not flip a comparison
-CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # the pyfunc loader of models logged from code
 
 # --- lineage ------------------------------------------------------------------------------------
 
@@ -322,8 +327,11 @@ def serving_model_config(
         "max_image_bytes": params.validate.max_image_bytes,
         "max_pixels": params.validate.max_pixels,
         "allowed_formats": [f.upper() for f in params.validate.allowed_formats],
+        # serving's own, smaller caps (never above the training cap)
+        "serving_max_pixels": min(params.evaluate.serving.max_pixels, params.validate.max_pixels),
+        "max_request_pixels": params.evaluate.serving.max_request_pixels,
     }
-    assert set(config) == set(CONFIG_KEYS), "serving_model.CONFIG_KEYS and this function disagree"
+    assert set(config) == {*CONFIG_KEYS, *SERVING_PIXEL_KEYS}, "serving_model's key lists and this function disagree"
     if onnx_sha256:
         config.update({"onnx_sha256": onnx_sha256, "serving_engine": "auto"})
         assert set(config) - set(CONFIG_KEYS) <= set(OPTIONAL_CONFIG_KEYS), "serving_model.OPTIONAL_CONFIG_KEYS"
@@ -379,69 +387,6 @@ def _checked_copy(onnx_path: Path, expected_sha256: str, tmp: Path) -> Path:
     return copy
 
 
-class UnsafeModel(ValueError):
-    """A logged model this project will not load: pickled, or its model file changed since registration."""
-
-
-def check_logged_model(
-    local_dir: str | Path, expected_sha256: str | None = None, expected_onnx_sha256: str | None = None
-) -> dict[str, Any]:
-    """The pyfunc flavor of a downloaded model, refused if it holds a pickle or a changed Keras hash.
-
-    For a registered version (`expected_sha256` given) the ONNX hash in model_config must also be the
-    version's tag (neither present on models logged without an ONNX file). The files themselves are
-    checked against model_config in ImageClassifier.load_context, before anything reads them."""
-    local_dir = Path(local_dir)
-    conf = yaml.safe_load((local_dir / "MLmodel").read_text(encoding="utf-8")) or {}
-    pyfunc = (conf.get("flavors") or {}).get("python_function") or {}
-    pickles = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.suffix in {".pkl", ".pickle"})
-    if "python_model" in pyfunc or pyfunc.get("loader_module") != CODE_LOADER or pickles:
-        raise UnsafeModel(f"{local_dir.name}: a pickled pyfunc (logged before models-from-code); it is not loaded")
-    config = pyfunc.get("config") or {}  # the model_config it was logged with
-    recorded = config.get(SHA256_TAG)
-    if not recorded or (expected_sha256 and recorded != expected_sha256):
-        raise UnsafeModel("the model's Keras sha256 differs from the one recorded at registration")
-    if expected_sha256 and config.get(ONNX_SHA256_TAG) != expected_onnx_sha256:
-        raise UnsafeModel("the model's ONNX sha256 differs from the one recorded at registration")
-    return pyfunc
-
-
-def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> Any:
-    """A registered/logged served model, loaded only after the pickle and sha256 checks."""
-    import mlflow
-
-    fixed_uri, expected = registered_version(model_uri, policy)
-    local = with_retries(
-        "download the model", mlflow.artifacts.download_artifacts, artifact_uri=fixed_uri, policy=policy
-    )
-    check_logged_model(local, expected.get(SHA256_TAG), expected.get(ONNX_SHA256_TAG))
-    # load_context checks the Keras (and any ONNX) file against model_config; `engine` says which one runs.
-    return mlflow.pyfunc.load_model(local)
-
-
-def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> tuple[str, dict[str, str]]:
-    """(`models:/NAME/VERSION` with any alias resolved once, that version's sha256 tags: Keras, ONNX if any);
-    other URIs as given, {}."""
-    from mlflow import MlflowClient
-
-    if not model_uri.startswith("models:/"):
-        return model_uri, {}
-    name, _, ref = model_uri[len("models:/") :].rstrip("/").partition("/")
-    client = MlflowClient()
-    if "@" in name and not ref:
-        name, alias = name.split("@", 1)
-        found = with_retries("read the model version", client.get_model_version_by_alias, name, alias, policy=policy)
-    elif ref:
-        found = with_retries("read the model version", client.get_model_version, name, ref, policy=policy)
-    else:
-        return model_uri, {}  # models:/<logged model id>: no registry tag (its model_config hash is still checked)
-    tag = found.tags.get(SHA256_TAG)
-    if not tag:
-        raise UnsafeModel(f"{model_uri} has no {SHA256_TAG} tag: not registered by this pipeline")
-    hashes = {k: found.tags[k] for k in (SHA256_TAG, ONNX_SHA256_TAG) if k in found.tags}
-    return f"models:/{name}/{found.version}", hashes
-
-
 def rescore_champion(
     name: str, split: Split, limits: ImageLimits, policy: RetryPolicy
 ) -> tuple[str | None, ScoresRecord | None, str | None, bool]:
@@ -450,13 +395,13 @@ def rescore_champion(
     if version is None:
         return None, None, None, False
     try:
-        scorer = load_scoring_model(f"models:/{name}/{version}", policy).unwrap_python_model()
-        print(f"champion v{version}: re-scored with {getattr(scorer, 'engine', 'keras')}")
+        scorer = load_scoring_model(f"models:/{name}/{version}", policy)  # verified; run by the installed code
+        print(f"champion v{version}: re-scored with {scorer.engine}")
         their_classes = list(scorer.classes)
         if sorted(their_classes) != sorted(split.classes):
             return version, None, f"class set differs: champion {their_classes} vs test split {split.classes}", True
-        parts = [
-            scorer.score([read_limited(p, limits.max_bytes) for p in split.paths[i : i + scorer.batch_size]])
+        parts = [  # decoded within today's limits, as the challenger was
+            scorer.score([read_limited(p, limits.max_bytes) for p in split.paths[i : i + scorer.batch_size]], limits)
             for i in range(0, len(split), scorer.batch_size)
         ]
         probs = align_columns(np.concatenate(parts), their_classes, split.classes)

@@ -13,9 +13,19 @@ source of truth: it is always loaded and verified, and the ONNX file is only eve
 Input: a column `image` of raw bytes, base64 strings or `data:` URIs (base64), nothing else.
 A string is never treated as a file name: "/etc/passwd" is simply not valid image data, and
 gets the same error as every other unusable input. Every image is decoded by
-`components.images.decode_rgb` within the limits stored in `model_config` (so `mlflow models serve`
-enforces them without params.yaml): images per request, bytes per request, bytes and pixels per
-image, and the allowed formats.
+`components.images.decode_rgb` within the limits stored in `model_config` (so the server enforces
+them without params.yaml): images per request, bytes per request, bytes and pixels per image (the
+serving cap `serving_max_pixels`, smaller than training's), decoded pixels per request
+(`max_request_pixels`), and the allowed formats. Models logged before the two serving keys existed
+serve with their training pixel cap and no per-request budget.
+
+A refused request or image raises a `ServingError`, an `MlflowException`: MLflow's scoring server
+answers it with HTTP 400 and our message alone (any other exception gets its traceback attached).
+
+This file is the model's code only where MLflow loads it (`python -m components.serve`, after the
+whole model folder is verified). The pipeline's own processes never run the stored copy:
+`components.scoring` builds an `ImageClassifier` from the installed code and calls `load` on the
+version's verified data files.
 """
 
 from __future__ import annotations
@@ -23,12 +33,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from components import onnx_inference
 from components.contracts import ContractError
@@ -47,8 +60,12 @@ CONFIG_KEYS = (
     "max_pixels",
     "allowed_formats",
 )
+# Written for every model since serving got its own pixel limits; models logged before load without them.
+SERVING_PIXEL_KEYS = ("serving_max_pixels", "max_request_pixels")
+# Only on models that carry an ONNX file.
+ONNX_CONFIG_KEYS = ("onnx_sha256", "serving_engine")
 # Keys a model may carry; models logged before they existed load without them.
-OPTIONAL_CONFIG_KEYS = ("onnx_sha256", "serving_engine")
+OPTIONAL_CONFIG_KEYS = (*ONNX_CONFIG_KEYS, *SERVING_PIXEL_KEYS)
 ONNX_ARTIFACT = "onnx_model"
 # serving_engine: auto (ONNX Runtime where it can run, Keras otherwise) | keras | onnxruntime (insist). Logged as
 # auto; MLflow lets a loader override a logged key (MLFLOW_PYFUNC_INFERENCE_CONFIG='{"serving_engine": "keras"}'
@@ -56,11 +73,36 @@ ONNX_ARTIFACT = "onnx_model"
 SERVING_ENGINES = ("auto", "keras", "onnxruntime")
 
 
-class RequestRejected(ValueError):
-    """A request over a per-request limit (too many images, too many bytes, no image column)."""
+_logger = logging.getLogger(__name__)
 
 
-class UnusableRow(ValueError):
+class ServingError(MlflowException, ValueError):
+    """What a caller is told, and nothing else: MLflow's scoring server serialises an MlflowException
+    raised by `predict` as {error_code, message} (no stack trace; HTTP 400 for INVALID_PARAMETER_VALUE).
+
+    The server rewrites an MlflowException's `message` to start with the request's own data
+    (`Failed to predict data '<the frame>'`), which would echo the request and make two unusable
+    images answer differently: `message` is fixed when the error is made. Still a ValueError, so our
+    own callers (batch scoring) catch it as before."""
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._fixed_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_fixed_message"):  # MlflowException.__init__ sets it once; later rewrites are ignored
+            self._fixed_message = value
+
+
+class RequestRejected(ServingError):
+    """A request over a per-request limit (too many images, bytes or decoded pixels, no image column)."""
+
+
+class UnusableRow(ServingError):
     """One row is not a usable image; the message names only the row, never the cause."""
 
     def __init__(self, row: int, reason: str = "") -> None:
@@ -69,22 +111,45 @@ class UnusableRow(ValueError):
         self.reason = reason  # for our own logs and reports, never the caller
 
 
+class ScoringFailed(ServingError):
+    """Anything else that went wrong while scoring: logged on the server, one fixed sentence for the caller."""
+
+    def __init__(self) -> None:
+        super().__init__("the model could not score this request", error_code=INTERNAL_ERROR)
+
+
+class PixelBudget:
+    """Decoded pixels left for one request; charged from each image's header, before it is decoded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def charge(self, pixels: int) -> None:
+        self.left -= pixels
+        if self.left < 0:
+            raise RequestRejected(f"a request may decode at most {self.limit} pixels of images in all")
+
+
 @dataclass(frozen=True)
 class ServingLimits:
     max_images: int
     max_request_bytes: int
-    image: ImageLimits
+    image: ImageLimits  # per image; its pixel cap is serving's own (the training cap for older models)
+    max_request_pixels: int | None = None  # decoded pixels per request; None for models logged before it
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any]) -> ServingLimits:
+        budget = config.get("max_request_pixels")
         return cls(
             int(config["max_images_per_request"]),
             int(config["max_request_bytes"]),
             ImageLimits(
                 int(config["max_image_bytes"]),
-                int(config["max_pixels"]),
+                int(config.get("serving_max_pixels") or config["max_pixels"]),
                 tuple(str(f).upper() for f in config["allowed_formats"]),
             ),
+            int(budget) if budget else None,
         )
 
 
@@ -194,27 +259,46 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     `onnx_model` (sha256 `onnx_sha256` in model_config)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        config = dict(context.model_config or {})
+        self.load(dict(context.artifacts), dict(context.model_config or {}))
+
+    def load(self, artifacts: dict[str, str], config: dict[str, Any]) -> ImageClassifier:
+        """Load from the artifact files and model_config (MLflow's loader, or components.scoring with
+        the installed code)."""
         missing = [k for k in CONFIG_KEYS if k not in config]
         if missing:
             raise ValueError(f"model_config lacks {missing}: this model was not logged by this project's registry")
         # Refused before Keras reads a byte if the file is not the one recorded at registration.
-        self.model = load_keras_model(context.artifacts["keras_model"], expected_sha256=str(config["keras_sha256"]))
-        self.session = onnx_session(dict(context.artifacts), config)
+        self.model = load_keras_model(artifacts["keras_model"], expected_sha256=str(config["keras_sha256"]))
+        self.session = onnx_session(artifacts, config)
         self.engine = "keras" if self.session is None else "onnxruntime"
-        with open(context.artifacts["classes"], encoding="utf-8") as fh:
+        with open(artifacts["classes"], encoding="utf-8") as fh:
             self.classes = [str(c) for c in json.load(fh)]
         self.image_size = int(config["image_size"])
         self.batch_size = int(config["batch_size"])
         self.limits = ServingLimits.from_model_config(config)
+        return self
 
     # model_input has no type hint on purpose: MLflow would derive (and enforce) a schema from one.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        images = request_images(request_values(model_input), self.limits)
-        return probabilities_frame(self.score(images), self.classes)
+        try:
+            images = request_images(request_values(model_input), self.limits)
+            budget = PixelBudget(self.limits.max_request_pixels) if self.limits.max_request_pixels else None
+            return probabilities_frame(self.score(images, budget=budget), self.classes)
+        except ServingError:
+            raise
+        except Exception:
+            _logger.exception("scoring a request failed")  # the server's log has the trace; the caller does not
+            raise ScoringFailed() from None
 
-    def score(self, images: list[bytes]) -> np.ndarray:
-        """Class probabilities (columns in `self.classes` order) for raw image bytes, batch by batch."""
+    def score(
+        self, images: list[bytes], limits: ImageLimits | None = None, budget: PixelBudget | None = None
+    ) -> np.ndarray:
+        """Class probabilities (columns in `self.classes` order) for raw image bytes, batch by batch.
+
+        Decoded within `limits` (default: the served ones stored with the model) and, given a budget,
+        within its pixels for all of `images` together."""
+        limits = limits or self.limits.image
+        charge = budget.charge if budget else None
         if not images:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         parts = []
@@ -223,7 +307,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             batch = np.empty((len(chunk), self.image_size, self.image_size, 3), dtype=np.float32)
             for i, data in enumerate(chunk):
                 try:
-                    batch[i] = decode_rgb(data, self.image_size, self.limits.image)
+                    batch[i] = decode_rgb(data, self.image_size, limits, charge=charge)
                 except UnusableImage as exc:
                     raise UnusableRow(start + i, exc.reason) from None
             parts.append(self._forward(batch))

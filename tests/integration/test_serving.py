@@ -1,7 +1,9 @@
-"""`mlflow models serve` of the champion answers HTTP requests carrying base64 images (docs/serving.md).
+"""The champion served by our verifying entry point (`python -m components.serve`, which runs MLflow's
+scoring server on the verified copy) answers HTTP requests carrying base64 images (docs/serving.md).
 
-The server gets its limits from the model's stored model_config (no params.yaml in its folder), and a
-string that names a file on the server is just invalid image data: the same reply as for a missing file.
+The server gets its limits from the model's stored model_config (no params.yaml in its folder), a
+string that names a file on the server is just invalid image data (the same reply as for a missing
+file), and a refused request is answered with our message alone: no stack trace, path or module name.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "evaluate": {
                     "batch_size": 8,
                     "worst_examples": 2,
-                    "serving": {"max_images_per_request": 3, "max_request_bytes": 60_000},
+                    "serving": {
+                        "max_images_per_request": 3,
+                        "max_request_bytes": 60_000,
+                        "max_pixels": 2_000,  # the test images are (40 + 8 i) x 36: test_3 (2,304) is over
+                        "max_request_pixels": 4_500,  # three test_0 (1,440 each) fit, three test_1 (1,728) not
+                    },
                 }
             }
         )
@@ -49,21 +56,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     port = free_port()
     log = ws / "serve.log"
     cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
+        sys.executable,
         "-m",
+        "components.serve",
+        "--model",
         "models:/image-classifier@champion",
-        "--env-manager",
-        "local",
-        "-h",
+        "--host",
         "127.0.0.1",
-        "-p",
+        "--port",
         str(port),
     ]
-    # The scoring server runs `uvicorn` by name: the virtualenv's bin must be on PATH, as when activated.
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}  # components.serve puts the venv's bin (uvicorn) on PATH
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ws, env=env, start_new_session=True)
     try:
@@ -119,6 +122,44 @@ def test_served_model_enforces_the_stored_request_limits(served: dict[str, Any])
     reply = requests.post(served["url"], json={"inputs": {"image": [image] * 4}}, timeout=60)
     assert reply.status_code == 400 and "at most 3 images" in reply.text
     assert requests.post(served["url"], json={"inputs": {"image": [image] * 3}}, timeout=60).status_code == 200
+
+
+def test_served_model_has_its_own_pixel_cap_and_request_budget(served: dict[str, Any]) -> None:
+    def encoded(name: str) -> str:
+        return base64.b64encode((served["ws"] / "images" / "alpha" / name).read_bytes()).decode()
+
+    over_cap = requests.post(served["url"], json={"inputs": {"image": [encoded("test_3.jpg")]}}, timeout=60)
+    assert over_cap.status_code == 400 and over_cap.json()["message"] == "image row 0: not a usable image"
+    over_budget = requests.post(served["url"], json={"inputs": {"image": [encoded("test_1.jpg")] * 3}}, timeout=60)
+    assert over_budget.status_code == 400
+    assert over_budget.json()["message"] == "a request may decode at most 4500 pixels of images in all"
+
+
+def test_a_refused_request_is_answered_without_trace_path_or_module_names(served: dict[str, Any]) -> None:
+    """MLflow's server attaches a traceback to other errors and echoes the request into its own message."""
+    bodies = {
+        "a server file": {"inputs": {"image": ["/etc/passwd"]}},
+        "not an image": {"dataframe_split": {"columns": ["image"], "data": [["aGVsbG8="]]}},
+        "too many": {"inputs": {"image": ["aGVsbG8="] * 4}},
+    }
+    for what, body in bodies.items():
+        reply = requests.post(served["url"], json=body, timeout=60)
+        assert reply.status_code == 400, what
+        answer = reply.json()
+        assert set(answer) <= {"error_code", "message", "sqlstate", "error_class"}, (what, answer)
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE", what
+        leaks = ("Traceback", "stack_trace", ".py", "components", "site-packages", "UnusableRow", "passwd", "/tmp")
+        assert not [leak for leak in leaks if leak in reply.text], (what, reply.text)
+        assert str(served["ws"]) not in reply.text and "Failed to predict" not in reply.text, what
+    assert requests.post(served["url"], json=bodies["a server file"], timeout=60).json()["message"] == (
+        "image row 0: not a usable image"
+    )
+
+
+def test_plain_mlflow_models_serve_is_not_what_the_docs_tell_you_to_run() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    assert "python -m components.serve --model models:/image-classifier@champion" in docs
+    assert "skips" in docs and "mlflow models serve" in docs
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")

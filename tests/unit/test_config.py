@@ -171,3 +171,10 @@ def test_unquoted_on_and_off_mean_the_words_where_a_field_takes_them():
         parse_params(yaml.safe_load("finetune:\n  epochs: on\n"))
     with pytest.raises(ParamsError, match="near_duplicates.policy"):
         parse_params(yaml.safe_load("validate:\n  near_duplicates:\n    policy: on\n"))
+
+
+def test_a_serving_decode_budget_must_hold_one_image_of_the_largest_size():
+    with pytest.raises(ParamsError, match="max_request_pixels"):
+        parse_params({"evaluate": {"serving": {"max_pixels": 30_000_000, "max_request_pixels": 20_000_000}}})
+    serving = parse_params({}).evaluate.serving
+    assert serving.max_pixels < parse_params({}).validate.max_pixels <= serving.max_request_pixels

@@ -128,7 +128,7 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert registry.ONNX_SHA256_TAG not in tags
         local = download(f"models:/{NAME}/{result.model_version}", tmp_path / "dl")
         assert not list(local.rglob("*.onnx"))
-        served = registry.load_scoring_model(f"models:/{NAME}/{result.model_version}").unwrap_python_model()
+        served = registry.load_scoring_model(f"models:/{NAME}/{result.model_version}")
         assert served.engine == "keras"
     finally:
         mlflow.set_tracking_uri(None)
@@ -139,7 +139,7 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_served_model_runs_onnx_and_matches_the_keras_engine(evaluated: dict[str, Any], tmp_path: Path) -> None:
     uri = f"models:/{NAME}/{evaluated['result'].model_version}"
-    onnx = registry.load_scoring_model(uri).unwrap_python_model()
+    onnx = registry.load_scoring_model(uri).classifier
     assert onnx.engine == "onnxruntime" and onnx.session is not None
     local = download(uri, tmp_path / "dl")
     # A loader may force Keras without re-logging (what MLFLOW_PYFUNC_INFERENCE_CONFIG does for a server).
@@ -186,13 +186,13 @@ def test_a_model_logged_without_onnx_still_serves_with_keras(tmp_path: Path) -> 
         folder = load_model_dir(make_model_dir(tmp_path / "m"))
         params = settings()
         config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
-        assert not set(serving_model.OPTIONAL_CONFIG_KEYS) & set(config)  # what models before this change carry
+        assert not set(serving_model.ONNX_CONFIG_KEYS) & set(config)  # what models before this change carry
         limits = ImageLimits.from_config(params.validate)
         example = evaluate.example_input(str(write_image(tmp_path / "ex.jpg")), limits)
         with mlflow.start_run():
             info = registry.log_pyfunc(folder.model_path, folder.classes, config, example)
         version = registry.register_version("old", info.model_uri, {registry.SHA256_TAG: folder.info.model_sha256})
-        model = registry.load_scoring_model(f"models:/old/{version}").unwrap_python_model()
+        model = registry.load_scoring_model(f"models:/old/{version}").classifier
         assert model.engine == "keras" and model.session is None
         assert list(model.score(colour_images(tmp_path))[:3].argmax(axis=1)) == [0, 1, 2]
     finally:

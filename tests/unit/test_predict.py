@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import predict, registry
+from components import predict, registry, serving_model
 from components.config import parse_params
 from components.data import load_model_dir
 from components.evaluate import example_input
@@ -25,7 +25,15 @@ from tests.evalkit import CLASSES, make_model_dir, write_manifest
 
 # Small limits, so each one can be crossed with tiny images.
 LIMITS = {
-    "evaluate": {"batch_size": 4, "serving": {"max_images_per_request": 5, "max_request_bytes": 50_000}},
+    "evaluate": {
+        "batch_size": 4,
+        "serving": {
+            "max_images_per_request": 5,
+            "max_request_bytes": 50_000,
+            "max_pixels": 170 * 170,  # serving's own cap, below the training cap
+            "max_request_pixels": 60_000,
+        },
+    },
     "validate": {"max_pixels": 200 * 200, "max_image_bytes": 30_000, "min_width": 8, "min_height": 8},
 }
 GENERIC = "image row 0: not a usable image"
@@ -128,6 +136,42 @@ def test_requests_over_the_stored_limits_are_refused(pyfunc: Any, tmp_path: Path
     assert len(pyfunc.predict(pd.DataFrame({"image": [image] * 5}))) == 5
 
 
+def test_serving_has_its_own_pixel_cap_and_a_decode_budget_per_request(
+    pyfunc: Any, logged: dict[str, Any], tmp_path: Path
+) -> None:
+    """Served: at most 170x170 pixels an image and 60,000 a request. Batch scoring keeps the training cap."""
+
+    def plain(side: int, name: str) -> Path:  # one colour: a few hundred bytes, whatever its size
+        Image.new("RGB", (side, side), COLORS[0]).save(tmp_path / "in" / name, "PNG")
+        return tmp_path / "in" / name
+
+    (tmp_path / "in").mkdir()
+    over_serving_cap = plain(180, "big.png")  # 32,400 pixels: over serving's 28,900, under training's 40,000
+    assert GENERIC in rejection(pyfunc, [over_serving_cap.read_bytes()])
+    limits = ImageLimits.from_config(parse_params(LIMITS).validate)
+    scored = run_predict(logged["uri"], tmp_path / "in", tmp_path / "p.csv", limits=limits)
+    assert (scored.n_images, scored.n_failed) == (1, 0)
+    medium = plain(150, "medium.png").read_bytes()  # 22,500 pixels
+    assert len(pyfunc.predict(pd.DataFrame({"image": [medium] * 2}))) == 2  # 45,000 fit the budget
+    assert "at most 60000 pixels" in rejection(pyfunc, [medium] * 3)  # 67,500 do not
+
+
+def test_models_logged_before_the_serving_caps_keep_their_training_cap() -> None:
+    config = {
+        "max_images_per_request": 64,
+        "max_request_bytes": 1000,
+        "max_image_bytes": 100,
+        "max_pixels": 40_000,
+        "allowed_formats": ["png"],
+    }
+    old = serving_model.ServingLimits.from_model_config(config)
+    assert (old.image.max_pixels, old.max_request_pixels, old.image.formats) == (40_000, None, ("PNG",))
+    new = serving_model.ServingLimits.from_model_config(
+        {**config, "serving_max_pixels": 10_000, "max_request_pixels": 50_000}
+    )
+    assert (new.image.max_pixels, new.max_request_pixels) == (10_000, 50_000)
+
+
 def test_logged_model_holds_no_pickle_and_stores_its_limits_and_hash(logged: dict[str, Any]) -> None:
     local = Path(mlflow.artifacts.download_artifacts(logged["uri"]))
     names = {p.name for p in local.rglob("*")}
@@ -142,9 +186,10 @@ def test_logged_model_holds_no_pickle_and_stores_its_limits_and_hash(logged: dic
         30_000,
         ["JPEG", "PNG", "BMP", "WEBP"],
     )
+    assert (config["serving_max_pixels"], config["max_request_pixels"]) == (170 * 170, 60_000)
     model_sha = json.loads((logged["root"] / "model" / "run.json").read_text())["model_sha256"]
     assert config["keras_sha256"] == model_sha
-    assert registry.load_scoring_model(logged["registered"]).unwrap_python_model().classes == CLASSES
+    assert registry.load_scoring_model(logged["registered"]).classes == CLASSES
 
 
 def test_a_changed_keras_file_is_refused_before_keras_reads_it(logged: dict[str, Any], tmp_path: Path) -> None:
