@@ -206,7 +206,9 @@ class IngestConfig(Section):
     follow_links_within_root: bool = Field(
         True, description="Follow symlinks that stay inside the source root; links out of it are always refused."
     )
-    download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
+    download_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Deadline for each whole HTTP(S) request (connect, redirects, headers, body)."
+    )
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
 
 
