@@ -119,7 +119,7 @@ class Section(BaseModel):
     @classmethod
     def _no_credentials(cls, value: Any) -> Any:
         # One rule for every setting, whatever its type: no URL in it (alone, or in a list or mapping)
-        # holds a user name, password or token. Settings reach dvc.lock, MLflow params and logs.
+        # holds a user name, password or token. Settings reach DVC's lock file, MLflow params and logs.
         for text in strings_in(value):
             problem = credential_problem(text)
             if problem:
