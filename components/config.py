@@ -11,8 +11,9 @@ import difflib
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -76,6 +77,23 @@ def credential_problem(location: str) -> str | None:
     return f"holds a credential in its query ({', '.join(secrets)})" if secrets else None
 
 
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string in a setting's value: itself, or inside its lists and mappings (keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from strings_in(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings_in(key)
+            yield from strings_in(item)
+
+
+def holds_credential(value: Any) -> bool:
+    return any(credential_problem(text) for text in strings_in(value))
+
+
 class ParamsError(ValueError):
     """A settings problem a user can fix by editing params.yaml (or an override)."""
 
@@ -94,6 +112,19 @@ def _yaml_word(annotation: Any, value: bool) -> str | None:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Where a credential goes instead of a URL in this section's settings (its message when one is refused).
+    credential_help: ClassVar[str] = CREDENTIAL_HELP
+
+    @field_validator("*")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        # One rule for every setting, whatever its type: no URL in it (alone, or in a list or mapping)
+        # holds a user name, password or token. Settings reach DVC's lock file, MLflow params and logs.
+        for text in strings_in(value):
+            problem = credential_problem(text)
+            if problem:
+                raise ValueError(f"a URL in this setting {problem}; {cls.credential_help}")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod
@@ -123,6 +154,11 @@ class ModelConfig(Section):
 
 
 class TrackingConfig(Section):
+    credential_help: ClassVar[str] = (
+        "set the server in MLFLOW_TRACKING_URI and its credentials in MLFLOW_TRACKING_USERNAME/"
+        "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN (environment variables) instead"
+    )
+
     uri: str = Field(
         "sqlite:///mlflow.db",
         description="MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set "
@@ -132,15 +168,6 @@ class TrackingConfig(Section):
     registered_model: str = Field("image-classifier", min_length=1)
     retry_attempts: int = Field(4, ge=1, le=20, description="Tries per MLflow call before a stage fails.")
     retry_backoff_s: float = Field(2.0, ge=0, le=60, description="First wait between tries; doubles each time.")
-
-    @field_validator("uri")
-    @classmethod
-    def _no_credentials(cls, uri: str) -> str:
-        from urllib.parse import urlsplit
-
-        if urlsplit(uri).password:
-            raise ValueError("must not hold a password: set MLFLOW_TRACKING_URI/MLFLOW_TRACKING_PASSWORD instead")
-        return uri
 
 
 class SplitFractions(Section):
@@ -189,16 +216,10 @@ class IngestConfig(Section):
         description="Read source files that have more than one name (hard links); one may be a file "
         "outside the source, which a hard link cannot show.",
     )
-    download_timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-request timeout for URL sources.")
+    download_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Deadline for each whole HTTP(S) request (connect, redirects, headers, body)."
+    )
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
-
-    @field_validator("source")
-    @classmethod
-    def _no_credentials(cls, source: str) -> str:
-        problem = credential_problem(source)
-        if problem:
-            raise ValueError(f"the source {problem}; {CREDENTIAL_HELP}")
-        return source
 
 
 class NearDuplicatesConfig(Section):
@@ -450,7 +471,7 @@ def _describe(err: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key '{key}'{suggestion}{allowed}"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
-    if isinstance(value, str) and credential_problem(value):
+    if holds_credential(value):
         shown = "(a value holding a credential, not shown)"
     return f"{source}: '{key}' = {shown}: {err['msg']}"
 

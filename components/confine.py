@@ -12,7 +12,10 @@ The pieces every source kind (components/sources.py) shares:
     do not help);
   - `file_version`: what the facts cache keys on (size, mtime, ctime, inode, device): a file swapped
     in with the same size and restored mtime still changes its ctime and usually its inode;
-  - `download`: an archive URL fetched once under components.urls' policy, within ingest.max_bytes.
+  - `download`: an archive URL fetched once under components.urls' policy, within ingest.max_bytes,
+    and reused only while its kept bytes still hash to what was downloaded;
+  - remote files are versioned by the sha256 of the bytes downloaded, never by the server's ETag or
+    size: the facts cache reuses facts only for the same bytes.
 An entry that cannot be read safely is refused (reported by name with the reason), never dropped silently.
 """
 
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -185,12 +189,16 @@ def _open_target(dest: Path, rel: str) -> int:
     return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
 
 
-def _copy_stream(read: Callable[[int], bytes], fd: int, target: Path, budget: ByteBudget) -> int:
-    """Copy until read() is exhausted; a failed write names the target (disk full: which file)."""
+def _copy_stream(
+    read: Callable[[int], bytes], fd: int, target: Path, budget: ByteBudget, digest: Any | None = None
+) -> int:
+    """Copy until read() is exhausted (hashing into digest); a failed write names the target (disk full: which file)."""
     copied = 0
     try:
         while chunk := read(CHUNK):
             budget.spend(len(chunk))
+            if digest is not None:
+                digest.update(chunk)
             view = memoryview(chunk)
             while view:
                 try:
@@ -227,9 +235,13 @@ def _copy_local(entry: Entry, dest: Path, budget: ByteBudget, allow_hard_links: 
 
 def _copy_remote(entry: Entry, dest: Path, policy: UrlPolicy, budget: ByteBudget) -> None:
     inside(dest, entry.rel)  # refused before any request
+    digest = hashlib.sha256()
     try:
         with open_remote(entry.fetch or "", policy) as src:  # opened first: a refused URL leaves no empty file
-            entry.size = _copy_stream(src.read, _open_target(dest, entry.rel), dest / entry.rel, budget)
+            entry.size = _copy_stream(src.read, _open_target(dest, entry.rel), dest / entry.rel, budget, digest)
+        # The facts cache keys on the bytes we hold, not on what the server says (ETag, size): new
+        # bytes under an old ETag are inspected again.
+        entry.version = f"sha256={digest.hexdigest()}"
     except URLRefused as exc:
         raise Refused(str(exc)) from None
     except OSError as exc:
@@ -322,18 +334,12 @@ def download(url: str, ctx: Context) -> Path:
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + (base if safe_relative(base) else "archive")
     target, meta_path = ctx.downloads / name, ctx.downloads / f"{name}.json"
     meta = {"url": redact(url), "size": info["size"], "version": info["version"]}
-    if (
-        meta["size"]
-        and meta["version"]
-        and target.exists()
-        and meta_path.exists()
-        and files.read_json(meta_path) == meta
-    ):
+    if meta["size"] and meta["version"] and _verified_download(target, meta_path, meta):
         print(f"ingest: reusing the download of {redact(url)}", file=sys.stderr)
         return target
     if info["size"] > max_bytes:
         raise IngestError(f"{redact(url)}: size {info['size']:,} exceeds ingest.max_bytes={max_bytes:,}")
-    budget = ByteBudget(max_bytes)
+    budget, digest = ByteBudget(max_bytes), hashlib.sha256()
     try:
         with (
             open_remote(url, policy) as src,
@@ -342,11 +348,29 @@ def download(url: str, ctx: Context) -> Path:
         ):
             while chunk := src.read(CHUNK):
                 budget.spend(len(chunk))
+                digest.update(chunk)
                 dst.write(chunk)
                 bar.update(len(chunk))
     except IngestError:
         raise
     except (OSError, ValueError) as exc:
         raise IngestError(f"cannot download {redact(url)}: {exc}") from None
-    files.write_json(meta_path, meta)
+    files.write_json(meta_path, {**meta, "sha256": digest.hexdigest()})
     return target
+
+
+def _verified_download(target: Path, meta_path: Path, meta: dict[str, Any]) -> bool:
+    """Whether an earlier download may be reused: the server still reports its size and version, and
+    the kept file still holds the bytes (sha256) that were downloaded complete."""
+    try:
+        kept = files.read_json(meta_path)
+        if not isinstance(kept, dict) or {k: kept.get(k) for k in meta} != meta or not kept.get("sha256"):
+            return False
+        size, digest = 0, hashlib.sha256()
+        with open(target, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                size += len(chunk)
+                digest.update(chunk)
+    except (OSError, ValueError):
+        return False
+    return size == meta["size"] and digest.hexdigest() == kept["sha256"]

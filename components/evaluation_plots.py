@@ -17,6 +17,8 @@ from components.metrics import predictions
 # The figures evaluate writes into its report folder (also logged to MLflow as images).
 FIGURES = ("confusion_matrix.png", "reliability.png", "worst_errors.png")
 NO_PREDICTION = "(no prediction)"  # a row whose outputs were NaN/inf: counted as wrong, shown as such
+# Class names come from the source: drawn as plain text, so a '$' in one is not matplotlib mathtext (or LaTeX).
+PLAIN_TEXT = {"parse_math": False, "usetex": False}
 
 
 def write_predictions(split: Split, probs: np.ndarray, path: str | Path) -> None:
@@ -61,6 +63,8 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[
         colorbar=False,
         xticks_rotation=45,
     )
+    for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+        label.set(**PLAIN_TEXT)
     ax.set_title(f"Test confusion matrix (n={len(y_true)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -101,6 +105,7 @@ def plot_worst_errors(split: Split, probs: np.ndarray, count: int, path: Path, l
         ax.set_title(
             f"true: {split.classes[split.labels[i]]}\npred: {split.classes[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})",
             fontsize=9,
+            **PLAIN_TEXT,
         )
     if not len(worst):
         axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")

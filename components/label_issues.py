@@ -29,6 +29,8 @@ REPORT_FILE = "label_issues.csv"
 GALLERY_FILE = "label_issues.png"
 EXCLUSIONS_FILE = "label_exclusions.csv"
 COLUMNS = ["path", "given_label", "suggested_label", "score", "flagged", "excluded"]
+# Labels come from the source: plain text, so a '$' in one is not matplotlib mathtext (or LaTeX).
+PLAIN_TEXT = {"parse_math": False, "usetex": False}
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, cou
             ax.imshow(decode_rgb(row.path, thumb, limits))
         except UnusableImage:
             pass
-        ax.set_title(f"given {row.given_label}\nlikely {row.suggested_label} ({row.score:.2f})", fontsize=8)
+        ax.set_title(
+            f"given {row.given_label}\nlikely {row.suggested_label} ({row.score:.2f})", fontsize=8, **PLAIN_TEXT
+        )
     if top.empty:
         axes[0][0].text(0.5, 0.5, "no suspect labels", ha="center", va="center")
     fig.suptitle("Suspect labels (out-of-fold confidence in the given label)", fontsize=9)

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from components.contracts import ModelRunInfo, ValidationSummary, read_manifest
+
+# Characters markdown gives a meaning (emphasis, code, links, table cells, escapes, math): shown literally.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]|~$!])")
+
+
+def markdown_text(text: object) -> str:
+    """Text from a source (a class name, a reason naming one) as literal markdown on one line.
+
+    Line breaks and other unprintable characters become spaces (a newline would end a table row),
+    HTML is escaped (markdown passes raw HTML through), and markdown's own characters get a
+    backslash, so a label like `x | 99 |` stays inside its cell.
+    """
+    one_line = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
 
 
 def split_counts(manifest: str | Path) -> pd.DataFrame:
@@ -27,7 +43,8 @@ def markdown_table(counts: pd.DataFrame) -> str:
     ]
     header = "| class | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
     rows = [
-        f"| {label} | " + " | ".join(str(int(counts.loc[label, c])) for c in columns) + " |" for label in counts.index
+        f"| {markdown_text(label)} | " + " | ".join(str(int(counts.loc[label, c])) for c in columns) + " |"
+        for label in counts.index
     ]
     total = "| **all** | " + " | ".join(str(int(counts[c].sum())) for c in columns) + " |"
     return "\n".join([header, *rows, total])
@@ -64,12 +81,12 @@ def model_card(
         if k not in {"run_id", "head_run_id", "settings", "schema_version", "device"} and v is not None
     }
     weak = [
-        f"{name} (recall {m['recall']:.2f}, {m['support']} test images)"
+        f"{markdown_text(name)} (recall {m['recall']:.2f}, {m['support']} test images)"
         for name, m in metrics["per_class"].items()
         if m["recall"] < max(0.8, metrics["accuracy"] - 0.1)
     ]
     per_class = "\n".join(
-        f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        f"| {markdown_text(name)} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
         for name, m in metrics["per_class"].items()
     )
     topk = "".join(f"- {k.replace('_', ' ')}: {v:.4f}\n" for k, v in metrics.items() if k.startswith("top_"))
@@ -83,7 +100,7 @@ def model_card(
         f"# Model card: {registered_model}" + (f" v{version}" if version else ""),
         "",
         "## Intended use",
-        f"Classifies a photo into one of {len(classes)} classes: {', '.join(classes)}. "
+        f"Classifies a photo into one of {len(classes)} classes: {', '.join(map(markdown_text, classes))}. "
         "Input: image data (raw bytes, or base64 in a JSON request; JPEG, PNG, BMP or WebP within the served "
         "limits); output: label, its probability and all class probabilities. "
         "It always answers with one of these classes: images of anything else get a confident-looking wrong label. "
@@ -143,6 +160,6 @@ def model_card(
             "",
             "## Promotion",
             f"- decision: {'champion' if promoted else 'stays challenger'}",
-            *[f"- {r}" for r in reasons or []],
+            *[f"- {markdown_text(r)}" for r in reasons or []],  # reasons name classes
         ]
     return "\n".join(lines) + "\n"

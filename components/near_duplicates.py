@@ -35,6 +35,8 @@ from components.images import ImageLimits, UnusableImage, decode_rgb
 HASH_BITS = 128  # phash (64) then dhash (64)
 CACHE_VERSION = "phash8+dhash8-v1"  # bump when the fingerprint changes: old cache entries are then ignored
 QUARANTINE_COLUMNS = ["path", "label", "split", "checks", "reason"]
+# Labels and file names come from the source: plain text, so a '$' in one is not matplotlib mathtext (or LaTeX).
+PLAIN_TEXT = {"parse_math": False, "usetex": False}
 Policy = Literal["move", "report", "fail"]
 
 
@@ -273,7 +275,7 @@ def plot_groups(
             except UnusableImage:
                 pass
             caption = f"{member['label']}/{member['split']}\n{Path(member['path']).name[:22]}"
-            axes[r][c].set_title(caption, fontsize=7)
+            axes[r][c].set_title(caption, fontsize=7, **PLAIN_TEXT)
         axes[r][0].text(
             -0.1,
             0.5,

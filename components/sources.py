@@ -59,7 +59,7 @@ from components.layout import (
     plan_layout,
     safe_relative,
 )
-from components.urls import URLRefused, check_scheme, is_remote, open_remote, redact, remote_info, remote_version
+from components.urls import URLRefused, check_scheme, is_remote, open_remote, redact, remote_info
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 MAX_REFUSALS_LISTED = 1000  # in the report; refused_count has them all
@@ -229,8 +229,7 @@ def collect_remote_folder(url: str, ctx: Context) -> Listing:
                 redact(location),
                 location,
                 p.hidden,
-                size=int(info.get("size") or 0),
-                version=remote_version(info),
+                size=int(info.get("size") or 0),  # declared; the version is the sha256 of the bytes copied
             )
         )
     return Listing("remote-folder", layout, materialise(entries, ctx), folders, ignored)
@@ -405,7 +404,7 @@ def _stamp_remote(entry: Entry, url: str, roots: Roots, ctx: Context) -> None:
     if info is None:
         entry.missing, entry.fetch = True, None
     else:
-        entry.size, entry.version = info["size"], info["version"]
+        entry.size = info["size"]  # declared; the version is the sha256 of the bytes copied (confine._copy_remote)
 
 
 def _stamp_local(entry: Entry, full: str, roots: Roots, ctx: Context) -> None:

@@ -351,12 +351,10 @@ class Suites:
             ProgressBarsConfig,
         )
 
+        from components.data_docs import site_config
+
         self.gx = gx
-        site = {
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        }
+        site = site_config(docs_dir)  # names from the source are shown as text, never as HTML
         config = DataContextConfig(
             # No default site: it would write into a fresh temporary folder on every run.
             store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),

@@ -61,6 +61,49 @@ def test_credentials_in_tracking_uri_are_refused():
         parse_params({"tracking": {"uri": "http://user:secret@mlflow.example:5000"}})
 
 
+SECRET = "hunter2"
+CREDENTIAL_SETTINGS = [
+    # (section, key, value, words the message must hold: what it is, and where the credential goes instead)
+    ("tracking", "uri", f"https://{SECRET}@mlflow.example.com", ("user name or password", "MLFLOW_TRACKING_TOKEN")),
+    ("tracking", "uri", f"https://mlflow.example.com/?token={SECRET}", ("token", "MLFLOW_TRACKING_TOKEN")),
+    ("tracking", "uri", f"http://user:{SECRET}@mlflow.example:5000", ("user name or password", "MLFLOW_TRACKING_")),
+    ("ingest", "allowed_roots", ["/data", f"s3://AKIA:{SECRET}@bucket/set/"], ("user name or password", "AWS_")),
+    ("ingest", "allowed_roots", [f"https://cdn.example.com/set/?X-Amz-Signature={SECRET}"], ("X-Amz-Signature",)),
+    ("ingest", "source", f"https://alice:{SECRET}@example.com/d.tgz", ("user name or password", "AWS_")),
+    ("model", "weights", f"https://example.com/w.weights.h5?sig={SECRET}", ("sig",)),  # any setting, not a list
+]
+
+
+@pytest.mark.parametrize("section, key, value, words", CREDENTIAL_SETTINGS)
+def test_one_credential_rule_for_every_setting_that_holds_a_url(section, key, value, words):
+    with pytest.raises(ParamsError) as err:
+        parse_params({section: {key: value}})
+    message = str(err.value)
+    assert f"'{section}.{key}'" in message and SECRET not in message
+    assert all(word in message for word in words), message
+
+
+def test_a_credential_in_an_override_is_refused_before_the_file_is_written(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_bytes()
+    for override in (f"ingest.allowed_roots=['s3://k:{SECRET}@b/p/']", f"tracking.uri=https://{SECRET}@m.example"):
+        with pytest.raises(ParamsError) as err:
+            write_overrides(path, [override])
+        assert SECRET not in str(err.value)
+    assert path.read_bytes() == before
+
+
+def test_urls_without_credentials_are_still_accepted():
+    params = parse_params(
+        {
+            "tracking": {"uri": "https://mlflow.example.com:8443/base"},
+            "ingest": {"allowed_roots": ["/data", "s3://bucket/set/", "https://cdn.example.com/a/?v=2"]},
+        }
+    )
+    assert params.ingest.allowed_roots[2] == "https://cdn.example.com/a/?v=2"
+
+
 def test_override_is_validated_before_the_file_is_written(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())

@@ -137,6 +137,17 @@ def test_champion_is_rescored_on_todays_data_not_its_old_metrics(workspace: Path
     assert float(version_tags("2")["promotion.champion_accuracy"]) < 0.5
 
 
+def test_a_label_with_mathtext_draws_in_the_confusion_matrix_and_worst_errors(workspace: Path) -> None:
+    """`$^^$` is a matplotlib mathtext error; as a class name (and so a folder in every path) it draws as text."""
+    classes = ["alpha", "beta", "$^^$"]
+    manifest = write_manifest(workspace / "data", classes=classes)
+    evaluate_model(workspace, make_model_dir(workspace / "bad", classes, quality="bad"), settings(), manifest)
+    reports = workspace / "reports" / "evaluate"
+    for name in ("confusion_matrix.png", "worst_errors.png"):
+        assert (reports / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "| \\$^^\\$ |" in (reports / "model_card.md").read_text()
+
+
 def test_threshold_failure_blocks_even_the_first_model(workspace: Path) -> None:
     result = evaluate_model(workspace, make_model_dir(workspace / "awful", quality="awful"), settings(min_accuracy=0.5))
     assert not result.promoted

@@ -80,6 +80,21 @@ def test_reports_and_exclusion_list_are_written(tmp_path: Path):
     assert exclusions["path"].tolist() == [paths[0]]
 
 
+def test_a_label_and_file_name_with_mathtext_draw_in_the_gallery(tmp_path: Path):
+    """`$^^$` is a matplotlib mathtext error: as the planted suspect's label and file name it draws as text."""
+    features, labels = clustered_features(per_class=12)
+    given = labels.copy()
+    given[0] = 1
+    classes = ["alpha", "$^^$", "gamma"]
+    paths = [str(write_image(tmp_path / "img" / f"$^^${i}.jpg", color=COLORS[labels[i]], seed=i)) for i in range(36)]
+    issues = li.find_label_issues(features, given, classes, paths, folds=3)
+    assert issues.table["given_label"].iloc[0] == "$^^$"
+    written = li.write_reports(
+        issues, tmp_path / "reports", ImageLimits.from_config(ValidateConfig()), gallery_images=4
+    )
+    assert written[1].read_bytes()[:4] == b"\x89PNG"
+
+
 def test_train_head_excludes_the_top_suspects_with_action_exclude(
     tmp_path: Path, keras_home: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
 from pathlib import Path
 
+import mistune
 import numpy as np
 
 from components.contracts import ModelRunInfo, ValidationSummary
@@ -12,22 +14,29 @@ from components.model_card import model_card, quarantined_count, split_counts
 from tests.evalkit import CLASSES, run_info, write_manifest, write_stage_reports
 
 
-def _card(tmp_path: Path, summary: ValidationSummary | None, settings: dict | None = None, **info_fields) -> str:
-    metrics = compute_metrics(np.array([0, 1, 2]), np.eye(3), CLASSES)
+def _card(
+    tmp_path: Path,
+    summary: ValidationSummary | None,
+    settings: dict | None = None,
+    classes: list[str] = CLASSES,
+    reasons: tuple[str, ...] = ("pass: accuracy",),
+    **info_fields,
+) -> str:
+    metrics = compute_metrics(np.array([0, 1, 2]), np.eye(3), classes)
     info = ModelRunInfo(
-        **{**run_info(CLASSES), **({"settings": settings} if settings is not None else {}), **info_fields},
+        **{**run_info(classes), **({"settings": settings} if settings is not None else {}), **info_fields},
         model_sha256="ab" * 32,
     )
     return model_card(
         "image-classifier",
-        CLASSES,
+        classes,
         info,
         metrics,
-        split_counts(write_manifest(tmp_path)),
+        split_counts(write_manifest(tmp_path, classes)),
         {"backbone": "tiny"},
         quarantined_count(summary),
         True,
-        ["pass: accuracy"],
+        list(reasons),
         "3",
     )
 
@@ -80,3 +89,43 @@ def test_card_says_when_predictions_average_the_mirror_image(tmp_path: Path) -> 
     assert "mirror" not in _card(tmp_path, None)
     card = _card(tmp_path, None, flip_tta=True, val_accuracy_single_view=0.95, val_accuracy_flip_tta=0.9567)
     assert "mean over the image and its mirror image" in card and "0.9500 without, 0.9567 with" in card
+
+
+class _Rendered(HTMLParser):
+    """The tags of rendered markdown, and its tables as rows of cell texts."""
+
+    def __init__(self, markdown: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self.feed(mistune.html(markdown))  # raw HTML passes through, as on most renderers
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append("")
+
+    def handle_data(self, data: str) -> None:
+        if self.tables and self.tables[-1] and self.tables[-1][-1]:
+            self.tables[-1][-1][-1] += data.strip()
+
+
+def test_labels_cannot_forge_table_cells_or_inject_html(tmp_path: Path) -> None:
+    forged = "x | 99 |\n| forged | 1.000 | 1.000 | 1.000 | 9 |"
+    classes = ["alpha", forged, "<img src=x onerror=alert(1)>", "tail\\"]
+    reasons = (f"class {classes[2]} recall fell", "![beacon](http://attacker.invalid/x.png)")
+    card = _card(tmp_path, None, classes=classes, reasons=reasons)
+    rendered = _Rendered(card)
+    assert "img" not in rendered.tags and "a" not in rendered.tags  # no HTML, image or link from a label
+    counts, per_class = rendered.tables
+    for table in (counts, per_class):
+        assert {len(row) for row in table} == {len(table[0])}  # no row gained or lost a cell
+    shown = [c.replace("\n", " ") for c in classes]
+    assert [row[0] for row in per_class[1:]] == shown
+    assert sorted(row[0] for row in counts[1:-1]) == sorted(shown)
+    assert not any(line.startswith("| forged") for line in card.splitlines())
+    assert "one of 4 classes: alpha, x \\| 99 \\|" in card and "&lt;img src=x onerror=alert(1)&gt;" in card

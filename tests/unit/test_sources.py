@@ -6,15 +6,24 @@ Each test drives the real ingest (run_ingest) and checks what landed in the work
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import io
 import json
 import os
 import stat
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from components.config import IngestConfig, ParamsError, load_params
 from components.ingest import IngestError, main, run_ingest
@@ -27,6 +36,7 @@ from tests.datakit import (
     make_classes,
     outside_files,
     redirecting_server,
+    tar_folder,
     tree_snapshot,
 )
 
@@ -542,3 +552,136 @@ def test_https_connections_are_checked_too_and_a_downgrade_redirect_is_refused()
         handler.redirect_request(
             urllib.request.Request("https://a.example/x"), None, 302, "Found", {}, "http://a.example/y"
         )
+
+
+# --- 6. what a server sends: hashed, complete, within one deadline -----------------------------------
+
+LOCAL_HTTP = {"allow_http": True, "allow_private_hosts": True}  # the test servers are plain http on 127.0.0.1
+
+
+@dataclass
+class Answer:
+    """What the test server answers for one path."""
+
+    body: bytes
+    declared: int | None = None  # the Content-Length sent (default: the body's); more than the body = cut short
+    drip_s: float = 0.0  # a pause before each byte of the body (0: all at once)
+    etag: str = '"v1"'
+
+
+@contextmanager
+def answering_server(answers: dict[str, Answer]) -> Iterator[tuple[str, list[str]]]:
+    """An http server on 127.0.0.1 answering each path from `answers` (the test may change them while it
+    runs), with an ETag and a Content-Length; yields (base URL, GET paths seen)."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _headers(self) -> Answer | None:
+            answer = answers.get(self.path)
+            if answer is None:
+                self.send_error(404)
+                return None
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer.body) if answer.declared is None else answer.declared))
+            self.send_header("ETag", answer.etag)
+            self.end_headers()
+            return answer
+
+        def do_HEAD(self) -> None:
+            self._headers()
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            answer = self._headers()
+            try:
+                if answer and answer.drip_s:
+                    for i in range(len(answer.body)):
+                        time.sleep(answer.drip_s)
+                        self.wfile.write(answer.body[i : i + 1])
+                        self.wfile.flush()
+                elif answer:
+                    self.wfile.write(answer.body)
+            except OSError:
+                pass  # the client hung up
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def image_bytes(fmt: str, seed: int, length: int = 0) -> bytes:
+    """A small noisy image in fmt, padded with zeros after its end to `length` bytes (decoders ignore them)."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(out, fmt)
+    data = out.getvalue()
+    return data + b"\0" * max(0, length - len(data))
+
+
+def url_table(extra: dict[str, Answer]) -> dict[str, Answer]:
+    """Answers for labels.csv (rows a/*, b/*: three JPEGs per class, plus `extra`) and each row's file."""
+    answers = {f"/{c}/{c}_{i}.jpg": Answer(image_bytes("JPEG", 10 * ord(c) + i)) for c in "ab" for i in range(3)}
+    answers.update({f"/{name}": answer for name, answer in extra.items()})
+    rows = "".join(f"{path[1:]},{path.split('/')[1]}\n" for path in answers)
+    answers["/labels.csv"] = Answer(f"path,label\n{rows}".encode())
+    return answers
+
+
+def _row(result, name: str) -> dict[str, str]:
+    frame = pd.read_csv(result.manifest_path, keep_default_na=False, dtype=str)
+    return frame[frame["path"].map(lambda p: Path(p).name) == name].iloc[0].to_dict()
+
+
+def test_a_url_row_with_new_bytes_under_the_same_etag_and_size_is_inspected_again(tmp_path: Path):
+    png = image_bytes("PNG", 1)
+    gif = image_bytes("GIF", 2, len(png))
+    assert len(gif) == len(png)  # the same size and the same ETag: only the bytes tell the change
+    answers = url_table({"a/changing.png": Answer(png)})
+    with answering_server(answers) as (base, _):
+        first, _ = _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)
+        assert _row(first, "changing.png")["format"] == "PNG"
+        answers["/a/changing.png"] = Answer(gif)
+        second, _ = _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)
+        changed = _row(second, "changing.png")
+        assert changed["sha256"] == hashlib.sha256(gif).hexdigest() and changed["format"] == "GIF"
+        assert (second.raw_dir / "a" / "changing.png").read_bytes() == gif
+        assert second.computed == 1  # only the changed file: the others' bytes hashed the same
+        third, _ = _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)
+    assert third.computed == 0 and _row(third, "changing.png") == changed  # the same bytes: facts from the cache
+
+
+def test_a_server_that_drips_bytes_is_stopped_at_the_request_deadline(tmp_path: Path):
+    """Each byte arrives well within the 1 s timeout; the whole answer would take 8 s."""
+    slow = Answer(b"x" * 16, drip_s=0.5)
+    for source, answers in (("labels.csv", url_table({"a/slow.jpg": slow})), ("set.tgz", {"/set.tgz": slow})):
+        with answering_server(answers) as (base, _):
+            started = time.monotonic()
+            with pytest.raises(IngestError, match=r"within ingest.download_timeout_s=1 s"):
+                _run(tmp_path, f"{base}/{source}", download_timeout_s=1, **LOCAL_HTTP)
+            assert time.monotonic() - started < 4, source
+
+
+def test_a_body_shorter_than_its_content_length_is_an_error_and_never_reused(tmp_path: Path):
+    archive = tar_folder(make_classes(tmp_path / "set", {"a": 3, "b": 3}), tmp_path / "set.tgz", "set").read_bytes()
+    half = len(archive) // 2
+    jpeg = image_bytes("JPEG", 5)
+    answers = url_table({"a/cut.jpg": Answer(jpeg[:10], declared=len(jpeg))})
+    answers["/set.tgz"] = Answer(archive[:half], declared=len(archive))
+    with answering_server(answers) as (base, seen):
+        with pytest.raises(IngestError, match=f"ended after {half:,} of its {len(archive):,} bytes"):
+            _run(tmp_path, f"{base}/set.tgz", **LOCAL_HTTP)
+        answers["/set.tgz"] = Answer(archive)  # the same ETag and size, now whole
+        result, _ = _run(tmp_path, f"{base}/set.tgz", **LOCAL_HTTP)
+        assert result.files == 6 and seen.count("/set.tgz") == 2  # the cut answer was not kept for reuse
+        with pytest.raises(IngestError, match=f"ended after 10 of its {len(jpeg):,} bytes"):
+            _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)
+    assert not list(tmp_path.joinpath("ws", "data").rglob("cut.jpg"))

@@ -518,3 +518,36 @@ def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: P
         result.quarantined_files,
     )
     assert outside.as_posix() not in pd.read_csv(result.quarantine_path)["path"].tolist()
+
+
+# --- names from the source are text, never markup -----------------------------------------------
+
+XSS_LABEL = "<img src=x onerror=alert(1)>"
+XSS_FILE = "<svg onload=alert(2)>.jpg"
+
+
+def test_a_class_folder_named_like_html_is_text_in_the_data_docs(tmp_path: Path):
+    """Real ingest + validate: the label and a bad file's name appear in the Data Docs, escaped, never as tags."""
+    source = make_classes(tmp_path / "src", {"a": 6, XSS_LABEL: 2})  # too few images: the class fails a check
+    (source / XSS_LABEL / XSS_FILE).write_text("not an image")  # quarantined: its path is in the failed rows
+    run = ingest_and_validate(source, tmp_path / "ws", validate_config(max_bad_fraction=0.2))
+    assert any(XSS_LABEL in p and "min_images_per_class" in p for p in run.result.problems)
+    assert "decodes" in run.reason(XSS_FILE)
+    pages = {p: p.read_text(encoding="utf-8") for p in run.result.data_docs.parent.rglob("*.html")}
+    assert len(pages) >= 4
+    for page, text in pages.items():
+        assert "<img src=x" not in text and "<svg" not in text, page
+    shown = "\n".join(pages.values())
+    assert "&lt;img src=x onerror=alert(1)&gt;" in shown and "&lt;svg onload=alert(2)&gt;.jpg" in shown
+
+
+def test_mathtext_in_a_label_and_a_file_name_draws_in_the_near_duplicate_picture(tmp_path: Path):
+    """`$^^$` is a matplotlib mathtext error: a near-duplicate pair under that label and file name still draws."""
+    source = make_classes(tmp_path / "src", {"a": 6, "$^^$": 6})
+    picture = scene(3)
+    picture.save(source / "a" / "$^^$.jpg", "JPEG", quality=90)
+    picture.resize((80, 60), Image.Resampling.LANCZOS).save(source / "$^^$" / "copy.jpg", "JPEG", quality=40)
+    run = ingest_and_validate(source, tmp_path / "ws", near_config())
+    assert "no_near_duplicate_label_conflict" in run.reason("$^^$.jpg")
+    drawn = run.result.summary_path.parent / validate.NEAR_DUPLICATE_PICTURE
+    assert drawn.read_bytes()[:4] == b"\x89PNG"
