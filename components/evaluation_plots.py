@@ -34,8 +34,7 @@ def write_predictions(split: Split, probs: np.ndarray, path: str | Path) -> None
             "probability": np.round(top, 6),
         }
     )
-    with files.atomic_file(path) as fh:
-        table.to_csv(fh, index=False)
+    files.write_csv(table, path)  # labels and paths come from the source: no cell starts a formula
 
 
 def _pyplot() -> Any:

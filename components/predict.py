@@ -147,8 +147,7 @@ def run_predict(
                     rows.append({"path": path, "label": scorer.classes[top], "probability": float(p[top]), "error": ""})
             bar.update(len(chunk))
     table = pd.DataFrame(rows, columns=["path", "label", "probability", "error"])
-    with files.atomic_file(out_csv) as fh:
-        table.to_csv(fh, index=False)
+    files.write_csv(table, out_csv)  # paths and labels come from outside: no cell starts a formula
     return PredictResult(Path(out_csv), len(table), int((table["error"] != "").sum()), engine)
 
 

@@ -561,8 +561,7 @@ def run_validate(
                 "the source offered (links out of the source, special files, rows outside the "
                 "table's root, bad labels): listed with reasons in the ingest report's `refused`"
             )
-        with files.atomic_file(tmp / "quarantine.csv") as fh:
-            quarantine.to_csv(fh, index=False, lineterminator="\n")
+        files.write_csv(quarantine, tmp / "quarantine.csv")  # names from the source: no cell starts a formula
         nd_summary = {**nd.to_dict(), "picture": NEAR_DUPLICATE_PICTURE if nd.policy != "off" else None}
         summary = _summary(
             config,

@@ -652,7 +652,8 @@ def test_a_url_row_with_new_bytes_under_the_same_etag_and_size_is_inspected_agai
         answers["/a/changing.png"] = Answer(gif)
         second, _ = _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)
         changed = _row(second, "changing.png")
-        assert changed["sha256"] == hashlib.sha256(gif).hexdigest() and changed["format"] == "GIF"
+        assert changed["sha256"] == hashlib.sha256(gif).hexdigest()  # re-inspected: GIF is not an allowed format
+        assert changed["format"] == "" and "format GIF is not in validate.allowed_formats" in changed["error"]
         assert (second.raw_dir / "a" / "changing.png").read_bytes() == gif
         assert second.computed == 1  # only the changed file: the others' bytes hashed the same
         third, _ = _run(tmp_path, f"{base}/labels.csv", **LOCAL_HTTP)

@@ -15,6 +15,7 @@ from components import validate
 from components.config import NearDuplicatesConfig, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
+from components.layout import BadLabel, clean_label
 from components.validate import ValidateInputError, ValidationResult, run_validate
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
 from tests.datakit import (
@@ -524,21 +525,27 @@ def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: P
 
 XSS_LABEL = "<img src=x onerror=alert(1)>"
 XSS_FILE = "<svg onload=alert(2)>.jpg"
+AMP_LABEL = "Q&A 'x'"  # markup characters a label may still hold
 
 
-def test_a_class_folder_named_like_html_is_text_in_the_data_docs(tmp_path: Path):
-    """Real ingest + validate: the label and a bad file's name appear in the Data Docs, escaped, never as tags."""
-    source = make_classes(tmp_path / "src", {"a": 6, XSS_LABEL: 2})  # too few images: the class fails a check
-    (source / XSS_LABEL / XSS_FILE).write_text("not an image")  # quarantined: its path is in the failed rows
+def test_a_file_named_like_html_is_text_in_the_data_docs(tmp_path: Path):
+    """Real ingest + validate: a label and a bad file's name appear in the Data Docs, escaped, never as tags.
+
+    A class folder named like a tag no longer gets that far (labels hold no `<` or `>`, test_sources), so
+    the file name carries the markup here and the label the characters that still need escaping."""
+    with pytest.raises(BadLabel):
+        clean_label(XSS_LABEL)
+    source = make_classes(tmp_path / "src", {"a": 6, AMP_LABEL: 2})  # too few images: the class fails a check
+    (source / AMP_LABEL / XSS_FILE).write_text("not an image")  # quarantined: its path is in the failed rows
     run = ingest_and_validate(source, tmp_path / "ws", validate_config(max_bad_fraction=0.2))
-    assert any(XSS_LABEL in p and "min_images_per_class" in p for p in run.result.problems)
+    assert any(AMP_LABEL in p and "min_images_per_class" in p for p in run.result.problems)
     assert "decodes" in run.reason(XSS_FILE)
     pages = {p: p.read_text(encoding="utf-8") for p in run.result.data_docs.parent.rglob("*.html")}
     assert len(pages) >= 4
     for page, text in pages.items():
-        assert "<img src=x" not in text and "<svg" not in text, page
+        assert "<svg" not in text and AMP_LABEL not in text, page
     shown = "\n".join(pages.values())
-    assert "&lt;img src=x onerror=alert(1)&gt;" in shown and "&lt;svg onload=alert(2)&gt;.jpg" in shown
+    assert "&lt;svg onload=alert(2)&gt;.jpg" in shown and "Q&amp;A" in shown
 
 
 def test_mathtext_in_a_label_and_a_file_name_draws_in_the_near_duplicate_picture(tmp_path: Path):
