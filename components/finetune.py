@@ -382,7 +382,7 @@ def run_finetune(
                 val_ds,
                 config,
                 checkpoint_dir,
-                tracking.mlflow_epoch_logger(client, run_id),
+                tracking.mlflow_epoch_logger(client, run_id, policy=tracking.RetryPolicy.from_config(params.tracking)),
                 extra_callbacks or [],
             )
             best = learning_curves.best_epoch(history)

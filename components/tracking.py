@@ -308,8 +308,13 @@ def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=flat[i : i + 100])
 
 
-def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1) -> Any:
-    """A Keras callback logging every epoch's metrics with step = epoch (1-based)."""
+def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1, policy: RetryPolicy = RetryPolicy()) -> Any:
+    """A Keras callback logging every epoch's metrics with step = epoch (1-based).
+
+    Calls are retried like every other MLflow call; an epoch whose metrics still cannot be logged is
+    reported and training goes on (they are in the stage's history.csv either way): a slow tracking
+    server costs at most the retry budget per epoch, never the training run.
+    """
     import keras
     from mlflow.entities import Metric
 
@@ -321,7 +326,10 @@ def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1) -> Any:
                 for k, v in (logs or {}).items()
                 if np.isscalar(v) or getattr(v, "shape", None) == ()
             ]
-            client.log_batch(run_id, metrics=metrics)
+            try:
+                with_retries("log the epoch's metrics", client.log_batch, run_id, metrics=metrics, policy=policy)
+            except TrackingUnavailable as exc:
+                print(f"warning: epoch {epoch + first_epoch} metrics not logged to MLflow ({exc}); training goes on")
 
     return _Logger()
 

@@ -195,7 +195,7 @@ def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
-        tracking.mlflow_epoch_logger(client, run_id),
+        tracking.mlflow_epoch_logger(client, run_id, policy=tracking.RetryPolicy.from_config(params.tracking)),
     ]
 
 

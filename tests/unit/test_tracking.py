@@ -70,3 +70,29 @@ def test_stage_start_ends_this_workspaces_orphaned_runs_as_killed(tmp_path, monk
     assert orphan.info.status == "KILLED" and "cleanup" in orphan.data.tags["tp.ended_by"]
     assert client.get_run(other).info.status == "RUNNING"  # another workspace's run is not ours to end
     assert client.get_run(fresh).info.status == "RUNNING"
+
+
+def test_epoch_metrics_are_retried_and_a_tracking_outage_never_stops_training(capsys):
+    """A slow server: each epoch's log_batch is retried; one that stays down costs the epoch's metrics only."""
+    import numpy as np
+
+    from components.tracking import RetryPolicy, mlflow_epoch_logger
+
+    class FlakyClient:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.logged = failures, []
+
+        def log_batch(self, run_id, metrics):
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("connection reset by the tracking server")
+            self.logged.append((run_id, {(m.key, m.step) for m in metrics}))
+
+    quick = RetryPolicy(attempts=3, first_wait_s=0.01, max_wait_s=0.01)
+    flaky = FlakyClient(failures=2)
+    mlflow_epoch_logger(flaky, "run-1", first_epoch=1, policy=quick).on_epoch_end(0, {"loss": np.float32(0.5)})
+    assert flaky.logged == [("run-1", {("loss", 1)})]
+
+    down = FlakyClient(failures=100)
+    mlflow_epoch_logger(down, "run-1", first_epoch=3, policy=quick).on_epoch_end(1, {"loss": 0.4})
+    assert down.logged == [] and "epoch 4 metrics not logged to MLflow" in capsys.readouterr().out
