@@ -123,6 +123,11 @@ def write_exclusions(issues: LabelIssues, model_dir: str | Path) -> Path:
     return files.write_csv(excluded[["path", "given_label", "suggested_label", "score"]], path)
 
 
+def score_text(score: float) -> str:
+    """Two significant digits: suspects' scores are often near 1e-4, which two decimals print as 0.00."""
+    return f"{score:.2g}"
+
+
 def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, count: int = 16, thumb: int = 128) -> Path:
     """The top `count` suspects, captioned given -> suggested label and score."""
     import matplotlib
@@ -142,7 +147,7 @@ def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, cou
         except UnusableImage:
             pass
         ax.set_title(
-            f"given {row.given_label}\nlikely {row.suggested_label} ({row.score:.2f})", fontsize=8, **PLAIN_TEXT
+            f"given {row.given_label}\nlikely {row.suggested_label} ({score_text(row.score)})", fontsize=8, **PLAIN_TEXT
         )
     if top.empty:
         axes[0][0].text(0.5, 0.5, "no suspect labels", ha="center", va="center")

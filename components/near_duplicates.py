@@ -264,7 +264,8 @@ def plot_groups(
 
     order = {"label_conflict": 0, "cross_split": 1, "within_split": 2}
     shown = sorted(report.groups, key=lambda g: (order[g["kind"]], -len(g["members"])))[:max_groups]
-    rows, cols = max(1, len(shown)), max_members
+    rows = max(1, len(shown))
+    cols = max([min(len(g["members"]), max_members) for g in shown] or [1])  # as wide as the largest group shown
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.1), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")

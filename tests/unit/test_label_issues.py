@@ -131,3 +131,7 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     assert sizes[0] == (16 - 1) * 2  # training vectors: 15 images, each as is and in 1 augmented copy
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
     assert run.data.metrics["label_issues_excluded"] == 1
+
+
+def test_gallery_scores_show_two_significant_digits_not_zero():
+    assert li.score_text(1.2e-4) == "0.00012" and li.score_text(0.4567) == "0.46" and li.score_text(0.0) == "0"

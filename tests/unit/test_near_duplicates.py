@@ -134,6 +134,11 @@ def test_the_picture_of_the_top_groups_is_a_png(images, tmp_path: Path):
     _, report = nd.resolve(frame, groups_of(frame), "move")
     out = nd.plot_groups(frame, report, tmp_path / "groups.png", LIMITS)
     assert out.read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    with Image.open(out) as picture:  # a pair fills a 2-column grid, not 2 of max_members=6 columns
+        width, height = picture.size
+    assert width < height * 2.5, (width, height)
 
 
 def _hashes(*pairs: tuple[int, int]) -> np.ndarray:
