@@ -278,8 +278,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.limits = ServingLimits.from_model_config(config)
         return self
 
-    # model_input has no type hint on purpose: MLflow would derive (and enforce) a schema from one.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # MLflow's schema enforcement (the logged signature: one AnyType column) hands predict a DataFrame.
+    # DataFrame is a hint MLflow derives no schema from, so it validates nothing more and stops warning
+    # at every import; request_values still takes the dicts and lists a direct caller may pass.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
             images = request_images(request_values(model_input), self.limits)
             budget = PixelBudget(self.limits.max_request_pixels) if self.limits.max_request_pixels else None

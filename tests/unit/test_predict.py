@@ -308,3 +308,16 @@ def test_batch_reads_are_confined_even_through_a_symlinked_root_entry(tmp_path: 
     os.symlink("/etc", root / "etc")
     assert predict.confine("etc/hostname", root) is None
     assert predict.confine(str(root / "x.png"), root) == (root / "x.png").resolve()
+
+
+def test_the_served_predict_has_a_type_hint_mlflow_accepts_without_a_warning():
+    import warnings
+
+    from mlflow.pyfunc.utils.data_validation import _get_func_info_if_type_hint_supported
+
+    from components.serving_model import ImageClassifier
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _get_func_info_if_type_hint_supported(ImageClassifier.predict) is None  # no schema derived
+    assert [str(w.message) for w in caught if "type hint" in str(w.message).lower()] == []
