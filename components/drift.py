@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from components import files
+from components import files, runtime
 from components.config import DriftConfig, Params
 from components.contracts import Contract, ContractError
 from components.images import ImageLimits
@@ -287,7 +287,9 @@ def embed(
     # One view, even for a flip-TTA model: the reference and every later check embed the same way.
     model = plain_classifier(model)
     both = keras.Model(model.inputs, [model.get_layer(POOL_LAYER).output, model.output])
-    features, probs = both.predict(image_batches(paths, image_size, batch_size, limits=limits), verbose=0)
+    batches = image_batches(paths, image_size, batch_size, limits=limits)
+    print(f"drift: embedding {len(paths)} images")
+    features, probs = both.predict(batches, verbose=runtime.progress_verbosity())
     return np.asarray(features, np.float32), np.asarray(probs, np.float32)
 
 

@@ -34,13 +34,13 @@ from typing import Any
 
 import PIL
 from filelock import FileLock
-from tqdm import tqdm
 
 from components import errors, files
 from components.config import IngestConfig, ParamsError, SplitFractions, ValidateConfig, load_params
 from components.contracts import SPLITS, IngestReport, write_manifest
 from components.hashing import records_version
 from components.images import ImageLimits, UnusableImage, inspect_image
+from components.progress import progress
 from components.sources import (
     MAX_REFUSALS_LISTED,
     Entry,
@@ -212,12 +212,13 @@ def inspect_entries(
             todo.append(e)
     jobs = [(str(root / e.rel), limits) for e in todo]
     used = min(workers, len(jobs)) if len(jobs) >= MIN_FILES_FOR_POOL else 1
-    bar = dict(total=len(jobs), desc="hash+decode", unit="file", disable=None)
+    bar = dict(total=len(jobs), desc="ingest: hash+decode", unit="file")
     if used > 1:
         with ProcessPoolExecutor(max_workers=used) as pool:
-            results = list(tqdm(pool.map(_inspect_star, jobs, chunksize=max(1, len(jobs) // (used * 16))), **bar))
+            chunks = max(1, len(jobs) // (used * 16))
+            results = list(progress(pool.map(_inspect_star, jobs, chunksize=chunks), **bar))
     else:
-        results = [inspect_file(*job) for job in tqdm(jobs, **bar)]
+        results = [inspect_file(*job) for job in progress(jobs, **bar)]
     facts.update((e.origin, r) for e, r in zip(todo, results))
     return facts, len(jobs), used if jobs else 0
 

@@ -31,6 +31,7 @@ import pandas as pd
 from components import files
 from components.config import NearDuplicatesConfig
 from components.images import ImageLimits, UnusableImage, decode_rgb
+from components.progress import progress
 
 HASH_BITS = 128  # phash (64) then dhash (64)
 CACHE_VERSION = "phash8+dhash8-v1"  # bump when the fingerprint changes: old cache entries are then ignored
@@ -65,7 +66,8 @@ def fingerprints(
     out = np.zeros((len(frame), HASH_BITS), dtype=bool)
     decoded = np.zeros(len(frame), dtype=bool)
     fresh: dict[str, np.ndarray] = {}
-    for i, (path, sha) in enumerate(zip(frame["path"], frame["sha256"])):
+    rows = progress(zip(frame["path"], frame["sha256"]), len(frame), "validate: perceptual hashes")
+    for i, (path, sha) in enumerate(rows):
         bits = cache.get(sha, fresh.get(sha))  # byte-identical rows are hashed once
         if bits is None:
             try:
