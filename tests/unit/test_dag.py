@@ -174,3 +174,17 @@ def test_components_never_import_prefect() -> None:
         if re.search(r"^\s*(from|import) prefect", p.read_text(), re.M)
     ]
     assert not users, users
+
+
+def test_every_stage_can_use_the_run_cache() -> None:
+    """DVC skips its run-cache for a stage with any `cache: false` output: reports are cached like models,
+    so `dvc exp apply` and a run-cache restore bring every stage's reports back."""
+    uncached = {
+        stage: [next(iter(out)) for out in spec.get("outs", []) if isinstance(out, dict) and not _cached(out)]
+        for stage, spec in DVC["stages"].items()
+    }
+    assert {stage: outs for stage, outs in uncached.items() if outs} == {}
+
+
+def _cached(out: dict) -> bool:
+    return all((options or {}).get("cache", True) for options in out.values())
