@@ -489,7 +489,12 @@ def _run_experiment(root: Path, params_file: Path, changes: list[str], name: str
     promotion = PromotionRecord.model_validate(result["promotion"]) if result.get("promotion") else None
     promoted_now = promoted_by_this_run(promotion)
     if promoted_now:
-        logger.warning("experiment %s promoted its model: `dvc exp apply %s` then a run exports it", name, name)
+        logger.warning(
+            "experiment %s promoted its model; its folder is in the experiment, so it is not exported here: "
+            "`dvc exp apply %s`, then `python -m components.export`",
+            name,
+            name,
+        )
     pushed = push_to_remote(str(root))
     return {
         **result,
@@ -515,13 +520,29 @@ def experiment_outcomes(lines: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def copied_into_experiments(root: Path) -> list[str]:
+    """What DVC's temporary copy needs from the workspace to skip unchanged stages: dvc.lock (also when
+    uncommitted) and the `cache: false` outputs, which DVC cannot check out from its cache.
+
+    DVC copies a file only into a folder that exists there, so an uncached file goes with its folder
+    (cached outputs copied along are checked out again by DVC anyway).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        uncached = {Path(out.fs_path) for stage in repo.index.stages for out in stage.outs if not out.use_cache}
+    folders = {p if p.is_dir() or p.parent == root else p.parent for p in uncached if p.exists()}
+    outermost = sorted(f for f in folders if not any(other in f.parents for other in folders))
+    return [str(p.relative_to(root)) for p in [root / "dvc.lock", *outermost] if p.exists()]
+
+
 @task(name="dvc-experiment")
 def run_experiment(workdir: str, name: str, changes: list[str]) -> list[dict[str, Any]]:
     """`dvc exp run --temp -n NAME -S ...`: the whole pipeline in DVC's temporary copy, saved as an experiment."""
     root = Path(workdir)
     args = ["exp", "run", "--temp", "--name", name]
-    if (root / "dvc.lock").is_file():
-        args += ["--copy-paths", "dvc.lock"]  # an uncommitted dvc.lock too: unchanged stages are skipped there
+    for path in copied_into_experiments(root):
+        args += ["--copy-paths", path]
     for change in changes:
         args += ["--set-param", change]
     code, lines = run_dvc(args, root, get_run_logger())

@@ -51,7 +51,9 @@ def snapshot(ws: Path) -> dict[str, str]:
         target = ws / name
         paths += sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
     return {
-        str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "absent" for p in paths
+        str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "absent"
+        for p in paths
+        if not p.name.startswith("run_summary.")  # the flow's own summary of its last run, not a DVC output
     }
 
 
