@@ -4,7 +4,8 @@ A tiny real workspace (2 classes x 12 images, 64 px) is reproduced once with `dv
 flow's CLI runs `--set` experiments as subprocesses, as a user would: one is killed with SIGKILL
 (with every process it started) while training, one completes. The workspace's params.yaml, dvc.lock
 and DVC outputs must be byte-identical afterwards; the completed experiment is in `dvc exp show`
-and in MLflow.
+and in MLflow. Last, the deployment entry points run in-process through Prefect: an allowed run form
+scores into the output folder and runs an experiment, a form asking for more is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.workspace import dvc, tool_env
+from components.config import overrides_from_strings, write_overrides
+from components.run_forms import RunFormRefused
 from tests.conftest import FLOWERS, copy_subset
 from tests.integration.conftest import make_tiny_workspace
 
@@ -123,3 +126,40 @@ def test_a_set_experiment_after_a_kill_completes_and_is_tracked_without_touching
     assert len(parents) == 1 and parents[0].info.status == "FINISHED", [r.data.tags for r in runs]
     nested = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {run.data.tags.get("stage") for run in nested} == {"evaluate"}
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_deployment_entry_points_run_an_allowed_form_and_refuse_the_rest(
+    workspace: Path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.predict import batch_predict_deployment
+    from flows.training import training_deployment
+
+    monkeypatch.chdir(workspace)  # a worker runs in its workspace (prefect.yaml's pull step)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", tool_env()["PATH"])
+    images = workspace.parent / "source" / "daisy"
+    write_overrides(workspace / "params.yaml", [f"deployments.input_roots={json.dumps([str(images.parent)])}"])
+    before = snapshot(workspace)
+
+    with pytest.raises(RunFormRefused, match="out_csv"):
+        batch_predict_deployment(inputs=str(images), out_csv="../../escaped.csv")
+    with pytest.raises(RunFormRefused, match="ingest.allow_private_hosts: ingest is a limit"):
+        training_deployment(overrides=overrides_from_strings(["ingest.allow_private_hosts=true"]))
+    assert snapshot(workspace) == before and not (workspace.parent / "escaped.csv").exists()
+
+    scored = batch_predict_deployment(inputs=str(images), out_csv="daisy.csv")
+    assert scored["out_csv"] == str(workspace.resolve() / "predictions" / "daisy.csv") and scored["n_images"] == 12
+    result = training_deployment(
+        overrides=overrides_from_strings(["evaluate.worst_examples=3"]), experiment="from-a-run-form"
+    )
+    assert result["experiment"] == "from-a-run-form"
+    assert {s["stage"] for s in result["stages"] if s["ran"]} == {"evaluate"}
+    assert snapshot(workspace) == before
