@@ -155,7 +155,7 @@ def check_model_uri(model_uri: str | None, params: Params) -> str:
     if match is None:
         raise refuse("model_uri", model_uri, "only models:/<name>@<alias> or models:/<name>/<version>")
     if match["name"] not in names:
-        raise refuse("model_uri", model_uri, f"model {match['name']!r} is not in deployments.model_names {names}")
+        raise refuse("model_uri", model_uri, f"model {match['name']!r} is not in deployments.model_names")
     return uri
 
 
@@ -238,7 +238,7 @@ def check_git_rev(root: Path, git_rev: str, rules: DeploymentsConfig) -> None:
     )
     branches = found.stdout.split() if found.returncode == 0 else []
     if not any(fnmatch.fnmatchcase(b, pattern) for b in branches for pattern in rules.git_refs):
-        raise refuse("git_rev", git_rev, f"not a commit on a branch matching deployments.git_refs {rules.git_refs}")
+        raise refuse("git_rev", git_rev, "not a commit on a branch that deployments.git_refs allows")
 
 
 def check_received_params(params_yaml: str, baseline: str, root: Path, rules: DeploymentsConfig) -> Params:
