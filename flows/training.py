@@ -304,6 +304,16 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
+# The CLI's flow and the deployments' entry point are one flow to Prefect: same name, same hooks.
+TRAINING_FLOW: dict[str, Any] = {
+    "name": "training",
+    "log_prints": True,
+    "validate_parameters": True,
+    "on_failure": [notify_flow_failure],
+    "on_crashed": [notify_flow_failure],
+}
+
+
 def made_by_flow_run(root: Path, stage: str) -> str | None:
     """The Prefect flow run recorded in a training stage's model folder (its declared output)."""
     folder = STAGE_MODEL_DIRS.get(stage)
@@ -312,13 +322,7 @@ def made_by_flow_run(root: Path, stage: str) -> str | None:
     return ModelRunInfo.read(root / folder / RUN_INFO_FILE).prefect_flow_run_id
 
 
-@flow(
-    name="training",
-    log_prints=True,
-    validate_parameters=True,
-    on_failure=[notify_flow_failure],
-    on_crashed=[notify_flow_failure],
-)
+@flow(**TRAINING_FLOW)
 def training_flow(
     params_path: str = "params.yaml",
     overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
@@ -369,13 +373,7 @@ def training_flow(
     return result
 
 
-@flow(
-    name="training",
-    log_prints=True,
-    validate_parameters=True,
-    on_failure=[notify_flow_failure],
-    on_crashed=[notify_flow_failure],
-)
+@flow(**TRAINING_FLOW)
 def training_deployment(
     params_path: str = "params.yaml",
     overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
