@@ -431,6 +431,115 @@ class DriftConfig(Section):
     )
 
 
+# --- what a deployment's run form may ask for ---------------------------------------------------------
+
+# Settings no run form may change, whatever `deployments.override_keys` says: sources and their limits,
+# tracking (URIs, the registry), image and request caps, the promotion gate, what experiments may
+# register, files read as weights or by transforms, and these rules themselves.
+RUN_FORM_FORBIDDEN = (
+    "ingest",
+    "tracking",
+    "validate",
+    "evaluate.promotion",
+    "evaluate.experiments",
+    "evaluate.serving",
+    "model.weights",
+    "augment.policy",
+    "deployments",
+)
+RUN_FORM_OVERRIDE_KEYS = [
+    "project.seed",
+    "model.backbone",
+    "model.alpha",
+    "model.image_size",
+    "train_head.batch_size",
+    "train_head.epochs",
+    "train_head.learning_rate",
+    "train_head.dropout",
+    "train_head.pooling",
+    "train_head.hidden_units",
+    "train_head.label_smoothing",
+    "train_head.class_weighting",
+    "train_head.early_stopping_patience",
+    "train_head.augmented_copies",
+    "finetune.unfreeze_layers",
+    "finetune.unfreeze_from",
+    "finetune.unfreeze_fraction",
+    "finetune.batch_size",
+    "finetune.epochs",
+    "finetune.learning_rate",
+    "finetune.warmup_epochs",
+    "finetune.early_stopping_patience",
+    "finetune.label_smoothing",
+    "finetune.calibrate",
+    "finetune.flip_tta",
+    "evaluate.batch_size",
+    "evaluate.top_k",
+    "evaluate.worst_examples",
+    "evaluate.calibration_bins",
+]
+
+
+def covers(prefix: str, key: str) -> bool:
+    """Whether the setting `prefix` (a section or a key) is `key` or holds it."""
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def setting_exists(key: str) -> bool:
+    """Whether `section[.key...]` names a section or key of params.yaml."""
+    model: type[BaseModel] = Params
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i < len(parts) - 1:
+            return False
+    return True
+
+
+class DeploymentsConfig(Section):
+    """What a deployment's run form (Prefect parameters: untrusted) may ask for.
+
+    Read only from the worker's own params.yaml, never from a run form; CLI runs are trusted and not
+    limited by it (components/run_forms.py).
+    """
+
+    input_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders (or bucket/URL prefixes) a run form's inputs and training source may lie under; "
+        "[] = none (local paths resolved, links followed).",
+    )
+    output_dir: str = Field(
+        "predictions", min_length=1, description="The one folder batch prediction writes into (relative: workspace)."
+    )
+    model_names: list[str] | None = Field(
+        None, description="Registered models a run form may score with; null = tracking.registered_model."
+    )
+    git_refs: list[str] = Field(
+        default_factory=lambda: ["origin/*"],
+        description="A GPU stage run's git_rev must be a commit on one of these remote branches (fnmatch patterns).",
+    )
+    override_keys: list[str] = Field(
+        default_factory=lambda: list(RUN_FORM_OVERRIDE_KEYS),
+        description="Settings (section.key, or a whole section) a run form may override; never a limit.",
+    )
+
+    @field_validator("override_keys")
+    @classmethod
+    def _never_a_limit(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not setting_exists(key):
+                raise ValueError(f"{key!r} is not a setting of params.yaml")
+            widened = [f for f in RUN_FORM_FORBIDDEN if covers(key, f) or covers(f, key)]
+            if widened:
+                raise ValueError(f"{key!r} would let a run form change {', '.join(widened)}: never from a run form")
+        return keys
+
+
 # The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;
 # instance attribute access still returns the section, so the warning is noise.
 warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -447,6 +556,7 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     drift: DriftConfig = DriftConfig()
+    deployments: DeploymentsConfig = DeploymentsConfig()
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

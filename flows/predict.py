@@ -1,6 +1,9 @@
 """Batch prediction flow: score a folder or manifest of images with a registered model.
 
 python -m flows.predict --inputs DIR_OR_CSV --out predictions.csv [--model models:/NAME@champion]
+
+The CLI is trusted. The deployment (prefect.yaml) runs `batch_predict_deployment`, whose run form is
+confined by the workspace's `deployments:` settings first (components/run_forms.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from components import run_forms
 from components.config import load_params
 
 
@@ -53,6 +57,24 @@ def batch_predict_flow(
         f"- engine: {result['engine']}\n",
     )
     return result
+
+
+@flow(name="batch-predict", log_prints=True)
+def batch_predict_deployment(
+    inputs: str,
+    out_csv: str = "predictions.csv",
+    model_uri: str | None = None,
+    params_path: str = "params.yaml",
+    batch_size: int = 64,
+) -> dict:
+    """Score every image under `inputs` into `out_csv` inside the workspace's output folder.
+
+    A run form (untrusted) is checked against the workspace's `deployments:` settings before anything
+    runs: `inputs` under `input_roots`, `out_csv` inside `output_dir`, `model_uri` a registered name.
+    """
+    form = run_forms.check_batch_predict_form(inputs, out_csv, model_uri, params_path, batch_size)
+    Path(form["out_csv"]).parent.mkdir(parents=True, exist_ok=True)
+    return batch_predict_flow.fn(form["inputs"], form["out_csv"], form["model_uri"], params_path, form["batch_size"])
 
 
 def main(argv: list[str] | None = None) -> int:

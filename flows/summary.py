@@ -34,6 +34,31 @@ def collect(root: Path, params: Params, outcomes: list[dict[str, Any]]) -> dict[
     }
 
 
+def collect_experiment(root: Path, params: Params, outcomes: list[dict[str, Any]], experiment: str) -> dict[str, Any]:
+    """Like `collect`, with the reports read from a DVC experiment (the workspace holds the main line's).
+
+    Reports kept in DVC's cache (metrics.json, the promotion record) are read from the experiment;
+    uncached ones (`cache: false`: ingest, validation) are not kept with it and are None.
+    """
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(root), rev=experiment)
+    reports: dict[str, Any] = {}
+    for name, (path, contract) in REPORTS.items():
+        try:
+            text = fs.read_text(path.as_posix())
+        except Exception:  # not kept with the experiment (uncached), or that stage never wrote it
+            reports[name] = None
+            continue
+        reports[name] = contract.model_validate(json.loads(text)).model_dump(mode="json")
+    return {
+        "stages": outcomes,
+        "all_skipped": all(not o["ran"] for o in outcomes),
+        "registered_model": params.tracking.registered_model,
+        **reports,
+    }
+
+
 SUMMARY_JSON = Path("reports/run_summary.json")
 SUMMARY_MD = Path("reports/run_summary.md")
 

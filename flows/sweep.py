@@ -8,6 +8,9 @@ and a plot of accuracy against training time go to reports/sweep/ and to an MLfl
 
     python -m flows.sweep --grid '{"finetune.learning_rate": [1e-4, 2e-4], "finetune.unfreeze_layers": [60, 100]}'
     python -m flows.sweep --apply lr-sweep-3        # make a point's settings (and outputs) the workspace's
+
+The CLI is trusted; the deployment runs `sweep_deployment`, whose run form is confined by the
+workspace's `deployments:` settings first (components/run_forms.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import sweeps
+from components import run_forms, sweeps
 from components.config import ParamsError, load_params
 from flows.training import LOCK_FILE, StageFailed, run_dvc
 
@@ -145,6 +148,27 @@ def sweep_flow(
         description="Sweep points: settings, validation and test metrics, training time",
     )
     return result
+
+
+@flow(name="sweep", log_prints=True, validate_parameters=True)
+def sweep_deployment(
+    grid: dict[str, list[Any]] | None = None,
+    points: list[dict[str, Any]] | None = None,
+    name: str = "sweep",
+    jobs: int = 1,
+    budget_minutes: float = 120.0,
+    workdir: str = ".",
+    params_path: str = "params.yaml",
+) -> dict[str, Any]:
+    """The sweep for deployments (prefect.yaml): the run form is checked first.
+
+    Every point's keys must be in the workspace's `deployments.override_keys` (never a limit), the name
+    is a plain name (it names experiments and report files), jobs and budget are bounded, and the
+    workspace is the worker's own; anything else is refused before anything is queued.
+    """
+    changes = [c for point in sweeps.grid_points(grid, points) for c in sweeps.point_overrides(point)]
+    run_forms.check_sweep_form(changes, name, jobs, budget_minutes, workdir, params_path)
+    return sweep_flow.fn(grid, points, name, jobs, budget_minutes, workdir, params_path)
 
 
 def apply_point(workdir: str, experiment: str) -> None:

@@ -8,6 +8,11 @@ can fail transiently, Prefect logs, and a markdown summary artifact.
     python -m flows.training                              # the pipeline on params.yaml
     python -m flows.training --source DIR                 # train on DIR from now on (ingest.source)
     python -m flows.training --set finetune.epochs=3      # a DVC experiment: params.yaml stays as it is
+
+`--set` runs `dvc exp run --temp -S ...`: DVC runs the pipeline in a temporary copy of the workspace,
+so a run killed at any point (SIGKILL, OOM) leaves the workspace's params.yaml, dvc.lock and outputs
+as they were. The CLI is trusted; deployments run `training_deployment` and `stage_flow`, whose run
+forms are confined by the workspace's `deployments:` settings first (components/run_forms.py).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from components import files
+from components import files, run_forms
 from components.config import (
     ParamsError,
     ParamsOverrides,
@@ -196,7 +201,7 @@ def _stage_task(stage: str):
         retry_condition_fn=retry_if_transient,
         retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0,
     )
-    def run(workdir: str, experiment: str | None = None) -> dict[str, Any]:
+    def run(workdir: str) -> dict[str, Any]:
         logger = get_run_logger()
         started = time.monotonic()
         root = Path(workdir)
@@ -204,7 +209,7 @@ def _stage_task(stage: str):
             logger.info("stage %s is up to date (dvc status): skipped", stage)
             return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1)}
         with tempfile.TemporaryDirectory(prefix="tp-status-") as status_dir:
-            extra = {STATUS_DIR_VARIABLE: status_dir, **({"DVC_EXP_NAME": experiment} if experiment else {})}
+            extra = {STATUS_DIR_VARIABLE: status_dir}
             code, lines = run_dvc(["repro", "--single-item", stage], root, logger, env=extra)
             outcome = stage_outcome(Path(status_dir), stage)
         if code != 0:
@@ -299,6 +304,16 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
 
 
+# The CLI's flow and the deployments' entry point are one flow to Prefect: same name, same hooks.
+TRAINING_FLOW: dict[str, Any] = {
+    "name": "training",
+    "log_prints": True,
+    "validate_parameters": True,
+    "on_failure": [notify_flow_failure],
+    "on_crashed": [notify_flow_failure],
+}
+
+
 def made_by_flow_run(root: Path, stage: str) -> str | None:
     """The Prefect flow run recorded in a training stage's model folder (its declared output)."""
     folder = STAGE_MODEL_DIRS.get(stage)
@@ -307,13 +322,7 @@ def made_by_flow_run(root: Path, stage: str) -> str | None:
     return ModelRunInfo.read(root / folder / RUN_INFO_FILE).prefect_flow_run_id
 
 
-@flow(
-    name="training",
-    log_prints=True,
-    validate_parameters=True,
-    on_failure=[notify_flow_failure],
-    on_crashed=[notify_flow_failure],
-)
+@flow(**TRAINING_FLOW)
 def training_flow(
     params_path: str = "params.yaml",
     overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
@@ -364,69 +373,180 @@ def training_flow(
     return result
 
 
+@flow(**TRAINING_FLOW)
+def training_deployment(
+    params_path: str = "params.yaml",
+    overrides: ParamsOverrides | None = None,  # type: ignore[valid-type]
+    source: str | None = None,
+    experiment: str | None = None,
+    workdir: str = ".",
+) -> dict[str, Any]:
+    """The training flow for deployments (prefect.yaml): the run form is checked first.
+
+    Its parameters are untrusted: the workspace's `deployments:` settings decide which overrides
+    (never a limit), which source (under `input_roots`) and which workspace (only the worker's own)
+    a run may ask for; anything else is refused before anything runs.
+    """
+    run_forms.check_training_form(params_path, workdir, overrides_to_strings(overrides), source, experiment)
+    return training_flow.fn(params_path, overrides, source, experiment, workdir)
+
+
 def _run_pipeline(
     root: Path, params_file: Path, changes: list[str], experiment: str | None, logger: Any
 ) -> dict[str, Any]:
-    """The stages (with `changes` applied for this run only), export, push; the run's summary."""
-    saved = params_file.read_bytes()
-    name = None
+    """The stages (as a DVC experiment when there are `changes`), export, push; the run's summary."""
+    if changes:
+        return _run_experiment(root, params_file, changes, experiment or experiment_name(), logger)
+    params = load_params(params_file)
+    preflight(str(root), str(params_file))
+    parent = open_pipeline_run(params.tracking.model_dump(), str(root), None)
+    os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
+    gpu_deployment = environment().gpu_deployment
     try:
-        params = write_overrides(params_file, changes) if changes else load_params(params_file)
-        if changes:
-            name = experiment or experiment_name()
-            logger.info("experiment %s: %s (params.yaml is restored afterwards)", name, ", ".join(changes))
-        preflight(str(root), str(params_file))
-        parent = open_pipeline_run(params.tracking.model_dump(), str(root), name)
-        os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
-        gpu_deployment = environment().gpu_deployment
-        try:
-            outcomes, drift = [], None
-            for stage in STAGES:
-                if drift is not None and not drift["retrain"] and drift["new_images"]:
-                    outcomes.append({"stage": stage, "ran": False, "seconds": 0.0, "where": "held by drift policy"})
-                    continue
-                outcomes.append(
-                    run_stage_remotely(stage, str(root), gpu_deployment)
-                    if gpu_deployment and stage in GPU_STAGES
-                    else STAGE_TASKS[stage](str(root), name)
-                )
-                if stage == "validate" and outcomes[-1]["ran"]:
-                    drift = check_drift(str(root), str(params_file))  # new data: does it still look like the model's?
-        except BaseException:
-            close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
-            raise
-        finally:
-            os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
-        close_pipeline_run(
-            params.tracking.model_dump(),
-            str(root),
-            parent,
-            "FINISHED",
-            {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"},
-            [str(DRIFT_REPORT)] if drift is not None else [],
-        )
-        promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
-        # A promotion is this run's only if this flow run registered it: a run-cache restore of evaluate
-        # brings back an old promotion.json, which must not be exported or announced again.
-        this_run = str(flow_run.get_id() or "")
-        promoted_now = bool(
-            promotion and promotion.promoted and this_run and promotion.lineage.get("prefect_flow_run_id") == this_run
-        )
-        exported = export_champion(str(root), promotion.run_id) if promoted_now else None
-        if name:
-            save_experiment(str(root), name)
-        pushed = push_to_remote(str(root))
+        outcomes, drift = [], None
+        for stage in STAGES:
+            if drift is not None and not drift["retrain"] and drift["new_images"]:
+                outcomes.append({"stage": stage, "ran": False, "seconds": 0.0, "where": "held by drift policy"})
+                continue
+            outcomes.append(
+                run_stage_remotely(stage, str(root), gpu_deployment)
+                if gpu_deployment and stage in GPU_STAGES
+                else STAGE_TASKS[stage](str(root))
+            )
+            if stage == "validate" and outcomes[-1]["ran"]:
+                drift = check_drift(str(root), str(params_file))  # new data: does it still look like the model's?
+    except BaseException:
+        close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
+        raise
     finally:
-        if changes:
-            params_file.write_bytes(saved)  # an experiment's settings never become the next run's
+        os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
+    close_pipeline_run(
+        params.tracking.model_dump(),
+        str(root),
+        parent,
+        "FINISHED",
+        {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"},
+        [str(DRIFT_REPORT)] if drift is not None else [],
+    )
+    promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
+    promoted_now = promoted_by_this_run(promotion)
+    exported = export_champion(str(root), promotion.run_id) if promoted_now else None
+    pushed = push_to_remote(str(root))
     return {
         **summary.collect(root, params, outcomes),
         "export": exported,
         "dvc_remote": pushed,
-        "experiment": name,
+        "experiment": None,
         "promoted_now": promoted_now,
         "drift": drift,
     }
+
+
+def promoted_by_this_run(promotion: PromotionRecord | None) -> bool:
+    """A promotion is this run's only if this flow run registered it: a run-cache restore of evaluate
+    brings back an old promotion.json, which must not be exported or announced again."""
+    this_run = str(flow_run.get_id() or "")
+    return bool(
+        promotion and promotion.promoted and this_run and promotion.lineage.get("prefect_flow_run_id") == this_run
+    )
+
+
+def _run_experiment(root: Path, params_file: Path, changes: list[str], name: str, logger: Any) -> dict[str, Any]:
+    """`changes` as a DVC experiment in a temporary copy of the workspace (`dvc exp run --temp`).
+
+    The workspace's params.yaml, dvc.lock and outputs are never written, so no crash can leave an
+    experiment's settings behind. The experiment's results are read back from DVC (`dvc exp show`).
+    """
+    params = load_params(params_file, changes)
+    logger.info("experiment %s: %s (run in a temporary copy; params.yaml is not written)", name, ", ".join(changes))
+    if environment().gpu_deployment:
+        logger.info("experiments run here, in DVC's temporary copy: no stage goes to %s", environment().gpu_deployment)
+    with tempfile.TemporaryDirectory(prefix="tp-experiment-") as scratch:
+        # Preflight reads a settings file: a scratch copy with the changes, outside the workspace.
+        merged = Path(scratch) / "params.yaml"
+        merged.write_bytes(params_file.read_bytes())
+        write_overrides(merged, changes)
+        preflight(str(root), str(merged))
+    parent = open_pipeline_run(params.tracking.model_dump(), str(root), name)
+    os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # the experiment's stage processes nest under it
+    try:
+        outcomes = run_experiment(str(root), name, changes)
+    except BaseException:
+        close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
+        raise
+    finally:
+        os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
+    close_pipeline_run(
+        params.tracking.model_dump(),
+        str(root),
+        parent,
+        "FINISHED",
+        {"stages_run": ",".join(o["stage"] for o in outcomes if o["ran"]) or "none"},
+    )
+    result = summary.collect_experiment(root, params, outcomes, name)
+    promotion = PromotionRecord.model_validate(result["promotion"]) if result.get("promotion") else None
+    promoted_now = promoted_by_this_run(promotion)
+    if promoted_now:
+        logger.warning(
+            "experiment %s promoted its model; its folder is in the experiment, so it is not exported here: "
+            "`dvc exp apply %s`, then `python -m components.export`",
+            name,
+            name,
+        )
+    pushed = push_to_remote(str(root))
+    return {
+        **result,
+        "export": None,
+        "dvc_remote": pushed,
+        "experiment": name,
+        "promoted_now": promoted_now,
+        "drift": None,
+    }
+
+
+def experiment_outcomes(lines: list[str]) -> list[dict[str, Any]]:
+    """Per stage, whether `dvc exp run` reproduced it (ran, or restored from the run-cache) or skipped it."""
+    text = "\n".join(lines)
+    return [
+        {
+            "stage": stage,
+            "ran": f"Running stage '{stage}'" in text or f"Stage '{stage}' is cached" in text,
+            "seconds": 0.0,
+            "where": "experiment (temporary copy)",
+        }
+        for stage in STAGES
+    ]
+
+
+def copied_into_experiments(root: Path) -> list[str]:
+    """What DVC's temporary copy needs from the workspace to skip unchanged stages: dvc.lock (also when
+    uncommitted) and the `cache: false` outputs, which DVC cannot check out from its cache.
+
+    DVC copies a file only into a folder that exists there, so an uncached file goes with its folder
+    (cached outputs copied along are checked out again by DVC anyway).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        uncached = {Path(out.fs_path) for stage in repo.index.stages for out in stage.outs if not out.use_cache}
+    folders = {p if p.is_dir() or p.parent == root else p.parent for p in uncached if p.exists()}
+    outermost = sorted(f for f in folders if not any(other in f.parents for other in folders))
+    return [str(p.relative_to(root)) for p in [root / "dvc.lock", *outermost] if p.exists()]
+
+
+@task(name="dvc-experiment")
+def run_experiment(workdir: str, name: str, changes: list[str]) -> list[dict[str, Any]]:
+    """`dvc exp run --temp -n NAME -S ...`: the whole pipeline in DVC's temporary copy, saved as an experiment."""
+    root = Path(workdir)
+    args = ["exp", "run", "--temp", "--name", name]
+    for path in copied_into_experiments(root):
+        args += ["--copy-paths", path]
+    for change in changes:
+        args += ["--set-param", change]
+    code, lines = run_dvc(args, root, get_run_logger())
+    if code != 0:
+        raise StageFailed(f"experiment {name} failed:\n" + "\n".join(lines[-25:]), retryable=False)
+    return experiment_outcomes(lines)
 
 
 DRIFT_REPORT = Path("reports/drift.json")
@@ -507,14 +627,6 @@ def experiment_name() -> str:
     return f"flow-{flow_run.get_name() or time.strftime('%Y%m%d-%H%M%S')}"
 
 
-@task(name="save-experiment")
-def save_experiment(workdir: str, name: str) -> None:
-    """Record the workspace (params, dvc.lock, metrics) as a DVC experiment: `dvc exp show` lists it."""
-    code, lines = run_dvc(["exp", "save", "--force", "--name", name], Path(workdir), get_run_logger())
-    if code != 0:
-        raise StageFailed("dvc exp save failed:\n" + "\n".join(lines[-15:]), retryable=False)
-
-
 @flow(name="stage", log_prints=True)
 def stage_flow(
     stage: str,
@@ -526,19 +638,29 @@ def stage_flow(
     """Run one stage in this worker's clone of the project (the GPU work pool's entry point).
 
     Checks out `git_rev`, takes the orchestrator's params.yaml and dvc.lock, pulls the stage's inputs
-    from the DVC remote, runs the stage, and pushes its outputs with DVC's run-cache entry.
+    from the DVC remote, runs the stage, and pushes its outputs with DVC's run-cache entry. Its
+    parameters come from a run form (untrusted): `git_rev` must be a commit on a `deployments.git_refs`
+    branch, and `params_yaml` may differ from that commit's params.yaml only in keys a form may
+    override (components/run_forms.py); `workdir` is the worker's workspace, `.` only.
     """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    logger = get_run_logger()
-    root = Path(workdir).resolve()
+    # A deployment's run form: untrusted. Checked against this worker's own params.yaml before anything runs.
+    rules = run_forms.check_stage_form(stage, STAGES, git_rev, dvc_lock, workdir)
+    root = Path.cwd().resolve()
+    baseline = (root / "params.yaml").read_text(encoding="utf-8")
     if git_rev:
-        for args in (["fetch", "--quiet", "origin"], ["checkout", "--quiet", "--force", git_rev]):
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-            if done.returncode != 0 and args[0] == "checkout":
-                raise StageFailed(
-                    f"git checkout {git_rev} failed in {root} (is it pushed to origin?): {done.stderr.strip()}"
-                )
+        subprocess.run(["git", "fetch", "--quiet", "origin"], cwd=root, capture_output=True, text=True)
+        run_forms.check_git_rev(root, git_rev, rules)
+        shown = subprocess.run(["git", "show", f"{git_rev}:params.yaml"], cwd=root, capture_output=True, text=True)
+        baseline = shown.stdout if shown.returncode == 0 else baseline
+    if params_yaml is not None:
+        run_forms.check_received_params(params_yaml, baseline, root, rules)
+    logger = get_run_logger()
+    if git_rev:
+        done = subprocess.run(
+            ["git", "checkout", "--quiet", "--force", git_rev], cwd=root, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise StageFailed(f"git checkout {git_rev} failed on the worker: {done.stderr.strip()}")
     if params_yaml is not None:
         (root / "params.yaml").write_text(params_yaml, encoding="utf-8")
     if dvc_lock:

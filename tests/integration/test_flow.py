@@ -147,14 +147,16 @@ def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(traine
     from flows.training import training_flow
 
     workspace, _ = trained
-    before = (workspace / "params.yaml").read_bytes()
+    before = {name: (workspace / name).read_bytes() for name in ("params.yaml", "dvc.lock", "metrics.json")}
     one_off = training_flow(
         workdir=str(workspace),
         overrides=overrides_from_strings(["evaluate.worst_examples=2"]),
         experiment="fewer-examples",
     )
     assert {s["stage"] for s in one_off["stages"] if s["ran"]} == {"evaluate"}
-    assert (workspace / "params.yaml").read_bytes() == before  # never the next run's settings
+    assert one_off["experiment"] == "fewer-examples" and one_off["metrics"] is not None
+    # Run in DVC's temporary copy: the workspace's settings, lock and outputs were never written.
+    assert {name: (workspace / name).read_bytes() for name in before} == before
     shown = json.loads(dvc(workspace, "exp", "show", "--json").stdout)
     names = {
         exp.get("name")
@@ -163,11 +165,16 @@ def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(traine
         for exp in ([exp] + (exp.get("revs") or []))
     }
     assert "fewer-examples" in json.dumps(shown), names
-    # Back on the saved settings, DVC restores evaluate's earlier outputs from its run-cache: that old
-    # promotion record was not made by this flow run, so it is neither exported nor announced again.
+    assert training_flow(workdir=str(workspace))["all_skipped"]  # the main line is as it was
+    # The same setting on the main line: DVC restores the experiment's evaluate outputs from its run-cache.
+    # That promotion record was not made by this flow run, so it is neither exported nor announced again.
+    original = load_params(workspace / "params.yaml").evaluate.worst_examples
+    write_overrides(workspace / "params.yaml", ["evaluate.worst_examples=2"])
     restored = training_flow(workdir=str(workspace))
     assert [s["stage"] for s in restored["stages"] if s["ran"]] == ["evaluate"]
     assert restored["export"] is None and not restored["promoted_now"]
+    write_overrides(workspace / "params.yaml", [f"evaluate.worst_examples={original}"])
+    training_flow(workdir=str(workspace))  # back to the saved settings for the tests below
 
 
 def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
