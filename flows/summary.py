@@ -8,6 +8,7 @@ from typing import Any
 
 from components.config import Params
 from components.contracts import IngestReport, PromotionRecord, TestMetrics, ValidationSummary
+from components.model_card import markdown_text
 
 REPORTS = {
     "ingest": (Path("reports/ingest.json"), IngestReport),
@@ -38,7 +39,7 @@ def collect_experiment(root: Path, params: Params, outcomes: list[dict[str, Any]
     """Like `collect`, with the reports read from a DVC experiment (the workspace holds the main line's).
 
     Reports kept in DVC's cache (metrics.json, the promotion record) are read from the experiment;
-    uncached ones (`cache: false`: ingest, validation) are not kept with it and are None.
+    a report the experiment never wrote (a stage that did not run there, say) is None.
     """
     from dvc.api import DVCFileSystem
 
@@ -47,7 +48,7 @@ def collect_experiment(root: Path, params: Params, outcomes: list[dict[str, Any]
     for name, (path, contract) in REPORTS.items():
         try:
             text = fs.read_text(path.as_posix())
-        except Exception:  # not kept with the experiment (uncached), or that stage never wrote it
+        except Exception:  # that stage never wrote it in this experiment
             reports[name] = None
             continue
         reports[name] = contract.model_validate(json.loads(text)).model_dump(mode="json")
@@ -103,7 +104,10 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"- files: {ingest['files']} ({ingest['images']} images, {ingest['unreadable']} unreadable, "
             f"{ingest['refused_count']} refused)",
         ]
-        lines += [f"- {split}: {json.dumps(counts, sort_keys=True)}" for split, counts in ingest["counts"].items()]
+        lines += [
+            f"- {markdown_text(split)}: {markdown_text(json.dumps(counts, sort_keys=True))}"
+            for split, counts in ingest["counts"].items()
+        ]
     validation = result.get("validation") or {}
     if validation:
         counts = validation["counts"]
@@ -114,7 +118,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"- kept {counts['valid']} of {counts['files']} files, "
             f"quarantined {counts['quarantined']} (reports/validation/quarantine.csv)",
         ]
-        lines += [f"- warning: {w}" for w in validation["warnings"][:5]]
+        lines += [f"- warning: {markdown_text(w)}" for w in validation["warnings"][:5]]
     drift = result.get("drift") or {}
     if drift:
         lines += [
@@ -127,7 +131,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     metrics = result.get("metrics") or {}
     if metrics:
         lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+        lines += [
+            f"| {markdown_text(k)} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))
+        ]
     promotion = result.get("promotion") or {}
     if promotion:
         lines += [
@@ -135,7 +141,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "## Registry",
             f"- model: `{result['registered_model']}` version {promotion['version']}",
             f"- champion: {'yes' if promotion['promoted'] else 'no'}",
-            *[f"- {reason}" for reason in promotion["reasons"]],
+            *[f"- {markdown_text(reason)}" for reason in promotion["reasons"]],
         ]
     export = result.get("export") or {}
     if export:
