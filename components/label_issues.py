@@ -89,7 +89,11 @@ def find_label_issues(
         return LabelIssues(pd.DataFrame(columns=COLUMNS), np.zeros(len(labels), dtype=bool), 0)
     probs = out_of_fold_probabilities(features, labels, len(classes), k, seed)
     scores = get_label_quality_scores(labels, probs, method="self_confidence")
-    ranked = cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", min_examples_per_class=1)
+    # n_jobs=1: cleanlab would fork a pool from a process that holds TensorFlow/JAX threads, which can
+    # deadlock the child (it hung the test suite once); thresholding probabilities takes milliseconds anyway.
+    ranked = cleanlab_find(
+        labels, probs, return_indices_ranked_by="self_confidence", min_examples_per_class=1, n_jobs=1
+    )
     budget = int(np.floor(max_excluded_fraction * len(labels)))
     excluded = np.zeros(len(labels), dtype=bool)
     excluded[ranked[:budget]] = True
