@@ -162,7 +162,9 @@ def _check_pixels(img: Image.Image, limits: ImageLimits) -> None:
 def _guarded(limits: ImageLimits) -> Iterator[None]:
     """Pillow's own warnings (EXIF, palette) are not our verdict, but its bomb warning is an error, at
     our cap: it is raised for images inside images (an ICO's PNG) before they are decoded."""
-    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # one assignment; a process decodes under one set of limits
+    # Pillow reads its cap from a module global: ours while we decode, the previous one again afterwards, so
+    # a small cap (serving's) does not stay behind for the process's other images (its own report pictures).
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -170,6 +172,8 @@ def _guarded(limits: ImageLimits) -> Iterator[None]:
             yield
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise UnusableImage(f"decompression-bomb guard: {exc} (max_pixels={limits.max_pixels})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def inspect_image(source: str | Path | bytes | BinaryIO, limits: ImageLimits) -> ImageFacts:

@@ -506,6 +506,7 @@ def test_an_icon_whose_embedded_png_is_larger_than_its_header_is_refused_before_
 def test_ingest_decodes_only_the_allowed_formats_and_keeps_pillows_cap_on(tmp_path: Path):
     from PIL import Image
 
+    before = Image.MAX_IMAGE_PIXELS
     source = make_classes(tmp_path / "src", {"a": 3})
     write_ico_with_a_larger_png(source / "a" / "icon.ico", 3000)
     write_image(source / "a" / "anim.gif", fmt="GIF", seed=4)
@@ -518,4 +519,21 @@ def test_ingest_decodes_only_the_allowed_formats_and_keeps_pillows_cap_on(tmp_pa
         )
         assert rows.loc[name, "width"] == 0 and rows.loc[name, "sha256"]  # hashed, never decoded
     assert result.images == 3
-    assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS  # ours, not None
+    assert before is not None and Image.MAX_IMAGE_PIXELS == before  # never None; each decode applies its own cap
+
+
+def test_a_small_decode_cap_does_not_stay_behind_for_the_process(tmp_path: Path) -> None:
+    """Pillow's cap is a module global: a served request's small cap must not refuse the process's own pictures."""
+    from PIL import Image
+
+    from components.images import ImageLimits, UnusableImage, decode_rgb
+
+    before = Image.MAX_IMAGE_PIXELS
+    small = write_image(tmp_path / "small.png", size=(40, 40), fmt="PNG").read_bytes()
+    large = write_image(tmp_path / "large.png", size=(200, 200), fmt="PNG").read_bytes()
+    tiny_cap = ImageLimits(10_000_000, 2_000, ("PNG",))
+    decode_rgb(small, 8, tiny_cap)
+    with pytest.raises(UnusableImage):
+        decode_rgb(large, 8, tiny_cap)
+    assert Image.MAX_IMAGE_PIXELS == before
+    Image.open(tmp_path / "large.png").load()  # what tracking.log_picture does with a report picture
