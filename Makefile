@@ -10,7 +10,8 @@ SHARED ?= ../shared
 KERAS_SEED ?= $(SHARED)/keras/models
 # Data source for `make run`; empty keeps ingest.source from params.yaml
 SOURCE ?=
-# Tests in two processes, a test module per process (its fixtures train once); TEST_WORKERS=0 runs them in this one
+# Tests in two processes (three measured no faster on 2 cores: the suite is CPU-bound), a test
+# module per process (its fixtures train once); TEST_WORKERS=0 runs them in this one
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
@@ -23,7 +24,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install install-unlocked lock lint format keras-home test-py312 test-unit-fast run test test-fast benchmark soak e2e-loopback mlflow-ui
+.PHONY: install install-unlocked lock lint format keras-home test-py312 test-unit-fast benchmark-checks run test test-fast benchmark soak e2e-loopback mlflow-ui
 
 # The environment is the lock, not whatever the index serves today: requirements/dev-$(TF_EXTRA).lock
 # (hashed, x86_64 Linux, Python 3.11) is synced exactly (packages not in it are removed), then the
@@ -78,7 +79,11 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: install keras-home
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not benchmark_check"
+
+# The benchmarks' own dry runs (benchmarks/gpu_check.sh on CPU under JAX): CI runs them after make test
+benchmark-checks: install keras-home
+	$(BIN)/python -m pytest -m benchmark_check
 
 # The second interpreter CI runs: Python 3.12 in its own venv, the unit tests that train no model
 # (pyenv's shims answer `command -v` for versions that are not active: ask each one for its real path)
@@ -89,10 +94,10 @@ test-py312:
 	$(MAKE) --no-print-directory PYTHON="$(PYTHON312)" VENV=.venv-py3.12 test-unit-fast
 
 test-unit-fast: install keras-home
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) tests/unit -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) tests/unit -m "not slow and not benchmark_check"
 
 test-fast: install keras-home
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow and not benchmark_check"
 
 # Results land in benchmarks/results/$(NAME).{json,md} and $(NAME)_curves.png
 benchmark: install keras-home

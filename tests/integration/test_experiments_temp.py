@@ -26,10 +26,11 @@ from components.config import overrides_from_strings, write_overrides
 from components.run_forms import RunFormRefused
 from tests.conftest import FLOWERS, copy_subset
 from tests.integration.conftest import make_tiny_workspace
+from tests.integration.test_faults import FAULT_SETTINGS
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"model": {"alpha": 0.35, "image_size": 64}, "train_head": {"epochs": 3, "early_stopping_patience": 2}}
+SMALL = FAULT_SETTINGS  # stages that run, not models that learn
 OUTPUTS = ("data", "models", "reports", "metrics.json")
 RUN_TIMEOUT_S = 900
 

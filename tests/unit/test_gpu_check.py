@@ -30,7 +30,7 @@ def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark_check
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')")
 def test_dry_run_fine_tunes_under_jax_and_checks_parity(tmp_path: Path, keras_home: Path) -> None:
     done = run_script(
