@@ -39,6 +39,33 @@ KERAS_HOME = _offline_keras_home()
 
 import components  # noqa: E402, F401  (its package init switches telemetry off before anything else loads)
 
+TRACKING_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tracking_environment_per_module():
+    """Each test module starts with the session's MLflow variables.
+
+    `mlflow.set_tracking_uri` (every flow and stage calls it) also writes MLFLOW_TRACKING_URI into
+    os.environ, so a module run earlier in the same xdist worker sent a later module's `dvc repro`
+    subprocesses to its own store (a workspace's model registered elsewhere, seen in CI).
+    """
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in TRACKING_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # the process-global one too (None: MLflow's default)
+
 
 @pytest.fixture(scope="session")
 def keras_home() -> Path:
