@@ -142,7 +142,8 @@ def check_output(out_csv: str, root: Path, rules: DeploymentsConfig) -> Path:
     """Batch prediction's CSV: a file inside `deployments.output_dir` (relative names land there)."""
     out_dir = _real(Path(rules.output_dir), root)
     real = _real(Path(out_csv) if os.path.isabs(out_csv) else out_dir / out_csv, root)
-    if real.suffix.lower() != ".csv" or out_dir not in real.parents:
+    printable = all(ch.isprintable() for ch in out_csv)  # a newline or escape in a name reaches logs and listings
+    if not printable or real.suffix.lower() != ".csv" or out_dir not in real.parents:
         raise refuse("out_csv", out_csv, "must be a .csv file inside deployments.output_dir")
     return real
 

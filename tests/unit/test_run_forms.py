@@ -80,6 +80,7 @@ def refused_before_anything_runs(call, monkeypatch: pytest.MonkeyPatch, root: Pa
         "{tmp}/outside/out.csv",
         "{ws}/params.csv",
         "link/out.csv",  # a link inside the output folder that leads out of it
+        "two\nlines.csv",  # inside the folder, but a control character in the name
     ],
 )
 def test_batch_predict_refuses_an_out_csv_outside_the_output_folder(workspace, monkeypatch, out_csv):
