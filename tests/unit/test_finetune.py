@@ -34,8 +34,9 @@ def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
     import keras
 
     backbone = plain_classifier(model).get_layer("backbone")
+    # convert_to_numpy, not np.array: a Keras variable's __array__ lacks numpy 2's copy keyword
     return {
-        layer.name: [np.array(layer.moving_mean), np.array(layer.moving_variance)]
+        layer.name: [keras.ops.convert_to_numpy(layer.moving_mean), keras.ops.convert_to_numpy(layer.moving_variance)]
         for layer in backbone.layers
         if isinstance(layer, keras.layers.BatchNormalization)
     }
