@@ -13,7 +13,7 @@ SOURCE ?=
 # Tests in two processes (three measured no faster on 2 cores: the suite is CPU-bound), a test
 # module per process (its fixtures train once); TEST_WORKERS=0 runs them in this one
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 export KERAS_HOME ?= $(CURDIR)/.keras
 export PATH := $(BIN):$(PATH)

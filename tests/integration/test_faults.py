@@ -1,4 +1,4 @@
-"""Faults injected into the real stage processes: full and read-only disks, SIGKILL mid-stage.
+"""Faults injected into the real stage processes: full and read-only disks, SIGKILL mid-copy.
 
 Every test starts the real CLI (`python -m components.<stage>`, or `dvc repro`) as a subprocess.
 Disk faults are real, not mocked: a tiny tmpfs (full after a few KiB) or a read-only tmpfs mounted
@@ -25,11 +25,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmarks.workspace import REPO, dvc, tool_env
+from benchmarks.workspace import REPO, tool_env
 from components.ingest import CACHE_DIRNAME
 from tests.datakit import make_classes, tree_digest
 from tests.evalkit import make_model_dir, write_manifest
-from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
@@ -280,17 +279,6 @@ def test_ingest_killed_mid_copy_keeps_the_previous_complete_version(tmp_path: Pa
     assert list((tmp_path / "data").glob(f"{CACHE_DIRNAME}/staging-*")) == []  # the killed run's scratch, swept
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project trained up to finetune (1 epoch) with `dvc repro`, MLflow in the workspace's sqlite."""
-    root = tmp_path_factory.mktemp("faults")
-    source = make_classes(root / "source", {"alpha": 12, "beta": 12})
-    ws = make_tiny_workspace(root / "ws", source, **FAULT_SETTINGS)
-    proc = dvc(ws, "repro", "finetune", check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return ws
-
-
 def runs_named(ws: Path, name: str) -> int:
     db = ws / "mlflow.db"
     if not db.exists():
@@ -300,60 +288,3 @@ def runs_named(ws: Path, name: str) -> int:
             return conn.execute("select count(*) from runs where name = ?", (name,)).fetchone()[0]
         except sqlite3.OperationalError:  # mid-migration or locked: not yet
             return 0
-
-
-def test_dvc_repro_killed_during_train_head_reruns_it_cleanly(workspace: Path) -> None:
-    ws = workspace
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train_head"]["epochs"] = 4  # a changed param: train_head must run again
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    runs_before = runs_named(ws, "train_head")
-
-    dvc_bin = str(Path(PYTHON).parent / "dvc")
-    proc = start([dvc_bin, "repro", "train_head"], ws, ws.parent / "train_head_killed.log")
-    kill_when(proc, lambda: runs_named(ws, "train_head") > runs_before)  # tracking started, training under way
-
-    head = ws / "models" / "head"
-    assert not head.exists() or {"model.keras", "classes.json", "run.json"} <= {p.name for p in head.iterdir()}
-    status = dvc(ws, "status", "train_head").stdout
-    assert "changed" in status  # dvc.lock still describes the old run: nothing takes the killed one for done
-    rerun = dvc(ws, "repro", "train_head", check=False)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert yaml.safe_load((head / "run.json").read_text()) and (head / "model.keras").stat().st_size > 0
-    assert [p.name for p in (ws / "models").iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
-
-
-def test_finetune_killed_after_an_epoch_resumes_from_the_next_one(workspace: Path) -> None:
-    ws = workspace
-    dvc(ws, "repro", "train_head")  # whatever the previous test left, a complete head
-    finetune_dir = ws / "models" / "finetune"
-    previous = sha256(finetune_dir / "model.keras") if (finetune_dir / "model.keras").exists() else None
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["finetune"].update(epochs=12, early_stopping_patience=12)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"].split()
-    cmd[0] = PYTHON
-
-    proc = start(cmd, ws, ws.parent / "finetune_killed.log")
-
-    def epochs_done() -> int:
-        logs = list((ws / ".checkpoints" / "finetune").glob("*/epochs.csv"))
-        return max((len(log.read_text().strip().splitlines()) - 1 for log in logs), default=0)
-
-    kill_when(proc, lambda: epochs_done() >= 1)
-    done_at_kill = epochs_done()
-    run_id_at_kill = next((ws / ".checkpoints" / "finetune").glob("*/mlflow_run_id.txt")).read_text().strip()
-
-    if previous is None:
-        assert not finetune_dir.exists()
-    else:  # the complete 1-epoch model from the fixture, untouched
-        assert sha256(finetune_dir / "model.keras") == previous
-        assert yaml.safe_load((finetune_dir / "run.json").read_text())["epochs_run"] == 1
-    rerun = subprocess.run(cmd, cwd=ws, env=stage_env(), capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    resumed = int(re.search(r"resumed at epoch (\d+)", rerun.stdout).group(1))
-    # BackupAndRestore saves before the CSV row is written: at most one more epoch than the log shows
-    assert done_at_kill + 1 <= resumed <= done_at_kill + 2
-    info = yaml.safe_load((finetune_dir / "run.json").read_text())
-    assert info["epochs_run"] == 12 and info["run_id"] == run_id_at_kill  # one MLflow run across the kill
-    assert not any((ws / ".checkpoints" / "finetune").iterdir())  # checkpoint removed after success

@@ -1,18 +1,32 @@
-"""The Prefect flow end to end on a small real subset, then the DVC no-op and partial-rerun guarantees."""
+"""The Prefect flow end to end on a small real subset, then the DVC no-op and partial-rerun guarantees.
+
+One workspace is trained once (the module's fixture) and every later test works on it, in file order:
+reruns, locks, `--set` experiments (one killed with SIGKILL through the CLI, as an OOM kill or a lost
+machine would; then one completed in-process), the deployment entry points, queued experiments, drift.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
-from benchmarks.workspace import dvc
-from components.config import load_params, write_overrides
+from benchmarks.workspace import dvc, tool_env
+from components.config import load_params, overrides_from_strings, write_overrides
+from components.run_forms import RunFormRefused
 from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow
+OUTPUTS = ("data", "models", "reports", "metrics.json")
+RUN_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +141,6 @@ def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
 
 
 def test_a_run_refused_by_the_lock_changes_nothing(trained):
-    from components.config import overrides_from_strings
     from flows.training import LOCK_FILE, training_flow
 
     workspace, _ = trained
@@ -142,12 +155,67 @@ def test_a_run_refused_by_the_lock_changes_nothing(trained):
     assert (workspace / "params.yaml").read_bytes() == before
 
 
-def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(trained):
-    from components.config import overrides_from_strings
+def snapshot(ws: Path) -> dict[str, str]:
+    """sha256 of params.yaml, dvc.lock and every file of the DVC outputs (the workspace's state)."""
+    paths = [ws / "params.yaml", ws / "dvc.lock"]
+    for name in OUTPUTS:
+        target = ws / name
+        paths += sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+    return {
+        str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "absent"
+        for p in paths
+        if not p.name.startswith("run_summary.")  # the flow's own summary of its last run, not a DVC output
+    }
+
+
+def flow_cli(ws: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`python -m flows.training --workdir WS ARGS` in a session of its own (so all it starts can be killed)."""
+    env = tool_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(
+        PREFECT_HOME=str(ws.parent / "prefect_home"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+        PYTHONPATH=str(ws),  # the workspace's copy of the project, as a user's clone runs it
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.training", "--workdir", str(ws), *args],
+        cwd=ws,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"never saw {text!r} (exit {proc.poll()}):\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.5)
+
+
+def test_a_set_experiment_killed_mid_run_leaves_the_workspace_byte_identical(trained):
+    workspace, _ = trained
+    before = snapshot(workspace)
+    log = workspace.parent / "killed.log"
+    proc = flow_cli(workspace, log, "--set", "train_head.epochs=2", "--name", "killed")
+    wait_for_line(proc, log, "Running stage 'train_head'")
+    time.sleep(3)  # training under way
+    os.killpg(proc.pid, signal.SIGKILL)  # the flow, DVC and the stage process: as an OOM kill or a lost machine
+    proc.wait(timeout=60)
+
+    assert snapshot(workspace) == before, log.read_text(errors="replace")[-3000:]
+    status = dvc(workspace, "status", "--json").stdout
+    assert json.loads(status or "{}") == {}, status  # DVC agrees: settings, lock and outputs are as reproduced
+
+
+def test_set_after_a_kill_runs_an_experiment_and_a_run_cache_restore_announces_nothing(trained):
     from flows.training import training_flow
 
     workspace, _ = trained
-    before = {name: (workspace / name).read_bytes() for name in ("params.yaml", "dvc.lock", "metrics.json")}
+    before = snapshot(workspace)
     one_off = training_flow(
         workdir=str(workspace),
         overrides=overrides_from_strings(["evaluate.worst_examples=2"]),
@@ -156,15 +224,21 @@ def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(traine
     assert {s["stage"] for s in one_off["stages"] if s["ran"]} == {"evaluate"}
     assert one_off["experiment"] == "fewer-examples" and one_off["metrics"] is not None
     # Run in DVC's temporary copy: the workspace's settings, lock and outputs were never written.
-    assert {name: (workspace / name).read_bytes() for name in before} == before
+    assert snapshot(workspace) == before
     shown = json.loads(dvc(workspace, "exp", "show", "--json").stdout)
-    names = {
-        exp.get("name")
-        for rev in shown
-        for exp in (rev.get("experiments") or [])
-        for exp in ([exp] + (exp.get("revs") or []))
-    }
-    assert "fewer-examples" in json.dumps(shown), names
+    experiments = {exp["name"]: exp for rev in shown for exp in (rev.get("experiments") or []) if exp.get("name")}
+    assert "fewer-examples" in experiments, list(experiments)
+    data = experiments["fewer-examples"]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["evaluate"]["worst_examples"] == 2
+    assert 0.0 <= data["metrics"]["metrics.json"]["data"]["accuracy"] <= 1.0
+    # Tracked in the workspace's store: one finished parent for the experiment, evaluate nested under it.
+    client = mlflow_client(workspace)
+    runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+    parents = [run for run in runs if run.data.tags.get("dvc_experiment") == "fewer-examples"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [r.data.tags for r in runs]
+    nested = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert {run.data.tags.get("stage") for run in nested} == {"evaluate"}
+
     assert training_flow(workdir=str(workspace))["all_skipped"]  # the main line is as it was
     # The same setting on the main line: DVC restores the experiment's evaluate outputs from its run-cache.
     # That promotion record was not made by this flow run, so it is neither exported nor announced again.
@@ -175,6 +249,38 @@ def test_set_runs_an_experiment_and_a_run_cache_restore_announces_nothing(traine
     assert restored["export"] is None and not restored["promoted_now"]
     write_overrides(workspace / "params.yaml", [f"evaluate.worst_examples={original}"])
     training_flow(workdir=str(workspace))  # back to the saved settings for the tests below
+
+
+def test_deployment_entry_points_run_an_allowed_form_and_refuse_the_rest(
+    trained, flowers_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.predict import batch_predict_deployment
+    from flows.training import training_deployment
+
+    workspace, _ = trained
+    monkeypatch.chdir(workspace)  # a worker runs in its workspace (prefect.yaml's pull step)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", tool_env()["PATH"])
+    images = flowers_source / "daisy"
+    write_overrides(workspace / "params.yaml", [f"deployments.input_roots={json.dumps([str(flowers_source)])}"])
+    before = snapshot(workspace)
+
+    with pytest.raises(RunFormRefused, match="out_csv"):
+        batch_predict_deployment(inputs=str(images), out_csv="../../escaped.csv")
+    with pytest.raises(RunFormRefused, match="ingest.allow_private_hosts: ingest is a limit"):
+        training_deployment(overrides=overrides_from_strings(["ingest.allow_private_hosts=true"]))
+    assert snapshot(workspace) == before and not (workspace.parent / "escaped.csv").exists()
+
+    scored = batch_predict_deployment(inputs=str(images), out_csv="daisy.csv")
+    n_daisies = sum(1 for p in images.iterdir() if p.is_file())
+    assert scored["out_csv"] == str(workspace.resolve() / "predictions" / "daisy.csv")
+    assert scored["n_images"] == n_daisies
+    result = training_deployment(
+        overrides=overrides_from_strings(["evaluate.worst_examples=3"]), experiment="from-a-run-form"
+    )
+    assert result["experiment"] == "from-a-run-form"
+    assert {s["stage"] for s in result["stages"] if s["ran"]} == {"evaluate"}
+    assert snapshot(workspace) == before
 
 
 def test_queued_dvc_experiments_share_the_store_and_show_side_by_side(trained):

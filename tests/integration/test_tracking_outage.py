@@ -4,11 +4,16 @@ One real `mlflow server` on loopback, one tiny workspace: train up to finetune a
 server, watch evaluate (and a fresh train_head/finetune) fail with the server named but redacted,
 start the server again on the same store and port, and `dvc repro` only evaluates. The secret must
 show up nowhere: not in any stage's output, the workspace files, or anything the server stored.
+
+Then the same trained workspace takes SIGKILLs (tracking to its own sqlite store from here on):
+`dvc repro` killed during train_head reruns it cleanly, and finetune killed after an epoch resumes
+from the next one. They share this module's workspace because training one costs a minute.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -19,10 +24,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from benchmarks.workspace import dvc
 from tests.datakit import make_classes
 from tests.evalkit import free_port, start_mlflow_server, stop
 from tests.integration.conftest import make_tiny_workspace
-from tests.integration.test_faults import FAULT_SETTINGS, stage_env
+from tests.integration.test_faults import FAULT_SETTINGS, PYTHON, kill_when, runs_named, stage_env, start
 
 pytestmark = pytest.mark.slow
 SECRET = "s3cr3t-token"
@@ -161,3 +167,66 @@ def test_the_secret_in_the_tracking_uri_is_stored_and_shown_nowhere(outage: dict
     files += [p for p in outage["store"].rglob("*") if p.suffix != ".log"]
     leaks = [str(p) for p in files if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []
+
+
+@pytest.fixture(scope="module")
+def workspace(outage: dict[str, Any]) -> Path:
+    """The outage's workspace, trained and evaluated; from here on stages track to its own sqlite store."""
+    return outage["ws"]
+
+
+def test_dvc_repro_killed_during_train_head_reruns_it_cleanly(workspace: Path) -> None:
+    ws = workspace
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train_head"]["epochs"] = 4  # a changed param: train_head must run again
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runs_before = runs_named(ws, "train_head")
+
+    dvc_bin = str(Path(PYTHON).parent / "dvc")
+    proc = start([dvc_bin, "repro", "train_head"], ws, ws.parent / "train_head_killed.log")
+    kill_when(proc, lambda: runs_named(ws, "train_head") > runs_before)  # tracking started, training under way
+
+    head = ws / "models" / "head"
+    assert not head.exists() or {"model.keras", "classes.json", "run.json"} <= {p.name for p in head.iterdir()}
+    status = dvc(ws, "status", "train_head").stdout
+    assert "changed" in status  # dvc.lock still describes the old run: nothing takes the killed one for done
+    rerun = dvc(ws, "repro", "train_head", check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert yaml.safe_load((head / "run.json").read_text()) and (head / "model.keras").stat().st_size > 0
+    assert [p.name for p in (ws / "models").iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
+
+
+def test_finetune_killed_after_an_epoch_resumes_from_the_next_one(workspace: Path) -> None:
+    ws = workspace
+    dvc(ws, "repro", "train_head")  # whatever the previous test left, a complete head
+    finetune_dir = ws / "models" / "finetune"
+    previous = sha256(finetune_dir / "model.keras") if (finetune_dir / "model.keras").exists() else None
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["finetune"].update(epochs=12, early_stopping_patience=12)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["finetune"]["cmd"].split()
+    cmd[0] = PYTHON
+
+    proc = start(cmd, ws, ws.parent / "finetune_killed.log")
+
+    def epochs_done() -> int:
+        logs = list((ws / ".checkpoints" / "finetune").glob("*/epochs.csv"))
+        return max((len(log.read_text().strip().splitlines()) - 1 for log in logs), default=0)
+
+    kill_when(proc, lambda: epochs_done() >= 1)
+    done_at_kill = epochs_done()
+    run_id_at_kill = next((ws / ".checkpoints" / "finetune").glob("*/mlflow_run_id.txt")).read_text().strip()
+
+    if previous is None:
+        assert not finetune_dir.exists()
+    else:  # the complete 1-epoch model from the fixture, untouched
+        assert sha256(finetune_dir / "model.keras") == previous
+        assert yaml.safe_load((finetune_dir / "run.json").read_text())["epochs_run"] == 1
+    rerun = subprocess.run(cmd, cwd=ws, env=stage_env(), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    resumed = int(re.search(r"resumed at epoch (\d+)", rerun.stdout).group(1))
+    # BackupAndRestore saves before the CSV row is written: at most one more epoch than the log shows
+    assert done_at_kill + 1 <= resumed <= done_at_kill + 2
+    info = yaml.safe_load((finetune_dir / "run.json").read_text())
+    assert info["epochs_run"] == 12 and info["run_id"] == run_id_at_kill  # one MLflow run across the kill
+    assert not any((ws / ".checkpoints" / "finetune").iterdir())  # checkpoint removed after success

@@ -1,10 +1,11 @@
-"""The project's model code under KERAS_BACKEND=jax (what a GPU worker without TensorFlow runs).
+"""The project's model code under KERAS_BACKEND=jax, as a GPU worker without TensorFlow runs it.
 
-In a subprocess (the backend is fixed when Keras is imported): build the classifier with
-components.backbones, run it on raw images of another size, unfreeze the top as finetune does and
-take one training step with finetune's optimizer/schedule/loss, with `import tensorflow` made to
-fail as on the GPU machine. The fine-tuned model saved under JAX then loads under TensorFlow here and
-gives the same outputs.
+One subprocess (the backend is fixed when Keras is imported), with `import tensorflow` made to fail
+as on the GPU machine, does two things: (1) builds the classifier with components.backbones, runs it
+on raw images of another size, unfreezes the top as finetune does and takes one training step with
+finetune's optimizer/schedule/loss; (2) runs the finetune stage end to end (`run_finetune`, input
+through the PyDataset, not tf.data) on a head trained here under TensorFlow. The models it saves load
+under TensorFlow here and give the same outputs. One process for both: a JAX start-up costs seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,7 +32,7 @@ pytestmark = [
     ),
 ]
 
-JAX_SCRIPT = textwrap.dedent("""
+JAX_WORKER_SCRIPT = textwrap.dedent("""
     import importlib.abc, json, sys
 
     class NoTensorFlow(importlib.abc.MetaPathFinder):
@@ -47,7 +49,8 @@ JAX_SCRIPT = textwrap.dedent("""
     from components.config import FinetuneConfig, ModelConfig, TrainHeadConfig
     from components.finetune import lr_schedule
 
-    out = sys.argv[1]
+    out = sys.argv[1]  # the backend checks write here
+    as_np = keras.ops.convert_to_numpy
     keras.utils.set_random_seed(0)
     model, base = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=0.35, image_size=64,
                                                weights="imagenet"), 3, TrainHeadConfig())
@@ -64,8 +67,8 @@ JAX_SCRIPT = textwrap.dedent("""
     trained = next(l for l in base.layers[start:] if l.trainable and l.weights)
     frozen = next(l for l in base.layers[:start] if l.weights)
     bn = next(l for l in base.layers[start:] if isinstance(l, keras.layers.BatchNormalization))
-    before = {n: np.array(l.weights[0]) for n, l in (("trained", trained), ("frozen", frozen))}
-    moving_mean = np.array(bn.moving_mean)
+    before = {n: as_np(l.weights[0]) for n, l in (("trained", trained), ("frozen", frozen))}
+    moving_mean = as_np(bn.moving_mean)
     y = np.eye(3, dtype="float32")[[0, 1, 2, 0]]
     history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     trained_probs = np.asarray(model.predict(x, verbose=0))
@@ -75,26 +78,72 @@ JAX_SCRIPT = textwrap.dedent("""
         "backend": keras.config.backend(),
         "probs_shape": list(probs.shape),
         "loss": float(history.history["loss"][0]),
-        "trained_layer_changed": bool(np.abs(np.array(trained.weights[0]) - before["trained"]).max() > 0),
-        "frozen_layer_changed": bool(np.abs(np.array(frozen.weights[0]) - before["frozen"]).max() > 0),
-        "batchnorm_stats_changed": bool(np.abs(np.array(bn.moving_mean) - moving_mean).max() > 0),
+        "trained_layer_changed": bool(np.abs(as_np(trained.weights[0]) - before["trained"]).max() > 0),
+        "frozen_layer_changed": bool(np.abs(as_np(frozen.weights[0]) - before["frozen"]).max() > 0),
+        "batchnorm_stats_changed": bool(np.abs(as_np(bn.moving_mean) - moving_mean).max() > 0),
     }, open(out + "/result.json", "w"))
+
+    # --- the finetune stage end to end, in the same worker process (one JAX start for both)
+    from pathlib import Path
+
+    from components import data
+    from components.finetune import run_finetune
+    from tests.modelkit import tiny_params
+
+    root, out = Path(sys.argv[2]), Path(sys.argv[3])  # the finetune run
+    pipelines = []
+    labelled_batches = data.labelled_batches
+
+    def recorded(*args, **kwargs):
+        batches = labelled_batches(*args, **kwargs)
+        pipelines.append(type(batches).__name__)
+        return batches
+
+    data.labelled_batches = recorded
+    # flip_tta on: the mirror layer and the two-view calibration run under JAX too.
+    params = tiny_params(finetune={"flip_tta": "on"})
+    result = run_finetune(params, root / "validated.csv", root / "policy.json", root / "models/head",
+                          out / "models/finetune", out / "reports", checkpoint_root=out / "ckpt")
+    folder = data.load_model_dir(out / "models/finetune")
+    val = data.load_split(root / "validated.csv", "val")
+    x = np.stack([data.load_rgb(p, 64) for p in val.paths]).astype("float32")
+    np.savez(out / "probs.npz", x=x, probs=np.asarray(folder.model.predict(x, verbose=0)))
+    json.dump({"backend": keras.config.backend(), "pipelines": pipelines, "epochs_run": result.epochs_run,
+               "tensorflow_imported": "tensorflow" in sys.modules}, open(out / "result.json", "w"))
 """)
 
 
-def test_classifier_builds_predicts_and_trains_under_jax(tmp_path: Path, keras_home: Path) -> None:
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+@pytest.fixture(scope="module")
+def jax_worker(tmp_path_factory: pytest.TempPathFactory, keras_home: Path) -> dict[str, Path]:
+    """Run the script once: a head trained here under TensorFlow (1 epoch), then the JAX subprocess."""
+    root = tmp_path_factory.mktemp("jax_worker")
+    head = train_tiny_head(root / "head_ws", tiny_params(train_head={"epochs": 1}))["root"]
+    backend_out, finetune_out = root / "backend", root / "finetune"
+    backend_out.mkdir()
+    finetune_out.mkdir()
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{finetune_out}/mlflow.db",
+    }
     # The weights the session fixture seeded (Keras fixes its home at import, so pass it on explicitly).
     env.setdefault("KERAS_HOME", str(keras_home))
     done = subprocess.run(
-        [sys.executable, "-c", JAX_SCRIPT, str(tmp_path)],
-        cwd=REPO,
+        [sys.executable, "-c", JAX_WORKER_SCRIPT, str(backend_out), str(head), str(finetune_out)],
+        cwd=finetune_out,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return {"backend": backend_out, "finetune": finetune_out}
+
+
+def test_classifier_builds_predicts_and_trains_under_jax(jax_worker: dict[str, Path]) -> None:
+    tmp_path = jax_worker["backend"]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["backend"] == "jax" and result["probs_shape"] == [4, 3]
     assert np.isfinite(result["loss"])
@@ -110,3 +159,24 @@ def test_classifier_builds_predicts_and_trains_under_jax(tmp_path: Path, keras_h
     np.testing.assert_allclose(forward["probs"].sum(axis=1), 1.0, atol=1e-5)
     reloaded = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(reloaded.predict(forward["x"], verbose=0), trained["probs"], atol=1e-5)
+
+
+def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_model(
+    jax_worker: dict[str, Path],
+) -> None:
+    tmp_path = jax_worker["finetune"]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["backend"] == "jax" and not result["tensorflow_imported"] and result["epochs_run"] == 1
+    assert result["pipelines"] == ["ImageBatches", "ImageBatches"]  # train and val through the PyDataset
+    run_info = json.loads((tmp_path / "models/finetune/run.json").read_text())
+    assert run_info["device"]["backend"] == "jax" and run_info["device"]["input_pipeline"] == "PyDataset"
+    assert (tmp_path / "models/finetune/drift_reference.npz").is_file()
+    assert json.loads((tmp_path / "reports/calibration.json").read_text())["calibrated"]
+    assert run_info["flip_tta"]
+
+    # The model a JAX worker wrote is an ordinary model folder: TensorFlow (this process) loads it and agrees.
+    from components.data import load_model_dir
+
+    saved = np.load(tmp_path / "probs.npz")
+    reloaded = load_model_dir(tmp_path / "models/finetune")
+    np.testing.assert_allclose(reloaded.model.predict(saved["x"], verbose=0), saved["probs"], atol=1e-4)
