@@ -737,15 +737,19 @@ def _summary(
     )
 
 
-@errors.cli_errors("validate")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections validate, ingest)")
     parser.add_argument("--manifest", default="data/manifest.csv", help="written by ingest")
     parser.add_argument("--out-manifest", default="data/validated.csv", help="rows that passed")
     parser.add_argument("--report-dir", default="reports/validation", help="summary.json, quarantine.csv, data_docs/")
     parser.add_argument("--ingest-report", default=None, help="reports/ingest.json: class folders and data version")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("validate")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
         result = run_validate(
