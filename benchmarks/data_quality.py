@@ -18,6 +18,7 @@ benchmarks/results/data_quality.{json,md} and data_quality_*.png.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -400,7 +401,17 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """No options: the parser gives --help and refuses stray arguments."""
+    return argparse.ArgumentParser(
+        prog="python -m benchmarks.data_quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def main() -> None:
+    build_parser().parse_args()
     os.environ.setdefault("KERAS_HOME", str(sets.REPO / ".keras"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     flowers = sets.flower_rows()

@@ -7,6 +7,7 @@ guarded loader all read files exactly as the pipeline would.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
@@ -176,7 +177,15 @@ def features(rows: list[dict[str, str]], name: str) -> tuple[np.ndarray, float]:
     return x, seconds
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """No options: the parser gives --help and refuses stray arguments."""
+    return argparse.ArgumentParser(
+        prog="python -m benchmarks.dq_sets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def main() -> None:
+    build_parser().parse_args()
     os.environ.setdefault("KERAS_HOME", str(REPO / ".keras"))
     flowers = flower_rows()
     features(flowers, "flowers")

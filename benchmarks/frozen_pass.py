@@ -244,17 +244,21 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.frozen_pass", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--alpha", type=float, default=0.5, help="MobileNetV2 width multiplier")
+    parser.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--batches", type=int, default=4, help="batches per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weights", default="imagenet")
-    parser.add_argument("--out", type=Path, default=RESULTS / "frozen_pass")
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per engine (interleaved; the best counts)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
+    parser.add_argument("--weights", default="imagenet", help="backbone weights, as model.weights in params.yaml")
+    parser.add_argument("--out", type=Path, default=RESULTS / "frozen_pass", help="results path; .json and .md added")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)  # before TensorFlow starts its pools

@@ -96,15 +96,19 @@ def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_s
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True, help="folder of class sub-folders")
-    parser.add_argument("--per-class", type=int, default=60)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=RESULTS / "input_pipeline.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--per-class", type=int, default=60, help="images taken from each class")
+    parser.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
+    parser.add_argument("--alpha", type=float, default=0.5, help="MobileNetV2 width multiplier")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--out", type=Path, default=RESULTS / "input_pipeline.json", help="results (JSON)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     figures = measure(args.source, args.per_class, args.image_size, args.alpha, args.batch_size)
     report = {
         **figures,

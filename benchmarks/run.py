@@ -540,11 +540,17 @@ def _split_counts(workspace: Path) -> str:
     return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(REPO.parent / "shared/datasets/flower_photos"))
-    parser.add_argument("--name", default="flowers")
-    parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "work"))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source", default=str(REPO.parent / "shared/datasets/flower_photos"), help="folder of class sub-folders"
+    )
+    parser.add_argument("--name", default="flowers", help="names the workspace and the result files")
+    parser.add_argument(
+        "--workdir", default=str(REPO / "benchmarks" / "work"), help="parent of the fresh workspace NAME"
+    )
     parser.add_argument(
         "--set",
         dest="settings",
@@ -561,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("FROZEN", "FINETUNE"),
         help="epochs of both baselines' two phases",
     )
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    parser.add_argument(
+        "--baselines", nargs="*", default=list(BASELINES), choices=BASELINES, help="the baselines to run"
+    )
     parser.add_argument("--results", default=str(RESULTS), help="folder for <name>.json/.md/_curves.png")
     parser.add_argument(
         "--test-from",
@@ -574,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rewrite <name>.md and _curves.png from an existing <name>.json; run nothing",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     results = Path(args.results)
     if args.report_only:
         result = json.loads((results / f"{args.name}.json").read_text())

@@ -95,13 +95,23 @@ def soak(workspace: Path, runs: int) -> dict[str, Any]:
     return {"runs": records, "problems": problems, "ok": not problems}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(REPO.parent / "shared/datasets/flower_photos"))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source", default=str(REPO.parent / "shared/datasets/flower_photos"), help="folder of class sub-folders"
+    )
     parser.add_argument("--per-class", type=int, default=30, help="images per class copied from the source")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "work" / "soak"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--runs", type=int, default=5, help="training flow runs in a row")
+    parser.add_argument(
+        "--workdir", default=str(REPO / "benchmarks" / "work" / "soak"), help="where the fresh workspace goes"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)  # our own scratch folder from an earlier soak, never user data

@@ -73,14 +73,18 @@ def run_augment(
     return AugmentResult(len(config.policy), len(originals), Path(policy_out), Path(preview))
 
 
-@errors.cli_errors("augment")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.augment", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="settings file (sections project, augment, model)")
     parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv)")
     parser.add_argument("--policy-out", required=True, help="where to write the serialized pipeline (JSON)")
     parser.add_argument("--preview", required=True, help="PNG grid of originals vs augmented training images")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("augment")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
         result = run_augment(

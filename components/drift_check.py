@@ -51,14 +51,18 @@ def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_p
     return report
 
 
-@errors.cli_errors("drift")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.drift_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="settings file (section drift and the image limits)")
     parser.add_argument("--manifest", default="data/validated.csv", help="today's validated manifest")
     parser.add_argument("--model-dir", required=True, help="the champion's model folder (with drift_reference.npz)")
-    parser.add_argument("--out", default="reports/drift.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default="reports/drift.json", help="the drift report to write (JSON)")
+    return parser
+
+
+@errors.cli_errors("drift")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         report = run_drift(load_params(args.params), args.manifest, args.model_dir, args.out)
     except (ParamsError, ContractError, ValueError) as exc:

@@ -377,22 +377,35 @@ def run_evaluate(
     )
 
 
-@errors.cli_errors("evaluate")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate, register and gate the fine-tuned model.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--head-dir", default=None)
-    parser.add_argument("--report-dir", required=True)
-    parser.add_argument("--metrics", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.evaluate", description="Evaluate, register and gate the fine-tuned model."
+    )
+    parser.add_argument("--params", default="params.yaml", help="settings file")
+    parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv): its test split")
+    parser.add_argument("--model-dir", required=True, help="the fine-tuned model folder (models/finetune)")
+    parser.add_argument("--head-dir", default=None, help="the train_head model folder, for the model card")
+    parser.add_argument("--report-dir", required=True, help="folder for the reports, figures and model card")
+    parser.add_argument("--metrics", required=True, help="flat test metrics for dvc metrics show (metrics.json)")
     parser.add_argument(
         "--predictions",
         default=None,
         help="CSV of path,actual,predicted,probability per test image (dvc plots: confusion)",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (repeatable)",
+    )
+    return parser
+
+
+@errors.cli_errors("evaluate")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
         runtime.configure_tensorflow(params.project.seed)

@@ -113,22 +113,29 @@ def log_to_run(out_dir: str | Path, run_id: str, params_path: str | Path) -> Non
     with_retries("log the exports", client.log_artifacts, run_id, str(out_dir), "export")
 
 
-@errors.cli_errors("export")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a model dir to SavedModel and float16 TFLite, checked.")
-    parser.add_argument("--model-dir", default="models/finetune")
-    parser.add_argument("--out-dir", default="models/export")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.export",
+        description="Export a model dir to SavedModel and float16 TFLite, checked.",
+    )
+    parser.add_argument("--model-dir", default="models/finetune", help="the model folder to export")
+    parser.add_argument("--out-dir", default="models/export", help="folder for the SavedModel, TFLite and export.json")
     parser.add_argument("--manifest", default="data/validated.csv", help="sample images from this manifest...")
     parser.add_argument("--split", default="test", help="...and split")
     parser.add_argument("--images", default=None, help="or from this folder")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=32, help="images the TFLite file is checked on")
     parser.add_argument(
         "--mlflow-run",
         default=None,
         help="also log the exports to this MLflow run (e.g. the evaluate run of the registered version)",
     )
     parser.add_argument("--params", default="params.yaml", help="for the tracking URI with --mlflow-run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("export")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.images:
             paths = list_inputs(args.images)

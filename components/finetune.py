@@ -465,10 +465,9 @@ def run_finetune(
     )
 
 
-@errors.cli_errors("finetune")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="settings file")
     parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv)")
     parser.add_argument("--policy", required=True, help="augmentation pipeline from the augment stage")
     parser.add_argument("--head-dir", required=True, help="model dir written by train_head")
@@ -479,7 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         default=str(DEFAULT_CHECKPOINT_ROOT),
         help="per-epoch checkpoints for resuming (not a DVC output)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("finetune")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
         files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after

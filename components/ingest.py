@@ -390,14 +390,18 @@ def _report(
     )
 
 
-@errors.cli_errors("ingest")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections project, ingest, validate)")
     parser.add_argument("--raw-dir", default="data/raw", help="where the source's files are copied")
     parser.add_argument("--manifest", default="data/manifest.csv", help="one row per file")
     parser.add_argument("--report", default="reports/ingest.json", help="counts, data version, refusals, timings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("ingest")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
         files.ensure_writable(args.raw_dir, args.manifest, args.report)  # before copying, not after

@@ -10,7 +10,7 @@ limits (`validate.*`, as in training; serving's smaller caps are for untrusted r
 The model is verified against the registry and run by the installed code (`components.scoring`),
 never by the code stored with it: a version whose stored files changed since registration is refused.
 
-CLI: python -m components.predict --model models:/image-classifier@champion --input DIR_OR_CSV --out preds.csv \
+CLI: python -m components.predict --model models:/image-classifier@champion --inputs DIR_OR_CSV --out preds.csv \
         [--root DIR] [--split test]
 """
 
@@ -151,6 +151,36 @@ def run_predict(
     return PredictResult(Path(out_csv), len(table), int((table["error"] != "").sum()), engine)
 
 
+class _OldInputSpelling(argparse.Action):
+    """`--input`, this CLI's old spelling of `--inputs` (flows/predict.py's): still accepted, not shown in --help."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        print("predict: --input is deprecated, use --inputs", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.predict", description="Score a folder or manifest of images with a registered model."
+    )
+    parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/image-classifier@champion")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--inputs", metavar="DIR_OR_CSV", help="folder of images or CSV with a 'path' column")
+    inputs.add_argument("--input", dest="inputs", action=_OldInputSpelling, help=argparse.SUPPRESS)
+    parser.add_argument("--out", required=True, help="output CSV: path, label, probability, error")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="folder every image must lie in; CSV rows resolve against it (default: the folder or the CSV's folder)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images scored per batch")
+    parser.add_argument("--split", default=None, help="with a manifest CSV: only this split")
+    parser.add_argument(
+        "--params", default="params.yaml", help="tracking URI and image limits (MLFLOW_TRACKING_URI wins)"
+    )
+    return parser
+
+
 @errors.cli_errors("predict")
 def main(argv: list[str] | None = None) -> int:
     import mlflow
@@ -158,28 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     from components.config import ParamsError, load_params
     from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
 
-    parser = argparse.ArgumentParser(description="Score a folder or manifest of images with a registered model.")
-    parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/image-classifier@champion")
-    parser.add_argument("--input", required=True, help="folder of images or CSV with a 'path' column")
-    parser.add_argument("--out", required=True, help="output CSV: path, label, probability, error")
-    parser.add_argument(
-        "--root",
-        default=None,
-        help="folder every image must lie in; CSV rows resolve against it (default: the folder or the CSV's folder)",
-    )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--split", default=None, help="with a manifest CSV: only this split")
-    parser.add_argument(
-        "--params", default="params.yaml", help="tracking URI and image limits (MLFLOW_TRACKING_URI wins)"
-    )
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params) if Path(args.params).exists() else None
         uri = resolve_tracking_uri(params.tracking) if params else None
         if uri:
             use_tracking_uri(uri)
         limits = ImageLimits.from_config(params.validate) if params else None
-        result = run_predict(args.model, args.input, args.out, args.batch_size, args.split, args.root, limits)
+        result = run_predict(args.model, args.inputs, args.out, args.batch_size, args.split, args.root, limits)
     except (ParamsError, ValueError, FileNotFoundError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2

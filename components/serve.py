@@ -69,6 +69,19 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds: the server is stopped and the verified copy removed
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tp-serve", description="Verify a registered model's files, then serve it over HTTP."
+    )
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=5001, help="port to listen on")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds one request may take")
+    parser.add_argument("--params", default="params.yaml", help="tracking URI (MLFLOW_TRACKING_URI wins)")
+    return parser
+
+
 @errors.cli_errors("serve")
 def main(argv: list[str] | None = None) -> int:
     import mlflow
@@ -76,14 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.config import ParamsError, load_params
     from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
 
-    parser = argparse.ArgumentParser(description="Verify a registered model's files, then serve it over HTTP.")
-    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5001)
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers")
-    parser.add_argument("--timeout", type=int, default=60, help="seconds one request may take")
-    parser.add_argument("--params", default="params.yaml", help="tracking URI (MLFLOW_TRACKING_URI wins)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not args.model.startswith("models:/"):
         print(
             "serve: --model must name a registered version (models:/NAME@ALIAS or models:/NAME/VERSION)",

@@ -440,16 +440,20 @@ def _write_data_checks(
         tracking.log_picture(client, run_id, png_path, f"train_head/{label_issues.GALLERY_FILE}")
 
 
-@errors.cli_errors("train_head")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.train_head", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="settings file")
     parser.add_argument("--manifest", required=True, help="validated manifest (data/validated.csv)")
     parser.add_argument("--policy", required=True, help="augmentation pipeline from the augment stage")
     parser.add_argument("--out-dir", required=True, help="model dir to write (model.keras, classes.json, run.json)")
     parser.add_argument("--report-dir", required=True, help="history.csv and curves.png")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature cache (not a DVC output)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("train_head")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
         files.ensure_writable(args.out_dir, args.report_dir)  # before training, not after

@@ -14,7 +14,9 @@ Policy `quarantine` drops failing files (listed in quarantine.csv) and fails onl
 cannot be fixed by dropping files fails; policy `fail` fails on any problem. Outputs: the rows that
 passed with their (possibly moved) splits (`data/validated.csv`, manifest columns),
 `reports/validation/summary.json`, `quarantine.csv`, `near_duplicates.png` and Great Expectations
-Data Docs under `reports/validation/data_docs/`. The CLI exits 2 when validation fails (the data's
+Data Docs under `reports/validation/data_docs/`. Each suite runs as a GX Checkpoint whose actions
+(`checkpoint_actions`: UpdateDataDocsAction, and any Slack or e-mail action added there) write the
+Data Docs. The CLI exits 2 when validation fails (the data's
 fault: the flow does not retry it).
 """
 
@@ -340,8 +342,26 @@ def class_table(
     return table.set_index("label", drop=False)
 
 
+DATA_DOCS_SITE = "pipeline"  # the context's only Data Docs site: reports/validation/data_docs
+
+
+def checkpoint_actions() -> list[Any]:
+    """What every suite's Checkpoint does after validating: update the Data Docs site.
+
+    GX runs UpdateDataDocsAction before any other action, so an action added here (GX's
+    SlackNotificationAction, EmailAction, ...) can link to the pages it built.
+    """
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    return [UpdateDataDocsAction(name="update_data_docs", site_names=[DATA_DOCS_SITE])]
+
+
 class Suites:
-    """An ephemeral GX context whose Data Docs site is a folder we choose."""
+    """An ephemeral GX context whose Data Docs site is a folder we choose; each suite runs as a Checkpoint.
+
+    The suites run one after another (the dataset and class checks count only the files the file
+    checks kept), so each has its own Checkpoint, named like its suite.
+    """
 
     def __init__(self, docs_dir: Path) -> None:
         import great_expectations as gx
@@ -358,7 +378,7 @@ class Suites:
         config = DataContextConfig(
             # No default site: it would write into a fresh temporary folder on every run.
             store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-            data_docs_sites={"pipeline": site},
+            data_docs_sites={DATA_DOCS_SITE: site},
             progress_bars=ProgressBarsConfig(globally=False),
             analytics_enabled=False,  # no usage statistics from an offline pipeline
         )
@@ -366,20 +386,26 @@ class Suites:
         self.source = self.context.data_sources.add_pandas("images")
 
     def run(self, name: str, frame: pd.DataFrame, checks: list[Check], key: str) -> Any:
+        """Run one suite through its Checkpoint; the checkpoint's actions update the Data Docs."""
         gx = self.gx
         batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = self.context.suites.add(gx.ExpectationSuite(name=name))
         for check in checks:
             suite.add_expectation(check.expectation)
-        definition = gx.ValidationDefinition(name=name, data=batch, suite=suite)
-        definition = self.context.validation_definitions.add(definition)
-        return definition.run(
-            batch_parameters={"dataframe": frame.reset_index(drop=True)},
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
+        definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
         )
-
-    def build_docs(self) -> None:
-        self.context.build_data_docs(site_names=["pipeline"])
+        checkpoint = self.context.checkpoints.add(
+            gx.Checkpoint(
+                name=name,
+                validation_definitions=[definition],
+                actions=checkpoint_actions(),
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
+            )
+        )
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame.reset_index(drop=True)})
+        (result,) = outcome.run_results.values()
+        return result
 
 
 @dataclass
@@ -538,7 +564,6 @@ def run_validate(
         table = class_table(df, passed, classes, info.class_folders if info else {})
         checks = class_checks(config, classes, table)
         set_failures += collect_failures(suites.run("classes", table, checks, "label"), checks, table, "label")
-        suites.build_docs()
         problems = [_line(f, item) for f in set_failures for item in f.items] + nd.problems
         if config.policy == "fail":
             problems += [f"{r.path}: {r.reason}" for r in quarantine.itertuples()]
@@ -712,15 +737,19 @@ def _summary(
     )
 
 
-@errors.cli_errors("validate")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (sections validate, ingest)")
     parser.add_argument("--manifest", default="data/manifest.csv", help="written by ingest")
     parser.add_argument("--out-manifest", default="data/validated.csv", help="rows that passed")
     parser.add_argument("--report-dir", default="reports/validation", help="summary.json, quarantine.csv, data_docs/")
     parser.add_argument("--ingest-report", default=None, help="reports/ingest.json: class folders and data version")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@errors.cli_errors("validate")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params)
         result = run_validate(

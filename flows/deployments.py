@@ -178,8 +178,8 @@ def create_work_pools(
 
 
 # --------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tp-deploy", description=__doc__.split("\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument(
         "--serve",
@@ -197,14 +197,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="send a test notification through TP_NOTIFY_BLOCK / TP_NOTIFY_WEBHOOK_URL",
     )
-    parser.add_argument("--prefect-file", type=Path, default=PREFECT_YAML)
+    parser.add_argument("--prefect-file", type=Path, default=PREFECT_YAML, help="the deployments file")
     parser.add_argument(
         "--only", action="append", metavar="FLOW/DEPLOYMENT", help="with --serve: serve only these (repeatable)"
     )
-    parser.add_argument("--gpu-pool-type", choices=["process", "docker", "kubernetes"], default="process")
+    parser.add_argument(
+        "--gpu-pool-type",
+        choices=["process", "docker", "kubernetes"],
+        default="process",
+        help="with --create-pools: the gpu pool's worker type",
+    )
     parser.add_argument("--gpu-template", type=Path, help="base job template JSON for the gpu pool")
     parser.add_argument("--gpu-slots", type=int, default=1, help="concurrent runs on the gpu pool (= GPUs)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.list:
         for spec in load_deployment_specs(args.prefect_file):

@@ -77,14 +77,20 @@ def batch_predict_deployment(
     return batch_predict_flow.fn(form["inputs"], form["out_csv"], form["model_uri"], params_path, form["batch_size"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tp-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--inputs", required=True, help="folder of images, or CSV with a 'path' column")
-    parser.add_argument("--out", default="predictions.csv")
+    parser.add_argument("--out", default="predictions.csv", help="output CSV: path, label, probability, error")
     parser.add_argument("--model", default=None, help="MLflow model URI; default models:/<registered_model>@champion")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+    parser.add_argument("--params", default="params.yaml", help="settings file (tracking URI, registered model)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images scored per batch")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = batch_predict_flow(args.inputs, args.out, args.model, args.params, args.batch_size)
     print(
         f"wrote {result['out_csv']}: {result['n_images']} images, {result['n_failed']} could not be scored "

@@ -178,16 +178,27 @@ def apply_point(workdir: str, experiment: str) -> None:
         raise RuntimeError(f"dvc exp apply {experiment} failed:\n" + "\n".join(lines[-10:]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tp-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--grid", type=json.loads, help="JSON object: param -> list of values")
     parser.add_argument("--points", type=json.loads, help="JSON list of {param: value} points")
-    parser.add_argument("--name", default="sweep")
+    parser.add_argument("--name", default="sweep", help="the sweep's name: experiments are NAME-1, NAME-2, ...")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (1 on a small CPU)")
-    parser.add_argument("--budget-minutes", type=float, default=120.0)
-    parser.add_argument("--workdir", default=".")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=120.0,
+        help="wall time after which running points stop and queued ones are dropped",
+    )
+    parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
     parser.add_argument("--apply", metavar="EXPERIMENT", help="apply one point to the workspace and exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.apply:
         apply_point(args.workdir, args.apply)
         print(f"applied {args.apply}: params.yaml and outputs are now that experiment's (commit them to keep them)")

@@ -698,8 +698,10 @@ def push_uncached_outputs(root: Path, stage: str) -> int:
     return len(objects)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tp-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml", help="settings file, relative to --workdir")
     parser.add_argument("--source", help="train on this data from now on (sets ingest.source in the params file)")
     parser.add_argument(
@@ -712,7 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", help="the experiment's name (with --set)")
     parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         overrides = overrides_from_strings(args.overrides) if args.overrides else None
         result = training_flow(

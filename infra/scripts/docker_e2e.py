@@ -967,12 +967,16 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python infra/scripts/docker_e2e.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--timeout", type=float, default=4500, help="hard limit for the whole run, seconds")
     parser.add_argument("--source", type=Path, default=FLOWERS, help="a folder with daisy/ and sunflowers/")
     parser.add_argument("--address", default="127.77.0.1", help="the loopback address every server listens on")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the e2e_docker report")
     parser.add_argument(
         "--keep",
         action="store_true",
@@ -991,6 +995,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with a daemon this script did not start: leave the built images (and build cache) "
         "there; env TP_E2E_KEEP_IMAGES=1",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.address.startswith("127."):
         parser.error("--address must be a loopback address (127.0.0.0/8)")

@@ -647,15 +647,23 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     return checks
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python infra/scripts/loopback_e2e.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--timeout", type=float, default=900, help="hard limit for the whole run, seconds")
     parser.add_argument(
         "--source", type=Path, default=FLOWERS, help="a folder of class folders (default: flower_photos)"
     )
-    parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--report", type=Path, default=REPORT, help="where the results go (JSON)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (workspaces, logs, databases)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     missing = [name for name in CLASSES if not (args.source / name).is_dir()]
     if missing:
         print(

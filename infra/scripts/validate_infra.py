@@ -296,10 +296,18 @@ def validate(infra: Path) -> tuple[list[str], dict[str, Any]]:
     return errors, facts
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python infra/scripts/validate_infra.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--infra", type=Path, default=INFRA, help="the infra folder to check")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--infra", type=Path, default=INFRA)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     errors, facts = validate(args.infra)
     for key, value in facts.items():
         print(f"validate-infra: {key}: {value}")

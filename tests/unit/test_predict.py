@@ -269,7 +269,7 @@ def test_a_root_given_on_the_command_line_widens_nothing_else(logged: dict[str, 
         [
             "--model",
             logged["uri"],
-            "--input",
+            "--inputs",
             str(tmp_path / "lists" / "a.csv"),
             "--root",
             str(tmp_path),
@@ -290,7 +290,7 @@ def test_cli_rejects_an_input_that_is_not_images(tmp_path: Path, capsys: pytest.
         [
             "--model",
             "models:/x@champion",
-            "--input",
+            "--inputs",
             str(tmp_path / "notes.txt"),
             "--out",
             str(tmp_path / "p.csv"),

@@ -558,3 +558,37 @@ def test_mathtext_in_a_label_and_a_file_name_draws_in_the_near_duplicate_picture
     assert "no_near_duplicate_label_conflict" in run.reason("$^^$.jpg")
     drawn = run.result.summary_path.parent / validate.NEAR_DUPLICATE_PICTURE
     assert drawn.read_bytes()[:4] == b"\x89PNG"
+
+
+def _run_one_suite(docs: Path) -> validate.Suites:
+    """One tiny suite run through its Checkpoint, as run_validate runs each suite."""
+    import great_expectations.expectations as gxe
+
+    check = validate.Check(
+        "width_positive",
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=1, meta={"check": "width_positive"}),
+        lambda r: "width below 1",
+        "file",
+    )
+    frame = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "width": [10, 0]}).set_index("path", drop=False)
+    suites = validate.Suites(docs)
+    result = suites.run("files", frame, [check], "path")
+    failures = validate.collect_failures(result, [check], frame, "path")
+    assert [item["path"] for f in failures for item in f.items] == ["b.jpg"]
+    return suites
+
+
+def test_the_checkpoint_update_data_docs_action_builds_the_data_docs(tmp_path: Path, monkeypatch):
+    """Each suite runs as a GX Checkpoint whose UpdateDataDocsAction writes the pages; nothing else builds them."""
+    suites = _run_one_suite(tmp_path / "docs")
+    (checkpoint,) = suites.context.checkpoints.all()
+    assert checkpoint.name == "files"
+    assert [type(a).__name__ for a in checkpoint.actions] == ["UpdateDataDocsAction"]
+    assert checkpoint.actions[0].site_names == [validate.DATA_DOCS_SITE]
+    (page,) = (tmp_path / "docs" / "validations" / "files").rglob("*.html")
+    assert "b.jpg" in page.read_text(encoding="utf-8")  # the failing row, from this run's result
+    assert "validations/files/" in (tmp_path / "docs" / "index.html").read_text(encoding="utf-8")
+
+    monkeypatch.setattr(validate, "checkpoint_actions", lambda: [])  # the same run without the action
+    _run_one_suite(tmp_path / "no_action")
+    assert not (tmp_path / "no_action").exists()
