@@ -131,6 +131,24 @@ def test_a_stage_run_is_the_active_run_with_git_context_system_metrics_and_its_p
     assert mlflow.active_run() is None and client.get_run(failed).info.status == "FAILED"
 
 
+def test_mlflows_own_git_remote_tag_loses_its_credentials():
+    """MLflow tags the main script's repository itself (outside a git workspace ours are absent to override it)."""
+    from components.tracking import _scrub_context_tags
+
+    class Client:
+        def __init__(self) -> None:
+            self.tags: dict[str, str] = {}
+
+        def set_tag(self, run_id: str, key: str, value: str) -> None:
+            self.tags[key] = value
+
+    client = Client()
+    _scrub_context_tags(client, "run", {"mlflow.source.git.repoURL": "https://ci:s3cret@git.example.com/x.git"})
+    assert client.tags == {"mlflow.source.git.repoURL": "https://***@git.example.com/x.git"}
+    _scrub_context_tags(client := Client(), "run", {"mlflow.source.git.repoURL": "git@git.example.com:x.git"})
+    assert client.tags == {}  # nothing secret: left as MLflow wrote it
+
+
 def test_system_metrics_can_be_switched_off(tmp_path, monkeypatch):
     import threading
 
