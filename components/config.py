@@ -168,6 +168,13 @@ class TrackingConfig(Section):
     registered_model: str = Field("image-classifier", min_length=1)
     retry_attempts: int = Field(4, ge=1, le=20, description="Tries per MLflow call before a stage fails.")
     retry_backoff_s: float = Field(2.0, ge=0, le=60, description="First wait between tries; doubles each time.")
+    system_metrics_interval_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="Stage runs sample CPU, memory, disk, network (and GPU) every this many seconds as MLflow "
+        "system metrics; 0 = off. A stage shorter than one interval logs none.",
+    )
 
 
 class SplitFractions(Section):

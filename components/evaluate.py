@@ -131,21 +131,20 @@ def log_evaluation(
     The digest (`scoring.logged_tree_digest`, every file of the logged model) is read back from the store
     right after logging, trusting it for that moment; registration records it as `model_tree_sha256`.
 
-    The run nests under the pipeline's parent run and carries the workspace tag (tracking.start_run), and
+    The run nests under the pipeline's parent run and carries the workspace and git tags (tracking.stage_run), and
     the tag `inference_engine` (what scored the test split). When that was ONNX Runtime, the served model
     carries the same checked ONNX file."""
-    import mlflow
-
     engine = runner.engine if runner is not None else "keras"
-    client, run_id, _ = tracking.start_run(params.tracking, "evaluate", {**lineage, "inference_engine": engine})
     onnx = served_onnx(runner) if runner is not None else None
-    finished = False
-    try:
+    with tracking.stage_run(params.tracking, "evaluate", {**lineage, "inference_engine": engine}) as (
+        client,
+        run_id,
+        _,
+    ):
         frame = read_manifest(manifest)
-        with_retries(
+        test_split = with_retries(
             "log the test split",
             tracking.log_dataset,
-            client,
             run_id,
             manifest,
             frame[frame["split"] == "test"],
@@ -173,49 +172,48 @@ def log_evaluation(
             policy=policy,
         )
         if example is None:  # an experiment that does not register: metrics and reports only
-            log_test_metrics(client, run_id, metrics, None, policy)
-            client.set_terminated(run_id, "FINISHED")
-            finished = True
+            log_test_metrics(client, run_id, metrics, None, test_split, policy)
             return run_id, None, None
         config = registry.serving_model_config(
             params, folder.image_size, folder.info.model_sha256, onnx.sha256 if onnx else None
         )
-        with_retries("resume the run", mlflow.start_run, run_id=run_id, policy=policy)
-        try:
-            info = with_retries(
-                "log the model",
-                registry.log_pyfunc,
-                folder.model_path,
-                folder.classes,
-                config,
-                example,
-                onnx.path if onnx else None,
-                policy=policy,
-            )
-            tree_sha256 = scoring.logged_tree_digest(info.model_uri, policy)
-            log_test_metrics(client, run_id, metrics, info.model_id, policy)
-            finished = True
-        finally:
-            mlflow.end_run("FINISHED" if finished else "FAILED")
-    finally:
-        if not finished:
-            try:  # best effort: the server may be the reason we are here
-                client.set_terminated(run_id, "FAILED")
-            except Exception:
-                pass
+        info = with_retries(  # into the active run: the stage run
+            "log the model",
+            registry.log_pyfunc,
+            folder.model_path,
+            folder.classes,
+            config,
+            example,
+            onnx.path if onnx else None,
+            policy=policy,
+        )
+        tree_sha256 = scoring.logged_tree_digest(info.model_uri, policy)
+        log_test_metrics(client, run_id, metrics, info.model_id, test_split, policy)
     return run_id, info.model_uri, tree_sha256
 
 
 def log_test_metrics(
-    client: Any, run_id: str, metrics: dict[str, Any], model_id: str | None, policy: RetryPolicy
+    client: Any, run_id: str, metrics: dict[str, Any], model_id: str | None, dataset: Any, policy: RetryPolicy
 ) -> None:
-    """The test metrics on the run and, given a model id, on the logged model too (its row in the Models tab)."""
+    """The test metrics on the run, each naming the dataset that produced them (the test split's name and
+    digest, as logged as the run's input) and, given a model id, on the logged model too (its Models tab row)."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    logged = [Metric(mlflow_key(k), float(v), now, 0, model_id=model_id) for k, v in flat_metrics(metrics).items()]
+    logged = [
+        Metric(
+            mlflow_key(k),
+            float(v),
+            now,
+            0,
+            model_id=model_id,
+            dataset_name=dataset.name,
+            dataset_digest=dataset.digest,
+        )
+        for k, v in flat_metrics(metrics).items()
+    ]
     for start in range(0, len(logged), 1000):  # MLflow's log_batch limit
         with_retries("log metrics", client.log_batch, run_id, metrics=logged[start : start + 1000], policy=policy)
 
@@ -355,6 +353,8 @@ def run_evaluate(
             version or None,
         )
         (out / "model_card.md").write_text(card, encoding="utf-8")
+        if version:
+            registry.describe_version(name, version, card, policy)
         decision.record(name, version, run_id, lineage).write(out / "promotion.json")
         log_reports(run_id, out, policy)
         if version:

@@ -328,14 +328,13 @@ def run_finetune(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_id_path = checkpoint_dir / RUN_ID_FILE
     previous_run = run_id_path.read_text().strip() if run_id_path.is_file() else None
-    client, run_id, experiment_id = tracking.start_run(
+    with tracking.stage_run(
         params.tracking,
         "finetune",
         {"head_run_id": head_info.run_id, "data_version": hashing.manifest_version(manifest)},
         run_id=previous_run,
-    )
-    run_id_path.write_text(run_id)  # a resumed run continues this MLflow run
-    try:
+    ) as (client, run_id, experiment_id):  # ends FAILED on any error: the checkpoint stays, the next run resumes
+        run_id_path.write_text(run_id)  # a resumed run continues this MLflow run
         strategy = _distribution(device)
         batch_size = config.batch_size * strategy.num_replicas_in_sync
         with strategy.scope():
@@ -366,7 +365,7 @@ def run_finetune(
                     "mixed_precision": device["mixed_precision"],
                 },
             )
-            tracking.log_dataset(client, run_id, manifest, frame, hashing.manifest_version(manifest), "training")
+            tracking.log_dataset(run_id, manifest, frame, hashing.manifest_version(manifest), "training")
         train_ds, val_ds = _datasets(
             train, val, image_size, batch_size, policy_path, seed, ImageLimits.from_config(params.validate)
         )
@@ -446,10 +445,6 @@ def run_finetune(
         for key, value in flip.metrics().items():
             client.log_metric(run_id, key, value)
         client.log_metric(run_id, "seconds", seconds)
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")  # the checkpoint stays: the next run resumes this one
-        raise
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     keras.backend.clear_session()
     return FinetuneResult(

@@ -453,6 +453,33 @@ def register_version(name: str, model_uri: str, tags: dict[str, str], policy: Re
     )
 
 
+# The SQL registry's column for a version's description (VARCHAR(5000); PostgreSQL enforces it, SQLite does not).
+DESCRIPTION_MAX_CHARS = 5000
+
+
+def card_description(card: str, limit: int = DESCRIPTION_MAX_CHARS) -> str:
+    """The model card as a version description: whole when it fits, else cut at a line and saying where the rest is."""
+    if len(card) <= limit:
+        return card
+    note = "\n\n(cut to fit the registry; the whole card is the evaluation run's artifact evaluate/model_card.md)\n"
+    head = card[: limit - len(note)]
+    return head[: head.rfind("\n") + 1 or len(head)].rstrip() + note
+
+
+def describe_version(name: str, version: str, card: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """The model card (markdown) as the registered version's description: what the registry UI shows first."""
+    from mlflow import MlflowClient
+
+    with_retries(
+        "set the version's description",
+        MlflowClient().update_model_version,
+        name,
+        version,
+        description=card_description(card),
+        policy=policy,
+    )
+
+
 def apply_decision(name: str, version: str, decision: PromotionDecision, policy: RetryPolicy = RetryPolicy()) -> None:
     """Move `champion` to `version` if it passed and the champion is still the one scored; tag the decision."""
     from mlflow import MlflowClient

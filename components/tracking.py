@@ -11,7 +11,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -199,9 +200,44 @@ def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolic
         ) from None
 
 
-# --- runs, with the run id passed explicitly (the active run is process-global) -----------------
+# --- runs --------------------------------------------------------------------------------------
+# A stage's run is MLflow's active run (mlflow.start_run: context tags, system metrics) for exactly the
+# stage's `with stage_run(...)` block; parent and pipeline runs, made in the flow's long-lived process,
+# are made with the client and passed by id.
 
 WORKSPACE_TAG = "tp.workspace"
+GIT_COMMIT_TAG, GIT_BRANCH_TAG, GIT_REPO_URL_TAG = (
+    "mlflow.source.git.commit",
+    "mlflow.source.git.branch",
+    "mlflow.source.git.repoURL",
+)
+
+
+def git_tags(workspace: str | Path | None = None) -> dict[str, str]:
+    """MLflow's source tags for the code checked out in `workspace` (default: the current folder).
+
+    MLflow resolves its own from the main script's folder, once per process; a stage command runs the
+    workspace's own code (`python -m components.<stage>` in it), so the workspace's HEAD is the commit
+    that ran, whichever script started the process. The remote URL loses any credentials. {} outside git.
+    """
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=workspace or ".", capture_output=True, text=True, timeout=30, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "--verify", "-q", "HEAD")
+        if not commit:
+            return {}
+        branch = git("symbolic-ref", "-q", "--short", "HEAD")  # empty on a detached HEAD
+        remote = git("config", "--get", "remote.origin.url")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {GIT_COMMIT_TAG: commit, GIT_BRANCH_TAG: branch, GIT_REPO_URL_TAG: scrub_credentials(remote)}
+    return {key: value for key, value in found.items() if value}
 
 
 def workspace_tag(workspace: str | Path | None = None) -> dict[str, str]:
@@ -232,7 +268,7 @@ def pipeline_parent(client: Any, experiment_id: str) -> str | None:
     run = client.create_run(
         experiment_id,
         run_name=f"experiment {name}",
-        tags={PIPELINE_TAG: name, "dvc_experiment": name, **workspace_tag()},
+        tags={PIPELINE_TAG: name, "dvc_experiment": name, **workspace_tag(), **git_tags()},
     )
     client.set_terminated(run.info.run_id, "FINISHED")  # a container: its stage runs carry the status
     return run.info.run_id
@@ -247,7 +283,11 @@ def start_pipeline_run(
     policy = RetryPolicy.from_config(tracking)
     experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, workspace, policy=policy)
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=name, tags={PIPELINE_TAG: name, **workspace_tag(workspace), **tags})
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={PIPELINE_TAG: name, **workspace_tag(workspace), **git_tags(workspace), **tags},
+    )
     return client, run.info.run_id
 
 
@@ -278,10 +318,19 @@ def end_orphaned_runs(
     return ended
 
 
-def start_run(
+@contextmanager
+def stage_run(
     tracking: TrackingConfig, stage: str, tags: dict[str, str] | None = None, run_id: str | None = None
-) -> tuple[Any, str, str]:
-    """(client, run_id, experiment_id); reopens `run_id` when resuming an interrupted run."""
+) -> Iterator[tuple[Any, str, str]]:
+    """(client, run_id, experiment_id) of the stage's run, MLflow's active run inside the block.
+
+    `mlflow.start_run` nests it under the pipeline's parent run and adds the context tags (user, source,
+    git commit, branch and remote: `git_tags`) and, unless `tracking.system_metrics_interval_s` is 0,
+    samples CPU, memory, disk, network and GPU (nvidia-ml-py) as `system/...` metrics. `run_id` reopens
+    an interrupted run (its system metrics continue their steps). The run ends when the block does,
+    FINISHED or, on any exception, FAILED: it never outlives the call (pytest runs stages in one process).
+    """
+    import mlflow
     from mlflow import MlflowClient
 
     # Fail before any training when the server is down (TrackingUnavailable names it, redacted).
@@ -289,15 +338,58 @@ def start_run(
     experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, policy=policy)
     client = MlflowClient()
     with_retries("end orphaned runs", end_orphaned_runs, client, experiment_id, run_id, policy=policy)
-    if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
-        return client, run_id, experiment_id
-    parent = pipeline_parent(client, experiment_id)
-    nesting = {"mlflow.parentRunId": parent} if parent else {}
-    run = client.create_run(
-        experiment_id, run_name=stage, tags={"stage": stage, **workspace_tag(), **nesting, **(tags or {})}
-    )
-    return client, run.info.run_id, experiment_id
+    sample_every = tracking.system_metrics_interval_s
+    if sample_every:
+        mlflow.set_system_metrics_sampling_interval(sample_every)  # MLflow reads it from os.environ at start
+        mlflow.set_system_metrics_samples_before_logging(1)
+    if run_id is None:
+        parent = pipeline_parent(client, experiment_id)
+        active = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=stage,
+            parent_run_id=parent,
+            tags={"stage": stage, **workspace_tag(), **git_tags(), **(tags or {})},
+            log_system_metrics=bool(sample_every),
+        )
+    else:
+        active = mlflow.start_run(run_id=run_id, log_system_metrics=bool(sample_every))
+    run_id = active.info.run_id
+    try:
+        _scrub_context_tags(client, run_id, active.data.tags)
+        yield client, run_id, experiment_id
+    except BaseException:
+        _end_stage_run(client, run_id, "FAILED", RetryPolicy(attempts=1))  # best effort: the error is what counts
+        raise
+    _end_stage_run(client, run_id, "FINISHED", policy)
+
+
+def _scrub_context_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
+    """MLflow's own git context (from the main script's repository) may carry a remote URL with credentials."""
+    url = tags.get(GIT_REPO_URL_TAG)
+    if url and scrub_credentials(url) != url:
+        client.set_tag(run_id, GIT_REPO_URL_TAG, scrub_credentials(url))
+
+
+def _end_stage_run(client: Any, run_id: str, status: str, policy: RetryPolicy) -> None:
+    """Mark the run ended (retried), then pop it off MLflow's active-run stack and stop its metrics sampler.
+
+    mlflow.end_run pops the run before it calls the server, so retrying it would retry nothing: the
+    status goes through the client first; end_run then only repeats it, and must run whatever happened.
+    """
+    import mlflow
+
+    try:
+        with_retries("end the run", client.set_terminated, run_id, status, policy=policy)
+    except Exception:
+        if status == "FINISHED":
+            raise
+    finally:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            try:
+                mlflow.end_run(status)
+            except Exception:  # the status is (or could not be) set above; the stack is popped either way
+                pass
 
 
 def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -334,24 +426,35 @@ def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1, policy: 
     return _Logger()
 
 
-def log_dataset(client: Any, run_id: str, manifest: str | Path, frame: Any, version: str, context: str) -> None:
-    """Record the manifest a run trained on as an MLflow dataset input ("which data trained this model").
+def training_dataset(manifest: str | Path, frame: Any, version: str) -> Any:
+    """The manifest rows a run used as an MLflow dataset ("which data trained or tested this model").
 
     The digest is the data version (the manifest's content hash), the source the manifest's path, so
     the MLflow UI shows the same identity DVC and the model card use.
     """
     import mlflow.data
     from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.entities import DatasetInput, InputTag
 
     columns = [c for c in ("path", "label", "split", "sha256") if c in frame.columns]
     source = resolve_dataset_source(str(Path(manifest).resolve()))
-    dataset = mlflow.data.from_pandas(
+    return mlflow.data.from_pandas(
         frame[columns], source=source, targets="label", name=Path(manifest).name, digest=version[:36]
     )
-    client.log_inputs(
-        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
-    )
+
+
+def log_dataset(run_id: str, manifest: str | Path, frame: Any, version: str, context: str) -> Any:
+    """Log the manifest rows as the active stage run's dataset input (`context`: training, evaluation); return it.
+
+    mlflow.log_input writes to the active run, or starts one: refused unless `run_id` is the active run.
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        raise RuntimeError(f"log_dataset: run {run_id} is not the active run (use it inside tracking.stage_run)")
+    dataset = training_dataset(manifest, frame, version)
+    mlflow.log_input(dataset, context=context)
+    return dataset
 
 
 def log_picture(client: Any, run_id: str, png: str | Path, artifact_file: str | None = None) -> None:

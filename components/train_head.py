@@ -321,8 +321,11 @@ def run_train_head(
     model, _ = backbones.build_classifier(m, len(classes), h)
     weights = data.class_weights(train.labels, len(classes), h.class_weighting)
     version = hashing.manifest_version(manifest)
-    client, run_id, experiment_id = tracking.start_run(params.tracking, "train_head", {"data_version": version})
-    try:
+    with tracking.stage_run(params.tracking, "train_head", {"data_version": version}) as (
+        client,
+        run_id,
+        experiment_id,
+    ):
         tracking.log_params(
             client,
             run_id,
@@ -337,7 +340,7 @@ def run_train_head(
                 "augment_policy_sha256": hashing.file_sha256(policy_path) if policy_path else None,
             },
         )
-        tracking.log_dataset(client, run_id, manifest, frame, version, "training")
+        tracking.log_dataset(run_id, manifest, frame, version, "training")
         callbacks = _callbacks(params, client, run_id) + snapshots.snapshot_callbacks(
             "train_head", weights_of="head" if h.cached_features else "model"
         )
@@ -403,10 +406,6 @@ def run_train_head(
         client.log_metric(run_id, "seconds", seconds)
         client.log_artifact(run_id, str(csv_path))
         tracking.log_picture(client, run_id, png_path, "train_head/curves.png")
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     keras.backend.clear_session()
     return TrainHeadResult(
         run_id, run_info["val_accuracy"], run_info["best_epoch"], len(history), seconds, cache_path, Path(out_dir)

@@ -91,8 +91,12 @@ def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) 
     assert "n = 12 held-out images" in card and "tiny_colour" in card
     assert "- files quarantined by validation: 3\n" in card  # validate's counts.quarantined, read via the contract
 
+    # The registry shows the card as the version's description.
+    assert MlflowClient().get_model_version(NAME, "1").description == card
+
     run = MlflowClient().get_run(result.run_id)
-    assert run.data.tags["stage"] == "evaluate"
+    assert run.data.tags["stage"] == "evaluate" and run.info.status == "FINISHED"
+    assert mlflow.active_run() is None  # the stage's run ended with the stage, not at process exit
     assert run.data.metrics["accuracy"] == pytest.approx(result.accuracy)
     logged = {a.path for a in MlflowClient().list_artifacts(result.run_id, "evaluate")}
     assert "evaluate/model_card.md" in logged and "evaluate/confusion_matrix.png" in logged
@@ -339,10 +343,16 @@ def evaluation_run_model(run_id: str) -> Any:
     return client.get_logged_model(models[0].model_id)
 
 
-def test_test_metrics_are_linked_to_the_logged_model(workspace: Path) -> None:
-    result = evaluate_model(workspace, make_model_dir(workspace / "good"))
+def test_test_metrics_are_linked_to_the_logged_model_and_the_test_split(workspace: Path) -> None:
+    manifest = write_manifest(workspace)
+    result = evaluate_model(workspace, make_model_dir(workspace / "good"), manifest=manifest)
     model = evaluation_run_model(result.run_id)
     linked = {m.key: m.value for m in model.metrics or []}
+    # Each names the dataset that produced it: the test split, as logged as the run's evaluation input.
+    test_split = (manifest.name, manifest_version(manifest)[:36])
+    assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {test_split}
+    inputs = MlflowClient().get_run(result.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [test_split]
     assert linked["accuracy"] == pytest.approx(result.accuracy)
     assert linked["macro_f1"] == pytest.approx(result.macro_f1)
     assert linked["ece"] == pytest.approx(result.ece)

@@ -124,6 +124,8 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
 
 def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path: Path):
     import keras
+    import mlflow
+    from mlflow import MlflowClient
 
     class KilledAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -136,9 +138,12 @@ def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path
         run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
     assert not (tmp_path / "out").exists()
     assert any((tmp_path / "ckpt").iterdir())  # the finished epoch is on disk
+    killed = next((tmp_path / "ckpt").rglob("mlflow_run_id.txt")).read_text().strip()
+    assert mlflow.active_run() is None and MlflowClient().get_run(killed).info.status == "FAILED"
 
     resumed = run_finetune(*args, checkpoint_root=tmp_path / "ckpt")
     assert resumed.resumed_at_epoch == 2
+    assert resumed.run_id == killed and MlflowClient().get_run(killed).info.status == "FINISHED"  # the same run
     assert pd.read_csv(tmp_path / "rep/history.csv")["epoch"].tolist() == [1, 2]  # both epochs, across the kill
     assert not any((tmp_path / "ckpt").iterdir())  # removed after success
 

@@ -312,3 +312,16 @@ def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
         "hashing.py",
     } <= package
     assert not {"evaluate.py", "registry.py", "predict.py", "ingest.py"} & package  # no stage code travels
+
+
+def test_a_card_too_long_for_the_registry_is_cut_at_a_line_and_says_where_the_whole_is():
+    from components.registry import DESCRIPTION_MAX_CHARS, card_description
+
+    short = "# Model card\n\n- accuracy: 0.9\n"
+    assert card_description(short) == short
+    long = "# Model card\n" + "".join(f"| class_{i} | 0.900 | 0.800 | 0.850 | 10 |\n" for i in range(400))
+    cut = card_description(long)
+    assert len(cut) <= DESCRIPTION_MAX_CHARS < len(long)
+    kept, note = cut.split("\n\n(cut to fit")
+    assert long.startswith(kept + "\n")  # whole lines only
+    assert "evaluate/model_card.md" in note
