@@ -36,6 +36,7 @@ REPORT_DIR = Path("reports/sweep")
 
 def _queue_states(root: Path) -> dict[str, str]:
     """Experiment name -> Queued | Running | Success | Failed, from DVC's queue (its Python API)."""
+    # DVC internals on purpose: dvc.api has no queue status, and `dvc queue status` prints a table, no JSON.
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:

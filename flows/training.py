@@ -408,6 +408,16 @@ def training_deployment(
     return training_flow.fn(params_path, overrides, source, experiment, workdir)
 
 
+def start_progress(description: str) -> Any:
+    """The run's progress artifact (Prefect's UI shows it as a bar on the flow run), at 0 %."""
+    return create_progress_artifact(0.0, key="training-progress", description=description)
+
+
+def report_progress(progress: Any, done: int, stage: str) -> None:
+    """`done` of the six stages are behind the run, the last one `stage`."""
+    update_progress_artifact(progress, 100.0 * done / len(STAGES), f"stage {done} of {len(STAGES)}: {stage}")
+
+
 def publish_artifacts(root: Path, tracking: dict[str, Any], result: dict[str, Any], logger: Any) -> None:
     """The test metrics per class (a table) and links to the MLflow run and model version, in Prefect's UI."""
     rows = summary.per_class_rows(result.get("metrics") or {})
@@ -437,7 +447,7 @@ def _run_pipeline(
     parent = step_task(open_pipeline_run, limits)(params.tracking.model_dump(), str(root), None)
     os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
     gpu_deployment = environment().gpu_deployment
-    progress = create_progress_artifact(0.0, key="training-progress", description=f"stage 0 of {len(STAGES)}")
+    progress = start_progress(f"stage 0 of {len(STAGES)}")
     try:
         outcomes, drift = [], None
         for done, stage in enumerate(STAGES, start=1):
@@ -452,7 +462,7 @@ def _run_pipeline(
                 )
             else:
                 outcomes.append(stage_task(stage, limits)(str(root), getattr(limits.stage_timeout_s, stage)))
-            update_progress_artifact(progress, 100.0 * done / len(STAGES), f"stage {done} of {len(STAGES)}: {stage}")
+            report_progress(progress, done, stage)
             if stage == "validate" and outcomes[-1]["ran"]:  # new data: does it still look like the model's?
                 drift = step_task(check_drift, limits)(str(root), str(params_file), step)
     except BaseException:
@@ -514,7 +524,7 @@ def _run_experiment(root: Path, params_file: Path, changes: list[str], name: str
     os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # the experiment's stage processes nest under it
     # One task runs every stage in DVC's copy: its timeout is theirs together.
     pipeline_s = sum(limits.stage_timeout_s.model_dump().values())
-    progress = create_progress_artifact(0.0, key="training-progress", description="DVC experiment running")
+    progress = start_progress(f"DVC experiment {name} running")
     try:
         outcomes = run_experiment.with_options(timeout_seconds=pipeline_s)(str(root), name, changes, pipeline_s)
     except BaseException:
