@@ -193,3 +193,14 @@ def test_a_component_past_its_timeout_is_killed():
     with pytest.raises(StageTimedOut, match="ran past its timeout"):
         run_component([sys.executable, "-c", "import time; time.sleep(60)"], ".", 1)
     assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+def test_dvc_internals_are_used_only_where_no_public_api_exists():
+    """Each use of DVC's Python internals (dvc.repo.Repo) in flows/ says why no public API would do."""
+    flows = Path(__file__).resolve().parents[2] / "flows"
+    for module in flows.glob("*.py"):
+        lines = module.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if "from dvc.repo import Repo" in line:
+                above = "\n".join(lines[max(0, i - 4) : i])
+                assert "DVC internals on purpose" in above, f"{module.name}:{i + 1}: say why no public DVC API fits"
