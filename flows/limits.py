@@ -215,6 +215,7 @@ def workspace_slot(root: Path, lock_file: Path, settings: OrchestrationConfig, l
     )
     with ExitStack() as stack:
         if prefect_server_configured():
+            from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
             from prefect.concurrency.sync import concurrency
 
             ensure_concurrency_limit(settings.concurrency_limit)
@@ -222,12 +223,18 @@ def workspace_slot(root: Path, lock_file: Path, settings: OrchestrationConfig, l
                 stack.enter_context(
                     concurrency(
                         settings.concurrency_limit,
-                        timeout_seconds=wait,
+                        # No wait: one try (a timeout of 0 would end before the server answers).
+                        timeout_seconds=wait or None,
+                        max_retries=None if wait else 0,
                         strict=True,
                         raise_on_lease_renewal_failure=False,
                     )
                 )
             except TimeoutError:
+                raise WorkspaceBusy(busy) from None
+            except ConcurrencySlotAcquisitionError as error:
+                if getattr(getattr(error.__cause__, "response", None), "status_code", None) != 423:  # 423: taken
+                    raise
                 raise WorkspaceBusy(busy) from None
         else:
             logger.info("no Prefect server configured: runs of this workspace queue on its file lock")
