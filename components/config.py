@@ -438,6 +438,91 @@ class DriftConfig(Section):
     )
 
 
+# The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;
+# instance attribute access still returns the section, so the warning is noise.
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+
+class StageTimeouts(Section):
+    """Seconds each stage's `dvc repro` may take before its processes are killed."""
+
+    ingest: float = Field(7200, gt=0, le=7 * 86400)
+    validate: float = Field(3600, gt=0, le=7 * 86400)
+    augment: float = Field(1800, gt=0, le=7 * 86400)
+    train_head: float = Field(7200, gt=0, le=7 * 86400)
+    finetune: float = Field(14400, gt=0, le=7 * 86400)
+    evaluate: float = Field(3600, gt=0, le=7 * 86400)
+
+
+class StageRetries(Section):
+    """Further tries of each stage after an outage or a killed process (never after a crash or bad input)."""
+
+    ingest: int = Field(2, ge=0, le=10)
+    validate: int = Field(0, ge=0, le=10)
+    augment: int = Field(1, ge=0, le=10)
+    train_head: int = Field(1, ge=0, le=10)
+    finetune: int = Field(1, ge=0, le=10)
+    evaluate: int = Field(2, ge=0, le=10)
+
+
+class OrchestrationConfig(Section):
+    """How the Prefect flows (flows/) bound a run: timeouts, retries, one run per workspace.
+
+    Trusted like every limit: no run form may change it (RUN_FORM_FORBIDDEN).
+    """
+
+    flow_timeout_s: float = Field(
+        43200,
+        gt=0,
+        le=7 * 86400,
+        description="A training or stage flow run, from the moment it holds the workspace; past it the run "
+        "ends TimedOut and frees the workspace and the deployment's queue.",
+    )
+    stage_timeout_s: StageTimeouts = StageTimeouts()
+    step_timeout_s: float = Field(
+        1800,
+        gt=0,
+        le=86400,
+        description="Every other task of the flows: preflight, drift check, export, DVC push, MLflow calls.",
+    )
+    remote_stage_timeout_s: float = Field(
+        21600,
+        gt=0,
+        le=7 * 86400,
+        description="Waiting for a stage sent to the GPU deployment (its queue time included); the remote run "
+        "is cancelled past it.",
+    )
+    workspace_wait_s: float = Field(
+        43200,
+        ge=0,
+        le=7 * 86400,
+        description="How long a run waits for another run of the same workspace to finish before it fails.",
+    )
+    concurrency_limit: str = Field(
+        "tp-workspace",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="Prefect global concurrency limit (limit 1, made if missing) every run of this workspace "
+        "takes; give workspaces that share a Prefect server different names.",
+    )
+    stage_retries: StageRetries = StageRetries()
+    retry_delays_s: list[float] = Field(
+        default_factory=lambda: [10.0, 60.0],
+        min_length=1,
+        max_length=10,
+        description="Wait before each retry of a stage (the last repeats).",
+    )
+    retry_jitter_factor: float = Field(
+        0.5, ge=0, le=2, description="Random spread of each retry delay (Prefect's retry_jitter_factor)."
+    )
+
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _delays_are_sane(cls, delays: list[float]) -> list[float]:
+        if any(not 0 <= d <= 3600 for d in delays):
+            raise ValueError("each delay must be between 0 and 3600 seconds")
+        return delays
+
+
 # --- what a deployment's run form may ask for ---------------------------------------------------------
 
 # Settings no run form may change, whatever `deployments.override_keys` says: sources and their limits,
@@ -453,6 +538,7 @@ RUN_FORM_FORBIDDEN = (
     "model.weights",
     "augment.policy",
     "deployments",
+    "orchestration",
 )
 RUN_FORM_OVERRIDE_KEYS = [
     "project.seed",
@@ -547,11 +633,6 @@ class DeploymentsConfig(Section):
         return keys
 
 
-# The stage is called `validate`, which shadows pydantic's deprecated BaseModel.validate classmethod;
-# instance attribute access still returns the section, so the warning is noise.
-warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
-
-
 class Params(Section):
     project: ProjectConfig = ProjectConfig()
     model: ModelConfig = ModelConfig()
@@ -563,6 +644,7 @@ class Params(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     drift: DriftConfig = DriftConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     deployments: DeploymentsConfig = DeploymentsConfig()
 
 

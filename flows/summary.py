@@ -60,6 +60,64 @@ def collect_experiment(root: Path, params: Params, outcomes: list[dict[str, Any]
     }
 
 
+PER_CLASS_METRICS = ("precision", "recall", "f1")
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class from metrics.json's flat `<metric>_<class>` keys (components.metrics.flat_metrics)."""
+    by_class: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        metric, _, name = key.partition("_")
+        if metric in PER_CLASS_METRICS and name:
+            by_class.setdefault(name, {"class": name})[metric] = round(float(value), 4)
+    return [by_class[name] for name in sorted(by_class)]
+
+
+def tracking_links(
+    tracking: dict[str, Any], workdir: str, run_id: str | None, promotion: dict[str, Any] | None
+) -> list[dict[str, str]]:
+    """Link artifacts (create_link_artifact arguments) to this run's MLflow parent run and model version.
+
+    With a tracking server they open its UI; with a local store (SQLite) they are the `runs:/` and
+    `models:/` URIs that MLflow's clients take. Never a credential: the server's address without user info.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    from mlflow import MlflowClient
+
+    from components.config import TrackingConfig
+    from components.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(TrackingConfig(**tracking), workdir)
+    parts = urlsplit(uri)
+    ui = None
+    if parts.scheme in ("http", "https"):
+        host = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "")
+        ui = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    links = []
+    if run_id:
+        experiment_id = MlflowClient().get_run(run_id).info.experiment_id if ui else None
+        links.append(
+            {
+                "link": f"{ui}/#/experiments/{experiment_id}/runs/{run_id}" if ui else f"runs:/{run_id}",
+                "link_text": f"MLflow run {run_id}",
+                "key": "mlflow-run",
+                "description": "The pipeline's MLflow run; each stage's run is nested under it",
+            }
+        )
+    if promotion and promotion.get("version"):
+        name, version = promotion["registered_model"], promotion["version"]
+        links.append(
+            {
+                "link": f"{ui}/#/models/{name}/versions/{version}" if ui else f"models:/{name}/{version}",
+                "link_text": f"{name} version {version}" + (" (champion)" if promotion.get("promoted") else ""),
+                "key": "mlflow-model-version",
+                "description": "The model version this run registered",
+            }
+        )
+    return links
+
+
 SUMMARY_JSON = Path("reports/run_summary.json")
 SUMMARY_MD = Path("reports/run_summary.md")
 

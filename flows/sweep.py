@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import run_forms, sweeps
 from components.config import ParamsError, load_params
+from flows.limits import workspace_slot
 from flows.training import LOCK_FILE, StageFailed, run_dvc
 
 POLL_S = 10.0
@@ -36,6 +36,7 @@ REPORT_DIR = Path("reports/sweep")
 
 def _queue_states(root: Path) -> dict[str, str]:
     """Experiment name -> Queued | Running | Success | Failed, from DVC's queue (its Python API)."""
+    # DVC internals on purpose: dvc.api has no queue status, and `dvc queue status` prints a table, no JSON.
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -128,18 +129,12 @@ def sweep_flow(
     params = load_params(params_file)
     chosen = sweeps.grid_points(grid, points)
     sweeps.check_points(params_file, chosen)  # every point valid before anything is queued
-    (root / LOCK_FILE).parent.mkdir(exist_ok=True)
-    lock = FileLock(str(root / LOCK_FILE), timeout=0)  # the same lock as training: one user of the workspace
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RuntimeError(f"another run holds the workspace {root} ({LOCK_FILE}); start the sweep after it") from None
-    try:
+    # The same slot as training (Prefect's concurrency limit, the workspace lock): one user of the workspace.
+    # The sweep's own bound is its budget.
+    with workspace_slot(root, LOCK_FILE, params.orchestration, get_run_logger()):
         names = queue_points(str(root), name, chosen)
         states = run_queue(str(root), list(names), jobs, budget_minutes * 60)
         result = report(str(root), name, names, params.tracking.model_dump())
-    finally:
-        lock.release()
     result["states"] = states
     markdown = (root / result["reports"]["md"]).read_text(encoding="utf-8")
     create_markdown_artifact(

@@ -3,7 +3,8 @@
 Each task runs `dvc repro --single-item <stage>`, so the flow and a plain `dvc repro` share one
 cache and one dvc.lock: a stage whose inputs did not change is skipped by either runner. The flow
 adds what DVC lacks: fail-fast settings checks, one run per workspace, retries for the stages that
-can fail transiently, Prefect logs, and a markdown summary artifact.
+can fail transiently, timeouts (flows/limits.py), Prefect logs, and summary, per-class metrics, link and
+progress artifacts.
 
     python -m flows.training                              # the pipeline on params.yaml
     python -m flows.training --source DIR                 # train on DIR from now on (ingest.source)
@@ -25,15 +26,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.runtime import flow_run
 
 from components import files, run_forms
 from components.config import (
+    OrchestrationConfig,
     ParamsError,
     ParamsOverrides,
     load_params,
@@ -43,34 +50,25 @@ from components.config import (
 )
 from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord
 from components.drift import DriftReport
-from components.errors import EXIT_USER_ERROR, STATUS_DIR_VARIABLE
+from components.errors import STATUS_DIR_VARIABLE
 from components.settings import environment
 from components.tracking import redact
 from flows import summary
+from flows.limits import (
+    StageFailed,
+    StageTimedOut,
+    failure,
+    flow_deadline,
+    retry_outages,
+    run_streamed,
+    workspace_slot,
+)
 from flows.notify import notify, notify_flow_failure
 
-STAGES = ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
-# Downloads and registry calls can fail transiently; validation failures are the data's, not the network's.
-STAGE_RETRIES = {"ingest": 2, "validate": 0, "augment": 1, "train_head": 1, "finetune": 1, "evaluate": 2}
+# The pipeline's stages in order (dvc.yaml); a Literal, so Prefect's run form offers exactly these.
+Stage = Literal["ingest", "validate", "augment", "train_head", "finetune", "evaluate"]
+STAGES: tuple[str, ...] = get_args(Stage)
 LOCK_FILE = Path(".tp") / "training.lock"
-
-
-class StageFailed(RuntimeError):
-    """A stage exited non-zero; the message carries the end of its output.
-
-    `retryable` is False when the stage said the input itself is at fault (settings, data, disk:
-    exit 2), so retrying the same input would only fail again.
-    """
-
-    def __init__(self, message: str, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry a stage only for failures that may pass next time."""
-    error = getattr(state, "data", None)
-    return not isinstance(error, (StageFailed, ParamsError)) or getattr(error, "retryable", False)
 
 
 def stage_outcome(status_dir: Path, stage: str) -> dict[str, Any]:
@@ -90,35 +88,32 @@ def _stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_dvc(
-    args: list[str], workdir: Path, logger: Any | None, env: dict[str, str] | None = None
+    args: list[str],
+    workdir: Path,
+    logger: Any | None,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
 ) -> tuple[int, list[str]]:
-    """Run a DVC command, streaming its output to the logger (if any); return exit code and lines."""
+    """Run a DVC command, streaming its output to the logger (if any); return exit code and lines.
+
+    Past `timeout_s` DVC and the stage process it started are killed (StageTimedOut)."""
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    proc = subprocess.Popen(
-        cmd, cwd=workdir, env=_stage_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            lines.append(line)
-            if logger is not None:
-                logger.info(line)
-    return proc.wait(), lines
+    return run_streamed(cmd, workdir, _stage_env(env), logger, timeout_s)
+
+
+def run_component(cmd: list[str], workdir: str, timeout_s: float, env: dict[str, str] | None = None):
+    """A component's CLI with a deadline: StageTimedOut (it is killed) past `timeout_s`."""
+    try:
+        return subprocess.run(cmd, cwd=workdir, env=_stage_env(env), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StageTimedOut(f"`{' '.join(cmd[2:4])}` ran past its timeout of {timeout_s:g} s") from None
 
 
 @task(name="preflight")
-def preflight(workdir: str, params_path: str) -> None:
+def preflight(workdir: str, params_path: str, timeout_s: float) -> None:
     """Check the settings against the backbone and augmentation library before any stage does work."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "components.preflight", "--params", params_path],
-        cwd=workdir,
-        env=_stage_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = run_component([sys.executable, "-m", "components.preflight", "--params", params_path], workdir, timeout_s)
     if proc.returncode != 0:
         output = proc.stderr or proc.stdout
         # Keep preflight's own message, not the libraries' start-up chatter before it.
@@ -126,8 +121,8 @@ def preflight(workdir: str, params_path: str) -> None:
     get_run_logger().info(proc.stdout.strip())
 
 
-@task(name="export-champion", retries=1, retry_delay_seconds=30)
-def export_champion(workdir: str, run_id: str) -> dict[str, Any]:
+@task(name="export-champion", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_outages)
+def export_champion(workdir: str, run_id: str, timeout_s: float) -> dict[str, Any]:
     """SavedModel + float16 TFLite of the new champion, checked against Keras, logged to its MLflow run."""
     logger = get_run_logger()
     cmd = [
@@ -145,9 +140,11 @@ def export_champion(workdir: str, run_id: str) -> dict[str, Any]:
         "--mlflow-run",
         run_id,
     ]
-    proc = subprocess.run(cmd, cwd=workdir, env=_stage_env(), capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="tp-status-") as status_dir:
+        proc = run_component(cmd, workdir, timeout_s, {STATUS_DIR_VARIABLE: status_dir})
+        outcome = stage_outcome(Path(status_dir), "export")
     if proc.returncode != 0:
-        raise StageFailed(f"export of the champion failed:\n{proc.stderr.strip()[-2000:]}")
+        raise failure("export of the champion", proc.returncode, proc.stderr.strip().splitlines(), outcome)
     logger.info(proc.stdout.strip().splitlines()[-1])
     return files.read_json(Path(workdir) / "models/export/export.json")
 
@@ -165,24 +162,25 @@ def default_remote(root: Path) -> str | None:
     return name if proc.returncode == 0 and name else None
 
 
-def push_data(root: Path, logger: Any) -> dict[str, Any]:
+def push_data(root: Path, logger: Any, timeout_s: float | None = None) -> dict[str, Any]:
     """Send data and models to the default DVC remote, so other machines (and the registry's lineage) can fetch them."""
     remote = default_remote(root)
     if remote is None:
         logger.info("no default DVC remote configured: data and models stay in the local DVC cache")
         return {"remote": None, "pushed": False}
-    code, lines = run_dvc(["push", "--run-cache"], root, logger)
+    code, lines = run_dvc(["push", "--run-cache"], root, logger, timeout_s=timeout_s)
     if code != 0:
         raise StageFailed(
             f"dvc push to remote '{remote}' failed (its URL is in `dvc remote list`); "
-            "the run's outputs are complete locally and the next run pushes them:\n" + "\n".join(lines[-10:])
+            "the run's outputs are complete locally and the next run pushes them:\n" + "\n".join(lines[-10:]),
+            retryable=True,  # a remote that did not answer
         )
     return {"remote": remote, "pushed": True}
 
 
-@task(name="push-data", retries=3, retry_delay_seconds=[10, 30, 90])
-def push_to_remote(workdir: str) -> dict[str, Any]:
-    return push_data(Path(workdir), get_run_logger())
+@task(name="push-data", retries=3, retry_delay_seconds=[10, 30, 90], retry_condition_fn=retry_outages)
+def push_to_remote(workdir: str, timeout_s: float) -> dict[str, Any]:
+    return push_data(Path(workdir), get_run_logger(), timeout_s)
 
 
 def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
@@ -195,13 +193,9 @@ def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
 
 
 def _stage_task(stage: str):
-    @task(
-        name=f"stage:{stage}",
-        retries=STAGE_RETRIES[stage],
-        retry_condition_fn=retry_if_transient,
-        retry_delay_seconds=[10, 60][: STAGE_RETRIES[stage]] or 0,
-    )
-    def run(workdir: str) -> dict[str, Any]:
+    # Timeout, retries and delays come from params.yaml at run time (`stage_task`).
+    @task(name=f"stage:{stage}", retry_condition_fn=retry_outages)
+    def run(workdir: str, timeout_s: float | None = None) -> dict[str, Any]:
         logger = get_run_logger()
         started = time.monotonic()
         root = Path(workdir)
@@ -210,16 +204,10 @@ def _stage_task(stage: str):
             return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1)}
         with tempfile.TemporaryDirectory(prefix="tp-status-") as status_dir:
             extra = {STATUS_DIR_VARIABLE: status_dir}
-            code, lines = run_dvc(["repro", "--single-item", stage], root, logger, env=extra)
+            code, lines = run_dvc(["repro", "--single-item", stage], root, logger, env=extra, timeout_s=timeout_s)
             outcome = stage_outcome(Path(status_dir), stage)
         if code != 0:
-            tail = "\n".join(lines[-25:])
-            user_error = outcome.get("exit_code") == EXIT_USER_ERROR
-            why = "input or settings: not retried" if user_error else f"dvc exit {code}"
-            raise StageFailed(
-                f"stage '{stage}' failed ({why}):\n{tail}",
-                retryable=not user_error,
-            )
+            raise failure(f"stage '{stage}'", code, lines, outcome)
         if not stage_is_current(stage, root, logger):
             raise StageFailed(f"stage '{stage}': dvc repro succeeded but dvc status still reports it changed")
         # "ran" = DVC reproduced it: executed here, or restored from DVC's run-cache (same inputs seen before).
@@ -229,6 +217,24 @@ def _stage_task(stage: str):
 
 
 STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
+
+
+def stage_task(stage: str, settings: OrchestrationConfig) -> Any:
+    """The stage's task with its timeout, retries and jittered delays from `orchestration:`."""
+    retries = getattr(settings.stage_retries, stage)
+    return STAGE_TASKS[stage].with_options(
+        timeout_seconds=getattr(settings.stage_timeout_s, stage),
+        retries=retries,
+        retry_delay_seconds=settings.retry_delays_s if retries else 0,
+        retry_jitter_factor=settings.retry_jitter_factor,
+    )
+
+
+def step_task(step: Any, settings: OrchestrationConfig) -> Any:
+    """Any other task of the flow, bounded by `orchestration.step_timeout_s`, its retries jittered."""
+    return step.with_options(timeout_seconds=settings.step_timeout_s, retry_jitter_factor=settings.retry_jitter_factor)
+
+
 STAGE_MODEL_DIRS = {"train_head": Path("models/head"), "finetune": Path("models/finetune")}
 # Stages that may be sent to a GPU work pool (TP_GPU_DEPLOYMENT names the deployment of stage_flow).
 GPU_STAGES = ("finetune",)
@@ -253,8 +259,8 @@ def git_revision(root: Path) -> str:
     return rev
 
 
-@task(name="remote-stage", retries=1, retry_delay_seconds=30)
-def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, Any]:
+@task(name="remote-stage", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_outages)
+def run_stage_remotely(stage: str, workdir: str, deployment: str, timeout_s: float | None = None) -> dict[str, Any]:
     """Send one stage to another work pool; its outputs come back through the DVC remote.
 
     The worker runs the same `dvc repro` on the committed revision with this workspace's params.yaml and
@@ -271,7 +277,9 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
     upstream = STAGES[STAGES.index(stage) - 1]
     code, lines = run_dvc(["push", "--with-deps", "--run-cache", upstream], root, logger)
     if code != 0:
-        raise StageFailed("dvc push failed: sending the stage's inputs to the DVC remote:\n" + "\n".join(lines[-15:]))
+        raise StageFailed(
+            "dvc push failed: sending the stage's inputs to the DVC remote:\n" + "\n".join(lines[-15:]), retryable=True
+        )
     parameters = {
         "stage": stage,
         "git_rev": git_revision(root),
@@ -279,18 +287,25 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
         "dvc_lock": (root / "dvc.lock").read_text(encoding="utf-8") if (root / "dvc.lock").exists() else "",
     }
     logger.info("sending stage %s to deployment %s (revision %s)", stage, deployment, parameters["git_rev"][:12])
-    remote = run_deployment(deployment, parameters=parameters, timeout=None)
-    if not remote.state or not remote.state.is_completed():
+    remote = run_deployment(deployment, parameters=parameters, timeout=timeout_s)
+    if remote.state is None or not remote.state.is_final():
+        cancel_flow_run(remote.id)
+        raise StageTimedOut(
+            f"stage '{stage}' on deployment {deployment} did not finish within {timeout_s} s "
+            f"(orchestration.remote_stage_timeout_s): flow run {remote.id} was cancelled"
+        )
+    if not remote.state.is_completed():
         raise StageFailed(
-            f"stage '{stage}' on deployment {deployment} ended {remote.state.name if remote.state else 'unknown'} "
-            f"(flow run {remote.id})"
+            f"stage '{stage}' on deployment {deployment} ended {remote.state.name} (flow run {remote.id})",
+            retryable=remote.state.is_crashed(),  # its infrastructure failed, not the stage
         )
     # `repro --pull` fetches the run-cache entry and its outputs, then checks them out. (`dvc pull <stage>`
     # cannot: this dvc.lock has no hashes for the stage yet.) A miss makes DVC run the stage here instead.
     code, lines = run_dvc(["repro", "--pull", "--single-item", stage], root, logger)
     if code != 0:
         raise StageFailed(
-            "dvc repro --pull failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:])
+            "dvc repro --pull failed: fetching the result of the remote stage:\n" + "\n".join(lines[-15:]),
+            retryable=True,
         )
     # The stage process records the Prefect flow run that ran it (TP_PREFECT_FLOW_RUN_ID) in its model folder.
     if made_by_flow_run(root, stage) != str(remote.id):
@@ -302,6 +317,15 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str) -> dict[str, A
             "where": "here (run-cache miss)",
         }
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
+
+
+def cancel_flow_run(flow_run_id: Any) -> None:
+    """Ask Prefect to cancel a flow run (its worker stops it), so a timed-out remote stage frees its GPU."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="the orchestrating run stopped waiting"), force=True)
 
 
 # The CLI's flow and the deployments' entry point are one flow to Prefect: same name, same hooks.
@@ -340,29 +364,22 @@ def training_flow(
     root = Path(workdir).resolve()
     params_file = root / params_path
     changes = overrides_to_strings(overrides)
-    load_params(params_file, ([f"ingest.source={json.dumps(source)}"] if source else []) + changes)  # fail fast
-    lock = FileLock(str(root / LOCK_FILE), timeout=0)
-    (root / LOCK_FILE).parent.mkdir(exist_ok=True)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RuntimeError(
-            f"another training run is using the workspace {root} (lock {LOCK_FILE}); "
-            "this run exits without touching params.yaml, DVC or MLflow state. Retry when it has finished."
-        ) from None
-    try:
+    settings = load_params(params_file, ([f"ingest.source={json.dumps(source)}"] if source else []) + changes)
+    limits = settings.orchestration
+    # Waiting for another run is bounded by workspace_wait_s; the run itself, once it holds the workspace,
+    # by flow_timeout_s.
+    with workspace_slot(root, LOCK_FILE, limits, logger), flow_deadline(limits.flow_timeout_s, "the training run"):
         if source:
             write_overrides(params_file, [f"ingest.source={json.dumps(source)}"])
             logger.info("params.yaml: ingest.source set to %s", redact(source))
         result = _run_pipeline(root, params_file, changes, experiment if changes else None, logger)
-    finally:
-        lock.release()
     markdown = summary.write(root, result)
     create_markdown_artifact(
         key="training-summary",
         markdown=markdown,
         description="Data, validation, metrics and registry decision of this run",
     )
+    publish_artifacts(root, settings.tracking.model_dump(), result, logger)
     promotion = result.get("promotion")
     if result["promoted_now"]:
         notify(
@@ -391,6 +408,32 @@ def training_deployment(
     return training_flow.fn(params_path, overrides, source, experiment, workdir)
 
 
+def start_progress(description: str) -> Any:
+    """The run's progress artifact (Prefect's UI shows it as a bar on the flow run), at 0 %."""
+    return create_progress_artifact(0.0, key="training-progress", description=description)
+
+
+def report_progress(progress: Any, done: int, stage: str) -> None:
+    """`done` of the six stages are behind the run, the last one `stage`."""
+    update_progress_artifact(progress, 100.0 * done / len(STAGES), f"stage {done} of {len(STAGES)}: {stage}")
+
+
+def publish_artifacts(root: Path, tracking: dict[str, Any], result: dict[str, Any], logger: Any) -> None:
+    """The test metrics per class (a table) and links to the MLflow run and model version, in Prefect's UI."""
+    rows = summary.per_class_rows(result.get("metrics") or {})
+    if rows:
+        create_table_artifact(
+            table=rows, key="test-metrics-per-class", description="Test precision, recall and F1 of each class"
+        )
+    try:
+        links = summary.tracking_links(tracking, str(root), result.get("mlflow_run_id"), result.get("promotion"))
+    except Exception as error:  # a link is a convenience: never fail a finished run over it
+        logger.warning("no MLflow links for this run: %s", type(error).__name__)
+        return
+    for link in links:
+        create_link_artifact(**link)
+
+
 def _run_pipeline(
     root: Path, params_file: Path, changes: list[str], experiment: str | None, logger: Any
 ) -> dict[str, Any]:
@@ -398,29 +441,36 @@ def _run_pipeline(
     if changes:
         return _run_experiment(root, params_file, changes, experiment or experiment_name(), logger)
     params = load_params(params_file)
-    preflight(str(root), str(params_file))
-    parent = open_pipeline_run(params.tracking.model_dump(), str(root), None)
+    limits = params.orchestration
+    step = limits.step_timeout_s
+    step_task(preflight, limits)(str(root), str(params_file), step)
+    parent = step_task(open_pipeline_run, limits)(params.tracking.model_dump(), str(root), None)
     os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
     gpu_deployment = environment().gpu_deployment
+    progress = start_progress(f"stage 0 of {len(STAGES)}")
     try:
         outcomes, drift = [], None
-        for stage in STAGES:
+        for done, stage in enumerate(STAGES, start=1):
             if drift is not None and not drift["retrain"] and drift["new_images"]:
                 outcomes.append({"stage": stage, "ran": False, "seconds": 0.0, "where": "held by drift policy"})
-                continue
-            outcomes.append(
-                run_stage_remotely(stage, str(root), gpu_deployment)
-                if gpu_deployment and stage in GPU_STAGES
-                else STAGE_TASKS[stage](str(root))
-            )
-            if stage == "validate" and outcomes[-1]["ran"]:
-                drift = check_drift(str(root), str(params_file))  # new data: does it still look like the model's?
+            elif gpu_deployment and stage in GPU_STAGES:
+                remote = limits.remote_stage_timeout_s
+                outcomes.append(
+                    run_stage_remotely.with_options(
+                        timeout_seconds=remote + step, retry_jitter_factor=limits.retry_jitter_factor
+                    )(stage, str(root), gpu_deployment, remote)
+                )
+            else:
+                outcomes.append(stage_task(stage, limits)(str(root), getattr(limits.stage_timeout_s, stage)))
+            report_progress(progress, done, stage)
+            if stage == "validate" and outcomes[-1]["ran"]:  # new data: does it still look like the model's?
+                drift = step_task(check_drift, limits)(str(root), str(params_file), step)
     except BaseException:
-        close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
+        step_task(close_pipeline_run, limits)(params.tracking.model_dump(), str(root), parent, "FAILED", {})
         raise
     finally:
         os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
-    close_pipeline_run(
+    step_task(close_pipeline_run, limits)(
         params.tracking.model_dump(),
         str(root),
         parent,
@@ -430,10 +480,11 @@ def _run_pipeline(
     )
     promotion = PromotionRecord.read_optional(root / summary.REPORTS["promotion"][0])
     promoted_now = promoted_by_this_run(promotion)
-    exported = export_champion(str(root), promotion.run_id) if promoted_now else None
-    pushed = push_to_remote(str(root))
+    exported = step_task(export_champion, limits)(str(root), promotion.run_id, step) if promoted_now else None
+    pushed = step_task(push_to_remote, limits)(str(root), step)
     return {
         **summary.collect(root, params, outcomes),
+        "mlflow_run_id": parent,
         "export": exported,
         "dvc_remote": pushed,
         "experiment": None,
@@ -458,6 +509,8 @@ def _run_experiment(root: Path, params_file: Path, changes: list[str], name: str
     experiment's settings behind. The experiment's results are read back from DVC (`dvc exp show`).
     """
     params = load_params(params_file, changes)
+    limits = params.orchestration
+    step = limits.step_timeout_s
     logger.info("experiment %s: %s (run in a temporary copy; params.yaml is not written)", name, ", ".join(changes))
     if environment().gpu_deployment:
         logger.info("experiments run here, in DVC's temporary copy: no stage goes to %s", environment().gpu_deployment)
@@ -466,17 +519,21 @@ def _run_experiment(root: Path, params_file: Path, changes: list[str], name: str
         merged = Path(scratch) / "params.yaml"
         merged.write_bytes(params_file.read_bytes())
         write_overrides(merged, changes)
-        preflight(str(root), str(merged))
-    parent = open_pipeline_run(params.tracking.model_dump(), str(root), name)
+        step_task(preflight, limits)(str(root), str(merged), step)
+    parent = step_task(open_pipeline_run, limits)(params.tracking.model_dump(), str(root), name)
     os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # the experiment's stage processes nest under it
+    # One task runs every stage in DVC's copy: its timeout is theirs together.
+    pipeline_s = sum(limits.stage_timeout_s.model_dump().values())
+    progress = start_progress(f"DVC experiment {name} running")
     try:
-        outcomes = run_experiment(str(root), name, changes)
+        outcomes = run_experiment.with_options(timeout_seconds=pipeline_s)(str(root), name, changes, pipeline_s)
     except BaseException:
-        close_pipeline_run(params.tracking.model_dump(), str(root), parent, "FAILED", {})
+        step_task(close_pipeline_run, limits)(params.tracking.model_dump(), str(root), parent, "FAILED", {})
         raise
     finally:
         os.environ.pop("TP_MLFLOW_PARENT_RUN_ID", None)
-    close_pipeline_run(
+    update_progress_artifact(progress, 100.0, f"DVC experiment {name} done")
+    step_task(close_pipeline_run, limits)(
         params.tracking.model_dump(),
         str(root),
         parent,
@@ -493,9 +550,10 @@ def _run_experiment(root: Path, params_file: Path, changes: list[str], name: str
             name,
             name,
         )
-    pushed = push_to_remote(str(root))
+    pushed = step_task(push_to_remote, limits)(str(root), step)
     return {
         **result,
+        "mlflow_run_id": parent,
         "export": None,
         "dvc_remote": pushed,
         "experiment": name,
@@ -525,6 +583,8 @@ def copied_into_experiments(root: Path) -> list[str]:
     DVC copies a file only into a folder that exists there, so an uncached file goes with its folder
     (cached outputs copied along are checked out again by DVC anyway).
     """
+    # DVC internals on purpose: no public API (dvc.api, the CLI's --json outputs) lists a stage's outputs
+    # with their `cache` flag; dvc.yaml alone would miss the `metrics:` and `plots:` outputs DVC adds.
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
@@ -535,7 +595,7 @@ def copied_into_experiments(root: Path) -> list[str]:
 
 
 @task(name="dvc-experiment")
-def run_experiment(workdir: str, name: str, changes: list[str]) -> list[dict[str, Any]]:
+def run_experiment(workdir: str, name: str, changes: list[str], timeout_s: float | None = None) -> list[dict[str, Any]]:
     """`dvc exp run --temp -n NAME -S ...`: the whole pipeline in DVC's temporary copy, saved as an experiment."""
     root = Path(workdir)
     args = ["exp", "run", "--temp", "--name", name]
@@ -543,7 +603,7 @@ def run_experiment(workdir: str, name: str, changes: list[str]) -> list[dict[str
         args += ["--copy-paths", path]
     for change in changes:
         args += ["--set-param", change]
-    code, lines = run_dvc(args, root, get_run_logger())
+    code, lines = run_dvc(args, root, get_run_logger(), timeout_s=timeout_s)
     if code != 0:
         raise StageFailed(f"experiment {name} failed:\n" + "\n".join(lines[-25:]), retryable=False)
     return experiment_outcomes(lines)
@@ -554,7 +614,7 @@ LAST_MODEL = Path("models/finetune")  # the workspace's last trained model; its 
 
 
 @task(name="drift-check")
-def check_drift(workdir: str, params_path: str) -> dict[str, Any] | None:
+def check_drift(workdir: str, params_path: str, timeout_s: float | None = None) -> dict[str, Any] | None:
     """Compare the newly validated images with the last trained model's data (components.drift_check);
     None when there is no earlier model with a reference. The policy (drift.policy) decides retraining."""
     logger = get_run_logger()
@@ -575,7 +635,7 @@ def check_drift(workdir: str, params_path: str) -> dict[str, Any] | None:
         "--out",
         str(DRIFT_REPORT),
     ]
-    proc = subprocess.run(cmd, cwd=root, env=_stage_env(), capture_output=True, text=True)
+    proc = run_component(cmd, str(root), timeout_s)
     if proc.returncode != 0:
         raise StageFailed(f"drift check failed:\n{proc.stderr.strip()[-2000:]}", retryable=False)
     logger.info(proc.stdout.strip().splitlines()[-1])
@@ -585,7 +645,8 @@ def check_drift(workdir: str, params_path: str) -> dict[str, Any] | None:
     return report.model_dump(mode="json")
 
 
-@task(name="mlflow-pipeline-run", retries=2, retry_delay_seconds=10)
+# MLflow calls are retried by the tracking retry policy (tracking.retry_attempts), not a second time by Prefect.
+@task(name="mlflow-pipeline-run")
 def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | None) -> str:
     """One MLflow parent run per flow run: the stage runs nest under it (one row per pipeline run)."""
     from components.config import TrackingConfig
@@ -599,7 +660,7 @@ def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | 
     return start_pipeline_run(TrackingConfig(**tracking), name, tags, workspace=workdir)[1]
 
 
-@task(name="mlflow-pipeline-run-end", retries=2, retry_delay_seconds=10)
+@task(name="mlflow-pipeline-run-end")
 def close_pipeline_run(
     tracking: dict[str, Any],
     workdir: str,
@@ -611,15 +672,17 @@ def close_pipeline_run(
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking import setup_mlflow
+    from components.tracking import RetryPolicy, setup_mlflow, with_retries
 
-    setup_mlflow(TrackingConfig(**tracking), workspace=workdir)
+    config = TrackingConfig(**tracking)
+    policy = RetryPolicy.from_config(config)
+    with_retries("reach the tracking server", setup_mlflow, config, workdir, policy=policy)
     client = MlflowClient()
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        with_retries("tag the pipeline run", client.set_tag, run_id, key, value, policy=policy)
     for artifact in artifacts or []:
-        client.log_artifact(run_id, str(Path(workdir) / artifact))
-    client.set_terminated(run_id, status)
+        with_retries("log an artifact", client.log_artifact, run_id, str(Path(workdir) / artifact), policy=policy)
+    with_retries("end the pipeline run", client.set_terminated, run_id, status, policy=policy)
 
 
 def experiment_name() -> str:
@@ -629,7 +692,7 @@ def experiment_name() -> str:
 
 @flow(name="stage", log_prints=True)
 def stage_flow(
-    stage: str,
+    stage: Stage,
     git_rev: str | None = None,
     params_yaml: str | None = None,
     dvc_lock: str | None = None,
@@ -641,11 +704,28 @@ def stage_flow(
     from the DVC remote, runs the stage, and pushes its outputs with DVC's run-cache entry. Its
     parameters come from a run form (untrusted): `git_rev` must be a commit on a `deployments.git_refs`
     branch, and `params_yaml` may differ from that commit's params.yaml only in keys a form may
-    override (components/run_forms.py); `workdir` is the worker's workspace, `.` only.
+    override (components/run_forms.py); `workdir` is the worker's workspace, `.` only. Its timeouts are
+    the worker's own (`orchestration:` of its params.yaml, which no form may change).
     """
     # A deployment's run form: untrusted. Checked against this worker's own params.yaml before anything runs.
     rules = run_forms.check_stage_form(stage, STAGES, git_rev, dvc_lock, workdir)
     root = Path.cwd().resolve()
+    limits = load_params(root / "params.yaml").orchestration  # the worker's trusted settings, read before any write
+    with flow_deadline(limits.flow_timeout_s, f"stage run {stage}"):
+        _run_stage_here(stage, git_rev, params_yaml, dvc_lock, root, rules, limits)
+    return {"stage": stage, "git_rev": git_rev}
+
+
+def _run_stage_here(
+    stage: str,
+    git_rev: str | None,
+    params_yaml: str | None,
+    dvc_lock: str | None,
+    root: Path,
+    rules: Any,
+    limits: OrchestrationConfig,
+) -> None:
+    """stage_flow's work once its form passed: check out, pull, reproduce, push (each DVC command bounded)."""
     baseline = (root / "params.yaml").read_text(encoding="utf-8")
     if git_rev:
         subprocess.run(["git", "fetch", "--quiet", "origin"], cwd=root, capture_output=True, text=True)
@@ -667,15 +747,15 @@ def stage_flow(
         (root / "dvc.lock").write_text(dvc_lock, encoding="utf-8")
     load_params(root / "params.yaml")  # fail fast here too
     upstream = STAGES[: STAGES.index(stage)]
-    for args in ([["pull", "--with-deps", upstream[-1]]] if upstream else []) + [
-        ["repro", "--single-item", stage],
-        ["push", "--run-cache", stage],
+    step, repro = limits.step_timeout_s, getattr(limits.stage_timeout_s, stage)
+    for args, timeout_s in ([(["pull", "--with-deps", upstream[-1]], step)] if upstream else []) + [
+        (["repro", "--single-item", stage], repro),
+        (["push", "--run-cache", stage], step),
     ]:
-        code, lines = run_dvc(args, root, logger)
+        code, lines = run_dvc(args, root, logger, timeout_s=timeout_s)
         if code != 0:
             raise StageFailed(f"dvc {' '.join(args)} failed on the worker:\n" + "\n".join(lines[-25:]))
     push_uncached_outputs(root, stage)
-    return {"stage": stage, "git_rev": git_rev}
 
 
 def push_uncached_outputs(root: Path, stage: str) -> int:
@@ -685,6 +765,9 @@ def push_uncached_outputs(root: Path, stage: str) -> int:
     uncached ones there too, but `dvc push --run-cache` never sends those: without this the
     orchestrator's `repro --pull` misses and trains the stage a second time.
     """
+    # DVC internals on purpose: dvc.api has no push (only reads: open, read, DVCFileSystem, exp_show, ...),
+    # and the `dvc push` command skips `cache: false` outputs whatever its targets. Pinned by the lock file;
+    # tests/integration/test_remote_stage.py fails if these calls change.
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:

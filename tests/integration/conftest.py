@@ -20,6 +20,7 @@ TINY_SETTINGS = {
     "train_head": {"epochs": 30, "batch_size": 16, "augmented_copies": 1, "early_stopping_patience": 8},
     "finetune": {"epochs": 1, "batch_size": 16, "unfreeze_layers": 10, "warmup_epochs": 0},
     "evaluate": {"batch_size": 16, "worst_examples": 4, "promotion": {"min_accuracy": 0.0}},
+    "orchestration": {"workspace_wait_s": 0},  # a run that finds the workspace busy fails at once, not after hours
 }
 
 

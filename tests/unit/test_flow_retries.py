@@ -1,19 +1,95 @@
-"""The flow retries a stage only when a second try may pass: never for bad settings or data (exit 2)."""
+"""The flow retries only what may pass on a second try (outages, killed processes), and nothing runs forever.
+
+Real processes: a stage CLI that crashes, one whose service is down, one killed by a signal, one that hangs.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
+import pytest
+
+from components.config import OrchestrationConfig, ParamsError
 from components.errors import EXIT_USER_ERROR, cli_errors
 from components.tracking import TrackingUnavailable
+from flows.limits import StageFailed, StageTimedOut, failure, retry_outages, run_streamed
 
 
 def _failed(error: BaseException) -> SimpleNamespace:
     return SimpleNamespace(data=error)  # what Prefect hands retry_condition_fn for a raised exception
 
 
-def test_user_errors_are_not_retried_and_outages_are(monkeypatch, tmp_path):
-    from flows.training import StageFailed, retry_if_transient, stage_outcome
+# A stage CLI under components.errors.cli_errors, ending the way argv[1] says.
+STAGE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from components.errors import cli_errors
+    from components.tracking import TrackingUnavailable
+
+    @cli_errors("train_head")
+    def main():
+        how = sys.argv[1]
+        if how == "crash":
+            raise KeyError("a bug")
+        if how == "outage":
+            raise TrackingUnavailable("MLflow at http://127.0.0.1:1 failed to log after 4 attempts")
+        if how == "bad-input":
+            return 2
+        os.kill(os.getpid(), getattr(signal, how))
+
+    sys.exit(main())
+    """
+)
+
+
+def run_stage(how: str, tmp_path: Path) -> StageFailed:
+    """Run the fake stage the way the flow does (own process group, status folder) and classify its end."""
+    from flows.training import stage_outcome
+
+    env = {**os.environ, "TP_STATUS_DIR": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
+    code, lines = run_streamed([sys.executable, "-c", STAGE_SCRIPT, how], Path.cwd(), env, None, 60)
+    assert code != 0
+    return failure("stage 'train_head'", code, lines, stage_outcome(tmp_path, "train_head"))
+
+
+@pytest.mark.parametrize(
+    ("how", "retried", "why"),
+    [
+        ("crash", False, "crashed (a bug): not retried"),
+        ("outage", True, "a service did not answer: retried"),
+        ("bad-input", False, "input or settings: not retried"),
+        ("SIGKILL", True, "killed by a signal: retried"),  # OOM killer, preemption
+        ("SIGSEGV", False, "not retried"),  # a crash in native code comes from inside, like a traceback
+    ],
+)
+def test_crashes_are_not_retried_outages_and_killed_processes_are(how, retried, why, tmp_path):
+    error = run_stage(how, tmp_path)
+    assert why in str(error)
+    assert error.retryable is retried
+    assert retry_outages(None, None, _failed(error)) is retried
+
+
+def test_a_killed_stage_is_recognised_through_dvc_s_report():
+    # dvc repro exits 255 and names the stage command's status: minus the signal, or 128 + it from a shell.
+    for said in ("exited with -9", "exited with 137", "exited with 143"):
+        lines = ["Running stage 'finetune':", f"ERROR: failed to reproduce 'finetune': failed to run: python, {said}"]
+        assert failure("stage 'finetune'", 255, lines, {}).retryable, said
+    lines = ["ERROR: failed to reproduce 'finetune': failed to run: python, exited with 1"]  # died before cli_errors
+    assert not failure("stage 'finetune'", 255, lines, {}).retryable
+    assert not failure("stage 'finetune'", 255, ["exited with 139"], {}).retryable  # SIGSEGV
+
+
+def test_outcomes_are_recorded_for_the_retry_decision(monkeypatch, tmp_path):
+    from flows.training import stage_outcome
 
     monkeypatch.setenv("TP_STATUS_DIR", str(tmp_path))
 
@@ -30,6 +106,101 @@ def test_user_errors_are_not_retried_and_outages_are(monkeypatch, tmp_path):
     assert stage_outcome(tmp_path, "evaluate")["kind"] == "unavailable"
     assert stage_outcome(tmp_path, "finetune") == {}
 
-    assert not retry_if_transient(None, None, _failed(StageFailed("validate failed", retryable=False)))
-    assert retry_if_transient(None, None, _failed(StageFailed("evaluate failed")))
-    assert retry_if_transient(None, None, _failed(ConnectionError("reset by peer")))
+
+def test_only_outages_and_timeouts_are_retried_among_other_errors():
+    assert retry_outages(None, None, _failed(ConnectionError("reset by peer")))
+    assert retry_outages(None, None, _failed(StageTimedOut("ran past its timeout")))
+    assert retry_outages(None, None, _failed(TrackingUnavailable("down")))
+    assert not retry_outages(None, None, _failed(KeyError("a bug in the flow")))
+    assert not retry_outages(None, None, _failed(ParamsError("epochs: -1")))
+    assert not retry_outages(None, None, _failed(StageFailed("validate failed")))
+
+
+HANGING = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(f"started pid {sleeper.pid}", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_hung_stage_times_out_and_its_processes_are_killed(monkeypatch, tmp_path):
+    import logging
+
+    import flows.training as training
+
+    def hanging_dvc(args, workdir, logger, env=None, timeout_s=None):
+        return run_streamed([sys.executable, "-c", HANGING], workdir, dict(os.environ), logger, timeout_s)
+
+    monkeypatch.setattr(training, "run_dvc", hanging_dvc)
+    monkeypatch.setattr(training, "stage_is_current", lambda *args: False)
+    monkeypatch.setattr(training, "get_run_logger", lambda: logging.getLogger("test"))
+    started = time.monotonic()
+    with pytest.raises(StageTimedOut, match="ran past its timeout of 2 s") as timed_out:
+        training.STAGE_TASKS["finetune"].fn(str(tmp_path), timeout_s=2)
+    assert time.monotonic() - started < 20
+    assert retry_outages(None, None, _failed(timed_out.value))
+    child = int(re.search(r"started pid (\d+)", str(timed_out.value))[1])  # the stage's output ends the message
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the stage's child process outlived its timeout"
+        time.sleep(0.1)
+
+
+def test_an_interrupted_command_takes_its_processes_with_it(tmp_path):
+    """A Prefect timeout or cancellation raised into the task's thread kills the command too."""
+    marker = tmp_path / "pid"
+    script = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_streamed([sys.executable, "-c", script], tmp_path, dict(os.environ), None, None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(marker.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_stage_tasks_take_timeout_retries_and_jitter_from_the_settings():
+    from flows.training import STAGES, export_champion, stage_task, step_task
+
+    settings = OrchestrationConfig(
+        stage_timeout_s={"finetune": 123.0}, stage_retries={"finetune": 3, "validate": 0}, retry_jitter_factor=0.25
+    )
+    finetune = stage_task("finetune", settings)
+    assert (finetune.timeout_seconds, finetune.retries, finetune.retry_jitter_factor) == (123.0, 3, 0.25)
+    assert finetune.retry_delay_seconds == settings.retry_delays_s
+    assert finetune.retry_condition_fn is retry_outages
+    assert stage_task("validate", settings).retries == 0
+    assert {s: stage_task(s, OrchestrationConfig()).timeout_seconds for s in STAGES} == dict(
+        OrchestrationConfig().stage_timeout_s
+    )
+    export = step_task(export_champion, settings)
+    assert (export.timeout_seconds, export.retry_condition_fn) == (settings.step_timeout_s, retry_outages)
+
+
+def test_a_component_past_its_timeout_is_killed():
+    from flows.training import run_component
+
+    with pytest.raises(StageTimedOut, match="ran past its timeout"):
+        run_component([sys.executable, "-c", "import time; time.sleep(60)"], ".", 1)
+    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+def test_dvc_internals_are_used_only_where_no_public_api_exists():
+    """Each use of DVC's Python internals (dvc.repo.Repo) in flows/ says why no public API would do."""
+    flows = Path(__file__).resolve().parents[2] / "flows"
+    for module in flows.glob("*.py"):
+        lines = module.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if "from dvc.repo import Repo" in line:
+                above = "\n".join(lines[max(0, i - 4) : i])
+                assert "DVC internals on purpose" in above, f"{module.name}:{i + 1}: say why no public DVC API fits"

@@ -192,6 +192,8 @@ def test_batch_predict_refuses_another_settings_file(workspace, monkeypatch):
         ("evaluate.experiments.promote=true", "evaluate.experiments is a limit"),
         ("model.weights=/tmp/evil.h5", "model.weights is a limit"),
         ("drift.policy=alert", "not in deployments.override_keys"),
+        ("orchestration.flow_timeout_s=604800", "orchestration is a limit"),
+        ("orchestration.stage_retries.finetune=10", "orchestration is a limit"),
     ],
 )
 def test_training_refuses_overrides_of_keys_that_are_not_allow_listed(workspace, monkeypatch, override, why):
@@ -309,6 +311,7 @@ def test_stage_refuses_a_git_rev_that_is_not_a_commit_on_an_allowed_branch(worke
         ({"validate": {"max_image_bytes": 2147483648}}, "validate.max_image_bytes"),
         ({"deployments": {"input_roots": ["/"]}}, "deployments.input_roots"),
         ({"ingest": {"source": "/etc"}}, "ingest.source"),
+        ({"orchestration": {"flow_timeout_s": 604800}}, "orchestration.flow_timeout_s"),
     ],
 )
 def test_stage_refuses_params_yaml_that_changes_a_limit(worker, monkeypatch, change, refused_key):
