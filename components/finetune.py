@@ -325,7 +325,6 @@ def run_finetune(
         raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
 
     checkpoint_dir = Path(checkpoint_root) / checkpoint_key(params, manifest, policy_path, head_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_id_path = checkpoint_dir / RUN_ID_FILE
     previous_run = run_id_path.read_text().strip() if run_id_path.is_file() else None
     with tracking.stage_run(
@@ -334,6 +333,7 @@ def run_finetune(
         {"head_run_id": head_info.run_id, "data_version": hashing.manifest_version(manifest)},
         run_id=previous_run,
     ) as (client, run_id, experiment_id):  # ends FAILED on any error: the checkpoint stays, the next run resumes
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)  # only now: a run refused at the start leaves nothing
         run_id_path.write_text(run_id)  # a resumed run continues this MLflow run
         strategy = _distribution(device)
         batch_size = config.batch_size * strategy.num_replicas_in_sync

@@ -134,6 +134,8 @@ def test_training_stages_refuse_to_start_while_the_server_is_down(outage: dict[s
         ), result["out"][-3000:]
         assert "Traceback" not in result["out"] and "Epoch 1/" not in result["out"]  # failed before training
         assert not (outage["down_dir"] / stage).exists()
+    checkpoints = outage["ws"] / ".checkpoints" / "finetune"  # a refused finetune leaves no checkpoint folder
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
 
 
 def test_after_the_server_returns_repro_only_evaluates_and_registers(outage: dict[str, Any]) -> None:
