@@ -183,23 +183,28 @@ def push_to_remote(workdir: str, timeout_s: float) -> dict[str, Any]:
     return push_data(Path(workdir), get_run_logger(), timeout_s)
 
 
-def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
-    """DVC's own answer: are the stage's deps, params, code and outs unchanged since its last run?"""
-    code, lines = run_dvc(["status", "--json", stage], root, logger=None)
+def changed_stages(root: Path, stage: str | None = None) -> set[str]:
+    """DVC's own answer: the stages (all, or `stage` alone) whose deps, params, code or outs changed."""
+    code, lines = run_dvc(["status", "--json", *([stage] if stage else [])], root, logger=None)
     if code != 0:
-        raise StageFailed(f"dvc status {stage} failed:\n" + "\n".join(lines[-15:]))
-    report = json.loads("".join(lines) or "{}")
-    return stage not in report and f"dvc.yaml:{stage}" not in report
+        raise StageFailed(f"dvc status {stage or ''} failed:\n" + "\n".join(lines[-15:]))
+    return {key.removeprefix("dvc.yaml:") for key in json.loads("".join(lines) or "{}")}
+
+
+def stage_is_current(stage: str, root: Path, logger: Any) -> bool:
+    """Is the stage unchanged since its last run (its deps, params, code and outs)?"""
+    return stage not in changed_stages(root, stage)
 
 
 def _stage_task(stage: str):
     # Timeout, retries and delays come from params.yaml at run time (`stage_task`).
     @task(name=f"stage:{stage}", retry_condition_fn=retry_outages)
-    def run(workdir: str, timeout_s: float | None = None) -> dict[str, Any]:
+    def run(workdir: str, timeout_s: float | None = None, known_current: bool = False) -> dict[str, Any]:
+        """`known_current`: the flow's one `dvc status` of the whole pipeline already said so."""
         logger = get_run_logger()
         started = time.monotonic()
         root = Path(workdir)
-        if stage_is_current(stage, root, logger):
+        if known_current or stage_is_current(stage, root, logger):
             logger.info("stage %s is up to date (dvc status): skipped", stage)
             return {"stage": stage, "ran": False, "seconds": round(time.monotonic() - started, 1)}
         with tempfile.TemporaryDirectory(prefix="tp-status-") as status_dir:
@@ -448,7 +453,10 @@ def _run_pipeline(
     os.environ["TP_MLFLOW_PARENT_RUN_ID"] = parent  # stage processes nest their MLflow runs under it
     gpu_deployment = environment().gpu_deployment
     progress = start_progress(f"stage 0 of {len(STAGES)}")
+    # One `dvc status` for the pipeline (a nightly run with nothing new costs one DVC start, not six):
+    # it holds for each stage until a stage before it reproduces and so changes what it depends on.
     try:
+        changed_at_start = changed_stages(root)
         outcomes, drift = [], None
         for done, stage in enumerate(STAGES, start=1):
             if drift is not None and not drift["retrain"] and drift["new_images"]:
@@ -461,7 +469,10 @@ def _run_pipeline(
                     )(stage, str(root), gpu_deployment, remote)
                 )
             else:
-                outcomes.append(stage_task(stage, limits)(str(root), getattr(limits.stage_timeout_s, stage)))
+                known_current = stage not in changed_at_start and not any(o["ran"] for o in outcomes)
+                outcomes.append(
+                    stage_task(stage, limits)(str(root), getattr(limits.stage_timeout_s, stage), known_current)
+                )
             report_progress(progress, done, stage)
             if stage == "validate" and outcomes[-1]["ran"]:  # new data: does it still look like the model's?
                 drift = step_task(check_drift, limits)(str(root), str(params_file), step)

@@ -100,12 +100,16 @@ def test_flow_registers_first_model_as_champion_with_tracked_runs(trained):
     assert any(path.endswith(".tflite") for path in artifacts), artifacts
 
 
-def test_second_run_with_nothing_changed_skips_every_stage(trained):
-    from flows.training import training_flow
+def test_second_run_with_nothing_changed_skips_every_stage(trained, monkeypatch: pytest.MonkeyPatch):
+    from flows import training
 
     workspace, _ = trained
-    again = training_flow(workdir=str(workspace))
+    dvc_commands = []
+    run_dvc = training.run_dvc
+    monkeypatch.setattr(training, "run_dvc", lambda args, *a, **k: dvc_commands.append(args) or run_dvc(args, *a, **k))
+    again = training.training_flow(workdir=str(workspace))
     assert again["all_skipped"]
+    assert [args for args in dvc_commands if args[0] == "status"] == [["status", "--json"]]  # one, for all six
     assert len(mlflow_client(workspace).search_model_versions("name='image-classifier'")) == 1
 
 
