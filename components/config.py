@@ -505,6 +505,12 @@ class OrchestrationConfig(Section):
         "takes; give workspaces that share a Prefect server different names.",
     )
     stage_retries: StageRetries = StageRetries()
+    predict_timeout_s: float = Field(
+        7200, gt=0, le=7 * 86400, description="Scoring one batch-prediction request (flows/predict.py)."
+    )
+    predict_retries: int = Field(
+        2, ge=0, le=10, description="Further tries of a batch prediction after an outage (never after bad input)."
+    )
     retry_delays_s: list[float] = Field(
         default_factory=lambda: [10.0, 60.0],
         min_length=1,

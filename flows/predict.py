@@ -16,10 +16,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import run_forms
-from components.config import load_params
+from components.config import OrchestrationConfig, load_params
+from flows.limits import flow_deadline, retry_outages
 
 
-@task(name="score-images", retries=2, retry_delay_seconds=[10, 60])
+@task(name="score-images", retry_condition_fn=retry_outages)  # timeout and retries: orchestration settings
 def score_images(model_uri: str, inputs: str, out_csv: str, batch_size: int) -> dict:
     from components.predict import run_predict
 
@@ -30,6 +31,16 @@ def score_images(model_uri: str, inputs: str, out_csv: str, batch_size: int) -> 
         "n_failed": result.n_failed,
         "engine": result.engine,
     }
+
+
+def scoring_task(limits: OrchestrationConfig):
+    """score_images bounded by `orchestration.predict_timeout_s`, retried only after an outage."""
+    return score_images.with_options(
+        timeout_seconds=limits.predict_timeout_s,
+        retries=limits.predict_retries,
+        retry_delay_seconds=limits.retry_delays_s if limits.predict_retries else 0,
+        retry_jitter_factor=limits.retry_jitter_factor,
+    )
 
 
 @flow(name="batch-predict", log_prints=True)
@@ -48,7 +59,9 @@ def batch_predict_flow(
     use_tracking_uri(resolve_tracking_uri(params.tracking, Path(params_path).resolve().parent))
     model_uri = model_uri or f"models:/{params.tracking.registered_model}@champion"
     logger.info("scoring %s with %s from %s", inputs, model_uri, shown_uri())
-    result = score_images(model_uri, inputs, out_csv, batch_size)
+    limits = params.orchestration
+    with flow_deadline(limits.flow_timeout_s, "the batch prediction"):
+        result = scoring_task(limits)(model_uri, inputs, out_csv, batch_size)
     create_markdown_artifact(
         key="batch-predictions",
         markdown=f"# Batch prediction\n\n- model: `{model_uri}`\n- inputs: `{inputs}`\n"

@@ -187,6 +187,18 @@ def test_stage_tasks_take_timeout_retries_and_jitter_from_the_settings():
     assert (export.timeout_seconds, export.retry_condition_fn) == (settings.step_timeout_s, retry_outages)
 
 
+def test_batch_prediction_is_bounded_and_retried_only_after_an_outage():
+    from flows.predict import scoring_task
+
+    settings = OrchestrationConfig(predict_timeout_s=30.0, predict_retries=1, retry_jitter_factor=0.25)
+    scoring = scoring_task(settings)
+    assert (scoring.timeout_seconds, scoring.retries, scoring.retry_jitter_factor) == (30.0, 1, 0.25)
+    assert scoring.retry_condition_fn is retry_outages
+    assert retry_outages(None, None, _failed(TrackingUnavailable("registry down")))  # an outage: retried
+    assert not retry_outages(None, None, _failed(ValueError("photos/: no images found")))  # bad input: not
+    assert scoring_task(OrchestrationConfig(predict_retries=0)).retry_delay_seconds == 0
+
+
 def test_a_component_past_its_timeout_is_killed():
     from flows.training import run_component
 
