@@ -19,6 +19,8 @@ from components.config import parse_params
 from components.evaluate import run_evaluate
 from tests.evalkit import CLASSES, free_port, make_model_dir, start_mlflow_server, stop, write_manifest
 
+pytestmark = pytest.mark.slow  # starts an MLflow server: `make test` runs it, `make test-fast` does not
+
 NAME = "image-classifier"
 SECRET = "s3cret-pw"
 

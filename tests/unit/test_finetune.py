@@ -14,6 +14,8 @@ from components.config import ParamsError
 from components.finetune import decide_flip_tta, run_finetune
 from tests.modelkit import tiny_params, train_tiny_head
 
+pytestmark = pytest.mark.slow  # trains models: `make test` runs it, `make test-fast` does not
+
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):

@@ -15,6 +15,8 @@ from components.backbones import build_classifier, feature_extractor
 from components.config import ModelConfig, TrainHeadConfig
 from tests.conftest import COLORS, write_image
 
+pytestmark = pytest.mark.slow  # exports models to ONNX: `make test` runs it, `make test-fast` does not
+
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 FEATURE_TOLERANCE = 1e-4  # pooled MobileNetV2 features lie in 0..6
