@@ -35,6 +35,9 @@ from PIL import Image, UnidentifiedImageError
 GENERIC_MESSAGE = "not a usable image"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 DEFAULT_MAX_PIXELS = 80_000_000  # validate.max_pixels' default
+# Bump when the same bytes decode to other pixels: caches of what decoded images gave (features,
+# perceptual hashes) include it. 2: EXIF orientation applied.
+DECODE_VERSION = 2
 ORIENTATION_TAG = 0x0112
 UNREADABLE_ORIENTATION = "EXIF orientation unreadable: used as stored"
 # EXIF orientation -> the transpose that turns the stored pixels upright (as ImageOps.exif_transpose).
