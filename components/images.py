@@ -8,6 +8,13 @@ PNG, larger than the outer header says) meet Pillow's own pixel check, set to ou
 are decoded, and the decoded size is checked again. Whatever goes wrong, an untrusted caller sees the
 same message (`UnusableImage`, str() = "not a usable image"); the reason is kept in `.reason`
 for our own reports (validation's quarantine list, logs).
+
+EXIF orientation (tag 0x0112, 1-8) is applied here, so every consumer sees the image upright as a
+phone shows it: the same transposes as Pillow's `ImageOps.exif_transpose`, without its copy of an
+untagged image or its rewrite of the (untrusted) EXIF/XMP blocks. An orientation that cannot be
+read (malformed EXIF, a value outside 1-8) leaves the image as stored and says so in `ImageFacts.note`
+(ingest's report counts them); it does not make the image unusable: its pixels are fine, and serving,
+which cannot quarantine, must treat it the same way as training did. Facts report the upright size.
 """
 
 from __future__ import annotations
@@ -28,6 +35,22 @@ from PIL import Image, UnidentifiedImageError
 GENERIC_MESSAGE = "not a usable image"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 DEFAULT_MAX_PIXELS = 80_000_000  # validate.max_pixels' default
+# Bump when the same bytes decode to other pixels: caches of what decoded images gave (features,
+# perceptual hashes) include it. 2: EXIF orientation applied.
+DECODE_VERSION = 2
+ORIENTATION_TAG = 0x0112
+UNREADABLE_ORIENTATION = "EXIF orientation unreadable: used as stored"
+# EXIF orientation -> the transpose that turns the stored pixels upright (as ImageOps.exif_transpose).
+UPRIGHT_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SWAPS_AXES = (5, 6, 7, 8)
 # Ours runs first, from the header. Pillow's own check also guards images inside images (an ICO's or
 # ICNS's embedded PNG, whose size the outer header does not tell), so it is kept on, at our cap: each
 # decode sets it to its own limit, and its warning is an error while we decode.
@@ -79,8 +102,10 @@ class ImageLimits:
 class ImageFacts:
     format: str
     mode: str
-    width: int
+    width: int  # upright: after the EXIF orientation (5-8 swap the stored width and height)
     height: int
+    orientation: int = 1  # the EXIF orientation applied (1: none, or unreadable)
+    note: str = ""  # why the orientation was not applied ('' when it was, or there was none)
 
 
 def read_limited(source: str | Path | bytes | bytearray | memoryview | BinaryIO, max_bytes: int) -> bytes:
@@ -184,13 +209,37 @@ def inspect_image(source: str | Path | bytes | BinaryIO, limits: ImageLimits) ->
         with _guarded(limits):
             img.load()
         _check_pixels(img, limits)  # loading can change the size (ICO, ICNS): the decoded one counts
-        return ImageFacts(img.format or "", img.mode, img.width, img.height)
+        orientation, note = exif_orientation(img)
+        width, height = (img.height, img.width) if orientation in SWAPS_AXES else (img.width, img.height)
+        return ImageFacts(img.format or "", img.mode, width, height, orientation, note)
     except (MemoryError, UnusableImage):
         raise
     except Exception as exc:  # corrupt files raise many types (OSError, SyntaxError, struct.error, ...)
         raise UnusableImage(f"cannot decode: {exc or type(exc).__name__}") from None
     finally:
         img.close()
+
+
+def exif_orientation(img: Image.Image) -> tuple[int, str]:
+    """The EXIF orientation of a loaded image (1 when it has none) and '' , or (1, a note) when unreadable.
+
+    The EXIF block is untrusted: Pillow parses at most one IFD of a block the byte cap already bounds
+    (no loop can run away), and any error it raises means "unreadable", not "unusable". Read after
+    `load()`: a PNG's eXIf chunk may follow its pixels.
+    """
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF raises many types (SyntaxError, struct.error, ValueError, ...)
+        return 1, UNREADABLE_ORIENTATION
+    if type(value) is int and 1 <= value <= 8:
+        return value, ""
+    return 1, UNREADABLE_ORIENTATION
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """`img` transposed as EXIF `orientation` says (the same image when 1)."""
+    method = UPRIGHT_TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -210,7 +259,10 @@ def decode_rgb(
     """A (size, size, 3) uint8 RGB array from an image file, buffer or stream, within `limits`.
 
     `charge`, given, is called with the image's pixel count from its header before any pixel is decoded
-    (a served request's decode budget); whatever it raises propagates."""
+    (a served request's decode budget); whatever it raises propagates. The array is upright (EXIF
+    orientation applied before the resize, exactly as `ImageOps.exif_transpose` would: turning the small
+    square after it would be cheaper, but Pillow's two-pass resize then rounds a 90-degree turn differently,
+    enough to move a flat image's perceptual hash by 18 of 128 bits)."""
     data = read_limited(source, limits.max_bytes)
     img = _open(data, limits)
     if charge is not None:
@@ -224,7 +276,8 @@ def decode_rgb(
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
             img.load()
             _check_pixels(img, limits)  # loading can change the size (ICO, ICNS)
-            rgb = _to_8bit(img).convert("RGB")
+            orientation, _ = exif_orientation(img)
+            rgb = upright(_to_8bit(img), orientation).convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)

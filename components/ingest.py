@@ -115,6 +115,8 @@ def inspect_file(path: str, limits: ImageLimits) -> dict[str, Any]:
             facts["error"] = exc.reason
         else:
             facts.update(format=found.format, mode=found.mode, width=found.width, height=found.height)
+            if found.note:
+                facts["note"] = found.note  # usable, but its EXIF orientation could not be applied
     return facts
 
 
@@ -162,7 +164,7 @@ class FactsCache:
             "max_pixels": limits.max_pixels,
             "max_image_bytes": limits.max_bytes,
             "formats": list(limits.formats or ()),
-            "schema": 3,  # 3: only allowed formats decoded; embedded images checked
+            "schema": 4,  # 3: only allowed formats decoded; embedded images checked. 4: upright (EXIF) sizes
         }
         self.files: dict[str, dict[str, Any]] = {}
         if path.exists():
@@ -230,7 +232,8 @@ def inspect_entries(
 def build_rows(
     entries: list[Entry], facts: dict[str, dict[str, Any]], raw_dir: Path, seed: int, fractions: SplitFractions
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Manifest rows (sorted by path) with splits; notes say which splits were carved from train."""
+    """Manifest rows (sorted by path) with splits; notes say which splits were carved from train, and which images'
+    EXIF orientation could not be read."""
     given = {e.given_split for e in entries if e.given_split}
     missing = [s for s in SPLITS if s not in given]
     notes = []
@@ -277,6 +280,12 @@ def build_rows(
             }
         )
     rows.sort(key=lambda r: r["path"])
+    unoriented = sorted(e.rel for e in entries if (facts.get(e.origin) or {}).get("note"))
+    if unoriented:
+        notes.append(
+            f"{len(unoriented)} image(s) with an unreadable EXIF orientation are used as stored, perhaps on their "
+            f"side (e.g. {unoriented[0]}): rewrite them upright, or fix their orientation tag"
+        )
     return rows, notes
 
 

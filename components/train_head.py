@@ -29,6 +29,7 @@ from components import (
     errors,
     files,
     hashing,
+    images,
     label_issues,
     learning_curves,
     onnx_inference,
@@ -82,6 +83,7 @@ def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | P
             "seed": params.project.seed,
             "keras": keras.__version__,
             "engine": h.feature_engine,
+            "decoder": images.DECODE_VERSION,  # the same manifest decodes to other pixels after a loader change
         }
     )
 

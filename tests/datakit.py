@@ -241,3 +241,62 @@ def redirecting_server(routes: dict[str, str]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# --- EXIF orientation ----------------------------------------------------------------------------
+
+UPRIGHT_SIZE = (48, 32)  # wider than tall: orientations 5-8 store it 32x48
+# How each orientation's pixels are stored so that applying the orientation shows `upright_picture`:
+# the inverse of the transpose a viewer (ImageOps.exif_transpose) applies.
+STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def upright_picture() -> Image.Image:
+    """Grey, with a wide red bar in the top-left corner: each of the 8 orientations moves or turns it."""
+    pixels = np.full((UPRIGHT_SIZE[1], UPRIGHT_SIZE[0], 3), 128, dtype=np.uint8)
+    pixels[:8, :24] = (230, 20, 20)
+    return Image.fromarray(pixels)
+
+
+def exif_orientation_block(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def save_encoded(img: Image.Image, path: Path, fmt: str, **extra) -> Path:
+    """JPEG at quality 100 without chroma subsampling, PNG/WEBP lossless: the bar's edges stay sharp."""
+    options = {"JPEG": {"quality": 100, "subsampling": 0}, "WEBP": {"lossless": True}}.get(fmt, {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **options, **extra)
+    return path
+
+
+def write_oriented_images(root: Path, fmt: str = "JPEG") -> dict[int, Path]:
+    """The upright picture saved once per EXIF orientation 1-8, pixels stored turned as a camera would."""
+    suffix = {"JPEG": "jpg"}.get(fmt, fmt.lower())
+    written = {}
+    for orientation, stored_as in STORED_AS.items():
+        stored = upright_picture() if stored_as is None else upright_picture().transpose(stored_as)
+        path = root / f"orientation_{orientation}.{suffix}"
+        written[orientation] = save_encoded(stored, path, fmt, exif=exif_orientation_block(orientation))
+    return written
+
+
+def assert_upright(pixels: np.ndarray, reference: np.ndarray, tolerance: int) -> None:
+    """`pixels` show the upright picture: close to the reference, red bar top-left only, wider than tall."""
+    assert pixels.shape == reference.shape and pixels.dtype == reference.dtype
+    assert np.abs(pixels.astype(int) - reference.astype(int)).max() <= tolerance
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80)
+    rows, cols = np.nonzero(red)
+    assert rows.max() < pixels.shape[0] // 2 and cols.max() < pixels.shape[1] // 2  # top-left quarter
+    assert cols.max() - cols.min() > rows.max() - rows.min()  # lying wide, not turned on its side

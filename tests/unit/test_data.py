@@ -155,3 +155,23 @@ def test_tf_data_on_tensorflow_and_the_pydataset_on_other_backends(manifest: Pat
     monkeypatch.setattr(data_module, "uses_tf_data", lambda: False)
     assert isinstance(labelled_batches(data, 64, 3), ImageBatches)
     assert isinstance(image_batches(data.paths, 64, 3), ImageBatches)
+
+
+# --- EXIF orientation: both input pipelines see what the loader returns, upright ------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_both_input_pipelines_see_every_exif_orientation_upright(tmp_path: Path, fmt: str):
+    from components.data import ImageBatches, Split, load_rgb
+    from tests.datakit import assert_upright, save_encoded, upright_picture, write_oriented_images
+
+    oriented = write_oriented_images(tmp_path, fmt)
+    split = Split([str(p) for p in oriented.values()], np.zeros(len(oriented), dtype=np.int32), ["only"])
+    reference = load_rgb(save_encoded(upright_picture(), tmp_path / f"plain.{fmt}", fmt), 32)
+    tf_data, _ = _batches(make_dataset(split, 32, 3))  # TensorFlow decodes nothing: the loader runs inside
+    py_dataset, _ = _all(ImageBatches(split, 32, 3))
+    for i, path in enumerate(split.paths):
+        pixels = load_rgb(path, 32)
+        assert_upright(pixels, reference, tolerance=8 if fmt == "JPEG" else 0)
+        np.testing.assert_array_equal(tf_data[i], pixels.astype(np.float32))
+        np.testing.assert_array_equal(py_dataset[i], pixels.astype(np.float32))

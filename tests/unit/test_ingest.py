@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -18,15 +21,21 @@ from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestError, assign_split, run_ingest
 from tests.conftest import write_image
 from tests.datakit import (
+    STORED_AS,
+    UPRIGHT_SIZE,
+    assert_upright,
     http_server,
     ingest_config,
     make_classes,
+    save_encoded,
     tar_folder,
     tar_with,
     tree_digest,
+    upright_picture,
     write_huge_png,
     write_icns_with_a_larger_png,
     write_ico_with_a_larger_png,
+    write_oriented_images,
     write_truncated_jpeg,
     zip_with,
 )
@@ -537,3 +546,135 @@ def test_a_small_decode_cap_does_not_stay_behind_for_the_process(tmp_path: Path)
         decode_rgb(large, 8, tiny_cap)
     assert Image.MAX_IMAGE_PIXELS == before
     Image.open(tmp_path / "large.png").load()  # what tracking.log_picture does with a report picture
+
+
+# --- EXIF orientation: the loader returns what a phone shows ------------------------------------------
+
+TOLERANCE = {"JPEG": 8, "PNG": 0, "WEBP": 0}  # JPEG's loss; lossless formats decode exactly upright
+
+
+def _oriented_limits():
+    from components.images import ImageLimits
+
+    return ImageLimits(max_bytes=10**6, max_pixels=10**5, formats=("JPEG", "PNG", "WEBP"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_every_exif_orientation_is_decoded_upright_and_its_facts_give_the_upright_size(tmp_path: Path, fmt: str):
+    from PIL import Image, ImageOps
+
+    from components.images import decode_rgb, inspect_image
+
+    limits = _oriented_limits()
+    reference = decode_rgb(save_encoded(upright_picture(), tmp_path / f"plain.{fmt}", fmt), 32, limits)
+    for orientation, path in write_oriented_images(tmp_path, fmt).items():
+        pixels = decode_rgb(path, 32, limits)
+        assert_upright(pixels, reference, TOLERANCE[fmt])
+        with Image.open(path) as stored:  # what Pillow's own exif_transpose makes of the same file
+            viewer = np.asarray(ImageOps.exif_transpose(stored).convert("RGB").resize((32, 32), Image.BILINEAR))
+        np.testing.assert_array_equal(pixels, viewer)
+        facts = inspect_image(path, limits)
+        assert (facts.width, facts.height, facts.orientation, facts.note) == (*UPRIGHT_SIZE, orientation, "")
+
+
+def test_the_pixel_cap_counts_a_turned_image_the_same(tmp_path: Path):
+    """Orientations 5-8 swap width and height, never the pixel count the cap and a request's budget see."""
+    from components.images import ImageLimits, UnusableImage, decode_rgb
+
+    turned = write_oriented_images(tmp_path, "PNG")[6]
+    charged = []
+    decode_rgb(turned, 16, ImageLimits(10**6, 48 * 32, ("PNG",)), charge=charged.append)
+    assert charged == [48 * 32]
+    with pytest.raises(UnusableImage):
+        decode_rgb(turned, 16, ImageLimits(10**6, 48 * 32 - 1, ("PNG",)))
+
+
+def _jpeg_with_exif(payload: bytes) -> bytes:
+    """A small JPEG carrying `payload` as its APP1 EXIF segment, exactly as given (not re-encoded by Pillow)."""
+    buffer = io.BytesIO()
+    upright_picture().transpose(STORED_AS[6]).save(buffer, "JPEG", quality=100, subsampling=0)
+    data = buffer.getvalue()
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+def _tiff_block(entries: list[tuple[int, int, int, bytes]], count: int | None = None, first_ifd: int = 8) -> bytes:
+    body = (
+        b"Exif\0\0II" + struct.pack("<HI", 42, first_ifd) + struct.pack("<H", len(entries) if count is None else count)
+    )
+    for tag, kind, number, value in entries:
+        body += struct.pack("<HHI", tag, kind, number) + value
+    return body + b"\0\0\0\0"
+
+
+MALFORMED_EXIF = {
+    # name: (EXIF payload, whether an orientation tag is present but unusable: noted)
+    "not a TIFF header": (b"Exif\0\0" + b"garbage!" * 8, False),
+    "first IFD past the end": (_tiff_block([], first_ifd=10**6), False),
+    "65535 entries claimed": (_tiff_block([], count=65535), False),
+    "value larger than the block": (_tiff_block([(0x0112, 3, 0x7FFFFFFF, struct.pack("<I", 8))]), False),
+    "orientation 9": (_tiff_block([(0x0112, 3, 1, struct.pack("<HH", 9, 0))]), True),
+    "orientation 0": (_tiff_block([(0x0112, 3, 1, struct.pack("<HH", 0, 0))]), True),
+    "orientation as text": (_tiff_block([(0x0112, 2, 4, b"six\0")]), True),
+    "orientation as a fraction": (_tiff_block([(0x0112, 5, 1, struct.pack("<I", 8))]), True),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_EXIF)
+def test_a_malformed_exif_block_leaves_the_image_as_stored_and_usable(case: str):
+    """Untrusted EXIF never makes an image unusable nor hangs the loader: it is used as stored (here: on its side)."""
+    from components.images import UNREADABLE_ORIENTATION, decode_rgb, inspect_image
+
+    payload, noted = MALFORMED_EXIF[case]
+    data = _jpeg_with_exif(payload)
+    as_stored = _jpeg_with_exif(b"")[:2] + _jpeg_with_exif(b"")[6:]  # the same JPEG without an EXIF segment
+    limits = _oriented_limits()
+    facts = inspect_image(data, limits)
+    assert (facts.width, facts.height, facts.orientation) == (32, 48, 1)  # stored size: nothing applied
+    assert facts.note == (UNREADABLE_ORIENTATION if noted else "")
+    assert np.array_equal(decode_rgb(data, 16, limits), decode_rgb(as_stored, 16, limits))
+
+
+def test_an_exif_parser_error_is_a_note_that_reveals_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from PIL import Image
+
+    from components.images import UNREADABLE_ORIENTATION, decode_rgb, inspect_image
+
+    def explode(self):
+        raise SyntaxError(f"bad IFD at {tmp_path}")  # whatever Pillow says stays out of the note
+
+    path = write_oriented_images(tmp_path, "PNG")[6]
+    limits = _oriented_limits()
+    monkeypatch.setattr(Image.Image, "getexif", explode)
+    facts = inspect_image(path, limits)
+    assert (facts.width, facts.height, facts.note) == (32, 48, UNREADABLE_ORIENTATION)
+    assert str(tmp_path) not in facts.note
+    assert decode_rgb(path, 16, limits).shape == (16, 16, 3)
+
+
+def test_ingest_records_upright_sizes_hashes_the_file_and_notes_an_unreadable_orientation(tmp_path: Path):
+    source = make_classes(tmp_path / "src", {"a": 3})
+    turned = write_oriented_images(tmp_path / "oriented", "JPEG")[6]
+    shutil.copy(turned, source / "a" / "phone.jpg")
+    (source / "a" / "odd.jpg").write_bytes(_jpeg_with_exif(MALFORMED_EXIF["orientation 9"][0]))
+    result = _run(tmp_path, source)
+    rows = _manifest(result).set_index(_manifest(result)["path"].map(lambda p: Path(p).name))
+    assert (rows.loc["phone.jpg", "width"], rows.loc["phone.jpg", "height"]) == UPRIGHT_SIZE
+    assert rows.loc["phone.jpg", "sha256"] == hashlib.sha256(turned.read_bytes()).hexdigest()  # the bytes, as given
+    assert (rows.loc["odd.jpg", "width"], rows.loc["odd.jpg", "error"]) == (32, "")  # usable, as stored
+    assert [n for n in result.notes if "EXIF" in n] == [
+        "1 image(s) with an unreadable EXIF orientation are used as stored, perhaps on their side "
+        "(e.g. a/odd.jpg): rewrite them upright, or fix their orientation tag"
+    ]
+
+
+def test_perceptual_hashes_see_the_upright_image(tmp_path: Path):
+    """Near-duplicate search hashes what the loader returns: a turned copy of a photo is the same photo."""
+    from components.near_duplicates import perceptual_hash
+
+    limits = _oriented_limits()
+    hashes = {o: perceptual_hash(p, limits) for o, p in write_oriented_images(tmp_path, "PNG").items()}
+    sideways = perceptual_hash(
+        save_encoded(upright_picture().transpose(STORED_AS[6]), tmp_path / "s.png", "PNG"), limits
+    )
+    assert all(np.array_equal(h, hashes[1]) for h in hashes.values())
+    assert np.count_nonzero(sideways != hashes[1]) > 4  # the hash does tell a turned picture apart

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -321,3 +322,31 @@ def test_the_served_predict_has_a_type_hint_mlflow_accepts_without_a_warning():
         warnings.simplefilter("always")
         assert _get_func_info_if_type_hint_supported(ImageClassifier.predict) is None  # no schema derived
     assert [str(w.message) for w in caught if "type hint" in str(w.message).lower()] == []
+
+
+def test_serving_and_batch_scoring_see_every_exif_orientation_upright(
+    pyfunc: Any, logged: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the model is handed, per path: the served request's bytes and batch scoring's files, all upright."""
+    from components.data import load_rgb
+    from tests.datakit import assert_upright, save_encoded, upright_picture, write_oriented_images
+
+    classifier = pyfunc.unwrap_python_model()  # the served code, loaded by MLflow as a module of its own
+    seen: list[np.ndarray] = []
+
+    def record(self: Any, batch: np.ndarray) -> np.ndarray:
+        seen.extend(batch)
+        return np.full((len(batch), len(self.classes)), 1 / len(self.classes), dtype=np.float32)
+
+    monkeypatch.setattr(type(classifier), "_forward", record)
+    monkeypatch.setattr(serving_model.ImageClassifier, "_forward", record)  # batch scoring: the installed code
+    oriented = write_oriented_images(tmp_path / "in", "PNG")
+    size = classifier.image_size
+    reference = load_rgb(save_encoded(upright_picture(), tmp_path / "plain.png", "PNG"), size)
+    raw = [path.read_bytes() for path in oriented.values()]
+    for start in (0, 4):  # at most 5 images a request
+        pyfunc.predict(pd.DataFrame({"image": raw[start : start + 4]}))
+    run_predict(logged["uri"], tmp_path / "in", tmp_path / "p.csv", batch_size=3)
+    assert len(seen) == 2 * len(oriented)
+    for pixels in seen:
+        assert_upright(pixels.astype(np.uint8), reference, tolerance=0)

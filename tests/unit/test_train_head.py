@@ -147,3 +147,14 @@ def test_cli_names_an_unknown_backbone_and_exits_2(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert "model.backbone" in err and "resnet50" in err
     assert not (tmp_path / "head").exists()
+
+
+def test_feature_cache_key_changes_with_the_loaders_decode_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An upside-down photo (orientation 3) keeps its manifest row, yet decodes to other pixels once EXIF counts."""
+    from components import images
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n")
+    key = feature_cache_key(tiny_params(), manifest, None)
+    monkeypatch.setattr(images, "DECODE_VERSION", images.DECODE_VERSION + 1)
+    assert feature_cache_key(tiny_params(), manifest, None) != key
