@@ -88,6 +88,11 @@ def usable_folds(labels: np.ndarray, folds: int) -> int:
     return k if k >= 2 else 0
 
 
+def empty_table() -> pd.DataFrame:
+    """The report with no suspects (also what train_head writes when the check does not run)."""
+    return pd.DataFrame(columns=COLUMNS)
+
+
 def _cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Indices cleanlab flags, most suspect (lowest self-confidence) first."""
     from cleanlab.filter import find_label_issues as cleanlab_find
@@ -121,7 +126,7 @@ def find_label_issues(
     k = usable_folds(labels[fit], folds)
     excluded = np.zeros(len(labels), dtype=bool)
     if k == 0:
-        return LabelIssues(pd.DataFrame(columns=COLUMNS), excluded, 0)
+        return LabelIssues(empty_table(), excluded, 0)
     probs = np.zeros((len(labels), len(classes)), dtype=np.float64)
     probs[fit], probs[test] = out_of_fold_probabilities(
         features[fit], labels[fit], len(classes), k, seed, features[test]

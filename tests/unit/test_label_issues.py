@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ def test_a_label_and_file_name_with_mathtext_draw_in_the_gallery(tmp_path: Path)
 def test_train_head_excludes_the_top_suspects_with_action_exclude(
     tmp_path: Path, keras_home: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A red image labelled beta in the tiny manifest is listed in the model folder and left out of training."""
+    """A red image labelled beta in the tiny manifest is listed in the model folder and left out of training;
+    a red test image labelled beta is flagged in the report (split test) and never excluded."""
     from mlflow import MlflowClient
 
     from components.train_head import run_train_head
@@ -107,7 +109,8 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     manifest = write_manifest(tmp_path)
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     planted = frame.index[(frame["label"] == "alpha") & (frame["split"] == "train")][0]
-    frame.loc[planted, "label"] = "beta"
+    planted_test = frame.index[(frame["label"] == "alpha") & (frame["split"] == "test")][-1]
+    frame.loc[[planted, planted_test], "label"] = "beta"
     frame.to_csv(manifest, index=False)
     params = tiny_params(train_head={"label_issues": {"action": "exclude", "folds": 3, "max_excluded_fraction": 0.07}})
     from components import train_head
@@ -131,6 +134,12 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     assert sizes[0] == (16 - 1) * 2  # training vectors: 15 images, each as is and in 1 augmented copy
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
     assert run.data.metrics["label_issues_excluded"] == 1
+    report = pd.read_csv(tmp_path / "reports/train_head" / li.REPORT_FILE)
+    flagged_test = report[report["split"] == "test"]
+    assert frame.loc[planted_test, "path"] in flagged_test["path"].tolist()
+    assert not flagged_test["excluded"].any() and set(report.loc[report["excluded"], "split"]) == {"train"}
+    info = json.loads((tmp_path / "models/head/run.json").read_text())
+    assert info["suspect_label_splits"] == ["train", "val", "test"]
 
 
 def test_gallery_scores_show_two_significant_digits_not_zero():
