@@ -290,8 +290,9 @@ class AugmentConfig(Section):
 class LabelIssuesConfig(Section):
     action: Literal["report", "exclude", "off"] = Field(
         "report",
-        description="Suspect labels (cleanlab on out-of-fold head probabilities): report them, also "
-        "exclude the top ones from head training (listed in the model folder), or skip the check.",
+        description="Suspect labels of every split (cleanlab on probabilities from heads that did not see "
+        "each image): report them, also exclude the top training ones from head training (listed in the "
+        "model folder; val and test images are never excluded), or skip the check.",
     )
     folds: int = Field(5, ge=2, le=20, description="Folds of the out-of-fold heads.")
     max_excluded_fraction: float = Field(

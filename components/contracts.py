@@ -218,6 +218,9 @@ class ModelRunInfo(Contract):
     feature_cache: str | None = None
     feature_engine: str | None = Field(None, description="onnxruntime or keras; None: features from the cache")
     num_classes: int | None = None
+    suspect_label_splits: list[str] | None = Field(
+        None, description="splits the suspect-label check ranked (None: it did not run; label_issues.csv is empty)"
+    )
     # finetune only
     head_run_id: str | None = None
     trainable_backbone_layers: int | None = None

@@ -17,9 +17,13 @@ Reads (all declared in dvc.yaml): the validated manifest, the model folders (`da
 sha256-checked), `reports/ingest.json` and `reports/validation/summary.json` (data versions and the
 quarantined count on the model card; either may be absent for a hand-made manifest).
 
+Suspect labels (train_head's `label_issues.csv`, --suspects): the headline accuracy is on every test image;
+`accuracy_without_suspects` leaves out the test images flagged as suspect labels (`n_test_suspects`, listed
+in test_suspects.csv). Both are reported only: promotion and every other decision use the headline metrics.
+
 CLI (dvc.yaml): python -m components.evaluate --params params.yaml --manifest data/validated.csv \
     --model-dir models/finetune --head-dir models/head --report-dir reports/evaluate --metrics metrics.json \
-    --predictions reports/test_predictions.csv
+    --predictions reports/test_predictions.csv --suspects reports/train_head/label_issues.csv
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import errors, files, hashing, onnx_inference, registry, runtime, scoring, tracking
+from components import errors, files, hashing, label_issues, onnx_inference, registry, runtime, scoring, tracking
 from components.config import Params, ParamsError, load_params
 from components.contracts import (
     RUN_INFO_FILE,
@@ -61,6 +65,8 @@ from components.settings import environment, workspace_root
 from components.tracking import RetryPolicy, TrackingUnavailable, shown_uri, with_retries
 
 INGEST_REPORT = Path("reports/ingest.json")
+SUSPECTS_REPORT = Path("reports/train_head") / label_issues.REPORT_FILE
+TEST_SUSPECTS_FILE = "test_suspects.csv"
 VALIDATION_SUMMARY = Path("reports/validation/summary.json")
 
 
@@ -240,6 +246,32 @@ def log_reports(run_id: str, report: Path, policy: RetryPolicy) -> None:
             )
 
 
+def test_suspects(
+    suspects_path: str | Path | None, head_info: ModelRunInfo | None, split: Any, y_pred: np.ndarray
+) -> tuple[dict[str, float], pd.DataFrame | None]:
+    """Accuracy on the test images not flagged as suspect labels, and the flagged ones (None: not checked).
+
+    Checked means the report lists a split column and, where the head's run.json is at hand, that the
+    head's check covered the test split (a header-only report from a skipped check is not "none found")."""
+    suspects = label_issues.suspects_of(suspects_path, "test") if suspects_path else None
+    if suspects is None or (head_info is not None and "test" not in (head_info.suspect_label_splits or [])):
+        return {}, None
+    flagged = np.isin(np.asarray(split.paths, dtype=object), np.asarray(suspects, dtype=object))
+    correct = y_pred == split.labels
+    numbers: dict[str, float] = {"n_test_suspects": int(flagged.sum())}
+    if (~flagged).any():
+        numbers["accuracy_without_suspects"] = float(correct[~flagged].mean())
+    rows = np.flatnonzero(flagged)
+    left_out = pd.DataFrame(
+        {
+            "path": [split.paths[i] for i in rows],
+            "given_label": [split.classes[split.labels[i]] for i in rows],
+            "predicted": [split.classes[y_pred[i]] if y_pred[i] >= 0 else "" for i in rows],
+        }
+    )
+    return numbers, left_out
+
+
 def run_evaluate(
     params: Params,
     manifest: str | Path,
@@ -249,6 +281,7 @@ def run_evaluate(
     metrics_path: str | Path,
     workspace: str | Path = ".",
     predictions_path: str | Path | None = None,
+    suspects_path: str | Path | None = None,
 ) -> EvaluationResult:
     """Score, report, log, register and gate one trained model (see the module docstring)."""
     workspace = Path(workspace)
@@ -272,10 +305,18 @@ def run_evaluate(
     metrics = compute_metrics(
         split.labels, probs, folder.classes, calibration_bins_count=config.calibration_bins, top_k=config.top_k
     )
+    suspect_numbers, left_out = test_suspects(suspects_path, head_info, split, predictions(probs))
+    metrics.update(suspect_numbers)  # reported only: registry.scores_of reads the headline metrics
     print(
         f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
         f"ECE {metrics['ece']:.4f} on {metrics['n_test']} images (scored with {runner.engine})"
     )
+    if left_out is not None:
+        without = metrics.get("accuracy_without_suspects")
+        print(
+            f"suspect test labels: {len(left_out)}; accuracy without them "
+            + (f"{without:.4f}" if without is not None else "n/a (every test image is a suspect)")
+        )
     lineage = registry.lineage_tags(
         params, folder.info, head_info, registry.data_versions(ingest, validation, folder.info), workspace
     )
@@ -299,6 +340,8 @@ def run_evaluate(
             )
         )
         files.write_json(out / "metrics.json", metrics)
+        if left_out is not None:
+            files.write_csv(left_out, out / TEST_SUSPECTS_FILE)
 
         # A DVC experiment (dvc exp run, the flow's --set) registers and promotes only when its settings say so.
         experiment = environment().dvc_exp_name
@@ -393,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV of path,actual,predicted,probability per test image (dvc plots: confusion)",
     )
     parser.add_argument(
+        "--suspects",
+        default=str(SUSPECTS_REPORT),
+        help="train_head's suspect-label report: test accuracy is also reported without the flagged test images",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -417,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             args.report_dir,
             args.metrics,
             predictions_path=args.predictions,
+            suspects_path=args.suspects,
         )
     except (ParamsError, ContractError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

@@ -63,6 +63,19 @@ def recipe_lines(settings: dict[str, Any]) -> list[str]:
     return [f"- {RECIPE_SECTIONS.get(key, key)}: {value}" for key, value in ranked]
 
 
+def suspect_line(metrics: dict[str, Any]) -> str:
+    """Accuracy without the test images flagged as suspect labels, or why there is none (reported only)."""
+    if "n_test_suspects" not in metrics:
+        return "- suspect test labels: not checked (train_head's label_issues check did not cover the test split)"
+    count = metrics["n_test_suspects"]
+    without = metrics.get("accuracy_without_suspects")
+    shown = f"{without:.4f}" if without is not None else "n/a (every test image is a suspect)"
+    return (
+        f"- accuracy without the {count} test image(s) flagged as suspect labels (listed in test_suspects.csv): "
+        f"{shown}; the headline accuracy above counts every test image and is what promotion uses"
+    )
+
+
 def model_card(
     registered_model: str,
     classes: list[str],
@@ -133,6 +146,7 @@ def model_card(
             if info.flip_tta and info.val_accuracy_single_view is not None
             else []
         ),
+        suspect_line(metrics),
         f"- macro F1: {metrics['macro_f1']:.4f}",
         f"- expected calibration error: {metrics['ece']:.4f}"
         + (

@@ -125,28 +125,43 @@ def cached_features(
     manifest: str | Path,
     policy_path: str | Path | None,
     cache_dir: str | Path,
+    test: Split | None = None,
 ) -> tuple[dict[str, np.ndarray], Path]:
-    """Load the feature cache for these inputs, or compute (with `make_extractor()`) and write it."""
+    """Load the feature cache for these inputs, or compute (with `make_extractor()`) and write it.
+
+    Given `test`, its un-augmented features too (the suspect-label check scores test images): a cache
+    written without them gains them with one pass over the test split, the rest is reused.
+    """
     path = Path(cache_dir) / f"{feature_cache_key(params, manifest, policy_path)}.npz"
+    arrays: dict[str, np.ndarray] = {}
     if path.is_file():
         print(f"features: reusing cache {path}")
         with np.load(path) as cache:
-            return {k: cache[k] for k in cache.files}, path
+            arrays = {k: cache[k] for k in cache.files}
+    wanted = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    missing = [name for name in wanted if f"{name}_x" not in arrays]
+    if not missing:
+        return arrays, path
     extractor = make_extractor()  # only on a miss: an ONNX export costs seconds
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
     limits = ImageLimits.from_config(params.validate)
-    train_x, train_y = extract_features(
-        extractor,
-        train,
-        size,
-        h.batch_size,
-        policy_path=policy_path,
-        copies=h.augmented_copies if policy_path else 0,
-        seed=seed,
-        limits=limits,
-    )
-    val_x, val_y = extract_features(extractor, val, size, h.batch_size, limits=limits)
-    arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+    for name in missing:
+        split = wanted[name]
+        if not len(split):  # an empty test split: nothing to run the backbone on
+            width = arrays["train_x"].shape[1]
+            arrays[f"{name}_x"], arrays[f"{name}_y"] = np.zeros((0, width), np.float32), np.zeros(0, np.int32)
+            continue
+        copies = h.augmented_copies if name == "train" and policy_path else 0
+        arrays[f"{name}_x"], arrays[f"{name}_y"] = extract_features(
+            extractor,
+            split,
+            size,
+            h.batch_size,
+            policy_path=policy_path if copies else None,
+            copies=copies,
+            seed=seed,
+            limits=limits,
+        )
     with files.atomic_file(path, "wb") as fh:
         np.savez(fh, **arrays)
     return arrays, path
@@ -213,11 +228,13 @@ def _fit_on_cached_features(
     callbacks: list[Any],
     checks: DataChecks,
     train_sha256: list[str],
+    test: Split | None = None,
 ) -> tuple[dict[str, list[float]], Path]:
     """Train the model's head sub-model alone on cached features (it stays attached to `model`).
 
-    On the way, the same features rank suspect labels (excluded from training with action `exclude`)
-    and give the drift reference; both land in `checks`.
+    On the way, the same features rank suspect labels of every split (training images only are excluded,
+    with action `exclude`) and give the drift reference; both land in `checks`. `test` is read only for
+    that check (its features, one un-augmented pass, are cached with the rest).
     """
     from components import backbones
 
@@ -228,23 +245,19 @@ def _fit_on_cached_features(
         checks.feature_engine = runner.engine
         return runner
 
-    arrays, cache_path = cached_features(make_extractor, train, val, params, manifest, policy_path, cache_dir)
+    check = h.label_issues.action != "off"
+    arrays, cache_path = cached_features(
+        make_extractor, train, val, params, manifest, policy_path, cache_dir, test if check else None
+    )
     plain = arrays["train_x"][: len(train)]  # the un-augmented copy of each training image comes first
     train_x, train_y = arrays["train_x"], arrays["train_y"]
-    if h.label_issues.action != "off":
-        started = time.perf_counter()
-        exclude = h.label_issues.max_excluded_fraction if h.label_issues.action == "exclude" else 0.0
-        checks.issues = label_issues.find_label_issues(
-            plain, train.labels, train.classes, train.paths, h.label_issues.folds, params.project.seed, exclude
-        )
-        print(
-            f"label issues: {len(checks.issues.table)} suspect(s), {int(checks.issues.excluded.sum())} excluded, "
-            f"{time.perf_counter() - started:.1f} s"
-        )
-        if checks.issues.excluded.any():
-            keep = np.tile(~checks.issues.excluded, len(train_x) // len(train))  # drop augmented copies too
+    if check:
+        checks.issues = _suspect_labels(plain, arrays, train, val, test, params)
+        excluded = checks.issues.excluded[: len(train)]  # training images come first; only they are ever excluded
+        if excluded.any():
+            keep = np.tile(~excluded, len(train_x) // len(train))  # drop augmented copies too
             train_x, train_y = train_x[keep], train_y[keep]
-            weights = data.class_weights(train.labels[~checks.issues.excluded], n, h.class_weighting)
+            weights = data.class_weights(train.labels[~excluded], n, h.class_weighting)
     head = model.get_layer(backbones.HEAD_LAYER)
     _compile(head, h.learning_rate, h.label_smoothing, jit_compile=False)  # a few dense weights: XLA buys nothing
     fit = head.fit(
@@ -267,6 +280,33 @@ def _fit_on_cached_features(
         params.project.seed,
     )
     return fit.history, cache_path
+
+
+def _suspect_labels(
+    plain: np.ndarray, arrays: dict[str, np.ndarray], train: Split, val: Split, test: Split | None, params: Params
+) -> label_issues.LabelIssues:
+    """Suspect labels over train, val and test (in that order), from the cached un-augmented features."""
+    config = params.train_head.label_issues
+    started = time.perf_counter()
+    parts = [("train", train, plain), ("val", val, arrays["val_x"])]
+    if test is not None and "test_x" in arrays:
+        parts.append(("test", test, arrays["test_x"]))
+    issues = label_issues.find_label_issues(
+        np.concatenate([x for _, _, x in parts]),
+        np.concatenate([split.labels for _, split, _ in parts]),
+        train.classes,
+        [path for _, split, _ in parts for path in split.paths],
+        config.folds,
+        params.project.seed,
+        config.max_excluded_fraction if config.action == "exclude" else 0.0,
+        [name for name, split, _ in parts for _ in split.paths],
+    )
+    per_split = ", ".join(f"{n} {s}" for s, n in issues.table["split"].value_counts().items()) or "none"
+    print(
+        f"label issues: {len(issues.table)} suspect(s) ({per_split}), "
+        f"{int(issues.excluded.sum())} training image(s) excluded, {time.perf_counter() - started:.1f} s"
+    )
+    return issues
 
 
 def _fit_end_to_end(
@@ -317,6 +357,7 @@ def run_train_head(
     train = load_split(frame, "train")  # classes: every label in the manifest, sorted
     classes = train.classes
     val = load_split(frame, "val", classes)
+    test = load_split(frame, "test", classes)  # only for the suspect-label check: nothing is fitted or chosen on it
     if not len(train) or not len(val):
         raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
     h, m = params.train_head, params.model
@@ -360,6 +401,7 @@ def run_train_head(
                 callbacks,
                 checks,
                 frame.loc[frame["split"] == "train", "sha256"].tolist(),
+                test,
             )
         else:
             history, cache_path = _fit_end_to_end(model, train, val, params, policy_path, weights, callbacks), None
@@ -389,6 +431,7 @@ def run_train_head(
             "feature_cache": str(cache_path) if cache_path else None,
             "feature_engine": checks.feature_engine,
             "num_classes": len(classes),
+            "suspect_label_splits": list(checks.issues.checked_splits) if checks.issues is not None else None,
             "device": device,
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
@@ -427,15 +470,20 @@ def _write_data_checks(
     if checks.reference is not None:
         meta = {k: run_info[k] for k in ("run_id", "stage", "backbone", "alpha", "image_size", "data_version")}
         dataclasses.replace(checks.reference, meta=meta).save(Path(out_dir) / drift.REFERENCE_FILE)
+    # Always written (a DVC out that evaluate reads): header only when the check did not run, which
+    # run.json's suspect_label_splits (None) tells apart from a check that found nothing.
+    issues = checks.issues or label_issues.LabelIssues(label_issues.empty_table(), np.zeros(0, dtype=bool), 0)
+    csv_path, png_path = label_issues.write_reports(
+        issues,
+        report_dir,
+        ImageLimits.from_config(params.validate),
+        params.train_head.label_issues.gallery_images,
+    )
     if checks.issues is not None:
         label_issues.write_exclusions(checks.issues, out_dir)
-        csv_path, png_path = label_issues.write_reports(
-            checks.issues,
-            report_dir,
-            ImageLimits.from_config(params.validate),
-            params.train_head.label_issues.gallery_images,
-        )
         client.log_metric(run_id, "label_issues", len(checks.issues.table))
+        for split in checks.issues.checked_splits:
+            client.log_metric(run_id, f"label_issues_{split}", int((checks.issues.table["split"] == split).sum()))
         client.log_metric(run_id, "label_issues_excluded", int(checks.issues.excluded.sum()))
         client.log_artifact(run_id, str(csv_path))
         tracking.log_picture(client, run_id, png_path, f"train_head/{label_issues.GALLERY_FILE}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -399,8 +400,29 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def write_suspects(workspace: Path, manifest: Path) -> set[str]:
+    """train_head's label_issues.csv flagging the gamma test images, one alpha test image and a train image."""
+    rows = list(csv.DictReader(manifest.open()))
+    test = [r for r in rows if r["split"] == "test"]
+    flagged = [r for r in test if r["label"] == "gamma"] + [next(r for r in test if r["label"] == "alpha")]
+    train = next(r for r in rows if r["split"] == "train")
+    table = [{**r, "given_label": r["label"]} for r in [*flagged, train]]
+    path = workspace / "reports" / "train_head" / "label_issues.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["path", "split", "given_label", "suggested_label", "score", "flagged", "excluded"])
+        writer.writeheader()
+        for r in table:
+            writer.writerow(
+                {"path": r["path"], "split": r["split"], "given_label": r["label"], "suggested_label": "beta"}
+            )
+    return {r["path"] for r in flagged}
+
+
 def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(workspace: Path) -> None:
+    """Also: with train_head's suspect labels (default --suspects path), accuracy without the flagged test images."""
     manifest = write_manifest(workspace)
+    suspects = write_suspects(workspace, manifest)
     model_dir = make_model_dir(workspace / "models" / "finetune", quality="bad")
     (workspace / "params.yaml").write_text(
         yaml.safe_dump({"evaluate": {"batch_size": 8, "worst_examples": 4, "promotion": {"min_accuracy": 0.0}}})
@@ -429,8 +451,40 @@ def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(wo
     assert {r["predicted"] for r in rows} <= set(CLASSES)
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
     accuracy = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
-    assert accuracy == pytest.approx(json.loads((workspace / "metrics.json").read_text())["accuracy"])
+    metrics = json.loads((workspace / "metrics.json").read_text())
+    assert accuracy == pytest.approx(metrics["accuracy"])  # the headline: every test image
     assert not list((workspace / "reports").glob(".test_predictions.csv.tmp-*"))  # written atomically
+    kept = [r for r in rows if r["path"] not in suspects]
+    assert metrics["n_test_suspects"] == len(suspects) == 5
+    assert metrics["accuracy_without_suspects"] == pytest.approx(
+        sum(r["actual"] == r["predicted"] for r in kept) / len(kept)
+    )
+    assert metrics["accuracy_without_suspects"] != pytest.approx(metrics["accuracy"])  # the bad model misses gammas
+    left_out = list(csv.DictReader((workspace / "reports" / "evaluate" / evaluate.TEST_SUSPECTS_FILE).open()))
+    assert {r["path"] for r in left_out} == suspects  # the flagged train image is not a test suspect
+    card = (workspace / "reports" / "evaluate" / "model_card.md").read_text()
+    assert "accuracy without the 5 test image(s) flagged as suspect labels" in card
+
+
+def test_suspect_test_labels_not_checked_leave_the_metrics_alone(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from components.data import Split
+    from components.model_card import suspect_line
+
+    split = Split(["a.jpg", "b.jpg"], np.array([0, 1]), ["alpha", "beta"])
+    report = tmp_path / "label_issues.csv"
+    report.write_text(
+        "path,split,given_label,suggested_label,score,flagged,excluded\na.jpg,test,alpha,beta,0.1,True,False\n"
+    )
+    assert evaluate.test_suspects(tmp_path / "absent.csv", None, split, np.array([0, 0])) == ({}, None)
+    skipped = SimpleNamespace(suspect_label_splits=None)  # the head's check did not run: a header-only report
+    assert evaluate.test_suspects(report, skipped, split, np.array([0, 0])) == ({}, None)
+    checked = SimpleNamespace(suspect_label_splits=["train", "val", "test"])
+    numbers, left_out = evaluate.test_suspects(report, checked, split, np.array([0, 0]))
+    assert numbers == {"n_test_suspects": 1, "accuracy_without_suspects": 0.0}
+    assert left_out.to_dict("records") == [{"path": "a.jpg", "given_label": "alpha", "predicted": "alpha"}]
+    assert "not checked" in suspect_line({"accuracy": 0.5})
 
 
 def test_predictions_table_marks_non_finite_outputs(workspace: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ def test_a_label_and_file_name_with_mathtext_draw_in_the_gallery(tmp_path: Path)
 def test_train_head_excludes_the_top_suspects_with_action_exclude(
     tmp_path: Path, keras_home: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A red image labelled beta in the tiny manifest is listed in the model folder and left out of training."""
+    """A red image labelled beta in the tiny manifest is listed in the model folder and left out of training;
+    a red test image labelled beta is flagged in the report (split test) and never excluded."""
     from mlflow import MlflowClient
 
     from components.train_head import run_train_head
@@ -107,7 +109,8 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     manifest = write_manifest(tmp_path)
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     planted = frame.index[(frame["label"] == "alpha") & (frame["split"] == "train")][0]
-    frame.loc[planted, "label"] = "beta"
+    planted_test = frame.index[(frame["label"] == "alpha") & (frame["split"] == "test")][-1]
+    frame.loc[[planted, planted_test], "label"] = "beta"
     frame.to_csv(manifest, index=False)
     params = tiny_params(train_head={"label_issues": {"action": "exclude", "folds": 3, "max_excluded_fraction": 0.07}})
     from components import train_head
@@ -131,7 +134,78 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     assert sizes[0] == (16 - 1) * 2  # training vectors: 15 images, each as is and in 1 augmented copy
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
     assert run.data.metrics["label_issues_excluded"] == 1
+    report = pd.read_csv(tmp_path / "reports/train_head" / li.REPORT_FILE)
+    flagged_test = report[report["split"] == "test"]
+    assert frame.loc[planted_test, "path"] in flagged_test["path"].tolist()
+    assert not flagged_test["excluded"].any() and set(report.loc[report["excluded"], "split"]) == {"train"}
+    info = json.loads((tmp_path / "models/head/run.json").read_text())
+    assert info["suspect_label_splits"] == ["train", "val", "test"]
 
 
 def test_gallery_scores_show_two_significant_digits_not_zero():
     assert li.score_text(1.2e-4) == "0.00012" and li.score_text(0.4567) == "0.46" and li.score_text(0.0) == "0"
+
+
+def split_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Three clusters of 30 train, 10 val and 10 test images each; one wrong label planted in every split."""
+    features, labels = clustered_features(per_class=50, dim=64, seed=seed)
+    splits = np.array(["train"] * 30 + ["val"] * 10 + ["test"] * 10, dtype=object)[np.arange(150) % 50]
+    given = labels.copy()
+    planted = np.array([5, 85, 145])  # train alpha -> gamma, val beta -> alpha, test gamma -> beta
+    assert list(splits[planted]) == ["train", "val", "test"]
+    given[planted] = [2, 0, 1]
+    return features, given, planted, list(splits)
+
+
+def test_planted_wrong_labels_are_flagged_in_train_val_and_test():
+    features, given, planted, splits = split_features()
+    paths = [f"img_{i}.jpg" for i in range(len(given))]
+    issues = li.find_label_issues(features, given, CLASSES, paths, folds=5, seed=1, splits=splits)
+    flagged = dict(zip(issues.table["path"], issues.table["split"]))
+    for i in planted:
+        assert flagged.get(paths[i]) == splits[i]
+    assert issues.checked_splits == ("train", "val", "test")
+    assert li.COLUMNS[1] == "split"
+
+
+def test_test_labels_fit_no_head_and_move_no_train_flag():
+    """Relabelling every test image changes no train/val score or flag: test rows are only ever scored."""
+    features, given, _, splits = split_features()
+    paths = [f"img_{i}.jpg" for i in range(len(given))]
+    issues = li.find_label_issues(features, given, CLASSES, paths, folds=5, seed=1, splits=splits)
+    shuffled = given.copy()
+    test = np.flatnonzero(np.array(splits) == "test")
+    shuffled[test] = (shuffled[test] + 1) % len(CLASSES)
+    again = li.find_label_issues(features, shuffled, CLASSES, paths, folds=5, seed=1, splits=splits)
+    kept = issues.table[issues.table["split"] != "test"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, again.table[again.table["split"] != "test"].reset_index(drop=True))
+    assert (again.table["split"] == "test").sum() > (issues.table["split"] == "test").sum()
+
+
+def test_exclusion_takes_only_training_images():
+    features, given, planted, splits = split_features()
+    paths = [f"img_{i}.jpg" for i in range(len(given))]
+    issues = li.find_label_issues(features, given, CLASSES, paths, folds=5, max_excluded_fraction=0.5, splits=splits)
+    assert issues.excluded[planted[0]] and set(np.array(splits)[issues.excluded]) == {"train"}
+    assert not issues.excluded[planted[1:]].any()  # the val and test suspects are flagged, never excluded
+    assert set(issues.table.loc[issues.table["excluded"], "split"]) == {"train"}
+
+
+def test_the_gallery_takes_suspects_of_every_split_in_turn():
+    table = pd.DataFrame(
+        {"path": list("abcdefg"), "split": ["train"] * 5 + ["test", "val"], "score": np.arange(7) / 10}
+    )
+    assert li.gallery_rows(table, 4)["path"].tolist() == ["a", "g", "f", "b"]
+
+
+def test_suspects_of_a_split_are_read_from_the_report(tmp_path: Path):
+    features, given, planted, splits = split_features()
+    paths = [f"img_{i}.jpg" for i in range(len(given))]
+    issues = li.find_label_issues(features, given, CLASSES, paths, folds=5, splits=splits)
+    report = tmp_path / li.REPORT_FILE
+    from components import files
+
+    files.write_csv(issues.table, report)
+    assert paths[planted[2]] in li.suspects_of(report, "test")
+    assert set(li.suspects_of(report, "test")) == set(issues.table.loc[issues.table["split"] == "test", "path"])
+    assert li.suspects_of(tmp_path / "absent.csv", "test") is None
