@@ -86,8 +86,9 @@ def _read_cache(cache_path: str | Path | None) -> dict[str, np.ndarray]:
     try:
         with np.load(cache_path, allow_pickle=False) as data:
             if str(data["version"]) != CACHE_VERSION:
-                return {}
-            return dict(zip(data["sha256"].tolist(), np.unpackbits(data["bits"], axis=1).astype(bool)))
+                return {}  # an older fingerprint (e.g. without the mirror view) is recomputed, never misread
+            bits = np.unpackbits(data["bits"], axis=1).astype(bool)
+            return dict(zip(data["sha256"].tolist(), bits)) if bits.shape[1:] == (HASH_BITS,) else {}
     except (OSError, ValueError, KeyError):
         return {}  # a damaged cache is recomputed, never trusted
 
