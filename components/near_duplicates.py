@@ -11,6 +11,18 @@ background look alike to it); requiring dhash to agree removes those. Backbone-e
 similarity catches crops but misses downscaled copies and needs a model pass in validate, so it is
 not used here. Hashes are computed once per image and cached by the manifest's sha256 column.
 
+Mirror images: each image is also hashed as its horizontally mirrored thumbnail (same decode), and a
+pair counts when the direct hashes, or one image's mirror hashes against the other's direct hashes, are
+within the distance. A mirrored copy is an exact leak for a model trained with horizontal flips; the
+direct hashes alone grouped none (issue 24: 0 of 2 planted). Still missed by design: most crops of
+10% or more, rotations, vertical flips, heavy recolouring (the hashes see a small grayscale thumbnail).
+
+Search: an exact multi-index over the phashes (`index_pairs`), or all pairs for small sets or large
+distances, whichever `search_plan` estimates cheaper; both return the same pairs. Measured in
+benchmarks/near_duplicates.py: at max_distance 10 time grows about as n^1.6-1.7 (an exact radius-10
+search on 64-bit hashes cannot be n log n: each query must probe thousands of nearby chunk values),
+against n^2 for all pairs.
+
 Groups are the connected components of "within max_distance" pairs. `resolve` applies the policy:
   different labels         -> every member quarantined as a label conflict (as exact duplicates are);
   more than one split      -> a leak: `move` puts every member in the split of the member with the
