@@ -1,5 +1,6 @@
-"""Near-duplicates: a resized, re-encoded copy is grouped, a distinct image is not, and the policy
-applies deterministically (cross-split groups move to the split of the smallest content hash)."""
+"""Near-duplicates: a resized, re-encoded or mirrored copy is grouped, a distinct image is not, the
+multi-index search finds exactly the pairs of the all-pairs search, and the policy applies
+deterministically (cross-split groups move to the split of the smallest content hash)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from PIL import Image
 from components import near_duplicates as nd
 from components.config import ValidateConfig
 from components.hashing import file_sha256
-from components.images import ImageLimits
+from components.images import DECODE_VERSION, ImageLimits
+from tests.conftest import FLOWERS, copy_subset
 
 LIMITS = ImageLimits.from_config(ValidateConfig())
 
@@ -169,3 +171,140 @@ def test_validate_entry_point_applies_the_settings(images, tmp_path: Path):
     assert kept.equals(frame) and report.counts["groups"] == 0
     kept, report = nd.check(frame, NearDuplicatesConfig(max_distance=0), LIMITS, None)
     assert report.counts["groups"] == 0  # the copy differs in a few bits: distance 0 only joins identical hashes
+
+
+def test_a_cache_of_an_older_fingerprint_version_is_recomputed(images, tmp_path: Path):
+    frame = manifest([(images["a"], "x", "train")])
+    cache = tmp_path / "phash.npz"
+    np.savez(  # the v1 layout: 128 bits (no mirror view) under the old version tag, here all ones
+        cache,
+        version=np.array("phash8+dhash8-v1"),
+        sha256=np.array([frame["sha256"].iloc[0]], dtype="U64"),
+        bits=np.packbits(np.ones((1, 128), dtype=bool), axis=1),
+    )
+    hashes, decoded = nd.fingerprints(frame, LIMITS, cache)
+    fresh = nd.perceptual_hash(images["a"], LIMITS)
+    assert decoded.all() and hashes.shape == (1, nd.HASH_BITS)
+    np.testing.assert_array_equal(hashes[0], fresh)
+    with np.load(cache) as data:  # rewritten in the current version
+        assert str(data["version"]) == nd.CACHE_VERSION
+    assert "mirror" in nd.CACHE_VERSION and f"decode{DECODE_VERSION}" in nd.CACHE_VERSION  # mirrors, EXIF decode
+    # The same tag with entries of the wrong width is not misread either.
+    np.savez(
+        cache,
+        version=np.array(nd.CACHE_VERSION),
+        sha256=np.array([frame["sha256"].iloc[0]], dtype="U64"),
+        bits=np.packbits(np.ones((1, 128), dtype=bool), axis=1),
+    )
+    np.testing.assert_array_equal(nd.fingerprints(frame, LIMITS, cache)[0][0], fresh)
+
+
+def flower_photos(tmp_path: Path, per_class: int) -> list[Path]:
+    if not FLOWERS.is_dir():
+        pytest.skip(f"{FLOWERS} not found (set TP_SHARED_DIR)")
+    out: list[Path] = []
+    for name in sorted(p.name for p in FLOWERS.iterdir() if p.is_dir()):
+        out += sorted(copy_subset(FLOWERS / name, tmp_path / "flowers" / name, per_class).iterdir())
+    return out
+
+
+def mirrored(source: Path, dest: Path) -> Path:
+    with Image.open(source) as img:
+        return save(img.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT), dest)
+
+
+def test_a_mirrored_copy_of_a_flower_photo_is_grouped_with_its_original(tmp_path: Path):
+    original, other = flower_photos(tmp_path, 2)[:2]
+    frame = manifest([(original, "daisy", "test"), (mirrored(original, tmp_path / "m.jpg"), "daisy", "train"),
+                      (other, "daisy", "train")])  # fmt: skip
+    hashes, decoded = nd.fingerprints(frame, LIMITS)
+    assert nd.find_groups(hashes, 10, decoded) == [[0, 1]]
+    assert nd.find_groups(hashes[:, : nd.HALF], 10, decoded) == []  # the direct hashes alone miss it
+
+
+def test_the_index_groups_flower_photos_and_planted_copies_exactly_as_all_pairs(tmp_path: Path):
+    photos = flower_photos(tmp_path, 60)  # 300 real photos
+    copies = []
+    for k, source in enumerate(photos[::30]):  # 10 planted copies: resized + re-encoded, or mirrored
+        with Image.open(source) as img:
+            img = img.convert("RGB")
+            copy = (
+                img.resize((img.width // 2, img.height // 2))
+                if k % 2
+                else img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            )
+            copies.append(save(copy, tmp_path / "copies" / f"{k}.jpg", quality=50))
+    frame = manifest([(p, "x", "train") for p in photos + copies])
+    hashes, decoded = nd.fingerprints(frame, LIMITS)
+    exact = nd.find_groups(hashes, 10, decoded, search="all_pairs")
+    for k in range(len(copies)):  # every copy is grouped with its original
+        assert any({30 * k, len(photos) + k} <= set(g) for g in exact), k
+    for search in ("auto", "index", 3, 4, 6, 11, 64):
+        assert nd.find_groups(hashes, 10, decoded, search=search) == exact, search
+
+
+def random_words(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.frombuffer(rng.bytes(n * 32), dtype=np.uint64).reshape(n, 4).copy()
+
+
+def flip(word: np.uint64, bits: int, rng: np.random.Generator) -> np.uint64:
+    positions = rng.choice(64, bits, replace=False)
+    return word ^ np.uint64(sum(1 << int(b) for b in positions))
+
+
+def planted(rng: np.random.Generator, background: int, distances: range) -> np.ndarray:
+    """Random fingerprints plus, per distance k, a direct pair and a mirror pair k bits apart on both hashes."""
+    rows = [random_words(rng, background)]
+    for k in distances:
+        base, direct, mirror = random_words(rng, 3)
+        direct[:2] = [flip(base[0], k, rng), flip(base[1], k, rng)]  # base vs direct
+        mirror[:2] = [flip(base[2], k, rng), flip(base[3], k, rng)]  # base's mirror vs direct
+        rows.append(np.stack([base, direct, mirror]))
+    return np.concatenate(rows)
+
+
+def as_bits(words: np.ndarray) -> np.ndarray:
+    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1).astype(bool)
+
+
+@pytest.mark.parametrize("max_distance", range(0, 33))
+def test_the_index_is_exact_at_every_allowed_distance(max_distance: int):
+    rng = np.random.default_rng(max_distance)
+    words = planted(rng, 60, range(max_distance + 2))
+    np.testing.assert_array_equal(nd._words(as_bits(words)), words)
+    exact = np.stack(nd.all_pairs(words, max_distance))
+    exact = exact[:, np.lexsort(exact[::-1])]
+    plans = {3, 4, max_distance // 2 + 1, max_distance + 1} & set(range(nd.MIN_PARTS, 65))
+    for parts in sorted(p for p in plans if nd._ball_size(64 // p + 1, max_distance // p) <= 5000):
+        np.testing.assert_array_equal(np.stack(nd.index_pairs(words, max_distance, parts)), exact, str(parts))
+    found = set(map(tuple, exact.T.tolist()))
+    for k in range(max_distance + 1):  # each planted pair within the distance, direct and mirrored, is found
+        base = 60 + 3 * k
+        assert {(base, base + 1), (base, base + 2)} <= found, k
+    # A pair k bits apart on both hashes is grouped exactly when k <= max_distance, directly or mirrored.
+    for k in sorted({0, max_distance, max_distance + 1}):
+        for mirror in (False, True):
+            pair = as_bits(lone_pair(rng, k, k, mirror))
+            assert (nd.find_groups(pair, max_distance, search="index") == [[0, 1]]) == (k <= max_distance), (k, mirror)
+            assert nd.find_groups(pair, max_distance, search="index") == nd.find_groups(
+                pair, max_distance, search="all_pairs"
+            )
+    # One hash past the distance is enough to keep a pair apart.
+    far = min(max_distance + 1, 64)
+    for phash_bits, dhash_bits in ((max_distance, far), (far, max_distance)):
+        assert nd.find_groups(as_bits(lone_pair(rng, phash_bits, dhash_bits, False)), max_distance) == []
+
+
+def lone_pair(rng: np.random.Generator, phash_bits: int, dhash_bits: int, mirror: bool) -> np.ndarray:
+    """Two fingerprints whose one relation (direct, or row 0's mirror vs row 1) differs by the given bits;
+    the other views are complements (64 bits away), so no other relation can pair them."""
+    first, second = random_words(rng, 2)
+    close = first[2:] if mirror else first[:2]
+    second[:2] = [flip(close[0], phash_bits, rng), flip(close[1], dhash_bits, rng)]
+    if mirror:
+        first[:2] = ~second[:2]  # direct vs direct: 64 bits apart
+        second[2:] = second[:2]  # row 0 direct vs row 1 mirror: 64 bits apart
+    else:
+        first[2:] = ~second[:2]
+        second[2:] = ~first[:2]
+    return np.stack([first, second])
