@@ -160,13 +160,29 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.near_duplicates", description=__doc__.split("\n")[0])
-    parser.add_argument("--index-sizes", type=int, nargs="+", default=[4_000, 16_000, 32_000, 64_000, 256_000])
-    parser.add_argument("--all-pairs-sizes", type=int, nargs="+", default=[4_000, 16_000, 32_000])
-    parser.add_argument("--skip-flowers", action="store_true")
+    parser.add_argument(
+        "--index-sizes",
+        type=int,
+        nargs="+",
+        default=[4_000, 16_000, 32_000, 64_000, 256_000],
+        help="hash counts the multi-index search is timed on",
+    )
+    parser.add_argument(
+        "--all-pairs-sizes",
+        type=int,
+        nargs="+",
+        default=[4_000, 16_000, 32_000],
+        help="hash counts the exact all-pairs search is timed on (quadratic: keep them small)",
+    )
+    parser.add_argument("--skip-flowers", action="store_true", help="skip the run on flower_photos' real hashes")
     parser.add_argument("--out", type=Path, default=RESULTS / "near_duplicates", help="results path; .json and .md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     runs = synthetic_runs(args.index_sizes, args.all_pairs_sizes)
     growth: dict[str, Any] = {}
     for key, col in (("index", "index_s"), ("all_pairs", "all_pairs_s")):
