@@ -146,17 +146,24 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
     )
 
 
-def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path: Path):
+def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_it_did_not_beat_it(
+    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A resumed run still compares with the head's own weights (not the epoch it resumed from); when
+    fine-tuning does not beat them, the output is the head's weights, and that is recorded."""
     import keras
     import mlflow
     from mlflow import MlflowClient
+
+    monkeypatch.setattr(finetune_module, "finetuned_beats_head", lambda head_score, finetuned_score: False)
 
     class KilledAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
                 raise KeyboardInterrupt("simulated kill after epoch 1")
 
-    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5})
+    # calibrate/flip_tta off: the kept head's saved predictions are then exactly the head's
+    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, "calibrate": False, "flip_tta": "off"})
     args = (params, head["manifest"], head["policy"], head["root"] / "models/head", tmp_path / "out", tmp_path / "rep")
     with pytest.raises(KeyboardInterrupt):
         run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
@@ -171,33 +178,15 @@ def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path
     assert pd.read_csv(tmp_path / "rep/history.csv")["epoch"].tolist() == [1, 2]  # both epochs, across the kill
     assert not any((tmp_path / "ckpt").iterdir())  # removed after success
 
-
-def test_head_weights_are_the_output_when_fine_tuning_does_not_beat_them(
-    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    import keras
-    from mlflow import MlflowClient
-
-    monkeypatch.setattr(finetune_module, "finetuned_beats_head", lambda head_score, finetuned_score: False)
-    result = run_finetune(
-        tiny_params(finetune={"calibrate": False, "flip_tta": "off"}),
-        head["manifest"],
-        head["policy"],
-        head["root"] / "models/head",
-        tmp_path / "out",
-        tmp_path / "reports",
-        checkpoint_root=tmp_path / "ckpt",
-    )
     images = np.random.default_rng(5).uniform(0, 255, (3, 50, 70, 3)).astype("float32")
     kept = keras.models.load_model(tmp_path / "out/model.keras").predict(images, verbose=0)
     head_model = keras.models.load_model(head["root"] / "models/head/model.keras")
     np.testing.assert_allclose(kept, head_model.predict(images, verbose=0), atol=1e-6)
-    info, metrics = files.read_json(tmp_path / "out/run.json"), files.read_json(tmp_path / "reports/metrics.json")
-    assert result.kept == info["kept"] == "head" and info["best_epoch"] == 0 and metrics["kept_head"] == 1
+    info, metrics = files.read_json(tmp_path / "out/run.json"), files.read_json(tmp_path / "rep/metrics.json")
+    assert resumed.kept == info["kept"] == "head" and info["best_epoch"] == 0 and metrics["kept_head"] == 1
     assert info["val_accuracy"] == pytest.approx(info["val_accuracy_head"])  # the kept model's number
     assert {"val_accuracy_finetuned", "val_log_loss_finetuned", "val_log_loss_head"} <= info.keys()
-    assert pd.read_csv(tmp_path / "reports/history.csv")["epoch"].tolist() == [1]  # the epoch still reported
-    assert MlflowClient(tracking).get_run(result.run_id).data.tags["finetune.kept"] == "head"
+    assert MlflowClient().get_run(killed).data.tags["finetune.kept"] == "head"
 
 
 def test_fine_tuning_must_beat_the_head_on_val_accuracy_then_log_loss():
