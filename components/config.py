@@ -352,6 +352,12 @@ class FinetuneConfig(Section):
         description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
         "only when it raises val accuracy (never judged on test); on/off: always/never.",
     )
+    keep_head_if_not_better: bool = Field(
+        True,
+        description="After training, score the head and the fine-tuned model on val (single view, before "
+        "calibration: accuracy, then log-loss); keep the head's weights unless the fine-tuned ones beat them. "
+        "false: always keep the fine-tuned weights.",
+    )
 
 
 class PromotionConfig(Section):

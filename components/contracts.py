@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -229,6 +229,13 @@ class ModelRunInfo(Contract):
     flip_tta: bool = Field(False, description="the model averages each image's probabilities with its mirror's")
     val_accuracy_single_view: float | None = Field(None, description="val accuracy of the classifier alone")
     val_accuracy_flip_tta: float | None = Field(None, description="val accuracy of the mean with the mirror image")
+    kept: Literal["head", "finetuned"] | None = Field(
+        None, description="whose weights the model holds: the head's when fine-tuning did not beat them on val"
+    )
+    val_accuracy_head: float | None = Field(None, description="the head's val accuracy, one view, before calibration")
+    val_log_loss_head: float | None = Field(None, description="the head's val log-loss, one view, before calibration")
+    val_accuracy_finetuned: float | None = Field(None, description="the same for the fine-tuned weights")
+    val_log_loss_finetuned: float | None = Field(None, description="the same for the fine-tuned weights")
 
 
 class TrainingMetrics(BaseModel):
@@ -254,6 +261,12 @@ class TrainingMetrics(BaseModel):
     flip_tta: int | None = None
     val_accuracy_single_view: float | None = None
     val_accuracy_flip_tta: float | None = None
+    # finetune: 1 = the head's weights kept (fine-tuning did not beat them on val); both models' val scores
+    kept_head: int | None = None
+    val_accuracy_head: float | None = None
+    val_log_loss_head: float | None = None
+    val_accuracy_finetuned: float | None = None
+    val_log_loss_finetuned: float | None = None
 
     def write(self, path: str | Path) -> Path:
         from components.files import write_json

@@ -7,10 +7,14 @@ the best epoch. Every finished epoch is checkpointed (weights, optimizer, epoch,
 id) in `.checkpoints/finetune/<key of inputs and params>`, outside the DVC outputs, so a killed
 run resumes from its last finished epoch; the folder is deleted after success.
 
-After training, flip test-time augmentation is judged on val (`finetune.flip_tta`: auto keeps it
-only when the mean of the image's and its mirror's probabilities is more accurate than the image's
-alone); the temperature is then fitted to what the saved model will output, and a kept TTA is saved
-inside the model (components.backbones.with_flip_tta), so every consumer applies it.
+After training, the head and the fine-tuned model are scored on val the same way (one view, before
+calibration: accuracy first, then log-loss); unless the fine-tuned weights beat the head's, the head's
+are kept (`finetune.keep_head_if_not_better`), so a small data set never ends below where it started.
+Everything after that is done on the kept model. Then flip test-time augmentation is judged on val
+(`finetune.flip_tta`: auto keeps it only when the mean of the image's and its mirror's probabilities
+is more accurate than the image's alone); the temperature is then fitted to what the saved model
+will output, and a kept TTA is saved inside the model (components.backbones.with_flip_tta), so every
+consumer applies it.
 
 The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and a
 MirroredStrategy (global batch = batch_size x replicas) with more than one. It is backend-agnostic
@@ -69,6 +73,7 @@ class FinetuneResult:
     trainable_layers: int
     seconds: float
     out_dir: Path
+    kept: str = "finetuned"  # "head" when fine-tuning did not beat the head on val
 
 
 def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
@@ -240,6 +245,70 @@ def decide_flip_tta(single: np.ndarray, averaged: np.ndarray, labels: np.ndarray
     )
 
 
+@dataclass(frozen=True)
+class ValScore:
+    """One model's val score on the image alone, before calibration (T never changes the argmax)."""
+
+    accuracy: float
+    log_loss: float  # mean negative log-likelihood, without label smoothing
+
+    @classmethod
+    def of(cls, probs: np.ndarray, labels: np.ndarray) -> ValScore:
+        labels = np.asarray(labels)
+        picked = np.clip(np.asarray(probs, np.float64)[np.arange(len(labels)), labels], 1e-12, 1.0)
+        return cls(float(np.mean(probs.argmax(axis=1) == labels)), float(-np.mean(np.log(picked))))
+
+
+def finetuned_beats_head(head: ValScore, finetuned: ValScore) -> bool:
+    """Higher val accuracy wins; on a tie the lower val log-loss; a full tie keeps the head (fewer changed weights)."""
+    return (finetuned.accuracy, -finetuned.log_loss) > (head.accuracy, -head.log_loss)
+
+
+@dataclass(frozen=True)
+class KeptModel:
+    """Which weights the stage outputs, and both models' val scores (finetuned: None when nothing trained)."""
+
+    kept: str  # "head" | "finetuned"
+    head: ValScore
+    finetuned: ValScore | None
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "kept": self.kept,
+            "val_accuracy_head": self.head.accuracy,
+            "val_log_loss_head": self.head.log_loss,
+            "val_accuracy_finetuned": self.finetuned.accuracy if self.finetuned else None,
+            "val_log_loss_finetuned": self.finetuned.log_loss if self.finetuned else None,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers only (metrics.json is read by DVC): kept_head 1/0."""
+        numbers = {k: round(v, 4) for k, v in self.run_info().items() if isinstance(v, float)}
+        return {"kept_head": int(self.kept == "head"), **numbers}
+
+
+def _keep_better(
+    model: Any, head_weights: list[np.ndarray], val_ds: Any, labels: np.ndarray, config: FinetuneConfig
+) -> tuple[KeptModel, np.ndarray]:
+    """Score the fine-tuned weights and the head's on val; leave the kept ones in `model` and return
+    the kept model's val views (reused by `_finish_model`)."""
+    finetuned_weights, finetuned_views = model.get_weights(), _val_views(model, val_ds)
+    model.set_weights(head_weights)
+    head_views = _val_views(model, val_ds)
+    head, finetuned = ValScore.of(head_views[0], labels), ValScore.of(finetuned_views[0], labels)
+    keep_finetuned = not config.keep_head_if_not_better or finetuned_beats_head(head, finetuned)
+    if keep_finetuned:
+        model.set_weights(finetuned_weights)
+    print(
+        f"finetune: val accuracy {head.accuracy:.4f} (log-loss {head.log_loss:.4f}) for the head, "
+        f"{finetuned.accuracy:.4f} ({finetuned.log_loss:.4f}) fine-tuned: keeping the "
+        + ("fine-tuned weights" if keep_finetuned else "head's weights (fine-tuning did not beat them)")
+    )
+    return KeptModel("finetuned" if keep_finetuned else "head", head, finetuned), (
+        finetuned_views if keep_finetuned else head_views
+    )
+
+
 def _val_views(model: Any, val_ds: Any) -> np.ndarray:
     """(2, n, classes): the classifier's probabilities on val and on val mirrored, in one pass."""
     from components.backbones import flip_views
@@ -260,12 +329,12 @@ def _calibrate(model: Any, val_views: np.ndarray, val_labels: Any) -> calibratio
 
 
 def _finish_model(
-    model: Any, val_ds: Any, val_labels: np.ndarray, config: FinetuneConfig
+    model: Any, views: np.ndarray, val_labels: np.ndarray, config: FinetuneConfig
 ) -> tuple[Any, FlipDecision, calibration.CalibrationReport | None]:
-    """Decide flip TTA on val, calibrate what will be saved, and wrap the classifier if TTA is kept."""
+    """Decide flip TTA on val (`views`: the model's, from `_val_views`), calibrate what will be saved,
+    and wrap the classifier if TTA is kept."""
     from components.backbones import with_flip_tta
 
-    views = _val_views(model, val_ds)
     # Judge the mean as it would be saved: calibrated (T folded into both views can move a near-tie).
     logits = calibration.logits_from_probabilities(views)
     temperature = calibration.fit_temperature(logits, val_labels) if config.calibrate else 1.0
@@ -374,7 +443,9 @@ def run_finetune(
             "backend": keras.config.backend(),
             "input_pipeline": "tf.data" if data.uses_tf_data() else "PyDataset",
         }
+        labels = np.asarray(val.labels)
         if config.epochs > 0:
+            head_weights = model.get_weights()  # before fit: on a resume, BackupAndRestore loads the epoch in fit
             history, resumed_at = _fit_resumable(
                 model,
                 train_ds,
@@ -390,10 +461,15 @@ def run_finetune(
                 float(best["val_loss"]),
                 int(best["epoch"]),
             )
+            choice, views = _keep_better(model, head_weights, val_ds, labels, config)
         else:  # nothing to train: the head model is the result
+            history, resumed_at = learning_curves.history_frame({}), 1
+            views = _val_views(model, val_ds)
+            choice = KeptModel("head", ValScore.of(views[0], labels), None)
+        if choice.kept == "head":  # best_epoch 0: the head's weights, measured with this stage's loss
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
-            history, best_epoch, resumed_at = learning_curves.history_frame({}), 0, 1
-        model, flip, calibrated = _finish_model(model, val_ds, np.asarray(val.labels), config)
+            best_epoch = 0
+        model, flip, calibrated = _finish_model(model, views, labels, config)
         seconds = time.perf_counter() - started
         run_info = {
             **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
@@ -415,6 +491,7 @@ def run_finetune(
             "flip_tta": flip.applied,
             "val_accuracy_single_view": flip.val_accuracy_single_view,
             "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
+            **choice.run_info(),
         }
         data.save_model_dir(model, classes, run_info, out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
@@ -433,6 +510,7 @@ def run_finetune(
             seconds=round(seconds, 1),
             train_seconds=round(seconds + head_info.seconds, 1),
             **flip.metrics(),
+            **choice.metrics(),
             **(_calibration_metrics(calibrated) if calibrated else {}),
         ).write(Path(report_dir) / "metrics.json")
         _log_calibration(client, run_id, calibrated, Path(report_dir))
@@ -442,8 +520,9 @@ def run_finetune(
             client.log_artifact(run_id, str(csv_path))
             tracking.log_picture(client, run_id, png_path, "finetune/curves.png")
         client.log_metric(run_id, "best_val_accuracy", val_accuracy)
-        for key, value in flip.metrics().items():
+        for key, value in {**flip.metrics(), **choice.metrics()}.items():
             client.log_metric(run_id, key, value)
+        client.set_tag(run_id, "finetune.kept", choice.kept)
         client.log_metric(run_id, "seconds", seconds)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     keras.backend.clear_session()
@@ -457,6 +536,7 @@ def run_finetune(
         len(trained_layers),
         seconds,
         Path(out_dir),
+        choice.kept,
     )
 
 
@@ -495,8 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: {exc}", file=sys.stderr)
         return 2
     resumed = f", resumed at epoch {result.resumed_at_epoch}" if result.resumed_at_epoch > 1 else ""
+    kept = "the head's weights kept" if result.kept == "head" else f"at epoch {result.best_epoch}"
     print(
-        f"finetune: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}"
+        f"finetune: val_accuracy {result.val_accuracy:.4f} {kept} ({result.epochs_run} epochs run)"
         f"{resumed}, {result.trainable_layers} backbone layers trained, {result.seconds:.0f} s -> {result.out_dir}"
     )
     return 0

@@ -1,4 +1,5 @@
-"""finetune: BatchNorm stays put, a killed run resumes, unfreeze mistakes name their key."""
+"""finetune: BatchNorm stays put, a killed run resumes, unfreeze mistakes name their key, the head's
+weights are kept when fine-tuning does not beat them on val."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pandas as pd
 import pytest
 
 from components import files
+from components import finetune as finetune_module
 from components.backbones import plain_classifier, uses_flip_tta
 from components.config import ParamsError
-from components.finetune import decide_flip_tta, run_finetune
+from components.finetune import ValScore, decide_flip_tta, finetuned_beats_head, run_finetune
 from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = pytest.mark.slow  # trains models: `make test` runs it, `make test-fast` does not
@@ -44,9 +46,18 @@ def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
     }
 
 
-def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, tracking, tmp_path: Path):
+def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(
+    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     import keras
 
+    compared: list[tuple[ValScore, ValScore]] = []
+
+    def fine_tuning_wins(head_score: ValScore, finetuned_score: ValScore) -> bool:
+        compared.append((head_score, finetuned_score))
+        return True
+
+    monkeypatch.setattr(finetune_module, "finetuned_beats_head", fine_tuning_wins)
     before = keras.models.load_model(head["root"] / "models/head/model.keras")
     result = run_finetune(
         tiny_params(),
@@ -70,14 +81,24 @@ def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, track
     old_kernel = before.get_layer("backbone").get_layer("Conv_1").get_weights()[0]
     assert not np.allclose(top_conv.get_weights()[0], old_kernel)
     assert result.trainable_layers > 0
+    # Fine-tuning beat the head on val: its weights are the output, and both val scores are recorded.
+    (head_score, finetuned_score), info = compared[0], files.read_json(tmp_path / "models/finetune/run.json")
+    assert len(compared) == 1 and result.kept == info["kept"] == "finetuned" and info["best_epoch"] >= 1
+    assert (
+        info["val_accuracy_head"] == head_score.accuracy and info["val_accuracy_finetuned"] == finetuned_score.accuracy
+    )
+    assert files.read_json(tmp_path / "reports/metrics.json")["kept_head"] == 0
 
 
-def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tracking, tmp_path: Path):
+def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
+    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     import keras
     from mlflow import MlflowClient
 
+    monkeypatch.setattr(finetune_module, "finetuned_beats_head", lambda head_score, finetuned_score: False)
     result = run_finetune(
-        tiny_params(finetune={"flip_tta": "on"}),
+        tiny_params(finetune={"flip_tta": "on", "keep_head_if_not_better": False}),
         head["manifest"],
         head["policy"],
         head["root"] / "models/head",
@@ -87,6 +108,7 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     )
     info = files.read_json(tmp_path / "out/run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
+    assert info["kept"] == "finetuned"  # keep_head_if_not_better: false, though the head "won"
     head_classes = files.read_json(head["root"] / "models/head/classes.json")
     assert files.read_json(tmp_path / "out/classes.json") == head_classes
     model = keras.models.load_model(tmp_path / "out/model.keras")
@@ -124,17 +146,24 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, tra
     )
 
 
-def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path: Path):
+def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_it_did_not_beat_it(
+    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A resumed run still compares with the head's own weights (not the epoch it resumed from); when
+    fine-tuning does not beat them, the output is the head's weights, and that is recorded."""
     import keras
     import mlflow
     from mlflow import MlflowClient
+
+    monkeypatch.setattr(finetune_module, "finetuned_beats_head", lambda head_score, finetuned_score: False)
 
     class KilledAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
                 raise KeyboardInterrupt("simulated kill after epoch 1")
 
-    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5})
+    # calibrate/flip_tta off: the kept head's saved predictions are then exactly the head's
+    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, "calibrate": False, "flip_tta": "off"})
     args = (params, head["manifest"], head["policy"], head["root"] / "models/head", tmp_path / "out", tmp_path / "rep")
     with pytest.raises(KeyboardInterrupt):
         run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
@@ -148,6 +177,28 @@ def test_interrupted_finetune_resumes_at_the_next_epoch(head, tracking, tmp_path
     assert resumed.run_id == killed and MlflowClient().get_run(killed).info.status == "FINISHED"  # the same run
     assert pd.read_csv(tmp_path / "rep/history.csv")["epoch"].tolist() == [1, 2]  # both epochs, across the kill
     assert not any((tmp_path / "ckpt").iterdir())  # removed after success
+
+    images = np.random.default_rng(5).uniform(0, 255, (3, 50, 70, 3)).astype("float32")
+    kept = keras.models.load_model(tmp_path / "out/model.keras").predict(images, verbose=0)
+    head_model = keras.models.load_model(head["root"] / "models/head/model.keras")
+    np.testing.assert_allclose(kept, head_model.predict(images, verbose=0), atol=1e-6)
+    info, metrics = files.read_json(tmp_path / "out/run.json"), files.read_json(tmp_path / "rep/metrics.json")
+    assert resumed.kept == info["kept"] == "head" and info["best_epoch"] == 0 and metrics["kept_head"] == 1
+    assert info["val_accuracy"] == pytest.approx(info["val_accuracy_head"])  # the kept model's number
+    assert {"val_accuracy_finetuned", "val_log_loss_finetuned", "val_log_loss_head"} <= info.keys()
+    assert MlflowClient().get_run(killed).data.tags["finetune.kept"] == "head"
+
+
+def test_fine_tuning_must_beat_the_head_on_val_accuracy_then_log_loss():
+    labels = np.array([0, 1, 1, 0])
+    score = ValScore.of(np.array([[0.8, 0.2], [0.4, 0.6], [0.6, 0.4], [0.5, 0.5]]), labels)
+    assert score.accuracy == 0.75  # row 4's tie goes to class 0 (argmax), row 3 is wrong
+    assert score.log_loss == pytest.approx(-np.mean(np.log([0.8, 0.6, 0.4, 0.5])))
+    assert finetuned_beats_head(ValScore(0.80, 0.2), ValScore(0.85, 0.9))  # accuracy first
+    assert not finetuned_beats_head(ValScore(0.85, 0.9), ValScore(0.80, 0.2))
+    assert finetuned_beats_head(ValScore(0.80, 0.5), ValScore(0.80, 0.4))  # a tie: lower log-loss
+    assert not finetuned_beats_head(ValScore(0.80, 0.4), ValScore(0.80, 0.5))
+    assert not finetuned_beats_head(ValScore(0.80, 0.4), ValScore(0.80, 0.4))  # a full tie keeps the head
 
 
 def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
