@@ -242,7 +242,7 @@ def _embed_seconds(rows: list[dict[str, str]]) -> float:
 def drift_comparisons(flowers: list[dict[str, str]], x: np.ndarray) -> dict[str, Any]:
     from components import drift
     from components.config import DriftConfig, SplitFractions
-    from components.ingest import assign_split
+    from components.manifest_rows import assign_split
 
     config = DriftConfig()
     classes = sorted({r["label"] for r in flowers})

@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 
 from components.config import ModelConfig, SplitFractions, TrainHeadConfig
 from components.hashing import file_sha256
-from components.ingest import assign_split
+from components.manifest_rows import assign_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TP_SHARED_DIR", REPO.parent / "shared"))

@@ -93,6 +93,10 @@ def case_variants(labels: Iterable[str]) -> dict[str, str]:
     return {label: first[_case_key(label)] for label in set(labels) if first[_case_key(label)] != label}
 
 
+def case_variant_reason(label: str, variants: dict[str, str]) -> str:
+    return f"label {label!r} differs only in case from the class {variants[label]!r} (one folder on Windows and macOS)"
+
+
 def _case_key(label: str) -> str:
     return unicodedata.normalize("NFKC", label.casefold())
 

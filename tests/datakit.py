@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.config import IngestConfig, ValidateConfig
+from components.config import IngestConfig, Params, ValidateConfig
 from tests.conftest import COLORS, write_image
 
 
@@ -45,6 +45,11 @@ def make_classes(root: Path, classes: dict[str, int], start_seed: int = 0) -> Pa
 
 def ingest_config(source: Path | str, **overrides) -> IngestConfig:
     return IngestConfig(**{"source": str(source), "workers": 1, **overrides})
+
+
+def ingest_params(source: Path | str, validate: ValidateConfig | None = None, **overrides) -> Params:
+    """run_ingest's settings: ingest_config(source, **overrides), and validate's image limits (default: its own)."""
+    return Params(ingest=ingest_config(source, **overrides), validate=validate or ValidateConfig())
 
 
 def validate_config(**overrides) -> ValidateConfig:

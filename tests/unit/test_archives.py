@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from components.config import ValidateConfig
 from components.ingest import IngestError, run_ingest
-from tests.datakit import ingest_config
+from components.paths import IngestPaths
+from tests.datakit import ingest_params
 
 HUNDRED_MB = 100 * 1024 * 1024
 
@@ -49,14 +51,7 @@ def metadata_bomb(path: Path, kind: bytes, size: int) -> Path:
 
 def _ingest(tmp_path: Path, archive: Path):
     ws = tmp_path / "ws"
-    return run_ingest(
-        ingest_config(archive),
-        42,
-        ws / "data" / "raw",
-        ws / "data" / "manifest.csv",
-        ws / "reports" / "ingest.json",
-        10_000_000,
-    )
+    return run_ingest(ingest_params(archive, ValidateConfig(max_pixels=10_000_000)), IngestPaths().under(ws))
 
 
 @pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE])

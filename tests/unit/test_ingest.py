@@ -16,16 +16,18 @@ import pandas as pd
 import pytest
 
 from components import ingest
-from components.config import SplitFractions
+from components.config import SplitFractions, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
-from components.ingest import IngestError, assign_split, run_ingest
+from components.ingest import IngestError, run_ingest
+from components.manifest_rows import assign_split
+from components.paths import IngestPaths
 from tests.conftest import write_image
 from tests.datakit import (
     STORED_AS,
     UPRIGHT_SIZE,
     assert_upright,
     http_server,
-    ingest_config,
+    ingest_params,
     make_classes,
     save_encoded,
     tar_folder,
@@ -40,20 +42,13 @@ from tests.datakit import (
     zip_with,
 )
 
-MAX_PIXELS = 10_000_000
+LIMITS = ValidateConfig(max_pixels=10_000_000)
 LOCAL_HTTP = {"allow_http": True, "allow_private_hosts": True}  # the test server is plain http on 127.0.0.1
 
 
 def _run(tmp_path: Path, source: Path | str, name: str = "ws", **overrides) -> ingest.IngestResult:
     ws = tmp_path / name
-    return run_ingest(
-        ingest_config(source, **overrides),
-        42,
-        ws / "data" / "raw",
-        ws / "data" / "manifest.csv",
-        ws / "reports" / "ingest.json",
-        MAX_PIXELS,
-    )
+    return run_ingest(ingest_params(source, LIMITS, **overrides), IngestPaths().under(ws))
 
 
 def _manifest(result: ingest.IngestResult) -> pd.DataFrame:
@@ -92,9 +87,7 @@ def test_folder_is_copied_with_its_layout_and_source_is_untouched(tiny_folder: P
 
 def test_relative_source_resolves_against_working_directory(tiny_folder: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tiny_folder.parent)
-    result = run_ingest(
-        ingest_config(tiny_folder.name), 42, "data/raw", "data/manifest.csv", "reports/ingest.json", MAX_PIXELS
-    )
+    result = run_ingest(ingest_params(tiny_folder.name, LIMITS), IngestPaths())
     frame = _manifest(result)
     assert frame["path"].str.startswith("data/raw/").all()  # relative to the workspace root
     assert result.files == 48
@@ -107,7 +100,7 @@ def test_rerun_on_unchanged_source_recomputes_nothing(tiny_folder: Path, tmp_pat
     def must_not_run(*args, **kwargs):
         raise AssertionError("a file was hashed/decoded again")
 
-    monkeypatch.setattr(ingest, "inspect_file", must_not_run)
+    monkeypatch.setattr("components.file_facts.inspect_file", must_not_run)
     second = _run(tmp_path, tiny_folder)
     assert (second.computed, second.cached) == (0, 48)
     assert second.data_version == first.data_version
@@ -204,7 +197,8 @@ def test_unreadable_files_get_a_reason(tmp_path: Path):
     write_huge_png(source / "a" / "bomb.png", side=300)  # 90,000 px: over twice the limit below
     write_huge_png(source / "a" / "big.png", side=120)  # 14,400 px: between the limit and twice it
     ws = tmp_path / "ws"
-    result = run_ingest(ingest_config(source), 42, ws / "raw", ws / "m.csv", ws / "r.json", max_pixels=10_000)
+    paths = IngestPaths(raw_dir=ws / "raw", manifest=ws / "m.csv", report=ws / "r.json")
+    result = run_ingest(ingest_params(source, ValidateConfig(max_pixels=10_000)), paths)
     frame = _manifest(result).set_index(_manifest(result)["path"].map(lambda p: Path(p).name))
     assert "truncated" in frame.loc["truncated.jpg", "error"]
     assert frame.loc["truncated.jpg", "format"] == ""
@@ -409,15 +403,11 @@ def test_failed_run_leaves_previous_outputs_intact(tiny_folder: Path, tmp_path: 
 
 def test_raw_dir_inside_the_source_is_refused(tiny_folder: Path):
     before = tree_digest(tiny_folder)
+    paths = IngestPaths(
+        raw_dir=tiny_folder / "raw", manifest=tiny_folder.parent / "m.csv", report=tiny_folder.parent / "r.json"
+    )
     with pytest.raises(IngestError, match="overlap"):
-        run_ingest(
-            ingest_config(tiny_folder),
-            42,
-            tiny_folder / "raw",
-            tiny_folder.parent / "m.csv",
-            tiny_folder.parent / "r.json",
-            MAX_PIXELS,
-        )
+        run_ingest(ingest_params(tiny_folder, LIMITS), paths)
     assert tree_digest(tiny_folder) == before
 
 

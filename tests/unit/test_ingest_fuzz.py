@@ -19,12 +19,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from components.archives import ArchiveError, extract_archive
+from components.config import ValidateConfig
 from components.contracts import read_manifest
 from components.files import neutralise_formula, read_csv, restore_formula, write_csv
 from components.ingest import IngestError, run_ingest
 from components.layout import WINDOWS_RESERVED_NAMES, BadLabel, clean_label
+from components.paths import IngestPaths
 from tests.conftest import write_image
-from tests.datakit import MARKER, files_containing, ingest_config, outside_files, tree_snapshot
+from tests.datakit import MARKER, files_containing, ingest_params, outside_files, tree_snapshot
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 CLASSES = ["cat", "dog"]
@@ -58,14 +60,8 @@ def _ingest_and_check(base: Path, source: Path | str, **overrides) -> None:
     ws = base / "ws"
     before = {k: v for k, v in tree_snapshot(base).items() if not k.startswith("ws")}
     try:
-        result = run_ingest(
-            ingest_config(source, **overrides),
-            42,
-            ws / "data" / "raw",
-            ws / "data" / "manifest.csv",
-            ws / "reports" / "ingest.json",
-            10_000_000,
-        )
+        limits = ValidateConfig(max_pixels=10_000_000)
+        result = run_ingest(ingest_params(source, limits, **overrides), IngestPaths().under(ws))
         event(f"ingested, {'some' if result.refused else 'none'} refused")
     except IngestError:
         event("whole source refused")  # allowed; writing or reading outside it is not

@@ -25,14 +25,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import IngestConfig, ParamsError, load_params
+from components.config import IngestConfig, ParamsError, ValidateConfig, load_params
 from components.ingest import IngestError, main, run_ingest
 from components.layout import clean_label
+from components.paths import IngestPaths
 from tests.conftest import write_image
 from tests.datakit import (
     files_containing,
     http_server,
-    ingest_config,
+    ingest_params,
     make_classes,
     outside_files,
     redirecting_server,
@@ -40,19 +41,12 @@ from tests.datakit import (
     tree_snapshot,
 )
 
-MAX_PIXELS = 10_000_000
+LIMITS = ValidateConfig(max_pixels=10_000_000)
 
 
 def _run(tmp_path: Path, source: Path | str, **overrides):
     ws = tmp_path / "ws"
-    result = run_ingest(
-        ingest_config(source, **overrides),
-        42,
-        ws / "data" / "raw",
-        ws / "data" / "manifest.csv",
-        ws / "reports" / "ingest.json",
-        MAX_PIXELS,
-    )
+    result = run_ingest(ingest_params(source, LIMITS, **overrides), IngestPaths().under(ws))
     return result, json.loads(result.report_path.read_text())
 
 
@@ -373,7 +367,7 @@ def test_plain_http_and_private_hosts_are_refused_unless_allowed(tiny_folder: Pa
 
 
 def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
-    from components import urls
+    from components import url_fetch, urls
 
     policy = urls.UrlPolicy(allow_http=True, allow_private_hosts=False, timeout_s=5, max_redirects=2)
     # Let this test's server on 127.0.0.1 count as public, so that only the redirect target is judged.
@@ -389,11 +383,11 @@ def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
         }
     ) as base:
         with pytest.raises(urls.URLRefused, match="link-local address"):
-            urls.http_open(f"{base}/meta", policy)
+            url_fetch.http_open(f"{base}/meta", policy)
         with pytest.raises(OSError, match="file:///etc/passwd' is not allowed"):  # urllib's own refusal
-            urls.http_open(f"{base}/file", policy)
+            url_fetch.http_open(f"{base}/file", policy)
         with pytest.raises(urls.URLRefused, match="max_redirects=2"):
-            urls.http_open(f"{base}/a", policy)
+            url_fetch.http_open(f"{base}/a", policy)
 
 
 @pytest.mark.parametrize(
@@ -461,16 +455,16 @@ def test_file_and_byte_caps_hold_for_folders_tables_and_buckets(tmp_path: Path):
 
 
 def test_a_file_that_grows_after_listing_is_stopped_by_the_byte_count(tmp_path: Path, monkeypatch):
-    from components import confine
+    from components import source_copy
 
     source = make_classes(tmp_path / "src", {"a": 3})
-    real_materialise = confine.materialise
+    real_materialise = source_copy.materialise
 
     def grow_then_copy(entries, ctx):
         (source / "a" / "a_000.jpg").write_bytes(b"\xff" * 200_000)  # after the sizes were read
         return real_materialise(entries, ctx)
 
-    monkeypatch.setattr("components.sources.materialise", grow_then_copy)
+    monkeypatch.setattr("components.source_trees.materialise", grow_then_copy)
     with pytest.raises(IngestError, match="max_bytes"):
         _run(tmp_path, source, max_bytes=100_000)
 
@@ -526,7 +520,7 @@ def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
 
 
 def test_url_prefixes_compare_normalised_paths():
-    from components.sources import Roots
+    from components.source_tables import Roots
 
     roots = Roots.of(
         "https://data.example.com/sets/flowers", True, ["s3://bucket/extra", "https://x.example.com/a/../b"]
@@ -543,11 +537,11 @@ def test_url_prefixes_compare_normalised_paths():
 def test_https_connections_are_checked_too_and_a_downgrade_redirect_is_refused():
     import urllib.request
 
-    from components import urls
+    from components import url_fetch, urls
 
     with pytest.raises(urls.URLRefused, match="loopback"):
-        urls.http_open("https://127.0.0.1:9/x.tgz", urls.UrlPolicy())  # refused before connecting
-    handler = urls._Redirects(urls.UrlPolicy())
+        url_fetch.http_open("https://127.0.0.1:9/x.tgz", urls.UrlPolicy())  # refused before connecting
+    handler = url_fetch._Redirects(urls.UrlPolicy())
     with pytest.raises(urls.URLRefused, match="allow_http"):
         handler.redirect_request(
             urllib.request.Request("https://a.example/x"), None, 302, "Found", {}, "http://a.example/y"

@@ -16,10 +16,11 @@ from components.config import NearDuplicatesConfig, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.layout import BadLabel, clean_label
+from components.paths import IngestPaths
 from components.validate import ValidateInputError, ValidationResult, run_validate
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
 from tests.datakit import (
-    ingest_config,
+    ingest_params,
     make_classes,
     tree_digest,
     validate_config,
@@ -60,16 +61,7 @@ class Run:
 
 
 def ingest_and_validate(source: Path, ws: Path, config: ValidateConfig, classes: list[str] | None = None) -> Run:
-    ingested = run_ingest(
-        ingest_config(source),
-        42,
-        ws / "data" / "raw",
-        ws / "data" / "manifest.csv",
-        ws / "reports" / "ingest.json",
-        config.max_pixels,
-        config.max_image_bytes,
-        config.allowed_formats,
-    )
+    ingested = run_ingest(ingest_params(source, config), IngestPaths().under(ws))
     result = run_validate(
         config,
         classes,
