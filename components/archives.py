@@ -32,7 +32,6 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".ta
 CHUNK = 1 << 20
 # Real long names and pax records are a few hundred bytes; 64 KiB leaves ample room.
 MAX_HEADER_BYTES = 64 * 1024
-DEFAULT_MAX_METADATA_BYTES = 256 * 1024**2  # ingest.max_archive_metadata_bytes
 _METADATA_TYPES = (
     tarfile.GNUTYPE_LONGNAME,
     tarfile.GNUTYPE_LONGLINK,
@@ -50,7 +49,7 @@ class ArchiveError(ValueError):
 class ArchiveLimits:
     max_bytes: int  # unpacked bytes (ingest.max_bytes)
     max_members: int  # ingest.max_files
-    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES  # tar metadata headers / zip central directory
+    max_metadata_bytes: int  # tar metadata headers / zip central directory (ingest.max_archive_metadata_bytes)
 
 
 def archive_kind(name: str) -> str | None:
@@ -60,9 +59,7 @@ def archive_kind(name: str) -> str | None:
     return "tar" if lowered.endswith(ARCHIVE_SUFFIXES) else None
 
 
-def extract_archive(
-    archive: Path, dest: Path, max_bytes: int, max_members: int, max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
-) -> None:
+def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int, max_metadata_bytes: int) -> None:
     """Unpack a zip or tar archive into dest, refusing anything that could escape it or explode."""
     dest.mkdir(parents=True, exist_ok=True)
     limits = ArchiveLimits(max_bytes, max_members, max_metadata_bytes)
@@ -88,7 +85,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
     also counted over the whole archive (`_bounded_tarinfo` sets the limit).
     """
 
-    max_metadata_bytes = DEFAULT_MAX_METADATA_BYTES
+    max_metadata_bytes: int  # set by _bounded_tarinfo
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _METADATA_TYPES:

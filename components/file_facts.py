@@ -32,6 +32,11 @@ MIN_FILES_FOR_POOL = 64
 # Per-file facts (runs in worker processes)
 
 
+def blank_facts(error: str = "") -> dict[str, Any]:
+    """A file's facts before anything is known of its bytes; `error` says why it is unusable."""
+    return {"sha256": "", "bytes": 0, "format": "", "mode": "", "width": 0, "height": 0, "error": error}
+
+
 def inspect_file(path: str, limits: ImageLimits) -> dict[str, Any]:
     """sha256, size and a full decode (components.images) of one copied file; `error` says why it is unusable."""
     digest, size, kept = hashlib.sha256(), 0, bytearray()
@@ -44,15 +49,7 @@ def inspect_file(path: str, limits: ImageLimits) -> dict[str, Any]:
             size += len(chunk)
             if size <= limits.max_bytes:
                 kept += chunk
-    facts: dict[str, Any] = {
-        "sha256": digest.hexdigest(),
-        "bytes": size,
-        "format": "",
-        "mode": "",
-        "width": 0,
-        "height": 0,
-        "error": "",
-    }
+    facts = {**blank_facts(), "sha256": digest.hexdigest(), "bytes": size}
     if size == 0:
         facts["error"] = "empty file (0 bytes)"
     elif size > limits.max_bytes:

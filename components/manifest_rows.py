@@ -16,6 +16,7 @@ from typing import Any
 from components.config import SplitFractions
 from components.confine import Entry
 from components.contracts import SPLITS
+from components.file_facts import blank_facts
 from components.hashing import records_version
 
 
@@ -55,15 +56,7 @@ def build_rows(
         notes.append(f"the source has no train split; {'/'.join(missing)} left empty")
     rows = []
     for e in entries:
-        f = facts.get(e.origin) or {
-            "sha256": "",
-            "bytes": 0,
-            "format": "",
-            "mode": "",
-            "width": 0,
-            "height": 0,
-            "error": f"source file not found: {e.origin}",
-        }
+        f = facts.get(e.origin) or blank_facts(f"source file not found: {e.origin}")
         error = "hidden or system file (e.g. .DS_Store), not an image" if e.hidden else f["error"]
         key = f["sha256"] or hashlib.sha256(e.origin.encode()).hexdigest()
         split = e.given_split

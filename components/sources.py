@@ -1,7 +1,9 @@
 """Sources: where ingest's files come from, each kind confined to its own root.
 
-`ingest.source` names one of the kinds in SOURCE_KINDS (the first whose `accepts` says yes).
-Adding a kind = one `collect_*` function + one row in SOURCE_KINDS + its tests (tests/unit/test_sources.py).
+`ingest.source` names one of the kinds in SOURCE_KINDS (the first whose `accepts` says yes): trees
+(folders, archives, bucket folders) are collected in components/source_trees.py, tables in
+components/source_tables.py. Adding a kind = one `collect_*` function + one row in SOURCE_KINDS + its
+tests (tests/unit/test_sources.py).
 Every kind returns a Listing: the entries it copied into the new raw_dir, and the entries it
 refused, by name and with a reason (they end up in reports/ingest.json; they never fail the run
 on their own, and nothing is dropped silently).

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ValidateConfig
+from components.config import IngestConfig, ValidateConfig
 from components.ingest import IngestError, run_ingest
 from components.paths import IngestPaths
 from tests.datakit import ingest_params
 
 HUNDRED_MB = 100 * 1024 * 1024
+METADATA_CAP = IngestConfig().max_archive_metadata_bytes  # the setting's default
 
 
 def _header(name: str, kind: bytes, size: int) -> bytes:
@@ -131,7 +132,7 @@ def test_tar_headers_are_streamed_not_all_held(tmp_path: Path):
     from components.archives import extract_archive
 
     archive = pax_comment_archive(tmp_path / "ok.tar.gz", 800, 60_000)  # 48 MB of headers, under the cap
-    peak = _peak(lambda: extract_archive(archive, tmp_path / "out", 10**9, 10_000))
+    peak = _peak(lambda: extract_archive(archive, tmp_path / "out", 10**9, 10_000, METADATA_CAP))
     assert len(list((tmp_path / "out" / "data" / "a").iterdir())) == 800
     assert peak < 16 * 1024 * 1024, f"{peak:,} bytes held while extracting"  # old code: ~48 MB
 
@@ -173,7 +174,7 @@ def test_a_zip_member_count_is_checked_before_zipfile_parses_the_directory(tmp_p
     real = zipfile.ZipFile._RealGetContents
     monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: parsed.append(1) or real(self))
     with pytest.raises(ArchiveError, match="member count 101" if lying else "member count 2,000"):
-        extract_archive(archive, tmp_path / "out", 10**9, 100)
+        extract_archive(archive, tmp_path / "out", 10**9, 100, METADATA_CAP)
     assert not parsed and not (tmp_path / "out" / "data").exists()
 
 
@@ -193,7 +194,7 @@ def test_zip64_and_commented_zips_still_extract(tmp_path: Path, monkeypatch):
     assert b"PK\x06\x06" in archive.read_bytes()
     with zipfile.ZipFile(archive, "a") as zf:
         zf.comment = b"x" * 1000
-    extract_archive(archive, tmp_path / "out", 10**9, 5)
+    extract_archive(archive, tmp_path / "out", 10**9, 5, METADATA_CAP)
     assert len(list((tmp_path / "out" / "data" / "a").iterdir())) == 5
     with pytest.raises(ValueError, match="member count"):
-        extract_archive(archive, tmp_path / "out2", 10**9, 4)
+        extract_archive(archive, tmp_path / "out2", 10**9, 4, METADATA_CAP)

@@ -436,6 +436,12 @@ def test_cli_writes_manifest_and_report(tiny_folder: Path, tmp_path: Path, monke
     assert len(pd.read_csv("data/manifest.csv")) == 48 and Path("reports/ingest.json").is_file()
 
 
+def test_cli_path_flags_and_defaults_come_from_the_paths_table():
+    args = ingest.build_parser().parse_args(["--manifest", "elsewhere/m.csv"])
+    assert IngestPaths.from_args(args) == IngestPaths(manifest=Path("elsewhere/m.csv"))
+    assert IngestPaths.from_args(ingest.build_parser().parse_args([])) == IngestPaths()
+
+
 def test_cli_reports_a_missing_source_without_traceback(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params = _params(tmp_path / "params.yaml", "no/such/folder")
