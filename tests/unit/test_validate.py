@@ -348,6 +348,16 @@ def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
     assert code == 2 and "not found" in err and "Traceback" not in err
 
 
+def test_the_cli_takes_its_path_flags_and_defaults_from_the_paths_table():
+    """The flags dvc.yaml and people use, with the defaults of components/paths.py's ValidatePaths."""
+    parser = validate.build_parser()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {"--params", "--manifest", "--ingest-report", "--out-manifest", "--report-dir"} <= flags
+    assert ValidatePaths.from_args(parser.parse_args([])) == ValidatePaths()
+    given = ValidatePaths.from_args(parser.parse_args(["--ingest-report", "elsewhere/ingest.json"]))
+    assert given.ingest_report == Path("elsewhere/ingest.json") and given.manifest == ValidatePaths().manifest
+
+
 # --- hand-offs through the contracts (issue 11) ----------------------------------------------------
 
 
