@@ -518,8 +518,7 @@ def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(nea
 
 def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: Path, tmp_path: Path):
     """An untrusted manifest cannot make validate open a file elsewhere (here a near-duplicate under label b),
-    even with an ingest report edited to match it: the report's raw_dir (or, without one, the manifest's
-    folder) bounds what is read."""
+    even with an ingest report edited to match it: the report's raw_dir bounds what is read."""
     from components.contracts import IngestReport
     from components.hashing import file_sha256, records_version
     from components.validation_inputs import relative_records
@@ -534,19 +533,37 @@ def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: P
     edited = pd.concat([manifest, row.to_frame().T])
     edited.to_csv(tmp_path / "ws" / "data" / "edited.csv", index=False)
     ingested = IngestReport.read(run.ingest.report_path)
-    for raw_dir in (ingested.raw_dir, ""):
-        version = records_version(relative_records(edited, raw_dir))
-        report = tmp_path / f"ingest{len(raw_dir)}.json"
-        ingested.model_copy(update={"raw_dir": raw_dir, "data_version": version}).write(report)
-        result = validate_in(
-            near_config(), tmp_path / "ws" / "data" / "edited.csv", report, tmp_path / "v.csv", tmp_path / "r"
-        )
-        assert result.passed and result.near_duplicates["label_conflicts"] == 1  # the in-folder conflict only
-        assert any("1 row(s) outside the ingested image folder" in w for w in result.warnings), (
-            result.warnings,
-            result.quarantined_files,
-        )
-        assert outside.as_posix() not in pd.read_csv(result.quarantine_path)["path"].tolist()
+    version = records_version(relative_records(edited, ingested.raw_dir))
+    ingested.model_copy(update={"data_version": version}).write(tmp_path / "edited.json")
+    result = validate_in(
+        near_config(),
+        tmp_path / "ws" / "data" / "edited.csv",
+        tmp_path / "edited.json",
+        tmp_path / "v.csv",
+        tmp_path / "r",
+    )
+    assert result.passed and result.near_duplicates["label_conflicts"] == 1  # the in-folder conflict only
+    assert any("1 row(s) outside the ingested image folder" in w for w in result.warnings), (
+        result.warnings,
+        result.quarantined_files,
+    )
+    assert outside.as_posix() not in pd.read_csv(result.quarantine_path)["path"].tolist()
+
+
+def test_images_are_read_only_under_the_ingested_folder_else_the_manifests_folder(tmp_path: Path):
+    from components.contracts import IngestReport
+    from components.validation_inputs import image_root, within
+
+    manifest = tmp_path / "data" / "manifest.csv"
+    assert image_root(IngestReport.model_construct(raw_dir="data/raw"), manifest) == Path("data/raw")
+    assert image_root(IngestReport.model_construct(raw_dir=""), manifest) == manifest.parent
+    root, secret = tmp_path / "raw", tmp_path / "secret.jpg"
+    (root / "a").mkdir(parents=True)
+    secret.write_bytes(b"outside")
+    (root / "a" / "link.jpg").symlink_to(secret)
+    assert within(str(root / "a" / "x.jpg"), root)
+    assert not within(str(root / "a" / "link.jpg"), root)  # links are resolved first
+    assert not within(str(root / ".." / "secret.jpg"), root) and not within(str(secret), root)
 
 
 # --- names from the source are text, never markup -----------------------------------------------
