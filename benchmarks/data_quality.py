@@ -150,19 +150,21 @@ def compare_methods(flowers: list[dict[str, str]], flower_x: np.ndarray) -> dict
 
 
 def near_duplicates_in_flowers(flowers: list[dict[str, str]]) -> dict[str, Any]:
+    from components import hamming_search as hs
     from components import near_duplicates as nd
+    from components import perceptual_hashes as ph
 
     frame = pd.DataFrame(flowers)
     cache = sets.WORK / "phash_cache.npz"
     cache.unlink(missing_ok=True)
     started = time.perf_counter()
-    hashes, decoded = nd.fingerprints(frame, _limits(), cache)  # cold: every image hashed
+    hashes, decoded = ph.fingerprints(frame, _limits(), cache)  # cold: every image hashed
     hashing_s = time.perf_counter() - started
     started = time.perf_counter()
-    nd.fingerprints(frame, _limits(), cache)  # warm: the next run, same images
+    ph.fingerprints(frame, _limits(), cache)  # warm: the next run, same images
     cached_s = time.perf_counter() - started
     started = time.perf_counter()
-    groups = nd.find_groups(hashes, MAX_DISTANCE, decoded)
+    groups = hs.find_groups(hashes, MAX_DISTANCE, decoded)
     kept, report = nd.resolve(frame, groups, "move")
     grouping_s = time.perf_counter() - started
     nd.plot_groups(frame, report, RESULTS / "data_quality_near_duplicates.png", _limits(), max_groups=10)

@@ -1,4 +1,4 @@
-"""Near-duplicate search: the multi-index (components.near_duplicates.index_pairs) vs all pairs.
+"""Near-duplicate search: the multi-index (components.hamming_search.index_pairs) vs all pairs.
 
     nice -n 10 .venv/bin/python -m benchmarks.near_duplicates
 
@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from components import files
-from components import near_duplicates as nd
+from components import hamming_search as hs
+from components import perceptual_hashes as ph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_DISTANCE = 10  # validate.near_duplicates.max_distance in params.yaml
@@ -52,7 +53,7 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
 
 def timed(hashes: np.ndarray, search: str) -> tuple[list[list[int]], float]:
     started = time.perf_counter()
-    groups = nd.find_groups(hashes, MAX_DISTANCE, search=search)
+    groups = hs.find_groups(hashes, MAX_DISTANCE, search=search)
     return groups, time.perf_counter() - started
 
 
@@ -66,10 +67,10 @@ def slope(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def synthetic_runs(index_sizes: list[int], all_pairs_sizes: list[int]) -> list[dict[str, Any]]:
     out = []
-    nd.find_groups(synthetic(200, seed=0)[0], MAX_DISTANCE, search="index")  # imports (scipy) before timing
+    hs.find_groups(synthetic(200, seed=0)[0], MAX_DISTANCE, search="index")  # imports (scipy) before timing
     for n in sorted(set(index_sizes) | set(all_pairs_sizes)):
         hashes, planted = synthetic(n, seed=n)
-        row: dict[str, Any] = {"rows": n, "plan": nd.search_plan(n, MAX_DISTANCE), "planted_pairs": len(planted)}
+        row: dict[str, Any] = {"rows": n, "plan": hs.search_plan(n, MAX_DISTANCE), "planted_pairs": len(planted)}
         groups = None
         if n in index_sizes:
             groups, row["index_s"] = timed(hashes, "auto")
@@ -94,14 +95,14 @@ def flowers() -> dict[str, Any] | None:
         return None
     frame = pd.DataFrame(dq_sets.flower_rows())
     started = time.perf_counter()
-    hashes, decoded = nd.fingerprints(frame, ImageLimits.from_config(ValidateConfig()))
+    hashes, decoded = ph.fingerprints(frame, ImageLimits.from_config(ValidateConfig()))
     hashing_s = time.perf_counter() - started
     timings, found = {}, {}
     for search in ("auto", "all_pairs"):
         started = time.perf_counter()
-        found[search] = nd.find_groups(hashes, MAX_DISTANCE, decoded, search=search)
+        found[search] = hs.find_groups(hashes, MAX_DISTANCE, decoded, search=search)
         timings[search] = round(time.perf_counter() - started, 3)
-    direct = nd.find_groups(hashes[:, : nd.HALF], MAX_DISTANCE, decoded, search="all_pairs")
+    direct = hs.find_groups(hashes[:, : ph.HALF], MAX_DISTANCE, decoded, search="all_pairs")
     paired = {tuple(g) for g in direct}
     added = [g for g in found["auto"] if tuple(g) not in paired]
 
@@ -112,7 +113,7 @@ def flowers() -> dict[str, Any] | None:
     return {
         "images": len(frame),
         "hash_s": round(hashing_s, 2),
-        "plan": nd.search_plan(int(decoded.sum()), MAX_DISTANCE),
+        "plan": hs.search_plan(int(decoded.sum()), MAX_DISTANCE),
         "index_s": timings["auto"],
         "all_pairs_s": timings["all_pairs"],
         "same_groups": found["auto"] == found["all_pairs"],

@@ -20,6 +20,7 @@ from components.config import Params, ParamsError, load_params
 from components.contracts import ContractError, read_manifest
 from components.drift import REFERENCE_FILE, DriftReport, Reference, compare, embed, sample_per_class, sha_prefixes
 from components.images import ImageLimits
+from components.paths import DRIFT_REPORT, VALIDATED_MANIFEST
 
 
 def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_path: str | Path) -> DriftReport:
@@ -54,9 +55,9 @@ def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_p
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.drift_check", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (section drift and the image limits)")
-    parser.add_argument("--manifest", default="data/validated.csv", help="today's validated manifest")
+    parser.add_argument("--manifest", type=Path, default=VALIDATED_MANIFEST, help="today's validated manifest")
     parser.add_argument("--model-dir", required=True, help="the champion's model folder (with drift_reference.npz)")
-    parser.add_argument("--out", default="reports/drift.json", help="the drift report to write (JSON)")
+    parser.add_argument("--out", type=Path, default=DRIFT_REPORT, help="the drift report to write (JSON)")
     return parser
 
 

@@ -178,3 +178,12 @@ def test_the_overall_test_is_capped_in_size(monkeypatch: pytest.MonkeyPatch):
     report = compare(x, y)
     assert report.overall["n_reference"] == 50 and report.overall["n_new"] == 50
     assert report.per_class["alpha"]["n_new"] == 30  # per-class tests are bounded by the per-class samples
+
+
+def test_the_cli_reads_the_validated_manifest_and_writes_the_drift_report_named_in_the_paths_table():
+    from components import paths
+
+    args = drift_check.build_parser().parse_args(["--model-dir", "models/finetune"])
+    assert (args.manifest, args.out) == (paths.VALIDATED_MANIFEST, paths.DRIFT_REPORT)
+    args = drift_check.build_parser().parse_args(["--model-dir", "m", "--manifest", "today.csv", "--out", "d.json"])
+    assert (args.manifest, args.out) == (Path("today.csv"), Path("d.json"))

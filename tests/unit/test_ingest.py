@@ -665,7 +665,7 @@ def test_ingest_records_upright_sizes_hashes_the_file_and_notes_an_unreadable_or
 
 def test_perceptual_hashes_see_the_upright_image(tmp_path: Path):
     """Near-duplicate search hashes what the loader returns: a turned copy of a photo is the same photo."""
-    from components.near_duplicates import perceptual_hash
+    from components.perceptual_hashes import perceptual_hash
 
     limits = _oriented_limits()
     hashes = {o: perceptual_hash(p, limits) for o, p in write_oriented_images(tmp_path, "PNG").items()}

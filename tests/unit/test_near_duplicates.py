@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components import hamming_search as hs
 from components import near_duplicates as nd
+from components import perceptual_hashes as ph
 from components.config import ValidateConfig
 from components.hashing import file_sha256
 from components.images import DECODE_VERSION, ImageLimits
@@ -51,8 +53,8 @@ def images(tmp_path: Path) -> dict[str, Path]:
 
 
 def groups_of(frame: pd.DataFrame, cache: Path | None = None) -> list[list[int]]:
-    hashes, decoded = nd.fingerprints(frame, LIMITS, cache)
-    return nd.find_groups(hashes, max_distance=10, valid=decoded)
+    hashes, decoded = ph.fingerprints(frame, LIMITS, cache)
+    return hs.find_groups(hashes, max_distance=10, valid=decoded)
 
 
 def test_a_planted_near_duplicate_is_grouped_and_distinct_images_are_not(images):
@@ -112,14 +114,14 @@ def test_hashes_are_cached_by_content_hash_and_undecodable_files_join_no_group(
     frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "train"), (broken, "x", "train")])
     cache = tmp_path / "cache" / "phash.npz"
     cache.parent.mkdir()
-    first, decoded = nd.fingerprints(frame, LIMITS, cache)
+    first, decoded = ph.fingerprints(frame, LIMITS, cache)
     assert decoded.tolist() == [True, True, False]
 
     def no_decoding(source, limits):
         raise AssertionError(f"{source}: a cached hash was recomputed")
 
-    monkeypatch.setattr(nd, "perceptual_hash", no_decoding)
-    again, _ = nd.fingerprints(frame.iloc[:2], LIMITS, cache)
+    monkeypatch.setattr(ph, "perceptual_hash", no_decoding)
+    again, _ = ph.fingerprints(frame.iloc[:2], LIMITS, cache)
     np.testing.assert_array_equal(again, first[:2])
 
 
@@ -127,7 +129,7 @@ def test_a_damaged_cache_is_recomputed(images, tmp_path: Path):
     cache = tmp_path / "phash.npz"
     cache.write_bytes(b"garbage")
     frame = manifest([(images["a"], "x", "train")])
-    hashes, decoded = nd.fingerprints(frame, LIMITS, cache)
+    hashes, decoded = ph.fingerprints(frame, LIMITS, cache)
     assert decoded.all() and hashes.any()
 
 
@@ -154,10 +156,10 @@ def _hashes(*pairs: tuple[int, int]) -> np.ndarray:
 
 def test_both_hashes_must_agree_and_groups_chain():
     # Row 1 is close to row 0 on phash only (the false pairs phash alone made in flower_photos): not grouped.
-    assert nd.find_groups(_hashes((0, 0), (3, 20)), max_distance=10) == []
+    assert hs.find_groups(_hashes((0, 0), (3, 20)), max_distance=10) == []
     # Rows 0-1 and 1-2 are within 10 on both hashes, rows 0-2 are not: one group by transitivity.
-    assert nd.find_groups(_hashes((0, 0), (6, 6), (12, 12), (40, 40)), max_distance=10) == [[0, 1, 2]]
-    assert nd.find_groups(_hashes((0, 0), (6, 6)), max_distance=5) == []
+    assert hs.find_groups(_hashes((0, 0), (6, 6), (12, 12), (40, 40)), max_distance=10) == [[0, 1, 2]]
+    assert hs.find_groups(_hashes((0, 0), (6, 6)), max_distance=5) == []
 
 
 def test_validate_entry_point_applies_the_settings(images, tmp_path: Path):
@@ -182,21 +184,21 @@ def test_a_cache_of_an_older_fingerprint_version_is_recomputed(images, tmp_path:
         sha256=np.array([frame["sha256"].iloc[0]], dtype="U64"),
         bits=np.packbits(np.ones((1, 128), dtype=bool), axis=1),
     )
-    hashes, decoded = nd.fingerprints(frame, LIMITS, cache)
-    fresh = nd.perceptual_hash(images["a"], LIMITS)
-    assert decoded.all() and hashes.shape == (1, nd.HASH_BITS)
+    hashes, decoded = ph.fingerprints(frame, LIMITS, cache)
+    fresh = ph.perceptual_hash(images["a"], LIMITS)
+    assert decoded.all() and hashes.shape == (1, ph.HASH_BITS)
     np.testing.assert_array_equal(hashes[0], fresh)
     with np.load(cache) as data:  # rewritten in the current version
-        assert str(data["version"]) == nd.CACHE_VERSION
-    assert "mirror" in nd.CACHE_VERSION and f"decode{DECODE_VERSION}" in nd.CACHE_VERSION  # mirrors, EXIF decode
+        assert str(data["version"]) == ph.CACHE_VERSION
+    assert "mirror" in ph.CACHE_VERSION and f"decode{DECODE_VERSION}" in ph.CACHE_VERSION  # mirrors, EXIF decode
     # The same tag with entries of the wrong width is not misread either.
     np.savez(
         cache,
-        version=np.array(nd.CACHE_VERSION),
+        version=np.array(ph.CACHE_VERSION),
         sha256=np.array([frame["sha256"].iloc[0]], dtype="U64"),
         bits=np.packbits(np.ones((1, 128), dtype=bool), axis=1),
     )
-    np.testing.assert_array_equal(nd.fingerprints(frame, LIMITS, cache)[0][0], fresh)
+    np.testing.assert_array_equal(ph.fingerprints(frame, LIMITS, cache)[0][0], fresh)
 
 
 def flower_photos(tmp_path: Path, per_class: int) -> list[Path]:
@@ -217,9 +219,9 @@ def test_a_mirrored_copy_of_a_flower_photo_is_grouped_with_its_original(tmp_path
     original, other = flower_photos(tmp_path, 2)[:2]
     frame = manifest([(original, "daisy", "test"), (mirrored(original, tmp_path / "m.jpg"), "daisy", "train"),
                       (other, "daisy", "train")])  # fmt: skip
-    hashes, decoded = nd.fingerprints(frame, LIMITS)
-    assert nd.find_groups(hashes, 10, decoded) == [[0, 1]]
-    assert nd.find_groups(hashes[:, : nd.HALF], 10, decoded) == []  # the direct hashes alone miss it
+    hashes, decoded = ph.fingerprints(frame, LIMITS)
+    assert hs.find_groups(hashes, 10, decoded) == [[0, 1]]
+    assert hs.find_groups(hashes[:, : ph.HALF], 10, decoded) == []  # the direct hashes alone miss it
 
 
 def test_the_index_groups_flower_photos_and_planted_copies_exactly_as_all_pairs(tmp_path: Path):
@@ -235,12 +237,12 @@ def test_the_index_groups_flower_photos_and_planted_copies_exactly_as_all_pairs(
             )
             copies.append(save(copy, tmp_path / "copies" / f"{k}.jpg", quality=50))
     frame = manifest([(p, "x", "train") for p in photos + copies])
-    hashes, decoded = nd.fingerprints(frame, LIMITS)
-    exact = nd.find_groups(hashes, 10, decoded, search="all_pairs")
+    hashes, decoded = ph.fingerprints(frame, LIMITS)
+    exact = hs.find_groups(hashes, 10, decoded, search="all_pairs")
     for k in range(len(copies)):  # every copy is grouped with its original
         assert any({30 * k, len(photos) + k} <= set(g) for g in exact), k
     for search in ("auto", "index", 3, 4, 6, 11, 64):
-        assert nd.find_groups(hashes, 10, decoded, search=search) == exact, search
+        assert hs.find_groups(hashes, 10, decoded, search=search) == exact, search
 
 
 def random_words(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -271,12 +273,12 @@ def as_bits(words: np.ndarray) -> np.ndarray:
 def test_the_index_is_exact_at_every_allowed_distance(max_distance: int):
     rng = np.random.default_rng(max_distance)
     words = planted(rng, 60, range(max_distance + 2))
-    np.testing.assert_array_equal(nd._words(as_bits(words)), words)
-    exact = np.stack(nd.all_pairs(words, max_distance))
+    np.testing.assert_array_equal(hs._words(as_bits(words)), words)
+    exact = np.stack(hs.all_pairs(words, max_distance))
     exact = exact[:, np.lexsort(exact[::-1])]
-    plans = {3, 4, max_distance // 2 + 1, max_distance + 1} & set(range(nd.MIN_PARTS, 65))
-    for parts in sorted(p for p in plans if nd._ball_size(64 // p + 1, max_distance // p) <= 5000):
-        np.testing.assert_array_equal(np.stack(nd.index_pairs(words, max_distance, parts)), exact, str(parts))
+    plans = {3, 4, max_distance // 2 + 1, max_distance + 1} & set(range(hs.MIN_PARTS, 65))
+    for parts in sorted(p for p in plans if hs._ball_size(64 // p + 1, max_distance // p) <= 5000):
+        np.testing.assert_array_equal(np.stack(hs.index_pairs(words, max_distance, parts)), exact, str(parts))
     found = set(map(tuple, exact.T.tolist()))
     for k in range(max_distance + 1):  # each planted pair within the distance, direct and mirrored, is found
         base = 60 + 3 * k
@@ -285,14 +287,14 @@ def test_the_index_is_exact_at_every_allowed_distance(max_distance: int):
     for k in sorted({0, max_distance, max_distance + 1}):
         for mirror in (False, True):
             pair = as_bits(lone_pair(rng, k, k, mirror))
-            assert (nd.find_groups(pair, max_distance, search="index") == [[0, 1]]) == (k <= max_distance), (k, mirror)
-            assert nd.find_groups(pair, max_distance, search="index") == nd.find_groups(
+            assert (hs.find_groups(pair, max_distance, search="index") == [[0, 1]]) == (k <= max_distance), (k, mirror)
+            assert hs.find_groups(pair, max_distance, search="index") == hs.find_groups(
                 pair, max_distance, search="all_pairs"
             )
     # One hash past the distance is enough to keep a pair apart.
     far = min(max_distance + 1, 64)
     for phash_bits, dhash_bits in ((max_distance, far), (far, max_distance)):
-        assert nd.find_groups(as_bits(lone_pair(rng, phash_bits, dhash_bits, False)), max_distance) == []
+        assert hs.find_groups(as_bits(lone_pair(rng, phash_bits, dhash_bits, False)), max_distance) == []
 
 
 def lone_pair(rng: np.random.Generator, phash_bits: int, dhash_bits: int, mirror: bool) -> np.ndarray:

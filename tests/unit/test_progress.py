@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from components import near_duplicates
+from components import perceptual_hashes
 from components.images import ImageLimits
 from components.progress import progress
 from tests.conftest import write_image
@@ -29,5 +29,5 @@ def test_short_passes_print_each_step_once(capsys):
 def test_validates_hash_pass_shows_progress(tmp_path, capsys):
     paths = [write_image(tmp_path / f"{i}.png", seed=i, fmt="PNG") for i in range(4)]
     frame = pd.DataFrame({"path": [str(p) for p in paths], "sha256": [f"{i:064x}" for i in range(4)]})
-    near_duplicates.fingerprints(frame, ImageLimits(10_000_000, 10_000_000, ("PNG",)))
+    perceptual_hashes.fingerprints(frame, ImageLimits(10_000_000, 10_000_000, ("PNG",)))
     assert "validate: perceptual hashes: 4/4 images" in capsys.readouterr().out

@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import validate
-from components.config import NearDuplicatesConfig, ValidateConfig
+from components import validate, validation_checks, validation_suites
+from components.config import IngestConfig, NearDuplicatesConfig, Params, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.layout import BadLabel, clean_label
-from components.paths import IngestPaths
-from components.validate import ValidateInputError, ValidationResult, run_validate
+from components.paths import IngestPaths, ValidatePaths
+from components.validate import ValidationResult, run_validate
+from components.validation_inputs import ValidateInputError
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
 from tests.datakit import (
     ingest_params,
@@ -60,15 +61,31 @@ class Run:
         return "; ".join(hits["checks"] + ": " + hits["reason"])
 
 
+def validate_in(
+    config: ValidateConfig,
+    manifest: Path,
+    ingest_report: Path,
+    out_manifest: Path,
+    report_dir: Path,
+    classes: list[str] | None = None,
+) -> ValidationResult:
+    """run_validate with these settings (and ingest.classes) and paths."""
+    params = Params(validate=config, ingest=IngestConfig(classes=classes))
+    paths = ValidatePaths(
+        manifest=manifest, ingest_report=ingest_report, out_manifest=out_manifest, report_dir=report_dir
+    )
+    return run_validate(params, paths)
+
+
 def ingest_and_validate(source: Path, ws: Path, config: ValidateConfig, classes: list[str] | None = None) -> Run:
     ingested = run_ingest(ingest_params(source, config), IngestPaths().under(ws))
-    result = run_validate(
+    result = validate_in(
         config,
-        classes,
         ingested.manifest_path,
+        ws / "reports" / "ingest.json",
         ws / "data" / "validated.csv",
         ws / "reports" / "validation",
-        ws / "reports" / "ingest.json",
+        classes,
     )
     return Run(ingested, result, ws)
 
@@ -298,13 +315,8 @@ def test_stale_ingest_report_is_rejected(tmp_path: Path):
     manifest.loc[0, "label"] = "b" if manifest.loc[0, "label"] == "a" else "a"
     manifest.to_csv(run.ingest.manifest_path, index=False)
     with pytest.raises(ValidateInputError, match="rerun ingest"):
-        run_validate(
-            validate_config(),
-            None,
-            run.ingest.manifest_path,
-            tmp_path / "v.csv",
-            tmp_path / "r",
-            run.ingest.report_path,
+        validate_in(
+            validate_config(), run.ingest.manifest_path, run.ingest.report_path, tmp_path / "v.csv", tmp_path / "r"
         )
 
 
@@ -325,6 +337,16 @@ def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and "Traceback" not in err
+
+
+def test_the_cli_takes_its_path_flags_and_defaults_from_the_paths_table():
+    """The flags dvc.yaml and people use, with the defaults of components/paths.py's ValidatePaths."""
+    parser = validate.build_parser()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {"--params", "--manifest", "--ingest-report", "--out-manifest", "--report-dir"} <= flags
+    assert ValidatePaths.from_args(parser.parse_args([])) == ValidatePaths()
+    given = ValidatePaths.from_args(parser.parse_args(["--ingest-report", "elsewhere/ingest.json"]))
+    assert given.ingest_report == Path("elsewhere/ingest.json") and given.manifest == ValidatePaths().manifest
 
 
 # --- hand-offs through the contracts (issue 11) ----------------------------------------------------
@@ -348,13 +370,8 @@ def test_an_ingest_report_missing_a_field_is_refused_naming_it(tmp_path: Path):
     del report["class_folders"]
     run.ingest.report_path.write_text(json.dumps(report))
     with pytest.raises(ValidateInputError, match="class_folders"):
-        run_validate(
-            validate_config(),
-            None,
-            run.ingest.manifest_path,
-            tmp_path / "v.csv",
-            tmp_path / "r",
-            run.ingest.report_path,
+        validate_in(
+            validate_config(), run.ingest.manifest_path, run.ingest.report_path, tmp_path / "v.csv", tmp_path / "r"
         )
 
 
@@ -491,8 +508,11 @@ def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(nea
 
 
 def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: Path, tmp_path: Path):
-    """An untrusted manifest cannot make validate open a file elsewhere (here a near-duplicate under label b)."""
-    from components.hashing import file_sha256
+    """An untrusted manifest cannot make validate open a file elsewhere (here a near-duplicate under label b),
+    even with an ingest report edited to match it: the report's raw_dir bounds what is read."""
+    from components.contracts import IngestReport
+    from components.hashing import file_sha256, records_version
+    from components.validation_inputs import relative_records
 
     run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
     outside = tmp_path / "elsewhere" / "copy.jpg"
@@ -501,16 +521,40 @@ def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: P
     manifest = pd.read_csv(run.ingest.manifest_path, keep_default_na=False, dtype=str)
     row = manifest[manifest["path"].str.endswith("leak_big.jpg")].iloc[0].copy()
     row["path"], row["label"], row["sha256"] = outside.as_posix(), "b", file_sha256(outside)
-    pd.concat([manifest, row.to_frame().T]).to_csv(tmp_path / "ws" / "data" / "edited.csv", index=False)
-    result = run_validate(
-        near_config(), None, tmp_path / "ws" / "data" / "edited.csv", tmp_path / "v.csv", tmp_path / "r"
-    )  # no ingest report: the manifest's folder bounds what is read
+    edited = pd.concat([manifest, row.to_frame().T])
+    edited.to_csv(tmp_path / "ws" / "data" / "edited.csv", index=False)
+    ingested = IngestReport.read(run.ingest.report_path)
+    version = records_version(relative_records(edited, ingested.raw_dir))
+    ingested.model_copy(update={"data_version": version}).write(tmp_path / "edited.json")
+    result = validate_in(
+        near_config(),
+        tmp_path / "ws" / "data" / "edited.csv",
+        tmp_path / "edited.json",
+        tmp_path / "v.csv",
+        tmp_path / "r",
+    )
     assert result.passed and result.near_duplicates["label_conflicts"] == 1  # the in-folder conflict only
     assert any("1 row(s) outside the ingested image folder" in w for w in result.warnings), (
         result.warnings,
         result.quarantined_files,
     )
     assert outside.as_posix() not in pd.read_csv(result.quarantine_path)["path"].tolist()
+
+
+def test_images_are_read_only_under_the_ingested_folder_else_the_manifests_folder(tmp_path: Path):
+    from components.contracts import IngestReport
+    from components.validation_inputs import image_root, within
+
+    manifest = tmp_path / "data" / "manifest.csv"
+    assert image_root(IngestReport.model_construct(raw_dir="data/raw"), manifest) == Path("data/raw")
+    assert image_root(IngestReport.model_construct(raw_dir=""), manifest) == manifest.parent
+    root, secret = tmp_path / "raw", tmp_path / "secret.jpg"
+    (root / "a").mkdir(parents=True)
+    secret.write_bytes(b"outside")
+    (root / "a" / "link.jpg").symlink_to(secret)
+    assert within(str(root / "a" / "x.jpg"), root)
+    assert not within(str(root / "a" / "link.jpg"), root)  # links are resolved first
+    assert not within(str(root / ".." / "secret.jpg"), root) and not within(str(secret), root)
 
 
 # --- names from the source are text, never markup -----------------------------------------------
@@ -552,20 +596,20 @@ def test_mathtext_in_a_label_and_a_file_name_draws_in_the_near_duplicate_picture
     assert drawn.read_bytes()[:4] == b"\x89PNG"
 
 
-def _run_one_suite(docs: Path) -> validate.Suites:
+def _run_one_suite(docs: Path) -> validation_suites.Suites:
     """One tiny suite run through its Checkpoint, as run_validate runs each suite."""
     import great_expectations.expectations as gxe
 
-    check = validate.Check(
+    check = validation_checks.Check(
         "width_positive",
         gxe.ExpectColumnValuesToBeBetween(column="width", min_value=1, meta={"check": "width_positive"}),
         lambda r: "width below 1",
         "file",
     )
     frame = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "width": [10, 0]}).set_index("path", drop=False)
-    suites = validate.Suites(docs)
+    suites = validation_suites.Suites(docs)
     result = suites.run("files", frame, [check], "path")
-    failures = validate.collect_failures(result, [check], frame, "path")
+    failures = validation_suites.collect_failures(result, [check], frame, "path")
     assert [item["path"] for f in failures for item in f.items] == ["b.jpg"]
     return suites
 
@@ -576,11 +620,11 @@ def test_the_checkpoint_update_data_docs_action_builds_the_data_docs(tmp_path: P
     (checkpoint,) = suites.context.checkpoints.all()
     assert checkpoint.name == "files"
     assert [type(a).__name__ for a in checkpoint.actions] == ["UpdateDataDocsAction"]
-    assert checkpoint.actions[0].site_names == [validate.DATA_DOCS_SITE]
+    assert checkpoint.actions[0].site_names == [validation_suites.DATA_DOCS_SITE]
     (page,) = (tmp_path / "docs" / "validations" / "files").rglob("*.html")
     assert "b.jpg" in page.read_text(encoding="utf-8")  # the failing row, from this run's result
     assert "validations/files/" in (tmp_path / "docs" / "index.html").read_text(encoding="utf-8")
 
-    monkeypatch.setattr(validate, "checkpoint_actions", lambda: [])  # the same run without the action
+    monkeypatch.setattr(validation_suites, "checkpoint_actions", lambda: [])  # the same run without the action
     _run_one_suite(tmp_path / "no_action")
     assert not (tmp_path / "no_action").exists()
