@@ -93,7 +93,7 @@ def test_runs_publish_per_class_metrics_links_and_progress(prefect_server, tmp_p
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.training import publish_artifacts, report_progress, start_progress
+    from flows.run_records import publish_artifacts, report_progress, start_progress
 
     result = {
         "metrics": {"accuracy": 0.9, "recall_daisy": 1.0, "precision_daisy": 0.8, "f1_daisy": 0.89, "recall_rose": 0.8},
@@ -145,7 +145,8 @@ def test_links_open_the_tracking_server_s_ui_without_its_credentials(monkeypatch
 def test_the_stage_run_form_offers_exactly_the_pipeline_s_stages():
     from prefect.exceptions import ParameterTypeError
 
-    from flows.training import STAGES, stage_flow
+    from flows.dvc_workspace import STAGES
+    from flows.training import stage_flow
 
     assert stage_flow.parameters.properties["stage"]["enum"] == list(STAGES)
     assert STAGES == ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
