@@ -215,3 +215,10 @@ def test_dvc_internals_are_used_only_where_no_public_api_exists():
             if "from dvc.repo import Repo" in line:
                 above = "\n".join(lines[max(0, i - 4) : i])
                 assert "DVC internals on purpose" in above, f"{module.name}:{i + 1}: say why no public DVC API fits"
+
+
+def test_commands_run_this_environment_s_tools_first(monkeypatch, tmp_path):
+    """`dvc` in a command is this interpreter's (its folder leads PATH), whatever PATH the flow was started with."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    done = run_command(["python", "-c", "import sys; print(sys.prefix)"], tmp_path)
+    assert (done.code, done.lines) == (0, [sys.prefix])
