@@ -55,16 +55,24 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loopback_e2e import (  # noqa: E402  (after the sys.path set-up above)
+from e2e_harness import (  # noqa: E402  (after the sys.path set-up above)
+    BIN,
     CLASSES,
     IMAGES_PER_CLASS,
-    QUIET,
     Checks,
     E2EFailure,
-    HardTimeout,
+    Stopwatch,
+    client_environment,
+    execute,
+    log,
+    new_report,
     optional,
+    print_failure,
+    run,
     stage_flow_runs,
+    stop_all,
     summary_artifact,
+    use_servers_here,
 )
 from validate_infra import compose_binary  # noqa: E402  (after the sys.path set-up)
 
@@ -72,7 +80,6 @@ from benchmarks.workspace import git  # noqa: E402  (after the sys.path set-up)
 from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402  (after the sys.path set-up)
 from tests.integration.conftest import make_tiny_workspace  # noqa: E402  (after the sys.path set-up)
 
-BIN = Path(sys.executable).parent
 INFRA = REPO / "infra"
 RESULTS = REPO / "benchmarks" / "results"
 PROJECT = "tp-e2e"
@@ -103,23 +110,6 @@ SECRET_VARS = [
     "MLFLOW_WORKER_PASSWORD",
     "MLFLOW_FLASK_SECRET_KEY",
 ]
-
-
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
-
-
-def run(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 600, check: bool = True, cwd: Path = REPO
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
-    if check and done.returncode != 0:
-        raise E2EFailure(
-            f"{' '.join(args[:6])}... failed ({done.returncode}):\n{done.stdout[-2500:]}\n{done.stderr[-2500:]}"
-        )
-    return done
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -189,12 +179,7 @@ class Daemon:
 
         marker = str(self.tmp / "d")
         leftovers = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-        for proc in leftovers:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(leftovers, timeout=10)
+        stop_all(leftovers, "kill", 10)
         # dockerd leaves its default network namespace mounted under the exec root.
         mounts = [
             line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if marker in line.split()[1]
@@ -295,6 +280,21 @@ def env_file(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
+def compose_command(compose_bin: str, env_path: Path) -> list[str]:
+    """`docker compose` of this project's stack: the production file, the e2e overlay, an env file."""
+    return [
+        compose_bin,
+        "-p",
+        PROJECT,
+        "-f",
+        str(INFRA / "docker-compose.yml"),
+        "-f",
+        str(INFRA / "e2e" / "compose.e2e.yml"),
+        "--env-file",
+        str(env_path),
+    ]
+
+
 class Stack:
     def __init__(self, env: dict[str, str], env_path: Path) -> None:
         self.env = env
@@ -307,18 +307,7 @@ class Stack:
         self, *args: str, env_path: Path | None = None, timeout: float = 900, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         return run(
-            [
-                self.compose_bin,
-                "-p",
-                PROJECT,
-                "-f",
-                str(INFRA / "docker-compose.yml"),
-                "-f",
-                str(INFRA / "e2e" / "compose.e2e.yml"),
-                "--env-file",
-                str(env_path or self.env_path),
-                *args,
-            ],
+            [*compose_command(self.compose_bin, env_path or self.env_path), *args],
             self.env,
             timeout=timeout,
             check=check,
@@ -502,13 +491,7 @@ def e2e(
 ) -> Checks:
     """Every step; checks are recorded into `checks` as they pass or fail, so a later error keeps them."""
     timings, facts = report["timings"], report["facts"]
-    clock = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
-        log(f"{name}: {timings[name]} s")
+    lap = Stopwatch(timings, log).lap
 
     facts.update(daemon.start())
     env = daemon.env
@@ -669,10 +652,7 @@ def e2e(
     api_url, mlflow_url, s3_url = f"http://{address}:4200/api", f"http://{address}:5000", f"http://{address}:9000"
     auth = values["PREFECT_AUTH_STRING"]
     host_env = {
-        **os.environ,
-        **QUIET,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(tmp / "prefect_home"),
+        **client_environment(tmp),
         "PREFECT_API_URL": api_url,
         "PREFECT_API_AUTH_STRING": auth,
         "MLFLOW_TRACKING_URI": mlflow_url,
@@ -680,22 +660,8 @@ def e2e(
     host_env.update(
         zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), ("admin", values["MLFLOW_ADMIN_PASSWORD"]))
     )
-    for name in ("TP_WORKSPACE", "TP_GPU_DEPLOYMENT", "DOCKER_HOST"):
-        host_env.pop(name, None)
-    os.environ.update(
-        {
-            k: host_env[k]
-            for k in (
-                "PREFECT_API_URL",
-                "PREFECT_API_AUTH_STRING",
-                "PREFECT_HOME",
-                "MLFLOW_TRACKING_URI",
-                "MLFLOW_TRACKING_USERNAME",
-                "MLFLOW_TRACKING_PASSWORD",
-                *QUIET,
-            )
-        }
-    )
+    host_env.pop("DOCKER_HOST", None)
+    use_servers_here(host_env)
     unauth = optional(lambda: urllib.request.urlopen(f"{api_url}/flows/filter", data=b"{}", timeout=10).status)
     checks.check("the Prefect API refuses a request without the auth string", lambda: unauth is None)
     run([sys.executable, "-m", "flows.deployments", "--create-pools"], host_env)
@@ -1003,105 +969,61 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.address.startswith("127."):
         parser.error("--address must be a loopback address (127.0.0.0/8)")
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise HardTimeout(
-            f"timed out after {args.timeout:.0f} s" if signum == signal.SIGALRM else f"stopped by signal {signum}"
-        )
-
-    for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    signal.alarm(int(args.timeout))
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="tpe2e-", dir="/tmp"))  # short: the daemon's socket path has a length limit
     daemon = Daemon(tmp)
-    report: dict[str, Any] = {
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "passed": False,
-        "error": None,
-        "timings": {},
-        "facts": {},
-        "ids": {},
-        "images": {},
-        "checks": [],
-        "tmp": str(tmp),
-    }
+    report = new_report(tmp, timings={}, facts={}, ids={}, images={})
     checks = Checks()
-    stack_logs = ""
-    try:
+
+    def run_it() -> None:
         e2e(tmp, args, daemon, report, started + args.timeout - 240, checks)
-    except (E2EFailure, HardTimeout, subprocess.TimeoutExpired) as error:
-        report["error"] = str(error)
-    except Exception as error:  # report whatever broke, with its type, then clean up
-        report["error"] = f"{type(error).__name__}: {error}"
-    finally:
-        signal.alarm(0)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the clean-up below must not be interrupted
-            signal.signal(signum, signal.SIG_IGN)
-        report["checks"] = checks.results
+
+    def tear_down(passed: bool) -> None:
         teardown = time.monotonic()
-        compose_bin = compose_binary()
-        if daemon.answers() and compose_bin:
-            base = [
-                compose_bin,
-                "-p",
-                PROJECT,
-                "-f",
-                str(INFRA / "docker-compose.yml"),
-                "-f",
-                str(INFRA / "e2e" / "compose.e2e.yml"),
-                "--env-file",
-                str(tmp / "e2e.env"),
-            ]
-            if (tmp / "e2e.env").exists():
-                # every line of every container (stdout and stderr), kept in the temporary folder on failure
-                stack_logs = run(
-                    [*base, "logs", "--no-color", "--timestamps"], daemon.env, check=False, timeout=300
-                ).stdout
-                run(
-                    [*base, "down", "--volumes", "--remove-orphans", "--timeout", "20"],
-                    daemon.env,
-                    check=False,
-                    timeout=300,
-                )
-            left = run(
-                ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-                daemon.env,
-                check=False,
-            ).stdout.split()
-            volumes = run(
-                ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-                daemon.env,
-                check=False,
-            ).stdout.split()
-            report["facts"]["containers_left_after_down"] = len(left)
-            report["facts"]["volumes_left_after_down"] = len(volumes)
-            if not daemon.started and not args.keep_images:  # ours are removed with the daemon we started
-                for image in IMAGES.values():
-                    run(["docker", "image", "rm", "-f", image], daemon.env, check=False)
+        stack_logs = take_down(tmp, daemon, report, remove_images=not daemon.started and not args.keep_images)
         report["facts"].update(daemon.stop())
         report["timings"]["teardown_s"] = round(time.monotonic() - teardown, 1)
         report["timings"]["total_s"] = round(time.monotonic() - started, 1)
-        report["passed"] = report["error"] is None and checks.all_passed
-        if not report["passed"]:
+        if not passed:
             print(stack_logs[-20000:], file=sys.stderr)
             (tmp / "compose.log").write_text(stack_logs)  # all of it, kept with the temporary folder
             report["facts"]["logs_kept"] = str(tmp / "compose.log")
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "e2e_docker.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_markdown(report, args.results / "e2e_docker.md")
-        if not args.keep and report["passed"]:
+        if not args.keep and passed:
             shutil.rmtree(tmp, ignore_errors=True)
-    failed = [c["name"] for c in checks.results if not c["passed"]]
-    if report["passed"]:
+
+    if execute(args.timeout, report, checks, run_it, tear_down):
         print(f"docker e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s")
         return 0
-    print(
-        f"docker e2e FAILED: {report['error'] or ''} {('failed checks: ' + '; '.join(failed)) if failed else ''}\n"
-        f"results: {args.results / 'e2e_docker.md'}; kept: {tmp}",
-        file=sys.stderr,
-    )
+    print_failure("docker e2e", report, checks, f"results: {args.results / 'e2e_docker.md'}; kept: {tmp}")
     return 1
+
+
+def take_down(tmp: Path, daemon: Daemon, report: dict[str, Any], remove_images: bool) -> str:
+    """`compose down --volumes` of the stack (its logs first: returned), what is left counted into the report,
+    and the images built here removed when asked (those of a daemon started here go with it)."""
+    compose_bin = compose_binary()
+    if not (daemon.answers() and compose_bin):
+        return ""
+    stack_logs = ""
+    if (tmp / "e2e.env").exists():
+        compose = compose_command(compose_bin, tmp / "e2e.env")
+        # every line of every container (stdout and stderr), kept in the temporary folder on failure
+        stack_logs = run([*compose, "logs", "--no-color", "--timestamps"], daemon.env, check=False, timeout=300).stdout
+        run(
+            [*compose, "down", "--volumes", "--remove-orphans", "--timeout", "20"], daemon.env, check=False, timeout=300
+        )
+    label = f"label=com.docker.compose.project={PROJECT}"
+    left = run(["docker", "ps", "-aq", "--filter", label], daemon.env, check=False).stdout.split()
+    volumes = run(["docker", "volume", "ls", "-q", "--filter", label], daemon.env, check=False).stdout.split()
+    report["facts"]["containers_left_after_down"] = len(left)
+    report["facts"]["volumes_left_after_down"] = len(volumes)
+    if remove_images:
+        for image in IMAGES.values():
+            run(["docker", "image", "rm", "-f", image], daemon.env, check=False)
+    return stack_logs
 
 
 if __name__ == "__main__":
