@@ -73,6 +73,15 @@ def run(
     return done
 
 
+def small_data_set(source_root: Path, folder: Path) -> Path:
+    """The data set both runs train on, copied from `source_root`'s class folders into `folder`."""
+    from tests.conftest import copy_subset  # the project's root is on sys.path (each script puts it there)
+
+    for name in CLASSES:
+        copy_subset(source_root / name, folder / name, IMAGES_PER_CLASS)
+    return folder
+
+
 def client_environment(tmp: Path) -> dict[str, str]:
     """This interpreter's tools first, telemetry off, a Prefect home of the run's own, no caller's settings."""
     env = {

@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_harness import (  # noqa: E402  (after the sys.path set-up above)
     BIN,
     CLASSES,
-    IMAGES_PER_CLASS,
     Checks,
     E2EFailure,
     Stopwatch,
@@ -51,6 +50,7 @@ from e2e_harness import (  # noqa: E402  (after the sys.path set-up above)
     optional,
     print_failure,
     run,
+    small_data_set,
     stage_flow_runs,
     use_servers_here,
 )
@@ -71,7 +71,7 @@ from loopback_services import (  # noqa: E402  (after the sys.path set-up above)
 )
 
 from benchmarks.workspace import dvc, git  # noqa: E402  (after the sys.path set-up)
-from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402  (after the sys.path set-up)
+from tests.conftest import FLOWERS, KERAS_SEED  # noqa: E402  (after the sys.path set-up)
 from tests.integration.conftest import make_tiny_workspace  # noqa: E402  (after the sys.path set-up)
 
 REPORT = REPO / "benchmarks" / "results" / "loopback_e2e.json"
@@ -100,9 +100,7 @@ def keras_home(tmp: Path) -> Path:
 
 def make_workspaces(tmp: Path, source_root: Path) -> tuple[Path, Path]:
     """The orchestrator's workspace (committed, DVC remote in .dvc/config) and the GPU worker's clone of it."""
-    source = tmp / "source"
-    for name in CLASSES:
-        copy_subset(source_root / name, source / name, IMAGES_PER_CLASS)
+    source = small_data_set(source_root, tmp / "source")
     orchestrator = make_tiny_workspace(tmp / "orchestrator", source)
     dvc(orchestrator, "remote", "add", "-d", "storage", str(tmp / "dvc-remote"))
     git(orchestrator, "add", ".dvc/config")
