@@ -21,6 +21,7 @@ INGEST_REPORT = Path("reports/ingest.json")
 VALIDATED_MANIFEST = Path("data/validated.csv")
 VALIDATION_DIR = Path("reports/validation")
 VALIDATION_SUMMARY = VALIDATION_DIR / "summary.json"
+QUARANTINE_LIST = VALIDATION_DIR / "quarantine.csv"
 AUGMENT_POLICY = Path("models/augment/policy.json")
 AUGMENT_PREVIEW = Path("reports/augment/preview.png")
 HEAD_DIR = Path("models/head")
@@ -35,9 +36,11 @@ TEST_PREDICTIONS = Path("reports/test_predictions.csv")
 # Not DVC outputs: a cache, and what the flow writes around the stages.
 FEATURE_CACHE = Path("data/cache/features")
 EXPORT_DIR = Path("models/export")
+EXPORT_RECORD = EXPORT_DIR / "export.json"
 DRIFT_REPORT = Path("reports/drift.json")
 RUN_SUMMARY_JSON = Path("reports/run_summary.json")
 RUN_SUMMARY_MD = Path("reports/run_summary.md")
+SWEEP_REPORTS = Path("reports/sweep")
 
 
 class StagePaths(BaseModel):

@@ -2,9 +2,8 @@
 
 Settings: `orchestration:` in params.yaml (components.config.OrchestrationConfig).
 
-- Every command a task starts runs in its own process group and is killed, with everything it
-  started, when its timeout passes or the task is interrupted (a Prefect timeout or cancellation): a
-  hung `dvc repro` must not keep DVC's lock, or the workspace, after its task has given up.
+- Every command a task starts is killed, with everything it started, past its timeout
+  (flows/commands.py's run_command raises StageTimedOut).
 - Retries are for outages and killed processes only: a stage that crashed (a bug) or refused its
   input fails the same way on a second try.
 - One run per workspace: Prefect's global concurrency limit `orchestration.concurrency_limit` where a
@@ -14,12 +13,8 @@ Settings: `orchestration:` in params.yaml (components.config.OrchestrationConfig
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -31,8 +26,6 @@ from filelock import FileLock, Timeout
 from components.config import OrchestrationConfig, ParamsError
 from components.errors import EXIT_USER_ERROR, Unavailable
 
-POLL_S = 0.5  # how often a waiting command loop looks at its deadline (and lets an injected timeout in)
-KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
 # Signals sent from outside a process (OOM killer, preemption, shutdown, our own timeout): worth another try.
 # SIGSEGV, SIGABRT and the like come from inside, like a traceback: not retried.
 OUTSIDE_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
@@ -96,76 +89,6 @@ def failure(what: str, code: int, lines: list[str], outcome: dict[str, Any]) -> 
     else:
         retryable, why = False, f"exit {code}: not retried"
     return StageFailed(f"{what} failed ({why}):\n" + "\n".join(lines[-25:]), retryable=retryable)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the command's process group, SIGKILL whatever is left after a grace period."""
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _pump(stream: Any, lines: queue.Queue) -> None:
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
-def run_streamed(
-    cmd: list[str], workdir: Path, env: dict[str, str], logger: Any | None, timeout_s: float | None
-) -> tuple[int, list[str]]:
-    """Run `cmd`, streaming its output to `logger`; return its exit code and output lines.
-
-    Past `timeout_s` (None: no limit) the command's whole process group is killed and StageTimedOut
-    raised. Any other way out (a Prefect timeout or cancellation raised into this thread) kills it too.
-    """
-    proc = subprocess.Popen(
-        cmd,
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        start_new_session=True,  # its own process group: killed with the children it starts
-    )
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    received: queue.Queue = queue.Queue()
-    threading.Thread(target=_pump, args=(proc.stdout, received), daemon=True).start()
-    lines: list[str] = []
-    try:
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                _kill_group(proc)
-                tail = "\n".join(lines[-10:])
-                raise StageTimedOut(f"`{' '.join(cmd[:4])} ...` ran past its timeout of {timeout_s:g} s:\n{tail}")
-            try:
-                line = received.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            line = line.rstrip()
-            if line:
-                lines.append(line)
-                if logger is not None:
-                    logger.info(line)
-        while proc.poll() is None:  # output closed; the process may still be finishing
-            if deadline is not None and time.monotonic() > deadline:
-                _kill_group(proc)
-                raise StageTimedOut(f"`{' '.join(cmd[:4])} ...` ran past its timeout of {timeout_s:g} s")
-            time.sleep(POLL_S)
-        return proc.returncode, lines
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
 
 
 # --- one run per workspace ----------------------------------------------------------------------------

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from components.config import Params
 from components.contracts import IngestReport, PromotionRecord, TestMetrics, ValidationSummary
 from components.model_card import markdown_text
+from components.paths import (
+    DRIFT_REPORT,
+    INGEST_REPORT,
+    METRICS,
+    PROMOTION_RECORD,
+    QUARANTINE_LIST,
+    RUN_SUMMARY_JSON,
+    RUN_SUMMARY_MD,
+    VALIDATION_SUMMARY,
+)
 
 REPORTS = {
-    "ingest": (Path("reports/ingest.json"), IngestReport),
-    "validation": (Path("reports/validation/summary.json"), ValidationSummary),
-    "metrics": (Path("metrics.json"), TestMetrics),
-    "promotion": (Path("reports/evaluate/promotion.json"), PromotionRecord),
+    "ingest": (INGEST_REPORT, IngestReport),
+    "validation": (VALIDATION_SUMMARY, ValidationSummary),
+    "metrics": (METRICS, TestMetrics),
+    "promotion": (PROMOTION_RECORD, PromotionRecord),
 }
 
 
@@ -57,6 +68,28 @@ def collect_experiment(root: Path, params: Params, outcomes: list[dict[str, Any]
         "all_skipped": all(not o["ran"] for o in outcomes),
         "registered_model": params.tracking.registered_model,
         **reports,
+    }
+
+
+def run_result(
+    reports: dict[str, Any],
+    mlflow_run_id: str,
+    dvc_remote: dict[str, Any],
+    promoted_now: bool,
+    *,
+    experiment: str | None = None,
+    export: dict[str, Any] | None = None,
+    drift: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A run's result (what `write` keeps): the stages' reports (`collect`) and what the flow did around them."""
+    return {
+        **reports,
+        "mlflow_run_id": mlflow_run_id,
+        "export": export,
+        "dvc_remote": dvc_remote,
+        "experiment": experiment,
+        "promoted_now": promoted_now,
+        "drift": drift,
     }
 
 
@@ -118,17 +151,13 @@ def tracking_links(
     return links
 
 
-SUMMARY_JSON = Path("reports/run_summary.json")
-SUMMARY_MD = Path("reports/run_summary.md")
-
-
 def write(root: Path, result: dict[str, Any]) -> str:
     """Keep the last run's summary in the workspace (JSON for tools, markdown for people)."""
     from components.files import atomic_file, write_json
 
     markdown = to_markdown(result)
-    write_json(root / SUMMARY_JSON, result)
-    with atomic_file(root / SUMMARY_MD) as fh:
+    write_json(root / RUN_SUMMARY_JSON, result)
+    with atomic_file(root / RUN_SUMMARY_MD) as fh:
         fh.write(markdown)
     return markdown
 
@@ -153,58 +182,78 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"| {o['stage']} | {'yes' if o['ran'] else 'skipped (up to date)'} | {o['seconds']} |" for o in result["stages"]
     ]
-    ingest = result.get("ingest") or {}
-    if ingest:
-        lines += [
-            "",
-            "## Data",
-            f"- data version: `{ingest['data_version']}`",
-            f"- files: {ingest['files']} ({ingest['images']} images, {ingest['unreadable']} unreadable, "
-            f"{ingest['refused_count']} refused)",
-        ]
-        lines += [
+    for key, section in SECTIONS:
+        if result.get(key):
+            lines += section(result[key], result)
+    return "\n".join(lines) + "\n"
+
+
+def _data(ingest: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        "## Data",
+        f"- data version: `{ingest['data_version']}`",
+        f"- files: {ingest['files']} ({ingest['images']} images, {ingest['unreadable']} unreadable, "
+        f"{ingest['refused_count']} refused)",
+        *[
             f"- {markdown_text(split)}: {markdown_text(json.dumps(counts, sort_keys=True))}"
             for split, counts in ingest["counts"].items()
-        ]
-    validation = result.get("validation") or {}
-    if validation:
-        counts = validation["counts"]
-        lines += [
-            "",
-            "## Validation",
-            f"- passed: {validation['passed']} (policy: {validation['policy']})",
-            f"- kept {counts['valid']} of {counts['files']} files, "
-            f"quarantined {counts['quarantined']} (reports/validation/quarantine.csv)",
-        ]
-        lines += [f"- warning: {markdown_text(w)}" for w in validation["warnings"][:5]]
-    drift = result.get("drift") or {}
-    if drift:
-        lines += [
-            "",
-            "## Drift",
-            f"- {'DRIFT' if drift['drifted'] else 'no drift'} on {drift['sampled_images']} of "
-            f"{drift['new_images']} new images; retrain: {drift['retrain']} ({drift['reason']})",
-            "- details: reports/drift.json",
-        ]
-    metrics = result.get("metrics") or {}
-    if metrics:
-        lines += ["", "## Test metrics", "| metric | value |", "|---|---|"]
-        lines += [
-            f"| {markdown_text(k)} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))
-        ]
-    promotion = result.get("promotion") or {}
-    if promotion:
-        lines += [
-            "",
-            "## Registry",
-            f"- model: `{result['registered_model']}` version {promotion['version']}",
-            f"- champion: {'yes' if promotion['promoted'] else 'no'}",
-            *[f"- {markdown_text(reason)}" for reason in promotion["reasons"]],
-        ]
-    export = result.get("export") or {}
-    if export:
-        lines += [
-            f"- exported: SavedModel and float16 TFLite ({export.get('tflite_bytes', 0) / 1e6:.1f} MB), TFLite agrees "
-            f"with Keras on {export.get('top1_agreement', 0):.1%} of {export.get('n_samples', '?')} test images"
-        ]
-    return "\n".join(lines) + "\n"
+        ],
+    ]
+
+
+def _validation(validation: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    counts = validation["counts"]
+    return [
+        "",
+        "## Validation",
+        f"- passed: {validation['passed']} (policy: {validation['policy']})",
+        f"- kept {counts['valid']} of {counts['files']} files, "
+        f"quarantined {counts['quarantined']} ({QUARANTINE_LIST.as_posix()})",
+        *[f"- warning: {markdown_text(w)}" for w in validation["warnings"][:5]],
+    ]
+
+
+def _drift(drift: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        "## Drift",
+        f"- {'DRIFT' if drift['drifted'] else 'no drift'} on {drift['sampled_images']} of "
+        f"{drift['new_images']} new images; retrain: {drift['retrain']} ({drift['reason']})",
+        f"- details: {DRIFT_REPORT.as_posix()}",
+    ]
+
+
+def _metrics(metrics: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    return ["", "## Test metrics", "| metric | value |", "|---|---|"] + [
+        f"| {markdown_text(k)} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))
+    ]
+
+
+def _registry(promotion: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        "## Registry",
+        f"- model: `{result['registered_model']}` version {promotion['version']}",
+        f"- champion: {'yes' if promotion['promoted'] else 'no'}",
+        *[f"- {markdown_text(reason)}" for reason in promotion["reasons"]],
+    ]
+
+
+def _export(export: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    """A line under the registry's: the champion this run exported."""
+    return [
+        f"- exported: SavedModel and float16 TFLite ({export.get('tflite_bytes', 0) / 1e6:.1f} MB), TFLite agrees "
+        f"with Keras on {export.get('top1_agreement', 0):.1%} of {export.get('n_samples', '?')} test images"
+    ]
+
+
+# The summary's sections in order: the result's key, and its lines when the result has it.
+SECTIONS: tuple[tuple[str, Callable[[dict[str, Any], dict[str, Any]], list[str]]], ...] = (
+    ("ingest", _data),
+    ("validation", _validation),
+    ("drift", _drift),
+    ("metrics", _metrics),
+    ("promotion", _registry),
+    ("export", _export),
+)

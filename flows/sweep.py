@@ -27,11 +27,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from components import run_forms, sweeps
 from components.config import ParamsError, load_params
-from flows.limits import workspace_slot
-from flows.training import LOCK_FILE, StageFailed, run_dvc
+from components.paths import SWEEP_REPORTS
+from flows.commands import run_command
+from flows.dvc_workspace import LOCK_FILE
+from flows.limits import StageFailed, workspace_slot
 
 POLL_S = 10.0
-REPORT_DIR = Path("reports/sweep")
 
 
 def _queue_states(root: Path) -> dict[str, str]:
@@ -49,12 +50,12 @@ def queue_points(workdir: str, name: str, points: list[dict[str, Any]]) -> dict[
     names = {}
     for i, point in enumerate(points, start=1):
         exp = f"{name}-{i}"
-        args = ["exp", "run", "--queue", "-n", exp]
+        args = ["dvc", "exp", "run", "--queue", "-n", exp]
         for change in sweeps.point_overrides(point):
             args += ["-S", change]
-        code, lines = run_dvc(args, Path(workdir), logger)
-        if code != 0:
-            raise StageFailed(f"queueing {exp} failed:\n" + "\n".join(lines[-10:]), retryable=False)
+        done = run_command(args, workdir, logger)
+        if done.code != 0:
+            raise StageFailed(f"queueing {exp} failed:\n" + done.tail(10), retryable=False)
         names[exp] = point
     return names
 
@@ -64,9 +65,9 @@ def run_queue(workdir: str, names: list[str], jobs: int, budget_s: float) -> dic
     """Start the queue's workers and wait for the points, within the wall-time budget."""
     logger = get_run_logger()
     root = Path(workdir)
-    code, lines = run_dvc(["queue", "start", "-j", str(jobs)], root, logger)
-    if code != 0:
-        raise StageFailed("dvc queue start failed:\n" + "\n".join(lines[-10:]), retryable=False)
+    done = run_command(["dvc", "queue", "start", "-j", str(jobs)], root, logger)
+    if done.code != 0:
+        raise StageFailed("dvc queue start failed:\n" + done.tail(10), retryable=False)
     started, seen = time.monotonic(), {}
     while True:
         states = {n: s for n, s in _queue_states(root).items() if n in names}
@@ -79,8 +80,8 @@ def run_queue(workdir: str, names: list[str], jobs: int, budget_s: float) -> dic
             logger.warning("sweep: wall-time budget of %.0f s reached: stopping the rest", budget_s)
             running = [n for n, s in states.items() if s == "Running"]
             if running:
-                run_dvc(["queue", "kill", *running], root, logger)
-            run_dvc(["queue", "remove", "--queued"], root, logger)
+                run_command(["dvc", "queue", "kill", *running], root, logger)
+            run_command(["dvc", "queue", "remove", "--queued"], root, logger)
             return {n: states.get(n, "Queued") for n in names}
         time.sleep(POLL_S)
 
@@ -88,11 +89,11 @@ def run_queue(workdir: str, names: list[str], jobs: int, budget_s: float) -> dic
 @task(name="sweep-report")
 def report(workdir: str, name: str, names: dict[str, dict[str, Any]], tracking: dict[str, Any]) -> dict[str, Any]:
     root = Path(workdir)
-    code, lines = run_dvc(["exp", "show", "--json"], root, logger=None)
-    if code != 0:
-        raise StageFailed("dvc exp show failed:\n" + "\n".join(lines[-10:]))
-    table = sweeps.results_table(json.loads("".join(lines)), names)
-    paths = sweeps.write_reports(table, root / REPORT_DIR, name)
+    done = run_command(["dvc", "exp", "show", "--json"], root)
+    if done.code != 0:
+        raise StageFailed("dvc exp show failed:\n" + done.tail(10))
+    table = sweeps.results_table(json.loads("".join(done.lines)), names)
+    paths = sweeps.write_reports(table, root / SWEEP_REPORTS, name)
     _log_to_mlflow(root, name, paths, tracking)
     best = sweeps.best_point(table)
     return {
@@ -168,9 +169,9 @@ def sweep_deployment(
 
 def apply_point(workdir: str, experiment: str) -> None:
     """Make one experiment's settings and outputs the workspace's (`dvc exp apply`)."""
-    code, lines = run_dvc(["exp", "apply", experiment], Path(workdir), logger=None)
-    if code != 0:
-        raise RuntimeError(f"dvc exp apply {experiment} failed:\n" + "\n".join(lines[-10:]))
+    done = run_command(["dvc", "exp", "apply", experiment], workdir)
+    if done.code != 0:
+        raise RuntimeError(f"dvc exp apply {experiment} failed:\n" + done.tail(10))
 
 
 def build_parser() -> argparse.ArgumentParser:

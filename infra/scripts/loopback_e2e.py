@@ -27,279 +27,60 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_harness import (  # noqa: E402  (after the sys.path set-up above)
+    BIN,
+    CLASSES,
+    Checks,
+    E2EFailure,
+    Stopwatch,
+    client_environment,
+    execute,
+    new_report,
+    optional,
+    print_failure,
+    run,
+    small_data_set,
+    stage_flow_runs,
+    use_servers_here,
+)
+from loopback_checks import (  # noqa: E402  (after the sys.path set-up above)
+    GPU_DEPLOYMENT,
+    TRAINING_DEPLOYMENT,
+    check_first_run,
+    check_second_run,
+    read_json,
+    run_deployment_and_wait,
+)
+from loopback_services import (  # noqa: E402  (after the sys.path set-up above)
+    Services,
+    free_port,
+    postgres_bin,
+    start_postgres,
+    wait_healthy,
+)
 
 from benchmarks.workspace import dvc, git  # noqa: E402  (after the sys.path set-up)
-from tests.conftest import FLOWERS, KERAS_SEED, copy_subset  # noqa: E402  (after the sys.path set-up)
+from tests.conftest import FLOWERS, KERAS_SEED  # noqa: E402  (after the sys.path set-up)
 from tests.integration.conftest import make_tiny_workspace  # noqa: E402  (after the sys.path set-up)
 
-BIN = Path(sys.executable).parent
 REPORT = REPO / "benchmarks" / "results" / "loopback_e2e.json"
-CLASSES = ("daisy", "sunflowers")
-IMAGES_PER_CLASS = 20
-GPU_DEPLOYMENT = "stage/gpu"
-TRAINING_DEPLOYMENT = "training/on-demand"
-SERVER_START_TIMEOUT_S = 240
-LOG_TAIL_LINES = 60
-QUIET = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "DVC_NO_ANALYTICS": "1",
-}
-
-
-class E2EFailure(RuntimeError):
-    """The loopback run could not go on (a server, a command or a flow run failed)."""
-
-
-class HardTimeout(BaseException):
-    """The whole run went past --timeout (BaseException: no `except Exception` swallows it)."""
-
-
-# --------------------------------------------------------------------------- processes
-@dataclass
-class Services:
-    """The long-running processes this script started, each in its own process group, with its log."""
-
-    logs: Path
-    started: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
-    def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen[bytes]:
-        log_path = self.logs / f"{name}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                args,
-                cwd=cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.started.append((name, proc, log_path))
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc, log_path in self.started:
-            if proc.poll() is not None:
-                raise E2EFailure(f"{name} exited with code {proc.returncode} (log: {log_path})")
-
-    def stop_all(self) -> None:
-        """SIGTERM every process group and every descendant (flow runs, stages), then SIGKILL what is left."""
-        import psutil
-
-        targets: list[psutil.Process] = []
-        for _, proc, _ in reversed(self.started):
-            try:
-                parent = psutil.Process(proc.pid)
-                targets += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for target in targets:
-            try:
-                target.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(targets, timeout=20)
-        for target in alive:
-            try:
-                target.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        for _, proc, _ in self.started:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def print_log_tails(self) -> None:
-        for name, _, log_path in self.started:
-            lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-            print(f"\n----- {name}: last {LOG_TAIL_LINES} of {len(lines)} lines ({log_path}) -----", file=sys.stderr)
-            print("\n".join(lines[-LOG_TAIL_LINES:]), file=sys.stderr)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, services: Services, what: str) -> float:
-    """Poll `url` until it answers 200; return the seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < SERVER_START_TIMEOUT_S:
-        services.check_alive()
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return round(time.monotonic() - started, 1)
-        except OSError:
-            pass
-        time.sleep(2)
-    raise E2EFailure(f"{what} not healthy at {url} after {SERVER_START_TIMEOUT_S} s")
-
-
-def run_command(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout_s: float = 300) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if done.returncode != 0:
-        raise E2EFailure(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
-
-
-# --------------------------------------------------------------------------- PostgreSQL
-def postgres_bin() -> Path | None:
-    """The folder of initdb + postgres: on PATH, else the newest /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which("initdb")
-    if found and shutil.which("postgres"):
-        return Path(found).resolve().parent
-    versions = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
-    )
-    return versions[-1].parent if versions else None
-
-
-def start_postgres(tmp: Path, services: Services) -> tuple[dict[str, str], str]:
-    """A private PostgreSQL cluster on 127.0.0.1 with databases `prefect` and `mlflow`.
-
-    Returns the connection settings (password in them, for the servers' environment only) and a label.
-    Runs as the `postgres` user when this process is root (PostgreSQL refuses root). The password goes
-    through a file and the environment, never a command line.
-    """
-    import pwd
-    import secrets as secrets_
-
-    bindir = postgres_bin()
-    if bindir is None:
-        raise E2EFailure("no PostgreSQL server installed (initdb/postgres not found)")
-    version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
-    data, sock = tmp / "pg" / "data", tmp / "pg" / "sock"
-    sock.mkdir(parents=True)
-    pg_secret = secrets_.token_urlsafe(24)
-    pwfile = tmp / "pg" / "pwfile"
-    pwfile.write_text(pg_secret + "\n")
-    pwfile.chmod(0o600)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        for path in (tmp / "pg", sock, pwfile):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        tmp.chmod(tmp.stat().st_mode | 0o711)  # postgres must reach its folder
-        prefix = ["runuser", "-u", "postgres", "--"]
-    done = subprocess.run(
-        [
-            *prefix,
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "tp",
-            f"--pwfile={pwfile}",
-            "--auth-host=scram-sha-256",
-            "--auth-local=scram-sha-256",
-            "--encoding=UTF8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    pwfile.unlink()
-    if done.returncode != 0:
-        raise E2EFailure(f"initdb failed: {done.stderr.strip()[-500:]}")
-    port = free_port()
-    services.start(
-        "postgres",
-        [
-            *prefix,
-            str(bindir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            f"unix_socket_directories={sock}",
-        ],
-        {**os.environ, "LC_ALL": "C"},
-    )
-    env = {**os.environ, "PGPASSFILE": str(pgpass_file(tmp, port, pg_secret))}
-    started = time.monotonic()
-    while True:
-        services.check_alive()
-        ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
-        if ready.returncode == 0:
-            break
-        if time.monotonic() - started > 60:
-            raise E2EFailure("PostgreSQL did not accept connections within 60 s")
-        time.sleep(1)
-    for database in ("prefect", "mlflow"):
-        subprocess.run(
-            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tp", database],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-    settings = dict(zip(("host", "port", "user", "password"), ("127.0.0.1", str(port), "tp", pg_secret)))
-    return settings, f"{version} (private cluster on 127.0.0.1:{port})"
-
-
-def pgpass_file(tmp: Path, port: int, pg_secret: str) -> Path:
-    """libpq's password file (mode 0600), so that createdb/psql take no password argument or variable."""
-    path = tmp / "pgpass"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"127.0.0.1:{port}:*:tp:{pg_secret}\n")
-    return path
 
 
 # --------------------------------------------------------------------------- set-up
 def base_environment(tmp: Path) -> dict[str, str]:
-    """This interpreter's tools first, telemetry off, and none of the caller's servers or workspaces."""
-    env = {
-        **os.environ,
-        **QUIET,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(tmp / "prefect_home"),
-        "KERAS_HOME": str(keras_home(tmp)),
-    }
-    for name in (
-        "PREFECT_API_URL",
-        "PREFECT_API_KEY",
-        "PREFECT_API_AUTH_STRING",
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD",
-        "TP_WORKSPACE",
-        "TP_GPU_DEPLOYMENT",
-        "TP_NOTIFY_BLOCK",
-        "TP_NOTIFY_WEBHOOK_URL",
-        "VIRTUAL_ENV_PROMPT",
-    ):
-        env.pop(name, None)
-    return env
+    """The harness's client environment, with Keras weights that need no download."""
+    return {**client_environment(tmp), "KERAS_HOME": str(keras_home(tmp))}
 
 
 def keras_home(tmp: Path) -> Path:
@@ -319,9 +100,7 @@ def keras_home(tmp: Path) -> Path:
 
 def make_workspaces(tmp: Path, source_root: Path) -> tuple[Path, Path]:
     """The orchestrator's workspace (committed, DVC remote in .dvc/config) and the GPU worker's clone of it."""
-    source = tmp / "source"
-    for name in CLASSES:
-        copy_subset(source_root / name, source / name, IMAGES_PER_CLASS)
+    source = small_data_set(source_root, tmp / "source")
     orchestrator = make_tiny_workspace(tmp / "orchestrator", source)
     dvc(orchestrator, "remote", "add", "-d", "storage", str(tmp / "dvc-remote"))
     git(orchestrator, "add", ".dvc/config")
@@ -333,193 +112,14 @@ def make_workspaces(tmp: Path, source_root: Path) -> tuple[Path, Path]:
     return orchestrator, gpu_clone
 
 
-# --------------------------------------------------------------------------- checks
-@dataclass
-class Checks:
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-    def check(self, name: str, condition: Callable[[], Any], detail: Callable[[], Any] = lambda: "") -> bool:
-        """Record a named check; an exception while checking counts as a failure, with its message."""
-        try:
-            passed, info = bool(condition()), detail()
-        except Exception as error:  # a check that cannot be evaluated has failed
-            passed, info = False, f"{type(error).__name__}: {error}"
-        self.results.append(
-            {
-                "name": name,
-                "passed": passed,
-                "detail": info if isinstance(info, (str, int, float, dict, list)) else str(info),
-            }
-        )
-        print(f"  [{'ok' if passed else 'FAIL'}] {name}{f': {info}' if info != '' else ''}", flush=True)
-        return passed
-
-    @property
-    def all_passed(self) -> bool:
-        return bool(self.results) and all(r["passed"] for r in self.results)
-
-
-def run_deployment_and_wait(client: Any, label: str, deadline: float, services: Services) -> Any:
-    """Create a run of `label` and poll it (and the workers) until it ends or the deadline passes."""
-    deployment = client.read_deployment_by_name(label)
-    flow_run = client.create_flow_run_from_deployment(deployment.id)
-    print(f"  {label}: flow run {flow_run.id}", flush=True)
-    last_state = None
-    while True:
-        services.check_alive()
-        flow_run = client.read_flow_run(flow_run.id)
-        state = flow_run.state
-        if state and state.name != last_state:
-            last_state = state.name
-            print(f"    {time.strftime('%H:%M:%S')} {state.name}", flush=True)
-        if state and state.is_final():
-            return flow_run
-        if time.monotonic() > deadline:
-            raise E2EFailure(f"{label} run {flow_run.id} still {last_state} at the deadline")
-        time.sleep(3)
-
-
-def stage_flow_runs(client: Any) -> list[Any]:
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
-    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["stage"])))
-
-
-def summary_artifact(client: Any, flow_run_id: Any) -> Any:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    found = client.read_artifacts(
-        artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["training-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
-        )
-    )
-    return found[0] if found else None
-
-
-def optional(read: Callable[[], Any]) -> Any:
-    """What `read` returns, or None when it fails (the check that uses it then fails, with a reason)."""
-    try:
-        return read()
-    except Exception:  # missing file, unknown run or alias: reported by the check
-        return None
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def check_first_run(
-    checks: Checks, client: Any, mlflow_client: Any, run: Any, orchestrator: Path, gpu_clone: Path, ids: dict[str, Any]
-) -> None:
-    checks.check("first run completed", lambda: run.state.is_completed(), lambda: run.state.name)
-    stage_runs = [
-        r
-        for r in stage_flow_runs(client)
-        if r.parent_task_run_id and client.read_task_run(r.parent_task_run_id).flow_run_id == run.id
-    ]
-    ids["stage_flow_runs"] = [str(r.id) for r in stage_runs]
-    remote = stage_runs[0] if len(stage_runs) == 1 else None
-    checks.check(
-        "finetune ran as one `stage` flow run, a child of the training run",
-        lambda: remote is not None,
-        lambda: f"{len(stage_runs)} stage flow run(s)",
-    )
-    checks.check(
-        "the stage flow run completed on the gpu pool, for finetune",
-        lambda: (
-            remote.state.is_completed() and remote.work_pool_name == "gpu" and remote.parameters["stage"] == "finetune"
-        ),
-        lambda: {"state": remote.state.name, "work_pool": remote.work_pool_name, "stage": remote.parameters["stage"]},
-    )
-    summary = optional(lambda: read_json(orchestrator / "reports" / "run_summary.json")) or {}
-    stages = {s["stage"]: s for s in summary.get("stages", [])}
-    checks.check(
-        "the orchestrator restored finetune from DVC's run-cache",
-        lambda: stages["finetune"].get("where") == GPU_DEPLOYMENT,
-        lambda: stages["finetune"],
-    )
-    checks.check(
-        "finetune trained in the gpu worker's clone only (checkpoints there, none here)",
-        lambda: (
-            (gpu_clone / ".checkpoints" / "finetune").is_dir()
-            and not (orchestrator / ".checkpoints" / "finetune").exists()
-        ),
-    )
-    checks.check(
-        "every stage ran (first run)",
-        lambda: len(stages) == 6 and all(s["ran"] for s in stages.values()),
-        lambda: {k: s["ran"] for k, s in stages.items()},
-    )
-
-    model_name = summary.get("registered_model")
-    champion = optional(lambda: mlflow_client.get_model_version_by_alias(model_name, "champion"))
-    ids["champion_version"] = champion.version if champion else None
-    checks.check(
-        "the MLflow server holds a `champion` version",
-        lambda: champion is not None,
-        lambda: f"{model_name} version {champion.version}",
-    )
-    finetune_run_id = optional(lambda: read_json(orchestrator / "models" / "finetune" / "run.json")["run_id"])
-    ids["finetune_mlflow_run"] = finetune_run_id
-    finetune_run = optional(lambda: mlflow_client.get_run(finetune_run_id))
-    checks.check(
-        "the champion was fine-tuned by the worker's MLflow run",
-        lambda: (
-            champion.tags.get("finetune_run_id") == finetune_run_id
-            and read_json(gpu_clone / "models" / "finetune" / "run.json")["run_id"] == finetune_run_id
-            and finetune_run.data.tags.get("stage") == "finetune"
-            and finetune_run.info.status == "FINISHED"
-        ),
-        lambda: {"run": finetune_run_id, "status": finetune_run.info.status},
-    )
-    in_sync = optional(lambda: dvc(orchestrator, "status", "--cloud").stdout.strip())
-    checks.check("the DVC remote holds every output of the run", lambda: "in sync" in in_sync, lambda: in_sync)
-    artifact = summary_artifact(client, run.id)
-    checks.check(
-        "the `training-summary` artifact exists",
-        lambda: artifact is not None and "| finetune |" in artifact.data,
-        lambda: str(artifact.id) if artifact else "missing",
-    )
-
-
-def check_second_run(
-    checks: Checks,
-    client: Any,
-    mlflow_client: Any,
-    run: Any,
-    orchestrator: Path,
-    model_name: str,
-    versions_before: int,
-    stage_runs_before: int,
-) -> None:
-    checks.check("second run completed", lambda: run.state.is_completed(), lambda: run.state.name)
-    summary = read_json(orchestrator / "reports" / "run_summary.json")
-    checks.check(
-        "second run skipped every stage",
-        lambda: summary["all_skipped"],
-        lambda: {s["stage"]: s["ran"] for s in summary["stages"]},
-    )
-    artifact = summary_artifact(client, run.id)
-    checks.check("second run's summary says nothing changed", lambda: "Nothing changed" in artifact.data)
-    checks.check("second run sent nothing to the gpu pool", lambda: len(stage_flow_runs(client)) == stage_runs_before)
-    versions = len(mlflow_client.search_model_versions(f"name='{model_name}'"))
-    checks.check(
-        "second run registered no new model version",
-        lambda: versions == versions_before,
-        lambda: f"{versions} version(s)",
-    )
-
-
 # --------------------------------------------------------------------------- the run
-def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, report: dict[str, Any]) -> Checks:
-    timings, ids, checks = report["timings"], report["ids"], Checks()
-    clock = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
-        print(f"{name}: {timings[name]} s", flush=True)
+def loopback(
+    tmp: Path, source_root: Path, deadline: float, services: Services, report: dict[str, Any], checks: Checks
+) -> None:
+    """Every step; checks are recorded into `checks` as they pass or fail, so a later error keeps them."""
+    timings, ids = report["timings"], report["ids"]
+    watch = Stopwatch(timings, lambda message: print(message, flush=True))
+    lap = watch.lap
 
     orchestrator, gpu_clone = make_workspaces(tmp, source_root)
     lap("workspaces_s")
@@ -571,9 +171,9 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
     lap("servers_s")
 
     env.update(PREFECT_API_URL=api_url, MLFLOW_TRACKING_URI=mlflow_url, PREFECT_WORKER_QUERY_SECONDS="3")
-    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", *QUIET)})
-    run_command([sys.executable, "-m", "flows.deployments", "--create-pools"], env)
-    run_command([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
+    use_servers_here(env)
+    run([sys.executable, "-m", "flows.deployments", "--create-pools"], env, timeout=300)
+    run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env, timeout=300)
     lap("pools_and_deploy_s")
 
     services.start(
@@ -631,11 +231,11 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
                 lambda: rows,
             )
         if not first.state.is_completed():
-            return checks
+            return
         model_name = read_json(orchestrator / "reports" / "run_summary.json")["registered_model"]
         versions_before = len(mlflow_client.search_model_versions(f"name='{model_name}'"))
         stage_runs_before = len(stage_flow_runs(client))
-        clock = time.monotonic()
+        watch.restart()
 
         print("run 2: nothing changed", flush=True)
         second = run_deployment_and_wait(client, TRAINING_DEPLOYMENT, deadline, services)
@@ -644,7 +244,6 @@ def loopback(tmp: Path, source_root: Path, deadline: float, services: Services, 
         check_second_run(
             checks, client, mlflow_client, second, orchestrator, model_name, versions_before, stage_runs_before
         )
-    return checks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,63 +269,34 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {args.source} lacks the class folders {missing} (set TP_SHARED_DIR or --source)", file=sys.stderr
         )
         return 2
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise HardTimeout(
-            f"timed out after {args.timeout:.0f} s" if signum == signal.SIGALRM else f"stopped by signal {signum}"
-        )
-
-    for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    signal.alarm(int(args.timeout))
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="tp-loopback-"))
     (tmp / "logs").mkdir()
     services = Services(tmp / "logs")
-    report: dict[str, Any] = {
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "passed": False,
-        "error": None,
-        "database": None,
-        "timings": {},
-        "ids": {},
-        "checks": [],
-        "tmp": str(tmp),
-    }
+    report = new_report(tmp, database=None, timings={}, ids={})
     checks = Checks()
-    try:
+
+    def run_it() -> None:
         # Leave a few minutes of the hard limit for the checks and the clean-up.
-        checks = loopback(tmp, args.source, started + args.timeout - 60, services, report)
-    except (E2EFailure, HardTimeout, subprocess.TimeoutExpired) as error:
-        report["error"] = str(error)
-    except Exception as error:  # report whatever broke, with its type, then clean up
-        report["error"] = f"{type(error).__name__}: {error}"
-    finally:
-        signal.alarm(0)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the clean-up below must not be interrupted
-            signal.signal(signum, signal.SIG_IGN)
-        report["checks"] = checks.results
-        report["passed"] = report["error"] is None and checks.all_passed
+        loopback(tmp, args.source, started + args.timeout - 60, services, report, checks)
+
+    def tear_down(passed: bool) -> None:
         report["timings"]["total_s"] = round(time.monotonic() - started, 1)
-        if not report["passed"]:
+        if not passed:
             services.print_log_tails()
         services.stop_all()
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2) + "\n")
-        if not args.keep and report["passed"]:
+        if not args.keep and passed:
             shutil.rmtree(tmp, ignore_errors=True)
-    if report["passed"]:
+
+    if execute(args.timeout, report, checks, run_it, tear_down):
         print(
             f"loopback e2e passed: {len(checks.results)} checks in {report['timings']['total_s']} s, "
             f"database {report['database']} ({args.report})"
         )
         return 0
-    failed = [c["name"] for c in checks.results if not c["passed"]]
-    print(
-        f"loopback e2e FAILED: {report['error'] or ''} {('failed checks: ' + '; '.join(failed)) if failed else ''}\n"
-        f"report: {args.report}; logs and workspaces kept in {tmp}",
-        file=sys.stderr,
-    )
+    print_failure("loopback e2e", report, checks, f"report: {args.report}; logs and workspaces kept in {tmp}")
     return 1
 
 

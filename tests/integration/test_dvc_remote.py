@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from benchmarks.workspace import dvc, git
-from flows.training import StageFailed, push_data
+from flows.dvc_workspace import push_data
+from flows.limits import StageFailed
 
 LOG = logging.getLogger("test")
 

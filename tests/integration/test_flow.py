@@ -101,15 +101,17 @@ def test_flow_registers_first_model_as_champion_with_tracked_runs(trained):
 
 
 def test_second_run_with_nothing_changed_skips_every_stage(trained, monkeypatch: pytest.MonkeyPatch):
-    from flows import training
+    from flows import dvc_workspace, training
 
     workspace, _ = trained
-    dvc_commands = []
-    run_dvc = training.run_dvc
-    monkeypatch.setattr(training, "run_dvc", lambda args, *a, **k: dvc_commands.append(args) or run_dvc(args, *a, **k))
+    commands = []
+    run_command = dvc_workspace.run_command
+    monkeypatch.setattr(
+        dvc_workspace, "run_command", lambda cmd, *a, **k: commands.append(cmd) or run_command(cmd, *a, **k)
+    )
     again = training.training_flow(workdir=str(workspace))
     assert again["all_skipped"]
-    assert [args for args in dvc_commands if args[0] == "status"] == [["status", "--json"]]  # one, for all six
+    assert [cmd for cmd in commands if cmd[1] == "status"] == [["dvc", "status", "--json"]]  # one, for all six
     assert len(mlflow_client(workspace).search_model_versions("name='image-classifier'")) == 1
 
 
@@ -121,7 +123,8 @@ def test_dvc_repro_after_the_flow_is_a_no_op(trained):
 
 
 def test_run_refuses_while_another_holds_the_workspace(trained):
-    from flows.training import LOCK_FILE, training_flow
+    from flows.dvc_workspace import LOCK_FILE
+    from flows.training import training_flow
 
     workspace, _ = trained
     with FileLock(str(workspace / LOCK_FILE)):
@@ -145,7 +148,8 @@ def test_changed_finetune_param_reruns_only_finetune_and_evaluate(trained):
 
 
 def test_a_run_refused_by_the_lock_changes_nothing(trained):
-    from flows.training import LOCK_FILE, training_flow
+    from flows.dvc_workspace import LOCK_FILE
+    from flows.training import training_flow
 
     workspace, _ = trained
     before = (workspace / "params.yaml").read_bytes()

@@ -1,6 +1,6 @@
 """A stage run on another worker comes back through the DVC remote without running again here.
 
-The mechanics of `flows.training.run_stage_remotely` / `stage_flow` on a two-stage toy pipeline,
+The mechanics of `flows.remote_stage.run_stage_remotely` / `stage_flow` on a two-stage toy pipeline,
 with plain DVC commands in two clones (no Prefect server): the worker runs the stage and pushes
 with `--run-cache` plus `push_uncached_outputs`; the orchestrator's `dvc repro --pull` restores it.
 `make e2e-loopback` runs the real thing with servers and workers.
@@ -48,7 +48,7 @@ def make_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_stage_trained_on_a_worker_is_restored_here_not_trained_again(tmp_path: Path) -> None:
-    from flows.training import push_uncached_outputs
+    from flows.dvc_workspace import push_uncached_outputs
 
     orchestrator, worker, runs_log = make_pair(tmp_path)
     # Orchestrator: upstream stage, inputs to the remote (run_stage_remotely before run_deployment).

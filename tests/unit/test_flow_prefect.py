@@ -93,7 +93,7 @@ def test_runs_publish_per_class_metrics_links_and_progress(prefect_server, tmp_p
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.training import publish_artifacts, report_progress, start_progress
+    from flows.run_records import publish_artifacts, report_progress, start_progress
 
     result = {
         "metrics": {"accuracy": 0.9, "recall_daisy": 1.0, "precision_daisy": 0.8, "f1_daisy": 0.89, "recall_rose": 0.8},
@@ -145,10 +145,34 @@ def test_links_open_the_tracking_server_s_ui_without_its_credentials(monkeypatch
 def test_the_stage_run_form_offers_exactly_the_pipeline_s_stages():
     from prefect.exceptions import ParameterTypeError
 
-    from flows.training import STAGES, stage_flow
+    from flows.dvc_workspace import STAGES
+    from flows.training import stage_flow
 
     assert stage_flow.parameters.properties["stage"]["enum"] == list(STAGES)
     assert STAGES == ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
     assert stage_flow.validate_parameters({"stage": "finetune"})["stage"] == "finetune"
     with pytest.raises(ParameterTypeError):
         stage_flow.validate_parameters({"stage": "deploy"})
+
+
+def test_a_failed_run_ends_its_mlflow_parent_run_failed_and_unsets_it(monkeypatch):
+    """No server needed: the tasks are replaced by what they were called with."""
+    import os
+    from types import SimpleNamespace
+
+    from flows import run_records
+
+    calls = []
+
+    def step_task(step, limits):
+        return lambda *args: calls.append((step.name, args)) or "parent-1"
+
+    monkeypatch.setattr(run_records, "step_task", step_task)
+    monkeypatch.delenv(run_records.PARENT_RUN_VARIABLE, raising=False)
+    params = SimpleNamespace(tracking=SimpleNamespace(model_dump=lambda: {"uri": "sqlite:///m.db"}), orchestration=None)
+    with pytest.raises(KeyError), run_records.pipeline_run(params, Path("/ws"), "exp-1") as parent:
+        assert os.environ[run_records.PARENT_RUN_VARIABLE] == parent == "parent-1"  # the stages nest under it
+        raise KeyError("a stage task failed")
+    assert [name for name, _ in calls] == ["mlflow-pipeline-run", "mlflow-pipeline-run-end"]
+    assert calls[1][1][2:] == ("parent-1", "FAILED", {})
+    assert run_records.PARENT_RUN_VARIABLE not in os.environ

@@ -5,7 +5,6 @@ Real processes: a stage CLI that crashes, one whose service is down, one killed 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,8 @@ import pytest
 from components.config import OrchestrationConfig, ParamsError
 from components.errors import EXIT_USER_ERROR, cli_errors
 from components.tracking import TrackingUnavailable
-from flows.limits import StageFailed, StageTimedOut, failure, retry_outages, run_streamed
+from flows.commands import run_command, stage_outcome
+from flows.limits import StageFailed, StageTimedOut, failure, retry_outages
 
 
 def _failed(error: BaseException) -> SimpleNamespace:
@@ -51,14 +51,14 @@ STAGE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_stage(how: str, tmp_path: Path) -> StageFailed:
+def run_stage(how: str) -> StageFailed:
     """Run the fake stage the way the flow does (own process group, status folder) and classify its end."""
-    from flows.training import stage_outcome
-
-    env = {**os.environ, "TP_STATUS_DIR": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
-    code, lines = run_streamed([sys.executable, "-c", STAGE_SCRIPT, how], Path.cwd(), env, None, 60)
-    assert code != 0
-    return failure("stage 'train_head'", code, lines, stage_outcome(tmp_path, "train_head"))
+    env = {"PYTHONPATH": str(Path.cwd())}
+    done = run_command(
+        [sys.executable, "-c", STAGE_SCRIPT, how], Path.cwd(), env=env, timeout_s=60, outcome_of="train_head"
+    )
+    assert done.code != 0
+    return failure("stage 'train_head'", done.code, done.lines, done.outcome)
 
 
 @pytest.mark.parametrize(
@@ -71,8 +71,8 @@ def run_stage(how: str, tmp_path: Path) -> StageFailed:
         ("SIGSEGV", False, "not retried"),  # a crash in native code comes from inside, like a traceback
     ],
 )
-def test_crashes_are_not_retried_outages_and_killed_processes_are(how, retried, why, tmp_path):
-    error = run_stage(how, tmp_path)
+def test_crashes_are_not_retried_outages_and_killed_processes_are(how, retried, why):
+    error = run_stage(how)
     assert why in str(error)
     assert error.retryable is retried
     assert retry_outages(None, None, _failed(error)) is retried
@@ -89,8 +89,6 @@ def test_a_killed_stage_is_recognised_through_dvc_s_report():
 
 
 def test_outcomes_are_recorded_for_the_retry_decision(monkeypatch, tmp_path):
-    from flows.training import stage_outcome
-
     monkeypatch.setenv("TP_STATUS_DIR", str(tmp_path))
 
     @cli_errors("validate")
@@ -129,17 +127,19 @@ HANGING = textwrap.dedent(
 def test_a_hung_stage_times_out_and_its_processes_are_killed(monkeypatch, tmp_path):
     import logging
 
-    import flows.training as training
+    import flows.dvc_workspace as dvc_workspace
+    import flows.stage_tasks as stage_tasks
 
-    def hanging_dvc(args, workdir, logger, env=None, timeout_s=None):
-        return run_streamed([sys.executable, "-c", HANGING], workdir, dict(os.environ), logger, timeout_s)
+    def hanging_dvc(cmd, workdir, logger=None, **options):
+        assert cmd[:3] == ["dvc", "repro", "--single-item"]
+        return run_command([sys.executable, "-c", HANGING], workdir, logger, **options)
 
-    monkeypatch.setattr(training, "run_dvc", hanging_dvc)
-    monkeypatch.setattr(training, "stage_is_current", lambda *args: False)
-    monkeypatch.setattr(training, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(dvc_workspace, "run_command", hanging_dvc)
+    monkeypatch.setattr(stage_tasks, "stage_is_current", lambda *args: False)
+    monkeypatch.setattr(stage_tasks, "get_run_logger", lambda: logging.getLogger("test"))
     started = time.monotonic()
     with pytest.raises(StageTimedOut, match="ran past its timeout of 2 s") as timed_out:
-        training.STAGE_TASKS["finetune"].fn(str(tmp_path), timeout_s=2)
+        stage_tasks.STAGE_TASKS["finetune"].fn(str(tmp_path), timeout_s=2)
     assert time.monotonic() - started < 20
     assert retry_outages(None, None, _failed(timed_out.value))
     child = int(re.search(r"started pid (\d+)", str(timed_out.value))[1])  # the stage's output ends the message
@@ -161,7 +161,7 @@ def test_an_interrupted_command_takes_its_processes_with_it(tmp_path):
     signal.setitimer(signal.ITIMER_REAL, 1.5)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_streamed([sys.executable, "-c", script], tmp_path, dict(os.environ), None, None)
+            run_command([sys.executable, "-c", script], tmp_path)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -170,7 +170,8 @@ def test_an_interrupted_command_takes_its_processes_with_it(tmp_path):
 
 
 def test_stage_tasks_take_timeout_retries_and_jitter_from_the_settings():
-    from flows.training import STAGES, export_champion, stage_task, step_task
+    from flows.dvc_workspace import STAGES
+    from flows.stage_tasks import export_champion, stage_task, step_task
 
     settings = OrchestrationConfig(
         stage_timeout_s={"finetune": 123.0}, stage_retries={"finetune": 3, "validate": 0}, retry_jitter_factor=0.25
@@ -200,10 +201,8 @@ def test_batch_prediction_is_bounded_and_retried_only_after_an_outage():
 
 
 def test_a_component_past_its_timeout_is_killed():
-    from flows.training import run_component
-
     with pytest.raises(StageTimedOut, match="ran past its timeout"):
-        run_component([sys.executable, "-c", "import time; time.sleep(60)"], ".", 1)
+        run_command([sys.executable, "-c", "import time; time.sleep(60)"], ".", timeout_s=1)
     assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
 
 
@@ -216,3 +215,10 @@ def test_dvc_internals_are_used_only_where_no_public_api_exists():
             if "from dvc.repo import Repo" in line:
                 above = "\n".join(lines[max(0, i - 4) : i])
                 assert "DVC internals on purpose" in above, f"{module.name}:{i + 1}: say why no public DVC API fits"
+
+
+def test_commands_run_this_environment_s_tools_first(monkeypatch, tmp_path):
+    """`dvc` in a command is this interpreter's (its folder leads PATH), whatever PATH the flow was started with."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    done = run_command(["python", "-c", "import sys; print(sys.prefix)"], tmp_path)
+    assert (done.code, done.lines) == (0, [sys.prefix])

@@ -581,7 +581,7 @@ def test_loopback_e2e_gets_a_private_postgres_cluster_when_one_is_installed() ->
     import tempfile
 
     sys.path.insert(0, str(INFRA / "scripts"))
-    loopback = load("loopback_e2e", INFRA / "scripts" / "loopback_e2e.py")
+    loopback = load("loopback_services", INFRA / "scripts" / "loopback_services.py")
     if loopback.postgres_bin() is None:
         pytest.skip("no PostgreSQL server installed: the loopback e2e uses SQLite and says so")
     psycopg2 = pytest.importorskip("psycopg2")

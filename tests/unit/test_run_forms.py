@@ -53,6 +53,7 @@ def files_under(root: Path) -> dict[str, bytes]:
 
 def refused_before_anything_runs(call, monkeypatch: pytest.MonkeyPatch, root: Path, match: str) -> None:
     """`call()` is refused with a message matching `match`, and nothing was scored, run or written."""
+    import flows.dvc_workspace
     import flows.predict
     import flows.training
 
@@ -60,7 +61,7 @@ def refused_before_anything_runs(call, monkeypatch: pytest.MonkeyPatch, root: Pa
         raise AssertionError(f"ran before the form was checked: {args} {kwargs}")
 
     monkeypatch.setattr(flows.predict, "score_images", must_not_run)
-    monkeypatch.setattr(flows.training, "run_dvc", must_not_run)
+    monkeypatch.setattr(flows.dvc_workspace, "run_command", must_not_run)
     monkeypatch.setattr(flows.training, "_run_pipeline", must_not_run)
     before = files_under(root.parent)
     with pytest.raises(RunFormRefused, match=match):
