@@ -11,8 +11,9 @@ import yaml
 
 from components import files
 from components.data import load_rgb, load_split
-from components.train_head import feature_cache_key, main, run_train_head
-from tests.modelkit import CLASSES, tiny_params, train_tiny_head, write_manifest
+from components.feature_cache import feature_cache_key
+from components.train_head import main, run_train_head
+from tests.modelkit import CLASSES, head_paths, tiny_params, train_tiny_head, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, t
     import keras
 
     from components import backbones, onnx_inference
-    from components.train_head import frozen_runner
+    from components.feature_cache import frozen_runner
 
     info = files.read_json(trained["root"] / "models/head/run.json")
     expected = "onnxruntime" if onnx_inference.onnxruntime_available() else "keras"
@@ -93,12 +94,7 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     monkeypatch.chdir(root)
     again = run_train_head(
-        tiny_params(train_head={"epochs": 1}),
-        manifest,
-        policy,
-        root / "models/head2",
-        root / "reports/head2",
-        cache_dir=root / "cache",
+        tiny_params(train_head={"epochs": 1}), head_paths(root, manifest, policy, "models/head2", "reports/head2")
     )
     assert again.feature_cache == trained["result"].feature_cache
     assert again.feature_cache.stat().st_mtime_ns == stamp
@@ -113,11 +109,7 @@ def test_end_to_end_head_training_matches_the_cached_path_within_noise(trained, 
     monkeypatch.chdir(root)
     e2e = run_train_head(
         tiny_params(train_head={"cached_features": False}),
-        trained["manifest"],
-        trained["policy"],
-        root / "models/e2e",
-        root / "reports/e2e",
-        cache_dir=root / "unused-cache",
+        head_paths(root, trained["manifest"], trained["policy"], "models/e2e", "reports/e2e", cache="unused-cache"),
     )
     assert e2e.feature_cache is None and not (root / "unused-cache").exists()
     one_val_image = 1 / 4  # 2 classes x 2 val images
