@@ -22,7 +22,7 @@ from typing import Any
 from components import data, data_checks, errors, files, hashing, head_training, learning_curves, runtime, tracking
 from components.config import Params, ParamsError, load_params
 from components.contracts import TrainingMetrics
-from components.head_training import HeadData, HeadFit
+from components.head_training import HeadData
 from components.paths import TrainHeadPaths
 from components.settings import environment, workspace_root
 
@@ -61,8 +61,32 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
         fit = head_training.fit_on_cached_features if h.cached_features else head_training.fit_end_to_end
         fitted = fit(model, inputs, params, paths, callbacks)
         history = learning_curves.history_frame(fitted.history)
+        best = learning_curves.best_epoch(history)
         seconds = time.perf_counter() - started
-        run_info = _run_info(params, inputs, version, fitted, history, seconds, device, run_id, experiment_id)
+        checks = fitted.checks
+        run_info = {
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "stage": "train_head",
+            "backbone": m.backbone,
+            "alpha": m.alpha,
+            "image_size": m.image_size,
+            "weights": m.weights,
+            "data_version": version,
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": len(history),
+            "val_accuracy": float(best["val_accuracy"]),
+            "val_loss": float(best["val_loss"]),
+            "seconds": round(seconds, 1),
+            "cached_features": h.cached_features,
+            "feature_cache": str(fitted.feature_cache) if fitted.feature_cache else None,
+            "feature_engine": checks.feature_engine,
+            "num_classes": len(inputs.classes),
+            "suspect_label_splits": list(checks.issues.checked_splits) if checks.issues is not None else None,
+            "device": device,
+            "prefect_flow_run_id": environment().prefect_flow_run_id,
+            "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
+        }
         data.save_model_dir(model, inputs.classes, run_info, paths.out_dir)
         TrainingMetrics(
             val_accuracy=run_info["val_accuracy"],
@@ -72,7 +96,7 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
             seconds=run_info["seconds"],
             train_seconds=run_info["seconds"],
         ).write(paths.report_dir / "metrics.json")
-        data_checks.write_data_checks(fitted.checks, params, run_info, paths.out_dir, paths.report_dir, client, run_id)
+        data_checks.write_data_checks(checks, params, run_info, paths.out_dir, paths.report_dir, client, run_id)
         for name in ("val_accuracy", "val_loss"):
             client.log_metric(run_id, f"best_{name}", run_info[name])
         client.log_metric(run_id, "seconds", seconds)
@@ -102,45 +126,6 @@ def _logged_params(params: Params, inputs: HeadData, version: str, policy: Path)
         "train_images": len(inputs.train),
         "val_images": len(inputs.val),
         "augment_policy_sha256": hashing.file_sha256(policy) if policy else None,
-    }
-
-
-def _run_info(
-    params: Params,
-    inputs: HeadData,
-    version: str,
-    fitted: HeadFit,
-    history: Any,
-    seconds: float,
-    device: dict[str, Any],
-    run_id: str,
-    experiment_id: str,
-) -> dict[str, Any]:
-    """run.json of the model folder: the run, the best epoch, how the features were made, the settings."""
-    m, h, checks = params.model, params.train_head, fitted.checks
-    best = learning_curves.best_epoch(history)
-    return {
-        "run_id": run_id,
-        "experiment_id": experiment_id,
-        "stage": "train_head",
-        "backbone": m.backbone,
-        "alpha": m.alpha,
-        "image_size": m.image_size,
-        "weights": m.weights,
-        "data_version": version,
-        "best_epoch": int(best["epoch"]),
-        "epochs_run": len(history),
-        "val_accuracy": float(best["val_accuracy"]),
-        "val_loss": float(best["val_loss"]),
-        "seconds": round(seconds, 1),
-        "cached_features": h.cached_features,
-        "feature_cache": str(fitted.feature_cache) if fitted.feature_cache else None,
-        "feature_engine": checks.feature_engine,
-        "num_classes": len(inputs.classes),
-        "suspect_label_splits": list(checks.issues.checked_splits) if checks.issues is not None else None,
-        "device": device,
-        "prefect_flow_run_id": environment().prefect_flow_run_id,
-        "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
     }
 
 
