@@ -79,3 +79,10 @@ def test_cli_reports_a_bad_policy_without_a_traceback(tmp_path: Path, capsys: py
     assert code == 2
     assert "augment.policy[0]" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_path_flags_default_to_the_paths_table():
+    from components.augment import build_parser
+
+    assert AugmentPaths.from_args(build_parser().parse_args([])) == AugmentPaths()
+    assert AugmentPaths.from_args(build_parser().parse_args(["--preview", "p.png"])).preview == Path("p.png")

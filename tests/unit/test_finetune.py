@@ -230,3 +230,26 @@ def test_flip_tta_is_kept_only_when_it_raises_val_accuracy_unless_forced():
     assert not decide_flip_tta(single, single, labels, "auto").applied  # a tie is not worth 2x inference
     assert decide_flip_tta(single, single, labels, "on").applied
     assert not decide_flip_tta(single, better, labels, "off").applied
+
+
+def test_cli_paths_come_from_the_table_and_checkpoints_are_anchored_at_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Defaults from FinetunePaths; a relative checkpoint folder lands in the main workspace."""
+    from components import finetune
+
+    assert FinetunePaths.from_args(finetune.build_parser().parse_args([])) == FinetunePaths()
+    seen: list[tuple[FinetunePaths, Path]] = []
+
+    def fake_run(params, paths, *, checkpoint_root):
+        seen.append((paths, checkpoint_root))
+        return finetune.FinetuneResult("run", "head", 0.5, 1, 1, 1, 3, 1.0, paths.out_dir)
+
+    monkeypatch.setattr(finetune, "run_finetune", fake_run)
+    monkeypatch.setattr(finetune, "workspace_root", lambda: tmp_path / "main")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert finetune.main(["--head-dir", "other/head"]) == 0
+    ((paths, checkpoint_root),) = seen
+    assert paths.head_dir == Path("other/head") and paths.out_dir == FinetunePaths().out_dir
+    assert checkpoint_root == tmp_path / "main/.checkpoints/finetune"

@@ -150,3 +150,26 @@ def test_feature_cache_key_changes_with_the_loaders_decode_version(tmp_path: Pat
     key = feature_cache_key(tiny_params(), manifest, None)
     monkeypatch.setattr(images, "DECODE_VERSION", images.DECODE_VERSION + 1)
     assert feature_cache_key(tiny_params(), manifest, None) != key
+
+
+def test_cli_paths_come_from_the_table_and_the_cache_is_anchored_at_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Defaults from TrainHeadPaths; a relative cache folder lands in the main workspace, the rest stay as given."""
+    from components import train_head
+    from components.paths import TrainHeadPaths
+
+    assert TrainHeadPaths.from_args(train_head.build_parser().parse_args([])) == TrainHeadPaths()
+    seen: list[TrainHeadPaths] = []
+
+    def fake_run(params, paths):
+        seen.append(paths)
+        return train_head.TrainHeadResult("run", 0.5, 1, 1, 1.0, None, paths.out_dir)
+
+    monkeypatch.setattr(train_head, "run_train_head", fake_run)
+    monkeypatch.setattr(train_head, "workspace_root", lambda: tmp_path / "main")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["--out-dir", "elsewhere/head"]) == 0
+    assert seen[0].cache_dir == tmp_path / "main/data/cache/features"
+    assert seen[0].out_dir == Path("elsewhere/head") and seen[0].manifest == TrainHeadPaths().manifest
