@@ -133,8 +133,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 def schedule(config, steps_per_epoch):
     try:  # finetune's own schedule when its imports (mlflow, ...) are there; the same formula otherwise
-        from components.finetune import lr_schedule
-        return lr_schedule(config, steps_per_epoch), "components.finetune.lr_schedule"
+        from components.optimization import lr_schedule
+        return lr_schedule(config, steps_per_epoch), "components.optimization.lr_schedule"
     except ImportError:
         warmup = min(config.warmup_epochs, max(config.epochs - 1, 0)) * steps_per_epoch
         decay = max(1, config.epochs * steps_per_epoch - warmup)

@@ -81,6 +81,17 @@ class BackboneSpec:
     default_unfreeze_layers: int = 30
 
 
+def _normalising_itself(constructor: Callable[..., keras.Model], default_unfreeze_layers: int) -> BackboneSpec:
+    """An application built with its own input normalisation (include_preprocessing=True): no layers of ours."""
+    return BackboneSpec(
+        constructor,
+        224,
+        _no_preprocessing,
+        extra_kwargs=(("include_preprocessing", True),),
+        default_unfreeze_layers=default_unfreeze_layers,
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(
         keras.applications.MobileNetV2, 224, _mobilenet_scaling, uses_alpha=True, default_unfreeze_layers=40
@@ -88,21 +99,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet": BackboneSpec(
         keras.applications.MobileNet, 224, _mobilenet_scaling, uses_alpha=True, default_unfreeze_layers=24
     ),
-    "efficientnet_v2_b0": BackboneSpec(
-        keras.applications.EfficientNetV2B0,
-        224,
-        _no_preprocessing,
-        extra_kwargs=(("include_preprocessing", True),),
-        default_unfreeze_layers=40,
-    ),
+    "efficientnet_v2_b0": _normalising_itself(keras.applications.EfficientNetV2B0, default_unfreeze_layers=40),
     "resnet50": BackboneSpec(keras.applications.ResNet50, 224, _caffe, default_unfreeze_layers=33),
-    "convnext_tiny": BackboneSpec(
-        keras.applications.ConvNeXtTiny,
-        224,
-        _no_preprocessing,
-        extra_kwargs=(("include_preprocessing", True),),
-        default_unfreeze_layers=30,
-    ),
+    "convnext_tiny": _normalising_itself(keras.applications.ConvNeXtTiny, default_unfreeze_layers=30),
 }
 
 

@@ -41,6 +41,7 @@ from components.contracts import Contract, ContractError
 from components.images import ImageLimits
 
 REFERENCE_FILE = "drift_reference.npz"
+REFERENCE_META = ("run_id", "stage", "backbone", "alpha", "image_size", "data_version")  # of the model's run.json
 MIN_SAMPLE = 5  # fewer images than this on either side: the test is skipped (no power)
 MAX_SIDE = 1000  # the overall test draws at most this many per side: the kernel matrix stays under 32 MB
 
@@ -86,6 +87,11 @@ class Reference:
             raise ContractError(f"{path} not found: the model folder has no drift reference (retrain it)") from None
         except (OSError, ValueError, KeyError) as exc:
             raise ContractError(f"{path}: not a drift reference ({type(exc).__name__})") from None
+
+
+def reference_meta(run_info: dict[str, Any]) -> dict[str, Any]:
+    """What a reference records of the model it belongs to (shown in the drift report)."""
+    return {key: run_info[key] for key in REFERENCE_META}
 
 
 def sha_prefixes(sha256: list[str] | pd.Series) -> np.ndarray:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import files
+from components import figures, files
 from components.images import ImageLimits, UnusableImage, decode_rgb
 from components.progress import progress
 
@@ -204,15 +204,10 @@ def gallery_rows(table: pd.DataFrame, count: int) -> pd.DataFrame:
 
 def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, count: int = 16, thumb: int = 128) -> Path:
     """The top `count` suspects of every split, captioned split, given -> suggested label and score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     top = gallery_rows(table, count)
     cols = 4
     rows = max(1, -(-len(top) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.7), squeeze=False)
+    fig, axes = figures.pyplot().subplots(rows, cols, figsize=(cols * 2.2, rows * 2.7), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, row in zip(axes.ravel(), top.to_dict("records")):
@@ -231,11 +226,7 @@ def plot_gallery(table: pd.DataFrame, path: str | Path, limits: ImageLimits, cou
     fig.suptitle(
         "Suspect labels of every split (confidence in the given label, from heads that did not see it)", fontsize=9
     )
-    fig.tight_layout()
-    with files.atomic_file(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return figures.save_png(fig, path, dpi=90)
 
 
 def read_exclusions(model_dir: str | Path) -> set[str]:

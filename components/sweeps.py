@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from components import figures
 from components.config import ParamsError, load_params
 from components.files import atomic_file, write_csv
 
@@ -114,13 +115,8 @@ def _cell(value: Any) -> str:
 
 
 def _plot(table: pd.DataFrame, name: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = table[table["state"] == "done"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figures.pyplot().subplots(figsize=(7, 4.5))
     ax.scatter(done["train_seconds"], done["accuracy"], label="test accuracy")
     ax.scatter(done["train_seconds"], done["val_accuracy"], marker="x", label="val accuracy")
     for row in done.itertuples(index=False):
@@ -132,7 +128,4 @@ def _plot(table: pd.DataFrame, name: str, path: Path) -> None:
     ax.set_title(f"sweep {name}: accuracy against training time")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
+    figures.save_png(fig, path, dpi=100)

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from components.config import Params, parse_params
+from components.paths import TrainHeadPaths
 from tests.conftest import COLORS, write_image
 
 CLASSES = ["alpha", "beta"]
@@ -67,6 +68,20 @@ def write_policy(path: Path, policy: list[dict[str, dict[str, Any]]] | None = No
     return path
 
 
+def head_paths(
+    root: Path,
+    manifest: Path,
+    policy: Path,
+    out: str = "models/head",
+    reports: str = "reports/train_head",
+    cache: str = "cache",
+) -> TrainHeadPaths:
+    """train_head's paths in a test workspace: everything under `root`."""
+    return TrainHeadPaths(
+        manifest=manifest, policy=policy, out_dir=root / out, report_dir=root / reports, cache_dir=root / cache
+    )
+
+
 def train_tiny_head(root: Path, params: Params | None = None) -> dict[str, Any]:
     """Train a head once on the tiny manifest in `root`, tracking into `root/mlflow.db`."""
     import pytest
@@ -79,14 +94,7 @@ def train_tiny_head(root: Path, params: Params | None = None) -> dict[str, Any]:
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     mp.chdir(root)
     try:
-        result = run_train_head(
-            params or tiny_params(),
-            manifest,
-            policy,
-            root / "models/head",
-            root / "reports/train_head",
-            cache_dir=root / "cache",
-        )
+        result = run_train_head(params or tiny_params(), head_paths(root, manifest, policy))
     finally:
         mp.undo()
     return {"root": root, "manifest": manifest, "policy": policy, "result": result}

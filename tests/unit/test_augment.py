@@ -10,8 +10,9 @@ import yaml
 
 from components.augment import main, run_augment
 from components.config import AugmentConfig, ParamsError
+from components.paths import AugmentPaths
 from components.transforms import build_pipeline, load_pipeline, save_pipeline
-from tests.modelkit import write_manifest
+from tests.modelkit import tiny_params, write_manifest
 
 
 def test_unknown_transform_error_names_its_policy_index():
@@ -46,12 +47,12 @@ def test_saved_pipeline_reloads_and_repeats_the_same_augmentations_for_a_seed(tm
 def test_stage_writes_the_policy_and_a_preview_of_training_images(tmp_path: Path):
     manifest = write_manifest(tmp_path)
     result = run_augment(
-        AugmentConfig(preview_images=6),
-        seed=1,
-        image_size=64,
-        manifest=manifest,
-        policy_out=tmp_path / "models/augment/policy.json",
-        preview=tmp_path / "reports/augment/preview.png",
+        tiny_params(project={"seed": 1}, augment={"preview_images": 6}),
+        AugmentPaths(
+            manifest=manifest,
+            policy_out=tmp_path / "models/augment/policy.json",
+            preview=tmp_path / "reports/augment/preview.png",
+        ),
     )
     assert result.transforms == 3 and result.preview_images == 6
     reloaded = load_pipeline(result.policy_path, seed=0)
@@ -78,3 +79,10 @@ def test_cli_reports_a_bad_policy_without_a_traceback(tmp_path: Path, capsys: py
     assert code == 2
     assert "augment.policy[0]" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_path_flags_default_to_the_paths_table():
+    from components.augment import build_parser
+
+    assert AugmentPaths.from_args(build_parser().parse_args([])) == AugmentPaths()
+    assert AugmentPaths.from_args(build_parser().parse_args(["--preview", "p.png"])).preview == Path("p.png")

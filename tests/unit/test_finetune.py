@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import files
-from components import finetune as finetune_module
+from components import files, model_choice
 from components.backbones import plain_classifier, uses_flip_tta
 from components.config import ParamsError
-from components.finetune import ValScore, decide_flip_tta, finetuned_beats_head, run_finetune
+from components.finetune import run_finetune
+from components.model_choice import ValScore, decide_flip_tta, finetuned_beats_head
+from components.paths import FinetunePaths
 from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = pytest.mark.slow  # trains models: `make test` runs it, `make test-fast` does not
@@ -24,6 +25,17 @@ def head(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     """A head model trained once (1 epoch) on the tiny manifest."""
     trained = train_tiny_head(tmp_path_factory.mktemp("finetune"), tiny_params(train_head={"epochs": 1}))
     return {**trained, "head_run_id": trained["result"].run_id}
+
+
+def paths(head, out_dir: Path, report_dir: Path) -> FinetunePaths:
+    """Fine-tune the shared head model into `out_dir`."""
+    return FinetunePaths(
+        manifest=head["manifest"],
+        policy=head["policy"],
+        head_dir=head["root"] / "models/head",
+        out_dir=out_dir,
+        report_dir=report_dir,
+    )
 
 
 @pytest.fixture
@@ -57,15 +69,11 @@ def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(
         compared.append((head_score, finetuned_score))
         return True
 
-    monkeypatch.setattr(finetune_module, "finetuned_beats_head", fine_tuning_wins)
+    monkeypatch.setattr(model_choice, "finetuned_beats_head", fine_tuning_wins)
     before = keras.models.load_model(head["root"] / "models/head/model.keras")
     result = run_finetune(
         tiny_params(),
-        head["manifest"],
-        head["policy"],
-        head["root"] / "models/head",
-        tmp_path / "models/finetune",
-        tmp_path / "reports",
+        paths(head, tmp_path / "models/finetune", tmp_path / "reports"),
         checkpoint_root=tmp_path / "ckpt",
     )
     after = keras.models.load_model(tmp_path / "models/finetune/model.keras")
@@ -96,14 +104,10 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
     import keras
     from mlflow import MlflowClient
 
-    monkeypatch.setattr(finetune_module, "finetuned_beats_head", lambda head_score, finetuned_score: False)
+    monkeypatch.setattr(model_choice, "finetuned_beats_head", lambda head_score, finetuned_score: False)
     result = run_finetune(
         tiny_params(finetune={"flip_tta": "on", "keep_head_if_not_better": False}),
-        head["manifest"],
-        head["policy"],
-        head["root"] / "models/head",
-        tmp_path / "out",
-        tmp_path / "reports",
+        paths(head, tmp_path / "out", tmp_path / "reports"),
         checkpoint_root=tmp_path / "ckpt",
     )
     info = files.read_json(tmp_path / "out/run.json")
@@ -155,7 +159,7 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
     import mlflow
     from mlflow import MlflowClient
 
-    monkeypatch.setattr(finetune_module, "finetuned_beats_head", lambda head_score, finetuned_score: False)
+    monkeypatch.setattr(model_choice, "finetuned_beats_head", lambda head_score, finetuned_score: False)
 
     class KilledAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -164,7 +168,7 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
 
     # calibrate/flip_tta off: the kept head's saved predictions are then exactly the head's
     params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, "calibrate": False, "flip_tta": "off"})
-    args = (params, head["manifest"], head["policy"], head["root"] / "models/head", tmp_path / "out", tmp_path / "rep")
+    args = (params, paths(head, tmp_path / "out", tmp_path / "rep"))
     with pytest.raises(KeyboardInterrupt):
         run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
     assert not (tmp_path / "out").exists()
@@ -226,3 +230,26 @@ def test_flip_tta_is_kept_only_when_it_raises_val_accuracy_unless_forced():
     assert not decide_flip_tta(single, single, labels, "auto").applied  # a tie is not worth 2x inference
     assert decide_flip_tta(single, single, labels, "on").applied
     assert not decide_flip_tta(single, better, labels, "off").applied
+
+
+def test_cli_paths_come_from_the_table_and_checkpoints_are_anchored_at_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Defaults from FinetunePaths; a relative checkpoint folder lands in the main workspace."""
+    from components import finetune
+
+    assert FinetunePaths.from_args(finetune.build_parser().parse_args([])) == FinetunePaths()
+    seen: list[tuple[FinetunePaths, Path]] = []
+
+    def fake_run(params, paths, *, checkpoint_root):
+        seen.append((paths, checkpoint_root))
+        return finetune.FinetuneResult("run", "head", 0.5, 1, 1, 1, 3, 1.0, paths.out_dir)
+
+    monkeypatch.setattr(finetune, "run_finetune", fake_run)
+    monkeypatch.setattr(finetune, "workspace_root", lambda: tmp_path / "main")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert finetune.main(["--head-dir", "other/head"]) == 0
+    ((paths, checkpoint_root),) = seen
+    assert paths.head_dir == Path("other/head") and paths.out_dir == FinetunePaths().out_dir
+    assert checkpoint_root == tmp_path / "main/.checkpoints/finetune"

@@ -47,7 +47,7 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     import keras
     from components.backbones import build_classifier, get_spec, unfreeze_top
     from components.config import FinetuneConfig, ModelConfig, TrainHeadConfig
-    from components.finetune import lr_schedule
+    from components.optimization import lr_schedule
 
     out = sys.argv[1]  # the backend checks write here
     as_np = keras.ops.convert_to_numpy
@@ -88,6 +88,7 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
 
     from components import data
     from components.finetune import run_finetune
+    from components.paths import FinetunePaths
     from tests.modelkit import tiny_params
 
     root, out = Path(sys.argv[2]), Path(sys.argv[3])  # the finetune run
@@ -102,8 +103,9 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     data.labelled_batches = recorded
     # flip_tta on: the mirror layer and the two-view calibration run under JAX too.
     params = tiny_params(finetune={"flip_tta": "on"})
-    result = run_finetune(params, root / "validated.csv", root / "policy.json", root / "models/head",
-                          out / "models/finetune", out / "reports", checkpoint_root=out / "ckpt")
+    paths = FinetunePaths(manifest=root / "validated.csv", policy=root / "policy.json", head_dir=root / "models/head",
+                          out_dir=out / "models/finetune", report_dir=out / "reports")
+    result = run_finetune(params, paths, checkpoint_root=out / "ckpt")
     folder = data.load_model_dir(out / "models/finetune")
     val = data.load_split(root / "validated.csv", "val")
     x = np.stack([data.load_rgb(p, 64) for p in val.paths]).astype("float32")

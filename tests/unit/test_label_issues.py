@@ -104,7 +104,7 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     from mlflow import MlflowClient
 
     from components.train_head import run_train_head
-    from tests.modelkit import tiny_params, write_manifest, write_policy
+    from tests.modelkit import head_paths, tiny_params, write_manifest, write_policy
 
     manifest = write_manifest(tmp_path)
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -113,21 +113,14 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     frame.loc[[planted, planted_test], "label"] = "beta"
     frame.to_csv(manifest, index=False)
     params = tiny_params(train_head={"label_issues": {"action": "exclude", "folds": 3, "max_excluded_fraction": 0.07}})
-    from components import train_head
+    from components import head_training
 
     sizes: list[int] = []
-    vectors = train_head._vectors
-    monkeypatch.setattr(train_head, "_vectors", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
+    vectors = head_training.vector_batches
+    monkeypatch.setattr(head_training, "vector_batches", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
-    result = run_train_head(
-        params,
-        manifest,
-        write_policy(tmp_path / "policy.json"),
-        tmp_path / "models/head",
-        tmp_path / "reports/train_head",
-        cache_dir=tmp_path / "cache",
-    )
+    result = run_train_head(params, head_paths(tmp_path, manifest, write_policy(tmp_path / "policy.json")))
     excluded = pd.read_csv(tmp_path / "models/head" / li.EXCLUSIONS_FILE)
     assert excluded["path"].tolist() == [frame.loc[planted, "path"]]  # 7% of 16 training images: one
     assert excluded["given_label"].tolist() == ["beta"] and excluded["suggested_label"].tolist() == ["alpha"]

@@ -11,8 +11,9 @@ import yaml
 
 from components import files
 from components.data import load_rgb, load_split
-from components.train_head import feature_cache_key, main, run_train_head
-from tests.modelkit import CLASSES, tiny_params, train_tiny_head, write_manifest
+from components.feature_cache import feature_cache_key
+from components.train_head import main, run_train_head
+from tests.modelkit import CLASSES, head_paths, tiny_params, train_tiny_head, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, t
     import keras
 
     from components import backbones, onnx_inference
-    from components.train_head import frozen_runner
+    from components.feature_cache import frozen_runner
 
     info = files.read_json(trained["root"] / "models/head/run.json")
     expected = "onnxruntime" if onnx_inference.onnxruntime_available() else "keras"
@@ -93,12 +94,7 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     monkeypatch.chdir(root)
     again = run_train_head(
-        tiny_params(train_head={"epochs": 1}),
-        manifest,
-        policy,
-        root / "models/head2",
-        root / "reports/head2",
-        cache_dir=root / "cache",
+        tiny_params(train_head={"epochs": 1}), head_paths(root, manifest, policy, "models/head2", "reports/head2")
     )
     assert again.feature_cache == trained["result"].feature_cache
     assert again.feature_cache.stat().st_mtime_ns == stamp
@@ -113,11 +109,7 @@ def test_end_to_end_head_training_matches_the_cached_path_within_noise(trained, 
     monkeypatch.chdir(root)
     e2e = run_train_head(
         tiny_params(train_head={"cached_features": False}),
-        trained["manifest"],
-        trained["policy"],
-        root / "models/e2e",
-        root / "reports/e2e",
-        cache_dir=root / "unused-cache",
+        head_paths(root, trained["manifest"], trained["policy"], "models/e2e", "reports/e2e", cache="unused-cache"),
     )
     assert e2e.feature_cache is None and not (root / "unused-cache").exists()
     one_val_image = 1 / 4  # 2 classes x 2 val images
@@ -158,3 +150,26 @@ def test_feature_cache_key_changes_with_the_loaders_decode_version(tmp_path: Pat
     key = feature_cache_key(tiny_params(), manifest, None)
     monkeypatch.setattr(images, "DECODE_VERSION", images.DECODE_VERSION + 1)
     assert feature_cache_key(tiny_params(), manifest, None) != key
+
+
+def test_cli_paths_come_from_the_table_and_the_cache_is_anchored_at_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Defaults from TrainHeadPaths; a relative cache folder lands in the main workspace, the rest stay as given."""
+    from components import train_head
+    from components.paths import TrainHeadPaths
+
+    assert TrainHeadPaths.from_args(train_head.build_parser().parse_args([])) == TrainHeadPaths()
+    seen: list[TrainHeadPaths] = []
+
+    def fake_run(params, paths):
+        seen.append(paths)
+        return train_head.TrainHeadResult("run", 0.5, 1, 1, 1.0, None, paths.out_dir)
+
+    monkeypatch.setattr(train_head, "run_train_head", fake_run)
+    monkeypatch.setattr(train_head, "workspace_root", lambda: tmp_path / "main")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["--out-dir", "elsewhere/head"]) == 0
+    assert seen[0].cache_dir == tmp_path / "main/data/cache/features"
+    assert seen[0].out_dir == Path("elsewhere/head") and seen[0].manifest == TrainHeadPaths().manifest
