@@ -19,6 +19,8 @@ from components.config import Params
 REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC["stages"])
+# Command lines people call beside the stages (batch scoring, export, serving, checks), also at components/<name>.py.
+TOP_LEVEL_CLIS = ("predict", "export", "serve", "preflight", "drift_check")
 SECTIONS = set(Params.model_fields)
 # Where runs are logged is not an input to what a stage computes: passing the whole `tracking` section
 # to the MLflow helpers needs no params entry (a key read by name, e.g. tracking.registered_model, does).
@@ -27,27 +29,80 @@ LOGGING_ONLY = {"tracking"}
 SECTION_READERS = {"ImageLimits.from_config": ("max_image_bytes", "max_pixels", "allowed_formats")}
 
 
-PACKAGE_INIT = "components.__init__"
+# Layers of components/, lowest first: a module may import its own layer and those below it, never above.
+# Stages and the CLIs people call sit above every layer, at components/<name>.py.
+LAYERS = ("core", "ingestion", "quality", "modeling", "scoring", "lifecycle")
+
+
+def module_file(module: str) -> Path | None:
+    """components.a.b -> components/a/b.py, or a package's __init__.py; None where neither exists."""
+    base = REPO / module.replace(".", "/")
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> list[str]:
+    return sorted(module_name(p) for p in (REPO / "components").rglob("*.py"))
 
 
 @cache
 def tree(module: str) -> ast.Module:
-    return ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+    return ast.parse(module_file(module).read_text())
 
 
-def imported_components(module: str) -> set[str]:
-    """components.* modules imported anywhere in `module` (function-level imports too)."""
+def with_packages(module: str) -> set[str]:
+    """The module and every package above it: importing components.a.b runs components/__init__.py and
+    components/a/__init__.py first."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def imported_components(module: str, packages_above: bool = True) -> set[str]:
+    """components modules and packages imported anywhere in `module` (function-level imports too).
+
+    `from components.pkg import mod` names the module components.pkg.mod where that is a module, else
+    (a name defined in components.pkg) the package itself."""
     found: set[str] = set()
     for node in ast.walk(tree(module)):
-        if isinstance(node, ast.ImportFrom) and node.module == "components":
-            found |= {f"components.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
-            found.add(node.module)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "components" and not node.level:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if module_file(submodule) else node.module)
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("components.")}
-    if module.startswith("components.") and module != PACKAGE_INIT:
-        found.add(PACKAGE_INIT)  # importing any components.x runs the package's __init__ first
-    return {m for m in found if (REPO / (m.replace(".", "/") + ".py")).is_file()}
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "components"}
+    if packages_above:
+        found = set().union(*(with_packages(m) for m in found | {module}))
+    found -= {module}
+    return {m for m in found if module_file(m)}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer a module lives in; None for components/__init__ and the stages and CLIs above the layers."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for every import from a lower layer into a higher one, or from a layer into a stage/CLI."""
+    found = []
+    for module, imports in graph.items():
+        own = layer_of(module)
+        if own is None:
+            continue
+        for dep in imports:
+            other = layer_of(dep)
+            if dep == "components":
+                continue
+            if other is None or LAYERS.index(other) > LAYERS.index(own):
+                found.append(f"{module} ({own}) imports {dep} ({other or 'a stage or CLI'})")
+    return sorted(found)
 
 
 def closure(module: str) -> set[str]:
@@ -77,7 +132,7 @@ def params_read(module: str) -> set[str]:
             reads |= {f"{node.attr}.{key}" for key in SECTION_READERS[reader]}
         elif node.attr not in LOGGING_ONLY:
             reads.add(node.attr)
-    source = (REPO / (module.replace(".", "/") + ".py")).read_text()
+    source = module_file(module).read_text()
     for section, key in re.findall(r"\bparams\.(\w+)\.(\w+)", source):
         if section in SECTIONS:
             reads.add(section if key.startswith("model_") else f"{section}.{key}")  # model_dump(): all of it
@@ -98,7 +153,7 @@ def covered(read: str, listed: set[str]) -> bool:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_code_deps_are_exactly_the_modules_the_stage_imports(stage: str) -> None:
-    expected = {f"{m.replace('.', '/')}.py" for m in closure(f"components.{stage}")}
+    expected = {module_file(m).relative_to(REPO).as_posix() for m in closure(f"components.{stage}")}
     listed = {d for d in DVC["stages"][stage]["deps"] if d.startswith("components/")}
     assert listed == expected, (
         f"dvc.yaml stage {stage}: missing {sorted(expected - listed)}, extra {sorted(listed - expected)}"
@@ -133,7 +188,7 @@ def test_no_stage_reads_dvc_lock() -> None:
     readers = [
         m
         for m in sorted(set().union(*(closure(f"components.{s}") for s in STAGES)))
-        if "dvc.lock" in (REPO / (m.replace(".", "/") + ".py")).read_text()
+        if "dvc.lock" in module_file(m).read_text()
     ]
     assert not readers, f"modules that read dvc.lock: {readers}"
 
@@ -141,7 +196,9 @@ def test_no_stage_reads_dvc_lock() -> None:
 def test_no_stage_imports_another_stage() -> None:
     offenders = {
         s: sorted(
-            m for m in imported_components(f"components.{s}") if m.split(".")[1] in STAGES and m != f"components.{s}"
+            m
+            for m in imported_components(f"components.{s}")
+            if m.count(".") == 1 and m.split(".")[1] in STAGES and m != f"components.{s}"
         )
         for s in STAGES
     }
@@ -149,8 +206,8 @@ def test_no_stage_imports_another_stage() -> None:
 
 
 def test_components_have_no_import_cycles() -> None:
-    modules = [f"components.{p.stem}" for p in (REPO / "components").glob("*.py") if p.stem != "__init__"]
-    graph = {m: imported_components(m) - {m} for m in modules}
+    modules = all_modules()
+    graph = {m: imported_components(m, packages_above=False) for m in modules}
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -170,7 +227,7 @@ def test_components_have_no_import_cycles() -> None:
 def test_components_never_import_prefect() -> None:
     users = [
         p.name
-        for p in (REPO / "components").glob("*.py")
+        for p in (REPO / "components").rglob("*.py")
         if re.search(r"^\s*(from|import) prefect", p.read_text(), re.M)
     ]
     assert not users, users
@@ -188,3 +245,47 @@ def test_every_stage_can_use_the_run_cache() -> None:
 
 def _cached(out: dict) -> bool:
     return all((options or {}).get("cache", True) for options in out.values())
+
+
+def test_layers_only_import_downwards() -> None:
+    graph = {m: imported_components(m, packages_above=False) for m in all_modules()}
+    assert layer_violations(graph) == []
+
+
+def test_every_module_is_a_stage_a_cli_or_in_a_layer() -> None:
+    packages = {p.name for p in (REPO / "components").iterdir() if (p / "__init__.py").is_file()}
+    assert packages <= set(LAYERS), f"packages that are not a declared layer: {sorted(packages - set(LAYERS))}"
+    top = {m.split(".")[1] for m in all_modules() if m.count(".") == 1 and m.split(".")[1] not in LAYERS}
+    assert top <= set(STAGES) | set(TOP_LEVEL_CLIS), (
+        f"move into a layer: {sorted(top - set(STAGES) - set(TOP_LEVEL_CLIS))}"
+    )
+
+
+def test_the_layer_check_catches_an_upward_import_and_a_helper_importing_a_stage() -> None:
+    graph = {
+        "components.core.files": {"components", "components.core", "components.modeling.data"},
+        "components.modeling.data": {"components.core.files"},
+        "components.quality.label_issues": {"components.train_head"},
+        "components.train_head": {"components.modeling.data"},
+    }
+    assert layer_violations(graph) == [
+        "components.core.files (core) imports components.modeling.data (modeling)",
+        "components.quality.label_issues (quality) imports components.train_head (a stage or CLI)",
+    ]
+
+
+def test_imports_resolve_through_subpackages() -> None:
+    """`from components.pkg import mod` is the module, not a package to skip (it used to vanish)."""
+    some_layer_module = next((m for m in all_modules() if layer_of(m) and m.count(".") == 2), None)
+    if some_layer_module is None:
+        pytest.skip("no subpackages yet")
+    package, name = some_layer_module.rsplit(".", 1)
+    importer = next(
+        m
+        for m in all_modules()
+        if any(
+            isinstance(n, ast.ImportFrom) and n.module == package and any(a.name == name for a in n.names)
+            for n in ast.walk(tree(m))
+        )
+    )
+    assert {some_layer_module, package} <= imported_components(importer)
