@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from components import errors, files
-from components.config import AugmentConfig, ParamsError, load_params
+from components.config import ParamsError, load_params
 from components.contracts import read_manifest
 from components.data import load_rgb, load_split
+from components.stage_config import AugmentConfig
 from components.transforms import build_pipeline, save_pipeline
 
 

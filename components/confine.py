@@ -36,9 +36,10 @@ from typing import Any
 from tqdm import tqdm
 
 from components import errors, files
-from components.config import IngestConfig
+from components.credentials import redact
 from components.layout import safe_relative
-from components.urls import UrlPolicy, URLRefused, is_remote, open_remote, redact, remote_info
+from components.stage_config import IngestConfig
+from components.urls import UrlPolicy, URLRefused, is_remote, open_remote, remote_info
 
 CHUNK = 1 << 20
 

@@ -51,11 +51,12 @@ from components import (
     snapshots,
     tracking,
 )
-from components.config import FinetuneConfig, Params, ParamsError, load_params
+from components.config import Params, ParamsError, load_params
 from components.contracts import MODEL_FILE, TrainingMetrics, read_manifest
 from components.data import Split, load_split
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
+from components.stage_config import FinetuneConfig
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")  # under workspace_root(): experiments resume too
 RUN_ID_FILE = "mlflow_run_id.txt"

@@ -35,9 +35,10 @@ from typing import Any
 import PIL
 from filelock import FileLock
 
-from components import errors, files
-from components.config import IngestConfig, ParamsError, SplitFractions, ValidateConfig, load_params
+from components import errors, files, runtime
+from components.config import ParamsError, load_params
 from components.contracts import SPLITS, IngestReport, write_manifest
+from components.credentials import redact
 from components.hashing import records_version
 from components.images import ImageLimits, UnusableImage, inspect_image
 from components.progress import progress
@@ -50,7 +51,8 @@ from components.sources import (
     collect_source,
     local_path,
 )
-from components.urls import is_remote, redact
+from components.stage_config import IngestConfig, SplitFractions, ValidateConfig
+from components.urls import is_remote
 
 CACHE_DIRNAME = ".ingest_cache"
 CHUNK = 1 << 20
@@ -192,7 +194,7 @@ class FactsCache:
 
 
 def resolve_workers(workers: int) -> int:
-    return workers or os.cpu_count() or 1
+    return workers or runtime.available_cores()
 
 
 def inspect_entries(

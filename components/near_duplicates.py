@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 
 from components import files
-from components.config import NearDuplicatesConfig
 from components.images import DECODE_VERSION, ImageLimits, UnusableImage, decode_rgb
 from components.progress import progress
+from components.stage_config import NearDuplicatesConfig
 
 HASH_BITS = 256  # phash, dhash (64 each) of the thumbnail, then of its mirror image
 HALF = 128  # bits of one view (phash then dhash)

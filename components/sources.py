@@ -34,7 +34,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from components.archives import ARCHIVE_SUFFIXES, ArchiveError, archive_kind, extract_archive
-from components.config import IngestConfig
 from components.confine import (
     Context,
     Entry,
@@ -48,6 +47,7 @@ from components.confine import (
     regular_file,
     walk_tree,
 )
+from components.credentials import redact
 from components.errors import printable
 from components.layout import (
     SPLIT_ALIASES,
@@ -59,7 +59,8 @@ from components.layout import (
     plan_layout,
     safe_relative,
 )
-from components.urls import URLRefused, check_scheme, is_remote, open_remote, redact, remote_info
+from components.stage_config import IngestConfig
+from components.urls import URLRefused, check_scheme, is_remote, open_remote, remote_info
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 MAX_REFUSALS_LISTED = 1000  # in the report; refused_count has them all

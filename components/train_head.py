@@ -37,11 +37,12 @@ from components import (
     snapshots,
     tracking,
 )
-from components.config import Params, ParamsError, TrainHeadConfig, load_params
+from components.config import Params, ParamsError, load_params
 from components.contracts import TrainingMetrics, read_manifest
 from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
+from components.stage_config import TrainHeadConfig
 
 DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result; under workspace_root()
 

@@ -35,7 +35,7 @@ import pandas as pd
 from PIL import Image
 
 from components import errors, files, near_duplicates
-from components.config import ParamsError, ValidateConfig, load_params
+from components.config import ParamsError, load_params
 from components.contracts import (
     MANIFEST_COLUMNS,
     SPLITS,
@@ -49,6 +49,7 @@ from components.hashing import records_version
 from components.images import ImageLimits
 from components.layout import is_hidden
 from components.settings import workspace_root
+from components.stage_config import ValidateConfig
 
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs

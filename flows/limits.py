@@ -28,8 +28,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from components.config import OrchestrationConfig, ParamsError
+from components.config import ParamsError
 from components.errors import EXIT_USER_ERROR, Unavailable
+from components.orchestration_config import OrchestrationConfig
 
 POLL_S = 0.5  # how often a waiting command loop looks at its deadline (and lets an injected timeout in)
 KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this

@@ -39,20 +39,20 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from components import files, run_forms
-from components.config import (
-    OrchestrationConfig,
-    ParamsError,
+from components.config import ParamsError, load_params
+from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord
+from components.credentials import redact
+from components.drift import DriftReport
+from components.errors import STATUS_DIR_VARIABLE
+from components.orchestration_config import OrchestrationConfig
+from components.overrides import (
     ParamsOverrides,
-    load_params,
+    add_set_argument,
     overrides_from_strings,
     overrides_to_strings,
     write_overrides,
 )
-from components.contracts import RUN_INFO_FILE, ModelRunInfo, PromotionRecord
-from components.drift import DriftReport
-from components.errors import STATUS_DIR_VARIABLE
 from components.settings import environment
-from components.tracking import redact
 from flows import summary
 from flows.limits import (
     StageFailed,
@@ -661,7 +661,7 @@ def check_drift(workdir: str, params_path: str, timeout_s: float | None = None) 
 def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | None) -> str:
     """One MLflow parent run per flow run: the stage runs nest under it (one row per pipeline run)."""
     from components.config import TrackingConfig
-    from components.tracking import start_pipeline_run
+    from components.pipeline_runs import start_pipeline_run
 
     tags = {
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
@@ -683,7 +683,7 @@ def close_pipeline_run(
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking import RetryPolicy, setup_mlflow, with_retries
+    from components.tracking_connection import RetryPolicy, setup_mlflow, with_retries
 
     config = TrackingConfig(**tracking)
     policy = RetryPolicy.from_config(config)
@@ -798,14 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="settings file, relative to --workdir")
     parser.add_argument("--source", help="train on this data from now on (sets ingest.source in the params file)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="run as a DVC experiment with this setting changed (params file left as it is)",
-    )
+    add_set_argument(parser, "run as a DVC experiment with this setting changed (params file left as it is)")
     parser.add_argument("--name", help="the experiment's name (with --set)")
     parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
     return parser

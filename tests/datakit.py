@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.config import IngestConfig, ValidateConfig
+from components.stage_config import IngestConfig, ValidateConfig
 from tests.conftest import COLORS, write_image
 
 

@@ -9,7 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.config import Params, ParamsError, load_params, parse_params, write_overrides
+from components.config import Params, ParamsError, load_params, parse_params
+from components.overrides import write_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from components import ingest
-from components.config import SplitFractions
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestError, assign_split, run_ingest
+from components.stage_config import SplitFractions
 from tests.conftest import write_image
 from tests.datakit import (
     STORED_AS,

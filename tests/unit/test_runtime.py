@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from components import errors, files
-from components.tracking import TrackingUnavailable
+from components.tracking_connection import TrackingUnavailable
 
 
 def _dead_pid() -> int:
@@ -116,7 +116,7 @@ def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_cred
     import time
 
     from components.config import TrackingConfig
-    from components.tracking import RetryPolicy, setup_mlflow, with_retries
+    from components.tracking_connection import RetryPolicy, setup_mlflow, with_retries
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

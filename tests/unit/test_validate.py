@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from components import validate
-from components.config import NearDuplicatesConfig, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.layout import BadLabel, clean_label
+from components.stage_config import NearDuplicatesConfig, ValidateConfig
 from components.validate import ValidateInputError, ValidationResult, run_validate
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
 from tests.datakit import (
