@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -109,6 +110,17 @@ def test_a_new_write_replaces_the_output_and_leaves_no_temp_siblings(tmp_path):
             (tmp / "data.txt").write_text(version)
     assert (target / "data.txt").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cores_are_the_ones_this_process_may_use_wherever_workers_are_counted(monkeypatch):
+    from components import data, ingest, runtime
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)  # what a container allows
+    assert runtime.available_cores() == 2
+    assert (data.default_workers(), ingest.resolve_workers(0), ingest.resolve_workers(3)) == (2, 2, 3)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity call (macOS, Windows)
+    assert runtime.available_cores() == 64 and data.default_workers() == 4
 
 
 def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_credentials(monkeypatch):
