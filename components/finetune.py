@@ -57,6 +57,7 @@ from components.data import Split, load_split
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
 from components.stage_config import FinetuneConfig
+from components.tracking_connection import RetryPolicy
 
 DEFAULT_CHECKPOINT_ROOT = Path(".checkpoints/finetune")  # under workspace_root(): experiments resume too
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -453,7 +454,7 @@ def run_finetune(
                 val_ds,
                 config,
                 checkpoint_dir,
-                tracking.mlflow_epoch_logger(client, run_id, policy=tracking.RetryPolicy.from_config(params.tracking)),
+                tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
                 extra_callbacks or [],
             )
             best = learning_curves.best_epoch(history)

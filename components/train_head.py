@@ -43,6 +43,7 @@ from components.data import Split, image_batches, load_split, make_dataset
 from components.images import ImageLimits
 from components.settings import environment, workspace_root
 from components.stage_config import TrainHeadConfig
+from components.tracking_connection import RetryPolicy
 
 DEFAULT_CACHE_DIR = Path("data/cache/features")  # outside DVC outs: a cache, not a result; under workspace_root()
 
@@ -213,7 +214,7 @@ def _callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
-        tracking.mlflow_epoch_logger(client, run_id, policy=tracking.RetryPolicy.from_config(params.tracking)),
+        tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
     ]
 
 

@@ -1,6 +1,6 @@
 """How the flows bound a run: command timeouts, which failures are retried, one run per workspace.
 
-Settings: `orchestration:` in params.yaml (components.config.OrchestrationConfig).
+Settings: `orchestration:` in params.yaml (components.orchestration_config.OrchestrationConfig).
 
 - Every command a task starts runs in its own process group and is killed, with everything it
   started, when its timeout passes or the task is interrupted (a Prefect timeout or cancellation): a
