@@ -37,8 +37,8 @@ MAX_DISTANCE = 10  # validate.near_duplicates.max_distance
 
 
 def _limits() -> Any:
-    from components.config import ValidateConfig
     from components.images import ImageLimits
+    from components.stage_config import ValidateConfig
 
     return ImageLimits.from_config(ValidateConfig())
 
@@ -243,8 +243,8 @@ def _embed_seconds(rows: list[dict[str, str]]) -> float:
 
 def drift_comparisons(flowers: list[dict[str, str]], x: np.ndarray) -> dict[str, Any]:
     from components import drift
-    from components.config import DriftConfig, SplitFractions
     from components.manifest_rows import assign_split
+    from components.stage_config import DriftConfig, SplitFractions
 
     config = DriftConfig()
     classes = sorted({r["label"] for r in flowers})

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from components.config import ModelConfig, SplitFractions, TrainHeadConfig
+from components.config import ModelConfig
 from components.hashing import file_sha256
 from components.manifest_rows import assign_split
+from components.stage_config import SplitFractions, TrainHeadConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TP_SHARED_DIR", REPO.parent / "shared"))

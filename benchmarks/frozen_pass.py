@@ -48,7 +48,8 @@ def cpu_model() -> str:
 
 def build_extractor(alpha: float, size: int, weights: str) -> Any:
     from components.backbones import build_classifier, feature_extractor
-    from components.config import ModelConfig, TrainHeadConfig
+    from components.config import ModelConfig
+    from components.stage_config import TrainHeadConfig
 
     model, _ = build_classifier(
         ModelConfig(backbone="mobilenet_v2", alpha=alpha, image_size=size, weights=weights), 5, TrainHeadConfig()
@@ -187,7 +188,7 @@ def benchmark(
             "images_per_round": images,
         },
         "machine": {
-            "cpu_cores_available": onnx_inference.available_cores(),
+            "cpu_cores_available": runtime.available_cores(),
             "platform": platform.platform(),
             "cpu_model": cpu_model(),
             "load_average_before": load_before,

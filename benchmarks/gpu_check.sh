@@ -73,7 +73,8 @@ if os.environ.get("GPU_CHECK_BLOCK_TF") == "1":
 import numpy as np
 import keras
 from components.backbones import build_classifier, get_spec, unfreeze_top
-from components.config import FinetuneConfig, ModelConfig, TrainHeadConfig
+from components.stage_config import FinetuneConfig, TrainHeadConfig
+from components.config import ModelConfig
 from components.images import ImageLimits, decode_rgb
 
 backend = keras.config.backend()

@@ -50,8 +50,9 @@ def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_s
     import keras
 
     from components import backbones
-    from components.config import AugmentConfig, FinetuneConfig, ModelConfig, TrainHeadConfig
+    from components.config import ModelConfig
     from components.data import make_dataset
+    from components.stage_config import AugmentConfig, FinetuneConfig, TrainHeadConfig
     from components.transforms import build_pipeline, save_pipeline
 
     runtime.configure_tensorflow(0)

@@ -88,8 +88,8 @@ def synthetic_runs(index_sizes: list[int], all_pairs_sizes: list[int]) -> list[d
 
 def flowers() -> dict[str, Any] | None:
     from benchmarks import dq_sets
-    from components.config import ValidateConfig
     from components.images import ImageLimits
+    from components.stage_config import ValidateConfig
 
     if not dq_sets.FLOWERS.is_dir():
         return None

@@ -26,7 +26,8 @@ from typing import Any
 
 import keras
 
-from components.config import FinetuneConfig, ModelConfig, ParamsError, TrainHeadConfig
+from components.config import ModelConfig, ParamsError
+from components.stage_config import FinetuneConfig, TrainHeadConfig
 
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "pool"

@@ -21,9 +21,10 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.config import IngestConfig
+from components.credentials import redact
 from components.layout import safe_relative
-from components.urls import UrlPolicy, redact
+from components.stage_config import IngestConfig
+from components.urls import UrlPolicy
 
 
 class IngestError(ValueError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components import files
-from components.config import ValidateConfig
+from components import files, runtime
 from components.contracts import (
     CLASSES_FILE,
     MODEL_FILE,
@@ -36,6 +34,7 @@ from components.contracts import (
 )
 from components.hashing import file_sha256
 from components.images import ImageLimits, decode_rgb
+from components.stage_config import ValidateConfig
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,7 @@ def epoch_callbacks(batches: Any) -> list[Any]:
 
 def default_workers() -> int:
     """Loader threads: Pillow and albumentations (OpenCV) release the GIL; 2 on a 2-core machine, at most 4."""
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, runtime.available_cores())
 
 
 @functools.cache

@@ -36,9 +36,10 @@ import pandas as pd
 from pydantic import Field
 
 from components import files, runtime
-from components.config import DriftConfig, Params
+from components.config import Params
 from components.contracts import Contract, ContractError
 from components.images import ImageLimits
+from components.stage_config import DriftConfig
 
 REFERENCE_FILE = "drift_reference.npz"
 REFERENCE_META = ("run_id", "stage", "backbone", "alpha", "image_size", "data_version")  # of the model's run.json

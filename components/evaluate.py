@@ -62,7 +62,7 @@ from components.images import ImageLimits
 from components.metrics import compute_metrics, flat_metrics, mlflow_key, predictions
 from components.model_card import model_card, quarantined_count, split_counts
 from components.settings import environment, workspace_root
-from components.tracking import RetryPolicy, TrackingUnavailable, shown_uri, with_retries
+from components.tracking_connection import RetryPolicy, TrackingUnavailable, shown_uri, with_retries
 
 INGEST_REPORT = Path("reports/ingest.json")
 SUSPECTS_REPORT = Path("reports/train_head") / label_issues.REPORT_FILE

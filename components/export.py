@@ -107,7 +107,7 @@ def log_to_run(out_dir: str | Path, run_id: str, params_path: str | Path) -> Non
     from mlflow import MlflowClient
 
     from components.config import load_params
-    from components.tracking import resolve_tracking_uri, with_retries
+    from components.tracking_connection import resolve_tracking_uri, with_retries
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(load_params(params_path).tracking))
     with_retries("log the exports", client.log_artifacts, run_id, str(out_dir), "export")

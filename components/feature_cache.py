@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from components import files, hashing, images, onnx_inference, runtime
-from components.config import Params, TrainHeadConfig
+from components.config import Params
 from components.data import Split, image_batches
 from components.images import ImageLimits
+from components.stage_config import TrainHeadConfig
 
 
 def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | Path | None) -> str:

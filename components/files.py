@@ -78,6 +78,25 @@ def _name_the_target(exc: OSError, tmp: Path, target: Path) -> OSError:
     return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), first or str(target), None, second)
 
 
+def _temp_prefix(target: Path) -> str:
+    """Make `target`'s folder and sweep dead writers' leftovers there; the name prefix of this writer's temp sibling."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(target)
+    return f".{target.name}.tmp-{_owner()}-"
+
+
+@contextlib.contextmanager
+def _errors_name(target: Path, tmp: Path) -> Iterator[None]:
+    """An OSError raised inside the block names the output the user asked for, not the temp sibling `tmp`."""
+    try:
+        yield
+    except OSError as exc:
+        shown = _name_the_target(exc, tmp, target)
+        if shown is exc:
+            raise
+        raise shown from exc
+
+
 def ensure_writable(*targets: str | Path) -> None:
     """Fail before long work, not after it, when an output's folder cannot be made or written
     (read-only file system, a file where a folder should be, no permission)."""
@@ -99,23 +118,17 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     sweeps what it left behind.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{_owner()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except OSError as exc:
-        shown = _name_the_target(exc, tmp, target)
-        if shown is exc:
-            raise
-        raise shown from exc
+        with _errors_name(target, tmp):
+            yield tmp
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{_owner()}")
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -125,20 +138,14 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `target` that is renamed over it when the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            yield fh
-        tmp.replace(target)
-    except OSError as exc:
-        shown = _name_the_target(exc, tmp, target)
-        if shown is exc:
-            raise
-        raise shown from exc
+        with _errors_name(target, tmp):
+            with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+                yield fh
+            tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
 

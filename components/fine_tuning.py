@@ -16,10 +16,10 @@ import pandas as pd
 
 from components import data, optimization, runtime, snapshots
 from components.checkpoints import Checkpoint
-from components.config import FinetuneConfig
 from components.contracts import MODEL_FILE, ModelRunInfo
 from components.data import Split
 from components.images import ImageLimits
+from components.stage_config import FinetuneConfig
 
 
 @dataclass(frozen=True)

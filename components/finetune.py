@@ -50,6 +50,7 @@ from components.images import ImageLimits
 from components.model_choice import KeptModel, ValScore
 from components.paths import FinetunePaths
 from components.settings import environment, workspace_root
+from components.tracking_connection import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def run_finetune(
                 val_ds,
                 config,
                 checkpoint,
-                tracking.mlflow_epoch_logger(client, run_id, policy=tracking.RetryPolicy.from_config(params.tracking)),
+                tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
                 extra_callbacks or [],
             )
             best = learning_curves.best_epoch(history)

@@ -31,6 +31,7 @@ from components.data import Split, load_split, make_dataset
 from components.data_checks import DataChecks
 from components.images import ImageLimits
 from components.paths import TrainHeadPaths
+from components.tracking_connection import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
     return [
         optimization.early_stopping(patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
-        tracking.mlflow_epoch_logger(client, run_id, policy=tracking.RetryPolicy.from_config(params.tracking)),
+        tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
         *snapshots.snapshot_callbacks(
             "train_head", weights_of="head" if params.train_head.cached_features else "model"
         ),

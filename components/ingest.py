@@ -19,7 +19,6 @@ so that validate can report them.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -30,16 +29,17 @@ from typing import Any
 
 from filelock import FileLock
 
-from components import errors, files
+from components import errors, files, runtime
 from components.config import DEFAULT_PARAMS, Params, ParamsError, load_params
 from components.confine import IngestError, Listing, check_no_overlap, local_path
 from components.contracts import IngestReport, write_manifest
+from components.credentials import redact
 from components.file_facts import FactsCache, inspect_entries
 from components.images import ImageLimits
 from components.manifest_rows import build_rows, summarise_rows
 from components.paths import IngestPaths
 from components.sources import collect_source
-from components.urls import is_remote, redact
+from components.urls import is_remote
 
 CACHE_DIRNAME = ".ingest_cache"
 MAX_REFUSALS_LISTED = 1000  # in the report; refused_count has them all
@@ -67,7 +67,7 @@ class IngestResult:
 
 
 def resolve_workers(workers: int) -> int:
-    return workers or os.cpu_count() or 1
+    return workers or runtime.available_cores()
 
 
 def run_ingest(params: Params, paths: IngestPaths) -> IngestResult:

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.config import SplitFractions
 from components.confine import Entry
 from components.contracts import SPLITS
 from components.file_facts import blank_facts
 from components.hashing import records_version
+from components.stage_config import SplitFractions
 
 
 def split_position(sha256: str, seed: int) -> float:

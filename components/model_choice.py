@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from components import calibration, files
-from components.config import FinetuneConfig
+from components.stage_config import FinetuneConfig
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from typing import Any, Literal
 import pandas as pd
 
 from components import files
-from components.config import NearDuplicatesConfig
 from components.hamming_search import find_groups
 from components.images import ImageLimits, UnusableImage, decode_rgb
 from components.perceptual_hashes import fingerprints
+from components.stage_config import NearDuplicatesConfig
 
 QUARANTINE_COLUMNS = ["path", "label", "split", "checks", "reason"]
 # Labels and file names come from the source: plain text, so a '$' in one is not matplotlib mathtext (or LaTeX).

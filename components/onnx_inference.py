@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -29,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from components import files
+from components import files, runtime
 from components.hashing import file_sha256
 
 Engine = Literal["auto", "onnxruntime", "keras"]
@@ -64,14 +63,6 @@ def runtime_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (the affinity mask in a container, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def accelerator_present() -> bool:
@@ -210,7 +201,7 @@ def verified_bytes(path: str | Path, expected_sha256: str) -> bytes:
 
 def cpu_session(model: Path | bytes, threads: int = 0) -> Any:
     """An ONNX Runtime CPU session; spinning off, since a served model shares its cores with its HTTP server."""
-    return _session(model, threads or available_cores(), allow_spinning=False)
+    return _session(model, threads or runtime.available_cores(), allow_spinning=False)
 
 
 def run_session(session: Any, batch: np.ndarray) -> np.ndarray:
@@ -251,7 +242,7 @@ def export_onnx(
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = key or content_key(model, input_size)
+    key = key or model_cache_key(model, input_size)
     onnx_path, record_path = cache_dir / f"{key}.onnx", cache_dir / f"{key}.json"
     with FileLock(str(cache_dir / f"{key}.lock")):  # two workers exporting the same model export it once
         cached = _read_record(onnx_path, record_path)
@@ -263,7 +254,7 @@ def export_onnx(
             _export_to(model, tmp_path, input_size)
             probe = _probe_batch(_input_shape(model, input_size))
             expected = np.asarray(model.predict(probe, verbose=0), dtype=np.float32)
-            got = _run_session(_session(tmp_path, threads or available_cores()), probe)
+            got = _run_session(_session(tmp_path, threads or runtime.available_cores()), probe)
             diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
             accepted = diff <= tolerance * max(1.0, float(np.max(np.abs(expected))))
             tmp_path.replace(onnx_path)
@@ -286,7 +277,7 @@ def export_onnx(
         return OnnxExport(onnx_path, key, diff, accepted, sha256)
 
 
-def content_key(model: Any, input_size: int | None = None) -> str:
+def model_cache_key(model: Any, input_size: int | None = None) -> str:
     """The default cache key: the model's fingerprint, the fixed input size and the toolchain versions."""
     parts = {"model": model_fingerprint(model), "input_size": input_size, **_toolchain()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -355,7 +346,7 @@ class FrozenRunner:
         if engine not in ENGINES:
             raise ValueError(f"engine = {engine!r}: expected one of {', '.join(ENGINES)}")
         self.model = model
-        self.threads = threads or available_cores()
+        self.threads = threads or runtime.available_cores()
         self.session: Any = None
         self.export: OnnxExport | None = None
         self.engine, self.reason = "keras", "engine: keras requested"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.config import FinetuneConfig
+from components.stage_config import FinetuneConfig
 
 
 def compile_classifier(model: Any, learning_rate: float | Any, label_smoothing: float, jit_compile: bool) -> None:

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from components import errors, files
-from components.config import ValidateConfig
 from components.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, read_limited
+from components.stage_config import ValidateConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 OUTSIDE_ROOT = "outside the input root"
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from components.config import ParamsError, load_params
-    from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
+    from components.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     args = build_parser().parse_args(argv)
     try:

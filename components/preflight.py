@@ -16,6 +16,7 @@ from pathlib import Path
 
 from components import errors
 from components.config import Params, ParamsError, load_params
+from components.overrides import add_set_argument
 
 
 def check_model(params: Params) -> tuple[list[str], object | None]:
@@ -65,14 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file to check")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="check with this setting changed (repeatable)",
-    )
+    add_set_argument(parser, "check with this setting changed (repeatable)")
     return parser
 
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from components.config import Params, PromotionConfig
+from components.config import Params
 from components.contracts import IngestReport, ModelRunInfo, PromotionRecord, ScoresRecord, ValidationSummary
+from components.credentials import scrub_credentials
 from components.data import Split
 from components.images import ImageLimits, read_limited
 from components.metrics import align_columns, compute_metrics
@@ -45,7 +46,8 @@ from components.scoring import check_logged_model as check_logged_model
 from components.scoring import registered_version as registered_version
 from components.serving_model import CONFIG_KEYS, ONNX_ARTIFACT, OPTIONAL_CONFIG_KEYS, SERVING_PIXEL_KEYS
 from components.settings import environment
-from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
+from components.stage_config import PromotionConfig
+from components.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

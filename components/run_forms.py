@@ -30,16 +30,17 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from components import runtime
 from components.config import (
     RUN_FORM_FORBIDDEN,
     DeploymentsConfig,
     Params,
     ParamsError,
     covers,
-    credential_problem,
     load_params,
     parse_params,
 )
+from components.credentials import credential_problem
 
 WORKSPACE_PARAMS = "params.yaml"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[0-9]+))$")
@@ -206,8 +207,8 @@ def check_sweep_form(
     _, params = workspace(workdir, params_path)
     check_overrides(changes, params.deployments)
     check_experiment_name("name", name)
-    if not 1 <= jobs <= (os.cpu_count() or 1):
-        raise refuse("jobs", jobs, f"between 1 and this worker's {os.cpu_count() or 1} cores")
+    if not 1 <= jobs <= runtime.available_cores():
+        raise refuse("jobs", jobs, f"between 1 and this worker's {runtime.available_cores()} cores")
     if not 0 < budget_minutes <= 24 * 60:
         raise refuse("budget_minutes", budget_minutes, "more than 0 and at most 1440 (a day)")
 

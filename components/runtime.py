@@ -58,6 +58,14 @@ def configure_devices(seed: int) -> dict[str, Any]:
 configure_tensorflow = configure_devices  # the name the stages have always called
 
 
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask (what a container or `taskset` allows), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity call (macOS, Windows): every core counts
+        return max(1, os.cpu_count() or 1)
+
+
 def gpu_count() -> int:
     """GPUs the Keras backend sees (0 where it has none, or its GPU support is not installed)."""
     import keras

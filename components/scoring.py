@@ -36,7 +36,7 @@ import yaml
 
 from components.hashing import file_sha256
 from components.images import ImageLimits
-from components.tracking import RetryPolicy, with_retries
+from components.tracking_connection import RetryPolicy, with_retries
 
 SHA256_TAG = "keras_sha256"
 ONNX_SHA256_TAG = "onnx_sha256"  # on versions whose served model carries an ONNX file (also its model_config key)

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from components import errors, scoring
-from components.tracking import RetryPolicy
+from components.tracking_connection import RetryPolicy
 
 
 def server_command(local: Path, host: str, port: int, workers: int, timeout_s: int) -> list[str]:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from components.config import ParamsError, load_params
-    from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
+    from components.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     args = build_parser().parse_args(argv)
     if not args.model.startswith("models:/"):

@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from components import errors, files
 from components.confine import Context, Entry, IngestError, Refused, check_link_count, file_version, inside
+from components.credentials import redact
 from components.layout import safe_relative
 from components.url_fetch import open_remote, remote_info
-from components.urls import UrlPolicy, URLRefused, is_remote, redact
+from components.urls import UrlPolicy, URLRefused, is_remote
 
 CHUNK = 1 << 20
 

@@ -29,6 +29,7 @@ from components.confine import (
     regular_file,
     strip_file_scheme,
 )
+from components.credentials import redact
 from components.layout import (
     SPLIT_ALIASES,
     BadLabel,
@@ -40,7 +41,7 @@ from components.layout import (
 )
 from components.source_copy import materialise
 from components.url_fetch import open_remote, remote_info
-from components.urls import URLRefused, check_scheme, is_remote, redact
+from components.urls import URLRefused, check_scheme, is_remote
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 OUTSIDE = "outside the table's folder or bucket prefix (and ingest.allowed_roots)"

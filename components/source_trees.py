@@ -25,6 +25,7 @@ from components.confine import (
     local_path,
     walk_tree,
 )
+from components.credentials import redact
 from components.errors import printable
 from components.layout import (
     SPLIT_ALIASES,
@@ -38,7 +39,7 @@ from components.layout import (
     safe_relative,
 )
 from components.source_copy import download, materialise
-from components.urls import is_remote, redact
+from components.urls import is_remote
 
 Plan = tuple[str, list[tuple[Planned, str, str]], dict[str, int], list[str]]
 

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.archives import ARCHIVE_SUFFIXES, archive_kind
-from components.config import IngestConfig
 from components.confine import Context, IngestError, Listing, check_no_overlap, local_path, strip_file_scheme
+from components.credentials import redact
 from components.source_tables import collect_table, is_table_name
 from components.source_trees import collect_archive, collect_folder, collect_remote_folder
-from components.urls import URLRefused, check_scheme, is_remote, redact
+from components.stage_config import IngestConfig
+from components.urls import URLRefused, check_scheme, is_remote
 
 
 def _is_archive(source: str) -> bool:

@@ -1,4 +1,4 @@
-"""Which URLs ingest may reach: schemes, hosts, and no credentials; `redact` for showing a URL.
+"""Which URLs ingest may reach: schemes, hosts, and no credentials (`credentials.redact` shows one).
 
 The URL in `ingest.source` comes from the trusted params author, but the URLs inside a manifest
 and the redirects a server answers with do not, so every request is checked the same way
@@ -11,7 +11,7 @@ and the redirects a server answers with do not, so every request is checked the 
     past it;
   - credentials (`user:password@`, signed-URL or token query parameters) are refused: they belong
     in the environment, never in settings, manifests or reports.
-The credential check itself lives in components/config.py, so a params file with a secret in
+The credential check itself lives in components/credentials.py, so a params file with a secret in
 `ingest.source` is refused when it is loaded, before any stage writes anything.
 """
 
@@ -21,9 +21,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from components.config import SECRET_QUERY_KEYS, credential_problem
+from components.credentials import credential_problem
 
 SAFE_SCHEMES = ("https", "s3", "gs", "gcs")
 # fsspec's in-process store: it reaches nothing outside this process (tests and notebooks use it).
@@ -50,21 +50,6 @@ class UrlPolicy:
 def is_remote(location: str) -> bool:
     scheme = location.split("://", 1)[0] if "://" in location else ""
     return bool(scheme) and scheme.lower() != "file"
-
-
-def redact(location: str) -> str:
-    """The location as files and logs may show it: no user/password, no token parameter values."""
-    if "://" not in location:
-        return location
-    parts = urlsplit(location)
-    netloc = parts.netloc.rpartition("@")[2]
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if netloc == parts.netloc and not any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
-        return location  # nothing to hide: shown exactly as given
-    if netloc != parts.netloc:
-        netloc = f"***@{netloc}"
-    query = "&".join(f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v else k) for k, v in pairs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def check_scheme(url: str, policy: UrlPolicy) -> str:

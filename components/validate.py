@@ -32,12 +32,13 @@ from typing import Any
 import pandas as pd
 
 from components import errors, files, near_duplicates
-from components.config import Params, ParamsError, ValidateConfig, load_params
+from components.config import Params, ParamsError, load_params
 from components.contracts import write_manifest
 from components.hashing import records_version
 from components.images import ImageLimits
 from components.paths import ValidatePaths
 from components.settings import workspace_root
+from components.stage_config import ValidateConfig
 from components.validation_checks import class_checks, dataset_checks, file_checks
 from components.validation_inputs import ValidateInputError, image_root, read_inputs, relative_records, within
 from components.validation_report import (

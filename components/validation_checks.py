@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import ValidateConfig
+from components.stage_config import ValidateConfig
 
 
 @dataclass(frozen=True)

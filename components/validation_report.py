@@ -7,10 +7,10 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import ValidateConfig
 from components.contracts import SPLITS, IngestReport, ValidationSummary
 from components.near_duplicates import QUARANTINE_COLUMNS
 from components.paths import VALIDATION_SUMMARY
+from components.stage_config import ValidateConfig
 from components.validation_suites import Failure
 
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}

@@ -16,8 +16,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 
-from components.config import load_params, write_overrides
+from components.config import load_params
 from components.contracts import PromotionRecord
+from components.overrides import write_overrides
 from components.settings import environment
 from flows import summary
 from flows.dvc_workspace import STAGES, run_experiment_in_copy

@@ -1,6 +1,6 @@
 """How the flows bound a run: command timeouts, which failures are retried, one run per workspace.
 
-Settings: `orchestration:` in params.yaml (components.config.OrchestrationConfig).
+Settings: `orchestration:` in params.yaml (components.orchestration_config.OrchestrationConfig).
 
 - Every command a task starts is killed, with everything it started, past its timeout
   (flows/commands.py's run_command raises StageTimedOut).
@@ -23,8 +23,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from components.config import OrchestrationConfig, ParamsError
+from components.config import ParamsError
 from components.errors import EXIT_USER_ERROR, Unavailable
+from components.orchestration_config import OrchestrationConfig
 
 # Signals sent from outside a process (OOM killer, preemption, shutdown, our own timeout): worth another try.
 # SIGSEGV, SIGABRT and the like come from inside, like a traceback: not retried.

@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import run_forms
-from components.config import OrchestrationConfig, load_params
+from components.config import load_params
+from components.orchestration_config import OrchestrationConfig
 from flows.limits import flow_deadline, retry_outages
 
 
@@ -52,7 +53,7 @@ def batch_predict_flow(
     batch_size: int = 64,
 ) -> dict:
     """Score every image under `inputs` (default model: the registry's champion) into a CSV."""
-    from components.tracking import resolve_tracking_uri, shown_uri, use_tracking_uri
+    from components.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     logger = get_run_logger()
     params = load_params(params_path)

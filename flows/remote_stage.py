@@ -15,7 +15,8 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from components import run_forms
-from components.config import OrchestrationConfig, load_params
+from components.config import load_params
+from components.orchestration_config import OrchestrationConfig
 from flows.dvc_workspace import (
     check_out,
     committed_text,

@@ -36,7 +36,7 @@ PARENT_RUN_VARIABLE = "TP_MLFLOW_PARENT_RUN_ID"  # read by the stage processes (
 def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | None) -> str:
     """One MLflow parent run per flow run: the stage runs nest under it (one row per pipeline run)."""
     from components.config import TrackingConfig
-    from components.tracking import start_pipeline_run
+    from components.pipeline_runs import start_pipeline_run
 
     tags = {
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
@@ -58,7 +58,7 @@ def close_pipeline_run(
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking import RetryPolicy, setup_mlflow, with_retries
+    from components.tracking_connection import RetryPolicy, setup_mlflow, with_retries
 
     config = TrackingConfig(**tracking)
     policy = RetryPolicy.from_config(config)

@@ -15,8 +15,9 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from components import files
-from components.config import OrchestrationConfig, ParamsError
+from components.config import ParamsError
 from components.drift import REFERENCE_FILE, DriftReport
+from components.orchestration_config import OrchestrationConfig
 from components.paths import DRIFT_REPORT, EXPORT_DIR, EXPORT_RECORD, FINETUNE_DIR, VALIDATED_MANIFEST
 from flows.commands import run_command
 from flows.dvc_workspace import STAGES, push_data, reproduce, stage_is_current

@@ -119,7 +119,7 @@ def tracking_links(
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking import resolve_tracking_uri
+    from components.tracking_connection import resolve_tracking_uri
 
     uri = resolve_tracking_uri(TrackingConfig(**tracking), workdir)
     parts = urlsplit(uri)

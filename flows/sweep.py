@@ -105,7 +105,8 @@ def report(workdir: str, name: str, names: dict[str, dict[str, Any]], tracking: 
 
 def _log_to_mlflow(root: Path, name: str, paths: dict[str, Path], tracking: dict[str, Any]) -> None:
     from components.config import TrackingConfig
-    from components.tracking import log_picture, start_pipeline_run
+    from components.pipeline_runs import start_pipeline_run
+    from components.tracking import log_picture
 
     client, run_id = start_pipeline_run(TrackingConfig(**tracking), f"sweep {name}", {"sweep": name}, workspace=root)
     client.log_artifact(run_id, str(paths["csv"]), "sweep")

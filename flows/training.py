@@ -31,19 +31,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from components import run_forms
-from components.config import (
-    OrchestrationConfig,
-    ParamsError,
+from components.config import ParamsError, load_params
+from components.contracts import PromotionRecord
+from components.credentials import redact
+from components.orchestration_config import OrchestrationConfig
+from components.overrides import (
     ParamsOverrides,
-    load_params,
+    add_set_argument,
     overrides_from_strings,
     overrides_to_strings,
     write_overrides,
 )
-from components.contracts import PromotionRecord
 from components.paths import DRIFT_REPORT, PROMOTION_RECORD
 from components.settings import environment
-from components.tracking import redact
 from flows import summary
 from flows.dvc_workspace import LOCK_FILE, STAGES, Stage, changed_stages
 from flows.experiments import experiment_name, run_as_experiment
@@ -215,14 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="settings file, relative to --workdir")
     parser.add_argument("--source", help="train on this data from now on (sets ingest.source in the params file)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="run as a DVC experiment with this setting changed (params file left as it is)",
-    )
+    add_set_argument(parser, "run as a DVC experiment with this setting changed (params file left as it is)")
     parser.add_argument("--name", help="the experiment's name (with --set)")
     parser.add_argument("--workdir", default=".", help="the DVC workspace (a git repository)")
     return parser

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.config import IngestConfig, Params, ValidateConfig
+from components.config import Params
+from components.stage_config import IngestConfig, ValidateConfig
 from tests.conftest import COLORS, write_image
 
 

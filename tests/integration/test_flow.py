@@ -20,7 +20,8 @@ import pytest
 from filelock import FileLock
 
 from benchmarks.workspace import dvc, tool_env
-from components.config import load_params, overrides_from_strings, write_overrides
+from components.config import load_params
+from components.overrides import overrides_from_strings, write_overrides
 from components.run_forms import RunFormRefused
 from tests.integration.conftest import make_tiny_workspace
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from components.config import IngestConfig, ValidateConfig
 from components.ingest import IngestError, run_ingest
 from components.paths import IngestPaths
+from components.stage_config import IngestConfig, ValidateConfig
 from tests.datakit import ingest_params
 
 HUNDRED_MB = 100 * 1024 * 1024

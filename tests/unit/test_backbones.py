@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.config import ModelConfig, ParamsError, TrainHeadConfig
+from components.config import ModelConfig, ParamsError
+from components.stage_config import TrainHeadConfig
 
 
 def test_unknown_backbone_error_names_the_key_and_the_allowed_values():

@@ -9,7 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.config import Params, ParamsError, load_params, parse_params, write_overrides
+from components.config import Params, ParamsError, load_params, parse_params
+from components.overrides import overrides_from_strings, write_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,6 +112,12 @@ def test_override_is_validated_before_the_file_is_written(tmp_path):
     with pytest.raises(ParamsError, match="finetune.epochz"):
         write_overrides(path, ["finetune.epochz=3"])
     assert path.read_bytes() == before
+
+
+def test_an_override_inside_a_key_set_to_a_value_is_a_settings_error():
+    with pytest.raises(ParamsError, match="'finetune' is not a section"):
+        overrides_from_strings(["finetune=1", "finetune.epochs=2"])
+    assert overrides_from_strings(["finetune.epochs=2"]).finetune.epochs == 2
 
 
 def test_override_keeps_comments_and_sets_value(tmp_path):

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from components import drift, drift_check
-from components.config import DriftConfig
 from components.contracts import ContractError
+from components.stage_config import DriftConfig
 
 CLASSES = ["alpha", "beta", "gamma"]
 DIM = 24

@@ -383,7 +383,7 @@ def test_figures_are_logged_as_images_besides_the_report_files(workspace: Path) 
 
 
 def test_evaluate_run_nests_under_the_pipeline_parent_run(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.tracking import WORKSPACE_TAG, workspace_tag
+    from components.pipeline_runs import WORKSPACE_TAG, workspace_tag
 
     client = MlflowClient()
     experiment_id = client.create_experiment("image-classification")

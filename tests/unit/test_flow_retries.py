@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from components.config import OrchestrationConfig, ParamsError
+from components.config import ParamsError
 from components.errors import EXIT_USER_ERROR, cli_errors
-from components.tracking import TrackingUnavailable
+from components.orchestration_config import OrchestrationConfig
+from components.tracking_connection import TrackingUnavailable
 from flows.commands import run_command, stage_outcome
 from flows.limits import StageFailed, StageTimedOut, failure, retry_outages
 
@@ -33,7 +34,7 @@ STAGE_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from components.errors import cli_errors
-    from components.tracking import TrackingUnavailable
+    from components.tracking_connection import TrackingUnavailable
 
     @cli_errors("train_head")
     def main():

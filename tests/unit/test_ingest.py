@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 from components import ingest
-from components.config import SplitFractions, ValidateConfig
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestError, run_ingest
 from components.manifest_rows import assign_split
 from components.paths import IngestPaths
+from components.stage_config import SplitFractions, ValidateConfig
 from tests.conftest import write_image
 from tests.datakit import (
     STORED_AS,

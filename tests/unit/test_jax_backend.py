@@ -46,7 +46,8 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     import numpy as np
     import keras
     from components.backbones import build_classifier, get_spec, unfreeze_top
-    from components.config import FinetuneConfig, ModelConfig, TrainHeadConfig
+    from components.stage_config import FinetuneConfig, TrainHeadConfig
+    from components.config import ModelConfig
     from components.optimization import lr_schedule
 
     out = sys.argv[1]  # the backend checks write here

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from components import label_issues as li
-from components.config import ValidateConfig
 from components.images import ImageLimits
+from components.stage_config import ValidateConfig
 from tests.conftest import COLORS, write_image
 
 CLASSES = ["alpha", "beta", "gamma"]

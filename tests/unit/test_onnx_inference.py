@@ -12,7 +12,8 @@ import pytest
 
 from components import onnx_inference
 from components.backbones import build_classifier, feature_extractor
-from components.config import ModelConfig, TrainHeadConfig
+from components.config import ModelConfig
+from components.stage_config import TrainHeadConfig
 from tests.conftest import COLORS, write_image
 
 pytestmark = pytest.mark.slow  # exports models to ONNX: `make test` runs it, `make test-fast` does not
@@ -67,7 +68,7 @@ def test_a_flip_tta_model_matches_keras_and_gets_its_own_export(classifier: Any,
     from components.backbones import with_flip_tta
 
     tta = with_flip_tta(classifier)
-    assert onnx_inference.content_key(tta) != onnx_inference.content_key(classifier)
+    assert onnx_inference.model_cache_key(tta) != onnx_inference.model_cache_key(classifier)
     runner = onnx_inference.FrozenRunner(tta, cache_dir=cache_dir, engine="auto")
     assert runner.engine == "onnxruntime", runner.reason
     odd = images(5, height=70, width=50, seed=2)

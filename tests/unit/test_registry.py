@@ -10,8 +10,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-from components.config import Params, PromotionConfig, parse_params
+from components.config import Params, parse_params
 from components.contracts import IngestReport, ModelRunInfo, ValidationSummary
+from components.credentials import scrub_credentials
 from components.registry import (
     SERVING_MODEL,
     Scores,
@@ -25,7 +26,8 @@ from components.registry import (
     lineage_tags,
     params_hash,
 )
-from components.tracking import RetryPolicy, TrackingUnavailable, scrub_credentials, with_retries
+from components.stage_config import PromotionConfig
+from components.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
 from tests.evalkit import CLASSES, run_info, write_stage_reports
 
 GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0.02)

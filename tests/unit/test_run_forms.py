@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import ParamsError, load_params, overrides_from_strings
+from components.config import ParamsError, load_params
+from components.overrides import overrides_from_strings
 from components.run_forms import RunFormRefused, check_batch_predict_form, check_training_form
 
 REPO = Path(__file__).resolve().parents[2]

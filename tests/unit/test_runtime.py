@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from components import errors, files
-from components.tracking import TrackingUnavailable
+from components.tracking_connection import TrackingUnavailable
 
 
 def _dead_pid() -> int:
@@ -111,12 +112,23 @@ def test_a_new_write_replaces_the_output_and_leaves_no_temp_siblings(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_cores_are_the_ones_this_process_may_use_wherever_workers_are_counted(monkeypatch):
+    from components import data, ingest, runtime
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)  # what a container allows
+    assert runtime.available_cores() == 2
+    assert (data.default_workers(), ingest.resolve_workers(0), ingest.resolve_workers(3)) == (2, 2, 3)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity call (macOS, Windows)
+    assert runtime.available_cores() == 64 and data.default_workers() == 4
+
+
 def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_credentials(monkeypatch):
     import socket
     import time
 
     from components.config import TrackingConfig
-    from components.tracking import RetryPolicy, setup_mlflow, with_retries
+    from components.tracking_connection import RetryPolicy, setup_mlflow, with_retries
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

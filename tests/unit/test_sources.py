@@ -25,10 +25,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import IngestConfig, ParamsError, ValidateConfig, load_params
+from components.config import ParamsError, load_params
 from components.ingest import IngestError, main, run_ingest
 from components.layout import clean_label
 from components.paths import IngestPaths
+from components.stage_config import IngestConfig, ValidateConfig
 from tests.conftest import write_image
 from tests.datakit import (
     files_containing,
@@ -503,7 +504,7 @@ def test_the_cli_refuses_a_credential_before_writing_and_never_echoes_it(tmp_pat
 
 
 def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
-    from components.urls import redact
+    from components.credentials import redact
 
     assert redact("https://u:p@host/x?sig=abc&v=1") == "https://***@host/x?sig=***&v=1"
     make_classes(tmp_path / "src" / "images", {"a": 2})

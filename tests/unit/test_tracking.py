@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from components.tracking import shown_uri, use_tracking_uri
+from components.tracking_connection import shown_uri, use_tracking_uri
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch)
     import mlflow
 
     from components.config import TrackingConfig
-    from components.tracking import setup_mlflow
+    from components.tracking_connection import setup_mlflow
 
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -56,7 +56,9 @@ def test_stage_start_ends_this_workspaces_orphaned_runs_as_killed(tmp_path, monk
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking import setup_mlflow, stage_run, workspace_tag
+    from components.pipeline_runs import workspace_tag
+    from components.tracking import stage_run
+    from components.tracking_connection import setup_mlflow
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -94,7 +96,8 @@ def test_a_stage_run_is_the_active_run_with_git_context_system_metrics_and_its_p
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking import log_dataset, setup_mlflow, stage_run
+    from components.tracking import log_dataset, stage_run
+    from components.tracking_connection import setup_mlflow
 
     git(tmp_path, "init", "-q", "-b", "main")
     git(tmp_path, "commit", "-q", "--allow-empty", "-m", "code")
@@ -211,7 +214,8 @@ def test_epoch_metrics_are_retried_and_a_tracking_outage_never_stops_training(ca
     """A slow server: each epoch's log_batch is retried; one that stays down costs the epoch's metrics only."""
     import numpy as np
 
-    from components.tracking import RetryPolicy, mlflow_epoch_logger
+    from components.tracking import mlflow_epoch_logger
+    from components.tracking_connection import RetryPolicy
 
     class FlakyClient:
         def __init__(self, failures: int) -> None:

@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from components import validate, validation_checks, validation_suites
-from components.config import IngestConfig, NearDuplicatesConfig, Params, ValidateConfig
+from components.config import Params
 from components.contracts import MANIFEST_COLUMNS
 from components.ingest import IngestResult, run_ingest
 from components.layout import BadLabel, clean_label
 from components.paths import IngestPaths, ValidatePaths
+from components.stage_config import IngestConfig, NearDuplicatesConfig, ValidateConfig
 from components.validate import ValidationResult, run_validate
 from components.validation_inputs import ValidateInputError
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
