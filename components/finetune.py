@@ -47,6 +47,7 @@ from components import (
     hashing,
     label_issues,
     learning_curves,
+    model_folder,
     runtime,
     snapshots,
     tracking,
@@ -154,7 +155,7 @@ def _compiled_model(
 
     from components import backbones
 
-    model = data.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_sha256)
+    model = model_folder.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_sha256)
     backbone = backbones.find_backbone(model)
     start = backbones.unfreeze_top(backbone, config, default_layers)
     model.compile(
@@ -381,7 +382,7 @@ def run_finetune(
 
     started = time.perf_counter()
     config, seed, head_dir = params.finetune, params.project.seed, Path(head_dir)
-    classes, head_info = data.read_model_info(head_dir)
+    classes, head_info = model_folder.read_model_info(head_dir)
     image_size = head_info.image_size
     device = runtime.configure_devices(seed)
     frame = read_manifest(manifest)
@@ -493,7 +494,7 @@ def run_finetune(
             "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
             **choice.run_info(),
         }
-        data.save_model_dir(model, classes, run_info, out_dir)
+        model_folder.save_model_dir(model, classes, run_info, out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
         drift.reference_from_model(
             model,

@@ -28,11 +28,12 @@ from components import (
     drift,
     errors,
     files,
+    frozen_forward,
     hashing,
     images,
     label_issues,
     learning_curves,
-    onnx_inference,
+    model_folder,
     runtime,
     snapshots,
     tracking,
@@ -167,12 +168,12 @@ def cached_features(
     return arrays, path
 
 
-def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path) -> onnx_inference.FrozenRunner:
+def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path) -> frozen_forward.FrozenRunner:
     """The feature extractor on ONNX Runtime where it is faster (a CPU with it installed), Keras otherwise.
 
     The ONNX file is cached by content next to the feature cache (the ImageNet backbone exports once).
     """
-    runner = onnx_inference.FrozenRunner(
+    runner = frozen_forward.FrozenRunner(
         extractor, cache_dir=Path(cache_dir).parent / "onnx", engine=config.feature_engine
     )
     print(f"features: {runner.engine} ({runner.reason})")
@@ -240,7 +241,7 @@ def _fit_on_cached_features(
 
     h, n = params.train_head, len(train.classes)
 
-    def make_extractor() -> onnx_inference.FrozenRunner:
+    def make_extractor() -> frozen_forward.FrozenRunner:
         runner = frozen_runner(backbones.feature_extractor(model), h, cache_dir)
         checks.feature_engine = runner.engine
         return runner
@@ -436,7 +437,7 @@ def run_train_head(
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
-        data.save_model_dir(model, classes, run_info, out_dir)
+        model_folder.save_model_dir(model, classes, run_info, out_dir)
         TrainingMetrics(
             val_accuracy=run_info["val_accuracy"],
             val_loss=run_info["val_loss"],
