@@ -156,6 +156,19 @@ class ModelDirCopies:
         return path
 
 
+def empty_tracking_store(folder: Path) -> Path:
+    """A SQLite tracking store with MLflow's tables already made: creating them takes seconds per new store
+    (schema migrations), copying this file into a workspace as its mlflow.db takes milliseconds."""
+    import contextlib
+
+    from mlflow import MlflowClient
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(folder):  # the store's Default experiment points here, never into the repository
+        MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
 def write_stage_reports(
     ws: Path, quarantined: int = 3, data_version: str = "ingest-v1", validated_version: str = "validated-v1"
 ) -> None:

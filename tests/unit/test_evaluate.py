@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ from components.contracts import PromotionRecord, TestMetrics
 from components.evaluate import run_evaluate
 from components.hashing import manifest_version
 from components.paths import EvaluatePaths
-from tests.evalkit import CLASSES, ModelDirCopies, free_port, write_manifest, write_stage_reports
+from tests.evalkit import (
+    CLASSES,
+    ModelDirCopies,
+    empty_tracking_store,
+    free_port,
+    write_manifest,
+    write_stage_reports,
+)
 
 NAME = "image-classifier"
 
@@ -30,9 +38,15 @@ def make_model_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirCopies:
     return ModelDirCopies(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return empty_tracking_store(tmp_path_factory.mktemp("store"))
+
+
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd = a fresh workspace whose MLflow store (sqlite + ./mlruns) lives inside it."""
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> Path:
+    """cwd = a fresh workspace whose MLflow store (sqlite + ./mlruns) lives inside it, starting empty."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     yield tmp_path

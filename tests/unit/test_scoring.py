@@ -7,6 +7,7 @@ but not the registry's tags. Each tamper below makes the stored code write a mar
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,20 @@ from components.evaluate import run_evaluate
 from components.paths import EvaluatePaths
 from components.predict import run_predict
 from tests.conftest import COLORS, write_image
-from tests.evalkit import CLASSES, make_model_dir, write_manifest
+from tests.evalkit import CLASSES, empty_tracking_store, make_model_dir, write_manifest
 
 NAME = "image-classifier"
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return empty_tracking_store(tmp_path_factory.mktemp("store"))
+
+
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> Path:
     """cwd = a fresh workspace whose MLflow store (sqlite + ./mlruns, the artifact store) lives inside it."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     yield tmp_path
