@@ -100,40 +100,55 @@ def _image_ops(image_size: int, policy_path: str | None, limits: ImageLimits | N
     )
 
 
-def make_dataset(
-    split: Split,
-    image_size: int,
-    batch_size: int,
-    *,
-    policy_path: str | Path | None = None,
-    training: bool = False,
-    seed: int = 0,
-    cache: bool = False,
-    limits: ImageLimits | None = None,
-) -> Any:
-    """Batches of (float32 images in 0..255, int32 labels) for one split.
+@dataclass(frozen=True)
+class Batching:
+    """How a split is batched, alike in both pipelines (`make_dataset`, `ImageBatches`).
 
     training=True shuffles each epoch and, with a `policy_path`, augments; training=False never
     augments (val/test must be scored on the images as they are). cache=True keeps decoded
     images in memory, before augmentation, so every epoch still sees fresh augmentations.
     """
+
+    policy_path: str | Path | None = None
+    training: bool = False
+    seed: int = 0
+    cache: bool = False
+    limits: ImageLimits | None = None
+
+
+class BatchOptions(TypedDict, total=False):
+    """`Batching` as keyword arguments (its defaults apply to those left out)."""
+
+    policy_path: str | Path | None
+    training: bool
+    seed: int
+    cache: bool
+    limits: ImageLimits | None
+
+
+def make_dataset(split: Split, image_size: int, batch_size: int, **options: Unpack[BatchOptions]) -> Any:
+    """Batches of (float32 images in 0..255, int32 labels) for one split, batched as `Batching` says."""
     import tensorflow as tf
 
+    how = Batching(**options)
     autotune = tf.data.AUTOTUNE
-    decode, augment, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None, limits)
+    decode, augment, decode_augment = _image_ops(
+        image_size, str(how.policy_path) if how.policy_path else None, how.limits
+    )
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)))
-    if cache:
+    if how.cache:
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=autotune).cache()
-    if training:
-        ds = ds.shuffle(min(len(split), 4096) if cache else len(split), seed=seed, reshuffle_each_iteration=True)
-    if training and policy_path is not None:
+    if how.training:
+        size = min(len(split), 4096) if how.cache else len(split)
+        ds = ds.shuffle(size, seed=how.seed, reshuffle_each_iteration=True)
+    if how.training and how.policy_path is not None:
         # Per-image seeds drawn in element order: reproducible, and new ones every epoch.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        prepare = augment if cache else decode_augment
+        seeds = tf.data.Dataset.random(seed=how.seed, rerandomize_each_iteration=True)
+        prepare = augment if how.cache else decode_augment
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda item, s: (prepare(item[0], s), item[1]), num_parallel_calls=autotune
         )
-    elif not cache:
+    elif not how.cache:
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=autotune)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     return ds.batch(batch_size).prefetch(autotune)
@@ -173,16 +188,6 @@ def uses_tf_data() -> bool:
     import keras
 
     return keras.config.backend() == "tensorflow"
-
-
-class BatchOptions(TypedDict, total=False):
-    """The keyword arguments `make_dataset` and `ImageBatches` share (their defaults are `make_dataset`'s)."""
-
-    policy_path: str | Path | None
-    training: bool
-    seed: int
-    cache: bool
-    limits: ImageLimits | None
 
 
 def labelled_batches(split: Split, image_size: int, batch_size: int, **options: Unpack[BatchOptions]) -> Any:
@@ -241,14 +246,10 @@ def _image_batches_class() -> type:
             image_size: int,
             batch_size: int,
             *,
-            policy_path: str | Path | None = None,
-            training: bool = False,
-            seed: int = 0,
-            cache: bool = False,
-            limits: ImageLimits | None = None,
             workers: int | None = None,
             use_multiprocessing: bool = False,
             max_queue_size: int = 10,
+            **options: Unpack[BatchOptions],
         ) -> None:
             super().__init__(
                 workers=default_workers() if workers is None else workers,
@@ -260,9 +261,10 @@ def _image_batches_class() -> type:
             self.labels = split.labels if isinstance(split, Split) else None
             self.num_classes = len(split.classes) if isinstance(split, Split) else 0
             self.image_size, self.batch_size = image_size, batch_size
-            self.policy_path = str(policy_path) if policy_path is not None and training else None
-            self.training, self.seed, self.limits = training, seed, limits
-            self.cache: dict[int, np.ndarray] | None = {} if cache else None
+            how = Batching(**options)
+            self.policy_path = str(how.policy_path) if how.policy_path is not None and how.training else None
+            self.training, self.seed, self.limits = how.training, how.seed, how.limits
+            self.cache: dict[int, np.ndarray] | None = {} if how.cache else None
             self.epoch = 0
 
         def __len__(self) -> int:
