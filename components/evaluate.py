@@ -109,8 +109,8 @@ def run_evaluate(params: Params, paths: EvaluatePaths) -> EvaluationResult:
     config, name = params.evaluate, params.tracking.registered_model
     policy = RetryPolicy.from_config(params.tracking)
     limits = ImageLimits.from_config(params.validate)
+    folder = load_model_dir(paths.model_dir)  # refused (sha256, safe mode) before any output folder is made
     files.ensure_writable(paths.report_dir, paths.metrics, paths.predictions)  # before registering: no rerun twice
-    folder = load_model_dir(paths.model_dir)
     head_info = read_model_info(paths.head_dir)[1] if (paths.head_dir / RUN_INFO_FILE).is_file() else None
     validation = ValidationSummary.read_optional(paths.validation_summary)
     versions = data_versions(IngestReport.read_optional(paths.ingest_report), validation, folder.info)

@@ -62,9 +62,11 @@ def settings(**promotion: float) -> Params:
     )
 
 
-def evaluate_model(ws: Path, model_dir: Path, params: Params | None = None, manifest: Path | None = None) -> Any:
+def evaluate_model(
+    ws: Path, model_dir: Path, params: Params | None = None, manifest: Path | None = None, **paths: Path
+) -> Any:
     manifest = manifest or (ws / "validated.csv" if (ws / "validated.csv").exists() else write_manifest(ws))
-    return run_evaluate(params or settings(), EvaluatePaths(manifest=manifest, model_dir=model_dir).under(ws))
+    return run_evaluate(params or settings(), EvaluatePaths(manifest=manifest, model_dir=model_dir, **paths).under(ws))
 
 
 def aliases() -> dict[str, str]:
@@ -76,10 +78,15 @@ def version_tags(version: str) -> dict[str, str]:
 
 
 def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path, make_model_dir: ModelDirCopies) -> None:
-    write_stage_reports(workspace, quarantined=3)
+    write_stage_reports(workspace / "handoff", quarantined=3)  # read from the paths given, not reports/
     (workspace / "dvc.lock").write_text("stages:\n  ingest:\n    outs:\n    - path: data/raw\n      md5: f00d.dir\n")
     model_dir = make_model_dir(workspace / "good")
-    result = evaluate_model(workspace, model_dir)
+    result = evaluate_model(
+        workspace,
+        model_dir,
+        ingest_report=Path("handoff/reports/ingest.json"),
+        validation_summary=Path("handoff/reports/validation/summary.json"),
+    )
 
     assert result.promoted and result.model_version == "1"
     assert aliases() == {"champion": "1", "challenger": "1"}
