@@ -90,7 +90,7 @@ def benchmark(
     import keras
     import tensorflow as tf
 
-    from components import onnx_inference
+    from components import frozen_forward
 
     load_before = load_average()
     extractor = build_extractor(alpha, size, weights)
@@ -105,25 +105,25 @@ def benchmark(
     info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        runner = onnx_inference.FrozenRunner(
+        runner = frozen_forward.FrozenRunner(
             extractor, cache_dir=cache, engine="onnxruntime", threads=threads, allow_spinning=True
         )
         info["onnx_export_seconds"] = round(time.perf_counter() - t0, 1)
         engines[f"onnxruntime ({threads} threads, spinning)"] = lambda b: runner.predict(b, batch_size=batch)
-        fixed = onnx_inference.FrozenRunner(
+        fixed = frozen_forward.FrozenRunner(
             extractor, cache_dir=cache, engine="onnxruntime", threads=threads, input_size=size, allow_spinning=True
         )
         engines[f"onnxruntime ({threads} threads, spinning, static {size}x{size})"] = lambda b: fixed.predict(
             b, batch_size=batch
         )
-        calm = onnx_inference.FrozenRunner(
+        calm = frozen_forward.FrozenRunner(
             extractor, cache_dir=cache, engine="onnxruntime", threads=threads, allow_spinning=False
         )
         engines[f"onnxruntime ({threads} threads, no spinning: the default)"] = lambda b: calm.predict(
             b, batch_size=batch
         )
         if threads > 1:
-            single = onnx_inference.FrozenRunner(extractor, cache_dir=cache, engine="onnxruntime", threads=1)
+            single = frozen_forward.FrozenRunner(extractor, cache_dir=cache, engine="onnxruntime", threads=1)
             engines["onnxruntime (1 thread)"] = lambda b: single.predict(b, batch_size=batch)
         for precision in ("f32", "bf16"):
             vino = openvino_runner(runner.export.path, threads, precision)  # type: ignore[union-attr]

@@ -1,8 +1,9 @@
-"""Manifests into splits and input pipelines; model folders written and read back safely.
+"""Manifests into splits, and the input pipelines that decode (and augment) their images in batches.
 
-Shared by train_head, finetune, evaluate, export and batch prediction. Images are decoded with Pillow (it handles
-grayscale, palette, alpha, 16-bit and CMYK files that validate let through) and resized to the
-model's square input; the model itself carries the backbone's normalisation.
+Shared by train_head, finetune, evaluate, export and batch prediction (the model folders they hand on:
+`components.model_folder`). Images are decoded with Pillow (it handles grayscale, palette, alpha, 16-bit
+and CMYK files that validate let through) and resized to the model's square input; the model itself
+carries the backbone's normalisation.
 
 Two input pipelines share one decoder (`load_rgb`) and one augmentation function (`augment_image`):
 tf.data (`make_dataset`, `image_batches`) where TensorFlow is the Keras backend (faster there), and a
@@ -14,25 +15,16 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from components import files, runtime
-from components.contracts import (
-    CLASSES_FILE,
-    MODEL_FILE,
-    RUN_INFO_FILE,
-    ContractError,
-    ModelRunInfo,
-    read_manifest,
-)
-from components.hashing import file_sha256
+from components import runtime
+from components.contracts import read_manifest
+from components.image_augment import augment_image
 from components.images import ImageLimits, decode_rgb
 from components.stage_config import ValidateConfig
 
@@ -77,37 +69,7 @@ def load_rgb(source: str | Path | bytes, size: int, limits: ImageLimits | None =
 # --- tf.data input pipelines --------------------------------------------------------------------
 # Decoding (Pillow) and augmentation (albumentations) run as Python inside tf.data's parallel
 # map: both release the GIL for the heavy work, so AUTOTUNE threads overlap them with training.
-# Each worker thread loads the saved augmentation pipeline once and re-seeds it per image from a
-# seed that tf.data draws in a fixed order, so augmentation is reproducible however the threads
-# are scheduled (a shared pipeline's random state would depend on which thread ran first).
-
-# Keyed by OS thread id, not threading.local: TF calls Python from its own threads with a fresh
-# Python thread state each time, which would wipe thread-local data after every image.
-_WORKER_PIPELINES: dict[tuple[int, str], Any] = {}
-_WORKER_LOCK = threading.Lock()
-
-
-def worker_pipeline(policy_path: str) -> Any:
-    """This worker thread's copy of the saved augmentation pipeline, loaded on its first image only."""
-    key = (threading.get_ident(), policy_path)
-    pipeline = _WORKER_PIPELINES.get(key)
-    if pipeline is None:
-        from components.transforms import load_pipeline  # late: albumentations loads only when augmenting
-
-        pipeline = load_pipeline(policy_path, seed=0)
-        with _WORKER_LOCK:
-            _WORKER_PIPELINES[key] = pipeline
-    return pipeline
-
-
-def augment_image(image: np.ndarray, policy_path: str, image_seed: int) -> np.ndarray:
-    """Apply the saved pipeline with a per-image seed; keep the input's size for batching."""
-    pipeline = worker_pipeline(policy_path)
-    pipeline.set_random_seed(int(image_seed) % 2**32)
-    out = pipeline(image=image)["image"]
-    if out.shape != image.shape:  # a crop or pad changed the size
-        out = np.asarray(Image.fromarray(out).resize(image.shape[1::-1], Image.Resampling.BILINEAR))
-    return out
+# Per-image seeds are drawn by tf.data in a fixed order (`components.image_augment`).
 
 
 def _numpy_op(fn: Any, args: list[Any], image_size: int) -> Any:
@@ -138,40 +100,55 @@ def _image_ops(image_size: int, policy_path: str | None, limits: ImageLimits | N
     )
 
 
-def make_dataset(
-    split: Split,
-    image_size: int,
-    batch_size: int,
-    *,
-    policy_path: str | Path | None = None,
-    training: bool = False,
-    seed: int = 0,
-    cache: bool = False,
-    limits: ImageLimits | None = None,
-) -> Any:
-    """Batches of (float32 images in 0..255, int32 labels) for one split.
+@dataclass(frozen=True)
+class Batching:
+    """How a split is batched, alike in both pipelines (`make_dataset`, `ImageBatches`).
 
     training=True shuffles each epoch and, with a `policy_path`, augments; training=False never
     augments (val/test must be scored on the images as they are). cache=True keeps decoded
     images in memory, before augmentation, so every epoch still sees fresh augmentations.
     """
+
+    policy_path: str | Path | None = None
+    training: bool = False
+    seed: int = 0
+    cache: bool = False
+    limits: ImageLimits | None = None
+
+
+class BatchOptions(TypedDict, total=False):
+    """`Batching` as keyword arguments (its defaults apply to those left out)."""
+
+    policy_path: str | Path | None
+    training: bool
+    seed: int
+    cache: bool
+    limits: ImageLimits | None
+
+
+def make_dataset(split: Split, image_size: int, batch_size: int, **options: Unpack[BatchOptions]) -> Any:
+    """Batches of (float32 images in 0..255, int32 labels) for one split, batched as `Batching` says."""
     import tensorflow as tf
 
+    how = Batching(**options)
     autotune = tf.data.AUTOTUNE
-    decode, augment, decode_augment = _image_ops(image_size, str(policy_path) if policy_path else None, limits)
+    decode, augment, decode_augment = _image_ops(
+        image_size, str(how.policy_path) if how.policy_path else None, how.limits
+    )
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(split.paths, tf.string), tf.constant(split.labels, tf.int32)))
-    if cache:
+    if how.cache:
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=autotune).cache()
-    if training:
-        ds = ds.shuffle(min(len(split), 4096) if cache else len(split), seed=seed, reshuffle_each_iteration=True)
-    if training and policy_path is not None:
+    if how.training:
+        size = min(len(split), 4096) if how.cache else len(split)
+        ds = ds.shuffle(size, seed=how.seed, reshuffle_each_iteration=True)
+    if how.training and how.policy_path is not None:
         # Per-image seeds drawn in element order: reproducible, and new ones every epoch.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        prepare = augment if cache else decode_augment
+        seeds = tf.data.Dataset.random(seed=how.seed, rerandomize_each_iteration=True)
+        prepare = augment if how.cache else decode_augment
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda item, s: (prepare(item[0], s), item[1]), num_parallel_calls=autotune
         )
-    elif not cache:
+    elif not how.cache:
         ds = ds.map(lambda p, y: (decode(p), y), num_parallel_calls=autotune)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     return ds.batch(batch_size).prefetch(autotune)
@@ -213,39 +190,18 @@ def uses_tf_data() -> bool:
     return keras.config.backend() == "tensorflow"
 
 
-def labelled_batches(
-    split: Split,
-    image_size: int,
-    batch_size: int,
-    *,
-    policy_path: str | Path | None = None,
-    training: bool = False,
-    seed: int = 0,
-    cache: bool = False,
-    limits: ImageLimits | None = None,
-) -> Any:
+def labelled_batches(split: Split, image_size: int, batch_size: int, **options: Unpack[BatchOptions]) -> Any:
     """Batches of (float32 images in 0..255, one-hot float32 labels) for fit/evaluate/predict.
 
     On TensorFlow: `make_dataset` with the labels one-hot encoded in the graph. On other backends:
-    an `ImageBatches` with the same decoding, augmentation policy and meaning of each argument.
+    an `ImageBatches` with the same decoding, augmentation policy and meaning of each option.
     """
     if not uses_tf_data():
-        return _image_batches_class()(
-            split,
-            image_size,
-            batch_size,
-            policy_path=policy_path,
-            training=training,
-            seed=seed,
-            cache=cache,
-            limits=limits,
-        )
+        return _image_batches_class()(split, image_size, batch_size, **options)
     import tensorflow as tf
 
     classes = len(split.classes)
-    ds = make_dataset(
-        split, image_size, batch_size, policy_path=policy_path, training=training, seed=seed, cache=cache, limits=limits
-    )
+    ds = make_dataset(split, image_size, batch_size, **options)
     return ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
 
 
@@ -290,14 +246,10 @@ def _image_batches_class() -> type:
             image_size: int,
             batch_size: int,
             *,
-            policy_path: str | Path | None = None,
-            training: bool = False,
-            seed: int = 0,
-            cache: bool = False,
-            limits: ImageLimits | None = None,
             workers: int | None = None,
             use_multiprocessing: bool = False,
             max_queue_size: int = 10,
+            **options: Unpack[BatchOptions],
         ) -> None:
             super().__init__(
                 workers=default_workers() if workers is None else workers,
@@ -309,9 +261,10 @@ def _image_batches_class() -> type:
             self.labels = split.labels if isinstance(split, Split) else None
             self.num_classes = len(split.classes) if isinstance(split, Split) else 0
             self.image_size, self.batch_size = image_size, batch_size
-            self.policy_path = str(policy_path) if policy_path is not None and training else None
-            self.training, self.seed, self.limits = training, seed, limits
-            self.cache: dict[int, np.ndarray] | None = {} if cache else None
+            how = Batching(**options)
+            self.policy_path = str(how.policy_path) if how.policy_path is not None and how.training else None
+            self.training, self.seed, self.limits = how.training, how.seed, how.limits
+            self.cache: dict[int, np.ndarray] | None = {} if how.cache else None
             self.epoch = 0
 
         def __len__(self) -> int:
@@ -380,70 +333,3 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
     weights = np.ones(num_classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return {i: float(w) for i, w in enumerate(weights)}
-
-
-# --- model folders: model.keras, classes.json, run.json ---------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFolder:
-    model: Any
-    model_path: Path
-    classes: list[str]
-    info: ModelRunInfo
-
-    @property
-    def image_size(self) -> int:
-        return self.info.image_size
-
-
-def save_model_dir(model: Any, classes: list[str], info: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write a model folder atomically; run.json records the model file's sha256 for the loader to check."""
-    with files.atomic_dir(out_dir) as tmp:
-        model.save(tmp / MODEL_FILE)
-        files.write_json(tmp / CLASSES_FILE, list(classes))
-        ModelRunInfo(**info, model_sha256=file_sha256(tmp / MODEL_FILE)).write(tmp / RUN_INFO_FILE)
-    return Path(out_dir)
-
-
-def read_model_info(model_dir: str | Path) -> tuple[list[str], ModelRunInfo]:
-    """classes.json and run.json of a model folder, checked (no model loaded)."""
-    model_dir = Path(model_dir)
-    try:
-        classes = files.read_json(model_dir / CLASSES_FILE)
-    except FileNotFoundError:
-        raise ContractError(f"{model_dir / CLASSES_FILE} not found: run the training stages first") from None
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise ContractError(f"{model_dir / CLASSES_FILE}: expected a non-empty list of class names")
-    return classes, ModelRunInfo.read(model_dir / RUN_INFO_FILE)
-
-
-def load_model_dir(model_dir: str | Path) -> ModelFolder:
-    """A model folder, its model file checked against the sha256 in run.json, then loaded in safe mode."""
-    model_dir = Path(model_dir)
-    classes, info = read_model_info(model_dir)
-    model = load_keras_model(model_dir / MODEL_FILE, expected_sha256=info.model_sha256)
-    return ModelFolder(model, model_dir / MODEL_FILE, classes, info)
-
-
-def load_keras_model(path: str | Path, expected_sha256: str | None = None) -> Any:
-    """Load a project .keras file in safe mode, with the project's custom layers registered.
-
-    With `expected_sha256`, a file that changed since it was recorded is refused before Keras reads it.
-    """
-    import keras
-
-    import components.backbones  # noqa: F401  (registers CaffePreprocess and any other custom layer)
-
-    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
-        raise ContractError(f"refused to load {path}: its sha256 differs from the one recorded when it was written")
-    try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)  # never run code from a file
-    except ValueError as exc:
-        if "safe_mode" not in str(exc):
-            raise
-        raise ValueError(
-            f"refused to load {path}: it holds Python code (e.g. a Lambda layer) that would run "
-            "on loading. Only models built from registered layers are loaded; rebuild it without "
-            "Lambda layers (register custom layers in components/backbones.py)."
-        ) from None

@@ -25,7 +25,7 @@ from components.paths import DRIFT_REPORT, VALIDATED_MANIFEST
 
 def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_path: str | Path) -> DriftReport:
     """Compare today's new images (those not in the model's training data) with the model's reference."""
-    from components.data import load_model_dir
+    from components.model_folder import load_model_dir
 
     started, config = time.perf_counter(), params.drift
     reference = Reference.load(Path(model_dir) / REFERENCE_FILE)

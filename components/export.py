@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from components import errors, files
-from components.data import load_model_dir, load_rgb, load_split
+from components.data import load_rgb, load_split
 from components.images import ImageLimits
+from components.model_folder import ClassNames, load_model_dir
 from components.predict import list_inputs
 
 
@@ -84,7 +85,7 @@ def run_export(model_dir: str | Path, out_dir: str | Path, sample_paths: list[st
         model.export(str(out / "saved_model"), verbose=False)
         tflite = convert_tflite_float16(out / "saved_model")
         (out / "model_float16.tflite").write_bytes(tflite)
-        files.write_json(out / "classes.json", folder.classes)
+        ClassNames(folder.classes).write(out / "classes.json")
         keras_probs = np.asarray(model.predict(images, verbose=0))
         lite_probs = tflite_predict(tflite, images)
         result = ExportResult(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from components import files, hashing, images, onnx_inference, runtime
+from components import files, frozen_forward, hashing, images, runtime
 from components.config import Params
 from components.data import Split, image_batches
 from components.images import ImageLimits
@@ -120,12 +120,12 @@ def cached_features(
     return arrays, path
 
 
-def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path) -> onnx_inference.FrozenRunner:
+def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path) -> frozen_forward.FrozenRunner:
     """The feature extractor on ONNX Runtime where it is faster (a CPU with it installed), Keras otherwise.
 
     The ONNX file is cached by content next to the feature cache (the ImageNet backbone exports once).
     """
-    runner = onnx_inference.FrozenRunner(
+    runner = frozen_forward.FrozenRunner(
         extractor, cache_dir=Path(cache_dir).parent / "onnx", engine=config.feature_engine
     )
     print(f"features: {runner.engine} ({runner.reason})")

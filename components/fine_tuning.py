@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from components import data, optimization, runtime, snapshots
+from components import data, model_folder, optimization, runtime, snapshots
 from components.checkpoints import Checkpoint
 from components.contracts import MODEL_FILE, ModelRunInfo
 from components.data import Split
@@ -53,7 +53,7 @@ def compiled_model(
     from components import backbones
 
     default_layers = backbones.get_spec(head_info.backbone).default_unfreeze_layers
-    model = data.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_info.model_sha256)
+    model = model_folder.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_info.model_sha256)
     backbone = backbones.find_backbone(model)
     start = backbones.unfreeze_top(backbone, config, default_layers)
     optimization.compile_classifier(

@@ -39,6 +39,7 @@ from components import (
     label_issues,
     learning_curves,
     model_choice,
+    model_folder,
     runtime,
     tracking,
 )
@@ -79,7 +80,7 @@ def run_finetune(
 
     started = time.perf_counter()
     config, seed = params.finetune, params.project.seed
-    classes, head_info = data.read_model_info(paths.head_dir)
+    classes, head_info = model_folder.read_model_info(paths.head_dir)
     device = runtime.configure_devices(seed)
     frame = read_manifest(paths.manifest)
     excluded = label_issues.read_exclusions(paths.head_dir)  # suspect labels the head left out (action: exclude)
@@ -165,7 +166,7 @@ def run_finetune(
             "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
             **choice.run_info(),
         }
-        data.save_model_dir(model, classes, run_info, paths.out_dir)
+        model_folder.save_model_dir(model, classes, run_info, paths.out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
         reference = drift.reference_from_model(model, frame, classes, params, meta=drift.reference_meta(run_info))
         reference.save(paths.out_dir / drift.REFERENCE_FILE)

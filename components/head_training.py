@@ -19,7 +19,7 @@ from components import (
     data_checks,
     drift,
     feature_cache,
-    onnx_inference,
+    frozen_forward,
     optimization,
     runtime,
     snapshots,
@@ -109,7 +109,7 @@ def fit_on_cached_features(
     h, train, n = params.train_head, inputs.train, len(inputs.classes)
     checks = DataChecks()
 
-    def make_extractor() -> onnx_inference.FrozenRunner:
+    def make_extractor() -> frozen_forward.FrozenRunner:
         runner = feature_cache.frozen_runner(backbones.feature_extractor(model), h, paths.cache_dir)
         checks.feature_engine = runner.engine
         return runner

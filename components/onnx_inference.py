@@ -1,13 +1,11 @@
-"""Forward passes through frozen weights, on ONNX Runtime where it is faster, Keras otherwise.
+"""A Keras model as an ONNX file: exported once, checked against Keras, cached; ONNX Runtime sessions over it.
 
-Every pass that only reads a model (train_head's feature cache, evaluation, champion re-scoring,
-batch prediction) can call `frozen_predict(model, batches)` or keep a `FrozenRunner`. On a CPU
-with onnxruntime installed and the TensorFlow backend, the model is exported to ONNX once
-(`keras.Model.export(format="onnx")`, i.e. tf2onnx), cached on disk under a content key, checked
-against Keras on a probe batch, and run with ONNX Runtime (2.75x the images/s of TensorFlow on
-the 2-core machine, see benchmarks/results/frozen_pass.md). Anywhere else (a GPU, another Keras
-backend, onnxruntime missing, an export that fails or disagrees with Keras) the same call runs
-Keras `predict`, and `runner.reason` says why.
+`components.frozen_forward` decides where a frozen forward pass runs and uses this module for the
+ONNX side: whether ONNX Runtime can run here (`onnxruntime_available`, `accelerator_present`), the
+model exported with `keras.Model.export(format="onnx")` (i.e. tf2onnx), cached on disk under a
+content key and checked against Keras on a probe batch (`export_onnx`), and CPU sessions over the
+accepted file. The served model (`components.serving_model`) only runs a file whose sha256 it was
+given (`verified_bytes`, `cpu_session`): loading it never imports the exporter.
 
 The cache key is `model_fingerprint(model)` (layer types and configs, input/output shapes and the
 weights' bytes) unless the caller passes its own, so a changed weight can never reuse a stale
@@ -21,20 +19,17 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from components import files, runtime
 from components.hashing import file_sha256
 
-Engine = Literal["auto", "onnxruntime", "keras"]
-ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "keras")
 DEFAULT_TOLERANCE = 1e-4  # max |onnx - keras| on the probe batch, relative to max(1, max |keras|)
-DEFAULT_BATCH_SIZE = 32
 PROBE_IMAGES = 2
 PROBE_SIZE = 128  # probe side for a model that takes any image size (the classifier)
 # The workspace's one ONNX cache, relative to components.settings.workspace_root(): train_head's
@@ -199,9 +194,10 @@ def verified_bytes(path: str | Path, expected_sha256: str) -> bytes:
     return data
 
 
-def cpu_session(model: Path | bytes, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session; spinning off, since a served model shares its cores with its HTTP server."""
-    return _session(model, threads or runtime.available_cores(), allow_spinning=False)
+def cpu_session(model: Path | bytes, threads: int = 0, allow_spinning: bool = False) -> Any:
+    """An ONNX Runtime CPU session; spinning off by default, since a served model shares its cores with its
+    HTTP server (and a frozen pass with tf.data decoding)."""
+    return _session(model, threads or runtime.available_cores(), allow_spinning)
 
 
 def run_session(session: Any, batch: np.ndarray) -> np.ndarray:
@@ -297,144 +293,3 @@ def _read_record(onnx_path: Path, record_path: Path) -> OnnxExport | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# --- running it ------------------------------------------------------------------------------
-
-
-def _as_batches(batches: Any, batch_size: int) -> Iterator[np.ndarray]:
-    """float32 numpy batches from an array, a tf.data dataset or any iterable; labels dropped."""
-    if isinstance(batches, np.ndarray):
-        for start in range(0, len(batches), batch_size):
-            yield np.ascontiguousarray(batches[start : start + batch_size], dtype=np.float32)
-        return
-    for element in batches:
-        x = element[0] if isinstance(element, (tuple, list)) else element
-        yield np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-
-
-def _batch_count(batches: Any, batch_size: int) -> int | None:
-    """How many batches a progress bar should expect, where that is known without iterating."""
-    if isinstance(batches, np.ndarray):
-        return -(-len(batches) // batch_size)
-    cardinality = getattr(batches, "cardinality", None)
-    count = int(cardinality()) if callable(cardinality) else -1
-    return count if count >= 0 else None
-
-
-class FrozenRunner:
-    """Runs one frozen model's forward pass on the faster engine available; `engine`/`reason` say which.
-
-    engine="auto" picks ONNX Runtime on a CPU with onnxruntime installed and the TensorFlow
-    backend, Keras otherwise; "onnxruntime" insists (raises if it cannot); "keras" never exports.
-    Spinning is off by default: on 2 shared cores (and beside tf.data decoding in the same process)
-    it made ONNX Runtime 1.5x slower in the median round (benchmarks/results/frozen_pass.md).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        *,
-        cache_dir: str | Path | None = None,
-        engine: Engine = "auto",
-        threads: int = 0,
-        key: str | None = None,
-        input_size: int | None = None,
-        tolerance: float = DEFAULT_TOLERANCE,
-        allow_spinning: bool = False,
-    ) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"engine = {engine!r}: expected one of {', '.join(ENGINES)}")
-        self.model = model
-        self.threads = threads or runtime.available_cores()
-        self.session: Any = None
-        self.export: OnnxExport | None = None
-        self.engine, self.reason = "keras", "engine: keras requested"
-        if engine == "keras":
-            return
-        blocker = self._onnx_blocker(cache_dir)
-        if blocker is None:
-            self.export = export_onnx(
-                model,
-                cache_dir,
-                key=key,
-                input_size=input_size,  # type: ignore[arg-type]
-                tolerance=tolerance,
-                threads=self.threads,
-            )
-            if not self.export.accepted:
-                blocker = (
-                    f"the ONNX export differs from Keras by {self.export.max_abs_diff:.2e} "
-                    f"(> tolerance {tolerance:.0e}) on the probe batch"
-                )
-        if blocker is not None:
-            if engine == "onnxruntime":
-                raise RuntimeError(f"engine: onnxruntime was requested but {blocker}")
-            self.reason = blocker
-            return
-        self.session = _session(self.export.path, self.threads, allow_spinning)  # type: ignore[union-attr]
-        self.engine, self.reason = "onnxruntime", f"ONNX Runtime, {self.threads} threads, {self.export.path.name}"  # type: ignore[union-attr]
-
-    @staticmethod
-    def _onnx_blocker(cache_dir: str | Path | None) -> str | None:
-        import keras
-
-        if cache_dir is None:
-            return "no ONNX cache folder given"
-        if keras.config.backend() != "tensorflow":
-            return f"the Keras backend is {keras.config.backend()} (the ONNX export path here is tf2onnx)"
-        if not onnxruntime_available():
-            return "onnxruntime/tf2onnx/onnx are not installed (pip install 'transfer-pipeline[onnx]')"
-        if accelerator_present():
-            return "an accelerator is present (Keras runs there)"
-        return None
-
-    def predict(self, batches: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, verbose: int = 0) -> np.ndarray:
-        """Outputs for every input in order, float32, shape (n, ...) like `model.predict`."""
-        if self.session is None:
-            return self._keras_predict(batches, batch_size, verbose)
-        from tqdm import tqdm
-
-        batch_iter = tqdm(
-            _as_batches(batches, batch_size),
-            desc="onnxruntime",
-            unit="batch",
-            disable=not verbose,
-            total=_batch_count(batches, batch_size),
-            mininterval=2.0,
-        )
-        blocks = [_run_session(self.session, batch) for batch in batch_iter if len(batch)]
-        return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
-
-    def _keras_predict(self, batches: Any, batch_size: int, verbose: int) -> np.ndarray:
-        if isinstance(batches, np.ndarray) or hasattr(batches, "element_spec"):  # arrays and tf.data: Keras batches
-            return np.asarray(
-                self.model.predict(
-                    batches, batch_size=None if hasattr(batches, "element_spec") else batch_size, verbose=verbose
-                ),
-                dtype=np.float32,
-            )
-        blocks = [
-            np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
-            for batch in _as_batches(batches, batch_size)
-            if len(batch)
-        ]
-        return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
-
-    def _output_tail(self) -> tuple[int, ...]:
-        return tuple(int(d or 0) for d in self.model.outputs[0].shape[1:])
-
-
-def frozen_predict(
-    model: Any,
-    batches: Iterable[Any] | np.ndarray,
-    *,
-    cache_dir: str | Path | None = None,
-    engine: Engine = "auto",
-    threads: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    verbose: int = 0,
-) -> np.ndarray:
-    """One frozen forward pass over `batches` (see FrozenRunner); keep a runner to reuse its session."""
-    runner = FrozenRunner(model, cache_dir=cache_dir, engine=engine, threads=threads)
-    return runner.predict(batches, batch_size=batch_size, verbose=verbose)

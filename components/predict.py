@@ -120,7 +120,7 @@ def run_predict(
     """
     from tqdm import tqdm
 
-    from components.registry import load_scoring_model
+    from components.scoring import load_scoring_model
 
     root = Path(root) if root is not None else default_root(inputs)
     limits = limits or ImageLimits.from_config(ValidateConfig())

@@ -1,6 +1,6 @@
 """The served model: image data in, labels out. Logged as MLflow "models from code", never pickled.
 
-`components.registry.log_pyfunc` logs this file as the pyfunc's code (MLflow runs it on loading,
+`components.model_packaging.log_pyfunc` logs this file as the pyfunc's code (MLflow runs it on loading,
 so `set_model` at the bottom names the model object); the Keras file travels as an artifact
 whose sha256 is in the model's `model_config` and is checked before Keras reads the file.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,11 +44,11 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from components import onnx_inference
 from components.contracts import ContractError
-from components.data import load_keras_model
 from components.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, decode_rgb
+from components.model_folder import ClassNames, load_keras_model
 
 IMAGE_COLUMN = "image"
-# model_config keys (written by registry.serving_model_config, read here)
+# model_config keys (written by model_packaging.serving_model_config, read here)
 CONFIG_KEYS = (
     "image_size",
     "batch_size",
@@ -271,8 +270,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model = load_keras_model(artifacts["keras_model"], expected_sha256=str(config["keras_sha256"]))
         self.session = onnx_session(artifacts, config)
         self.engine = "keras" if self.session is None else "onnxruntime"
-        with open(artifacts["classes"], encoding="utf-8") as fh:
-            self.classes = [str(c) for c in json.load(fh)]
+        self.classes = ClassNames.read(artifacts["classes"]).root
         self.image_size = int(config["image_size"])
         self.batch_size = int(config["batch_size"])
         self.limits = ServingLimits.from_model_config(config)

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import data, data_checks, errors, files, hashing, head_training, learning_curves, runtime, tracking
+from components import (
+    data_checks,
+    errors,
+    files,
+    hashing,
+    head_training,
+    learning_curves,
+    model_folder,
+    runtime,
+    tracking,
+)
 from components.config import Params, ParamsError, load_params
 from components.contracts import TrainingMetrics
 from components.head_training import HeadData
@@ -87,7 +97,7 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }
-        data.save_model_dir(model, inputs.classes, run_info, paths.out_dir)
+        model_folder.save_model_dir(model, inputs.classes, run_info, paths.out_dir)
         TrainingMetrics(
             val_accuracy=run_info["val_accuracy"],
             val_loss=run_info["val_loss"],

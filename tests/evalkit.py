@@ -112,11 +112,11 @@ def make_model_dir(
     image_size: int = 32,
     flip_tta: bool = False,
 ) -> Path:
-    """A tiny Keras model with the models/finetune contract (data.save_model_dir), good or deliberately bad;
+    """A tiny Keras model with the models/finetune contract (model_folder.save_model_dir), good or deliberately bad;
     with `flip_tta`, wrapped as finetune saves a model that keeps flip test-time augmentation."""
     import keras
 
-    from components.data import save_model_dir
+    from components.model_folder import save_model_dir
 
     inputs = keras.Input(shape=(None, None, 3))
     x = keras.layers.Resizing(image_size, image_size)(inputs)
@@ -134,6 +134,39 @@ def make_model_dir(
 
         shutil.rmtree(path)
     return save_model_dir(model, classes, run_info(classes, run_id, head_run_id, image_size), path)
+
+
+class ModelDirCopies:
+    """`make_model_dir` for a whole test module: each (classes, quality) is built and saved once, and every
+    caller gets its own copy of that folder, so the tests stay independent without rebuilding the model."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[tuple[str, ...], str], Path] = {}
+
+    def __call__(self, path: Path, classes: list[str] = CLASSES, quality: str = "good") -> Path:
+        import shutil
+
+        key = (tuple(classes), quality)
+        if key not in self.built:
+            self.built[key] = make_model_dir(self.root / f"model-{len(self.built)}", classes, quality)
+        if path.exists():  # as make_model_dir does: a second model in the same place replaces the first
+            shutil.rmtree(path)
+        shutil.copytree(self.built[key], path)
+        return path
+
+
+def empty_tracking_store(folder: Path) -> Path:
+    """A SQLite tracking store with MLflow's tables already made: creating them takes seconds per new store
+    (schema migrations), copying this file into a workspace as its mlflow.db takes milliseconds."""
+    import contextlib
+
+    from mlflow import MlflowClient
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(folder):  # the store's Default experiment points here, never into the repository
+        MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
 
 
 def write_stage_reports(

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from components import registry
+from components import scoring
 from components.config import parse_params
 from components.evaluate import run_evaluate
+from components.paths import EvaluatePaths
 from tests.evalkit import CLASSES, free_port, make_model_dir, start_mlflow_server, stop, write_manifest
 
 pytestmark = pytest.mark.slow  # starts an MLflow server: `make test` runs it, `make test-fast` does not
@@ -49,12 +50,7 @@ def evaluated(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         results = [
             run_evaluate(
                 params,
-                manifest,
-                make_model_dir(ws / quality, quality=quality),
-                None,
-                ws / "reports" / "evaluate",
-                ws / "metrics.json",
-                ws,
+                EvaluatePaths(manifest=manifest, model_dir=make_model_dir(ws / quality, quality=quality)).under(ws),
             )
             for quality in ("good", "bad")
         ]
@@ -75,11 +71,11 @@ def test_champion_stays_when_a_worse_model_arrives(evaluated: dict[str, Any]) ->
     tags = client.get_model_version(NAME, "2").tags
     assert tags["promotion.decision"] == "rejected" and "champion v1 re-scored" in tags["promotion.reasons"]
     assert tags["prefect_flow_run_id"] == "flow-run-42" and tags["params_sha256"]
-    assert len(tags[registry.SHA256_TAG]) == 64
+    assert len(tags[scoring.SHA256_TAG]) == 64
 
 
 def test_champion_from_the_server_scores_raw_images(evaluated: dict[str, Any]) -> None:
-    model = registry.load_scoring_model(f"models:/{NAME}@champion")  # pickle and sha256 checks first
+    model = scoring.load_scoring_model(f"models:/{NAME}@champion")  # pickle and sha256 checks first
     manifest = pd.read_csv(evaluated["ws"] / "validated.csv").query("split == 'test'")
     images = [Path(p).read_bytes() for p in manifest["path"]]
     labels = model.predict(pd.DataFrame({"image": images}))["label"].tolist()

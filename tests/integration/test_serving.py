@@ -23,6 +23,7 @@ import requests
 
 from components.config import parse_params
 from components.evaluate import run_evaluate
+from components.paths import EvaluatePaths
 from tests.evalkit import CLASSES, free_port, make_model_dir, stop, wait_until_healthy, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 }
             }
         )
-        run_evaluate(params, manifest, make_model_dir(ws / "model"), None, ws / "reports", ws / "metrics.json", ws)
+        paths = EvaluatePaths(manifest=manifest, model_dir=make_model_dir(ws / "model"), report_dir=Path("reports"))
+        run_evaluate(params, paths.under(ws))
     mlflow.set_tracking_uri(None)
     port = free_port()
     log = ws / "serve.log"

@@ -53,7 +53,7 @@ def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_mo
         uses_flip_tta,
         with_flip_tta,
     )
-    from components.data import load_keras_model
+    from components.model_folder import load_keras_model
 
     model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
     tta = with_flip_tta(model)

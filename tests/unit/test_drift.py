@@ -160,7 +160,7 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
 def test_a_reference_from_images_equals_the_one_from_cached_features(trained):
     """What finetune (no feature cache) would save matches what train_head saved from its cache."""
     from components.contracts import read_manifest
-    from components.data import load_model_dir
+    from components.model_folder import load_model_dir
 
     root, params = trained["root"], trained["params"]
     saved = drift.Reference.load(root / "models/head" / drift.REFERENCE_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,39 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import evaluate, registry
+from components import evaluate, evaluation_reports, promotion, scoring
 from components.config import Params, parse_params
 from components.contracts import PromotionRecord, TestMetrics
 from components.evaluate import run_evaluate
 from components.hashing import manifest_version
-from tests.evalkit import CLASSES, free_port, make_model_dir, write_manifest, write_stage_reports
+from components.paths import EvaluatePaths
+from tests.evalkit import (
+    CLASSES,
+    ModelDirCopies,
+    empty_tracking_store,
+    free_port,
+    write_manifest,
+    write_stage_reports,
+)
 
 NAME = "image-classifier"
 
 
+@pytest.fixture(scope="module")
+def make_model_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDirCopies:
+    """evalkit.make_model_dir, each stand-in model built once for the module: every test gets its own copy."""
+    return ModelDirCopies(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return empty_tracking_store(tmp_path_factory.mktemp("store"))
+
+
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd = a fresh workspace whose MLflow store (sqlite + ./mlruns) lives inside it."""
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> Path:
+    """cwd = a fresh workspace whose MLflow store (sqlite + ./mlruns) lives inside it, starting empty."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     yield tmp_path
@@ -41,11 +62,11 @@ def settings(**promotion: float) -> Params:
     )
 
 
-def evaluate_model(ws: Path, model_dir: Path, params: Params | None = None, manifest: Path | None = None) -> Any:
+def evaluate_model(
+    ws: Path, model_dir: Path, params: Params | None = None, manifest: Path | None = None, **paths: Path
+) -> Any:
     manifest = manifest or (ws / "validated.csv" if (ws / "validated.csv").exists() else write_manifest(ws))
-    return run_evaluate(
-        params or settings(), manifest, model_dir, None, ws / "reports" / "evaluate", ws / "metrics.json", ws
-    )
+    return run_evaluate(params or settings(), EvaluatePaths(manifest=manifest, model_dir=model_dir, **paths).under(ws))
 
 
 def aliases() -> dict[str, str]:
@@ -56,11 +77,16 @@ def version_tags(version: str) -> dict[str, str]:
     return MlflowClient().get_model_version(NAME, version).tags
 
 
-def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) -> None:
-    write_stage_reports(workspace, quarantined=3)
+def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path, make_model_dir: ModelDirCopies) -> None:
+    write_stage_reports(workspace / "handoff", quarantined=3)  # read from the paths given, not reports/
     (workspace / "dvc.lock").write_text("stages:\n  ingest:\n    outs:\n    - path: data/raw\n      md5: f00d.dir\n")
     model_dir = make_model_dir(workspace / "good")
-    result = evaluate_model(workspace, model_dir)
+    result = evaluate_model(
+        workspace,
+        model_dir,
+        ingest_report=Path("handoff/reports/ingest.json"),
+        validation_summary=Path("handoff/reports/validation/summary.json"),
+    )
 
     assert result.promoted and result.model_version == "1"
     assert aliases() == {"champion": "1", "challenger": "1"}
@@ -77,7 +103,7 @@ def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) 
         "data-v1",
     )
     assert "data_raw_md5" not in tags
-    assert tags[registry.SHA256_TAG] == json.loads((model_dir / "run.json").read_text())["model_sha256"]
+    assert tags[scoring.SHA256_TAG] == json.loads((model_dir / "run.json").read_text())["model_sha256"]
 
     reports = workspace / "reports" / "evaluate"
     for name in ("confusion_matrix.png", "reliability.png", "worst_errors.png", "model_card.md", "promotion.json"):
@@ -103,7 +129,7 @@ def test_first_model_becomes_champion_with_reports_and_lineage(workspace: Path) 
     assert "evaluate/model_card.md" in logged and "evaluate/confusion_matrix.png" in logged
 
 
-def test_worse_challenger_stays_challenger_and_says_why(workspace: Path) -> None:
+def test_worse_challenger_stays_challenger_and_says_why(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     lenient = settings(min_accuracy=0.0)
     evaluate_model(workspace, make_model_dir(workspace / "good"), lenient)
     worse = evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), lenient)
@@ -119,7 +145,7 @@ def test_worse_challenger_stays_challenger_and_says_why(workspace: Path) -> None
     assert decision["promoted"] is False and decision["champion_version"] == "1"
 
 
-def test_better_model_takes_champion(workspace: Path) -> None:
+def test_better_model_takes_champion(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     lenient = settings(min_accuracy=0.0)
     evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), lenient)
     better = evaluate_model(workspace, make_model_dir(workspace / "good"), lenient)
@@ -129,7 +155,9 @@ def test_better_model_takes_champion(workspace: Path) -> None:
     assert "pass: accuracy 1.0000 >= champion v1 re-scored" in version_tags("2")["promotion.reasons"]
 
 
-def test_champion_is_rescored_on_todays_data_not_its_old_metrics(workspace: Path) -> None:
+def test_champion_is_rescored_on_todays_data_not_its_old_metrics(
+    workspace: Path, make_model_dir: ModelDirCopies
+) -> None:
     """The champion scored 1.0 on its own day; on a test split where it is wrong it loses."""
     lenient = settings(min_accuracy=0.0)
     evaluate_model(workspace, make_model_dir(workspace / "good"), lenient)
@@ -142,7 +170,9 @@ def test_champion_is_rescored_on_todays_data_not_its_old_metrics(workspace: Path
     assert float(version_tags("2")["promotion.champion_accuracy"]) < 0.5
 
 
-def test_a_label_with_mathtext_draws_in_the_confusion_matrix_and_worst_errors(workspace: Path) -> None:
+def test_a_label_with_mathtext_draws_in_the_confusion_matrix_and_worst_errors(
+    workspace: Path, make_model_dir: ModelDirCopies
+) -> None:
     """`$^^$` is a matplotlib mathtext error; as a class name (and so a folder in every path) it draws as text."""
     classes = ["alpha", "beta", "$^^$"]
     manifest = write_manifest(workspace / "data", classes=classes)
@@ -153,14 +183,16 @@ def test_a_label_with_mathtext_draws_in_the_confusion_matrix_and_worst_errors(wo
     assert "| \\$^^\\$ |" in (reports / "model_card.md").read_text()
 
 
-def test_threshold_failure_blocks_even_the_first_model(workspace: Path) -> None:
+def test_threshold_failure_blocks_even_the_first_model(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     result = evaluate_model(workspace, make_model_dir(workspace / "awful", quality="awful"), settings(min_accuracy=0.5))
     assert not result.promoted
     assert aliases() == {"challenger": "1"}
     assert "fail: accuracy 0.0000 < min_accuracy 0.5" in version_tags("1")["promotion.reasons"]
 
 
-def test_champion_with_another_class_set_keeps_its_place_unless_allowed(workspace: Path) -> None:
+def test_champion_with_another_class_set_keeps_its_place_unless_allowed(
+    workspace: Path, make_model_dir: ModelDirCopies
+) -> None:
     evaluate_model(
         workspace,
         make_model_dir(workspace / "two", classes=["alpha", "beta"]),
@@ -179,7 +211,7 @@ def test_champion_with_another_class_set_keeps_its_place_unless_allowed(workspac
     assert allowed.promoted and aliases() == {"champion": "3", "challenger": "3"}
 
 
-def test_champion_that_fails_to_load_is_not_replaced(workspace: Path) -> None:
+def test_champion_that_fails_to_load_is_not_replaced(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     """Any re-scoring error fails closed: here the champion's stored model file no longer matches its hash."""
     evaluate_model(workspace, make_model_dir(workspace / "good"))
     stored = [p for p in (workspace / "mlruns").rglob("artifacts/model.keras")]
@@ -195,7 +227,7 @@ def test_champion_that_fails_to_load_is_not_replaced(workspace: Path) -> None:
     assert "fail: champion v1 could not be re-scored" in tags["promotion.reasons"]
 
 
-def test_equal_model_does_not_promote_on_a_tie_by_default(workspace: Path) -> None:
+def test_equal_model_does_not_promote_on_a_tie_by_default(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     evaluate_model(workspace, make_model_dir(workspace / "good"))
     tie = evaluate_model(workspace, make_model_dir(workspace / "same"))
     assert not tie.promoted and aliases() == {"champion": "1", "challenger": "2"}
@@ -204,7 +236,7 @@ def test_equal_model_does_not_promote_on_a_tie_by_default(workspace: Path) -> No
     assert allowed.promoted and aliases()["champion"] == "3"
 
 
-def test_model_with_nan_outputs_is_never_promoted(workspace: Path) -> None:
+def test_model_with_nan_outputs_is_never_promoted(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     result = evaluate_model(workspace, make_model_dir(workspace / "nan", quality="nan"), settings(min_accuracy=0.0))
     assert not result.promoted
     assert aliases() == {"challenger": "1"}
@@ -213,19 +245,19 @@ def test_model_with_nan_outputs_is_never_promoted(workspace: Path) -> None:
 
 
 def test_champion_alias_is_not_moved_if_it_changed_during_evaluation(
-    workspace: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Path, make_model_dir: ModelDirCopies, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lenient = settings(min_accuracy=0.0)
     evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), lenient)  # v1 champion
     evaluate_model(workspace, make_model_dir(workspace / "awful", quality="awful"), lenient)  # v2, rejected
-    real_rescore = registry.rescore_champion
+    real_rescore = promotion.rescore_champion
 
     def rescore_then_someone_moves_the_alias(*args: Any, **kwargs: Any) -> Any:
         scored = real_rescore(*args, **kwargs)
         MlflowClient().set_registered_model_alias(NAME, "champion", "2")  # an admin (or another run) meanwhile
         return scored
 
-    monkeypatch.setattr(registry, "rescore_champion", rescore_then_someone_moves_the_alias)
+    monkeypatch.setattr(promotion, "rescore_champion", rescore_then_someone_moves_the_alias)
     result = evaluate_model(workspace, make_model_dir(workspace / "good"), lenient)
 
     assert not result.promoted
@@ -237,7 +269,7 @@ def test_champion_alias_is_not_moved_if_it_changed_during_evaluation(
 
 
 def test_challenger_alias_moves_only_after_the_reports_are_logged(
-    workspace: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Path, make_model_dir: ModelDirCopies, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     evaluate_model(workspace, make_model_dir(workspace / "good"))
 
@@ -251,7 +283,7 @@ def test_challenger_alias_moves_only_after_the_reports_are_logged(
 
 
 def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model(
-    workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    workspace: Path, make_model_dir: ModelDirCopies, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model_dir = make_model_dir(workspace / "models" / "finetune")
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
@@ -311,7 +343,7 @@ def test_cli_reports_a_missing_model_instead_of_a_traceback(
 
 
 def test_a_dvc_experiment_registers_nothing_unless_its_settings_say_so(
-    workspace: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Path, make_model_dir: ModelDirCopies, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     evaluate_model(workspace, make_model_dir(workspace / "bad", quality="bad"), settings(min_accuracy=0.0))  # v1
     monkeypatch.setenv("DVC_EXP_NAME", "exp-lr")
@@ -344,7 +376,9 @@ def evaluation_run_model(run_id: str) -> Any:
     return client.get_logged_model(models[0].model_id)
 
 
-def test_test_metrics_are_linked_to_the_logged_model_and_the_test_split(workspace: Path) -> None:
+def test_test_metrics_are_linked_to_the_logged_model_and_the_test_split(
+    workspace: Path, make_model_dir: ModelDirCopies
+) -> None:
     manifest = write_manifest(workspace)
     result = evaluate_model(workspace, make_model_dir(workspace / "good"), manifest=manifest)
     model = evaluation_run_model(result.run_id)
@@ -363,7 +397,7 @@ def test_test_metrics_are_linked_to_the_logged_model_and_the_test_split(workspac
     assert MlflowClient().get_model_version(NAME, result.model_version).source == f"models:/{model.model_id}"
 
 
-def test_the_test_split_is_the_runs_evaluation_dataset_input(workspace: Path) -> None:
+def test_the_test_split_is_the_runs_evaluation_dataset_input(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     manifest = write_manifest(workspace)
     result = evaluate_model(workspace, make_model_dir(workspace / "good"), manifest=manifest)
     inputs = MlflowClient().get_run(result.run_id).inputs.dataset_inputs
@@ -375,14 +409,16 @@ def test_the_test_split_is_the_runs_evaluation_dataset_input(workspace: Path) ->
     assert str(manifest.resolve()) in dataset.source
 
 
-def test_figures_are_logged_as_images_besides_the_report_files(workspace: Path) -> None:
+def test_figures_are_logged_as_images_besides_the_report_files(workspace: Path, make_model_dir: ModelDirCopies) -> None:
     result = evaluate_model(workspace, make_model_dir(workspace / "good"))
     figures = {a.path for a in MlflowClient().list_artifacts(result.run_id, "figures")}
     assert figures == {f"figures/{n}" for n in ("confusion_matrix.png", "reliability.png", "worst_errors.png")}
     assert "evaluate/confusion_matrix.png" in {a.path for a in MlflowClient().list_artifacts(result.run_id, "evaluate")}
 
 
-def test_evaluate_run_nests_under_the_pipeline_parent_run(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_run_nests_under_the_pipeline_parent_run(
+    workspace: Path, make_model_dir: ModelDirCopies, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from components.pipeline_runs import WORKSPACE_TAG, workspace_tag
 
     client = MlflowClient()
@@ -419,7 +455,9 @@ def write_suspects(workspace: Path, manifest: Path) -> set[str]:
     return {r["path"] for r in flagged}
 
 
-def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(workspace: Path) -> None:
+def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(
+    workspace: Path, make_model_dir: ModelDirCopies
+) -> None:
     """Also: with train_head's suspect labels (default --suspects path), accuracy without the flagged test images."""
     manifest = write_manifest(workspace)
     suspects = write_suspects(workspace, manifest)
@@ -460,7 +498,7 @@ def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(wo
         sum(r["actual"] == r["predicted"] for r in kept) / len(kept)
     )
     assert metrics["accuracy_without_suspects"] != pytest.approx(metrics["accuracy"])  # the bad model misses gammas
-    left_out = list(csv.DictReader((workspace / "reports" / "evaluate" / evaluate.TEST_SUSPECTS_FILE).open()))
+    left_out = list(csv.DictReader((workspace / "reports" / "evaluate" / evaluation_reports.TEST_SUSPECTS_FILE).open()))
     assert {r["path"] for r in left_out} == suspects  # the flagged train image is not a test suspect
     card = (workspace / "reports" / "evaluate" / "model_card.md").read_text()
     assert "accuracy without the 5 test image(s) flagged as suspect labels" in card
@@ -477,27 +515,20 @@ def test_suspect_test_labels_not_checked_leave_the_metrics_alone(tmp_path: Path)
     report.write_text(
         "path,split,given_label,suggested_label,score,flagged,excluded\na.jpg,test,alpha,beta,0.1,True,False\n"
     )
-    assert evaluate.test_suspects(tmp_path / "absent.csv", None, split, np.array([0, 0])) == ({}, None)
+    assert evaluation_reports.test_suspects(tmp_path / "absent.csv", None, split, np.array([0, 0])) == ({}, None)
     skipped = SimpleNamespace(suspect_label_splits=None)  # the head's check did not run: a header-only report
-    assert evaluate.test_suspects(report, skipped, split, np.array([0, 0])) == ({}, None)
+    assert evaluation_reports.test_suspects(report, skipped, split, np.array([0, 0])) == ({}, None)
     checked = SimpleNamespace(suspect_label_splits=["train", "val", "test"])
-    numbers, left_out = evaluate.test_suspects(report, checked, split, np.array([0, 0]))
+    numbers, left_out = evaluation_reports.test_suspects(report, checked, split, np.array([0, 0]))
     assert numbers == {"n_test_suspects": 1, "accuracy_without_suspects": 0.0}
     assert left_out.to_dict("records") == [{"path": "a.jpg", "given_label": "alpha", "predicted": "alpha"}]
     assert "not checked" in suspect_line({"accuracy": 0.5})
 
 
-def test_predictions_table_marks_non_finite_outputs(workspace: Path) -> None:
-    run_evaluate(
-        settings(min_accuracy=0.0),
-        write_manifest(workspace),
-        make_model_dir(workspace / "nan", quality="nan"),
-        None,
-        workspace / "reports",
-        workspace / "metrics.json",
-        workspace,
-        predictions_path=workspace / "p.csv",
-    )
+def test_predictions_table_marks_non_finite_outputs(workspace: Path, make_model_dir: ModelDirCopies) -> None:
+    model_dir = make_model_dir(workspace / "nan", quality="nan")
+    paths = EvaluatePaths(manifest=write_manifest(workspace), model_dir=model_dir, predictions=Path("p.csv"))
+    run_evaluate(settings(min_accuracy=0.0), paths.under(workspace))
     rows = read_predictions(workspace / "p.csv")
     assert len(rows) == 12 and {r["predicted"] for r in rows} == {"(no prediction)"}
     assert {r["probability"] for r in rows} == {""}

@@ -87,7 +87,7 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     # --- the finetune stage end to end, in the same worker process (one JAX start for both)
     from pathlib import Path
 
-    from components import data
+    from components import data, model_folder
     from components.finetune import run_finetune
     from components.paths import FinetunePaths
     from tests.modelkit import tiny_params
@@ -107,7 +107,7 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     paths = FinetunePaths(manifest=root / "validated.csv", policy=root / "policy.json", head_dir=root / "models/head",
                           out_dir=out / "models/finetune", report_dir=out / "reports")
     result = run_finetune(params, paths, checkpoint_root=out / "ckpt")
-    folder = data.load_model_dir(out / "models/finetune")
+    folder = model_folder.load_model_dir(out / "models/finetune")
     val = data.load_split(root / "validated.csv", "val")
     x = np.stack([data.load_rgb(p, 64) for p in val.paths]).astype("float32")
     np.savez(out / "probs.npz", x=x, probs=np.asarray(folder.model.predict(x, verbose=0)))
@@ -178,7 +178,7 @@ def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_mod
     assert run_info["flip_tta"]
 
     # The model a JAX worker wrote is an ordinary model folder: TensorFlow (this process) loads it and agrees.
-    from components.data import load_model_dir
+    from components.model_folder import load_model_dir
 
     saved = np.load(tmp_path / "probs.npz")
     reloaded = load_model_dir(tmp_path / "models/finetune")

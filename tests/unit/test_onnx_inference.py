@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from components import onnx_inference
+from components import frozen_forward, onnx_inference
 from components.backbones import build_classifier, feature_extractor
 from components.config import ModelConfig
 from components.stage_config import TrainHeadConfig
@@ -47,7 +47,7 @@ def images(n: int, height: int = 64, width: int = 64, seed: int = 0) -> np.ndarr
 
 def test_features_and_probabilities_match_keras(classifier: Any, cache_dir: Path) -> None:
     extractor = feature_extractor(classifier)
-    runner = onnx_inference.FrozenRunner(extractor, cache_dir=cache_dir, engine="auto")
+    runner = frozen_forward.FrozenRunner(extractor, cache_dir=cache_dir, engine="auto")
     assert runner.engine == "onnxruntime", runner.reason
     x = images(11)
     features = runner.predict(x, batch_size=4)  # 3 batches, the last one short
@@ -57,7 +57,7 @@ def test_features_and_probabilities_match_keras(classifier: Any, cache_dir: Path
     assert runner.export is not None and runner.export.max_abs_diff <= FEATURE_TOLERANCE
 
     # The whole classifier takes images of any size (it resizes inside): so does its ONNX file.
-    probs_runner = onnx_inference.FrozenRunner(classifier, cache_dir=cache_dir)
+    probs_runner = frozen_forward.FrozenRunner(classifier, cache_dir=cache_dir)
     odd = images(5, height=70, width=50, seed=1)
     probs = probs_runner.predict(odd)
     assert np.max(np.abs(probs - classifier.predict(odd, verbose=0))) <= PROBABILITY_TOLERANCE
@@ -69,7 +69,7 @@ def test_a_flip_tta_model_matches_keras_and_gets_its_own_export(classifier: Any,
 
     tta = with_flip_tta(classifier)
     assert onnx_inference.model_cache_key(tta) != onnx_inference.model_cache_key(classifier)
-    runner = onnx_inference.FrozenRunner(tta, cache_dir=cache_dir, engine="auto")
+    runner = frozen_forward.FrozenRunner(tta, cache_dir=cache_dir, engine="auto")
     assert runner.engine == "onnxruntime", runner.reason
     odd = images(5, height=70, width=50, seed=2)
     probs = runner.predict(odd)
@@ -85,7 +85,7 @@ def test_runs_the_projects_tf_data_batches_in_order(classifier: Any, cache_dir: 
         str(write_image(tmp_path / f"img_{i}.jpg", size=(60 + i, 50), color=COLORS[i % 4], seed=i)) for i in range(7)
     ]
     extractor = feature_extractor(classifier)
-    runner = onnx_inference.FrozenRunner(extractor, cache_dir=cache_dir)
+    runner = frozen_forward.FrozenRunner(extractor, cache_dir=cache_dir)
     got = runner.predict(image_batches(paths, 64, 3))
     expected = extractor.predict(image_batches(paths, 64, 3), verbose=0)
     assert got.shape == (7, 1280) and np.max(np.abs(got - expected)) <= FEATURE_TOLERANCE
@@ -107,7 +107,7 @@ def test_export_is_cached_by_content(classifier: Any, cache_dir: Path, monkeypat
     monkeypatch.setattr(onnx_inference, "_export_to", no_export)
     again = onnx_inference.export_onnx(rebuilt, cache_dir)
     assert again.path == first.path and again.key == first.key
-    assert onnx_inference.FrozenRunner(rebuilt, cache_dir=cache_dir).engine == "onnxruntime"
+    assert frozen_forward.FrozenRunner(rebuilt, cache_dir=cache_dir).engine == "onnxruntime"
     monkeypatch.undo()
 
     # ... a changed weight does not, and neither does a torn file.
@@ -126,23 +126,23 @@ def test_falls_back_to_keras_without_onnxruntime(
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     assert not onnx_inference.onnxruntime_available()
     extractor = feature_extractor(classifier)
-    runner = onnx_inference.FrozenRunner(extractor, cache_dir=tmp_path / "onnx")
+    runner = frozen_forward.FrozenRunner(extractor, cache_dir=tmp_path / "onnx")
     assert runner.engine == "keras" and "not installed" in runner.reason
     x = images(5, seed=2)
     expected = extractor.predict(x, verbose=0)
     np.testing.assert_allclose(runner.predict(x), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
-        onnx_inference.frozen_predict(extractor, [x[:2], x[2:]], cache_dir=tmp_path), expected, rtol=1e-5, atol=1e-5
+        frozen_forward.frozen_predict(extractor, [x[:2], x[2:]], cache_dir=tmp_path), expected, rtol=1e-5, atol=1e-5
     )
     assert not (tmp_path / "onnx").exists() or not list((tmp_path / "onnx").glob("*.onnx"))
     with pytest.raises(RuntimeError, match="onnxruntime was requested"):
-        onnx_inference.FrozenRunner(extractor, cache_dir=tmp_path / "onnx", engine="onnxruntime")
+        frozen_forward.FrozenRunner(extractor, cache_dir=tmp_path / "onnx", engine="onnxruntime")
 
 
 def test_an_export_that_disagrees_with_keras_is_not_used(classifier: Any, tmp_path: Path) -> None:
     extractor = feature_extractor(classifier)
-    runner = onnx_inference.FrozenRunner(extractor, cache_dir=tmp_path, tolerance=0.0)  # ONNX is never bit-exact here
+    runner = frozen_forward.FrozenRunner(extractor, cache_dir=tmp_path, tolerance=0.0)  # ONNX is never bit-exact here
     assert runner.engine == "keras" and "differs from Keras" in runner.reason
     assert runner.export is not None and not runner.export.accepted and runner.export.max_abs_diff > 0
     with pytest.raises(ValueError, match="engine"):
-        onnx_inference.FrozenRunner(extractor, engine="tensorrt")  # type: ignore[arg-type]
+        frozen_forward.FrozenRunner(extractor, engine="tensorrt")  # type: ignore[arg-type]

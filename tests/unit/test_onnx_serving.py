@@ -16,12 +16,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import evaluate, onnx_inference, registry, serving_model
+from components import evaluate, model_packaging, onnx_inference, registry, scoring, serving_model
 from components.config import Params, parse_params
 from components.contracts import ContractError
-from components.data import load_model_dir
 from components.hashing import file_sha256
 from components.images import ImageLimits
+from components.model_folder import load_model_dir
+from components.paths import EvaluatePaths
 from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, make_model_dir, write_manifest
 
@@ -48,9 +49,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     mp.chdir(ws)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/mlflow.db")
     manifest, model_dir = write_manifest(ws), make_model_dir(ws / "good")
-    result = evaluate.run_evaluate(
-        settings(), manifest, model_dir, None, ws / "reports" / "evaluate", ws / "metrics.json", ws
-    )
+    result = evaluate.run_evaluate(settings(), EvaluatePaths(manifest=manifest, model_dir=model_dir).under(ws))
     yield {"ws": ws, "result": result, "model_dir": model_dir, "manifest": manifest}
     mp.undo()
     mlflow.set_tracking_uri(None)
@@ -94,9 +93,9 @@ def test_evaluate_records_the_engine_and_logs_the_checked_onnx_file(evaluated: d
     assert len(exported) == 1
     sha = file_sha256(exported[0])
     tags = MlflowClient().get_model_version(NAME, result.model_version).tags
-    assert tags[registry.ONNX_SHA256_TAG] == sha
+    assert tags[scoring.ONNX_SHA256_TAG] == sha
     local = download(f"models:/{NAME}/{result.model_version}", ws / "dl")
-    config = registry.check_logged_model(local, tags[registry.SHA256_TAG], sha)["config"]
+    config = scoring.check_logged_model(local, tags[scoring.SHA256_TAG], sha)["config"]
     assert config["onnx_sha256"] == sha and config["serving_engine"] == "auto"
     logged = [p for p in local.rglob("*.onnx")]
     assert len(logged) == 1 and file_sha256(logged[0]) == sha
@@ -112,23 +111,16 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(onnx_inference, "export_onnx", no_export)
     try:
-        result = evaluate.run_evaluate(
-            settings("keras"),
-            write_manifest(tmp_path),
-            make_model_dir(tmp_path / "m"),
-            None,
-            tmp_path / "reports",
-            tmp_path / "metrics.json",
-            tmp_path,
-        )
+        paths = EvaluatePaths(manifest=write_manifest(tmp_path), model_dir=make_model_dir(tmp_path / "m"))
+        result = evaluate.run_evaluate(settings("keras"), paths.under(tmp_path))
         assert result.accuracy == 1.0
         assert MlflowClient().get_run(result.run_id).data.tags["inference_engine"] == "keras"
         assert not (tmp_path / onnx_inference.CACHE_DIR).exists()
         tags = MlflowClient().get_model_version(NAME, result.model_version).tags
-        assert registry.ONNX_SHA256_TAG not in tags
+        assert scoring.ONNX_SHA256_TAG not in tags
         local = download(f"models:/{NAME}/{result.model_version}", tmp_path / "dl")
         assert not list(local.rglob("*.onnx"))
-        served = registry.load_scoring_model(f"models:/{NAME}/{result.model_version}")
+        served = scoring.load_scoring_model(f"models:/{NAME}/{result.model_version}")
         assert served.engine == "keras"
     finally:
         mlflow.set_tracking_uri(None)
@@ -139,7 +131,7 @@ def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_served_model_runs_onnx_and_matches_the_keras_engine(evaluated: dict[str, Any], tmp_path: Path) -> None:
     uri = f"models:/{NAME}/{evaluated['result'].model_version}"
-    onnx = registry.load_scoring_model(uri).classifier
+    onnx = scoring.load_scoring_model(uri).classifier
     assert onnx.engine == "onnxruntime" and onnx.session is not None
     local = download(uri, tmp_path / "dl")
     # A loader may force Keras without re-logging (what MLFLOW_PYFUNC_INFERENCE_CONFIG does for a server).
@@ -167,17 +159,17 @@ def test_an_onnx_hash_that_is_not_the_registered_one_is_refused(tmp_path: Path) 
     def logged(name: str, config: dict[str, Any]) -> Path:
         root = tmp_path / name
         root.mkdir()
-        flavor = {"loader_module": registry.CODE_LOADER, "config": {"keras_sha256": "a" * 64, **config}}
+        flavor = {"loader_module": scoring.CODE_LOADER, "config": {"keras_sha256": "a" * 64, **config}}
         (root / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": flavor}}))
         return root
 
     with_onnx = logged("with", {"onnx_sha256": "c" * 64})
-    assert registry.check_logged_model(with_onnx, "a" * 64, "c" * 64)
-    with pytest.raises(registry.UnsafeModel, match="ONNX sha256 differs"):
-        registry.check_logged_model(with_onnx, "a" * 64, "d" * 64)
-    with pytest.raises(registry.UnsafeModel, match="ONNX sha256 differs"):  # a file the version never had
-        registry.check_logged_model(with_onnx, "a" * 64, None)
-    assert registry.check_logged_model(logged("old", {}), "a" * 64, None)  # registered before ONNX
+    assert scoring.check_logged_model(with_onnx, "a" * 64, "c" * 64)
+    with pytest.raises(scoring.UnsafeModel, match="ONNX sha256 differs"):
+        scoring.check_logged_model(with_onnx, "a" * 64, "d" * 64)
+    with pytest.raises(scoring.UnsafeModel, match="ONNX sha256 differs"):  # a file the version never had
+        scoring.check_logged_model(with_onnx, "a" * 64, None)
+    assert scoring.check_logged_model(logged("old", {}), "a" * 64, None)  # registered before ONNX
 
 
 def test_a_model_logged_without_onnx_still_serves_with_keras(tmp_path: Path) -> None:
@@ -185,14 +177,14 @@ def test_a_model_logged_without_onnx_still_serves_with_keras(tmp_path: Path) -> 
     try:
         folder = load_model_dir(make_model_dir(tmp_path / "m"))
         params = settings()
-        config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
+        config = model_packaging.serving_model_config(params, folder.image_size, folder.info.model_sha256)
         assert not set(serving_model.ONNX_CONFIG_KEYS) & set(config)  # what models before this change carry
         limits = ImageLimits.from_config(params.validate)
-        example = evaluate.example_input(str(write_image(tmp_path / "ex.jpg")), limits)
+        example = model_packaging.example_input(str(write_image(tmp_path / "ex.jpg")), limits)
         with mlflow.start_run():
-            info = registry.log_pyfunc(folder.model_path, folder.classes, config, example)
-        version = registry.register_version("old", info.model_uri, {registry.SHA256_TAG: folder.info.model_sha256})
-        model = registry.load_scoring_model(f"models:/old/{version}").classifier
+            info = model_packaging.log_pyfunc(folder.model_path, folder.classes, config, example)
+        version = registry.register_version("old", info.model_uri, {scoring.SHA256_TAG: folder.info.model_sha256})
+        model = scoring.load_scoring_model(f"models:/old/{version}").classifier
         assert model.engine == "keras" and model.session is None
         assert list(model.score(colour_images(tmp_path))[:3].argmax(axis=1)) == [0, 1, 2]
     finally:
@@ -209,7 +201,9 @@ def test_an_onnx_file_without_a_recorded_hash_is_never_read(tmp_path: Path) -> N
 
 def test_loading_the_served_model_needs_onnxruntime_only(evaluated: dict[str, Any], tmp_path: Path) -> None:
     """The served code package holds onnx_inference, and loading it never imports the exporter (tf2onnx)."""
-    assert {"onnx_inference.py", "files.py", "hashing.py"} <= registry.code_closure(registry.SERVING_MODEL)
+    package = model_packaging.code_closure(model_packaging.SERVING_MODEL)
+    assert {"onnx_inference.py", "files.py", "hashing.py"} <= package
+    assert "frozen_forward.py" not in package  # the served model runs a given file: no export, no engine choice
     local = download(f"models:/{NAME}/{evaluated['result'].model_version}", tmp_path / "dl")
     script = (
         "import sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]).unwrap_python_model(); "

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import predict, registry, serving_model
+from components import model_packaging, predict, registry, scoring, serving_model
 from components.config import parse_params
-from components.data import load_model_dir
-from components.evaluate import example_input
 from components.images import ImageLimits
+from components.model_folder import load_model_dir
+from components.model_packaging import example_input
 from components.predict import run_predict
 from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, make_model_dir, write_manifest
@@ -48,11 +48,11 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     experiment = mlflow.create_experiment("predict-tests", artifact_location=(root / "mlruns").as_uri())
     folder = load_model_dir(make_model_dir(root / "model"))
     params = parse_params(LIMITS)
-    config = registry.serving_model_config(params, folder.image_size, folder.info.model_sha256)
+    config = model_packaging.serving_model_config(params, folder.image_size, folder.info.model_sha256)
     example = example_input(str(write_image(root / "example.jpg")), ImageLimits.from_config(params.validate))
     with mlflow.start_run(experiment_id=experiment):
-        info = registry.log_pyfunc(folder.model_path, folder.classes, config, example)
-    version = registry.register_version("served", info.model_uri, {registry.SHA256_TAG: folder.info.model_sha256})
+        info = model_packaging.log_pyfunc(folder.model_path, folder.classes, config, example)
+    version = registry.register_version("served", info.model_uri, {scoring.SHA256_TAG: folder.info.model_sha256})
     yield {"uri": info.model_uri, "registered": f"models:/served/{version}", "root": root, "experiment": experiment}
     mlflow.set_tracking_uri(None)
 
@@ -178,7 +178,7 @@ def test_logged_model_holds_no_pickle_and_stores_its_limits_and_hash(logged: dic
     names = {p.name for p in local.rglob("*")}
     assert not {n for n in names if n.endswith((".pkl", ".pickle"))} and "python_model.pkl" not in names
     assert "cloudpickle" not in (local / "requirements.txt").read_text()
-    flavor = registry.check_logged_model(local)
+    flavor = scoring.check_logged_model(local)
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
     config = flavor["config"]
     assert (config["max_images_per_request"], config["max_request_bytes"]) == (5, 50_000)
@@ -190,7 +190,7 @@ def test_logged_model_holds_no_pickle_and_stores_its_limits_and_hash(logged: dic
     assert (config["serving_max_pixels"], config["max_request_pixels"]) == (170 * 170, 60_000)
     model_sha = json.loads((logged["root"] / "model" / "run.json").read_text())["model_sha256"]
     assert config["keras_sha256"] == model_sha
-    assert registry.load_scoring_model(logged["registered"]).classes == CLASSES
+    assert scoring.load_scoring_model(logged["registered"]).classes == CLASSES
 
 
 def test_a_changed_keras_file_is_refused_before_keras_reads_it(logged: dict[str, Any], tmp_path: Path) -> None:
@@ -208,9 +208,9 @@ def test_a_registered_pickled_pyfunc_is_refused(logged: dict[str, Any]) -> None:
 
     with mlflow.start_run(experiment_id=logged["experiment"]):
         info = mlflow.pyfunc.log_model(name="old", python_model=Pickled(), pip_requirements=["mlflow"])
-    version = registry.register_version("served", info.model_uri, {registry.SHA256_TAG: "0" * 64})
-    with pytest.raises(registry.UnsafeModel, match="pickled pyfunc"):
-        registry.load_scoring_model(f"models:/served/{version}")
+    version = registry.register_version("served", info.model_uri, {scoring.SHA256_TAG: "0" * 64})
+    with pytest.raises(scoring.UnsafeModel, match="pickled pyfunc"):
+        scoring.load_scoring_model(f"models:/served/{version}")
 
 
 # --- batch scoring ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Registry helpers: the promotion gate's decisions, lineage, retries, credential scrubbing, safe loading."""
+"""Registry helpers: the promotion gate's decisions, lineage, retries, credential scrubbing, safe loading, packaging."""
 
 from __future__ import annotations
 
@@ -11,21 +11,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from components.config import Params, parse_params
-from components.contracts import IngestReport, ModelRunInfo, ValidationSummary
+from components.contracts import IngestReport, ModelRunInfo, ScoresRecord, ValidationSummary
 from components.credentials import scrub_credentials
-from components.registry import (
-    SERVING_MODEL,
-    Scores,
-    UnsafeModel,
-    alias_version,
-    check_logged_model,
-    code_closure,
-    data_versions,
-    decide_promotion,
-    git_commit,
-    lineage_tags,
-    params_hash,
-)
+from components.lineage import data_versions, git_commit, lineage_tags, params_hash
+from components.model_packaging import SERVING_MODEL, code_closure
+from components.promotion import decide_promotion, promotion_tags, refused
+from components.registry import alias_version
+from components.scoring import UnsafeModel, check_logged_model
 from components.stage_config import PromotionConfig
 from components.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
 from tests.evalkit import CLASSES, run_info, write_stage_reports
@@ -35,8 +27,8 @@ GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0
 
 def scores(
     accuracy: float, min_recall: float, n: int = 50, per_class: dict[str, float] | None = None, non_finite: int = 0
-) -> Scores:
-    return Scores(
+) -> ScoresRecord:
+    return ScoresRecord(
         accuracy=accuracy,
         min_class_recall=min_recall,
         n_test=n,
@@ -58,7 +50,7 @@ def test_first_model_is_judged_on_thresholds_alone() -> None:
         (scores(0.95, 0.4), "lowest class recall 0.4000 < min_class_recall 0.5"),
     ],
 )
-def test_model_below_an_absolute_threshold_is_rejected_naming_it(challenger: Scores, failing: str) -> None:
+def test_model_below_an_absolute_threshold_is_rejected_naming_it(challenger: ScoresRecord, failing: str) -> None:
     decision = decide_promotion(GATE, challenger)
     assert not decision.promoted
     assert f"fail: {failing}" in decision.reasons
@@ -70,7 +62,7 @@ def test_challenger_must_beat_rescored_champion_by_the_margin() -> None:
     enough = decide_promotion(GATE, scores(0.92, 0.8, per_class={"a": 0.8, "b": 0.9}), champion, "3")
     assert not short.promoted and enough.promoted
     assert any(r.startswith("fail: accuracy 0.9100 < champion v3 re-scored 0.9000") for r in short.reasons)
-    tags = short.tags()
+    tags = promotion_tags(short)
     assert tags["promotion.decision"] == "rejected"
     assert tags["promotion.champion_accuracy"] == "0.900000"
     assert tags["promotion.threshold.min_improvement"] == "0.02"
@@ -83,7 +75,7 @@ def test_champion_that_cannot_be_rescored_keeps_its_place() -> None:
     assert any(
         r.startswith("fail: champion v2 could not be re-scored (could not load or run it") for r in decision.reasons
     )
-    assert decision.tags()["promotion.champion_problem"] == "could not load or run it: OSError: gone"
+    assert promotion_tags(decision)["promotion.champion_problem"] == "could not load or run it: OSError: gone"
 
 
 def test_changed_class_set_promotes_only_when_the_setting_allows_it() -> None:
@@ -130,10 +122,19 @@ def test_non_finite_outputs_are_never_promoted() -> None:
 def test_decision_is_written_through_the_promotion_contract(tmp_path: Path) -> None:
     from components.contracts import PromotionRecord
 
-    decision = decide_promotion(GATE, scores(0.9, 0.7))
-    decision.record("m", "1", "run", {"git_commit": "x"}).write(tmp_path / "promotion.json")
+    decision = decide_promotion(GATE, scores(0.9, 0.7), registered_model="m", run_id="run", lineage={"git_commit": "x"})
+    decision.model_copy(update={"version": "1"}).write(tmp_path / "promotion.json")
     back = PromotionRecord.read(tmp_path / "promotion.json")
     assert back.promoted and back.challenger.accuracy == 0.9 and back.thresholds["promote_on_tie"] is False
+    assert (back.registered_model, back.version, back.run_id, back.lineage) == ("m", "1", "run", {"git_commit": "x"})
+
+
+def test_a_refusal_keeps_the_decision_and_adds_why_without_changing_the_original() -> None:
+    decision = decide_promotion(GATE, scores(0.9, 0.7))
+    later = refused(decision, "the champion alias moved")
+    assert decision.promoted and not later.promoted
+    assert later.reasons == [*decision.reasons, "fail: the champion alias moved"]
+    assert promotion_tags(later)["promotion.decision"] == "rejected"
 
 
 def test_params_hash_changes_with_any_setting() -> None:
@@ -305,7 +306,7 @@ def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
     package = code_closure(SERVING_MODEL)
     assert {
         "serving_model.py",
-        "data.py",
+        "model_folder.py",
         "images.py",
         "backbones.py",
         "contracts.py",
@@ -313,7 +314,8 @@ def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
         "files.py",
         "hashing.py",
     } <= package
-    assert not {"evaluate.py", "registry.py", "predict.py", "ingest.py"} & package  # no stage code travels
+    no_stage_code = {"evaluate.py", "registry.py", "promotion.py", "model_packaging.py", "predict.py", "ingest.py"}
+    assert not no_stage_code & package  # no stage code (or the code that logs the model) travels
 
 
 def test_a_card_too_long_for_the_registry_is_cut_at_a_line_and_says_where_the_whole_is():

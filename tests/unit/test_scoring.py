@@ -7,6 +7,7 @@ but not the registry's tags. Each tamper below makes the stored code write a mar
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,26 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components import registry, scoring, serve, serving_model
+from components import model_packaging, scoring, serve, serving_model
 from components.config import Params, parse_params
 from components.evaluate import run_evaluate
+from components.paths import EvaluatePaths
 from components.predict import run_predict
 from tests.conftest import COLORS, write_image
-from tests.evalkit import CLASSES, make_model_dir, write_manifest
+from tests.evalkit import CLASSES, empty_tracking_store, make_model_dir, write_manifest
 
 NAME = "image-classifier"
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return empty_tracking_store(tmp_path_factory.mktemp("store"))
+
+
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> Path:
     """cwd = a fresh workspace whose MLflow store (sqlite + ./mlruns, the artifact store) lives inside it."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     yield tmp_path
@@ -47,9 +55,7 @@ def settings(**promotion: Any) -> Params:
 
 def evaluate_model(ws: Path, model_dir: Path, params: Params | None = None) -> Any:
     manifest = ws / "validated.csv" if (ws / "validated.csv").exists() else write_manifest(ws)
-    return run_evaluate(
-        params or settings(), manifest, model_dir, None, ws / "reports" / "evaluate", ws / "metrics.json", ws
-    )
+    return run_evaluate(params or settings(), EvaluatePaths(manifest=manifest, model_dir=model_dir).under(ws))
 
 
 def stored_files(ws: Path, version: str, pattern: str) -> list[Path]:
@@ -167,7 +173,7 @@ def test_a_champion_from_an_older_module_layout_is_still_rescored(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its stored code imports a module that does not exist any more: MLflow could not load it, our code can."""
-    logged = registry.log_pyfunc
+    logged = model_packaging.log_pyfunc
 
     def older_layout(*args: Any, **kwargs: Any) -> Any:
         info = logged(*args, **kwargs)
@@ -176,7 +182,7 @@ def test_a_champion_from_an_older_module_layout_is_still_rescored(
                 path.write_text("import components.vision_preprocessing  # moved since\n" + path.read_text())
         return info  # evaluate then records the digest of this layout
 
-    monkeypatch.setattr(registry, "log_pyfunc", older_layout)
+    monkeypatch.setattr(model_packaging, "log_pyfunc", older_layout)
     evaluate_model(workspace, make_model_dir(workspace / "old"))
     monkeypatch.undo()
     monkeypatch.chdir(workspace)
@@ -195,7 +201,7 @@ def test_classes_that_do_not_fit_the_model_are_refused(workspace: Path) -> None:
     (classes_file,) = stored_files(workspace, result.model_version, "classes.json")
     classes_file.write_text(json.dumps([*CLASSES, "delta"]))
     with pytest.raises(scoring.UnsafeModel, match="names 4 classes but the model outputs 3"):
-        registry.load_scoring_model(f"models:/{NAME}/{result.model_version}")
+        scoring.load_scoring_model(f"models:/{NAME}/{result.model_version}")
 
 
 # --- the verifying serve entry point ---------------------------------------------------------------
@@ -261,7 +267,7 @@ def test_refusals_are_mlflow_errors_whose_message_the_scoring_server_cannot_rewr
 
 def test_an_unexpected_failure_tells_the_caller_nothing_about_the_server(workspace: Path) -> None:
     result = evaluate_model(workspace, make_model_dir(workspace / "good"))
-    model = registry.load_scoring_model(f"models:/{NAME}/{result.model_version}")
+    model = scoring.load_scoring_model(f"models:/{NAME}/{result.model_version}")
 
     def broken(batch: Any) -> Any:
         raise RuntimeError("/srv/models/secret.keras: layer dense_1 failed in components/serving_model.py:230")
