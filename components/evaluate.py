@@ -48,6 +48,7 @@ from components.metrics import compute_metrics, flat_metrics, predictions
 from components.model_card import model_card, quarantined_count, split_counts
 from components.model_folder import ModelFolder, load_model_dir, read_model_info
 from components.model_packaging import example_input
+from components.overrides import add_set_argument
 from components.paths import EvaluatePaths
 from components.promotion import apply_decision, judge_challenger, not_registered, refused, scores_of
 from components.registry import describe_version, register_version, set_challenger
@@ -190,14 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="settings file")
     EvaluatePaths.add_arguments(parser)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting (repeatable)",
-    )
+    add_set_argument(parser, "override one setting (repeatable)")
     return parser
 
 
