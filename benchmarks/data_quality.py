@@ -37,8 +37,8 @@ MAX_DISTANCE = 10  # validate.near_duplicates.max_distance
 
 
 def _limits() -> Any:
-    from components.images import ImageLimits
-    from components.stage_config import ValidateConfig
+    from components.core.stage_config import ValidateConfig
+    from components.ingestion.images import ImageLimits
 
     return ImageLimits.from_config(ValidateConfig())
 
@@ -51,7 +51,7 @@ def _hash_bits(rows: list[dict[str, str]]) -> tuple[dict[str, np.ndarray], float
     import imagehash
     from PIL import Image
 
-    from components.images import decode_rgb
+    from components.ingestion.images import decode_rgb
 
     out: dict[str, list[np.ndarray]] = {"phash": [], "dhash": [], "whash": []}
     started = time.perf_counter()
@@ -150,9 +150,9 @@ def compare_methods(flowers: list[dict[str, str]], flower_x: np.ndarray) -> dict
 
 
 def near_duplicates_in_flowers(flowers: list[dict[str, str]]) -> dict[str, Any]:
-    from components import hamming_search as hs
-    from components import near_duplicates as nd
-    from components import perceptual_hashes as ph
+    from components.quality import hamming_search as hs
+    from components.quality import near_duplicates as nd
+    from components.quality import perceptual_hashes as ph
 
     frame = pd.DataFrame(flowers)
     cache = sets.WORK / "phash_cache.npz"
@@ -189,7 +189,7 @@ def near_duplicates_in_flowers(flowers: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def label_issues_in_flowers(flowers: list[dict[str, str]], x: np.ndarray) -> dict[str, Any]:
-    from components import label_issues
+    from components.quality import label_issues
 
     train = [i for i, r in enumerate(flowers) if r["split"] == "train"]
     classes = sorted({r["label"] for r in flowers})
@@ -232,7 +232,7 @@ def _champion_head(x: np.ndarray, y: np.ndarray) -> Any:
 
 def _embed_seconds(rows: list[dict[str, str]]) -> float:
     """Wall time of one backbone pass over `rows` (the drift check's embedding cost), uncached."""
-    from components.data import image_batches
+    from components.modeling.data import image_batches
 
     extractor = sets._extractor()
     extractor.predict(image_batches([r["path"] for r in rows[:32]], sets.MODEL.image_size, 32), verbose=0)  # trace
@@ -242,9 +242,9 @@ def _embed_seconds(rows: list[dict[str, str]]) -> float:
 
 
 def drift_comparisons(flowers: list[dict[str, str]], x: np.ndarray) -> dict[str, Any]:
-    from components import drift
-    from components.manifest_rows import assign_split
-    from components.stage_config import DriftConfig, SplitFractions
+    from components.core.stage_config import DriftConfig, SplitFractions
+    from components.ingestion.manifest_rows import assign_split
+    from components.modeling import drift
 
     config = DriftConfig()
     classes = sorted({r["label"] for r in flowers})

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from components.config import ModelConfig
-from components.hashing import file_sha256
-from components.manifest_rows import assign_split
-from components.stage_config import SplitFractions, TrainHeadConfig
+from components.core.config import ModelConfig
+from components.core.hashing import file_sha256
+from components.core.stage_config import SplitFractions, TrainHeadConfig
+from components.ingestion.manifest_rows import assign_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TP_SHARED_DIR", REPO.parent / "shared"))
@@ -145,7 +145,7 @@ def shifted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def _extractor():
-    from components import backbones
+    from components.modeling import backbones
 
     model, _ = backbones.build_classifier(MODEL, 2, TrainHeadConfig())
     return backbones.feature_extractor(model)
@@ -157,8 +157,8 @@ _EXTRACTOR = None
 def features(rows: list[dict[str, str]], name: str) -> tuple[np.ndarray, float]:
     """Pooled backbone features of `rows` (cached on disk by the rows' hashes); (features, seconds it took)."""
     global _EXTRACTOR
-    from components import runtime
-    from components.data import image_batches
+    from components.core import runtime
+    from components.modeling.data import image_batches
 
     key = hashlib.sha256(("\n".join(r["sha256"] for r in rows) + repr(MODEL)).encode()).hexdigest()[:16]
     path = WORK / "features" / f"{name}-{key}.npz"

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from components import files, runtime
+from components.core import files, runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLEARLY_FASTER = 1.15  # OpenVINO replaces ONNX Runtime only if at least this much faster ...
-TOLERANCE = 1e-4  # ... and as close to TensorFlow as ONNX Runtime must be (components.onnx_inference)
+TOLERANCE = 1e-4  # ... and as close to TensorFlow as ONNX Runtime must be (components.modeling.onnx_inference)
 
 
 def load_average() -> list[float]:
@@ -47,9 +47,9 @@ def cpu_model() -> str:
 
 
 def build_extractor(alpha: float, size: int, weights: str) -> Any:
-    from components.backbones import build_classifier, feature_extractor
-    from components.config import ModelConfig
-    from components.stage_config import TrainHeadConfig
+    from components.core.config import ModelConfig
+    from components.core.stage_config import TrainHeadConfig
+    from components.modeling.backbones import build_classifier, feature_extractor
 
     model, _ = build_classifier(
         ModelConfig(backbone="mobilenet_v2", alpha=alpha, image_size=size, weights=weights), 5, TrainHeadConfig()
@@ -90,7 +90,7 @@ def benchmark(
     import keras
     import tensorflow as tf
 
-    from components import frozen_forward
+    from components.modeling import frozen_forward
 
     load_before = load_average()
     extractor = build_extractor(alpha, size, weights)

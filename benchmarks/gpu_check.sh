@@ -12,17 +12,17 @@
 #
 # Carried wheels (installed with --no-index into a venv that sees the machine's own jax/torch):
 #   keras==3.15.1 and its small deps (namex, optree, h5py, absl-py, rich, markdown-it-py, mdurl, pygments),
-#   pydantic + pydantic-core + annotated-types + typing-inspection (components.config), PyYAML, Pillow.
+#   pydantic + pydantic-core + annotated-types + typing-inspection (components.core.config), PyYAML, Pillow.
 #   Binary wheels are fetched for CPython 3.11 and 3.12 (manylinux x86_64; keras 3.15 needs Python
 #   >= 3.11; GPU_CHECK_PYTHONS="3.11 3.12 3.13" adds one, ~15 MB more): the GPU machine's Python is
 #   not known in advance. Carry: ~37 MB of wheels + ~6 MB subset + 2 MB weights. Not carried: albumentations (+ opencv, ~50 MB): the driver
 #   augments with numpy flips, so the check measures the model/training path, not the policy.
 #   Not carried: TensorFlow (cannot go there), mlflow/dvc/prefect (the driver does not track).
 #
-# The driver builds the model with components.backbones (build_classifier, unfreeze_top), trains the
+# The driver builds the model with components.modeling.backbones (build_classifier, unfreeze_top), trains the
 # head with the backbone frozen, then fine-tunes as finetune does (top layers unfrozen, BatchNorm in
 # inference mode, Adam with finetune's warm-up + cosine schedule, label smoothing), with mixed
-# precision on a GPU. Images come through components.images.decode_rgb into a keras.utils.PyDataset.
+# precision on a GPU. Images come through components.ingestion.images.decode_rgb into a keras.utils.PyDataset.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,10 +72,10 @@ if os.environ.get("GPU_CHECK_BLOCK_TF") == "1":
 
 import numpy as np
 import keras
-from components.backbones import build_classifier, get_spec, unfreeze_top
-from components.stage_config import FinetuneConfig, TrainHeadConfig
-from components.config import ModelConfig
-from components.images import ImageLimits, decode_rgb
+from components.modeling.backbones import build_classifier, get_spec, unfreeze_top
+from components.core.stage_config import FinetuneConfig, TrainHeadConfig
+from components.core.config import ModelConfig
+from components.ingestion.images import ImageLimits, decode_rgb
 
 backend = keras.config.backend()
 if backend == "jax":
@@ -134,8 +134,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 def schedule(config, steps_per_epoch):
     try:  # finetune's own schedule when its imports (mlflow, ...) are there; the same formula otherwise
-        from components.optimization import lr_schedule
-        return lr_schedule(config, steps_per_epoch), "components.optimization.lr_schedule"
+        from components.modeling.optimization import lr_schedule
+        return lr_schedule(config, steps_per_epoch), "components.modeling.optimization.lr_schedule"
     except ImportError:
         warmup = min(config.warmup_epochs, max(config.epochs - 1, 0)) * steps_per_epoch
         decay = max(1, config.epochs * steps_per_epoch - warmup)

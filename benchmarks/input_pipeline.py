@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components import files, runtime
+from components.core import files, runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def subset_split(source: Path, per_class: int) -> Any:
     import numpy as np
 
-    from components.data import Split
+    from components.modeling.data import Split
 
     classes = sorted(p.name for p in source.iterdir() if p.is_dir())
     paths, labels = [], []
@@ -49,11 +49,11 @@ def images_per_second(run: Any, count: int) -> float:
 def measure(source: Path, per_class: int, image_size: int, alpha: float, batch_size: int) -> dict[str, Any]:
     import keras
 
-    from components import backbones
-    from components.config import ModelConfig
-    from components.data import make_dataset
-    from components.stage_config import AugmentConfig, FinetuneConfig, TrainHeadConfig
-    from components.transforms import build_pipeline, save_pipeline
+    from components.core.config import ModelConfig
+    from components.core.stage_config import AugmentConfig, FinetuneConfig, TrainHeadConfig
+    from components.modeling import backbones
+    from components.modeling.data import make_dataset
+    from components.modeling.transforms import build_pipeline, save_pipeline
 
     runtime.configure_tensorflow(0)
     split = subset_split(source, per_class)

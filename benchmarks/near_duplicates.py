@@ -1,4 +1,4 @@
-"""Near-duplicate search: the multi-index (components.hamming_search.index_pairs) vs all pairs.
+"""Near-duplicate search: the multi-index (components.quality.hamming_search.index_pairs) vs all pairs.
 
     nice -n 10 .venv/bin/python -m benchmarks.near_duplicates
 
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import files
-from components import hamming_search as hs
-from components import perceptual_hashes as ph
+from components.core import files
+from components.quality import hamming_search as hs
+from components.quality import perceptual_hashes as ph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_DISTANCE = 10  # validate.near_duplicates.max_distance in params.yaml
@@ -88,8 +88,8 @@ def synthetic_runs(index_sizes: list[int], all_pairs_sizes: list[int]) -> list[d
 
 def flowers() -> dict[str, Any] | None:
     from benchmarks import dq_sets
-    from components.images import ImageLimits
-    from components.stage_config import ValidateConfig
+    from components.core.stage_config import ValidateConfig
+    from components.ingestion.images import ImageLimits
 
     if not dq_sets.FLOWERS.is_dir():
         return None

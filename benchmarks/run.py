@@ -4,7 +4,7 @@
 
 1. The pipeline runs in a fresh workspace through the Prefect flow, ingest to a registered,
    exported model. With `TP_EPOCH_SNAPSHOTS` set, train_head and finetune save their weights after
-   every epoch (components/snapshots.py); after the run each snapshot is scored on the test split,
+   every epoch (components/modeling/snapshots.py); after the run each snapshot is scored on the test split,
    so the pipeline's test accuracy is known after every epoch of both stages, at the wall time the
    epoch ended (counted from the start of ingest, minus the snapshot saves). No stage reads test.
 2. Baseline "recipe": the Keras transfer-learning lesson as written, adapted only to N classes and
@@ -84,7 +84,7 @@ def split_arrays(workspace: Path, split_name: str, classes: list[str], size: int
     """(images as float32 0..255, labels) of one split of the validated manifest, decoded as evaluate does."""
     import numpy as np
 
-    from components.data import load_rgb, load_split
+    from components.modeling.data import load_rgb, load_split
 
     split = load_split(workspace / "data/validated.csv", split_name, classes)
     images = np.stack([load_rgb(workspace / p, size) for p in split.paths]).astype("float32")
@@ -94,7 +94,7 @@ def split_arrays(workspace: Path, split_name: str, classes: list[str], size: int
 def _load(model_path: Path) -> tuple[Any, list[str], int]:
     import keras
 
-    from components import backbones  # noqa: F401  (registers custom layers)
+    from components import backbones  # noqa: F401  (registers custom layers
 
     model = keras.models.load_model(model_path)
     classes = json.loads((model_path.parent / "classes.json").read_text())
@@ -115,8 +115,8 @@ def evaluate_model(model_path: Path, workspace: Path) -> float:
 def score_snapshots(workspace: Path, snapshots: Path, started_unix: float) -> list[dict[str, Any]]:
     """Test accuracy of every per-epoch snapshot, at the seconds since `started_unix` its epoch ended
     (the time spent saving earlier snapshots taken off)."""
-    from components import backbones
-    from components import snapshots as snaps
+    from components.modeling import backbones
+    from components.modeling import snapshots as snaps
 
     records = snaps.read_log(snapshots)
     if not records:
@@ -155,7 +155,7 @@ def score_snapshots(workspace: Path, snapshots: Path, started_unix: float) -> li
 def flip_tta(workspace: Path) -> dict[str, Any]:
     """Val and test accuracy of the final classifier alone and averaged with its mirror image, and
     whether finetune kept the mean (it judges on val only; test is reported, never used)."""
-    from components.backbones import plain_classifier
+    from components.modeling.backbones import plain_classifier
 
     saved, classes, size = _load(workspace / "models/finetune/model.keras")
     model = plain_classifier(saved)
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         (results / f"{args.name}.md").write_text(to_markdown(result))
         return 0
 
-    from components.config import apply_overrides, load_params
+    from components.core.config import apply_overrides, load_params
 
     work = Path(args.workdir) / args.name
     if work.exists():

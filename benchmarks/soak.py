@@ -56,8 +56,8 @@ def grows_steadily(values: list[float], tolerance: float) -> bool:
 
 
 def soak(workspace: Path, runs: int) -> dict[str, Any]:
-    from components.config import load_params
-    from components.overrides import write_overrides
+    from components.core.config import load_params
+    from components.core.overrides import write_overrides
     from flows.training import training_flow
 
     name = load_params(workspace / "params.yaml").tracking.registered_model

@@ -1,9 +1,9 @@
 """The pipeline's stages and their helpers (docs/architecture.md).
 
 Importing any module of this package first runs this file, which switches the libraries' telemetry and
-update checks off (components.runtime), so no module has to order its imports around that.
+update checks off (components.core.runtime), so no module has to order its imports around that.
 """
 
-from components.runtime import quiet_environment
+from components.core.runtime import quiet_environment
 
 quiet_environment()

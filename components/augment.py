@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from components import errors, figures
-from components.config import Params, ParamsError, load_params
-from components.contracts import read_manifest
-from components.data import load_rgb, load_split
-from components.paths import AugmentPaths
-from components.transforms import build_pipeline, save_pipeline
+from components.core import errors, figures
+from components.core.config import Params, ParamsError, load_params
+from components.core.contracts import read_manifest
+from components.core.paths import AugmentPaths
+from components.modeling.data import load_rgb, load_split
+from components.modeling.transforms import build_pipeline, save_pipeline
 
 
 @dataclass(frozen=True)

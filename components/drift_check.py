@@ -3,7 +3,7 @@
     python -m components.drift_check --model-dir models/finetune --manifest data/validated.csv --out reports/drift.json
 
 Run by the training flow after validate (not a DVC stage: its answer decides whether training runs).
-The statistics live in components/drift.py; this is the command around them.
+The statistics live in components/modeling/drift.py; this is the command around them.
 """
 
 from __future__ import annotations
@@ -15,17 +15,25 @@ from pathlib import Path
 
 import numpy as np
 
-from components import errors
-from components.config import Params, ParamsError, load_params
-from components.contracts import ContractError, read_manifest
-from components.drift import REFERENCE_FILE, DriftReport, Reference, compare, embed, sample_per_class, sha_prefixes
-from components.images import ImageLimits
-from components.paths import DRIFT_REPORT, VALIDATED_MANIFEST
+from components.core import errors
+from components.core.config import Params, ParamsError, load_params
+from components.core.contracts import ContractError, read_manifest
+from components.core.paths import DRIFT_REPORT, VALIDATED_MANIFEST
+from components.ingestion.images import ImageLimits
+from components.modeling.drift import (
+    REFERENCE_FILE,
+    DriftReport,
+    Reference,
+    compare,
+    embed,
+    sample_per_class,
+    sha_prefixes,
+)
 
 
 def run_drift(params: Params, manifest: str | Path, model_dir: str | Path, out_path: str | Path) -> DriftReport:
     """Compare today's new images (those not in the model's training data) with the model's reference."""
-    from components.model_folder import load_model_dir
+    from components.modeling.model_folder import load_model_dir
 
     started, config = time.perf_counter(), params.drift
     reference = Reference.load(Path(model_dir) / REFERENCE_FILE)

@@ -4,11 +4,11 @@ Writes to `reports/evaluate/`: metrics.json (full), classification_report.txt, c
 reliability.png (calibration), worst_errors.png (the most confident mistakes), model_card.md and
 promotion.json (`contracts.PromotionRecord`); one CSV row per test image (--predictions:
 path,actual,predicted,probability: `dvc plots` draws its confusion matrix per experiment); and a flat
-`metrics.json` (`contracts.TestMetrics`) for `dvc metrics show`. In MLflow (`components.evaluation_run`): a
+`metrics.json` (`contracts.TestMetrics`) for `dvc metrics show`. In MLflow (`components.lifecycle.evaluation_run`): a
 new run (tag stage=evaluate, nested under the pipeline's parent run, the test split as its "evaluation"
 dataset input, the figures also as images) holding all of it plus the served model with the test metrics
-linked to it (MLflow 3 LoggedModel; `components/serving_model.py`, logged from code), registered as a new
-version; alias `champion` moves to it only through the gate in `components.promotion` (against the
+linked to it (MLflow 3 LoggedModel; `components/scoring/serving_model.py`, logged from code), registered as a new
+version; alias `champion` moves to it only through the gate in `components.lifecycle.promotion` (against the
 champion re-scored on today's test split), and alias `challenger` once its reports are logged. Inside a DVC
 experiment (DVC_EXP_NAME set) the model is registered only with `evaluate.experiments.register_model`, and
 may become champion only with `evaluate.experiments.promote`.
@@ -16,7 +16,7 @@ may become champion only with `evaluate.experiments.promote`.
 Reads only its `EvaluatePaths` (all declared in dvc.yaml): the validated manifest, the model folders
 (`model_folder.load_model_dir`, sha256-checked; the head's only for the card), the ingest report and the
 validation summary (data versions and the quarantined count on the model card; either may be absent for a
-hand-made manifest), and train_head's suspect labels (`components.evaluation_reports`: reported only).
+hand-made manifest), and train_head's suspect labels (`components.scoring.evaluation_reports`: reported only).
 
 CLI (dvc.yaml): python -m components.evaluate --params params.yaml --manifest data/validated.csv \
     --model-dir models/finetune --head-dir models/head --report-dir reports/evaluate --metrics metrics.json \
@@ -34,26 +34,28 @@ from typing import Any
 
 import numpy as np
 
-from components import errors, files, onnx_inference, runtime, scoring
-from components.config import Params, ParamsError, load_params
-from components.contracts import RUN_INFO_FILE, ContractError, IngestReport, TestMetrics, ValidationSummary
-from components.data import image_batches, load_split
-from components.evaluation_plots import write_predictions
-from components.evaluation_reports import score_summary, test_suspects, write_reports
-from components.evaluation_run import log_evaluation, log_reports
-from components.frozen_forward import Engine, FrozenRunner
-from components.images import ImageLimits
-from components.lineage import data_versions, lineage_tags
-from components.metrics import compute_metrics, flat_metrics, predictions
-from components.model_card import model_card, quarantined_count, split_counts
-from components.model_folder import ModelFolder, load_model_dir, read_model_info
-from components.model_packaging import example_input
-from components.overrides import add_set_argument
-from components.paths import EvaluatePaths
-from components.promotion import apply_decision, judge_challenger, not_registered, refused, scores_of
-from components.registry import describe_version, register_version, set_challenger
-from components.settings import environment, workspace_root
-from components.tracking_connection import RetryPolicy, TrackingUnavailable
+from components.core import errors, files, runtime
+from components.core.config import Params, ParamsError, load_params
+from components.core.contracts import RUN_INFO_FILE, ContractError, IngestReport, TestMetrics, ValidationSummary
+from components.core.overrides import add_set_argument
+from components.core.paths import EvaluatePaths
+from components.core.settings import environment, workspace_root
+from components.core.tracking_connection import RetryPolicy, TrackingUnavailable
+from components.ingestion.images import ImageLimits
+from components.lifecycle.evaluation_run import log_evaluation, log_reports
+from components.lifecycle.lineage import data_versions, lineage_tags
+from components.lifecycle.model_packaging import example_input
+from components.lifecycle.promotion import apply_decision, judge_challenger, not_registered, refused, scores_of
+from components.lifecycle.registry import describe_version, register_version, set_challenger
+from components.modeling import onnx_inference
+from components.modeling.data import image_batches, load_split
+from components.modeling.frozen_forward import Engine, FrozenRunner
+from components.modeling.metrics import compute_metrics, flat_metrics, predictions
+from components.modeling.model_folder import ModelFolder, load_model_dir, read_model_info
+from components.scoring import scoring
+from components.scoring.evaluation_plots import write_predictions
+from components.scoring.evaluation_reports import score_summary, test_suspects, write_reports
+from components.scoring.model_card import model_card, quarantined_count, split_counts
 
 
 @dataclass

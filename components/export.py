@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from components import errors, files
-from components.data import load_rgb, load_split
-from components.images import ImageLimits
-from components.model_folder import ClassNames, load_model_dir
+from components.core import errors, files
+from components.ingestion.images import ImageLimits
+from components.modeling.data import load_rgb, load_split
+from components.modeling.model_folder import ClassNames, load_model_dir
 from components.predict import list_inputs
 
 
@@ -107,8 +107,8 @@ def log_to_run(out_dir: str | Path, run_id: str, params_path: str | Path) -> Non
     """Attach the exports to an existing MLflow run, so the registry version carries them."""
     from mlflow import MlflowClient
 
-    from components.config import load_params
-    from components.tracking_connection import resolve_tracking_uri, with_retries
+    from components.core.config import load_params
+    from components.core.tracking_connection import resolve_tracking_uri, with_retries
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(load_params(params_path).tracking))
     with_retries("log the exports", client.log_artifacts, run_id, str(out_dir), "export")

@@ -3,18 +3,18 @@
 BatchNorm layers stay frozen and in inference mode (their statistics were learned on ImageNet
 with far larger batches; updating them on small batches wrecks the features). The learning rate
 warms up, then follows a cosine decay from `finetune.learning_rate`; early stopping on val restores
-the best epoch. Every finished epoch is checkpointed (components.checkpoints), so a killed run
+the best epoch. Every finished epoch is checkpointed (components.modeling.checkpoints), so a killed run
 resumes from its last finished epoch.
 
 After training, the head and the fine-tuned model are scored on val and the better weights are kept;
-flip test-time augmentation and the temperature are decided on val too (components.model_choice).
+flip test-time augmentation and the temperature are decided on val too (components.modeling.model_choice).
 Everything after that is done on the kept model.
 
 The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and a
 MirroredStrategy (global batch = batch_size x replicas) with more than one. It is backend-agnostic
 Keras 3: TensorFlow is the default (input through tf.data); with `KERAS_BACKEND=jax` (GPU workers,
 which have no TensorFlow) nothing imports TensorFlow, the input is a `keras.utils.PyDataset`
-(`components.data.ImageBatches`, same decoding and augmentation policy) and training uses one device.
+(`components.modeling.data.ImageBatches`, same decoding and augmentation policy) and training uses one device.
 """
 
 from __future__ import annotations
@@ -29,29 +29,18 @@ from typing import Any
 
 import numpy as np
 
-from components import (
-    data,
-    drift,
-    errors,
-    files,
-    fine_tuning,
-    hashing,
-    label_issues,
-    learning_curves,
-    model_choice,
-    model_folder,
-    runtime,
-    tracking,
-)
-from components.checkpoints import CHECKPOINT_ROOT, Checkpoint
-from components.config import Params, ParamsError, load_params
-from components.contracts import ModelRunInfo, TrainingMetrics, read_manifest
-from components.data import Split, load_split
-from components.images import ImageLimits
-from components.model_choice import KeptModel, ValScore
-from components.paths import FinetunePaths
-from components.settings import environment, workspace_root
-from components.tracking_connection import RetryPolicy
+from components.core import errors, files, hashing, runtime, tracking
+from components.core.config import Params, ParamsError, load_params
+from components.core.contracts import ModelRunInfo, TrainingMetrics, read_manifest
+from components.core.paths import FinetunePaths
+from components.core.settings import environment, workspace_root
+from components.core.tracking_connection import RetryPolicy
+from components.ingestion.images import ImageLimits
+from components.modeling import data, drift, fine_tuning, learning_curves, model_choice, model_folder
+from components.modeling.checkpoints import CHECKPOINT_ROOT, Checkpoint
+from components.modeling.data import Split, load_split
+from components.modeling.model_choice import KeptModel, ValScore
+from components.quality import label_issues
 
 
 @dataclass(frozen=True)

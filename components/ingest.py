@@ -1,17 +1,17 @@
 """Ingest: bring a labelled image source into `data/raw` and describe every file in the manifest.
 
-Sources (params `ingest.source`, kinds in components/sources.py): a folder of class sub-folders, a
+Sources (params `ingest.source`, kinds in components/ingestion/sources.py): a folder of class sub-folders, a
 folder already split into `train/ val/ test/` (missing splits are carved from train), a CSV/Parquet
 table of (path or URI, label[, split]), a `.zip`/`.tar.gz`/`.tgz` archive, local or by URL, or a
 bucket folder through fsspec (`s3://`, `gs://`). The source is only read, never changed, and only
-inside its own root (components/confine.py); what a source offers but may not deliver is listed
+inside its own root (components/ingestion/confine.py); what a source offers but may not deliver is listed
 in the report's `refused`.
 
 Every file is hashed (sha256) and, in an allowed format (`validate.allowed_formats`), fully decoded
-through the guarded loader (components/images.py) in a process pool; results are cached beside
+through the guarded loader (components/ingestion/images.py) in a process pool; results are cached beside
 `raw_dir` by (source, size, mtime, ctime, inode) so a rerun on an unchanged source recomputes
-nothing (components/file_facts.py). Splits come from a hash of each image's bytes: adding images
-never moves an existing one, and byte-identical files always share a split (components/manifest_rows.py).
+nothing (components/ingestion/file_facts.py). Splits come from a hash of each image's bytes: adding images
+never moves an existing one, and byte-identical files always share a split (components/ingestion/manifest_rows.py).
 Undecodable, hidden, non-image files and images in other formats stay in the manifest with an `error`
 so that validate can report them.
 """
@@ -29,17 +29,17 @@ from typing import Any
 
 from filelock import FileLock
 
-from components import errors, files, runtime
-from components.config import DEFAULT_PARAMS, Params, ParamsError, load_params
-from components.confine import IngestError, Listing, check_no_overlap, local_path
-from components.contracts import IngestReport, write_manifest
-from components.credentials import redact
-from components.file_facts import FactsCache, inspect_entries
-from components.images import ImageLimits
-from components.manifest_rows import build_rows, summarise_rows
-from components.paths import IngestPaths
-from components.sources import collect_source
-from components.urls import is_remote
+from components.core import errors, files, runtime
+from components.core.config import DEFAULT_PARAMS, Params, ParamsError, load_params
+from components.core.contracts import IngestReport, write_manifest
+from components.core.credentials import redact
+from components.core.paths import IngestPaths
+from components.ingestion.confine import IngestError, Listing, check_no_overlap, local_path
+from components.ingestion.file_facts import FactsCache, inspect_entries
+from components.ingestion.images import ImageLimits
+from components.ingestion.manifest_rows import build_rows, summarise_rows
+from components.ingestion.sources import collect_source
+from components.ingestion.urls import is_remote
 
 CACHE_DIRNAME = ".ingest_cache"
 MAX_REFUSALS_LISTED = 1000  # in the report; refused_count has them all

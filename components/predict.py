@@ -7,7 +7,7 @@ absolute path elsewhere, `..`, or a symlink that leads out) is refused by name i
 are read with the guarded reader (regular files only, byte cap) and decoded within the same image
 limits (`validate.*`, as in training; serving's smaller caps are for untrusted requests).
 
-The model is verified against the registry and run by the installed code (`components.scoring`),
+The model is verified against the registry and run by the installed code (`components.scoring.scoring`),
 never by the code stored with it: a version whose stored files changed since registration is refused.
 
 CLI: python -m components.predict --model models:/image-classifier@champion --inputs DIR_OR_CSV --out preds.csv \
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import errors, files
-from components.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, read_limited
-from components.stage_config import ValidateConfig
+from components.core import errors, files
+from components.core.stage_config import ValidateConfig
+from components.ingestion.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, read_limited
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 OUTSIDE_ROOT = "outside the input root"
@@ -120,7 +120,7 @@ def run_predict(
     """
     from tqdm import tqdm
 
-    from components.scoring import load_scoring_model
+    from components.scoring.scoring import load_scoring_model
 
     root = Path(root) if root is not None else default_root(inputs)
     limits = limits or ImageLimits.from_config(ValidateConfig())
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import mlflow
 
-    from components.config import ParamsError, load_params
-    from components.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
+    from components.core.config import ParamsError, load_params
+    from components.core.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     args = build_parser().parse_args(argv)
     try:

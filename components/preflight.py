@@ -1,6 +1,6 @@
 """Fail fast: check the whole settings file against what the stages will build, before any stage runs.
 
-The schema (components.config) catches unknown keys, wrong types and ranges. This adds the checks
+The schema (components.core.config) catches unknown keys, wrong types and ranges. This adds the checks
 that need the libraries: the backbone exists and builds at this size, alpha and weights are
 available, the unfreeze point lies inside the backbone, every augmentation transform and argument
 is valid. Each problem is one line naming the key, the value and what is allowed.
@@ -14,13 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from components import errors
-from components.config import Params, ParamsError, load_params
-from components.overrides import add_set_argument
+from components.core import errors
+from components.core.config import Params, ParamsError, load_params
+from components.core.overrides import add_set_argument
 
 
 def check_model(params: Params) -> tuple[list[str], object | None]:
-    from components.backbones import build_backbone
+    from components.modeling.backbones import build_backbone
 
     try:
         return [], build_backbone(params.model)
@@ -29,7 +29,7 @@ def check_model(params: Params) -> tuple[list[str], object | None]:
 
 
 def check_unfreeze(params: Params, backbone: object) -> list[str]:
-    from components.backbones import get_spec, unfreeze_top
+    from components.modeling.backbones import get_spec, unfreeze_top
 
     try:
         unfreeze_top(
@@ -41,7 +41,7 @@ def check_unfreeze(params: Params, backbone: object) -> list[str]:
 
 
 def check_augment(params: Params) -> list[str]:
-    from components.transforms import build_pipeline
+    from components.modeling.transforms import build_pipeline
 
     try:
         build_pipeline(params.augment.policy, params.project.seed)

@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from components import errors, scoring
-from components.tracking_connection import RetryPolicy
+from components.core import errors
+from components.core.tracking_connection import RetryPolicy
+from components.scoring import scoring
 
 
 def server_command(local: Path, host: str, port: int, workers: int, timeout_s: int) -> list[str]:
@@ -86,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import mlflow
 
-    from components.config import ParamsError, load_params
-    from components.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
+    from components.core.config import ParamsError, load_params
+    from components.core.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     args = build_parser().parse_args(argv)
     if not args.model.startswith("models:/"):

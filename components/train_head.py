@@ -19,22 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import (
-    data_checks,
-    errors,
-    files,
-    hashing,
-    head_training,
-    learning_curves,
-    model_folder,
-    runtime,
-    tracking,
-)
-from components.config import Params, ParamsError, load_params
-from components.contracts import TrainingMetrics
-from components.head_training import HeadData
-from components.paths import TrainHeadPaths
-from components.settings import environment, workspace_root
+from components.core import errors, files, hashing, runtime, tracking
+from components.core.config import Params, ParamsError, load_params
+from components.core.contracts import TrainingMetrics
+from components.core.paths import TrainHeadPaths
+from components.core.settings import environment, workspace_root
+from components.modeling import data_checks, head_training, learning_curves, model_folder
+from components.modeling.head_training import HeadData
 
 
 @dataclass(frozen=True)
@@ -52,7 +43,7 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
     """Train the head, save the full model dir, report curves, log one MLflow run (stage=train_head)."""
     import keras
 
-    from components import backbones
+    from components.modeling import backbones
 
     started = time.perf_counter()
     device = runtime.configure_tensorflow(params.project.seed)

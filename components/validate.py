@@ -1,6 +1,6 @@
 """Validate: a Great Expectations suite over the ingest manifest; bad files are quarantined or fail the run.
 
-Three suites (components/validation_checks.py), built in code from `params.yaml` (section `validate`,
+Three suites (components/quality/validation_checks.py), built in code from `params.yaml` (section `validate`,
 plus `ingest.classes`):
   files    - one row per file: readable, not hidden, allowed format, size and pixel limits, colour mode
              convertible to RGB, no byte-identical copy under another label (label conflict) or in
@@ -8,7 +8,7 @@ plus `ingest.classes`):
   dataset  - the manifest is not empty and (policy quarantine) at most `max_bad_fraction` is bad;
   classes  - one row per class: enough images, bounded imbalance, no empty class folder, and the
              expected label set when `ingest.classes` is given.
-Then, on the files that passed, near-duplicates (components/near_duplicates.py, setting
+Then, on the files that passed, near-duplicates (components/quality/near_duplicates.py, setting
 `validate.near_duplicates`): perceptual-hash groups under 2+ labels are quarantined, groups across
 splits are moved to one split (or reported, or fail the run), before the class checks count images.
 Policy `quarantine` drops failing files (listed in quarantine.csv) and fails only when a check that
@@ -31,17 +31,18 @@ from typing import Any
 
 import pandas as pd
 
-from components import errors, files, near_duplicates
-from components.config import Params, ParamsError, load_params
-from components.contracts import write_manifest
-from components.hashing import records_version
-from components.images import ImageLimits
-from components.paths import ValidatePaths
-from components.settings import workspace_root
-from components.stage_config import ValidateConfig
-from components.validation_checks import class_checks, dataset_checks, file_checks
-from components.validation_inputs import ValidateInputError, image_root, read_inputs, relative_records, within
-from components.validation_report import (
+from components.core import errors, files
+from components.core.config import Params, ParamsError, load_params
+from components.core.contracts import write_manifest
+from components.core.hashing import records_version
+from components.core.paths import ValidatePaths
+from components.core.settings import workspace_root
+from components.core.stage_config import ValidateConfig
+from components.ingestion.images import ImageLimits
+from components.quality import near_duplicates
+from components.quality.validation_checks import class_checks, dataset_checks, file_checks
+from components.quality.validation_inputs import ValidateInputError, image_root, read_inputs, relative_records, within
+from components.quality.validation_report import (
     DATA_DOCS_DIR,
     DATA_DOCS_INDEX,
     QUARANTINE_FILE,
@@ -52,8 +53,8 @@ from components.validation_report import (
     validation_summary,
     validation_warnings,
 )
-from components.validation_suites import Suites
-from components.validation_tables import class_table, derive_columns, mark_bad_files
+from components.quality.validation_suites import Suites
+from components.quality.validation_tables import class_table, derive_columns, mark_bad_files
 
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs

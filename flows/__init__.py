@@ -2,7 +2,7 @@
 
 import os
 
-from components.runtime import quiet_environment
+from components.core.runtime import quiet_environment
 
 quiet_environment()  # before Prefect and MLflow load
 # A cold ephemeral Prefect server on a busy 2-core machine can take longer than Prefect's 20 s default.

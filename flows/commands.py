@@ -23,7 +23,7 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from components.errors import STATUS_DIR_VARIABLE
+from components.core.errors import STATUS_DIR_VARIABLE
 from flows.limits import StageTimedOut
 
 POLL_S = 0.5  # how often a waiting command loop looks at its deadline (and lets an injected timeout in)
@@ -44,7 +44,7 @@ class Finished:
 
 
 def stage_outcome(status_dir: Path, stage: str) -> dict[str, Any]:
-    """How the stage's own process ended (components.errors.record_outcome), {} if it left nothing."""
+    """How the stage's own process ended (components.core.errors.record_outcome), {} if it left nothing."""
     path = status_dir / f"{stage}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -72,7 +72,7 @@ def run_command(
 
     Past `timeout_s` (None: no limit) its whole process group is killed and StageTimedOut raised.
     `env` adds to the command environment. `outcome_of`: the name (a stage, `export`) under which the
-    process records how it ended, in a status folder made for this run (components/errors.py).
+    process records how it ended, in a status folder made for this run (components/core/errors.py).
     """
     if outcome_of is None:
         code, lines = _streamed(cmd, Path(workdir), command_env(env), logger, timeout_s)

@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from components.contracts import RUN_INFO_FILE, ModelRunInfo
-from components.paths import FINETUNE_DIR, HEAD_DIR
+from components.core.contracts import RUN_INFO_FILE, ModelRunInfo
+from components.core.paths import FINETUNE_DIR, HEAD_DIR
 from flows.commands import Finished, run_command
 from flows.limits import StageFailed
 

@@ -16,10 +16,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 from prefect.runtime import flow_run
 
-from components.config import load_params
-from components.contracts import PromotionRecord
-from components.overrides import write_overrides
-from components.settings import environment
+from components.core.config import load_params
+from components.core.contracts import PromotionRecord
+from components.core.overrides import write_overrides
+from components.core.settings import environment
 from flows import summary
 from flows.dvc_workspace import STAGES, run_experiment_in_copy
 from flows.limits import StageFailed

@@ -1,6 +1,6 @@
 """How the flows bound a run: command timeouts, which failures are retried, one run per workspace.
 
-Settings: `orchestration:` in params.yaml (components.orchestration_config.OrchestrationConfig).
+Settings: `orchestration:` in params.yaml (components.core.orchestration_config.OrchestrationConfig).
 
 - Every command a task starts is killed, with everything it started, past its timeout
   (flows/commands.py's run_command raises StageTimedOut).
@@ -23,9 +23,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from components.config import ParamsError
-from components.errors import EXIT_USER_ERROR, Unavailable
-from components.orchestration_config import OrchestrationConfig
+from components.core.config import ParamsError
+from components.core.errors import EXIT_USER_ERROR, Unavailable
+from components.core.orchestration_config import OrchestrationConfig
 
 # Signals sent from outside a process (OOM killer, preemption, shutdown, our own timeout): worth another try.
 # SIGSEGV, SIGABRT and the like come from inside, like a traceback: not retried.
@@ -51,7 +51,7 @@ class StageFailed(RuntimeError):
     """A stage exited non-zero; the message carries the end of its output.
 
     `retryable` is True only when a second try may pass: an outage (a service did not answer, exit 1
-    through components/errors.py) or a process killed from outside (signal, OOM killer).
+    through components/core/errors.py) or a process killed from outside (signal, OOM killer).
     """
 
     def __init__(self, message: str, retryable: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Telling people about runs: failures and promotions, to a Prefect notification block or a webhook.
 
 Where to send is the machine's setting (TP_NOTIFY_BLOCK / TP_NOTIFY_WEBHOOK_URL, see
-components/settings.py); flows call `notify` from their hooks and after a promotion.
+components/core/settings.py); flows call `notify` from their hooks and after a promotion.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from components.settings import environment
+from components.core.settings import environment
 
 NOTIFY_TIMEOUT_S = 10.0
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 python -m flows.predict --inputs DIR_OR_CSV --out predictions.csv [--model models:/NAME@champion]
 
 The CLI is trusted. The deployment (prefect.yaml) runs `batch_predict_deployment`, whose run form is
-confined by the workspace's `deployments:` settings first (components/run_forms.py).
+confined by the workspace's `deployments:` settings first (components/lifecycle/run_forms.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import run_forms
-from components.config import load_params
-from components.orchestration_config import OrchestrationConfig
+from components.core.config import load_params
+from components.core.orchestration_config import OrchestrationConfig
+from components.lifecycle import run_forms
 from flows.limits import flow_deadline, retry_outages
 
 
@@ -53,7 +53,7 @@ def batch_predict_flow(
     batch_size: int = 64,
 ) -> dict:
     """Score every image under `inputs` (default model: the registry's champion) into a CSV."""
-    from components.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
+    from components.core.tracking_connection import resolve_tracking_uri, shown_uri, use_tracking_uri
 
     logger = get_run_logger()
     params = load_params(params_path)

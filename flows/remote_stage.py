@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from components import run_forms
-from components.config import load_params
-from components.orchestration_config import OrchestrationConfig
+from components.core.config import load_params
+from components.core.orchestration_config import OrchestrationConfig
+from components.lifecycle import run_forms
 from flows.dvc_workspace import (
     check_out,
     committed_text,
@@ -103,7 +103,7 @@ def run_stage_here(
     """stage_flow's work once its form passed: check out, pull, reproduce, push (each DVC command bounded).
 
     The revision and the received params.yaml are checked against the worker's rules before anything is
-    written (components/run_forms.py).
+    written (components/lifecycle/run_forms.py).
     """
     baseline = (root / "params.yaml").read_text(encoding="utf-8")
     if git_rev:

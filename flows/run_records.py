@@ -22,21 +22,21 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from components.config import Params
-from components.contracts import PromotionRecord
+from components.core.config import Params
+from components.core.contracts import PromotionRecord
 from flows import summary
 from flows.dvc_workspace import STAGES
 from flows.stage_tasks import step_task
 
-PARENT_RUN_VARIABLE = "TP_MLFLOW_PARENT_RUN_ID"  # read by the stage processes (components/settings.py)
+PARENT_RUN_VARIABLE = "TP_MLFLOW_PARENT_RUN_ID"  # read by the stage processes (components/core/settings.py)
 
 
 # MLflow calls are retried by the tracking retry policy (tracking.retry_attempts), not a second time by Prefect.
 @task(name="mlflow-pipeline-run")
 def open_pipeline_run(tracking: dict[str, Any], workdir: str, experiment: str | None) -> str:
     """One MLflow parent run per flow run: the stage runs nest under it (one row per pipeline run)."""
-    from components.config import TrackingConfig
-    from components.pipeline_runs import start_pipeline_run
+    from components.core.config import TrackingConfig
+    from components.core.pipeline_runs import start_pipeline_run
 
     tags = {
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
@@ -57,8 +57,8 @@ def close_pipeline_run(
 ) -> None:
     from mlflow import MlflowClient
 
-    from components.config import TrackingConfig
-    from components.tracking_connection import RetryPolicy, setup_mlflow, with_retries
+    from components.core.config import TrackingConfig
+    from components.core.tracking_connection import RetryPolicy, setup_mlflow, with_retries
 
     config = TrackingConfig(**tracking)
     policy = RetryPolicy.from_config(config)

@@ -14,11 +14,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from components import files
-from components.config import ParamsError
-from components.drift import REFERENCE_FILE, DriftReport
-from components.orchestration_config import OrchestrationConfig
-from components.paths import DRIFT_REPORT, EXPORT_DIR, EXPORT_RECORD, FINETUNE_DIR, VALIDATED_MANIFEST
+from components.core import files
+from components.core.config import ParamsError
+from components.core.orchestration_config import OrchestrationConfig
+from components.core.paths import DRIFT_REPORT, EXPORT_DIR, EXPORT_RECORD, FINETUNE_DIR, VALIDATED_MANIFEST
+from components.modeling.drift import REFERENCE_FILE, DriftReport
 from flows.commands import run_command
 from flows.dvc_workspace import STAGES, push_data, reproduce, stage_is_current
 from flows.limits import StageFailed, failure, retry_outages

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.config import Params
-from components.contracts import IngestReport, PromotionRecord, TestMetrics, ValidationSummary
-from components.model_card import markdown_text
-from components.paths import (
+from components.core.config import Params
+from components.core.contracts import IngestReport, PromotionRecord, TestMetrics, ValidationSummary
+from components.core.paths import (
     DRIFT_REPORT,
     INGEST_REPORT,
     METRICS,
@@ -20,6 +19,7 @@ from components.paths import (
     RUN_SUMMARY_MD,
     VALIDATION_SUMMARY,
 )
+from components.scoring.model_card import markdown_text
 
 REPORTS = {
     "ingest": (INGEST_REPORT, IngestReport),
@@ -97,7 +97,7 @@ PER_CLASS_METRICS = ("precision", "recall", "f1")
 
 
 def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per class from metrics.json's flat `<metric>_<class>` keys (components.metrics.flat_metrics)."""
+    """One row per class from metrics.json's flat `<metric>_<class>` keys (components.modeling.metrics.flat_metrics)."""
     by_class: dict[str, dict[str, Any]] = {}
     for key, value in metrics.items():
         metric, _, name = key.partition("_")
@@ -118,8 +118,8 @@ def tracking_links(
 
     from mlflow import MlflowClient
 
-    from components.config import TrackingConfig
-    from components.tracking_connection import resolve_tracking_uri
+    from components.core.config import TrackingConfig
+    from components.core.tracking_connection import resolve_tracking_uri
 
     uri = resolve_tracking_uri(TrackingConfig(**tracking), workdir)
     parts = urlsplit(uri)
@@ -153,7 +153,7 @@ def tracking_links(
 
 def write(root: Path, result: dict[str, Any]) -> str:
     """Keep the last run's summary in the workspace (JSON for tools, markdown for people)."""
-    from components.files import atomic_file, write_json
+    from components.core.files import atomic_file, write_json
 
     markdown = to_markdown(result)
     write_json(root / RUN_SUMMARY_JSON, result)

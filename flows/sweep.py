@@ -10,7 +10,7 @@ and a plot of accuracy against training time go to reports/sweep/ and to an MLfl
     python -m flows.sweep --apply lr-sweep-3        # make a point's settings (and outputs) the workspace's
 
 The CLI is trusted; the deployment runs `sweep_deployment`, whose run form is confined by the
-workspace's `deployments:` settings first (components/run_forms.py).
+workspace's `deployments:` settings first (components/lifecycle/run_forms.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components import run_forms, sweeps
-from components.config import ParamsError, load_params
-from components.paths import SWEEP_REPORTS
+from components.core.config import ParamsError, load_params
+from components.core.paths import SWEEP_REPORTS
+from components.lifecycle import run_forms, sweeps
 from flows.commands import run_command
 from flows.dvc_workspace import LOCK_FILE
 from flows.limits import StageFailed, workspace_slot
@@ -104,9 +104,9 @@ def report(workdir: str, name: str, names: dict[str, dict[str, Any]], tracking: 
 
 
 def _log_to_mlflow(root: Path, name: str, paths: dict[str, Path], tracking: dict[str, Any]) -> None:
-    from components.config import TrackingConfig
-    from components.pipeline_runs import start_pipeline_run
-    from components.tracking import log_picture
+    from components.core.config import TrackingConfig
+    from components.core.pipeline_runs import start_pipeline_run
+    from components.core.tracking import log_picture
 
     client, run_id = start_pipeline_run(TrackingConfig(**tracking), f"sweep {name}", {"sweep": name}, workspace=root)
     client.log_artifact(run_id, str(paths["csv"]), "sweep")

@@ -13,7 +13,7 @@ progress artifacts.
 `--set` runs `dvc exp run --temp -S ...`: DVC runs the pipeline in a temporary copy of the workspace,
 so a run killed at any point (SIGKILL, OOM) leaves the workspace's params.yaml, dvc.lock and outputs
 as they were. The CLI is trusted; deployments run `training_deployment` and `stage_flow`, whose run
-forms are confined by the workspace's `deployments:` settings first (components/run_forms.py).
+forms are confined by the workspace's `deployments:` settings first (components/lifecycle/run_forms.py).
 
 This module wires the run (order, drift gate, experiments, artifacts); the tasks are in
 flows/stage_tasks.py, the DVC and git commands in flows/dvc_workspace.py.
@@ -30,20 +30,20 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from components import run_forms
-from components.config import ParamsError, load_params
-from components.contracts import PromotionRecord
-from components.credentials import redact
-from components.orchestration_config import OrchestrationConfig
-from components.overrides import (
+from components.core.config import ParamsError, load_params
+from components.core.contracts import PromotionRecord
+from components.core.credentials import redact
+from components.core.orchestration_config import OrchestrationConfig
+from components.core.overrides import (
     ParamsOverrides,
     add_set_argument,
     overrides_from_strings,
     overrides_to_strings,
     write_overrides,
 )
-from components.paths import DRIFT_REPORT, PROMOTION_RECORD
-from components.settings import environment
+from components.core.paths import DRIFT_REPORT, PROMOTION_RECORD
+from components.core.settings import environment
+from components.lifecycle import run_forms
 from flows import summary
 from flows.dvc_workspace import LOCK_FILE, STAGES, Stage, changed_stages
 from flows.experiments import experiment_name, run_as_experiment
@@ -146,7 +146,7 @@ def stage_flow(
     from the DVC remote, runs the stage, and pushes its outputs with DVC's run-cache entry. Its
     parameters come from a run form (untrusted): `git_rev` must be a commit on a `deployments.git_refs`
     branch, and `params_yaml` may differ from that commit's params.yaml only in keys a form may
-    override (components/run_forms.py); `workdir` is the worker's workspace, `.` only. Its timeouts are
+    override (components/lifecycle/run_forms.py); `workdir` is the worker's workspace, `.` only. Its timeouts are
     the worker's own (`orchestration:` of its params.yaml, which no form may change).
     """
     # A deployment's run form: untrusted. Checked against this worker's own params.yaml before anything runs.

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.config import Params
-from components.stage_config import IngestConfig, ValidateConfig
+from components.core.config import Params
+from components.core.stage_config import IngestConfig, ValidateConfig
 from tests.conftest import COLORS, write_image
 
 

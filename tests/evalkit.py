@@ -116,7 +116,7 @@ def make_model_dir(
     with `flip_tta`, wrapped as finetune saves a model that keeps flip test-time augmentation."""
     import keras
 
-    from components.model_folder import save_model_dir
+    from components.modeling.model_folder import save_model_dir
 
     inputs = keras.Input(shape=(None, None, 3))
     x = keras.layers.Resizing(image_size, image_size)(inputs)
@@ -126,7 +126,7 @@ def make_model_dir(
     model = keras.Model(inputs, dense(x))
     dense.set_weights([colour_kernel(len(classes), quality), np.zeros(len(classes), dtype=np.float32)])
     if flip_tta:
-        from components.backbones import with_flip_tta
+        from components.modeling.backbones import with_flip_tta
 
         model = with_flip_tta(model)
     if path.exists():
@@ -173,7 +173,7 @@ def write_stage_reports(
     ws: Path, quarantined: int = 3, data_version: str = "ingest-v1", validated_version: str = "validated-v1"
 ) -> None:
     """reports/ingest.json and reports/validation/summary.json as ingest and validate write them."""
-    from components.contracts import IngestReport, ValidationCounts, ValidationSummary
+    from components.core.contracts import IngestReport, ValidationCounts, ValidationSummary
 
     IngestReport(
         source="/data/src",

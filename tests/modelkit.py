@@ -9,8 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import Params, parse_params
-from components.paths import TrainHeadPaths
+from components.core.config import Params, parse_params
+from components.core.paths import TrainHeadPaths
 from tests.conftest import COLORS, write_image
 
 CLASSES = ["alpha", "beta"]
@@ -60,7 +60,7 @@ def tiny_params(**sections: dict[str, Any]) -> Params:
 
 
 def write_policy(path: Path, policy: list[dict[str, dict[str, Any]]] | None = None, seed: int = 7) -> Path:
-    from components.transforms import build_pipeline, save_pipeline
+    from components.modeling.transforms import build_pipeline, save_pipeline
 
     if policy is None:
         policy = [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.8}}]

@@ -20,9 +20,9 @@ import pytest
 from filelock import FileLock
 
 from benchmarks.workspace import dvc, tool_env
-from components.config import load_params
-from components.overrides import overrides_from_strings, write_overrides
-from components.run_forms import RunFormRefused
+from components.core.config import load_params
+from components.core.overrides import overrides_from_strings, write_overrides
+from components.lifecycle.run_forms import RunFormRefused
 from tests.integration.conftest import make_tiny_workspace
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from components import scoring
-from components.config import parse_params
+from components.core.config import parse_params
+from components.core.paths import EvaluatePaths
 from components.evaluate import run_evaluate
-from components.paths import EvaluatePaths
+from components.scoring import scoring
 from tests.evalkit import CLASSES, free_port, make_model_dir, start_mlflow_server, stop, write_manifest
 
 pytestmark = pytest.mark.slow  # starts an MLflow server: `make test` runs it, `make test-fast` does not

@@ -21,9 +21,9 @@ import mlflow
 import pytest
 import requests
 
-from components.config import parse_params
+from components.core.config import parse_params
+from components.core.paths import EvaluatePaths
 from components.evaluate import run_evaluate
-from components.paths import EvaluatePaths
 from tests.evalkit import CLASSES, free_port, make_model_dir, stop, wait_until_healthy, write_manifest
 
 pytestmark = pytest.mark.slow

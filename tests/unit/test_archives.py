@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from components.core.paths import IngestPaths
+from components.core.stage_config import IngestConfig, ValidateConfig
 from components.ingest import IngestError, run_ingest
-from components.paths import IngestPaths
-from components.stage_config import IngestConfig, ValidateConfig
 from tests.datakit import ingest_params
 
 HUNDRED_MB = 100 * 1024 * 1024
@@ -129,7 +129,7 @@ def test_tar_metadata_headers_are_capped_in_total(tmp_path: Path):
 
 
 def test_tar_headers_are_streamed_not_all_held(tmp_path: Path):
-    from components.archives import extract_archive
+    from components.ingestion.archives import extract_archive
 
     archive = pax_comment_archive(tmp_path / "ok.tar.gz", 800, 60_000)  # 48 MB of headers, under the cap
     peak = _peak(lambda: extract_archive(archive, tmp_path / "out", 10**9, 10_000, METADATA_CAP))
@@ -165,7 +165,7 @@ def _understate_members(path: Path, claimed: int) -> None:
 
 @pytest.mark.parametrize("lying", [False, True])
 def test_a_zip_member_count_is_checked_before_zipfile_parses_the_directory(tmp_path: Path, monkeypatch, lying: bool):
-    from components.archives import ArchiveError, extract_archive
+    from components.ingestion.archives import ArchiveError, extract_archive
 
     archive = _many_member_zip(tmp_path / "many.zip", 2000)
     if lying:
@@ -179,7 +179,7 @@ def test_a_zip_member_count_is_checked_before_zipfile_parses_the_directory(tmp_p
 
 
 def test_a_zip_central_directory_over_the_metadata_cap_is_refused(tmp_path: Path):
-    from components.archives import ArchiveError, extract_archive
+    from components.ingestion.archives import ArchiveError, extract_archive
 
     archive = _many_member_zip(tmp_path / "dir.zip", 50)
     with pytest.raises(ArchiveError, match="central directory bytes"):
@@ -187,7 +187,7 @@ def test_a_zip_central_directory_over_the_metadata_cap_is_refused(tmp_path: Path
 
 
 def test_zip64_and_commented_zips_still_extract(tmp_path: Path, monkeypatch):
-    from components.archives import extract_archive
+    from components.ingestion.archives import extract_archive
 
     monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)  # zipfile writes zip64 end records above it
     archive = _many_member_zip(tmp_path / "z64.zip", 5)

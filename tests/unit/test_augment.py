@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from components.augment import main, run_augment
-from components.config import ParamsError
-from components.paths import AugmentPaths
-from components.stage_config import AugmentConfig
-from components.transforms import build_pipeline, load_pipeline, save_pipeline
+from components.core.config import ParamsError
+from components.core.paths import AugmentPaths
+from components.core.stage_config import AugmentConfig
+from components.modeling.transforms import build_pipeline, load_pipeline, save_pipeline
 from tests.modelkit import tiny_params, write_manifest
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.config import ModelConfig, ParamsError
-from components.stage_config import TrainHeadConfig
+from components.core.config import ModelConfig, ParamsError
+from components.core.stage_config import TrainHeadConfig
 
 
 def test_unknown_backbone_error_names_the_key_and_the_allowed_values():
-    from components.backbones import BACKBONES, build_classifier
+    from components.modeling.backbones import BACKBONES, build_classifier
 
     with pytest.raises(ParamsError) as err:
         build_classifier(ModelConfig(backbone="mobilenet_v9"), 2, TrainHeadConfig())
@@ -22,7 +22,7 @@ def test_unknown_backbone_error_names_the_key_and_the_allowed_values():
 
 
 def test_missing_weights_file_names_model_weights(tmp_path: Path):
-    from components.backbones import build_backbone
+    from components.modeling.backbones import build_backbone
 
     with pytest.raises(ParamsError, match="model.weights"):
         build_backbone(ModelConfig(alpha=0.35, image_size=64, weights=str(tmp_path / "absent.h5")))
@@ -31,7 +31,7 @@ def test_missing_weights_file_names_model_weights(tmp_path: Path):
 def test_saved_model_loads_in_safe_mode_and_takes_raw_images_of_another_size(tmp_path: Path):
     import keras
 
-    from components.backbones import build_classifier
+    from components.modeling.backbones import build_classifier
 
     model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
     model.save(tmp_path / "model.keras")
@@ -45,7 +45,7 @@ def test_saved_model_loads_in_safe_mode_and_takes_raw_images_of_another_size(tmp
 
 
 def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_model_inside(tmp_path: Path):
-    from components.backbones import (
+    from components.modeling.backbones import (
         build_classifier,
         feature_extractor,
         flip_views,
@@ -53,7 +53,7 @@ def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_mo
         uses_flip_tta,
         with_flip_tta,
     )
-    from components.model_folder import load_keras_model
+    from components.modeling.model_folder import load_keras_model
 
     model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
     tta = with_flip_tta(model)
@@ -80,7 +80,7 @@ def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_mo
 def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(tmp_path: Path):
     import keras
 
-    from components.backbones import CaffePreprocess
+    from components.modeling.backbones import CaffePreprocess
 
     images = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     expected = keras.applications.resnet50.preprocess_input(images.copy())
@@ -94,7 +94,7 @@ def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(t
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mobilenet", "efficientnet_v2_b0", "resnet50", "convnext_tiny"])
 def test_every_registered_backbone_builds_a_classifier(backbone: str):
-    from components.backbones import build_classifier
+    from components.modeling.backbones import build_classifier
 
     alpha = 0.25 if backbone == "mobilenet" else None
     model, base = build_classifier(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components import calibration
-from components.metrics import compute_metrics
+from components.modeling import calibration
+from components.modeling.metrics import compute_metrics
 
 
 def synthetic(distortion: float, n: int = 4000, classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +132,7 @@ def test_with_two_views_the_temperature_fits_the_mean_of_their_softmaxes() -> No
 def test_folding_into_a_flip_tta_model_scales_both_views() -> None:
     import keras
 
-    from components.backbones import HorizontalFlip, with_flip_tta
+    from components.modeling.backbones import HorizontalFlip, with_flip_tta
 
     images = keras.Input((None, None, 3))
     flat = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(images))

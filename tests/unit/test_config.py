@@ -9,8 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.config import Params, ParamsError, load_params, parse_params
-from components.overrides import overrides_from_strings, write_overrides
+from components.core.config import Params, ParamsError, load_params, parse_params
+from components.core.overrides import overrides_from_strings, write_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,7 +179,7 @@ def test_params_yaml_states_exactly_the_model_defaults():
         for key in defaults[section]
         if shipped[section][key] != defaults[section][key]
     }
-    assert not differing, f"params.yaml vs components/config.py defaults (yaml, code): {differing}"
+    assert not differing, f"params.yaml vs components/core/config.py defaults (yaml, code): {differing}"
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.credentials import credential_problem, redact
+from components.core.credentials import credential_problem, redact
 
 
 @pytest.mark.parametrize(

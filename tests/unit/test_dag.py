@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import Params
+from components.core.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -275,17 +275,15 @@ def test_the_layer_check_catches_an_upward_import_and_a_helper_importing_a_stage
 
 
 def test_imports_resolve_through_subpackages() -> None:
-    """`from components.pkg import mod` is the module, not a package to skip (it used to vanish)."""
-    some_layer_module = next((m for m in all_modules() if layer_of(m) and m.count(".") == 2), None)
-    if some_layer_module is None:
-        pytest.skip("no subpackages yet")
-    package, name = some_layer_module.rsplit(".", 1)
-    importer = next(
-        m
-        for m in all_modules()
-        if any(
-            isinstance(n, ast.ImportFrom) and n.module == package and any(a.name == name for a in n.names)
-            for n in ast.walk(tree(m))
-        )
-    )
-    assert {some_layer_module, package} <= imported_components(importer)
+    """`from components.pkg import mod` is the module (and its package), not a package name to skip."""
+    found = [
+        (importer, f"{node.module}.{alias.name}")
+        for importer in all_modules()
+        for node in ast.walk(tree(importer))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").count(".") == 1 and node.module in all_modules()
+        for alias in node.names
+        if module_file(f"{node.module}.{alias.name}") and f"{node.module}.{alias.name}" != node.module
+    ]
+    assert found, "no `from components.<layer> import <module>` anywhere"
+    for importer, module in found:
+        assert {module, module.rsplit(".", 1)[0]} <= imported_components(importer), (importer, module)

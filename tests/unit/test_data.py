@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.data import load_rgb, load_split, make_dataset
+from components.modeling.data import load_rgb, load_split, make_dataset
 from tests.modelkit import write_manifest, write_policy
 
 # Inverting every image: impossible to miss if it ever reaches val/test.
@@ -61,7 +61,7 @@ def test_training_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(
 def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(
     manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from components import transforms
+    from components.modeling import transforms
 
     loads = []
     real_load = transforms.load_pipeline
@@ -77,7 +77,7 @@ def test_augmentation_pipeline_is_loaded_once_per_worker_not_per_image(
 def test_16_bit_grayscale_keeps_its_brightness(tmp_path):
     from PIL import Image
 
-    from components.data import load_rgb
+    from components.modeling.data import load_rgb
 
     mid_grey = np.full((40, 48), 32896, dtype=np.uint16)  # 32896 / 257 = 128
     path = tmp_path / "grey16.png"
@@ -96,7 +96,7 @@ def _all(batches) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_pydataset_batches_are_the_tf_data_images_with_one_hot_labels(manifest: Path):
-    from components.data import ImageBatches
+    from components.modeling.data import ImageBatches
 
     data = load_split(manifest, "val")  # 4 images: batches of 3 and 1
     batches = ImageBatches(data, 64, 3, cache=True)
@@ -112,7 +112,7 @@ def test_pydataset_batches_are_the_tf_data_images_with_one_hot_labels(manifest: 
 
 
 def test_pydataset_augments_training_batches_only(manifest: Path, tmp_path: Path):
-    from components.data import ImageBatches
+    from components.modeling.data import ImageBatches
 
     policy = write_policy(tmp_path / "invert.json", INVERT)
     data = load_split(manifest, "train")
@@ -128,7 +128,7 @@ def test_pydataset_augments_training_batches_only(manifest: Path, tmp_path: Path
 
 
 def test_pydataset_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(manifest: Path, tmp_path: Path):
-    from components.data import ImageBatches
+    from components.modeling.data import ImageBatches
 
     policy = write_policy(tmp_path / "policy.json")
     data = load_split(manifest, "train")
@@ -144,8 +144,8 @@ def test_pydataset_augmentation_is_reproducible_for_a_seed_and_fresh_each_epoch(
 
 
 def test_tf_data_on_tensorflow_and_the_pydataset_on_other_backends(manifest: Path, monkeypatch: pytest.MonkeyPatch):
-    from components import data as data_module
-    from components.data import ImageBatches, image_batches, labelled_batches
+    from components.modeling import data as data_module
+    from components.modeling.data import ImageBatches, image_batches, labelled_batches
 
     data = load_split(manifest, "val")
     on_tf = labelled_batches(data, 64, 3)
@@ -162,7 +162,7 @@ def test_tf_data_on_tensorflow_and_the_pydataset_on_other_backends(manifest: Pat
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_both_input_pipelines_see_every_exif_orientation_upright(tmp_path: Path, fmt: str):
-    from components.data import ImageBatches, Split, load_rgb
+    from components.modeling.data import ImageBatches, Split, load_rgb
     from tests.datakit import assert_upright, save_encoded, upright_picture, write_oriented_images
 
     oriented = write_oriented_images(tmp_path, fmt)

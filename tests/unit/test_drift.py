@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import drift, drift_check
-from components.contracts import ContractError
-from components.stage_config import DriftConfig
+from components import drift_check
+from components.core.contracts import ContractError
+from components.core.stage_config import DriftConfig
+from components.modeling import drift
 
 CLASSES = ["alpha", "beta", "gamma"]
 DIM = 24
@@ -159,8 +160,8 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
 
 def test_a_reference_from_images_equals_the_one_from_cached_features(trained):
     """What finetune (no feature cache) would save matches what train_head saved from its cache."""
-    from components.contracts import read_manifest
-    from components.model_folder import load_model_dir
+    from components.core.contracts import read_manifest
+    from components.modeling.model_folder import load_model_dir
 
     root, params = trained["root"], trained["params"]
     saved = drift.Reference.load(root / "models/head" / drift.REFERENCE_FILE)
@@ -181,7 +182,7 @@ def test_the_overall_test_is_capped_in_size(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_the_cli_reads_the_validated_manifest_and_writes_the_drift_report_named_in_the_paths_table():
-    from components import paths
+    from components.core import paths
 
     args = drift_check.build_parser().parse_args(["--model-dir", "models/finetune"])
     assert (args.manifest, args.out) == (paths.VALIDATED_MANIFEST, paths.DRIFT_REPORT)

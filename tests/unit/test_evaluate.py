@@ -14,12 +14,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import evaluate, evaluation_reports, promotion, scoring
-from components.config import Params, parse_params
-from components.contracts import PromotionRecord, TestMetrics
+from components import evaluate
+from components.core.config import Params, parse_params
+from components.core.contracts import PromotionRecord, TestMetrics
+from components.core.hashing import manifest_version
+from components.core.paths import EvaluatePaths
 from components.evaluate import run_evaluate
-from components.hashing import manifest_version
-from components.paths import EvaluatePaths
+from components.lifecycle import promotion
+from components.scoring import evaluation_reports, scoring
 from tests.evalkit import (
     CLASSES,
     ModelDirCopies,
@@ -419,7 +421,7 @@ def test_figures_are_logged_as_images_besides_the_report_files(workspace: Path, 
 def test_evaluate_run_nests_under_the_pipeline_parent_run(
     workspace: Path, make_model_dir: ModelDirCopies, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from components.pipeline_runs import WORKSPACE_TAG, workspace_tag
+    from components.core.pipeline_runs import WORKSPACE_TAG, workspace_tag
 
     client = MlflowClient()
     experiment_id = client.create_experiment("image-classification")
@@ -507,8 +509,8 @@ def test_cli_writes_the_predictions_table_dvc_draws_the_confusion_matrix_from(
 def test_suspect_test_labels_not_checked_leave_the_metrics_alone(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from components.data import Split
-    from components.model_card import suspect_line
+    from components.modeling.data import Split
+    from components.scoring.model_card import suspect_line
 
     split = Split(["a.jpg", "b.jpg"], np.array([0, 1]), ["alpha", "beta"])
     report = tmp_path / "label_issues.csv"

@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import files, model_choice
-from components.backbones import plain_classifier, uses_flip_tta
-from components.config import ParamsError
+from components.core import files
+from components.core.config import ParamsError
+from components.core.paths import FinetunePaths
 from components.finetune import run_finetune
-from components.model_choice import ValScore, decide_flip_tta, finetuned_beats_head
-from components.paths import FinetunePaths
+from components.modeling import model_choice
+from components.modeling.backbones import plain_classifier, uses_flip_tta
+from components.modeling.model_choice import ValScore, decide_flip_tta, finetuned_beats_head
 from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = pytest.mark.slow  # trains models: `make test` runs it, `make test-fast` does not
@@ -208,7 +209,7 @@ def test_fine_tuning_must_beat_the_head_on_val_accuracy_then_log_loss():
 def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
     import keras
 
-    from components.backbones import unfreeze_top
+    from components.modeling.backbones import unfreeze_top
 
     backbone = keras.models.load_model(head["root"] / "models/head/model.keras").get_layer("backbone")
     with pytest.raises(ParamsError, match=r"finetune\.unfreeze_layers = 100000 .*layers"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from components.orchestration_config import OrchestrationConfig
+from components.core.orchestration_config import OrchestrationConfig
 from flows.limits import WorkspaceBusy, workspace_slot
 
 LOCK = Path(".tp") / "training.lock"

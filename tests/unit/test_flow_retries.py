@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from components.config import ParamsError
-from components.errors import EXIT_USER_ERROR, cli_errors
-from components.orchestration_config import OrchestrationConfig
-from components.tracking_connection import TrackingUnavailable
+from components.core.config import ParamsError
+from components.core.errors import EXIT_USER_ERROR, cli_errors
+from components.core.orchestration_config import OrchestrationConfig
+from components.core.tracking_connection import TrackingUnavailable
 from flows.commands import run_command, stage_outcome
 from flows.limits import StageFailed, StageTimedOut, failure, retry_outages
 
@@ -29,12 +29,12 @@ def _failed(error: BaseException) -> SimpleNamespace:
     return SimpleNamespace(data=error)  # what Prefect hands retry_condition_fn for a raised exception
 
 
-# A stage CLI under components.errors.cli_errors, ending the way argv[1] says.
+# A stage CLI under components.core.errors.cli_errors, ending the way argv[1] says.
 STAGE_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from components.errors import cli_errors
-    from components.tracking_connection import TrackingUnavailable
+    from components.core.errors import cli_errors
+    from components.core.tracking_connection import TrackingUnavailable
 
     @cli_errors("train_head")
     def main():

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 from components import ingest
-from components.contracts import MANIFEST_COLUMNS
+from components.core.contracts import MANIFEST_COLUMNS
+from components.core.paths import IngestPaths
+from components.core.stage_config import SplitFractions, ValidateConfig
 from components.ingest import IngestError, run_ingest
-from components.manifest_rows import assign_split
-from components.paths import IngestPaths
-from components.stage_config import SplitFractions, ValidateConfig
+from components.ingestion.manifest_rows import assign_split
 from tests.conftest import write_image
 from tests.datakit import (
     STORED_AS,
@@ -100,7 +100,7 @@ def test_rerun_on_unchanged_source_recomputes_nothing(tiny_folder: Path, tmp_pat
     def must_not_run(*args, **kwargs):
         raise AssertionError("a file was hashed/decoded again")
 
-    monkeypatch.setattr("components.file_facts.inspect_file", must_not_run)
+    monkeypatch.setattr("components.ingestion.file_facts.inspect_file", must_not_run)
     second = _run(tmp_path, tiny_folder)
     assert (second.computed, second.cached) == (0, 48)
     assert second.data_version == first.data_version
@@ -494,7 +494,7 @@ def test_an_icon_whose_embedded_png_is_larger_than_its_header_is_refused_before_
 ):
     from PIL import PngImagePlugin
 
-    from components.images import ImageLimits, UnusableImage, decode_rgb, inspect_image
+    from components.ingestion.images import ImageLimits, UnusableImage, decode_rgb, inspect_image
 
     decoded = []
     load = PngImagePlugin.PngImageFile.load
@@ -531,7 +531,7 @@ def test_a_small_decode_cap_does_not_stay_behind_for_the_process(tmp_path: Path)
     """Pillow's cap is a module global: a served request's small cap must not refuse the process's own pictures."""
     from PIL import Image
 
-    from components.images import ImageLimits, UnusableImage, decode_rgb
+    from components.ingestion.images import ImageLimits, UnusableImage, decode_rgb
 
     before = Image.MAX_IMAGE_PIXELS
     small = write_image(tmp_path / "small.png", size=(40, 40), fmt="PNG").read_bytes()
@@ -550,7 +550,7 @@ TOLERANCE = {"JPEG": 8, "PNG": 0, "WEBP": 0}  # JPEG's loss; lossless formats de
 
 
 def _oriented_limits():
-    from components.images import ImageLimits
+    from components.ingestion.images import ImageLimits
 
     return ImageLimits(max_bytes=10**6, max_pixels=10**5, formats=("JPEG", "PNG", "WEBP"))
 
@@ -559,7 +559,7 @@ def _oriented_limits():
 def test_every_exif_orientation_is_decoded_upright_and_its_facts_give_the_upright_size(tmp_path: Path, fmt: str):
     from PIL import Image, ImageOps
 
-    from components.images import decode_rgb, inspect_image
+    from components.ingestion.images import decode_rgb, inspect_image
 
     limits = _oriented_limits()
     reference = decode_rgb(save_encoded(upright_picture(), tmp_path / f"plain.{fmt}", fmt), 32, limits)
@@ -575,7 +575,7 @@ def test_every_exif_orientation_is_decoded_upright_and_its_facts_give_the_uprigh
 
 def test_the_pixel_cap_counts_a_turned_image_the_same(tmp_path: Path):
     """Orientations 5-8 swap width and height, never the pixel count the cap and a request's budget see."""
-    from components.images import ImageLimits, UnusableImage, decode_rgb
+    from components.ingestion.images import ImageLimits, UnusableImage, decode_rgb
 
     turned = write_oriented_images(tmp_path, "PNG")[6]
     charged = []
@@ -618,7 +618,7 @@ MALFORMED_EXIF = {
 @pytest.mark.parametrize("case", MALFORMED_EXIF)
 def test_a_malformed_exif_block_leaves_the_image_as_stored_and_usable(case: str):
     """Untrusted EXIF never makes an image unusable nor hangs the loader: it is used as stored (here: on its side)."""
-    from components.images import UNREADABLE_ORIENTATION, decode_rgb, inspect_image
+    from components.ingestion.images import UNREADABLE_ORIENTATION, decode_rgb, inspect_image
 
     payload, noted = MALFORMED_EXIF[case]
     data = _jpeg_with_exif(payload)
@@ -633,7 +633,7 @@ def test_a_malformed_exif_block_leaves_the_image_as_stored_and_usable(case: str)
 def test_an_exif_parser_error_is_a_note_that_reveals_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     from PIL import Image
 
-    from components.images import UNREADABLE_ORIENTATION, decode_rgb, inspect_image
+    from components.ingestion.images import UNREADABLE_ORIENTATION, decode_rgb, inspect_image
 
     def explode(self):
         raise SyntaxError(f"bad IFD at {tmp_path}")  # whatever Pillow says stays out of the note
@@ -665,7 +665,7 @@ def test_ingest_records_upright_sizes_hashes_the_file_and_notes_an_unreadable_or
 
 def test_perceptual_hashes_see_the_upright_image(tmp_path: Path):
     """Near-duplicate search hashes what the loader returns: a turned copy of a photo is the same photo."""
-    from components.perceptual_hashes import perceptual_hash
+    from components.quality.perceptual_hashes import perceptual_hash
 
     limits = _oriented_limits()
     hashes = {o: perceptual_hash(p, limits) for o, p in write_oriented_images(tmp_path, "PNG").items()}

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from components.archives import ArchiveError, extract_archive
-from components.contracts import read_manifest
-from components.files import neutralise_formula, read_csv, restore_formula, write_csv
+from components.core.contracts import read_manifest
+from components.core.files import neutralise_formula, read_csv, restore_formula, write_csv
+from components.core.paths import IngestPaths
+from components.core.stage_config import ValidateConfig
 from components.ingest import IngestError, run_ingest
-from components.layout import WINDOWS_RESERVED_NAMES, BadLabel, clean_label
-from components.paths import IngestPaths
-from components.stage_config import ValidateConfig
+from components.ingestion.archives import ArchiveError, extract_archive
+from components.ingestion.layout import WINDOWS_RESERVED_NAMES, BadLabel, clean_label
 from tests.conftest import write_image
 from tests.datakit import MARKER, files_containing, ingest_params, outside_files, tree_snapshot
 

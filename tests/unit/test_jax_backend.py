@@ -1,7 +1,7 @@
 """The project's model code under KERAS_BACKEND=jax, as a GPU worker without TensorFlow runs it.
 
 One subprocess (the backend is fixed when Keras is imported), with `import tensorflow` made to fail
-as on the GPU machine, does two things: (1) builds the classifier with components.backbones, runs it
+as on the GPU machine, does two things: (1) builds the classifier with components.modeling.backbones, runs it
 on raw images of another size, unfreezes the top as finetune does and takes one training step with
 finetune's optimizer/schedule/loss; (2) runs the finetune stage end to end (`run_finetune`, input
 through the PyDataset, not tf.data) on a head trained here under TensorFlow. The models it saves load
@@ -45,10 +45,10 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     sys.meta_path.insert(0, NoTensorFlow())
     import numpy as np
     import keras
-    from components.backbones import build_classifier, get_spec, unfreeze_top
-    from components.stage_config import FinetuneConfig, TrainHeadConfig
-    from components.config import ModelConfig
-    from components.optimization import lr_schedule
+    from components.modeling.backbones import build_classifier, get_spec, unfreeze_top
+    from components.core.stage_config import FinetuneConfig, TrainHeadConfig
+    from components.core.config import ModelConfig
+    from components.modeling.optimization import lr_schedule
 
     out = sys.argv[1]  # the backend checks write here
     as_np = keras.ops.convert_to_numpy
@@ -87,9 +87,9 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     # --- the finetune stage end to end, in the same worker process (one JAX start for both)
     from pathlib import Path
 
-    from components import data, model_folder
+    from components.modeling import data, model_folder
     from components.finetune import run_finetune
-    from components.paths import FinetunePaths
+    from components.core.paths import FinetunePaths
     from tests.modelkit import tiny_params
 
     root, out = Path(sys.argv[2]), Path(sys.argv[3])  # the finetune run
@@ -156,7 +156,7 @@ def test_classifier_builds_predicts_and_trains_under_jax(jax_worker: dict[str, P
     # The file a JAX worker saves is an ordinary .keras model: TensorFlow (this process) loads it and agrees.
     import keras
 
-    import components.backbones  # noqa: F401  (registers the custom layers)
+    import components.modeling.backbones  # noqa: F401  (registers the custom layers)
 
     forward, trained = np.load(tmp_path / "forward.npz"), np.load(tmp_path / "trained.npz")
     np.testing.assert_allclose(forward["probs"].sum(axis=1), 1.0, atol=1e-5)
@@ -178,7 +178,7 @@ def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_mod
     assert run_info["flip_tta"]
 
     # The model a JAX worker wrote is an ordinary model folder: TensorFlow (this process) loads it and agrees.
-    from components.model_folder import load_model_dir
+    from components.modeling.model_folder import load_model_dir
 
     saved = np.load(tmp_path / "probs.npz")
     reloaded = load_model_dir(tmp_path / "models/finetune")

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import label_issues as li
-from components.images import ImageLimits
-from components.stage_config import ValidateConfig
+from components.core.stage_config import ValidateConfig
+from components.ingestion.images import ImageLimits
+from components.quality import label_issues as li
 from tests.conftest import COLORS, write_image
 
 CLASSES = ["alpha", "beta", "gamma"]
@@ -113,7 +113,7 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     frame.loc[[planted, planted_test], "label"] = "beta"
     frame.to_csv(manifest, index=False)
     params = tiny_params(train_head={"label_issues": {"action": "exclude", "folds": 3, "max_excluded_fraction": 0.07}})
-    from components import head_training
+    from components.modeling import head_training
 
     sizes: list[int] = []
     vectors = head_training.vector_batches
@@ -196,7 +196,7 @@ def test_suspects_of_a_split_are_read_from_the_report(tmp_path: Path):
     paths = [f"img_{i}.jpg" for i in range(len(given))]
     issues = li.find_label_issues(features, given, CLASSES, paths, folds=5, splits=splits)
     report = tmp_path / li.REPORT_FILE
-    from components import files
+    from components.core import files
 
     files.write_csv(issues.table, report)
     assert paths[planted[2]] in li.suspects_of(report, "test")

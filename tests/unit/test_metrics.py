@@ -1,11 +1,11 @@
-"""components.metrics: the numbers evaluate reports and the promotion gate compares."""
+"""components.modeling.metrics: the numbers evaluate reports and the promotion gate compares."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from components.metrics import (
+from components.modeling.metrics import (
     align_columns,
     compute_metrics,
     flat_metrics,

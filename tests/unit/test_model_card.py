@@ -8,9 +8,9 @@ from pathlib import Path
 import mistune
 import numpy as np
 
-from components.contracts import ModelRunInfo, ValidationSummary
-from components.metrics import compute_metrics
-from components.model_card import model_card, quarantined_count, split_counts
+from components.core.contracts import ModelRunInfo, ValidationSummary
+from components.modeling.metrics import compute_metrics
+from components.scoring.model_card import model_card, quarantined_count, split_counts
 from tests.evalkit import CLASSES, run_info, write_manifest, write_stage_reports
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components.contracts import ContractError
-from components.model_folder import ClassNames, read_model_info
+from components.core.contracts import ContractError
+from components.modeling.model_folder import ClassNames, read_model_info
 
 
 def test_classes_json_keeps_its_format_and_order(tmp_path: Path) -> None:

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import hamming_search as hs
-from components import near_duplicates as nd
-from components import perceptual_hashes as ph
-from components.hashing import file_sha256
-from components.images import DECODE_VERSION, ImageLimits
-from components.stage_config import ValidateConfig
+from components.core.hashing import file_sha256
+from components.core.stage_config import ValidateConfig
+from components.ingestion.images import DECODE_VERSION, ImageLimits
+from components.quality import hamming_search as hs
+from components.quality import near_duplicates as nd
+from components.quality import perceptual_hashes as ph
 from tests.conftest import FLOWERS, copy_subset
 
 LIMITS = ImageLimits.from_config(ValidateConfig())
@@ -163,7 +163,7 @@ def test_both_hashes_must_agree_and_groups_chain():
 
 
 def test_validate_entry_point_applies_the_settings(images, tmp_path: Path):
-    from components.stage_config import NearDuplicatesConfig
+    from components.core.stage_config import NearDuplicatesConfig
 
     frame = manifest([(images["a"], "x", "train"), (images["a_copy"], "x", "test"), (images["b"], "x", "val")])
     kept, report = nd.check(frame, NearDuplicatesConfig(), LIMITS, tmp_path / "cache.npz", tmp_path / "groups.png")

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from components import frozen_forward, onnx_inference
-from components.backbones import build_classifier, feature_extractor
-from components.config import ModelConfig
-from components.stage_config import TrainHeadConfig
+from components.core.config import ModelConfig
+from components.core.stage_config import TrainHeadConfig
+from components.modeling import frozen_forward, onnx_inference
+from components.modeling.backbones import build_classifier, feature_extractor
 from tests.conftest import COLORS, write_image
 
 pytestmark = pytest.mark.slow  # exports models to ONNX: `make test` runs it, `make test-fast` does not
@@ -65,7 +65,7 @@ def test_features_and_probabilities_match_keras(classifier: Any, cache_dir: Path
 
 
 def test_a_flip_tta_model_matches_keras_and_gets_its_own_export(classifier: Any, cache_dir: Path) -> None:
-    from components.backbones import with_flip_tta
+    from components.modeling.backbones import with_flip_tta
 
     tta = with_flip_tta(classifier)
     assert onnx_inference.model_cache_key(tta) != onnx_inference.model_cache_key(classifier)
@@ -79,7 +79,7 @@ def test_a_flip_tta_model_matches_keras_and_gets_its_own_export(classifier: Any,
 
 def test_runs_the_projects_tf_data_batches_in_order(classifier: Any, cache_dir: Path, tmp_path: Path) -> None:
     """What train_head/evaluate pass: image_batches() over files, in the given order."""
-    from components.data import image_batches
+    from components.modeling.data import image_batches
 
     paths = [
         str(write_image(tmp_path / f"img_{i}.jpg", size=(60 + i, 50), color=COLORS[i % 4], seed=i)) for i in range(7)

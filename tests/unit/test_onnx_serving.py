@@ -16,13 +16,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import evaluate, model_packaging, onnx_inference, registry, scoring, serving_model
-from components.config import Params, parse_params
-from components.contracts import ContractError
-from components.hashing import file_sha256
-from components.images import ImageLimits
-from components.model_folder import load_model_dir
-from components.paths import EvaluatePaths
+from components import evaluate
+from components.core.config import Params, parse_params
+from components.core.contracts import ContractError
+from components.core.hashing import file_sha256
+from components.core.paths import EvaluatePaths
+from components.ingestion.images import ImageLimits
+from components.lifecycle import model_packaging, registry
+from components.modeling import onnx_inference
+from components.modeling.model_folder import load_model_dir
+from components.scoring import scoring, serving_model
 from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, make_model_dir, write_manifest
 

@@ -1,4 +1,4 @@
-"""One table of hand-off paths: dvc.yaml's commands, deps and outs agree with components/paths.py."""
+"""One table of hand-off paths: dvc.yaml's commands, deps and outs agree with components/core/paths.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from components import paths
+from components.core import paths
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

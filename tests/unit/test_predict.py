@@ -15,12 +15,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import model_packaging, predict, registry, scoring, serving_model
-from components.config import parse_params
-from components.images import ImageLimits
-from components.model_folder import load_model_dir
-from components.model_packaging import example_input
+from components import predict
+from components.core.config import parse_params
+from components.ingestion.images import ImageLimits
+from components.lifecycle import model_packaging, registry
+from components.lifecycle.model_packaging import example_input
+from components.modeling.model_folder import load_model_dir
 from components.predict import run_predict
+from components.scoring import scoring, serving_model
 from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, make_model_dir, write_manifest
 
@@ -316,7 +318,7 @@ def test_the_served_predict_has_a_type_hint_mlflow_accepts_without_a_warning():
 
     from mlflow.pyfunc.utils.data_validation import _get_func_info_if_type_hint_supported
 
-    from components.serving_model import ImageClassifier
+    from components.scoring.serving_model import ImageClassifier
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -328,7 +330,7 @@ def test_serving_and_batch_scoring_see_every_exif_orientation_upright(
     pyfunc: Any, logged: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the model is handed, per path: the served request's bytes and batch scoring's files, all upright."""
-    from components.data import load_rgb
+    from components.modeling.data import load_rgb
     from tests.datakit import assert_upright, save_encoded, upright_picture, write_oriented_images
 
     classifier = pyfunc.unwrap_python_model()  # the served code, loaded by MLflow as a module of its own

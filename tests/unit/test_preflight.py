@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.config import load_params
+from components.core.config import load_params
 from components.preflight import check_params, main
 
 REPO = Path(__file__).resolve().parents[2]

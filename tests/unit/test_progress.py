@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from components import perceptual_hashes
-from components.images import ImageLimits
-from components.progress import progress
+from components.core.progress import progress
+from components.ingestion.images import ImageLimits
+from components.quality import perceptual_hashes
 from tests.conftest import write_image
 
 

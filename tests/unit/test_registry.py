@@ -10,16 +10,16 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-from components.config import Params, parse_params
-from components.contracts import IngestReport, ModelRunInfo, ScoresRecord, ValidationSummary
-from components.credentials import scrub_credentials
-from components.lineage import data_versions, git_commit, lineage_tags, params_hash
-from components.model_packaging import SERVING_MODEL, code_closure
-from components.promotion import decide_promotion, promotion_tags, refused
-from components.registry import alias_version
-from components.scoring import UnsafeModel, check_logged_model
-from components.stage_config import PromotionConfig
-from components.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
+from components.core.config import Params, parse_params
+from components.core.contracts import IngestReport, ModelRunInfo, ScoresRecord, ValidationSummary
+from components.core.credentials import scrub_credentials
+from components.core.stage_config import PromotionConfig
+from components.core.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
+from components.lifecycle.lineage import data_versions, git_commit, lineage_tags, params_hash
+from components.lifecycle.model_packaging import SERVING_MODEL, code_closure
+from components.lifecycle.promotion import decide_promotion, promotion_tags, refused
+from components.lifecycle.registry import alias_version
+from components.scoring.scoring import UnsafeModel, check_logged_model
 from tests.evalkit import CLASSES, run_info, write_stage_reports
 
 GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0.02)
@@ -120,7 +120,7 @@ def test_non_finite_outputs_are_never_promoted() -> None:
 
 
 def test_decision_is_written_through_the_promotion_contract(tmp_path: Path) -> None:
-    from components.contracts import PromotionRecord
+    from components.core.contracts import PromotionRecord
 
     decision = decide_promotion(GATE, scores(0.9, 0.7), registered_model="m", run_id="run", lineage={"git_commit": "x"})
     decision.model_copy(update={"version": "1"}).write(tmp_path / "promotion.json")
@@ -319,7 +319,7 @@ def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
 
 
 def test_a_card_too_long_for_the_registry_is_cut_at_a_line_and_says_where_the_whole_is():
-    from components.registry import DESCRIPTION_MAX_CHARS, card_description
+    from components.lifecycle.registry import DESCRIPTION_MAX_CHARS, card_description
 
     short = "# Model card\n\n- accuracy: 0.9\n"
     assert card_description(short) == short

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import ParamsError, load_params
-from components.overrides import overrides_from_strings
-from components.run_forms import RunFormRefused, check_batch_predict_form, check_training_form
+from components.core.config import ParamsError, load_params
+from components.core.overrides import overrides_from_strings
+from components.lifecycle.run_forms import RunFormRefused, check_batch_predict_form, check_training_form
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -329,7 +329,7 @@ def test_stage_refuses_params_yaml_that_changes_a_limit(worker, monkeypatch, cha
 
 
 def test_stage_form_accepts_a_pushed_commit_and_allow_listed_changes(worker):
-    from components.run_forms import check_git_rev, check_received_params, check_stage_form
+    from components.lifecycle.run_forms import check_git_rev, check_received_params, check_stage_form
 
     clone, pushed, _ = worker
     rules = check_stage_form("finetune", ("train_head", "finetune"), pushed, None, ".")

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from components import errors, files
-from components.tracking_connection import TrackingUnavailable
+from components.core import errors, files
+from components.core.tracking_connection import TrackingUnavailable
 
 
 def _dead_pid() -> int:
@@ -113,7 +113,9 @@ def test_a_new_write_replaces_the_output_and_leaves_no_temp_siblings(tmp_path):
 
 
 def test_cores_are_the_ones_this_process_may_use_wherever_workers_are_counted(monkeypatch):
-    from components import data, ingest, runtime
+    from components import ingest
+    from components.core import runtime
+    from components.modeling import data
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)  # what a container allows
@@ -127,8 +129,8 @@ def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_cred
     import socket
     import time
 
-    from components.config import TrackingConfig
-    from components.tracking_connection import RetryPolicy, setup_mlflow, with_retries
+    from components.core.config import TrackingConfig
+    from components.core.tracking_connection import RetryPolicy, setup_mlflow, with_retries
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

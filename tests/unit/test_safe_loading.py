@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from components import evaluate
-from components.model_folder import load_keras_model, save_model_dir
+from components.modeling.model_folder import load_keras_model, save_model_dir
 from tests.evalkit import make_model_dir, run_info
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,11 +18,13 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components import model_packaging, scoring, serve, serving_model
-from components.config import Params, parse_params
+from components import serve
+from components.core.config import Params, parse_params
+from components.core.paths import EvaluatePaths
 from components.evaluate import run_evaluate
-from components.paths import EvaluatePaths
+from components.lifecycle import model_packaging
 from components.predict import run_predict
+from components.scoring import scoring, serving_model
 from tests.conftest import COLORS, write_image
 from tests.evalkit import CLASSES, empty_tracking_store, make_model_dir, write_manifest
 
@@ -270,7 +272,7 @@ def test_an_unexpected_failure_tells_the_caller_nothing_about_the_server(workspa
     model = scoring.load_scoring_model(f"models:/{NAME}/{result.model_version}")
 
     def broken(batch: Any) -> Any:
-        raise RuntimeError("/srv/models/secret.keras: layer dense_1 failed in components/serving_model.py:230")
+        raise RuntimeError("/srv/models/secret.keras: layer dense_1 failed in components/scoring/serving_model.py:230")
 
     model.classifier._forward = broken
     image = write_image(workspace / "a.png", color=COLORS[0], fmt="PNG").read_bytes()

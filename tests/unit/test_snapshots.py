@@ -1,4 +1,4 @@
-"""Per-epoch weight snapshots (components/snapshots.py): off unless TP_EPOCH_SNAPSHOTS is set."""
+"""Per-epoch weight snapshots (components/modeling/snapshots.py): off unless TP_EPOCH_SNAPSHOTS is set."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import snapshots
+from components.modeling import snapshots
 
 
 def _fit(epochs: int, callbacks: list) -> object:

@@ -25,11 +25,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.config import ParamsError, load_params
+from components.core.config import ParamsError, load_params
+from components.core.paths import IngestPaths
+from components.core.stage_config import IngestConfig, ValidateConfig
 from components.ingest import IngestError, main, run_ingest
-from components.layout import clean_label
-from components.paths import IngestPaths
-from components.stage_config import IngestConfig, ValidateConfig
+from components.ingestion.layout import clean_label
 from tests.conftest import write_image
 from tests.datakit import (
     files_containing,
@@ -156,7 +156,7 @@ def test_table_labels_that_differ_only_in_case_are_refused_but_the_first(tmp_pat
 
 
 def test_formula_labels_are_neutralised_in_the_manifest_and_read_back_as_they_were(tmp_path: Path):
-    from components.contracts import read_manifest
+    from components.core.contracts import read_manifest
 
     formulas = ["=SUM(1,2)", "+1", "-2", "@SUM(A1)", "'=quoted"]
     make_classes(tmp_path / "src" / "images", {"a": len(formulas)})
@@ -368,7 +368,7 @@ def test_plain_http_and_private_hosts_are_refused_unless_allowed(tiny_folder: Pa
 
 
 def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
-    from components import url_fetch, urls
+    from components.ingestion import url_fetch, urls
 
     policy = urls.UrlPolicy(allow_http=True, allow_private_hosts=False, timeout_s=5, max_redirects=2)
     # Let this test's server on 127.0.0.1 count as public, so that only the redirect target is judged.
@@ -407,7 +407,7 @@ def test_redirects_are_checked_again_and_limited(tmp_path: Path, monkeypatch):
     ],
 )
 def test_address_policy(address: str, problem: str | None):
-    from components.urls import address_problem
+    from components.ingestion.urls import address_problem
 
     found = address_problem(address)
     assert (found is None) if problem is None else (problem in found)
@@ -416,7 +416,7 @@ def test_address_policy(address: str, problem: str | None):
 def test_a_host_is_refused_if_any_of_its_addresses_is_private(monkeypatch):
     import socket
 
-    from components import urls
+    from components.ingestion import urls
 
     answers = [
         (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
@@ -456,7 +456,7 @@ def test_file_and_byte_caps_hold_for_folders_tables_and_buckets(tmp_path: Path):
 
 
 def test_a_file_that_grows_after_listing_is_stopped_by_the_byte_count(tmp_path: Path, monkeypatch):
-    from components import source_copy
+    from components.ingestion import source_copy
 
     source = make_classes(tmp_path / "src", {"a": 3})
     real_materialise = source_copy.materialise
@@ -465,7 +465,7 @@ def test_a_file_that_grows_after_listing_is_stopped_by_the_byte_count(tmp_path: 
         (source / "a" / "a_000.jpg").write_bytes(b"\xff" * 200_000)  # after the sizes were read
         return real_materialise(entries, ctx)
 
-    monkeypatch.setattr("components.source_trees.materialise", grow_then_copy)
+    monkeypatch.setattr("components.ingestion.source_trees.materialise", grow_then_copy)
     with pytest.raises(IngestError, match="max_bytes"):
         _run(tmp_path, source, max_bytes=100_000)
 
@@ -504,7 +504,7 @@ def test_the_cli_refuses_a_credential_before_writing_and_never_echoes_it(tmp_pat
 
 
 def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
-    from components.credentials import redact
+    from components.core.credentials import redact
 
     assert redact("https://u:p@host/x?sig=abc&v=1") == "https://***@host/x?sig=***&v=1"
     make_classes(tmp_path / "src" / "images", {"a": 2})
@@ -521,7 +521,7 @@ def test_reports_and_manifests_show_sources_redacted(tmp_path: Path):
 
 
 def test_url_prefixes_compare_normalised_paths():
-    from components.source_tables import Roots
+    from components.ingestion.source_tables import Roots
 
     roots = Roots.of(
         "https://data.example.com/sets/flowers", True, ["s3://bucket/extra", "https://x.example.com/a/../b"]
@@ -538,7 +538,7 @@ def test_url_prefixes_compare_normalised_paths():
 def test_https_connections_are_checked_too_and_a_downgrade_redirect_is_refused():
     import urllib.request
 
-    from components import url_fetch, urls
+    from components.ingestion import url_fetch, urls
 
     with pytest.raises(urls.URLRefused, match="loopback"):
         url_fetch.http_open("https://127.0.0.1:9/x.tgz", urls.UrlPolicy())  # refused before connecting

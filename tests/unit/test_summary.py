@@ -37,7 +37,7 @@ def test_labels_in_the_run_summary_cannot_forge_rows_or_inject_html():
 
 
 def test_sections_follow_what_the_run_did_and_name_the_hand_off_files():
-    from components.paths import DRIFT_REPORT, QUARANTINE_LIST
+    from components.core.paths import DRIFT_REPORT, QUARANTINE_LIST
 
     result = {
         "stages": [{"stage": "validate", "ran": True, "seconds": 1.0}],

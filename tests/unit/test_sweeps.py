@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ParamsError
-from components.sweeps import best_point, check_points, grid_points, point_overrides, results_table, write_reports
+from components.core.config import ParamsError
+from components.lifecycle.sweeps import (
+    best_point,
+    check_points,
+    grid_points,
+    point_overrides,
+    results_table,
+    write_reports,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from components.tracking_connection import shown_uri, use_tracking_uri
+from components.core.tracking_connection import shown_uri, use_tracking_uri
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +37,8 @@ def test_credentials_from_one_server_are_not_sent_to_the_next():
 def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     import mlflow
 
-    from components.config import TrackingConfig
-    from components.tracking_connection import setup_mlflow
+    from components.core.config import TrackingConfig
+    from components.core.tracking_connection import setup_mlflow
 
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -55,10 +55,10 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch)
 def test_stage_start_ends_this_workspaces_orphaned_runs_as_killed(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from components.config import TrackingConfig
-    from components.pipeline_runs import workspace_tag
-    from components.tracking import stage_run
-    from components.tracking_connection import setup_mlflow
+    from components.core.config import TrackingConfig
+    from components.core.pipeline_runs import workspace_tag
+    from components.core.tracking import stage_run
+    from components.core.tracking_connection import setup_mlflow
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -95,9 +95,9 @@ def test_a_stage_run_is_the_active_run_with_git_context_system_metrics_and_its_p
 
     from mlflow import MlflowClient
 
-    from components.config import TrackingConfig
-    from components.tracking import log_dataset, stage_run
-    from components.tracking_connection import setup_mlflow
+    from components.core.config import TrackingConfig
+    from components.core.tracking import log_dataset, stage_run
+    from components.core.tracking_connection import setup_mlflow
 
     git(tmp_path, "init", "-q", "-b", "main")
     git(tmp_path, "commit", "-q", "--allow-empty", "-m", "code")
@@ -136,7 +136,7 @@ def test_a_stage_run_is_the_active_run_with_git_context_system_metrics_and_its_p
 
 def test_mlflows_own_git_remote_tag_loses_its_credentials():
     """MLflow tags the main script's repository itself (outside a git workspace ours are absent to override it)."""
-    from components.tracking import _scrub_context_tags
+    from components.core.tracking import _scrub_context_tags
 
     class Client:
         def __init__(self) -> None:
@@ -157,8 +157,8 @@ def test_system_metrics_can_be_switched_off(tmp_path, monkeypatch):
 
     from mlflow import MlflowClient
 
-    from components.config import TrackingConfig
-    from components.tracking import stage_run
+    from components.core.config import TrackingConfig
+    from components.core.tracking import stage_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -214,8 +214,8 @@ def test_epoch_metrics_are_retried_and_a_tracking_outage_never_stops_training(ca
     """A slow server: each epoch's log_batch is retried; one that stays down costs the epoch's metrics only."""
     import numpy as np
 
-    from components.tracking import mlflow_epoch_logger
-    from components.tracking_connection import RetryPolicy
+    from components.core.tracking import mlflow_epoch_logger
+    from components.core.tracking_connection import RetryPolicy
 
     class FlakyClient:
         def __init__(self, failures: int) -> None:

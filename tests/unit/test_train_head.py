@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import files
-from components.data import load_rgb, load_split
-from components.feature_cache import feature_cache_key
+from components.core import files
+from components.modeling.data import load_rgb, load_split
+from components.modeling.feature_cache import feature_cache_key
 from components.train_head import main, run_train_head
 from tests.modelkit import CLASSES, head_paths, tiny_params, train_tiny_head, write_manifest
 
@@ -40,8 +40,8 @@ def test_cached_features_give_the_same_predictions_as_the_saved_full_model(train
 def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, tmp_path: Path):
     import keras
 
-    from components import backbones, onnx_inference
-    from components.feature_cache import frozen_runner
+    from components.modeling import backbones, onnx_inference
+    from components.modeling.feature_cache import frozen_runner
 
     info = files.read_json(trained["root"] / "models/head/run.json")
     expected = "onnxruntime" if onnx_inference.onnxruntime_available() else "keras"
@@ -143,7 +143,7 @@ def test_cli_names_an_unknown_backbone_and_exits_2(tmp_path: Path, capsys: pytes
 
 def test_feature_cache_key_changes_with_the_loaders_decode_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An upside-down photo (orientation 3) keeps its manifest row, yet decodes to other pixels once EXIF counts."""
-    from components import images
+    from components.ingestion import images
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path,label\n")
@@ -157,7 +157,7 @@ def test_cli_paths_come_from_the_table_and_the_cache_is_anchored_at_the_workspac
 ):
     """Defaults from TrainHeadPaths; a relative cache folder lands in the main workspace, the rest stay as given."""
     from components import train_head
-    from components.paths import TrainHeadPaths
+    from components.core.paths import TrainHeadPaths
 
     assert TrainHeadPaths.from_args(train_head.build_parser().parse_args([])) == TrainHeadPaths()
     seen: list[TrainHeadPaths] = []

@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import validate, validation_checks, validation_suites
-from components.config import Params
-from components.contracts import MANIFEST_COLUMNS
+from components import validate
+from components.core.config import Params
+from components.core.contracts import MANIFEST_COLUMNS
+from components.core.paths import IngestPaths, ValidatePaths
+from components.core.stage_config import IngestConfig, NearDuplicatesConfig, ValidateConfig
 from components.ingest import IngestResult, run_ingest
-from components.layout import BadLabel, clean_label
-from components.paths import IngestPaths, ValidatePaths
-from components.stage_config import IngestConfig, NearDuplicatesConfig, ValidateConfig
+from components.ingestion.layout import BadLabel, clean_label
+from components.quality import validation_checks, validation_suites
+from components.quality.validation_inputs import ValidateInputError
 from components.validate import ValidationResult, run_validate
-from components.validation_inputs import ValidateInputError
 from tests.conftest import FLOWERS, HYMENOPTERA, copy_subset, write_image
 from tests.datakit import (
     ingest_params,
@@ -206,7 +207,7 @@ def test_fail_policy_exits_nonzero_listing_every_problem(defects, tmp_path: Path
         ]
     )
     text = capsys.readouterr().out
-    # Exit 2: the data's fault, which the flow does not retry (components.errors.EXIT_USER_ERROR).
+    # Exit 2: the data's fault, which the flow does not retry (components.core.errors.EXIT_USER_ERROR).
     assert code == 2 and "FAILED" in text and "Traceback" not in text
     for name, expected in DEFECTS.items():
         if expected:
@@ -341,7 +342,7 @@ def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
 
 
 def test_the_cli_takes_its_path_flags_and_defaults_from_the_paths_table():
-    """The flags dvc.yaml and people use, with the defaults of components/paths.py's ValidatePaths."""
+    """The flags dvc.yaml and people use, with the defaults of components/core/paths.py's ValidatePaths."""
     parser = validate.build_parser()
     flags = {option for action in parser._actions for option in action.option_strings}
     assert {"--params", "--manifest", "--ingest-report", "--out-manifest", "--report-dir"} <= flags
@@ -354,7 +355,7 @@ def test_the_cli_takes_its_path_flags_and_defaults_from_the_paths_table():
 
 
 def test_summary_is_the_validation_summary_contract_with_the_quarantined_count(defects):
-    from components.contracts import ValidationSummary
+    from components.core.contracts import ValidationSummary
 
     run, _, _ = defects
     summary = ValidationSummary.read(run.result.summary_path)  # what evaluate's model card reads
@@ -511,9 +512,9 @@ def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(nea
 def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: Path, tmp_path: Path):
     """An untrusted manifest cannot make validate open a file elsewhere (here a near-duplicate under label b),
     even with an ingest report edited to match it: the report's raw_dir bounds what is read."""
-    from components.contracts import IngestReport
-    from components.hashing import file_sha256, records_version
-    from components.validation_inputs import relative_records
+    from components.core.contracts import IngestReport
+    from components.core.hashing import file_sha256, records_version
+    from components.quality.validation_inputs import relative_records
 
     run = ingest_and_validate(near_source, tmp_path / "ws", near_config())
     outside = tmp_path / "elsewhere" / "copy.jpg"
@@ -543,8 +544,8 @@ def test_a_manifest_row_outside_the_ingested_folder_is_never_read(near_source: P
 
 
 def test_images_are_read_only_under_the_ingested_folder_else_the_manifests_folder(tmp_path: Path):
-    from components.contracts import IngestReport
-    from components.validation_inputs import image_root, within
+    from components.core.contracts import IngestReport
+    from components.quality.validation_inputs import image_root, within
 
     manifest = tmp_path / "data" / "manifest.csv"
     assert image_root(IngestReport.model_construct(raw_dir="data/raw"), manifest) == Path("data/raw")

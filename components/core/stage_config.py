@@ -1,0 +1,281 @@
+"""params.yaml's stage sections: ingest, validate, augment, train_head, finetune, evaluate, drift.
+
+One pydantic model per section (core/section.py's rules); core/config.py assembles them into Params.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from components.core.section import Section
+
+
+class SplitFractions(Section):
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class IngestConfig(Section):
+    source: str = Field(
+        "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz",
+        min_length=1,
+        description="Folder of class sub-folders (optionally under train/val/test), CSV/Parquet "
+        "manifest, .zip/.tar.gz archive, or URL (http(s)://, s3://, gs://).",
+    )
+    classes: list[str] | None = Field(None, description="Expected label set; null accepts the labels found.")
+    split: SplitFractions = SplitFractions()
+    workers: int = Field(0, ge=0, description="Processes for hashing and decoding; 0 = one per core.")
+    max_bytes: int = Field(20 * 1024**3, gt=0, description="Cap on the bytes any source delivers (archives: unpacked).")
+    max_files: int = Field(1_000_000, gt=0, description="Cap on the files any source delivers (archives: members).")
+    max_archive_metadata_bytes: int = Field(
+        256 * 1024**2,
+        gt=0,
+        description="Cap on an archive's metadata: tar long-name and pax headers in total, a zip's central directory.",
+    )
+    allow_http: bool = Field(False, description="Accept plain http:// URLs (https, s3 and gs always).")
+    allow_private_hosts: bool = Field(
+        False, description="Accept URLs whose host is loopback, private or link-local (e.g. a lab server)."
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders or bucket prefixes that manifest rows may name besides the manifest's own folder.",
+    )
+    follow_links_within_root: bool = Field(
+        True, description="Follow symlinks that stay inside the source root; links out of it are always refused."
+    )
+    allow_hard_links: bool = Field(
+        False,
+        description="Read source files that have more than one name (hard links); one may be a file "
+        "outside the source, which a hard link cannot show.",
+    )
+    download_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Deadline for each whole HTTP(S) request (connect, redirects, headers, body)."
+    )
+    max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for a URL source.")
+
+
+class NearDuplicatesConfig(Section):
+    policy: Literal["move", "report", "fail", "off"] = Field(
+        "move",
+        description="Near-duplicate groups across splits: move to the split of the smallest content hash, "
+        "report only, fail validation, or off (no perceptual hashing). Groups under 2+ labels are quarantined.",
+    )
+    max_distance: int = Field(
+        10, ge=0, le=32, description="Largest Hamming distance between 64-bit perceptual hashes of one group."
+    )
+
+
+class ValidateConfig(Section):
+    policy: Literal["quarantine", "fail"] = "quarantine"
+    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "BMP", "WEBP"])
+    min_width: int = Field(32, ge=1)
+    min_height: int = Field(32, ge=1)
+    max_width: int = Field(12_000, ge=1)
+    max_height: int = Field(12_000, ge=1)
+    max_pixels: int = Field(80_000_000, ge=1, le=1_000_000_000, description="Decompression-bomb guard.")
+    max_image_bytes: int = Field(50 * 1024**2, ge=1024, le=2 * 1024**3, description="Largest image file accepted.")
+    min_images_per_class: int = Field(10, ge=1)
+    max_class_imbalance: float = Field(10.0, ge=1, description="Largest class size / smallest class size.")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Quarantine more than this and the run fails.")
+    near_duplicates: NearDuplicatesConfig = NearDuplicatesConfig()
+
+    @model_validator(mode="after")
+    def _consistent_bounds(self) -> ValidateConfig:
+        for low, high in (("min_width", "max_width"), ("min_height", "max_height")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)})")
+        if self.min_width * self.min_height > self.max_pixels:
+            raise ValueError(
+                f"min_width x min_height ({self.min_width * self.min_height}) exceeds max_pixels "
+                f"({self.max_pixels}): no image could pass"
+            )
+        return self
+
+
+class AugmentConfig(Section):
+    policy: list[dict[str, dict[str, Any]]] = Field(
+        default_factory=lambda: [
+            {"HorizontalFlip": {"p": 0.5}},
+            {"Affine": {"scale": [0.9, 1.15], "rotate": [-15, 15], "p": 0.7}},
+            {"RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5}},
+        ],
+        description="albumentations 2.x transforms in order, each {Name: {argument: value}}.",
+    )
+    preview_images: int = Field(16, ge=1, le=64)
+
+    @field_validator("policy")
+    @classmethod
+    def _one_transform_per_item(cls, policy: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
+        for i, item in enumerate(policy):
+            if len(item) != 1:
+                raise ValueError(f"item {i} must map exactly one transform name to its arguments, got {list(item)}")
+        return policy
+
+
+class LabelIssuesConfig(Section):
+    action: Literal["report", "exclude", "off"] = Field(
+        "report",
+        description="Suspect labels of every split (cleanlab on probabilities from heads that did not see "
+        "each image): report them, also exclude the top training ones from head training (listed in the "
+        "model folder; val and test images are never excluded), or skip the check.",
+    )
+    folds: int = Field(5, ge=2, le=20, description="Folds of the out-of-fold heads.")
+    max_excluded_fraction: float = Field(
+        0.02,
+        ge=0,
+        le=0.5,
+        description="With action exclude: at most this fraction of training images, most suspect first.",
+    )
+    gallery_images: int = Field(16, ge=1, le=64, description="Top suspects shown in label_issues.png.")
+
+
+class TrainHeadConfig(Section):
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="Also the feature-extraction batch (32 is ~2x faster than 64 on CPU)."
+    )
+    epochs: int = Field(40, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    pooling: Literal["avg", "max"] = Field("avg", description="Global pooling of the backbone's feature map.")
+    hidden_units: int = Field(0, ge=0, description="Optional dense layer before the classifier; 0 = none.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighting: Literal["balanced", "none"] = "balanced"
+    early_stopping_patience: int = Field(5, ge=1)
+    cached_features: bool = Field(True, description="Train the head on backbone features computed once.")
+    augmented_copies: int = Field(
+        2, ge=0, le=32, description="Augmented variants per training image in the feature cache."
+    )
+    feature_engine: Literal["auto", "onnxruntime", "keras"] = Field(
+        "auto",
+        description="Frozen feature pass: auto = ONNX Runtime on a CPU where it is installed "
+        "(checked against Keras on a probe batch), Keras otherwise.",
+    )
+    label_issues: LabelIssuesConfig = LabelIssuesConfig()
+
+
+class FinetuneConfig(Section):
+    unfreeze_layers: int | None = Field(
+        100, ge=1, description="Train the top N backbone layers; all three unfreeze keys null = the backbone's default."
+    )
+    unfreeze_from: str | None = Field(None, description="Or: train from this backbone layer name upwards.")
+    unfreeze_fraction: float | None = Field(
+        None, gt=0, le=1, description="Or: train this top fraction of backbone layers (wins over unfreeze_layers)."
+    )
+    batch_size: int = Field(32, ge=1, le=4096)
+    epochs: int = Field(12, ge=0, description="Upper bound; 0 = keep the head model as is.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak after warm-up; cosine decay to 0.")
+    warmup_epochs: int = Field(1, ge=0)
+    early_stopping_patience: int = Field(4, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    calibrate: bool = Field(
+        True,
+        description="Fit a temperature on val after fine-tuning and fold it into the output layer "
+        "(probabilities people can threshold; predictions unchanged).",
+    )
+    flip_tta: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
+        "only when it raises val accuracy (never judged on test); on/off: always/never.",
+    )
+    keep_head_if_not_better: bool = Field(
+        True,
+        description="After training, score the head and the fine-tuned model on val (single view, before "
+        "calibration: accuracy, then log-loss); keep the head's weights unless the fine-tuned ones beat them. "
+        "false: always keep the fine-tuned weights.",
+    )
+
+
+class PromotionConfig(Section):
+    min_accuracy: float = Field(0.5, ge=0, le=1, description="Test accuracy a version needs to become champion.")
+    min_class_recall: float = Field(0.0, ge=0, le=1, description="Every class's test recall must reach this.")
+    min_improvement: float = Field(
+        0.0, ge=0, le=1, description="Accuracy margin over the champion re-scored on the same test split."
+    )
+    promote_on_tie: bool = Field(False, description="Whether equal accuracy (within float noise) promotes.")
+    max_class_recall_drop: float = Field(
+        0.03, ge=0, le=1, description="No class's recall may fall more than this below the champion's."
+    )
+    allow_class_set_change: bool = Field(
+        False, description="Promote when the class set differs from the champion's (it cannot be re-scored)."
+    )
+
+
+class ServingConfig(Section):
+    max_images_per_request: int = Field(64, ge=1, le=10_000, description="Images one served request may hold.")
+    max_request_bytes: int = Field(
+        64 * 1024**2, ge=1024, le=2 * 1024**3, description="Total image bytes one served request may hold."
+    )
+    max_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Pixels one served image may have (from its header, before decoding); serving's own cap, "
+        "smaller than validate.max_pixels, which training, evaluation and batch scoring use.",
+    )
+    max_request_pixels: int = Field(
+        200_000_000,
+        ge=1,
+        le=10_000_000_000,
+        description="Pixels all the images of one served request may have together (the request's decode budget).",
+    )
+
+    @model_validator(mode="after")
+    def _budget_fits_an_image(self) -> ServingConfig:
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) is below max_pixels ({self.max_pixels}): "
+                "a request could not hold one image of the largest size allowed"
+            )
+        return self
+
+
+class ExperimentsConfig(Section):
+    register_model: bool = Field(False, description="Whether a DVC experiment registers its model (as a challenger).")
+    promote: bool = Field(
+        False, description="With register_model: the gate may make it champion (main-line runs always may)."
+    )
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(3, ge=1, description="Top-k accuracy is reported when there are more than 5 classes.")
+    worst_examples: int = Field(16, ge=0, le=64, description="Misclassified test images shown in the gallery.")
+    calibration_bins: int = Field(10, ge=2, le=100, description="Confidence bins for ECE and the reliability diagram.")
+    inference_engine: Literal["auto", "onnxruntime", "keras"] = Field(
+        "auto",
+        description="Scoring the test split: auto = ONNX Runtime on a CPU where it is installed (checked "
+        "against Keras on a probe batch; the accepted file is also served), Keras otherwise; keras never exports.",
+    )
+    promotion: PromotionConfig = PromotionConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
+    serving: ServingConfig = ServingConfig()
+
+
+class DriftConfig(Section):
+    policy: Literal["always", "on_drift", "alert"] = Field(
+        "always",
+        description="Retrain on any new data (always), only on drift or new classes (on_drift), or "
+        "never because of drift (alert: report only).",
+    )
+    significance: float = Field(
+        0.01, gt=0, lt=1, description="Family-wise false-alarm rate of the MMD tests (Bonferroni)."
+    )
+    permutations: int = Field(200, ge=20, le=10_000, description="Relabellings for each permutation p-value.")
+    reference_per_class: int = Field(
+        100, ge=5, le=5_000, description="Training embeddings per class kept with a model."
+    )
+    sample_per_class: int = Field(100, ge=5, le=5_000, description="New images per class embedded and tested.")
+    max_confidence_drop: float = Field(
+        0.1, ge=0, le=1, description="A larger drop of the champion's mean top-class probability counts as drift."
+    )

@@ -1,0 +1,185 @@
+"""Temperature scaling: one scalar, fitted on validation logits, that makes probabilities honest.
+
+The classifier ends in a softmax, so its saved outputs are probabilities; log-probabilities are
+logits up to a per-row constant, which softmax ignores, so `logits_from_probabilities` is all a
+caller needs. `fold_temperature` divides the output layer's weights by T, so the saved model itself
+gives calibrated probabilities to every consumer (evaluate, serving, TFLite, ONNX). Dividing logits
+by T > 0 never changes the argmax (accuracy is untouched); T > 1 softens an over-confident model,
+T < 1 sharpens an under-confident one (label smoothing makes
+models under-confident). T is chosen to minimise the validation negative log-likelihood (Guo et
+al. 2017) and never on test. ECE and the reliability table use components.modeling.metrics, the same
+definitions evaluate reports.
+
+With flip test-time augmentation the model outputs the mean of softmax(logits_v / T) over its views
+(the image and its mirror share one output layer), so logits may also be given as (views, n, classes):
+T is then fitted to the averaged probabilities the saved model will really produce. With several
+views T can move the argmax of the mean between near-tied classes, so finetune judges TTA on the
+calibrated mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from components.modeling.metrics import calibration_bins, expected_calibration_error
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # beyond these a "fit" is a symptom (degenerate val set), not a calibration
+_EPS = 1e-12
+
+
+def logits_from_probabilities(probs: np.ndarray) -> np.ndarray:
+    """log p: logits up to a per-row constant (softmax(log p / T) is temperature scaling of the logits)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0))
+
+
+def _views(logits: np.ndarray) -> np.ndarray:
+    """(views, n, classes): a plain (n, classes) array is one view."""
+    z = np.asarray(logits, dtype=np.float64)
+    return z[None] if z.ndim == 2 else z
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64)))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities softmax(logits / T), averaged over views when there are several."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return np.exp(_log_softmax(_views(logits) / temperature)).mean(axis=0)
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean -log p(true label) after dividing the logits by `temperature` (p averaged over views)."""
+    from scipy.special import logsumexp
+
+    views = _views(logits)
+    rows = np.arange(views.shape[1])
+    log_p_true = _log_softmax(views / temperature)[:, rows, labels]  # (views, n)
+    return float(np.mean(np.log(len(views)) - logsumexp(log_p_true, axis=0)))
+
+
+def _checked(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Finite rows only (a NaN row has no probability to calibrate), labels validated."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim not in (2, 3) or logits.shape[-2] != len(labels):
+        raise ValueError(
+            "logits must be (n, classes) or (views, n, classes) with one label per row; "
+            f"got {logits.shape} and {labels.shape}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
+        raise ValueError(f"labels must lie in 0..{logits.shape[-1] - 1}")
+    finite = np.isfinite(_views(logits)).all(axis=(0, 2))
+    return logits[..., finite, :], labels[finite].astype(np.int64)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """The T in `bounds` minimising validation NLL (a 1-D bounded search over log T); 1.0 if no rows."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = _checked(logits, labels)
+    if not len(labels):
+        return 1.0
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(bounds[0]), np.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
+    temperature = float(np.exp(result.x))
+    # The search is approximate: never hand back a T that is worse than leaving the model alone.
+    if negative_log_likelihood(logits, labels, temperature) > negative_log_likelihood(logits, labels, 1.0):
+        return 1.0
+    return temperature
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[float, list[dict[str, Any]]]:
+    """(ECE, reliability-diagram rows: low, high, count, confidence, accuracy) of top-label predictions."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    table = calibration_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins)
+    rows = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        for row in table.to_dict(orient="records")
+    ]
+    return expected_calibration_error(table), rows
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Before/after numbers on one split, ready for JSON (metrics.json, MLflow) and a plot."""
+
+    temperature: float
+    n: int
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    reliability_before: list[dict[str, Any]]
+    reliability_after: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration_report(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, n_bins: int = 10
+) -> CalibrationReport:
+    """How `temperature` changes NLL, ECE and the reliability diagram on these rows (val or test)."""
+    logits, labels = _checked(logits, labels)
+    ece_before, bins_before = reliability(apply_temperature(logits, 1.0), labels, n_bins)
+    ece_after, bins_after = reliability(apply_temperature(logits, temperature), labels, n_bins)
+    return CalibrationReport(
+        temperature=float(temperature),
+        n=int(len(labels)),
+        nll_before=negative_log_likelihood(logits, labels) if len(labels) else 0.0,
+        nll_after=negative_log_likelihood(logits, labels, temperature) if len(labels) else 0.0,
+        ece_before=ece_before,
+        ece_after=ece_after,
+        reliability_before=bins_before,
+        reliability_after=bins_after,
+    )
+
+
+def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, n_bins: int = 10) -> CalibrationReport:
+    """Fit T on validation probabilities (the model's softmax outputs, (n, classes) or per view
+    (views, n, classes)) and report before/after on val."""
+    logits = logits_from_probabilities(val_probs)
+    return calibration_report(logits, val_labels, fit_temperature(logits, val_labels), n_bins)
+
+
+OUTPUT_LAYER = "probabilities"  # components.modeling.backbones: the head's final Dense(softmax)
+
+
+def _find_layer(model: Any, name: str) -> Any:
+    """The layer called `name` in `model` or any sub-model (the head is a nested model)."""
+    for layer in getattr(model, "layers", []):
+        if layer.name == name:
+            return layer
+        found = _find_layer(layer, name) if hasattr(layer, "layers") else None
+        if found is not None:
+            return found
+    return None
+
+
+def fold_temperature(model: Any, temperature: float) -> None:
+    """Make `model` output softmax(logits / T) by scaling its final Dense(softmax) layer in place.
+
+    softmax((W x + b) / T) == softmax((W / T) x + b / T): exact, argmax unchanged, nothing to apply later.
+    """
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    layer = _find_layer(model, OUTPUT_LAYER)
+    if layer is None or getattr(layer, "activation", None) is None or layer.activation.__name__ != "softmax":
+        raise ValueError(f"no Dense(softmax) layer named {OUTPUT_LAYER!r} to fold a temperature into")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel / temperature, bias / temperature])

@@ -1,0 +1,176 @@
+"""Fitting train_head's classifier head: on cached frozen features (fast) or end to end through the frozen backbone.
+
+The head trained on cached features is the same Keras sub-model that sits on the backbone in the saved
+full model, so predictions are identical to running the full model on the images. End to end, every
+epoch sees freshly augmented images through the tf.data pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.core import runtime, tracking
+from components.core.config import Params
+from components.core.contracts import read_manifest
+from components.core.paths import TrainHeadPaths
+from components.core.tracking_connection import RetryPolicy
+from components.ingestion.images import ImageLimits
+from components.modeling import data, data_checks, drift, feature_cache, frozen_forward, optimization, snapshots
+from components.modeling.data import Split, load_split, make_dataset
+from components.modeling.data_checks import DataChecks
+
+
+@dataclass(frozen=True)
+class HeadData:
+    """The manifest and its splits; classes: every label in the manifest, sorted."""
+
+    frame: pd.DataFrame
+    train: Split
+    val: Split
+    test: Split  # only for the suspect-label check: nothing is fitted or chosen on it
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @classmethod
+    def read(cls, manifest: str | Path) -> HeadData:
+        frame = read_manifest(manifest)
+        train = load_split(frame, "train")
+        val, test = load_split(frame, "val", train.classes), load_split(frame, "test", train.classes)
+        if not len(train) or not len(val):
+            raise ValueError(f"{manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
+        return cls(frame, train, val, test)
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    history: dict[str, list[float]]
+    feature_cache: Path | None  # the cache file the head trained on (None: trained end to end)
+    checks: DataChecks
+
+
+def callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
+    """Early stopping, learning-rate decay on plateaus, per-epoch MLflow metrics, epoch snapshots if asked."""
+    import keras
+
+    patience = params.train_head.early_stopping_patience
+    return [
+        optimization.early_stopping(patience),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
+        tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
+        *snapshots.snapshot_callbacks(
+            "train_head", weights_of="head" if params.train_head.cached_features else "model"
+        ),
+    ]
+
+
+def _one_hot(ds: Any, num_classes: int) -> Any:
+    import tensorflow as tf
+
+    return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+
+
+def vector_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int, training: bool) -> Any:
+    """Feature vectors and one-hot labels in batches, shuffled (seeded, every epoch) when training."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return _one_hot(ds.batch(batch_size), num_classes).prefetch(tf.data.AUTOTUNE)
+
+
+def fit_on_cached_features(
+    model: Any, inputs: HeadData, params: Params, paths: TrainHeadPaths, fit_callbacks: list[Any]
+) -> HeadFit:
+    """Train the model's head sub-model alone on cached features (it stays attached to `model`).
+
+    On the way, the same features rank suspect labels of every split (training images only are excluded,
+    with action `exclude`) and give the drift reference; both land in the result's `checks`. The test split
+    is read only for that check (its features, one un-augmented pass, are cached with the rest).
+    """
+    from components.modeling import backbones
+
+    h, train, n = params.train_head, inputs.train, len(inputs.classes)
+    checks = DataChecks()
+
+    def make_extractor() -> frozen_forward.FrozenRunner:
+        runner = feature_cache.frozen_runner(backbones.feature_extractor(model), h, paths.cache_dir)
+        checks.feature_engine = runner.engine
+        return runner
+
+    check = h.label_issues.action != "off"
+    splits = {"train": train, "val": inputs.val, **({"test": inputs.test} if check else {})}
+    arrays, cache_path = feature_cache.cached_features(
+        make_extractor, splits, params, paths.manifest, paths.policy, paths.cache_dir
+    )
+    plain = arrays["train_x"][: len(train)]  # the un-augmented copy of each training image comes first
+    train_x, train_y = arrays["train_x"], arrays["train_y"]
+    weights = data.class_weights(train.labels, n, h.class_weighting)
+    if check:
+        checks.issues = data_checks.suspect_labels(plain, arrays, train, inputs.val, inputs.test, params)
+        excluded = checks.issues.excluded[: len(train)]  # training images come first; only they are ever excluded
+        if excluded.any():
+            keep = np.tile(~excluded, len(train_x) // len(train))  # drop augmented copies too
+            train_x, train_y = train_x[keep], train_y[keep]
+            weights = data.class_weights(train.labels[~excluded], n, h.class_weighting)
+    head = model.get_layer(backbones.HEAD_LAYER)
+    # A few dense weights: XLA buys nothing.
+    optimization.compile_classifier(head, h.learning_rate, h.label_smoothing, jit_compile=False)
+    fit = head.fit(
+        vector_batches(train_x, train_y, n, h.batch_size, params.project.seed, True),
+        validation_data=vector_batches(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
+        epochs=h.epochs,
+        class_weight=weights,
+        callbacks=fit_callbacks,
+        shuffle=False,
+        verbose=runtime.progress_verbosity(),
+    )  # shuffle=False: tf.data shuffles, seeded
+    val_confidence = float(head.predict(arrays["val_x"], verbose=0).max(axis=1).mean())
+    checks.reference = drift.build_reference(
+        plain,
+        train.labels,
+        train.classes,
+        inputs.frame.loc[inputs.frame["split"] == "train", "sha256"].tolist(),
+        val_confidence,
+        params.drift.reference_per_class,
+        params.project.seed,
+    )
+    return HeadFit(fit.history, cache_path, checks)
+
+
+def fit_end_to_end(
+    model: Any, inputs: HeadData, params: Params, paths: TrainHeadPaths, fit_callbacks: list[Any]
+) -> HeadFit:
+    """Train through the frozen backbone on freshly augmented images every epoch."""
+    h, size, n = params.train_head, params.model.image_size, len(inputs.classes)
+    optimization.compile_classifier(model, h.learning_rate, h.label_smoothing, runtime.jit_compile_default())
+    limits = ImageLimits.from_config(params.validate)
+    train_ds = make_dataset(
+        inputs.train,
+        size,
+        h.batch_size,
+        policy_path=paths.policy,
+        training=True,
+        seed=params.project.seed,
+        limits=limits,
+    )
+    val_ds = make_dataset(inputs.val, size, h.batch_size, cache=True, limits=limits)
+    fit = model.fit(
+        _one_hot(train_ds, n),
+        validation_data=_one_hot(val_ds, n),
+        epochs=h.epochs,
+        class_weight=data.class_weights(inputs.train.labels, n, h.class_weighting),
+        callbacks=fit_callbacks,
+        shuffle=False,
+        verbose=runtime.progress_verbosity(),
+    )
+    print("label issues: skipped (they need train_head.cached_features: true)")
+    reference = drift.reference_from_model(model, inputs.frame, inputs.classes, params)
+    return HeadFit(fit.history, None, DataChecks(reference=reference))
