@@ -24,7 +24,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install install-unlocked lock lint format keras-home test-py312 test-unit-fast benchmark-checks run test test-fast benchmark soak e2e-loopback mlflow-ui
+.PHONY: install install-unlocked lock lint docs format keras-home test-py312 test-unit-fast benchmark-checks run test test-fast benchmark soak e2e-loopback mlflow-ui
 
 # The environment is the lock, not whatever the index serves today: requirements/dev-$(TF_EXTRA).lock
 # (hashed, x86_64 Linux, Python 3.11) is synced exactly (packages not in it are removed), then the
@@ -73,6 +73,10 @@ run: install keras-home
 lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+# docs/architecture.md's module map, regenerated from the code (tests/unit/test_architecture_doc.py checks it)
+docs: install
+	$(BIN)/python docs/architecture_graph.py
 
 format: install
 	$(BIN)/ruff format .
