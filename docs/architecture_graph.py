@@ -1,4 +1,4 @@
-"""Regenerate the module map of docs/architecture.md from the code: `make docs` (or `python docs/architecture_graph.py`).
+"""Regenerate the module map of docs/architecture.md from the code: `make docs` (python docs/architecture_graph.py).
 
 The map is the layers of `components/` (lowest first), every module in each with its size and the first line of
 its docstring, and a picture of which layer imports which (read with `ast`, as tests/unit/test_dag.py reads it).
