@@ -27,7 +27,8 @@ from components.scoring.scoring import ONNX_SHA256_TAG, UnsafeModel
 from components.scoring.serving_model import CONFIG_KEYS, ONNX_ARTIFACT, OPTIONAL_CONFIG_KEYS, SERVING_PIXEL_KEYS
 
 PYFUNC_NAME = "model"
-SERVING_MODEL = Path(__file__).resolve().parent / "serving_model.py"
+COMPONENTS_ROOT = Path(__file__).resolve().parents[1]  # the installed `components` package
+SERVING_MODEL = COMPONENTS_ROOT / "scoring" / "serving_model.py"
 
 
 def pyfunc_requirements() -> list[str]:
@@ -51,33 +52,42 @@ def _installed(dist: str) -> bool:
 
 
 def code_closure(module_file: Path) -> set[str]:
-    """File names of the `components` modules that `module_file` imports (anywhere in it), transitively."""
-    here = module_file.parent
+    """Paths (relative to `components/`) of the modules `module_file` imports anywhere in it, transitively,
+    with the `__init__.py` of every package on the way (importing a.b runs a/__init__.py first)."""
     seen: set[str] = set()
-    todo = [module_file.name, "__init__.py"]  # the package init runs first, with its own imports
+    start = module_file.relative_to(COMPONENTS_ROOT)
+    todo = [start.as_posix(), *(f"{parent.as_posix()}/__init__.py".lstrip("./") for parent in start.parents)]
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((here / name).read_text(encoding="utf-8"))):  # lazy imports too
-            found = []
-            if isinstance(node, ast.ImportFrom) and node.module == "components":
-                found = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
-                found = [node.module.split(".", 1)[1]]
-            elif isinstance(node, ast.Import):
-                found = [a.name.split(".", 1)[1] for a in node.names if a.name.startswith("components.")]
-            todo += [f"{m}.py" for m in found if (here / f"{m}.py").is_file()]
+        if name not in seen:
+            seen.add(name)
+            todo += _imported_files((COMPONENTS_ROOT / name).read_text(encoding="utf-8"))
     return seen
 
 
+def _imported_files(source: str) -> list[str]:
+    """The files under components/ that one module's imports (lazy ones too) load, packages included."""
+    dotted: list[list[str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "components":
+            base = node.module.split(".")[1:]
+            dotted += [base, *(base + [alias.name] for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            dotted += [a.name.split(".")[1:] for a in node.names if a.name.split(".")[0] == "components"]
+    found = []
+    for parts in dotted:
+        for end in range(1, len(parts) + 1):
+            stem = "/".join(parts[:end])
+            found += [f for f in (f"{stem}.py", f"{stem}/__init__.py") if (COMPONENTS_ROOT / f).is_file()]
+    return found
+
+
 def code_package(tmp: Path) -> Path:
-    """A copy of just the modules the served model imports, as a `components` package."""
+    """A copy of just the modules the served model imports, as a `components` package (its layers kept)."""
     package = tmp / "components"
-    package.mkdir()
-    for name in sorted(code_closure(SERVING_MODEL) | {"__init__.py"}):
-        (package / name).write_bytes((SERVING_MODEL.parent / name).read_bytes())
+    for name in sorted(code_closure(SERVING_MODEL)):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_bytes((COMPONENTS_ROOT / name).read_bytes())
     return package
 
 

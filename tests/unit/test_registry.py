@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -305,27 +306,45 @@ def test_a_model_whose_hash_differs_from_the_registered_one_is_refused(tmp_path:
 def test_the_served_code_package_holds_every_module_the_model_imports() -> None:
     package = code_closure(SERVING_MODEL)
     assert {
-        "serving_model.py",
-        "model_folder.py",
-        "images.py",
-        "backbones.py",
-        "contracts.py",
-        "config.py",
-        "files.py",
-        "hashing.py",
+        "__init__.py",
+        "scoring/__init__.py",
+        "scoring/serving_model.py",
+        "modeling/model_folder.py",
+        "ingestion/images.py",
+        "modeling/backbones.py",
+        "core/__init__.py",
+        "core/contracts.py",
+        "core/config.py",
+        "core/files.py",
+        "core/hashing.py",
     } <= package
-    no_stage_code = {"evaluate.py", "registry.py", "promotion.py", "model_packaging.py", "predict.py", "ingest.py"}
-    assert not no_stage_code & package  # no stage code (or the code that logs the model) travels
+    stems = {Path(name).stem for name in package}
+    no_stage_code = {"evaluate", "registry", "promotion", "model_packaging", "predict", "ingest"}
+    assert not no_stage_code & stems  # no stage code (or the code that logs the model) travels
 
 
-def test_a_card_too_long_for_the_registry_is_cut_at_a_line_and_says_where_the_whole_is():
-    from components.lifecycle.registry import DESCRIPTION_MAX_CHARS, card_description
+def test_the_served_code_package_imports_on_its_own(tmp_path: Path) -> None:
+    """Copied out with its layers, the package loads the served model from the copy alone."""
+    import json
+    import subprocess
+    import sys
 
-    short = "# Model card\n\n- accuracy: 0.9\n"
-    assert card_description(short) == short
-    long = "# Model card\n" + "".join(f"| class_{i} | 0.900 | 0.800 | 0.850 | 10 |\n" for i in range(400))
-    cut = card_description(long)
-    assert len(cut) <= DESCRIPTION_MAX_CHARS < len(long)
-    kept, note = cut.split("\n\n(cut to fit")
-    assert long.startswith(kept + "\n")  # whole lines only
-    assert "evaluate/model_card.md" in note
+    from components.lifecycle.model_packaging import code_package
+
+    code_package(tmp_path)
+    probe = (
+        "import json, sys, components.scoring.serving_model; "
+        "loaded = {n: getattr(m, '__file__', None) for n, m in sys.modules.items() if n.startswith('components')}; "
+        "print(json.dumps(loaded))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # `python -c` puts the working folder first on the path
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "components.scoring.serving_model" in loaded
+    assert all(str(tmp_path) in (path or "") for path in loaded.values()), loaded

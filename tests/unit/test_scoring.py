@@ -171,17 +171,24 @@ def test_a_champion_registered_before_the_digest_is_rescored_by_the_installed_co
     )
 
 
+# How a champion registered before the move to layers imports its code (those modules now live in subpackages).
+FLAT_LAYOUT = (
+    "from components.data import load_split  # noqa\nfrom components.serving_model import ImageClassifier  # noqa\n"
+)
+
+
 def test_a_champion_from_an_older_module_layout_is_still_rescored(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its stored code imports a module that does not exist any more: MLflow could not load it, our code can."""
+    """Its stored code imports modules from before components/ moved into layers (components.data,
+    components.serving_model): MLflow could not load it any more, our code re-scores it."""
     logged = model_packaging.log_pyfunc
 
     def older_layout(*args: Any, **kwargs: Any) -> Any:
         info = logged(*args, **kwargs)
         for path in (workspace / "mlruns").rglob("*.py"):
             if info.model_id in path.parts:
-                path.write_text("import components.vision_preprocessing  # moved since\n" + path.read_text())
+                path.write_text(FLAT_LAYOUT + path.read_text())
         return info  # evaluate then records the digest of this layout
 
     monkeypatch.setattr(model_packaging, "log_pyfunc", older_layout)
@@ -189,7 +196,7 @@ def test_a_champion_from_an_older_module_layout_is_still_rescored(
     monkeypatch.undo()
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace}/mlflow.db")
-    assert "components.vision_preprocessing" in stored_files(workspace, "1", "serving_model.py")[0].read_text()
+    assert FLAT_LAYOUT in stored_files(workspace, "1", "serving_model.py")[0].read_text()
 
     result = evaluate_model(workspace, make_model_dir(workspace / "new"), settings(promote_on_tie=True))
     assert "promotion.champion_problem" not in tags("2"), tags("2").get("promotion.champion_problem")
