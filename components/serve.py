@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(params.tracking) if params else None
     if uri:
         use_tracking_uri(uri)
-    policy = RetryPolicy.from_config(params.tracking) if params else RetryPolicy()
+    policy = RetryPolicy.from_config(params.tracking) if params else RetryPolicy.default()
     signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="tp-serve-") as tmp:
         try:

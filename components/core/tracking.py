@@ -61,7 +61,9 @@ def stage_run(
         _scrub_context_tags(client, run_id, active.data.tags)
         yield client, run_id, experiment_id
     except BaseException:
-        _end_stage_run(client, run_id, "FAILED", RetryPolicy(attempts=1))  # best effort: the error is what counts
+        _end_stage_run(
+            client, run_id, "FAILED", RetryPolicy(attempts=1, first_wait_s=0)
+        )  # best effort: the error is what counts
         raise
     _end_stage_run(client, run_id, "FINISHED", policy)
 
@@ -103,7 +105,9 @@ def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=flat[i : i + 100])
 
 
-def mlflow_epoch_logger(client: Any, run_id: str, first_epoch: int = 1, policy: RetryPolicy = RetryPolicy()) -> Any:
+def mlflow_epoch_logger(
+    client: Any, run_id: str, first_epoch: int = 1, policy: RetryPolicy = RetryPolicy.default()
+) -> Any:
     """A Keras callback logging every epoch's metrics with step = epoch (1-based).
 
     Calls are retried like every other MLflow call; an epoch whose metrics still cannot be logged is

@@ -137,15 +137,25 @@ class TrackingUnavailable(Unavailable):
     """MLflow stayed unreachable (or kept failing) after every retry."""
 
 
+MAX_RETRY_WAIT_S = 30.0  # backoff doubles from tracking.retry_backoff_s up to this
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 4
-    first_wait_s: float = 2.0
-    max_wait_s: float = 30.0
+    """How MLflow calls are retried: built from the tracking settings (`from_config`), no defaults of its own."""
+
+    attempts: int
+    first_wait_s: float
+    max_wait_s: float = MAX_RETRY_WAIT_S
 
     @classmethod
     def from_config(cls, config: TrackingConfig) -> RetryPolicy:
         return cls(attempts=config.retry_attempts, first_wait_s=config.retry_backoff_s)
+
+    @classmethod
+    def default(cls) -> RetryPolicy:
+        """The policy of params.yaml's defaults, for callers handed no settings."""
+        return cls.from_config(TrackingConfig())
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -157,7 +167,9 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, missing)  # requests' errors are OSErrors
 
 
-def with_retries(what: str, fn: Callable[..., T], *args: Any, policy: RetryPolicy = RetryPolicy(), **kwargs: Any) -> T:
+def with_retries(
+    what: str, fn: Callable[..., T], *args: Any, policy: RetryPolicy = RetryPolicy.default(), **kwargs: Any
+) -> T:
     """Call an MLflow function, retrying transient failures with exponential backoff.
 
     Raises TrackingUnavailable naming the (redacted) server once the attempts are used up.

@@ -36,10 +36,12 @@ class URLRefused(ValueError):
 
 @dataclass(frozen=True)
 class UrlPolicy:
-    allow_http: bool = False
-    allow_private_hosts: bool = False
-    timeout_s: float = 60.0
-    max_redirects: int = 5
+    """What a URL may be and how it is fetched: built from the ingest settings (`from_config`) only."""
+
+    allow_http: bool
+    allow_private_hosts: bool
+    timeout_s: float
+    max_redirects: int
 
     @classmethod
     def from_config(cls, config: Any) -> UrlPolicy:

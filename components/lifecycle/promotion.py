@@ -246,7 +246,7 @@ def judge_challenger(
 
 
 def apply_decision(
-    name: str, version: str, decision: PromotionRecord, policy: RetryPolicy = RetryPolicy()
+    name: str, version: str, decision: PromotionRecord, policy: RetryPolicy = RetryPolicy.default()
 ) -> PromotionRecord:
     """The decision for registered `version`: `champion` moves to it if it passed and the champion is still
     the one scored (else refused, saying so); the decision is tagged on the version either way."""

@@ -13,7 +13,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
-def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) -> str | None:
+def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy.default()) -> str | None:
     """The version number an alias points at, or None (no such model or alias)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -41,7 +41,9 @@ def alias_version(name: str, alias: str, policy: RetryPolicy = RetryPolicy()) ->
         raise
 
 
-def register_version(name: str, model_uri: str, tags: dict[str, str], policy: RetryPolicy = RetryPolicy()) -> str:
+def register_version(
+    name: str, model_uri: str, tags: dict[str, str], policy: RetryPolicy = RetryPolicy.default()
+) -> str:
     """Register `model_uri` as a new version of `name` (created if needed); no alias moves here."""
     import mlflow
 
@@ -63,7 +65,7 @@ def card_description(card: str, limit: int = DESCRIPTION_MAX_CHARS) -> str:
     return head[: head.rfind("\n") + 1 or len(head)].rstrip() + note
 
 
-def describe_version(name: str, version: str, card: str, policy: RetryPolicy = RetryPolicy()) -> None:
+def describe_version(name: str, version: str, card: str, policy: RetryPolicy = RetryPolicy.default()) -> None:
     """The model card (markdown) as the registered version's description: what the registry UI shows first."""
     from mlflow import MlflowClient
 
@@ -77,7 +79,7 @@ def describe_version(name: str, version: str, card: str, policy: RetryPolicy = R
     )
 
 
-def set_challenger(name: str, version: str, policy: RetryPolicy = RetryPolicy()) -> None:
+def set_challenger(name: str, version: str, policy: RetryPolicy = RetryPolicy.default()) -> None:
     """Point `challenger` at the newest evaluated version (once its reports are logged)."""
     from mlflow import MlflowClient
 

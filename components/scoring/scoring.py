@@ -70,7 +70,7 @@ def tree_digest(folder: str | Path) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def logged_tree_digest(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> str:
+def logged_tree_digest(model_uri: str, policy: RetryPolicy = RetryPolicy.default()) -> str:
     """The digest of a just-logged model as the artifact store now holds it (taken right after logging and
     recorded on the version: the store is trusted for that moment, and the tag is checked ever after)."""
     with tempfile.TemporaryDirectory(prefix="tp-logged-") as tmp:
@@ -88,7 +88,7 @@ def verify_tree(local: Path, expected: str) -> None:
 # --- the registry's tags, the checks --------------------------------------------------------------
 
 
-def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> tuple[str, dict[str, str]]:
+def registered_version(model_uri: str, policy: RetryPolicy = RetryPolicy.default()) -> tuple[str, dict[str, str]]:
     """(`models:/NAME/VERSION` with any alias resolved once, that version's verifying tags: Keras, ONNX if any,
     model tree if any); other URIs as given, {}."""
     from mlflow import MlflowClient
@@ -133,7 +133,7 @@ def check_logged_model(
 
 
 def download_verified(
-    model_uri: str, dst: Path, policy: RetryPolicy = RetryPolicy(), require_tree: bool = False
+    model_uri: str, dst: Path, policy: RetryPolicy = RetryPolicy.default(), require_tree: bool = False
 ) -> tuple[Path, dict[str, str], str]:
     """(local folder, the version's tags, what was verified): downloaded into `dst`, its tree digest checked
     when the version has one (required with `require_tree`), pickles and changed Keras/ONNX hashes refused."""
@@ -203,7 +203,7 @@ class VerifiedModel:
         return self.classifier.predict(None, model_input)
 
 
-def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy()) -> VerifiedModel:
+def load_scoring_model(model_uri: str, policy: RetryPolicy = RetryPolicy.default()) -> VerifiedModel:
     """A registered (or logged) model for our own scoring: verified, then built from the installed code."""
     with tempfile.TemporaryDirectory(prefix="tp-model-") as tmp:
         local, _, verified = download_verified(model_uri, Path(tmp), policy)

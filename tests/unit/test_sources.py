@@ -541,8 +541,10 @@ def test_https_connections_are_checked_too_and_a_downgrade_redirect_is_refused()
     from components.ingestion import url_fetch, urls
 
     with pytest.raises(urls.URLRefused, match="loopback"):
-        url_fetch.http_open("https://127.0.0.1:9/x.tgz", urls.UrlPolicy())  # refused before connecting
-    handler = url_fetch._Redirects(urls.UrlPolicy())
+        url_fetch.http_open(
+            "https://127.0.0.1:9/x.tgz", urls.UrlPolicy.from_config(IngestConfig())
+        )  # refused before connecting
+    handler = url_fetch._Redirects(urls.UrlPolicy.from_config(IngestConfig()))
     with pytest.raises(urls.URLRefused, match="allow_http"):
         handler.redirect_request(
             urllib.request.Request("https://a.example/x"), None, 302, "Found", {}, "http://a.example/y"
