@@ -35,8 +35,8 @@ def entry_points() -> list[tuple[str, str]]:
     found = [
         (module, scripts.get(module, f"python -m {module}"))
         for package in PACKAGES
-        for path in sorted((REPO / package).glob("*.py"))
-        if _runs_as_a_program(path) and (module := f"{package}.{path.stem}")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if _runs_as_a_program(path) and (module := ".".join(path.relative_to(REPO).with_suffix("").parts))
     ]
     found += [
         (str(path), f"python {path.relative_to(REPO).as_posix()}")

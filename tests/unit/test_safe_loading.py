@@ -103,7 +103,7 @@ def test_keras_floor_includes_the_published_safe_mode_fixes():
 def test_no_loader_in_the_project_switches_safe_mode_off():
     """Every keras load_model call keeps the default safe_mode=True; nothing enables unsafe deserialization."""
     offenders = []
-    for source in [*(REPO / "components").glob("*.py"), *(REPO / "flows").glob("*.py")]:
+    for source in [*(REPO / "components").rglob("*.py"), *(REPO / "flows").rglob("*.py")]:
         tree = ast.parse(source.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
