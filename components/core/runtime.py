@@ -66,27 +66,41 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def gpu_count() -> int:
-    """GPUs the Keras backend sees (0 where it has none, or its GPU support is not installed)."""
+def visible_devices(kinds: tuple[str, ...] = ("GPU",)) -> int:
+    """Devices of these kinds ("GPU", "TPU") the Keras backend sees: the one accelerator probe (0 where the
+    backend has none, or its GPU support is not installed)."""
     import keras
 
     backend = keras.config.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return len(tf.config.list_physical_devices("GPU"))
+        return sum(len(tf.config.list_physical_devices(kind)) for kind in kinds)
     if backend == "jax":
         import jax
 
-        try:
-            return len(jax.devices("gpu"))
-        except (RuntimeError, ValueError):  # no GPU platform (CPU-only jaxlib, JAX_PLATFORMS=cpu)
-            return 0
-    if backend == "torch":
+        count = 0
+        for kind in kinds:
+            try:
+                count += len(jax.devices(kind.lower()))
+            except (RuntimeError, ValueError):  # no such platform (CPU-only jaxlib, JAX_PLATFORMS=cpu)
+                pass
+        return count
+    if backend == "torch" and "GPU" in kinds:
         import torch
 
         return torch.cuda.device_count()
     return 0
+
+
+def gpu_count() -> int:
+    """GPUs the Keras backend sees (data-parallel replicas, mixed precision)."""
+    return visible_devices(("GPU",))
+
+
+def accelerator_present() -> bool:
+    """A GPU or TPU is visible to the Keras backend (there Keras beats ONNX Runtime's CPU provider)."""
+    return visible_devices(("GPU", "TPU")) > 0
 
 
 def jit_compile_default() -> bool:

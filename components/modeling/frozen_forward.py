@@ -114,7 +114,7 @@ class FrozenRunner:
             return f"the Keras backend is {keras.config.backend()} (the ONNX export path here is tf2onnx)"
         if not onnx_inference.onnxruntime_available():
             return "onnxruntime/tf2onnx/onnx are not installed (pip install 'transfer-pipeline[onnx]')"
-        if onnx_inference.accelerator_present():
+        if runtime.accelerator_present():
             return "an accelerator is present (Keras runs there)"
         return None
 

@@ -1,7 +1,7 @@
 """A Keras model as an ONNX file: exported once, checked against Keras, cached; ONNX Runtime sessions over it.
 
 `components.modeling.frozen_forward` decides where a frozen forward pass runs and uses this module for the
-ONNX side: whether ONNX Runtime can run here (`onnxruntime_available`, `accelerator_present`), the
+ONNX side: whether ONNX Runtime can run here (`onnxruntime_available`; accelerators: `runtime.accelerator_present`), the
 model exported with `keras.Model.export(format="onnx")` (i.e. tf2onnx), cached on disk under a
 content key and checked against Keras on a probe batch (`export_onnx`), and CPU sessions over the
 accepted file. The served model (`components.scoring.serving_model`) only runs a file whose sha256 it was
@@ -58,26 +58,6 @@ def runtime_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def accelerator_present() -> bool:
-    """A GPU/TPU is visible to the Keras backend (there Keras beats ONNX Runtime's CPU provider)."""
-    import keras
-
-    backend = keras.config.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    if backend == "torch":
-        import torch
-
-        return bool(torch.cuda.is_available())
-    return False
 
 
 # --- the cache key ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from components.core import runtime
 from components.core.contracts import ContractError
 from components.ingestion.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, decode_rgb
 from components.modeling import onnx_inference
@@ -243,7 +244,7 @@ def onnx_session(artifacts: dict[str, str], config: dict[str, Any]) -> Any | Non
         else "onnxruntime is not installed"
         if not onnx_inference.runtime_available()
         else "an accelerator is present"
-        if onnx_inference.accelerator_present()
+        if runtime.accelerator_present()
         else None
     )
     if blocker is None:

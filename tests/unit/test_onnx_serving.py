@@ -206,7 +206,7 @@ def test_loading_the_served_model_needs_onnxruntime_only(evaluated: dict[str, An
     """The served code package holds onnx_inference, and loading it never imports the exporter (tf2onnx)."""
     package = model_packaging.code_closure(model_packaging.SERVING_MODEL)
     assert {"modeling/onnx_inference.py", "core/files.py", "core/hashing.py"} <= package
-    assert "modeling/frozen_forward.py" not in package  # the served model runs a given file: no export, no engine choice
+    assert "modeling/frozen_forward.py" not in package  # it runs a given file: no export, no engine choice
     local = download(f"models:/{NAME}/{evaluated['result'].model_version}", tmp_path / "dl")
     script = (
         "import sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]).unwrap_python_model(); "
