@@ -148,3 +148,12 @@ def test_unreachable_tracking_server_fails_within_seconds_naming_it_without_cred
     message = str(caught.value)
     assert f"http://***@127.0.0.1:{port}" in message and "after 2 attempts" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("stage", ["ingest", "validate", "augment"])
+def test_the_data_stages_start_without_tensorflow_keras_or_mlflow(stage: str) -> None:
+    """Their processes start in a second or two: a module-level import of TensorFlow there costs ~5 s a run."""
+    heavy = "('tensorflow', 'keras', 'mlflow')"
+    probe = f"import sys, components.{stage}; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
