@@ -23,6 +23,9 @@ from components.core import files
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("ingest", "validate", "augment", "train_head", "finetune", "evaluate")
+# What a stage pays on top when its run needs them (train_head, finetune and evaluate import these lazily,
+# inside the run; the data stages never do: tests/unit/test_runtime.py).
+LIBRARIES = ("tensorflow", "keras", "mlflow", "albumentations", "great_expectations")
 PROBE = (
     "import sys, time; t = time.perf_counter(); import components.{stage}; "
     "print(time.perf_counter() - t, 'tensorflow' in sys.modules, 'keras' in sys.modules, 'mlflow' in sys.modules)"
@@ -41,6 +44,21 @@ def import_once(stage: str) -> dict[str, float | bool]:
         "keras": keras == "True",
         "mlflow": mlflow == "True",
     }
+
+
+def library_seconds(library: str) -> float:
+    """One fresh interpreter importing one library (after components, which sets the telemetry switches)."""
+    probe = f"import time, components; t = time.perf_counter(); import {library}; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[-1])
+
+
+def measure_libraries(rounds: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {library: [] for library in LIBRARIES}
+    for _ in range(rounds):
+        for library in LIBRARIES:
+            samples[library].append(library_seconds(library))
+    return {library: round(statistics.median(runs), 2) for library, runs in samples.items()}
 
 
 def measure(rounds: int) -> dict[str, dict[str, float | bool]]:
@@ -74,6 +92,14 @@ def table(result: dict[str, dict]) -> str:
             f"| {stage} | {row['median_s']} | {row['best_s']} | {yes[row['tensorflow']]} | {yes[row['keras']]} "
             f"| {yes[row['mlflow']]} |"
         )
+    lines += [
+        "",
+        "What the run itself adds where it needs them (median seconds to import, in a fresh interpreter):",
+        "",
+        "| library | median s |",
+        "|---|---|",
+        *(f"| {library} | {seconds} |" for library, seconds in result["libraries"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_before = [round(x, 2) for x in os.getloadavg()]
     stages = measure(args.rounds)
+    libraries = measure_libraries(args.rounds)
     result = {
+        "libraries": libraries,
         "rounds": args.rounds,
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
