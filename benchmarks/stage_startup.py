@@ -103,11 +103,15 @@ def table(result: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stage_startup", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="fresh interpreters per stage")
     parser.add_argument("--out", type=Path, default=RESULTS / "stage_startup", help="results, without suffix")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     load_before = [round(x, 2) for x in os.getloadavg()]
     stages = measure(args.rounds)
     libraries = measure_libraries(args.rounds)
