@@ -12,6 +12,7 @@ import pandas as pd
 from components.core.config import Params, parse_params
 from components.core.paths import TrainHeadPaths
 from tests.conftest import COLORS, write_image
+from tests.evalkit import migrated_store
 
 CLASSES = ["alpha", "beta"]
 SPLIT_OF = ["train"] * 8 + ["val"] * 2 + ["test"] * 2  # 12 images per class
@@ -91,7 +92,7 @@ def train_tiny_head(root: Path, params: Params | None = None) -> dict[str, Any]:
     manifest = write_manifest(root)
     policy = write_policy(root / "policy.json")
     mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.setenv("MLFLOW_TRACKING_URI", migrated_store(root / "mlflow.db"))
     mp.chdir(root)
     try:
         result = run_train_head(params or tiny_params(), head_paths(root, manifest, policy))

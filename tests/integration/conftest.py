@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.workspace import deep_update, make_workspace
 from tests.conftest import FLOWERS, copy_subset
+from tests.evalkit import migrated_store
 
 # Small enough to train in about a minute on 2 cores, real enough to learn something.
 TINY_SETTINGS = {
@@ -25,8 +26,11 @@ TINY_SETTINGS = {
 
 
 def make_tiny_workspace(root: Path, source: Path, **settings: dict) -> Path:
-    """The project in its own git + DVC repository, with tiny settings pointing at `source`."""
-    return make_workspace(root, source, deep_update(copy.deepcopy(TINY_SETTINGS), settings))
+    """The project in its own git + DVC repository, with tiny settings pointing at `source`, and its SQLite
+    tracking store (tracking.uri's mlflow.db) already holding MLflow's tables (tests.evalkit.migrated_store)."""
+    workspace = make_workspace(root, source, deep_update(copy.deepcopy(TINY_SETTINGS), settings))
+    migrated_store(workspace / "mlflow.db")
+    return workspace
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import requests
 from components.core.config import parse_params
 from components.core.paths import EvaluatePaths
 from components.evaluate import run_evaluate
-from tests.evalkit import CLASSES, free_port, make_model_dir, stop, wait_until_healthy, write_manifest
+from tests.evalkit import CLASSES, free_port, make_model_dir, migrated_store, stop, wait_until_healthy, write_manifest
 
 pytestmark = pytest.mark.slow
 STARTUP_S = 240  # the scoring server imports TensorFlow and loads the model before answering
@@ -33,7 +33,7 @@ STARTUP_S = 240  # the scoring server imports TensorFlow and loads the model bef
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ws = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{ws}/mlflow.db"
+    uri = migrated_store(ws / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
         mp.setenv("MLFLOW_TRACKING_URI", uri)

@@ -16,6 +16,7 @@ from components.finetune import run_finetune
 from components.modeling import model_choice
 from components.modeling.backbones import plain_classifier, uses_flip_tta
 from components.modeling.model_choice import ValScore, decide_flip_tta, finetuned_beats_head
+from tests.evalkit import migrated_store
 from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = pytest.mark.slow  # trains models: `make test` runs it, `make test-fast` does not
@@ -41,7 +42,7 @@ def paths(head, out_dir: Path, report_dir: Path) -> FinetunePaths:
 
 @pytest.fixture
 def tracking(head, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{head['root']}/mlflow.db"
+    uri = migrated_store(head["root"] / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(head["root"])
     return uri

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.evalkit import migrated_store
 from tests.modelkit import tiny_params, train_tiny_head
 
 pytestmark = [
@@ -129,7 +130,7 @@ def jax_worker(tmp_path_factory: pytest.TempPathFactory, keras_home: Path) -> di
         "KERAS_BACKEND": "jax",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{finetune_out}/mlflow.db",
+        "MLFLOW_TRACKING_URI": migrated_store(finetune_out / "mlflow.db"),
     }
     # The weights the session fixture seeded (Keras fixes its home at import, so pass it on explicitly).
     env.setdefault("KERAS_HOME", str(keras_home))

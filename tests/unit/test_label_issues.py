@@ -13,6 +13,7 @@ from components.core.stage_config import ValidateConfig
 from components.ingestion.images import ImageLimits
 from components.quality import label_issues as li
 from tests.conftest import COLORS, write_image
+from tests.evalkit import migrated_store
 
 CLASSES = ["alpha", "beta", "gamma"]
 
@@ -118,7 +119,7 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     sizes: list[int] = []
     vectors = head_training.vector_batches
     monkeypatch.setattr(head_training, "vector_batches", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(tmp_path / "mlflow.db"))
     monkeypatch.chdir(tmp_path)
     result = run_train_head(params, head_paths(tmp_path, manifest, write_policy(tmp_path / "policy.json")))
     excluded = pd.read_csv(tmp_path / "models/head" / li.EXCLUSIONS_FILE)

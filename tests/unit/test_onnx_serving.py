@@ -27,7 +27,7 @@ from components.modeling import onnx_inference
 from components.modeling.model_folder import load_model_dir
 from components.scoring import scoring, serving_model
 from tests.conftest import COLORS, write_image
-from tests.evalkit import CLASSES, make_model_dir, write_manifest
+from tests.evalkit import CLASSES, make_model_dir, migrated_store, write_manifest
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
@@ -50,7 +50,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ws = tmp_path_factory.mktemp("onnx_eval")
     mp = pytest.MonkeyPatch()
     mp.chdir(ws)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/mlflow.db")
+    mp.setenv("MLFLOW_TRACKING_URI", migrated_store(ws / "mlflow.db"))
     manifest, model_dir = write_manifest(ws), make_model_dir(ws / "good")
     result = evaluate.run_evaluate(settings(), EvaluatePaths(manifest=manifest, model_dir=model_dir).under(ws))
     yield {"ws": ws, "result": result, "model_dir": model_dir, "manifest": manifest}
@@ -107,7 +107,7 @@ def test_evaluate_records_the_engine_and_logs_the_checked_onnx_file(evaluated: d
 
 def test_keras_engine_never_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(tmp_path / "mlflow.db"))
 
     def no_export(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("evaluate.inference_engine: keras exported a model")
@@ -176,7 +176,7 @@ def test_an_onnx_hash_that_is_not_the_registered_one_is_refused(tmp_path: Path) 
 
 
 def test_a_model_logged_without_onnx_still_serves_with_keras(tmp_path: Path) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(migrated_store(tmp_path / "mlflow.db"))
     try:
         folder = load_model_dir(make_model_dir(tmp_path / "m"))
         params = settings()

@@ -24,7 +24,7 @@ from components.modeling.model_folder import load_model_dir
 from components.predict import run_predict
 from components.scoring import scoring, serving_model
 from tests.conftest import COLORS, write_image
-from tests.evalkit import CLASSES, make_model_dir, write_manifest
+from tests.evalkit import CLASSES, make_model_dir, migrated_store, write_manifest
 
 # Small limits, so each one can be crossed with tiny images.
 LIMITS = {
@@ -46,7 +46,7 @@ GENERIC = "image row 0: not a usable image"
 def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The served model as evaluate logs and registers it, for a perfect colour model, in a throwaway store."""
     root = tmp_path_factory.mktemp("predict")
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_tracking_uri(migrated_store(root / "mlflow.db"))
     experiment = mlflow.create_experiment("predict-tests", artifact_location=(root / "mlruns").as_uri())
     folder = load_model_dir(make_model_dir(root / "model"))
     params = parse_params(LIMITS)

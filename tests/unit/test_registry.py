@@ -21,7 +21,7 @@ from components.lifecycle.model_packaging import SERVING_MODEL, code_closure
 from components.lifecycle.promotion import decide_promotion, promotion_tags, refused
 from components.lifecycle.registry import alias_version
 from components.scoring.scoring import UnsafeModel, check_logged_model
-from tests.evalkit import CLASSES, run_info, write_stage_reports
+from tests.evalkit import CLASSES, migrated_store, run_info, write_stage_reports
 
 GATE = PromotionConfig(min_accuracy=0.8, min_class_recall=0.5, min_improvement=0.02)
 
@@ -239,7 +239,7 @@ def test_exhausted_retries_name_the_server_without_its_password(monkeypatch: pyt
 
 
 def test_alias_of_an_unknown_model_is_none(tmp_path: Path) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(migrated_store(tmp_path / "mlflow.db"))
     try:
         assert alias_version("nobody", "champion") is None
     finally:

@@ -36,7 +36,7 @@ def test_model_with_a_lambda_layer_is_refused_with_a_clear_message(tmp_path):
 def test_evaluate_cli_refuses_a_lambda_model_before_touching_mlflow(tmp_path, monkeypatch, capsys):
     model_dir = _lambda_model_dir(tmp_path / "evil")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # never created: MLflow untouched
     (tmp_path / "validated.csv").write_text("path,label,split\n")
     code = evaluate.main(
         [
@@ -63,7 +63,7 @@ def test_evaluate_refuses_a_model_file_changed_since_training(tmp_path, monkeypa
     other = make_model_dir(tmp_path / "other", quality="awful")
     (model_dir / "model.keras").write_bytes((other / "model.keras").read_bytes())
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # never created: MLflow untouched
     (tmp_path / "validated.csv").write_text("path,label,split\n")
     code = evaluate.main(
         [

@@ -13,6 +13,7 @@ from components.core import files
 from components.modeling.data import load_rgb, load_split
 from components.modeling.feature_cache import feature_cache_key
 from components.train_head import main, run_train_head
+from tests.evalkit import migrated_store
 from tests.modelkit import CLASSES, head_paths, tiny_params, train_tiny_head, write_manifest
 
 
@@ -91,7 +92,7 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     assert feature_cache_key(tiny_params(train_head={"feature_engine": "keras"}), manifest, policy) != key
 
     stamp = trained["result"].feature_cache.stat().st_mtime_ns
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(root / "mlflow.db"))
     monkeypatch.chdir(root)
     again = run_train_head(
         tiny_params(train_head={"epochs": 1}), head_paths(root, manifest, policy, "models/head2", "reports/head2")
@@ -105,7 +106,7 @@ def test_end_to_end_head_training_matches_the_cached_path_within_noise(trained, 
     import keras
 
     root = trained["root"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(root / "mlflow.db"))
     monkeypatch.chdir(root)
     e2e = run_train_head(
         tiny_params(train_head={"cached_features": False}),
