@@ -56,7 +56,7 @@ def code_closure(module_file: Path) -> set[str]:
     with the `__init__.py` of every package on the way (importing a.b runs a/__init__.py first)."""
     seen: set[str] = set()
     start = module_file.relative_to(COMPONENTS_ROOT)
-    todo = [start.as_posix(), *(f"{parent.as_posix()}/__init__.py".lstrip("./") for parent in start.parents)]
+    todo = [start.as_posix(), *((parent / "__init__.py").as_posix() for parent in start.parents)]
     while todo:
         name = todo.pop()
         if name not in seen:
