@@ -167,9 +167,13 @@ def _run_pipeline(
     params = load_params(params_file)
     limits = params.orchestration
     step = limits.step_timeout_s
-    step_task(preflight, limits)(str(root), str(params_file), step)
+    # One `dvc status` for the pipeline (a nightly run with nothing new costs one DVC start, not six):
+    # it holds for each stage until a stage before it reproduces and so changes what it depends on.
+    changed_at_start = changed_stages(root)
+    if changed_at_start:  # nothing will run: no settings to check (preflight imports TensorFlow, builds the backbone)
+        step_task(preflight, limits)(str(root), str(params_file), step)
     with pipeline_run(params, root, None) as parent:
-        outcomes, drift = _run_stages(root, params_file, limits)
+        outcomes, drift = _run_stages(root, params_file, limits, changed_at_start)
     finish_pipeline_run(params, root, parent, outcomes, [str(DRIFT_REPORT)] if drift is not None else [])
     promotion = PromotionRecord.read_optional(root / PROMOTION_RECORD)
     promoted_now = promoted_by_this_run(promotion)
@@ -180,15 +184,12 @@ def _run_pipeline(
 
 
 def _run_stages(
-    root: Path, params_file: Path, limits: OrchestrationConfig
+    root: Path, params_file: Path, limits: OrchestrationConfig, changed_at_start: set[str]
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Each stage in order (here, or on the GPU pool), held back when the drift policy says so."""
     step = limits.step_timeout_s
     gpu_deployment = environment().gpu_deployment
     progress = start_progress(f"stage 0 of {len(STAGES)}")
-    # One `dvc status` for the pipeline (a nightly run with nothing new costs one DVC start, not six):
-    # it holds for each stage until a stage before it reproduces and so changes what it depends on.
-    changed_at_start = changed_stages(root)
     outcomes, drift = [], None
     for done, stage in enumerate(STAGES, start=1):
         if drift is not None and not drift["retrain"] and drift["new_images"]:

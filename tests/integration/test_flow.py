@@ -102,17 +102,19 @@ def test_flow_registers_first_model_as_champion_with_tracked_runs(trained):
 
 
 def test_second_run_with_nothing_changed_skips_every_stage(trained, monkeypatch: pytest.MonkeyPatch):
-    from flows import dvc_workspace, training
+    from flows import dvc_workspace, stage_tasks, training
 
     workspace, _ = trained
     commands = []
     run_command = dvc_workspace.run_command
-    monkeypatch.setattr(
-        dvc_workspace, "run_command", lambda cmd, *a, **k: commands.append(cmd) or run_command(cmd, *a, **k)
-    )
+    for module in (dvc_workspace, stage_tasks):
+        monkeypatch.setattr(
+            module, "run_command", lambda cmd, *a, **k: commands.append(cmd) or run_command(cmd, *a, **k)
+        )
     again = training.training_flow(workdir=str(workspace))
     assert again["all_skipped"]
     assert [cmd for cmd in commands if cmd[1] == "status"] == [["dvc", "status", "--json"]]  # one, for all six
+    assert not [cmd for cmd in commands if "components.preflight" in cmd]  # nothing runs: no settings to check
     assert len(mlflow_client(workspace).search_model_versions("name='image-classifier'")) == 1
 
 
