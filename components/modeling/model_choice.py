@@ -164,8 +164,8 @@ def keep_better(
     print(
         f"finetune: on {head.n} val images, accuracy {head.accuracy:.4f} {_shown(head.interval(), '')} (log-loss "
         f"{head.log_loss:.4f}) for the head, {finetuned.accuracy:.4f} {_shown(finetuned.interval(), '')} "
-        f"({finetuned.log_loss:.4f}) fine-tuned, gain {_shown(choice.gain)}: keeping the "
-        + ("fine-tuned weights" if keep_finetuned else "head's weights (fine-tuning did not beat them)")
+        f"({finetuned.log_loss:.4f}) fine-tuned, gain {finetuned.accuracy - head.accuracy:+.4f} {_shown(choice.gain)}: "
+        "keeping the " + ("fine-tuned weights" if keep_finetuned else "head's weights (fine-tuning did not beat them)")
     )
     return choice, (finetuned_views if keep_finetuned else head_views)
 
@@ -200,7 +200,8 @@ def finish_model(
     flip = decide_flip_tta(views[0], calibration.apply_temperature(logits, temperature), val_labels, config.flip_tta)
     print(
         f"finetune: on {len(val_labels)} val images, accuracy {flip.val_accuracy_single_view:.4f} alone, "
-        f"{flip.val_accuracy_flip_tta:.4f} averaged with the mirror image, gain {_shown(flip.gain)}: "
+        f"{flip.val_accuracy_flip_tta:.4f} averaged with the mirror image, gain "
+        f"{flip.val_accuracy_flip_tta - flip.val_accuracy_single_view:+.4f} {_shown(flip.gain)}: "
         f"flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})"
     )
     calibrated = _calibrate(model, views if flip.applied else views[:1], val_labels) if config.calibrate else None
