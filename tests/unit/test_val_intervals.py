@@ -135,5 +135,13 @@ def test_the_records_fit_the_contracts():
         **flip.metrics(), **choice.metrics(),
     )  # fmt: skip
     assert metrics.val_images == 10 and metrics.val_gain_flip_tta_high == pytest.approx(1.959964 / 12, abs=1e-4)
-    fields = ModelRunInfo.model_fields
-    assert fields["val_intervals"].annotation == (dict[str, list[float]] | None) and "val_images" in fields
+    info = ModelRunInfo(
+        stage="finetune", run_id="r", experiment_id="e", backbone="mobilenet_v2", alpha=0.5, image_size=224,
+        weights="imagenet", data_version="d", best_epoch=0, epochs_run=1, val_accuracy=0.6, val_loss=1.0,
+        seconds=1.0, device={}, model_sha256="0" * 64, settings={},
+        **choice.run_info(), val_images=10, val_intervals={**choice.val_intervals(), **flip.val_intervals()},
+    )  # fmt: skip
+    assert set(info.val_intervals) == {
+        "head", "finetuned", "finetuned_minus_head", "single_view", "flip_tta", "flip_tta_minus_single_view"
+    }  # fmt: skip
+    assert info.val_intervals["flip_tta_minus_single_view"] == pytest.approx([-1.959964 / 12, 1.959964 / 12], abs=1e-4)
