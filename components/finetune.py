@@ -154,6 +154,8 @@ def run_finetune(
             "val_accuracy_single_view": flip.val_accuracy_single_view,
             "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
             **choice.run_info(),
+            "val_images": len(labels),
+            "val_intervals": {**choice.val_intervals(), **flip.val_intervals()},
         }
         model_folder.save_model_dir(model, classes, run_info, paths.out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.

@@ -11,7 +11,9 @@ Every file is hashed (sha256) and, in an allowed format (`validate.allowed_forma
 through the guarded loader (components/ingestion/images.py) in a process pool; results are cached beside
 `raw_dir` by (source, size, mtime, ctime, inode) so a rerun on an unchanged source recomputes
 nothing (components/ingestion/file_facts.py). Splits come from a hash of each image's bytes: adding images
-never moves an existing one, and byte-identical files always share a split (components/ingestion/manifest_rows.py).
+never moves an existing one, and byte-identical files always share a split (components/ingestion/manifest_rows.py);
+then a class with too few val images borrows its lowest-hash training images (components/ingestion/val_topup.py:
+the one case where new images can move old ones, between train and val only).
 Undecodable, hidden, non-image files and images in other formats stay in the manifest with an `error`
 so that validate can report them.
 """
@@ -40,6 +42,7 @@ from components.ingestion.images import ImageLimits
 from components.ingestion.manifest_rows import build_rows, summarise_rows
 from components.ingestion.sources import collect_source
 from components.ingestion.urls import is_remote
+from components.ingestion.val_topup import top_up_val
 
 CACHE_DIRNAME = ".ingest_cache"
 MAX_REFUSALS_LISTED = 1000  # in the report; refused_count has them all
@@ -64,6 +67,7 @@ class IngestResult:
     workers: int
     seconds: float
     notes: list[str]
+    moved_to_val: dict[str, int]  # label -> training images moved to val (ingest.min_val_per_class)
 
 
 def resolve_workers(workers: int) -> int:
@@ -96,6 +100,9 @@ def run_ingest(params: Params, paths: IngestPaths) -> IngestResult:
                 raise _nothing_usable(config.source, listing)
             facts, computed, used = inspect_entries(listing.entries, new_raw, cache, workers, limits)
             rows, notes = build_rows(listing.entries, facts, paths.raw_dir, params.project.seed, config.split)
+            moved, val_notes = top_up_val(
+                rows, params.project.seed, config.min_val_per_class, config.max_val_share_per_class
+            )
         write_manifest(rows, paths.manifest)
         cache.save(listing.entries, facts)
     summary = summarise_rows(rows)
@@ -108,7 +115,8 @@ def run_ingest(params: Params, paths: IngestPaths) -> IngestResult:
         cached=len(facts) - computed,
         workers=used,
         seconds=round(time.perf_counter() - started, 3),
-        notes=listing.notes + notes,
+        notes=listing.notes + notes + val_notes,
+        moved_to_val=moved,
         **summary,
     )
     _report(result, summary, params, listing).write(paths.report)
@@ -138,6 +146,7 @@ def _report(result: IngestResult, summary: dict[str, Any], params: Params, listi
         notes=result.notes,
         seed=params.project.seed,
         split_fractions=params.ingest.split.model_dump(),
+        moved_to_val=result.moved_to_val,
         max_pixels=params.validate.max_pixels,
         seconds=result.seconds,
         workers=result.workers,

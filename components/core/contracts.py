@@ -113,6 +113,9 @@ class IngestReport(Contract):
     notes: list[str]
     seed: int
     split_fractions: dict[str, float]
+    moved_to_val: dict[str, int] = Field(
+        default_factory=dict, description="per class, training images moved to val (ingest.min_val_per_class)"
+    )
     max_pixels: int
     seconds: float
     workers: int
@@ -236,6 +239,10 @@ class ModelRunInfo(Contract):
     val_log_loss_head: float | None = Field(None, description="the head's val log-loss, one view, before calibration")
     val_accuracy_finetuned: float | None = Field(None, description="the same for the fine-tuned weights")
     val_log_loss_finetuned: float | None = Field(None, description="the same for the fine-tuned weights")
+    val_images: int | None = Field(None, description="the val images these choices were made on")
+    val_intervals: dict[str, list[float]] | None = Field(
+        None, description="95% intervals [low, high] of those val accuracies (Wilson) and gains (paired; *_minus_*)"
+    )
 
 
 class TrainingMetrics(BaseModel):
@@ -267,6 +274,12 @@ class TrainingMetrics(BaseModel):
     val_log_loss_head: float | None = None
     val_accuracy_finetuned: float | None = None
     val_log_loss_finetuned: float | None = None
+    # finetune: val images behind both choices; 95% paired intervals of the accuracy gains they were made on
+    val_images: int | None = None
+    val_gain_finetuned_low: float | None = None
+    val_gain_finetuned_high: float | None = None
+    val_gain_flip_tta_low: float | None = None
+    val_gain_flip_tta_high: float | None = None
 
     def write(self, path: str | Path) -> Path:
         from components.core.files import write_json

@@ -2,8 +2,11 @@
 
 Splits come from a hash of each image's bytes: adding images never moves an existing one, and
 byte-identical files always share a split. A source that brings its own train split but lacks val
-or test has them carved from train the same way. Undecodable, hidden, non-image files and images in
-other formats stay in the manifest with an `error` so that validate can report them.
+or test has them carved from train the same way. One exception follows (components/ingestion/val_topup.py):
+a class with too few val images borrows its lowest-hash training images, and as its val grows they go back
+to train a few at a time; test is never touched, and identical files still share a split.
+Undecodable, hidden, non-image files and images in other formats stay in the manifest with an `error`
+so that validate can report them.
 """
 
 from __future__ import annotations

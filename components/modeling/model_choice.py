@@ -7,17 +7,22 @@ TTA is judged on val (`finetune.flip_tta`: auto keeps it only when the mean of t
 mirror's probabilities is more accurate than the image's alone); the temperature is fitted to what the
 saved model will output, and a kept TTA is saved inside the model (components.modeling.backbones.with_flip_tta),
 so every consumer applies it.
+
+Each choice is recorded with its uncertainty (components/core/intervals.py): the number of val images, a 95%
+Wilson interval of each accuracy and a paired 95% interval of the gain the choice was made on, in run.json
+(`val_images`, `val_intervals`), metrics.json (`val_gain_*_low/high`) and the log line. A gain whose interval
+straddles 0 was decided by noise (see ingest.min_val_per_class for a val split big enough).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from components.core import files
+from components.core import files, intervals
 from components.core.stage_config import FinetuneConfig
 from components.modeling import calibration
 
@@ -29,23 +34,41 @@ class FlipDecision:
     applied: bool
     val_accuracy_single_view: float
     val_accuracy_flip_tta: float
+    correct_single_view: np.ndarray = field(compare=False, repr=False)  # per val image: right or not
+    correct_flip_tta: np.ndarray = field(compare=False, repr=False)
+
+    @property
+    def gain(self) -> tuple[float, float]:
+        """95% interval of val accuracy with the mirror minus without it (paired, same images)."""
+        return intervals.paired_difference(self.correct_single_view, self.correct_flip_tta)
+
+    def val_intervals(self) -> dict[str, list[float]]:
+        """run.json's val_intervals: each accuracy's (Wilson) and the gain's (paired)."""
+        n = self.correct_single_view.size
+        return {
+            "single_view": intervals.rounded(intervals.wilson(int(self.correct_single_view.sum()), n)),
+            "flip_tta": intervals.rounded(intervals.wilson(int(self.correct_flip_tta.sum()), n)),
+            "flip_tta_minus_single_view": intervals.rounded(self.gain),
+        }
 
     def metrics(self) -> dict[str, float]:
+        low, high = intervals.rounded(self.gain)
         return {
             "flip_tta": int(self.applied),
             "val_accuracy_single_view": round(self.val_accuracy_single_view, 4),
             "val_accuracy_flip_tta": round(self.val_accuracy_flip_tta, 4),
+            "val_gain_flip_tta_low": low,
+            "val_gain_flip_tta_high": high,
         }
 
 
 def decide_flip_tta(single: np.ndarray, averaged: np.ndarray, labels: np.ndarray, mode: str) -> FlipDecision:
     """`single`: val probabilities of the image alone; `averaged`: of the mean over image and mirror."""
-    single_accuracy = float(np.mean(single.argmax(axis=1) == labels))
-    averaged_accuracy = float(np.mean(averaged.argmax(axis=1) == labels))
+    single_right, averaged_right = single.argmax(axis=1) == labels, averaged.argmax(axis=1) == labels
+    single_accuracy, averaged_accuracy = float(np.mean(single_right)), float(np.mean(averaged_right))
     # auto: strictly better only; a tie is not worth twice the inference cost.
-    return FlipDecision(
-        mode == "on" or (mode == "auto" and averaged_accuracy > single_accuracy), single_accuracy, averaged_accuracy
-    )
+    applied = mode == "on" or (mode == "auto" and averaged_accuracy > single_accuracy)
+    return FlipDecision(applied, single_accuracy, averaged_accuracy, single_right, averaged_right)
 
 
 @dataclass(frozen=True)
@@ -54,12 +77,22 @@ class ValScore:
 
     accuracy: float
     log_loss: float  # mean negative log-likelihood, without label smoothing
+    correct: np.ndarray | None = field(default=None, compare=False, repr=False)  # per val image: right or not
 
     @classmethod
     def of(cls, probs: np.ndarray, labels: np.ndarray) -> ValScore:
         labels = np.asarray(labels)
         picked = np.clip(np.asarray(probs, np.float64)[np.arange(len(labels)), labels], 1e-12, 1.0)
-        return cls(float(np.mean(probs.argmax(axis=1) == labels)), float(-np.mean(np.log(picked))))
+        correct = probs.argmax(axis=1) == labels
+        return cls(float(np.mean(correct)), float(-np.mean(np.log(picked))), correct)
+
+    @property
+    def n(self) -> int:
+        return 0 if self.correct is None else int(self.correct.size)
+
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson interval of the accuracy."""
+        return intervals.wilson(0 if self.correct is None else int(self.correct.sum()), self.n)
 
 
 def finetuned_beats_head(head: ValScore, finetuned: ValScore) -> bool:
@@ -75,6 +108,22 @@ class KeptModel:
     head: ValScore
     finetuned: ValScore | None
 
+    @property
+    def gain(self) -> tuple[float, float] | None:
+        """95% interval of val accuracy fine-tuned minus head (paired, same images); None when nothing trained."""
+        if self.finetuned is None or self.head.correct is None or self.finetuned.correct is None:
+            return None
+        return intervals.paired_difference(self.head.correct, self.finetuned.correct)
+
+    def val_intervals(self) -> dict[str, list[float]]:
+        """run.json's val_intervals: each accuracy's (Wilson) and the gain's (paired)."""
+        found = {"head": self.head.interval()}
+        if self.finetuned is not None:
+            found["finetuned"] = self.finetuned.interval()
+        if self.gain is not None:
+            found["finetuned_minus_head"] = self.gain
+        return {name: intervals.rounded(interval) for name, interval in found.items()}
+
     def run_info(self) -> dict[str, Any]:
         return {
             "kept": self.kept,
@@ -85,9 +134,11 @@ class KeptModel:
         }
 
     def metrics(self) -> dict[str, float]:
-        """Numbers only (metrics.json is read by DVC): kept_head 1/0."""
+        """Numbers only (metrics.json is read by DVC): kept_head 1/0, val images, the gain's interval."""
         numbers = {k: round(v, 4) for k, v in self.run_info().items() if isinstance(v, float)}
-        return {"kept_head": int(self.kept == "head"), **numbers}
+        gain = {} if self.gain is None else dict(zip(("low", "high"), intervals.rounded(self.gain)))
+        gain = {f"val_gain_finetuned_{end}": value for end, value in gain.items()}
+        return {"kept_head": int(self.kept == "head"), "val_images": self.head.n, **numbers, **gain}
 
 
 def val_views(model: Any, val_ds: Any) -> np.ndarray:
@@ -109,14 +160,19 @@ def keep_better(
     keep_finetuned = not config.keep_head_if_not_better or finetuned_beats_head(head, finetuned)
     if keep_finetuned:
         model.set_weights(finetuned_weights)
+    choice = KeptModel("finetuned" if keep_finetuned else "head", head, finetuned)
     print(
-        f"finetune: val accuracy {head.accuracy:.4f} (log-loss {head.log_loss:.4f}) for the head, "
-        f"{finetuned.accuracy:.4f} ({finetuned.log_loss:.4f}) fine-tuned: keeping the "
-        + ("fine-tuned weights" if keep_finetuned else "head's weights (fine-tuning did not beat them)")
+        f"finetune: on {head.n} val images, accuracy {head.accuracy:.4f} {_shown(head.interval(), '')} (log-loss "
+        f"{head.log_loss:.4f}) for the head, {finetuned.accuracy:.4f} {_shown(finetuned.interval(), '')} "
+        f"({finetuned.log_loss:.4f}) fine-tuned, gain {finetuned.accuracy - head.accuracy:+.4f} {_shown(choice.gain)}: "
+        "keeping the " + ("fine-tuned weights" if keep_finetuned else "head's weights (fine-tuning did not beat them)")
     )
-    return KeptModel("finetuned" if keep_finetuned else "head", head, finetuned), (
-        finetuned_views if keep_finetuned else head_views
-    )
+    return choice, (finetuned_views if keep_finetuned else head_views)
+
+
+def _shown(interval: tuple[float, float] | None, sign: str = "+") -> str:
+    """A 95% interval for a log line (sign "": an accuracy, "+": a gain)."""
+    return "" if interval is None else f"[95% {interval[0]:{sign}.3f} to {interval[1]:{sign}.3f}]"
 
 
 def _calibrate(model: Any, views: np.ndarray, val_labels: Any) -> calibration.CalibrationReport:
@@ -143,8 +199,10 @@ def finish_model(
     temperature = calibration.fit_temperature(logits, val_labels) if config.calibrate else 1.0
     flip = decide_flip_tta(views[0], calibration.apply_temperature(logits, temperature), val_labels, config.flip_tta)
     print(
-        f"finetune: val accuracy {flip.val_accuracy_single_view:.4f} alone, {flip.val_accuracy_flip_tta:.4f} "
-        f"averaged with the mirror image: flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})"
+        f"finetune: on {len(val_labels)} val images, accuracy {flip.val_accuracy_single_view:.4f} alone, "
+        f"{flip.val_accuracy_flip_tta:.4f} averaged with the mirror image, gain "
+        f"{flip.val_accuracy_flip_tta - flip.val_accuracy_single_view:+.4f} {_shown(flip.gain)}: "
+        f"flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})"
     )
     calibrated = _calibrate(model, views if flip.applied else views[:1], val_labels) if config.calibrate else None
     return (with_flip_tta(model) if flip.applied else model), flip, calibrated

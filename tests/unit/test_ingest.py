@@ -123,14 +123,15 @@ def test_many_files_are_inspected_by_a_process_pool(tmp_path: Path):
 
 
 def test_added_images_never_move_existing_split(tmp_path: Path):
+    """The hash split alone (the val top-up, which can move a few between train and val: test_val_topup.py)."""
     source = make_classes(tmp_path / "src", {"a": 30, "b": 30})
-    before = _split_of(_run(tmp_path, source))
+    before = _split_of(_run(tmp_path, source, min_val_per_class=0))
     make_classes(tmp_path / "more", {"a": 30, "b": 30, "c": 20}, start_seed=50_000)
     for f in (tmp_path / "more").rglob("*.jpg"):
         target = source / f.relative_to(tmp_path / "more")
         target.parent.mkdir(exist_ok=True)
         shutil.copy(f, target.with_name("new_" + target.name))
-    after = _split_of(_run(tmp_path, source))
+    after = _split_of(_run(tmp_path, source, min_val_per_class=0))
     assert len(after) == 140
     assert {rel: after[rel] for rel in before} == before
 
@@ -160,7 +161,7 @@ def test_given_train_val_split_is_kept_and_test_is_carved_from_train(tmp_path: P
     source = tmp_path / "src"
     make_classes(source / "train", {"ants": 40, "bees": 40})
     make_classes(source / "val", {"ants": 6, "bees": 6}, start_seed=70_000)
-    result = _run(tmp_path, source)
+    result = _run(tmp_path, source, min_val_per_class=0)  # the top-up: the next test
     frame = _manifest(result)
     from_val = frame["path"].str.contains("/val/")
     assert set(frame.loc[from_val, "split"]) == {"val"}
@@ -170,6 +171,24 @@ def test_given_train_val_split_is_kept_and_test_is_carved_from_train(tmp_path: P
     report = ingest.files.read_json(result.report_path)
     assert report["layout"] == "split_folders" and report["notes"] == result.notes
     assert report["class_folders"]["val/bees"] == 6
+
+
+def test_a_small_given_val_is_topped_up_from_train_and_the_report_says_so(tmp_path: Path):
+    source = tmp_path / "src"
+    make_classes(source / "train", {"ants": 20, "bees": 20})
+    make_classes(source / "val", {"ants": 2, "bees": 2}, start_seed=70_000)
+    make_classes(source / "test", {"ants": 2, "bees": 2}, start_seed=80_000)
+    before = tree_digest(source)
+    result = _run(tmp_path, source)
+    assert tree_digest(source) == before  # only the manifest's split column changes
+    frame = _manifest(result)
+    folder = frame["path"].str.extract(r"/raw/(train|val|test)/")[0]
+    assert (frame.loc[folder != "train", "split"] == folder[folder != "train"]).all()  # given val and test kept
+    from_train = frame.loc[folder == "train"].groupby("label")["split"].value_counts().unstack(fill_value=0)
+    assert from_train["val"].to_dict() == result.moved_to_val == {"ants": 6, "bees": 6}  # 30% of 20
+    report = ingest.files.read_json(result.report_path)
+    assert report["moved_to_val"] == {"ants": 6, "bees": 6} and report["counts"]["val"] == {"ants": 8, "bees": 8}
+    assert "val topped up from train" in report["notes"][-1] and "ants 6 (val had 2)" in report["notes"][-1]
 
 
 def test_hidden_non_image_and_empty_folders_are_reported_not_dropped(tmp_path: Path):
