@@ -118,7 +118,9 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
 
     sizes: list[int] = []
     vectors = head_training.vector_batches
-    monkeypatch.setattr(head_training, "vector_batches", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
+    monkeypatch.setattr(
+        head_training, "vector_batches", lambda x, y, rows, *args: sizes.append(len(rows)) or vectors(x, y, rows, *args)
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(tmp_path / "mlflow.db"))
     monkeypatch.chdir(tmp_path)
     result = run_train_head(params, head_paths(tmp_path, manifest, write_policy(tmp_path / "policy.json")))
