@@ -119,7 +119,8 @@ def cached_features(
     if cached:
         print(f"features: reusing cache {path} ({', '.join(cached)})")
     missing = [name for name in splits if name not in cached]
-    extractor = make_extractor() if missing else None  # only on a miss: an ONNX export costs seconds
+    # Only when there are images to run: an ONNX export costs seconds.
+    extractor = make_extractor() if any(len(splits[name]) for name in missing) else None
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
     limits = ImageLimits.from_config(params.validate)
     for name in missing:
