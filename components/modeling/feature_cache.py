@@ -4,6 +4,10 @@ The frozen backbone runs in inference mode, so an image's pooled features are a 
 image: they are computed once per image (plus `train_head.augmented_copies` augmented variants of each
 training image) and cached on disk under a key of everything that determines them. The extractor runs
 on ONNX Runtime where that is faster (components.modeling.onnx_inference), on Keras otherwise.
+
+Memory stays about one batch at any data size: each batch's features are written into a preallocated
+.npy per split (`<cache>/<key>/<split>/features.npy`, float32, images x (copies + 1) rows), and readers
+get read-only memory maps, never whole arrays.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from components.ingestion import images
 from components.ingestion.images import ImageLimits
 from components.modeling import frozen_forward
 from components.modeling.data import Split, image_batches
+
+FEATURES, LABELS = "features.npy", "labels.npy"  # one folder per split under the cache key: rows copy-major
 
 
 def feature_cache_key(params: Params, manifest: str | Path, policy_path: str | Path | None) -> str:
@@ -55,23 +61,42 @@ def extract_features(
     split: Split,
     image_size: int,
     batch_size: int,
+    out_dir: str | Path,
     *,
     policy_path: str | Path | None = None,
     copies: int = 0,
     seed: int = 0,
     limits: ImageLimits | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features of every image as is, then of `copies` augmented variants: (features, labels)."""
-    blocks, labels = [], []
+) -> None:
+    """Features of every image as is, then of `copies` augmented variants, into `out_dir`: FEATURES and LABELS.
+
+    Each batch's features go straight into a preallocated .npy on disk (its width is the first batch's):
+    memory holds one batch, not the pass. `extractor.predict_batches` yields one batch's features at a time.
+    """
+    rows = len(split) * (copies + 1)
+    np.save(Path(out_dir) / LABELS, np.tile(split.labels.astype(np.int32), copies + 1))
+    features, row = None, 0
     for copy in range(copies + 1):
         seeds = copy_seeds(seed, copy, len(split)) if copy else None
         print(f"features: {len(split)} images, " + (f"augmented copy {copy}/{copies}" if copy else "as is"))
         batches = image_batches(
             split.paths, image_size, batch_size, policy_path=policy_path if copy else None, seeds=seeds, limits=limits
         )
-        blocks.append(np.asarray(extractor.predict(batches, verbose=runtime.progress_verbosity()), dtype=np.float32))
-        labels.append(split.labels)
-    return np.concatenate(blocks), np.concatenate(labels).astype(np.int32)
+        for block in extractor.predict_batches(batches, batch_size=batch_size, verbose=runtime.progress_verbosity()):
+            if features is None:
+                features = np.lib.format.open_memmap(
+                    Path(out_dir) / FEATURES, "w+", np.float32, (rows, *block.shape[1:])
+                )
+            features[row : row + len(block)] = block
+            row += len(block)
+    if row != rows or features is None:
+        raise RuntimeError(f"features: the extractor gave {row} rows for {rows} images")
+    features.flush()
+
+
+def _load_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only memory maps of one cached split: pages are read from disk as they are used."""
+    return np.load(split_dir / FEATURES, mmap_mode="r"), np.load(split_dir / LABELS, mmap_mode="r")
 
 
 def cached_features(
@@ -86,39 +111,42 @@ def cached_features(
 
     `splits` maps "train", "val" and optionally "test" (the suspect-label check scores test images, un-augmented)
     to their images: a cache written without a split gains it with one pass over that split, the rest is reused.
-    Returns arrays `<split>_x` (features) and `<split>_y` (labels), and the cache file.
+    Returns read-only memory maps `<split>_x` (features) and `<split>_y` (labels), and the cache folder
+    (`<key>/<split>/features.npy`; an old `<key>.npz` cache is not read: the features are computed again).
     """
-    path = Path(cache_dir) / f"{feature_cache_key(params, manifest, policy_path)}.npz"
-    arrays: dict[str, np.ndarray] = {}
-    if path.is_file():
-        print(f"features: reusing cache {path}")
-        with np.load(path) as cache:
-            arrays = {k: cache[k] for k in cache.files}
-    missing = [name for name in splits if f"{name}_x" not in arrays]
-    if not missing:
-        return arrays, path
-    extractor = make_extractor()  # only on a miss: an ONNX export costs seconds
+    path = Path(cache_dir) / feature_cache_key(params, manifest, policy_path)
+    cached = [name for name in splits if (path / name / FEATURES).is_file()]
+    if cached:
+        print(f"features: reusing cache {path} ({', '.join(cached)})")
+    missing = [name for name in splits if name not in cached]
+    # Only when there are images to run: an ONNX export costs seconds.
+    extractor = make_extractor() if any(len(splits[name]) for name in missing) else None
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
     limits = ImageLimits.from_config(params.validate)
     for name in missing:
         split = splits[name]
-        if not len(split):  # an empty test split: nothing to run the backbone on
-            width = arrays["train_x"].shape[1]
-            arrays[f"{name}_x"], arrays[f"{name}_y"] = np.zeros((0, width), np.float32), np.zeros(0, np.int32)
-            continue
         copies = h.augmented_copies if name == "train" and policy_path else 0
-        arrays[f"{name}_x"], arrays[f"{name}_y"] = extract_features(
-            extractor,
-            split,
-            size,
-            h.batch_size,
-            policy_path=policy_path if copies else None,
-            copies=copies,
-            seed=seed,
-            limits=limits,
-        )
-    with files.atomic_file(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        # Whole or absent: a crash leaves a temp folder (swept by the next write), never one that looks complete.
+        with files.atomic_dir(path / name) as tmp:
+            if not len(split):  # an empty test split: nothing to run the backbone on
+                width = _load_split(path / "train")[0].shape[1]
+                np.save(tmp / FEATURES, np.zeros((0, width), np.float32))
+                np.save(tmp / LABELS, np.zeros(0, np.int32))
+                continue
+            extract_features(
+                extractor,
+                split,
+                size,
+                h.batch_size,
+                tmp,
+                policy_path=policy_path if copies else None,
+                copies=copies,
+                seed=seed,
+                limits=limits,
+            )
+    arrays: dict[str, np.ndarray] = {}
+    for name in splits:
+        arrays[f"{name}_x"], arrays[f"{name}_y"] = _load_split(path / name)
     return arrays, path
 
 

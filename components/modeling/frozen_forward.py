@@ -122,18 +122,31 @@ class FrozenRunner:
         """Outputs for every input in order, float32, shape (n, ...) like `model.predict`."""
         if self.session is None:
             return self._keras_predict(batches, batch_size, verbose)
+        blocks = list(self.predict_batches(batches, batch_size=batch_size, verbose=verbose))
+        return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
+
+    def predict_batches(
+        self, batches: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, verbose: int = 0
+    ) -> Iterator[np.ndarray]:
+        """The outputs of one batch at a time, in order, float32: memory holds one batch, not the whole pass."""
         from tqdm import tqdm
 
         batch_iter = tqdm(
             _as_batches(batches, batch_size),
-            desc="onnxruntime",
+            desc=self.engine,
             unit="batch",
             disable=not verbose,
             total=_batch_count(batches, batch_size),
             mininterval=2.0,
         )
-        blocks = [onnx_inference.run_session(self.session, batch) for batch in batch_iter if len(batch)]
-        return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
+        for batch in batch_iter:
+            if len(batch):
+                yield self._run_batch(batch)
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            return onnx_inference.run_session(self.session, batch)
+        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
 
     def _keras_predict(self, batches: Any, batch_size: int, verbose: int) -> np.ndarray:
         if isinstance(batches, np.ndarray) or hasattr(batches, "element_spec"):  # arrays and tf.data: Keras batches
@@ -143,11 +156,7 @@ class FrozenRunner:
                 ),
                 dtype=np.float32,
             )
-        blocks = [
-            np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
-            for batch in _as_batches(batches, batch_size)
-            if len(batch)
-        ]
+        blocks = list(self.predict_batches(batches, batch_size=batch_size))
         return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
 
     def _output_tail(self) -> tuple[int, ...]:

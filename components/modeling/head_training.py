@@ -76,14 +76,38 @@ def _one_hot(ds: Any, num_classes: int) -> Any:
     return ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
 
 
-def vector_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int, training: bool) -> Any:
-    """Feature vectors and one-hot labels in batches, shuffled (seeded, every epoch) when training."""
+def vector_batches(
+    x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, batch_size: int, seed: int, training: bool
+) -> Any:
+    """Feature vectors `x[rows]` and one-hot labels in batches, shuffled (seeded, every epoch) when training.
+
+    Only the row indices live in the pipeline: each batch is read from `x` (a memory map of the cache) when it
+    is due, so memory holds a few batches, not the features. The seeded shuffle permutes positions alone,
+    so it gives the same order as shuffling the vectors themselves did.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    def gather(batch_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(x[batch_rows], dtype=np.float32), np.asarray(y[batch_rows], dtype=np.int32)
+
+    def read(batch_rows: Any) -> tuple[Any, Any]:
+        features, labels = tf.numpy_function(gather, [batch_rows], [tf.float32, tf.int32], stateful=False)
+        features.set_shape([None, *x.shape[1:]])
+        labels.set_shape([None])
+        return features, labels
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64))
     if training:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return _one_hot(ds.batch(batch_size), num_classes).prefetch(tf.data.AUTOTUNE)
+        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    return _one_hot(ds.batch(batch_size).map(read), num_classes).prefetch(tf.data.AUTOTUNE)
+
+
+def training_rows(excluded: np.ndarray, total_rows: int) -> np.ndarray:
+    """Row indices of the training vectors to fit on: every copy (as is, then augmented) of each image
+    not `excluded`, in cache order."""
+    images = len(excluded)
+    kept = np.flatnonzero(~excluded)
+    return (np.arange(0, total_rows, images)[:, None] + kept[None, :]).ravel()
 
 
 def fit_on_cached_features(
@@ -112,27 +136,27 @@ def fit_on_cached_features(
     )
     plain = arrays["train_x"][: len(train)]  # the un-augmented copy of each training image comes first
     train_x, train_y = arrays["train_x"], arrays["train_y"]
-    weights = data.class_weights(train.labels, n, h.class_weighting)
+    excluded = np.zeros(len(train), dtype=bool)
     if check:
         checks.issues = data_checks.suspect_labels(plain, arrays, train, inputs.val, inputs.test, params)
         excluded = checks.issues.excluded[: len(train)]  # training images come first; only they are ever excluded
-        if excluded.any():
-            keep = np.tile(~excluded, len(train_x) // len(train))  # drop augmented copies too
-            train_x, train_y = train_x[keep], train_y[keep]
-            weights = data.class_weights(train.labels[~excluded], n, h.class_weighting)
+    rows = training_rows(excluded, len(train_x))  # an excluded image's augmented copies go too
+    weights = data.class_weights(train.labels[~excluded], n, h.class_weighting)
     head = model.get_layer(backbones.HEAD_LAYER)
+    val_x = arrays["val_x"]
+    val_batches = vector_batches(val_x, arrays["val_y"], np.arange(len(val_x)), n, h.batch_size, 0, False)
     # A few dense weights: XLA buys nothing.
     optimization.compile_classifier(head, h.learning_rate, h.label_smoothing, jit_compile=False)
     fit = head.fit(
-        vector_batches(train_x, train_y, n, h.batch_size, params.project.seed, True),
-        validation_data=vector_batches(arrays["val_x"], arrays["val_y"], n, h.batch_size, 0, False),
+        vector_batches(train_x, train_y, rows, n, h.batch_size, params.project.seed, True),
+        validation_data=val_batches,
         epochs=h.epochs,
         class_weight=weights,
         callbacks=fit_callbacks,
         shuffle=False,
         verbose=runtime.progress_verbosity(),
     )  # shuffle=False: tf.data shuffles, seeded
-    val_confidence = float(head.predict(arrays["val_x"], verbose=0).max(axis=1).mean())
+    val_confidence = float(head.predict(val_batches, verbose=0).max(axis=1).mean())
     checks.reference = drift.build_reference(
         plain,
         train.labels,

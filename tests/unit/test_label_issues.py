@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,16 +117,22 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     params = tiny_params(train_head={"label_issues": {"action": "exclude", "folds": 3, "max_excluded_fraction": 0.07}})
     from components.modeling import head_training
 
-    sizes: list[int] = []
+    sizes: list[tuple[int, bool]] = []  # (rows, training) of each vector pipeline
     vectors = head_training.vector_batches
-    monkeypatch.setattr(head_training, "vector_batches", lambda x, *args: sizes.append(len(x)) or vectors(x, *args))
+
+    def counted(x: Any, y: Any, rows: Any, *args: Any) -> Any:
+        sizes.append((len(rows), args[-1]))
+        return vectors(x, y, rows, *args)
+
+    monkeypatch.setattr(head_training, "vector_batches", counted)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(tmp_path / "mlflow.db"))
     monkeypatch.chdir(tmp_path)
     result = run_train_head(params, head_paths(tmp_path, manifest, write_policy(tmp_path / "policy.json")))
     excluded = pd.read_csv(tmp_path / "models/head" / li.EXCLUSIONS_FILE)
     assert excluded["path"].tolist() == [frame.loc[planted, "path"]]  # 7% of 16 training images: one
     assert excluded["given_label"].tolist() == ["beta"] and excluded["suggested_label"].tolist() == ["alpha"]
-    assert sizes[0] == (16 - 1) * 2  # training vectors: 15 images, each as is and in 1 augmented copy
+    # training vectors: 15 images, each as is and in 1 augmented copy; val: 4 images
+    assert sorted(sizes) == [(4, False), ((16 - 1) * 2, True)]
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
     assert run.data.metrics["label_issues_excluded"] == 1
     report = pd.read_csv(tmp_path / "reports/train_head" / li.REPORT_FILE)

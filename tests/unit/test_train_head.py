@@ -28,8 +28,7 @@ def test_cached_features_give_the_same_predictions_as_the_saved_full_model(train
 
     root = trained["root"]
     model = keras.models.load_model(root / "models/head/model.keras")
-    with np.load(trained["result"].feature_cache) as cache:
-        val_features = cache["val_x"]
+    val_features = np.load(trained["result"].feature_cache / "val" / "features.npy", mmap_mode="r")
     from_cache = model.get_layer("head").predict(val_features, verbose=0)
     val = load_split(trained["manifest"], "val")
     from_images = model.predict(np.stack([load_rgb(p, 64) for p in val.paths]).astype("float32"), verbose=0)
@@ -55,6 +54,12 @@ def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, t
     assert (tmp_path / "onnx").is_dir() == (expected == "onnxruntime")  # exported beside the feature cache
     reference = keras_only.predict(images)
     np.testing.assert_allclose(auto.predict(images), reference, atol=1e-4 * max(1.0, float(np.abs(reference).max())))
+    for runner in (auto, keras_only):  # batch by batch (the feature cache's way): the same outputs, in order
+        blocks = list(runner.predict_batches(images, batch_size=4))
+        assert [len(b) for b in blocks] == [4, 2]
+        np.testing.assert_allclose(
+            np.concatenate(blocks), reference, atol=1e-4 * max(1.0, float(np.abs(reference).max()))
+        )
 
 
 def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
@@ -85,20 +90,21 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     root, manifest, policy = trained["root"], trained["manifest"], trained["policy"]
     params = tiny_params()
     key = feature_cache_key(params, manifest, policy)
-    assert trained["result"].feature_cache.name == f"{key}.npz"
+    assert trained["result"].feature_cache.name == key  # a folder of .npy files per split
     assert feature_cache_key(tiny_params(train_head={"augmented_copies": 2}), manifest, policy) != key
     assert feature_cache_key(tiny_params(model={"alpha": 0.5}), manifest, policy) != key
     assert feature_cache_key(tiny_params(train_head={"epochs": 9}), manifest, policy) == key  # head-only knob
     assert feature_cache_key(tiny_params(train_head={"feature_engine": "keras"}), manifest, policy) != key
 
-    stamp = trained["result"].feature_cache.stat().st_mtime_ns
+    train_features = trained["result"].feature_cache / "train" / "features.npy"
+    stamp = train_features.stat().st_mtime_ns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(root / "mlflow.db"))
     monkeypatch.chdir(root)
     again = run_train_head(
         tiny_params(train_head={"epochs": 1}), head_paths(root, manifest, policy, "models/head2", "reports/head2")
     )
     assert again.feature_cache == trained["result"].feature_cache
-    assert again.feature_cache.stat().st_mtime_ns == stamp
+    assert train_features.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow
