@@ -76,6 +76,7 @@ from components.modeling.backbones import build_classifier, get_spec, unfreeze_t
 from components.core.stage_config import FinetuneConfig, TrainHeadConfig
 from components.core.config import ModelConfig
 from components.ingestion.images import ImageLimits, decode_rgb
+from components.modeling.distribution import announce, replica_plan
 
 backend = keras.config.backend()
 if backend == "jax":
@@ -87,6 +88,10 @@ else:
 keras.utils.set_random_seed(0)
 if on_gpu:
     keras.mixed_precision.set_global_policy("mixed_float16")  # as runtime.configure_tensorflow does on GPUs
+# As finetune does: data parallel over every GPU the machine has (BATCH is the global batch).
+plan = replica_plan(os.environ.get("GPU_CHECK_DATA_PARALLEL", "auto"))
+announce(plan, "gpu_check")
+batch = plan.global_batch(batch, "BATCH")
 
 limits = ImageLimits(max_bytes=20 << 20, max_pixels=50_000_000, formats=("JPEG", "PNG"))
 classes = sorted(d.name for d in (data_root / "train").iterdir() if d.is_dir())
@@ -115,6 +120,8 @@ class Batches(keras.utils.PyDataset):
         return math.ceil(len(self.x) / batch)
     def __getitem__(self, i):
         idx = self.order[i * batch:(i + 1) * batch]
+        if self.augment and len(idx) % plan.replicas:  # JAX splits a batch only evenly: top up from the start
+            idx = np.concatenate([idx, np.resize(self.order, plan.replicas - len(idx) % plan.replicas)])
         xb = self.x[idx].astype("float32")
         if self.augment:
             flip = self.rng.random(len(idx)) < 0.5
@@ -145,27 +152,34 @@ def schedule(config, steps_per_epoch):
                                                       warmup_steps=warmup), "copy"
 
 head_cfg = TrainHeadConfig(label_smoothing=0.0)
-model, base = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=alpha, image_size=size, weights=weights),
-                               len(classes), head_cfg)
 train_ds, val_ds = Batches(train_x, train_y, augment=True), Batches(val_x, val_y, augment=False)
-model.compile(optimizer=keras.optimizers.Adam(head_cfg.learning_rate), loss=keras.losses.CategoricalCrossentropy(),
-              metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-head_timer = EpochTimer()
-model.fit(train_ds, validation_data=val_ds, epochs=head_epochs, callbacks=[head_timer], verbose=2)
+validation_data, validation = plan.validation_callbacks(val_ds)  # JAX: val scored outside the distribution
+with plan.scope():  # built, compiled and trained on every replica
+    model, base = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=alpha, image_size=size,
+                                               weights=weights), len(classes), head_cfg)
+    model.compile(optimizer=keras.optimizers.Adam(head_cfg.learning_rate),
+                  loss=keras.losses.CategoricalCrossentropy(),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    head_timer = EpochTimer()
+    model.fit(train_ds, validation_data=validation_data, epochs=head_epochs, callbacks=[*validation, head_timer],
+              verbose=2)
 
-ft_cfg = FinetuneConfig(epochs=ft_epochs, batch_size=batch, unfreeze_layers=40, warmup_epochs=1 if ft_epochs > 1 else 0)
-start = unfreeze_top(base, ft_cfg, get_spec("mobilenet_v2").default_unfreeze_layers)
-lr, schedule_source = schedule(ft_cfg, len(train_ds))
-model.compile(optimizer=keras.optimizers.Adam(lr),
-              loss=keras.losses.CategoricalCrossentropy(label_smoothing=ft_cfg.label_smoothing),
-              metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-ft_timer = EpochTimer()
-history = model.fit(train_ds, validation_data=val_ds, epochs=ft_epochs, callbacks=[ft_timer], verbose=2)
+    ft_cfg = FinetuneConfig(epochs=ft_epochs, batch_size=batch, unfreeze_layers=40,
+                            warmup_epochs=1 if ft_epochs > 1 else 0)
+    start = unfreeze_top(base, ft_cfg, get_spec("mobilenet_v2").default_unfreeze_layers)
+    lr, schedule_source = schedule(ft_cfg, len(train_ds))
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=ft_cfg.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    ft_timer = EpochTimer()
+    history = model.fit(train_ds, validation_data=validation_data, epochs=ft_epochs,
+                        callbacks=[*validation, ft_timer], verbose=2)
 val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
 
 steady = ft_timer.seconds[1:] or ft_timer.seconds  # the first epoch includes tracing/XLA compilation
 result = {
     "backend": backend, "devices": devices, "on_gpu": on_gpu, "mixed_precision": on_gpu,
+    "replicas": plan.replicas, "data_parallel": plan.kind,
     "tensorflow_imported": "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None,
     "setup": {"backbone": "mobilenet_v2", "alpha": alpha, "image_size": size, "weights": weights,
               "classes": classes, "train_images": len(train_y), "val_images": len(val_y), "batch_size": batch,
@@ -187,7 +201,7 @@ if reference and Path(reference).is_file():
                         "reference_images_per_s": ref["finetune_images_per_s"],
                         "abs_diff": round(delta, 4), "tolerance": parity_tolerance, "ok": delta <= parity_tolerance}
 out_json.write_text(json.dumps(result, indent=2) + "\n")
-print(json.dumps({k: result[k] for k in ("backend", "devices", "finetune_images_per_s", "val_accuracy")}))
+print(json.dumps({k: result[k] for k in ("backend", "devices", "replicas", "finetune_images_per_s", "val_accuracy")}))
 PY
 }
 

@@ -10,11 +10,12 @@ After training, the head and the fine-tuned model are scored on val and the bett
 flip test-time augmentation and the temperature are decided on val too (components.modeling.model_choice).
 Everything after that is done on the kept model.
 
-The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and a
-MirroredStrategy (global batch = batch_size x replicas) with more than one. It is backend-agnostic
-Keras 3: TensorFlow is the default (input through tf.data); with `KERAS_BACKEND=jax` (GPU workers,
-which have no TensorFlow) nothing imports TensorFlow, the input is a `keras.utils.PyDataset`
-(`components.modeling.data.ImageBatches`, same decoding and augmentation policy) and training uses one device.
+The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and with several accelerators
+data parallel over all of them (`finetune.data_parallel`, components.modeling.distribution: MirroredStrategy on
+TensorFlow, keras DataParallel on JAX); `finetune.batch_size` is the global batch, split across the replicas.
+It is backend-agnostic Keras 3: TensorFlow is the default (input through tf.data); with `KERAS_BACKEND=jax`
+(GPU workers, which have no TensorFlow) nothing imports TensorFlow and the input is a `keras.utils.PyDataset`
+(`components.modeling.data.ImageBatches`, same decoding and augmentation policy).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from components.core.paths import FinetunePaths
 from components.core.settings import environment, workspace_root
 from components.core.tracking_connection import RetryPolicy
 from components.ingestion.images import ImageLimits
-from components.modeling import data, drift, fine_tuning, learning_curves, model_choice, model_folder
+from components.modeling import data, distribution, drift, fine_tuning, learning_curves, model_choice, model_folder
 from components.modeling.checkpoints import CHECKPOINT_ROOT, Checkpoint
 from components.modeling.data import Split, load_split
 from components.modeling.model_choice import KeptModel, ValScore
@@ -87,36 +88,47 @@ def run_finetune(
         params.tracking, "finetune", {"head_run_id": head_info.run_id, "data_version": version}, run_id=previous_run
     ) as (client, run_id, experiment_id):  # ends FAILED on any error: the checkpoint stays, the next run resumes
         checkpoint.start(run_id)
-        strategy = fine_tuning.distribution(device)
-        batch_size = config.batch_size * strategy.num_replicas_in_sync
-        with strategy.scope():
+        plan = distribution.replica_plan(config.data_parallel)
+        distribution.announce(plan, "finetune")
+        batch_size = plan.global_batch(config.batch_size, "finetune.batch_size")
+        with plan.scope():  # variables created (and compiled) on every replica
             model, trained_layers = fine_tuning.compiled_model(
                 paths.head_dir, head_info, config, math.ceil(len(train) / batch_size)
             )
         if previous_run is None:
-            logged = _logged_params(params, head_info, batch_size, strategy, trained_layers, train, val, device)
+            logged = _logged_params(params, head_info, batch_size, plan, trained_layers, train, val, device)
             tracking.log_params(client, run_id, logged)
             tracking.log_dataset(run_id, paths.manifest, frame, version, "training")
         train_ds, val_ds = fine_tuning.datasets(
-            train, val, head_info.image_size, batch_size, paths.policy, seed, ImageLimits.from_config(params.validate)
+            train,
+            val,
+            head_info.image_size,
+            batch_size,
+            paths.policy,
+            seed,
+            ImageLimits.from_config(params.validate),
+            plan,
         )
         device = {
             **device,
             "backend": keras.config.backend(),
             "input_pipeline": "tf.data" if data.uses_tf_data() else "PyDataset",
+            **plan.facts(),
         }
         labels = np.asarray(val.labels)
         if config.epochs > 0:
             head_weights = model.get_weights()  # before fit: on a resume, BackupAndRestore loads the epoch in fit
-            history, resumed_at = fine_tuning.fit_resumable(
-                model,
-                train_ds,
-                val_ds,
-                config,
-                checkpoint,
-                tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
-                extra_callbacks or [],
-            )
+            with plan.scope():  # trained on every replica (under JAX, the scoring below runs on one device)
+                history, resumed_at = fine_tuning.fit_resumable(
+                    model,
+                    train_ds,
+                    val_ds,
+                    config,
+                    checkpoint,
+                    tracking.mlflow_epoch_logger(client, run_id, policy=RetryPolicy.from_config(params.tracking)),
+                    extra_callbacks or [],
+                    plan,
+                )
             best = learning_curves.best_epoch(history)
             val_accuracy, val_loss, best_epoch = (
                 float(best["val_accuracy"]),
@@ -201,7 +213,7 @@ def _logged_params(
     params: Params,
     head_info: ModelRunInfo,
     batch_size: int,
-    strategy: Any,
+    plan: distribution.ReplicaPlan,
     trained_layers: list[str],
     train: Split,
     val: Split,
@@ -215,7 +227,8 @@ def _logged_params(
         "backbone": head_info.backbone,
         "image_size": head_info.image_size,
         "global_batch_size": batch_size,
-        "replicas": strategy.num_replicas_in_sync,
+        "replicas": plan.replicas,
+        "data_parallel": plan.kind,
         "trainable_backbone_layers": len(trained_layers),
         "train_images": len(train),
         "val_images": len(val),

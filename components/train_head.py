@@ -84,7 +84,7 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
             "feature_engine": checks.feature_engine,
             "num_classes": len(inputs.classes),
             "suspect_label_splits": list(checks.issues.checked_splits) if checks.issues is not None else None,
-            "device": device,
+            "device": {**device, "feature_replicas": checks.feature_replicas},
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "settings": {"model": m.model_dump(), "train_head": h.model_dump(), "seed": params.project.seed},
         }

@@ -66,31 +66,36 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def visible_devices(kinds: tuple[str, ...] = ("GPU",)) -> int:
-    """Devices of these kinds ("GPU", "TPU") the Keras backend sees: the one accelerator probe (0 where the
-    backend has none, or its GPU support is not installed)."""
+def device_names(kinds: tuple[str, ...] = ("GPU",)) -> list[str]:
+    """Devices of these kinds ("GPU", "TPU", "CPU") the Keras backend sees, as "<kind>:<index>" (lower case):
+    the one device probe ([] where the backend has none, or its GPU support is not installed)."""
     import keras
 
     backend = keras.config.backend()
+    names: list[str] = []
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return sum(len(tf.config.list_physical_devices(kind)) for kind in kinds)
-    if backend == "jax":
+        for kind in kinds:
+            names += [f"{kind.lower()}:{i}" for i, _ in enumerate(tf.config.list_physical_devices(kind))]
+    elif backend == "jax":
         import jax
 
-        count = 0
         for kind in kinds:
             try:
-                count += len(jax.devices(kind.lower()))
+                names += [f"{device.platform}:{device.id}" for device in jax.devices(kind.lower())]
             except (RuntimeError, ValueError):  # no such platform (CPU-only jaxlib, JAX_PLATFORMS=cpu)
                 pass
-        return count
-    if backend == "torch" and "GPU" in kinds:
+    elif backend == "torch" and "GPU" in kinds:
         import torch
 
-        return torch.cuda.device_count()
-    return 0
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names
+
+
+def visible_devices(kinds: tuple[str, ...] = ("GPU",)) -> int:
+    """How many devices of these kinds the Keras backend sees (`device_names`)."""
+    return len(device_names(kinds))
 
 
 def gpu_count() -> int:

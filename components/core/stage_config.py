@@ -175,6 +175,11 @@ class TrainHeadConfig(Section):
         description="Frozen feature pass: auto = ONNX Runtime on a CPU where it is installed "
         "(checked against Keras on a probe batch), Keras otherwise.",
     )
+    data_parallel: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: with several GPUs/TPUs, the Keras frozen feature pass runs on all of them (keras "
+        "DataParallel on JAX, MirroredStrategy on TensorFlow; batch_size is the global batch); off: one device.",
+    )
     label_issues: LabelIssuesConfig = LabelIssuesConfig()
 
 
@@ -201,6 +206,11 @@ class FinetuneConfig(Section):
         "auto",
         description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
         "only when it raises val accuracy (never judged on test); on/off: always/never.",
+    )
+    data_parallel: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: with several GPUs/TPUs, train on all of them (keras DataParallel on JAX, MirroredStrategy "
+        "on TensorFlow; batch_size is the global batch, split across them); off: one device.",
     )
     keep_head_if_not_better: bool = Field(
         True,

@@ -107,6 +107,9 @@ class Batching:
     training=True shuffles each epoch and, with a `policy_path`, augments; training=False never
     augments (val/test must be scored on the images as they are). cache=True keeps decoded
     images in memory, before augmentation, so every epoch still sees fresh augmentations.
+    batch_multiple (training, `ImageBatches` only): the last batch of an epoch is topped up with that epoch's
+    first images to a multiple of this, for JAX data parallelism, which splits a batch only evenly
+    (components.modeling.distribution); tf.data leaves it short: MirroredStrategy splits uneven batches.
     """
 
     policy_path: str | Path | None = None
@@ -114,6 +117,7 @@ class Batching:
     seed: int = 0
     cache: bool = False
     limits: ImageLimits | None = None
+    batch_multiple: int = 1
 
 
 class BatchOptions(TypedDict, total=False):
@@ -124,6 +128,7 @@ class BatchOptions(TypedDict, total=False):
     seed: int
     cache: bool
     limits: ImageLimits | None
+    batch_multiple: int
 
 
 def make_dataset(split: Split, image_size: int, batch_size: int, **options: Unpack[BatchOptions]) -> Any:
@@ -265,6 +270,7 @@ def _image_batches_class() -> type:
             self.policy_path = str(how.policy_path) if how.policy_path is not None and how.training else None
             self.training, self.seed, self.limits = how.training, how.seed, how.limits
             self.cache: dict[int, np.ndarray] | None = {} if how.cache else None
+            self.batch_multiple = how.batch_multiple if how.training else 1
             self.epoch = 0
 
         def __len__(self) -> int:
@@ -288,7 +294,10 @@ def _image_batches_class() -> type:
             if not 0 <= index < len(self):
                 raise IndexError(f"batch {index} of {len(self)}")
             epoch = self.epoch
-            rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+            order = self.order(epoch)
+            rows = order[index * self.batch_size : (index + 1) * self.batch_size]
+            if len(rows) % self.batch_multiple:  # top up from the epoch's start (repeated if the split is tiny)
+                rows = np.concatenate([rows, np.resize(order, self.batch_multiple - len(rows) % self.batch_multiple)])
             images = [self._image(int(i)) for i in rows]
             if self.policy_path is not None:
                 seeds = np.random.default_rng([self.seed, epoch, index]).integers(0, 2**32, len(rows))

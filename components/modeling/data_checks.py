@@ -31,6 +31,7 @@ class DataChecks:
     issues: label_issues.LabelIssues | None = None  # suspect labels (None: action off or no cached features)
     reference: drift.Reference | None = None  # the drift reference saved with the model
     feature_engine: str | None = None  # what computed the features this run (None: cache hit or not cached)
+    feature_replicas: int | None = None  # devices that pass ran on at once (None: no pass this run)
 
 
 def suspect_labels(

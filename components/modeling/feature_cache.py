@@ -3,7 +3,9 @@
 The frozen backbone runs in inference mode, so an image's pooled features are a pure function of the
 image: they are computed once per image (plus `train_head.augmented_copies` augmented variants of each
 training image) and cached on disk under a key of everything that determines them. The extractor runs
-on ONNX Runtime where that is faster (components.modeling.onnx_inference), on Keras otherwise.
+on ONNX Runtime where that is faster (components.modeling.onnx_inference), on Keras otherwise: there, with
+several accelerators, data parallel over all of them (`train_head.data_parallel`, components.modeling.distribution).
+
 
 Memory stays about one batch at any data size: each batch's features are written into a preallocated
 .npy per split (`<cache>/<key>/<split>/features.npy`, float32, images x (copies + 1) rows), and readers
@@ -23,7 +25,7 @@ from components.core.config import Params
 from components.core.stage_config import TrainHeadConfig
 from components.ingestion import images
 from components.ingestion.images import ImageLimits
-from components.modeling import frozen_forward
+from components.modeling import distribution, frozen_forward
 from components.modeling.data import Split, image_batches
 
 FEATURES, LABELS = "features.npy", "labels.npy"  # one folder per split under the cache key: rows copy-major
@@ -156,7 +158,10 @@ def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path
     The ONNX file is cached by content next to the feature cache (the ImageNet backbone exports once).
     """
     runner = frozen_forward.FrozenRunner(
-        extractor, cache_dir=Path(cache_dir).parent / "onnx", engine=config.feature_engine
+        extractor,
+        cache_dir=Path(cache_dir).parent / "onnx",
+        engine=config.feature_engine,
+        parallel=distribution.replica_plan(config.data_parallel),
     )
-    print(f"features: {runner.engine} ({runner.reason})")
+    print(f"features: {runner.engine}, {runner.replicas} replica(s) ({runner.reason})")
     return runner

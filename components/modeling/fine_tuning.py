@@ -1,14 +1,13 @@
 """The fine-tuning loop: the head model with the top of its backbone unfrozen, its input, and a resumable fit.
 
 BatchNorm layers stay frozen and in inference mode (components.modeling.backbones.unfreeze_top). The same code runs
-on CPU and GPU: a MirroredStrategy (global batch = batch_size x replicas) with more than one GPU on
-TensorFlow; on other backends (JAX on GPU workers, which have no TensorFlow) one device and no strategy.
+on CPU and on several accelerators: the caller builds, compiles and fits inside a `ReplicaPlan`'s scope
+(components.modeling.distribution: keras DataParallel under JAX, MirroredStrategy under TensorFlow), and
+`finetune.batch_size` is the global batch, split across the replicas.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,7 @@ from components.ingestion.images import ImageLimits
 from components.modeling import data, model_folder, optimization, snapshots
 from components.modeling.checkpoints import Checkpoint
 from components.modeling.data import Split
-
-
-@dataclass(frozen=True)
-class _OneDevice:
-    """Stands in for tf.distribute's default strategy on other backends: one device, no scope."""
-
-    num_replicas_in_sync: int = 1
-
-    def scope(self) -> Any:
-        return contextlib.nullcontext()
-
-
-def distribution(device: dict[str, Any]) -> Any:
-    """A MirroredStrategy over several GPUs on TensorFlow, else the default (one device)."""
-    import keras
-
-    if keras.config.backend() != "tensorflow":
-        if device["gpus"] > 1:
-            print(f"finetune: {device['gpus']} GPUs seen; on the {keras.config.backend()} backend one is used")
-        return _OneDevice()
-    import tensorflow as tf
-
-    return tf.distribute.MirroredStrategy() if device["gpus"] > 1 else tf.distribute.get_strategy()
+from components.modeling.distribution import ReplicaPlan
 
 
 def compiled_model(
@@ -74,10 +51,20 @@ def datasets(
     policy_path: str | Path | None,
     seed: int,
     limits: ImageLimits,
+    plan: ReplicaPlan,
 ) -> tuple[Any, Any]:
-    """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere."""
+    """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere; training
+    batches a multiple of the replicas where the plan needs even batches."""
+    multiple = plan.replicas if plan.even_batches else 1
     train_ds = data.labelled_batches(
-        train, image_size, batch_size, policy_path=policy_path, training=True, seed=seed, limits=limits
+        train,
+        image_size,
+        batch_size,
+        policy_path=policy_path,
+        training=True,
+        seed=seed,
+        limits=limits,
+        batch_multiple=multiple,
     )
     return train_ds, data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
 
@@ -105,11 +92,14 @@ def fit_resumable(
     checkpoint: Checkpoint,
     logger: Any,
     extra_callbacks: list[Any],
+    plan: ReplicaPlan,
 ) -> tuple[pd.DataFrame, int]:
-    """Fit with per-epoch backups; return the history of all epochs (across resumes) and the 1-based
-    epoch this call started at."""
+    """Fit with per-epoch backups (call it inside `plan.scope()`); return the history of all epochs (across
+    resumes) and the 1-based epoch this call started at."""
     epochs_seen = _epoch_recorder()
+    validation_data, validation = plan.validation_callbacks(val_ds)  # first: the others read its val_* logs
     callbacks = [
+        *validation,
         *checkpoint.callbacks(),
         optimization.early_stopping(config.early_stopping_patience),
         logger,
@@ -120,7 +110,7 @@ def fit_resumable(
     ]
     model.fit(
         train_ds,
-        validation_data=val_ds,
+        validation_data=validation_data,
         epochs=config.epochs,
         callbacks=callbacks,
         shuffle=False,

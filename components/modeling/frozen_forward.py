@@ -6,7 +6,8 @@ TensorFlow backend, the model is exported to ONNX once, cached and checked again
 batch (`components.modeling.onnx_inference`), and run with ONNX Runtime (2.75x the images/s of TensorFlow on
 the 2-core machine, see benchmarks/results/frozen_pass.md). Anywhere else (a GPU, another Keras
 backend, onnxruntime missing, an export that fails or disagrees with Keras) the same call runs
-Keras `predict`, and `runner.reason` says why.
+Keras `predict`, and `runner.reason` says why. Given a `ReplicaPlan` with several replicas
+(components.modeling.distribution), the Keras pass runs data parallel on a copy of the model built on all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from components.core import runtime
 from components.modeling import onnx_inference
+from components.modeling.distribution import ReplicaPlan
 from components.modeling.onnx_inference import DEFAULT_TOLERANCE, OnnxExport
 
 Engine = Literal["auto", "onnxruntime", "keras"]
@@ -66,6 +68,7 @@ class FrozenRunner:
         input_size: int | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         allow_spinning: bool = False,
+        parallel: ReplicaPlan | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine = {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -74,7 +77,9 @@ class FrozenRunner:
         self.session: Any = None
         self.export: OnnxExport | None = None
         self.engine, self.reason = "keras", "engine: keras requested"
+        self.plan: ReplicaPlan | None = None
         if engine == "keras":
+            self._replicate(parallel)
             return
         blocker = self._onnx_blocker(cache_dir)
         if blocker is None:
@@ -95,9 +100,22 @@ class FrozenRunner:
             if engine == "onnxruntime":
                 raise RuntimeError(f"engine: onnxruntime was requested but {blocker}")
             self.reason = blocker
+            self._replicate(parallel)
             return
         self.session = onnx_inference.cpu_session(self.export.path, self.threads, allow_spinning)  # type: ignore[union-attr]
         self.engine, self.reason = "onnxruntime", f"ONNX Runtime, {self.threads} threads, {self.export.path.name}"  # type: ignore[union-attr]
+
+    def _replicate(self, plan: ReplicaPlan | None) -> None:
+        """Keras runs: on every replica of `plan` where it has several."""
+        if plan is None or plan.replicas == 1:
+            return
+        self.model, self.plan = plan.replicate(self.model), plan
+        self.reason += f"; data parallel over {plan.replicas} replicas ({plan.kind})"
+
+    @property
+    def replicas(self) -> int:
+        """Devices the forward pass runs on at once."""
+        return self.plan.replicas if self.plan is not None else 1
 
     @property
     def accepted_export(self) -> OnnxExport | None:
@@ -146,9 +164,22 @@ class FrozenRunner:
     def _run_batch(self, batch: np.ndarray) -> np.ndarray:
         if self.session is not None:
             return onnx_inference.run_session(self.session, batch)
-        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        if self.plan is None:
+            return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        # On every replica; JAX needs a multiple of them: the last image repeated, the padding's outputs dropped.
+        pad = -len(batch) % self.plan.replicas if self.plan.even_batches else 0
+        padded = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)]) if pad else batch
+        with self.plan.scope():
+            outputs = self.model.predict(padded, batch_size=len(padded), verbose=0)
+        return np.asarray(outputs, dtype=np.float32)[: len(batch)]
 
     def _keras_predict(self, batches: Any, batch_size: int, verbose: int) -> np.ndarray:
+        if self.plan is None:
+            return self._keras_batches(batches, batch_size, verbose)
+        blocks = list(self.predict_batches(batches, batch_size=batch_size, verbose=verbose))
+        return np.concatenate(blocks) if blocks else np.zeros((0, *self._output_tail()), np.float32)
+
+    def _keras_batches(self, batches: Any, batch_size: int, verbose: int) -> np.ndarray:
         if isinstance(batches, np.ndarray) or hasattr(batches, "element_spec"):  # arrays and tf.data: Keras batches
             return np.asarray(
                 self.model.predict(

@@ -127,6 +127,7 @@ def fit_on_cached_features(
     def make_extractor() -> frozen_forward.FrozenRunner:
         runner = feature_cache.frozen_runner(backbones.feature_extractor(model), h, paths.cache_dir)
         checks.feature_engine = runner.engine
+        checks.feature_replicas = runner.replicas
         return runner
 
     check = h.label_issues.action != "off"

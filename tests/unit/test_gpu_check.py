@@ -44,6 +44,7 @@ def test_dry_run_fine_tunes_under_jax_and_checks_parity(tmp_path: Path, keras_ho
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert reference["backend"] == "tensorflow"
     assert result["backend"] == "jax" and not result["on_gpu"] and not result["tensorflow_imported"]
+    assert (reference["replicas"], result["replicas"], result["data_parallel"]) == (1, 1, "one device")  # no GPUs here
     assert result["setup"]["trainable_backbone_layers"] > 0 and result["setup"]["train_images"] == 16
     assert len(result["finetune_epoch_seconds"]) == 2 and result["finetune_images_per_s"] > 0
     # Colour-coded classes on ImageNet features: both backends learn them, so parity is a real comparison.
