@@ -16,6 +16,7 @@ straddles 0 was decided by noise (see ingest.min_val_per_class for a val split b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,18 @@ class KeptModel:
         return {"kept_head": int(self.kept == "head"), "val_images": self.head.n, **numbers, **gain}
 
 
-def val_views(model: Any, val_ds: Any) -> np.ndarray:
-    """(2, n, classes): the classifier's probabilities on val and on val mirrored, in one pass."""
+def views_scorer(model: Any) -> Callable[[Any], np.ndarray]:
+    """dataset -> (2, n, classes): the classifier's probabilities on it and on its mirror image, in one pass,
+    with whatever weights `model` holds at the call (one Keras model: traced once, however often it scores)."""
     from components.modeling.backbones import flip_views
 
-    return np.stack([np.asarray(v, np.float64) for v in flip_views(model).predict(val_ds, verbose=0)])
+    both = flip_views(model)
+    return lambda dataset: np.stack([np.asarray(v, np.float64) for v in both.predict(dataset, verbose=0)])
+
+
+def val_views(model: Any, val_ds: Any) -> np.ndarray:
+    """(2, n, classes): the classifier's probabilities on val and on val mirrored, in one pass."""
+    return views_scorer(model)(val_ds)
 
 
 def keep_better(
@@ -153,9 +161,10 @@ def keep_better(
 ) -> tuple[KeptModel, np.ndarray]:
     """Score the fine-tuned weights and the head's on val; leave the kept ones in `model` and return
     the kept model's val views (reused by `finish_model`)."""
-    finetuned_weights, finetuned_views = model.get_weights(), val_views(model, val_ds)
+    score = views_scorer(model)  # both weight sets through one model: a second model would trace again (seconds)
+    finetuned_weights, finetuned_views = model.get_weights(), score(val_ds)
     model.set_weights(head_weights)
-    head_views = val_views(model, val_ds)
+    head_views = score(val_ds)
     head, finetuned = ValScore.of(head_views[0], labels), ValScore.of(finetuned_views[0], labels)
     keep_finetuned = not config.keep_head_if_not_better or finetuned_beats_head(head, finetuned)
     if keep_finetuned:

@@ -76,6 +76,17 @@ def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_mo
         feature_extractor(loaded).predict(raw, verbose=0), feature_extractor(model).predict(raw, verbose=0), atol=1e-5
     )
 
+    # finetune scores two weight sets through one views model (model_choice.views_scorer): it sees each one.
+    from components.modeling.model_choice import views_scorer
+
+    score = views_scorer(model)
+    before = score(raw)
+    model.set_weights([w * 0.5 if w.ndim == 2 else w for w in model.get_weights()])  # the dense kernel
+    after = score(raw)
+    assert np.max(np.abs(after - before)) > 1e-4
+    np.testing.assert_allclose(after[0], model.predict(raw, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(after[1], model.predict(raw[:, :, ::-1], verbose=0), atol=1e-6)
+
 
 def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(tmp_path: Path):
     import keras

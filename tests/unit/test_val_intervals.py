@@ -82,7 +82,7 @@ def test_the_keep_head_decision_carries_its_images_and_intervals(monkeypatch, ca
             self.weights = weights
 
     model = Model()
-    monkeypatch.setattr(model_choice, "val_views", lambda m, ds: views[m.weights])
+    monkeypatch.setattr(model_choice, "views_scorer", lambda m: lambda ds: views[m.weights])
     choice, kept_views = model_choice.keep_better(model, "head", None, LABELS, FinetuneConfig())
     assert choice.kept == "finetuned" == model.weights and kept_views is views["finetuned"]
     gain = intervals.paired_difference(np.array(HEAD), np.array(FINETUNED))
