@@ -106,12 +106,20 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
     import keras
     from mlflow import MlflowClient
 
+    from components.ingestion import images
+
     monkeypatch.setattr(model_choice, "finetuned_beats_head", lambda head_score, finetuned_score: False)
+    read, read_limited = [], images.read_limited  # every image file any part of the stage opens
+    monkeypatch.setattr(images, "read_limited", lambda source, *a: read.append(str(source)) or read_limited(source, *a))
     result = run_finetune(
         tiny_params(finetune={"flip_tta": "on", "keep_head_if_not_better": False}),
         paths(head, tmp_path / "out", tmp_path / "reports"),
         checkpoint_root=tmp_path / "ckpt",
     )
+    # Nothing is chosen on test: early stopping, the kept weights, flip TTA and the temperature saw train and val.
+    splits = pd.read_csv(head["manifest"]).set_index("path")["split"]
+    assert set(splits[splits == "val"].index) <= set(read)
+    assert not set(splits[splits == "test"].index) & set(read), "finetune read a test image"
     info = files.read_json(tmp_path / "out/run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
     assert info["kept"] == "finetuned"  # keep_head_if_not_better: false, though the head "won"
