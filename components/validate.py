@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from components.core import errors, files
-from components.core.config import Params, ParamsError, load_params
+from components.core.config import ModelConfig, Params, ParamsError, load_params
 from components.core.contracts import write_manifest
 from components.core.hashing import records_version
 from components.core.paths import ValidatePaths
@@ -59,6 +59,8 @@ from components.quality.validation_tables import class_table, derive_columns, ma
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs
 NEAR_DUPLICATE_PICTURE = "near_duplicates.png"  # in the report folder
+EMBEDDING_CACHE = "data/cache/embeddings"  # per model key, chunks of per-image embeddings (workspace root)
+ONNX_CACHE = "data/cache/onnx"  # the exported backbone, shared with train_head's feature pass
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,9 @@ def run_validate(params: Params, paths: ValidatePaths) -> ValidationResult:
         file_failures = suites.failures("files", df, file_checks(config), "path")
         quarantine = quarantine_rows(file_failures, df)
         passed = ~df["path"].isin(quarantine["path"])
-        moved, nd, unhashed = _near_duplicates(config, frame, passed, image_root(info, paths.manifest), tmp)
+        moved, nd, unhashed = _near_duplicates(
+            config, params.model, frame, passed, image_root(info, paths.manifest), tmp
+        )
         df["split"] = moved["split"].to_numpy()  # moved splits, for the per-split counts and warnings
         quarantine = pd.concat([quarantine, nd.quarantine], ignore_index=True) if len(nd.quarantine) else quarantine
         passed = ~df["path"].isin(quarantine["path"])
@@ -144,7 +148,7 @@ def run_validate(params: Params, paths: ValidatePaths) -> ValidationResult:
 
 
 def _near_duplicates(
-    config: ValidateConfig, frame: pd.DataFrame, passed: pd.Series, root: Path, report_tmp: Path
+    config: ValidateConfig, model: ModelConfig, frame: pd.DataFrame, passed: pd.Series, root: Path, report_tmp: Path
 ) -> tuple[pd.DataFrame, near_duplicates.NearDuplicateReport, int]:
     """(frame with moved splits, the report, rows not hashed because they lie outside `root`).
 
@@ -154,17 +158,27 @@ def _near_duplicates(
         return frame, near_duplicates.NearDuplicateReport("off"), 0
     candidates = frame[passed.to_numpy()]
     inside = candidates["path"].map(lambda p: within(p, root)).to_numpy(dtype=bool)
+    limits = ImageLimits.from_config(config)
     kept, report = near_duplicates.check(
         candidates[inside],
         config.near_duplicates,
-        ImageLimits.from_config(config),
+        limits,
         workspace_root() / NEAR_DUPLICATE_CACHE,
         report_tmp / NEAR_DUPLICATE_PICTURE,
+        embed=lambda rows: _embeddings(rows, model, limits),
     )
     moved = dict(zip(kept["path"], kept["split"]))
     out = frame.copy()
     out["split"] = [moved.get(p, s) for p, s in zip(out["path"], out["split"])]
     return out, report, int((~inside).sum())
+
+
+def _embeddings(rows: pd.DataFrame, model: ModelConfig, limits: ImageLimits) -> Any:
+    """The frozen backbone's embeddings of `rows`, cached per image; TensorFlow is imported only here."""
+    from components.modeling import embeddings
+
+    root = workspace_root()
+    return embeddings.embed_frame(rows, model, limits, root / EMBEDDING_CACHE, root / ONNX_CACHE)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from components.core.config import Params
-from components.core.stage_config import IngestConfig, ValidateConfig
+from components.core.stage_config import IngestConfig, NearDuplicatesConfig, ValidateConfig
 from tests.conftest import COLORS, write_image
 
 
@@ -54,7 +54,9 @@ def ingest_params(source: Path | str, validate: ValidateConfig | None = None, **
 
 
 def validate_config(**overrides) -> ValidateConfig:
-    return ValidateConfig(**{"min_images_per_class": 5, **overrides})
+    """Tiny-set settings; the backbone-embedding near-duplicate pass is off (its own tests turn it on)."""
+    near = NearDuplicatesConfig(embeddings=False)
+    return ValidateConfig(**{"min_images_per_class": 5, "near_duplicates": near, **overrides})
 
 
 # --- defective files ----------------------------------------------------------------------------

@@ -88,6 +88,17 @@ class NearDuplicatesConfig(Section):
     max_distance: int = Field(
         10, ge=0, le=32, description="Largest Hamming distance between 64-bit perceptual hashes of one group."
     )
+    embeddings: bool = Field(
+        True,
+        description="Also pair images whose frozen-backbone embeddings (`model:` section) are close: finds crops "
+        "and small rotations the hashes miss; one cached backbone pass per new image.",
+    )
+    min_cosine: float = Field(
+        0.92, gt=0, le=1, description="Smallest cosine similarity of two embeddings that pairs them."
+    )
+    simhash_radius: int = Field(
+        12, ge=0, le=32, description="Largest Hamming distance between 64-bit SimHashes of embeddings searched."
+    )
 
 
 class ValidateConfig(Section):

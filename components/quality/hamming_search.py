@@ -30,11 +30,19 @@ def find_groups(
     `search` "index" uses the multi-index (`index_pairs`), "all_pairs" compares every pair, "auto" picks
     the cheaper by `search_plan`; both give the same pairs.
     """
-    n = len(hashes)
-    valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    a, b = find_pairs(hashes, max_distance, valid, search)
+    return connected_groups(len(hashes), a, b)
+
+
+def find_pairs(
+    hashes: np.ndarray, max_distance: int, valid: np.ndarray | None = None, search: Search = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) row indices of pairs that join groups (see `find_groups`): every near pair of distinct
+    fingerprints, and each row with a byte-identical fingerprint joined to the first such row."""
+    valid = np.ones(len(hashes), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     rows = np.flatnonzero(valid)
     if len(rows) < 2:
-        return []
+        return np.zeros(0, int), np.zeros(0, int)
     # Byte-identical fingerprints are grouped outright, and searched once: a heap of identical hashes
     # (blank images, copies) would otherwise fill one bucket with k^2 candidates.
     unique, first, inverse = np.unique(_words(hashes[rows]), axis=0, return_index=True, return_inverse=True)
@@ -46,16 +54,24 @@ def find_groups(
         a, b = index_pairs(unique, max_distance, None if plan == "index" else plan)
     else:
         raise ValueError(f"near-duplicate search {search!r}: expected auto, index or all_pairs")
+    same = first[inverse] != np.arange(len(rows))
+    return rows[np.concatenate([first[a], first[inverse][same]])], rows[
+        np.concatenate([first[b], np.flatnonzero(same)])
+    ]
+
+
+def connected_groups(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
+    """The connected components of 2+ rows among n rows joined by the pairs (a[k], b[k]), each sorted,
+    largest first."""
     import scipy.sparse
     from scipy.sparse.csgraph import connected_components
 
-    edges_from = np.concatenate([first[a], np.arange(len(rows))])
-    edges_to = np.concatenate([first[b], first[inverse]])
-    graph = scipy.sparse.coo_matrix((np.ones(len(edges_from), np.int8), (edges_from, edges_to)), (len(rows),) * 2)
+    a, b = np.asarray(a, dtype=np.intp), np.asarray(b, dtype=np.intp)
+    graph = scipy.sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), (n, n))
     _, labels = connected_components(graph, directed=False)
     members: dict[int, list[int]] = {}
-    for position, label in enumerate(labels.tolist()):
-        members.setdefault(label, []).append(int(rows[position]))
+    for row, label in enumerate(labels.tolist()):
+        members.setdefault(label, []).append(row)
     found = [g for g in members.values() if len(g) > 1]  # rows ascend, so each group is sorted
     return sorted(found, key=lambda g: (-len(g), g[0]))
 

@@ -14,18 +14,24 @@ Groups are the connected components of "within max_distance" pairs. `resolve` ap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from components.core import files
 from components.core.stage_config import NearDuplicatesConfig
 from components.ingestion.images import ImageLimits, UnusableImage, decode_rgb
-from components.quality.hamming_search import find_groups
+from components.quality import embedding_search
+from components.quality.hamming_search import connected_groups, find_pairs
 from components.quality.perceptual_hashes import fingerprints
 
+MAX_LISTED_PAIRS = 20  # pairs listed per group in the report (a group of k identical images has k - 1)
+# validate's embedding pass: rows (path, sha256 columns) -> their embeddings (components/modeling/embeddings.py)
+Embedder = Callable[[pd.DataFrame], embedding_search.Embeddings]
 QUARANTINE_COLUMNS = ["path", "label", "split", "checks", "reason"]
 # Labels and file names come from the source: plain text, so a '$' in one is not matplotlib mathtext (or LaTeX).
 PLAIN_TEXT = {"parse_math": False, "usetex": False}
@@ -128,19 +134,47 @@ def check(
     limits: ImageLimits,
     cache_path: str | Path | None,
     picture_path: str | Path | None = None,
+    embed: Embedder | None = None,
 ) -> tuple[pd.DataFrame, NearDuplicateReport]:
-    """validate's one call: hash (cached), group, apply `validate.near_duplicates`, draw the top groups.
+    """validate's one call: hash (cached), embed, group, apply `validate.near_duplicates`, draw the top groups.
 
     `frame` holds the rows that passed the file checks (path, label, split, sha256 columns); policy `off`
-    returns it unchanged with an empty report.
+    returns it unchanged with an empty report. With `config.embeddings` and an `embed` function, pairs of
+    close embeddings join the hash pairs (components/quality/embedding_search.py); each group lists its
+    pairs and the method that found each.
     """
     if config.policy == "off":
         return frame.copy(), NearDuplicateReport("off")
     hashes, decoded = fingerprints(frame, limits, cache_path)
-    kept, report = resolve(frame, find_groups(hashes, config.max_distance, decoded), config.policy)
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for a, b in zip(*find_pairs(hashes, config.max_distance, decoded)):
+        found[(min(a, b), max(a, b))] = {"methods": ["perceptual_hash"]}
+    if config.embeddings and embed is not None:
+        rows = np.flatnonzero(decoded)  # an image that cannot be decoded is not embedded either
+        a, b, cosine = embedding_search.near_pairs(embed(frame.iloc[rows]), config.min_cosine, config.simhash_radius)
+        for i, j, c in zip(rows[a].tolist(), rows[b].tolist(), cosine.tolist()):
+            entry = found.setdefault((i, j), {"methods": []})
+            entry["methods"].append("embedding")
+            entry["cosine"] = round(c, 4)
+    pairs = np.array(sorted(found), dtype=np.intp).reshape(-1, 2)
+    groups = connected_groups(len(frame), pairs[:, 0], pairs[:, 1])
+    kept, report = resolve(frame, groups, config.policy)
+    for group, entry in zip(groups, report.groups):
+        _describe_pairs(entry, frame, group, found)
     if picture_path is not None:
         plot_groups(frame, report, picture_path, limits)
     return kept, report
+
+
+def _describe_pairs(
+    entry: dict[str, Any], frame: pd.DataFrame, group: list[int], found: dict[tuple[int, int], dict[str, Any]]
+) -> None:
+    """Add the group's pairs (paths, the methods that found each, embedding cosine) and their methods."""
+    members = set(group)
+    pairs = [(ab, info) for ab, info in found.items() if ab[0] in members]
+    paths = frame["path"].tolist()
+    entry["found_by"] = sorted({m for _, info in pairs for m in info["methods"]})
+    entry["pairs"] = [{"a": paths[a], "b": paths[b], **info} for (a, b), info in pairs[:MAX_LISTED_PAIRS]]
 
 
 def plot_groups(
@@ -176,7 +210,7 @@ def plot_groups(
         axes[r][0].text(
             -0.1,
             0.5,
-            f"{group['kind']}\n{group.get('action', '')}",
+            f"{group['kind']}\n{group.get('action', '')}\n{'+'.join(group.get('found_by', []))}",
             transform=axes[r][0].transAxes,
             ha="right",
             va="center",

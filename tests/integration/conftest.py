@@ -16,7 +16,9 @@ TINY_SETTINGS = {
     # 112 px has no weights file of its own, so Keras takes the seeded 224 one (96/128/160/192 would download).
     "model": {"alpha": 0.35, "image_size": 112},
     "ingest": {"split": {"train": 0.5, "val": 0.25, "test": 0.25}},
-    "validate": {"min_images_per_class": 3, "max_bad_fraction": 0.2},
+    # Embedding near-duplicates off: a backbone pass in every validate would cost each integration test;
+    # tests/unit/test_near_duplicate_embeddings.py runs it.
+    "validate": {"min_images_per_class": 3, "max_bad_fraction": 0.2, "near_duplicates": {"embeddings": False}},
     "augment": {"preview_images": 4},
     "train_head": {"epochs": 30, "batch_size": 16, "augmented_copies": 1, "early_stopping_patience": 8},
     "finetune": {"epochs": 1, "batch_size": 16, "unfreeze_layers": 10, "warmup_epochs": 0},

@@ -190,7 +190,10 @@ def test_summary_names_each_failed_check_with_files_and_versions(defects):
 def test_fail_policy_exits_nonzero_listing_every_problem(defects, tmp_path: Path, capsys):
     run, _, _ = defects
     params = tmp_path / "params.yaml"
-    params.write_text("validate:\n  policy: fail\n  max_pixels: 20000\n  min_images_per_class: 5\n")
+    params.write_text(
+        "validate:\n  policy: fail\n  max_pixels: 20000\n  min_images_per_class: 5\n"
+        "  near_duplicates:\n    embeddings: false\n"
+    )
     out = tmp_path / "validated.csv"
     code = validate.main(
         [
@@ -296,7 +299,7 @@ def test_hymenoptera_keeps_its_split_and_quarantines_the_placeholder_gif(tmp_pat
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"{HYMENOPTERA} not found")
     before = tree_digest(HYMENOPTERA)
-    run = ingest_and_validate(HYMENOPTERA, tmp_path / "ws", ValidateConfig())
+    run = ingest_and_validate(HYMENOPTERA, tmp_path / "ws", validate_config(min_images_per_class=10))
     assert tree_digest(HYMENOPTERA) == before
     manifest = pd.read_csv(run.ingest.manifest_path, keep_default_na=False)
     from_val = manifest["path"].str.contains("/raw/val/")
@@ -413,7 +416,11 @@ def near_duplicate_source(root: Path) -> Path:
 
 
 def near_config(**near) -> ValidateConfig:
-    return validate_config(min_images_per_class=3, max_bad_fraction=0.2, near_duplicates=NearDuplicatesConfig(**near))
+    return validate_config(
+        min_images_per_class=3,
+        max_bad_fraction=0.2,
+        near_duplicates=NearDuplicatesConfig(**{"embeddings": False, **near}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -495,7 +502,8 @@ def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(nea
     ]
     params = tmp_path / "params.yaml"
     params.write_text(
-        "validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n  near_duplicates:\n    policy: fail\n"
+        "validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n"
+        "  near_duplicates:\n    policy: fail\n    embeddings: false\n"
     )
     code = validate.main(["--params", str(params), *args])
     text = capsys.readouterr().out
@@ -504,7 +512,9 @@ def test_near_duplicate_fail_policy_exits_2_and_the_report_prints_the_counts(nea
         "leak: near-duplicates in splits train, val" in line and "leak_small.jpg" in line for line in text.splitlines()
     )
     assert "near-duplicates (fail): 2 group(s) of 4 images: 1 across splits" in text
-    params.write_text("validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n")
+    params.write_text(
+        "validate:\n  min_images_per_class: 3\n  max_bad_fraction: 0.2\n  near_duplicates:\n    embeddings: false\n"
+    )
     assert validate.main(["--params", str(params), *args]) == 0
     assert "1 across splits (1 image(s) moved), 1 under 2+ labels (2 quarantined)" in capsys.readouterr().out
 

@@ -1,0 +1,117 @@
+"""Near-duplicates by backbone embeddings (issue 24): crops and small rotations the perceptual hashes miss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components.core.hashing import file_sha256
+from components.core.stage_config import NearDuplicatesConfig, ValidateConfig
+from components.ingestion.images import ImageLimits
+from components.quality import embedding_search as es
+from components.quality import near_duplicates
+from tests.conftest import FLOWERS
+from tests.modelkit import tiny_params
+
+LIMITS = ImageLimits.from_config(ValidateConfig())
+# A daisy whose 10% border crop and 5-degree rotation no perceptual hash pairs (checked below), and two other photos.
+PHOTO, OTHERS = (
+    "daisy/10172636503_21bededa75_n.jpg",
+    ["daisy/100080576_f52e8ee070_n.jpg", "roses/102501987_3cdb8e5394_n.jpg"],
+)
+
+
+def test_simhash_multi_index_finds_exactly_the_brute_force_cosine_pairs():
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((1500, 48)).astype(np.float32)
+    originals, copies = rng.choice(1500, size=(2, 60), replace=False)
+    for k, (o, c) in enumerate(zip(originals, copies)):  # near copies from cosine ~0.99 down to ~0.9
+        noise = rng.standard_normal(48).astype(np.float32)
+        vectors[c] = vectors[o] / np.linalg.norm(vectors[o]) + (0.1 + 0.4 * k / 60) * noise / np.linalg.norm(noise)
+    expected_a, expected_b = es.exhaustive_pairs(vectors, 0.92)
+    expected = set(zip(expected_a.tolist(), expected_b.tolist()))
+    assert len(expected) > 30  # the threshold cuts through the planted pairs: some in, some out
+    for parts in (None, 4, 6):  # the cost model's plan, and the multi-index forced at two chunkings
+        a, b, cosine = es.near_pairs(es.ArrayEmbeddings(vectors, block=256), 0.92, 12, parts)
+        assert set(zip(a.tolist(), b.tolist())) == expected
+        assert np.all(cosine >= 0.92)
+    assert es.miss_probability(0.92, 12) < 1e-4 < es.miss_probability(0.92, 8)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The photo in train, its 10% border crop in val, its 5-degree rotation in test, two distinct photos."""
+    if not FLOWERS.is_dir():
+        pytest.skip(f"{FLOWERS} not found")
+    folder = tmp_path_factory.mktemp("planted")
+    with Image.open(FLOWERS / PHOTO) as opened:
+        photo = opened.convert("RGB")
+    w, h = photo.size
+    photo.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(folder / "crop.jpg", quality=90)
+    photo.rotate(5, resample=Image.Resampling.BICUBIC).save(folder / "rotated.jpg", quality=90)
+    paths = [FLOWERS / PHOTO, folder / "crop.jpg", folder / "rotated.jpg", *(FLOWERS / p for p in OTHERS)]
+    return pd.DataFrame(
+        {
+            "path": [str(p) for p in paths],
+            "label": ["daisy"] * 4 + ["roses"],
+            "split": ["train", "val", "test", "train", "val"],
+            "sha256": [file_sha256(p) for p in paths],
+        }
+    )
+
+
+class CountingEmbedder:
+    """validate's embedding pass on the 64 px test backbone (Keras: no ONNX export).
+
+    Counts the backbone passes: each writes one cache chunk."""
+
+    def __init__(self, cache: Path, alpha: float = 0.35) -> None:
+        self.cache, self.model, self.passes = cache, tiny_params(model={"alpha": alpha}).model, 0
+
+    def __call__(self, rows: pd.DataFrame) -> es.Embeddings:
+        from components.modeling import embeddings
+
+        before = sum(1 for _ in (self.cache).glob("*/*.keys.npy"))
+        out = embeddings.embed_frame(rows, self.model, LIMITS, self.cache, self.cache / "onnx", engine="keras")
+        self.passes += sum(1 for _ in (self.cache).glob("*/*.keys.npy")) - before
+        return out
+
+
+def test_a_crop_and_a_rotation_across_splits_are_grouped_by_embeddings_not_by_hashes(planted, tmp_path: Path):
+    # 0.9: the 64 px test backbone's copies sit at 0.91-0.93, its distinct photos below 0.65
+    config = NearDuplicatesConfig(min_cosine=0.9)
+    hashes_only, report = near_duplicates.check(planted, config.model_copy(update={"embeddings": False}), LIMITS, None)
+    assert report.groups == [] and hashes_only["split"].tolist() == planted["split"].tolist()
+
+    embed = CountingEmbedder(tmp_path / "embeddings")
+    kept, report = near_duplicates.check(planted, config, LIMITS, None, tmp_path / "picture.png", embed=embed)
+    (group,) = report.groups  # the three copies, not the distinct photos
+    assert sorted(m["path"] for m in group["members"]) == sorted(planted["path"][:3])
+    assert group["kind"] == "cross_split" and group["found_by"] == ["embedding"]
+    assert all(p["methods"] == ["embedding"] and p["cosine"] >= 0.9 for p in group["pairs"])
+    assert kept["split"][:3].nunique() == 1 and kept["split"][3:].tolist() == ["train", "val"]
+    assert (tmp_path / "picture.png").is_file()
+
+    # Rerun: every embedding comes from the cache; another model is another cache entry.
+    assert embed.passes == 1
+    near_duplicates.check(planted, config, LIMITS, None, embed=embed)
+    assert embed.passes == 1
+    other = CountingEmbedder(tmp_path / "embeddings", alpha=0.5)
+    near_duplicates.check(planted, config, LIMITS, None, embed=other)
+    assert other.passes == 1 and len(list((tmp_path / "embeddings").glob("*/*.keys.npy"))) == 2
+
+
+def test_the_embedding_cache_skips_a_damaged_chunk_and_recomputes_it(planted, tmp_path: Path):
+    from components.modeling import embeddings
+
+    cache = embeddings.EmbeddingCache(tmp_path / "key")
+    cache.write_chunk(["a", "b"], np.ones((2, 3), np.float32))
+    assert set(embeddings.EmbeddingCache(tmp_path / "key").where) == {"a", "b"}
+    (tmp_path / "key" / next(p.name for p in (tmp_path / "key").glob("*.npy") if ".keys" not in p.name)).write_bytes(
+        b"not numpy"
+    )
+    assert embeddings.EmbeddingCache(tmp_path / "key").where == {}
