@@ -94,7 +94,7 @@ class NearDuplicatesConfig(Section):
         "and small rotations the hashes miss; one cached backbone pass per new image.",
     )
     min_cosine: float = Field(
-        0.92, gt=0, le=1, description="Smallest cosine similarity of two embeddings that pairs them."
+        0.93, gt=0, le=1, description="Smallest cosine similarity of two embeddings that pairs them."
     )
     simhash_radius: int = Field(
         12, ge=0, le=32, description="Largest Hamming distance between 64-bit SimHashes of embeddings searched."

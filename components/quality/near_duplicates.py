@@ -2,9 +2,13 @@
 
 Each image gets a perceptual fingerprint (components/quality/perceptual_hashes.py: phash and dhash of a thumbnail
 and of its mirror image, cached by content hash); images within `validate.near_duplicates.max_distance`
-bits on both hashes are grouped (components/quality/hamming_search.py: an exact sub-quadratic search).
+bits on both hashes are paired (components/quality/hamming_search.py: an exact sub-quadratic search).
+With `validate.near_duplicates.embeddings`, images whose frozen-backbone embeddings have cosine similarity
+of at least `min_cosine` are paired too (components/quality/embedding_search.py; validate computes the
+embeddings): they see crops and small rotations the hashes miss, the hashes see downscaled copies they miss.
 
-Groups are the connected components of "within max_distance" pairs. `resolve` applies the policy:
+Groups are the connected components of the pairs of both methods (each pair in the report names its
+method). `resolve` applies the policy:
   different labels         -> every member quarantined as a label conflict (as exact duplicates are);
   more than one split      -> a leak: `move` puts every member in the split of the member with the
                               smallest content hash (deterministic, independent of row order),

@@ -8,8 +8,9 @@ those resized to 50% or 25% and re-encoded at JPEG quality 30, about a third of 
 heavier crop, with no false pair; over all 6.7M pairs of flower_photos it paired one image across
 labels, a true duplicate. phash alone at 10 paired 10 across labels (flowers centred on a dark
 background look alike to it); requiring dhash to agree removes those. Backbone-embedding cosine
-similarity catches crops but misses downscaled copies and needs a model pass in validate, so it is
-not used here. Hashes are computed once per image and cached by the manifest's sha256 column.
+similarity catches some crops and rotations but misses downscaled copies: validate runs it beside these
+hashes (components/quality/embedding_search.py). Hashes are computed once per image and cached by the
+manifest's sha256 column.
 
 Mirror images: each image is also hashed as its horizontally mirrored thumbnail (same decode), and a
 pair counts when the direct hashes, or one image's mirror hashes against the other's direct hashes, are
