@@ -115,3 +115,43 @@ def test_the_embedding_cache_skips_a_damaged_chunk_and_recomputes_it(planted, tm
         b"not numpy"
     )
     assert embeddings.EmbeddingCache(tmp_path / "key").where == {}
+
+
+def test_validate_runs_the_embedding_pass_of_the_model_section_and_moves_the_pair(tmp_path: Path, monkeypatch):
+    """run_validate's wiring: the `model:` backbone, the workspace caches, the pair moved; the pass faked (no model)."""
+    from components import validate
+    from components.core.config import Params
+    from components.core.paths import IngestPaths, ValidatePaths
+    from components.ingest import run_ingest
+    from components.modeling import embeddings
+    from tests.datakit import ingest_params, make_classes, validate_config
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    source = tmp_path / "src"
+    for split, seed in (("train", 0), ("val", 5000), ("test", 7000)):
+        make_classes(source / split, {"a": 3, "b": 3}, start_seed=seed)
+    calls = []
+
+    def fake_embed_frame(rows, model, limits, cache_dir, onnx_dir, engine="auto"):
+        calls.append((model, Path(cache_dir), Path(onnx_dir)))
+        names = [Path(p).parent.parent.name + "/" + Path(p).name for p in rows["path"]]
+        vectors = np.eye(len(rows), dtype=np.float32)  # every image its own direction...
+        vectors[names.index("val/a_000.jpg")] = vectors[names.index("train/a_000.jpg")]  # ...but this pair
+        return es.ArrayEmbeddings(vectors)
+
+    monkeypatch.setattr(embeddings, "embed_frame", fake_embed_frame)
+    config = validate_config(min_images_per_class=3, near_duplicates=NearDuplicatesConfig())
+    params = Params(validate=config, model=tiny_params().model)
+    ws = tmp_path / "ws"
+    ingested = run_ingest(ingest_params(source, config), IngestPaths().under(ws))
+    paths = ValidatePaths(
+        manifest=ingested.manifest_path,
+        ingest_report=ws / "reports" / "ingest.json",
+        out_manifest=ws / "data" / "validated.csv",
+        report_dir=ws / "reports" / "validation",
+    )
+    result = validate.run_validate(params, paths)
+    assert calls == [(params.model, tmp_path / validate.EMBEDDING_CACHE, tmp_path / validate.ONNX_CACHE)]
+    assert result.passed and result.near_duplicates["cross_split"] == 1 and result.near_duplicates["moved_images"] == 1
+    (group,) = validate.files.read_json(result.summary_path)["near_duplicates"]["groups"]
+    assert group["found_by"] == ["embedding"] and group["pairs"][0]["cosine"] == 1.0
