@@ -1,0 +1,87 @@
+"""The scale benchmark's image sets and fits (benchmarks/scale.py), without running a stage."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import scale
+from benchmarks.scale_images import available, list_photos, make_image_set
+
+PHOTOS_PER_CLASS = 3
+
+
+def digests(root: Path) -> dict[str, str]:
+    found = [p for p in root.rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in found}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "source"
+    for label in ("daisy", "roses"):
+        (root / label).mkdir(parents=True)
+        for i in range(PHOTOS_PER_CLASS):
+            pixels = rng.integers(0, 256, size=(36, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{label}{i}.jpg", quality=95)
+    return root
+
+
+def test_every_view_is_a_distinct_file_of_its_photos_class(source: Path, tmp_path: Path) -> None:
+    before = digests(source)
+    count = available(list_photos(source))  # originals, 4 quadrants and 9 grid cells of each photo
+    assert count == 2 * PHOTOS_PER_CLASS * 14
+    make_image_set(source, tmp_path / "set", count)
+    made = digests(tmp_path / "set")
+    assert len(made) == count and len(set(made.values())) == count  # distinct bytes, none overwritten
+    for name in made:
+        label, file = name.split("/")
+        assert file.split("_g")[0].removesuffix(".jpg") in {p.stem for p in (source / label).iterdir()}
+    assert digests(source) == before  # the source is only read
+    assert set(made.values()) >= set(before.values())  # the originals are in the set, as they were
+
+
+def test_a_smaller_set_is_the_start_of_a_larger_one(source: Path, tmp_path: Path) -> None:
+    make_image_set(source, tmp_path / "small", 10)
+    make_image_set(source, tmp_path / "large", 20)
+    small, large = digests(tmp_path / "small"), digests(tmp_path / "large")
+    assert len(small) == 10 and small.items() <= large.items()
+    assert {name.split("/")[0] for name in small} == {"daisy", "roses"}  # the crops are spread over the classes
+
+
+def test_the_set_is_never_written_into_the_source_and_not_beyond_it(source: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="outside the source"):
+        make_image_set(source, source / "daisy" / "more", 6)
+    with pytest.raises(ValueError, match="available"):
+        make_image_set(source, tmp_path / "set", 2 * PHOTOS_PER_CLASS * 14 + 1)
+    assert not (source / "daisy" / "more").exists() and not (tmp_path / "set").exists()
+
+
+def test_the_fit_recovers_a_known_exponent_and_extrapolates_along_it() -> None:
+    images = [3670.0, 18000.0, 37000.0]
+    seconds = [0.002 * n**1.3 for n in images]
+    assert scale.growth_exponent(images, seconds) == pytest.approx(1.3, abs=1e-9)
+    linear = [5.0 + 0.01 * n for n in images]  # 5 s start-up, then 100 images/s
+    assert scale.fixed_seconds(images, linear) == pytest.approx(5.0)
+    one = scale.extrapolate(images, linear, 1.0, 1_000_000)
+    assert one == pytest.approx(5.0 + 0.01 * 1_000_000)
+    assert scale.extrapolate(images, linear, 1.0, 1_000_000, workers=4) == pytest.approx(5.0 + 0.01 * 250_000)
+
+
+def test_targets_are_marked_from_the_measured_numbers() -> None:
+    def size(n: int, head_s: float, head_rss: float) -> dict:
+        flat = {"seconds": n / 100, "peak_rss_mb": 300.0}
+        stages = {stage: dict(flat) for stage in scale.STAGES}
+        stages["train_head"] = {"seconds": head_s, "peak_rss_mb": head_rss}
+        return {"images": n, "stages": stages}
+
+    summary = scale.summarize([size(1000, 10.0, 1000.0), size(4000, 80.0, 1500.0)])  # k = 1.5, memory x1.5
+    assert summary["ingest"]["exponent_met"] and summary["ingest"]["memory_met"]
+    assert summary["train_head"]["exponent"] == pytest.approx(1.5, abs=0.01)
+    assert not summary["train_head"]["exponent_met"] and not summary["train_head"]["memory_met"]
+    assert "exponent_met" not in summary["augment"]  # no target
