@@ -30,9 +30,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -46,28 +47,60 @@ STAGES = ("ingest", "validate", "augment", "train_head")
 TARGET_STAGES = ("ingest", "validate", "train_head")  # augment writes 16 previews: no size in it
 MAX_EXPONENT, MAX_MEMORY_RATIO = 1.1, 1.2
 EXTRAPOLATE_TO, WORKERS = 1_000_000, (4, 16)
+SIZES = (3670, 18000, 37000)
 DRY_SIZES, DRY_PHOTOS_PER_CLASS = (60, 120), 6
 DRY_SETTINGS = {"validate": {"min_images_per_class": 3}}  # 60 images hold few of some classes
-LABEL_ISSUES_LINE = re.compile(r"label issues: folds: (\d+)/(\d+) folds \((\d+) s\)")
+# train_head's log lines (components/modeling/feature_cache.py, components/modeling/data_checks.py)
+ENGINE_LINE = re.compile(r"features: (\w+), \d+ replica")
+FEATURES_LINE = re.compile(r"features: \d+ images")
+LABEL_ISSUES_LINE = re.compile(r"label issues: \d+ suspect.*, ([\d.]+) s$")
 
 
 def run_stage(workspace: Path, stage: str, log: Path) -> dict[str, Any]:
-    """`dvc repro --single-item stage`: wall seconds and the peak RSS (MB) of its process tree's largest process."""
+    """`dvc repro --single-item stage`: wall seconds and the peak RSS (MB) of its process tree's largest process.
+
+    Every output line goes to `log` prefixed with the seconds since the start (the stage's phases are read
+    from it); the child is unbuffered so that the stamps are when a line was printed.
+    """
     started = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage],
-            cwd=workspace,
-            env=tool_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage],
+        cwd=workspace,
+        env={**tool_env(), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    writer = threading.Thread(target=_stamp_lines, args=(proc.stdout, log, started))
+    writer.start()
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    writer.join()
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed (exit {proc.returncode}), log: {log}\n{log.read_text()[-3000:]}")
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _stamp_lines(stream: IO[bytes], log: Path, started: float) -> None:
+    with log.open("w") as out:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n").split("\r")[-1]  # a progress bar's last state
+            out.write(f"{time.perf_counter() - started:8.1f} {line}\n")
+    stream.close()
+
+
+def head_phases(log: Path) -> dict[str, float | None]:
+    """Seconds of train_head's frozen-feature pass (the first 'features: N images' line to the engine's last
+    progress line) and of its label-issue check (its own summary line), from the stamped log."""
+    stamped = [(float(line[:8]), line[9:]) for line in log.read_text().splitlines() if line[:8].strip()]
+    engine = next((m.group(1) for _, text in stamped if (m := ENGINE_LINE.match(text))), None)
+    starts = [t for t, text in stamped if FEATURES_LINE.match(text)]
+    ends = [t for t, text in stamped if engine and text.startswith(f"{engine}:")]
+    took = [float(m.group(1)) for _, text in stamped if (m := LABEL_ISSUES_LINE.search(text))]
+    return {
+        "feature_pass_s": round(ends[-1] - starts[0], 1) if starts and ends else None,
+        "label_issues_s": took[-1] if took else None,
+    }
 
 
 def stage_facts(workspace: Path, stage: str, log: Path) -> dict[str, Any]:
@@ -96,7 +129,10 @@ def _rows(csv: Path) -> int:
         return sum(1 for _ in handle) - 1
 
 
-def run_size(count: int, source: Path, work: Path, settings: dict[str, Any], photos_per_class: int | None) -> dict:
+def run_size(
+    count: int, source: Path, work: Path, settings: dict[str, Any], photos_per_class: int | None, logs: Path | None
+) -> dict:
+    """One image set in its own temporary folder and workspace, each stage run and measured; the folder goes after."""
     root = Path(tempfile.mkdtemp(prefix=f"scale-{count}-", dir=work))
     try:
         started = time.perf_counter()
@@ -109,6 +145,9 @@ def run_size(count: int, source: Path, work: Path, settings: dict[str, Any], pho
             stages[stage] = {**run_stage(workspace, stage, log), **stage_facts(workspace, stage, log)}
             stages[stage]["images_per_s"] = round(count / stages[stage]["seconds"], 1)
             print(f"{count} images, {stage}: {stages[stage]}", flush=True)
+            if logs:
+                logs.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, logs / f"{count}_{stage}.log")
         return {"images": count, "make_images_s": round(made, 1), "load_after": _load(), "stages": stages}
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -225,8 +264,13 @@ def _notes(stage: str, row: dict) -> str:
             f"near-duplicates ({nd['policy']}): {nd['groups']} groups of {nd['images_in_groups']} images, "
             f"{nd['moved_images']} moved; {row['passed']} passed"
         )
-    if stage == "train_head" and row.get("label_issues_s") is not None:
-        return f"label issues {row['label_issues_s']} s ({100 * row['label_issues_s'] / row['seconds']:.0f}%)"
+    if stage == "train_head":
+        shares = [
+            f"{name} {row[key]} s ({100 * row[key] / row['seconds']:.0f}%)"
+            for name, key in (("feature pass", "feature_pass_s"), ("label issues", "label_issues_s"))
+            if row.get(key) is not None
+        ]
+        return ", ".join(shares)
     return ""
 
 
@@ -271,18 +315,19 @@ def _load() -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="3670,18000,37000", help="image counts, comma-separated")
+    parser.add_argument("--sizes", default=None, help="image counts, comma-separated (default 3670,18000,37000)")
     parser.add_argument("--source", type=Path, default=SOURCE, help="class folders of photos (only read)")
     parser.add_argument("--head-epochs", type=int, default=3, help="train_head.epochs cap (the head fit is not timed)")
     parser.add_argument("--dry-run", action="store_true", help=f"sizes {DRY_SIZES}, results in a temporary folder")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix (default: results/scale)")
+    parser.add_argument("--logs", type=Path, default=None, help="keep each stage's stamped log in this folder")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the per-size temporary folders go")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sizes = list(DRY_SIZES) if args.dry_run else [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(DRY_SIZES if args.dry_run else SIZES)
     photos_per_class = DRY_PHOTOS_PER_CLASS if args.dry_run else None
     out = args.out or (Path(tempfile.mkdtemp(prefix="scale-dry-")) / "scale" if args.dry_run else RESULTS / "scale")
     settings: dict[str, Any] = {"train_head": {"epochs": args.head_epochs}, **(DRY_SETTINGS if args.dry_run else {})}
@@ -299,10 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "sizes": [],
     }
+    work = args.work_dir or Path(tempfile.gettempdir())
     for count in sorted(sizes):
-        result["sizes"].append(
-            run_size(count, args.source, args.work_dir or Path(tempfile.gettempdir()), settings, photos_per_class)
-        )
+        result["sizes"].append(run_size(count, args.source, work, settings, photos_per_class, args.logs))
         write_results(result, out)
     print(table(result))
     print(f"results: {out.with_suffix('.md')}")

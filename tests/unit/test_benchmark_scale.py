@@ -85,3 +85,20 @@ def test_targets_are_marked_from_the_measured_numbers() -> None:
     assert summary["train_head"]["exponent"] == pytest.approx(1.5, abs=0.01)
     assert not summary["train_head"]["exponent_met"] and not summary["train_head"]["memory_met"]
     assert "exponent_met" not in summary["augment"]  # no target
+
+
+def test_the_feature_pass_and_label_issue_times_are_read_from_the_stamped_log(tmp_path: Path) -> None:
+    log = tmp_path / "train_head.log"
+    lines = [
+        (0.8, "Running stage 'train_head':"),
+        (18.8, "features: onnxruntime, 1 replica(s) (ONNX Runtime, 2 threads, x.onnx)"),
+        (19.0, "features: 36 images, as is"),
+        (25.5, "onnxruntime: 100%|##########| 2/2 [00:06<00:00,  3.16batch/s]"),
+        (25.6, "features: 6 images, as is"),
+        (31.0, "onnxruntime: 100%|##########| 1/1 [00:05<00:00, 18.96batch/s]"),
+        (33.3, "label issues: folds: 5/5 folds (2 s)"),
+        (33.4, "label issues: 3 suspect(s) (1 val, 1 test, 1 train), 0 training image(s) excluded, 2.3 s"),
+        (34.0, "Epoch 1/3"),
+    ]
+    log.write_text("".join(f"{t:8.1f} {text}\n" for t, text in lines))
+    assert scale.head_phases(log) == {"feature_pass_s": 12.0, "label_issues_s": 2.3}
