@@ -116,11 +116,7 @@ def stage_facts(workspace: Path, stage: str, log: Path) -> dict[str, Any]:
             "near_duplicates": {"policy": nd["policy"], **nd.get("counts", {})},
         }
     if stage == "train_head":
-        found = LABEL_ISSUES_LINE.findall(log.read_text())
-        return {
-            "images": _rows(workspace / "data/validated.csv"),
-            "label_issues_s": int(found[-1][2]) if found else None,
-        }
+        return {"images": _rows(workspace / "data/validated.csv"), **head_phases(log)}
     return {}
 
 

@@ -101,4 +101,7 @@ def test_the_feature_pass_and_label_issue_times_are_read_from_the_stamped_log(tm
         (34.0, "Epoch 1/3"),
     ]
     log.write_text("".join(f"{t:8.1f} {text}\n" for t, text in lines))
-    assert scale.head_phases(log) == {"feature_pass_s": 12.0, "label_issues_s": 2.3}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "validated.csv").write_text("path,label,split\na.jpg,x,train\nb.jpg,y,val\n")
+    facts = scale.stage_facts(tmp_path, "train_head", log)
+    assert facts == {"images": 2, "feature_pass_s": 12.0, "label_issues_s": 2.3}
