@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from benchmarks import scale
 from benchmarks.scale_images import available, list_photos, make_image_set
+from benchmarks.workspace import git
 
 PHOTOS_PER_CLASS = 3
 
@@ -85,6 +87,38 @@ def test_targets_are_marked_from_the_measured_numbers() -> None:
     assert summary["train_head"]["exponent"] == pytest.approx(1.5, abs=0.01)
     assert not summary["train_head"]["exponent_met"] and not summary["train_head"]["memory_met"]
     assert "exponent_met" not in summary["augment"]  # no target
+    assert summary["train_head"]["memory_of"] == "process tree with dvc"
+
+
+def test_memory_is_judged_on_the_stage_process_where_it_was_measured() -> None:
+    def size(n: int, stage_rss: float, tree_rss: float) -> dict:
+        row = {"seconds": n / 100, "stage_rss_mb": stage_rss, "peak_rss_mb": tree_rss}
+        return {"images": n, "stages": {"ingest": dict(row), "validate": dict(row)}}
+
+    summary = scale.summarize([size(1000, 100.0, 150.0), size(4000, 110.0, 300.0)])  # dvc grew, the stage did not
+    assert set(summary) == {"ingest", "validate"}  # stages not run are left out
+    assert summary["ingest"]["memory_ratio"] == pytest.approx(1.1) and summary["ingest"]["memory_met"]
+    assert summary["ingest"]["tree_memory_ratio"] == pytest.approx(2.0)
+
+
+def test_each_stage_command_is_wrapped_to_record_its_own_peak_memory(tmp_path: Path) -> None:
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    stages = {name: {"cmd": f"python -m components.{name} --x y"} for name in ("ingest", "validate")}
+    (workspace / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    git(workspace, "init", "-q")
+    git(workspace, "config", "user.email", "bench@transfer-pipeline.local")
+    git(workspace, "config", "user.name", "transfer-pipeline")
+    git(workspace, "add", "-A")
+    git(workspace, "commit", "-qm", "workspace")
+    scale.wrap_commands(workspace, ("ingest",), tmp_path)
+    spec = yaml.safe_load((workspace / "dvc.yaml").read_text())
+    cmds = {name: stage["cmd"] for name, stage in spec["stages"].items()}
+    assert cmds["ingest"] == f"/usr/bin/time -f %M -o {tmp_path / 'ingest.rss'} python -m components.ingest --x y"
+    assert cmds["validate"] == "python -m components.validate --x y"
+    assert not git(workspace, "status", "--porcelain")  # committed, as a user's change would be
+    (tmp_path / "ingest.rss").write_text("Command exited with non-zero status 1\n204800\n")
+    assert scale._stage_rss(tmp_path, "ingest") == 200.0
 
 
 def test_the_feature_pass_and_label_issue_times_are_read_from_the_stamped_log(tmp_path: Path) -> None:
