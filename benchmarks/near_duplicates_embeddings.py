@@ -233,13 +233,37 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.near_duplicates_embeddings")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.near_duplicates_embeddings",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--per-class", type=int, default=4, help="originals per class that get planted copies")
-    parser.add_argument("--planted", default="/tmp/near_duplicates_planted")
-    parser.add_argument("--cache", default="/tmp/near_duplicates_embeddings", help="emptied first: a full pass")
-    parser.add_argument("--min-cosine", type=float, default=NearDuplicatesConfig().min_cosine)
-    parser.add_argument("--max-bits", type=int, default=NearDuplicatesConfig().simhash_radius)
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.85, 0.88, 0.9, 0.92, 0.93, 0.94])
+    parser.add_argument("--planted", default="/tmp/near_duplicates_planted", help="folder the planted copies go into")
+    parser.add_argument(
+        "--cache",
+        default="/tmp/near_duplicates_embeddings",
+        help="embedding cache for this benchmark only: emptied first, so the pass is timed from scratch",
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        default=NearDuplicatesConfig().min_cosine,
+        help="cosine that makes a pair (default: validate.near_duplicates.min_cosine)",
+    )
+    parser.add_argument(
+        "--max-bits",
+        type=int,
+        default=NearDuplicatesConfig().simhash_radius,
+        help="SimHash search radius in bits (default: validate.near_duplicates.simhash_radius)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[0.85, 0.88, 0.9, 0.92, 0.93, 0.94],
+        help="cosine thresholds reported side by side",
+    )
     return parser
 
 
