@@ -129,6 +129,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 linestyle="none",
             )
     left.set(xscale="log", xlabel="flower_photos: training images per class given", ylabel="final test accuracy")
+    if flowers:  # ticks at the sizes run, not at powers of ten
+        given = [r["images_per_class_given"] for r in flowers]
+        left.set_xticks(given, [f"{g:g}" for g in given])
+        left.minorticks_off()
     left.set_title("flower_photos (5 classes)")
     left.grid(alpha=0.3, which="both")
     left.legend(loc="lower right")
