@@ -24,7 +24,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install install-unlocked lock lint docs format keras-home test-py312 test-unit-fast benchmark-checks run test test-fast benchmark benchmark-scale soak e2e-loopback mlflow-ui
+.PHONY: install install-unlocked lock lint docs format keras-home test-py312 test-unit-fast benchmark-checks run test test-fast benchmark benchmark-sizes benchmark-scale soak e2e-loopback mlflow-ui
 
 # The environment is the lock, not whatever the index serves today: requirements/dev-$(TF_EXTRA).lock
 # (hashed, x86_64 Linux, Python 3.11) is synced exactly (packages not in it are removed), then the
@@ -106,6 +106,11 @@ test-fast: install keras-home
 # Results land in benchmarks/results/$(NAME).{json,md} and $(NAME)_curves.png
 benchmark: install keras-home
 	$(BIN)/python -m benchmarks.run $(if $(SOURCE),--source $(SOURCE)) $(if $(NAME),--name $(NAME)) $(ARGS)
+
+# Accuracy against data size: pipeline vs careful baseline vs linear probe (benchmarks/results/sizes.{json,md,png});
+# SIZES=20,50 or ONLY=flowers|hymenoptera reruns part of it (rows merge into sizes.json)
+benchmark-sizes: install keras-home
+	$(BIN)/python -m benchmarks.sizes $(if $(SIZES),--sizes $(SIZES)) $(if $(ONLY),--only $(ONLY)) $(ARGS)
 
 # ingest, validate and train_head on ~3.7k, 18k and 37k distinct images: benchmarks/results/scale.{json,md,png}
 benchmark-scale: install keras-home

@@ -94,7 +94,7 @@ def split_arrays(workspace: Path, split_name: str, classes: list[str], size: int
 def _load(model_path: Path) -> tuple[Any, list[str], int]:
     import keras
 
-    from components import backbones  # noqa: F401  (registers custom layers
+    from components.modeling import backbones  # noqa: F401  (registers custom layers)
 
     model = keras.models.load_model(model_path)
     classes = json.loads((model_path.parent / "classes.json").read_text())
