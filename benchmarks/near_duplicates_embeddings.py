@@ -57,13 +57,7 @@ def planted_copy(img: Image.Image, kind: str) -> tuple[Image.Image, int]:
         return img.crop((0, 0, w - w // 10, h - h // 10)), 90
     if kind == "rotate_5":
         return img.rotate(5, resample=Image.Resampling.BICUBIC), 90
-    if kind == "resize_50":
-        return img.resize((w // 2, h // 2), Image.Resampling.LANCZOS), 90
-    if kind == "resize_25":
-        return img.resize((max(32, w // 4), max(32, h // 4)), Image.Resampling.LANCZOS), 90
-    if kind == "jpeg_q30":
-        return img, 30
-    raise ValueError(kind)
+    return dq_sets.make_variant(img, kind)  # resized and re-encoded copies: the data-quality benchmark's own
 
 
 def plant(originals: pd.DataFrame, folder: Path, per_class: int) -> pd.DataFrame:
