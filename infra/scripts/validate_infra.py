@@ -103,22 +103,28 @@ def python_kustomize(infra: Path) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- schema
-def schema_errors(docs: Iterable[dict[str, Any]], label: str) -> list[str]:
-    """kubernetes-validate --strict on these documents."""
+def schema_errors(labelled_docs: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
+    """kubernetes-validate --strict on each (label, documents) set, in one validator process (each start
+    costs a Python interpreter); every line it prints names its file, which is put back as the label."""
     validator = tool("kubernetes-validate")
     if not validator:
         return ["kubernetes-validate is not installed (pip install kubernetes-validate)"]
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump_all(list(docs), handle)
-        path = handle.name
-    try:
-        done = subprocess.run([validator, "--strict", "--quiet", path], capture_output=True, text=True, timeout=300)
-    finally:
-        Path(path).unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        labels: dict[str, str] = {}
+        for index, (label, docs) in enumerate(labelled_docs):
+            path = Path(tmp) / f"set{index}.yaml"
+            path.write_text(yaml.safe_dump_all(docs))
+            labels[str(path)] = label
+        done = subprocess.run([validator, "--strict", "--quiet", *labels], capture_output=True, text=True, timeout=300)
     if done.returncode == 0:
         return []
-    lines = [line.replace(path, label) for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    return lines or [f"{label}: kubernetes-validate exited {done.returncode}"]
+    lines = []
+    for line in (done.stdout + done.stderr).splitlines():
+        for path, label in labels.items():
+            line = line.replace(path, label)
+        if line.strip():
+            lines.append(line)
+    return lines or [f"kubernetes-validate exited {done.returncode}"]
 
 
 # --------------------------------------------------------------------------- compose
@@ -280,11 +286,15 @@ def validate(infra: Path) -> tuple[list[str], dict[str, Any]]:
         facts["kustomize"] = f"{how}: {len(docs)} documents"
     except ValueError as error:
         return [str(error)], facts
-    errors += schema_errors(docs, "kustomize build")
-    for path in sorted((infra / "k8s").glob("*.yaml")):
-        errors += schema_errors(
-            [d for d in yaml.safe_load_all(path.read_text()) if d], str(path.relative_to(infra.parent))
-        )
+    errors += schema_errors(
+        [
+            ("kustomize build", docs),
+            *(
+                (str(path.relative_to(infra.parent)), [d for d in yaml.safe_load_all(path.read_text()) if d])
+                for path in sorted((infra / "k8s").glob("*.yaml"))
+            ),
+        ]
+    )
     template = json.loads((infra / "work-pools" / "kubernetes-gpu.json").read_text())
     job = json.loads(json.dumps(template["job_configuration"]["job_manifest"]))
     defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
