@@ -66,12 +66,9 @@ def run_finetune(
     extra_callbacks: list[Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune models/head into `paths.out_dir`, resuming an interrupted run with the same inputs and params."""
-    import keras
-
     started = time.perf_counter()
     config, seed = params.finetune, params.project.seed
     classes, head_info = model_folder.read_model_info(paths.head_dir)
-    device = runtime.configure_devices(seed)
     frame = read_manifest(paths.manifest)
     excluded = label_issues.read_exclusions(paths.head_dir)  # suspect labels the head left out (action: exclude)
     kept = frame[~((frame["split"] == "train") & frame["path"].isin(excluded))]
@@ -87,6 +84,9 @@ def run_finetune(
     with tracking.stage_run(
         params.tracking, "finetune", {"head_run_id": head_info.run_id, "data_version": version}, run_id=previous_run
     ) as (client, run_id, experiment_id):  # ends FAILED on any error: the checkpoint stays, the next run resumes
+        import keras  # after the tracking server answered: an outage is reported before the ~10 s TensorFlow start
+
+        device = runtime.configure_devices(seed)
         checkpoint.start(run_id)
         plan = distribution.replica_plan(config.data_parallel)
         distribution.announce(plan, "finetune")

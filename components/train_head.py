@@ -41,21 +41,23 @@ class TrainHeadResult:
 
 def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
     """Train the head, save the full model dir, report curves, log one MLflow run (stage=train_head)."""
-    import keras
-
-    from components.modeling import backbones
-
     started = time.perf_counter()
-    device = runtime.configure_tensorflow(params.project.seed)
     inputs = HeadData.read(paths.manifest)
     h, m = params.train_head, params.model
-    model, _ = backbones.build_classifier(m, len(inputs.classes), h)
     version = hashing.manifest_version(paths.manifest)
+    # The tracking server is reached before TensorFlow is imported: a stage refused for an outage says so in
+    # a second or two, not after ten of start-up.
     with tracking.stage_run(params.tracking, "train_head", {"data_version": version}) as (
         client,
         run_id,
         experiment_id,
     ):
+        import keras
+
+        from components.modeling import backbones
+
+        device = runtime.configure_tensorflow(params.project.seed)
+        model, _ = backbones.build_classifier(m, len(inputs.classes), h)
         tracking.log_params(client, run_id, _logged_params(params, inputs, version, paths.policy))
         tracking.log_dataset(run_id, paths.manifest, inputs.frame, version, "training")
         callbacks = head_training.callbacks(params, client, run_id)

@@ -50,6 +50,21 @@ def stage_cmd(ws: Path, stage: str, **replace: str) -> list[str]:
     return cmd
 
 
+# Runs `python -m MODULE ARGS` and, at exit, writes which of the heavy frameworks the process imported.
+WATCH_IMPORTS = (
+    "import atexit, runpy, sys; marker = sys.argv.pop(1); module = sys.argv.pop(1); "
+    "atexit.register(lambda: open(marker, 'w').write(' '.join(sorted("
+    "{name.split('.')[0] for name in sys.modules} & {'tensorflow', 'keras', 'jax'})))); "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+
+
+def watching_imports(cmd: list[str], marker: Path) -> list[str]:
+    """A stage command (`python -m components.X ...`) that also records its heavy imports in `marker`."""
+    assert cmd[1] == "-m", cmd
+    return [cmd[0], "-c", WATCH_IMPORTS, str(marker), *cmd[2:]]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -81,18 +96,10 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     facts["evaluate_down"] = run([dvc, "repro"], ws, env)
     facts["model_sha_after_outage"] = sha256(ws / "models" / "finetune" / "model.keras")
     down = root / "down"
-    facts["train_head_down"] = run(
-        stage_cmd(ws, "train_head", **{"--out-dir": str(down / "head"), "--report-dir": str(down / "reports_head")}),
-        ws,
-        env,
-    )
-    facts["finetune_down"] = run(
-        stage_cmd(
-            ws, "finetune", **{"--out-dir": str(down / "finetune"), "--report-dir": str(down / "reports_finetune")}
-        ),
-        ws,
-        env,
-    )
+    for stage, out in (("train_head", "head"), ("finetune", "finetune")):
+        cmd = stage_cmd(ws, stage, **{"--out-dir": str(down / out), "--report-dir": str(down / f"reports_{out}")})
+        facts[f"{stage}_down"] = run(watching_imports(cmd, root / f"{stage}_down.imports"), ws, env)
+        facts[f"{stage}_down"]["imports"] = (root / f"{stage}_down.imports").read_text()
     facts["down_dir"] = down
     for key in ("trained", "evaluate_down", "train_head_down", "finetune_down"):
         (root / f"{key}.log").write_text(facts[key]["out"])  # kept with the test's tmp dir, for reading
@@ -133,6 +140,7 @@ def test_training_stages_refuse_to_start_while_the_server_is_down(outage: dict[s
             f"after 2 attempts: connection refused: 127.0.0.1:{port}"
         ), result["out"][-3000:]
         assert "Traceback" not in result["out"] and "Epoch 1/" not in result["out"]  # failed before training
+        assert result["imports"] == "", result["imports"]  # and before TensorFlow's ten seconds of start-up
         assert not (outage["down_dir"] / stage).exists()
     checkpoints = outage["ws"] / ".checkpoints" / "finetune"  # a refused finetune leaves no checkpoint folder
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
