@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from components.core import errors, files, runtime
+from components.core import errors, files, runtime, tracking
 from components.core.config import Params, ParamsError, load_params
 from components.core.contracts import RUN_INFO_FILE, ContractError, IngestReport, TestMetrics, ValidationSummary
 from components.core.overrides import add_set_argument
@@ -112,6 +112,7 @@ def run_evaluate(params: Params, paths: EvaluatePaths) -> EvaluationResult:
     config, name = params.evaluate, params.tracking.registered_model
     policy = RetryPolicy.from_config(params.tracking)
     limits = ImageLimits.from_config(params.validate)
+    tracking.require_server(params.tracking)  # an outage is told before the model loads and the test set is scored
     folder = load_model_dir(paths.model_dir)  # refused (sha256, safe mode) before any output folder is made
     files.ensure_writable(paths.report_dir, paths.metrics, paths.predictions)  # before registering: no rerun twice
     head_info = read_model_info(paths.head_dir)[1] if (paths.head_dir / RUN_INFO_FILE).is_file() else None

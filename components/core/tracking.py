@@ -21,6 +21,12 @@ from components.core.pipeline_runs import GIT_REPO_URL_TAG, end_orphaned_runs, g
 from components.core.tracking_connection import RetryPolicy, TrackingUnavailable, setup_mlflow, with_retries
 
 
+def require_server(tracking: TrackingConfig) -> str:
+    """The stage's experiment id, once the tracking server answers (retried); TrackingUnavailable names it,
+    redacted. Stages call it before their slow start (TensorFlow, a model load) so an outage is told at once."""
+    return with_retries("reach the tracking server", setup_mlflow, tracking, policy=RetryPolicy.from_config(tracking))
+
+
 @contextmanager
 def stage_run(
     tracking: TrackingConfig, stage: str, tags: dict[str, str] | None = None, run_id: str | None = None
@@ -36,9 +42,8 @@ def stage_run(
     import mlflow
     from mlflow import MlflowClient
 
-    # Fail before any training when the server is down (TrackingUnavailable names it, redacted).
+    experiment_id = require_server(tracking)  # fail before any training when the server is down
     policy = RetryPolicy.from_config(tracking)
-    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, policy=policy)
     client = MlflowClient()
     with_retries("end orphaned runs", end_orphaned_runs, client, experiment_id, run_id, policy=policy)
     sample_every = tracking.system_metrics_interval_s

@@ -296,6 +296,8 @@ def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:s3cret@127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries: seconds each
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    loaded = []  # told before the model loads and the test set is scored (minutes on a big test split)
+    monkeypatch.setattr(evaluate, "load_model_dir", lambda *a, **k: loaded.append(a) or pytest.fail("model loaded"))
 
     code = evaluate.main(
         [
@@ -317,7 +319,7 @@ def test_unreachable_server_fails_naming_it_without_password_and_keeps_the_model
     err = capsys.readouterr().err
     assert code == 1
     assert f"***@127.0.0.1:{port}" in err and "s3cret" not in err
-    assert "no retraining needed" in err
+    assert "no retraining needed" in err and loaded == []
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
     assert not (workspace / "reports" / "evaluate").exists() and not (workspace / "metrics.json").exists()
 
