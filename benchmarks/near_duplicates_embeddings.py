@@ -271,7 +271,7 @@ def verify(m: dict[str, Any], config: NearDuplicatesConfig) -> dict[str, Any]:
         "inlier_sweep": [
             {
                 "min_inliers": t,
-                "new_pairs_among_originals": new_among_originals(verified(t)),
+                "new_pairs_among_originals": [f"{p['a']} ~ {p['b']}" for p in new_among_originals(verified(t))],
                 "found": found_copies(frame, n, verified(t) | sure),
             }
             for t in INLIER_SWEEP
@@ -401,7 +401,7 @@ def verification_lines(v: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in v["inlier_sweep"]:
-        seen = [verdict(p["a"], p["b"]) for p in row["new_pairs_among_originals"]]
+        seen = [verdict(*pair.split(" ~ ")) for pair in row["new_pairs_among_originals"]]
         lines.append(
             f"| {row['min_inliers']} | {len(seen)} | {seen.count('unrelated')} | {seen.count('not looked at')} | "
             + " | ".join(row["found"][k] for k in ("crop_10", "crop_corner_10", "rotate_5"))
