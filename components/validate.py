@@ -10,7 +10,8 @@ plus `ingest.classes`):
              expected label set when `ingest.classes` is given.
 Then, on the files that passed, near-duplicates (components/quality/near_duplicates.py, setting
 `validate.near_duplicates`; perceptual hashes, and embeddings of the `model:` backbone computed here by
-components/modeling/embeddings.py, cached per image): groups under 2+ labels are quarantined, groups across
+components/modeling/embeddings.py, cached per image, whose closer pairs below min_cosine are verified by
+keypoint matching): groups under 2+ labels are quarantined, groups across
 splits are moved to one split (or reported, or fail the run), before the class checks count images.
 Policy `quarantine` drops failing files (listed in quarantine.csv) and fails only when a check that
 cannot be fixed by dropping files fails; policy `fail` fails on any problem. Outputs: the rows that

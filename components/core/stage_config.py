@@ -97,8 +97,34 @@ class NearDuplicatesConfig(Section):
         0.93, gt=0, le=1, description="Smallest cosine similarity of two embeddings that pairs them."
     )
     simhash_radius: int = Field(
-        12, ge=0, le=32, description="Largest Hamming distance between 64-bit SimHashes of embeddings searched."
+        14, ge=0, le=32, description="Largest Hamming distance between 64-bit SimHashes of embeddings searched."
     )
+    candidate_cosine: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Embedding pairs from this cosine up to min_cosine are near-duplicates only when geometric "
+        "verification confirms them (local features fitting one crop/resize/rotation); = min_cosine: none checked.",
+    )
+    max_candidates: int = Field(
+        10, ge=1, le=1000, description="Candidate pairs verified per image at most (its closest by cosine)."
+    )
+    min_inliers: int = Field(
+        20, ge=3, description="Keypoint matches that must fit one similarity transform to verify a candidate pair."
+    )
+    max_scale: float = Field(
+        1.5, ge=1, description="Largest zoom between a verified pair, either way (a 10% crop is 1.11)."
+    )
+    max_rotation: float = Field(15.0, ge=0, le=180, description="Largest rotation in degrees between a verified pair.")
+
+    @model_validator(mode="after")
+    def _candidates_below_pairs(self) -> NearDuplicatesConfig:
+        if self.candidate_cosine > self.min_cosine:
+            raise ValueError(
+                f"candidate_cosine ({self.candidate_cosine}) is above min_cosine ({self.min_cosine}): "
+                "set it to min_cosine to verify no candidates"
+            )
+        return self
 
 
 class ValidateConfig(Section):

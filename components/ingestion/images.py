@@ -263,6 +263,43 @@ def decode_rgb(
     orientation applied before the resize, exactly as `ImageOps.exif_transpose` would: turning the small
     square after it would be cheaper, but Pillow's two-pass resize then rounds a 90-degree turn differently,
     enough to move a flat image's perceptual hash by 18 of 128 bits)."""
+
+    def square(img: Image.Image) -> np.ndarray:
+        rgb = img.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+
+    return _decode(source, limits, "RGB", size, square, charge)
+
+
+def decode_gray(source: str | Path | bytes | BinaryIO, side: int, limits: ImageLimits) -> np.ndarray:
+    """An (h, w) uint8 grayscale array, upright, scaled (up or down) so its longest side is `side`, aspect kept.
+
+    For keypoint matching (components/quality/geometric_verify.py): one size for every image, so a
+    transform's scale between two images says how much of one the other shows."""
+
+    def fitted(img: Image.Image) -> np.ndarray:
+        gray = img.convert("L")
+        scale = side / max(gray.size)
+        target = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+        if gray.size != target:
+            gray = gray.resize(target, Image.Resampling.BILINEAR)
+        return np.asarray(gray, dtype=np.uint8)
+
+    return _decode(source, limits, "L", side, fitted)
+
+
+def _decode(
+    source: str | Path | bytes | BinaryIO,
+    limits: ImageLimits,
+    mode: str,
+    size: int,
+    finish: Callable[[Image.Image], np.ndarray],
+    charge: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """`finish` of the upright, 8-bit image, decoded within `limits` (JPEG: at reduced scale when much
+    larger than `size`); `charge` as in `decode_rgb`."""
     data = read_limited(source, limits.max_bytes)
     img = _open(data, limits)
     if charge is not None:
@@ -273,14 +310,11 @@ def decode_rgb(
             raise
     try:
         with _guarded(limits):
-            img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger than needed
+            img.draft(mode, (size, size))  # JPEG: decode at reduced scale when much larger than needed
             img.load()
             _check_pixels(img, limits)  # loading can change the size (ICO, ICNS)
             orientation, _ = exif_orientation(img)
-            rgb = upright(_to_8bit(img), orientation).convert("RGB")
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            return finish(upright(_to_8bit(img), orientation))
     except MemoryError:
         raise
     except UnusableImage:

@@ -7,7 +7,8 @@ vectors at angle theta differ in each bit with probability theta / pi), pairs wi
 each other are found by the exact multi-index Hamming search of components/quality/hamming_search.py
 (sub-quadratic), and each candidate is kept when its exact cosine similarity is at least `min_cosine`.
 The SimHash step is probabilistic: a pair exactly at `min_cosine` is missed with probability
-`miss_probability(min_cosine, max_bits)` (below 1e-5 at the defaults); closer pairs, as copies are, less.
+`miss_probability(min_cosine, max_bits)`; closer pairs, as copies are, less. near_duplicates searches
+from `candidate_cosine` (0.85, radius 14: 5e-4 there, 3e-5 at 0.877 where the lowest planted crop sits).
 Embeddings are read a block at a time: memory holds the 64-bit hashes, not the embeddings.
 """
 

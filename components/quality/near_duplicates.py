@@ -6,9 +6,12 @@ bits on both hashes are paired (components/quality/hamming_search.py: an exact s
 With `validate.near_duplicates.embeddings`, images whose frozen-backbone embeddings have cosine similarity
 of at least `min_cosine` are paired too (components/quality/embedding_search.py; validate computes the
 embeddings): they see crops and small rotations the hashes miss, the hashes see downscaled copies they miss.
+Crops and rotations also sit below `min_cosine`, among distinct photos, so pairs from `candidate_cosine`
+(at most `max_candidates` per image) are paired when geometric verification finds enough keypoint matches
+fitting one crop/resize/small rotation (components/quality/geometric_verify.py).
 
-Groups are the connected components of the pairs of both methods (each pair in the report names its
-method). `resolve` applies the policy:
+Groups are the connected components of the pairs of all methods (each pair in the report names its
+method: perceptual_hash, embedding, geometric). `resolve` applies the policy:
   different labels         -> every member quarantined as a label conflict (as exact duplicates are);
   more than one split      -> a leak: `move` puts every member in the split of the member with the
                               smallest content hash (deterministic, independent of row order),
@@ -29,7 +32,7 @@ import pandas as pd
 from components.core import files
 from components.core.stage_config import NearDuplicatesConfig
 from components.ingestion.images import ImageLimits, UnusableImage, decode_rgb
-from components.quality import embedding_search
+from components.quality import embedding_search, geometric_verify
 from components.quality.hamming_search import connected_groups, find_pairs
 from components.quality.perceptual_hashes import fingerprints
 
@@ -51,6 +54,7 @@ class NearDuplicateReport:
     moved: list[dict[str, str]] = field(default_factory=list)  # path, from, to
     quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=QUARANTINE_COLUMNS))
     problems: list[str] = field(default_factory=list)  # non-empty only with policy fail and a leak
+    verification: dict[str, Any] = field(default_factory=dict)  # candidate pairs, verified, seconds
 
     @property
     def counts(self) -> dict[str, int]:
@@ -72,6 +76,7 @@ class NearDuplicateReport:
             "groups": self.groups[:max_groups],
             "moved": self.moved,
             "problems": self.problems,
+            "verification": self.verification,
         }
 
 
@@ -153,21 +158,53 @@ def check(
     found: dict[tuple[int, int], dict[str, Any]] = {}
     for a, b in zip(*find_pairs(hashes, config.max_distance, decoded)):
         found[(min(a, b), max(a, b))] = {"methods": ["perceptual_hash"]}
+    verification: dict[str, Any] = {}
     if config.embeddings and embed is not None:
-        rows = np.flatnonzero(decoded)  # an image that cannot be decoded is not embedded either
-        a, b, cosine = embedding_search.near_pairs(embed(frame.iloc[rows]), config.min_cosine, config.simhash_radius)
-        for i, j, c in zip(rows[a].tolist(), rows[b].tolist(), cosine.tolist()):
-            entry = found.setdefault((i, j), {"methods": []})
-            entry["methods"].append("embedding")
-            entry["cosine"] = round(c, 4)
+        verification = _embedding_pairs(frame, np.flatnonzero(decoded), config, limits, embed, found)
     pairs = np.array(sorted(found), dtype=np.intp).reshape(-1, 2)
     groups = connected_groups(len(frame), pairs[:, 0], pairs[:, 1])
     kept, report = resolve(frame, groups, config.policy)
+    report.verification = verification
     for group, entry in zip(groups, report.groups):
         _describe_pairs(entry, frame, group, found)
     if picture_path is not None:
         plot_groups(frame, report, picture_path, limits)
     return kept, report
+
+
+def _embedding_pairs(
+    frame: pd.DataFrame,
+    rows: np.ndarray,
+    config: NearDuplicatesConfig,
+    limits: ImageLimits,
+    embed: Embedder,
+    found: dict[tuple[int, int], dict[str, Any]],
+) -> dict[str, Any]:
+    """Add the embedding pairs to `found`: at min_cosine as they are, from candidate_cosine when verified.
+
+    `rows` are the decodable rows (the others are not embedded). Candidates the hashes already paired are
+    not verified again. Returns the verification's counts and seconds (components/quality/geometric_verify.py)."""
+    lowest = min(config.candidate_cosine, config.min_cosine)
+    a, b, cosine = embedding_search.near_pairs(embed(frame.iloc[rows]), lowest, config.simhash_radius)
+    a, b = rows[a], rows[b]
+    sure = cosine >= config.min_cosine
+    for i, j, c in zip(a[sure].tolist(), b[sure].tolist(), cosine[sure].tolist()):
+        entry = found.setdefault((i, j), {"methods": []})
+        entry["methods"].append("embedding")
+        entry["cosine"] = round(c, 4)
+    new = np.array([(i, j) not in found for i, j in zip(a.tolist(), b.tolist())], bool)
+    check = ~sure & new & geometric_verify.cap_per_image(a, b, cosine, config.max_candidates)
+    verification = geometric_verify.verify_pairs(frame["path"].tolist(), a[check], b[check], limits)
+    for i, j, c, m in zip(a[check].tolist(), b[check].tolist(), cosine[check].tolist(), verification.matches):
+        if m.is_copy(config):
+            found[(i, j)] = {
+                "methods": ["geometric"],
+                "cosine": round(c, 4),
+                "inliers": m.inliers,
+                "scale": round(m.scale, 3),
+                "rotation": round(m.rotation, 1),
+            }
+    return verification.summary(config)
 
 
 def _describe_pairs(
