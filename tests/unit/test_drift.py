@@ -123,6 +123,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     return {**train_tiny_head(tmp_path_factory.mktemp("drift"), params), "params": params}
 
 
+@pytest.mark.slow
 def test_train_head_saves_the_reference_and_the_label_reports(trained):
     from mlflow import MlflowClient
 
@@ -138,6 +139,7 @@ def test_train_head_saves_the_reference_and_the_label_reports(trained):
     assert "label_issues.csv" in artifacts
 
 
+@pytest.mark.slow
 def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Path):
     from tests.conftest import write_image
 
@@ -158,6 +160,7 @@ def test_a_run_compares_only_images_the_model_has_not_seen(trained, tmp_path: Pa
     assert report.per_class["alpha"]["n_new"] == 20 and report.per_class["alpha"]["drift"]
 
 
+@pytest.mark.slow
 def test_a_reference_from_images_equals_the_one_from_cached_features(trained):
     """What finetune (no feature cache) would save matches what train_head saved from its cache."""
     from components.core.contracts import read_manifest

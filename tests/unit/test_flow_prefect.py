@@ -33,6 +33,7 @@ class Log:
         self.lines.append(message % args)
 
 
+@pytest.mark.slow
 def test_overlapping_runs_wait_on_the_prefect_limit_instead_of_failing(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 

@@ -98,6 +98,7 @@ def test_a_label_and_file_name_with_mathtext_draw_in_the_gallery(tmp_path: Path)
     assert written[1].read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_train_head_excludes_the_top_suspects_with_action_exclude(
     tmp_path: Path, keras_home: Path, monkeypatch: pytest.MonkeyPatch
 ):

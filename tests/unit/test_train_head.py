@@ -23,6 +23,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, keras_home: Path):
     return train_tiny_head(tmp_path_factory.mktemp("train_head"))
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_same_predictions_as_the_saved_full_model(trained):
     import keras
 
@@ -37,6 +38,7 @@ def test_cached_features_give_the_same_predictions_as_the_saved_full_model(train
     np.testing.assert_array_equal(from_cache.argmax(axis=1), from_images.argmax(axis=1))
 
 
+@pytest.mark.slow
 def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, tmp_path: Path):
     import keras
 
@@ -62,6 +64,7 @@ def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, t
         )
 
 
+@pytest.mark.slow
 def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     from mlflow import MlflowClient
 
@@ -86,6 +89,7 @@ def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     assert dataset.dataset.digest == info["data_version"][:36] and dataset.dataset.source_type == "local"
 
 
+@pytest.mark.slow
 def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained, monkeypatch: pytest.MonkeyPatch):
     root, manifest, policy = trained["root"], trained["manifest"], trained["policy"]
     params = tiny_params()
