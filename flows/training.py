@@ -170,7 +170,7 @@ def _run_pipeline(
     # One `dvc status` for the pipeline (a nightly run with nothing new costs one DVC start, not six):
     # it holds for each stage until a stage before it reproduces and so changes what it depends on.
     changed_at_start = changed_stages(root)
-    if changed_at_start:  # nothing will run: no settings to check (preflight imports TensorFlow, builds the backbone)
+    if needs_preflight(changed_at_start):
         step_task(preflight, limits)(str(root), str(params_file), step)
     with pipeline_run(params, root, None) as parent:
         outcomes, drift = _run_stages(root, params_file, limits, changed_at_start)
@@ -181,6 +181,14 @@ def _run_pipeline(
     pushed = step_task(push_to_remote, limits)(str(root), step)
     reports = summary.collect(root, params, outcomes)
     return summary.run_result(reports, parent, pushed, promoted_now, export=exported, drift=drift)
+
+
+def needs_preflight(changed_at_start: set[str]) -> bool:
+    """Preflight checks what augment, train_head and finetune will build (it imports TensorFlow and builds the
+    backbone: seconds). They run only when one of them, or a stage before them, changed: not for an
+    evaluate-only rerun, nor when nothing changed."""
+    last_checked = STAGES.index("finetune")
+    return any(STAGES.index(stage) <= last_checked for stage in changed_at_start)
 
 
 def _run_stages(

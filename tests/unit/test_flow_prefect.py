@@ -89,6 +89,7 @@ def test_without_a_prefect_server_runs_wait_on_the_workspace_lock(monkeypatch, t
     assert "queue on its file lock" in log.lines[0]
 
 
+@pytest.mark.slow
 def test_runs_publish_per_class_metrics_links_and_progress(prefect_server, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -177,3 +178,11 @@ def test_a_failed_run_ends_its_mlflow_parent_run_failed_and_unsets_it(monkeypatc
     assert [name for name, _ in calls] == ["mlflow-pipeline-run", "mlflow-pipeline-run-end"]
     assert calls[1][1][2:] == ("parent-1", "FAILED", {})
     assert run_records.PARENT_RUN_VARIABLE not in os.environ
+
+
+def test_preflight_runs_only_when_a_stage_that_builds_the_model_may_run():
+    from flows.training import needs_preflight
+
+    assert not needs_preflight(set()) and not needs_preflight({"evaluate"})  # nothing, or an evaluate-only rerun
+    for changed in ({"ingest"}, {"validate"}, {"augment"}, {"train_head"}, {"finetune", "evaluate"}):
+        assert needs_preflight(changed), changed  # it, or what follows it, builds the backbone
