@@ -14,6 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import yaml
+
 from components.core.contracts import RUN_INFO_FILE, ModelRunInfo
 from components.core.paths import FINETUNE_DIR, HEAD_DIR
 from flows.commands import Finished, run_command
@@ -32,6 +34,26 @@ def changed_stages(root: Path, stage: str | None = None) -> set[str]:
     if done.code != 0:
         raise StageFailed(f"dvc status {stage or ''} failed:\n" + done.tail(15))
     return {key.removeprefix("dvc.yaml:") for key in json.loads("".join(done.lines) or "{}")}
+
+
+def stages_reading(root: Path, keys: list[str]) -> set[str]:
+    """The stages whose `params:` in dvc.yaml cover any of these settings (its section, the key, or a key in it)."""
+
+    def covers(entry: Any, key: str) -> bool:
+        if not isinstance(entry, str):
+            return True  # another params file's keys: assume the stage reads the setting
+        return key == entry or key.startswith(entry + ".") or entry.startswith(key + ".")
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return {name for name, stage in stages.items() if any(covers(e, k) for e in stage.get("params", []) for k in keys)}
+
+
+def needs_preflight(changed: set[str]) -> bool:
+    """Preflight checks what augment, train_head and finetune will build (it imports TensorFlow and builds the
+    backbone: seconds). They run only when one of them, or a stage before them, changed: not for an
+    evaluate-only rerun, nor when nothing changed."""
+    last_checked = STAGES.index("finetune")
+    return any(STAGES.index(stage) <= last_checked for stage in changed)
 
 
 def stage_is_current(stage: str, root: Path) -> bool:

@@ -21,7 +21,7 @@ from components.core.contracts import PromotionRecord
 from components.core.overrides import write_overrides
 from components.core.settings import environment
 from flows import summary
-from flows.dvc_workspace import STAGES, run_experiment_in_copy
+from flows.dvc_workspace import STAGES, changed_stages, needs_preflight, run_experiment_in_copy, stages_reading
 from flows.limits import StageFailed
 from flows.run_records import finish_pipeline_run, pipeline_run, promoted_by_this_run, start_progress
 from flows.stage_tasks import preflight, push_to_remote, step_task
@@ -67,12 +67,14 @@ def run_as_experiment(root: Path, params_file: Path, changes: list[str], name: s
     logger.info("experiment %s: %s (run in a temporary copy; params.yaml is not written)", name, ", ".join(changes))
     if environment().gpu_deployment:
         logger.info("experiments run here, in DVC's temporary copy: no stage goes to %s", environment().gpu_deployment)
-    with tempfile.TemporaryDirectory(prefix="tp-experiment-") as scratch:
-        # Preflight reads a settings file: a scratch copy with the changes, outside the workspace.
-        merged = Path(scratch) / "params.yaml"
-        merged.write_bytes(params_file.read_bytes())
-        write_overrides(merged, changes)
-        step_task(preflight, limits)(str(root), str(merged), step)
+    changed = changed_stages(root) | stages_reading(root, [change.split("=", 1)[0] for change in changes])
+    if needs_preflight(changed):
+        with tempfile.TemporaryDirectory(prefix="tp-experiment-") as scratch:
+            # Preflight reads a settings file: a scratch copy with the changes, outside the workspace.
+            merged = Path(scratch) / "params.yaml"
+            merged.write_bytes(params_file.read_bytes())
+            write_overrides(merged, changes)
+            step_task(preflight, limits)(str(root), str(merged), step)
     with pipeline_run(params, root, name) as parent:  # the experiment's stage processes nest under it
         # One task runs every stage in DVC's copy: its timeout is theirs together.
         pipeline_s = sum(limits.stage_timeout_s.model_dump().values())

@@ -45,7 +45,7 @@ from components.core.paths import DRIFT_REPORT, PROMOTION_RECORD
 from components.core.settings import environment
 from components.lifecycle import run_forms
 from flows import summary
-from flows.dvc_workspace import LOCK_FILE, STAGES, Stage, changed_stages
+from flows.dvc_workspace import LOCK_FILE, STAGES, Stage, changed_stages, needs_preflight
 from flows.experiments import experiment_name, run_as_experiment
 from flows.limits import flow_deadline, workspace_slot
 from flows.notify import notify, notify_flow_failure
@@ -181,14 +181,6 @@ def _run_pipeline(
     pushed = step_task(push_to_remote, limits)(str(root), step)
     reports = summary.collect(root, params, outcomes)
     return summary.run_result(reports, parent, pushed, promoted_now, export=exported, drift=drift)
-
-
-def needs_preflight(changed_at_start: set[str]) -> bool:
-    """Preflight checks what augment, train_head and finetune will build (it imports TensorFlow and builds the
-    backbone: seconds). They run only when one of them, or a stage before them, changed: not for an
-    evaluate-only rerun, nor when nothing changed."""
-    last_checked = STAGES.index("finetune")
-    return any(STAGES.index(stage) <= last_checked for stage in changed_at_start)
 
 
 def _run_stages(

@@ -181,8 +181,19 @@ def test_a_failed_run_ends_its_mlflow_parent_run_failed_and_unsets_it(monkeypatc
 
 
 def test_preflight_runs_only_when_a_stage_that_builds_the_model_may_run():
-    from flows.training import needs_preflight
+    from flows.dvc_workspace import needs_preflight
 
     assert not needs_preflight(set()) and not needs_preflight({"evaluate"})  # nothing, or an evaluate-only rerun
     for changed in ({"ingest"}, {"validate"}, {"augment"}, {"train_head"}, {"finetune", "evaluate"}):
         assert needs_preflight(changed), changed  # it, or what follows it, builds the backbone
+
+
+def test_an_experiment_s_settings_name_the_stages_that_read_them():
+    from flows.dvc_workspace import stages_reading
+
+    repo = Path(__file__).resolve().parents[2]  # the project's own dvc.yaml
+    assert stages_reading(repo, ["evaluate.worst_examples"]) == {"evaluate"}
+    assert stages_reading(repo, ["finetune.learning_rate"]) == {"finetune"}
+    assert stages_reading(repo, ["model.image_size"]) >= {"validate", "augment", "train_head", "finetune"}
+    assert stages_reading(repo, ["project"]) == {"ingest", "validate", "augment", "train_head", "finetune", "evaluate"}
+    assert stages_reading(repo, ["orchestration.flow_timeout_s"]) == set()  # read by the flow, by no stage
