@@ -113,7 +113,7 @@ def _embed_remotely(root: Path, deployment: str, shards: int, params: Params, lo
         for shard, future in enumerate(futures):
             try:
                 done.append(future.result())
-            except Exception as exc:  # noqa: BLE001 - validate computes that shard's embeddings itself
+            except Exception as exc:  # validate computes that shard's embeddings itself
                 logger.warning(
                     "embedding shard %d/%d failed: validate embeds its images itself (%s)", shard, shards, exc
                 )
