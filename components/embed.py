@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge is not None:
             counts = run_merge(params, frame, args.merge, embedding_shards.parse_shard(f"0/{args.shards}")[1])
             print(
-                f"embed: merged {counts['received']} embedding(s), {counts['added']} new; {counts['missing']} missing"
+                f"embed: merged {counts['received']} embedding(s): {counts['added']} new, {counts['missing']} missing"
             )
             return 0
         shard, shards = embedding_shards.parse_shard(args.shard)

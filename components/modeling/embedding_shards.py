@@ -101,9 +101,10 @@ def export_shard(cache: EmbeddingCache, shas: list[str], key: str, shard: int, s
     out_dir.mkdir(parents=True, exist_ok=True)
     present = [s for s in dict.fromkeys(shas) if s in cache.where]
     export = EmbeddingCache(out_dir)
-    rows = cache.rows(present)
-    for start, block in zip(range(0, len(present), CHUNK_ROWS), rows.blocks()):
-        export.write_chunk(present[start : start + CHUNK_ROWS], block)
+    start = 0
+    for block in cache.rows(present).blocks():
+        export.write_chunk(present[start : start + len(block)], block)
+        start += len(block)
     files.write_json(out_dir / SHARD_FILE, {"model_key": key, "shard": shard, "shards": shards, "images": len(present)})
     return len(present)
 
