@@ -239,3 +239,36 @@ def test_a_worker_refuses_a_run_form_with_a_bad_job_or_shard(monkeypatch):
     for shard, shards, job in ((0, 2, "../../etc"), (2, 2, "a" * 32), (0, 999, "a" * 32)):
         with pytest.raises(RunFormRefused, match="job|shard"):
             embed_shard_flow.fn(shard=shard, shards=shards, job=job)
+
+
+def test_exports_travel_through_the_dvc_remote_and_only_export_names_come_back(tmp_path):
+    """upload_export (worker) -> fetch_export (orchestrator) -> remove_exports, over a local-folder DVC remote."""
+    import subprocess
+
+    from flows import embedding_shards
+    from flows.limits import StageFailed
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    from dvc.repo import Repo
+
+    Repo.init(str(ws)).close()
+    (ws / ".dvc" / "config").write_text(
+        f"[core]\n    remote = store\n['remote \"store\"']\n    url = {tmp_path / 'remote'}\n"
+    )
+    export = tmp_path / "export"
+    export.mkdir()
+    np.save(export / "ab12.keys.npy", np.array([sha(1)]))
+    np.save(export / "ab12.npy", np.ones((1, 4), np.float32))
+    (export / "shard.json").write_text("{}")
+    job = "f" * 32
+    assert embedding_shards.upload_export(ws, export, job, 1) == 3
+    local = embedding_shards.fetch_export(ws, job, 1)
+    assert local == ws / embedding_shards.SHARD_EXPORTS / job / "1"
+    assert sorted(p.name for p in local.iterdir()) == ["ab12.keys.npy", "ab12.npy", "shard.json"]
+    (tmp_path / "remote" / embedding_shards.REMOTE_FOLDER / job / "1" / "run_me.sh").write_text("x")
+    with pytest.raises(StageFailed, match="unexpected files"):
+        embedding_shards.fetch_export(ws, job, 1)
+    embedding_shards.remove_exports(ws, job)
+    assert not (tmp_path / "remote" / embedding_shards.REMOTE_FOLDER / job).exists()
