@@ -37,7 +37,7 @@ from components.core import errors, files
 from components.core.config import ModelConfig, Params, ParamsError, load_params
 from components.core.contracts import write_manifest
 from components.core.hashing import records_version
-from components.core.paths import ValidatePaths
+from components.core.paths import EMBEDDING_CACHE, ONNX_CACHE, ValidatePaths
 from components.core.settings import workspace_root
 from components.core.stage_config import ValidateConfig
 from components.ingestion.images import ImageLimits
@@ -61,8 +61,6 @@ from components.quality.validation_tables import class_table, derive_columns, ma
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs
 NEAR_DUPLICATE_PICTURE = "near_duplicates.png"  # in the report folder
-EMBEDDING_CACHE = "data/cache/embeddings"  # per model key, chunks of per-image embeddings (workspace root)
-ONNX_CACHE = "data/cache/onnx"  # the exported backbone, shared with train_head's feature pass
 
 
 @dataclass(frozen=True)

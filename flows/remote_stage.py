@@ -58,17 +58,7 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str, timeout_s: flo
     }
     logger.info("sending stage %s to deployment %s (revision %s)", stage, deployment, parameters["git_rev"][:12])
     remote = run_deployment(deployment, parameters=parameters, timeout=timeout_s)
-    if remote.state is None or not remote.state.is_final():
-        cancel_flow_run(remote.id)
-        raise StageTimedOut(
-            f"stage '{stage}' on deployment {deployment} did not finish within {timeout_s} s "
-            f"(orchestration.remote_stage_timeout_s): flow run {remote.id} was cancelled"
-        )
-    if not remote.state.is_completed():
-        raise StageFailed(
-            f"stage '{stage}' on deployment {deployment} ended {remote.state.name} (flow run {remote.id})",
-            retryable=remote.state.is_crashed(),  # its infrastructure failed, not the stage
-        )
+    check_finished(remote, f"stage '{stage}'", deployment, timeout_s)
     pull_stage_result(root, stage, logger)
     # The stage process records the Prefect flow run that ran it (TP_PREFECT_FLOW_RUN_ID) in its model folder.
     if made_by_flow_run(root, stage) != str(remote.id):
@@ -80,6 +70,21 @@ def run_stage_remotely(stage: str, workdir: str, deployment: str, timeout_s: flo
             "where": "here (run-cache miss)",
         }
     return {"stage": stage, "ran": True, "seconds": round(time.monotonic() - started, 1), "where": deployment}
+
+
+def check_finished(remote: Any, what: str, deployment: str, timeout_s: float | None) -> None:
+    """A deployment's flow run that `run_deployment` waited for completed; else it is cancelled or reported."""
+    if remote.state is None or not remote.state.is_final():
+        cancel_flow_run(remote.id)
+        raise StageTimedOut(
+            f"{what} on deployment {deployment} did not finish within {timeout_s} s "
+            f"(orchestration.remote_stage_timeout_s): flow run {remote.id} was cancelled"
+        )
+    if not remote.state.is_completed():
+        raise StageFailed(
+            f"{what} on deployment {deployment} ended {remote.state.name} (flow run {remote.id})",
+            retryable=remote.state.is_crashed(),  # its infrastructure failed, not the work
+        )
 
 
 def cancel_flow_run(flow_run_id: Any) -> None:
@@ -105,6 +110,15 @@ def run_stage_here(
     The revision and the received params.yaml are checked against the worker's rules before anything is
     written (components/lifecycle/run_forms.py).
     """
+    check_out_received(git_rev, params_yaml, dvc_lock, root, rules)
+    repro_s = getattr(limits.stage_timeout_s, stage)
+    reproduce_on_worker(root, stage, limits.step_timeout_s, repro_s, get_run_logger())
+
+
+def check_out_received(
+    git_rev: str | None, params_yaml: str | None, dvc_lock: str | None, root: Path, rules: Any
+) -> None:
+    """Make the worker's clone the orchestrator's: its revision, params.yaml and dvc.lock, each checked first."""
     baseline = (root / "params.yaml").read_text(encoding="utf-8")
     if git_rev:
         fetch_origin(root)
@@ -113,7 +127,6 @@ def run_stage_here(
         baseline = baseline if committed is None else committed
     if params_yaml is not None:
         run_forms.check_received_params(params_yaml, baseline, root, rules)
-    logger = get_run_logger()
     if git_rev:
         check_out(root, git_rev)
     if params_yaml is not None:
@@ -121,5 +134,3 @@ def run_stage_here(
     if dvc_lock:
         (root / "dvc.lock").write_text(dvc_lock, encoding="utf-8")
     load_params(root / "params.yaml")  # fail fast here too
-    repro_s = getattr(limits.stage_timeout_s, stage)
-    reproduce_on_worker(root, stage, limits.step_timeout_s, repro_s, logger)

@@ -46,6 +46,7 @@ from components.core.settings import environment
 from components.lifecycle import run_forms
 from flows import summary
 from flows.dvc_workspace import LOCK_FILE, STAGES, Stage, changed_stages, needs_preflight
+from flows.embedding_shards import embed_before_validate
 from flows.experiments import experiment_name, run_as_experiment
 from flows.limits import flow_deadline, workspace_slot
 from flows.notify import notify, notify_flow_failure
@@ -203,6 +204,8 @@ def _run_stages(
             )
         else:
             known_current = stage not in changed_at_start and not any(o["ran"] for o in outcomes)
+            if stage == "validate" and not known_current:  # its embedding pass sharded over tasks, if asked
+                embed_before_validate(root, params_file, get_run_logger())
             outcomes.append(stage_task(stage, limits)(str(root), getattr(limits.stage_timeout_s, stage), known_current))
         report_progress(progress, done, stage)
         if stage == "validate" and outcomes[-1]["ran"]:  # new data: does it still look like the model's?

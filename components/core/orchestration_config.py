@@ -56,6 +56,14 @@ class OrchestrationConfig(Section):
         description="Waiting for a stage sent to the GPU deployment (its queue time included); the remote run "
         "is cancelled past it.",
     )
+    embedding_shards: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="With validate.near_duplicates.embeddings: the flow splits validate's embedding pass into this "
+        "many Prefect tasks by content hash before validate (components/embed.py), on the TP_EMBED_DEPLOYMENT work "
+        "pool, else one after another here; validate then finds them cached. 1: validate embeds alone.",
+    )
     workspace_wait_s: float = Field(
         43200,
         ge=0,

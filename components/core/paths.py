@@ -35,6 +35,8 @@ METRICS = Path("metrics.json")
 TEST_PREDICTIONS = Path("reports/test_predictions.csv")
 # Not DVC outputs: a cache, and what the flow writes around the stages.
 FEATURE_CACHE = Path("data/cache/features")
+EMBEDDING_CACHE = Path("data/cache/embeddings")  # per model key, chunks of per-image embeddings
+ONNX_CACHE = Path("data/cache/onnx")  # the exported backbone, shared with train_head's feature pass
 EXPORT_DIR = Path("models/export")
 EXPORT_RECORD = EXPORT_DIR / "export.json"
 DRIFT_REPORT = Path("reports/drift.json")

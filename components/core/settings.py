@@ -5,6 +5,8 @@ credentials live here (or in MLflow's/DVC's own configuration), never in `params
 
     MLFLOW_TRACKING_URI     tracking server (wins over tracking.uri)
     TP_GPU_DEPLOYMENT       Prefect deployment that runs GPU stages (e.g. stage/gpu); unset = here
+    TP_EMBED_DEPLOYMENT     Prefect deployment that runs shards of validate's embedding pass (e.g.
+                            embed-shard/gpu; orchestration.embedding_shards); unset = here
     TP_PREFECT_FLOW_RUN_ID  set by the flow for its stage processes: lineage tag on registered models
     TP_MLFLOW_PARENT_RUN_ID set by the flow: the pipeline run's MLflow parent run, stage runs nest under it
     TP_NOTIFY_WEBHOOK_URL   webhook told about failures and promotions
@@ -28,6 +30,7 @@ class EnvironmentSettings(BaseSettings):
 
     tracking_uri: str | None = Field(None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"))
     gpu_deployment: str | None = None
+    embed_deployment: str | None = None
     prefect_flow_run_id: str | None = None
     mlflow_parent_run_id: str | None = None
     notify_webhook_url: str | None = None

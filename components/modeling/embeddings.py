@@ -161,10 +161,17 @@ def embed_frame(
     engine: Engine = "auto",
 ) -> FrameEmbeddings:
     """validate's embedding pass: the embeddings of `frame`'s rows (path, sha256 columns), in order."""
-    from components.modeling.frozen_forward import FrozenRunner
-
-    def make_runner() -> Any:
-        return FrozenRunner(embedding_model(model), cache_dir=onnx_dir, engine=engine, input_size=model.image_size)
-
+    make_runner = runner_factory(model, onnx_dir, engine)
     cache = cached_embeddings(frame, cache_dir, model_key(model), make_runner, model.image_size, limits)
     return cache.rows(frame["sha256"].tolist())
+
+
+def runner_factory(model: ModelConfig, onnx_dir: str | Path, engine: Engine = "auto") -> Callable[[], Any]:
+    """`cached_embeddings`' make_runner: the embedding model on the fastest engine, built on first call."""
+
+    def make_runner() -> Any:
+        from components.modeling.frozen_forward import FrozenRunner
+
+        return FrozenRunner(embedding_model(model), cache_dir=onnx_dir, engine=engine, input_size=model.image_size)
+
+    return make_runner

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC["stages"])
 # Command lines people call beside the stages (batch scoring, export, serving, checks), also at components/<name>.py.
-TOP_LEVEL_CLIS = ("predict", "export", "serve", "preflight", "drift_check")
+TOP_LEVEL_CLIS = ("predict", "export", "serve", "preflight", "drift_check", "embed")
 SECTIONS = set(Params.model_fields)
 # Where runs are logged is not an input to what a stage computes: passing the whole `tracking` section
 # to the MLflow helpers needs no params entry (a key read by name, e.g. tracking.registered_model, does).

@@ -215,6 +215,7 @@ def test_expected_deployments_are_declared() -> None:
         "training/nightly",
         "training/on-demand",
         "stage/gpu",
+        "embed-shard/gpu",
         "batch-predict/on-demand",
         "sweep/on-demand",
     }
@@ -240,7 +241,7 @@ def test_deployment_entrypoint_is_a_flow_taking_its_parameters(spec: dict[str, A
 def test_gpu_deployment_named_for_tp_gpu_deployment_exists() -> None:
     labels = {deployments.deployment_label(s) for s in deployment_specs()}
     texts = [p.read_text() for p in [*INFRA.rglob("*.md"), ENV_EXAMPLE, COMPOSE, PREFECT_YAML] if p.is_file()]
-    named = {m for text in texts for m in re.findall(r"TP_GPU_DEPLOYMENT=([\w-]+/[\w-]+)", text)}
+    named = {m for text in texts for m in re.findall(r"TP_(?:GPU|EMBED)_DEPLOYMENT=([\w-]+/[\w-]+)", text)}
     named |= {m for text in texts for m in re.findall(r"Set to ([\w-]+/[\w-]+) to send", text)}
     assert named and named <= labels, f"documented {sorted(named)}, declared {sorted(labels)}"
 
