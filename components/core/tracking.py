@@ -18,13 +18,24 @@ import numpy as np
 from components.core.config import TrackingConfig
 from components.core.credentials import scrub_credentials
 from components.core.pipeline_runs import GIT_REPO_URL_TAG, end_orphaned_runs, git_tags, pipeline_parent, workspace_tag
-from components.core.tracking_connection import RetryPolicy, TrackingUnavailable, setup_mlflow, with_retries
+from components.core.tracking_connection import (
+    RetryPolicy,
+    TrackingUnavailable,
+    probe_server,
+    resolve_tracking_uri,
+    setup_mlflow,
+    use_tracking_uri,
+    with_retries,
+)
 
 
-def require_server(tracking: TrackingConfig) -> str:
-    """The stage's experiment id, once the tracking server answers (retried); TrackingUnavailable names it,
-    redacted. Stages call it before their slow start (TensorFlow, a model load) so an outage is told at once."""
-    return with_retries("reach the tracking server", setup_mlflow, tracking, policy=RetryPolicy.from_config(tracking))
+def require_server(tracking: TrackingConfig) -> None:
+    """Return once an http(s) tracking server answers (retried); TrackingUnavailable names it, redacted.
+
+    Stages call it before their slow start (TensorFlow, a model load), so an outage is told in seconds. It
+    writes nothing: a SQLite store is a local file with no outage to find, and is not created here."""
+    uri = use_tracking_uri(resolve_tracking_uri(tracking))
+    with_retries("reach the tracking server", probe_server, uri, policy=RetryPolicy.from_config(tracking))
 
 
 @contextmanager
@@ -42,8 +53,9 @@ def stage_run(
     import mlflow
     from mlflow import MlflowClient
 
-    experiment_id = require_server(tracking)  # fail before any training when the server is down
+    # Fail before any training when the server is down (TrackingUnavailable names it, redacted).
     policy = RetryPolicy.from_config(tracking)
+    experiment_id = with_retries("reach the tracking server", setup_mlflow, tracking, policy=policy)
     client = MlflowClient()
     with_retries("end orphaned runs", end_orphaned_runs, client, experiment_id, run_id, policy=policy)
     sample_every = tracking.system_metrics_interval_s

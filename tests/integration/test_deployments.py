@@ -119,6 +119,7 @@ def test_prefect_yaml_deploys_the_nightly_schedule_onto_the_created_pools(prefec
         "training/nightly",
         "training/on-demand",
         "stage/gpu",
+        "embed-shard/gpu",
         "batch-predict/on-demand",
         "sweep/on-demand",
     }
@@ -133,6 +134,7 @@ def test_prefect_yaml_deploys_the_nightly_schedule_onto_the_created_pools(prefec
     for label in ("training/nightly", "training/on-demand", "stage/gpu", "sweep/on-demand"):
         assert (deployed[label]["concurrency_limit"], deployed[label]["collision_strategy"]) == (1, "ENQUEUE"), label
     assert deployed["stage/gpu"]["work_pool"] == "gpu" and deployed["stage/gpu"]["parameters"] == {"stage": "finetune"}
+    assert deployed["embed-shard/gpu"]["work_pool"] == "gpu"  # the embedding pass's shards, on the GPU workers
     # The workspace is the worker's: the placeholder survives deployment, to be filled in at run time.
     assert deployed["training/nightly"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TP_WORKSPACE }}"}}

@@ -370,6 +370,7 @@ def test_every_deployment_runs_an_entry_point_that_checks_its_run_form():
     checking = {
         "flows/training.py:training_deployment",
         "flows/training.py:stage_flow",
+        "flows/embedding_shards.py:embed_shard_flow",  # tests/unit/test_embedding_shards.py: its form's checks
         "flows/predict.py:batch_predict_deployment",
         "flows/sweep.py:sweep_deployment",
     }
