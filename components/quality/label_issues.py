@@ -3,9 +3,12 @@
 Each image's class probabilities come from a head that did not see it: k-fold logistic regression on
 the frozen-backbone features train_head already caches (seconds, no extra backbone pass but one over
 the test split). Train and val images are scored out of fold; test images by the mean of the fold
-heads, which never fit a test label. `cleanlab.filter.find_label_issues` flags the images whose
-probabilities contradict their label beyond the per-class noise rates it estimates (the confident
-joint), ranked by self-confidence, the probability of the given label (low = suspect).
+heads, which never fit a test label. The folds read the cached features a chunk of rows at a time
+(components/quality/streamed_logistic.py: scikit-learn's scaler + logistic regression without the whole
+matrix in memory), so memory grows with images x classes, not images x features.
+`cleanlab.filter.find_label_issues` flags the images whose probabilities contradict their label beyond the
+per-class noise rates it estimates (the confident joint), ranked by self-confidence, the probability of the
+given label (low = suspect).
 
 Test labels never move a decision: they fit no head, the train/val flags are computed without them
 (a second cleanlab call over train+val+test only decides the test flags), and the test flags are only
