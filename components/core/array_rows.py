@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-CHUNK_ROWS = 1024  # rows per read in a pass: 5 MB of 1,280 float32 features (10 MB as float64)
+CHUNK_ROWS = 4096  # rows per read in a pass: 21 MB of 1,280 float32 features (fewer, larger BLAS calls)
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:

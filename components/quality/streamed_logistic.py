@@ -36,16 +36,23 @@ class StreamedLogistic:
         return out
 
     def _raw(self, block: np.ndarray) -> np.ndarray:
-        coef = np.ascontiguousarray(self.weights[:, :-1])
-        return _scaled(block, self.mean, self.scale) @ coef.T + self.weights[:, -1]
+        scaled = _scaled(block, self.mean, self.scale)
+        coef, intercept = _weights_as(self.weights, scaled.dtype)
+        return (scaled @ coef.T + intercept).astype(np.float64)
 
 
 def _scaled(block: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """StandardScaler's transform of one chunk, in float64, in place of one copy."""
-    scaled = block.astype(np.float64)
-    scaled -= mean
-    scaled /= scale
+    """StandardScaler's transform of one chunk (a fresh copy: changed in place), in its float dtype as
+    scikit-learn keeps it (float32 features stay float32)."""
+    scaled = block if block.dtype in (np.float32, np.float64) else block.astype(np.float64)
+    scaled -= mean.astype(scaled.dtype)  # one dtype: numpy's fast loop, not a casting one
+    scaled /= scale.astype(scaled.dtype)
     return scaled
+
+
+def _weights_as(weights: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(coef, intercept) in the features' dtype, contiguous (BLAS), as scikit-learn's loss casts them."""
+    return np.ascontiguousarray(weights[:, :-1], dtype=dtype), weights[:, -1].astype(dtype)
 
 
 def _probabilities(raw: np.ndarray) -> np.ndarray:
@@ -95,14 +102,16 @@ def fit(
 
     def loss_gradient(flat: np.ndarray) -> tuple[float, np.ndarray]:
         weights = flat.reshape((outputs, width), order="F")
-        coef = np.ascontiguousarray(weights[:, :-1])  # contiguous operands keep the products on BLAS
         loss, gradient = 0.0, np.zeros((outputs, width))
         for where, block in source.chunks(rows, chunk):
             scaled = _scaled(block, mean, scale)
-            part_loss, residual = _loss_residual(scaled @ coef.T + weights[:, -1], targets[where])
+            coef, intercept = _weights_as(weights, scaled.dtype)
+            raw = (scaled @ coef.T + intercept).astype(np.float64)
+            part_loss, residual = _loss_residual(raw, targets[where])
             loss += part_loss
-            gradient[:, :-1] += np.ascontiguousarray(residual.T) @ scaled
+            gradient[:, :-1] += np.ascontiguousarray(residual.T, dtype=scaled.dtype) @ scaled
             gradient[:, -1] += residual.sum(axis=0)
+        coef = weights[:, :-1]
         gradient /= n
         gradient[:, :-1] += penalty * coef
         return loss / n + 0.5 * penalty * float(np.sum(coef * coef)), gradient.ravel(order="F")
