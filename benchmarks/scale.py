@@ -23,6 +23,7 @@ benchmarks/results/scale.{json,md} and scale.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -365,7 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", default=",".join(STAGES), help="stages to run (each needs those before)")
     parser.add_argument("--logs", type=Path, default=None, help="keep each stage's stamped log in this folder")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the per-size temporary folders go")
+    parser.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="validate.near_duplicates.embeddings off (perceptual hashes only, as in runs before that setting)",
+    )
     return parser
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The params.yaml overrides of every workspace: the epochs cap, the dry run's, embeddings off if asked."""
+    dry = copy.deepcopy(DRY_SETTINGS) if args.dry_run else {}
+    settings: dict[str, Any] = {"train_head": {"epochs": args.head_epochs}, **dry}
+    if args.no_embeddings:
+        validate = settings.setdefault("validate", {})
+        validate["near_duplicates"] = {**validate.get("near_duplicates", {}), "embeddings": False}
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(DRY_SIZES if args.dry_run else SIZES)
     photos_per_class = DRY_PHOTOS_PER_CLASS if args.dry_run else None
     out = args.out or (Path(tempfile.mkdtemp(prefix="scale-dry-")) / "scale" if args.dry_run else RESULTS / "scale")
-    settings: dict[str, Any] = {"train_head": {"epochs": args.head_epochs}, **(DRY_SETTINGS if args.dry_run else {})}
+    settings = run_settings(args)
     result: dict[str, Any] = {
         "command": "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores, load average {_load()} at the start.",
@@ -381,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             f"distinct images from {args.source.name}"
             + (f" ({photos_per_class} photos per class)" if photos_per_class else "")
             + ": originals, then quadrant crops, then 3x3-grid crops (re-encoded JPEG), class folders kept; "
-            "near-duplicate policy from params.yaml."
+            "near-duplicate policy from params.yaml"
+            + (", backbone-embedding pairs off (--no-embeddings)." if args.no_embeddings else ".")
         ),
         "head_note": f"params.yaml settings, epochs capped at {args.head_epochs}; label_issues as in params.yaml.",
         "settings": settings,

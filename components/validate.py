@@ -61,6 +61,7 @@ from components.quality.validation_tables import class_table, derive_columns, ma
 MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quarantine.csv
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs
 NEAR_DUPLICATE_PICTURE = "near_duplicates.png"  # in the report folder
+NEAR_DUPLICATE_COLUMNS = ["path", "label", "split", "sha256"]  # what near_duplicates.check and its embedder read
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,11 @@ def _near_duplicates(
     """
     if config.near_duplicates.policy == "off":
         return frame, near_duplicates.NearDuplicateReport("off"), 0
-    candidates = frame[passed.to_numpy()]
-    inside = candidates["path"].map(lambda p: within(p, root)).to_numpy(dtype=bool)
+    inside = frame["path"].map(lambda p: within(p, root)).to_numpy(dtype=bool)
+    candidates = passed.to_numpy() & inside
     limits = ImageLimits.from_config(config)
     kept, report = near_duplicates.check(
-        candidates[inside],
+        frame.loc[candidates, NEAR_DUPLICATE_COLUMNS],  # one copy, of the columns the check reads (issue 24)
         config.near_duplicates,
         limits,
         workspace_root() / NEAR_DUPLICATE_CACHE,
@@ -168,9 +169,9 @@ def _near_duplicates(
         embed=lambda rows: _embeddings(rows, model, limits),
     )
     moved = dict(zip(kept["path"], kept["split"]))
-    out = frame.copy()
-    out["split"] = [moved.get(p, s) for p, s in zip(out["path"], out["split"])]
-    return out, report, int((~inside).sum())
+    # assign: a new frame sharing the other columns (copy-on-write), not a deep copy of every column
+    out = frame.assign(split=[moved.get(p, s) for p, s in zip(frame["path"], frame["split"])])
+    return out, report, int((passed.to_numpy() & ~inside).sum())
 
 
 def _embeddings(rows: pd.DataFrame, model: ModelConfig, limits: ImageLimits) -> Any:

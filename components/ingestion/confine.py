@@ -20,6 +20,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from components.core.credentials import redact
 from components.core.stage_config import IngestConfig
@@ -35,7 +36,7 @@ class Refused(Exception):
     """One entry refused; str() is the reason shown in the report."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per file, kept for the whole run: no per-instance __dict__
 class Entry:
     """One file to bring into raw_dir."""
 
@@ -169,14 +170,20 @@ def inside(dest: Path, rel: str) -> Path:
     return target
 
 
-def walk_tree(
-    root: Path, ctx: Context, follow_links: bool
-) -> tuple[dict[str, tuple[Path, os.stat_result]], list[str], int]:
-    """Regular files (rel -> (real path, lstat)), real folders, and how many links were followed.
+class FoundFile(NamedTuple):
+    """What a listing keeps of a regular file: a few fields, not its Path and stat result (~1 KB per file)."""
+
+    real: str  # the path read (a followed link's target)
+    size: int
+    identity: tuple[int, int]  # (st_dev, st_ino): the file opened later must be this one
+
+
+def walk_tree(root: Path, ctx: Context, follow_links: bool) -> tuple[dict[str, FoundFile], list[str], int]:
+    """Regular files (rel -> FoundFile), real folders, and how many links were followed.
 
     Links to folders are never descended into; anything else that is not a regular file is refused.
     """
-    found: dict[str, tuple[Path, os.stat_result]] = {}
+    found: dict[str, FoundFile] = {}
     dirs: list[str] = []
     followed = 0
     for here, subdirs, names in os.walk(root):  # followlinks=False: a linked folder is listed, not entered
@@ -198,5 +205,5 @@ def walk_tree(
                 ctx.refuse(str(root / rel), f"cannot read: {exc.strerror or type(exc).__name__}")
                 continue
             followed += real != root / rel
-            found[rel] = (real, st)
+            found[rel] = FoundFile(str(real), st.st_size, (st.st_dev, st.st_ino))
     return found, sorted(dirs), followed

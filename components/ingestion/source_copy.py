@@ -20,10 +20,11 @@ import posixpath
 import stat
 import sys
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -35,6 +36,8 @@ from components.ingestion.url_fetch import open_remote, remote_info
 from components.ingestion.urls import UrlPolicy, URLRefused, is_remote
 
 CHUNK = 1 << 20
+COPY_THREADS = 8
+T, R = TypeVar("T"), TypeVar("R")
 
 
 class ByteBudget:
@@ -123,6 +126,25 @@ def _copy_remote(entry: Entry, dest: Path, policy: UrlPolicy, budget: ByteBudget
         raise IngestError(f"cannot fetch {redact(entry.fetch or '')}: {exc}") from None
 
 
+def bounded_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """`pool.map(fn, items)` (results in order, the first error raised) with at most `window` calls in flight.
+
+    Executor.map submits every call at once: one Future (a lock and a condition, ~2 KB) per file, held until
+    the pass ends, memory that grows with the source (issue 24).
+    """
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            if len(pending) >= window:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
     """Copy every fetchable entry to dest/rel within the caps; returns the entries kept (others refused)."""
     config = ctx.config
@@ -151,9 +173,13 @@ def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
         return None
 
     refused: dict[int, str] = {}
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads suffice, remote reads overlap
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:  # I/O bound: threads suffice, remote reads overlap
         for entry, reason in tqdm(
-            zip(todo, pool.map(copy, todo)), total=len(todo), desc="copy", unit="file", disable=None
+            zip(todo, bounded_map(pool, copy, todo, 4 * COPY_THREADS)),
+            total=len(todo),
+            desc="copy",
+            unit="file",
+            disable=None,
         ):
             if reason:
                 refused[id(entry)] = reason

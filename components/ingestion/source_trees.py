@@ -92,17 +92,17 @@ def collect_folder(source: str, ctx: Context) -> Listing:
     layout, planned, folders, ignored = plan_entries(sorted(found), dirs, str(shown), ctx)
     entries = []
     for p, label, rel in planned:
-        real, st = found[p.rel]
+        file = found[p.rel]
         entries.append(
             Entry(
                 rel,
                 label,
                 p.given_split,
                 str(shown / p.rel),
-                str(real),
+                file.real,
                 p.hidden,
-                size=st.st_size,
-                identity=(st.st_dev, st.st_ino),
+                size=file.size,
+                identity=file.identity,
             )
         )
     entries = materialise(entries, ctx)
@@ -147,7 +147,7 @@ def collect_archive(location: str, ctx: Context) -> Listing:
                 f"{redact(location)}!{member}",
                 None,
                 p.hidden,
-                size=found[p.rel][1].st_size,
+                size=found[p.rel].size,
                 version=version,
             )
         )

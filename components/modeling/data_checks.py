@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from components.core import tracking
+from components.core.array_rows import StackedRows
 from components.core.config import Params
 from components.ingestion.images import ImageLimits
 from components.modeling import drift
@@ -45,7 +46,7 @@ def suspect_labels(
     if "test_x" in arrays:
         parts.append(("test", test, arrays["test_x"]))
     issues = label_issues.find_label_issues(
-        np.concatenate([x for _, _, x in parts]),
+        StackedRows([x for _, _, x in parts]),  # the cached memory maps, read in chunks: never concatenated
         np.concatenate([split.labels for _, split, _ in parts]),
         train.classes,
         [path for _, split, _ in parts for path in split.paths],

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from components.core import files, runtime
+from components.core import array_rows, files, runtime
 from components.core.config import Params
 from components.core.contracts import Contract, ContractError
 from components.core.stage_config import DriftConfig
@@ -110,6 +110,18 @@ def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=int)
 
 
+def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(classes, d) mean row of each class (zeros where a class has none), summed a chunk of rows at a time:
+    `features` may be the feature cache's memory map, which is never read whole."""
+    sums = np.zeros((num_classes, features.shape[1]))
+    for start in range(0, len(features), array_rows.CHUNK_ROWS):
+        block = array_rows.take(features, slice(start, start + array_rows.CHUNK_ROWS)).astype(np.float64)
+        chunk_labels = labels[start : start + len(block)]
+        sums += (chunk_labels[None, :] == np.arange(num_classes)[:, None]).astype(np.float64) @ block
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+    return sums / np.maximum(counts, 1)[:, None]
+
+
 def build_reference(
     features: np.ndarray,
     labels: np.ndarray,
@@ -122,16 +134,11 @@ def build_reference(
 ) -> Reference:
     """The compact reference of one model's training data (all `features` rows are training images)."""
     labels = np.asarray(labels, dtype=np.int32)
-    means = np.stack(
-        [
-            features[labels == c].mean(0) if (labels == c).any() else np.zeros(features.shape[1])
-            for c in range(len(classes))
-        ]
-    )
+    means = class_means(features, labels, len(classes))
     rows = sample_per_class(labels, per_class, seed)
     return Reference(
         list(classes),
-        features[rows].astype(np.float32),
+        array_rows.take(features, rows).astype(np.float32),
         labels[rows],
         means.astype(np.float32),
         np.unique(sha_prefixes(sha256)),

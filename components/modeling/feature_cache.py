@@ -8,15 +8,16 @@ several accelerators, data parallel over all of them (`train_head.data_parallel`
 
 
 Memory stays about one batch at any data size: each batch's features are written into a preallocated
-.npy per split (`<cache>/<key>/<split>/features.npy`, float32, images x (copies + 1) rows), and readers
-get read-only memory maps, never whole arrays.
+.npy per split (`<cache>/<key>/<split>/features.npy`, float32, images x (copies + 1) rows) by plain file
+writes, and readers get read-only memory maps, never whole arrays (components/core/array_rows.py reads them
+a chunk at a time and lets the pages go).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -78,22 +79,53 @@ def extract_features(
     rows = len(split) * (copies + 1)
     np.save(Path(out_dir) / LABELS, np.tile(split.labels.astype(np.int32), copies + 1))
     features, row = None, 0
+    try:
+        for block in _feature_blocks(extractor, split, image_size, batch_size, policy_path, copies, seed, limits):
+            if features is None:
+                features = _row_writer(Path(out_dir) / FEATURES, (rows, *block.shape[1:]))
+            if row + len(block) > rows:
+                raise RuntimeError(f"features: the extractor gave more than {rows} rows for {rows} images")
+            np.ascontiguousarray(block, dtype=np.float32).tofile(features)
+            row += len(block)
+    finally:
+        if features is not None:
+            features.close()
+    if row != rows or features is None:
+        raise RuntimeError(f"features: the extractor gave {row} rows for {rows} images")
+
+
+def _feature_blocks(
+    extractor: Any,
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    policy_path: str | Path | None,
+    copies: int,
+    seed: int,
+    limits: ImageLimits | None,
+) -> Iterator[np.ndarray]:
+    """One batch's features at a time: every image as is, then each augmented copy."""
     for copy in range(copies + 1):
         seeds = copy_seeds(seed, copy, len(split)) if copy else None
         print(f"features: {len(split)} images, " + (f"augmented copy {copy}/{copies}" if copy else "as is"))
         batches = image_batches(
             split.paths, image_size, batch_size, policy_path=policy_path if copy else None, seeds=seeds, limits=limits
         )
-        for block in extractor.predict_batches(batches, batch_size=batch_size, verbose=runtime.progress_verbosity()):
-            if features is None:
-                features = np.lib.format.open_memmap(
-                    Path(out_dir) / FEATURES, "w+", np.float32, (rows, *block.shape[1:])
-                )
-            features[row : row + len(block)] = block
-            row += len(block)
-    if row != rows or features is None:
-        raise RuntimeError(f"features: the extractor gave {row} rows for {rows} images")
-    features.flush()
+        yield from extractor.predict_batches(batches, batch_size=batch_size, verbose=runtime.progress_verbosity())
+
+
+def _row_writer(path: Path, shape: tuple[int, ...]) -> BinaryIO:
+    """A float32 .npy of `shape`, opened to have its rows written in order by plain file writes.
+
+    Not through a writable memory map: its dirty pages would count in this process's resident set until
+    written back, the whole file by the end of the pass; file writes go to the page cache alone.
+    """
+    header = np.lib.format.open_memmap(path, "w+", np.float32, shape)  # the header, and the file at full size
+    offset = header.offset
+    del header
+    handle = open(path, "r+b")  # closed by extract_features
+    handle.seek(offset)
+    return handle
 
 
 def _load_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray]:

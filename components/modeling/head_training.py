@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.core import runtime, tracking
+from components.core import array_rows, runtime, tracking
 from components.core.config import Params
 from components.core.contracts import read_manifest
 from components.core.paths import TrainHeadPaths
@@ -82,13 +82,14 @@ def vector_batches(
     """Feature vectors `x[rows]` and one-hot labels in batches, shuffled (seeded, every epoch) when training.
 
     Only the row indices live in the pipeline: each batch is read from `x` (a memory map of the cache) when it
-    is due, so memory holds a few batches, not the features. The seeded shuffle permutes positions alone,
-    so it gives the same order as shuffling the vectors themselves did.
+    is due, so memory holds a few batches, not the features (resident pages of the map included). The seeded
+    shuffle permutes positions alone, so it gives the same order as shuffling the vectors themselves did.
     """
     import tensorflow as tf
 
     def gather(batch_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(x[batch_rows], dtype=np.float32), np.asarray(y[batch_rows], dtype=np.int32)
+        # take: the map's pages are let go after each batch, so an epoch does not leave the whole file resident.
+        return array_rows.take(x, batch_rows).astype(np.float32, copy=False), np.asarray(y[batch_rows], np.int32)
 
     def read(batch_rows: Any) -> tuple[Any, Any]:
         features, labels = tf.numpy_function(gather, [batch_rows], [tf.float32, tf.int32], stateful=False)
@@ -162,7 +163,7 @@ def fit_on_cached_features(
         plain,
         train.labels,
         train.classes,
-        inputs.frame.loc[inputs.frame["split"] == "train", "sha256"].tolist(),
+        inputs.frame.loc[inputs.frame["split"] == "train", "sha256"],
         val_confidence,
         params.drift.reference_per_class,
         params.project.seed,

@@ -3,9 +3,12 @@
 Each image's class probabilities come from a head that did not see it: k-fold logistic regression on
 the frozen-backbone features train_head already caches (seconds, no extra backbone pass but one over
 the test split). Train and val images are scored out of fold; test images by the mean of the fold
-heads, which never fit a test label. `cleanlab.filter.find_label_issues` flags the images whose
-probabilities contradict their label beyond the per-class noise rates it estimates (the confident
-joint), ranked by self-confidence, the probability of the given label (low = suspect).
+heads, which never fit a test label. The folds read the cached features a chunk of rows at a time
+(components/quality/streamed_logistic.py: scikit-learn's scaler + logistic regression without the whole
+matrix in memory), so memory grows with images x classes, not images x features.
+`cleanlab.filter.find_label_issues` flags the images whose probabilities contradict their label beyond the
+per-class noise rates it estimates (the confident joint), ranked by self-confidence, the probability of the
+given label (low = suspect).
 
 Test labels never move a decision: they fit no head, the train/val flags are computed without them
 (a second cleanlab call over train+val+test only decides the test flags), and the test flags are only
@@ -29,8 +32,10 @@ import numpy as np
 import pandas as pd
 
 from components.core import figures, files
+from components.core.array_rows import StackedRows, stacked
 from components.core.progress import progress
 from components.ingestion.images import ImageLimits, UnusableImage, decode_rgb
+from components.quality import streamed_logistic
 
 REPORT_FILE = "label_issues.csv"
 GALLERY_FILE = "label_issues.png"
@@ -50,33 +55,37 @@ class LabelIssues:
 
 
 def out_of_fold_probabilities(
-    features: np.ndarray,
+    features: np.ndarray | StackedRows,
     labels: np.ndarray,
     num_classes: int,
     folds: int = 5,
     seed: int = 0,
     unseen: np.ndarray | None = None,
+    fit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(n, num_classes) probabilities, each row from a logistic regression fitted on the other folds, and the
-    mean of the fold models' probabilities for the `unseen` rows (features no fold was fitted on)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """(len(fit), num_classes) probabilities of the `fit` rows of `features` (default: all), each from a logistic
+    regression fitted on the other folds (`labels`: one per fit row), and the mean of the fold models'
+    probabilities for the `unseen` rows (row indices no fold was fitted on).
 
-    unseen = np.zeros((0, features.shape[1]), dtype=features.dtype) if unseen is None else unseen
-    probs = np.zeros((len(labels), num_classes), dtype=np.float64)
+    `features` is read a chunk of rows at a time (a memory map stays on disk): memory grows with
+    rows x classes, not with rows x features."""
+    from sklearn.model_selection import StratifiedKFold
+
+    source = stacked(features)
+    fit = np.arange(len(source)) if fit is None else np.asarray(fit, dtype=np.int64)
+    unseen = np.zeros(0, dtype=np.int64) if unseen is None else np.asarray(unseen, dtype=np.int64)
+    probs = np.zeros((len(fit), num_classes), dtype=np.float64)
     unseen_probs = np.zeros((len(unseen), num_classes), dtype=np.float64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fit_rows, held_rows in progress(splitter.split(features, labels), folds, "label issues: folds", "fold"):
+    folds_of = splitter.split(np.zeros((len(labels), 0)), labels)  # the folds depend on the labels alone
+    for fit_rows, held_rows in progress(folds_of, folds, "label issues: folds", "fold"):
         # Strong L2 and a loose tolerance: ~15 lbfgs steps on 1280-d features, out-of-fold accuracy
         # within 0.2 points of a tight fit (benchmarks/data_quality.py), 5x faster.
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.03, tol=1e-3, max_iter=200))
-        model.fit(features[fit_rows], labels[fit_rows])
-        # A class absent from a fold's training rows gets probability 0 there (columns follow model.classes_).
-        probs[np.ix_(held_rows, model.classes_)] = model.predict_proba(features[held_rows])
+        model = streamed_logistic.fit(source, fit[fit_rows], labels[fit_rows], C=0.03, tol=1e-3, max_iter=200)
+        # A class absent from a fold's training rows gets probability 0 there (columns follow model.classes).
+        probs[np.ix_(held_rows, model.classes)] = model.probabilities(source, fit[held_rows])
         if len(unseen):
-            unseen_probs[:, model.classes_] += model.predict_proba(unseen) / folds
+            unseen_probs[:, model.classes] += model.probabilities(source, unseen) / folds
     return probs, unseen_probs
 
 
@@ -106,7 +115,7 @@ def _cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def find_label_issues(
-    features: np.ndarray,
+    features: np.ndarray | StackedRows,
     labels: np.ndarray,
     classes: list[str],
     paths: list[str],
@@ -116,7 +125,8 @@ def find_label_issues(
     splits: list[str] | None = None,
 ) -> LabelIssues:
     """Probabilities from heads that did not see each image -> cleanlab's flagged images, ranked; the top
-    training images marked for exclusion. `splits` names each image's split (default: all train)."""
+    training images marked for exclusion. `splits` names each image's split (default: all train).
+    `features` (one row per image) may be memory maps stacked without copying: they are read in chunks."""
     from cleanlab.rank import get_label_quality_scores
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -128,9 +138,7 @@ def find_label_issues(
     if k == 0:
         return LabelIssues(empty_table(), excluded, 0)
     probs = np.zeros((len(labels), len(classes)), dtype=np.float64)
-    probs[fit], probs[test] = out_of_fold_probabilities(
-        features[fit], labels[fit], len(classes), k, seed, features[test]
-    )
+    probs[fit], probs[test] = out_of_fold_probabilities(features, labels[fit], len(classes), k, seed, test, fit)
     scores = get_label_quality_scores(labels, probs, method="self_confidence")
     flagged = fit[_cleanlab_flags(labels[fit], probs[fit])]
     if len(test):

@@ -53,45 +53,64 @@ def fingerprints(
 ) -> tuple[np.ndarray, np.ndarray]:
     """((rows, 256) bool hashes, (rows,) bool decoded) of the manifest's images, by its path and sha256
     columns. Images that cannot be decoded get no hash (validate's decode check reports them).
-    Reuses and extends the cache at `cache_path` (a workspace cache, keyed by content hash)."""
-    cache = _read_cache(cache_path)
+    Reuses and extends the cache at `cache_path` (a workspace cache, keyed by content hash).
+
+    Memory: the result and, per image, an index entry (issue 24): cached hashes stay packed (32 bytes each),
+    new ones are only in the result (their row is remembered), never one small array per image.
+    """
+    cache = HashCache.read(cache_path)
     out = np.zeros((len(frame), HASH_BITS), dtype=bool)
     decoded = np.zeros(len(frame), dtype=bool)
-    fresh: dict[str, np.ndarray] = {}
+    fresh: dict[str, int] = {}  # content hash -> the row of `out` that holds its new hash
     rows = progress(zip(frame["path"], frame["sha256"]), len(frame), "validate: perceptual hashes")
     for i, (path, sha) in enumerate(rows):
-        bits = cache.get(sha, fresh.get(sha))  # byte-identical rows are hashed once
-        if bits is None:
+        if sha in cache.rows:
+            out[i] = cache.bits(sha)
+        elif sha in fresh:  # byte-identical rows are hashed once
+            out[i] = out[fresh[sha]]
+        else:
             try:
-                bits = perceptual_hash(path, limits)
+                out[i] = perceptual_hash(path, limits)
             except UnusableImage:
                 continue  # validate's decode check reports it; it simply joins no group
-            fresh[sha] = bits
-        out[i], decoded[i] = bits, True
+            fresh[sha] = i
+        decoded[i] = True
     if cache_path is not None and fresh:
-        _write_cache(cache_path, {**cache, **fresh})
+        cache.write(cache_path, fresh, out)
     return out, decoded
 
 
-def _read_cache(cache_path: str | Path | None) -> dict[str, np.ndarray]:
-    if cache_path is None or not Path(cache_path).is_file():
-        return {}
-    try:
-        with np.load(cache_path, allow_pickle=False) as data:
-            if str(data["version"]) != CACHE_VERSION:
-                return {}  # an older fingerprint (e.g. without the mirror view) is recomputed, never misread
-            bits = np.unpackbits(data["bits"], axis=1).astype(bool)
-            return dict(zip(data["sha256"].tolist(), bits)) if bits.shape[1:] == (HASH_BITS,) else {}
-    except (OSError, ValueError, KeyError):
-        return {}  # a damaged cache is recomputed, never trusted
+class HashCache:
+    """The fingerprint cache on disk (`sha256` U64 keys, `bits` packed rows, `version`), read into one packed
+    array and an index by content hash."""
 
+    def __init__(self, rows: dict[str, int] | None = None, packed: np.ndarray | None = None) -> None:
+        self.rows = rows or {}
+        self.packed = packed if packed is not None else np.zeros((0, HASH_BITS // 8), np.uint8)
 
-def _write_cache(cache_path: str | Path, entries: dict[str, np.ndarray]) -> None:
-    keys = sorted(entries)
-    with files.atomic_file(cache_path, "wb") as fh:
-        np.savez(
-            fh,
-            version=np.array(CACHE_VERSION),
-            sha256=np.array(keys, dtype="U64"),
-            bits=np.packbits(np.stack([entries[k] for k in keys]), axis=1),
-        )
+    @classmethod
+    def read(cls, cache_path: str | Path | None) -> HashCache:
+        if cache_path is None or not Path(cache_path).is_file():
+            return cls()
+        try:
+            with np.load(cache_path, allow_pickle=False) as data:
+                if str(data["version"]) != CACHE_VERSION:
+                    return cls()  # an older fingerprint (e.g. without the mirror view) is recomputed, never misread
+                packed, keys = data["bits"], data["sha256"].tolist()
+        except (OSError, ValueError, KeyError):
+            return cls()  # a damaged cache is recomputed, never trusted
+        if packed.ndim != 2 or packed.shape[1] * 8 != HASH_BITS or len(keys) != len(packed):
+            return cls()
+        return cls({sha: row for row, sha in enumerate(keys)}, packed)
+
+    def bits(self, sha: str) -> np.ndarray:
+        return np.unpackbits(self.packed[self.rows[sha]]).astype(bool)
+
+    def write(self, cache_path: str | Path, fresh: dict[str, int], hashes: np.ndarray) -> None:
+        """The cached entries and the `fresh` ones (content hash -> its row of `hashes`), sorted by content hash."""
+        keys = sorted({*self.rows, *fresh})
+        packed = np.empty((len(keys), HASH_BITS // 8), np.uint8)
+        for j, sha in enumerate(keys):
+            packed[j] = np.packbits(hashes[fresh[sha]]) if sha in fresh else self.packed[self.rows[sha]]
+        with files.atomic_file(cache_path, "wb") as fh:
+            np.savez(fh, version=np.array(CACHE_VERSION), sha256=np.array(keys, dtype="U64"), bits=packed)

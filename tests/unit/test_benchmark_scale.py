@@ -139,3 +139,12 @@ def test_the_feature_pass_and_label_issue_times_are_read_from_the_stamped_log(tm
     (tmp_path / "data" / "validated.csv").write_text("path,label,split\na.jpg,x,train\nb.jpg,y,val\n")
     facts = scale.stage_facts(tmp_path, "train_head", log)
     assert facts == {"images": 2, "feature_pass_s": 12.0, "label_issues_s": 2.3}
+
+
+def test_embeddings_can_be_left_out_of_validate_keeping_the_dry_run_settings() -> None:
+    args = scale.build_parser().parse_args(["--dry-run", "--no-embeddings", "--head-epochs", "2"])
+    settings = scale.run_settings(args)
+    assert settings["validate"]["near_duplicates"] == {"embeddings": False}
+    assert settings["validate"]["min_images_per_class"] == 3 and settings["train_head"] == {"epochs": 2}
+    assert scale.DRY_SETTINGS == {"validate": {"min_images_per_class": 3}}  # the constant is not changed
+    assert "validate" not in scale.run_settings(scale.build_parser().parse_args([]))

@@ -170,3 +170,27 @@ def test_head_batches_read_from_a_memmap_in_the_seeded_order_of_shuffling_the_ar
     fit = head.fit(ds, validation_data=val, epochs=5, shuffle=False, verbose=0)
     assert fit.history["val_accuracy"][-1] >= 0.9
     assert head.predict(val, verbose=0).shape == (40, 2)
+
+
+def test_extraction_leaves_no_feature_pages_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The features are written by file writes, not through a writable map whose dirty pages stay resident
+    until the pass ends (resident file pages are sampled at every batch, while the file is open)."""
+    from tests.unit.test_array_rows import _resident_file_kb
+
+    if _resident_file_kb() is None:
+        pytest.skip("no /proc/self/status RssFile here")
+    monkeypatch.setattr(feature_cache, "image_batches", fake_image_batches)
+    samples: list[int] = []
+
+    class SampledExtractor(FakeExtractor):
+        def predict_batches(self, batches: Any, *, batch_size: int, verbose: int = 0) -> Iterator[np.ndarray]:
+            for block in super().predict_batches(batches, batch_size=batch_size, verbose=verbose):
+                samples.append(_resident_file_kb())
+                yield block
+
+    before = _resident_file_kb()
+    feature_cache.extract_features(SampledExtractor(), split_of(3200), 8, 64, tmp_path, policy_path="p", copies=2)
+    features = np.load(tmp_path / "features.npy", mmap_mode="r")
+    assert features.shape == (9600, WIDTH) and features.nbytes > 48_000_000
+    np.testing.assert_array_equal(features[[0, 3199, 3200, 9599], 7], [0, 3199, 0.5, 3199.5])
+    assert max(samples) - before < 8_000, (before, max(samples))  # kB: not the 49 MB written

@@ -693,3 +693,58 @@ def test_perceptual_hashes_see_the_upright_image(tmp_path: Path):
     )
     assert all(np.array_equal(h, hashes[1]) for h in hashes.values())
     assert np.count_nonzero(sideways != hashes[1]) > 4  # the hash does tell a turned picture apart
+
+
+# --- memory (issue 24) -------------------------------------------------------------------------
+
+
+def test_copy_calls_in_flight_stay_bounded_and_in_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.ingestion.source_copy import bounded_map
+
+    counts = {"submitted": 0, "taken": 0, "most": 0}
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            counts["submitted"] += 1
+            counts["most"] = max(counts["most"], counts["submitted"] - counts["taken"])
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(max_workers=4) as pool:
+        for i, doubled in enumerate(bounded_map(pool, lambda x: 2 * x, range(300), 8)):
+            assert doubled == 2 * i
+            counts["taken"] += 1
+        assert counts["submitted"] == 300 and counts["most"] <= 8
+
+        def fails_at_5(x: int) -> int:
+            if x == 5:
+                raise OSError("boom")
+            return x
+
+        with pytest.raises(OSError, match="boom"):
+            list(bounded_map(pool, fails_at_5, range(50), 4))
+
+
+def test_a_listing_keeps_a_few_fields_per_file_not_its_stat_result(tmp_path: Path):
+    """What walk_tree keeps per file, held for the whole ingest: it was a Path and an os.stat_result (~900 B)."""
+    import tracemalloc
+
+    from components.ingestion import confine
+    from tests.datakit import ingest_config
+
+    root = tmp_path / "src"
+    for i in range(300):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{i % 3}" / f"{i}.png").write_bytes(b"x")
+    raw = tmp_path / "raw"
+    ctx = confine.Context(ingest_config(root), raw, tmp_path / "staging", tmp_path / "dl", raw)
+    tracemalloc.start()
+    try:
+        found, _, _ = confine.walk_tree(root, ctx, follow_links=False)
+        kept = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, confine.__file__)])
+    finally:
+        tracemalloc.stop()
+    per_file = sum(stat.size for stat in kept.statistics("filename")) / 300
+    assert per_file < 400, per_file  # FoundFile and its path string: ~200 B
+    assert len(found) == 300 and found["c1/1.png"].size == 1

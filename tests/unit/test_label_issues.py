@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,61 @@ def test_suspects_of_a_split_are_read_from_the_report(tmp_path: Path):
     assert paths[planted[2]] in li.suspects_of(report, "test")
     assert set(li.suspects_of(report, "test")) == set(issues.table.loc[issues.table["split"] == "test", "path"])
     assert li.suspects_of(tmp_path / "absent.csv", "test") is None
+
+
+# --- memory (issue 24): the folds read the features a chunk at a time --------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_the_streamed_fold_model_gives_sklearns_probabilities(num_classes: int):
+    """Same model as make_pipeline(StandardScaler(), LogisticRegression(C=0.03, tol=1e-3)), read 7 rows at a time."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from components.core.array_rows import StackedRows
+    from components.quality import streamed_logistic
+
+    features, labels = clustered_features(per_class=20, dim=12, seed=5)
+    keep = labels < num_classes
+    features, labels = features[keep].astype(np.float32), labels[keep]
+    features[:, 3] = 1.0  # a constant feature: left unscaled by both
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.03, tol=1e-3, max_iter=200))
+    expected = reference.fit(features, labels).predict_proba(features)
+    source = StackedRows([features[:25], features[25:]])  # two parts, read as one
+    rows = np.arange(len(labels))
+    model = streamed_logistic.fit(source, rows, labels, C=0.03, tol=1e-3, max_iter=200, chunk=7)
+    np.testing.assert_allclose(model.probabilities(source, rows, chunk=7), expected, atol=1e-4)
+    assert model.classes.tolist() == list(range(num_classes))
+
+
+def test_label_issue_folds_need_no_memory_per_feature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """tracemalloc sees numpy's allocations: 8x the images (memory-mapped 1,280-d features of train, val and
+    test) may not need much more memory; the old folds concatenated and copied every feature."""
+    from components.core import array_rows
+
+    monkeypatch.setattr(array_rows, "CHUNK_ROWS", 32)
+
+    def peak_bytes(per_class: int) -> int:
+        features, labels = clustered_features(per_class=per_class, dim=1280, seed=2)
+        splits = np.array(["train", "train", "train", "val", "test"], dtype=object)[np.arange(len(labels)) % 5]
+        parts = []
+        for name in ("train", "val", "test"):  # stored like the feature cache: one memory map per split
+            np.save(tmp_path / f"{name}_{per_class}.npy", features[splits == name].astype(np.float32))
+            parts.append(np.load(tmp_path / f"{name}_{per_class}.npy", mmap_mode="r"))
+        order = np.concatenate([np.flatnonzero(splits == name) for name in ("train", "val", "test")])
+        labels, splits, paths = labels[order], list(splits[order]), [f"img_{i}.jpg" for i in order]
+        del features
+        tracemalloc.start()
+        try:
+            issues = li.find_label_issues(array_rows.StackedRows(parts), labels, CLASSES, paths, 3, 0, 0.0, splits)
+            assert issues.checked_splits == ("train", "val", "test")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak_bytes(8)  # imports (cleanlab, scipy) allocate once
+    small, large = peak_bytes(64 // 3), peak_bytes(512 // 3)
+    feature_bytes = 510 * 1280 * 4  # 2.6 MB on disk
+    assert large < 1.5 * small, (small, large)
+    assert large - small < feature_bytes / 4, (small, large)  # the old folds: more than 2x feature_bytes
