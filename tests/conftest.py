@@ -37,6 +37,25 @@ def _offline_keras_home() -> Path:
 
 KERAS_HOME = _offline_keras_home()
 
+
+def _one_core_per_test_process() -> None:
+    """With as many xdist processes as cores (`make test`: 2 on 2), pin each process to a core of its own.
+
+    TensorFlow, ONNX Runtime and the image loaders size their thread pools from the affinity mask
+    (components.core.runtime.available_cores), and so do the stage processes a test starts (they inherit
+    it): two test processes then run two pools on two cores, not four spinning pools fighting over them.
+    Set here, before anything imports TensorFlow.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not worker.startswith("gw") or not count.isdigit() or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if int(count) == len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_one_core_per_test_process()
+
 import components  # noqa: E402, F401  (its package init switches telemetry off before anything else loads)
 
 TRACKING_VARIABLES = (
