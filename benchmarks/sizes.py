@@ -35,6 +35,7 @@ from benchmarks.linear_probe import run_linear_probe
 from benchmarks.run import RESULTS, remapped_manifest, run_careful_baseline, run_pipeline, split_folders
 from benchmarks.sizes_report import judge, method_summary, write_report
 from benchmarks.workspace import REPO, make_workspace
+from components.core.overrides import add_set_argument
 
 FLOWERS = REPO.parent / "shared/datasets/flower_photos"
 HYMENOPTERA = REPO.parent / "shared/datasets/hymenoptera_data"
@@ -181,13 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="parent of each row's workspace (a row's folder is replaced when it runs again)",
     )
     parser.add_argument("--results", default=str(RESULTS), help="folder for sizes.json/.md/.png")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="params override for the pipeline run and the probe's backbone (e.g. for a small smoke run)",
+    add_set_argument(
+        parser, "params override for the pipeline run and the probe's backbone (e.g. for a small smoke run)"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite sizes.md and sizes.png from sizes.json")
     return parser
@@ -204,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if any(s != "all" and not s.isdigit() for s in sizes):
         raise SystemExit(f"--sizes: expected positive integers or 'all', got {args.sizes!r}")
-    settings = apply_overrides({}, args.settings)
-    params = load_params(REPO / "params.yaml", args.settings)
+    settings = apply_overrides({}, args.overrides)
+    params = load_params(REPO / "params.yaml", args.overrides)
     flowers = Path(args.flowers).resolve()
     pool, test = (
         pool_and_test(flowers, params.project.seed, params.ingest.split) if args.only != "hymenoptera" else ({}, [])
     )
-    extra = {"machine": f"{os.uname().machine}, {os.cpu_count()} CPU cores", "settings": args.settings}
+    extra = {"machine": f"{os.uname().machine}, {os.cpu_count()} CPU cores", "settings": args.overrides}
     for data, per_class in _plan(sizes, args.only):
         name = row_name(data, per_class)
         work = Path(args.workdir) / name
