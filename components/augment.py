@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.core import errors, figures
+from components.core import errors, figures, runtime
 from components.core.config import Params, ParamsError, load_params
 from components.core.contracts import read_manifest
 from components.core.paths import AugmentPaths
@@ -88,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

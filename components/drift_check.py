@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.core import errors
+from components.core import errors, runtime
 from components.core.config import Params, ParamsError, load_params
 from components.core.contracts import ContractError, read_manifest
 from components.core.paths import DRIFT_REPORT, VALIDATED_MANIFEST
@@ -85,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

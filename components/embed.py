@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.core import errors
+from components.core import errors, runtime
 from components.core.config import Params, ParamsError, load_params
 from components.core.paths import EMBEDDING_CACHE, INGEST_REPORT, MANIFEST, ONNX_CACHE
 from components.core.settings import workspace_root
@@ -103,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.core import errors, files
+from components.core import errors, files, runtime
 from components.ingestion.images import ImageLimits
 from components.modeling.data import load_rgb, load_split
 from components.modeling.model_folder import ClassNames, load_model_dir
@@ -156,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

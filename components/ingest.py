@@ -195,4 +195,4 @@ def _print_summary(result: IngestResult) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

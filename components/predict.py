@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.core import errors, files
+from components.core import errors, files, runtime
 from components.core.stage_config import ValidateConfig
 from components.ingestion.images import GENERIC_MESSAGE, ImageLimits, UnusableImage, read_limited
 
@@ -210,4 +210,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from components.core import errors
+from components.core import errors, runtime
 from components.core.config import Params, ParamsError, load_params
 from components.core.overrides import add_set_argument
 
@@ -87,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from components.core import errors
+from components.core import errors, runtime
 from components.core.tracking_connection import RetryPolicy
 from components.scoring import scoring
 
@@ -121,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

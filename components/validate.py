@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from components.core import errors, files
+from components.core import errors, files, runtime
 from components.core.config import ModelConfig, Params, ParamsError, load_params
 from components.core.contracts import write_manifest
 from components.core.hashing import records_version
@@ -234,4 +234,4 @@ def _near_duplicate_line(counts: dict[str, Any], picture: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

@@ -157,3 +157,46 @@ def test_the_data_stages_start_without_tensorflow_keras_or_mlflow(stage: str) ->
     probe = f"import sys, components.{stage}; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# A stage's last moments once a framework is loaded: a worker thread still finishing an upload, an atexit
+# handler, and output still in the stdout buffer. None of it may be lost by skipping the module teardown.
+EXIT_SCRIPT = """
+import atexit, os, sys, threading, time, types
+from pathlib import Path
+from components.core import runtime
+out = Path(sys.argv[1])
+real_exit = os._exit
+os._exit = lambda code: ((out / "fast.txt").write_text("skipped teardown"), real_exit(code))
+if sys.argv[2] == "heavy":
+    sys.modules["torch"] = types.ModuleType("torch")  # stands in for a loaded framework
+def upload():
+    time.sleep(0.5)
+    (out / "thread.txt").write_text("done")
+threading.Thread(target=upload).start()
+atexit.register(lambda: (out / "atexit.txt").write_text("ran"))
+sys.stdout.write("last line, unflushed")
+runtime.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("frameworks", ["heavy", "none"])
+def test_a_stage_exit_keeps_its_exit_code_threads_atexit_handlers_and_buffered_output(frameworks, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), frameworks], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "last line, unflushed"
+    assert (tmp_path / "thread.txt").read_text() == "done"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "fast.txt").exists() == (frameworks == "heavy")  # plain stages exit the usual way
+
+
+def test_every_stage_program_ends_through_the_fast_exit() -> None:
+    from pathlib import Path
+
+    components = Path(__file__).resolve().parents[2] / "components"
+    programs = [p for p in components.glob("*.py") if 'if __name__ == "__main__":' in p.read_text()]
+    assert len(programs) >= 10
+    for program in programs:
+        assert program.read_text().rstrip().endswith("runtime.exit_process(main())"), program
