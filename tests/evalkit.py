@@ -264,7 +264,7 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: f
                 return
         except requests.RequestException:
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     raise RuntimeError(f"{url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
