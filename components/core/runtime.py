@@ -134,14 +134,15 @@ HEAVY_FRAMEWORKS = ("tensorflow", "jax", "torch")
 
 def exit_process(code: int) -> NoReturn:
     """End a stage's process with `code` (its `__main__` block). Once a deep-learning framework is loaded,
-    skip the interpreter's module teardown, which writes nothing: non-daemon threads are still waited for,
-    atexit handlers still run (logging, MLflow), and the standard streams are flushed first."""
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own exit path calls it
-    if run_exit_handlers is None or not any(name in sys.modules for name in HEAVY_FRAMEWORKS):
+    skip the interpreter's module teardown, which writes nothing. The rest of CPython's exit path still
+    runs, in its order: thread pools are shut down and non-daemon threads waited for, atexit handlers run
+    (logging, MLflow), and the standard streams are flushed."""
+    wait_for_threads = getattr(threading, "_shutdown", None)  # private, but what the interpreter calls at exit
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    heavy = any(name in sys.modules for name in HEAVY_FRAMEWORKS)
+    if not heavy or wait_for_threads is None or run_exit_handlers is None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    wait_for_threads()
     run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed or detached: nothing left to flush

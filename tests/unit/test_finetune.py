@@ -60,25 +60,46 @@ def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
     }
 
 
-def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(
-    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    import keras
-
+@pytest.fixture(scope="module")
+def finetuned(head, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One fine-tuning run of the shared head (flip TTA on) that beats the head on val, shared by the tests
+    that read its outputs."""
+    root = tmp_path_factory.mktemp("finetuned")
     compared: list[tuple[ValScore, ValScore]] = []
+    read: list[str] = []  # every image file any part of the stage opens
 
     def fine_tuning_wins(head_score: ValScore, finetuned_score: ValScore) -> bool:
         compared.append((head_score, finetuned_score))
         return True
 
-    monkeypatch.setattr(model_choice, "finetuned_beats_head", fine_tuning_wins)
+    with pytest.MonkeyPatch.context() as patch:
+        from components.ingestion import images
+
+        patch.setenv("MLFLOW_TRACKING_URI", migrated_store(head["root"] / "mlflow.db"))
+        patch.chdir(head["root"])
+        patch.setattr(model_choice, "finetuned_beats_head", fine_tuning_wins)
+        read_limited = images.read_limited
+        patch.setattr(images, "read_limited", lambda source, *a: read.append(str(source)) or read_limited(source, *a))
+        result = run_finetune(
+            tiny_params(finetune={"flip_tta": "on"}),
+            paths(head, root / "out", root / "reports"),
+            checkpoint_root=root / "ckpt",
+        )
+    return {
+        "result": result,
+        "compared": compared,
+        "read": read,
+        "out": root / "out",
+        "reports": root / "reports",
+        "tracking": migrated_store(head["root"] / "mlflow.db"),
+    }
+
+
+def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(head, finetuned):
+    import keras
+
     before = keras.models.load_model(head["root"] / "models/head/model.keras")
-    result = run_finetune(
-        tiny_params(),
-        paths(head, tmp_path / "models/finetune", tmp_path / "reports"),
-        checkpoint_root=tmp_path / "ckpt",
-    )
-    after = keras.models.load_model(tmp_path / "models/finetune/model.keras")
+    after = keras.models.load_model(finetuned["out"] / "model.keras")
 
     stats_before, stats_after = _batchnorm_stats(before), _batchnorm_stats(after)
     assert stats_before and stats_before.keys() == stats_after.keys()
@@ -90,42 +111,29 @@ def test_batchnorm_statistics_stay_frozen_while_the_top_layers_learn(
     )  # inside the unfrozen top: must have trained
     old_kernel = before.get_layer("backbone").get_layer("Conv_1").get_weights()[0]
     assert not np.allclose(top_conv.get_weights()[0], old_kernel)
-    assert result.trainable_layers > 0
-    # Fine-tuning beat the head on val: its weights are the output, and both val scores are recorded.
-    (head_score, finetuned_score), info = compared[0], files.read_json(tmp_path / "models/finetune/run.json")
-    assert len(compared) == 1 and result.kept == info["kept"] == "finetuned" and info["best_epoch"] >= 1
-    assert (
-        info["val_accuracy_head"] == head_score.accuracy and info["val_accuracy_finetuned"] == finetuned_score.accuracy
-    )
-    assert files.read_json(tmp_path / "reports/metrics.json")["kept_head"] == 0
+    assert finetuned["result"].trainable_layers > 0
 
 
-def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
-    head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, finetuned):
     import keras
     from mlflow import MlflowClient
 
-    from components.ingestion import images
-
-    monkeypatch.setattr(model_choice, "finetuned_beats_head", lambda head_score, finetuned_score: False)
-    read, read_limited = [], images.read_limited  # every image file any part of the stage opens
-    monkeypatch.setattr(images, "read_limited", lambda source, *a: read.append(str(source)) or read_limited(source, *a))
-    result = run_finetune(
-        tiny_params(finetune={"flip_tta": "on", "keep_head_if_not_better": False}),
-        paths(head, tmp_path / "out", tmp_path / "reports"),
-        checkpoint_root=tmp_path / "ckpt",
-    )
+    result, out, reports, tracking = (finetuned[k] for k in ("result", "out", "reports", "tracking"))
     # Nothing is chosen on test: early stopping, the kept weights, flip TTA and the temperature saw train and val.
     splits = pd.read_csv(head["manifest"]).set_index("path")["split"]
-    assert set(splits[splits == "val"].index) <= set(read)
-    assert not set(splits[splits == "test"].index) & set(read), "finetune read a test image"
-    info = files.read_json(tmp_path / "out/run.json")
+    assert set(splits[splits == "val"].index) <= set(finetuned["read"])
+    assert not set(splits[splits == "test"].index) & set(finetuned["read"]), "finetune read a test image"
+    info = files.read_json(out / "run.json")
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
-    assert info["kept"] == "finetuned"  # keep_head_if_not_better: false, though the head "won"
+    # Fine-tuning beat the head on val: its weights are the output, and both val scores are recorded.
+    (head_score, finetuned_score), *others = finetuned["compared"]
+    assert not others and result.kept == info["kept"] == "finetuned" and info["best_epoch"] >= 1
+    assert (
+        info["val_accuracy_head"] == head_score.accuracy and info["val_accuracy_finetuned"] == finetuned_score.accuracy
+    )
     head_classes = files.read_json(head["root"] / "models/head/classes.json")
-    assert files.read_json(tmp_path / "out/classes.json") == head_classes
-    model = keras.models.load_model(tmp_path / "out/model.keras")
+    assert files.read_json(out / "classes.json") == head_classes
+    model = keras.models.load_model(out / "model.keras")
     probs = model.predict(np.full((1, 50, 70, 3), 128.0, "float32"), verbose=0)
     assert probs.dtype == np.float32 and probs.shape == (1, 2)
     # flip_tta: on: the saved model is the mean of the classifier on the image and on its mirror.
@@ -139,7 +147,7 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
     )
     tags = MlflowClient(tracking).get_run(result.run_id).data.tags
     assert tags["stage"] == "finetune" and tags["head_run_id"] == head["head_run_id"]
-    assert list(pd.read_csv(tmp_path / "reports/history.csv").columns) == [
+    assert list(pd.read_csv(reports / "history.csv").columns) == [
         "epoch",
         "accuracy",
         "val_accuracy",
@@ -147,8 +155,9 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(
         "val_loss",
     ]
     # Calibrated on val: the temperature is in the model folder, the metrics and MLflow, and it lowered val NLL.
-    report = files.read_json(tmp_path / "reports/calibration.json")
-    metrics = files.read_json(tmp_path / "reports/metrics.json")
+    report = files.read_json(reports / "calibration.json")
+    metrics = files.read_json(reports / "metrics.json")
+    assert metrics["kept_head"] == 0
     assert report["calibrated"] and report["nll_after"] <= report["nll_before"]
     assert (
         info["temperature"] == pytest.approx(report["temperature"]) == pytest.approx(metrics["temperature"], abs=1e-4)
@@ -201,6 +210,33 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
     assert info["val_accuracy"] == pytest.approx(info["val_accuracy_head"])  # the kept model's number
     assert {"val_accuracy_finetuned", "val_log_loss_finetuned", "val_log_loss_head"} <= info.keys()
     assert MlflowClient().get_run(killed).data.tags["finetune.kept"] == "head"
+
+
+class WeightsOnlyModel:
+    """Stands in for the classifier in `keep_better`: its val probabilities follow its current weights."""
+
+    def __init__(self, weights: list[np.ndarray]) -> None:
+        self.weights = weights
+
+    def get_weights(self) -> list[np.ndarray]:
+        return list(self.weights)
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        self.weights = list(weights)
+
+
+@pytest.mark.parametrize("keep_head_if_not_better, kept", [(True, "head"), (False, "finetuned")])
+def test_a_head_that_scores_higher_is_kept_only_when_the_setting_asks(keep_head_if_not_better, kept, monkeypatch):
+    labels = np.array([0, 1, 1])
+    right, wrong = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]), np.array([[0.4, 0.6], [0.6, 0.4], [0.3, 0.7]])
+    probs = {"head": right, "finetuned": wrong}  # the head is right on every val image, fine-tuning on one
+    monkeypatch.setattr(model_choice, "views_scorer", lambda model: lambda ds: np.stack([probs[model.weights[0]]] * 2))
+    model = WeightsOnlyModel(["finetuned"])
+    config = tiny_params(finetune={"keep_head_if_not_better": keep_head_if_not_better}).finetune
+    choice, views = model_choice.keep_better(model, ["head"], None, labels, config)
+    assert choice.kept == kept and model.weights == [kept]
+    np.testing.assert_array_equal(views[0], probs[kept])
+    assert (choice.head.accuracy, choice.finetuned.accuracy) == (1.0, pytest.approx(1 / 3))  # both recorded
 
 
 def test_fine_tuning_must_beat_the_head_on_val_accuracy_then_log_loss():

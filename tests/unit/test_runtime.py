@@ -174,6 +174,9 @@ def upload():
     time.sleep(0.5)
     (out / "thread.txt").write_text("done")
 threading.Thread(target=upload).start()
+from concurrent.futures import ThreadPoolExecutor  # its idle workers end only through threading's exit hook
+pool = ThreadPoolExecutor(2)  # kept alive, as a library keeps its pool
+pool.submit(lambda: (out / "pool.txt").write_text("done"))
 atexit.register(lambda: (out / "atexit.txt").write_text("ran"))
 sys.stdout.write("last line, unflushed")
 runtime.exit_process(3)
@@ -187,7 +190,7 @@ def test_a_stage_exit_keeps_its_exit_code_threads_atexit_handlers_and_buffered_o
     )
     assert done.returncode == 3, done.stderr
     assert done.stdout == "last line, unflushed"
-    assert (tmp_path / "thread.txt").read_text() == "done"
+    assert (tmp_path / "thread.txt").read_text() == (tmp_path / "pool.txt").read_text() == "done"
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert (tmp_path / "fast.txt").exists() == (frameworks == "heavy")  # plain stages exit the usual way
 
