@@ -34,6 +34,7 @@ class Split:
     paths: list[str]
     labels: np.ndarray  # int32 class indices into `classes`
     classes: list[str]
+    shas: list[str] | None = None  # each image's content sha256 from the manifest: its key in the embedding cache
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,7 +54,8 @@ def load_split(manifest: str | Path | pd.DataFrame, split: str, classes: list[st
     if unknown:
         raise ValueError(f"labels {sorted(unknown)} are not among the model's classes {classes}")
     labels = rows["label"].map(index).to_numpy(dtype=np.int32)
-    return Split(rows["path"].tolist(), labels, list(classes))
+    shas = rows["sha256"].tolist() if "sha256" in rows else None
+    return Split(rows["path"].tolist(), labels, list(classes), shas)
 
 
 def default_limits() -> ImageLimits:

@@ -128,6 +128,7 @@ def cached_embeddings(
     make_runner: Callable[[], Any],
     image_size: int,
     limits: ImageLimits,
+    stage: str = "validate",
 ) -> EmbeddingCache:
     """The cache holding an embedding of every row of `frame` (path, sha256 columns): missing ones computed.
 
@@ -142,7 +143,7 @@ def cached_embeddings(
     from components.modeling.data import image_batches
 
     runner = make_runner()
-    print(f"validate: embedding {len(todo)} new image(s) ({getattr(runner, 'engine', 'model')})")
+    print(f"{stage}: embedding {len(todo)} new image(s) ({getattr(runner, 'engine', 'model')})")
     shas = todo["sha256"].tolist()
     for start in range(0, len(shas), CHUNK_ROWS):
         paths = todo["path"].iloc[start : start + CHUNK_ROWS].tolist()
@@ -150,6 +151,22 @@ def cached_embeddings(
         blocks = list(runner.predict_batches(batches, batch_size=BATCH_SIZE, verbose=runtime.progress_verbosity()))
         cache.write_chunk(shas[start : start + len(paths)], np.concatenate(blocks))
     return cache
+
+
+def shared_rows(
+    paths: list[str],
+    shas: list[str],
+    make_runner: Callable[[], Any],
+    cache_dir: str | Path,
+    model: ModelConfig,
+    limits: ImageLimits,
+    stage: str,
+) -> Iterator[np.ndarray]:
+    """These images' embeddings in order, a block at a time, from the shared cache: the ones validate has not
+    embedded yet are computed with `make_runner()` (a forward pass with the same output) and added to it."""
+    frame = pd.DataFrame({"path": paths, "sha256": shas})
+    cache = cached_embeddings(frame, cache_dir, model_key(model), make_runner, model.image_size, limits, stage)
+    yield from cache.rows(list(shas)).blocks()
 
 
 def embed_frame(

@@ -70,8 +70,10 @@ def extract_features(
     copies: int = 0,
     seed: int = 0,
     limits: ImageLimits | None = None,
+    as_is: Callable[[Split], Iterator[np.ndarray]] | None = None,
 ) -> None:
     """Features of every image as is, then of `copies` augmented variants, into `out_dir`: FEATURES and LABELS.
+    `as_is` gives the un-augmented view's blocks instead of the extractor (the shared embedding cache).
 
     Each batch's features go straight into a preallocated .npy on disk (its width is the first batch's):
     memory holds one batch, not the pass. `extractor.predict_batches` yields one batch's features at a time.
@@ -80,7 +82,8 @@ def extract_features(
     np.save(Path(out_dir) / LABELS, np.tile(split.labels.astype(np.int32), copies + 1))
     features, row = None, 0
     try:
-        for block in _feature_blocks(extractor, split, image_size, batch_size, policy_path, copies, seed, limits):
+        blocks = _feature_blocks(extractor, split, image_size, batch_size, policy_path, copies, seed, limits, as_is)
+        for block in blocks:
             if features is None:
                 features = _row_writer(Path(out_dir) / FEATURES, (rows, *block.shape[1:]))
             if row + len(block) > rows:
@@ -103,9 +106,13 @@ def _feature_blocks(
     copies: int,
     seed: int,
     limits: ImageLimits | None,
+    as_is: Callable[[Split], Iterator[np.ndarray]] | None = None,
 ) -> Iterator[np.ndarray]:
     """One batch's features at a time: every image as is, then each augmented copy."""
-    for copy in range(copies + 1):
+    if as_is is not None:
+        print(f"features: {len(split)} images, as is, from the shared embedding cache")
+        yield from as_is(split)
+    for copy in range(0 if as_is is None else 1, copies + 1):
         seeds = copy_seeds(seed, copy, len(split)) if copy else None
         print(f"features: {len(split)} images, " + (f"augmented copy {copy}/{copies}" if copy else "as is"))
         batches = image_batches(
@@ -140,8 +147,13 @@ def cached_features(
     manifest: str | Path,
     policy_path: str | Path | None,
     cache_dir: str | Path,
+    embedding_dir: str | Path | None = None,
 ) -> tuple[dict[str, np.ndarray], Path]:
     """Load the feature cache for these inputs, or compute (with `make_extractor()`) and write it.
+
+    With `embedding_dir` (validate's embedding cache) and average pooling, the un-augmented view of every image
+    is validate's embedding (the same backbone, decode and pooling): read from there, and what is missing there
+    is computed once and added for both stages. Only the augmented copies always need the extractor.
 
     `splits` maps "train", "val" and optionally "test" (the suspect-label check scores test images, un-augmented)
     to their images: a cache written without a split gains it with one pass over that split, the rest is reused.
@@ -153,10 +165,10 @@ def cached_features(
     if cached:
         print(f"features: reusing cache {path} ({', '.join(cached)})")
     missing = [name for name in splits if name not in cached]
-    # Only when there are images to run: an ONNX export costs seconds.
-    extractor = make_extractor() if any(len(splits[name]) for name in missing) else None
+    extractor = OnFirstUse(make_extractor)  # built only if some image has no cached features: an export costs seconds
     h, size, seed = params.train_head, params.model.image_size, params.project.seed
     limits = ImageLimits.from_config(params.validate)
+    shared = embedding_dir is not None and h.pooling == "avg"  # validate's embedding is average-pooled
     for name in missing:
         split = splits[name]
         copies = h.augmented_copies if name == "train" and policy_path else 0
@@ -177,11 +189,41 @@ def cached_features(
                 copies=copies,
                 seed=seed,
                 limits=limits,
+                as_is=shared_view(extractor.get, embedding_dir, params, limits) if shared and split.shas else None,
             )
     arrays: dict[str, np.ndarray] = {}
     for name in splits:
         arrays[f"{name}_x"], arrays[f"{name}_y"] = _load_split(path / name)
     return arrays, path
+
+
+class OnFirstUse:
+    """An extractor that is built (`make()`) when its first batch arrives, then kept."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.built = make, None
+
+    def get(self) -> Any:
+        if self.built is None:
+            self.built = self.make()
+        return self.built
+
+    def predict_batches(self, batches: Any, **kwargs: Any) -> Iterator[np.ndarray]:
+        return self.get().predict_batches(batches, **kwargs)
+
+
+def shared_view(
+    make_runner: Callable[[], Any], embedding_dir: str | Path, params: Params, limits: ImageLimits
+) -> Callable[[Split], Iterator[np.ndarray]]:
+    """A split's un-augmented features from the shared embedding cache (components.modeling.embeddings)."""
+    from components.modeling import embeddings
+
+    def blocks(split: Split) -> Iterator[np.ndarray]:
+        return embeddings.shared_rows(
+            split.paths, list(split.shas or []), make_runner, embedding_dir, params.model, limits, "features"
+        )
+
+    return blocks
 
 
 def frozen_runner(extractor: Any, config: TrainHeadConfig, cache_dir: str | Path) -> frozen_forward.FrozenRunner:

@@ -17,7 +17,7 @@ import pandas as pd
 from components.core import array_rows, runtime, tracking
 from components.core.config import Params
 from components.core.contracts import read_manifest
-from components.core.paths import TrainHeadPaths
+from components.core.paths import EMBEDDING_CACHE, TrainHeadPaths
 from components.core.tracking_connection import RetryPolicy
 from components.ingestion.images import ImageLimits
 from components.modeling import data, data_checks, drift, feature_cache, frozen_forward, optimization, snapshots
@@ -133,8 +133,9 @@ def fit_on_cached_features(
 
     check = h.label_issues.action != "off"
     splits = {"train": train, "val": inputs.val, **({"test": inputs.test} if check else {})}
+    shared = Path(paths.cache_dir).parent / EMBEDDING_CACHE.name  # validate's, beside the feature cache
     arrays, cache_path = feature_cache.cached_features(
-        make_extractor, splits, params, paths.manifest, paths.policy, paths.cache_dir
+        make_extractor, splits, params, paths.manifest, paths.policy, paths.cache_dir, shared
     )
     plain = arrays["train_x"][: len(train)]  # the un-augmented copy of each training image comes first
     train_x, train_y = arrays["train_x"], arrays["train_y"]

@@ -194,3 +194,61 @@ def test_extraction_leaves_no_feature_pages_resident(tmp_path: Path, monkeypatch
     assert features.shape == (9600, WIDTH) and features.nbytes > 48_000_000
     np.testing.assert_array_equal(features[[0, 3199, 3200, 9599], 7], [0, 3199, 0.5, 3199.5])
     assert max(samples) - before < 8_000, (before, max(samples))  # kB: not the 49 MB written
+
+
+def shared_cache_inputs(cache_inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """validate's embedding cache beside the feature cache, keyed without building a backbone."""
+    from components.modeling import data, embeddings
+
+    monkeypatch.setattr(data, "image_batches", fake_image_batches)  # what the embedding pass reads images with
+    monkeypatch.setattr(embeddings, "model_key", lambda model: "model-key")
+    return cache_inputs["cache_dir"].parent / "embeddings"
+
+
+def with_shas(split: Split) -> Split:
+    return Split(split.paths, split.labels, split.classes, [f"sha-{p}" for p in split.paths])
+
+
+def test_the_unaugmented_view_is_validates_embedding_and_what_is_missing_is_added_for_both(
+    cache_inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+):
+    from components.modeling.embeddings import EmbeddingCache
+
+    embedding_dir = shared_cache_inputs(cache_inputs, monkeypatch)
+    train = with_shas(split_of(10))
+    val = with_shas(Split([f"img_{i}.jpg" for i in (20, 21, 22)], np.array([0, 1, 0], np.int32), ["a", "b"]))
+    validated = EmbeddingCache(embedding_dir / "model-key")  # validate embedded train images 0..6
+    validated.write_chunk(train.shas[:7], np.repeat(np.arange(7, dtype=np.float32)[:, None] + 100, WIDTH, axis=1))
+    extractor = FakeExtractor()
+    arrays, _ = feature_cache.cached_features(
+        lambda: extractor, {"train": train, "val": val}, **cache_inputs, embedding_dir=embedding_dir
+    )
+    as_is = arrays["train_x"][:10, 0]
+    np.testing.assert_array_equal(as_is, [100, 101, 102, 103, 104, 105, 106, 7, 8, 9])  # 0..6 read, not recomputed
+    np.testing.assert_array_equal(arrays["train_x"][10:, 0], np.tile(np.arange(10) + 0.5, 2))  # copies: extractor
+    np.testing.assert_array_equal(arrays["val_x"][:, 0], [20, 21, 22])
+    assert extractor.passes == 4  # train's 3 missing, 2 augmented copies, val's 3 missing
+    shared = EmbeddingCache(embedding_dir / "model-key")
+    assert set(train.shas + val.shas) <= shared.where.keys()  # validate's next run embeds nothing again
+    np.testing.assert_array_equal(shared.rows(train.shas[7:]).take(np.arange(3))[:, 0], [7, 8, 9])
+
+
+def test_max_pooled_features_are_not_taken_from_the_average_pooled_embeddings(
+    cache_inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+):
+    from components.modeling.embeddings import EmbeddingCache
+
+    embedding_dir = shared_cache_inputs(cache_inputs, monkeypatch)
+    train = with_shas(split_of(4))
+    EmbeddingCache(embedding_dir / "model-key").write_chunk(train.shas, np.full((4, WIDTH), 100, np.float32))
+    params = cache_inputs["params"].model_copy(
+        update={"train_head": cache_inputs["params"].train_head.model_copy(update={"pooling": "max"})}
+    )
+    extractor = FakeExtractor()
+    arrays, _ = feature_cache.cached_features(
+        lambda: extractor,
+        {"train": train, "val": with_shas(split_of(2))},
+        **{**cache_inputs, "params": params},
+        embedding_dir=embedding_dir,
+    )
+    np.testing.assert_array_equal(arrays["train_x"][:4, 0], np.arange(4))

@@ -65,6 +65,25 @@ def test_features_run_on_onnx_runtime_where_installed_and_match_keras(trained, t
 
 
 @pytest.mark.slow
+def test_validates_embedding_is_what_the_head_sees_of_an_unaugmented_image(trained):
+    """Why train_head may read its un-augmented view from validate's embedding cache (same backbone, decode,
+    preprocessing and average pooling; the classifier's resize is the identity at the model's size)."""
+    import keras
+
+    from components.modeling import backbones, embeddings
+
+    params = tiny_params()
+    assert params.train_head.pooling == "avg"
+    extractor = backbones.feature_extractor(keras.models.load_model(trained["root"] / "models/head/model.keras"))
+    val = load_split(trained["manifest"], "val")
+    images = np.stack([load_rgb(p, params.model.image_size) for p in val.paths]).astype("float32")
+    embedded = embeddings.embedding_model(params.model).predict(images, verbose=0)
+    np.testing.assert_allclose(extractor.predict(images, verbose=0), embedded, atol=1e-5)
+    manifest = pd.read_csv(trained["manifest"], dtype={"sha256": str})
+    assert val.shas == manifest.query("split == 'val'")["sha256"].tolist()
+
+
+@pytest.mark.slow
 def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     from mlflow import MlflowClient
 
