@@ -4,12 +4,11 @@ per-image predictions table `dvc plots` draws its own confusion matrix from."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from components.core import files
+from components.core import figures, files
 from components.ingestion.images import ImageLimits
 from components.modeling.data import Split, load_rgb
 from components.modeling.metrics import predictions
@@ -37,19 +36,10 @@ def write_predictions(split: Split, probs: np.ndarray, path: str | Path) -> None
     files.write_csv(table, path)  # labels and paths come from the source: no cell starts a formula
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], path: Path) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
+    plt = figures.pyplot()
     side = max(4.0, 0.6 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(side, side))
     ConfusionMatrixDisplay.from_predictions(
@@ -65,13 +55,11 @@ def plot_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[
     for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
         label.set(**PLAIN_TEXT)
     ax.set_title(f"Test confusion matrix (n={len(y_true)})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save_png(fig, path, dpi=120)
 
 
 def plot_reliability(bins: pd.DataFrame, ece: float, path: Path) -> None:
-    plt = _pyplot()
+    plt = figures.pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=[3, 1], sharex=True)
     centers = (bins["low"] + bins["high"]) / 2
     width = float(bins["high"].iloc[0] - bins["low"].iloc[0])
@@ -83,14 +71,12 @@ def plot_reliability(bins: pd.DataFrame, ece: float, path: Path) -> None:
     bottom.bar(centers, bins["count"], width=width * 0.95, color="gray")
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save_png(fig, path, dpi=120)
 
 
 def plot_worst_errors(split: Split, probs: np.ndarray, count: int, path: Path, limits: ImageLimits) -> int:
     """The most confident mistakes, with true and predicted labels; returns how many are shown."""
-    plt = _pyplot()
+    plt = figures.pyplot()
     y_pred = predictions(probs)
     wrong = np.flatnonzero((y_pred != split.labels) & (y_pred >= 0))
     worst = wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:count]
@@ -109,7 +95,5 @@ def plot_worst_errors(split: Split, probs: np.ndarray, count: int, path: Path, l
     if not len(worst):
         axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     fig.suptitle("Most confident test mistakes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.save_png(fig, path, dpi=100)
     return int(len(worst))
