@@ -102,7 +102,7 @@ def inspect_entries(
     if used > 1:
         with ProcessPoolExecutor(max_workers=used) as pool:
             inspect = functools.partial(_inspect_chunk, limits=limits)
-            done = itertools.chain.from_iterable(bounded_map(pool, inspect, chunks, 2 * used))
+            done = itertools.chain.from_iterable(bounded_map(pool, inspect, chunks, 4 * used))
             for facts, i in zip(progress(done, **bar), todo):  # progress first: it prints its last line
                 table.put(i, facts)
     else:
