@@ -10,10 +10,13 @@ in the report's `refused`.
 Every file is hashed (sha256) and, in an allowed format (`validate.allowed_formats`), fully decoded
 through the guarded loader (components/ingestion/images.py) in a process pool; results are cached beside
 `raw_dir` by (source, size, mtime, ctime, inode) so a rerun on an unchanged source recomputes
-nothing (components/ingestion/file_facts.py). Splits come from a hash of each image's bytes: adding images
-never moves an existing one, and byte-identical files always share a split (components/ingestion/manifest_rows.py);
-then a class with too few val images borrows its lowest-hash training images (components/ingestion/val_topup.py:
-the one case where new images can move old ones, between train and val only).
+nothing (components/ingestion/file_facts.py, facts_cache.py). What is kept of each file until the manifest
+is written is a row of arrays (components/ingestion/facts_table.py), and the manifest is written a row at a
+time, so memory grows by bytes, not kilobytes, per file (issue 24). Splits come from a hash of each image's
+bytes: adding images never moves an existing one, and byte-identical files always share a split
+(components/ingestion/manifest_rows.py); then a class with too few val images borrows its lowest-hash
+training images (components/ingestion/val_topup.py: the one case where new images can move old ones,
+between train and val only).
 Undecodable, hidden, non-image files and images in other formats stay in the manifest with an `error`
 so that validate can report them.
 """
@@ -37,9 +40,10 @@ from components.core.contracts import IngestReport, write_manifest
 from components.core.credentials import redact
 from components.core.paths import IngestPaths
 from components.ingestion.confine import IngestError, Listing, check_no_overlap, local_path
-from components.ingestion.file_facts import FactsCache, inspect_entries
+from components.ingestion.facts_cache import FactsCache
+from components.ingestion.file_facts import inspect_entries
 from components.ingestion.images import ImageLimits
-from components.ingestion.manifest_rows import build_rows, summarise_rows
+from components.ingestion.manifest_rows import assign_splits, manifest_order, manifest_rows, summarise_rows
 from components.ingestion.sources import collect_source
 from components.ingestion.urls import is_remote
 from components.ingestion.val_topup import top_up_val
@@ -87,10 +91,9 @@ def run_ingest(params: Params, paths: IngestPaths) -> IngestResult:
     cache_dir = paths.raw_dir.parent / CACHE_DIRNAME  # beside, not inside, the DVC-tracked raw_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     workers = resolve_workers(config.workers)
-    with FileLock(cache_dir / "lock"):
+    with FileLock(cache_dir / "lock"), FactsCache(cache_dir, limits) as cache:
         for leftover in cache_dir.glob("staging-*"):  # a killed run's: we hold the lock, so none is in use
             shutil.rmtree(leftover, ignore_errors=True)
-        cache = FactsCache(cache_dir / "files.json", limits)
         with (
             files.atomic_dir(paths.raw_dir) as new_raw,
             tempfile.TemporaryDirectory(dir=cache_dir, prefix="staging-") as staging,
@@ -98,21 +101,22 @@ def run_ingest(params: Params, paths: IngestPaths) -> IngestResult:
             listing = collect_source(config, new_raw, Path(staging), cache_dir / "downloads", paths.raw_dir)
             if not listing.entries:
                 raise _nothing_usable(config.source, listing)
+            manifest_order(listing.entries, paths.raw_dir)  # every column below is in the manifest's order
             facts, computed, used = inspect_entries(listing.entries, new_raw, cache, workers, limits)
-            rows, notes = build_rows(listing.entries, facts, paths.raw_dir, params.project.seed, config.split)
+            columns, notes = assign_splits(listing.entries, facts, params.project.seed, config.split)
             moved, val_notes = top_up_val(
-                rows, params.project.seed, config.min_val_per_class, config.max_val_share_per_class
+                columns, params.project.seed, config.min_val_per_class, config.max_val_share_per_class
             )
-        write_manifest(rows, paths.manifest)
+        write_manifest(manifest_rows(listing.entries, facts, columns, paths.raw_dir), paths.manifest)
         cache.save(listing.entries, facts)
-    summary = summarise_rows(rows)
+    summary = summarise_rows(listing.entries, facts, columns)
     result = IngestResult(
         raw_dir=paths.raw_dir,
         manifest_path=paths.manifest,
         report_path=paths.report,
         refused=len(listing.refused),
         computed=computed,
-        cached=len(facts) - computed,
+        cached=sum(not e.missing for e in listing.entries) - computed,
         workers=used,
         seconds=round(time.perf_counter() - started, 3),
         notes=listing.notes + notes + val_notes,

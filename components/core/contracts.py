@@ -19,6 +19,7 @@ at the reader (naming the file, the field and the stage to rerun) instead of tur
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -142,10 +143,12 @@ def read_manifest(path: str | Path, required: list[str] | None = None) -> pd.Dat
     return frame
 
 
-def write_manifest(rows: pd.DataFrame | list[dict[str, Any]], path: str | Path) -> Path:
-    """Write a manifest with exactly MANIFEST_COLUMNS, atomically."""
-    from components.core.files import write_csv
+def write_manifest(rows: pd.DataFrame | list[dict[str, Any]] | Iterator[tuple[Any, ...]], path: str | Path) -> Path:
+    """Write a manifest with exactly MANIFEST_COLUMNS, atomically; an iterator of tuples in that order is streamed."""
+    from components.core.files import write_csv, write_csv_rows
 
+    if isinstance(rows, Iterator):
+        return write_csv_rows(MANIFEST_COLUMNS, rows, path)  # a row at a time, no frame of them all (issue 24)
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:

@@ -8,24 +8,27 @@ rerun on an unchanged source recomputes nothing; the cache holds only for the sa
 
 from __future__ import annotations
 
+import array
+import functools
 import hashlib
-import json
+import itertools
 import os
 import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import PIL
-
-from components.core import files
 from components.core.progress import progress
 from components.ingestion.confine import Entry, IngestError
+from components.ingestion.facts_cache import FactsCache
+from components.ingestion.facts_table import FactsTable
 from components.ingestion.images import ImageLimits, UnusableImage, inspect_image
+from components.ingestion.source_copy import bounded_map
 
 CHUNK = 1 << 20
 # Below this many files a process pool costs more to start than it saves.
 MIN_FILES_FOR_POOL = 64
+MAX_CHUNK = 64  # files a worker inspects per task: few enough that a bounded number of tasks stays small
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,80 +69,43 @@ def inspect_file(path: str, limits: ImageLimits) -> dict[str, Any]:
     return facts
 
 
-def _inspect_star(args: tuple[str, ImageLimits]) -> dict[str, Any]:
-    return inspect_file(*args)
+def _inspect_chunk(paths: list[str], limits: ImageLimits) -> list[dict[str, Any]]:
+    return [inspect_file(path, limits) for path in paths]
 
 
 # --------------------------------------------------------------------------------------------
-# Cache of per-file facts
-
-
-class FactsCache:
-    """Facts of files keyed by (origin, size, version); valid only for the same Pillow and image limits.
-
-    A local file's version is its size, mtime, ctime, inode and device (sources.file_version): a file
-    swapped in with the same size and a restored mtime still gets a new ctime, so it is inspected again.
-    """
-
-    def __init__(self, path: Path, limits: ImageLimits) -> None:
-        self.path = path
-        self.signature = {
-            "pillow": PIL.__version__,
-            "max_pixels": limits.max_pixels,
-            "max_image_bytes": limits.max_bytes,
-            "formats": list(limits.formats or ()),
-            "schema": 4,  # 3: only allowed formats decoded; embedded images checked. 4: upright (EXIF) sizes
-        }
-        self.files: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            try:
-                stored = files.read_json(path)
-            except (OSError, json.JSONDecodeError):
-                stored = {}  # a damaged cache only costs a recompute
-            if isinstance(stored, dict) and stored.get("signature") == self.signature:
-                self.files = stored.get("files", {})
-
-    def get(self, entry: Entry) -> dict[str, Any] | None:
-        hit = self.files.get(entry.origin)
-        if hit and entry.version and hit["size"] == entry.size and hit["version"] == entry.version:
-            return hit["facts"]
-        return None
-
-    def save(self, entries: list[Entry], facts: dict[str, dict[str, Any]]) -> None:
-        """Keep only the current files, so the cache never outgrows the source."""
-        known = {
-            e.origin: {"size": e.size, "version": e.version, "facts": facts[e.origin]}
-            for e in entries
-            if e.version and e.origin in facts
-        }
-        files.write_json(self.path, {"signature": self.signature, "files": known})
+# Every file's facts, into a FactsTable
 
 
 def inspect_entries(
     entries: list[Entry], root: Path, cache: FactsCache, workers: int, limits: ImageLimits
-) -> tuple[dict[str, dict[str, Any]], int, int]:
+) -> tuple[FactsTable, int, int]:
     """Facts for every present entry: from the cache when unchanged, else computed in a pool.
 
-    Returns (facts by origin, files computed, processes used).
+    Returns (facts by position in `entries`, files computed, processes used). Paths go to the pool a
+    chunk at a time, with a bounded number of chunks in flight, so nothing per file is queued at once.
     """
-    facts: dict[str, dict[str, Any]] = {}
-    todo = []
-    for e in entries:
+    table = FactsTable(len(entries))
+    todo = array.array("q")  # positions to inspect: 8 bytes a file, not a list of Python ints
+    for i, e in enumerate(entries):
         if e.missing:
             continue
         cached = cache.get(e)
         if cached is not None:
-            facts[e.origin] = cached
+            table.put(i, cached)
         else:
-            todo.append(e)
-    jobs = [(str(root / e.rel), limits) for e in todo]
-    used = min(workers, len(jobs)) if len(jobs) >= MIN_FILES_FOR_POOL else 1
-    bar = dict(total=len(jobs), desc="ingest: hash+decode", unit="file")
+            todo.append(i)
+    used = min(workers, len(todo)) if len(todo) >= MIN_FILES_FOR_POOL else 1
+    size = max(1, min(MAX_CHUNK, len(todo) // (used * 16)))
+    chunks = ([str(root / entries[i].rel) for i in todo[k : k + size]] for k in range(0, len(todo), size))
+    bar = dict(total=len(todo), desc="ingest: hash+decode", unit="file")
     if used > 1:
         with ProcessPoolExecutor(max_workers=used) as pool:
-            chunks = max(1, len(jobs) // (used * 16))
-            results = list(progress(pool.map(_inspect_star, jobs, chunksize=chunks), **bar))
+            inspect = functools.partial(_inspect_chunk, limits=limits)
+            done = itertools.chain.from_iterable(bounded_map(pool, inspect, chunks, 4 * used))
+            for facts, i in zip(progress(done, **bar), todo):  # progress first: it prints its last line
+                table.put(i, facts)
     else:
-        results = [inspect_file(*job) for job in progress(jobs, **bar)]
-    facts.update((e.origin, r) for e, r in zip(todo, results))
-    return facts, len(jobs), used if jobs else 0
+        for facts, i in zip(progress((inspect_file(p, limits) for c in chunks for p in c), **bar), todo):
+            table.put(i, facts)
+    return table, len(todo), used if todo else 0

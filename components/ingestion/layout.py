@@ -113,12 +113,13 @@ def safe_relative(rel: str) -> bool:
     )
 
 
-@dataclass
+@dataclass(slots=True)  # one per file while a tree is listed: no per-instance __dict__
 class Planned:
-    rel: str
-    label: str
+    rel: str  # in the source
+    label: str  # the class folder's name; once checked, the label (source_trees.plan_entries)
     given_split: str | None
     hidden: bool
+    target: str = ""  # the path in raw_dir, once the label is checked
 
 
 def plan_layout(files: list[str], dirs: list[str]) -> tuple[str, list[Planned], dict[str, int], list[str]]:
@@ -137,6 +138,7 @@ def plan_layout(files: list[str], dirs: list[str]) -> tuple[str, list[Planned], 
         if len(parts) == depth and _usable_folder(parts, split_layout):
             folders.setdefault(d, 0)
     planned, ignored = [], []
+    names: dict[str, str] = {}  # one string per class folder name, not one per file
     for rel in files:
         parts = rel.split("/")
         if len(parts) <= depth or not _usable_folder(parts[:depth], split_layout):
@@ -146,7 +148,7 @@ def plan_layout(files: list[str], dirs: list[str]) -> tuple[str, list[Planned], 
         folder = "/".join(parts[:depth])
         folders[folder] = folders.get(folder, 0) + (0 if hidden else 1)
         split = SPLIT_ALIASES[parts[0].lower()] if split_layout else None
-        planned.append(Planned(rel, parts[depth - 1], split, hidden))
+        planned.append(Planned(rel, names.setdefault(parts[depth - 1], parts[depth - 1]), split, hidden))
     return ("split_folders" if split_layout else "class_folders"), planned, folders, ignored
 
 

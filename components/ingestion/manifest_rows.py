@@ -7,20 +7,29 @@ a class with too few val images borrows its lowest-hash training images, and as 
 to train a few at a time; test is never touched, and identical files still share a split.
 Undecodable, hidden, non-image files and images in other formats stay in the manifest with an `error`
 so that validate can report them.
+What is kept of every file is a few bytes in arrays (`SplitColumns`, facts_table.FactsTable) beside its listing
+entry; rows are made one at a time as the manifest is written (issue 24: bounded memory at a million files).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from components.core.contracts import SPLITS
-from components.core.hashing import records_version
+from components.core.hashing import ordered_records_version, records_version
 from components.core.stage_config import SplitFractions
 from components.ingestion.confine import Entry
+from components.ingestion.facts_table import FactsTable, Vocabulary
 from components.ingestion.file_facts import blank_facts
+from components.ingestion.layout import safe_relative
 
 
 def split_position(sha256: str, seed: int) -> float:
@@ -41,11 +50,31 @@ def assign_split(sha256: str, seed: int, fractions: SplitFractions, among: Seque
     return weights[-1][0]
 
 
-def build_rows(
-    entries: list[Entry], facts: dict[str, dict[str, Any]], raw_dir: Path, seed: int, fractions: SplitFractions
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Manifest rows (sorted by path) with splits; notes say which splits were carved from train, and which images'
-    EXIF orientation could not be read."""
+@dataclass
+class SplitColumns:
+    """What the split assignment and the val top-up need of every file, a few bytes each, in manifest order."""
+
+    labels: Vocabulary  # label code -> label
+    label: np.ndarray  # int32: the file's label code
+    split: np.ndarray  # uint8: index into SPLITS
+    sha256: np.ndarray  # (n, 32) uint8; zeros where the file was not read
+    known: np.ndarray  # bool: sha256 known
+    usable: np.ndarray  # bool: the manifest's `error` is empty
+
+
+def manifest_order(entries: list[Entry], raw_dir: Path) -> None:
+    """Sort entries in place as the manifest lists them: by path (stable)."""
+    if all(safe_relative(e.rel) for e in entries):
+        entries.sort(key=attrgetter("rel"))  # a plain relative path: the paths sort as the rels do
+    else:
+        entries.sort(key=lambda e: (raw_dir / e.rel).as_posix())
+
+
+def assign_splits(
+    entries: list[Entry], facts: FactsTable, seed: int, fractions: SplitFractions
+) -> tuple[SplitColumns, list[str]]:
+    """Every file's split; notes say which splits were carved from train, and which images' EXIF orientation
+    could not be read."""
     given = {e.given_split for e in entries if e.given_split}
     missing = [s for s in SPLITS if s not in given]
     notes = []
@@ -57,57 +86,68 @@ def build_rows(
         )
     elif given and missing:
         notes.append(f"the source has no train split; {'/'.join(missing)} left empty")
-    rows = []
-    for e in entries:
-        f = facts.get(e.origin) or blank_facts(f"source file not found: {e.origin}")
-        error = "hidden or system file (e.g. .DS_Store), not an image" if e.hidden else f["error"]
-        key = f["sha256"] or hashlib.sha256(e.origin.encode()).hexdigest()
+    labels, codes = Vocabulary(), np.zeros(len(entries), np.int32)
+    splits = np.zeros(len(entries), np.uint8)
+    for i, e in enumerate(entries):
+        codes[i] = labels.code(e.label)
         split = e.given_split
-        if split is None:
-            split = assign_split(key, seed, fractions)
-        elif split == "train" and carve:
-            split = assign_split(key, seed, fractions, among=["train", *missing])
-        rows.append(
-            {
-                "path": (raw_dir / e.rel).as_posix(),
-                "label": e.label,
-                "split": split,
-                "sha256": f["sha256"],
-                "bytes": f["bytes"],
-                "width": f["width"],
-                "height": f["height"],
-                "format": f["format"],
-                "mode": f["mode"],
-                "source": e.origin,
-                "error": error,
-                "_rel": e.rel,
-            }
-        )
-    rows.sort(key=lambda r: r["path"])
-    unoriented = sorted(e.rel for e in entries if (facts.get(e.origin) or {}).get("note"))
-    if unoriented:
+        if split is None or (split == "train" and carve):
+            key = facts.sha_hex(i) or hashlib.sha256(e.origin.encode()).hexdigest()
+            split = assign_split(key, seed, fractions, among=SPLITS if split is None else ["train", *missing])
+        splits[i] = SPLITS.index(split)
+    hidden = np.fromiter((e.hidden for e in entries), bool, len(entries))
+    columns = SplitColumns(labels, codes, splits, facts.sha256, facts.known, facts.usable() & ~hidden)
+    unoriented = np.flatnonzero(facts.note)
+    if len(unoriented):
+        first = min(entries[i].rel for i in unoriented)
         notes.append(
             f"{len(unoriented)} image(s) with an unreadable EXIF orientation are used as stored, perhaps on their "
-            f"side (e.g. {unoriented[0]}): rewrite them upright, or fix their orientation tag"
+            f"side (e.g. {first}): rewrite them upright, or fix their orientation tag"
         )
-    return rows, notes
+    return columns, notes
 
 
-def count_images(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    for r in rows:
-        if not r["error"]:
-            counts[r["split"]][r["label"]] = counts[r["split"]].get(r["label"], 0) + 1
-    return {s: dict(sorted(c.items())) for s, c in counts.items()}
+def manifest_rows(
+    entries: list[Entry], facts: FactsTable, columns: SplitColumns, raw_dir: Path
+) -> Iterator[tuple[Any, ...]]:
+    """The manifest's rows (MANIFEST_COLUMNS), one at a time, in the entries' order."""
+    for i, e in enumerate(entries):
+        f = facts.get(i) if facts.known[i] else blank_facts(f"source file not found: {e.origin}")
+        error = "hidden or system file (e.g. .DS_Store), not an image" if e.hidden else f["error"]
+        yield (
+            (raw_dir / e.rel).as_posix(),
+            e.label,
+            SPLITS[columns.split[i]],
+            f["sha256"],
+            f["bytes"],
+            f["width"],
+            f["height"],
+            f["format"],
+            f["mode"],
+            e.origin,
+            error,
+        )
 
 
-def summarise_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def count_images(columns: SplitColumns) -> dict[str, dict[str, int]]:
+    """split -> label -> decodable images, labels sorted."""
+    counts = {}
+    for code, name in enumerate(SPLITS):
+        per_label = np.bincount(columns.label[columns.usable & (columns.split == code)], minlength=len(columns.labels))
+        counts[name] = dict(sorted((columns.labels[c], int(n)) for c, n in enumerate(per_label) if n))
+    return counts
+
+
+def summarise_rows(entries: list[Entry], facts: FactsTable, columns: SplitColumns) -> dict[str, Any]:
     """What the manifest holds, as both the stage's result and its report state it."""
+    images = int(np.count_nonzero(columns.usable))
+    records = ((e.rel, e.label, SPLITS[columns.split[i]], facts.sha_hex(i)) for i, e in enumerate(entries))
+    rels_ascend = all(a.rel < b.rel for a, b in pairwise(entries))  # then the records are in sorted order
     return {
-        "files": len(rows),
-        "images": sum(1 for r in rows if not r["error"]),
-        "unreadable": sum(1 for r in rows if r["error"]),
-        "bytes": sum(int(r["bytes"]) for r in rows),
-        "counts": count_images(rows),
-        "data_version": records_version((r["_rel"], r["label"], r["split"], r["sha256"]) for r in rows),
+        "files": len(entries),
+        "images": images,
+        "unreadable": len(entries) - images,
+        "bytes": int(facts.bytes.sum()),
+        "counts": count_images(columns),
+        "data_version": ordered_records_version(records) if rels_ascend else records_version(records),
     }

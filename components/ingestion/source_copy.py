@@ -30,7 +30,16 @@ from tqdm import tqdm
 
 from components.core import errors, files
 from components.core.credentials import redact
-from components.ingestion.confine import Context, Entry, IngestError, Refused, check_link_count, file_version, inside
+from components.ingestion.confine import (
+    Context,
+    Entry,
+    IngestError,
+    Refused,
+    check_link_count,
+    file_identity,
+    file_version,
+    inside,
+)
 from components.ingestion.layout import safe_relative
 from components.ingestion.url_fetch import open_remote, remote_info
 from components.ingestion.urls import UrlPolicy, URLRefused, is_remote
@@ -95,7 +104,7 @@ def _copy_local(entry: Entry, dest: Path, budget: ByteBudget, allow_hard_links: 
         raise Refused(f"cannot open: {exc.strerror or type(exc).__name__}") from None
     try:
         st = os.fstat(src)
-        if not stat.S_ISREG(st.st_mode) or (entry.identity and (st.st_dev, st.st_ino) != entry.identity):
+        if not stat.S_ISREG(st.st_mode) or (entry.identity is not None and file_identity(st) != entry.identity):
             raise Refused("the file changed while it was being ingested")
         check_link_count(st, allow_hard_links)  # again: a link made after listing
         out = _open_target(dest, entry.rel)
@@ -170,6 +179,7 @@ def materialise(entries: list[Entry], ctx: Context) -> list[Entry]:
                 _copy_local(entry, ctx.dest, budget, config.allow_hard_links)
         except Refused as exc:
             return str(exc)
+        entry.fetch, entry.identity = None, None  # in place now: nothing more to hold per file
         return None
 
     refused: dict[int, str] = {}

@@ -26,6 +26,7 @@ from components.ingestion.confine import (
     IngestError,
     Listing,
     Refused,
+    file_identity,
     local_path,
     regular_file,
     strip_file_scheme,
@@ -235,7 +236,7 @@ def _stamp_local(entry: Entry, full: str, roots: Roots, ctx: Context) -> None:
         return
     except OSError as exc:
         raise Refused(f"cannot read: {exc.strerror or type(exc).__name__}") from None
-    entry.fetch, entry.size, entry.identity = str(path), st.st_size, (st.st_dev, st.st_ino)
+    entry.fetch, entry.size, entry.identity = str(path), st.st_size, file_identity(st)
 
 
 def _name_external_entries(entries: list[Entry]) -> None:

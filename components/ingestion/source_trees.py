@@ -41,34 +41,51 @@ from components.ingestion.layout import (
 from components.ingestion.source_copy import download, materialise
 from components.ingestion.urls import is_remote
 
-Plan = tuple[str, list[tuple[Planned, str, str]], dict[str, int], list[str]]
+Plan = tuple[str, list[Planned], dict[str, int], list[str]]
 
 
 def plan_entries(names: list[str], dirs: list[str], shown_root: str, ctx: Context) -> Plan:
-    """Labels off a tree, checked: (layout, [(planned, label, rel in raw_dir)], class folders, ignored)."""
+    """Labels off a tree, checked: (layout, planned files with their label and target set, class folders, ignored)."""
     layout, planned, folders, ignored = plan_layout(names, dirs)
     depth = 2 if layout == "split_folders" else 1
+    cleaned: dict[str, str | BadLabel] = {}  # class folder name -> its label, checked once per folder
     labelled, bad_folders = [], set()
     for p in planned:
-        try:
-            labelled.append((p, clean_label(p.label)))
-        except BadLabel as exc:
-            ctx.refuse(f"{shown_root}/{p.rel}", f"class folder {p.label!r} is not a usable label: {exc}")
+        label = cleaned.get(p.label)
+        if label is None:
+            try:
+                label = cleaned[p.label] = clean_label(p.label)
+            except BadLabel as exc:
+                label = cleaned[p.label] = exc
+        if isinstance(label, BadLabel):
+            ctx.refuse(f"{shown_root}/{p.rel}", f"class folder {p.label!r} is not a usable label: {label}")
             bad_folders.add("/".join(p.rel.split("/")[:depth]))
+        else:
+            labelled.append(p)
+    del planned
     folder_labels = {f: _folder_label(f) for f in folders if f not in bad_folders}
-    variants = case_variants([label for _, label in labelled] + [v for v in folder_labels.values() if v])
-    kept, taken = [], set()
-    for p, label in labelled:
+    good = {name: label for name, label in cleaned.items() if isinstance(label, str)}
+    variants = case_variants(list(good.values()) + [v for v in folder_labels.values() if v])
+    # Targets can only collide when a label differs from its folder's name (Unicode normalisation).
+    taken: set[str] | None = set() if any(name != label for name, label in good.items()) else None
+    kept = []
+    for p in labelled:
+        label = good[p.label]
         if label in variants:
             ctx.refuse(f"{shown_root}/{p.rel}", case_variant_reason(label, variants))
             continue
-        parts = p.rel.split("/")
-        rel = "/".join([*parts[: depth - 1], label, *parts[depth:]])
-        if rel in taken:
-            ctx.refuse(f"{shown_root}/{p.rel}", "another file has the same name once labels are Unicode-normalised")
-            continue
-        taken.add(rel)
-        kept.append((p, label, rel))
+        if label == p.label:
+            rel = p.rel
+        else:
+            parts = p.rel.split("/")
+            rel = "/".join([*parts[: depth - 1], label, *parts[depth:]])
+        if taken is not None:
+            if rel in taken:
+                ctx.refuse(f"{shown_root}/{p.rel}", "another file has the same name once labels are Unicode-normalised")
+                continue
+            taken.add(rel)
+        p.label, p.target = label, rel
+        kept.append(p)
     classes: dict[str, int] = {}
     for folder, label in folder_labels.items():
         if label and label not in variants:
@@ -90,21 +107,16 @@ def collect_folder(source: str, ctx: Context) -> Listing:
     follow = ctx.config.follow_links_within_root
     found, dirs, followed = walk_tree(root, ctx, follow)
     layout, planned, folders, ignored = plan_entries(sorted(found), dirs, str(shown), ctx)
+    same_root = str(shown) == str(root)  # then a file's origin is also the path to read: one string for both
     entries = []
-    for p, label, rel in planned:
-        file = found[p.rel]
+    for k, p in enumerate(planned):
+        planned[k], file = None, found.pop(p.rel)  # each file's listing is let go as its entry is made
+        origin = str(shown / p.rel)
+        fetch = file.real or (origin if same_root else str(root / p.rel))
         entries.append(
-            Entry(
-                rel,
-                label,
-                p.given_split,
-                str(shown / p.rel),
-                file.real,
-                p.hidden,
-                size=file.size,
-                identity=file.identity,
-            )
+            Entry(p.target, p.label, p.given_split, origin, fetch, p.hidden, size=file.size, identity=file.identity)
         )
+    del planned, found
     entries = materialise(entries, ctx)
     notes = (
         [f"followed {followed} symbolic link(s) that stay inside the source root (ingest.follow_links_within_root)"]
@@ -129,11 +141,11 @@ def collect_archive(location: str, ctx: Context) -> Listing:
     found, dirs, _ = walk_tree(root, ctx, follow_links=False)  # our own extraction: links were refused already
     layout, planned, folders, ignored = plan_entries(sorted(found), dirs, redact(location), ctx)
     entries = []
-    for p, label, rel in planned:
+    for p in planned:
         src = root / p.rel
         member = src.relative_to(extract_root).as_posix()
         try:
-            target = inside(ctx.dest, rel)
+            target = inside(ctx.dest, p.target)
         except Refused as exc:
             ctx.refuse(f"{location}!{member}", str(exc))
             continue
@@ -141,8 +153,8 @@ def collect_archive(location: str, ctx: Context) -> Listing:
         os.replace(src, target)  # our own extracted copy: moving it costs nothing
         entries.append(
             Entry(
-                rel,
-                label,
+                p.target,
+                p.label,
                 p.given_split,
                 f"{redact(location)}!{member}",
                 None,
@@ -186,13 +198,13 @@ def collect_remote_folder(url: str, ctx: Context) -> Listing:
             break  # materialise refuses the source; stop listing a huge bucket early
     layout, planned, folders, ignored = plan_entries(sorted(names), sorted(set(dirs) - {"."}), url.rstrip("/"), ctx)
     entries = []
-    for p, label, rel in planned:
+    for p in planned:
         info = names[p.rel]
         location = f"{url.rstrip('/')}/{p.rel}"  # as the user spelled the source
         entries.append(
             Entry(
-                rel,
-                label,
+                p.target,
+                p.label,
                 p.given_split,
                 redact(location),
                 location,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from components.core.contracts import read_manifest
+from components.core.contracts import MANIFEST_COLUMNS, read_manifest, write_manifest
 from components.core.files import neutralise_formula, read_csv, restore_formula, write_csv
 from components.core.paths import IngestPaths
 from components.core.stage_config import ValidateConfig
@@ -384,6 +384,26 @@ def test_csv_cells_never_start_a_formula_and_read_back_unchanged(fuzz_root: Path
     write_csv(pd.DataFrame({"label": clean, "n": range(len(clean))}), path)
     back = read_csv(path, dtype={"label": str}, keep_default_na=False)
     assert list(back["label"]) == clean
+
+
+@FUZZ
+@given(
+    rows=st.lists(
+        st.tuples(ANY_TEXT, ANY_TEXT, st.integers(0, 2**40), st.integers(0, 70_000), st.sampled_from(["", "=1", "-x"])),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_streamed_manifest_is_the_bytes_pandas_writes(fuzz_root: Path, rows: list[tuple]):
+    """write_manifest's row-at-a-time path (ingest, issue 24) against its DataFrame path, on any text."""
+    tuples = [
+        (path, label, "train", "ab" * 32, n, side, side, "PNG", "RGB", path, error)
+        for path, label, n, side, error in rows
+    ]
+    folder = Path(tempfile.mkdtemp(dir=fuzz_root))
+    write_manifest([dict(zip(MANIFEST_COLUMNS, t)) for t in tuples], folder / "frame.csv")
+    write_manifest(iter(tuples), folder / "streamed.csv")
+    assert (folder / "streamed.csv").read_bytes() == (folder / "frame.csv").read_bytes()
 
 
 # --- (e) archive member counts and metadata: stopped exactly at the caps --------------------------

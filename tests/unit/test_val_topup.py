@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import random
 
+import numpy as np
+
+from components.core.contracts import SPLITS
 from components.core.stage_config import IngestConfig, SplitFractions
-from components.ingestion.manifest_rows import assign_split, split_position
+from components.ingestion.facts_table import Vocabulary
+from components.ingestion.manifest_rows import SplitColumns, assign_split, split_position
 from components.ingestion.val_topup import top_up_val
 
 SEED = 42
@@ -33,8 +37,28 @@ def hashed(label: str, n: int, start: int = 0) -> list[dict]:
     return [row(label, name, assign_split(sha(name), SEED, SplitFractions())) for name in names]
 
 
+def columns_of(rows: list[dict]) -> SplitColumns:
+    """The top-up's columns for manifest-like rows (what ingest keeps of every file instead of a dict)."""
+    labels = Vocabulary()
+    known = np.array([bool(r["sha256"]) for r in rows], bool)
+    digests = [bytes.fromhex(r["sha256"]) if r["sha256"] else bytes(32) for r in rows]
+    return SplitColumns(
+        labels,
+        np.array([labels.code(r["label"]) for r in rows], np.int32),
+        np.array([SPLITS.index(r["split"]) for r in rows], np.uint8),
+        np.frombuffer(b"".join(digests), np.uint8).reshape(len(rows), 32).copy(),
+        known,
+        known & np.array([not r["error"] for r in rows], bool),
+    )
+
+
 def top_up(rows: list[dict], min_per_class: int = 30, max_share: float = 0.3) -> tuple[dict[str, int], list[str]]:
-    return top_up_val(rows, SEED, min_per_class, max_share)
+    """top_up_val on the rows' columns; the new splits are written back into the rows."""
+    columns = columns_of(rows)
+    result = top_up_val(columns, SEED, min_per_class, max_share)
+    for r, split in zip(rows, columns.split):
+        r["split"] = SPLITS[split]
+    return result
 
 
 def splits(rows: list[dict]) -> dict[str, str]:
@@ -125,5 +149,55 @@ def test_the_defaults_leave_a_flower_sized_class_alone():
     """flower_photos' smallest class has 633 images: the hash gives it about 63 val images, over 30."""
     rows = hashed("daisy", 633)
     before = splits(rows)
-    assert top_up_val(rows, SEED, DEFAULT.min_val_per_class, DEFAULT.max_val_share_per_class) == ({}, [])
+    assert top_up(rows, DEFAULT.min_val_per_class, DEFAULT.max_val_share_per_class) == ({}, [])
     assert splits(rows) == before
+
+
+def top_up_on_dicts(rows: list[dict], min_per_class: int, max_share: float) -> tuple[dict[str, int], list[str]]:
+    """The top-up as it was before issue 24 (a dict per row), kept as the oracle for the columns version."""
+    val_counts: dict[str, int] = {}
+    train_by_label: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["error"]:
+            continue
+        if r["split"] == "val":
+            val_counts[r["label"]] = val_counts.get(r["label"], 0) + 1
+        elif r["split"] == "train":
+            train_by_label.setdefault(r["label"], {}).setdefault(r["sha256"], []).append(r)
+    to_move: set[str] = set()
+    for label, by_hash in sorted(train_by_label.items()):
+        wanted = min(min_per_class - val_counts.get(label, 0), int(max_share * sum(map(len, by_hash.values()))))
+        taken = 0
+        for s in sorted(by_hash, key=lambda s: (split_position(s, SEED), s)):
+            if taken + len(by_hash[s]) > wanted:
+                break
+            to_move.add(s)
+            taken += len(by_hash[s])
+    moved: dict[str, int] = {}
+    for r in rows:
+        if r["split"] == "train" and r["sha256"] in to_move:
+            r["split"] = "val"
+            if not r["error"]:
+                moved[r["label"]] = moved.get(r["label"], 0) + 1
+    per_class = ", ".join(f"{label} {n} (val had {val_counts.get(label, 0)})" for label, n in sorted(moved.items()))
+    notes = [
+        f"val topped up from train to decide on at least {min_per_class} images per class "
+        f"(ingest.min_val_per_class; at most {max_share:g} of a class's train images move): {per_class}"
+    ]
+    return dict(sorted(moved.items())), notes if moved else []
+
+
+def test_the_columns_version_moves_exactly_what_the_dict_version_moved():
+    """Random classes, splits, errors and copies (within and across classes, usable or not)."""
+    for trial in range(40):
+        rnd = random.Random(trial)
+        names = [f"img-{trial}-{i}" for i in range(rnd.randint(1, 120))]
+        rows = []
+        for i in range(rnd.randint(1, 160)):
+            name = rnd.choice(names)  # repeats: byte-identical copies
+            label, split = rnd.choice("abcd"), rnd.choices(["train", "val", "test"], [8, 1, 1])[0]
+            rows.append(row(label, f"{i}", split, error=rnd.choice(["", "", "", "", "broken"])) | {"sha256": sha(name)})
+        expected_rows = [dict(r) for r in rows]
+        min_per_class, share = rnd.randint(0, 40), rnd.choice([0.1, 0.3, 0.5, 1.0])
+        assert top_up(rows, min_per_class, share) == top_up_on_dicts(expected_rows, min_per_class, share)
+        assert splits(rows) == splits(expected_rows)
