@@ -160,7 +160,7 @@ def _near_duplicates(
     inside = frame["path"].map(lambda p: within(p, root)).to_numpy(dtype=bool)
     candidates = passed.to_numpy() & inside
     limits = ImageLimits.from_config(config)
-    kept, report = near_duplicates.check(
+    _, report = near_duplicates.check(
         frame.loc[candidates, NEAR_DUPLICATE_COLUMNS],  # one copy, of the columns the check reads (issue 24)
         config.near_duplicates,
         limits,
@@ -168,10 +168,20 @@ def _near_duplicates(
         report_tmp / NEAR_DUPLICATE_PICTURE,
         embed=lambda rows: _embeddings(rows, model, limits),
     )
-    moved = dict(zip(kept["path"], kept["split"]))
     # assign: a new frame sharing the other columns (copy-on-write), not a deep copy of every column
-    out = frame.assign(split=[moved.get(p, s) for p, s in zip(frame["path"], frame["split"])])
+    out = frame.assign(split=_moved_splits(frame, report.moved))
     return out, report, int((passed.to_numpy() & ~inside).sum())
+
+
+def _moved_splits(frame: pd.DataFrame, moved: list[dict[str, str]]) -> pd.Series:
+    """The split column with the moved rows' new splits: only those rows are looked up (issue 24: no dict per row)."""
+    if not moved:
+        return frame["split"]
+    target = {m["path"]: m["to"] for m in moved}
+    rows = frame["path"].isin(list(target)).to_numpy()
+    split = frame["split"].copy()
+    split[rows] = frame.loc[rows, "path"].map(target).to_numpy()
+    return split
 
 
 def _embeddings(rows: pd.DataFrame, model: ModelConfig, limits: ImageLimits) -> Any:

@@ -52,7 +52,7 @@ def problem_lines(failures: list[Failure]) -> list[str]:
 def validation_warnings(df: pd.DataFrame, passed: pd.Series, unhashed: int, refused: int) -> list[str]:
     """What a person should know about the kept files, though it fails nothing."""
     notes = []
-    kept = df[passed]
+    kept = df.loc[passed.to_numpy(), ["path", "label", "split", "sha256", "mode"]]  # not every column (issue 24)
     same = kept[kept.duplicated("sha256", keep=False)].groupby("sha256")["path"].apply(list)
     if len(same):
         pairs = "; ".join(" = ".join(paths) for paths in same.tolist()[:10])
@@ -87,7 +87,7 @@ def validation_warnings(df: pd.DataFrame, passed: pd.Series, unhashed: int, refu
 
 def file_counts(df: pd.DataFrame, passed: pd.Series, table: pd.DataFrame, bad: dict[str, int]) -> dict[str, Any]:
     """The summary's counts: files kept and left out, bad files (`mark_bad_files`), per class and per split."""
-    kept = df[passed]
+    kept = df.loc[passed.to_numpy(), ["label", "split"]]
     return {
         "files": len(df),
         "valid": int(passed.sum()),
