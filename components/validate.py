@@ -62,6 +62,7 @@ MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quaranti
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs
 NEAR_DUPLICATE_PICTURE = "near_duplicates.png"  # in the report folder
 NEAR_DUPLICATE_COLUMNS = ["path", "label", "split", "sha256"]  # what near_duplicates.check and its embedder read
+VERSION = ["path", "label", "split", "sha256"]  # the columns a data version is computed from: copied alone (issue 24)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def run_validate(params: Params, paths: ValidatePaths) -> ValidationResult:
         ok = not problems
         versions = {
             "data_version": info.data_version or records_version(relative_records(frame, info.raw_dir)),
-            "validated_version": records_version(relative_records(moved[passed.to_numpy()], info.raw_dir)),
+            "validated_version": records_version(relative_records(moved.loc[passed.to_numpy(), VERSION], info.raw_dir)),
         }
         warnings = validation_warnings(df, passed, unhashed, info.refused_count)
         files.write_csv(quarantine, tmp / QUARANTINE_FILE)  # names from the source: no cell starts a formula
