@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 @errors.cli_errors("validate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime.use_system_arrow_memory()
     try:
         result = run_validate(load_params(args.params), ValidatePaths.from_args(args))
     except (ParamsError, ValidateInputError) as exc:
