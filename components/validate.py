@@ -36,14 +36,13 @@ import pandas as pd
 from components.core import errors, files, runtime
 from components.core.config import ModelConfig, Params, ParamsError, load_params
 from components.core.contracts import write_manifest
-from components.core.hashing import records_version
 from components.core.paths import EMBEDDING_CACHE, ONNX_CACHE, ValidatePaths
 from components.core.settings import workspace_root
 from components.core.stage_config import ValidateConfig
 from components.ingestion.images import ImageLimits
 from components.quality import near_duplicates
 from components.quality.validation_checks import class_checks, dataset_checks, file_checks
-from components.quality.validation_inputs import ValidateInputError, image_root, read_inputs, relative_records, within
+from components.quality.validation_inputs import ValidateInputError, data_version, image_root, read_inputs, within
 from components.quality.validation_report import (
     DATA_DOCS_DIR,
     DATA_DOCS_INDEX,
@@ -111,8 +110,8 @@ def run_validate(params: Params, paths: ValidatePaths) -> ValidationResult:
             problems += [f"{r.path}: {r.reason}" for r in quarantine.itertuples()]
         ok = not problems
         versions = {
-            "data_version": info.data_version or records_version(relative_records(frame, info.raw_dir)),
-            "validated_version": records_version(relative_records(moved.loc[passed.to_numpy(), VERSION], info.raw_dir)),
+            "data_version": info.data_version or data_version(frame, info.raw_dir),
+            "validated_version": data_version(moved.loc[passed.to_numpy(), VERSION], info.raw_dir),
         }
         warnings = validation_warnings(df, passed, unhashed, info.refused_count)
         files.write_csv(quarantine, tmp / QUARANTINE_FILE)  # names from the source: no cell starts a formula

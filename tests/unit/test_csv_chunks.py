@@ -65,3 +65,25 @@ def test_chunks_typed_apart_are_parsed_at_once_and_an_empty_table_reads(tmp_path
     assert list(empty.columns) == ["path", "width"] and empty.empty
     files.write_csv(empty, tmp_path / "e.csv")
     assert (tmp_path / "e.csv").read_text() == one_pass_csv(empty)
+
+
+def test_the_data_version_without_a_tuple_per_row_is_the_records_version(monkeypatch):
+    """Rows sorted by Arrow hash to the digest of Python's sorted records: prefixes, control characters,
+    accents and astral characters, paths outside raw_dir, and rows whose relative paths coincide (ties
+    broken by label, split, sha256)."""
+    from components.core.hashing import records_version
+    from components.quality import validation_inputs as vi
+
+    monkeypatch.setattr(vi, "ROWS_AT_ONCE", 3)
+    paths = ["raw/a", "raw/a\x01", "raw/a/b", "raw/ab", "raw/é", "raw/日本", "raw/😀", "raw/./a", "other/z", "raw/\tx"]
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            "label": ["b", "a", "c", "a", "é", "a", "a", "a", "z", "x"],
+            "split": ["train", "val", "test", "train", "val", "test", "train", "val", "train", "test"],
+            "sha256": [f"{i:064x}" for i in range(len(paths))],
+        }
+    )
+    for raw_dir in ("raw", "raw/", None):
+        assert vi.data_version(frame, raw_dir) == records_version(vi.relative_records(frame, raw_dir)), raw_dir
+    assert vi.data_version(frame.iloc[:0], "raw") == records_version([])
