@@ -72,7 +72,7 @@ def as_packed(words: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("batch", [7, 1 << 17])
 def test_the_compact_search_finds_exactly_the_brute_force_pairs(batch: int, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(hs, "BATCH", batch)  # 7: lookups and candidates in many slices, buckets split apart
+    monkeypatch.setattr(hs, "BATCH", batch)  # 7: many slices of lookups and candidates, buckets larger than one
     words = planted_words(np.random.default_rng(24))
     unique = np.unique(words, axis=0)
     expected = brute_force_pairs(unique, MAX_DISTANCE)
