@@ -102,7 +102,7 @@ def flowers() -> dict[str, Any] | None:
         started = time.perf_counter()
         found[search] = hs.find_groups(hashes, MAX_DISTANCE, decoded, search=search)
         timings[search] = round(time.perf_counter() - started, 3)
-    direct = hs.find_groups(hashes[:, : ph.HALF], MAX_DISTANCE, decoded, search="all_pairs")
+    direct = hs.find_groups(hashes[:, : ph.HALF // 8], MAX_DISTANCE, decoded, search="all_pairs")
     paired = {tuple(g) for g in direct}
     added = [g for g in found["auto"] if tuple(g) not in paired]
 

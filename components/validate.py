@@ -36,14 +36,13 @@ import pandas as pd
 from components.core import errors, files, runtime
 from components.core.config import ModelConfig, Params, ParamsError, load_params
 from components.core.contracts import write_manifest
-from components.core.hashing import records_version
 from components.core.paths import EMBEDDING_CACHE, ONNX_CACHE, ValidatePaths
 from components.core.settings import workspace_root
 from components.core.stage_config import ValidateConfig
 from components.ingestion.images import ImageLimits
 from components.quality import near_duplicates
 from components.quality.validation_checks import class_checks, dataset_checks, file_checks
-from components.quality.validation_inputs import ValidateInputError, image_root, read_inputs, relative_records, within
+from components.quality.validation_inputs import ValidateInputError, data_version, image_root, read_inputs, within
 from components.quality.validation_report import (
     DATA_DOCS_DIR,
     DATA_DOCS_INDEX,
@@ -62,6 +61,7 @@ MAX_LISTED = 50  # quarantined files echoed to the terminal; all are in quaranti
 NEAR_DUPLICATE_CACHE = "data/cache/near_duplicates.npz"  # under the workspace root: shared by dvc exp runs
 NEAR_DUPLICATE_PICTURE = "near_duplicates.png"  # in the report folder
 NEAR_DUPLICATE_COLUMNS = ["path", "label", "split", "sha256"]  # what near_duplicates.check and its embedder read
+VERSION = ["path", "label", "split", "sha256"]  # the columns a data version is computed from: copied alone (issue 24)
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def run_validate(params: Params, paths: ValidatePaths) -> ValidationResult:
             problems += [f"{r.path}: {r.reason}" for r in quarantine.itertuples()]
         ok = not problems
         versions = {
-            "data_version": info.data_version or records_version(relative_records(frame, info.raw_dir)),
-            "validated_version": records_version(relative_records(moved[passed.to_numpy()], info.raw_dir)),
+            "data_version": info.data_version or data_version(frame, info.raw_dir),
+            "validated_version": data_version(moved.loc[passed.to_numpy(), VERSION], info.raw_dir),
         }
         warnings = validation_warnings(df, passed, unhashed, info.refused_count)
         files.write_csv(quarantine, tmp / QUARANTINE_FILE)  # names from the source: no cell starts a formula
@@ -160,7 +160,7 @@ def _near_duplicates(
     inside = frame["path"].map(lambda p: within(p, root)).to_numpy(dtype=bool)
     candidates = passed.to_numpy() & inside
     limits = ImageLimits.from_config(config)
-    kept, report = near_duplicates.check(
+    _, report = near_duplicates.check(
         frame.loc[candidates, NEAR_DUPLICATE_COLUMNS],  # one copy, of the columns the check reads (issue 24)
         config.near_duplicates,
         limits,
@@ -168,10 +168,20 @@ def _near_duplicates(
         report_tmp / NEAR_DUPLICATE_PICTURE,
         embed=lambda rows: _embeddings(rows, model, limits),
     )
-    moved = dict(zip(kept["path"], kept["split"]))
     # assign: a new frame sharing the other columns (copy-on-write), not a deep copy of every column
-    out = frame.assign(split=[moved.get(p, s) for p, s in zip(frame["path"], frame["split"])])
+    out = frame.assign(split=_moved_splits(frame, report.moved))
     return out, report, int((passed.to_numpy() & ~inside).sum())
+
+
+def _moved_splits(frame: pd.DataFrame, moved: list[dict[str, str]]) -> pd.Series:
+    """The split column with the moved rows' new splits: only those rows are looked up (issue 24: no dict per row)."""
+    if not moved:
+        return frame["split"]
+    target = {m["path"]: m["to"] for m in moved}
+    rows = frame["path"].isin(list(target)).to_numpy()
+    split = frame["split"].copy()
+    split[rows] = frame.loc[rows, "path"].map(target).to_numpy()
+    return split
 
 
 def _embeddings(rows: pd.DataFrame, model: ModelConfig, limits: ImageLimits) -> Any:
@@ -192,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 @errors.cli_errors("validate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime.use_system_arrow_memory()
     try:
         result = run_validate(load_params(args.params), ValidatePaths.from_args(args))
     except (ParamsError, ValidateInputError) as exc:

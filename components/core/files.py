@@ -178,14 +178,21 @@ def restore_formula(value: Any) -> Any:
     return value
 
 
+CSV_CHUNK_ROWS = 4096  # rows parsed, restored or neutralised at once (issue 24): the parser and the per-cell
+# formula guard make a Python object of every text cell, about 1 KB per row when a table went through at once
+
+
 def write_csv(frame: pd.DataFrame, path: str | Path, **to_csv: Any) -> Path:
-    """`frame` as CSV (no index, `\\n` line ends), atomically, every text cell neutralised."""
-    safe = frame.copy()
-    for column in safe.columns:
-        if not _numeric(safe[column]):
-            safe[column] = safe[column].map(neutralise_formula)
+    """`frame` as CSV (no index, `\\n` line ends), atomically, every text cell neutralised; CSV_CHUNK_ROWS at a time."""
+    options = {"index": False, "lineterminator": "\n", **to_csv}
+    header = options.pop("header", True)
     with atomic_file(path) as fh:
-        safe.to_csv(fh, **{"index": False, "lineterminator": "\n", **to_csv})
+        for start in range(0, max(len(frame), 1), CSV_CHUNK_ROWS):
+            safe = frame.iloc[start : start + CSV_CHUNK_ROWS].copy()
+            for column in safe.columns:
+                if not _numeric(safe[column]):
+                    safe[column] = safe[column].map(neutralise_formula)
+            safe.to_csv(fh, header=header if start == 0 else False, **options)
     return Path(path)
 
 
@@ -202,14 +209,22 @@ def write_csv_rows(header: Sequence[str], rows: Iterable[Sequence[Any]], path: s
 
 
 def read_csv(path: str | Path, **read_csv_kwargs: Any) -> pd.DataFrame:
-    """A CSV written by `write_csv`, with the cells as they were before neutralising."""
+    """A CSV written by `write_csv`, with the cells as they were before neutralising.
+
+    Parsed CSV_CHUNK_ROWS at a time; when the chunks' column types differ (e.g. a number column with a blank
+    cell in one chunk only), the file is parsed at once instead, so the types are always pandas' for the whole.
+    """
     import pandas as pd
 
-    frame = pd.read_csv(path, **read_csv_kwargs)
-    for column in frame.columns:
-        if not _numeric(frame[column]):
-            frame[column] = frame[column].map(restore_formula)
-    return frame
+    with pd.read_csv(path, chunksize=CSV_CHUNK_ROWS, **read_csv_kwargs) as reader:
+        chunks = list(reader)
+    if len({tuple(chunk.dtypes) for chunk in chunks}) != 1:  # also a header without rows: no chunk at all
+        chunks = [pd.read_csv(path, **read_csv_kwargs)]
+    for chunk in chunks:
+        for column in chunk.columns:
+            if not _numeric(chunk[column]):
+                chunk[column] = chunk[column].map(restore_formula)
+    return chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
 
 
 def _numeric(column: pd.Series) -> bool:

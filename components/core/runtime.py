@@ -128,6 +128,15 @@ def progress_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
+def use_system_arrow_memory() -> None:
+    """Arrow buffers (pandas' text columns) from the C library's allocator instead of pyarrow's default
+    mimalloc, which keeps freed pages: validate's peak on 20,000 generated images was 381 MB against 362 MB
+    (issue 24). For a stage process, before its first table is read."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 # Loaded by the stages that train or score; tearing their modules down at exit costs about 1.3 s a process.
 HEAVY_FRAMEWORKS = ("tensorflow", "jax", "torch")
 

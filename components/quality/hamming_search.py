@@ -10,6 +10,7 @@ Groups (`find_groups`) are the connected components of "within max_distance" pai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -17,6 +18,9 @@ import numpy as np
 from components.quality.perceptual_hashes import HALF, HASH_BITS
 
 Search = Literal["auto", "index", "all_pairs"] | int  # int: multi-index with that many chunks
+# Comparisons, lookups (query x mask) or candidates handled at once: about 1 MB per array, whatever the
+# number of images (issue 24: 2M at once held about 100 MB at 37,000 images).
+BATCH = 1 << 17
 
 
 def find_groups(
@@ -69,21 +73,30 @@ def connected_groups(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
     a, b = np.asarray(a, dtype=np.intp), np.asarray(b, dtype=np.intp)
     graph = scipy.sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), (n, n))
     _, labels = connected_components(graph, directed=False)
-    members: dict[int, list[int]] = {}
-    for row, label in enumerate(labels.tolist()):
-        members.setdefault(label, []).append(row)
-    found = [g for g in members.values() if len(g) > 1]  # rows ascend, so each group is sorted
+    grouped = np.flatnonzero(np.bincount(labels)[labels] > 1)  # rows in a component of 2+, ascending
+    if not len(grouped):
+        return []
+    grouped = grouped[np.argsort(labels[grouped], kind="stable")]  # by component, rows still ascending in each
+    found = [g.tolist() for g in np.split(grouped, np.flatnonzero(np.diff(labels[grouped])) + 1)]
     return sorted(found, key=lambda g: (-len(g), g[0]))
 
 
 def _words(hashes: np.ndarray) -> np.ndarray:
-    """(n, 4) uint64: phash, dhash, mirror phash, mirror dhash. A 128-bit hash is its own mirror."""
-    bits = np.asarray(hashes, dtype=bool)
-    if bits.ndim != 2 or bits.shape[1] not in (HALF, HASH_BITS):
-        raise ValueError(f"near-duplicate hashes of shape {bits.shape}: expected (rows, {HALF} or {HASH_BITS})")
-    if bits.shape[1] == HALF:
-        bits = np.concatenate([bits, bits], axis=1)
-    return np.ascontiguousarray(np.packbits(bits, axis=1)).view(np.uint64).reshape(len(bits), 4)
+    """(n, 4) uint64: phash, dhash, mirror phash, mirror dhash. A 128-bit hash is its own mirror.
+
+    `hashes`: bits (bool, rows of 128 or 256) or packed bytes (uint8, rows of 16 or 32), as `fingerprints` gives.
+    """
+    hashes = np.asarray(hashes)
+    if hashes.dtype == np.uint8 and hashes.ndim == 2 and hashes.shape[1] in (HALF // 8, HASH_BITS // 8):
+        packed = hashes
+    else:
+        bits = hashes.astype(bool, copy=False)
+        if bits.ndim != 2 or bits.shape[1] not in (HALF, HASH_BITS):
+            raise ValueError(f"near-duplicate hashes of shape {bits.shape}: expected (rows, {HALF} or {HASH_BITS})")
+        packed = np.packbits(bits, axis=1)
+    if packed.shape[1] == HALF // 8:
+        packed = np.concatenate([packed, packed], axis=1)
+    return np.ascontiguousarray(packed).view(np.uint64).reshape(len(packed), 4)
 
 
 def _close(query: np.ndarray, found: np.ndarray, max_distance: int) -> np.ndarray:
@@ -101,10 +114,10 @@ def _pairs_of(query: np.ndarray, found: np.ndarray, max_distance: int) -> np.nda
 
 
 def all_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j) with i < j of every near-duplicate pair, comparing all pairs in blocks of at most 2M:
+    """(i, j) with i < j of every near-duplicate pair, comparing all pairs in blocks of about BATCH:
     O(n^2) time, O(n) memory. The reference the index is tested against."""
     found_a, found_b = [], []
-    block = max(1, (1 << 21) // max(1, len(words)))
+    block = max(1, BATCH // max(1, len(words)))
     for start in range(0, len(words), block):
         rows = words[start : start + block]
         a, b = np.nonzero(_pairs_of(rows[:, None, :], words[None, start:, :], max_distance))
@@ -177,30 +190,68 @@ def index_pairs(words: np.ndarray, max_distance: int, parts: int | None = None) 
         raise ValueError(f"multi-index chunks {parts}: expected {MIN_PARTS} to 64")
     radius = max_distance // parts
     queries = np.concatenate([words[:, :2], words[:, 2:]])  # direct views, then mirror views
-    found_a, found_b = [], []
+    found: list[np.ndarray] = []
     for shift, width in _chunks(parts):
-        bits = np.uint64((1 << width) - 1)
-        values = ((words[:, 0] >> np.uint64(shift)) & bits).astype(np.intp)
-        order = np.argsort(values, kind="stable")
-        counts = np.bincount(values, minlength=1 << width)
-        offsets = np.cumsum(counts) - counts
-        occupied = counts > 0
-        masks = _masks(width, radius).astype(np.intp)
-        query_values = ((queries[:, 0] >> np.uint64(shift)) & bits).astype(np.intp)
-        batch = max(1, (1 << 21) // len(masks))
+        table = _ChunkTable(words[:, 0], shift, width)
+        masks = _masks(width, radius).astype(np.int32)
+        query_values = table.values_of(queries[:, 0])
+        batch = max(1, BATCH // len(masks))
         for start in range(0, len(queries), batch):
             keys = query_values[start : start + batch, None] ^ masks[None, :]
-            hit_query, hit_mask = np.nonzero(occupied[keys])
-            key = keys[hit_query, hit_mask]
-            count = counts[key]
-            query = start + np.repeat(hit_query, count)
-            step = np.arange(len(query)) - np.repeat(np.cumsum(count) - count, count)
-            candidate = order[np.repeat(offsets[key], count) + step]
-            near = np.bitwise_count(queries[query, 0] ^ words[candidate, 0]) <= max_distance
-            query, candidate = query[near], candidate[near]
-            near = np.bitwise_count(queries[query, 1] ^ words[candidate, 1]) <= max_distance
-            owner, candidate = query[near] % n, candidate[near]
-            found_a.append(np.minimum(owner, candidate)[owner != candidate])
-            found_b.append(np.maximum(owner, candidate)[owner != candidate])
-    pairs = np.unique(np.stack([np.concatenate(found_a), np.concatenate(found_b)], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
+            hit_query, hit_mask = np.nonzero(table.counts[keys])
+            hit_keys = keys[hit_query, hit_mask]
+            for query, candidate in table.candidates(start + hit_query, hit_keys):
+                pairs = _near(queries, words, query, candidate, max_distance, n)
+                if len(pairs):  # only the pairs found are kept, not one array per slice
+                    found.append(pairs)
+        found = [_unique_pairs(found, n)]  # a pair is found in several chunks: kept once
+    pairs = _unique_pairs(found, n)
+    return pairs // n, pairs % n
+
+
+class _ChunkTable:
+    """The rows of the direct phashes by one chunk's value: a dense table of 2^width bucket sizes and starts."""
+
+    def __init__(self, phashes: np.ndarray, shift: int, width: int) -> None:
+        self.shift, self.bits = np.uint64(shift), np.uint64((1 << width) - 1)
+        values = self.values_of(phashes)
+        self.order = np.argsort(values, kind="stable").astype(np.int32)  # rows, by chunk value
+        self.counts = np.bincount(values, minlength=1 << width).astype(np.int32)
+        self.offsets = np.cumsum(self.counts, dtype=np.int64).astype(np.int32)
+        self.offsets -= self.counts
+
+    def values_of(self, phashes: np.ndarray) -> np.ndarray:
+        return ((phashes >> self.shift) & self.bits).astype(np.int32)
+
+    def candidates(self, query: np.ndarray, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(query, candidate row) for every row in the buckets `keys`, in slices of about BATCH pairs (a
+        bucket larger than that comes whole)."""
+        count = self.counts[keys]
+        ends = np.cumsum(count, dtype=np.int64)
+        first = 0
+        while first < len(keys):
+            done = int(ends[first - 1]) if first else 0
+            last = max(first + 1, int(np.searchsorted(ends, done + BATCH, side="right")))
+            part = count[first:last]
+            step = np.arange(int(ends[last - 1]) - done) - np.repeat(ends[first:last] - part - done, part)
+            yield np.repeat(query[first:last], part), self.order[np.repeat(self.offsets[keys[first:last]], part) + step]
+            first = last
+
+
+def _unique_pairs(found: list[np.ndarray], n: int) -> np.ndarray:
+    """The distinct pairs of `found` ((k, 2) arrays, or earlier results), each as one int64 i * n + j, sorted."""
+    codes = [f if f.ndim == 1 else f[:, 0] * n + f[:, 1] for f in found]
+    return np.unique(np.concatenate([np.zeros(0, np.int64), *codes]))
+
+
+def _near(
+    queries: np.ndarray, words: np.ndarray, query: np.ndarray, candidate: np.ndarray, max_distance: int, n: int
+) -> np.ndarray:
+    """(k, 2) int64 (i < j) of the (query view, candidate row) pairs within max_distance on both hashes."""
+    near = np.bitwise_count(queries[query, 0] ^ words[candidate, 0]) <= max_distance
+    query, candidate = query[near], candidate[near]
+    near = np.bitwise_count(queries[query, 1] ^ words[candidate, 1]) <= max_distance
+    owner, candidate = query[near] % n, candidate[near].astype(np.int64)
+    other = owner != candidate
+    owner, candidate = owner[other], candidate[other]
+    return np.stack([np.minimum(owner, candidate), np.maximum(owner, candidate)], axis=1)

@@ -89,7 +89,7 @@ def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tup
     """
     if policy not in ("move", "report", "fail"):
         raise ValueError(f"near-duplicate policy {policy!r}: expected move, report or fail")
-    out = frame.copy()
+    out = frame.copy(deep=False)  # copy-on-write: only a column written below is copied (issue 24)
     split_col = out.columns.get_loc("split")
     report = NearDuplicateReport(policy)
     dropped: list[dict[str, str]] = []
@@ -133,8 +133,8 @@ def resolve(frame: pd.DataFrame, groups: list[list[int]], policy: Policy) -> tup
             entry.update(kind="within_split", action="reported")
         report.groups.append(entry)
     report.quarantine = pd.DataFrame(dropped, columns=QUARANTINE_COLUMNS)
-    keep = ~out["path"].isin(report.quarantine["path"])
-    return out[keep.to_numpy()], report
+    keep = ~out["path"].isin(report.quarantine["path"]).to_numpy()
+    return (out if keep.all() else out[keep]), report
 
 
 def check(
@@ -213,7 +213,7 @@ def _describe_pairs(
     """Add the group's pairs (paths, the methods that found each, embedding cosine) and their methods."""
     members = set(group)
     pairs = [(ab, info) for ab, info in found.items() if ab[0] in members]
-    paths = frame["path"].tolist()
+    paths = frame["path"].iloc  # only the listed pairs' paths become Python strings, not every row's per group
     entry["found_by"] = sorted({m for _, info in pairs for m in info["methods"]})
     entry["pairs"] = [{"a": paths[a], "b": paths[b], **info} for (a, b), info in pairs[:MAX_LISTED_PAIRS]]
 

@@ -7,26 +7,58 @@ the folder ingest copied the images to.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from components.core.contracts import MANIFEST_COLUMNS, ContractError, IngestReport, read_manifest
-from components.core.hashing import records_version
 
 
 class ValidateInputError(ValueError):
     """The manifest or ingest report cannot be validated at all (missing, malformed, mismatched)."""
 
 
+RECORD_COLUMNS = ["path", "label", "split", "sha256"]
+ROWS_AT_ONCE = 1024  # records turned into Python strings at once while a data version is hashed
+
+
 def relative_records(frame: pd.DataFrame, raw_dir: str | None) -> list[tuple[str, str, str, str]]:
     """(path under raw_dir, label, split, sha256) per row: what a data version is computed from."""
-
-    def rel(path: str) -> str:
-        return posixpath.relpath(path, raw_dir) if raw_dir and path.startswith(raw_dir.rstrip("/") + "/") else path
-
+    rel = _relative(raw_dir)
     return [(rel(p), lab, s, h) for p, lab, s, h in zip(frame["path"], frame["label"], frame["split"], frame["sha256"])]
+
+
+def data_version(frame: pd.DataFrame, raw_dir: str | None) -> str:
+    """`records_version(relative_records(frame, raw_dir))`, the same digest without a tuple per row (issue 24):
+    Arrow sorts the rows as the records sort (column after column, by code point as Python compares text),
+    then they are hashed ROWS_AT_ONCE at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rel = _relative(raw_dir)
+    paths = [
+        pa.array([rel(p) for p in frame["path"].iloc[start : start + ROWS_AT_ONCE]], type=pa.large_string())
+        for start in range(0, len(frame), ROWS_AT_ONCE)
+    ]
+    columns = {"path": pa.chunked_array(paths, type=pa.large_string())}
+    columns |= {name: pa.array(frame[name], from_pandas=True) for name in RECORD_COLUMNS[1:]}
+    table = pa.table(columns)
+    order = pc.sort_indices(table, sort_keys=[(name, "ascending") for name in RECORD_COLUMNS])
+    digest = hashlib.sha256()
+    for start in range(0, len(order), ROWS_AT_ONCE):
+        part = table.take(order[start : start + ROWS_AT_ONCE])
+        for record in zip(*(part.column(name).to_pylist() for name in RECORD_COLUMNS)):
+            digest.update("\t".join(record).encode("utf-8"))
+            digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _relative(raw_dir: str | None) -> Callable[[str], str]:
+    prefix = raw_dir.rstrip("/") + "/" if raw_dir else None
+    return lambda path: posixpath.relpath(path, raw_dir) if prefix and path.startswith(prefix) else path
 
 
 def read_inputs(manifest_path: Path, ingest_report: Path) -> tuple[pd.DataFrame, IngestReport]:
@@ -47,7 +79,7 @@ def read_inputs(manifest_path: Path, ingest_report: Path) -> tuple[pd.DataFrame,
         info = IngestReport.read(ingest_report)
     except ContractError as exc:
         raise ValidateInputError(f"ingest report: {exc}") from None
-    found = records_version(relative_records(frame, info.raw_dir))
+    found = data_version(frame, info.raw_dir)
     if info.data_version and info.data_version != found:
         raise ValidateInputError(
             f"{ingest_report} describes another manifest than {manifest_path} "

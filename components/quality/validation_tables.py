@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import posixpath
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -51,18 +52,16 @@ def _only(values: pd.Series, keep: pd.Series) -> pd.Series:
 
 def _mark_duplicates(df: pd.DataFrame, readable: pd.Series) -> None:
     """Byte-identical readable files: under 2+ labels (a label conflict: every copy is flagged) and
-    across splits (a leak: copies outside the earliest split are flagged, the earliest is kept)."""
-    conflict = {p: (False if r else None) for p, r in zip(df["path"], readable)}
-    leak = dict(conflict)
+    across splits (a leak: copies outside the earliest split are flagged, the earliest is kept).
+
+    Only rows whose content hash repeats are grouped (issue 24: no per-row dict, no copy of the whole table)."""
     conflict_with: dict[str, str] = {}
     copy_of: dict[str, str] = {}
     rank = {s: i for i, s in enumerate(SPLITS)}
-    for _, group in df[readable].groupby("sha256"):
-        if len(group) < 2:
-            continue
+    repeated = readable & df["sha256"].duplicated(keep=False)
+    for _, group in df.loc[repeated, ["path", "label", "split", "sha256"]].groupby("sha256"):
         if group["label"].nunique() > 1:
             for path, label in zip(group["path"], group["label"]):
-                conflict[path] = True
                 others = group[group["label"] != label]
                 conflict_with[path] = ", ".join(f"{p} ({lab})" for p, lab in zip(others["path"], others["label"]))
         if group["split"].nunique() > 1:
@@ -70,10 +69,12 @@ def _mark_duplicates(df: pd.DataFrame, readable: pd.Series) -> None:
             kept = group.loc[group["split"] == first, "path"].iloc[0]
             for path, split in zip(group["path"], group["split"]):
                 if split != first:
-                    leak[path] = True
                     copy_of[path] = f"{kept} ({first})"
-    df["label_conflict"] = df["path"].map(conflict).astype(object)
-    df["cross_split_copy"] = df["path"].map(leak).astype(object)
+    unflagged = np.where(readable.to_numpy(dtype=bool), False, None)  # True/False for readable files, else None
+    for column, flagged in (("label_conflict", conflict_with), ("cross_split_copy", copy_of)):
+        values = unflagged.copy()
+        values[df["path"].isin(list(flagged)).to_numpy()] = True
+        df[column] = pd.Series(values, index=df.index, dtype=object)
     df["conflict_with"] = df["path"].map(conflict_with)
     df["copy_of"] = df["path"].map(copy_of)
 
@@ -82,9 +83,9 @@ def class_table(
     df: pd.DataFrame, passed: pd.Series, classes: list[str] | None, class_folders: dict[str, int]
 ) -> pd.DataFrame:
     """One row per label seen anywhere (files, expected classes, class folders)."""
-    visible = df[~df["hidden_file"].astype(bool)]
-    files = visible.groupby("label").size()
-    images = df[passed].groupby("label").size()
+    visible = ~df["hidden_file"].astype(bool).to_numpy()
+    files = df.loc[visible, ["label"]].groupby("label").size()  # one column copied, not the table (issue 24)
+    images = df.loc[passed.to_numpy(), ["label"]].groupby("label").size()
     empty: dict[str, list[str]] = {}
     for folder, count in class_folders.items():
         if count == 0:

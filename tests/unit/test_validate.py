@@ -325,7 +325,11 @@ def test_stale_ingest_report_is_rejected(tmp_path: Path):
         )
 
 
-def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
+def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys, monkeypatch):
+    import pyarrow as pa
+
+    chosen: list[pa.MemoryPool] = []
+    monkeypatch.setattr(pa, "set_memory_pool", chosen.append)  # the test process keeps its own pool
     params = tmp_path / "params.yaml"
     params.write_text("validate:\n  policy: quarantine\n")
     code = validate.main(
@@ -342,6 +346,8 @@ def test_cli_missing_manifest_exits_2_without_traceback(tmp_path: Path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and "Traceback" not in err
+    # The stage's Arrow buffers come from the C allocator: mimalloc kept freed pages (issue 24).
+    assert [pool.backend_name for pool in chosen] == ["system"]
 
 
 def test_the_cli_takes_its_path_flags_and_defaults_from_the_paths_table():
