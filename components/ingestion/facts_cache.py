@@ -88,7 +88,7 @@ class FactsCache:
             hit = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE origin = ?", (entry.origin,)).fetchone()
         except sqlite3.Error:
             return None
-        if hit is None or hit[0] != entry.size or hit[1] != entry.version:
+        if hit is None or hit[0] != entry.size or hit[1] != entry.version or not _well_formed(hit):
             return None
         facts = dict(zip(("sha256", "bytes", "format", "mode", "width", "height", "error"), hit[2:9]))
         facts["sha256"] = facts["sha256"].hex()
@@ -115,6 +115,15 @@ class FactsCache:
             db.close()
         os.replace(fresh, self.path)
         self.legacy.unlink(missing_ok=True)
+
+
+# The types of a row's facts (sha256 .. error, note); a row that differs is not trusted (inspected again).
+_FACT_TYPES = (bytes, int, str, str, int, int, str, (str, type(None)))
+
+
+def _well_formed(hit: tuple[Any, ...]) -> bool:
+    values = hit[2:]
+    return len(values) == len(_FACT_TYPES) and all(map(isinstance, values, _FACT_TYPES)) and len(values[0]) == 32
 
 
 def _cache_rows(entries: list[Entry], table: FactsTable) -> Iterator[tuple[Any, ...]]:

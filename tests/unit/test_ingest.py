@@ -535,6 +535,14 @@ def test_an_old_json_cache_or_a_damaged_one_only_costs_a_recompute(tmp_path: Pat
     other_limits = ingest_params(source, ValidateConfig(max_pixels=9_000_000))
     fourth = run_ingest(other_limits, IngestPaths().under(tmp_path / "ws"))
     assert (fourth.computed, fourth.cached) == (6, 0)
+    # Rows of the right signature but the wrong shapes (a hand-edited or foreign cache): inspected again.
+    import sqlite3
+
+    with sqlite3.connect(cache_dir / "facts.sqlite") as db:
+        db.execute("UPDATE files SET sha256 = 'not bytes', width = 'wide' WHERE rowid % 2 = 0")
+        db.execute("UPDATE files SET sha256 = X'00' WHERE rowid % 2 = 1")
+    fifth = run_ingest(other_limits, IngestPaths().under(tmp_path / "ws"))
+    assert (fifth.computed, fifth.cached) == (6, 0) and fifth.data_version == first.data_version
 
 
 # --- round 3, item 3: images inside images, formats never decoded, Pillow's cap kept on ------------
