@@ -11,7 +11,7 @@ min_cosine, the geometric verification of the candidates from candidate_cosine
 (components/quality/geometric_verify.py) and any of them pair, and which the stage itself
 (near_duplicates.check) groups with their original; every pair among the originals (a pair that is not
 one photo or one burst is a false pair: the verifier's new pairs are judged by eye, the verdicts in
-benchmarks/near_duplicates_judged.json, `--montage` draws them); and whether the SimHash multi-index
+benchmarks/near_duplicates_judged.json, `--montage` draws them); and whether the k-means index
 search returns exactly the exhaustive cosine pairs. Writes benchmarks/results/near_duplicates_embeddings.{json,md}
 (`--render` rewrites the md from the json, with the verdicts as they are now).
 """
@@ -146,10 +146,10 @@ def found_copies(frame: pd.DataFrame, n: int, pairs: set[tuple[int, int]]) -> di
     return out
 
 
-def evaluate(m: dict[str, Any], min_cosine: float, max_bits: int) -> dict[str, Any]:
+def evaluate(m: dict[str, Any], min_cosine: float, probes: int) -> dict[str, Any]:
     frame, n, vectors = m["frame"], m["n"], m["vectors"]
     started = time.perf_counter()
-    a, b, cosine = es.near_pairs(es.ArrayEmbeddings(vectors), min_cosine, max_bits)
+    a, b, cosine = es.near_pairs(es.ArrayEmbeddings(vectors), min_cosine, probes)
     search_s = time.perf_counter() - started
     ea, eb = es.exhaustive_pairs(vectors, min_cosine)
     embedding = set(zip(a.tolist(), b.tolist()))
@@ -168,8 +168,8 @@ def evaluate(m: dict[str, Any], min_cosine: float, max_bits: int) -> dict[str, A
     ]
     return {
         "min_cosine": min_cosine,
-        "max_bits": max_bits,
-        "miss_probability_at_threshold": es.miss_probability(min_cosine, max_bits),
+        "probes": probes,
+        "cells": es.cell_count(len(vectors)),
         "search_s": round(search_s, 3),
         "pairs": len(embedding),
         "index_equals_exhaustive": embedding == exhaustive,
@@ -201,7 +201,7 @@ def verify(m: dict[str, Any], config: NearDuplicatesConfig) -> dict[str, Any]:
     the originals, at the configured min_inliers and at INLIER_SWEEP."""
     frame, n, vectors, limits = m["frame"], m["n"], m["vectors"], m["limits"]
     started = time.perf_counter()
-    a, b, cosine = es.near_pairs(es.ArrayEmbeddings(vectors), config.candidate_cosine, config.simhash_radius)
+    a, b, cosine = es.near_pairs(es.ArrayEmbeddings(vectors), config.candidate_cosine, config.probes)
     search_s = time.perf_counter() - started
     ea, eb = es.exhaustive_pairs(vectors, config.candidate_cosine)
     below = cosine < config.min_cosine
@@ -251,8 +251,8 @@ def verify(m: dict[str, Any], config: NearDuplicatesConfig) -> dict[str, Any]:
     ]
     return {
         "candidate_cosine": config.candidate_cosine,
-        "max_bits": config.simhash_radius,
-        "miss_probability_at_candidate_cosine": es.miss_probability(config.candidate_cosine, config.simhash_radius),
+        "probes": config.probes,
+        "cells": es.cell_count(len(vectors)),
         "search_s": round(search_s, 3),
         "index_equals_exhaustive": set(zip(a.tolist(), b.tolist())) == set(zip(ea.tolist(), eb.tolist())),
         "pairs_below_min_cosine": int(below.sum()),
@@ -321,10 +321,11 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         f"Top nearest-neighbour cosines among distinct photos: {result['top_distinct']}.",
         "",
-        f"## Pairs without verification: min_cosine {chosen['min_cosine']}, SimHash radius {chosen['max_bits']} bits",
+        f"## Pairs without verification: min_cosine {chosen['min_cosine']}, {chosen['probes']} of {chosen['cells']} "
+        "index cells probed",
         "",
-        f"A pair exactly at the threshold is missed by the SimHash step with probability "
-        f"{chosen['miss_probability_at_threshold']:.1e}. Multi-index search equals the exhaustive cosine "
+        "The index search (k-means cells, each image compared with the images of its nearest cells) equals "
+        "the exhaustive cosine "
         f"search over all {result['images']} images: {chosen['index_equals_exhaustive']} "
         f"({chosen['pairs']} pairs, search {chosen['search_s']} s).",
         "",
@@ -360,8 +361,7 @@ def verification_lines(v: dict[str, Any]) -> list[str]:
         "",
         f"Candidates: the {v['pairs_below_min_cosine']} embedding pairs from cosine {v['candidate_cosine']} "
         "to min_cosine "
-        f"(SimHash radius {v['max_bits']} bits: a pair at {v['candidate_cosine']} is missed with probability "
-        f"{v['miss_probability_at_candidate_cosine']:.1e}; multi-index equals exhaustive: "
+        f"({v['probes']} of {v['cells']} index cells probed; the index search equals the exhaustive one: "
         f"{v['index_equals_exhaustive']}, search {v['search_s']} s), at most {cfg['max_candidates']} per image: "
         f"{v['candidates']} pairs of {v['images_matched']} images, matched in {v['verify_s']} s (ORB at "
         f"{gv.VERIFY_SIDE} px, ratio test, RANSAC similarity). Verified: at least {cfg['min_inliers']} inliers, zoom "
@@ -431,10 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine that makes a pair (default: validate.near_duplicates.min_cosine)",
     )
     parser.add_argument(
-        "--max-bits",
+        "--probes",
         type=int,
-        default=NearDuplicatesConfig().simhash_radius,
-        help="SimHash search radius in bits (default: validate.near_duplicates.simhash_radius)",
+        default=NearDuplicatesConfig().probes,
+        help="index cells each image is compared in (default: validate.near_duplicates.probes)",
     )
     parser.add_argument("--montage", help="also draw the verifier's new pairs among the originals into this PNG")
     parser.add_argument(
@@ -468,8 +468,8 @@ def main() -> None:
         "nearest_distinct": quantiles(m["nearest"]),
         "top_distinct": [round(float(v), 4) for v in top],
         "planted_cosine": {kind: quantiles(v) for kind, v in m["planted"].items()},
-        "chosen": evaluate(m, args.min_cosine, args.max_bits),
-        "sweep": [evaluate(m, t, args.max_bits) for t in args.sweep],
+        "chosen": evaluate(m, args.min_cosine, args.probes),
+        "sweep": [evaluate(m, t, args.probes) for t in args.sweep],
         "verification": verify(m, NearDuplicatesConfig()),
     }
     if args.montage:

@@ -96,8 +96,12 @@ class NearDuplicatesConfig(Section):
     min_cosine: float = Field(
         0.93, gt=0, le=1, description="Smallest cosine similarity of two embeddings that pairs them."
     )
-    simhash_radius: int = Field(
-        14, ge=0, le=32, description="Largest Hamming distance between 64-bit SimHashes of embeddings searched."
+    probes: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="Embedding index cells (k-means, about sqrt(images) of them) each image is compared in, its "
+        "nearest first: more finds more pairs near the threshold; search time grows in proportion.",
     )
     candidate_cosine: float = Field(
         0.85,

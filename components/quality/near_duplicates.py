@@ -185,7 +185,7 @@ def _embedding_pairs(
     `rows` are the decodable rows (the others are not embedded). Candidates the hashes already paired are
     not verified again. Returns the verification's counts and seconds (components/quality/geometric_verify.py)."""
     lowest = min(config.candidate_cosine, config.min_cosine)
-    a, b, cosine = embedding_search.near_pairs(embed(frame.iloc[rows]), lowest, config.simhash_radius)
+    a, b, cosine = embedding_search.near_pairs(embed(frame.iloc[rows]), lowest, config.probes)
     a, b = rows[a], rows[b]
     sure = cosine >= config.min_cosine
     for i, j, c in zip(a[sure].tolist(), b[sure].tolist(), cosine[sure].tolist()):

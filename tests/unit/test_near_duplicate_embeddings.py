@@ -25,21 +25,53 @@ PHOTO, OTHERS = (
 )
 
 
-def test_simhash_multi_index_finds_exactly_the_brute_force_cosine_pairs():
+def planted_vectors(n: int = 1500, dims: int = 48, copies: int = 60) -> np.ndarray:
+    """Random vectors with near copies of some, from cosine ~0.99 down to ~0.9."""
     rng = np.random.default_rng(3)
-    vectors = rng.standard_normal((1500, 48)).astype(np.float32)
-    originals, copies = rng.choice(1500, size=(2, 60), replace=False)
-    for k, (o, c) in enumerate(zip(originals, copies)):  # near copies from cosine ~0.99 down to ~0.9
-        noise = rng.standard_normal(48).astype(np.float32)
-        vectors[c] = vectors[o] / np.linalg.norm(vectors[o]) + (0.1 + 0.4 * k / 60) * noise / np.linalg.norm(noise)
+    vectors = rng.standard_normal((n, dims)).astype(np.float32)
+    originals, copied = rng.choice(n, size=(2, copies), replace=False)
+    for k, (o, c) in enumerate(zip(originals, copied)):
+        noise = rng.standard_normal(dims).astype(np.float32)
+        vectors[c] = vectors[o] / np.linalg.norm(vectors[o]) + (0.1 + 0.4 * k / copies) * noise / np.linalg.norm(noise)
+    return vectors
+
+
+class CountedReads(es.ArrayEmbeddings):
+    """ArrayEmbeddings that count the rows read by index."""
+
+    read = 0
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        self.read += len(rows)
+        return super().take(rows)
+
+
+def test_index_finds_the_brute_force_cosine_pairs_reading_each_embedding_a_few_times():
+    vectors = planted_vectors()
     expected_a, expected_b = es.exhaustive_pairs(vectors, 0.92)
     expected = set(zip(expected_a.tolist(), expected_b.tolist()))
     assert len(expected) > 30  # the threshold cuts through the planted pairs: some in, some out
-    for parts in (None, 4, 6):  # the cost model's plan, and the multi-index forced at two chunkings
-        a, b, cosine = es.near_pairs(es.ArrayEmbeddings(vectors, block=256), 0.92, 12, parts)
-        assert set(zip(a.tolist(), b.tolist())) == expected
-        assert np.all(cosine >= 0.92)
-    assert es.miss_probability(0.92, 12) < 1e-4 < es.miss_probability(0.92, 8)
+    embeddings = CountedReads(vectors, block=256)
+    a, b, cosine = es.near_pairs(embeddings, 0.92, probes=8)
+    assert set(zip(a.tolist(), b.tolist())) == expected
+    assert np.all(cosine >= 0.92) and np.all(a < b)
+    np.testing.assert_allclose(
+        cosine, np.einsum("ij,ij->i", es.normalised(vectors[a]), es.normalised(vectors[b])), atol=1e-5
+    )
+    # the k-means sample, then each image once where it lives and once per cell it probes: not all n per image
+    assert embeddings.read <= len(vectors) * (1 + 1 + 8)
+    again = es.near_pairs(es.ArrayEmbeddings(vectors), 0.92, probes=8)  # seeded: the same pairs every run
+    assert all(np.array_equal(x, y) for x, y in zip((a, b, cosine), again))
+
+
+def test_index_is_exact_when_every_cell_is_probed():
+    vectors = planted_vectors(n=400)
+    expected_a, expected_b = es.exhaustive_pairs(vectors, 0.2)  # a low threshold: thousands of pairs across cells
+    a, b, _ = es.near_pairs(es.ArrayEmbeddings(vectors), 0.2, probes=es.cell_count(400))
+    assert len(expected_a) > 1000
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(expected_a.tolist(), expected_b.tolist()))
+    few_a, _, _ = es.near_pairs(es.ArrayEmbeddings(vectors), 0.2, probes=1)  # one cell each: the index does skip
+    assert len(few_a) < len(expected_a)
 
 
 @pytest.fixture(scope="module")
