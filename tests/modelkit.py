@@ -52,7 +52,14 @@ def tiny_params(**sections: dict[str, Any]) -> Params:
     raw: dict[str, Any] = {
         "project": {"seed": 7},
         "model": {"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 64, "weights": "imagenet"},
-        "train_head": {"batch_size": 8, "epochs": 2, "augmented_copies": 1, "early_stopping_patience": 2},
+        # min_epoch_steps 1: an epoch is one pass (tests check behaviour, not how far a head learns on a dozen images)
+        "train_head": {
+            "batch_size": 8,
+            "epochs": 2,
+            "augmented_copies": 1,
+            "early_stopping_patience": 2,
+            "min_epoch_steps": 1,
+        },
         "finetune": {"batch_size": 8, "epochs": 1, "unfreeze_layers": 20, "warmup_epochs": 0},
     }
     for name, values in sections.items():

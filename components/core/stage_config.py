@@ -207,6 +207,7 @@ class TrainHeadConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighting: Literal["balanced", "none"] = "balanced"
     early_stopping_patience: int = Field(5, ge=1)
+    min_epoch_steps: int = Field(64, ge=1, description="Cached-features head: an epoch is at least this many batches.")
     cached_features: bool = Field(True, description="Train the head on backbone features computed once.")
     augmented_copies: int = Field(
         2, ge=0, le=32, description="Augmented variants per training image in the feature cache."

@@ -77,9 +77,17 @@ def _one_hot(ds: Any, num_classes: int) -> Any:
 
 
 def vector_batches(
-    x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, batch_size: int, seed: int, training: bool
+    x: np.ndarray,
+    y: np.ndarray,
+    rows: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    training: bool,
+    repeat: bool = False,
 ) -> Any:
-    """Feature vectors `x[rows]` and one-hot labels in batches, shuffled (seeded, every epoch) when training.
+    """Feature vectors `x[rows]` and one-hot labels in batches, shuffled (seeded, every epoch) when training;
+    `repeat`: endless, reshuffled at every pass (the fit then counts steps per epoch).
 
     Only the row indices live in the pipeline: each batch is read from `x` (a memory map of the cache) when it
     is due, so memory holds a few batches, not the features (resident pages of the map included). The seeded
@@ -100,6 +108,8 @@ def vector_batches(
     ds = tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64))
     if training:
         ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     return _one_hot(ds.batch(batch_size).map(read), num_classes).prefetch(tf.data.AUTOTUNE)
 
 
@@ -109,6 +119,15 @@ def training_rows(excluded: np.ndarray, total_rows: int) -> np.ndarray:
     images = len(excluded)
     kept = np.flatnonzero(~excluded)
     return (np.arange(0, total_rows, images)[:, None] + kept[None, :]).ravel()
+
+
+def epoch_steps(samples: int, batch_size: int, min_steps: int) -> int | None:
+    """Batches per epoch when one pass over `samples` is fewer than `min_steps` (small data: an epoch reads
+    the vectors several times over), else None (an epoch is one pass). Epoch-counted settings (epochs,
+    patience, the plateau schedule) then mean at least min_steps updates at any data size: on 71 flower
+    photos an epoch was 7 updates, and 40 epochs stopped the head while val accuracy was still rising."""
+    one_pass = -(-samples // batch_size)
+    return None if one_pass >= min_steps else min_steps
 
 
 def fit_on_cached_features(
@@ -150,10 +169,12 @@ def fit_on_cached_features(
     val_batches = vector_batches(val_x, arrays["val_y"], np.arange(len(val_x)), n, h.batch_size, 0, False)
     # A few dense weights: XLA buys nothing.
     optimization.compile_classifier(head, h.learning_rate, h.label_smoothing, jit_compile=False)
+    steps = epoch_steps(len(rows), h.batch_size, h.min_epoch_steps)
     fit = head.fit(
-        vector_batches(train_x, train_y, rows, n, h.batch_size, params.project.seed, True),
+        vector_batches(train_x, train_y, rows, n, h.batch_size, params.project.seed, True, repeat=steps is not None),
         validation_data=val_batches,
         epochs=h.epochs,
+        steps_per_epoch=steps,
         class_weight=weights,
         callbacks=fit_callbacks,
         shuffle=False,

@@ -20,7 +20,13 @@ TINY_SETTINGS = {
     # tests/unit/test_near_duplicate_embeddings.py runs it.
     "validate": {"min_images_per_class": 3, "max_bad_fraction": 0.2, "near_duplicates": {"embeddings": False}},
     "augment": {"preview_images": 4},
-    "train_head": {"epochs": 30, "batch_size": 16, "augmented_copies": 1, "early_stopping_patience": 8},
+    "train_head": {  # min_epoch_steps 1: an epoch is one pass, as the tiny runs were timed with
+        "epochs": 30,
+        "batch_size": 16,
+        "augmented_copies": 1,
+        "early_stopping_patience": 8,
+        "min_epoch_steps": 1,
+    },
     "finetune": {"epochs": 1, "batch_size": 16, "unfreeze_layers": 10, "warmup_epochs": 0},
     "evaluate": {"batch_size": 16, "worst_examples": 4, "promotion": {"min_accuracy": 0.0}},
     "orchestration": {"workspace_wait_s": 0},  # a run that finds the workspace busy fails at once, not after hours

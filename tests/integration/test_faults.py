@@ -37,7 +37,7 @@ PYTHON = sys.executable
 # path is the flow tests' default and has its own tests).
 FAULT_SETTINGS = {
     "model": {"alpha": 0.35, "image_size": 64},
-    "train_head": {"epochs": 3, "early_stopping_patience": 2, "feature_engine": "keras"},
+    "train_head": {"epochs": 3, "early_stopping_patience": 2, "feature_engine": "keras", "min_epoch_steps": 1},
     "evaluate": {"inference_engine": "keras"},
 }
 

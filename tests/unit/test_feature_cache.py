@@ -171,6 +171,17 @@ def test_head_batches_read_from_a_memmap_in_the_seeded_order_of_shuffling_the_ar
     assert fit.history["val_accuracy"][-1] >= 0.9
     assert head.predict(val, verbose=0).shape == (40, 2)
 
+    # Small data: an epoch of at least min_epoch_steps batches reads the rows several times, each pass reshuffled.
+    assert head_training.epoch_steps(len(rows), 8, min_steps=4) is None  # 32 rows = 4 batches: one pass is enough
+    steps = head_training.epoch_steps(len(rows), 8, min_steps=12)
+    assert steps == 12
+    endless = head_training.vector_batches(x, labels, rows, 2, 8, seed=3, training=True, repeat=True)
+    passes = np.concatenate([b[0].numpy() for b in endless.take(steps)]).reshape(3, len(rows), 8)
+    assert all(sorted(map(tuple, p)) == sorted(map(tuple, features[rows])) for p in passes)
+    assert not np.array_equal(passes[0], passes[1])
+    fit = head.fit(endless, validation_data=val, epochs=2, steps_per_epoch=steps, shuffle=False, verbose=0)
+    assert len(fit.history["loss"]) == 2
+
 
 def test_extraction_leaves_no_feature_pages_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The features are written by file writes, not through a writable map whose dirty pages stay resident

@@ -122,9 +122,9 @@ def test_train_head_excludes_the_top_suspects_with_action_exclude(
     sizes: list[tuple[int, bool]] = []  # (rows, training) of each vector pipeline
     vectors = head_training.vector_batches
 
-    def counted(x: Any, y: Any, rows: Any, *args: Any) -> Any:
-        sizes.append((len(rows), args[-1]))
-        return vectors(x, y, rows, *args)
+    def counted(x: Any, y: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append((len(rows), args[-1]))  # args[-1]: training
+        return vectors(x, y, rows, *args, **kwargs)
 
     monkeypatch.setattr(head_training, "vector_batches", counted)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(tmp_path / "mlflow.db"))
