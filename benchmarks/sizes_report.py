@@ -91,10 +91,34 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{_yes(c['pipeline_within_best_baseline_interval'])} ({best['method']} {best['accuracy']:.3f}, "
             f"from {best['interval'][0]:.3f}) |"
         )
+    lines += choice_lines(rows)
     missing = [n for n in ROW_ORDER if n not in result["rows"]]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`python -m benchmarks.sizes --sizes ...`)."]
     return "\n".join(lines) + "\n"
+
+
+def choice_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The pipeline's val decision and test calibration per row (rows run before these were recorded: -)."""
+
+    def num(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [
+        "",
+        "The pipeline's choice on val (fine-tuned weights only when they beat the head there) and its test ECE "
+        "(10 bins, after temperature scaling on val):",
+        "",
+        "| data | kept | val accuracy head | val accuracy fine-tuned | test ECE |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        choice = r.get("details", {}).get("pipeline_choice", {})
+        lines.append(
+            f"| {r['name']} | {choice.get('kept') or '-'} | {num(choice.get('val_accuracy_head'))} | "
+            f"{num(choice.get('val_accuracy_finetuned'))} | {num(choice.get('test_ece'))} |"
+        )
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
