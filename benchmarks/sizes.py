@@ -142,7 +142,7 @@ def run_row(name: str, table: Path, source_root: Path, work: Path, settings: dic
 
 def pipeline_choice(workspace: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """What the pipeline decided on val (the kept model, both val accuracies) and its test ECE."""
-    run = workspace / "models/finetuned/run.json"
+    run = workspace / "models/finetune/run.json"
     info = json.loads(run.read_text()) if run.is_file() else {}
     keys = ("kept", "val_accuracy_head", "val_accuracy_finetuned")
     return {**{k: info.get(k) for k in keys}, "test_ece": round(float(metrics["ece"]), 4)}
