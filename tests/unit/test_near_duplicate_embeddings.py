@@ -150,6 +150,22 @@ def test_the_embedding_cache_skips_a_damaged_chunk_and_recomputes_it(planted, tm
     assert embeddings.EmbeddingCache(tmp_path / "key").where == {}
 
 
+def test_cached_embeddings_are_read_by_index_across_chunks_in_the_order_asked(tmp_path: Path, monkeypatch):
+    from components.core import array_rows
+    from components.modeling import embeddings
+
+    cache = embeddings.EmbeddingCache(tmp_path / "key")
+    cache.write_chunk(["a", "b", "c"], np.arange(9, dtype=np.float32).reshape(3, 3))
+    cache.write_chunk(["d", "e"], 100 + np.arange(6, dtype=np.float32).reshape(2, 3))
+    released: list[int] = []
+    monkeypatch.setattr(array_rows, "release", lambda array: released.append(len(array)))
+    frame = embeddings.EmbeddingCache(tmp_path / "key").rows(["e", "a", "c", "a", "d"])
+    got = frame.take(np.array([0, 3, 2, 4]))  # e, a, c, d: rows of both chunk files, interleaved
+    np.testing.assert_array_equal(got[:, 0], [103, 0, 6, 100])
+    assert sorted(released) == [2, 3]  # one read per chunk file touched, its map's pages handed back after it
+    np.testing.assert_array_equal(np.concatenate(list(frame.blocks()))[:, 0], [103, 0, 6, 0, 100])
+
+
 def test_validate_runs_the_embedding_pass_of_the_model_section_and_moves_the_pair(tmp_path: Path, monkeypatch):
     """run_validate's wiring: the `model:` backbone, the workspace caches, the pair moved; the pass faked (no model)."""
     from components import validate
