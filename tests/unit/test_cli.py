@@ -29,6 +29,9 @@ def console_scripts() -> dict[str, str]:
     return {target.removesuffix(":main"): name for name, target in scripts.items() if target.endswith(":main")}
 
 
+BENCHMARK_WORK = REPO / "benchmarks" / "work"  # benchmark workspaces (git-ignored copies of the project)
+
+
 def entry_points() -> list[tuple[str, str]]:
     """(how to import it, the prog its parser must show) for every file people run."""
     scripts = console_scripts()
@@ -36,7 +39,9 @@ def entry_points() -> list[tuple[str, str]]:
         (module, scripts.get(module, f"python -m {module}"))
         for package in PACKAGES
         for path in sorted((REPO / package).rglob("*.py"))
-        if _runs_as_a_program(path) and (module := ".".join(path.relative_to(REPO).with_suffix("").parts))
+        if not path.is_relative_to(BENCHMARK_WORK)
+        and _runs_as_a_program(path)
+        and (module := ".".join(path.relative_to(REPO).with_suffix("").parts))
     ]
     found += [
         (str(path), f"python {path.relative_to(REPO).as_posix()}")
