@@ -92,7 +92,8 @@ def assign_splits(
         codes[i] = labels.code(e.label)
         split = e.given_split
         if split is None or (split == "train" and carve):
-            key = facts.sha_hex(i) or hashlib.sha256(e.origin.encode()).hexdigest()
+            # An unread file (missing, unreadable) by its place in the data folder, not by where the source lies.
+            key = facts.sha_hex(i) or hashlib.sha256(e.rel.encode()).hexdigest()
             split = assign_split(key, seed, fractions, among=SPLITS if split is None else ["train", *missing])
         splits[i] = SPLITS.index(split)
     hidden = np.fromiter((e.hidden for e in entries), bool, len(entries))
