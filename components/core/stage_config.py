@@ -239,10 +239,10 @@ class FinetuneConfig(Section):
     warmup_epochs: int = Field(1, ge=0)
     early_stopping_patience: int = Field(4, ge=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    calibrate: bool = Field(
-        True,
-        description="Fit a temperature on val after fine-tuning and fold it into the output layer "
-        "(probabilities people can threshold; predictions unchanged).",
+    calibrate: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Temperature fitted on val, folded into the output layer (predictions unchanged). auto: kept "
+        "only when val rejects T = 1 (likelihood-ratio test, 5%); on: always; off: never.",
     )
     flip_tta: Literal["auto", "on", "off"] = Field(
         "auto",

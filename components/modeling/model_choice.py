@@ -184,14 +184,16 @@ def _shown(interval: tuple[float, float] | None, sign: str = "+") -> str:
     return "" if interval is None else f"[95% {interval[0]:{sign}.3f} to {interval[1]:{sign}.3f}]"
 
 
-def _calibrate(model: Any, views: np.ndarray, val_labels: Any) -> calibration.CalibrationReport:
-    """Fit a temperature on val (never test), on the views the saved model will average, and fold it
-    into the shared output layer."""
-    report = calibration.calibrate(views, val_labels)
+def _calibrate(model: Any, views: np.ndarray, val_labels: Any, mode: str) -> calibration.CalibrationReport:
+    """Choose a temperature on val (never test), on the views the saved model will average, and fold it
+    into the shared output layer (auto: only when val gives evidence for it)."""
+    report = calibration.calibrate(views, val_labels, mode=mode)
     calibration.fold_temperature(model, report.temperature)
+    applied = "applied" if report.temperature != 1.0 else "not applied: val does not reject T = 1 at the 5% level"
     print(
-        f"finetune: temperature {report.temperature:.3f} fitted on val; "
-        f"val ECE {report.ece_before:.4f} -> {report.ece_after:.4f}"
+        f"finetune: temperature {report.fitted_temperature:.3f} fitted on {report.n} val images "
+        f"(likelihood-ratio p = {report.p_value:.3g}), {applied}; val ECE {report.ece_before:.4f} -> "
+        f"{report.ece_after:.4f}"
     )
     return report
 
@@ -205,7 +207,7 @@ def finish_model(
 
     # Judge the mean as it would be saved: calibrated (T folded into both views can move a near-tie).
     logits = calibration.logits_from_probabilities(views)
-    temperature = calibration.fit_temperature(logits, val_labels) if config.calibrate else 1.0
+    temperature = calibration.choose_temperature(logits, val_labels, config.calibrate).temperature
     flip = decide_flip_tta(views[0], calibration.apply_temperature(logits, temperature), val_labels, config.flip_tta)
     print(
         f"finetune: on {len(val_labels)} val images, accuracy {flip.val_accuracy_single_view:.4f} alone, "
@@ -213,7 +215,8 @@ def finish_model(
         f"{flip.val_accuracy_flip_tta - flip.val_accuracy_single_view:+.4f} {_shown(flip.gain)}: "
         f"flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})"
     )
-    calibrated = _calibrate(model, views if flip.applied else views[:1], val_labels) if config.calibrate else None
+    kept_views = views if flip.applied else views[:1]
+    calibrated = None if config.calibrate == "off" else _calibrate(model, kept_views, val_labels, config.calibrate)
     return (with_flip_tta(model) if flip.applied else model), flip, calibrated
 
 

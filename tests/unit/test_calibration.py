@@ -144,3 +144,35 @@ def test_folding_into_a_flip_tta_model_scales_both_views() -> None:
     calibration.fold_temperature(tta, 0.5)
     expected = calibration.apply_temperature(calibration.logits_from_probabilities(views), 0.5)
     np.testing.assert_allclose(tta.predict(x, verbose=0), expected, atol=1e-5)
+
+
+def test_auto_keeps_a_temperature_only_when_val_gives_evidence_for_it() -> None:
+    # A clearly over-confident model on 400 val images: the evidence is overwhelming, auto applies the fit.
+    logits, labels = synthetic(3.0, n=400, seed=9)
+    strong = calibration.choose_temperature(logits, labels, "auto")
+    assert strong.p_value < 1e-6 and strong.temperature == strong.fitted == pytest.approx(3.0, rel=0.25)
+    # A calibrated model on 60 val images: the fitted T wanders from 1 by luck alone, and auto leaves it.
+    kept = []
+    for seed in range(40):
+        logits, labels = synthetic(1.0, n=60, seed=100 + seed)
+        choice = calibration.choose_temperature(logits, labels, "auto")
+        assert choice.fitted != 1.0 and 0.0 <= choice.p_value <= 1.0
+        assert choice.temperature in (1.0, choice.fitted)
+        kept.append(choice.temperature != 1.0)
+    assert 0 < sum(kept) <= 6  # about 5% of calibrated models are scaled (2 of 40 expected), not all of them
+    on = calibration.choose_temperature(logits, labels, "on")
+    off = calibration.choose_temperature(logits, labels, "off")
+    assert on.temperature == on.fitted and off == calibration.TemperatureChoice(1.0, 1.0, 1.0)
+
+
+def test_the_p_value_is_the_likelihood_ratio_tests() -> None:
+    from scipy.stats import chi2
+
+    logits, labels = synthetic(1.5, n=200, seed=11)
+    fitted = calibration.fit_temperature(logits, labels)
+    nll = calibration.negative_log_likelihood
+    statistic = 2 * 200 * (nll(logits, labels) - nll(logits, labels, fitted))
+    assert calibration.no_scaling_p_value(logits, labels, fitted) == pytest.approx(chi2.sf(statistic, 1))
+    report = calibration.calibrate(calibration.softmax(logits), labels, mode="auto")
+    assert report.fitted_temperature == pytest.approx(fitted, rel=1e-3) and report.p_value < 0.05
+    assert report.temperature == report.fitted_temperature and report.to_dict()["p_value"] == report.p_value
