@@ -141,11 +141,28 @@ def run_row(name: str, table: Path, source_root: Path, work: Path, settings: dic
 
 
 def pipeline_choice(workspace: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What the pipeline decided on val (the kept model, both val accuracies) and its test ECE."""
+    """What the pipeline decided on val (the kept model, both val accuracies, the temperature and the evidence
+    for it) and its test ECE, with the ECE's bootstrap interval and a calibrated model's floor on this test set."""
+    import pandas as pd
+
+    from components.modeling.metrics import ece_sampling
+
     run = workspace / "models/finetune/run.json"
     info = json.loads(run.read_text()) if run.is_file() else {}
+    found = workspace / "reports/finetune/calibration.json"
+    calibration = json.loads(found.read_text()) if found.is_file() else {}
+    predictions = pd.read_csv(workspace / "reports/test_predictions.csv", keep_default_na=False)
+    sampling = ece_sampling(predictions["probability"], predictions["actual"] == predictions["predicted"])
     keys = ("kept", "val_accuracy_head", "val_accuracy_finetuned")
-    return {**{k: info.get(k) for k in keys}, "test_ece": round(float(metrics["ece"]), 4)}
+    return {
+        **{k: info.get(k) for k in keys},
+        "temperature": calibration.get("temperature"),
+        "temperature_fitted": calibration.get("fitted_temperature"),
+        "temperature_p_value": calibration.get("p_value"),
+        "test_ece": round(float(metrics["ece"]), 4),
+        "test_ece_interval": [round(sampling["low"], 4), round(sampling["high"], 4)],
+        "test_ece_calibrated_floor": round(sampling["floor"], 4),
+    }
 
 
 def _plan(sizes: list[str], only: str | None) -> list[tuple[str, int | None]]:

@@ -60,6 +60,26 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
     return float((filled["count"] / total * (filled["accuracy"] - filled["confidence"]).abs()).sum()) if total else 0.0
 
 
+def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of top-label predictions from their confidences and whether each was right."""
+    return expected_calibration_error(calibration_bins(np.asarray(confidence), np.asarray(correct), n_bins))
+
+
+def ece_sampling(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10, draws: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """How far a binned ECE on this few images is from the truth: a 95% bootstrap interval of it (images
+    resampled), and `floor`, the mean ECE a perfectly calibrated model with these confidences would show on
+    as many images (each right with probability equal to its confidence). On 153 images at 94% accuracy the
+    floor is about 0.028, so an ECE there says little below that."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, bool)
+    rng, n = np.random.default_rng(seed), len(confidence)
+    resampled = [top_label_ece(confidence[rows], correct[rows], n_bins) for rows in rng.integers(0, n, (draws, n))]
+    floor = [top_label_ece(confidence, rng.random(n) < confidence, n_bins) for _ in range(draws)]
+    low, high = np.quantile(resampled, [0.025, 0.975]) if n else (0.0, 0.0)
+    return {"low": float(low), "high": float(high), "floor": float(np.mean(floor)) if n else 0.0}
+
+
 def compute_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: list[str], *, calibration_bins_count: int = 10, top_k: int = 3
 ) -> dict[str, Any]:

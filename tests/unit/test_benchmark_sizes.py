@@ -114,13 +114,23 @@ def test_markdown_has_a_row_per_data_set_and_names_missing_ones(tmp_path: Path) 
         "methods": methods,
         "checks": judge(methods, 50),
     }
-    choice = {"kept": "head", "val_accuracy_head": 0.9, "val_accuracy_finetuned": 0.85, "test_ece": 0.041}
+    choice = {
+        "kept": "head",
+        "val_accuracy_head": 0.9,
+        "val_accuracy_finetuned": 0.85,
+        "temperature": 1.0,
+        "temperature_fitted": 0.612,
+        "temperature_p_value": 0.147,
+        "test_ece": 0.041,
+        "test_ece_interval": [0.03, 0.08],
+        "test_ece_calibrated_floor": 0.028,
+    }
     older = {**row, "name": "hymenoptera", "data": "hymenoptera"}  # a row from before the choice was recorded
     text = to_markdown({"machine": "x86_64", "rows": {"flowers-20": {**row, "details": {"pipeline_choice": choice}}}})
     assert "| flowers-20 | 70/30/50 | 0.900 [" in text
-    assert "| flowers-20 | head | 0.900 | 0.850 | 0.041 |" in text
+    assert "| flowers-20 | head | 0.900 | 0.850 | 1.000 (fitted 0.612, p 0.15) | 0.041 [0.030, 0.080] | 0.028 |" in text
     assert "Not run yet: flowers-50, flowers-100, flowers-200, flowers-all, hymenoptera" in text
-    assert "| hymenoptera | - | - | - | - |" in to_markdown({"machine": "x86_64", "rows": {"hymenoptera": older}})
+    assert "| hymenoptera | - | - | - | - | - | - |" in to_markdown({"machine": "x86_64", "rows": {"hymenoptera": older}})
 
 
 def test_probe_chooses_its_regularisation_on_val() -> None:

@@ -72,3 +72,18 @@ def test_columns_of_another_model_are_reordered_into_ours() -> None:
     assert align_columns(theirs, ["c", "a", "b"], ["a", "b", "c"]).tolist() == [[0.2, 0.1, 0.7]]
     with pytest.raises(ValueError, match="class sets differ"):
         align_columns(theirs, ["c", "a", "x"], ["a", "b", "c"])
+
+
+def test_ece_sampling_gives_the_floor_of_a_calibrated_model_and_an_interval_around_the_measured_ece() -> None:
+    from components.modeling.metrics import ece_sampling, top_label_ece
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.6, 1.0, 150)
+    calibrated = rng.random(150) < confidence  # right as often as it claims
+    overconfident = rng.random(150) < confidence - 0.25
+    fair, bad = ece_sampling(confidence, calibrated, draws=300), ece_sampling(confidence, overconfident, draws=300)
+    assert fair["floor"] == pytest.approx(bad["floor"])  # the floor depends on the confidences alone
+    assert 0.02 < fair["floor"] < 0.09  # 150 images in 10 bins: a perfect model still shows a few points
+    measured = top_label_ece(confidence, overconfident)
+    assert bad["low"] <= measured <= bad["high"] and bad["low"] > fair["floor"] * 2
+    assert ece_sampling(confidence, calibrated, draws=300) == fair  # seeded
