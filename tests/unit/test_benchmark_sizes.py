@@ -130,7 +130,9 @@ def test_markdown_has_a_row_per_data_set_and_names_missing_ones(tmp_path: Path) 
     assert "| flowers-20 | 70/30/50 | 0.900 [" in text
     assert "| flowers-20 | head | 0.900 | 0.850 | 1.000 (fitted 0.612, p 0.15) | 0.041 [0.030, 0.080] | 0.028 |" in text
     assert "Not run yet: flowers-50, flowers-100, flowers-200, flowers-all, hymenoptera" in text
-    assert "| hymenoptera | - | - | - | - | - | - |" in to_markdown({"machine": "x86_64", "rows": {"hymenoptera": older}})
+    assert "| hymenoptera | - | - | - | - | - | - |" in to_markdown(
+        {"machine": "x86_64", "rows": {"hymenoptera": older}}
+    )
 
 
 def test_probe_chooses_its_regularisation_on_val() -> None:
