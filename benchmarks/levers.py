@@ -1,0 +1,133 @@
+"""Benchmark: accuracy levers measured one at a time on val (never test), each against the pipeline's own model.
+
+    python -m benchmarks.levers [--rows hymenoptera,flowers-200] [--workdir benchmarks/work/sizes]
+
+Reads the workspaces `make benchmark-sizes` leaves and scores the model the pipeline saved
+(models/finetune: its kept weights, temperature and flip decision) on that row's val split.
+
+Levers so far (inference only, so one model serves them all):
+- `flip`: the mean of the image's and its mirror's probabilities (what `finetune.flip_tta: auto` decides);
+- `crops`: that mean over four views, the whole image and a central crop of CROP_FRACTION of each side
+  (resized back), each with its mirror.
+
+Each row: val accuracy and log-loss of one view, and of each lever, with the paired 95% interval of its
+accuracy gain over one view (components/core/intervals.py). Results: benchmarks/results/levers.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.run import RESULTS
+from benchmarks.workspace import REPO
+
+SIZES_WORK = REPO / "benchmarks/work/sizes"
+CROP_FRACTION = 0.875  # the ImageNet evaluation crop (224 of 256)
+
+
+def view_probabilities(workspace: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per view (whole, mirror, crop, crop mirror): the saved classifier's val probabilities; and the labels."""
+    import keras
+    import tensorflow as tf
+
+    from components.core.config import load_params
+    from components.core.contracts import read_manifest
+    from components.ingestion.images import ImageLimits
+    from components.modeling import model_folder
+    from components.modeling.backbones import plain_classifier
+    from components.modeling.data import load_split, make_dataset
+
+    params = load_params(workspace / "params.yaml")
+    classes, _ = model_folder.read_model_info(workspace / "models/finetune")
+    frame = read_manifest(workspace / "data/validated.csv")
+    frame["path"] = [str(workspace / path) for path in frame["path"]]  # the manifest's paths are the workspace's
+    val = load_split(frame, "val", classes)
+    classifier = plain_classifier(keras.models.load_model(workspace / "models/finetune/model.keras"))
+    size = params.model.image_size
+    images = make_dataset(val, size, 32, limits=ImageLimits.from_config(params.validate)).map(lambda x, y: x)
+
+    def crop(x: Any) -> Any:
+        return tf.image.resize(tf.image.central_crop(x, CROP_FRACTION), (size, size))
+
+    views = {
+        "whole": images,
+        "mirror": images.map(lambda x: tf.reverse(x, axis=[2])),
+        "crop": images.map(crop),
+        "crop_mirror": images.map(lambda x: tf.reverse(crop(x), axis=[2])),
+    }
+    return {name: classifier.predict(ds, verbose=0).astype(np.float64) for name, ds in views.items()}, np.asarray(
+        val.labels
+    )
+
+
+def score(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    correct = probs.argmax(axis=1) == labels
+    return {"accuracy": float(correct.mean()), "log_loss": float(-np.log(picked).mean()), "correct": correct}
+
+
+def lever_rows(views: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, dict[str, Any]]:
+    from components.core import intervals
+
+    candidates = {
+        "one view": views["whole"],
+        "flip": (views["whole"] + views["mirror"]) / 2,
+        "crops": sum(views.values()) / len(views),
+    }
+    scores = {name: score(probs, labels) for name, probs in candidates.items()}
+    base = scores["one view"]["correct"]
+    return {
+        name: {
+            "val_accuracy": round(s["accuracy"], 4),
+            "val_log_loss": round(s["log_loss"], 4),
+            "gain_interval": intervals.rounded(intervals.paired_difference(base, s["correct"])),
+        }
+        for name, s in scores.items()
+    }
+
+
+def write_report(rows: dict[str, Any], results: Path) -> None:
+    (results / "levers.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        "# Accuracy levers, one at a time, on val",
+        "",
+        "x86_64, 2 CPU cores. `python -m benchmarks.levers` on the workspaces of `make benchmark-sizes`: the model "
+        "the pipeline saved (kept weights and temperature), scored on the row's val split only. Gain: val accuracy "
+        "minus one view's, with its paired 95% interval.",
+        "",
+        "| data | val images | lever | val accuracy | val log-loss | gain [95%] |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for row, found in rows.items():
+        for lever, r in found["levers"].items():
+            low, high = r["gain_interval"]
+            gain = r["val_accuracy"] - found["levers"]["one view"]["val_accuracy"]
+            lines.append(
+                f"| {row} | {found['val_images']} | {lever} | {r['val_accuracy']:.3f} | {r['val_log_loss']:.3f} | "
+                f"{gain:+.3f} [{low:+.3f}, {high:+.3f}] |"
+            )
+    (results / "levers.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="hymenoptera,flowers-20,flowers-50,flowers-100,flowers-200")
+    parser.add_argument("--workdir", type=Path, default=SIZES_WORK, help="make benchmark-sizes' work folder")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for levers.json/.md")
+    args = parser.parse_args(argv)
+    rows: dict[str, Any] = {}
+    for row in filter(None, args.rows.split(",")):
+        views, labels = view_probabilities(args.workdir / row / "workspace")
+        rows[row] = {"val_images": len(labels), "levers": lever_rows(views, labels)}
+        write_report(rows, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""benchmarks/finetune_rule.py and benchmarks/levers.py: the grid, the val-only tables. No training: run.json
+files and probabilities stand in for the stage's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import finetune_rule, levers
+
+
+def test_grid_points_parse_and_name_themselves() -> None:
+    assert finetune_rule.parse_grid("30:5e-5, 100:2e-4,") == [(30, 5e-05), (100, 0.0002)]
+    assert finetune_rule.point_name(30, 5e-05) == "layers30_lr5e-05"
+    with pytest.raises(ValueError):
+        finetune_rule.parse_grid("30")
+
+
+def _run_json(folder: Path, head: float, finetuned: float) -> None:
+    folder.mkdir(parents=True)
+    info = {
+        "kept": "finetuned" if finetuned > head else "head",
+        "val_images": 60,
+        "val_accuracy_head": head,
+        "val_log_loss_head": 0.3,
+        "val_accuracy_finetuned": finetuned,
+        "val_log_loss_finetuned": 0.25,
+        "best_epoch": 3,
+        "epochs_run": 7,
+        "seconds": 41.0,
+        "trainable_backbone_layers": 100,
+        "val_intervals": {"finetuned_minus_head": [-0.05, 0.12]},
+    }
+    (folder / "run.json").write_text(json.dumps(info))
+
+
+def test_the_rule_table_reads_each_points_val_decision_and_never_a_test_figure(tmp_path: Path) -> None:
+    _run_json(tmp_path / "model", 0.85, 0.9)
+    found = finetune_rule.read_run(tmp_path / "model")
+    assert found["kept"] == "finetuned" and found["gain_interval"] == [-0.05, 0.12]
+    assert not any("test" in key for key in found)
+    points = {"layers100_lr0.0002": {**found, "default": True}}
+    rows = [{"row": "flowers-20", "train_per_class": 14.2, "points": points}]
+    finetune_rule.write_report(rows, tmp_path)
+    text = (tmp_path / "finetune_rule.md").read_text()
+    assert "| flowers-20 | 14.2 | 100 | 0.0002 (default) | 0.850 | 0.900 | +0.050 [-0.050, +0.120] |" in text
+    assert (tmp_path / "finetune_rule.png").stat().st_size > 0
+
+
+def test_levers_are_scored_against_one_view_on_the_same_images(tmp_path: Path) -> None:
+    labels = np.array([0, 1, 1, 0])
+    whole = np.array([[0.6, 0.4], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])  # 3 of 4 right
+    mirror = np.array([[0.6, 0.4], [0.2, 0.8], [0.2, 0.8], [0.9, 0.1]])  # its mean with whole: 4 of 4
+    views = {"whole": whole, "mirror": mirror, "crop": whole, "crop_mirror": whole}
+    rows = levers.lever_rows(views, labels)
+    assert rows["one view"]["val_accuracy"] == 0.75 and rows["flip"]["val_accuracy"] == 1.0
+    assert rows["crops"]["val_accuracy"] == 0.75  # image 2: (3 x 0.6 + 0.2) / 4 = 0.5, a tie argmax gives to class 0
+    low, high = rows["flip"]["gain_interval"]
+    assert low < 0.25 < high
+    levers.write_report({"hymenoptera": {"val_images": 4, "levers": rows}}, tmp_path)
+    assert "| hymenoptera | 4 | flip | 1.000 |" in (tmp_path / "levers.md").read_text()
