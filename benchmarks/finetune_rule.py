@@ -155,13 +155,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune_rule", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="sizes rows whose workspaces to sweep")
     parser.add_argument("--grid", default=DEFAULT_GRID, help="unfreeze_layers:learning_rate points, comma-separated")
     parser.add_argument("--workdir", type=Path, default=SIZES_WORK, help="make benchmark-sizes' work folder")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for finetune_rule.json/.md/.png")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     grid, rows = parse_grid(args.grid), []
     for row in filter(None, args.rows.split(",")):
         rows.append(sweep_row(row, grid, args.workdir))

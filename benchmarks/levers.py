@@ -115,12 +115,18 @@ def write_report(rows: dict[str, Any], results: Path) -> None:
     (results / "levers.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="hymenoptera,flowers-20,flowers-50,flowers-100,flowers-200")
+    parser.add_argument(
+        "--rows", default="hymenoptera,flowers-20,flowers-50,flowers-100,flowers-200", help="sizes rows to score"
+    )
     parser.add_argument("--workdir", type=Path, default=SIZES_WORK, help="make benchmark-sizes' work folder")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for levers.json/.md")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     rows: dict[str, Any] = {}
     for row in filter(None, args.rows.split(",")):
         views, labels = view_probabilities(args.workdir / row / "workspace")

@@ -7,7 +7,7 @@ the best epoch. Every finished epoch is checkpointed (components.modeling.checkp
 resumes from its last finished epoch.
 
 After training, the head and the fine-tuned model are scored on val and the better weights are kept;
-flip test-time augmentation and the temperature are decided on val too (components.modeling.model_choice).
+flip and crop test-time augmentation and the temperature are decided on val too (components.modeling.model_choice).
 Everything after that is done on the kept model.
 
 The same code runs on CPU and GPU: mixed precision and XLA only with a GPU, and with several accelerators
@@ -32,10 +32,11 @@ import numpy as np
 
 from components.core import errors, files, hashing, runtime, tracking
 from components.core.config import Params, ParamsError, load_params
-from components.core.contracts import ModelRunInfo, TrainingMetrics, read_manifest
+from components.core.contracts import ModelRunInfo, read_manifest
 from components.core.paths import FinetunePaths
 from components.core.settings import environment, workspace_root
 from components.core.tracking_connection import RetryPolicy
+from components.core.training_metrics import TrainingMetrics
 from components.ingestion.images import ImageLimits
 from components.modeling import data, distribution, drift, fine_tuning, learning_curves, model_choice, model_folder
 from components.modeling.checkpoints import CHECKPOINT_ROOT, Checkpoint
@@ -138,12 +139,13 @@ def run_finetune(
             choice, views = model_choice.keep_better(model, head_weights, val_ds, labels, config)
         else:  # nothing to train: the head model is the result
             history, resumed_at = learning_curves.history_frame({}), 1
-            views = model_choice.val_views(model, val_ds)
+            views = model_choice.val_views(model, val_ds, config.crop_tta != "off")
             choice = KeptModel("head", ValScore.of(views[0], labels), None)
         if choice.kept == "head":  # best_epoch 0: the head's weights, measured with this stage's loss
             val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
             best_epoch = 0
-        model, flip, calibrated = model_choice.finish_model(model, views, labels, config)
+        model, flip, crop, calibrated = model_choice.finish_model(model, views, labels, config)
+        crop_metrics = crop.metrics() if crop else {}
         seconds = time.perf_counter() - started
         run_info = {
             **head_info.model_dump(include={"backbone", "alpha", "image_size", "weights", "data_version"}),
@@ -162,12 +164,17 @@ def run_finetune(
             "trainable_backbone_layers": len(trained_layers),
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
             "temperature": calibrated.temperature if calibrated else 1.0,
-            "flip_tta": flip.applied,
+            "flip_tta": flip.applied or bool(crop and crop.applied),  # crop TTA averages the mirrors too
             "val_accuracy_single_view": flip.val_accuracy_single_view,
             "val_accuracy_flip_tta": flip.val_accuracy_flip_tta,
             **choice.run_info(),
             "val_images": len(labels),
-            "val_intervals": {**choice.val_intervals(), **flip.val_intervals()},
+            **model_choice.crop_run_info(crop),
+            "val_intervals": {
+                **choice.val_intervals(),
+                **flip.val_intervals(),
+                **(crop.val_intervals() if crop else {}),
+            },
         }
         model_folder.save_model_dir(model, classes, run_info, paths.out_dir)
         # Fine-tuning moves the features: the drift check compares new data with this model's own.
@@ -181,6 +188,7 @@ def run_finetune(
             seconds=round(seconds, 1),
             train_seconds=round(seconds + head_info.seconds, 1),
             **flip.metrics(),
+            **crop_metrics,
             **choice.metrics(),
             **model_choice.calibration_metrics(calibrated),
         ).write(paths.report_dir / "metrics.json")
@@ -189,7 +197,7 @@ def run_finetune(
             title = f"top {len(trained_layers)} backbone layers"
             learning_curves.report(client, run_id, history, paths.report_dir, "finetune", title)
         client.log_metric(run_id, "best_val_accuracy", val_accuracy)
-        for key, value in {**flip.metrics(), **choice.metrics()}.items():
+        for key, value in {**flip.metrics(), **crop_metrics, **choice.metrics()}.items():
             client.log_metric(run_id, key, value)
         client.set_tag(run_id, "finetune.kept", choice.kept)
         client.log_metric(run_id, "seconds", seconds)

@@ -21,9 +21,9 @@ from typing import Any
 
 from components.core import errors, files, hashing, runtime, tracking
 from components.core.config import Params, ParamsError, load_params
-from components.core.contracts import TrainingMetrics
 from components.core.paths import TrainHeadPaths
 from components.core.settings import environment, workspace_root
+from components.core.training_metrics import TrainingMetrics
 from components.modeling import data_checks, head_training, learning_curves, model_folder
 from components.modeling.head_training import HeadData
 

@@ -114,9 +114,10 @@ def make_model_dir(
     head_run_id: str = "head-run",
     image_size: int = 32,
     flip_tta: bool = False,
+    crop_tta: bool = False,
 ) -> Path:
     """A tiny Keras model with the models/finetune contract (model_folder.save_model_dir), good or deliberately bad;
-    with `flip_tta`, wrapped as finetune saves a model that keeps flip test-time augmentation."""
+    with `flip_tta` (and `crop_tta`), wrapped as finetune saves a model that keeps test-time augmentation."""
     import keras
 
     from components.modeling.model_folder import save_model_dir
@@ -128,10 +129,10 @@ def make_model_dir(
     dense = keras.layers.Dense(len(classes), activation="softmax")
     model = keras.Model(inputs, dense(x))
     dense.set_weights([colour_kernel(len(classes), quality), np.zeros(len(classes), dtype=np.float32)])
-    if flip_tta:
+    if flip_tta or crop_tta:
         from components.modeling.backbones import with_flip_tta
 
-        model = with_flip_tta(model)
+        model = with_flip_tta(model, crop=crop_tta)
     if path.exists():
         import shutil
 

@@ -115,6 +115,7 @@ RUN_FORM_OVERRIDE_KEYS = [
     "finetune.label_smoothing",
     "finetune.calibrate",
     "finetune.flip_tta",
+    "finetune.crop_tta",
     "evaluate.batch_size",
     "evaluate.top_k",
     "evaluate.worst_examples",

@@ -235,6 +235,8 @@ class ModelRunInfo(Contract):
     flip_tta: bool = Field(False, description="the model averages each image's probabilities with its mirror's")
     val_accuracy_single_view: float | None = Field(None, description="val accuracy of the classifier alone")
     val_accuracy_flip_tta: float | None = Field(None, description="val accuracy of the mean with the mirror image")
+    crop_tta: bool = Field(False, description="the model averages 4 views: the image, its central crop, their mirrors")
+    val_accuracy_crop_tta: float | None = Field(None, description="val accuracy of the mean over those 4 views")
     kept: Literal["head", "finetuned"] | None = Field(
         None, description="whose weights the model holds: the head's when fine-tuning did not beat them on val"
     )
@@ -246,49 +248,6 @@ class ModelRunInfo(Contract):
     val_intervals: dict[str, list[float]] | None = Field(
         None, description="95% intervals [low, high] of those val accuracies (Wilson) and gains (paired; *_minus_*)"
     )
-
-
-class TrainingMetrics(BaseModel):
-    """reports/<stage>/metrics.json of train_head and finetune: validation results and training time.
-
-    `dvc exp show` lists them next to the test metrics (so sweeps choose on val, never on test);
-    DVC reads them too, so they hold numbers only.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    val_accuracy: float
-    val_loss: float
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    train_seconds: float = Field(description="this stage plus the stages it builds on (finetune: head + finetune)")
-    # finetune with `calibrate`: the temperature fitted on val and val ECE before and after it
-    temperature: float | None = None
-    val_ece_before: float | None = None
-    val_ece_after: float | None = None
-    # finetune: flip test-time augmentation judged on val (1 = kept in the saved model, 0 = not)
-    flip_tta: int | None = None
-    val_accuracy_single_view: float | None = None
-    val_accuracy_flip_tta: float | None = None
-    # finetune: 1 = the head's weights kept (fine-tuning did not beat them on val); both models' val scores
-    kept_head: int | None = None
-    val_accuracy_head: float | None = None
-    val_log_loss_head: float | None = None
-    val_accuracy_finetuned: float | None = None
-    val_log_loss_finetuned: float | None = None
-    # finetune: val images behind both choices; 95% paired intervals of the accuracy gains they were made on
-    val_images: int | None = None
-    val_gain_finetuned_low: float | None = None
-    val_gain_finetuned_high: float | None = None
-    val_gain_flip_tta_low: float | None = None
-    val_gain_flip_tta_high: float | None = None
-
-    def write(self, path: str | Path) -> Path:
-        from components.core.files import write_json
-
-        write_json(path, self.model_dump(mode="json", exclude_none=True))  # numbers only, for DVC
-        return Path(path)
 
 
 # --- evaluate -------------------------------------------------------------------------------------

@@ -241,13 +241,16 @@ class FinetuneConfig(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     calibrate: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Temperature fitted on val, folded into the output layer (predictions unchanged). auto: kept "
-        "only when val rejects T = 1 (likelihood-ratio test, 5%); on: always; off: never.",
+        description="Temperature fitted on val, folded into the output layer (predictions unchanged). auto: "
+        "kept only when val rejects T = 1 (likelihood-ratio test, 5%); on: always; off: never.",
     )
     flip_tta: Literal["auto", "on", "off"] = Field(
+        "auto", description="Average with the mirror image (2x inference). auto: kept if val accuracy rises; on; off."
+    )
+    crop_tta: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Average each prediction with the mirror image's (2x inference cost). auto: keep it "
-        "only when it raises val accuracy (never judged on test); on/off: always/never.",
+        description="Also average over the central crop (87.5% of each side) and its mirror (4 views in all: 2x the "
+        "flip's cost). auto: keep them only when that raises val accuracy over the flip decision's; on/off.",
     )
     data_parallel: Literal["auto", "off"] = Field(
         "auto",
@@ -256,9 +259,8 @@ class FinetuneConfig(Section):
     )
     keep_head_if_not_better: bool = Field(
         True,
-        description="After training, score the head and the fine-tuned model on val (single view, before "
-        "calibration: accuracy, then log-loss); keep the head's weights unless the fine-tuned ones beat them. "
-        "false: always keep the fine-tuned weights.",
+        description="Keep the head's weights unless the fine-tuned ones beat them on val (one view, uncalibrated: "
+        "accuracy, then log-loss); false: always keep the fine-tuned weights.",
     )
 
 

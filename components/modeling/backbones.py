@@ -11,7 +11,8 @@ training=False) -> pooling layer "pool" -> sub-model "head" (dropout, optional d
 Splitting at "pool" is what lets train_head cache feature vectors and train "head" alone.
 
 When finetune keeps flip test-time augmentation (decided on val), the saved model wraps that
-classifier: image -> [classifier(image), classifier(mirror image)] -> mean. Every consumer (evaluate,
+classifier: image -> [classifier(image), classifier(mirror image)] -> mean; with crop TTA kept too, the
+central crop and its mirror are two more views of the mean. Every consumer (evaluate,
 serving, batch prediction, ONNX, TFLite) then averages both views with no flag to honour, and
 `plain_classifier` gives back the single-view model inside (features, drift embeddings).
 """
@@ -57,6 +58,39 @@ class HorizontalFlip(keras.layers.Layer):
 
     def call(self, inputs: Any) -> Any:
         return keras.ops.flip(inputs, axis=-2)
+
+
+@keras.saving.register_keras_serializable(package="transfer_pipeline")
+class CentralCrop(keras.layers.Layer):
+    """The central `fraction` of each side of NHWC images of any size (the classifier resizes it back)."""
+
+    def __init__(self, fraction: float = 0.875, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def call(self, inputs: Any) -> Any:
+        # As tf.image.central_crop: the same margin, int((side - side * fraction) / 2), off both ends.
+        shape = keras.ops.shape(inputs)
+        margins = []
+        for side in (shape[1], shape[2]):
+            if isinstance(side, int):  # static (JAX traces, fixed-size exports)
+                margins.append(int((side - side * self.fraction) / 2))
+            else:  # a dynamic TensorFlow dimension
+                side = keras.ops.cast(side, "float32")
+                margins.append(keras.ops.cast(keras.ops.floor((side - side * self.fraction) / 2), "int32"))
+        (top, left), (height, width) = margins, (shape[1], shape[2])
+        return inputs[:, top : height - top, left : width - left, :]
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        def side(n: int | None) -> int | None:
+            return None if n is None else n - 2 * int((n - n * self.fraction) / 2)
+
+        return (input_shape[0], side(input_shape[1]), side(input_shape[2]), input_shape[3])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "fraction": self.fraction}
 
 
 def _mobilenet_scaling() -> list[keras.layers.Layer]:
@@ -190,27 +224,36 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="feature_extractor")
 
 
-# --- flip test-time augmentation -------------------------------------------------------------
+# --- test-time augmentation: the mirror image, and central crops --------------------------------------
 
 FLIP_TTA_MODEL = "flip_tta"
+CROP_FRACTION = 0.875  # the central crop of ImageNet evaluation (224 of 256)
 
 
-def flip_views(classifier: keras.Model) -> keras.Model:
-    """image -> [classifier(image), classifier(mirror image)]: both views in one pass, to judge TTA on val."""
+def flip_views(classifier: keras.Model, crop: bool = False) -> keras.Model:
+    """image -> [classifier(image), classifier(mirror image)], with `crop` also the central crop and its
+    mirror: every view in one pass, to judge TTA on val."""
     images = keras.Input((None, None, 3), dtype="float32", name="image")
-    mirrored = HorizontalFlip(dtype="float32", name="mirror")(images)
-    return keras.Model(images, [classifier(images), classifier(mirrored)], name="flip_views")
+    views = [images, HorizontalFlip(dtype="float32", name="mirror")(images)]
+    if crop:
+        cropped = CentralCrop(CROP_FRACTION, dtype="float32", name="central_crop")(images)
+        views += [cropped, HorizontalFlip(dtype="float32", name="crop_mirror")(cropped)]
+    return keras.Model(images, [classifier(view) for view in views], name="flip_views")
 
 
-def with_flip_tta(classifier: keras.Model) -> keras.Model:
-    """The saved form of flip TTA: the mean of the classifier's probabilities on the image and its mirror."""
-    views = flip_views(classifier)
+def with_flip_tta(classifier: keras.Model, crop: bool = False) -> keras.Model:
+    """The saved form of TTA: the mean of the classifier's probabilities over its views (`flip_views`)."""
+    views = flip_views(classifier, crop)
     probs = keras.layers.Average(dtype="float32", name="mean_of_views")(views.outputs)
     return keras.Model(views.inputs, probs, name=FLIP_TTA_MODEL)
 
 
 def uses_flip_tta(model: keras.Model) -> bool:
     return any(isinstance(layer, HorizontalFlip) for layer in model.layers)
+
+
+def uses_crop_tta(model: keras.Model) -> bool:
+    return any(isinstance(layer, CentralCrop) for layer in model.layers)
 
 
 def plain_classifier(model: keras.Model) -> keras.Model:

@@ -1,12 +1,13 @@
-"""What finetune saves, decided on val (never test): whose weights, flip test-time augmentation, temperature.
+"""What finetune saves, decided on val (never test): whose weights, flip and crop test-time augmentation, temperature.
 
 The head and the fine-tuned model are scored on val the same way (one view, before calibration: accuracy
 first, then log-loss); unless the fine-tuned weights beat the head's, the head's are kept
 (`finetune.keep_head_if_not_better`), so a small data set never ends below where it started. Then flip
 TTA is judged on val (`finetune.flip_tta`: auto keeps it only when the mean of the image's and its
-mirror's probabilities is more accurate than the image's alone); the temperature is fitted to what the
-saved model will output, and a kept TTA is saved inside the model (components.modeling.backbones.with_flip_tta),
-so every consumer applies it.
+mirror's probabilities is more accurate than the image's alone), then central crops (`finetune.crop_tta`:
+auto keeps the mean over the image, its central crop and both mirrors only when it is more accurate than
+what the flip decision gave); the temperature is fitted to what the saved model will output, and a kept TTA
+is saved inside the model (components.modeling.backbones.with_flip_tta), so every consumer applies it.
 
 Each choice is recorded with its uncertainty (components/core/intervals.py): the number of val images, a 95%
 Wilson interval of each accuracy and a paired 95% interval of the gain the choice was made on, in run.json
@@ -70,6 +71,46 @@ def decide_flip_tta(single: np.ndarray, averaged: np.ndarray, labels: np.ndarray
     # auto: strictly better only; a tie is not worth twice the inference cost.
     applied = mode == "on" or (mode == "auto" and averaged_accuracy > single_accuracy)
     return FlipDecision(applied, single_accuracy, averaged_accuracy, single_right, averaged_right)
+
+
+@dataclass(frozen=True)
+class CropDecision:
+    """Central-crop views, judged on val: the mean over the image, its central crop and both mirrors, kept when
+    it is more accurate than what the flip decision gave (auto), or as configured."""
+
+    applied: bool
+    val_accuracy_without: float  # the flip decision's output: one view or the mean with the mirror
+    val_accuracy_crop_tta: float
+    correct_without: np.ndarray = field(compare=False, repr=False)
+    correct_crop_tta: np.ndarray = field(compare=False, repr=False)
+
+    @property
+    def gain(self) -> tuple[float, float]:
+        return intervals.paired_difference(self.correct_without, self.correct_crop_tta)
+
+    def val_intervals(self) -> dict[str, list[float]]:
+        n = self.correct_crop_tta.size
+        return {
+            "crop_tta": intervals.rounded(intervals.wilson(int(self.correct_crop_tta.sum()), n)),
+            "crop_tta_minus_without": intervals.rounded(self.gain),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        low, high = intervals.rounded(self.gain)
+        return {
+            "crop_tta": int(self.applied),
+            "val_accuracy_crop_tta": round(self.val_accuracy_crop_tta, 4),
+            "val_gain_crop_tta_low": low,
+            "val_gain_crop_tta_high": high,
+        }
+
+
+def decide_crop_tta(without: np.ndarray, crops: np.ndarray, labels: np.ndarray, mode: str) -> CropDecision:
+    """`without`: val probabilities the flip decision gives; `crops`: of the mean over the four views."""
+    without_right, crops_right = without.argmax(axis=1) == labels, crops.argmax(axis=1) == labels
+    without_accuracy, crops_accuracy = float(np.mean(without_right)), float(np.mean(crops_right))
+    applied = mode == "on" or (mode == "auto" and crops_accuracy > without_accuracy)  # strictly: 2x the views
+    return CropDecision(applied, without_accuracy, crops_accuracy, without_right, crops_right)
 
 
 @dataclass(frozen=True)
@@ -142,18 +183,19 @@ class KeptModel:
         return {"kept_head": int(self.kept == "head"), "val_images": self.head.n, **numbers, **gain}
 
 
-def views_scorer(model: Any) -> Callable[[Any], np.ndarray]:
-    """dataset -> (2, n, classes): the classifier's probabilities on it and on its mirror image, in one pass,
-    with whatever weights `model` holds at the call (one Keras model: traced once, however often it scores)."""
+def views_scorer(model: Any, crop: bool = False) -> Callable[[Any], np.ndarray]:
+    """dataset -> (views, n, classes): the classifier's probabilities on it and on its mirror image (with `crop`
+    also on the central crop and its mirror), in one pass, with whatever weights `model` holds at the call
+    (one Keras model: traced once, however often it scores)."""
     from components.modeling.backbones import flip_views
 
-    both = flip_views(model)
-    return lambda dataset: np.stack([np.asarray(v, np.float64) for v in both.predict(dataset, verbose=0)])
+    every = flip_views(model, crop)
+    return lambda dataset: np.stack([np.asarray(v, np.float64) for v in every.predict(dataset, verbose=0)])
 
 
-def val_views(model: Any, val_ds: Any) -> np.ndarray:
-    """(2, n, classes): the classifier's probabilities on val and on val mirrored, in one pass."""
-    return views_scorer(model)(val_ds)
+def val_views(model: Any, val_ds: Any, crop: bool = False) -> np.ndarray:
+    """(views, n, classes): the classifier's probabilities on val and on val mirrored (and cropped), in one pass."""
+    return views_scorer(model, crop)(val_ds)
 
 
 def keep_better(
@@ -161,7 +203,9 @@ def keep_better(
 ) -> tuple[KeptModel, np.ndarray]:
     """Score the fine-tuned weights and the head's on val; leave the kept ones in `model` and return
     the kept model's val views (reused by `finish_model`)."""
-    score = views_scorer(model)  # both weight sets through one model: a second model would trace again (seconds)
+    score = views_scorer(
+        model, config.crop_tta != "off"
+    )  # both weight sets through one model: a second model would trace again (seconds)
     finetuned_weights, finetuned_views = model.get_weights(), score(val_ds)
     model.set_weights(head_weights)
     head_views = score(val_ds)
@@ -200,24 +244,45 @@ def _calibrate(model: Any, views: np.ndarray, val_labels: Any, mode: str) -> cal
 
 def finish_model(
     model: Any, views: np.ndarray, val_labels: np.ndarray, config: FinetuneConfig
-) -> tuple[Any, FlipDecision, calibration.CalibrationReport | None]:
-    """Decide flip TTA on val (`views`: the model's, from `val_views`), calibrate what will be saved,
-    and wrap the classifier if TTA is kept."""
+) -> tuple[Any, FlipDecision, CropDecision | None, calibration.CalibrationReport | None]:
+    """Decide flip TTA, then crop TTA, on val (`views`: the model's, from `val_views`: 2, or 4 with crops),
+    calibrate what will be saved, and wrap the classifier if TTA is kept."""
     from components.modeling.backbones import with_flip_tta
 
-    # Judge the mean as it would be saved: calibrated (T folded into both views can move a near-tie).
-    logits = calibration.logits_from_probabilities(views)
-    temperature = calibration.choose_temperature(logits, val_labels, config.calibrate).temperature
-    flip = decide_flip_tta(views[0], calibration.apply_temperature(logits, temperature), val_labels, config.flip_tta)
+    # Judge each mean as it would be saved: calibrated (T folded into every view can move a near-tie).
+    def calibrated_mean(chosen: np.ndarray) -> np.ndarray:
+        logits = calibration.logits_from_probabilities(chosen)
+        return calibration.apply_temperature(
+            logits, calibration.choose_temperature(logits, val_labels, config.calibrate).temperature
+        )
+
+    flip = decide_flip_tta(views[0], calibrated_mean(views[:2]), val_labels, config.flip_tta)
     print(
         f"finetune: on {len(val_labels)} val images, accuracy {flip.val_accuracy_single_view:.4f} alone, "
         f"{flip.val_accuracy_flip_tta:.4f} averaged with the mirror image, gain "
         f"{flip.val_accuracy_flip_tta - flip.val_accuracy_single_view:+.4f} {_shown(flip.gain)}: "
         f"flip TTA {'kept' if flip.applied else 'not kept'} ({config.flip_tta})"
     )
-    kept_views = views if flip.applied else views[:1]
+    kept_views, crop = (views[:2] if flip.applied else views[:1]), None
+    if len(views) == 4:
+        crop = decide_crop_tta(calibrated_mean(kept_views), calibrated_mean(views), val_labels, config.crop_tta)
+        print(
+            f"finetune: accuracy {crop.val_accuracy_without:.4f} without central crops, "
+            f"{crop.val_accuracy_crop_tta:.4f} averaged over the image, its central crop and their mirrors, gain "
+            f"{crop.val_accuracy_crop_tta - crop.val_accuracy_without:+.4f} {_shown(crop.gain)}: "
+            f"crop TTA {'kept' if crop.applied else 'not kept'} ({config.crop_tta})"
+        )
+        kept_views = views if crop.applied else kept_views
     calibrated = None if config.calibrate == "off" else _calibrate(model, kept_views, val_labels, config.calibrate)
-    return (with_flip_tta(model) if flip.applied else model), flip, calibrated
+    wrapped = with_flip_tta(model, crop=len(kept_views) == 4) if len(kept_views) > 1 else model
+    return wrapped, flip, crop, calibrated
+
+
+def crop_run_info(crop: CropDecision | None) -> dict[str, Any]:
+    """run.json's crop TTA keys (nothing when crops were not judged: crop_tta off)."""
+    if crop is None:
+        return {}
+    return {"crop_tta": crop.applied, "val_accuracy_crop_tta": crop.val_accuracy_crop_tta}
 
 
 def calibration_metrics(report: calibration.CalibrationReport | None) -> dict[str, float]:

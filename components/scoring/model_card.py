@@ -54,6 +54,23 @@ def markdown_table(counts: pd.DataFrame) -> str:
 RECIPE_SECTIONS = {"model": "model settings", "train_head": "head training", "finetune": "fine-tuning", "seed": "seed"}
 
 
+def tta_lines(info: Any) -> list[str]:
+    """The test-time augmentation the saved model applies, with the val accuracies it was kept on."""
+    if info.crop_tta and info.val_accuracy_crop_tta is not None:
+        return [
+            f"- each prediction is the mean over the image, its central crop and both mirror images (crop test-time "
+            f"augmentation, 4 times the inference cost; val accuracy {info.val_accuracy_single_view:.4f} one view, "
+            f"{info.val_accuracy_crop_tta:.4f} four)"
+        ]
+    if info.flip_tta and info.val_accuracy_single_view is not None:
+        return [
+            f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, "
+            f"twice the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
+            f"{info.val_accuracy_flip_tta:.4f} with)"
+        ]
+    return []
+
+
 def recipe_lines(settings: dict[str, Any]) -> list[str]:
     """The settings the model was trained with, from its own run.json (not today's params.yaml)."""
     if not settings:
@@ -137,15 +154,7 @@ def model_card(
         "",
         f"## Test metrics (n = {metrics['n_test']} held-out images)",
         f"- accuracy: {metrics['accuracy']:.4f}",
-        *(
-            [
-                f"- each prediction is the mean over the image and its mirror image (flip test-time augmentation, "
-                f"twice the inference cost; val accuracy {info.val_accuracy_single_view:.4f} without, "
-                f"{info.val_accuracy_flip_tta:.4f} with)"
-            ]
-            if info.flip_tta and info.val_accuracy_single_view is not None
-            else []
-        ),
+        *tta_lines(info),
         suspect_line(metrics),
         f"- macro F1: {metrics['macro_f1']:.4f}",
         f"- expected calibration error: {metrics['ece']:.4f}"

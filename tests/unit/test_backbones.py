@@ -88,6 +88,38 @@ def test_flip_tta_model_is_the_mean_over_the_mirror_and_keeps_the_single_view_mo
     np.testing.assert_allclose(after[1], model.predict(raw[:, :, ::-1], verbose=0), atol=1e-6)
 
 
+def test_crop_tta_model_also_averages_the_central_crop_and_its_mirror(tmp_path: Path):
+    import tensorflow as tf
+
+    from components.modeling.backbones import (
+        CROP_FRACTION,
+        CentralCrop,
+        build_classifier,
+        plain_classifier,
+        uses_crop_tta,
+        uses_flip_tta,
+        with_flip_tta,
+    )
+    from components.modeling.model_folder import load_keras_model
+
+    raw = np.random.default_rng(3).uniform(0, 255, (2, 48, 80, 3)).astype("float32")
+    cropped = tf.image.central_crop(raw, CROP_FRACTION).numpy()  # the crop the lever was measured with
+    np.testing.assert_array_equal(CentralCrop(CROP_FRACTION)(raw), cropped)
+    dynamic = tf.function(CentralCrop(CROP_FRACTION).call, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    np.testing.assert_array_equal(dynamic(raw), cropped)  # a saved model's input has no fixed size
+
+    model, _ = build_classifier(ModelConfig(alpha=0.35, image_size=64, weights="imagenet"), 3, TrainHeadConfig())
+    with_flip_tta(model, crop=True).save(tmp_path / "crops.keras")
+    loaded = load_keras_model(tmp_path / "crops.keras")  # safe mode: CentralCrop is a registered layer
+    views = [raw, raw[:, :, ::-1], cropped, cropped[:, :, ::-1]]
+    expected = np.mean([model.predict(view, verbose=0) for view in views], axis=0)
+    np.testing.assert_allclose(loaded.predict(raw, verbose=0), expected, atol=1e-6)
+    assert uses_crop_tta(loaded) and uses_flip_tta(loaded) and not uses_crop_tta(with_flip_tta(model))
+    np.testing.assert_allclose(
+        plain_classifier(loaded).predict(raw, verbose=0), model.predict(raw, verbose=0), atol=1e-6
+    )
+
+
 def test_resnet_caffe_layer_matches_keras_preprocess_input_and_survives_saving(tmp_path: Path):
     import keras
 

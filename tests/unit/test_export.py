@@ -11,9 +11,9 @@ from components import export
 from tests.evalkit import make_model_dir, write_manifest
 
 
-@pytest.mark.parametrize("flip_tta", [False, True], ids=["single-view", "flip-tta"])
-def test_tflite_export_agrees_with_keras_and_reports_it(tmp_path: Path, flip_tta: bool) -> None:
-    model_dir = make_model_dir(tmp_path / "model", flip_tta=flip_tta)
+@pytest.mark.parametrize("tta", ["off", "flip", "crop"], ids=["single-view", "flip-tta", "crop-tta"])
+def test_tflite_export_agrees_with_keras_and_reports_it(tmp_path: Path, tta: str) -> None:
+    model_dir = make_model_dir(tmp_path / "model", flip_tta=tta == "flip", crop_tta=tta == "crop")
     manifest = write_manifest(tmp_path)
     code = export.main(
         [

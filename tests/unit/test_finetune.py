@@ -14,7 +14,7 @@ from components.core.config import ParamsError
 from components.core.paths import FinetunePaths
 from components.finetune import run_finetune
 from components.modeling import model_choice
-from components.modeling.backbones import plain_classifier, uses_flip_tta
+from components.modeling.backbones import plain_classifier, uses_crop_tta, uses_flip_tta
 from components.modeling.model_choice import ValScore, decide_flip_tta, finetuned_beats_head
 from tests.evalkit import migrated_store
 from tests.modelkit import tiny_params, train_tiny_head
@@ -164,6 +164,13 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, fin
     )
     assert {"val_ece_before", "val_ece_after"} <= metrics.keys()
     assert metrics["flip_tta"] == 1 and {"val_accuracy_single_view", "val_accuracy_flip_tta"} <= metrics.keys()
+    # crop_tta auto: judged on the same val images, and the saved model has the 4 views exactly when it was kept.
+    assert {"crop_tta", "val_accuracy_crop_tta", "val_gain_crop_tta_low"} <= metrics.keys()
+    assert (
+        info["crop_tta"]
+        == bool(metrics["crop_tta"])
+        == uses_crop_tta(keras.models.load_model(result.out_dir / "model.keras"))
+    )
     assert MlflowClient(tracking).get_run(result.run_id).data.metrics["temperature"] == pytest.approx(
         metrics["temperature"]
     )
@@ -185,8 +192,9 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
             if epoch == 0:
                 raise KeyboardInterrupt("simulated kill after epoch 1")
 
-    # calibrate/flip_tta off: the kept head's saved predictions are then exactly the head's
-    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, "calibrate": False, "flip_tta": "off"})
+    # calibrate and both TTAs off: the kept head's saved predictions are then exactly the head's
+    settings = {"calibrate": False, "flip_tta": "off", "crop_tta": "off"}
+    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, **settings})
     args = (params, paths(head, tmp_path / "out", tmp_path / "rep"))
     with pytest.raises(KeyboardInterrupt):
         run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
@@ -230,7 +238,9 @@ def test_a_head_that_scores_higher_is_kept_only_when_the_setting_asks(keep_head_
     labels = np.array([0, 1, 1])
     right, wrong = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]), np.array([[0.4, 0.6], [0.6, 0.4], [0.3, 0.7]])
     probs = {"head": right, "finetuned": wrong}  # the head is right on every val image, fine-tuning on one
-    monkeypatch.setattr(model_choice, "views_scorer", lambda model: lambda ds: np.stack([probs[model.weights[0]]] * 2))
+    monkeypatch.setattr(
+        model_choice, "views_scorer", lambda model, crop: lambda ds: np.stack([probs[model.weights[0]]] * 4)
+    )
     model = WeightsOnlyModel(["finetuned"])
     config = tiny_params(finetune={"keep_head_if_not_better": keep_head_if_not_better}).finetune
     choice, views = model_choice.keep_better(model, ["head"], None, labels, config)

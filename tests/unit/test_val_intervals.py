@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from components.core import intervals
-from components.core.contracts import ModelRunInfo, TrainingMetrics
+from components.core.contracts import ModelRunInfo
 from components.core.stage_config import FinetuneConfig
+from components.core.training_metrics import TrainingMetrics
 from components.modeling import model_choice
 from components.modeling.model_choice import KeptModel, ValScore, decide_flip_tta
 
@@ -82,7 +83,7 @@ def test_the_keep_head_decision_carries_its_images_and_intervals(monkeypatch, ca
             self.weights = weights
 
     model = Model()
-    monkeypatch.setattr(model_choice, "views_scorer", lambda m: lambda ds: views[m.weights])
+    monkeypatch.setattr(model_choice, "views_scorer", lambda m, crop: lambda ds: views[m.weights])
     choice, kept_views = model_choice.keep_better(model, "head", None, LABELS, FinetuneConfig())
     assert choice.kept == "finetuned" == model.weights and kept_views is views["finetuned"]
     gain = intervals.paired_difference(np.array(HEAD), np.array(FINETUNED))
@@ -120,28 +121,56 @@ def test_the_flip_tta_decision_carries_its_images_and_intervals(monkeypatch, cap
         gain
     )
     # finish_model's log line (the Keras wrapper faked: this decision needs no model).
-    monkeypatch.setitem(sys.modules, "components.modeling.backbones", SimpleNamespace(with_flip_tta=lambda m: m))
+    wrapped = []
+    fake = SimpleNamespace(with_flip_tta=lambda m, crop: wrapped.append(crop) or m)
+    monkeypatch.setitem(sys.modules, "components.modeling.backbones", fake)
     views = np.stack([single, np.tile([0.95, 0.05], (10, 1))])  # the mirror is surer: the mean fixes every image
-    _, decided, _ = model_choice.finish_model("model", views, LABELS, FinetuneConfig(calibrate=False))
+    _, decided, crop, _ = model_choice.finish_model("model", views, LABELS, FinetuneConfig(calibrate=False))
     line = capsys.readouterr().out
     assert decided.applied and "on 10 val images" in line and "[95% +" in line and "flip TTA kept" in line
+    assert crop is None and wrapped == [False]  # two views given: crops were not judged
+
+
+def test_crop_views_are_kept_only_when_they_beat_the_flip_decision_on_val(monkeypatch, capsys):
+    wrapped = []
+    fake = SimpleNamespace(with_flip_tta=lambda m, crop: wrapped.append(crop) or m)
+    monkeypatch.setitem(sys.modules, "components.modeling.backbones", fake)
+    single, unsure = probabilities(HEAD), np.tile([0.5, 0.5], (10, 1))
+    crops_fix_it = np.stack([single, single, np.tile([0.95, 0.05], (10, 1)), unsure])
+    _, flip, crop, _ = model_choice.finish_model("model", crops_fix_it, LABELS, FinetuneConfig(calibrate=False))
+    gain = intervals.paired_difference(np.array(HEAD), np.ones(10, bool))
+    assert not flip.applied and crop.applied and wrapped == [True] and crop.gain == gain
+    assert crop.val_accuracy_without == 0.6 and crop.val_accuracy_crop_tta == 1.0
+    assert crop.val_intervals()["crop_tta_minus_without"] == intervals.rounded(gain)
+    assert crop.metrics()["crop_tta"] == 1 and "crop TTA kept (auto)" in capsys.readouterr().out
+    no_help = np.stack([single, single, single, single])
+    for mode, kept in (("auto", False), ("on", True), ("off", False)):
+        config = FinetuneConfig(calibrate=False, crop_tta=mode)
+        _, _, crop, _ = model_choice.finish_model("model", no_help, LABELS, config)
+        assert crop.applied is kept  # a tie is not worth twice the views
+    assert wrapped[1:] == [True]  # only "on" wrapped the 4 views; one view needs no wrapper
 
 
 def test_the_records_fit_the_contracts():
     choice = KeptModel("head", ValScore.of(probabilities(HEAD), LABELS), ValScore.of(probabilities(FINETUNED), LABELS))
     flip = decide_flip_tta(probabilities(HEAD), probabilities(HEAD), LABELS, "auto")
+    crop = model_choice.decide_crop_tta(probabilities(HEAD), probabilities(FINETUNED), LABELS, "auto")
     metrics = TrainingMetrics(
         val_accuracy=0.6, val_loss=1.0, best_epoch=0, epochs_run=1, seconds=1.0, train_seconds=2.0,
-        **flip.metrics(), **choice.metrics(),
+        **flip.metrics(), **crop.metrics(), **choice.metrics(),
     )  # fmt: skip
+    assert metrics.crop_tta == 1 and metrics.val_accuracy_crop_tta == 0.9
     assert metrics.val_images == 10 and metrics.val_gain_flip_tta_high == pytest.approx(1.959964 / 12, abs=1e-4)
     info = ModelRunInfo(
         stage="finetune", run_id="r", experiment_id="e", backbone="mobilenet_v2", alpha=0.5, image_size=224,
         weights="imagenet", data_version="d", best_epoch=0, epochs_run=1, val_accuracy=0.6, val_loss=1.0,
         seconds=1.0, device={}, model_sha256="0" * 64, settings={},
-        **choice.run_info(), val_images=10, val_intervals={**choice.val_intervals(), **flip.val_intervals()},
+        **choice.run_info(), **model_choice.crop_run_info(crop), val_images=10,
+        val_intervals={**choice.val_intervals(), **flip.val_intervals(), **crop.val_intervals()},
     )  # fmt: skip
     assert set(info.val_intervals) == {
-        "head", "finetuned", "finetuned_minus_head", "single_view", "flip_tta", "flip_tta_minus_single_view"
+        "head", "finetuned", "finetuned_minus_head", "single_view", "flip_tta", "flip_tta_minus_single_view",
+        "crop_tta", "crop_tta_minus_without",
     }  # fmt: skip
+    assert info.crop_tta and info.val_accuracy_crop_tta == 0.9
     assert info.val_intervals["flip_tta_minus_single_view"] == pytest.approx([-1.959964 / 12, 1.959964 / 12], abs=1e-4)
