@@ -94,7 +94,8 @@ def train_per_class(workspace: Path) -> float:
 def sweep_row(row: str, grid: list[tuple[int, float]], work: Path) -> dict[str, Any]:
     workspace = work / row / "workspace"
     params = yaml.safe_load((workspace / "params.yaml").read_text())["finetune"]
-    default = (params["unfreeze_layers"], params["learning_rate"])
+    own = json.loads((workspace / "models/finetune/run.json").read_text())
+    default = (params["unfreeze_layers"], own.get("peak_learning_rate") or params["learning_rate"])  # as applied
     points = {point_name(*default): {**read_run(workspace / "models/finetune"), "default": True}}
     for depth, rate in grid:
         if (depth, rate) != default:

@@ -78,6 +78,8 @@ def run_finetune(
         print(f"finetune: {len(excluded)} suspect-label training images left out, as in train_head")
     if not len(train) or not len(val):
         raise ValueError(f"{paths.manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
+    config = fine_tuning.for_data(config, train)  # the peak learning rate for this many images per class
+    print(f"finetune: peak learning rate {config.learning_rate:g} for {len(train)} training images")
 
     checkpoint = Checkpoint.of(checkpoint_root, params, paths)
     previous_run = checkpoint.previous_run_id()
@@ -152,7 +154,7 @@ def run_finetune(
             "run_id": run_id,
             "experiment_id": experiment_id,
             "stage": "finetune",
-            "settings": {**head_info.settings, "finetune": config.model_dump(), "seed": seed},
+            "settings": {**head_info.settings, "finetune": params.finetune.model_dump(), "seed": seed},
             "prefect_flow_run_id": environment().prefect_flow_run_id,
             "head_run_id": head_info.run_id,
             "best_epoch": best_epoch,
@@ -162,6 +164,7 @@ def run_finetune(
             "seconds": round(seconds, 1),
             "device": device,
             "trainable_backbone_layers": len(trained_layers),
+            "peak_learning_rate": config.learning_rate,
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
             "temperature": calibrated.temperature if calibrated else 1.0,
             "flip_tta": flip.applied or bool(crop and crop.applied),  # crop TTA averages the mirrors too
@@ -238,6 +241,7 @@ def _logged_params(
         "replicas": plan.replicas,
         "data_parallel": plan.kind,
         "trainable_backbone_layers": len(trained_layers),
+        "peak_learning_rate": fine_tuning.for_data(params.finetune, train).learning_rate,
         "train_images": len(train),
         "val_images": len(val),
         "mixed_precision": device["mixed_precision"],

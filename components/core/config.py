@@ -18,12 +18,11 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from components.core.credentials import holds_credential
+from components.core.evaluate_config import DriftConfig, EvaluateConfig
 from components.core.orchestration_config import OrchestrationConfig
 from components.core.section import Section
 from components.core.stage_config import (
     AugmentConfig,
-    DriftConfig,
-    EvaluateConfig,
     FinetuneConfig,
     IngestConfig,
     TrainHeadConfig,

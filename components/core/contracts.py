@@ -230,6 +230,7 @@ class ModelRunInfo(Contract):
     # finetune only
     head_run_id: str | None = None
     trainable_backbone_layers: int | None = None
+    peak_learning_rate: float | None = Field(None, description="finetune.learning_rate as applied to this data")
     first_trainable_layer: str | None = None
     temperature: float = Field(1.0, description="folded into the output layer's weights (1.0: not calibrated)")
     flip_tta: bool = Field(False, description="the model averages each image's probabilities with its mirror's")

@@ -19,7 +19,7 @@ import numpy as np
 
 from components.core.contracts import PromotionRecord, ScoresRecord
 from components.core.credentials import scrub_credentials
-from components.core.stage_config import PromotionConfig
+from components.core.evaluate_config import PromotionConfig
 from components.core.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
 from components.ingestion.images import ImageLimits, read_limited
 from components.lifecycle.registry import CHAMPION, alias_version

@@ -38,7 +38,7 @@ from pydantic import Field
 from components.core import array_rows, files, runtime
 from components.core.config import Params
 from components.core.contracts import Contract, ContractError
-from components.core.stage_config import DriftConfig
+from components.core.evaluate_config import DriftConfig
 from components.ingestion.images import ImageLimits
 
 REFERENCE_FILE = "drift_reference.npz"

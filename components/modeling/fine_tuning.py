@@ -23,6 +23,25 @@ from components.modeling.data import Split
 from components.modeling.distribution import ReplicaPlan
 
 
+def peak_learning_rate(setting: float | dict[int, float], images_per_class: float) -> float:
+    """finetune.learning_rate for data with this many training images per class: a number as is; by size, the
+    rate of the largest threshold at or below it (below every threshold, the lowest threshold's).
+
+    The default, 5e-5 below 300 images per class and 2e-4 from there, is what val preferred on flower_photos
+    subsets and hymenoptera (benchmarks/results/finetune_rule.md): 2e-4 never beat the frozen head on val up to
+    92 images per class, and 5e-5 did on hymenoptera; on all of flower_photos (629 per class) 2e-4 did."""
+    if not isinstance(setting, dict):
+        return float(setting)
+    reached = [size for size in setting if size <= images_per_class]
+    return float(setting[max(reached) if reached else min(setting)])
+
+
+def for_data(config: FinetuneConfig, train: Split) -> FinetuneConfig:
+    """`config` with its learning rate resolved for this training split (its mean images per class)."""
+    per_class = len(train) / max(1, len(set(train.labels)))
+    return config.model_copy(update={"learning_rate": peak_learning_rate(config.learning_rate, per_class)})
+
+
 def compiled_model(
     head_dir: Path, head_info: ModelRunInfo, config: FinetuneConfig, steps_per_epoch: int
 ) -> tuple[Any, list[str]]:

@@ -11,7 +11,7 @@ import pytest
 
 from components import drift_check
 from components.core.contracts import ContractError
-from components.core.stage_config import DriftConfig
+from components.core.evaluate_config import DriftConfig
 from components.modeling import drift
 
 CLASSES = ["alpha", "beta", "gamma"]

@@ -14,7 +14,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 from components.core.config import Params, parse_params
 from components.core.contracts import IngestReport, ModelRunInfo, ScoresRecord, ValidationSummary
 from components.core.credentials import scrub_credentials
-from components.core.stage_config import PromotionConfig
+from components.core.evaluate_config import PromotionConfig
 from components.core.tracking_connection import RetryPolicy, TrackingUnavailable, with_retries
 from components.lifecycle.lineage import data_versions, git_commit, lineage_tags, params_hash
 from components.lifecycle.model_packaging import SERVING_MODEL, code_closure
