@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
     grid, rows = parse_grid(args.grid), []
     for row in filter(None, args.rows.split(",")):
         rows.append(sweep_row(row, grid, args.workdir))

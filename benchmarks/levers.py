@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
     rows: dict[str, Any] = {}
     for row in filter(None, args.rows.split(",")):
         views, labels = view_probabilities(args.workdir / row / "workspace")
