@@ -104,7 +104,9 @@ def sweep_row(row: str, grid: list[tuple[int, float]], work: Path) -> dict[str, 
     return {"row": row, "train_per_class": train_per_class(workspace), "points": points}
 
 
-def write_report(rows: list[dict[str, Any]], results: Path) -> None:
+def write_report(rows: list[dict[str, Any]], results: Path, reading: list[str] | None = None) -> None:
+    """finetune_rule.{json,md,png}; `reading`: paragraphs that say what the table shows (after it)."""
+    rows = sorted(rows, key=lambda row: row["train_per_class"])
     (results / "finetune_rule.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         "# Fine-tuning depth and peak learning rate against data size (val only)",
@@ -128,6 +130,9 @@ def write_report(rows: list[dict[str, Any]], results: Path) -> None:
                 f"{high:+.3f}] | {p['val_log_loss_head']:.3f} / {p['val_log_loss_finetuned']:.3f} | {p['kept']} | "
                 f"{p['seconds']} |"
             )
+    lines += ["", "![val gain of fine-tuning over the head](finetune_rule.png)"]
+    for paragraph in reading or []:
+        lines += ["", paragraph]
     (results / "finetune_rule.md").write_text("\n".join(lines) + "\n")
     plot(rows, results / "finetune_rule.png")
 

@@ -257,7 +257,7 @@ class FinetuneConfig(Section):
     batch_size: int = Field(32, ge=1, le=4096)
     epochs: int = Field(12, ge=0, description="Upper bound; 0 = keep the head model as is.")
     learning_rate: PeakRate = Field(
-        {0: 5e-5, 300: 2e-4},
+        {0: 5e-5, 125: 2e-4},
         description="Peak after warm-up (cosine decay to 0): a rate, or rates by training images "
         "per class (the largest threshold at or below the data's; below them all, the lowest's).",
     )

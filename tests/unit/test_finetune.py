@@ -124,7 +124,7 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, fin
     assert set(splits[splits == "val"].index) <= set(finetuned["read"])
     assert not set(splits[splits == "test"].index) & set(finetuned["read"]), "finetune read a test image"
     info = files.read_json(out / "run.json")
-    assert info["peak_learning_rate"] == 5e-5  # the tiny set's images per class are below 300
+    assert info["peak_learning_rate"] == 5e-5  # the tiny set's images per class are below 125
     assert info["head_run_id"] == head["head_run_id"] and info["run_id"] == result.run_id
     # Fine-tuning beat the head on val: its weights are the output, and both val scores are recorded.
     (head_score, finetuned_score), *others = finetuned["compared"]
@@ -317,8 +317,8 @@ def test_the_peak_learning_rate_follows_the_training_images_per_class():
     from components.modeling.data import Split
     from components.modeling.fine_tuning import for_data, peak_learning_rate
 
-    by_size = {0: 5e-5, 300: 2e-4}
-    assert [peak_learning_rate(by_size, n) for n in (14.2, 299.9, 300, 629)] == [5e-5, 5e-5, 2e-4, 2e-4]
+    by_size = FinetuneConfig().learning_rate
+    assert [peak_learning_rate(by_size, n) for n in (14.2, 92, 124.9, 125, 629)] == [5e-5, 5e-5, 5e-5, 2e-4, 2e-4]
     assert peak_learning_rate({50: 1e-4, 300: 2e-4}, 10) == 1e-4  # below every threshold: the lowest's
     assert peak_learning_rate(3e-4, 10) == 3e-4  # a number is a number, at any size
     train = Split(paths=[f"{i}.jpg" for i in range(700)], labels=np.arange(700) % 2, classes=["a", "b"])
