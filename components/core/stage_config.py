@@ -284,6 +284,6 @@ class FinetuneConfig(Section):
     )
     keep_head_if_not_better: bool = Field(
         True,
-        description="Keep the head's weights unless the fine-tuned ones beat them on val (one view, uncalibrated: "
-        "accuracy, then log-loss); false: always keep the fine-tuned weights.",
+        description="Keep the head's weights unless the fine-tuned ones are more accurate on val beyond noise (the "
+        "paired 95% interval of the gain above 0; one view, uncalibrated); false: always keep the fine-tuned weights.",
     )

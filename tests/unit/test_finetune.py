@@ -250,16 +250,20 @@ def test_a_head_that_scores_higher_is_kept_only_when_the_setting_asks(keep_head_
     assert (choice.head.accuracy, choice.finetuned.accuracy) == (1.0, pytest.approx(1 / 3))  # both recorded
 
 
-def test_fine_tuning_must_beat_the_head_on_val_accuracy_then_log_loss():
-    labels = np.array([0, 1, 1, 0])
-    score = ValScore.of(np.array([[0.8, 0.2], [0.4, 0.6], [0.6, 0.4], [0.5, 0.5]]), labels)
-    assert score.accuracy == 0.75  # row 4's tie goes to class 0 (argmax), row 3 is wrong
-    assert score.log_loss == pytest.approx(-np.mean(np.log([0.8, 0.6, 0.4, 0.5])))
-    assert finetuned_beats_head(ValScore(0.80, 0.2), ValScore(0.85, 0.9))  # accuracy first
-    assert not finetuned_beats_head(ValScore(0.85, 0.9), ValScore(0.80, 0.2))
-    assert finetuned_beats_head(ValScore(0.80, 0.5), ValScore(0.80, 0.4))  # a tie: lower log-loss
-    assert not finetuned_beats_head(ValScore(0.80, 0.4), ValScore(0.80, 0.5))
-    assert not finetuned_beats_head(ValScore(0.80, 0.4), ValScore(0.80, 0.4))  # a full tie keeps the head
+def test_fine_tuning_must_beat_the_head_on_val_beyond_noise():
+    labels = np.zeros(60, dtype=int)
+
+    def scored(right: int) -> ValScore:  # the first `right` val images right
+        probs = np.tile([0.1, 0.9], (60, 1))
+        probs[:right] = [0.9, 0.1]
+        return ValScore.of(probs, labels)
+
+    head = scored(56)
+    assert not finetuned_beats_head(head, scored(58))  # hymenoptera's +2 of 60: inside the noise
+    assert finetuned_beats_head(scored(40), scored(58))  # +18 of 60: well beyond it
+    assert not finetuned_beats_head(head, scored(56)) and not finetuned_beats_head(head, scored(50))
+    with pytest.raises(ValueError, match="per-image"):
+        finetuned_beats_head(ValScore(0.8, 0.2), ValScore(0.9, 0.1))  # built by hand: nothing to pair
 
 
 def test_unfreeze_point_beyond_the_backbone_names_the_key(head):
