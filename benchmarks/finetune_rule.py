@@ -113,7 +113,8 @@ def write_report(rows: list[dict[str, Any]], results: Path, reading: list[str] |
         "",
         "x86_64, 2 CPU cores. `python -m benchmarks.finetune_rule` on the workspaces of `make benchmark-sizes`: "
         "finetune rerun per point on the same head, manifest and seed. Gain: val accuracy fine-tuned minus head, "
-        "with its paired 95% interval; kept: what `finetune.keep_head_if_not_better` chooses today (the fine-tuned weights only when the gain's interval lies above 0). Nothing here reads test.",
+        "with its paired 95% interval; kept: what `finetune.keep_head_if_not_better` chooses today (the fine-tuned "
+        "weights only when the gain's interval lies above 0). Nothing here reads test.",
         "",
         "| data | train per class | layers | peak rate | val head | val fine-tuned | gain [95%] | "
         "log-loss head / fine-tuned | kept | seconds |",
