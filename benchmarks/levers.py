@@ -92,6 +92,14 @@ def lever_rows(views: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, di
     }
 
 
+READING = [
+    "The pipeline decides both levers per run on val (`finetune.flip_tta`, `finetune.crop_tta`: auto keeps each "
+    "only when it raises val accuracy); this table shows what each would give on each row's saved model. Not "
+    "measured yet, so not in the pipeline: discriminative learning rates or gradual unfreezing, EMA or SWA of the "
+    "fine-tuned weights, mixup or cutmix, progressive resizing. The fine-tuning depth and rate: finetune_rule.md.",
+]
+
+
 def write_report(rows: dict[str, Any], results: Path) -> None:
     (results / "levers.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
@@ -112,6 +120,8 @@ def write_report(rows: dict[str, Any], results: Path) -> None:
                 f"| {row} | {found['val_images']} | {lever} | {r['val_accuracy']:.3f} | {r['val_log_loss']:.3f} | "
                 f"{gain:+.3f} [{low:+.3f}, {high:+.3f}] |"
             )
+    for paragraph in READING:
+        lines += ["", paragraph]
     (results / "levers.md").write_text("\n".join(lines) + "\n")
 
 

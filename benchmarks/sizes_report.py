@@ -116,9 +116,10 @@ def choice_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = [
         "",
-        "The pipeline's choice on val (fine-tuned weights only when they beat the head there; the temperature "
-        "applied, the one fitted on val and the likelihood-ratio p-value against T = 1: `finetune.calibrate: auto` "
-        "applies it below 0.05) and its test ECE (10 bins, 95% bootstrap interval). Floor: the mean ECE a perfectly "
+        "The pipeline's choice on val (fine-tuned weights only when they beat the head there beyond noise; the "
+        "temperature applied, the one fitted on val and the likelihood-ratio p-value against T = 1: "
+        "`finetune.calibrate: auto` applies it below 0.05) and its test ECE (10 bins, 95% bootstrap interval). "
+        "Floor: the mean ECE a perfectly "
         "calibrated model with the same confidences shows on as many test images, the estimator's own noise.",
         "",
         "| data | kept | val accuracy head | val accuracy fine-tuned | temperature | test ECE | floor |",
