@@ -208,9 +208,8 @@ def keep_better(
 ) -> tuple[KeptModel, np.ndarray]:
     """Score the fine-tuned weights and the head's on val; leave the kept ones in `model` and return
     the kept model's val views (reused by `finish_model`)."""
-    score = views_scorer(
-        model, config.crop_tta != "off"
-    )  # both weight sets through one model: a second model would trace again (seconds)
+    # Both weight sets through one model: a second model would trace again (seconds).
+    score = views_scorer(model, config.crop_tta != "off")
     finetuned_weights, finetuned_views = model.get_weights(), score(val_ds)
     model.set_weights(head_weights)
     head_views = score(val_ds)
