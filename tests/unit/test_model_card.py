@@ -129,3 +129,17 @@ def test_labels_cannot_forge_table_cells_or_inject_html(tmp_path: Path) -> None:
     assert sorted(row[0] for row in counts[1:-1]) == sorted(shown)
     assert not any(line.startswith("| forged") for line in card.splitlines())
     assert "one of 4 classes: alpha, x \\| 99 \\|" in card and "&lt;img src=x onerror=alert(1)&gt;" in card
+
+
+def test_card_says_when_predictions_also_average_the_central_crop(tmp_path: Path) -> None:
+    card = _card(
+        tmp_path,
+        None,
+        flip_tta=True,
+        crop_tta=True,
+        val_accuracy_single_view=0.8333,
+        val_accuracy_flip_tta=0.8333,
+        val_accuracy_crop_tta=0.9,
+    )
+    assert "its central crop and both mirror images" in card and "0.8333 one view, 0.9000 four" in card
+    assert "mean over the image and its mirror image (flip" not in card  # one TTA line: the one the model applies
