@@ -166,6 +166,8 @@ with plan.scope():  # built, compiled and trained on every replica
 
     ft_cfg = FinetuneConfig(epochs=ft_epochs, batch_size=batch, unfreeze_layers=40,
                             warmup_epochs=1 if ft_epochs > 1 else 0)
+    # finetune's rate for this many training images per class (its default gives rates by data size)
+    ft_cfg = ft_cfg.model_copy(update={"learning_rate": ft_cfg.peak_rate(len(train_y) / len(classes))})
     start = unfreeze_top(base, ft_cfg, get_spec("mobilenet_v2").default_unfreeze_layers)
     lr, schedule_source = schedule(ft_cfg, len(train_ds))
     model.compile(optimizer=keras.optimizers.Adam(lr),

@@ -287,3 +287,13 @@ class FinetuneConfig(Section):
         description="Keep the head's weights unless the fine-tuned ones are more accurate on val beyond noise (the "
         "paired 95% interval of the gain above 0; one view, uncalibrated); false: always keep the fine-tuned weights.",
     )
+
+    def peak_rate(self, images_per_class: float) -> float:
+        """learning_rate for data with this many training images per class: a number as is; by size, the rate of
+        the largest threshold at or below it (below every threshold, the lowest threshold's). Why the default
+        is {0: 5e-5, 125: 2e-4}: components.modeling.fine_tuning.for_data."""
+        rates = self.learning_rate
+        if not isinstance(rates, dict):
+            return float(rates)
+        reached = [size for size in rates if size <= images_per_class]
+        return float(rates[max(reached) if reached else min(rates)])

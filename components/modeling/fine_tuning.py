@@ -23,25 +23,17 @@ from components.modeling.data import Split
 from components.modeling.distribution import ReplicaPlan
 
 
-def peak_learning_rate(setting: float | dict[int, float], images_per_class: float) -> float:
-    """finetune.learning_rate for data with this many training images per class: a number as is; by size, the
-    rate of the largest threshold at or below it (below every threshold, the lowest threshold's).
+def for_data(config: FinetuneConfig, train: Split) -> FinetuneConfig:
+    """`config` with its learning rate resolved for this training split (its mean images per class).
 
     The default, 5e-5 below 125 images per class and 2e-4 from there, follows a val-only sweep on flower_photos
     subsets and hymenoptera (benchmarks/results/finetune_rule.md). Up to 92 per class no rate beat the head beyond
     noise, and the rates differed by 0 to 3 val images (5e-5 ahead at 14, 70 and 92, 2e-4 at 35); at 170 both beat
     it and 2e-4 did more (0.887 against 0.874 on 151 val images), as on all of flower_photos. 125 is the geometric
-    middle of 92 and 170. Small data is protected more by model_choice.finetuned_beats_head than by the rate."""
-    if not isinstance(setting, dict):
-        return float(setting)
-    reached = [size for size in setting if size <= images_per_class]
-    return float(setting[max(reached) if reached else min(setting)])
-
-
-def for_data(config: FinetuneConfig, train: Split) -> FinetuneConfig:
-    """`config` with its learning rate resolved for this training split (its mean images per class)."""
+    middle of 92 and 170. Small data is protected more by model_choice.finetuned_beats_head than by the rate.
+    """
     per_class = len(train) / max(1, len(set(train.labels)))
-    return config.model_copy(update={"learning_rate": peak_learning_rate(config.learning_rate, per_class)})
+    return config.model_copy(update={"learning_rate": config.peak_rate(per_class)})
 
 
 def compiled_model(

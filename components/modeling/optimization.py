@@ -28,8 +28,12 @@ def early_stopping(patience: int) -> Any:
 
 
 def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
-    """Linear warm-up to `learning_rate` over `warmup_epochs`, then cosine decay towards 0."""
+    """Linear warm-up to `learning_rate` over `warmup_epochs`, then cosine decay towards 0. A rate by data size
+    must be resolved for the data first (fine_tuning.for_data, FinetuneConfig.peak_rate)."""
     import keras
+
+    if isinstance(config.learning_rate, dict):
+        raise ValueError("finetune.learning_rate gives rates by data size: resolve it for the data first (peak_rate)")
 
     warmup = min(config.warmup_epochs, max(config.epochs - 1, 0)) * steps_per_epoch
     decay = max(1, config.epochs * steps_per_epoch - warmup)

@@ -319,12 +319,15 @@ def test_cli_paths_come_from_the_table_and_checkpoints_are_anchored_at_the_works
 def test_the_peak_learning_rate_follows_the_training_images_per_class():
     from components.core.stage_config import FinetuneConfig
     from components.modeling.data import Split
-    from components.modeling.fine_tuning import for_data, peak_learning_rate
+    from components.modeling.fine_tuning import for_data
+    from components.modeling.optimization import lr_schedule
 
-    by_size = FinetuneConfig().learning_rate
-    assert [peak_learning_rate(by_size, n) for n in (14.2, 92, 124.9, 125, 629)] == [5e-5, 5e-5, 5e-5, 2e-4, 2e-4]
-    assert peak_learning_rate({50: 1e-4, 300: 2e-4}, 10) == 1e-4  # below every threshold: the lowest's
-    assert peak_learning_rate(3e-4, 10) == 3e-4  # a number is a number, at any size
+    default = FinetuneConfig()
+    assert [default.peak_rate(n) for n in (14.2, 92, 124.9, 125, 629)] == [5e-5, 5e-5, 5e-5, 2e-4, 2e-4]
+    assert FinetuneConfig(learning_rate={50: 1e-4, 300: 2e-4}).peak_rate(10) == 1e-4  # below all: the lowest's
+    assert FinetuneConfig(learning_rate=3e-4).peak_rate(10) == 3e-4  # a number is a number, at any size
     train = Split(paths=[f"{i}.jpg" for i in range(700)], labels=np.arange(700) % 2, classes=["a", "b"])
-    resolved = for_data(FinetuneConfig(learning_rate=by_size), train)  # 350 images per class
-    assert resolved.learning_rate == 2e-4 and resolved.unfreeze_layers == FinetuneConfig().unfreeze_layers
+    resolved = for_data(default, train)  # 350 images per class
+    assert resolved.learning_rate == 2e-4 and resolved.unfreeze_layers == default.unfreeze_layers
+    with pytest.raises(ValueError, match="resolve it for the data"):
+        lr_schedule(default, 10)  # an unresolved rule never reaches the optimizer
