@@ -7,8 +7,8 @@ Reads the workspaces `make benchmark-sizes` leaves and scores the model the pipe
 
 Levers so far (inference only, so one model serves them all):
 - `flip`: the mean of the image's and its mirror's probabilities (what `finetune.flip_tta: auto` decides);
-- `crops`: that mean over four views, the whole image and a central crop of CROP_FRACTION of each side
-  (resized back), each with its mirror.
+- `crops`: that mean over four views, the whole image and its central crop (backbones.CROP_FRACTION of each
+  side, resized back), each with its mirror.
 
 Each row: val accuracy and log-loss of one view, and of each lever, with the paired 95% interval of its
 accuracy gain over one view (components/core/intervals.py). Results: benchmarks/results/levers.{json,md}.
@@ -28,42 +28,28 @@ from benchmarks.run import RESULTS
 from benchmarks.workspace import REPO
 
 SIZES_WORK = REPO / "benchmarks/work/sizes"
-CROP_FRACTION = 0.875  # the ImageNet evaluation crop (224 of 256)
 
 
 def view_probabilities(workspace: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per view (whole, mirror, crop, crop mirror): the saved classifier's val probabilities; and the labels."""
-    import keras
-    import tensorflow as tf
-
+    """Per view (whole, mirror, crop, crop mirror): the saved classifier's val probabilities, through the views
+    finetune judges (model_choice.val_views); and the labels."""
     from components.core.config import load_params
-    from components.core.contracts import read_manifest
+    from components.core.contracts import MODEL_FILE, read_manifest
     from components.ingestion.images import ImageLimits
-    from components.modeling import model_folder
+    from components.modeling import model_choice, model_folder
     from components.modeling.backbones import plain_classifier
     from components.modeling.data import load_split, make_dataset
 
     params = load_params(workspace / "params.yaml")
-    classes, _ = model_folder.read_model_info(workspace / "models/finetune")
+    model_dir = workspace / "models/finetune"
+    classes, info = model_folder.read_model_info(model_dir)
     frame = read_manifest(workspace / "data/validated.csv")
     frame["path"] = [str(workspace / path) for path in frame["path"]]  # the manifest's paths are the workspace's
     val = load_split(frame, "val", classes)
-    classifier = plain_classifier(keras.models.load_model(workspace / "models/finetune/model.keras"))
-    size = params.model.image_size
-    images = make_dataset(val, size, 32, limits=ImageLimits.from_config(params.validate)).map(lambda x, y: x)
-
-    def crop(x: Any) -> Any:
-        return tf.image.resize(tf.image.central_crop(x, CROP_FRACTION), (size, size))
-
-    views = {
-        "whole": images,
-        "mirror": images.map(lambda x: tf.reverse(x, axis=[2])),
-        "crop": images.map(crop),
-        "crop_mirror": images.map(lambda x: tf.reverse(crop(x), axis=[2])),
-    }
-    return {name: classifier.predict(ds, verbose=0).astype(np.float64) for name, ds in views.items()}, np.asarray(
-        val.labels
-    )
+    model = model_folder.load_keras_model(model_dir / MODEL_FILE, expected_sha256=info.model_sha256)
+    images = make_dataset(val, params.model.image_size, 32, limits=ImageLimits.from_config(params.validate))
+    views = model_choice.val_views(plain_classifier(model), images, crop=True)
+    return dict(zip(("whole", "mirror", "crop", "crop_mirror"), views, strict=True)), np.asarray(val.labels)
 
 
 def score(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
