@@ -3,8 +3,8 @@
     python -m benchmarks.finetune_rule [--rows flowers-20,flowers-50,...] [--grid 30:5e-5,100:2e-4]
 
 Reads the workspaces `make benchmark-sizes` leaves (benchmarks/work/sizes/<row>/workspace: its validated
-manifest, augment policy and trained head) and reruns only the finetune stage there, once per grid point,
-into sweeps/<point>/ of that workspace (the row's own models/finetune is the default point, read as is).
+manifest, augment policy and trained head) and reruns only the finetune stage (this checkout's code) there, once
+per grid point, into sweeps/<point>/ of that workspace (the row's own models/finetune is the default point, read as is).
 Each run scores the head and the fine-tuned weights on the row's val split (components.modeling.model_choice),
 so the table is val only: nothing here reads test. Results: benchmarks/results/finetune_rule.{json,md,png}.
 """
@@ -57,14 +57,25 @@ def point_name(depth: int, rate: float) -> str:
 def run_point(workspace: Path, depth: int, rate: float) -> dict[str, Any]:
     """finetune alone in `workspace` with one (depth, rate); its run.json figures and wall seconds."""
     out = workspace / "sweeps" / point_name(depth, rate)
+    seconds = finetune_in(workspace, out, {"unfreeze_layers": depth, "learning_rate": rate})
+    return {**read_run(out / "model"), "wall_seconds": seconds}
+
+
+def finetune_in(workspace: Path, out: Path, overrides: dict[str, Any]) -> float:
+    """Run this checkout's finetune stage (not the workspace's copy of components/) in `workspace`, with `overrides`
+    of its finetune section, into out/{params.yaml,model,reports,checkpoints}; its wall seconds."""
     out.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    deep_update(params, {"finetune": {"unfreeze_layers": depth, "learning_rate": rate}})
+    deep_update(params, {"finetune": overrides})
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    entry = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from components.finetune import main; "
+        "from components.core.runtime import exit_process; exit_process(main(sys.argv[1:]))"
+    )
     command = [
         sys.executable,
-        "-m",
-        "components.finetune",
+        "-c",
+        entry,
         f"--params={out / 'params.yaml'}",
         f"--out-dir={out / 'model'}",
         f"--report-dir={out / 'reports'}",
@@ -73,8 +84,8 @@ def run_point(workspace: Path, depth: int, rate: float) -> dict[str, Any]:
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=workspace, env=tool_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"finetune failed in {workspace} at {point_name(depth, rate)}:\n{proc.stderr[-3000:]}")
-    return {**read_run(out / "model"), "wall_seconds": round(time.perf_counter() - started, 1)}
+        raise RuntimeError(f"finetune failed in {workspace} with {overrides}:\n{proc.stderr[-3000:]}")
+    return round(time.perf_counter() - started, 1)
 
 
 def read_run(model_dir: Path) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from benchmarks.workspace import REPO
 SIZES_WORK = REPO / "benchmarks/work/sizes"
 
 
-def view_probabilities(workspace: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per view (whole, mirror, crop, crop mirror): the saved classifier's val probabilities, through the views
-    finetune judges (model_choice.val_views); and the labels."""
+def view_probabilities(workspace: Path, model_dir: Path | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per view (whole, mirror, crop, crop mirror): the val probabilities of the classifier saved in `model_dir`
+    (default: the row's models/finetune), through the views finetune judges (model_choice.val_views); the labels."""
     from components.core.config import load_params
     from components.core.contracts import MODEL_FILE, read_manifest
     from components.ingestion.images import ImageLimits
@@ -41,7 +41,7 @@ def view_probabilities(workspace: Path) -> tuple[dict[str, np.ndarray], np.ndarr
     from components.modeling.data import load_split, make_dataset
 
     params = load_params(workspace / "params.yaml")
-    model_dir = workspace / "models/finetune"
+    model_dir = model_dir or workspace / "models/finetune"
     classes, info = model_folder.read_model_info(model_dir)
     frame = read_manifest(workspace / "data/validated.csv")
     frame["path"] = [str(workspace / path) for path in frame["path"]]  # the manifest's paths are the workspace's

@@ -111,6 +111,7 @@ def run_finetune(
             seed,
             ImageLimits.from_config(params.validate),
             plan,
+            config.mixup_alpha,
         )
         device = {
             **device,

@@ -264,6 +264,22 @@ class FinetuneConfig(Section):
     warmup_epochs: int = Field(1, ge=0)
     early_stopping_patience: int = Field(4, ge=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    bottom_lr_factor: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Discriminative rates: the lowest trained backbone layer learns at this fraction of the peak, "
+        "geometric up to the head's full rate; 1 = one rate (benchmarks/results/training_levers.md).",
+    )
+    ema_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="Weights averaged (EMA) over about this many epochs of steps and written into the model at "
+        "each epoch's end, so val, early stopping and checkpoints see the average; 0 = off.",
+    )
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="Mixup of training images and labels, mixing weight ~ Beta(alpha, alpha); 0 = off."
+    )
     calibrate: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Temperature fitted on val, folded into the output layer (predictions unchanged). auto: "

@@ -17,7 +17,7 @@ from components.core import runtime
 from components.core.contracts import MODEL_FILE, ModelRunInfo
 from components.core.stage_config import FinetuneConfig
 from components.ingestion.images import ImageLimits
-from components.modeling import data, model_folder, optimization, snapshots
+from components.modeling import data, mixup, model_folder, optimization, snapshots
 from components.modeling.checkpoints import Checkpoint
 from components.modeling.data import Split
 from components.modeling.distribution import ReplicaPlan
@@ -47,13 +47,16 @@ def compiled_model(
     model = model_folder.load_keras_model(head_dir / MODEL_FILE, expected_sha256=head_info.model_sha256)
     backbone = backbones.find_backbone(model)
     start = backbones.unfreeze_top(backbone, config, default_layers)
+    trained = [layer.name for layer in backbone.layers[start:] if layer.trainable]
+    factors = optimization.layer_rate_factors(backbone, trained, config.bottom_lr_factor)
     optimization.compile_classifier(
         model,
-        optimization.lr_schedule(config, steps_per_epoch),
+        None,
         config.label_smoothing,
         jit_compile=runtime.jit_compile_default(),
+        optimizer=optimization.finetune_optimizer(config, steps_per_epoch, factors),
     )
-    return model, [layer.name for layer in backbone.layers[start:] if layer.trainable]
+    return model, trained
 
 
 def datasets(
@@ -65,9 +68,10 @@ def datasets(
     seed: int,
     limits: ImageLimits,
     plan: ReplicaPlan,
+    mixup_alpha: float = 0.0,
 ) -> tuple[Any, Any]:
     """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere; training
-    batches a multiple of the replicas where the plan needs even batches."""
+    batches a multiple of the replicas where the plan needs even batches, mixed up at `mixup_alpha` (0: not)."""
     multiple = plan.replicas if plan.even_batches else 1
     train_ds = data.labelled_batches(
         train,
@@ -79,7 +83,8 @@ def datasets(
         limits=limits,
         batch_multiple=multiple,
     )
-    return train_ds, data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
+    val_ds = data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
+    return mixup.mixed_batches(train_ds, mixup_alpha, seed), val_ds
 
 
 def _epoch_recorder() -> Any:

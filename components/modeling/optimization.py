@@ -1,19 +1,28 @@
 """How the classifier learns: one loss, metric and optimizer for train_head and finetune, early stopping on
-val loss, and finetune's learning-rate schedule (linear warm-up, then cosine decay)."""
+val loss, and finetune's learning-rate schedule (linear warm-up, then cosine decay), with its optional
+weight EMA and discriminative rates (levers measured in benchmarks/results/training_levers.md)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from components.core.stage_config import FinetuneConfig
 
 
-def compile_classifier(model: Any, learning_rate: float | Any, label_smoothing: float, jit_compile: bool) -> None:
-    """Adam at `learning_rate` (a number or a schedule), smoothed categorical cross-entropy, accuracy."""
+def compile_classifier(
+    model: Any,
+    learning_rate: float | Any,
+    label_smoothing: float,
+    jit_compile: bool,
+    optimizer: Any | None = None,
+) -> None:
+    """Adam at `learning_rate` (a number or a schedule) unless an `optimizer` is given, smoothed categorical
+    cross-entropy, accuracy."""
     import keras
 
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
@@ -42,3 +51,77 @@ def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
     return keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=decay, warmup_target=config.learning_rate, warmup_steps=warmup
     )
+
+
+def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float | None:
+    """The EMA momentum whose horizon (1 / (1 - momentum) steps) is `ema_epochs` epochs; None when off."""
+    if ema_epochs <= 0:
+        return None
+    return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+
+
+def layer_rate_factors(model: Any, trained_layers: list[str], bottom_factor: float) -> dict[str, float]:
+    """{variable path: learning-rate factor}: the lowest of the trained backbone layers that have weights gets
+    `bottom_factor`, each one up a geometric step more, the top one and the head 1. {} when the factor is 1."""
+    if bottom_factor >= 1.0:
+        return {}
+    trained = set(trained_layers)
+    weighted = [layer for layer in _all_layers(model) if layer.name in trained and layer.trainable_weights]
+    last = max(1, len(weighted) - 1)
+    return {
+        variable.path: bottom_factor ** ((last - rank) / last)
+        for rank, layer in enumerate(weighted)
+        for variable in layer.trainable_weights
+    }
+
+
+def _all_layers(model: Any) -> list[Any]:
+    """Every layer of `model`, nested models' layers in their order, depth first."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if hasattr(layer, "layers"):
+            found.extend(_all_layers(layer))
+    return found
+
+
+def finetune_optimizer(config: FinetuneConfig, steps_per_epoch: int, rate_factors: dict[str, float]) -> Any:
+    """Adam on finetune's schedule; with `config.ema_epochs`, the weights' EMA overwrites them at every epoch's
+    end (so val, early stopping and checkpoints see it); with `rate_factors`, per-variable learning rates."""
+    import keras
+
+    momentum = ema_momentum(config.ema_epochs, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": momentum, "ema_overwrite_frequency": steps_per_epoch} if momentum else {}
+    schedule = lr_schedule(config, steps_per_epoch)
+    if not rate_factors:
+        return keras.optimizers.Adam(schedule, **ema)
+    return _layerwise_adam_class()(rate_factors=rate_factors, learning_rate=schedule, **ema)
+
+
+@functools.cache
+def _layerwise_adam_class() -> type:
+    import keras
+
+    @keras.saving.register_keras_serializable(package="transfer_pipeline")
+    class LayerwiseAdam(keras.optimizers.Adam):
+        """Adam with a learning-rate factor per variable (by its path; others 1): discriminative rates."""
+
+        def __init__(self, rate_factors: dict[str, float] | None = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.rate_factors = dict(rate_factors or {})
+            self._factor_by_index: list[float] = []
+
+        def build(self, variables: list[Any]) -> None:
+            super().build(variables)
+            self._factor_by_index = [self.rate_factors.get(v.path, 1.0) for v in variables]
+
+        def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+            factor = self._factor_by_index[self._get_variable_index(variable)]  # as Adam finds its moments
+            if factor != 1.0:
+                learning_rate = keras.ops.multiply(learning_rate, factor)
+            super().update_step(gradient, variable, learning_rate)
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "rate_factors": self.rate_factors}
+
+    return LayerwiseAdam

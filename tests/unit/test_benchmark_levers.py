@@ -62,3 +62,44 @@ def test_levers_are_scored_against_one_view_on_the_same_images(tmp_path: Path) -
     assert low < 0.25 < high
     levers.write_report({"hymenoptera": {"val_images": 4, "levers": rows}}, tmp_path)
     assert "| hymenoptera | 4 | flip | 1.000 |" in (tmp_path / "levers.md").read_text()
+
+
+def test_training_levers_are_scored_against_the_run_without_them_and_reuse_finished_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import training_levers
+
+    workspace = tmp_path / "hymenoptera/workspace"
+    (workspace / "data").mkdir(parents=True)
+    (workspace / "params.yaml").write_text("finetune:\n  epochs: 12\n")
+    (workspace / "data/validated.csv").write_text("path,label,split\na.jpg,ants,train\nb.jpg,bees,train\n")
+    labels = np.array([0, 1, 1, 0])
+    right = {"none": 3, "ema": 4, "mixup": 2}  # images each run gets right, of 4
+    runs: list[dict] = []
+
+    def fake_finetune(ws: Path, out: Path, overrides: dict) -> float:
+        runs.append(overrides)
+        (out / "model").mkdir(parents=True)
+        (out / "params.yaml").write_text(json.dumps({"finetune": {"epochs": 12, **overrides}}))
+        (out / "model/run.json").write_text(json.dumps({"val_accuracy_head": 0.5, "best_epoch": 2, "epochs_run": 6}))
+        return 1.0
+
+    def fake_views(ws: Path, model_dir: Path):
+        hits = right[model_dir.parent.name]
+        probs = np.array([[0.9, 0.1] if (label == 0) == (i < hits) else [0.1, 0.9] for i, label in enumerate(labels)])
+        return {"whole": probs}, labels
+
+    monkeypatch.setattr(training_levers, "finetune_in", fake_finetune)
+    monkeypatch.setattr(training_levers, "view_probabilities", fake_views)
+    row = training_levers.measure_row("hymenoptera", ["ema", "mixup"], tmp_path)
+    assert [run.get("ema_epochs") for run in runs] == [None, 0.5, None]
+    assert all(run["keep_head_if_not_better"] is False and run["flip_tta"] == "off" for run in runs)
+    assert row["levers"]["ema"]["val_accuracy"] == 1.0 and row["levers"]["mixup"]["val_accuracy"] == 0.5
+    low, high = row["levers"]["mixup"]["gain_interval"]
+    assert low < -0.25 < high < 0.5  # one image of four lost, paired with the run without levers
+    training_levers.write_report([row], tmp_path)
+    assert "| hymenoptera | 1.0 | 4 | ema | 1.000 |" in (tmp_path / "training_levers.md").read_text()
+
+    training_levers.measure_row("hymenoptera", ["ema"], tmp_path)
+    assert len(runs) == 3  # finished runs with the same settings are read, not rerun
+    assert training_levers.main(["--levers", "ema,swa", "--workdir", str(tmp_path)]) == 2

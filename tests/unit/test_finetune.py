@@ -331,3 +331,30 @@ def test_the_peak_learning_rate_follows_the_training_images_per_class():
     assert resolved.learning_rate == 2e-4 and resolved.unfreeze_layers == default.unfreeze_layers
     with pytest.raises(ValueError, match="resolve it for the data"):
         lr_schedule(default, 10)  # an unresolved rule never reaches the optimizer
+
+
+def test_training_levers_run_through_the_stage_and_survive_a_kill(head, tracking, tmp_path: Path):
+    """EMA, mixup and discriminative rates together: a killed run resumes with its optimizer (per-layer rates,
+    averaged weights), BatchNorm stays frozen, and run.json records the levers it trained with."""
+    import keras
+
+    class KilledAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                raise KeyboardInterrupt("simulated kill after epoch 1")
+
+    levers = {"ema_epochs": 0.5, "mixup_alpha": 0.2, "bottom_lr_factor": 0.1}
+    settings = {"epochs": 2, "early_stopping_patience": 5, "keep_head_if_not_better": False, **levers}
+    args = (tiny_params(finetune=settings), paths(head, tmp_path / "out", tmp_path / "rep"))
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
+    resumed = run_finetune(*args, checkpoint_root=tmp_path / "ckpt")
+
+    assert resumed.resumed_at_epoch == 2 and resumed.kept == "finetuned"
+    info = files.read_json(tmp_path / "out/run.json")
+    assert {key: info["settings"]["finetune"][key] for key in levers} == levers
+    before = keras.models.load_model(head["root"] / "models/head/model.keras")
+    after = keras.models.load_model(tmp_path / "out/model.keras")  # loads without the optimizer's class
+    for name, stats in _batchnorm_stats(before).items():
+        for old, new in zip(stats, _batchnorm_stats(after)[name]):
+            np.testing.assert_array_equal(old, new, err_msg=f"BatchNorm {name} statistics moved")
