@@ -181,7 +181,8 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
     head, tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """A resumed run still compares with the head's own weights (not the epoch it resumed from); when
-    fine-tuning does not beat them, the output is the head's weights, and that is recorded."""
+    fine-tuning does not beat them, the output is the head's weights, and that is recorded. The training levers
+    are on, so the resume also restores their optimizer (per-layer rates, averaged weights) and mixed input."""
     import keras
     import mlflow
     from mlflow import MlflowClient
@@ -195,7 +196,8 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
 
     # calibrate and both TTAs off: the kept head's saved predictions are then exactly the head's
     settings = {"calibrate": False, "flip_tta": "off", "crop_tta": "off"}
-    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, **settings})
+    levers = {"ema_epochs": 0.5, "mixup_alpha": 0.2, "bottom_lr_factor": 0.1}
+    params = tiny_params(finetune={"epochs": 2, "early_stopping_patience": 5, **settings, **levers})
     args = (params, paths(head, tmp_path / "out", tmp_path / "rep"))
     with pytest.raises(KeyboardInterrupt):
         run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
@@ -219,6 +221,7 @@ def test_interrupted_finetune_resumes_at_the_next_epoch_and_keeps_the_head_when_
     assert info["val_accuracy"] == pytest.approx(info["val_accuracy_head"])  # the kept model's number
     assert {"val_accuracy_finetuned", "val_log_loss_finetuned", "val_log_loss_head"} <= info.keys()
     assert MlflowClient().get_run(killed).data.tags["finetune.kept"] == "head"
+    assert {key: info["settings"]["finetune"][key] for key in levers} == levers
 
 
 class WeightsOnlyModel:
@@ -331,30 +334,3 @@ def test_the_peak_learning_rate_follows_the_training_images_per_class():
     assert resolved.learning_rate == 2e-4 and resolved.unfreeze_layers == default.unfreeze_layers
     with pytest.raises(ValueError, match="resolve it for the data"):
         lr_schedule(default, 10)  # an unresolved rule never reaches the optimizer
-
-
-def test_training_levers_run_through_the_stage_and_survive_a_kill(head, tracking, tmp_path: Path):
-    """EMA, mixup and discriminative rates together: a killed run resumes with its optimizer (per-layer rates,
-    averaged weights), BatchNorm stays frozen, and run.json records the levers it trained with."""
-    import keras
-
-    class KilledAfterFirstEpoch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 0:
-                raise KeyboardInterrupt("simulated kill after epoch 1")
-
-    levers = {"ema_epochs": 0.5, "mixup_alpha": 0.2, "bottom_lr_factor": 0.1}
-    settings = {"epochs": 2, "early_stopping_patience": 5, "keep_head_if_not_better": False, **levers}
-    args = (tiny_params(finetune=settings), paths(head, tmp_path / "out", tmp_path / "rep"))
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(*args, checkpoint_root=tmp_path / "ckpt", extra_callbacks=[KilledAfterFirstEpoch()])
-    resumed = run_finetune(*args, checkpoint_root=tmp_path / "ckpt")
-
-    assert resumed.resumed_at_epoch == 2 and resumed.kept == "finetuned"
-    info = files.read_json(tmp_path / "out/run.json")
-    assert {key: info["settings"]["finetune"][key] for key in levers} == levers
-    before = keras.models.load_model(head["root"] / "models/head/model.keras")
-    after = keras.models.load_model(tmp_path / "out/model.keras")  # loads without the optimizer's class
-    for name, stats in _batchnorm_stats(before).items():
-        for old, new in zip(stats, _batchnorm_stats(after)[name]):
-            np.testing.assert_array_equal(old, new, err_msg=f"BatchNorm {name} statistics moved")
