@@ -80,9 +80,10 @@ def lever_rows(views: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, di
 
 READING = [
     "The pipeline decides both levers per run on val (`finetune.flip_tta`, `finetune.crop_tta`: auto keeps each "
-    "only when it raises val accuracy); this table shows what each would give on each row's saved model. Not "
-    "measured yet, so not in the pipeline: discriminative learning rates or gradual unfreezing, EMA or SWA of the "
-    "fine-tuned weights, mixup or cutmix, progressive resizing. The fine-tuning depth and rate: finetune_rule.md.",
+    "only when it raises val accuracy); this table shows what each would give on each row's saved model. Levers "
+    "of training (weight EMA, mixup, discriminative learning rates), each a finetune run of its own: "
+    "training_levers.md. The fine-tuning depth and rate: finetune_rule.md. Not measured: gradual unfreezing, "
+    "cutmix, progressive resizing.",
 ]
 
 
