@@ -4,7 +4,7 @@ Every model this project saves takes float32 RGB in 0..255 of any size and carri
 preprocessing as layers (resize to the training size, then the backbone's normalisation), so a
 server cannot feed it differently from training. Only serializable layers are used (no Lambda):
 the saved `.keras` file loads with `keras.models.load_model(path)` in safe mode, once this module
-has been imported (it registers `CaffePreprocess`).
+has been imported (it registers `CaffePreprocess`, `CentralCrop` and finetune's `LayerwiseAdam`).
 
 The full model is:  image -> Resizing -> preprocessing -> backbone (named "backbone", called with
 training=False) -> pooling layer "pool" -> sub-model "head" (dropout, optional dense, softmax).
@@ -29,6 +29,7 @@ import keras
 
 from components.core.config import ModelConfig, ParamsError
 from components.core.stage_config import FinetuneConfig, TrainHeadConfig
+from components.modeling import layerwise_adam  # noqa: F401  (registers the optimizer a saved model may name)
 
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "pool"

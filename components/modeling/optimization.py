@@ -4,7 +4,6 @@ weight EMA and discriminative rates (levers measured in benchmarks/results/train
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from components.core.stage_config import FinetuneConfig
@@ -54,10 +53,10 @@ def lr_schedule(config: FinetuneConfig, steps_per_epoch: int) -> Any:
 
 
 def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float | None:
-    """The EMA momentum whose horizon (1 / (1 - momentum) steps) is `ema_epochs` epochs; None when off."""
-    if ema_epochs <= 0:
-        return None
-    return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+    """The EMA momentum whose horizon (1 / (1 - momentum) steps) is `ema_epochs` epochs; None when off, or when
+    that horizon is a step or less (nothing to average)."""
+    horizon = ema_epochs * steps_per_epoch
+    return 1.0 - 1.0 / horizon if horizon > 1 else None
 
 
 def layer_rate_factors(model: Any, trained_layers: list[str], bottom_factor: float) -> dict[str, float]:
@@ -95,33 +94,6 @@ def finetune_optimizer(config: FinetuneConfig, steps_per_epoch: int, rate_factor
     schedule = lr_schedule(config, steps_per_epoch)
     if not rate_factors:
         return keras.optimizers.Adam(schedule, **ema)
-    return _layerwise_adam_class()(rate_factors=rate_factors, learning_rate=schedule, **ema)
+    from components.modeling.layerwise_adam import LayerwiseAdam
 
-
-@functools.cache
-def _layerwise_adam_class() -> type:
-    import keras
-
-    @keras.saving.register_keras_serializable(package="transfer_pipeline")
-    class LayerwiseAdam(keras.optimizers.Adam):
-        """Adam with a learning-rate factor per variable (by its path; others 1): discriminative rates."""
-
-        def __init__(self, rate_factors: dict[str, float] | None = None, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.rate_factors = dict(rate_factors or {})
-            self._factor_by_index: list[float] = []
-
-        def build(self, variables: list[Any]) -> None:
-            super().build(variables)
-            self._factor_by_index = [self.rate_factors.get(v.path, 1.0) for v in variables]
-
-        def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-            factor = self._factor_by_index[self._get_variable_index(variable)]  # as Adam finds its moments
-            if factor != 1.0:
-                learning_rate = keras.ops.multiply(learning_rate, factor)
-            super().update_step(gradient, variable, learning_rate)
-
-        def get_config(self) -> dict[str, Any]:
-            return {**super().get_config(), "rate_factors": self.rate_factors}
-
-    return LayerwiseAdam
+    return LayerwiseAdam(rate_factors=rate_factors, learning_rate=schedule, **ema)

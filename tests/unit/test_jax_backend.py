@@ -4,8 +4,9 @@ One subprocess (the backend is fixed when Keras is imported), with `import tenso
 as on the GPU machine, does two things: (1) builds the classifier with components.modeling.backbones, runs it
 on raw images of another size, unfreezes the top as finetune does and takes one training step with
 finetune's optimizer/schedule/loss; (2) runs the finetune stage end to end (`run_finetune`, input
-through the PyDataset, not tf.data) on a head trained here under TensorFlow. The models it saves load
-under TensorFlow here and give the same outputs. One process for both: a JAX start-up costs seconds.
+through the PyDataset, not tf.data, with the training levers on) on a head trained here under TensorFlow.
+The models it saves load under TensorFlow here and give the same outputs. One process for both: a JAX
+start-up costs seconds.
 """
 
 from __future__ import annotations
@@ -103,8 +104,20 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
         return batches
 
     data.labelled_batches = recorded
-    # flip_tta on: the mirror layer and the two-view calibration run under JAX too.
-    params = tiny_params(finetune={"flip_tta": "on"})
+    from components.modeling import mixup
+
+    mixed_inputs = []
+    mixed_batches = mixup.mixed_batches
+
+    def mixed_recorded(*args, **kwargs):
+        batches = mixed_batches(*args, **kwargs)
+        mixed_inputs.append(type(batches).__name__)
+        return batches
+
+    mixup.mixed_batches = mixed_recorded
+    # flip_tta on: the mirror layer and the two-view calibration run under JAX too; so do the training levers.
+    levers = {"ema_epochs": 0.5, "mixup_alpha": 0.2, "bottom_lr_factor": 0.1}
+    params = tiny_params(finetune={"flip_tta": "on", **levers})
     paths = FinetunePaths(manifest=root / "validated.csv", policy=root / "policy.json", head_dir=root / "models/head",
                           out_dir=out / "models/finetune", report_dir=out / "reports")
     result = run_finetune(params, paths, checkpoint_root=out / "ckpt")
@@ -113,7 +126,8 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     x = np.stack([data.load_rgb(p, 64) for p in val.paths]).astype("float32")
     np.savez(out / "probs.npz", x=x, probs=np.asarray(folder.model.predict(x, verbose=0)))
     json.dump({"backend": keras.config.backend(), "pipelines": pipelines, "epochs_run": result.epochs_run,
-               "tensorflow_imported": "tensorflow" in sys.modules}, open(out / "result.json", "w"))
+               "mixed_inputs": mixed_inputs, "tensorflow_imported": "tensorflow" in sys.modules},
+              open(out / "result.json", "w"))
 """)
 
 
@@ -172,6 +186,7 @@ def test_finetune_runs_under_jax_without_tensorflow_and_tensorflow_loads_its_mod
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["backend"] == "jax" and not result["tensorflow_imported"] and result["epochs_run"] == 1
     assert result["pipelines"] == ["ImageBatches", "ImageBatches"]  # train and val through the PyDataset
+    assert result["mixed_inputs"] == ["MixedBatches"]  # training batches mixed up, by the PyDataset wrapper
     run_info = json.loads((tmp_path / "models/finetune/run.json").read_text())
     assert run_info["device"]["backend"] == "jax" and run_info["device"]["input_pipeline"] == "PyDataset"
     assert (tmp_path / "models/finetune/drift_reference.npz").is_file()

@@ -3,6 +3,10 @@ seeded, discriminative rates scale each layer's step, the weight EMA lags the ra
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,6 +87,7 @@ def test_discriminative_rates_go_geometrically_from_the_bottom_factor_to_the_ful
 def test_the_weight_ema_is_written_into_the_model_and_lags_the_raw_weights():
     assert optimization.ema_momentum(0.0, 10) is None
     assert optimization.ema_momentum(0.5, 10) == pytest.approx(0.8)  # a horizon of 5 steps
+    assert optimization.ema_momentum(0.5, 2) is None  # a horizon of one step averages nothing
 
     config = FinetuneConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1)
     raw = _fit_once(_tiny_model(), config, {}, steps=6)
@@ -121,3 +126,26 @@ def test_mixup_of_image_batches_follows_their_epoch_and_keeps_their_epoch_callba
     assert len(mixed) == 2 and mixed.epoch_callback() == "the inner callback"
     mixed.on_epoch_end()
     assert inner.epoch == 1 and not np.allclose(mixed[1][0], first)
+
+
+def test_a_tta_model_around_a_classifier_trained_with_discriminative_rates_loads_in_a_fresh_process(tmp_path: Path):
+    """finetune's TTA model wraps the compiled classifier, whose compile config names LayerwiseAdam: a process
+    that loads it the project's way (model_folder, which imports backbones) must know that class."""
+    import keras
+
+    from tests.conftest import REPO
+
+    model = _tiny_model()
+    config = FinetuneConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1)
+    _fit_once(model, config, optimization.layer_rate_factors(model, ["low", "mid"], 0.1))
+    inputs = keras.Input((4,))
+    keras.Model(inputs, model(inputs)).save(tmp_path / "wrapped.keras")  # the nested model keeps its compile config
+    load = (
+        "import sys; from components.modeling.model_folder import load_keras_model; "
+        "print(load_keras_model(sys.argv[1]).count_params())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", load, str(tmp_path / "wrapped.keras")], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == str(model.count_params())
