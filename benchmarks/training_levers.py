@@ -15,7 +15,7 @@ alone. Each lever is a finetune setting; its default is off unless this table sh
 
 Scored on the row's val split (one view, benchmarks.levers.view_probabilities): accuracy, log-loss and the paired
 95% interval of the accuracy gain over the run without levers.
-Results: benchmarks/results/training_levers.{json,md,png}.
+Results: benchmarks/results/training_levers.{json,md,png}; rows merge by name with an earlier run's.
 """
 
 from __future__ import annotations
@@ -168,11 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown levers {unknown}; known: {', '.join(LEVERS)}", file=sys.stderr)
         return 2
     args.results.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = earlier_rows(args.results / "training_levers.json")
     for row in filter(None, args.rows.split(",")):
-        rows.append(measure_row(row, levers, args.workdir))
-        write_report(rows, args.results)  # after every row: a cut-short run keeps what it measured
+        rows[row] = measure_row(row, levers, args.workdir)
+        write_report(list(rows.values()), args.results)  # after every row: a cut-short run keeps what it measured
     return 0
+
+
+def earlier_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows an earlier run wrote, by name: a run of some rows replaces those and keeps the others."""
+    if not path.exists():
+        return {}
+    return {row["row"]: row for row in json.loads(path.read_text())}
 
 
 if __name__ == "__main__":

@@ -103,3 +103,11 @@ def test_training_levers_are_scored_against_the_run_without_them_and_reuse_finis
     training_levers.measure_row("hymenoptera", ["ema"], tmp_path)
     assert len(runs) == 3  # finished runs with the same settings are read, not rerun
     assert training_levers.main(["--levers", "ema,swa", "--workdir", str(tmp_path)]) == 2
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "training_levers.json").write_text(json.dumps([{**row, "row": "flowers-20"}]))
+    args = ["--rows", "hymenoptera", "--levers", "ema", "--workdir", str(tmp_path), "--results", str(results)]
+    assert training_levers.main(args) == 0
+    kept = json.loads((results / "training_levers.json").read_text())
+    assert [row["row"] for row in kept] == ["flowers-20", "hymenoptera"]  # a run of one row keeps the others
