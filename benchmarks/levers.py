@@ -30,9 +30,12 @@ from benchmarks.workspace import REPO
 SIZES_WORK = REPO / "benchmarks/work/sizes"
 
 
-def view_probabilities(workspace: Path, model_dir: Path | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per view (whole, mirror, crop, crop mirror): the val probabilities of the classifier saved in `model_dir`
-    (default: the row's models/finetune), through the views finetune judges (model_choice.val_views); the labels."""
+def view_probabilities(
+    workspace: Path, model_dir: Path | None = None, crop: bool = True
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per view (whole, mirror, and with `crop` crop and crop mirror): the val probabilities of the classifier saved
+    in `model_dir` (default: the row's models/finetune), through the views finetune judges (model_choice.val_views);
+    the labels."""
     from components.core.config import load_params
     from components.core.contracts import MODEL_FILE, read_manifest
     from components.ingestion.images import ImageLimits
@@ -48,8 +51,9 @@ def view_probabilities(workspace: Path, model_dir: Path | None = None) -> tuple[
     val = load_split(frame, "val", classes)
     model = model_folder.load_keras_model(model_dir / MODEL_FILE, expected_sha256=info.model_sha256)
     images = make_dataset(val, params.model.image_size, 32, limits=ImageLimits.from_config(params.validate))
-    views = model_choice.val_views(plain_classifier(model), images, crop=True)
-    return dict(zip(("whole", "mirror", "crop", "crop_mirror"), views, strict=True)), np.asarray(val.labels)
+    views = model_choice.val_views(plain_classifier(model), images, crop=crop)
+    names = ("whole", "mirror", "crop", "crop_mirror") if crop else ("whole", "mirror")
+    return dict(zip(names, views, strict=True)), np.asarray(val.labels)
 
 
 def score(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

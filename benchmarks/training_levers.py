@@ -65,7 +65,7 @@ def measure_row(row: str, levers: list[str], work: Path) -> dict[str, Any]:
     scored: dict[str, Any] = {}
     for name in ["none", *[lever for lever in levers if lever != "none"]]:
         info, model_dir = lever_run(workspace, name)
-        views, labels = view_probabilities(workspace, model_dir)
+        views, labels = view_probabilities(workspace, model_dir, crop=False)  # one view is scored
         scored[name] = {**info, **score(views["whole"], labels)}
     base = scored["none"]["correct"]
     results = {

@@ -84,7 +84,7 @@ def test_training_levers_are_scored_against_the_run_without_them_and_reuse_finis
         (out / "model/run.json").write_text(json.dumps({"val_accuracy_head": 0.5, "best_epoch": 2, "epochs_run": 6}))
         return 1.0
 
-    def fake_views(ws: Path, model_dir: Path):
+    def fake_views(ws: Path, model_dir: Path, crop: bool):
         hits = right[model_dir.parent.name]
         probs = np.array([[0.9, 0.1] if (label == 0) == (i < hits) else [0.1, 0.9] for i, label in enumerate(labels)])
         return {"whole": probs}, labels

@@ -94,27 +94,23 @@ JAX_WORKER_SCRIPT = textwrap.dedent("""
     from components.core.paths import FinetunePaths
     from tests.modelkit import tiny_params
 
-    root, out = Path(sys.argv[2]), Path(sys.argv[3])  # the finetune run
-    pipelines = []
-    labelled_batches = data.labelled_batches
-
-    def recorded(*args, **kwargs):
-        batches = labelled_batches(*args, **kwargs)
-        pipelines.append(type(batches).__name__)
-        return batches
-
-    data.labelled_batches = recorded
     from components.modeling import mixup
 
-    mixed_inputs = []
-    mixed_batches = mixup.mixed_batches
+    root, out = Path(sys.argv[2]), Path(sys.argv[3])  # the finetune run
 
-    def mixed_recorded(*args, **kwargs):
-        batches = mixed_batches(*args, **kwargs)
-        mixed_inputs.append(type(batches).__name__)
-        return batches
+    def record_types(module, name):  # module.name replaced by a wrapper noting the type of each result
+        original, seen = getattr(module, name), []
 
-    mixup.mixed_batches = mixed_recorded
+        def recorded(*args, **kwargs):
+            made = original(*args, **kwargs)
+            seen.append(type(made).__name__)
+            return made
+
+        setattr(module, name, recorded)
+        return seen
+
+    pipelines = record_types(data, "labelled_batches")
+    mixed_inputs = record_types(mixup, "mixed_batches")
     # flip_tta on: the mirror layer and the two-view calibration run under JAX too; so do the training levers.
     levers = {"ema_epochs": 0.5, "mixup_alpha": 0.2, "bottom_lr_factor": 0.1}
     params = tiny_params(finetune={"flip_tta": "on", **levers})
