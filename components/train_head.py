@@ -37,6 +37,7 @@ class TrainHeadResult:
     seconds: float
     feature_cache: Path | None
     out_dir: Path
+    head: str = "adam"  # the head kept: adam (at best_epoch) | lbfgs (the linear head, fitted after the Adam epochs)
 
 
 def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
@@ -65,6 +66,7 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
         fitted = fit(model, inputs, params, paths, callbacks)
         history = learning_curves.history_frame(fitted.history)
         best = learning_curves.best_epoch(history)
+        kept = fitted.solver or {"kept": "adam", **{k: float(best[k]) for k in ("val_accuracy", "val_loss")}}
         seconds = time.perf_counter() - started
         checks = fitted.checks
         run_info = {
@@ -78,8 +80,9 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
             "data_version": version,
             "best_epoch": int(best["epoch"]),
             "epochs_run": len(history),
-            "val_accuracy": float(best["val_accuracy"]),
-            "val_loss": float(best["val_loss"]),
+            "val_accuracy": float(kept["val_accuracy"]),  # the head kept: Adam's best epoch or the linear head
+            "val_loss": float(kept["val_loss"]),
+            "head_solver": fitted.solver,
             "seconds": round(seconds, 1),
             "cached_features": h.cached_features,
             "feature_cache": str(fitted.feature_cache) if fitted.feature_cache else None,
@@ -102,6 +105,9 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
         data_checks.write_data_checks(checks, params, run_info, paths.out_dir, paths.report_dir, client, run_id)
         for name in ("val_accuracy", "val_loss"):
             client.log_metric(run_id, f"best_{name}", run_info[name])
+        if fitted.solver is not None:
+            tracking.log_params(client, run_id, {"head_solver_kept": fitted.solver["kept"]})
+            client.log_metric(run_id, "linear_head_C", fitted.solver["lbfgs"]["C"])
         client.log_metric(run_id, "seconds", seconds)
         learning_curves.report(
             client, run_id, history, paths.report_dir, "train_head", f"{m.backbone}, frozen backbone"
@@ -115,6 +121,7 @@ def run_train_head(params: Params, paths: TrainHeadPaths) -> TrainHeadResult:
         seconds,
         fitted.feature_cache,
         paths.out_dir,
+        kept["kept"],
     )
 
 
@@ -153,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_head: {exc}", file=sys.stderr)
         return 2
     print(
-        f"train_head: val_accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch}/{result.epochs_run}, "
-        f"{result.seconds:.0f} s -> {result.out_dir} (MLflow run {result.run_id})"
+        f"train_head: val_accuracy {result.val_accuracy:.4f} "
+        + ("(linear head), " if result.head == "lbfgs" else f"at epoch {result.best_epoch}/{result.epochs_run}, ")
+        + f"{result.seconds:.0f} s -> {result.out_dir} (MLflow run {result.run_id})"
     )
     return 0
 

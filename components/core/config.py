@@ -103,6 +103,7 @@ RUN_FORM_OVERRIDE_KEYS = [
     "train_head.class_weighting",
     "train_head.early_stopping_patience",
     "train_head.augmented_copies",
+    "train_head.solver",
     "finetune.unfreeze_layers",
     "finetune.unfreeze_from",
     "finetune.unfreeze_fraction",

@@ -227,6 +227,9 @@ class ModelRunInfo(Contract):
     suspect_label_splits: list[str] | None = Field(
         None, description="splits the suspect-label check ranked (None: it did not run; label_issues.csv is empty)"
     )
+    head_solver: dict[str, Any] | None = Field(
+        None, description="the Adam and the linear head's val scores and which was kept (None: Adam alone)"
+    )
     # finetune only
     head_run_id: str | None = None
     trainable_backbone_layers: int | None = None

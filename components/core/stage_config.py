@@ -222,7 +222,20 @@ class TrainHeadConfig(Section):
         description="auto: with several GPUs/TPUs, the Keras frozen feature pass runs on all of them (keras "
         "DataParallel on JAX, MirroredStrategy on TensorFlow; batch_size is the global batch); off: one device.",
     )
+    solver: Literal["auto", "adam", "lbfgs"] = Field(
+        "auto",
+        description="Cached-features head: auto = Adam, and an L2 logistic regression (L-BFGS, strength chosen on "
+        "val), keeping the lower val log-loss | adam | lbfgs (needs cached_features and hidden_units 0).",
+    )
     label_issues: LabelIssuesConfig = LabelIssuesConfig()
+
+    @model_validator(mode="after")
+    def _linear_head_needs_cached_features(self) -> TrainHeadConfig:
+        if self.solver == "lbfgs" and (not self.cached_features or self.hidden_units):
+            raise ValueError(
+                "train_head.solver: lbfgs needs cached_features: true and hidden_units: 0 (a linear head on the cache)"
+            )
+        return self
 
 
 def _peak_rate(value: Any) -> float | dict[int, float]:

@@ -20,7 +20,16 @@ from components.core.contracts import read_manifest
 from components.core.paths import EMBEDDING_CACHE, TrainHeadPaths
 from components.core.tracking_connection import RetryPolicy
 from components.ingestion.images import ImageLimits
-from components.modeling import data, data_checks, drift, feature_cache, frozen_forward, optimization, snapshots
+from components.modeling import (
+    data,
+    data_checks,
+    drift,
+    feature_cache,
+    frozen_forward,
+    linear_head,
+    optimization,
+    snapshots,
+)
 from components.modeling.data import Split, load_split, make_dataset
 from components.modeling.data_checks import DataChecks
 
@@ -53,6 +62,7 @@ class HeadFit:
     history: dict[str, list[float]]
     feature_cache: Path | None  # the cache file the head trained on (None: trained end to end)
     checks: DataChecks
+    solver: dict[str, Any] | None = None  # Adam head vs linear head on val, and which was kept (None: Adam only)
 
 
 def callbacks(params: Params, client: Any, run_id: str) -> list[Any]:
@@ -180,7 +190,17 @@ def fit_on_cached_features(
         shuffle=False,
         verbose=runtime.progress_verbosity(),
     )  # shuffle=False: tf.data shuffles, seeded
-    val_confidence = float(head.predict(val_batches, verbose=0).max(axis=1).mean())
+    val_probs = head.predict(val_batches, verbose=0)
+    solver = None
+    if h.solver != "adam" and not h.hidden_units:  # a hidden layer: no linear counterpart
+        plain_rows = np.flatnonzero(~excluded)
+        train_xy = (array_rows.take(plain, plain_rows).astype(np.float32), train.labels[plain_rows])
+        solver = choose_head(head, train_xy, (np.asarray(val_x, np.float32), arrays["val_y"]), val_probs, weights, h)
+        if solver["kept"] == "lbfgs":
+            val_probs = head.predict(val_batches, verbose=0)
+            after_adam = len(fit.history["val_loss"]) + 1
+            snapshots.save_snapshot("train_head", head, after_adam, "head", solver["val_accuracy"])
+    val_confidence = float(val_probs.max(axis=1).mean())
     checks.reference = drift.build_reference(
         plain,
         train.labels,
@@ -190,7 +210,44 @@ def fit_on_cached_features(
         params.drift.reference_per_class,
         params.project.seed,
     )
-    return HeadFit(fit.history, cache_path, checks)
+    return HeadFit(fit.history, cache_path, checks, solver)
+
+
+def choose_head(
+    head: Any,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    adam_val_probs: np.ndarray,
+    class_weight: dict[int, float] | None,
+    config: Any,
+) -> dict[str, Any]:
+    """Fit the linear head (`linear_head`) beside the Adam-trained one and leave in `head` whichever has the lower
+    val log-loss (solver auto; lbfgs keeps the linear head whatever val says). Returns both scores and the choice."""
+    (x, y), (val_x, val_y) = train, val
+    n = adam_val_probs.shape[1]
+    weights = None if class_weight is None else np.array([class_weight[int(label)] for label in y])
+    fitted = linear_head.fit_linear_head((x, y), (val_x, val_y), n, weights)
+    adam = {
+        "val_accuracy": round(float((adam_val_probs.argmax(axis=1) == val_y).mean()), 4),
+        "val_loss": round(linear_head.log_loss(adam_val_probs, val_y), 4),
+    }
+    linear = {"C": fitted.c, "val_accuracy": round(fitted.val_accuracy, 4), "val_loss": round(fitted.val_loss, 4)}
+    kept = "lbfgs" if config.solver == "lbfgs" or fitted.val_loss < adam["val_loss"] else "adam"
+    if kept == "lbfgs":
+        head.get_layer("probabilities").set_weights([fitted.kernel, fitted.bias])
+    print(
+        f"head: Adam val accuracy {adam['val_accuracy']:.4f} (log-loss {adam['val_loss']:.4f}); linear (L-BFGS, "
+        f"C={fitted.c:g} of {len(fitted.path)} on val log-loss) {linear['val_accuracy']:.4f} "
+        f"({linear['val_loss']:.4f}): keeping the {'linear' if kept == 'lbfgs' else 'Adam'} head"
+    )
+    chosen = linear if kept == "lbfgs" else adam
+    return {
+        "kept": kept,
+        "val_accuracy": chosen["val_accuracy"],
+        "val_loss": chosen["val_loss"],
+        "adam": adam,
+        "lbfgs": {**linear, "train_accuracy": round(fitted.train_accuracy, 4), "path": fitted.path},
+    }
 
 
 def fit_end_to_end(

@@ -26,32 +26,40 @@ def snapshot_callbacks(stage: str, weights_of: str = "model") -> list[Any]:
     `weights_of` says what the fitted model is ("head": the head sub-model on cached features,
     "model": the whole classifier), so a reader knows where to load the weights.
     """
-    folder = environment().epoch_snapshots
-    if folder is None:
+    if environment().epoch_snapshots is None:
         return []
     import keras
 
-    target = Path(folder) / stage
-    target.mkdir(parents=True, exist_ok=True)
-
     class EpochSnapshots(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            ended = time.time()
-            path = target / f"epoch_{epoch + 1:03d}.weights.h5"
-            self.model.save_weights(str(path))
-            record = {
-                "stage": stage,
-                "epoch": epoch + 1,
-                "weights_of": weights_of,
-                "path": str(path),
-                "ended_unix": ended,
-                "save_seconds": round(time.time() - ended, 3),
-                "val_accuracy": float((logs or {}).get("val_accuracy", float("nan"))),
-            }
-            with open(Path(folder) / LOG_FILE, "a", encoding="utf-8") as log:
-                log.write(json.dumps(record) + "\n")
+            val_accuracy = float((logs or {}).get("val_accuracy", float("nan")))
+            save_snapshot(stage, self.model, epoch + 1, weights_of, val_accuracy)
 
     return [EpochSnapshots()]
+
+
+def save_snapshot(stage: str, model: Any, epoch: int, weights_of: str, val_accuracy: float) -> None:
+    """Save `model`'s weights as the snapshot of `epoch` (a weights change outside fit, too: train_head's linear
+    head is recorded as the epoch after the Adam head's last) when TP_EPOCH_SNAPSHOTS is set; else nothing."""
+    folder = environment().epoch_snapshots
+    if folder is None:
+        return
+    target = Path(folder) / stage
+    target.mkdir(parents=True, exist_ok=True)
+    ended = time.time()
+    path = target / f"epoch_{epoch:03d}.weights.h5"
+    model.save_weights(str(path))
+    record = {
+        "stage": stage,
+        "epoch": epoch,
+        "weights_of": weights_of,
+        "path": str(path),
+        "ended_unix": ended,
+        "save_seconds": round(time.time() - ended, 3),
+        "val_accuracy": val_accuracy,
+    }
+    with open(Path(folder) / LOG_FILE, "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
 
 
 def read_log(folder: str | Path) -> list[dict[str, Any]]:

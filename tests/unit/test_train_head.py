@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from components.core import files
+from components.modeling import linear_head
 from components.modeling.data import load_rgb, load_split
 from components.modeling.feature_cache import feature_cache_key
 from components.train_head import main, run_train_head
@@ -92,6 +93,12 @@ def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     info = files.read_json(root / "models/head/run.json")
     assert info["run_id"] == result.run_id and info["backbone"] == "mobilenet_v2" and info["image_size"] == 64
     assert {"experiment_id", "data_version", "best_epoch", "val_accuracy", "seconds"} <= set(info)
+    # solver auto: both heads were scored on val; the one kept is the lower val log-loss, and run.json reports it
+    solver = info["head_solver"]
+    losses = {name: solver[name]["val_loss"] for name in ("adam", "lbfgs")}
+    assert solver["kept"] == min(losses, key=losses.get) and info["val_loss"] == losses[solver["kept"]]
+    assert info["val_accuracy"] == solver[solver["kept"]]["val_accuracy"] == result.val_accuracy
+    assert [row["C"] for row in solver["lbfgs"]["path"]] == [round(c, 6) for c in linear_head.C_GRID]
     history = pd.read_csv(root / "reports/train_head/history.csv")
     assert list(history.columns) == ["epoch", "accuracy", "val_accuracy", "loss", "val_loss"]
     assert history["epoch"].tolist() == list(range(1, result.epochs_run + 1))

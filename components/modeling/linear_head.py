@@ -1,0 +1,104 @@
+"""train_head's second candidate: the head fitted exactly as an L2-regularised multinomial logistic regression.
+
+The Adam head is regularised only by where early stopping cuts it off; on the cached features the same Dense
+layer can instead be fitted to convergence (L-BFGS) for each strength of an L2 penalty, and the strength chosen
+on val. It is fitted on each training image's un-augmented vector, in the features' own scale (no
+standardisation): the weights stay as small as the Adam head's, so fine-tuning starts from a head of the same
+scale. Both choices were compared on val log-loss on three sizes rows (benchmarks/results/head_solver.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Inverse L2 strengths tried, weakest penalty last: 0.001 .. 100, half a decade apart.
+C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 11))
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """Dense weights for the head's softmax layer (kernel: features x classes) and how they were chosen."""
+
+    kernel: np.ndarray
+    bias: np.ndarray
+    c: float
+    val_accuracy: float
+    val_loss: float
+    train_accuracy: float
+    train_loss: float
+    path: list[dict[str, float]]  # per C tried: val accuracy and log-loss
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (probabilities clipped away from 0)."""
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
+
+
+def softmax_probs(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    logits = x.astype(np.float64) @ kernel + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def dense_weights(model: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted LogisticRegression as a softmax Dense layer's (kernel, bias), a column per class 0..n-1.
+
+    Binary fits hold one weight vector w (class 1 against 0): the softmax of [-w/2, w/2] is the same sigmoid.
+    """
+    coef, intercept = np.asarray(model.coef_, np.float64), np.asarray(model.intercept_, np.float64)
+    if len(model.classes_) == 2 and coef.shape[0] == 1:
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    kernel = np.zeros((coef.shape[1], num_classes))
+    bias = np.full(num_classes, -1e4)  # a class the fit never saw is never predicted
+    for row, label in enumerate(model.classes_):
+        kernel[:, int(label)], bias[int(label)] = coef[row], intercept[row]
+    return kernel, bias
+
+
+def fit_linear_head(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    sample_weight: np.ndarray | None = None,
+    grid: tuple[float, ...] = C_GRID,
+) -> LinearHead:
+    """Fit the regression for each C in `grid` (warm-started from the previous one) and keep the C with the
+    lowest val log-loss (a proper score: smoother than accuracy on a few dozen val images)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    (x, y), (val_x, val_y) = train, val
+    if len(np.unique(y)) < 2:
+        raise ValueError("the linear head needs training images of at least two classes")
+    model = LogisticRegression(C=grid[0], max_iter=1000, tol=1e-6, warm_start=True)
+    best: LinearHead | None = None
+    path = []
+    for c in grid:
+        model.set_params(C=c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # 1000 iterations: close enough to pick C
+            model.fit(x, y, sample_weight=sample_weight)
+        kernel, bias = dense_weights(model, num_classes)
+        probs = softmax_probs(val_x, kernel, bias)
+        accuracy, loss = float((probs.argmax(axis=1) == val_y).mean()), log_loss(probs, val_y)
+        path.append({"C": round(c, 6), "val_accuracy": round(accuracy, 4), "val_loss": round(loss, 4)})
+        if best is None or loss < best.val_loss:
+            train_probs = softmax_probs(x, kernel, bias)
+            best = LinearHead(
+                kernel.astype(np.float32),
+                bias.astype(np.float32),
+                c,
+                accuracy,
+                loss,
+                float((train_probs.argmax(axis=1) == y).mean()),
+                log_loss(train_probs, y),
+                path,
+            )
+    assert best is not None
+    return best
