@@ -97,8 +97,18 @@ def _split_counts(workspace: Path) -> dict[str, int]:
     return {s: int(counts.get(s, 0)) for s in ("train", "val", "test")}
 
 
-def run_row(name: str, table: Path, source_root: Path, work: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline, then the careful baseline and the linear probe on its validated manifest."""
+def run_row(
+    name: str,
+    table: Path,
+    source_root: Path,
+    work: Path,
+    settings: dict[str, Any],
+    earlier: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The pipeline, then the linear probe and the careful baseline on its validated manifest.
+
+    `earlier` (this row in sizes.json, with --reuse-careful): its careful result is reused, not rerun, when the
+    probe scores every C exactly as it did then (val and test, the same features and fit): the same split."""
     import keras
 
     from components.core.config import load_params
@@ -110,11 +120,15 @@ def run_row(name: str, table: Path, source_root: Path, work: Path, settings: dic
     workspace = make_workspace(work / "workspace", table, settings)
     params = load_params(workspace / "params.yaml")
     pipeline = run_pipeline(workspace, work / "snapshots")
-    folders = split_folders(workspace, work / "baseline_data")
-    careful = run_careful_baseline(folders, params.model.alpha or 1.0, params.model.image_size, params.project.seed)
-    keras.backend.clear_session()  # the baseline's graphs, before the probe builds its own
     probe = run_linear_probe(workspace, params.model, params.train_head)
-    keras.backend.clear_session()
+    keras.backend.clear_session()  # the probe's graphs, before the baseline builds its own
+    careful, reused = reused_careful(earlier, probe), None
+    if careful is None:
+        folders = split_folders(workspace, work / "baseline_data")
+        careful = run_careful_baseline(folders, params.model.alpha or 1.0, params.model.image_size, params.project.seed)
+        keras.backend.clear_session()
+    else:
+        reused = earlier["started_utc"] if earlier else None
     counts = _split_counts(workspace)
     methods = {
         "pipeline": method_summary(pipeline, counts["test"]),
@@ -136,7 +150,22 @@ def run_row(name: str, table: Path, source_root: Path, work: Path, settings: dic
             "probe_grid": probe["grid"],
             "probe_chosen_C": probe["chosen_C"],
             "pipeline_choice": pipeline_choice(workspace, pipeline["metrics"]),
+            "careful_reused_from": reused,
         },
+    }
+
+
+def reused_careful(earlier: dict[str, Any] | None, probe: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier run's careful result when its probe grid equals `probe`'s (same split), else None."""
+    if not earlier or earlier["details"].get("probe_grid") != probe["grid"]:
+        return None
+    careful = earlier["methods"]["careful"]
+    print(f"careful: reusing the run of {earlier['started_utc']} (the probe scores every C as then)", flush=True)
+    return {
+        "test_accuracy_final": careful["final"],
+        "best_test_accuracy": careful["best_any_epoch"],
+        "total_seconds": careful["seconds"],
+        "curve": earlier["details"]["careful_curve"],
     }
 
 
@@ -154,8 +183,11 @@ def pipeline_choice(workspace: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     predictions = pd.read_csv(workspace / "reports/test_predictions.csv", keep_default_na=False)
     sampling = ece_sampling(predictions["probability"], predictions["actual"] == predictions["predicted"])
     keys = ("kept", "val_accuracy_head", "val_accuracy_finetuned")
+    head = workspace / "models/head/run.json"
+    solver = (json.loads(head.read_text()) if head.is_file() else {}).get("head_solver") or {}
     return {
         **{k: info.get(k) for k in keys},
+        "head_solver": solver.get("kept"),
         "temperature": calibration.get("temperature"),
         "temperature_fitted": calibration.get("fitted_temperature"),
         "temperature_p_value": calibration.get("p_value"),
@@ -212,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser, "params override for the pipeline run and the probe's backbone (e.g. for a small smoke run)"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite sizes.md and sizes.png from sizes.json")
+    parser.add_argument(
+        "--reuse-careful",
+        action="store_true",
+        help="reuse a row's careful baseline from sizes.json when the probe shows the same split (it scores every C "
+        "exactly as then): for rerunning the pipeline after a change to it",
+    )
     return parser
 
 
@@ -244,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             root, table = flowers, subset_table(pool, test, per_class, work / "source.csv")
         started = time.monotonic()
-        row = run_row(name, table, root, work, settings)
+        earlier = _earlier_row(results, name) if args.reuse_careful else None
+        row = run_row(name, table, root, work, settings, earlier)
         row.update(data=data, per_class=per_class, row_seconds=round(time.monotonic() - started, 1))
         row["images_per_class_given"] = _given_per_class(table)
         save_row(results, row, extra)
     return 0
+
+
+def _earlier_row(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / "sizes.json"
+    return json.loads(path.read_text())["rows"].get(name) if path.is_file() else None
 
 
 def _given_per_class(table: Path) -> float:

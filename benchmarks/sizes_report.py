@@ -91,6 +91,17 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{_yes(c['pipeline_within_best_baseline_interval'])} ({best['method']} {best['accuracy']:.3f}, "
             f"from {best['interval'][0]:.3f}) |"
         )
+    reused = [
+        f"{r['name']} (from {r['details']['careful_reused_from']})"
+        for r in rows
+        if r.get("details", {}).get("careful_reused_from")
+    ]
+    if reused:
+        lines += [
+            "",
+            "Careful baseline reused from an earlier run of the row, not rerun (`--reuse-careful`: the probe scored "
+            f"every C exactly as then, so the split is the same): {', '.join(reused)}.",
+        ]
     lines += choice_lines(rows)
     missing = [n for n in ROW_ORDER if n not in result["rows"]]
     if missing:
@@ -116,19 +127,22 @@ def choice_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = [
         "",
-        "The pipeline's choice on val (fine-tuned weights only when they beat the head there beyond noise; the "
+        "The pipeline's choice on val (head: train_head's Adam or linear head, the lower val log-loss, rows run "
+        "before the linear head existed: -; fine-tuned weights only when they beat the head there beyond noise; the "
         "temperature applied, the one fitted on val and the likelihood-ratio p-value against T = 1: "
         "`finetune.calibrate: auto` applies it below 0.05) and its test ECE (10 bins, 95% bootstrap interval). "
         "Floor: the mean ECE a perfectly "
         "calibrated model with the same confidences shows on as many test images, the estimator's own noise.",
         "",
-        "| data | kept | val accuracy head | val accuracy fine-tuned | temperature | test ECE | floor |",
-        "|---|---|---|---|---|---|---|",
+        "| data | head | kept | val accuracy head | val accuracy fine-tuned | temperature | test ECE | floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    heads = {"adam": "Adam", "lbfgs": "linear"}
     for r in rows:
         choice = r.get("details", {}).get("pipeline_choice", {})
         lines.append(
-            f"| {r['name']} | {choice.get('kept') or '-'} | {num(choice.get('val_accuracy_head'))} | "
+            f"| {r['name']} | {heads.get(choice.get('head_solver'), '-')} | {choice.get('kept') or '-'} | "
+            f"{num(choice.get('val_accuracy_head'))} | "
             f"{num(choice.get('val_accuracy_finetuned'))} | {temperature(choice)} | {ece(choice)} | "
             f"{num(choice.get('test_ece_calibrated_floor'))} |"
         )

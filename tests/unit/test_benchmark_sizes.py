@@ -115,6 +115,7 @@ def test_markdown_has_a_row_per_data_set_and_names_missing_ones(tmp_path: Path) 
         "checks": judge(methods, 50),
     }
     choice = {
+        "head_solver": "lbfgs",
         "kept": "head",
         "val_accuracy_head": 0.9,
         "val_accuracy_finetuned": 0.85,
@@ -128,11 +129,35 @@ def test_markdown_has_a_row_per_data_set_and_names_missing_ones(tmp_path: Path) 
     older = {**row, "name": "hymenoptera", "data": "hymenoptera"}  # a row from before the choice was recorded
     text = to_markdown({"machine": "x86_64", "rows": {"flowers-20": {**row, "details": {"pipeline_choice": choice}}}})
     assert "| flowers-20 | 70/30/50 | 0.900 [" in text
-    assert "| flowers-20 | head | 0.900 | 0.850 | 1.000 (fitted 0.612, p 0.15) | 0.041 [0.030, 0.080] | 0.028 |" in text
+    assert (
+        "| flowers-20 | linear | head | 0.900 | 0.850 | 1.000 (fitted 0.612, p 0.15) | 0.041 [0.030, 0.080] | 0.028 |"
+        in text
+    )
     assert "Not run yet: flowers-50, flowers-100, flowers-200, flowers-all, hymenoptera" in text
-    assert "| hymenoptera | - | - | - | - | - | - |" in to_markdown(
+    assert "| hymenoptera | - | - | - | - | - | - | - |" in to_markdown(
         {"machine": "x86_64", "rows": {"hymenoptera": older}}
     )
+
+
+def test_the_careful_baseline_is_reused_only_when_the_probe_shows_the_same_split() -> None:
+    from benchmarks.sizes import reused_careful
+
+    grid = [{"C": 0.1, "val_accuracy": 0.8, "val_log_loss": 0.5, "test_accuracy": 0.79}]
+    earlier = {
+        "started_utc": "2026-12-06T10:00:00+00:00",
+        "methods": {"careful": {"final": 0.85, "best_any_epoch": 0.86, "seconds": 120.0}},
+        "details": {"probe_grid": grid, "careful_curve": [{"epoch": 1, "test_accuracy": 0.86}]},
+    }
+    careful = reused_careful(earlier, {"grid": [dict(row) for row in grid]})
+    assert careful == {
+        "test_accuracy_final": 0.85,
+        "best_test_accuracy": 0.86,
+        "total_seconds": 120.0,
+        "curve": [{"epoch": 1, "test_accuracy": 0.86}],
+    }
+    moved = [{**grid[0], "test_accuracy": 0.8}]  # one test image elsewhere: another split, run it again
+    assert reused_careful(earlier, {"grid": moved}) is None
+    assert reused_careful(None, {"grid": grid}) is None
 
 
 def test_probe_chooses_its_regularisation_on_val() -> None:
