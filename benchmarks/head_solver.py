@@ -45,7 +45,10 @@ def variant_scores(workspace: Path) -> dict[str, Any]:
     val = (np.load(cache / "val/features.npy"), np.load(cache / "val/labels.npy"))
     images = len(train_y) // (params.train_head.augmented_copies + 1)  # the un-augmented copies come first
     n = int(max(train_y.max(), val[1].max())) + 1
-    rows: dict[str, Any] = {"adam": (info.get("head_solver") or {}).get("adam")}
+    solver = info.get("head_solver") or {}
+    # run.json scores the head it kept: Adam's when no linear head was fitted
+    adam = solver.get("adam") or {k: round(info[k], 4) for k in ("val_accuracy", "val_loss")}
+    rows: dict[str, Any] = {"adam": adam}
     for name, (copies, standardise) in VARIANTS.items():
         x, y = (train_x, train_y) if copies else (train_x[:images], train_y[:images])
         val_x = val[0]
@@ -64,7 +67,7 @@ def variant_scores(workspace: Path) -> dict[str, Any]:
     return {
         "train_images": images,
         "val_images": len(val[1]),
-        "kept": (info.get("head_solver") or {}).get("kept"),
+        "kept": solver.get("kept", "adam"),
         **rows,
     }
 
@@ -97,11 +100,11 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.head_solver", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=str(WORK), help="the sizes benchmark's row folders")
+    parser.add_argument("--workdir", nargs="+", default=[str(WORK)], help="folders of sizes-benchmark row folders")
     parser.add_argument("--results", default=str(RESULTS), help="folder for head_solver.json/.md")
     args = parser.parse_args(argv)
     rows = {}
-    for row in sorted(Path(args.workdir).iterdir()):
+    for row in sorted((r for folder in args.workdir for r in Path(folder).iterdir()), key=lambda r: r.name):
         workspace = row / "workspace"
         if (workspace / "models/head/run.json").is_file():
             rows[row.name] = variant_scores(workspace)

@@ -222,10 +222,10 @@ class TrainHeadConfig(Section):
         description="auto: with several GPUs/TPUs, the Keras frozen feature pass runs on all of them (keras "
         "DataParallel on JAX, MirroredStrategy on TensorFlow; batch_size is the global batch); off: one device.",
     )
-    solver: Literal["auto", "adam", "lbfgs"] = Field(
-        "auto",
-        description="Cached-features head: auto = Adam, and an L2 logistic regression (L-BFGS, strength chosen on "
-        "val), keeping the lower val log-loss | adam | lbfgs (needs cached_features and hidden_units 0).",
+    solver: Literal["adam", "auto", "lbfgs"] = Field(
+        "adam",
+        description="Cached-features head: adam | auto = Adam, and an L2 logistic regression (L-BFGS, strength "
+        "chosen on val), keeping the lower val log-loss | lbfgs (needs cached_features and hidden_units 0).",
     )
     label_issues: LabelIssuesConfig = LabelIssuesConfig()
 

@@ -91,4 +91,5 @@ def test_lbfgs_without_cached_features_or_with_a_hidden_layer_is_a_params_error(
     for section in ({"solver": "lbfgs", "cached_features": False}, {"solver": "lbfgs", "hidden_units": 16}):
         with pytest.raises(ParamsError, match="train_head.solver"):
             tiny_params(train_head=section)
-    assert tiny_params(train_head={"hidden_units": 16}).train_head.solver == "auto"  # auto falls back to Adam
+    # auto with a hidden layer is accepted: that head has no linear counterpart, so Adam's is fitted alone
+    assert tiny_params(train_head={"hidden_units": 16, "solver": "auto"}).train_head.hidden_units == 16

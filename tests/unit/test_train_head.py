@@ -93,12 +93,7 @@ def test_model_dir_reports_and_mlflow_run_follow_the_contract(trained):
     info = files.read_json(root / "models/head/run.json")
     assert info["run_id"] == result.run_id and info["backbone"] == "mobilenet_v2" and info["image_size"] == 64
     assert {"experiment_id", "data_version", "best_epoch", "val_accuracy", "seconds"} <= set(info)
-    # solver auto: both heads were scored on val; the one kept is the lower val log-loss, and run.json reports it
-    solver = info["head_solver"]
-    losses = {name: solver[name]["val_loss"] for name in ("adam", "lbfgs")}
-    assert solver["kept"] == min(losses, key=losses.get) and info["val_loss"] == losses[solver["kept"]]
-    assert info["val_accuracy"] == solver[solver["kept"]]["val_accuracy"] == result.val_accuracy
-    assert [row["C"] for row in solver["lbfgs"]["path"]] == [round(c, 6) for c in linear_head.C_GRID]
+    assert info["head_solver"] is None and result.head == "adam"  # the default solver fits no linear head
     history = pd.read_csv(root / "reports/train_head/history.csv")
     assert list(history.columns) == ["epoch", "accuracy", "val_accuracy", "loss", "val_loss"]
     assert history["epoch"].tolist() == list(range(1, result.epochs_run + 1))
@@ -124,6 +119,7 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     assert feature_cache_key(tiny_params(train_head={"augmented_copies": 2}), manifest, policy) != key
     assert feature_cache_key(tiny_params(model={"alpha": 0.5}), manifest, policy) != key
     assert feature_cache_key(tiny_params(train_head={"epochs": 9}), manifest, policy) == key  # head-only knob
+    assert feature_cache_key(tiny_params(train_head={"solver": "auto"}), manifest, policy) == key
     assert feature_cache_key(tiny_params(train_head={"feature_engine": "keras"}), manifest, policy) != key
 
     train_features = trained["result"].feature_cache / "train" / "features.npy"
@@ -131,10 +127,18 @@ def test_feature_cache_is_reused_and_keyed_by_what_changes_the_features(trained,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", migrated_store(root / "mlflow.db"))
     monkeypatch.chdir(root)
     again = run_train_head(
-        tiny_params(train_head={"epochs": 1}), head_paths(root, manifest, policy, "models/head2", "reports/head2")
+        tiny_params(train_head={"epochs": 1, "solver": "auto"}),
+        head_paths(root, manifest, policy, "models/head2", "reports/head2"),
     )
     assert again.feature_cache == trained["result"].feature_cache
     assert train_features.stat().st_mtime_ns == stamp
+    # solver auto: both heads were scored on val; the one kept is the lower val log-loss, and run.json reports it
+    info = files.read_json(root / "models/head2/run.json")
+    solver = info["head_solver"]
+    losses = {name: solver[name]["val_loss"] for name in ("adam", "lbfgs")}
+    assert solver["kept"] == again.head == min(losses, key=losses.get) and info["val_loss"] == losses[solver["kept"]]
+    assert info["val_accuracy"] == solver[solver["kept"]]["val_accuracy"] == again.val_accuracy
+    assert [row["C"] for row in solver["lbfgs"]["path"]] == [round(c, 6) for c in linear_head.C_GRID]
 
 
 @pytest.mark.slow
