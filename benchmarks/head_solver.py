@@ -85,7 +85,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         "| row | train/val | " + " | ".join(names) + " | kept |",
         "|---|---|" + "---|" * len(names) + "---|",
     ]
-    for row, scores in result["rows"].items():
+    from benchmarks.sizes_report import ROW_ORDER
+
+    order = {name: i for i, name in enumerate(ROW_ORDER)}
+    for row, scores in sorted(result["rows"].items(), key=lambda item: (order.get(item[0], len(order)), item[0])):
         cells = []
         for name in names:
             found = scores.get(name)

@@ -111,3 +111,33 @@ def test_training_levers_are_scored_against_the_run_without_them_and_reuse_finis
     assert training_levers.main(args) == 0
     kept = json.loads((results / "training_levers.json").read_text())
     assert [row["row"] for row in kept] == ["flowers-20", "hymenoptera"]  # a run of one row keeps the others
+
+
+def test_head_solver_scores_each_variant_on_val_from_the_cache_and_never_reads_test(tmp_path: Path) -> None:
+    import shutil
+
+    from benchmarks import head_solver
+
+    workspace = tmp_path / "rows" / "flowers-20" / "workspace"
+    cache = workspace / "data/cache/features/key"
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    for split, n in (("train", 90), ("val", 60)):  # train: 30 images, then their 2 augmented copies
+        labels = np.tile(np.arange(30) % 3, 3) if split == "train" else np.arange(n) % 3
+        (cache / split).mkdir(parents=True)
+        np.save(cache / split / "features.npy", (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32))
+        np.save(cache / split / "labels.npy", labels.astype(np.int32))
+    (cache / "test").mkdir()
+    (cache / "test" / "features.npy").write_bytes(b"not an array: reading test would fail")
+    (workspace / "models/head").mkdir(parents=True)
+    info = {"feature_cache": str(cache), "val_accuracy": 0.81, "val_loss": 0.52}
+    (workspace / "models/head/run.json").write_text(json.dumps(info))
+    shutil.copy("params.yaml", workspace / "params.yaml")
+
+    scores = head_solver.variant_scores(workspace)
+    assert scores["train_images"] == 30 and scores["val_images"] == 60 and scores["kept"] == "adam"
+    assert scores["adam"] == {"val_accuracy": 0.81, "val_loss": 0.52}  # from run.json: no linear head was fitted
+    assert set(head_solver.VARIANTS) <= set(scores)
+    assert all(0 < scores[name]["val_loss"] < 2 for name in head_solver.VARIANTS)
+    text = head_solver.to_markdown({"rows": {"flowers-20": scores}})
+    assert text.count("| flowers-20 | 30/60 | 0.5200 (0.810) |") == 1
