@@ -184,7 +184,9 @@ def pipeline_choice(workspace: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     sampling = ece_sampling(predictions["probability"], predictions["actual"] == predictions["predicted"])
     keys = ("kept", "val_accuracy_head", "val_accuracy_finetuned")
     head = workspace / "models/head/run.json"
-    solver = (json.loads(head.read_text()) if head.is_file() else {}).get("head_solver") or {}
+    head_info = json.loads(head.read_text()) if head.is_file() else {}
+    # null: Adam alone (solver adam); no key at all: a run from before the linear head existed
+    solver = (head_info["head_solver"] or {"kept": "adam"}) if "head_solver" in head_info else {}
     return {
         **{k: info.get(k) for k in keys},
         "head_solver": solver.get("kept"),

@@ -127,8 +127,9 @@ def choice_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = [
         "",
-        "The pipeline's choice on val (head: train_head's Adam or linear head, the lower val log-loss, rows run "
-        "before the linear head existed: -; fine-tuned weights only when they beat the head there beyond noise; the "
+        "The pipeline's choice on val (head: the head train_head kept, Adam by default (`train_head.solver`); "
+        "rows run before the linear head existed (Adam): -; fine-tuned weights only when they beat the head there "
+        "beyond noise; the "
         "temperature applied, the one fitted on val and the likelihood-ratio p-value against T = 1: "
         "`finetune.calibrate: auto` applies it below 0.05) and its test ECE (10 bins, 95% bootstrap interval). "
         "Floor: the mean ECE a perfectly "

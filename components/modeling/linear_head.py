@@ -7,7 +7,7 @@ standardisation): the weights stay as small as the Adam head's, so fine-tuning s
 scale. `train_head.solver: auto` keeps it when its val log-loss is below the Adam head's; the default stays
 `adam`: on val, the linear head had the lower log-loss on five of six sizes rows but lower accuracy on two,
 and at 200 images per class fine-tuning's gain over it (0.854 to 0.887) fell inside the noise, so the run kept
-a head scoring 0.861 with the mirror view where the Adam run keeps the fine-tuned 0.887
+a head scoring 0.861 with the mirror view where the Adam run keeps the fine-tuned model, 0.907 with it
 (benchmarks/results/head_solver.md).
 """
 
