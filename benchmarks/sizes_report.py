@@ -70,6 +70,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         "registered model; careful and probe: training only. Load: the 1-minute load average before and after "
         "the row (2 cores).",
         "",
+        *(
+            [f"Run with these settings over params.yaml: `{'`, `'.join(result['settings'])}`.", ""]
+            if result.get("settings")
+            else []
+        ),
         "![accuracy against images per class](sizes.png)",
         "",
         "| data | train/val/test | pipeline | careful | probe | best any epoch p/c/probe | seconds p/c/probe "

@@ -134,6 +134,9 @@ def test_markdown_has_a_row_per_data_set_and_names_missing_ones(tmp_path: Path) 
         in text
     )
     assert "Not run yet: flowers-50, flowers-100, flowers-200, flowers-all, hymenoptera" in text
+    assert "Run with these settings" not in text  # the defaults
+    changed = to_markdown({"machine": "x86_64", "settings": ["train_head.solver=auto"], "rows": {"flowers-20": row}})
+    assert "Run with these settings over params.yaml: `train_head.solver=auto`." in changed
     assert "| hymenoptera | - | - | - | - | - | - | - |" in to_markdown(
         {"machine": "x86_64", "rows": {"hymenoptera": older}}
     )
