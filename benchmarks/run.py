@@ -167,7 +167,9 @@ def flip_tta(workspace: Path) -> dict[str, Any]:
         out[f"{split_name}_plain"] = round(_accuracy(plain, labels), 4)
         out[f"{split_name}_flip_tta"] = round(_accuracy(plain + mirrored, labels), 4)
     out["keep"] = out["val_flip_tta"] > out["val_plain"]
-    out["kept_by_finetune"] = bool(json.loads((workspace / "models/finetune/run.json").read_text()).get("flip_tta"))
+    info = json.loads((workspace / "models/finetune/run.json").read_text())
+    out["kept_by_finetune"] = bool(info.get("flip_tta"))
+    out["crop_kept_by_finetune"] = bool(info.get("crop_tta"))  # 4 views: the image, its central crop, their mirrors
     return out
 
 
@@ -473,14 +475,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| plain | {tta['val_plain']:.4f} | {tta['test_plain']:.4f} |",
             f"| mean of image and mirror | {tta['val_flip_tta']:.4f} | {tta['test_flip_tta']:.4f} |",
             "",
-            f"Better on val: {'yes' if tta['keep'] else 'no'}. Kept by finetune (`finetune.flip_tta`, "
-            f"judged on calibrated val probabilities): {'yes' if tta.get('kept_by_finetune') else 'no'}"
-            + (
-                ", so the registered model's test accuracy above is the mean over both views; the per-epoch "
-                "rows below are one view."
-                if tta.get("kept_by_finetune")
-                else "."
-            ),
+            f"Better on val: {'yes' if tta['keep'] else 'no'}. " + _kept_views(tta),
         ]
     lines += [
         "",
@@ -495,6 +490,20 @@ def to_markdown(result: dict[str, Any]) -> str:
             for pt in run["curve"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def _kept_views(tta: dict[str, Any]) -> str:
+    """What finetune kept in the saved model (it decides on val accuracy: `finetune.flip_tta`, `finetune.crop_tta`)."""
+    if tta.get("crop_kept_by_finetune"):
+        kept = "the mean over 4 views (the image, its central crop and their mirrors: `finetune.crop_tta`)"
+    elif tta.get("kept_by_finetune"):
+        kept = "the mean of the image and its mirror (`finetune.flip_tta`)"
+    else:
+        return "Kept by finetune, which decides on val: one view."
+    return (
+        f"Kept by finetune, which decides on val: {kept}, so the registered model's test accuracy above is that "
+        "mean; the per-epoch rows below are one view."
+    )
 
 
 def remapped_manifest(source: Path, test_folder: str, table: Path) -> Path:
