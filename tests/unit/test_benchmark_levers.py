@@ -135,9 +135,11 @@ def test_head_solver_scores_each_variant_on_val_from_the_cache_and_never_reads_t
     shutil.copy("params.yaml", workspace / "params.yaml")
 
     scores = head_solver.variant_scores(workspace)
-    assert scores["train_images"] == 30 and scores["val_images"] == 60 and scores["kept"] == "adam"
+    assert scores["train_images"] == 30 and scores["val_images"] == 60 and scores["trained_with"] == "adam"
     assert scores["adam"] == {"val_accuracy": 0.81, "val_loss": 0.52}  # from run.json: no linear head was fitted
     assert set(head_solver.VARIANTS) <= set(scores)
     assert all(0 < scores[name]["val_loss"] < 2 for name in head_solver.VARIANTS)
     text = head_solver.to_markdown({"rows": {"flowers-20": scores}})
     assert text.count("| flowers-20 | 30/60 | 0.5200 (0.810) |") == 1
+    linear = scores["plain, own scale (the pipeline's)"]["val_loss"]
+    assert text.rstrip().endswith("| linear |" if linear < 0.52 else "| Adam |")
