@@ -18,6 +18,7 @@ from components.core import array_rows, runtime, tracking
 from components.core.config import Params
 from components.core.contracts import read_manifest
 from components.core.paths import EMBEDDING_CACHE, TrainHeadPaths
+from components.core.stage_config import TrainHeadConfig
 from components.core.tracking_connection import RetryPolicy
 from components.ingestion.images import ImageLimits
 from components.modeling import (
@@ -219,7 +220,7 @@ def choose_head(
     val: tuple[np.ndarray, np.ndarray],
     adam_val_probs: np.ndarray,
     class_weight: dict[int, float] | None,
-    config: Any,
+    config: TrainHeadConfig,
 ) -> dict[str, Any]:
     """Fit the linear head (`linear_head`) beside the Adam-trained one and leave in `head` whichever has the lower
     val log-loss (solver auto; lbfgs keeps the linear head whatever val says). Returns both scores and the choice."""
