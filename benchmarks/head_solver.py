@@ -108,11 +108,15 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.head_solver", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", nargs="+", default=[str(WORK)], help="folders of sizes-benchmark row folders")
     parser.add_argument("--results", default=str(RESULTS), help="folder for head_solver.json/.md")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     rows = {}
     for row in sorted((r for folder in args.workdir for r in Path(folder).iterdir()), key=lambda r: r.name):
         workspace = row / "workspace"
