@@ -31,8 +31,10 @@ from components.modeling import (
     optimization,
     snapshots,
 )
+from components.modeling.calibration import OUTPUT_LAYER
 from components.modeling.data import Split, load_split, make_dataset
 from components.modeling.data_checks import DataChecks
+from components.modeling.model_choice import ValScore
 
 
 @dataclass(frozen=True)
@@ -228,14 +230,12 @@ def choose_head(
     n = adam_val_probs.shape[1]
     weights = None if class_weight is None else np.array([class_weight[int(label)] for label in y])
     fitted = linear_head.fit_linear_head((x, y), (val_x, val_y), n, weights)
-    adam = {
-        "val_accuracy": round(float((adam_val_probs.argmax(axis=1) == val_y).mean()), 4),
-        "val_loss": round(linear_head.log_loss(adam_val_probs, val_y), 4),
-    }
+    adam_score = ValScore.of(adam_val_probs, val_y)
+    adam = {"val_accuracy": round(adam_score.accuracy, 4), "val_loss": round(adam_score.log_loss, 4)}
     linear = {"C": fitted.c, "val_accuracy": round(fitted.val_accuracy, 4), "val_loss": round(fitted.val_loss, 4)}
     kept = "lbfgs" if config.solver == "lbfgs" or fitted.val_loss < adam["val_loss"] else "adam"
     if kept == "lbfgs":
-        head.get_layer("probabilities").set_weights([fitted.kernel, fitted.bias])
+        head.get_layer(OUTPUT_LAYER).set_weights([fitted.kernel, fitted.bias])
     print(
         f"head: Adam val accuracy {adam['val_accuracy']:.4f} (log-loss {adam['val_loss']:.4f}); linear (L-BFGS, "
         f"C={fitted.c:g} of {len(fitted.path)} on val log-loss) {linear['val_accuracy']:.4f} "

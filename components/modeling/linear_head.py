@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from components.modeling.model_choice import ValScore
+
 # Inverse L2 strengths tried, weakest penalty last: 0.001 .. 100, half a decade apart.
 C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 11))
 
@@ -35,12 +37,6 @@ class LinearHead:
     train_accuracy: float
     train_loss: float
     path: list[dict[str, float]]  # per C tried: val accuracy and log-loss
-
-
-def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class (probabilities clipped away from 0)."""
-    picked = probs[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
 
 
 def softmax_probs(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -89,19 +85,20 @@ def fit_linear_head(
             warnings.simplefilter("ignore", ConvergenceWarning)  # 1000 iterations: close enough to pick C
             model.fit(x, y, sample_weight=sample_weight)
         kernel, bias = dense_weights(model, num_classes)
-        probs = softmax_probs(val_x, kernel, bias)
-        accuracy, loss = float((probs.argmax(axis=1) == val_y).mean()), log_loss(probs, val_y)
-        path.append({"C": round(c, 6), "val_accuracy": round(accuracy, 4), "val_loss": round(loss, 4)})
-        if best is None or loss < best.val_loss:
-            train_probs = softmax_probs(x, kernel, bias)
+        scored = ValScore.of(softmax_probs(val_x, kernel, bias), val_y)
+        path.append(
+            {"C": round(c, 6), "val_accuracy": round(scored.accuracy, 4), "val_loss": round(scored.log_loss, 4)}
+        )
+        if best is None or scored.log_loss < best.val_loss:
+            fitted = ValScore.of(softmax_probs(x, kernel, bias), y)
             best = LinearHead(
                 kernel.astype(np.float32),
                 bias.astype(np.float32),
                 c,
-                accuracy,
-                loss,
-                float((train_probs.argmax(axis=1) == y).mean()),
-                log_loss(train_probs, y),
+                scored.accuracy,
+                scored.log_loss,
+                fitted.accuracy,
+                fitted.log_loss,
                 path,
             )
     assert best is not None

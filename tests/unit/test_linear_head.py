@@ -7,6 +7,7 @@ import pytest
 
 from components.core.config import ParamsError
 from components.modeling import head_training, linear_head
+from components.modeling.model_choice import ValScore
 from tests.modelkit import tiny_params
 
 
@@ -49,7 +50,7 @@ def test_the_strength_is_the_one_with_the_lowest_val_log_loss_and_is_neither_end
     # 80 noisy images in 40 dimensions: no penalty overfits and the strongest underfits, so val picks between.
     assert fitted.c not in (linear_head.C_GRID[0], linear_head.C_GRID[-1])
     probs = linear_head.softmax_probs(val[0], fitted.kernel, fitted.bias)
-    assert linear_head.log_loss(probs, val[1]) == pytest.approx(fitted.val_loss, abs=1e-4)
+    assert ValScore.of(probs, val[1]).log_loss == pytest.approx(fitted.val_loss, abs=1e-4)
     assert fitted.train_accuracy > fitted.val_accuracy  # scored on what it was fitted to
 
 
@@ -83,7 +84,7 @@ def test_the_head_left_in_the_model_is_the_one_chosen(solver: str, adam_is_good:
         assert choice["val_loss"] == choice["adam"]["val_loss"]
     else:
         predicted = head.predict(val[0], verbose=0)
-        assert linear_head.log_loss(predicted, val[1]) == pytest.approx(choice["lbfgs"]["val_loss"], abs=1e-3)
+        assert ValScore.of(predicted, val[1]).log_loss == pytest.approx(choice["lbfgs"]["val_loss"], abs=1e-3)
         assert choice["val_accuracy"] == choice["lbfgs"]["val_accuracy"]
 
 
