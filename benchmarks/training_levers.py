@@ -11,7 +11,9 @@ alone. Each lever is a finetune setting; its default is off unless this table sh
   end (`finetune.ema_epochs: 0.5`);
 - `mixup`: mixup of training images and labels at alpha 0.2 (`finetune.mixup_alpha: 0.2`);
 - `discriminative rates`: the lowest trained backbone layer at a tenth of the peak rate, geometric up to the
-  head (`finetune.bottom_lr_factor: 0.1`).
+  head (`finetune.bottom_lr_factor: 0.1`);
+- `low-res phase`: progressive resizing, the first 3 of the 12 epochs on 160 px images, the rest at 224
+  (`finetune.low_res_epochs: 3`, `low_res_size: 160`): a quarter of the epochs at about half the cost.
 
 Scored on the row's val split (one view, benchmarks.levers.view_probabilities): accuracy, log-loss and the paired
 95% interval of the accuracy gain over the run without levers.
@@ -38,6 +40,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "ema": {"ema_epochs": 0.5},
     "mixup": {"mixup_alpha": 0.2},
     "discriminative rates": {"bottom_lr_factor": 0.1},
+    "low-res phase": {"low_res_epochs": 3, "low_res_size": 160},
 }
 # Training alone: the fine-tuned weights, one view, no temperature.
 COMPARABLE = {"keep_head_if_not_better": False, "flip_tta": "off", "crop_tta": "off", "calibrate": "off"}

@@ -79,6 +79,7 @@ def run_finetune(
     if not len(train) or not len(val):
         raise ValueError(f"{paths.manifest}: need train and val images (have {len(train)} train, {len(val)} val)")
     config = fine_tuning.for_data(config, train)  # the peak learning rate for this many images per class
+    fine_tuning.check_low_res_size(config, head_info.image_size)
     print(f"finetune: peak learning rate {config.learning_rate:g} for {len(train)} training images")
 
     checkpoint = Checkpoint.of(checkpoint_root, params, paths)
@@ -122,6 +123,8 @@ def run_finetune(
         labels = np.asarray(val.labels)
         if config.epochs > 0:
             head_weights = model.get_weights()  # before fit: on a resume, BackupAndRestore loads the epoch in fit
+            batching = (batch_size, paths.policy, seed, ImageLimits.from_config(params.validate))
+            low_res = fine_tuning.low_res_first(model, train, config, head_info.image_size, batching, plan, checkpoint)
             with plan.scope():  # trained on every replica (under JAX, the scoring below runs on one device)
                 history, resumed_at = fine_tuning.fit_resumable(
                     model,
@@ -141,7 +144,7 @@ def run_finetune(
             )
             choice, views = model_choice.keep_better(model, head_weights, val_ds, labels, config)
         else:  # nothing to train: the head model is the result
-            history, resumed_at = learning_curves.history_frame({}), 1
+            history, resumed_at, low_res = learning_curves.history_frame({}), 1, None
             views = model_choice.val_views(model, val_ds, config.crop_tta != "off")
             choice = KeptModel("head", ValScore.of(views[0], labels), None)
         if choice.kept == "head":  # best_epoch 0: the head's weights, measured with this stage's loss
@@ -166,6 +169,7 @@ def run_finetune(
             "device": device,
             "trainable_backbone_layers": len(trained_layers),
             "peak_learning_rate": config.learning_rate,
+            "low_res_phase": low_res,  # None: off, or a resumed run that had finished it
             "first_trainable_layer": trained_layers[0] if trained_layers else None,
             "temperature": calibrated.temperature if calibrated else 1.0,
             "flip_tta": flip.applied or bool(crop and crop.applied),  # crop TTA averages the mirrors too

@@ -116,6 +116,8 @@ RUN_FORM_OVERRIDE_KEYS = [
     "finetune.bottom_lr_factor",
     "finetune.ema_epochs",
     "finetune.mixup_alpha",
+    "finetune.low_res_epochs",
+    "finetune.low_res_size",
     "finetune.calibrate",
     "finetune.flip_tta",
     "finetune.crop_tta",

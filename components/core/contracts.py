@@ -235,6 +235,9 @@ class ModelRunInfo(Contract):
     trainable_backbone_layers: int | None = None
     peak_learning_rate: float | None = Field(None, description="finetune.learning_rate as applied to this data")
     first_trainable_layer: str | None = None
+    low_res_phase: dict[str, Any] | None = Field(
+        None, description="the first epochs at low resolution: epochs, image_size, seconds, last train loss/accuracy"
+    )
     temperature: float = Field(1.0, description="folded into the output layer's weights (1.0: not calibrated)")
     flip_tta: bool = Field(False, description="the model averages each image's probabilities with its mirror's")
     val_accuracy_single_view: float | None = Field(None, description="val accuracy of the classifier alone")

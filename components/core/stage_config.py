@@ -293,6 +293,15 @@ class FinetuneConfig(Section):
     mixup_alpha: float = Field(
         0.0, ge=0, description="Mixup of training images and labels, mixing weight ~ Beta(alpha, alpha); 0 = off."
     )
+    low_res_epochs: int = Field(
+        0,
+        ge=0,
+        description="Progressive resizing: the first N of `epochs` train on images of low_res_size (about "
+        "(low_res_size / model.image_size)^2 of an epoch's cost), the rest at full size; 0 = off.",
+    )
+    low_res_size: int = Field(
+        160, ge=32, description="Image side of the low-resolution epochs, below model.image_size."
+    )
     calibrate: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Temperature fitted on val, folded into the output layer (predictions unchanged). auto: "
@@ -316,6 +325,15 @@ class FinetuneConfig(Section):
         description="Keep the head's weights unless the fine-tuned ones are more accurate on val beyond noise (the "
         "paired 95% interval of the gain above 0; one view, uncalibrated); false: always keep the fine-tuned weights.",
     )
+
+    @model_validator(mode="after")
+    def _a_full_size_epoch_remains(self) -> FinetuneConfig:
+        if self.low_res_epochs and self.low_res_epochs >= self.epochs:
+            raise ValueError(
+                f"finetune.low_res_epochs ({self.low_res_epochs}) must be below finetune.epochs ({self.epochs}): "
+                "the last epochs train at full size"
+            )
+        return self
 
     def peak_rate(self, images_per_class: float) -> float:
         """learning_rate for data with this many training images per class: a number as is; by size, the rate of

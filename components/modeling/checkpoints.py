@@ -24,6 +24,7 @@ from components.modeling import learning_curves
 CHECKPOINT_ROOT = Path(".checkpoints/finetune")  # under workspace_root(): experiments resume too
 RUN_ID_FILE = "mlflow_run_id.txt"
 EPOCH_LOG = "epochs.csv"
+BACKUP = "state"  # Keras' BackupAndRestore folder: present from the first finished epoch until fit() ends
 
 
 def checkpoint_key(params: Params, manifest: str | Path, policy_path: str | Path | None, head_dir: str | Path) -> str:
@@ -63,9 +64,13 @@ class Checkpoint:
         import keras
 
         return [
-            keras.callbacks.BackupAndRestore(str(self.folder / "state"), double_checkpoint=True),
+            keras.callbacks.BackupAndRestore(str(self.folder / BACKUP), double_checkpoint=True),
             keras.callbacks.CSVLogger(str(self.folder / EPOCH_LOG), append=True),
         ]
+
+    def has_backup(self) -> bool:
+        """Whether an interrupted run left a finished epoch's backup (fit() resumes from it)."""
+        return (self.folder / BACKUP).is_dir()
 
     def history(self) -> pd.DataFrame:
         """Epochs logged so far, across resumes (a repeated epoch keeps its last row), 1-based."""

@@ -17,7 +17,7 @@ from components.core import runtime
 from components.core.contracts import MODEL_FILE, ModelRunInfo
 from components.core.stage_config import FinetuneConfig
 from components.ingestion.images import ImageLimits
-from components.modeling import data, mixup, model_folder, optimization, snapshots
+from components.modeling import data, low_res_phase, mixup, model_folder, optimization, snapshots
 from components.modeling.checkpoints import Checkpoint
 from components.modeling.data import Split
 from components.modeling.distribution import ReplicaPlan
@@ -34,6 +34,14 @@ def for_data(config: FinetuneConfig, train: Split) -> FinetuneConfig:
     """
     per_class = len(train) / max(1, len(set(train.labels)))
     return config.model_copy(update={"learning_rate": config.peak_rate(per_class)})
+
+
+def check_low_res_size(config: FinetuneConfig, image_size: int) -> None:
+    """A low-resolution phase must be at a lower resolution than the model's (checked before any training)."""
+    if config.low_res_epochs and config.low_res_size >= image_size:
+        raise ValueError(
+            f"finetune.low_res_size ({config.low_res_size}) must be below the model's image size ({image_size})"
+        )
 
 
 def compiled_model(
@@ -72,6 +80,21 @@ def datasets(
 ) -> tuple[Any, Any]:
     """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere; training
     batches a multiple of the replicas where the plan needs even batches, mixed up at `mixup_alpha` (0: not)."""
+    train_ds = training_batches(train, image_size, batch_size, policy_path, seed, limits, plan, mixup_alpha)
+    return train_ds, data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
+
+
+def training_batches(
+    train: Split,
+    image_size: int,
+    batch_size: int,
+    policy_path: str | Path | None,
+    seed: int,
+    limits: ImageLimits,
+    plan: ReplicaPlan,
+    mixup_alpha: float = 0.0,
+) -> Any:
+    """Shuffled, augmented training batches with one-hot labels, mixed up at `mixup_alpha` (0: not)."""
     multiple = plan.replicas if plan.even_batches else 1
     train_ds = data.labelled_batches(
         train,
@@ -83,8 +106,30 @@ def datasets(
         limits=limits,
         batch_multiple=multiple,
     )
-    val_ds = data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
-    return mixup.mixed_batches(train_ds, mixup_alpha, seed), val_ds
+    return mixup.mixed_batches(train_ds, mixup_alpha, seed)
+
+
+def low_res_first(
+    model: Any,
+    train: Split,
+    config: FinetuneConfig,
+    image_size: int,
+    batching: tuple[int, str | Path | None, int, ImageLimits],
+    plan: ReplicaPlan,
+    checkpoint: Checkpoint,
+) -> dict[str, Any] | None:
+    """Progressive resizing (`finetune.low_res_epochs`): the first epochs at `low_res_size`, through the model's
+    low-resolution twin (components.modeling.low_res_phase), inside the plan's scope. None when off, or when a
+    resumed run's backup already holds later epochs. `batching`: (batch size, policy path, seed, limits)."""
+    check_low_res_size(config, image_size)
+    if not config.low_res_epochs or checkpoint.has_backup():
+        return None
+    batch_size, policy_path, seed, limits = batching
+    batches = training_batches(
+        train, config.low_res_size, batch_size, policy_path, seed, limits, plan, config.mixup_alpha
+    )
+    with plan.scope():
+        return low_res_phase.train(model, batches, config.low_res_epochs, config.low_res_size, config.label_smoothing)
 
 
 def _epoch_recorder() -> Any:
@@ -112,8 +157,9 @@ def fit_resumable(
     extra_callbacks: list[Any],
     plan: ReplicaPlan,
 ) -> tuple[pd.DataFrame, int]:
-    """Fit with per-epoch backups (call it inside `plan.scope()`); return the history of all epochs (across
-    resumes) and the 1-based epoch this call started at."""
+    """Fit with per-epoch backups (call it inside `plan.scope()`), from epoch `config.low_res_epochs` (those
+    epochs ran at low resolution first: `low_res_first`); return the history of all epochs fit() ran (across
+    resumes) and the 1-based epoch of those this call started at (1: a fresh start)."""
     epochs_seen = _epoch_recorder()
     validation_data, validation = plan.validation_callbacks(val_ds)  # first: the others read its val_* logs
     callbacks = [
@@ -130,8 +176,10 @@ def fit_resumable(
         train_ds,
         validation_data=validation_data,
         epochs=config.epochs,
+        initial_epoch=config.low_res_epochs,
         callbacks=callbacks,
         shuffle=False,
         verbose=runtime.progress_verbosity(),
     )  # shuffle=False: the input shuffles, seeded
-    return checkpoint.history(), (epochs_seen.epochs[0] if epochs_seen.epochs else 0) + 1
+    first = epochs_seen.epochs[0] if epochs_seen.epochs else config.low_res_epochs
+    return checkpoint.history(), first - config.low_res_epochs + 1

@@ -62,8 +62,8 @@ def _batchnorm_stats(model) -> dict[str, list[np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def finetuned(head, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One fine-tuning run of the shared head (flip TTA on) that beats the head on val, shared by the tests
-    that read its outputs."""
+    """One fine-tuning run of the shared head (flip TTA on, its first epoch at low resolution) that beats the
+    head on val, shared by the tests that read its outputs."""
     root = tmp_path_factory.mktemp("finetuned")
     compared: list[tuple[ValScore, ValScore]] = []
     read: list[str] = []  # every image file any part of the stage opens
@@ -81,7 +81,7 @@ def finetuned(head, tmp_path_factory: pytest.TempPathFactory) -> dict:
         read_limited = images.read_limited
         patch.setattr(images, "read_limited", lambda source, *a: read.append(str(source)) or read_limited(source, *a))
         result = run_finetune(
-            tiny_params(finetune={"flip_tta": "on"}),
+            tiny_params(finetune={"flip_tta": "on", "epochs": 2, "low_res_epochs": 1, "low_res_size": 32}),
             paths(head, root / "out", root / "reports"),
             checkpoint_root=root / "ckpt",
         )
@@ -148,13 +148,12 @@ def test_finetuned_model_dir_keeps_the_contract_and_links_the_head_run(head, fin
     )
     tags = MlflowClient(tracking).get_run(result.run_id).data.tags
     assert tags["stage"] == "finetune" and tags["head_run_id"] == head["head_run_id"]
-    assert list(pd.read_csv(reports / "history.csv").columns) == [
-        "epoch",
-        "accuracy",
-        "val_accuracy",
-        "loss",
-        "val_loss",
-    ]
+    history = pd.read_csv(reports / "history.csv")
+    assert list(history.columns) == ["epoch", "accuracy", "val_accuracy", "loss", "val_loss"]
+    # Progressive resizing: epoch 1 at 32 px (through the shared layers: BatchNorm stayed put, test above), then
+    # epoch 2 at the model's 64 px, the only one validated; a fresh start, not a resume.
+    assert history["epoch"].tolist() == [2] and info["best_epoch"] == 2 and result.resumed_at_epoch == 1
+    assert info["low_res_phase"]["epochs"] == 1 and info["low_res_phase"]["image_size"] == 32
     # Calibrated on val: the temperature is in the model folder, the metrics and MLflow, and it lowered val NLL.
     report = files.read_json(reports / "calibration.json")
     metrics = files.read_json(reports / "metrics.json")

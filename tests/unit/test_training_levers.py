@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from components.core.stage_config import FinetuneConfig
-from components.modeling import mixup, optimization
+from components.modeling import low_res_phase, mixup, optimization
 
 
 def test_mixup_blends_each_image_and_label_with_one_partner_by_the_same_weight():
@@ -149,3 +149,71 @@ def test_a_tta_model_around_a_classifier_trained_with_discriminative_rates_loads
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == str(model.count_params())
+
+
+def _resizing_classifier(size: int):
+    """Shaped like backbones.build_classifier's model: any image -> resize -> a backbone built for `size` -> head."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inner = keras.Input((size, size, 3))
+    backbone = keras.Model(inner, keras.layers.Conv2D(4, 3, name="conv")(inner), name="backbone")
+    images = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Resizing(size, size, name=low_res_phase.RESIZE_LAYER)(images)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(x, training=False))
+    return keras.Model(images, keras.layers.Dense(2, activation="softmax", name="head")(x)), backbone
+
+
+def test_the_low_resolution_phase_trains_the_models_own_weights_with_its_own_optimizer():
+    import keras
+    import tensorflow as tf
+
+    model, backbone = _resizing_classifier(16)
+    config = FinetuneConfig(learning_rate=1e-2, epochs=3, low_res_epochs=1, warmup_epochs=0, bottom_lr_factor=0.1)
+    factors = optimization.layer_rate_factors(model, ["conv"], config.bottom_lr_factor)
+    optimizer = optimization.finetune_optimizer(config, 2, factors)
+    optimization.compile_classifier(model, None, 0.0, jit_compile=False, optimizer=optimizer)
+    before = [w.copy() for w in model.get_weights()]
+    seen: list[tuple[int, ...]] = []
+    backbone_call = backbone.call
+    backbone.call = lambda x, *a, **k: seen.append(tuple(x.shape[1:3])) or backbone_call(x, *a, **k)
+    images = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 3)).astype("float32")
+    batches = tf.data.Dataset.from_tensor_slices((images, np.eye(2, dtype="float32")[[0, 1] * 4])).batch(4)
+
+    done = low_res_phase.train(model, batches, config.low_res_epochs, 8, 0.0)
+
+    del backbone.call
+    assert done["epochs"] == 1 and done["image_size"] == 8 and np.isfinite(done["train_loss"])
+    assert set(seen) == {(8, 8)}  # the backbone saw the low-resolution images, not the model's 16 px
+    assert all(not np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True))
+    assert model.optimizer is optimizer and int(optimizer.iterations.numpy()) == 2  # the schedule runs on
+    with pytest.raises(ValueError, match="incompatible"):  # the backbone checks its input size again
+        backbone(keras.ops.zeros((1, 8, 8, 3)))
+    assert model.predict(np.zeros((1, 30, 20, 3), "float32"), verbose=0).shape == (1, 2)
+
+
+def test_low_resolution_epochs_must_leave_a_full_size_epoch_and_a_smaller_size():
+    from components.core.config import ParamsError
+    from components.modeling import fine_tuning
+    from tests.modelkit import tiny_params
+
+    with pytest.raises(ParamsError, match="finetune.low_res_epochs"):
+        tiny_params(finetune={"epochs": 2, "low_res_epochs": 2})
+    config = tiny_params(finetune={"epochs": 2, "low_res_epochs": 1, "low_res_size": 64}).finetune
+    with pytest.raises(ValueError, match=r"finetune.low_res_size \(64\) must be below the model's image size \(64\)"):
+        fine_tuning.check_low_res_size(config, 64)
+    fine_tuning.check_low_res_size(config, 96)
+
+
+def test_a_resumed_run_skips_the_low_resolution_epochs_its_backup_already_holds(tmp_path: Path):
+    from components.modeling import fine_tuning
+    from components.modeling.checkpoints import BACKUP, Checkpoint
+
+    config = FinetuneConfig(epochs=3, low_res_epochs=1, low_res_size=32)
+    checkpoint = Checkpoint(tmp_path / "key")
+    (checkpoint.folder / BACKUP).mkdir(parents=True)  # an epoch after the low-resolution ones finished
+    assert checkpoint.has_backup()
+    # Returns before it touches the model, the data or the plan: fit() resumes from the backup instead.
+    assert fine_tuning.low_res_first(None, None, config, 64, (8, None, 0, None), None, checkpoint) is None
+    with pytest.raises(ValueError, match="low_res_size"):
+        fine_tuning.low_res_first(None, None, config, 32, (8, None, 0, None), None, checkpoint)
