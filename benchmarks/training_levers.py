@@ -175,9 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     rows = earlier_rows(args.results / "training_levers.json")
     for row in filter(None, args.rows.split(",")):
-        rows[row] = measure_row(row, levers, args.workdir)
+        rows.update(merge_row(rows.pop(row, None), measure_row(row, levers, args.workdir)))
         write_report(list(rows.values()), args.results)  # after every row: a cut-short run keeps what it measured
     return 0
+
+
+def merge_row(earlier: dict[str, Any] | None, measured: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows to keep for one measured row: an earlier run's other levers join it when its run without levers
+    scored exactly as today's (same head, split and seed: the gains compare with the same run); otherwise the
+    earlier row stays beside it under its own name."""
+    name = measured["row"]
+    if earlier is None:
+        return {name: measured}
+    fields = ("val_accuracy", "val_log_loss")
+    same = all(earlier["levers"]["none"][key] == measured["levers"]["none"][key] for key in fields)
+    if same and earlier["val_images"] == measured["val_images"]:
+        return {name: {**measured, "levers": {**earlier["levers"], **measured["levers"]}}}
+    moved = f"{name} (earlier workspace)"
+    return {moved: {**earlier, "row": moved}, name: measured}
 
 
 def earlier_rows(path: Path) -> dict[str, dict[str, Any]]:

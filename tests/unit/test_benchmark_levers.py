@@ -112,6 +112,16 @@ def test_training_levers_are_scored_against_the_run_without_them_and_reuse_finis
     kept = json.loads((results / "training_levers.json").read_text())
     assert [row["row"] for row in kept] == ["flowers-20", "hymenoptera"]  # a run of one row keeps the others
 
+    # A later run of some levers joins the row when its run without levers scores the same; else both rows stay.
+    assert training_levers.main([*args[:3], "mixup", *args[4:]]) == 0
+    merged = {row["row"]: row for row in json.loads((results / "training_levers.json").read_text())}
+    assert set(merged["hymenoptera"]["levers"]) == {"none", "ema", "mixup"}
+    right["none"] = 2  # as if the row's workspace had been rebuilt with another head
+    assert training_levers.main([*args[:3], "mixup", *args[4:]]) == 0
+    apart = {row["row"]: row for row in json.loads((results / "training_levers.json").read_text())}
+    assert set(apart["hymenoptera"]["levers"]) == {"none", "mixup"}
+    assert set(apart["hymenoptera (earlier workspace)"]["levers"]) == {"none", "ema", "mixup"}
+
 
 def test_head_solver_scores_each_variant_on_val_from_the_cache_and_never_reads_test(tmp_path: Path) -> None:
     import shutil
