@@ -85,9 +85,9 @@ def lever_rows(views: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, di
 READING = [
     "The pipeline decides both levers per run on val (`finetune.flip_tta`, `finetune.crop_tta`: auto keeps each "
     "only when it raises val accuracy); this table shows what each would give on each row's saved model. Levers "
-    "of training (weight EMA, mixup, discriminative learning rates), each a finetune run of its own: "
-    "training_levers.md. The fine-tuning depth and rate: finetune_rule.md. Not measured: gradual unfreezing, "
-    "cutmix, progressive resizing.",
+    "of training (weight EMA, mixup, discriminative learning rates, a low-resolution phase), each a finetune run "
+    "of its own: training_levers.md. The fine-tuning depth and rate: finetune_rule.md. Not measured: gradual "
+    "unfreezing, cutmix.",
 ]
 
 
