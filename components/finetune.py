@@ -103,17 +103,9 @@ def run_finetune(
             logged = _logged_params(params, head_info, batch_size, plan, trained_layers, train, val, device)
             tracking.log_params(client, run_id, logged)
             tracking.log_dataset(run_id, paths.manifest, frame, version, "training")
-        train_ds, val_ds = fine_tuning.datasets(
-            train,
-            val,
-            head_info.image_size,
-            batch_size,
-            paths.policy,
-            seed,
-            ImageLimits.from_config(params.validate),
-            plan,
-            config.mixup_alpha,
-        )
+        limits = ImageLimits.from_config(params.validate)
+        training = fine_tuning.TrainingInput(train, batch_size, paths.policy, seed, limits, plan, config.mixup_alpha)
+        train_ds, val_ds = fine_tuning.datasets(training, val, head_info.image_size)
         device = {
             **device,
             "backend": keras.config.backend(),
@@ -123,8 +115,7 @@ def run_finetune(
         labels = np.asarray(val.labels)
         if config.epochs > 0:
             head_weights = model.get_weights()  # before fit: on a resume, BackupAndRestore loads the epoch in fit
-            batching = (batch_size, paths.policy, seed, ImageLimits.from_config(params.validate))
-            low_res = fine_tuning.low_res_first(model, train, config, head_info.image_size, batching, plan, checkpoint)
+            low_res = fine_tuning.low_res_first(model, config, head_info.image_size, training, checkpoint)
             with plan.scope():  # trained on every replica (under JAX, the scoring below runs on one device)
                 history, resumed_at = fine_tuning.fit_resumable(
                     model,

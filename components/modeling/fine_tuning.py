@@ -8,6 +8,7 @@ on CPU and on several accelerators: the caller builds, compiles and fits inside 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,68 +68,52 @@ def compiled_model(
     return model, trained
 
 
-def datasets(
-    train: Split,
-    val: Split,
-    image_size: int,
-    batch_size: int,
-    policy_path: str | Path | None,
-    seed: int,
-    limits: ImageLimits,
-    plan: ReplicaPlan,
-    mixup_alpha: float = 0.0,
-) -> tuple[Any, Any]:
-    """(train, val) batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere; training
-    batches a multiple of the replicas where the plan needs even batches, mixed up at `mixup_alpha` (0: not)."""
-    train_ds = training_batches(train, image_size, batch_size, policy_path, seed, limits, plan, mixup_alpha)
-    return train_ds, data.labelled_batches(val, image_size, batch_size, cache=True, limits=limits)
+@dataclass(frozen=True)
+class TrainingInput:
+    """What finetune's training batches are made of, at whichever image size they are asked for (the model's, or
+    a low-resolution phase's)."""
+
+    train: Split
+    batch_size: int
+    policy_path: str | Path | None
+    seed: int
+    limits: ImageLimits
+    plan: ReplicaPlan
+    mixup_alpha: float = 0.0
+
+    def batches(self, image_size: int) -> Any:
+        """Shuffled, augmented batches with one-hot labels: tf.data on TensorFlow, `ImageBatches` elsewhere; a
+        multiple of the replicas where the plan needs even batches, mixed up at `mixup_alpha` (0: not)."""
+        train_ds = data.labelled_batches(
+            self.train,
+            image_size,
+            self.batch_size,
+            policy_path=self.policy_path,
+            training=True,
+            seed=self.seed,
+            limits=self.limits,
+            batch_multiple=self.plan.replicas if self.plan.even_batches else 1,
+        )
+        return mixup.mixed_batches(train_ds, self.mixup_alpha, self.seed)
 
 
-def training_batches(
-    train: Split,
-    image_size: int,
-    batch_size: int,
-    policy_path: str | Path | None,
-    seed: int,
-    limits: ImageLimits,
-    plan: ReplicaPlan,
-    mixup_alpha: float = 0.0,
-) -> Any:
-    """Shuffled, augmented training batches with one-hot labels, mixed up at `mixup_alpha` (0: not)."""
-    multiple = plan.replicas if plan.even_batches else 1
-    train_ds = data.labelled_batches(
-        train,
-        image_size,
-        batch_size,
-        policy_path=policy_path,
-        training=True,
-        seed=seed,
-        limits=limits,
-        batch_multiple=multiple,
-    )
-    return mixup.mixed_batches(train_ds, mixup_alpha, seed)
+def datasets(training: TrainingInput, val: Split, image_size: int) -> tuple[Any, Any]:
+    """(train, val) batches at `image_size`; val unaugmented, decoded once and cached."""
+    val_ds = data.labelled_batches(val, image_size, training.batch_size, cache=True, limits=training.limits)
+    return training.batches(image_size), val_ds
 
 
 def low_res_first(
-    model: Any,
-    train: Split,
-    config: FinetuneConfig,
-    image_size: int,
-    batching: tuple[int, str | Path | None, int, ImageLimits],
-    plan: ReplicaPlan,
-    checkpoint: Checkpoint,
+    model: Any, config: FinetuneConfig, image_size: int, training: TrainingInput, checkpoint: Checkpoint
 ) -> dict[str, Any] | None:
     """Progressive resizing (`finetune.low_res_epochs`): the first epochs at `low_res_size`, through the model's
     low-resolution twin (components.modeling.low_res_phase), inside the plan's scope. None when off, or when a
-    resumed run's backup already holds later epochs. `batching`: (batch size, policy path, seed, limits)."""
+    resumed run's backup already holds later epochs."""
     check_low_res_size(config, image_size)
     if not config.low_res_epochs or checkpoint.has_backup():
         return None
-    batch_size, policy_path, seed, limits = batching
-    batches = training_batches(
-        train, config.low_res_size, batch_size, policy_path, seed, limits, plan, config.mixup_alpha
-    )
-    with plan.scope():
+    batches = training.batches(config.low_res_size)
+    with training.plan.scope():
         return low_res_phase.train(model, batches, config.low_res_epochs, config.low_res_size, config.label_smoothing)
 
 

@@ -145,8 +145,9 @@ JAX_SCRIPT = textwrap.dedent("""
             if weights is not None:
                 model.set_weights(weights)
             start = model.get_weights()
-            train_ds, val_ds = fine_tuning.datasets(train, val, 32, plan.global_batch(config.batch_size), None,
-                                                    0, data.default_limits(), plan)
+            training = fine_tuning.TrainingInput(train, plan.global_batch(config.batch_size), None, 0,
+                                                 data.default_limits(), plan)
+            train_ds, val_ds = fine_tuning.datasets(training, val, 32)
             mesh, checkpoint = MeshSize(), Checkpoint(root / name)
             checkpoint.start("run")
             history, _ = fine_tuning.fit_resumable(model, train_ds, val_ds, config, checkpoint,

@@ -214,6 +214,6 @@ def test_a_resumed_run_skips_the_low_resolution_epochs_its_backup_already_holds(
     (checkpoint.folder / BACKUP).mkdir(parents=True)  # an epoch after the low-resolution ones finished
     assert checkpoint.has_backup()
     # Returns before it touches the model, the data or the plan: fit() resumes from the backup instead.
-    assert fine_tuning.low_res_first(None, None, config, 64, (8, None, 0, None), None, checkpoint) is None
+    assert fine_tuning.low_res_first(None, config, 64, None, checkpoint) is None
     with pytest.raises(ValueError, match="low_res_size"):
-        fine_tuning.low_res_first(None, None, config, 32, (8, None, 0, None), None, checkpoint)
+        fine_tuning.low_res_first(None, config, 32, None, checkpoint)
