@@ -135,8 +135,9 @@ def choice_lines(rows: list[dict[str, Any]]) -> list[str]:
         "The pipeline's choice on val (head: the head train_head kept, Adam by default (`train_head.solver`); "
         "rows run before the linear head existed (Adam): -; fine-tuned weights only when they beat the head there "
         "beyond noise; the "
-        "temperature applied, the one fitted on val and the likelihood-ratio p-value against T = 1: "
-        "`finetune.calibrate: auto` applies it below 0.05) and its test ECE (10 bins, 95% bootstrap interval). "
+        "temperature applied, the NLL-optimal one on val and the likelihood-ratio p-value against T = 1: "
+        "`finetune.calibrate: auto` applied the fit only below p 0.05 until 2026-12-07, and since then the most "
+        "probable T under a prior centred on T = 1) and its test ECE (10 bins, 95% bootstrap interval). "
         "Floor: the mean ECE a perfectly "
         "calibrated model with the same confidences shows on as many test images, the estimator's own noise.",
         "",

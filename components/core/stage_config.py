@@ -305,7 +305,8 @@ class FinetuneConfig(Section):
     calibrate: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Temperature fitted on val, folded into the output layer (predictions unchanged). auto: "
-        "kept only when val rejects T = 1 (likelihood-ratio test, 5%); on: always; off: never.",
+        "the most probable T under a prior centred on T = 1 (small val sets are pulled towards it); on: the "
+        "NLL-optimal T; off: none.",
     )
     flip_tta: Literal["auto", "on", "off"] = Field(
         "auto", description="Average with the mirror image (2x inference). auto: kept if val accuracy rises; on; off."

@@ -234,14 +234,13 @@ def _shown(interval: tuple[float, float] | None, sign: str = "+") -> str:
 
 def _calibrate(model: Any, views: np.ndarray, val_labels: Any, mode: str) -> calibration.CalibrationReport:
     """Choose a temperature on val (never test), on the views the saved model will average, and fold it
-    into the shared output layer (auto: only when val gives evidence for it)."""
+    into the shared output layer (auto: shrunk towards T = 1 by calibration.PRIOR_SD)."""
     report = calibration.calibrate(views, val_labels, mode=mode)
     calibration.fold_temperature(model, report.temperature)
-    applied = "applied" if report.temperature != 1.0 else "not applied: val does not reject T = 1 at the 5% level"
     print(
-        f"finetune: temperature {report.fitted_temperature:.3f} fitted on {report.n} val images "
-        f"(likelihood-ratio p = {report.p_value:.3g}), {applied}; val ECE {report.ece_before:.4f} -> "
-        f"{report.ece_after:.4f}"
+        f"finetune: temperature {report.fitted_temperature:.3f} NLL-optimal on {report.n} val images "
+        f"(likelihood-ratio p = {report.p_value:.3g} against T = 1), {report.temperature:.3f} applied ({mode}); "
+        f"val ECE {report.ece_before:.4f} -> {report.ece_after:.4f}"
     )
     return report
 

@@ -146,23 +146,46 @@ def test_folding_into_a_flip_tta_model_scales_both_views() -> None:
     np.testing.assert_allclose(tta.predict(x, verbose=0), expected, atol=1e-5)
 
 
-def test_auto_keeps_a_temperature_only_when_val_gives_evidence_for_it() -> None:
-    # A clearly over-confident model on 400 val images: the evidence is overwhelming, auto applies the fit.
+def test_auto_takes_the_fitted_temperature_where_val_is_large_and_pulls_small_val_towards_one() -> None:
+    # A clearly over-confident model on 400 val images: the evidence outweighs the prior, auto is the fit.
     logits, labels = synthetic(3.0, n=400, seed=9)
     strong = calibration.choose_temperature(logits, labels, "auto")
-    assert strong.p_value < 1e-6 and strong.temperature == strong.fitted == pytest.approx(3.0, rel=0.25)
-    # A calibrated model on 60 val images: the fitted T wanders from 1 by luck alone, and auto leaves it.
-    kept = []
-    for seed in range(40):
+    assert strong.p_value < 1e-6 and strong.fitted == pytest.approx(3.0, rel=0.25)
+    assert strong.temperature == pytest.approx(strong.fitted, rel=0.05) and strong.temperature < strong.fitted
+    # A calibrated model on 60 val images: the fitted T wanders from 1 by luck alone; auto goes part of the way.
+    for seed in range(20):
         logits, labels = synthetic(1.0, n=60, seed=100 + seed)
         choice = calibration.choose_temperature(logits, labels, "auto")
         assert choice.fitted != 1.0 and 0.0 <= choice.p_value <= 1.0
-        assert choice.temperature in (1.0, choice.fitted)
-        kept.append(choice.temperature != 1.0)
-    assert 0 < sum(kept) <= 6  # about 5% of calibrated models are scaled (2 of 40 expected), not all of them
+        assert 0 < np.log(choice.temperature) / np.log(choice.fitted) < 1  # same side of 1, closer to it
     on = calibration.choose_temperature(logits, labels, "on")
     off = calibration.choose_temperature(logits, labels, "off")
     assert on.temperature == on.fitted and off == calibration.TemperatureChoice(1.0, 1.0, 1.0)
+
+
+def test_a_val_set_without_errors_does_not_sharpen_the_model_to_the_bound() -> None:
+    logits, labels = synthetic(0.5, n=30, seed=4)  # under-confident, as label smoothing leaves a model
+    right = logits.argmax(axis=1) == labels
+    logits, labels = logits[right], labels[right]  # every val image right: NLL keeps falling as T shrinks
+    fitted = calibration.fit_temperature(logits, labels)
+    assert fitted == pytest.approx(calibration.TEMPERATURE_BOUNDS[0], rel=0.01)
+    auto = calibration.choose_temperature(logits, labels, "auto").temperature
+    assert 0.15 < auto < 1.0  # sharper, as the evidence says, but nowhere near 20x
+
+
+def test_auto_improves_held_out_log_loss_of_small_val_sets_on_average() -> None:
+    """On many small val sets from one mildly under-confident model, auto's T scores better on new data than the
+    NLL-optimal T does (which fits each set's luck), and better than no scaling."""
+    test_logits, test_labels = synthetic(0.8, n=4000, seed=1)
+    nll = calibration.negative_log_likelihood
+    losses = {"auto": [], "on": [], "off": []}
+    for seed in range(30):
+        logits, labels = synthetic(0.8, n=40, seed=200 + seed)
+        for mode, found in losses.items():
+            found.append(
+                nll(test_logits, test_labels, calibration.choose_temperature(logits, labels, mode).temperature)
+            )
+    assert np.mean(losses["auto"]) < np.mean(losses["on"]) and np.mean(losses["auto"]) < np.mean(losses["off"])
 
 
 def test_the_p_value_is_the_likelihood_ratio_tests() -> None:
@@ -175,4 +198,5 @@ def test_the_p_value_is_the_likelihood_ratio_tests() -> None:
     assert calibration.no_scaling_p_value(logits, labels, fitted) == pytest.approx(chi2.sf(statistic, 1))
     report = calibration.calibrate(calibration.softmax(logits), labels, mode="auto")
     assert report.fitted_temperature == pytest.approx(fitted, rel=1e-3) and report.p_value < 0.05
-    assert report.temperature == report.fitted_temperature and report.to_dict()["p_value"] == report.p_value
+    assert report.temperature == pytest.approx(report.fitted_temperature, rel=0.05)
+    assert report.to_dict()["p_value"] == report.p_value
