@@ -9,8 +9,8 @@ class:
 - `none`: the model as trained;
 - `temperature`: one T, NLL-optimal on the fitting half (`finetune.calibrate: on`);
 - `likelihood-ratio test`: that T only when the fitting half rejects T = 1 at 5% (`auto` until 2026-12-07);
-- `temperature, auto`: the most probable T under the prior log T ~ Normal(0, 0.5^2) (`finetune.calibrate: auto`,
-  the default: calibration.PRIOR_SD), and the same with a prior sd of 0.25 and 1, to show the choice of 0.5;
+- `temperature, auto`: the most probable T under the prior log T ~ Normal(0, 0.25^2) (`finetune.calibrate: auto`,
+  the default: calibration.PRIOR_SD), and the same with a prior sd of 0.5 and 1, to show the choice of 0.25;
 - `vector scaling` (Guo et al. 2017): a scale and a bias per class on the log-probabilities, NLL-optimal
   (2 x classes parameters against temperature's one). It can change the argmax, so its accuracy is scored too.
 
@@ -35,11 +35,10 @@ from benchmarks.levers import view_probabilities
 from benchmarks.run import RESULTS
 from benchmarks.workspace import REPO
 
-DEFAULT_ROWS = {
-    "flowers": REPO / "benchmarks/work/flowers/workspace",
-    "hymenoptera": REPO / "benchmarks/work/hymenoptera/workspace",
-    "flowers-200": REPO / "benchmarks/work/sizes/flowers-200/workspace",
-}
+SIZES_WORK = REPO / "benchmarks/work/sizes"
+# make benchmark's flowers workspace (benchmarks/run.py): 386 val images, more than any sizes row. (Its hymenoptera
+# workspace has the sizes row's split and val.)
+BENCHMARK_WORK = {"flowers (make benchmark)": REPO / "benchmarks/work/flowers/workspace"}
 HALVINGS = 50
 N_BINS = 10
 
@@ -111,7 +110,7 @@ def calibrators() -> dict[str, Callable[[np.ndarray, np.ndarray], Calibrator]]:
         "temperature": fit_temperature_map("on"),
         "likelihood-ratio test": fit_likelihood_ratio_rule,
         "temperature, auto": fit_temperature_map("auto"),
-        "prior sd 0.25": fit_temperature_map("auto", 0.25),
+        "prior sd 0.5": fit_temperature_map("auto", 0.5),
         "prior sd 1": fit_temperature_map("auto", 1.0),
         "vector scaling": fit_vector_scaling,
     }
@@ -194,19 +193,32 @@ def write_report(rows: dict[str, Any], results: Path) -> None:
                 f"| {row} | {found['val_images']} | {found['kept']} | {name} | {r['nll']:.4f} | {r['ece']:.4f} | "
                 f"{r['accuracy']:.4f} | {r['nll_below_default']:.2f} |"
             )
+    lines += ["", "Mean over the rows (each row weighs the same):", ""]
+    lines += ["| map | NLL | ECE |", "|---|---:|---:|"]
+    for name in next(iter(rows.values()))["maps"]:
+        nll = np.mean([found["maps"][name]["nll"] for found in rows.values()])
+        ece = np.mean([found["maps"][name]["ece"] for found in rows.values()])
+        lines.append(f"| {name} | {nll:.4f} | {ece:.4f} |")
+    lines += ["", "Lowest mean held-out NLL on each row:"]
+    for row, found in rows.items():
+        best = min(found["maps"], key=lambda name: found["maps"][name]["nll"])
+        lines.append(f"- {row}: {best}" + (" (the default)" if best == DEFAULT else f", not the default `{DEFAULT}`"))
     (results / "calibrators.md").write_text("\n".join(lines) + "\n")
 
 
 def _rows(text: str | None) -> dict[str, Path]:
+    """name -> workspace: those given, or every sizes row and make benchmark workspace that holds a finetune model."""
     if not text:
-        return {name: path for name, path in DEFAULT_ROWS.items() if (path / "models/finetune/run.json").is_file()}
+        sizes = {path.parent.name: path for path in sorted(SIZES_WORK.glob("*/workspace"))}
+        found = {**sizes, **BENCHMARK_WORK}
+        return {name: path for name, path in found.items() if (path / "models/finetune/run.json").is_file()}
     return {name: Path(path) for name, _, path in (item.partition("=") for item in text.split(",") if item)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibrators", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--rows", default=None, help="name=workspace,... (default: the benchmark workspaces under benchmarks/work)"
+        "--rows", default=None, help="name=workspace,... (default: every sizes row and make benchmark workspace)"
     )
     parser.add_argument("--halvings", type=int, default=HALVINGS, help="random stratified halvings of val")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for calibrators.json/.md")

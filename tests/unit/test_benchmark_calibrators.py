@@ -66,7 +66,7 @@ def test_cross_validation_finds_the_temperature_an_overconfident_model_needs() -
         "temperature",
         "likelihood-ratio test",
         "temperature, auto",
-        "prior sd 0.25",
+        "prior sd 0.5",
         "prior sd 1",
         "vector scaling",
     }
@@ -83,5 +83,25 @@ def test_the_default_is_the_pipelines_auto_with_its_prior() -> None:
     via_benchmark = maps[calibrators.DEFAULT](logits, labels)(held_out)
     auto = calibration.choose_temperature(logits, labels, "auto").temperature
     np.testing.assert_allclose(via_benchmark, calibration.apply_temperature(held_out, auto))
-    prior_half = maps["prior sd 0.25"](logits, labels)(held_out)
-    assert not np.allclose(prior_half, via_benchmark)  # a different prior is a different map
+    wider_prior = maps["prior sd 0.5"](logits, labels)(held_out)
+    assert not np.allclose(wider_prior, via_benchmark)  # a different prior is a different map
+
+
+def test_the_report_names_each_rows_lowest_held_out_nll(tmp_path) -> None:
+    def scores(nll: float) -> dict[str, float]:
+        return {"nll": nll, "ece": 0.05, "accuracy": 0.9, "nll_below_default": 0.5}
+
+    rows = {
+        "small": {"val_images": 60, "kept": "head", "maps": {"none": scores(0.2), "temperature, auto": scores(0.1)}},
+        "large": {
+            "val_images": 400,
+            "kept": "finetuned",
+            "maps": {"none": scores(0.1), "temperature, auto": scores(0.3)},
+        },
+    }
+    calibrators.write_report(rows, tmp_path)
+    text = (tmp_path / "calibrators.md").read_text()
+    assert "- small: temperature, auto (the default)" in text
+    assert "- large: none, not the default `temperature, auto`" in text
+    assert text.count("| small | 60 |") == 2
+    assert "| none | 0.1500 | 0.0500 |" in text  # the mean over rows

@@ -151,7 +151,10 @@ def test_auto_takes_the_fitted_temperature_where_val_is_large_and_pulls_small_va
     logits, labels = synthetic(3.0, n=400, seed=9)
     strong = calibration.choose_temperature(logits, labels, "auto")
     assert strong.p_value < 1e-6 and strong.fitted == pytest.approx(3.0, rel=0.25)
-    assert strong.temperature == pytest.approx(strong.fitted, rel=0.05) and strong.temperature < strong.fitted
+    assert strong.temperature == pytest.approx(strong.fitted, rel=0.1) and strong.temperature < strong.fitted
+    logits, labels = synthetic(3.0, n=4000, seed=9)  # ten times the evidence: the prior hardly moves it
+    larger = calibration.choose_temperature(logits, labels, "auto")
+    assert larger.temperature == pytest.approx(larger.fitted, rel=0.01)
     # A calibrated model on 60 val images: the fitted T wanders from 1 by luck alone; auto goes part of the way.
     for seed in range(20):
         logits, labels = synthetic(1.0, n=60, seed=100 + seed)
@@ -198,5 +201,5 @@ def test_the_p_value_is_the_likelihood_ratio_tests() -> None:
     assert calibration.no_scaling_p_value(logits, labels, fitted) == pytest.approx(chi2.sf(statistic, 1))
     report = calibration.calibrate(calibration.softmax(logits), labels, mode="auto")
     assert report.fitted_temperature == pytest.approx(fitted, rel=1e-3) and report.p_value < 0.05
-    assert report.temperature == pytest.approx(report.fitted_temperature, rel=0.05)
+    assert 1.0 < report.temperature < report.fitted_temperature  # auto: pulled a little towards 1
     assert report.to_dict()["p_value"] == report.p_value
