@@ -128,7 +128,7 @@ def run_row(
         careful = run_careful_baseline(folders, params.model.alpha or 1.0, params.model.image_size, params.project.seed)
         keras.backend.clear_session()
     else:
-        reused = earlier["started_utc"] if earlier else None
+        reused = careful_origin(earlier)
     counts = _split_counts(workspace)
     methods = {
         "pipeline": method_summary(pipeline, counts["test"]),
@@ -290,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         row["images_per_class_given"] = _given_per_class(table)
         save_row(results, row, extra)
     return 0
+
+
+def careful_origin(earlier: dict[str, Any] | None) -> str | None:
+    """When the reused careful baseline really ran: the earlier row's own start, or where that row reused it from."""
+    if earlier is None:
+        return None
+    return earlier.get("details", {}).get("careful_reused_from") or earlier["started_utc"]
 
 
 def _earlier_row(results: Path, name: str) -> dict[str, Any] | None:

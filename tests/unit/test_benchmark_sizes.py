@@ -175,3 +175,13 @@ def test_probe_chooses_its_regularisation_on_val() -> None:
     assert len(models) == len(table) == 2
     assert table[best]["val_accuracy"] == max(row["val_accuracy"] for row in table)
     assert all(set(row) == {"C", "val_accuracy", "val_log_loss"} for row in table)  # no test anywhere
+
+
+def test_a_baseline_reused_twice_keeps_the_date_it_really_ran() -> None:
+    from benchmarks.sizes import careful_origin
+
+    ran = {"started_utc": "2026-12-06T13:00:00+00:00", "details": {}}
+    reused_once = {"started_utc": "2026-12-07T01:00:00+00:00", "details": {"careful_reused_from": ran["started_utc"]}}
+    assert careful_origin(ran) == "2026-12-06T13:00:00+00:00"
+    assert careful_origin(reused_once) == "2026-12-06T13:00:00+00:00"
+    assert careful_origin(None) is None
