@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.levers import view_probabilities
+from benchmarks.levers import score, view_probabilities
 from benchmarks.run import RESULTS
 from benchmarks.workspace import REPO
 
@@ -45,16 +45,13 @@ N_BINS = 10
 Calibrator = Callable[[np.ndarray], np.ndarray]  # (views, n, classes) raw logits -> (n, classes) probabilities
 
 
-def _log_softmax(u: np.ndarray) -> np.ndarray:
-    u = u - u.max(axis=-1, keepdims=True)
-    return u - np.log(np.exp(u).sum(axis=-1, keepdims=True))
-
-
 def vector_scaling_nll(params: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """NLL of the views' mean of softmax(w * z + b) and its gradient in (w, b) (`params` = w then b)."""
+    from scipy.special import log_softmax
+
     classes = logits.shape[-1]
     w, b = params[:classes], params[classes:]
-    log_p = _log_softmax(logits * w + b)  # (views, n, classes)
+    log_p = log_softmax(logits * w + b, axis=-1)  # (views, n, classes)
     rows = np.arange(logits.shape[1])
     p_true = np.exp(log_p[:, rows, labels])  # (views, n)
     mean_true = p_true.mean(axis=0)
@@ -74,7 +71,9 @@ def fit_vector_scaling(logits: np.ndarray, labels: np.ndarray) -> Calibrator:
     start = np.concatenate([np.ones(classes), np.zeros(classes)])
     found = minimize(vector_scaling_nll, start, args=(logits, labels), jac=True, method="L-BFGS-B")
     w, b = found.x[:classes], found.x[classes:]
-    return lambda z: np.exp(_log_softmax(z * w + b)).mean(axis=0)
+    from components.modeling.calibration import softmax
+
+    return lambda z: softmax(z * w + b).mean(axis=0)
 
 
 def fit_temperature_map(mode: str, prior_sd: float | None = None) -> Callable[[np.ndarray, np.ndarray], Calibrator]:
@@ -120,14 +119,14 @@ DEFAULT = "temperature, auto"
 
 
 def held_out_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """NLL and accuracy as benchmarks.levers scores them, and ECE as evaluate reports it."""
     from components.modeling.metrics import top_label_ece
 
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    correct = probs.argmax(axis=1) == labels
+    found = score(probs, labels)
     return {
-        "nll": float(-np.log(picked).mean()),
-        "ece": top_label_ece(probs.max(axis=1), correct, N_BINS),
-        "accuracy": float(correct.mean()),
+        "nll": found["log_loss"],
+        "ece": top_label_ece(probs.max(axis=1), found["correct"], N_BINS),
+        "accuracy": found["accuracy"],
     }
 
 
