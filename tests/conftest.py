@@ -39,12 +39,13 @@ KERAS_HOME = _offline_keras_home()
 
 
 def _one_core_per_test_process() -> None:
-    """With as many xdist processes as cores (`make test`: 2 on 2), pin each process to a core of its own.
+    """With as many xdist processes as cores (`TEST_WORKERS=2` on 2), pin each process to a core of its own.
 
     TensorFlow, ONNX Runtime and the image loaders size their thread pools from the affinity mask
     (components.core.runtime.available_cores), and so do the stage processes a test starts (they inherit
     it): two test processes then run two pools on two cores, not four spinning pools fighting over them.
-    Set here, before anything imports TensorFlow.
+    `make test` runs three on 2 cores (measured faster: the integration modules also wait on servers and
+    subprocesses), unpinned. Set here, before anything imports TensorFlow.
     """
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
     if not worker.startswith("gw") or not count.isdigit() or not hasattr(os, "sched_setaffinity"):
@@ -67,7 +68,7 @@ TRACKING_VARIABLES = (
 
 
 # Seconds each long module took in `make test` (2026-12-06, 2 cores, --durations): the order xdist hands
-# modules out in. Stale or missing numbers cost only balance between the two processes, never a result.
+# modules out in. Stale or missing numbers cost only balance between the processes, never a result.
 MODULE_SECONDS = {
     "integration/test_flow.py": 333,
     "integration/test_tracking_outage.py": 187,
