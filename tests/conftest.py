@@ -39,13 +39,12 @@ KERAS_HOME = _offline_keras_home()
 
 
 def _one_core_per_test_process() -> None:
-    """With as many xdist processes as cores (`TEST_WORKERS=2` on 2), pin each process to a core of its own.
+    """With as many xdist processes as cores (`make test`: 2 on 2), pin each process to a core of its own.
 
     TensorFlow, ONNX Runtime and the image loaders size their thread pools from the affinity mask
     (components.core.runtime.available_cores), and so do the stage processes a test starts (they inherit
     it): two test processes then run two pools on two cores, not four spinning pools fighting over them.
-    `make test` runs three on 2 cores (measured faster: the integration modules also wait on servers and
-    subprocesses), unpinned. Set here, before anything imports TensorFlow.
+    Set here, before anything imports TensorFlow.
     """
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
     if not worker.startswith("gw") or not count.isdigit() or not hasattr(os, "sched_setaffinity"):
