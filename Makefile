@@ -11,7 +11,7 @@ KERAS_SEED ?= $(SHARED)/keras/models
 # Data source for `make run`; empty keeps ingest.source from params.yaml
 SOURCE ?=
 # Tests in two processes, a test module per process (its fixtures train once); three on 2 cores
-# showed no clear gain (10.4 to 12.8 min against 11.7 to 12.2; README). TEST_WORKERS=0 runs them in this one
+# showed no clear gain (10.4 to 12.8 min against 11.7 to 12.4; README). TEST_WORKERS=0 runs them in this one
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
